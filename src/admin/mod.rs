@@ -1,0 +1,204 @@
+//! Admin API (SPEC §3.6) on `ADMIN_LISTEN`: health, readiness, queue counts and
+//! the job routes an operator uses for the dead-letter queue.
+//!
+//! Queue errors map to status codes in one place ([`queue_error`]): not found
+//! 404, wrong state 409, store unavailable 503. With `ADMIN_TOKEN` set every
+//! `/admin/*` route needs `Authorization: Bearer <token>` (compared in constant
+//! time); `/healthz` and `/readyz` stay open for probes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::queue::{JobState, Queue, QueueError};
+use crate::secret::Secret;
+
+pub const MAX_LIMIT: u64 = 500;
+
+pub struct Admin<Q> {
+    pub queue: Arc<Q>,
+    pub token: Option<Secret>,
+    pub accepting: Arc<AtomicBool>,
+}
+
+pub fn router<Q: Queue>(state: Arc<Admin<Q>>) -> Router {
+    let admin = Router::new()
+        .route("/admin/queue", get(queue_counts::<Q>))
+        .route("/admin/jobs", get(list_jobs::<Q>))
+        .route("/admin/jobs/retry", post(retry_all::<Q>))
+        .route(
+            "/admin/jobs/{id}",
+            get(show_job::<Q>).delete(remove_job::<Q>),
+        )
+        .route("/admin/jobs/{id}/retry", post(retry_job::<Q>))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_token::<Q>,
+        ));
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route("/readyz", get(ready::<Q>))
+        .merge(admin)
+        .fallback(|| async { err(StatusCode::NOT_FOUND, "Not found") })
+        .with_state(state)
+}
+
+fn err(status: StatusCode, msg: &str) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+fn queue_error(e: QueueError) -> Response {
+    let status = match e {
+        QueueError::NotFound(_) => StatusCode::NOT_FOUND,
+        QueueError::WrongState { .. } => StatusCode::CONFLICT,
+        QueueError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    err(status, &e.to_string())
+}
+
+async fn require_token<Q: Queue>(
+    State(s): State<Arc<Admin<Q>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &s.token {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok: bool = Sha256::digest(presented.as_bytes())
+            .ct_eq(&Sha256::digest(token.expose().as_bytes()))
+            .into();
+        if !ok {
+            return err(
+                StatusCode::UNAUTHORIZED,
+                "Missing or wrong bearer token (ADMIN_TOKEN)",
+            );
+        }
+    }
+    next.run(req).await
+}
+
+async fn ready<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {
+    if !s.accepting.load(Ordering::Relaxed) {
+        return err(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match s.queue.ping().await {
+        Ok(()) => Json(json!({ "status": "ready" })).into_response(),
+        Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+async fn queue_counts<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {
+    match s.queue.counts().await {
+        Ok(c) => Json(c).into_response(),
+        Err(e) => queue_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+    offset: Option<String>,
+    limit: Option<String>,
+}
+
+async fn list_jobs<Q: Queue>(
+    State(s): State<Arc<Admin<Q>>>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let state =
+        match q.state.as_deref() {
+            None | Some("") | Some("all") => None,
+            Some(raw) => match JobState::parse(raw) {
+                Some(st) => Some(st),
+                None => return err(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "state {raw:?} is not one of waiting, active, delayed, completed, failed"
+                    ),
+                ),
+            },
+        };
+    let offset = match q.offset.as_deref().map(str::parse::<u64>) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "offset must be a whole number >= 0",
+            )
+        }
+    };
+    let limit = match q.limit.as_deref().map(str::parse::<u64>) {
+        None => 50,
+        Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
+        _ => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "limit must be a whole number from 1 to 500",
+            )
+        }
+    };
+    match s.queue.list(state, offset, limit).await {
+        Ok(page) => Json(
+            json!({ "items": page.items, "total": page.total, "offset": offset, "limit": limit }),
+        )
+        .into_response(),
+        Err(e) => queue_error(e),
+    }
+}
+
+async fn show_job<Q: Queue>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<String>) -> Response {
+    match s.queue.get(&id).await {
+        Ok(job) => Json(job).into_response(),
+        Err(e) => queue_error(e),
+    }
+}
+
+async fn retry_job<Q: Queue>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<String>) -> Response {
+    match s.queue.retry(&id).await {
+        Ok(()) => Json(json!({ "retried": 1, "jobId": id })).into_response(),
+        Err(e) => queue_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RetryAllQuery {
+    state: Option<String>,
+}
+
+async fn retry_all<Q: Queue>(
+    State(s): State<Arc<Admin<Q>>>,
+    Query(q): Query<RetryAllQuery>,
+) -> Response {
+    if q.state.as_deref().is_some_and(|st| st != "failed") {
+        return err(StatusCode::BAD_REQUEST, "only state=failed can be retried");
+    }
+    match s.queue.retry_all_failed().await {
+        Ok(n) => Json(json!({ "retried": n })).into_response(),
+        Err(e) => queue_error(e),
+    }
+}
+
+async fn remove_job<Q: Queue>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<String>) -> Response {
+    match s.queue.remove(&id).await {
+        Ok(()) => Json(json!({ "removed": 1, "jobId": id })).into_response(),
+        Err(e) => queue_error(e),
+    }
+}

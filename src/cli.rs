@@ -1,0 +1,151 @@
+//! Command line: one `clap` derive per subcommand; each `///` doc is its `--help`.
+//!
+//! Every flag also reads an environment variable (and so the `.env` file, which
+//! `main` loads into the environment without overriding it): flag > environment >
+//! `.env` > default. Values are taken as strings here and parsed in
+//! [`crate::config`], so that a bad value gets one line naming the setting and the
+//! fix (exit 2) instead of a usage dump. Secret-bearing flags hide their
+//! environment values from `--help`.
+
+use clap::{Args, Parser, Subcommand};
+
+/// Relay NICE Cognigy webhook events durably to an internal system.
+///
+/// `cogrelay serve` receives Cognigy's webhook events, acknowledges them once they
+/// are durably queued, and delivers them to TARGET_ENDPOINT with retries and a
+/// dead-letter queue you can inspect and replay over the admin API.
+#[derive(Debug, Parser)]
+#[command(name = "cogrelay", version, propagate_version = true)]
+pub struct Cli {
+    /// Log format: `json` (one object a line) or `pretty`. Default: pretty on a
+    /// terminal, else json.
+    #[arg(long, env = "LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay: ingress on PORT, delivery workers, admin API on ADMIN_LISTEN.
+    ///
+    /// Cognigy posts events to `POST /api/webhook/cognigy`; each is authenticated
+    /// (HMAC signature or Basic credentials), stored durably, answered 200, and
+    /// delivered to TARGET_ENDPOINT by a worker pool with exponential-backoff
+    /// retries. Failed jobs stay in the dead-letter view (`GET
+    /// /admin/jobs?state=failed` on the admin address) until retried or removed.
+    /// SIGTERM/SIGINT drain in-flight deliveries and exit 0.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Ingress port (all interfaces).
+    #[arg(long, env = "PORT", default_value = "3000")]
+    pub port: String,
+
+    /// The internal system every event is delivered to (http or https URL). Required.
+    #[arg(long, env = "TARGET_ENDPOINT")]
+    pub target_endpoint: Option<String>,
+
+    /// Shared HMAC-SHA256 secret(s) Cognigy signs with (`X-Webhook-Signature`);
+    /// comma-separated for rotation: any of them may match.
+    #[arg(long, env = "WEBHOOK_SIGNING_SECRET", hide_env_values = true)]
+    pub webhook_signing_secret: Option<String>,
+
+    /// User name accepted in HTTP Basic credentials on the ingress.
+    #[arg(long, env = "INGRESS_BASIC_USER")]
+    pub ingress_basic_user: Option<String>,
+
+    /// Password accepted in HTTP Basic credentials on the ingress.
+    #[arg(long, env = "INGRESS_BASIC_PASSWORD", hide_env_values = true)]
+    pub ingress_basic_password: Option<String>,
+
+    /// Accept events with no authentication at all (a warning is logged at start-up).
+    #[arg(long, env = "ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
+    /// If set (`whsec_<base64>`), deliveries carry Standard Webhooks signatures.
+    #[arg(long, env = "TARGET_SIGNING_SECRET", hide_env_values = true)]
+    pub target_signing_secret: Option<String>,
+
+    /// Queue backend: `embedded` (SQLite under COGRELAY_DATA_DIR) or `redis`.
+    /// Default: redis if REDIS_URL or REDIS_HOST is set, else embedded.
+    #[arg(long, env = "COGRELAY_QUEUE")]
+    pub queue: Option<String>,
+
+    /// Redis URL (only to pick the default backend in this build).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Redis host (only to pick the default backend in this build).
+    #[arg(long, env = "REDIS_HOST")]
+    pub redis_host: Option<String>,
+
+    /// Directory of the embedded store (created if missing).
+    #[arg(long, env = "COGRELAY_DATA_DIR", default_value = "./data")]
+    pub data_dir: String,
+
+    /// `always`: every acknowledged event is fsync'd (survives power loss);
+    /// `off`: committed to the OS only (survives a crash of the relay, not of the machine).
+    #[arg(long, env = "COGRELAY_FSYNC", default_value = "always")]
+    pub fsync: String,
+
+    /// Cap on the embedded store's size in bytes (0 = none). When reached, ingress
+    /// answers 503 instead of accepting what it could not keep.
+    #[arg(long, env = "COGRELAY_MAX_DB_BYTES", default_value = "0")]
+    pub max_db_bytes: String,
+
+    /// Admin API address (health, queue, jobs). Must be loopback unless ADMIN_TOKEN is set.
+    #[arg(long, env = "ADMIN_LISTEN", default_value = "127.0.0.1:3001")]
+    pub admin_listen: String,
+
+    /// Bearer token required on every /admin/* call when set.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Deliveries in flight at once.
+    #[arg(long, env = "CONCURRENCY", default_value = "16")]
+    pub concurrency: String,
+
+    /// Delivery attempts per event, counting the first.
+    #[arg(long, env = "ATTEMPTS", default_value = "5")]
+    pub attempts: String,
+
+    /// Delay before retry n is BACKOFF_DELAY_MS × 2^(n-1).
+    #[arg(long, env = "BACKOFF_DELAY_MS", default_value = "2000")]
+    pub backoff_delay_ms: String,
+
+    /// Random jitter 0..1: a delay d becomes a random value in [d × (1 - jitter), d].
+    #[arg(long, env = "BACKOFF_JITTER", default_value = "0")]
+    pub backoff_jitter: String,
+
+    /// Upper bound on a target's Retry-After.
+    #[arg(long, env = "MAX_RETRY_AFTER_SECS", default_value = "3600")]
+    pub max_retry_after_secs: String,
+
+    /// Timeout of one delivery attempt.
+    #[arg(long, env = "DELIVERY_TIMEOUT_MS", default_value = "15000")]
+    pub delivery_timeout_ms: String,
+
+    /// Lease on a job being delivered; must exceed DELIVERY_TIMEOUT_MS.
+    #[arg(long, env = "LOCK_DURATION_MS", default_value = "30000")]
+    pub lock_duration_ms: String,
+
+    /// How long SIGTERM waits for in-flight deliveries.
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value = "10000")]
+    pub shutdown_grace_ms: String,
+
+    /// Completed jobs kept (newest first); older ones are pruned.
+    #[arg(long, env = "REMOVE_ON_COMPLETE", default_value = "100")]
+    pub remove_on_complete: String,
+
+    /// An event key seen again within this many seconds is a duplicate.
+    #[arg(long, env = "DEDUP_TTL_SECS", default_value = "86400")]
+    pub dedup_ttl_secs: String,
+
+    /// Largest accepted request body (bytes).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value = "1048576")]
+    pub max_body_bytes: String,
+}

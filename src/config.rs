@@ -1,0 +1,498 @@
+//! Settings: parsed once from the CLI/environment into typed values.
+//!
+//! [`ServeConfig::from_args`] turns the raw strings of [`crate::cli::ServeArgs`]
+//! into a validated configuration, or one [`ConfigError`] line naming the setting
+//! and the fix (`main` prints it and exits 2). Secret values never appear in an
+//! error: only the name of the setting does.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use base64::Engine as _;
+
+use crate::cli::ServeArgs;
+use crate::secret::Secret;
+
+/// One bad setting, as one line: what, why, and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// fsync every commit (SQLite `synchronous=FULL`): an ack survives power loss.
+    Always,
+    /// Commit to the OS only (`synchronous=NORMAL`): an ack survives a relay crash.
+    Off,
+}
+
+/// A `whsec_<base64>` key for Standard Webhooks signatures, decoded once.
+#[derive(Clone)]
+pub struct TargetSigningKey(Vec<u8>);
+
+impl TargetSigningKey {
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let b64 = raw.strip_prefix("whsec_").unwrap_or(raw);
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| {
+                bad("TARGET_SIGNING_SECRET is not valid: expected whsec_<base64>, as Standard Webhooks secrets are")
+            })?;
+        if key.is_empty() {
+            return Err(bad(
+                "TARGET_SIGNING_SECRET is empty: set it to whsec_<base64> or unset it",
+            ));
+        }
+        Ok(Self(key))
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for TargetSigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// HTTP Basic credentials accepted on the ingress.
+#[derive(Debug, Clone)]
+pub struct BasicCredentials {
+    pub user: String,
+    pub password: Secret,
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub port: u16,
+    pub target_endpoint: reqwest::Url,
+    /// Any of these may sign an ingress request (rotation); never empty when set.
+    pub signing_secrets: Vec<Secret>,
+    pub basic: Option<BasicCredentials>,
+    pub allow_unauthenticated: bool,
+    pub target_signing_key: Option<TargetSigningKey>,
+    pub queue: QueueKind,
+    pub data_dir: PathBuf,
+    pub fsync: Fsync,
+    /// 0 = no cap.
+    pub max_db_bytes: u64,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<Secret>,
+    pub concurrency: usize,
+    /// Attempts per event, counting the first (>= 1).
+    pub attempts: u32,
+    pub backoff_delay: Duration,
+    /// 0..=1.
+    pub backoff_jitter: f64,
+    pub max_retry_after: Duration,
+    pub delivery_timeout: Duration,
+    /// Invariant: greater than `delivery_timeout` (checked in `validate`).
+    pub lock_duration: Duration,
+    pub shutdown_grace: Duration,
+    pub remove_on_complete: u32,
+    pub dedup_ttl: Duration,
+    pub max_body_bytes: usize,
+}
+
+impl ServeConfig {
+    /// Defaults of SPEC §1/§3 with the given target; the ingress is unauthenticated
+    /// until a secret or credentials are set. Used by tests and benchmarks.
+    pub fn new(target_endpoint: reqwest::Url, data_dir: PathBuf) -> Self {
+        Self {
+            port: 3000,
+            target_endpoint,
+            signing_secrets: Vec::new(),
+            basic: None,
+            allow_unauthenticated: false,
+            target_signing_key: None,
+            queue: QueueKind::Embedded,
+            data_dir,
+            fsync: Fsync::Always,
+            max_db_bytes: 0,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 3001)),
+            admin_token: None,
+            concurrency: 16,
+            attempts: 5,
+            backoff_delay: Duration::from_millis(2000),
+            backoff_jitter: 0.0,
+            max_retry_after: Duration::from_secs(3600),
+            delivery_timeout: Duration::from_millis(15_000),
+            lock_duration: Duration::from_millis(30_000),
+            shutdown_grace: Duration::from_millis(10_000),
+            remove_on_complete: 100,
+            dedup_ttl: Duration::from_secs(86_400),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+
+    pub fn from_args(a: &ServeArgs) -> Result<Self, ConfigError> {
+        let target = a.target_endpoint.as_deref().filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+            bad("TARGET_ENDPOINT is not set: set --target-endpoint or TARGET_ENDPOINT to the URL events are delivered to")
+        })?;
+        let target_endpoint = parse_http_url("TARGET_ENDPOINT", target)?;
+        let mut c = Self::new(target_endpoint, PathBuf::from(&a.data_dir));
+
+        c.port = parse_num::<u16>("PORT", &a.port, "a port number from 1 to 65535")?;
+        if c.port == 0 {
+            return Err(bad(
+                "PORT=0 is not valid: use a port number from 1 to 65535",
+            ));
+        }
+        if let Some(raw) = a.webhook_signing_secret.as_deref() {
+            c.signing_secrets = raw
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect();
+            if c.signing_secrets.is_empty() {
+                return Err(bad("WEBHOOK_SIGNING_SECRET is set but empty: give at least one secret (comma-separated for rotation) or unset it"));
+            }
+        }
+        c.basic = match (&a.ingress_basic_user, &a.ingress_basic_password) {
+            (None, None) => None,
+            (Some(user), Some(pw)) if !user.is_empty() && !pw.is_empty() => Some(BasicCredentials {
+                user: user.clone(),
+                password: Secret::new(pw.clone()),
+            }),
+            _ => {
+                return Err(bad("INGRESS_BASIC_USER and INGRESS_BASIC_PASSWORD go together: set both (non-empty) or neither"))
+            }
+        };
+        c.allow_unauthenticated = a.allow_unauthenticated;
+        c.target_signing_key = a
+            .target_signing_secret
+            .as_deref()
+            .map(TargetSigningKey::parse)
+            .transpose()?;
+        c.queue = match a.queue.as_deref().map(str::trim) {
+            Some("embedded") => QueueKind::Embedded,
+            Some("redis") => QueueKind::Redis,
+            Some(other) => {
+                return Err(bad(format!(
+                    "COGRELAY_QUEUE={other:?} is not valid: use `embedded` or `redis`"
+                )))
+            }
+            None if a.redis_url.is_some() || a.redis_host.is_some() => QueueKind::Redis,
+            None => QueueKind::Embedded,
+        };
+        c.fsync = match a.fsync.trim() {
+            "always" => Fsync::Always,
+            "off" => Fsync::Off,
+            other => {
+                return Err(bad(format!(
+                    "COGRELAY_FSYNC={other:?} is not valid: use `always` (survives power loss) or `off`"
+                )))
+            }
+        };
+        c.max_db_bytes = parse_num(
+            "COGRELAY_MAX_DB_BYTES",
+            &a.max_db_bytes,
+            "a size in bytes (0 = no cap)",
+        )?;
+        c.admin_listen = a.admin_listen.trim().parse().map_err(|_| {
+            bad(format!(
+                "ADMIN_LISTEN={:?} is not valid: use ip:port, e.g. 127.0.0.1:3001",
+                a.admin_listen
+            ))
+        })?;
+        c.admin_token = a
+            .admin_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(Secret::new);
+        c.concurrency = parse_num(
+            "CONCURRENCY",
+            &a.concurrency,
+            "a whole number from 1 to 4096",
+        )?;
+        c.attempts = parse_num("ATTEMPTS", &a.attempts, "a whole number from 1 to 100")?;
+        c.backoff_delay = ms("BACKOFF_DELAY_MS", &a.backoff_delay_ms)?;
+        c.backoff_jitter = parse_num("BACKOFF_JITTER", &a.backoff_jitter, "a number from 0 to 1")?;
+        c.max_retry_after = Duration::from_secs(parse_num(
+            "MAX_RETRY_AFTER_SECS",
+            &a.max_retry_after_secs,
+            "a whole number of seconds",
+        )?);
+        c.delivery_timeout = ms("DELIVERY_TIMEOUT_MS", &a.delivery_timeout_ms)?;
+        c.lock_duration = ms("LOCK_DURATION_MS", &a.lock_duration_ms)?;
+        c.shutdown_grace = ms("SHUTDOWN_GRACE_MS", &a.shutdown_grace_ms)?;
+        c.remove_on_complete = parse_num(
+            "REMOVE_ON_COMPLETE",
+            &a.remove_on_complete,
+            "a whole number",
+        )?;
+        c.dedup_ttl = Duration::from_secs(parse_num(
+            "DEDUP_TTL_SECS",
+            &a.dedup_ttl_secs,
+            "a whole number of seconds",
+        )?);
+        c.max_body_bytes = parse_num("MAX_BODY_BYTES", &a.max_body_bytes, "a size in bytes")?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Cross-field rules and ranges; also run by `serve::run` so that configs built
+    /// in code obey them too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.queue == QueueKind::Redis {
+            return Err(bad("COGRELAY_QUEUE=redis: the Redis backend is not available in this build yet; use COGRELAY_QUEUE=embedded (and unset REDIS_URL/REDIS_HOST to make it the default)"));
+        }
+        if self.signing_secrets.is_empty() && self.basic.is_none() && !self.allow_unauthenticated {
+            return Err(bad("no ingress authentication: set WEBHOOK_SIGNING_SECRET or INGRESS_BASIC_USER/INGRESS_BASIC_PASSWORD, or pass --allow-unauthenticated for local testing"));
+        }
+        if !(1..=4096).contains(&self.concurrency) {
+            return Err(bad(format!(
+                "CONCURRENCY={} is out of range: use 1 to 4096",
+                self.concurrency
+            )));
+        }
+        if !(1..=100).contains(&self.attempts) {
+            return Err(bad(format!(
+                "ATTEMPTS={} is out of range: use 1 to 100",
+                self.attempts
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.backoff_jitter) {
+            return Err(bad(format!(
+                "BACKOFF_JITTER={} is out of range: use a number from 0 to 1",
+                self.backoff_jitter
+            )));
+        }
+        if self.delivery_timeout.is_zero() {
+            return Err(bad(
+                "DELIVERY_TIMEOUT_MS=0 is not valid: use a positive number of milliseconds",
+            ));
+        }
+        if self.lock_duration <= self.delivery_timeout {
+            return Err(bad(format!(
+                "LOCK_DURATION_MS={} must be greater than DELIVERY_TIMEOUT_MS={}: raise LOCK_DURATION_MS or lower DELIVERY_TIMEOUT_MS",
+                self.lock_duration.as_millis(),
+                self.delivery_timeout.as_millis()
+            )));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(bad(
+                "MAX_BODY_BYTES=0 is not valid: use a positive size in bytes",
+            ));
+        }
+        if !self.admin_listen.ip().is_loopback() && self.admin_token.is_none() {
+            return Err(bad(format!(
+                "ADMIN_LISTEN={} is not a loopback address and ADMIN_TOKEN is not set: set ADMIN_TOKEN, or listen on 127.0.0.1",
+                self.admin_listen
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn parse_num<T: FromStr>(name: &str, raw: &str, expected: &str) -> Result<T, ConfigError> {
+    raw.trim()
+        .parse()
+        .map_err(|_| bad(format!("{name}={raw:?} is not valid: use {expected}")))
+}
+
+fn ms(name: &str, raw: &str) -> Result<Duration, ConfigError> {
+    parse_num::<u64>(name, raw, "a whole number of milliseconds").map(Duration::from_millis)
+}
+
+/// An absolute http(s) URL with a host.
+pub fn parse_http_url(name: &str, raw: &str) -> Result<reqwest::Url, ConfigError> {
+    let url = reqwest::Url::parse(raw.trim()).map_err(|e| {
+        bad(format!(
+            "{name}={raw:?} is not a valid URL ({e}): use e.g. http://127.0.0.1:8080/events"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(bad(format!("{name}={raw:?} is not an http(s) URL with a host: use e.g. https://internal.example.com/events")));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<ServeConfig, ConfigError> {
+        let mut argv = vec!["cogrelay", "serve"];
+        argv.extend_from_slice(args);
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("clap accepts the strings");
+        match cli.command {
+            crate::cli::Command::Serve(a) => ServeConfig::from_args(&a),
+        }
+    }
+
+    const OK: [&str; 4] = [
+        "--target-endpoint",
+        "http://127.0.0.1:9/x",
+        "--webhook-signing-secret",
+        "s1, s2",
+    ];
+
+    #[test]
+    fn valid_settings_parse_with_rotation_list() {
+        let c = parse(&OK).expect("valid");
+        assert_eq!(c.signing_secrets.len(), 2);
+        assert_eq!(c.signing_secrets[1].expose(), "s2");
+        assert_eq!(c.attempts, 5);
+        assert_eq!(c.backoff_delay, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let mut args = OK.to_vec();
+        args.extend([
+            "--target-signing-secret",
+            "whsec_c2VjcmV0",
+            "--admin-token",
+            "tok-123",
+        ]);
+        args.extend([
+            "--ingress-basic-user",
+            "u",
+            "--ingress-basic-password",
+            "pw-456",
+        ]);
+        let c = parse(&args).expect("valid");
+        let dbg = format!("{c:?}");
+        for secret in ["s1", "s2", "c2VjcmV0", "tok-123", "pw-456"] {
+            assert!(!dbg.contains(secret), "{secret} leaked in {dbg}");
+        }
+    }
+
+    #[test]
+    fn each_bad_setting_names_itself() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--webhook-signing-secret", "s"],
+                "TARGET_ENDPOINT is not set",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "not a url",
+                    "--webhook-signing-secret",
+                    "s",
+                ],
+                "TARGET_ENDPOINT=",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "ftp://x/y",
+                    "--webhook-signing-secret",
+                    "s",
+                ],
+                "TARGET_ENDPOINT=",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--port",
+                    "abc",
+                    "--webhook-signing-secret",
+                    "s",
+                ],
+                "PORT=\"abc\"",
+            ),
+            (
+                &["--target-endpoint", "http://x/"],
+                "no ingress authentication",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--lock-duration-ms",
+                    "1000",
+                    "--delivery-timeout-ms",
+                    "1000",
+                ],
+                "LOCK_DURATION_MS=1000 must be greater than DELIVERY_TIMEOUT_MS=1000",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--attempts",
+                    "five",
+                ],
+                "ATTEMPTS=\"five\"",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--backoff-jitter",
+                    "2",
+                ],
+                "BACKOFF_JITTER=2",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--admin-listen",
+                    "0.0.0.0:3001",
+                ],
+                "ADMIN_TOKEN is not set",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--queue",
+                    "kafka",
+                ],
+                "COGRELAY_QUEUE=\"kafka\"",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--target-signing-secret",
+                    "whsec_!!",
+                ],
+                "TARGET_SIGNING_SECRET is not valid",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--ingress-basic-user",
+                    "u",
+                ],
+                "INGRESS_BASIC_USER and INGRESS_BASIC_PASSWORD go together",
+            ),
+        ];
+        for (args, expected) in cases {
+            let err = parse(args).expect_err(expected).to_string();
+            assert!(err.contains(expected), "{args:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+}

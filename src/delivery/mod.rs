@@ -1,0 +1,337 @@
+//! The worker pool: claims due jobs, delivers each as `POST TARGET_ENDPOINT`,
+//! classifies the answer ([`classify`]) and writes the job back (SPEC §3.2).
+//!
+//! * One dispatcher task claims as many jobs as there are free workers
+//!   (`CONCURRENCY` permits) and spawns one delivery task per job. When nothing
+//!   is due it sleeps until the next due time, a new-job wake-up from the ingress,
+//!   or one second (jobs changed by another process, e.g. an operator's retry).
+//! * Retries are data, not sleeps: a failed attempt is written back as `delayed`
+//!   with its due time; no worker waits on it.
+//! * Leases of in-flight jobs are renewed every `LOCK_DURATION_MS / 3`.
+//! * Shutdown: stop claiming, let in-flight deliveries finish for up to
+//!   `SHUTDOWN_GRACE_MS`, then abort the rest and return their leases.
+
+pub mod backoff;
+pub mod classify;
+pub mod signing;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::{ServeConfig, TargetSigningKey};
+use crate::queue::{now_ms, Attempt, AttemptOutcome, Disposition, LeaseRef, Leased, Queue};
+use backoff::Backoff;
+use classify::{classify, AttemptResult, Outcome};
+
+/// Most jobs claimed in one round trip to the store.
+const MAX_CLAIM: usize = 256;
+/// How long an idle dispatcher waits before looking at the store again.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Bytes of a target's answer kept in the attempt history.
+const ERROR_SNIPPET: usize = 200;
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub target: reqwest::Url,
+    pub delivery_timeout: Duration,
+    pub attempts: u32,
+    pub backoff: Backoff,
+    pub signing_key: Option<TargetSigningKey>,
+    pub concurrency: usize,
+    pub lock_duration: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl DeliveryConfig {
+    pub fn from_serve(c: &ServeConfig) -> Self {
+        Self {
+            target: c.target_endpoint.clone(),
+            delivery_timeout: c.delivery_timeout,
+            attempts: c.attempts,
+            backoff: Backoff {
+                base: c.backoff_delay,
+                jitter: c.backoff_jitter,
+                max_retry_after: c.max_retry_after,
+            },
+            signing_key: c.target_signing_key.clone(),
+            concurrency: c.concurrency,
+            lock_duration: c.lock_duration,
+            shutdown_grace: c.shutdown_grace,
+        }
+    }
+}
+
+struct Pool<Q> {
+    queue: Arc<Q>,
+    cfg: DeliveryConfig,
+    client: reqwest::Client,
+    /// Leases held by running deliveries, for renewal and for release at shutdown.
+    in_flight: Mutex<HashMap<String, LeaseRef>>,
+    /// Wakes the dispatcher: new jobs (ingress) and finished deliveries (a retry
+    /// may now be the earliest due job, and a worker is free).
+    wake: Arc<Notify>,
+}
+
+/// Runs the pool until `shutdown` turns true, then drains (see module doc).
+pub async fn run<Q: Queue>(
+    queue: Arc<Q>,
+    cfg: DeliveryConfig,
+    wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(cfg.concurrency)
+        .connect_timeout(cfg.delivery_timeout)
+        .user_agent(concat!("cogrelay/", env!("CARGO_PKG_VERSION")))
+        .build()?;
+    let pool = Arc::new(Pool {
+        queue,
+        cfg,
+        client,
+        in_flight: Mutex::new(HashMap::new()),
+        wake: wake.clone(),
+    });
+    let semaphore = Arc::new(Semaphore::new(pool.cfg.concurrency));
+    let mut tasks = JoinSet::new();
+    let renewer = tokio::spawn(renew_leases(pool.clone()));
+
+    'dispatch: loop {
+        let first = tokio::select! {
+            p = semaphore.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let mut permits = vec![first];
+        while permits.len() < MAX_CLAIM {
+            match semaphore.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let claimed = match pool
+            .queue
+            .claim(permits.len(), pool.cfg.lock_duration)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot claim jobs; trying again in 1 s");
+                drop(permits);
+                tokio::select! {
+                    _ = tokio::time::sleep(IDLE_POLL) => continue,
+                    _ = shutdown.changed() => break,
+                }
+            }
+        };
+        if claimed.jobs.is_empty() {
+            drop(permits);
+            let wait = claimed
+                .next_due_ms
+                .map(|due| Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64))
+                .unwrap_or(IDLE_POLL)
+                .min(IDLE_POLL);
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => break 'dispatch,
+            }
+            continue;
+        }
+        for (leased, permit) in claimed.jobs.into_iter().zip(permits) {
+            if let Ok(mut m) = pool.in_flight.lock() {
+                m.insert(leased.lease.job_id.clone(), leased.lease.clone());
+            }
+            tasks.spawn(deliver(pool.clone(), leased, permit));
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+
+    // Drain: let in-flight deliveries finish within the grace period.
+    let busy = tasks.len();
+    if busy > 0 {
+        tracing::info!(
+            in_flight = busy,
+            grace_ms = pool.cfg.shutdown_grace.as_millis() as u64,
+            "finishing in-flight deliveries"
+        );
+    }
+    let drained = tokio::time::timeout(pool.cfg.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    renewer.abort();
+    if drained.is_err() {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let leases: Vec<LeaseRef> = pool
+            .in_flight
+            .lock()
+            .map(|mut m| m.drain().map(|(_, l)| l).collect())
+            .unwrap_or_default();
+        tracing::warn!(
+            returned = leases.len(),
+            "grace period over: unfinished deliveries go back to the queue"
+        );
+        pool.queue.release(leases).await?;
+    }
+    Ok(())
+}
+
+async fn renew_leases<Q: Queue>(pool: Arc<Pool<Q>>) {
+    let every = pool.cfg.lock_duration / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        let leases: Vec<LeaseRef> = pool
+            .in_flight
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        if leases.is_empty() {
+            continue;
+        }
+        if let Err(e) = pool.queue.renew(leases, pool.cfg.lock_duration).await {
+            tracing::warn!(error = %e, "cannot renew leases");
+        }
+    }
+}
+
+async fn deliver<Q: Queue>(pool: Arc<Pool<Q>>, mut leased: Leased, _permit: OwnedSemaphorePermit) {
+    let job = &mut leased.job;
+    let n = job.attempts_made + 1;
+    let started_at_ms = now_ms();
+    let t0 = Instant::now();
+    let body = std::mem::take(&mut job.body);
+    let mut req = pool
+        .client
+        .post(pool.cfg.target.clone())
+        .timeout(pool.cfg.delivery_timeout)
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .header("x-event-id", job.event_id.as_str())
+        .header(
+            "x-source",
+            HeaderValue::from_static("cognigy-webhook-relay"),
+        )
+        .header("idempotency-key", job.key.as_str())
+        .header("x-delivery-attempt", n);
+    if let Some(key) = &pool.cfg.signing_key {
+        let ts = started_at_ms / 1000;
+        req = req
+            .header("webhook-id", job.key.as_str())
+            .header("webhook-timestamp", ts)
+            .header(
+                "webhook-signature",
+                signing::sign(key, job.key.as_str(), ts, &body),
+            );
+    }
+    let (status, retry_after, error, timed_out) = match req.body(body).send().await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            // Read the answer so the connection can be reused; keep a snippet of errors.
+            let snippet = match resp.bytes().await {
+                Ok(b) if !(200..300).contains(&status) && !b.is_empty() => {
+                    Some(String::from_utf8_lossy(&b[..b.len().min(ERROR_SNIPPET)]).into_owned())
+                }
+                _ => None,
+            };
+            (Some(status), retry_after, snippet, false)
+        }
+        Err(e) => (None, None, Some(transport_error(&e)), e.is_timeout()),
+    };
+    let duration_ms = t0.elapsed().as_millis() as u64;
+    let result = match (status, timed_out) {
+        (Some(status), _) => AttemptResult::Response {
+            status,
+            retry_after: retry_after.as_deref(),
+        },
+        (None, true) => AttemptResult::Timeout,
+        (None, false) => AttemptResult::Transport(error.clone().unwrap_or_default()),
+    };
+    let (disposition, outcome) = match classify(&result, SystemTime::now()) {
+        Outcome::Delivered => (Disposition::Completed, AttemptOutcome::Delivered),
+        Outcome::Permanent { reason } => (Disposition::Failed { reason }, AttemptOutcome::Failed),
+        Outcome::Retry { reason, .. } if n >= pool.cfg.attempts => (
+            Disposition::Failed {
+                reason: format!("gave up after {n} attempts: {reason}"),
+            },
+            AttemptOutcome::Failed,
+        ),
+        Outcome::Retry {
+            reason,
+            retry_after,
+        } => {
+            let delay = pool.cfg.backoff.delay(n, retry_after, fastrand::f64());
+            (
+                Disposition::RetryAt {
+                    due_at_ms: now_ms() + delay.as_millis() as i64,
+                    reason,
+                },
+                AttemptOutcome::Retry,
+            )
+        }
+    };
+    match &disposition {
+        Disposition::Completed => {
+            tracing::debug!(job = %leased.job.id, attempt = n, duration_ms, "delivered")
+        }
+        Disposition::RetryAt { due_at_ms, reason } => tracing::info!(
+            job = %leased.job.id, attempt = n, reason = %reason,
+            retry_in_ms = due_at_ms - now_ms(), "delivery failed; will retry"
+        ),
+        Disposition::Failed { reason } => {
+            tracing::warn!(job = %leased.job.id, attempt = n, reason = %reason, "delivery failed permanently; job is in the failed list")
+        }
+    }
+    let attempt = Attempt {
+        n,
+        started_at_ms,
+        duration_ms,
+        status,
+        error,
+        outcome,
+    };
+    let job_id = leased.lease.job_id.clone();
+    match pool.queue.finish(leased, attempt, disposition).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(job = %job_id, "lease was lost before the result was recorded; another worker owns the job")
+        }
+        Err(e) => {
+            tracing::error!(job = %job_id, error = %e, "cannot record the delivery result; the job will be retried when its lease expires")
+        }
+    }
+    if let Ok(mut m) = pool.in_flight.lock() {
+        m.remove(&job_id);
+    }
+    pool.wake.notify_one();
+}
+
+/// The error and its causes, without the URL (it may carry credentials).
+fn transport_error(e: &reqwest::Error) -> String {
+    let mut msg = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "cannot connect".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}

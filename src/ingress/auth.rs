@@ -1,0 +1,197 @@
+//! Ingress authentication (SPEC §3.1), checked before anything is parsed or stored.
+//!
+//! * `X-Webhook-Signature: [sha256=]<hex HMAC-SHA256(secret, raw body)>`: any
+//!   secret of the rotation list may match; compared with `Mac::verify_slice`
+//!   (constant time). The keyed HMAC state is built once per secret at start-up
+//!   and cloned per request.
+//! * HTTP Basic: SHA-256 of the presented `user:password` compared in constant
+//!   time with SHA-256 of the configured one (hashing first hides the length).
+//!
+//! Either configured method suffices. With none configured the ingress is open
+//! (only reachable with `--allow-unauthenticated`, see `config`).
+
+use axum::http::HeaderMap;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::BasicCredentials;
+use crate::secret::Secret;
+
+pub const SIGNATURE_HEADER: &str = "x-webhook-signature";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("Missing X-Webhook-Signature header or Basic credentials")]
+    Missing,
+    #[error("Invalid webhook signature")]
+    BadSignature,
+    #[error("Invalid credentials")]
+    BadCredentials,
+}
+
+#[derive(Clone)]
+pub struct Authenticator {
+    macs: Vec<Hmac<Sha256>>,
+    basic_digest: Option<[u8; 32]>,
+}
+
+impl Authenticator {
+    pub fn new(secrets: &[Secret], basic: Option<&BasicCredentials>) -> Self {
+        let macs = secrets
+            .iter()
+            .map(|s| {
+                // HMAC accepts keys of any length; this cannot fail.
+                Hmac::<Sha256>::new_from_slice(s.expose().as_bytes())
+                    .unwrap_or_else(|_| unreachable!())
+            })
+            .collect();
+        let basic_digest = basic.map(|b| {
+            let mut h = Sha256::new();
+            h.update(b.user.as_bytes());
+            h.update(b":");
+            h.update(b.password.expose().as_bytes());
+            h.finalize().into()
+        });
+        Self { macs, basic_digest }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.macs.is_empty() && self.basic_digest.is_none()
+    }
+
+    pub fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), AuthError> {
+        if self.is_open() {
+            return Ok(());
+        }
+        let mut failure = AuthError::Missing;
+        if !self.macs.is_empty() {
+            if let Some(sig) = headers.get(SIGNATURE_HEADER) {
+                if self.signature_matches(sig.as_bytes(), body) {
+                    return Ok(());
+                }
+                failure = AuthError::BadSignature;
+            }
+        }
+        if let Some(expected) = &self.basic_digest {
+            if let Some(presented) = basic_credentials(headers) {
+                if bool::from(Sha256::digest(&presented).as_slice().ct_eq(expected)) {
+                    return Ok(());
+                }
+                if failure == AuthError::Missing {
+                    failure = AuthError::BadCredentials;
+                }
+            }
+        }
+        Err(failure)
+    }
+
+    fn signature_matches(&self, header: &[u8], body: &[u8]) -> bool {
+        let hex_sig = header.strip_prefix(b"sha256=").unwrap_or(header);
+        let Ok(sig) = hex::decode(hex_sig.trim_ascii()) else {
+            return false;
+        };
+        // Check every secret, so the time taken does not depend on which matched.
+        self.macs.iter().fold(false, |ok, mac| {
+            let mut mac = mac.clone();
+            mac.update(body);
+            mac.verify_slice(&sig).is_ok() | ok
+        })
+    }
+}
+
+/// Decoded `user:password` of an `Authorization: Basic` header.
+fn basic_credentials(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, b64) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()
+}
+
+/// Hex HMAC-SHA256 of `body`: what a sender puts in `X-Webhook-Signature`.
+pub fn sign_hex(secret: &str, body: &[u8]) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!());
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).expect("ascii"));
+        }
+        h
+    }
+
+    fn auth() -> Authenticator {
+        let basic = BasicCredentials {
+            user: "cognigy".into(),
+            password: Secret::new("pw"),
+        };
+        Authenticator::new(&[Secret::new("old"), Secret::new("new")], Some(&basic))
+    }
+
+    #[test]
+    fn any_rotation_secret_and_the_prefix_are_accepted() {
+        let a = auth();
+        let body = b"{}";
+        assert_eq!(
+            a.check(&headers(&[(SIGNATURE_HEADER, sign_hex("old", body))]), body),
+            Ok(())
+        );
+        assert_eq!(
+            a.check(
+                &headers(&[(
+                    SIGNATURE_HEADER,
+                    format!("sha256={}", sign_hex("new", body))
+                )]),
+                body
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            a.check(
+                &headers(&[(SIGNATURE_HEADER, sign_hex("other", body))]),
+                body
+            ),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            a.check(&headers(&[(SIGNATURE_HEADER, "zz".into())]), body),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(a.check(&HeaderMap::new(), body), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn basic_credentials_are_checked() {
+        let a = auth();
+        let ok = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("cognigy:pw")
+        );
+        let bad = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("cognigy:px")
+        );
+        assert_eq!(a.check(&headers(&[("authorization", ok)]), b"x"), Ok(()));
+        assert_eq!(
+            a.check(&headers(&[("authorization", bad)]), b"x"),
+            Err(AuthError::BadCredentials)
+        );
+    }
+}

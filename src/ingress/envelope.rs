@@ -1,0 +1,346 @@
+//! Parsing an ingress body into an [`Event`]: the two shapes of SPEC §3.1.
+//!
+//! * **Event envelope** `{botId, eventId, type, payload, timestamp}`: key
+//!   `cognigy-{botId}-{eventId}`, delivers `payload` (JSON `null` when absent).
+//! * **Endpoint output** `{userId, sessionId, AIOutput|text|data}` (what a real
+//!   Cognigy Webhook Endpoint posts): key `cognigy-{sessionId}-{AIOutput.traceId}`,
+//!   else `cognigy-{sessionId}-{sha256(body)}`; delivers the whole body.
+//!
+//! A body is an envelope when it has any of `botId`/`eventId`/`type`, an endpoint
+//! output when it has any of `userId`/`sessionId`/`AIOutput` (and none of the
+//! former); anything else is reported as an envelope missing its fields.
+//! The top level is parsed into borrowed raw values, so the payload is delivered
+//! byte for byte as Cognigy sent it and is never re-serialised.
+//!
+//! Identifiers travel in HTTP headers (`X-Event-Id`, `Idempotency-Key`), so they
+//! must be printable ASCII (no control characters), at most 256 bytes.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+/// The idempotency key of an event (`cognigy-...`); printable ASCII by construction.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EventKey(String);
+
+impl EventKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Re-wrap a key read back from the queue, where it was stored after parsing.
+    pub fn from_stored(key: String) -> Self {
+        Self(key)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Envelope,
+    EndpointOutput,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Envelope => "event",
+            EventKind::EndpointOutput => "endpoint_output",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "event" => Some(EventKind::Envelope),
+            "endpoint_output" => Some(EventKind::EndpointOutput),
+            _ => None,
+        }
+    }
+}
+
+/// An authenticated, validated event, ready to be queued.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub key: EventKey,
+    /// `eventId`, or the derived id (traceId / body hash) of an endpoint output.
+    pub event_id: String,
+    pub bot_id: Option<String>,
+    pub event_type: Option<String>,
+    pub kind: EventKind,
+    /// Exactly the bytes POSTed to the target.
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("Body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("Body must be a JSON object")]
+    NotObject,
+    #[error("Missing required Cognigy webhook fields")]
+    Missing(Vec<&'static str>),
+    #[error("Invalid Cognigy webhook fields: {0} must be a non-empty string of printable ASCII, at most 256 bytes")]
+    Invalid(&'static str),
+}
+
+const ENVELOPE_FIELDS: [&str; 3] = ["botId", "eventId", "type"];
+const OUTPUT_FIELDS: [&str; 2] = ["userId", "sessionId"];
+const MAX_ID_BYTES: usize = 256;
+/// Deepest nesting accepted (serde_json's own limit for values it builds).
+/// Checked up front because raw values are skipped without a depth limit.
+pub const MAX_DEPTH: usize = 128;
+
+type Fields<'a> = HashMap<Cow<'a, str>, &'a RawValue>;
+
+pub fn parse(body: &[u8]) -> Result<Event, EnvelopeError> {
+    if nesting_exceeds(body, MAX_DEPTH) {
+        return Err(EnvelopeError::NotJson(format!(
+            "nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    let fields: Fields<'_> = match serde_json::from_slice(body) {
+        Ok(f) => f,
+        Err(e) => {
+            // Only on the error path: tell "not JSON" from "JSON, but not an object".
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                    Ok(_) => EnvelopeError::NotObject,
+                    Err(_) => EnvelopeError::NotJson(e.to_string()),
+                },
+            );
+        }
+    };
+    let has = |name: &str| fields.contains_key(name);
+    if !ENVELOPE_FIELDS.iter().any(|f| has(f))
+        && (OUTPUT_FIELDS.iter().any(|f| has(f)) || has("AIOutput"))
+    {
+        parse_output(&fields, body)
+    } else {
+        parse_envelope(&fields)
+    }
+}
+
+fn parse_envelope(fields: &Fields<'_>) -> Result<Event, EnvelopeError> {
+    let [bot, event, kind] = required(fields, ENVELOPE_FIELDS)?;
+    let body = fields
+        .get("payload")
+        .map(|raw| raw.get().as_bytes().to_vec())
+        .unwrap_or_else(|| b"null".to_vec());
+    Ok(Event {
+        key: EventKey(format!("cognigy-{bot}-{event}")),
+        event_id: event,
+        bot_id: Some(bot),
+        event_type: Some(kind),
+        kind: EventKind::Envelope,
+        body,
+    })
+}
+
+fn parse_output(fields: &Fields<'_>, body: &[u8]) -> Result<Event, EnvelopeError> {
+    let [_user, session] = required(fields, OUTPUT_FIELDS)?;
+    #[derive(serde::Deserialize)]
+    struct AiOutput<'a> {
+        #[serde(rename = "traceId", borrow)]
+        trace_id: Option<Cow<'a, str>>,
+    }
+    let trace = fields
+        .get("AIOutput")
+        .and_then(|raw| serde_json::from_str::<AiOutput<'_>>(raw.get()).ok())
+        .and_then(|o| o.trace_id)
+        .filter(|t| valid_id(t));
+    let derived = match trace {
+        Some(t) => t.into_owned(),
+        None => hex::encode(Sha256::digest(body)),
+    };
+    Ok(Event {
+        key: EventKey(format!("cognigy-{session}-{derived}")),
+        event_id: derived,
+        bot_id: None,
+        event_type: None,
+        kind: EventKind::EndpointOutput,
+        body: body.to_vec(),
+    })
+}
+
+/// The named fields as strings, or every missing one (absent, null or empty),
+/// or the first one of the wrong type or shape.
+fn required<const N: usize>(
+    fields: &Fields<'_>,
+    names: [&'static str; N],
+) -> Result<[String; N], EnvelopeError> {
+    let mut missing = Vec::new();
+    let mut invalid = None;
+    let values = names.map(|name| {
+        let Some(raw) = fields.get(name) else {
+            missing.push(name);
+            return String::new();
+        };
+        match serde_json::from_str::<Option<Cow<'_, str>>>(raw.get()) {
+            Ok(None) => missing.push(name),
+            Ok(Some(s)) if s.is_empty() => missing.push(name),
+            Ok(Some(s)) if valid_id(&s) => return s.into_owned(),
+            _ => {
+                invalid.get_or_insert(name);
+            }
+        }
+        String::new()
+    });
+    if !missing.is_empty() {
+        return Err(EnvelopeError::Missing(missing));
+    }
+    if let Some(name) = invalid {
+        return Err(EnvelopeError::Invalid(name));
+    }
+    Ok(values)
+}
+
+/// True when brackets outside strings nest deeper than `max`. One linear pass;
+/// malformed input is left for the JSON parser to report.
+fn nesting_exceeds(body: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_ID_BYTES && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_keeps_payload_bytes_and_builds_the_key() {
+        let e = parse(br#"{"botId":"b1","eventId":"e1","type":"message","payload":{"z":1, "a":[2]},"timestamp":"t"}"#)
+            .expect("valid");
+        assert_eq!(e.key.as_str(), "cognigy-b1-e1");
+        assert_eq!(e.event_id, "e1");
+        assert_eq!(e.kind, EventKind::Envelope);
+        assert_eq!(e.body, br#"{"z":1, "a":[2]}"#);
+    }
+
+    #[test]
+    fn envelope_without_payload_delivers_null() {
+        let e = parse(br#"{"botId":"b","eventId":"e","type":"t"}"#).expect("valid");
+        assert_eq!(e.body, b"null");
+    }
+
+    #[test]
+    fn endpoint_output_uses_trace_id_else_body_hash() {
+        let body = br#"{"userId":"u","sessionId":"s1","AIOutput":{"traceId":"tr-9","text":"hi"}}"#;
+        let e = parse(body).expect("valid");
+        assert_eq!(e.key.as_str(), "cognigy-s1-tr-9");
+        assert_eq!(e.kind, EventKind::EndpointOutput);
+        assert_eq!(e.body, body);
+
+        let body = br#"{"userId":"u","sessionId":"s1","text":"hi","data":{}}"#;
+        let e = parse(body).expect("valid");
+        assert_eq!(
+            e.key.as_str(),
+            format!("cognigy-s1-{}", hex::encode(Sha256::digest(body)))
+        );
+    }
+
+    #[test]
+    fn missing_fields_are_all_named() {
+        assert_eq!(
+            parse(br#"{"botId":"b","type":""}"#).unwrap_err(),
+            EnvelopeError::Missing(vec!["eventId", "type"])
+        );
+        assert_eq!(
+            parse(br#"{}"#).unwrap_err(),
+            EnvelopeError::Missing(vec!["botId", "eventId", "type"])
+        );
+        assert_eq!(
+            parse(br#"{"userId":"u","AIOutput":{}}"#).unwrap_err(),
+            EnvelopeError::Missing(vec!["sessionId"])
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_header_unsafe_ids_are_invalid() {
+        assert_eq!(
+            parse(br#"{"botId":7,"eventId":"e","type":"t"}"#).unwrap_err(),
+            EnvelopeError::Invalid("botId")
+        );
+        assert_eq!(
+            parse(br#"{"botId":"b","eventId":"e\r\nX-Evil: 1","type":"t"}"#).unwrap_err(),
+            EnvelopeError::Invalid("eventId")
+        );
+        let long = format!(
+            r#"{{"botId":"b","eventId":"{}","type":"t"}}"#,
+            "x".repeat(257)
+        );
+        assert_eq!(
+            parse(long.as_bytes()).unwrap_err(),
+            EnvelopeError::Invalid("eventId")
+        );
+    }
+
+    #[test]
+    fn not_json_and_not_object_are_told_apart() {
+        assert!(matches!(
+            parse(b"{nope").unwrap_err(),
+            EnvelopeError::NotJson(_)
+        ));
+        assert!(matches!(
+            parse(b"\xff\xfe").unwrap_err(),
+            EnvelopeError::NotJson(_)
+        ));
+        assert_eq!(parse(b"[1,2]").unwrap_err(), EnvelopeError::NotObject);
+        assert_eq!(parse(b"\"str\"").unwrap_err(), EnvelopeError::NotObject);
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected_not_a_stack_overflow() {
+        let nested = |n: usize| {
+            format!(
+                r#"{{"botId":"b","eventId":"e","type":"t","payload":{}{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        assert!(matches!(
+            parse(nested(100_000).as_bytes()),
+            Err(EnvelopeError::NotJson(_))
+        ));
+        assert!(
+            matches!(
+                parse(nested(MAX_DEPTH).as_bytes()),
+                Err(EnvelopeError::NotJson(_))
+            ),
+            "envelope + 128 > 128"
+        );
+        assert!(parse(nested(MAX_DEPTH - 1).as_bytes()).is_ok());
+        // Brackets inside strings do not count.
+        let in_string = format!(
+            r#"{{"botId":"b","eventId":"e","type":"t","payload":"{}\"{}"}}"#,
+            "[".repeat(500),
+            "{".repeat(500)
+        );
+        assert!(parse(in_string.as_bytes()).is_ok());
+    }
+}

@@ -1,0 +1,147 @@
+//! HTTP receive (SPEC §3.1): `POST /api/webhook/cognigy`.
+//!
+//! Checks run cheapest first, and nothing is stored until all pass:
+//! accepting? (503 while shutting down) → declared size (413) → content type
+//! (415) → body read within `MAX_BODY_BYTES` (413) → authentication (401) →
+//! JSON shape and fields (400) → durable enqueue (200 `accepted`/`duplicate`,
+//! or 503 `Queue unavailable` with `Retry-After`).
+
+pub mod auth;
+pub mod envelope;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::queue::{Enqueued, Queue};
+use auth::Authenticator;
+use envelope::EnvelopeError;
+
+pub const PATH: &str = "/api/webhook/cognigy";
+/// Seconds a sender is asked to wait after a 503.
+const RETRY_AFTER_SECS: &str = "5";
+
+pub struct Ingress<Q> {
+    pub queue: Arc<Q>,
+    pub auth: Authenticator,
+    pub max_body_bytes: usize,
+    /// False once shutdown began: new requests get 503.
+    pub accepting: Arc<AtomicBool>,
+    /// Wakes the delivery dispatcher when a job was queued.
+    pub wake: Arc<Notify>,
+}
+
+pub fn router<Q: Queue>(state: Arc<Ingress<Q>>) -> Router {
+    Router::new()
+        .route(PATH, post(receive::<Q>))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "Not found: events go to POST /api/webhook/cognigy",
+            )
+        })
+        .with_state(state)
+}
+
+fn error(status: StatusCode, msg: &str) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+fn unavailable(msg: &str) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, msg);
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    r
+}
+
+fn too_large(max: usize) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("Body exceeds MAX_BODY_BYTES ({max} bytes)"),
+    )
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || (essence.len() > 5
+            && essence[essence.len() - 5..].eq_ignore_ascii_case("+json")
+            && essence.contains('/'))
+}
+
+async fn receive<Q: Queue>(
+    State(s): State<Arc<Ingress<Q>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if !s.accepting.load(Ordering::Relaxed) {
+        return unavailable("Queue unavailable: the relay is shutting down");
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > s.max_body_bytes as u64) {
+        return too_large(s.max_body_bytes);
+    }
+    if !is_json(&headers) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
+        );
+    }
+    let bytes = match axum::body::to_bytes(body, s.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => {
+            // to_bytes fails either on the limit or on a broken connection.
+            let limit_hit = std::error::Error::source(&e)
+                .is_some_and(|src| src.is::<http_body_util::LengthLimitError>());
+            return if limit_hit {
+                too_large(s.max_body_bytes)
+            } else {
+                error(StatusCode::BAD_REQUEST, "Could not read the request body")
+            };
+        }
+    };
+    if let Err(e) = s.auth.check(&headers, &bytes) {
+        return error(StatusCode::UNAUTHORIZED, &e.to_string());
+    }
+    let event = match envelope::parse(&bytes) {
+        Ok(ev) => ev,
+        Err(EnvelopeError::Missing(missing)) => return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "Missing required Cognigy webhook fields", "missing": missing })),
+        )
+            .into_response(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    match s.queue.enqueue(event).await {
+        Ok(Enqueued::Accepted(id)) => {
+            s.wake.notify_one();
+            Json(json!({ "status": "accepted", "jobId": id })).into_response()
+        }
+        Ok(Enqueued::Duplicate(id)) => {
+            Json(json!({ "status": "duplicate", "jobId": id })).into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "event not accepted: queue unavailable");
+            unavailable("Queue unavailable")
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! cogrelay: relay NICE Cognigy webhook events durably to an internal system.
+//!
+//! # Layout
+//!
+//! * [`cli`]: the command line (clap derive); each subcommand's doc is its `--help`.
+//! * [`config`]: typed, validated settings; one error line per bad setting.
+//! * [`telemetry`]: logging (json or pretty).
+//! * [`secret`]: the `Secret` newtype, printed as `***`.
+//! * [`ingress`]: HTTP receive: authenticate, parse the envelope, enqueue.
+//! * [`queue`]: the queue contract and job states; [`queue::embedded`] is the
+//!   SQLite backend.
+//! * [`delivery`]: worker pool, attempt classification, backoff, outbound signing.
+//! * [`admin`]: health, readiness, queue counts and the dead-letter job routes.
+//! * [`serve`]: wires all of the above and runs until shutdown.
+//! * [`sink`]: a recording HTTP target (local development, tests, benchmarks).
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod ingress;
+pub mod queue;
+pub mod secret;
+pub mod serve;
+pub mod sink;
+pub mod telemetry;

@@ -1,0 +1,771 @@
+//! Embedded queue: one SQLite file (WAL mode) under `COGRELAY_DATA_DIR`.
+//!
+//! # Data layout
+//!
+//! ```sql
+//! jobs(seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- the job id ("17"); never reused
+//!      event_key, event_id, bot_id, event_type, kind,
+//!      body BLOB,                 -- exactly what is POSTed to the target
+//!      state,                     -- waiting|active|delayed|completed|failed
+//!      attempts_made,             -- finished attempts
+//!      due_at_ms,                 -- waiting/delayed: claimable from then on
+//!      lease_token, lease_until_ms,  -- active only
+//!      created_at_ms, finished_at_ms, failed_reason, stalls,
+//!      attempts_log TEXT)         -- JSON array of every attempt
+//! dedup(event_key PRIMARY KEY, job_seq, expires_at_ms)
+//! ```
+//! Indexes: `(state, seq)` for counts and listings, a partial index on
+//! `due_at_ms` of waiting/delayed jobs for claiming, a partial index on
+//! `lease_until_ms` of active jobs for stall recovery.
+//!
+//! # One writer, group commit
+//!
+//! A single thread owns the connection. Every operation is a closure sent over a
+//! channel; the thread takes whatever has queued up (up to 1,024 operations), runs
+//! them in one transaction, each in its own savepoint so one failing operation
+//! does not undo the others, commits once (one fsync with `COGRELAY_FSYNC=always`,
+//! SQLite `synchronous=FULL`), and only then answers each caller. An ingress 200
+//! therefore always follows a commit that is on disk, and a burst of N events
+//! costs one fsync, not N. WAL checkpoints run on a second connection in a
+//! background thread so they never stall a commit.
+//!
+//! # Leases and crash behaviour
+//!
+//! A claim sets `state='active'`, a random `lease_token` and `lease_until_ms`;
+//! `finish`, `renew` and `release` apply only while the token still matches.
+//! Attempts are counted at `finish`, so an attempt cut short by a crash is not
+//! counted: the next claim delivers it again with the same attempt number.
+//! Active jobs whose lease expired are put back to waiting at each claim. One
+//! relay process owns the store (an exclusive lock on `cogrelay.lock`), so at
+//! open every active job belongs to a dead process and is put back at once.
+//! What SQLite guarantees for a committed WAL transaction is what a 200 means:
+//! survives `kill -9`; with fsync on, power loss too.
+//!
+//! # Bounded size
+//!
+//! `COGRELAY_MAX_DB_BYTES` sets SQLite's `max_page_count`: past it every insert
+//! fails with SQLITE_FULL, exactly as on a full disk, and ingress answers 503.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    now_ms, Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView,
+    LeaseRef, Leased, Page, Queue, QueueError, QueueResult, QueueSettings,
+};
+use crate::config::Fsync;
+use crate::ingress::envelope::{Event, EventKey, EventKind};
+
+const DB_FILE: &str = "cogrelay.db";
+const LOCK_FILE: &str = "cogrelay.lock";
+const MAX_BATCH: usize = 1024;
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_key TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    bot_id TEXT,
+    event_type TEXT,
+    kind TEXT NOT NULL,
+    body BLOB NOT NULL,
+    state TEXT NOT NULL,
+    attempts_made INTEGER NOT NULL DEFAULT 0,
+    due_at_ms INTEGER NOT NULL,
+    lease_token TEXT,
+    lease_until_ms INTEGER,
+    created_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER,
+    failed_reason TEXT,
+    stalls INTEGER NOT NULL DEFAULT 0,
+    attempts_log TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs(due_at_ms, seq) WHERE state IN ('waiting','delayed');
+CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_until_ms) WHERE state = 'active';
+CREATE TABLE IF NOT EXISTS dedup (
+    event_key TEXT PRIMARY KEY,
+    job_seq INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup(expires_at_ms);
+";
+
+/// What a queued operation leaves for after the commit: whether it succeeded
+/// (else its savepoint is rolled back) and how to answer its caller.
+struct Done {
+    ok: bool,
+    reply: Box<dyn FnOnce(Result<(), QueueError>) + Send>,
+}
+
+type Op = Box<dyn FnOnce(&Connection, &mut Writer) -> Done + Send>;
+
+/// State owned by the writer thread.
+struct Writer {
+    settings: QueueSettings,
+    now_ms: i64,
+    completed_since_prune: u64,
+    stop: bool,
+}
+
+pub struct EmbeddedQueue {
+    tx: mpsc::Sender<Op>,
+    path: PathBuf,
+    /// Held for the life of the queue: one relay process per data dir.
+    _lock: Option<File>,
+}
+
+impl std::fmt::Debug for EmbeddedQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedQueue")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create data directory {0}: {1}")]
+    CreateDir(PathBuf, std::io::Error),
+    #[error("another cogrelay process is using {0}: stop it, or give this one another COGRELAY_DATA_DIR")]
+    Locked(PathBuf),
+    #[error(
+        "cannot open the embedded store {0}: {1} (move the file away to start with an empty queue)"
+    )]
+    Sqlite(PathBuf, rusqlite::Error),
+    #[error("cannot lock {0}: {1}")]
+    Lock(PathBuf, std::io::Error),
+}
+
+/// Options of the embedded store.
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    pub data_dir: PathBuf,
+    pub fsync: Fsync,
+    /// 0 = no cap.
+    pub max_db_bytes: u64,
+    pub settings: QueueSettings,
+}
+
+impl EmbeddedQueue {
+    /// Opens (creating if needed) the store and takes the process lock. Active jobs
+    /// left by a dead process go back to waiting.
+    pub fn open(opts: EmbeddedOptions) -> Result<Self, OpenError> {
+        std::fs::create_dir_all(&opts.data_dir)
+            .map_err(|e| OpenError::CreateDir(opts.data_dir.clone(), e))?;
+        let lock_path = opts.data_dir.join(LOCK_FILE);
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| OpenError::Lock(lock_path.clone(), e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(OpenError::Locked(opts.data_dir.clone()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(OpenError::Lock(lock_path, e)),
+        }
+        let path = opts.data_dir.join(DB_FILE);
+        let sqlite_err = |e| OpenError::Sqlite(path.clone(), e);
+        let conn = open_connection(&path, opts.fsync).map_err(sqlite_err)?;
+        conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sqlite_err)?;
+        if opts.max_db_bytes > 0 {
+            let page: i64 = conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .map_err(sqlite_err)?;
+            let pages = (opts.max_db_bytes as i64 / page.max(1)).max(1);
+            conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+                .map_err(sqlite_err)?;
+        }
+        let recovered = conn
+            .execute(
+                "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, stalls=stalls+1
+                 WHERE state='active'",
+                [],
+            )
+            .map_err(sqlite_err)?;
+        if recovered > 0 {
+            tracing::warn!(
+                recovered,
+                "jobs left active by a previous process are back in the queue"
+            );
+        }
+
+        let (tx, rx) = mpsc::channel::<Op>(64 * 1024);
+        let stop_checkpoints = Arc::new(AtomicBool::new(false));
+        spawn_checkpointer(path.clone(), opts.fsync, stop_checkpoints.clone());
+        let writer = Writer {
+            settings: opts.settings,
+            now_ms: now_ms(),
+            completed_since_prune: 0,
+            stop: false,
+        };
+        std::thread::Builder::new()
+            .name("cogrelay-store".into())
+            .spawn(move || {
+                writer_loop(conn, writer, rx);
+                stop_checkpoints.store(true, Ordering::Relaxed);
+            })
+            .map_err(|e| OpenError::Lock(path.clone(), e))?;
+        Ok(Self {
+            tx,
+            path,
+            _lock: Some(lock),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the writer thread inside the next group transaction, and answers
+    /// only after that transaction committed.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &mut Writer) -> QueueResult<T> + Send + 'static,
+    ) -> QueueResult<T> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let op: Op = Box::new(move |conn, w| {
+            let res = f(conn, w);
+            Done {
+                ok: res.is_ok(),
+                reply: Box::new(move |commit| {
+                    let _ = reply_tx.send(commit.and(res));
+                }),
+            }
+        });
+        self.tx
+            .send(op)
+            .await
+            .map_err(|_| QueueError::Unavailable("the store is closed".into()))?;
+        reply_rx
+            .await
+            .map_err(|_| QueueError::Unavailable("the store writer stopped".into()))?
+    }
+}
+
+fn open_connection(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "journal_mode is {mode}, WAL is required"
+        )));
+    }
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if fsync == Fsync::Always {
+            "FULL"
+        } else {
+            "NORMAL"
+        },
+    )?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "foreign_keys", false)?;
+    Ok(conn)
+}
+
+/// Checkpoints the WAL into the main file off the commit path.
+fn spawn_checkpointer(path: PathBuf, fsync: Fsync, stop: Arc<AtomicBool>) {
+    let _ = std::thread::Builder::new()
+        .name("cogrelay-checkpoint".into())
+        .spawn(move || {
+            let Ok(conn) = open_connection(&path, fsync) else {
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "wal checkpoint");
+                }
+            }
+        });
+}
+
+fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receiver<Op>) {
+    let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
+    let mut last_maintenance = Instant::now();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        w.now_ms = now_ms();
+        run_batch(&conn, &mut w, &mut batch);
+        if last_maintenance.elapsed() >= Duration::from_millis(500)
+            || w.completed_since_prune > 1000
+        {
+            last_maintenance = Instant::now();
+            maintenance(&conn, &mut w);
+        }
+        if w.stop {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            drop(conn);
+            rx.close();
+            while let Ok(op) = rx.try_recv() {
+                drop(op);
+            }
+            return;
+        }
+    }
+}
+
+/// Runs every queued operation in one transaction and answers them after COMMIT.
+/// An operation that could not run is dropped, which answers its caller with
+/// `Unavailable` (its reply channel closes).
+fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        tracing::error!(error = %store_error(&e), "store: cannot begin a transaction");
+        batch.clear();
+        return;
+    }
+    let mut dones = Vec::with_capacity(batch.len());
+    for op in batch.drain(..) {
+        if let Err(e) = conn.execute_batch("SAVEPOINT op") {
+            tracing::error!(error = %store_error(&e), "store: savepoint");
+            continue;
+        }
+        let done = op(conn, w);
+        let end = if done.ok {
+            "RELEASE op"
+        } else {
+            "ROLLBACK TO op; RELEASE op"
+        };
+        if let Err(e) = conn.execute_batch(end) {
+            tracing::error!(error = %store_error(&e), "store: savepoint");
+        }
+        dones.push(done);
+    }
+    let commit = conn.execute_batch("COMMIT").map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        let err = QueueError::Unavailable(store_error(&e));
+        tracing::error!(error = %err, "store: commit failed; nothing of this batch was acknowledged");
+        err
+    });
+    // Answers go out after the commit, so a 200 never precedes durability.
+    for d in dones {
+        (d.reply)(commit.clone());
+    }
+}
+
+/// Prunes completed jobs beyond REMOVE_ON_COMPLETE and expired dedup keys.
+fn maintenance(conn: &Connection, w: &mut Writer) {
+    let keep = i64::from(w.settings.remove_on_complete);
+    let res = conn.execute_batch("BEGIN IMMEDIATE").and_then(|_| {
+        conn.prepare_cached(
+            "DELETE FROM jobs WHERE state='completed' AND seq <= (
+                 SELECT seq FROM jobs WHERE state='completed' ORDER BY seq DESC LIMIT 1 OFFSET ?1)",
+        )?
+        .execute([keep])?;
+        conn.prepare_cached("DELETE FROM dedup WHERE expires_at_ms <= ?1")?
+            .execute([w.now_ms])?;
+        conn.execute_batch("COMMIT")
+    });
+    if let Err(e) = res {
+        let _ = conn.execute_batch("ROLLBACK");
+        tracing::warn!(error = %store_error(&e), "store maintenance failed; will try again");
+    }
+    w.completed_since_prune = 0;
+}
+
+fn store_error(e: &rusqlite::Error) -> String {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => {
+            "the store is full (disk full or COGRELAY_MAX_DB_BYTES reached)".into()
+        }
+        Some(rusqlite::ErrorCode::DatabaseCorrupt) | Some(rusqlite::ErrorCode::NotADatabase) => {
+            format!("the store file is damaged: {e}")
+        }
+        _ => format!("store error: {e}"),
+    }
+}
+
+fn sql_err(e: rusqlite::Error) -> QueueError {
+    QueueError::Unavailable(store_error(&e))
+}
+
+fn parse_id(id: &str) -> QueueResult<i64> {
+    id.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| QueueError::NotFound(id.to_string()))
+}
+
+const VIEW_COLUMNS: &str =
+    "seq, state, event_key, event_id, bot_id, event_type, kind, attempts_made,
+    created_at_ms, due_at_ms, finished_at_ms, failed_reason, attempts_log";
+
+fn row_to_view(r: &rusqlite::Row<'_>, with_payload: bool) -> rusqlite::Result<JobView> {
+    let state: String = r.get(1)?;
+    let state = JobState::parse(&state).unwrap_or(JobState::Failed);
+    let kind: String = r.get(6)?;
+    let log: String = r.get(12)?;
+    let payload = if with_payload {
+        let body: Vec<u8> = r.get(13)?;
+        String::from_utf8(body)
+            .ok()
+            .and_then(|s| RawValue::from_string(s).ok())
+    } else {
+        None
+    };
+    Ok(JobView {
+        id: r.get::<_, i64>(0)?.to_string(),
+        state,
+        event_key: r.get(2)?,
+        event_id: r.get(3)?,
+        bot_id: r.get(4)?,
+        event_type: r.get(5)?,
+        kind: EventKind::parse(&kind)
+            .unwrap_or(EventKind::Envelope)
+            .as_str(),
+        attempts_made: r.get(7)?,
+        created_at_ms: r.get(8)?,
+        due_at_ms: matches!(state, JobState::Waiting | JobState::Delayed)
+            .then(|| r.get(9))
+            .transpose()?,
+        finished_at_ms: r.get(10)?,
+        failed_reason: r.get(11)?,
+        attempts: serde_json::from_str(&log).unwrap_or_default(),
+        payload,
+    })
+}
+
+fn state_of(conn: &Connection, seq: i64, id: &str) -> QueueResult<JobState> {
+    let state: Option<String> = conn
+        .prepare_cached("SELECT state FROM jobs WHERE seq=?1")
+        .and_then(|mut s| s.query_row([seq], |r| r.get(0)).optional())
+        .map_err(sql_err)?;
+    state
+        .and_then(|s| JobState::parse(&s))
+        .ok_or_else(|| QueueError::NotFound(id.to_string()))
+}
+
+impl Queue for EmbeddedQueue {
+    async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
+        self.call(move |conn, w| {
+            let now = w.now_ms;
+            let existing: Option<i64> = conn
+                .prepare_cached("SELECT job_seq FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2")
+                .and_then(|mut s| s.query_row(params![event.key.as_str(), now], |r| r.get(0)).optional())
+                .map_err(sql_err)?;
+            if let Some(seq) = existing {
+                return Ok(Enqueued::Duplicate(seq.to_string()));
+            }
+            conn.prepare_cached(
+                "INSERT INTO jobs (event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'waiting', ?7, ?7)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    event.key.as_str(),
+                    event.event_id,
+                    event.bot_id,
+                    event.event_type,
+                    event.kind.as_str(),
+                    event.body,
+                    now
+                ])
+            })
+            .map_err(sql_err)?;
+            let seq = conn.last_insert_rowid();
+            let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
+            conn.prepare_cached("INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms) VALUES (?1, ?2, ?3)")
+                .and_then(|mut s| s.execute(params![event.key.as_str(), seq, now.saturating_add(ttl_ms)]))
+                .map_err(sql_err)?;
+            Ok(Enqueued::Accepted(seq.to_string()))
+        })
+        .await
+    }
+
+    async fn claim(&self, max: usize, lease: Duration) -> QueueResult<Claimed> {
+        let lease_ms = lease.as_millis() as i64;
+        self.call(move |conn, w| {
+            let now = w.now_ms;
+            // Stall recovery: an expired lease means its worker is gone.
+            let stalled = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, due_at_ms=?1, stalls=stalls+1
+                     WHERE state='active' AND lease_until_ms <= ?1",
+                )
+                .and_then(|mut s| s.execute([now]))
+                .map_err(sql_err)?;
+            if stalled > 0 {
+                tracing::warn!(stalled, "leases expired; jobs taken over");
+            }
+            let token = format!("{:016x}", fastrand::u64(..));
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
+                     WHERE seq IN (SELECT seq FROM jobs WHERE state IN ('waiting','delayed') AND due_at_ms <= ?3
+                                   ORDER BY due_at_ms, seq LIMIT ?4)
+                     RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made",
+                )
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map(params![token, now + lease_ms, now, max as i64], |r| {
+                    let kind: String = r.get(4)?;
+                    Ok(DeliveryJob {
+                        id: r.get::<_, i64>(0)?.to_string(),
+                        key: EventKey::from_stored(r.get(1)?),
+                        event_id: r.get(2)?,
+                        bot_id: r.get(3)?,
+                        kind: EventKind::parse(&kind).unwrap_or(EventKind::Envelope),
+                        body: r.get(5)?,
+                        attempts_made: r.get(6)?,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sql_err)?;
+            let mut jobs: Vec<Leased> = rows
+                .into_iter()
+                .map(|job| Leased { lease: LeaseRef { job_id: job.id.clone(), token: token.clone() }, job })
+                .collect();
+            jobs.sort_by_key(|l| l.job.id.parse::<i64>().unwrap_or(0));
+            let next_due_ms = if jobs.is_empty() {
+                conn.prepare_cached(
+                    "SELECT min(t) FROM (
+                        SELECT min(due_at_ms) AS t FROM jobs WHERE state IN ('waiting','delayed')
+                        UNION ALL SELECT min(lease_until_ms) FROM jobs WHERE state='active')",
+                )
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(sql_err)?
+            } else {
+                None
+            };
+            Ok(Claimed { jobs, next_due_ms })
+        })
+        .await
+    }
+
+    async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
+        let lease_ms = lease.as_millis() as i64;
+        self.call(move |conn, w| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE jobs SET lease_until_ms=?1 WHERE seq=?2 AND lease_token=?3 AND state='active'",
+                )
+                .map_err(sql_err)?;
+            for l in &leases {
+                let seq = parse_id(&l.job_id)?;
+                stmt.execute(params![w.now_ms + lease_ms, seq, l.token]).map_err(sql_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn finish(
+        &self,
+        job: Leased,
+        attempt: Attempt,
+        disposition: Disposition,
+    ) -> QueueResult<bool> {
+        self.call(move |conn, w| {
+            let seq = parse_id(&job.lease.job_id)?;
+            let now = w.now_ms;
+            let log = serde_json::to_string(&attempt)
+                .map_err(|e| QueueError::Unavailable(e.to_string()))?;
+            let (state, due, finished, reason) = match &disposition {
+                Disposition::Completed => ("completed", now, Some(now), None),
+                Disposition::RetryAt { due_at_ms, reason } => {
+                    ("delayed", *due_at_ms, None, Some(reason.as_str()))
+                }
+                Disposition::Failed { reason } => ("failed", now, Some(now), Some(reason.as_str())),
+            };
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state=?1, due_at_ms=?2, finished_at_ms=?3, failed_reason=?4,
+                        attempts_made=attempts_made+1, lease_token=NULL, lease_until_ms=NULL,
+                        attempts_log=json_insert(attempts_log, '$[#]', json(?5))
+                     WHERE seq=?6 AND lease_token=?7 AND state='active'",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        state,
+                        due,
+                        finished,
+                        reason,
+                        log,
+                        seq,
+                        job.lease.token
+                    ])
+                })
+                .map_err(sql_err)?;
+            if changed == 1 && state == "completed" {
+                w.completed_since_prune += 1;
+                if w.settings.remove_on_complete == 0 {
+                    conn.prepare_cached("DELETE FROM jobs WHERE seq=?1")
+                        .and_then(|mut s| s.execute([seq]))
+                        .map_err(sql_err)?;
+                }
+            }
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {
+        self.call(move |conn, w| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, due_at_ms=?1
+                     WHERE seq=?2 AND lease_token=?3 AND state='active'",
+                )
+                .map_err(sql_err)?;
+            for l in &leases {
+                let seq = parse_id(&l.job_id)?;
+                stmt.execute(params![w.now_ms, seq, l.token]).map_err(sql_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn counts(&self) -> QueueResult<Counts> {
+        self.call(|conn, _| {
+            let mut c = Counts::default();
+            let mut stmt = conn
+                .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sql_err)?;
+            for (state, n) in rows {
+                match JobState::parse(&state) {
+                    Some(JobState::Waiting) => c.waiting = n,
+                    Some(JobState::Active) => c.active = n,
+                    Some(JobState::Delayed) => c.delayed = n,
+                    Some(JobState::Completed) => c.completed = n,
+                    Some(JobState::Failed) => c.failed = n,
+                    None => {}
+                }
+            }
+            Ok(c)
+        })
+        .await
+    }
+
+    async fn list(&self, state: Option<JobState>, offset: u64, limit: u64) -> QueueResult<Page> {
+        self.call(move |conn, _| {
+            let state = state.map(JobState::as_str);
+            let total: u64 = conn
+                .prepare_cached("SELECT count(*) FROM jobs WHERE ?1 IS NULL OR state=?1")
+                .and_then(|mut s| s.query_row([state], |r| r.get(0)))
+                .map_err(sql_err)?;
+            let sql = format!(
+                "SELECT {VIEW_COLUMNS} FROM jobs WHERE ?1 IS NULL OR state=?1 ORDER BY seq DESC LIMIT ?2 OFFSET ?3"
+            );
+            let items = conn
+                .prepare_cached(&sql)
+                .and_then(|mut s| {
+                    s.query_map(params![state, limit as i64, offset as i64], |r| row_to_view(r, false))?
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(sql_err)?;
+            Ok(Page { items, total })
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> QueueResult<JobView> {
+        let id = id.to_string();
+        self.call(move |conn, _| {
+            let seq = parse_id(&id)?;
+            let sql = format!("SELECT {VIEW_COLUMNS}, body FROM jobs WHERE seq=?1");
+            conn.prepare_cached(&sql)
+                .and_then(|mut s| s.query_row([seq], |r| row_to_view(r, true)).optional())
+                .map_err(sql_err)?
+                .ok_or(QueueError::NotFound(id))
+        })
+        .await
+    }
+
+    async fn retry(&self, id: &str) -> QueueResult<()> {
+        let id = id.to_string();
+        self.call(move |conn, w| {
+            let seq = parse_id(&id)?;
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state='waiting', attempts_made=0, due_at_ms=?1, finished_at_ms=NULL, failed_reason=NULL
+                     WHERE seq=?2 AND state='failed'",
+                )
+                .and_then(|mut s| s.execute(params![w.now_ms, seq]))
+                .map_err(sql_err)?;
+            if changed == 1 {
+                return Ok(());
+            }
+            let state = state_of(conn, seq, &id)?;
+            Err(QueueError::WrongState { id, state: state.as_str(), hint: "only failed jobs can be retried" })
+        })
+        .await
+    }
+
+    async fn retry_all_failed(&self) -> QueueResult<u64> {
+        self.call(|conn, w| {
+            conn.prepare_cached(
+                "UPDATE jobs SET state='waiting', attempts_made=0, due_at_ms=?1, finished_at_ms=NULL, failed_reason=NULL
+                 WHERE state='failed'",
+            )
+            .and_then(|mut s| s.execute([w.now_ms]))
+            .map(|n| n as u64)
+            .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn remove(&self, id: &str) -> QueueResult<()> {
+        let id = id.to_string();
+        self.call(move |conn, _| {
+            let seq = parse_id(&id)?;
+            let changed = conn
+                .prepare_cached("DELETE FROM jobs WHERE seq=?1 AND state != 'active'")
+                .and_then(|mut s| s.execute([seq]))
+                .map_err(sql_err)?;
+            if changed == 1 {
+                return Ok(());
+            }
+            let state = state_of(conn, seq, &id)?;
+            Err(QueueError::WrongState {
+                id,
+                state: state.as_str(),
+                hint: "a job being delivered cannot be removed; try again when it has finished",
+            })
+        })
+        .await
+    }
+
+    async fn ping(&self) -> QueueResult<()> {
+        self.call(|conn, _| {
+            conn.prepare_cached("SELECT 1")
+                .and_then(|mut s| s.query_row([], |_| Ok(())))
+                .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn close(&self) -> QueueResult<()> {
+        self.call(|_, w| {
+            w.stop = true;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,255 @@
+//! The queue contract: the handful of operations the relay needs, and the job
+//! states every backend shares (named as BullMQ names them).
+//!
+//! Life of a job:
+//!
+//! ```text
+//! enqueue ──> waiting ──claim──> active ──finish(Completed)──> completed (pruned)
+//!                ^                 │  └──finish(Failed)──────> failed (dead letter)
+//!                │                 └──finish(RetryAt)──> delayed ──(due)──┐
+//!                ├── lease expired (stalled: attempt not counted) <───────┤
+//!                └── retry (operator), release (shutdown)          claim ─┘
+//! ```
+//!
+//! Rules every backend keeps (and `tests/it/queue_conformance.rs` checks):
+//! * `enqueue` returns only once the job is durable; an event key seen within the
+//!   dedup TTL returns the first job's id as `Duplicate`.
+//! * `claim` leases due jobs (waiting, or delayed whose due time has passed) and
+//!   takes over active jobs whose lease expired, without counting their attempt.
+//! * `finish` and `release` take the lease by value and apply only while that
+//!   lease is still the job's: a late answer from a stalled attempt changes nothing.
+//! * `attempts_made` counts finished attempts; attempt n is delivered with
+//!   `X-Delivery-Attempt: n = attempts_made + 1`.
+
+pub mod embedded;
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::ingress::envelope::{Event, EventKey, EventKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Waiting,
+    Active,
+    Delayed,
+    Completed,
+    Failed,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Waiting,
+        JobState::Active,
+        JobState::Delayed,
+        JobState::Completed,
+        JobState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Waiting => "waiting",
+            JobState::Active => "active",
+            JobState::Delayed => "delayed",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// What `enqueue` did with an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    Accepted(String),
+    /// The event key was seen within the dedup TTL; the id is the first job's.
+    Duplicate(String),
+}
+
+/// Proof that this worker holds a job's lease. Not `Clone` on purpose: finishing
+/// or releasing consumes it, so a job cannot be acknowledged twice by one worker.
+#[derive(Debug)]
+pub struct Leased {
+    pub job: DeliveryJob,
+    pub lease: LeaseRef,
+}
+
+/// The identity of a lease, for renewal and for returning it at shutdown.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseRef {
+    pub job_id: String,
+    pub token: String,
+}
+
+/// What a worker needs to deliver one job.
+#[derive(Debug, Clone)]
+pub struct DeliveryJob {
+    pub id: String,
+    pub key: EventKey,
+    pub event_id: String,
+    pub bot_id: Option<String>,
+    pub kind: EventKind,
+    pub body: Vec<u8>,
+    /// Finished attempts so far; this delivery is attempt `attempts_made + 1`.
+    pub attempts_made: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttemptOutcome {
+    Delivered,
+    Retry,
+    Failed,
+}
+
+/// One delivery attempt, as kept in a job's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    pub n: u32,
+    pub started_at_ms: i64,
+    pub duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub outcome: AttemptOutcome,
+}
+
+/// Where a job goes after an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    Completed,
+    RetryAt { due_at_ms: i64, reason: String },
+    Failed { reason: String },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub waiting: u64,
+    pub active: u64,
+    pub delayed: u64,
+    pub completed: u64,
+    pub failed: u64,
+}
+
+/// A job as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    pub id: String,
+    pub state: JobState,
+    pub event_key: String,
+    pub event_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bot_id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    pub kind: &'static str,
+    pub attempts_made: u32,
+    pub created_at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub due_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_reason: Option<String>,
+    pub attempts: Vec<Attempt>,
+    /// The delivered body (only in single-job views).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Box<RawValue>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    pub items: Vec<JobView>,
+    pub total: u64,
+}
+
+/// Jobs claimed, and when to look again if none were due.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub jobs: Vec<Leased>,
+    /// Earliest due time (or lease expiry) of what is left, in unix ms.
+    pub next_due_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// The store cannot take or give work now (disk full, broken file, closed).
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+    #[error("job {0} not found")]
+    NotFound(String),
+    /// The operation does not apply to a job in this state.
+    #[error("job {id} is {state}: {hint}")]
+    WrongState {
+        id: String,
+        state: &'static str,
+        hint: &'static str,
+    },
+}
+
+pub type QueueResult<T> = Result<T, QueueError>;
+
+/// Settings of a queue that are the same on every backend.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub dedup_ttl: Duration,
+    pub remove_on_complete: u32,
+}
+
+/// The queue contract. Futures are `Send` so callers can spawn them.
+pub trait Queue: Send + Sync + 'static {
+    fn enqueue(&self, event: Event) -> impl Future<Output = QueueResult<Enqueued>> + Send;
+    fn claim(
+        &self,
+        max: usize,
+        lease: Duration,
+    ) -> impl Future<Output = QueueResult<Claimed>> + Send;
+    fn renew(
+        &self,
+        leases: Vec<LeaseRef>,
+        lease: Duration,
+    ) -> impl Future<Output = QueueResult<()>> + Send;
+    /// Records the attempt and moves the job; `Ok(false)` if the lease was lost.
+    fn finish(
+        &self,
+        job: Leased,
+        attempt: Attempt,
+        disposition: Disposition,
+    ) -> impl Future<Output = QueueResult<bool>> + Send;
+    /// Returns leased jobs to waiting without counting an attempt (shutdown).
+    fn release(&self, leases: Vec<LeaseRef>) -> impl Future<Output = QueueResult<()>> + Send;
+    fn counts(&self) -> impl Future<Output = QueueResult<Counts>> + Send;
+    /// Newest first. `state: None` lists every state.
+    fn list(
+        &self,
+        state: Option<JobState>,
+        offset: u64,
+        limit: u64,
+    ) -> impl Future<Output = QueueResult<Page>> + Send;
+    fn get(&self, id: &str) -> impl Future<Output = QueueResult<JobView>> + Send;
+    /// A failed job back to waiting with its attempt count reset.
+    fn retry(&self, id: &str) -> impl Future<Output = QueueResult<()>> + Send;
+    fn retry_all_failed(&self) -> impl Future<Output = QueueResult<u64>> + Send;
+    fn remove(&self, id: &str) -> impl Future<Output = QueueResult<()>> + Send;
+    fn ping(&self) -> impl Future<Output = QueueResult<()>> + Send;
+    fn close(&self) -> impl Future<Output = QueueResult<()>> + Send;
+}
+
+/// Unix time in milliseconds: due times and leases outlive the process, so they
+/// are wall-clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

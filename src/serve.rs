@@ -1,0 +1,154 @@
+//! `cogrelay serve`: wires the queue, the ingress, the worker pool and the admin
+//! API together, and runs them until `shutdown` resolves.
+//!
+//! Listeners and the shutdown future are injected (tests bind port 0 and
+//! trigger shutdown themselves). Shutdown order (SPEC §3.3): stop accepting (the
+//! ingress answers 503 from then on), drain the worker pool (in-flight deliveries
+//! finish within `SHUTDOWN_GRACE_MS`, the rest go back to the queue), close the
+//! store, then stop the HTTP servers.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+use crate::config::{QueueKind, ServeConfig};
+use crate::delivery::{self, DeliveryConfig};
+use crate::ingress::{self, auth::Authenticator, Ingress};
+use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
+use crate::queue::{Queue, QueueSettings};
+use crate::{admin, admin::Admin};
+
+/// How long the HTTP servers get to close connections after the drain.
+const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+pub fn queue_settings(cfg: &ServeConfig) -> QueueSettings {
+    QueueSettings {
+        dedup_ttl: cfg.dedup_ttl,
+        remove_on_complete: cfg.remove_on_complete,
+    }
+}
+
+pub fn open_embedded(cfg: &ServeConfig) -> anyhow::Result<EmbeddedQueue> {
+    EmbeddedQueue::open(EmbeddedOptions {
+        data_dir: cfg.data_dir.clone(),
+        fsync: cfg.fsync,
+        max_db_bytes: cfg.max_db_bytes,
+        settings: queue_settings(cfg),
+    })
+    .context("failed to open the embedded queue")
+}
+
+pub async fn run(
+    cfg: ServeConfig,
+    ingress: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    match cfg.queue {
+        QueueKind::Embedded => {
+            let queue = Arc::new(open_embedded(&cfg)?);
+            tracing::info!(store = %queue.path().display(), "embedded queue open");
+            run_with_queue(cfg, queue, ingress, admin, shutdown).await
+        }
+        QueueKind::Redis => anyhow::bail!("the Redis queue is not available in this build"),
+    }
+}
+
+pub async fn run_with_queue<Q: Queue>(
+    cfg: ServeConfig,
+    queue: Arc<Q>,
+    ingress_listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let accepting = Arc::new(AtomicBool::new(true));
+    let wake = Arc::new(Notify::new());
+    let auth = Authenticator::new(&cfg.signing_secrets, cfg.basic.as_ref());
+    if auth.is_open() {
+        tracing::warn!("ingress authentication is OFF (--allow-unauthenticated): anyone who can reach the port can queue events");
+    }
+    let ingress_state = Arc::new(Ingress {
+        queue: queue.clone(),
+        auth,
+        max_body_bytes: cfg.max_body_bytes,
+        accepting: accepting.clone(),
+        wake: wake.clone(),
+    });
+    let admin_state = Arc::new(Admin {
+        queue: queue.clone(),
+        token: cfg.admin_token.clone(),
+        accepting: accepting.clone(),
+    });
+
+    let (stop_http_tx, stop_http_rx) = watch::channel(false);
+    let ingress_addr = ingress_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let ingress_server = tokio::spawn(serve_http(
+        ingress_listener,
+        ingress::router(ingress_state),
+        stop_http_rx.clone(),
+    ));
+    let admin_server = tokio::spawn(serve_http(
+        admin_listener,
+        admin::router(admin_state),
+        stop_http_rx,
+    ));
+
+    let (stop_pool_tx, stop_pool_rx) = watch::channel(false);
+    let pool = tokio::spawn(delivery::run(
+        queue.clone(),
+        DeliveryConfig::from_serve(&cfg),
+        wake,
+        stop_pool_rx,
+    ));
+    tracing::info!(
+        ingress = %ingress_addr, admin = %admin_addr, target = %redact_url(&cfg.target_endpoint),
+        concurrency = cfg.concurrency, attempts = cfg.attempts,
+        "cogrelay relay ready: POST events to http://{ingress_addr}{}", ingress::PATH
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: no new events accepted");
+    accepting.store(false, Ordering::Relaxed);
+    let _ = stop_pool_tx.send(true);
+    let pool_result = pool.await.context("delivery pool panicked")?;
+    let close_result = queue.close().await;
+    let _ = stop_http_tx.send(true);
+    for server in [ingress_server, admin_server] {
+        let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, server).await;
+    }
+    pool_result.context("delivery pool failed")?;
+    close_result.context("failed to close the queue")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve_http(listener: TcpListener, app: axum::Router, mut stop: watch::Receiver<bool>) {
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "http server stopped");
+    }
+}
+
+/// scheme://host:port/path, without credentials or query (either may hold secrets).
+pub fn redact_url(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.to_string()
+}

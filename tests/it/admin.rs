@@ -1,0 +1,159 @@
+//! SPEC §3.6: the dead-letter view (paginated listing with attempt history),
+//! retry one, retry all, remove; health and readiness; admin token.
+
+use std::time::Duration;
+
+use cogrelay::secret::Secret;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn fail_n(app: &TestApp, n: usize) -> Vec<String> {
+    app.sink.set_default(Behaviour::status(500));
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = app.post_event(&event("bot", &format!("dl-{i}"))).await;
+        ids.push(r.json["jobId"].as_str().expect("id").to_string());
+    }
+    app.wait_counts(WAIT, |c| c["failed"] == n as u64).await;
+    ids
+}
+
+#[tokio::test]
+async fn failed_jobs_are_listed_with_total_pagination_and_history() {
+    let app = spawn_app_with(|c| c.attempts = 2).await;
+    let ids = fail_n(&app, 7).await;
+
+    let mut seen = Vec::new();
+    for offset in [0, 3, 6] {
+        let page = app
+            .admin_get(&format!("/admin/jobs?state=failed&offset={offset}&limit=3"))
+            .await;
+        assert_eq!(page.status, 200);
+        assert_eq!(page.json["total"], 7);
+        assert_eq!(page.json["offset"], offset);
+        assert_eq!(page.json["limit"], 3);
+        for item in page.json["items"].as_array().expect("items") {
+            assert_eq!(item["state"], "failed");
+            let attempts = item["attempts"].as_array().expect("history");
+            assert_eq!(attempts.len(), 2, "{item}");
+            assert_eq!(attempts[0]["status"], 500);
+            assert!(item["failedReason"].is_string());
+            seen.push(item["id"].as_str().expect("id").to_string());
+        }
+    }
+    assert_eq!(seen.len(), 7, "three pages cover every job once");
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 7);
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(sorted, expected);
+
+    let one = app.admin_get(&format!("/admin/jobs/{}", ids[0])).await;
+    assert_eq!(one.json["payload"]["text"], "hello dl-0");
+    assert_eq!(one.json["eventKey"], "cognigy-bot-dl-0");
+}
+
+#[tokio::test]
+async fn limit_and_state_are_validated() {
+    let app = spawn_app().await;
+    for q in [
+        "limit=0",
+        "limit=501",
+        "limit=x",
+        "offset=-1",
+        "state=bogus",
+    ] {
+        let r = app.admin_get(&format!("/admin/jobs?{q}")).await;
+        assert_eq!(r.status, 400, "{q}");
+        assert!(r.json["error"].is_string());
+    }
+    assert_eq!(app.admin_get("/admin/jobs?limit=500").await.status, 200);
+    assert_eq!(app.admin_get("/admin/jobs/999").await.status, 404);
+    assert_eq!(app.admin_get("/admin/jobs/not-a-number").await.status, 404);
+}
+
+#[tokio::test]
+async fn retry_one_and_retry_all_deliver_once_the_target_recovers() {
+    let app = spawn_app_with(|c| c.attempts = 1).await;
+    let ids = fail_n(&app, 3).await;
+    app.sink.set_default(Behaviour::status(200));
+    let before = app.sink.count();
+
+    let r = app
+        .admin_post(&format!("/admin/jobs/{}/retry", ids[0]))
+        .await;
+    assert_eq!(r.status, 200);
+    let job = app.wait_job(&ids[0], "completed", WAIT).await;
+    assert_eq!(job["attemptsMade"], 1, "attempts were reset");
+    let r = app
+        .admin_post(&format!("/admin/jobs/{}/retry", ids[0]))
+        .await;
+    assert_eq!(r.status, 409, "only failed jobs can be retried");
+
+    let r = app.admin_post("/admin/jobs/retry?state=failed").await;
+    assert_eq!(r.json["retried"], 2);
+    app.wait_counts(WAIT, |c| c["failed"] == 0 && c["completed"] == 3)
+        .await;
+    assert_eq!(app.sink.count(), before + 3);
+    let last = app.sink.received().pop().expect("delivery");
+    assert_eq!(last.header("x-delivery-attempt"), Some("1"));
+}
+
+#[tokio::test]
+async fn remove_deletes_a_job() {
+    let app = spawn_app_with(|c| c.attempts = 1).await;
+    let ids = fail_n(&app, 2).await;
+    let r = app.admin_delete(&format!("/admin/jobs/{}", ids[1])).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        app.admin_get(&format!("/admin/jobs/{}", ids[1]))
+            .await
+            .status,
+        404
+    );
+    let page = app.admin_get("/admin/jobs?state=failed").await;
+    assert_eq!(page.json["total"], 1);
+    assert_eq!(
+        app.admin_delete(&format!("/admin/jobs/{}", ids[1]))
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn health_ready_and_queue_counts() {
+    let app = spawn_app().await;
+    assert_eq!(app.admin_get("/healthz").await.status, 200);
+    assert_eq!(app.admin_get("/readyz").await.status, 200);
+    let c = app.admin_get("/admin/queue").await.json;
+    for key in ["waiting", "active", "delayed", "completed", "failed"] {
+        assert_eq!(c[key], 0, "{key} in {c}");
+    }
+}
+
+#[tokio::test]
+async fn admin_token_is_required_when_set() {
+    let app = spawn_app_with(|c| c.admin_token = Some(Secret::new("adm-tok"))).await;
+    assert_eq!(app.admin_get("/admin/queue").await.status, 401);
+    assert_eq!(
+        app.admin_get("/healthz").await.status,
+        200,
+        "probes stay open"
+    );
+    let ok = app
+        .http
+        .get(format!("http://{}/admin/queue", app.admin))
+        .bearer_auth("adm-tok")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(ok.status(), 200);
+    let v: Value = serde_json::from_slice(&ok.bytes().await.expect("body")).expect("json");
+    assert_eq!(v["failed"], 0);
+}

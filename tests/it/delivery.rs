@@ -1,0 +1,155 @@
+//! SPEC §3.2 end to end: retries with backoff, Retry-After, permanent failures,
+//! resets and timeouts; §3.4 outbound signatures checked by an independent
+//! Standard Webhooks implementation.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use cogrelay::config::TargetSigningKey;
+
+use crate::helpers::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn accepted_id(app: &TestApp, id: &str) -> String {
+    let r = app.post_event(&event("bot", id)).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    r.json["jobId"].as_str().expect("jobId").to_string()
+}
+
+#[tokio::test]
+async fn two_503s_then_200_is_delivered_on_attempt_3() {
+    let app = spawn_app().await;
+    app.sink.push(Behaviour::status(503));
+    app.sink.push(Behaviour::status(503));
+    let id = accepted_id(&app, "e-503").await;
+    let job = app.wait_job(&id, "completed", WAIT).await;
+    let got = app.sink.received();
+    let attempts: Vec<_> = got
+        .iter()
+        .map(|r| r.header("x-delivery-attempt").expect("header").to_string())
+        .collect();
+    assert_eq!(attempts, ["1", "2", "3"]);
+    assert_eq!(job["attemptsMade"], 3);
+    let history = job["attempts"].as_array().expect("attempts");
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[0]["status"], 503);
+    assert_eq!(history[0]["outcome"], "retry");
+    assert_eq!(history[2]["outcome"], "delivered");
+}
+
+#[tokio::test]
+async fn a_422_fails_after_one_attempt() {
+    let app = spawn_app().await;
+    app.sink.set_default(Behaviour::status(422));
+    let id = accepted_id(&app, "e-422").await;
+    let job = app.wait_job(&id, "failed", WAIT).await;
+    assert_eq!(job["attemptsMade"], 1);
+    assert!(
+        job["failedReason"]
+            .as_str()
+            .expect("reason")
+            .contains("422"),
+        "{job}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.sink.count(), 1, "no more attempts");
+}
+
+#[tokio::test]
+async fn always_503_fails_after_attempts_with_delays_doubling() {
+    let app = spawn_app_with(|c| {
+        c.attempts = 5;
+        c.backoff_delay = Duration::from_millis(100);
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(503));
+    let id = accepted_id(&app, "e-always").await;
+    let job = app.wait_job(&id, "failed", WAIT).await;
+    assert_eq!(job["attemptsMade"], 5);
+    assert!(
+        job["failedReason"]
+            .as_str()
+            .expect("reason")
+            .starts_with("gave up after 5 attempts"),
+        "{job}"
+    );
+    let at: Vec<_> = app.sink.received().iter().map(|r| r.at).collect();
+    assert_eq!(at.len(), 5);
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    // 100, 200, 400, 800 ms: each at least its nominal delay, and growing ~2x.
+    for (i, gap) in gaps.iter().enumerate() {
+        let nominal = Duration::from_millis(100 << i);
+        assert!(*gap >= nominal, "gap {i} = {gap:?} < {nominal:?}");
+        assert!(
+            *gap < nominal * 3 + Duration::from_millis(300),
+            "gap {i} = {gap:?} far above {nominal:?}"
+        );
+    }
+    assert!(gaps[3] > gaps[1] * 2, "exponential: {gaps:?}");
+}
+
+#[tokio::test]
+async fn retry_after_on_429_delays_the_next_attempt() {
+    let app = spawn_app().await;
+    app.sink.push(Behaviour::retry_after(429, "2"));
+    let id = accepted_id(&app, "e-429").await;
+    app.wait_job(&id, "completed", WAIT).await;
+    let at: Vec<_> = app.sink.received().iter().map(|r| r.at).collect();
+    assert_eq!(at.len(), 2);
+    assert!(
+        at[1] - at[0] >= Duration::from_secs(2),
+        "waited {:?}",
+        at[1] - at[0]
+    );
+}
+
+#[tokio::test]
+async fn reset_connection_and_timeout_are_retried() {
+    let app = spawn_app_with(|c| c.delivery_timeout = Duration::from_millis(300)).await;
+    app.sink.push(Behaviour::Reset);
+    app.sink.push(Behaviour::Hang);
+    let id = accepted_id(&app, "e-flaky").await;
+    let job = app.wait_job(&id, "completed", WAIT).await;
+    assert_eq!(job["attemptsMade"], 3);
+    let history = job["attempts"].as_array().expect("attempts");
+    assert!(
+        history[0]["error"].as_str().expect("error").len() > 3,
+        "{job}"
+    );
+    assert!(history[0].get("status").is_none());
+    assert!(
+        history[1]["error"]
+            .as_str()
+            .expect("error")
+            .contains("timed out"),
+        "{job}"
+    );
+    assert!(history[1]["durationMs"].as_u64().expect("ms") >= 300);
+}
+
+#[tokio::test]
+async fn outbound_signature_verifies_with_the_standardwebhooks_crate() {
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let app = spawn_app_with(|c| {
+        c.target_signing_key = Some(TargetSigningKey::parse(secret).expect("key"))
+    })
+    .await;
+    accepted_id(&app, "e-signed").await;
+    assert!(app.sink.wait_for(1, WAIT).await);
+    let got = &app.sink.received()[0];
+    assert_eq!(got.header("webhook-id"), Some("cognigy-bot-e-signed"));
+    let mut headers = HeaderMap::new();
+    for (k, v) in &got.headers {
+        headers.insert(
+            HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    let verifier = standardwebhooks::Webhook::new(secret).expect("secret");
+    verifier
+        .verify(&got.body, &headers)
+        .expect("signature verifies");
+    // And a tampered body does not.
+    assert!(verifier.verify(b"{\"text\":\"forged\"}", &headers).is_err());
+}

@@ -1,0 +1,254 @@
+//! `spawn_app()`: the relay in-process on port 0 with an embedded store in a
+//! temp dir, delivering to a recording target ([`Sink`]) on port 0.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cogrelay::config::ServeConfig;
+use cogrelay::ingress::auth::sign_hex;
+use cogrelay::secret::Secret;
+pub use cogrelay::sink::{Behaviour, Sink};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const SECRET: &str = "test-signing-secret";
+
+pub struct TestApp {
+    pub ingress: SocketAddr,
+    pub admin: SocketAddr,
+    pub sink: Sink,
+    pub http: reqwest::Client,
+    pub data_dir: PathBuf,
+    pub config: ServeConfig,
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<anyhow::Result<()>>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Test defaults: small backoff and timeouts so retry paths run in milliseconds.
+pub fn test_config(sink: &Sink, data_dir: PathBuf) -> ServeConfig {
+    let mut c = ServeConfig::new(sink.url().parse().expect("url"), data_dir);
+    c.signing_secrets = vec![Secret::new(SECRET)];
+    c.backoff_delay = Duration::from_millis(50);
+    c.delivery_timeout = Duration::from_millis(1000);
+    c.lock_duration = Duration::from_millis(3000);
+    c.shutdown_grace = Duration::from_millis(3000);
+    c.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    c
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    let sink = Sink::start().await.expect("sink");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = test_config(&sink, tmp.path().join("data"));
+    tweak(&mut cfg);
+    let mut app = start(cfg, sink).await;
+    app._tmp = Some(tmp);
+    app
+}
+
+/// Starts the relay with this config and target (e.g. again on the same data dir).
+pub async fn start(cfg: ServeConfig, sink: Sink) -> TestApp {
+    let ingress = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let (ingress_addr, admin_addr) = (
+        ingress.local_addr().expect("addr"),
+        admin.local_addr().expect("addr"),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let data_dir = cfg.data_dir.clone();
+    let join = tokio::spawn(cogrelay::serve::run(
+        cfg.clone(),
+        ingress,
+        admin,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let app = TestApp {
+        ingress: ingress_addr,
+        admin: admin_addr,
+        sink,
+        http: reqwest::Client::new(),
+        data_dir,
+        config: cfg,
+        stop: Some(stop),
+        join: Some(join),
+        _tmp: None,
+    };
+    app.wait_ready().await;
+    app
+}
+
+pub fn event(bot: &str, id: &str) -> Value {
+    json!({
+        "botId": bot,
+        "eventId": id,
+        "type": "message.received",
+        "payload": { "text": format!("hello {id}"), "n": 1 },
+        "timestamp": "2026-11-22T10:00:00Z"
+    })
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub json: Value,
+}
+
+impl TestApp {
+    pub fn url(&self) -> String {
+        format!("http://{}/api/webhook/cognigy", self.ingress)
+    }
+
+    /// POST a body signed with [`SECRET`].
+    pub async fn post_event(&self, body: &Value) -> Reply {
+        let raw = serde_json::to_vec(body).expect("json");
+        let sig = sign_hex(SECRET, &raw);
+        self.post_raw(
+            raw,
+            &[
+                ("content-type", "application/json"),
+                ("x-webhook-signature", &sig),
+            ],
+        )
+        .await
+    }
+
+    pub async fn post_raw(&self, body: Vec<u8>, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self.http.post(self.url()).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        reply(req.send().await.expect("ingress reachable")).await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        reply(
+            self.http
+                .get(format!("http://{}{path}", self.admin))
+                .send()
+                .await
+                .expect("admin"),
+        )
+        .await
+    }
+
+    pub async fn admin_post(&self, path: &str) -> Reply {
+        reply(
+            self.http
+                .post(format!("http://{}{path}", self.admin))
+                .send()
+                .await
+                .expect("admin"),
+        )
+        .await
+    }
+
+    pub async fn admin_delete(&self, path: &str) -> Reply {
+        reply(
+            self.http
+                .delete(format!("http://{}{path}", self.admin))
+                .send()
+                .await
+                .expect("admin"),
+        )
+        .await
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(r) = self
+                .http
+                .get(format!("http://{}/readyz", self.admin))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("relay not ready");
+    }
+
+    /// Waits until the job reaches `state`; returns its view.
+    pub async fn wait_job(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.admin_get(&format!("/admin/jobs/{id}")).await;
+            if r.json["state"] == state {
+                return r.json;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never became {state}: {}",
+                r.json
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the queue counts match `pred`.
+    pub async fn wait_counts(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.admin_get("/admin/queue").await;
+            if pred(&r.json) {
+                return r.json;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue never reached the expected counts: {}",
+                r.json
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Graceful stop; returns the run result.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.join.take() {
+            Some(j) => j.await.expect("serve task"),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops this relay and starts a new one on the same data dir and target.
+    pub async fn restart(mut self) -> TestApp {
+        self.stop().await.expect("clean stop");
+        let tmp = self._tmp.take();
+        let mut app = start(self.config.clone(), self.sink.clone()).await;
+        app._tmp = tmp;
+        app
+    }
+}
+
+async fn reply(r: reqwest::Response) -> Reply {
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let bytes = r.bytes().await.unwrap_or_default();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Reply {
+        status,
+        headers,
+        json,
+    }
+}

@@ -1,0 +1,362 @@
+//! SPEC §3.1: the ingress answer table, one test per row, and the §3.2 headers.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use cogrelay::ingress::auth::sign_hex;
+use cogrelay::secret::Secret;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::helpers::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn total_jobs(app: &TestApp) -> u64 {
+    let c = app.admin_get("/admin/queue").await.json;
+    ["waiting", "active", "delayed", "completed", "failed"]
+        .iter()
+        .map(|s| c[*s].as_u64().expect("count"))
+        .sum()
+}
+
+#[tokio::test]
+async fn signed_envelope_is_accepted_and_delivered_with_the_spec_headers() {
+    let app = spawn_app().await;
+    let r = app.post_event(&event("bot-1", "evt-1")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json["status"], "accepted");
+    let job_id = r.json["jobId"].as_str().expect("jobId").to_string();
+
+    assert!(app.sink.wait_for(1, WAIT).await, "delivered");
+    let got = &app.sink.received()[0];
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    assert_eq!(got.header("x-event-id"), Some("evt-1"));
+    assert_eq!(got.header("x-source"), Some("cognigy-webhook-relay"));
+    assert_eq!(got.header("idempotency-key"), Some("cognigy-bot-1-evt-1"));
+    assert_eq!(got.header("x-delivery-attempt"), Some("1"));
+    assert!(
+        got.header("webhook-signature").is_none(),
+        "no signing without TARGET_SIGNING_SECRET"
+    );
+    let body: Value = serde_json::from_slice(&got.body).expect("json body");
+    assert_eq!(
+        body,
+        json!({ "text": "hello evt-1", "n": 1 }),
+        "the payload, not the envelope"
+    );
+    app.wait_job(&job_id, "completed", WAIT).await;
+}
+
+#[tokio::test]
+async fn endpoint_output_is_delivered_whole_with_its_derived_key() {
+    let app = spawn_app().await;
+    let with_trace = json!({ "userId": "u1", "sessionId": "s1", "AIOutput": { "traceId": "tr-1", "text": "hi" } });
+    assert_eq!(app.post_event(&with_trace).await.status, 200);
+    let no_trace =
+        json!({ "userId": "u1", "sessionId": "s2", "text": "hello", "data": { "a": 1 } });
+    let raw = serde_json::to_vec(&no_trace).expect("json");
+    assert_eq!(app.post_event(&no_trace).await.status, 200);
+
+    assert!(app.sink.wait_for(2, WAIT).await);
+    let mut got = app.sink.received();
+    got.sort_by_key(|r| r.header("idempotency-key").map(str::to_owned));
+    assert_eq!(got[0].header("idempotency-key"), Some("cognigy-s1-tr-1"));
+    assert_eq!(got[0].header("x-event-id"), Some("tr-1"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&got[0].body).expect("json"),
+        with_trace
+    );
+    let hash = hex::encode(Sha256::digest(&raw));
+    assert_eq!(
+        got[1].header("idempotency-key"),
+        Some(format!("cognigy-s2-{hash}").as_str())
+    );
+    assert_eq!(got[1].body, raw);
+}
+
+#[tokio::test]
+async fn bad_json_is_400_and_stores_nothing() {
+    let app = spawn_app().await;
+    let body = b"{\"botId\": ".to_vec();
+    let sig = sign_hex(SECRET, &body);
+    let r = app
+        .post_raw(
+            body,
+            &[
+                ("content-type", "application/json"),
+                ("x-webhook-signature", &sig),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json["error"]
+            .as_str()
+            .expect("error")
+            .contains("not valid JSON"),
+        "{}",
+        r.json
+    );
+    assert_eq!(total_jobs(&app).await, 0);
+}
+
+#[tokio::test]
+async fn non_object_json_is_400() {
+    let app = spawn_app().await;
+    let r = app.post_event(&json!([1, 2, 3])).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json["error"], "Body must be a JSON object");
+    assert_eq!(total_jobs(&app).await, 0);
+}
+
+#[tokio::test]
+async fn each_missing_field_is_named() {
+    let app = spawn_app().await;
+    for field in ["botId", "eventId", "type"] {
+        let mut e = event("b", "e");
+        e.as_object_mut().expect("object").remove(field);
+        let r = app.post_event(&e).await;
+        assert_eq!(r.status, 400, "{field}");
+        assert_eq!(
+            r.json,
+            json!({ "error": "Missing required Cognigy webhook fields", "missing": [field] })
+        );
+    }
+    let r = app.post_event(&json!({ "payload": {} })).await;
+    assert_eq!(r.json["missing"], json!(["botId", "eventId", "type"]));
+    assert_eq!(total_jobs(&app).await, 0);
+}
+
+#[tokio::test]
+async fn wrong_types_are_400_with_the_field_named() {
+    let app = spawn_app().await;
+    let r = app
+        .post_event(&json!({ "botId": 42, "eventId": "e", "type": "t" }))
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json["error"].as_str().expect("error").contains("botId"),
+        "{}",
+        r.json
+    );
+}
+
+#[tokio::test]
+async fn wrong_signature_is_401_and_stores_nothing() {
+    let app = spawn_app().await;
+    let body = serde_json::to_vec(&event("b", "e")).expect("json");
+    let sig = sign_hex("some-other-secret", &body);
+    let r = app
+        .post_raw(
+            body,
+            &[
+                ("content-type", "application/json"),
+                ("x-webhook-signature", &sig),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json["error"], "Invalid webhook signature");
+    assert_eq!(total_jobs(&app).await, 0);
+}
+
+#[tokio::test]
+async fn missing_signature_is_401() {
+    let app = spawn_app().await;
+    let body = serde_json::to_vec(&event("b", "e")).expect("json");
+    let r = app
+        .post_raw(body, &[("content-type", "application/json")])
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(total_jobs(&app).await, 0);
+}
+
+#[tokio::test]
+async fn any_secret_of_the_rotation_list_is_accepted() {
+    let app = spawn_app_with(|c| {
+        c.signing_secrets = vec![Secret::new("old-secret"), Secret::new("new-secret")]
+    })
+    .await;
+    for (i, secret) in ["old-secret", "new-secret"].iter().enumerate() {
+        let body = serde_json::to_vec(&event("b", &format!("rot-{i}"))).expect("json");
+        let sig = sign_hex(secret, &body);
+        let r = app
+            .post_raw(
+                body,
+                &[
+                    ("content-type", "application/json"),
+                    ("x-webhook-signature", &sig),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{secret}");
+    }
+}
+
+#[tokio::test]
+async fn sha256_prefix_is_accepted() {
+    let app = spawn_app().await;
+    let body = serde_json::to_vec(&event("b", "prefixed")).expect("json");
+    let sig = format!("sha256={}", sign_hex(SECRET, &body));
+    let r = app
+        .post_raw(
+            body,
+            &[
+                ("content-type", "application/json"),
+                ("x-webhook-signature", &sig),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn basic_credentials_are_accepted_and_wrong_ones_are_401() {
+    let app = spawn_app_with(|c| {
+        c.signing_secrets.clear();
+        c.basic = Some(cogrelay::config::BasicCredentials {
+            user: "cognigy".into(),
+            password: Secret::new("pw-1"),
+        });
+    })
+    .await;
+    let b64 = |s: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(s)
+        )
+    };
+    let body = serde_json::to_vec(&event("b", "basic")).expect("json");
+    let ok = app
+        .post_raw(
+            body.clone(),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &b64("cognigy:pw-1")),
+            ],
+        )
+        .await;
+    assert_eq!(ok.status, 200);
+    let bad = app
+        .post_raw(
+            body,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &b64("cognigy:nope")),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, 401);
+    assert_eq!(bad.json["error"], "Invalid credentials");
+}
+
+#[tokio::test]
+async fn oversized_body_is_413_by_declared_length_and_by_stream() {
+    let app = spawn_app_with(|c| c.max_body_bytes = 1024).await;
+    let mut e = event("b", "big");
+    e["payload"] = json!({ "blob": "x".repeat(2000) });
+    let r = app.post_event(&e).await;
+    assert_eq!(r.status, 413);
+
+    // Chunked (no Content-Length): the limit applies while reading.
+    let body = serde_json::to_vec(&e).expect("json");
+    let sig = sign_hex(SECRET, &body);
+    let stream = futures_stream(body);
+    let r = app
+        .http
+        .post(app.url())
+        .header("content-type", "application/json")
+        .header("x-webhook-signature", sig)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 413);
+    assert_eq!(total_jobs(&app).await, 0);
+}
+
+fn futures_stream(
+    body: Vec<u8>,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    struct Chunks(Vec<Vec<u8>>);
+    impl futures_core::Stream for Chunks {
+        type Item = Result<Vec<u8>, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(if self.0.is_empty() {
+                None
+            } else {
+                Some(Ok(self.0.remove(0)))
+            })
+        }
+    }
+    Chunks(body.chunks(256).map(<[u8]>::to_vec).collect())
+}
+
+#[tokio::test]
+async fn non_json_content_type_is_415() {
+    let app = spawn_app().await;
+    let body = serde_json::to_vec(&event("b", "ct")).expect("json");
+    let sig = sign_hex(SECRET, &body);
+    let r = app
+        .post_raw(
+            body.clone(),
+            &[
+                ("content-type", "text/plain"),
+                ("x-webhook-signature", &sig),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 415);
+    let r = app
+        .post_raw(body.clone(), &[("x-webhook-signature", &sig)])
+        .await;
+    assert_eq!(r.status, 415, "missing content type");
+    let r = app
+        .post_raw(
+            body,
+            &[
+                ("content-type", "application/json; charset=utf-8"),
+                ("x-webhook-signature", &sig),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "parameters are fine");
+}
+
+#[tokio::test]
+async fn duplicate_event_returns_the_first_job_and_is_delivered_once() {
+    let app = spawn_app().await;
+    let first = app.post_event(&event("b", "dup")).await;
+    assert_eq!(first.json["status"], "accepted");
+    let second = app.post_event(&event("b", "dup")).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.json["status"], "duplicate");
+    assert_eq!(second.json["jobId"], first.json["jobId"]);
+
+    let id = first.json["jobId"].as_str().expect("id");
+    app.wait_job(id, "completed", WAIT).await;
+    let third = app.post_event(&event("b", "dup")).await;
+    assert_eq!(
+        third.json["status"], "duplicate",
+        "still a duplicate after delivery"
+    );
+    assert_eq!(app.sink.count(), 1, "delivered once");
+    assert_eq!(total_jobs(&app).await, 1);
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_json() {
+    let app = spawn_app().await;
+    let r = app
+        .http
+        .get(format!("http://{}/nope", app.ingress))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+}

@@ -1,0 +1,11 @@
+//! One integration-test binary. `helpers` has `spawn_app()` and the real target
+//! server; each module tests one area of the spec against real parts (HTTP on
+//! port 0, SQLite files in temp dirs, the real binary for process-level tests).
+
+mod helpers;
+
+mod admin;
+mod delivery;
+mod ingress;
+mod process;
+mod store;

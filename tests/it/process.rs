@@ -1,0 +1,337 @@
+//! The real binary: `kill -9` mid-stream loses nothing that got a 200, SIGTERM
+//! drains, bad configuration exits 2 with one line, a broken store file exits 1.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cogrelay::ingress::auth::sign_hex;
+use tokio::process::{Child, Command};
+
+use crate::helpers::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+struct Relay {
+    child: Child,
+    port: u16,
+    #[allow(dead_code)]
+    admin_port: u16,
+}
+
+fn command(dir: &Path, envs: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cogrelay"));
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LOG_FORMAT", "json")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+async fn start_relay(dir: &Path, sink: &Sink, extra: &[(&str, String)]) -> Relay {
+    let (port, admin_port) = (free_port(), free_port());
+    let mut envs = vec![
+        ("PORT", port.to_string()),
+        ("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
+        ("TARGET_ENDPOINT", sink.url()),
+        ("WEBHOOK_SIGNING_SECRET", SECRET.to_string()),
+        ("COGRELAY_DATA_DIR", dir.join("data").display().to_string()),
+        ("BACKOFF_DELAY_MS", "50".to_string()),
+    ];
+    envs.extend(extra.iter().cloned());
+    let mut cmd = command(dir, &envs);
+    cmd.stderr(Stdio::null());
+    let child = cmd.spawn().expect("spawn relay");
+    let relay = Relay {
+        child,
+        port,
+        admin_port,
+    };
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                return relay;
+            }
+        }
+        assert!(Instant::now() < deadline, "relay did not become ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn post(http: &reqwest::Client, port: u16, id: &str) -> Option<u16> {
+    let body = serde_json::to_vec(&event("bot", id)).expect("json");
+    let sig = sign_hex(SECRET, &body);
+    http.post(format!("http://127.0.0.1:{port}/api/webhook/cognigy"))
+        .header("content-type", "application/json")
+        .header("x-webhook-signature", sig)
+        .body(body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+fn delivered_ids(sink: &Sink) -> Vec<String> {
+    sink.received()
+        .iter()
+        .filter_map(|r| r.header("x-event-id").map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_loses_no_acknowledged_event() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sink = Sink::start().await.expect("sink");
+    sink.keep_bodies(false);
+    // Slow deliveries so a backlog is queued when the kill lands.
+    sink.set_default(Behaviour::Delay(Duration::from_millis(5), 200));
+    let mut relay = start_relay(dir.path(), &sink, &[("CONCURRENCY", "4".into())]).await;
+
+    const N: usize = 2500;
+    let http = reqwest::Client::new();
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let limit = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let (http, acked, limit, port) = (http.clone(), acked.clone(), limit.clone(), relay.port);
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit.acquire_owned().await.expect("permit");
+            let id = format!("crash-{i}");
+            if post(&http, port, &id).await == Some(200) {
+                acked.lock().expect("lock").push(id);
+            }
+        }));
+    }
+    // Kill once a good part of the stream is acknowledged, while requests are in flight.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().expect("lock").len() < N / 2 {
+        assert!(Instant::now() < deadline, "ingress too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    relay.child.start_kill().expect("kill -9");
+    let _ = relay.child.wait().await;
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let acked: HashSet<String> = acked.lock().expect("lock").iter().cloned().collect();
+    let delivered_before: usize = delivered_ids(&sink).len();
+    assert!(
+        acked.len() >= N / 2 && acked.len() < N,
+        "killed mid-stream: {} acked",
+        acked.len()
+    );
+    assert!(
+        delivered_before < acked.len(),
+        "a backlog was pending at the kill"
+    );
+
+    let _relay = start_relay(dir.path(), &sink, &[("CONCURRENCY", "16".into())]).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let delivered: HashSet<String> = delivered_ids(&sink).into_iter().collect();
+        let missing: Vec<_> = acked.difference(&delivered).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged events never delivered, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_refuses_new_and_keeps_the_queue() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sink = Sink::start().await.expect("sink");
+    sink.push(Behaviour::Delay(Duration::from_millis(1500), 200));
+    let mut relay = start_relay(dir.path(), &sink, &[("CONCURRENCY", "1".into())]).await;
+    let http = reqwest::Client::new();
+    for i in 0..5 {
+        assert_eq!(
+            post(&http, relay.port, &format!("term-{i}")).await,
+            Some(200)
+        );
+    }
+    assert!(
+        sink.wait_for(1, Duration::from_secs(10)).await,
+        "first delivery in flight"
+    );
+
+    let pid = relay.child.id().expect("pid");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        post(&http, relay.port, "too-late").await,
+        Some(503),
+        "new requests get 503 while draining"
+    );
+
+    let exit = tokio::time::timeout(Duration::from_secs(15), relay.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert_eq!(exit.code(), Some(0));
+    assert_eq!(sink.count(), 1, "only the in-flight delivery ran");
+
+    let _relay = start_relay(dir.path(), &sink, &[]).await;
+    assert!(
+        sink.wait_for(5, Duration::from_secs(20)).await,
+        "queued jobs delivered after restart"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut ids = delivered_ids(&sink);
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["term-0", "term-1", "term-2", "term-3", "term-4"],
+        "each once: the in-flight one finished, not redone"
+    );
+}
+
+async fn refused(extra: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let envs: Vec<(&str, String)> = extra.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    let out = command(dir.path(), &envs).output().await.expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_2_with_one_line_naming_the_setting() {
+    let ok_target = ("TARGET_ENDPOINT", "http://127.0.0.1:9/x");
+    let secret = ("WEBHOOK_SIGNING_SECRET", "s3cr3t-value");
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![secret], "TARGET_ENDPOINT is not set"),
+        (vec![ok_target], "no ingress authentication"),
+        (
+            vec![
+                ok_target,
+                secret,
+                ("LOCK_DURATION_MS", "1000"),
+                ("DELIVERY_TIMEOUT_MS", "2000"),
+            ],
+            "LOCK_DURATION_MS=1000 must be greater than DELIVERY_TIMEOUT_MS=2000",
+        ),
+        (
+            vec![ok_target, secret, ("PORT", "eighty")],
+            "PORT=\"eighty\" is not valid",
+        ),
+        (
+            vec![ok_target, secret, ("CONCURRENCY", "-3")],
+            "CONCURRENCY=\"-3\" is not valid",
+        ),
+        (
+            vec![("TARGET_ENDPOINT", "localhost:8080"), secret],
+            "TARGET_ENDPOINT=",
+        ),
+        (
+            vec![ok_target, secret, ("ADMIN_LISTEN", "nonsense")],
+            "ADMIN_LISTEN=\"nonsense\"",
+        ),
+    ];
+    for (envs, expected) in cases {
+        let (code, stderr) = refused(&envs).await;
+        assert_eq!(code, Some(2), "{envs:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(expected), "{envs:?}: {stderr}");
+        assert!(!stderr.contains("s3cr3t-value"), "secret leaked: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_broken_store_file_is_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(dir.path().join("data")).expect("mkdir");
+    std::fs::write(dir.path().join("data/cogrelay.db"), vec![0x5a; 8192]).expect("garbage");
+    let out = command(
+        dir.path(),
+        &[
+            ("TARGET_ENDPOINT", "http://127.0.0.1:9/x".into()),
+            ("WEBHOOK_SIGNING_SECRET", "s".into()),
+            ("PORT", free_port().to_string()),
+            ("ADMIN_LISTEN", format!("127.0.0.1:{}", free_port())),
+        ],
+    )
+    .output()
+    .await
+    .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: failed to open the embedded queue"),
+        "{stderr}"
+    );
+    assert!(last.contains("cogrelay.db"), "{stderr}");
+}
+
+#[tokio::test]
+async fn allow_unauthenticated_starts_with_a_warning() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sink = Sink::start().await.expect("sink");
+    let (port, admin_port) = (free_port(), free_port());
+    let mut child = command(
+        dir.path(),
+        &[
+            ("TARGET_ENDPOINT", sink.url()),
+            ("PORT", port.to_string()),
+            ("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
+        ],
+    )
+    .arg("--allow-unauthenticated")
+    .spawn()
+    .expect("spawn");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let r = http
+            .post(format!("http://127.0.0.1:{port}/api/webhook/cognigy"))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&event("b", "open")).expect("json"))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            break r.status().as_u16();
+        }
+        assert!(Instant::now() < deadline, "never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 200);
+    child.start_kill().expect("kill");
+    let out = child.wait_with_output().await.expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("authentication is OFF"), "{stderr}");
+}
