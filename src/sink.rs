@@ -64,6 +64,8 @@ struct State {
     script: VecDeque<Behaviour>,
     default: Behaviour,
     keep_bodies: bool,
+    /// False: count requests but keep no record (long benchmark runs).
+    record: bool,
     print: bool,
 }
 
@@ -72,6 +74,7 @@ pub struct Sink {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     count: watch::Receiver<usize>,
+    posts: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Sink {
@@ -89,21 +92,28 @@ impl Sink {
             script: VecDeque::new(),
             default: Behaviour::status(200),
             keep_bodies: true,
+            record: true,
             print,
         }));
         let (count_tx, count) = watch::channel(0usize);
         let count_tx = Arc::new(count_tx);
-        let st = state.clone();
+        let posts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (st, p) = (state.clone(), posts.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(stream, st.clone(), count_tx.clone()));
+                tokio::spawn(connection(stream, st.clone(), count_tx.clone(), p.clone()));
             }
         });
-        Ok(Self { addr, state, count })
+        Ok(Self {
+            addr,
+            state,
+            count,
+            posts,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -130,12 +140,22 @@ impl Sink {
         self.with(|s| s.keep_bodies = keep);
     }
 
+    /// Count requests only, keep no record of them (benchmarks).
+    pub fn count_only(&self) {
+        self.with(|s| s.record = false);
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.with(|s| s.received.clone())
     }
 
     pub fn count(&self) -> usize {
         *self.count.borrow()
+    }
+
+    /// POST requests received (deliveries, as opposed to other calls).
+    pub fn posts(&self) -> usize {
+        self.posts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until at least `n` requests arrived; false on timeout.
@@ -156,6 +176,7 @@ async fn connection(
     mut stream: TcpStream,
     state: Arc<Mutex<State>>,
     count: Arc<watch::Sender<usize>>,
+    posts: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
@@ -194,7 +215,12 @@ async fn connection(
                     String::from_utf8_lossy(&buf[consumed..consumed + body_len])
                 );
             }
-            s.received.push(received);
+            if received.method == "POST" {
+                posts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if s.record {
+                s.received.push(received);
+            }
             s.script.pop_front().unwrap_or_else(|| s.default.clone())
         };
         count.send_modify(|c| *c += 1);

@@ -122,19 +122,20 @@ async fn list_jobs<Q: Queue>(
     State(s): State<Arc<Admin<Q>>>,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    let state =
-        match q.state.as_deref() {
-            None | Some("") | Some("all") => None,
-            Some(raw) => match JobState::parse(raw) {
-                Some(st) => Some(st),
-                None => return err(
+    let state = match q.state.as_deref() {
+        None | Some("") | Some("all") => None,
+        Some(raw) => match JobState::parse(raw) {
+            Some(st) => Some(st),
+            None => {
+                return err(
                     StatusCode::BAD_REQUEST,
                     &format!(
                         "state {raw:?} is not one of waiting, active, delayed, completed, failed"
                     ),
-                ),
-            },
-        };
+                )
+            }
+        },
+    };
     let offset = match q.offset.as_deref().map(str::parse::<u64>) {
         None => 0,
         Some(Ok(n)) => n,

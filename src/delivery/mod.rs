@@ -152,6 +152,7 @@ pub async fn run<Q: Queue>(
     }
 
     // Drain: let in-flight deliveries finish within the grace period.
+    while tasks.try_join_next().is_some() {}
     let busy = tasks.len();
     if busy > 0 {
         tracing::info!(

@@ -1,0 +1,440 @@
+//! Throughput benchmark: signed ~300-byte events at N keep-alive connections.
+//!
+//! `cargo run --release --example bench -- run` (or `bench/run.sh`, which also
+//! prepares the seed's Node relay). In one run it measures, against the same
+//! load generator on the same machine:
+//!
+//! * the ceiling: a minimal hyper server answering 200;
+//! * `cogrelay serve` on the embedded queue (every 200 fsync'd), delivering to a
+//!   fast local target in this process: ingest req/s, ack p50/p99, end-to-end
+//!   delivered/s (first request sent to last delivery received), peak RSS;
+//! * optionally the seed's relay (`--seed-dir`, Node + Bull on a private
+//!   `redis-server`), with the same measures.
+//!
+//! Results are printed as a Markdown table with ratios to the ceiling and the seed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use cogrelay::ingress::auth::sign_hex;
+use cogrelay::sink::Sink;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+const SECRET: &str = "bench-secret";
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A minimal hyper server answering 200 to everything (the ceiling).
+    Ceiling {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Run the comparison.
+    Run {
+        #[arg(long, default_value = "20000")]
+        events: usize,
+        #[arg(long, default_value = "32")]
+        connections: usize,
+        /// The cogrelay binary to measure.
+        #[arg(long, default_value = "target/release/cogrelay")]
+        relay_bin: PathBuf,
+        /// A copy of the seed relay with node_modules installed; skipped if absent.
+        #[arg(long)]
+        seed_dir: Option<PathBuf>,
+        /// CONCURRENCY for the relays.
+        #[arg(long, default_value = "16")]
+        concurrency: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match args.cmd {
+        Cmd::Ceiling { port } => rt.block_on(ceiling(port)),
+        Cmd::Run {
+            events,
+            connections,
+            relay_bin,
+            seed_dir,
+            concurrency,
+        } => rt.block_on(run(events, connections, relay_bin, seed_dir, concurrency)),
+    }
+}
+
+async fn ceiling(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                        Bytes::from_static(b"{}"),
+                    )))
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Load {
+    sent: usize,
+    ok: usize,
+    other: usize,
+    errors: usize,
+    elapsed: Duration,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Load {
+    fn rps(&self) -> f64 {
+        self.sent as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn body(run: &str, i: usize) -> Vec<u8> {
+    let head = format!(
+        r#"{{"botId":"bench-bot","eventId":"{run}-{i}","type":"message.received","timestamp":"2026-11-22T10:00:00Z","payload":{{"sessionId":"s-{i}","text":""#
+    );
+    let pad = 300usize.saturating_sub(head.len() + 3);
+    format!("{head}{}\"}}}}", "x".repeat(pad)).into_bytes()
+}
+
+/// Closed-loop load: `connections` keep-alive connections share `n` requests.
+async fn load(addr: SocketAddr, path: &str, n: usize, connections: usize) -> anyhow::Result<Load> {
+    let run = format!("r{:08x}", fastrand::u32(..));
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (next, run, path) = (next.clone(), run.clone(), path.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let (mut ok, mut other, mut errors) = (0, 0, 0);
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let b = body(&run, i);
+                let sig = sign_hex(SECRET, &b);
+                let req = hyper::Request::post(path.as_str())
+                    .header("host", addr.to_string())
+                    .header("content-type", "application/json")
+                    .header("x-webhook-signature", sig)
+                    .body(Full::new(Bytes::from(b)))?;
+                let t = Instant::now();
+                if sender.ready().await.is_err() {
+                    errors += 1;
+                    break;
+                }
+                match sender.send_request(req).await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let _ = resp.into_body().collect().await;
+                        lat.push(t.elapsed().as_micros() as u64);
+                        if status == 200 {
+                            ok += 1
+                        } else {
+                            other += 1
+                        }
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            Ok::<_, anyhow::Error>((lat, ok, other, errors))
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    let mut out = Load::default();
+    for t in tasks {
+        let (lat, ok, other, errors) = t.await??;
+        all.extend(lat);
+        out.ok += ok;
+        out.other += other;
+        out.errors += errors;
+    }
+    out.elapsed = start.elapsed();
+    out.sent = all.len();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    out.p50_ms = pct(0.50);
+    out.p99_ms = pct(0.99);
+    Ok(out)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+async fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "port {port} never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Peak and current resident memory of a process, in MB.
+fn rss_mb(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Waits until the target has `n` deliveries; returns when the last arrived.
+async fn wait_delivered(sink: &Sink, n: usize, timeout: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if sink.posts() >= n {
+            return Some(Instant::now());
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+struct Row {
+    name: String,
+    load: Load,
+    delivered_per_s: Option<f64>,
+    peak_rss_mb: Option<f64>,
+}
+
+async fn stop(mut child: Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    let _ = child.start_kill();
+}
+
+async fn run(
+    events: usize,
+    connections: usize,
+    relay_bin: PathBuf,
+    seed_dir: Option<PathBuf>,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let me = std::env::current_exe()?;
+    let mut rows = Vec::new();
+
+    // 1. Ceiling.
+    let port = free_port();
+    let child = Command::new(&me)
+        .args(["ceiling", "--port", &port.to_string()])
+        .kill_on_drop(true)
+        .spawn()?;
+    wait_port(port).await?;
+    let warm = load(([127, 0, 0, 1], port).into(), "/", 2000, connections).await?;
+    drop(warm);
+    let l = load(
+        ([127, 0, 0, 1], port).into(),
+        "/api/webhook/cognigy",
+        events,
+        connections,
+    )
+    .await?;
+    eprintln!("ceiling: {:.0} req/s", l.rps());
+    rows.push(Row {
+        name: "hyper ceiling (answers 200)".into(),
+        load: l,
+        delivered_per_s: None,
+        peak_rss_mb: None,
+    });
+    stop(child).await;
+
+    // 2. cogrelay, embedded queue.
+    let sink = Sink::start().await?;
+    sink.count_only();
+    let data = tempfile::tempdir()?;
+    let (port, admin) = (free_port(), free_port());
+    let child = Command::new(&relay_bin)
+        .arg("serve")
+        .env_clear()
+        .env("PORT", port.to_string())
+        .env("ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("TARGET_ENDPOINT", sink.url())
+        .env("WEBHOOK_SIGNING_SECRET", SECRET)
+        .env("COGRELAY_DATA_DIR", data.path())
+        .env("CONCURRENCY", concurrency.to_string())
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or(0);
+    wait_port(port).await?;
+    let t0 = Instant::now();
+    let l = load(
+        ([127, 0, 0, 1], port).into(),
+        "/api/webhook/cognigy",
+        events,
+        connections,
+    )
+    .await?;
+    let done = wait_delivered(&sink, l.ok, Duration::from_secs(300)).await;
+    let (peak, _) = rss_mb(pid);
+    eprintln!("cogrelay embedded: {:.0} req/s ingest", l.rps());
+    let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
+    rows.push(Row {
+        name: format!("cogrelay embedded (fsync always, CONCURRENCY={concurrency})"),
+        load: l,
+        delivered_per_s: e2e,
+        peak_rss_mb: Some(peak),
+    });
+    stop(child).await;
+
+    // 3. The seed's relay on a private redis-server.
+    if let Some(dir) = seed_dir.filter(|d| d.join("node_modules").exists()) {
+        let sink = Sink::start().await?;
+        sink.count_only();
+        let redis_port = free_port();
+        let redis_dir = tempfile::tempdir()?;
+        let redis = Command::new("redis-server")
+            .args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(redis_dir.path())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        wait_port(redis_port).await?;
+        let port = free_port();
+        let base = format!("http://{}", sink.addr());
+        let child = Command::new("node")
+            .arg("index.js")
+            .current_dir(&dir)
+            .env("REDIS_PORT", redis_port.to_string())
+            .env("COGNIGY_BASE_URL", &base)
+            .env("COGNIGY_CLIENT_ID", "a")
+            .env("COGNIGY_CLIENT_SECRET", "b")
+            .env("TARGET_ENDPOINT", sink.url())
+            .env("PORT", port.to_string())
+            .env("CONCURRENCY", concurrency.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().unwrap_or(0);
+        wait_port(port).await?;
+        let t0 = Instant::now();
+        let l = load(
+            ([127, 0, 0, 1], port).into(),
+            "/api/webhook/cognigy",
+            events,
+            connections,
+        )
+        .await?;
+        // The seed also POSTs its token request to the target host: count /events only.
+        let done = wait_delivered(&sink, l.ok + 1, Duration::from_secs(600)).await;
+        let (peak, _) = rss_mb(pid);
+        eprintln!("seed relay: {:.0} req/s ingest", l.rps());
+        let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
+        rows.push(Row {
+            name: format!("seed Node relay (Bull, CONCURRENCY={concurrency})"),
+            load: l,
+            delivered_per_s: e2e,
+            peak_rss_mb: Some(peak),
+        });
+        stop(child).await;
+        stop(redis).await;
+    }
+
+    let ceiling = rows[0].load.rps();
+    let seed = rows
+        .get(2)
+        .map(|r| (r.load.rps(), r.delivered_per_s.unwrap_or(0.0)));
+    println!("\n{events} signed ~300-byte events, {connections} keep-alive connections, load generator on the same cores\n");
+    println!("| server | ingest req/s | vs ceiling | vs seed | ack p50 / p99 ms | non-200 / errors | delivered/s end-to-end | vs seed | peak RSS MB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let e2e = r
+            .delivered_per_s
+            .map(|v| format!("{v:.0}"))
+            .unwrap_or_else(|| "-".into());
+        let (vs_seed, vs_seed_e2e) = match (seed, r.delivered_per_s) {
+            (Some((s_in, s_e2e)), Some(e)) if s_in > 0.0 => (
+                format!("{:.1}x", r.load.rps() / s_in),
+                format!("{:.1}x", e / s_e2e.max(1e-9)),
+            ),
+            _ => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {} | {:.0} | {:.0}% | {} | {:.2} / {:.2} | {} / {} | {} | {} | {} |",
+            r.name,
+            r.load.rps(),
+            100.0 * r.load.rps() / ceiling,
+            vs_seed,
+            r.load.p50_ms,
+            r.load.p99_ms,
+            r.load.other,
+            r.load.errors,
+            e2e,
+            vs_seed_e2e,
+            r.peak_rss_mb
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(())
+}
