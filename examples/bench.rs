@@ -44,6 +44,15 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// Only the load generator, against a running relay (for experiments).
+    Load {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "20000")]
+        events: usize,
+        #[arg(long, default_value = "32")]
+        connections: usize,
+    },
     /// Run the comparison.
     Run {
         #[arg(long, default_value = "20000")]
@@ -69,6 +78,28 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match args.cmd {
         Cmd::Ceiling { port } => rt.block_on(ceiling(port)),
+        Cmd::Load {
+            port,
+            events,
+            connections,
+        } => rt.block_on(async {
+            let l = load(
+                ([127, 0, 0, 1], port).into(),
+                "/api/webhook/cognigy",
+                events,
+                connections,
+            )
+            .await?;
+            println!(
+                "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, non-200 {}, errors {}",
+                l.rps(),
+                l.p50_ms,
+                l.p99_ms,
+                l.other,
+                l.errors
+            );
+            Ok(())
+        }),
         Cmd::Run {
             events,
             connections,
@@ -277,8 +308,7 @@ async fn run(
         .kill_on_drop(true)
         .spawn()?;
     wait_port(port).await?;
-    let warm = load(([127, 0, 0, 1], port).into(), "/", 2000, connections).await?;
-    drop(warm);
+    load(([127, 0, 0, 1], port).into(), "/", 2000, connections).await?; // warm-up
     let l = load(
         ([127, 0, 0, 1], port).into(),
         "/api/webhook/cognigy",

@@ -1,10 +1,12 @@
 //! The worker pool: claims due jobs, delivers each as `POST TARGET_ENDPOINT`,
 //! classifies the answer ([`classify`]) and writes the job back (SPEC §3.2).
 //!
-//! * One dispatcher task claims as many jobs as there are free workers
-//!   (`CONCURRENCY` permits) and spawns one delivery task per job. When nothing
-//!   is due it sleeps until the next due time, a new-job wake-up from the ingress,
-//!   or one second (jobs changed by another process, e.g. an operator's retry).
+//! * One dispatcher task claims jobs in batches (up to 2 × `CONCURRENCY` leased
+//!   ahead) and starts one delivery task per job whenever a worker permit is
+//!   free (`CONCURRENCY` permits, held for the HTTP exchange). When nothing is
+//!   due it sleeps until the next due time, a wake-up (new job from the ingress,
+//!   a finished delivery), or one second (jobs changed by another process, e.g.
+//!   an operator's retry).
 //! * Retries are data, not sleeps: a failed attempt is written back as `delayed`
 //!   with its due time; no worker waits on it.
 //! * Leases of in-flight jobs are renewed every `LOCK_DURATION_MS / 3`.
@@ -15,7 +17,7 @@ pub mod backoff;
 pub mod classify;
 pub mod signing;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -101,54 +103,68 @@ pub async fn run<Q: Queue>(
     let mut tasks = JoinSet::new();
     let renewer = tokio::spawn(renew_leases(pool.clone()));
 
+    // Jobs claimed ahead of a free worker: claiming in batches keeps store round
+    // trips per job low. They are leased and renewed like running ones.
+    let mut ready: VecDeque<Leased> = VecDeque::new();
+    let prefetch = (pool.cfg.concurrency * 2).min(MAX_CLAIM);
     'dispatch: loop {
-        let first = tokio::select! {
+        if ready.len() < pool.cfg.concurrency {
+            match pool
+                .queue
+                .claim(prefetch - ready.len(), pool.cfg.lock_duration)
+                .await
+            {
+                Ok(claimed) => {
+                    if let Ok(mut m) = pool.in_flight.lock() {
+                        for l in &claimed.jobs {
+                            m.insert(l.lease.job_id.clone(), l.lease.clone());
+                        }
+                    }
+                    ready.extend(claimed.jobs);
+                    if ready.is_empty() {
+                        let wait = claimed
+                            .next_due_ms
+                            .map(|due| {
+                                Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64)
+                            })
+                            .unwrap_or(IDLE_POLL)
+                            .min(IDLE_POLL);
+                        tokio::select! {
+                            _ = wake.notified() => {}
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.changed() => break 'dispatch,
+                        }
+                        continue;
+                    }
+                }
+                Err(e) if ready.is_empty() => {
+                    tracing::error!(error = %e, "cannot claim jobs; trying again in 1 s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(IDLE_POLL) => continue,
+                        _ = shutdown.changed() => break,
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot claim more jobs"),
+            }
+        }
+        let permit = tokio::select! {
             p = semaphore.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = shutdown.changed() => break,
         };
-        let mut permits = vec![first];
-        while permits.len() < MAX_CLAIM {
-            match semaphore.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
-            }
-        }
-        let claimed = match pool
-            .queue
-            .claim(permits.len(), pool.cfg.lock_duration)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot claim jobs; trying again in 1 s");
-                drop(permits);
-                tokio::select! {
-                    _ = tokio::time::sleep(IDLE_POLL) => continue,
-                    _ = shutdown.changed() => break,
-                }
-            }
-        };
-        if claimed.jobs.is_empty() {
-            drop(permits);
-            let wait = claimed
-                .next_due_ms
-                .map(|due| Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64))
-                .unwrap_or(IDLE_POLL)
-                .min(IDLE_POLL);
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => break 'dispatch,
-            }
-            continue;
-        }
-        for (leased, permit) in claimed.jobs.into_iter().zip(permits) {
-            if let Ok(mut m) = pool.in_flight.lock() {
-                m.insert(leased.lease.job_id.clone(), leased.lease.clone());
-            }
+        if let Some(leased) = ready.pop_front() {
             tasks.spawn(deliver(pool.clone(), leased, permit));
         }
         while tasks.try_join_next().is_some() {}
+    }
+    // Claimed but never started: straight back to the queue.
+    if !ready.is_empty() {
+        let leases: Vec<LeaseRef> = ready.drain(..).map(|l| l.lease).collect();
+        if let Ok(mut m) = pool.in_flight.lock() {
+            for l in &leases {
+                m.remove(&l.job_id);
+            }
+        }
+        pool.queue.release(leases).await?;
     }
 
     // Drain: let in-flight deliveries finish within the grace period.
@@ -201,7 +217,7 @@ async fn renew_leases<Q: Queue>(pool: Arc<Pool<Q>>) {
     }
 }
 
-async fn deliver<Q: Queue>(pool: Arc<Pool<Q>>, mut leased: Leased, _permit: OwnedSemaphorePermit) {
+async fn deliver<Q: Queue>(pool: Arc<Pool<Q>>, mut leased: Leased, permit: OwnedSemaphorePermit) {
     let job = &mut leased.job;
     let n = job.attempts_made + 1;
     let started_at_ms = now_ms();
@@ -249,6 +265,8 @@ async fn deliver<Q: Queue>(pool: Arc<Pool<Q>>, mut leased: Leased, _permit: Owne
         Err(e) => (None, None, Some(transport_error(&e)), e.is_timeout()),
     };
     let duration_ms = t0.elapsed().as_millis() as u64;
+    // The HTTP part is over: free the worker while the result is recorded.
+    drop(permit);
     let result = match (status, timed_out) {
         (Some(status), _) => AttemptResult::Response {
             status,
