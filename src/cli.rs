@@ -36,7 +36,156 @@ pub enum Command {
     /// retries. Failed jobs stay in the dead-letter view (`GET
     /// /admin/jobs?state=failed` on the admin address) until retried or removed.
     /// SIGTERM/SIGINT drain in-flight deliveries and exit 0.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+
+    /// Register WEBHOOK_TARGET_URL as a webhook endpoint in Cognigy.
+    ///
+    /// Steps, each reported on stderr: authenticate (OAuth client credentials or
+    /// API key), validate the target (TLS with SNI against trusted roots plus
+    /// --ca-file, then HEAD answering 2xx), register it idempotently (re-running
+    /// never creates a second connector), poll until it is active, notify
+    /// GATEWAY_CALLBACK_URL. Prints one JSON audit line on stdout.
+    /// Exit codes: 0 success, 2 configuration, 3 target validation, 4
+    /// authentication, 5 registration, 6 health not verified, 7 gateway sync.
+    Register(Box<RegisterArgs>),
+
+    /// Run a local Cognigy API simulator (both APIs) for development and tests.
+    ///
+    /// Serves the token endpoints, connectors (Idempotency-Key, pending→active),
+    /// event lookups (404 for event ids starting with "unknown"), REST endpoints,
+    /// a target sink at POST /events and a gateway receiver at POST /gateway.
+    /// GET /sim/stats shows what it saw; POST /sim/faults injects failures.
+    /// Any non-empty client id/secret is accepted unless --client-id/--client-secret are set.
+    Sim(SimArgs),
+}
+
+/// How to reach Cognigy (shared by `register` and `serve`'s event verification).
+#[derive(Debug, Clone, Args)]
+pub struct CognigyArgs {
+    /// `connectors` (the API of the tutorials) or `rest` (Cognigy.AI REST API /new/v2.0).
+    #[arg(
+        long = "cognigy-api",
+        env = "COGNIGY_API",
+        default_value = "connectors"
+    )]
+    pub api: String,
+
+    /// API host, e.g. acme.cognigy.com (https is implied).
+    #[arg(long = "cognigy-domain", env = "COGNIGY_DOMAIN")]
+    pub domain: Option<String>,
+
+    /// Full base URL; overrides COGNIGY_DOMAIN (e.g. http://127.0.0.1:8600 for `cogrelay sim`).
+    #[arg(long = "cognigy-base-url", env = "COGNIGY_BASE_URL")]
+    pub base_url: Option<String>,
+
+    /// OAuth 2.0 client id.
+    #[arg(long = "cognigy-client-id", env = "COGNIGY_CLIENT_ID")]
+    pub client_id: Option<String>,
+
+    /// OAuth 2.0 client secret.
+    #[arg(
+        long = "cognigy-client-secret",
+        env = "COGNIGY_CLIENT_SECRET",
+        hide_env_values = true
+    )]
+    pub client_secret: Option<String>,
+
+    /// API key sent as X-API-Key (rest API only), instead of OAuth.
+    #[arg(
+        long = "cognigy-api-key",
+        env = "COGNIGY_API_KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+
+    /// Token endpoint override (default: /api/v1/auth/token, rest: /auth/oauth2/token).
+    #[arg(long = "cognigy-token-url", env = "COGNIGY_TOKEN_URL")]
+    pub token_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    pub cognigy: CognigyArgs,
+
+    /// The public URL to register (the relay's ingress), e.g. https://relay.example.com/api/webhook/cognigy.
+    #[arg(long, env = "WEBHOOK_TARGET_URL")]
+    pub target_url: Option<String>,
+
+    /// Secret Cognigy signs requests with (sent in the connector's requestSigning).
+    #[arg(long, env = "WEBHOOK_SIGNING_SECRET", hide_env_values = true)]
+    pub webhook_signing_secret: Option<String>,
+
+    /// Where to POST the `connector.registered` event (skipped when unset).
+    #[arg(long, env = "GATEWAY_CALLBACK_URL")]
+    pub gateway_callback_url: Option<String>,
+
+    /// Connector / endpoint name.
+    #[arg(long, env = "CONNECTOR_NAME", default_value = "cogrelay-webhook")]
+    pub name: String,
+
+    /// Idempotency key (default: derived from the API base, the target URL and --name).
+    #[arg(long, env = "IDEMPOTENCY_KEY")]
+    pub idempotency_key: Option<String>,
+
+    /// Flow the endpoint runs (rest API only).
+    #[arg(long, env = "COGNIGY_FLOW_ID")]
+    pub flow_id: Option<String>,
+
+    /// Extra trusted CA certificate(s) (PEM) for the target's TLS check.
+    #[arg(long, env = "CA_FILE")]
+    pub ca_file: Option<String>,
+
+    /// Accept an http:// target (local testing only; Cognigy calls https).
+    #[arg(long, env = "ALLOW_HTTP")]
+    pub allow_http: bool,
+
+    /// Target pre-flight timeout.
+    #[arg(long, env = "TARGET_TIMEOUT_MS", default_value = "5000")]
+    pub timeout_ms: String,
+
+    /// Health checks before giving up (exit 6).
+    #[arg(long, env = "HEALTH_ATTEMPTS", default_value = "5")]
+    pub health_attempts: String,
+
+    /// First delay between health checks; doubles each time.
+    #[arg(long, env = "HEALTH_DELAY_MS", default_value = "2000")]
+    pub health_delay_ms: String,
+
+    /// Machine mode: no human summary on stderr, only the JSON audit line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Port to listen on (127.0.0.1).
+    #[arg(long, env = "SIM_PORT", default_value = "8600")]
+    pub port: String,
+
+    /// Accept only this client id (default: any non-empty).
+    #[arg(long, env = "SIM_CLIENT_ID")]
+    pub client_id: Option<String>,
+
+    /// Accept only this client secret (default: any non-empty).
+    #[arg(long, env = "SIM_CLIENT_SECRET", hide_env_values = true)]
+    pub client_secret: Option<String>,
+
+    /// Accept only this API key (default: any non-empty).
+    #[arg(long, env = "SIM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Lifetime of issued tokens.
+    #[arg(long, env = "SIM_TOKEN_TTL_SECS", default_value = "3600")]
+    pub token_ttl_secs: String,
+
+    /// Polls a new connector answers `pending` before it is `active`.
+    #[arg(long, env = "SIM_PENDING_POLLS", default_value = "2")]
+    pub pending_polls: String,
+
+    /// Requests per minute per client before 429.
+    #[arg(long, env = "SIM_RATE_LIMIT", default_value = "100")]
+    pub rate_limit: String,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +293,18 @@ pub struct ServeArgs {
     /// An event key seen again within this many seconds is a duplicate.
     #[arg(long, env = "DEDUP_TTL_SECS", default_value = "86400")]
     pub dedup_ttl_secs: String,
+
+    /// Verify each event envelope with Cognigy before delivering it: `auto` (on
+    /// when Cognigy credentials are set), `on`, `off`.
+    #[arg(long, env = "VERIFY_EVENTS", default_value = "auto")]
+    pub verify_events: String,
+
+    /// Cap on Cognigy requests per minute for event verification.
+    #[arg(long, env = "COGNIGY_MAX_REQUESTS_PER_MIN", default_value = "6000")]
+    pub cognigy_max_requests_per_min: String,
+
+    #[command(flatten)]
+    pub cognigy: CognigyArgs,
 
     /// Largest accepted request body (bytes).
     #[arg(long, env = "MAX_BODY_BYTES", default_value = "1048576")]

@@ -107,6 +107,8 @@ pub struct ServeConfig {
     pub remove_on_complete: u32,
     pub dedup_ttl: Duration,
     pub max_body_bytes: usize,
+    /// Event verification with Cognigy before delivery (`VERIFY_EVENTS`); None = off.
+    pub verify_events: Option<crate::cognigy::CognigyConfig>,
 }
 
 impl ServeConfig {
@@ -137,6 +139,7 @@ impl ServeConfig {
             remove_on_complete: 100,
             dedup_ttl: Duration::from_secs(86_400),
             max_body_bytes: 1024 * 1024,
+            verify_events: None,
         }
     }
 
@@ -243,6 +246,35 @@ impl ServeConfig {
             "a whole number of seconds",
         )?);
         c.max_body_bytes = parse_num("MAX_BODY_BYTES", &a.max_body_bytes, "a size in bytes")?;
+        let per_min: u32 = parse_num(
+            "COGNIGY_MAX_REQUESTS_PER_MIN",
+            &a.cognigy_max_requests_per_min,
+            "a whole number of requests per minute",
+        )?;
+        let limit = crate::cognigy::RateLimit {
+            max: per_min.max(1),
+            per: Duration::from_secs(60),
+        };
+        let cognigy = |required| {
+            // No retries inside the client: a failed check is retried as a delivery attempt.
+            crate::cognigy::CognigyConfig::from_args(
+                &a.cognigy,
+                required,
+                limit,
+                0,
+                c.delivery_timeout,
+            )
+        };
+        c.verify_events = match a.verify_events.trim() {
+            "off" => None,
+            "on" => cognigy(true)?,
+            "auto" => cognigy(false)?.filter(|cfg| cfg.api == crate::cognigy::Api::Connectors),
+            other => {
+                return Err(bad(format!(
+                    "VERIFY_EVENTS={other:?} is not valid: use auto (on when Cognigy credentials are set), on or off"
+                )))
+            }
+        };
         c.validate()?;
         Ok(c)
     }
@@ -333,9 +365,10 @@ mod tests {
         let mut argv = vec!["cogrelay", "serve"];
         argv.extend_from_slice(args);
         let cli = crate::cli::Cli::try_parse_from(argv).expect("clap accepts the strings");
-        match cli.command {
-            crate::cli::Command::Serve(a) => ServeConfig::from_args(&a),
-        }
+        let crate::cli::Command::Serve(a) = cli.command else {
+            panic!("serve")
+        };
+        ServeConfig::from_args(&a)
     }
 
     const OK: [&str; 4] = [

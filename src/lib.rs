@@ -16,11 +16,14 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cognigy;
 pub mod config;
 pub mod delivery;
 pub mod ingress;
 pub mod queue;
+pub mod register;
 pub mod secret;
 pub mod serve;
+pub mod sim;
 pub mod sink;
 pub mod telemetry;

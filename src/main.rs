@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use cogrelay::cli::{Cli, Command};
-use cogrelay::config::ServeConfig;
+use cogrelay::cli::{Cli, Command, RegisterArgs, SimArgs};
+use cogrelay::config::{ConfigError, ServeConfig};
 use cogrelay::telemetry::{self, LogFormat};
 
 fn main() -> ExitCode {
@@ -25,7 +25,99 @@ fn main() -> ExitCode {
             telemetry::init(format);
             run_async(serve(cfg))
         }
+        Command::Register(args) => register(args, format),
+        Command::Sim(args) => {
+            let opts = match sim_options(&args) {
+                Ok(o) => o,
+                Err(e) => return config_error(&e),
+            };
+            telemetry::init(format);
+            let port = args.port.trim().parse::<u16>().unwrap_or(8600);
+            run_async(sim(port, opts))
+        }
     }
+}
+
+fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
+    use cogrelay::register::{self, RegisterConfig};
+    let cfg = match RegisterConfig::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let audit = serde_json::json!({
+                "timestamp": null, "action": "WEBHOOK_REGISTRATION", "status": "FAILURE", "latencyMs": 0,
+                "details": { "error": e.to_string() },
+            });
+            println!("{audit}");
+            return ExitCode::from(register::EXIT_CONFIG);
+        }
+    };
+    // Logs only on request (RUST_LOG); the human summary is the progress lines.
+    if std::env::var_os("RUST_LOG").is_some() {
+        telemetry::init(format);
+    }
+    let quiet = args.json;
+    let progress = move |line: &str| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let outcome = rt.block_on(register::run(&cfg, &progress));
+    println!("{}", outcome.audit);
+    if outcome.exit_code != 0 {
+        if let Some(err) = outcome.audit["details"]["error"].as_str() {
+            eprintln!("error: {err}");
+        }
+    }
+    ExitCode::from(outcome.exit_code)
+}
+
+fn sim_options(a: &SimArgs) -> Result<cogrelay::sim::SimOptions, ConfigError> {
+    use std::time::Duration;
+    let num = |name: &str, raw: &str| -> Result<u64, ConfigError> {
+        raw.trim()
+            .parse()
+            .map_err(|_| ConfigError(format!("{name}={raw:?} is not valid: use a whole number")))
+    };
+    num("--port", &a.port).and_then(|p| {
+        u16::try_from(p).map_err(|_| ConfigError(format!("--port={p} is out of range")))
+    })?;
+    Ok(cogrelay::sim::SimOptions {
+        client_id: a.client_id.clone(),
+        client_secret: a.client_secret.clone().map(cogrelay::secret::Secret::new),
+        api_key: a.api_key.clone().map(cogrelay::secret::Secret::new),
+        token_ttl: Duration::from_secs(num("--token-ttl-secs", &a.token_ttl_secs)?),
+        pending_polls: num("--pending-polls", &a.pending_polls)? as u32,
+        rate_limit: cogrelay::cognigy::RateLimit {
+            max: num("--rate-limit", &a.rate_limit)? as u32,
+            per: Duration::from_secs(60),
+        },
+        ..Default::default()
+    })
+}
+
+async fn sim(port: u16, opts: cogrelay::sim::SimOptions) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("failed to listen on 127.0.0.1:{port} (--port)"))?;
+    let sim = cogrelay::sim::Sim::new(opts);
+    tracing::info!("Cognigy simulator on http://127.0.0.1:{port} (stats: GET /sim/stats; target sink: POST /events; gateway: POST /gateway)");
+    tokio::select! {
+        r = cogrelay::sim::serve(listener, sim) => r.context("simulator stopped")?,
+        _ = shutdown_signal() => {}
+    }
+    Ok(())
 }
 
 fn config_error(e: &dyn std::fmt::Display) -> ExitCode {

@@ -25,7 +25,9 @@ use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::cognigy::CognigyClient;
 use crate::config::{ServeConfig, TargetSigningKey};
+use crate::ingress::envelope::EventKind;
 use crate::queue::{now_ms, Attempt, AttemptOutcome, Disposition, LeaseRef, Leased, Queue};
 use backoff::Backoff;
 use classify::{classify, AttemptResult, Outcome};
@@ -47,6 +49,8 @@ pub struct DeliveryConfig {
     pub concurrency: usize,
     pub lock_duration: Duration,
     pub shutdown_grace: Duration,
+    /// Check each event envelope with Cognigy before delivering it.
+    pub verify_events: Option<crate::cognigy::CognigyConfig>,
 }
 
 impl DeliveryConfig {
@@ -64,6 +68,7 @@ impl DeliveryConfig {
             concurrency: c.concurrency,
             lock_duration: c.lock_duration,
             shutdown_grace: c.shutdown_grace,
+            verify_events: c.verify_events.clone(),
         }
     }
 }
@@ -77,6 +82,8 @@ struct Pool<Q> {
     /// Wakes the dispatcher: new jobs (ingress) and finished deliveries (a retry
     /// may now be the earliest due job, and a worker is free).
     wake: Arc<Notify>,
+    /// One client (one token cache) for every worker's event verification.
+    verifier: Option<CognigyClient>,
 }
 
 /// Runs the pool until `shutdown` turns true, then drains (see module doc).
@@ -92,12 +99,18 @@ pub async fn run<Q: Queue>(
         .connect_timeout(cfg.delivery_timeout)
         .user_agent(concat!("cogrelay/", env!("CARGO_PKG_VERSION")))
         .build()?;
+    let verifier = cfg
+        .verify_events
+        .clone()
+        .map(CognigyClient::new)
+        .transpose()?;
     let pool = Arc::new(Pool {
         queue,
         cfg,
         client,
         in_flight: Mutex::new(HashMap::new()),
         wake: wake.clone(),
+        verifier,
     });
     let semaphore = Arc::new(Semaphore::new(pool.cfg.concurrency));
     let mut tasks = JoinSet::new();
@@ -217,11 +230,107 @@ async fn renew_leases<Q: Queue>(pool: Arc<Pool<Q>>) {
     }
 }
 
+/// Result of checking an event with Cognigy (SPEC §3.2, `VERIFY_EVENTS`).
+enum Verification {
+    Confirmed,
+    /// 404: the event does not exist in Cognigy; delivering it would be wrong.
+    NotFound,
+    /// Anything else (auth, 5xx, network): try the attempt again later.
+    Unavailable(String),
+}
+
+async fn verify_event(client: &CognigyClient, bot: &str, event: &str) -> Verification {
+    let mut url = client.url("/api/v2/bots");
+    if let Ok(mut segs) = url.path_segments_mut() {
+        segs.push(bot).push("events").push(event);
+    }
+    match client
+        .send(
+            reqwest::Method::GET,
+            url,
+            &[],
+            None,
+            "the event verification",
+        )
+        .await
+    {
+        Ok(a) if a.status.is_success() => Verification::Confirmed,
+        Ok(a) if a.status == reqwest::StatusCode::NOT_FOUND => Verification::NotFound,
+        Ok(a) => Verification::Unavailable(format!(
+            "event verification: Cognigy answered HTTP {}: {}",
+            a.status.as_u16(),
+            crate::cognigy::detail(&a.json)
+        )),
+        Err(e) => Verification::Unavailable(format!("event verification: {e}")),
+    }
+}
+
+/// Where a job goes after attempt `n` with this outcome.
+fn decide(cfg: &DeliveryConfig, n: u32, outcome: Outcome) -> (Disposition, AttemptOutcome) {
+    match outcome {
+        Outcome::Delivered => (Disposition::Completed, AttemptOutcome::Delivered),
+        Outcome::Permanent { reason } => (Disposition::Failed { reason }, AttemptOutcome::Failed),
+        Outcome::Retry { reason, .. } if n >= cfg.attempts => (
+            Disposition::Failed {
+                reason: format!("gave up after {n} attempts: {reason}"),
+            },
+            AttemptOutcome::Failed,
+        ),
+        Outcome::Retry {
+            reason,
+            retry_after,
+        } => {
+            let delay = cfg.backoff.delay(n, retry_after, fastrand::f64());
+            (
+                Disposition::RetryAt {
+                    due_at_ms: now_ms() + delay.as_millis() as i64,
+                    reason,
+                },
+                AttemptOutcome::Retry,
+            )
+        }
+    }
+}
+
 async fn deliver<Q: Queue>(pool: Arc<Pool<Q>>, mut leased: Leased, permit: OwnedSemaphorePermit) {
-    let job = &mut leased.job;
-    let n = job.attempts_made + 1;
+    let n = leased.job.attempts_made + 1;
     let started_at_ms = now_ms();
     let t0 = Instant::now();
+    if let (Some(client), EventKind::Envelope, Some(bot)) =
+        (&pool.verifier, leased.job.kind, &leased.job.bot_id)
+    {
+        let outcome = match verify_event(client, bot, &leased.job.event_id).await {
+            Verification::Confirmed => None,
+            Verification::NotFound => Some(Outcome::Permanent {
+                reason: "event not found in Cognigy".into(),
+            }),
+            Verification::Unavailable(reason) => Some(Outcome::Retry {
+                reason,
+                retry_after: None,
+            }),
+        };
+        if let Some(outcome) = outcome {
+            drop(permit);
+            let error = match &outcome {
+                Outcome::Permanent { reason } | Outcome::Retry { reason, .. } => {
+                    Some(reason.clone())
+                }
+                Outcome::Delivered => None,
+            };
+            let (disposition, result) = decide(&pool.cfg, n, outcome);
+            let attempt = Attempt {
+                n,
+                started_at_ms,
+                duration_ms: t0.elapsed().as_millis() as u64,
+                status: None,
+                error,
+                outcome: result,
+            };
+            record(&pool, leased, attempt, disposition).await;
+            return;
+        }
+    }
+    let job = &mut leased.job;
     let body = std::mem::take(&mut job.body);
     let mut req = pool
         .client
@@ -275,32 +384,29 @@ async fn deliver<Q: Queue>(pool: Arc<Pool<Q>>, mut leased: Leased, permit: Owned
         (None, true) => AttemptResult::Timeout,
         (None, false) => AttemptResult::Transport(error.clone().unwrap_or_default()),
     };
-    let (disposition, outcome) = match classify(&result, SystemTime::now()) {
-        Outcome::Delivered => (Disposition::Completed, AttemptOutcome::Delivered),
-        Outcome::Permanent { reason } => (Disposition::Failed { reason }, AttemptOutcome::Failed),
-        Outcome::Retry { reason, .. } if n >= pool.cfg.attempts => (
-            Disposition::Failed {
-                reason: format!("gave up after {n} attempts: {reason}"),
-            },
-            AttemptOutcome::Failed,
-        ),
-        Outcome::Retry {
-            reason,
-            retry_after,
-        } => {
-            let delay = pool.cfg.backoff.delay(n, retry_after, fastrand::f64());
-            (
-                Disposition::RetryAt {
-                    due_at_ms: now_ms() + delay.as_millis() as i64,
-                    reason,
-                },
-                AttemptOutcome::Retry,
-            )
-        }
+    let (disposition, outcome) = decide(&pool.cfg, n, classify(&result, SystemTime::now()));
+    let attempt = Attempt {
+        n,
+        started_at_ms,
+        duration_ms,
+        status,
+        error,
+        outcome,
     };
+    record(&pool, leased, attempt, disposition).await;
+}
+
+/// Logs the attempt, writes it back, frees the lease and wakes the dispatcher.
+async fn record<Q: Queue>(
+    pool: &Pool<Q>,
+    leased: Leased,
+    attempt: Attempt,
+    disposition: Disposition,
+) {
+    let n = attempt.n;
     match &disposition {
         Disposition::Completed => {
-            tracing::debug!(job = %leased.job.id, attempt = n, duration_ms, "delivered")
+            tracing::debug!(job = %leased.job.id, attempt = n, duration_ms = attempt.duration_ms, "delivered")
         }
         Disposition::RetryAt { due_at_ms, reason } => tracing::info!(
             job = %leased.job.id, attempt = n, reason = %reason,
@@ -310,14 +416,6 @@ async fn deliver<Q: Queue>(pool: Arc<Pool<Q>>, mut leased: Leased, permit: Owned
             tracing::warn!(job = %leased.job.id, attempt = n, reason = %reason, "delivery failed permanently; job is in the failed list")
         }
     }
-    let attempt = Attempt {
-        n,
-        started_at_ms,
-        duration_ms,
-        status,
-        error,
-        outcome,
-    };
     let job_id = leased.lease.job_id.clone();
     match pool.queue.finish(leased, attempt, disposition).await {
         Ok(true) => {}

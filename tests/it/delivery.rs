@@ -153,3 +153,64 @@ async fn outbound_signature_verifies_with_the_standardwebhooks_crate() {
     // And a tampered body does not.
     assert!(verifier.verify(b"{\"text\":\"forged\"}", &headers).is_err());
 }
+
+/// VERIFY_EVENTS: each envelope is looked up in Cognigy before delivery; one
+/// token serves them all; an event Cognigy does not know fails permanently.
+#[tokio::test]
+async fn verified_events_cost_one_token_and_unknown_events_fail() {
+    use cogrelay::cognigy::{Api, RateLimit};
+    use cogrelay::sim::{self, SimOptions};
+    let (sim_addr, sim) = sim::spawn(SimOptions {
+        rate_limit: RateLimit {
+            max: 100_000,
+            per: Duration::from_secs(60),
+        },
+        ..Default::default()
+    })
+    .await
+    .expect("sim");
+    let mut cognigy = crate::cognigy::client_config(sim_addr, Api::Connectors);
+    cognigy.max_retries = 0;
+    let app = spawn_app_with(|c| c.verify_events = Some(cognigy)).await;
+
+    const N: usize = 1000;
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let body = event("bot", &format!("v-{i}"));
+        let raw = serde_json::to_vec(&body).expect("json");
+        let sig = cogrelay::ingress::auth::sign_hex(SECRET, &raw);
+        let (http, url, limit) = (app.http.clone(), app.url(), limit.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = limit.acquire_owned().await.expect("permit");
+            let r = http
+                .post(url)
+                .header("content-type", "application/json")
+                .header("x-webhook-signature", sig)
+                .body(raw)
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 200);
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert!(
+        app.sink.wait_for(N, Duration::from_secs(60)).await,
+        "all delivered"
+    );
+    let stats = sim.stats();
+    assert_eq!(stats["eventLookups"], N as u64, "each event verified");
+    assert_eq!(
+        stats["tokenRequests"], 1,
+        "1,000 events cost one token request"
+    );
+
+    let id = accepted_id(&app, "unknown-1").await;
+    let job = app.wait_job(&id, "failed", WAIT).await;
+    assert_eq!(job["failedReason"], "event not found in Cognigy");
+    assert_eq!(job["attemptsMade"], 1);
+    assert_eq!(app.sink.count(), N, "never delivered");
+}

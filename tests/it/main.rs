@@ -5,7 +5,10 @@
 mod helpers;
 
 mod admin;
+mod cognigy;
 mod delivery;
 mod ingress;
 mod process;
+mod register;
 mod store;
+mod tls;

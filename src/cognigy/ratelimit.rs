@@ -1,0 +1,89 @@
+//! Client-side rate limit: at most `max` requests in any rolling `per` window.
+//! A caller over the limit waits until the oldest request leaves the window, so
+//! a burst is paced rather than sent and answered 429. The window is measured
+//! 5% longer than `per` (3 s on a minute): requests arrive at the server with
+//! jitter, and one sent just outside our window could land inside the server's.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub max: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// SPEC §4: "the client never sends more than 100 requests a minute".
+    pub const REGISTER: RateLimit = RateLimit {
+        max: 100,
+        per: Duration::from_secs(60),
+    };
+}
+
+#[derive(Debug)]
+pub struct Limiter {
+    limit: RateLimit,
+    sent: tokio::sync::Mutex<VecDeque<Instant>>,
+}
+
+impl Limiter {
+    pub fn new(limit: RateLimit) -> Self {
+        Self {
+            limit,
+            sent: tokio::sync::Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Waits until one more request fits in the window, and records it.
+    pub async fn acquire(&self) {
+        let window = self.limit.per + self.limit.per / 20;
+        let mut sent = self.sent.lock().await;
+        loop {
+            let now = Instant::now();
+            while sent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= window)
+            {
+                sent.pop_front();
+            }
+            if (sent.len() as u32) < self.limit.max.max(1) {
+                sent.push_back(now);
+                return;
+            }
+            let oldest = *sent.front().unwrap_or(&now);
+            tokio::time::sleep_until(oldest + window).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_paced_to_the_window() {
+        let l = Limiter::new(RateLimit {
+            max: 3,
+            per: Duration::from_secs(10),
+        });
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..3 {
+            l.acquire().await;
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO, "the first three go at once");
+        l.acquire().await;
+        assert!(
+            t0.elapsed() >= Duration::from_millis(10_500),
+            "the fourth waits for the window (+5%)"
+        );
+        for _ in 0..2 {
+            l.acquire().await;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(11));
+        l.acquire().await;
+        assert!(t0.elapsed() >= Duration::from_secs(21));
+    }
+}

@@ -1,0 +1,570 @@
+//! `cogrelay register` (SPEC §4): the steps read like the spec.
+//!
+//! 1. authenticate, 2. validate the target, 3. register idempotently,
+//! 4. verify health, 5. sync the gateway, 6. write one JSON audit line.
+//!
+//! Each step reports progress through the `progress` callback (stderr in the
+//! binary); the result is an exit code and the audit record. A failure stops
+//! the flow at its step with that step's exit code.
+
+pub mod preflight;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode, Url};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::cli::RegisterArgs;
+use crate::cognigy::{Api, CognigyClient, CognigyConfig, CognigyError, RateLimit};
+use crate::config::{parse_http_url, ConfigError};
+use crate::secret::Secret;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_CONFIG: u8 = 2;
+pub const EXIT_TARGET: u8 = 3;
+pub const EXIT_AUTH: u8 = 4;
+pub const EXIT_REGISTER: u8 = 5;
+pub const EXIT_HEALTH: u8 = 6;
+pub const EXIT_GATEWAY: u8 = 7;
+
+/// Retries of the gateway callback after the first attempt.
+const GATEWAY_RETRIES: u32 = 3;
+
+#[derive(Debug, Clone)]
+pub struct RegisterConfig {
+    pub cognigy: CognigyConfig,
+    pub target: Url,
+    pub signing_secret: Option<Secret>,
+    pub gateway: Option<Url>,
+    pub name: String,
+    pub idempotency_key: String,
+    pub flow_id: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub allow_http: bool,
+    pub timeout: Duration,
+    pub health_attempts: u32,
+    pub health_delay: Duration,
+}
+
+impl RegisterConfig {
+    pub fn from_args(a: &RegisterArgs) -> Result<Self, ConfigError> {
+        let bad = |m: String| ConfigError(m);
+        let num = |name: &str, raw: &str| -> Result<u64, ConfigError> {
+            raw.trim()
+                .parse()
+                .map_err(|_| bad(format!("{name}={raw:?} is not valid: use a whole number")))
+        };
+        let timeout = Duration::from_millis(num("--timeout-ms", &a.timeout_ms)?);
+        let cognigy = CognigyConfig::from_args(
+            &a.cognigy,
+            true,
+            RateLimit::REGISTER,
+            4,
+            Duration::from_secs(30),
+        )?
+        .ok_or_else(|| bad("Cognigy is not configured".into()))?;
+        let target_raw = a
+            .target_url
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| bad("WEBHOOK_TARGET_URL is not set: set --target-url or WEBHOOK_TARGET_URL to the relay's public URL".into()))?;
+        let target = parse_http_url("WEBHOOK_TARGET_URL", target_raw)?;
+        let gateway = a
+            .gateway_callback_url
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .map(|u| parse_http_url("GATEWAY_CALLBACK_URL", u))
+            .transpose()?;
+        let health_attempts = num("--health-attempts", &a.health_attempts)? as u32;
+        if health_attempts == 0 {
+            return Err(bad("--health-attempts=0 is not valid: use 1 or more".into()));
+        }
+        let flow_id = a.flow_id.clone().filter(|s| !s.trim().is_empty());
+        if cognigy.api == Api::Rest && flow_id.is_none() {
+            return Err(bad("COGNIGY_FLOW_ID is not set: the rest API creates an endpoint for a flow; set COGNIGY_FLOW_ID".into()));
+        }
+        let name = a.name.trim().to_string();
+        if name.is_empty() {
+            return Err(bad("--name is empty: give the connector a name".into()));
+        }
+        let idempotency_key = match a
+            .idempotency_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+        {
+            Some(k) => k.to_string(),
+            None => default_idempotency_key(&cognigy.base, &target, &name),
+        };
+        Ok(Self {
+            cognigy,
+            target,
+            signing_secret: a
+                .webhook_signing_secret
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(Secret::new),
+            gateway,
+            name,
+            idempotency_key,
+            flow_id,
+            ca_file: a
+                .ca_file
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            allow_http: a.allow_http,
+            timeout,
+            health_attempts,
+            health_delay: Duration::from_millis(num("--health-delay-ms", &a.health_delay_ms)?),
+        })
+    }
+}
+
+/// Deterministic, so that re-running the same registration never creates a
+/// second connector: `cogrelay-` + sha256(base, target, name), 32 hex digits.
+pub fn default_idempotency_key(base: &Url, target: &Url, name: &str) -> String {
+    let digest = Sha256::digest(format!("{base}\n{target}\n{name}").as_bytes());
+    format!("cogrelay-{}", &hex::encode(digest)[..32])
+}
+
+/// The outcome: exit code and the audit record (already complete).
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub exit_code: u8,
+    pub audit: Value,
+}
+
+struct Flow<'a> {
+    cfg: &'a RegisterConfig,
+    client: CognigyClient,
+    progress: &'a (dyn Fn(&str) + Sync),
+    details: serde_json::Map<String, Value>,
+}
+
+/// Runs the whole registration. Never panics on bad answers; every failure ends
+/// as an exit code with the reason in the audit record.
+pub async fn run(cfg: &RegisterConfig, progress: &(dyn Fn(&str) + Sync)) -> Registration {
+    let started = Instant::now();
+    let mut details = serde_json::Map::new();
+    details.insert("domain".into(), json!(cfg.cognigy.domain()));
+    details.insert(
+        "targetUrl".into(),
+        json!(crate::serve::redact_url(&cfg.target)),
+    );
+    details.insert("idempotent".into(), json!(false));
+    details.insert("healthVerified".into(), json!(false));
+    details.insert("connectorId".into(), Value::Null);
+    let result = match CognigyClient::new(cfg.cognigy.clone()) {
+        Ok(client) => {
+            let mut flow = Flow {
+                cfg,
+                client,
+                progress,
+                details,
+            };
+            let r = flow.steps().await;
+            details = flow.details;
+            r
+        }
+        Err(e) => Err((EXIT_AUTH, e.to_string())),
+    };
+    let (exit_code, status) = match &result {
+        Ok(()) => (EXIT_OK, "SUCCESS"),
+        Err((code, msg)) => {
+            details.insert("error".into(), json!(msg));
+            (*code, "FAILURE")
+        }
+    };
+    let audit = json!({
+        "timestamp": httpdate_now(),
+        "action": "WEBHOOK_REGISTRATION",
+        "status": status,
+        "latencyMs": started.elapsed().as_millis() as u64,
+        "details": Value::Object(details),
+    });
+    Registration { exit_code, audit }
+}
+
+fn httpdate_now() -> String {
+    // RFC 3339 in UTC, without pulling a date crate: seconds since the epoch.
+    let ms = crate::queue::now_ms();
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+type StepResult<T> = Result<T, (u8, String)>;
+
+fn auth_or(code: u8, e: CognigyError) -> (u8, String) {
+    match e {
+        CognigyError::Auth { .. } => (EXIT_AUTH, e.to_string()),
+        CognigyError::Status {
+            status: 401 | 403, ..
+        } => (EXIT_AUTH, e.to_string()),
+        other => (code, other.to_string()),
+    }
+}
+
+impl Flow<'_> {
+    async fn steps(&mut self) -> StepResult<()> {
+        // 1. Authenticate.
+        match self.client.access_token().await {
+            Ok(Some(_)) => (self.progress)("ok   authenticated with OAuth client credentials"),
+            Ok(None) => (self.progress)("ok   using the API key (X-API-Key)"),
+            Err(e) => {
+                let err = auth_or(EXIT_AUTH, e);
+                (self.progress)(&format!(
+                    "FAIL authentication: {}: check COGNIGY_CLIENT_ID/COGNIGY_CLIENT_SECRET",
+                    err.1
+                ));
+                return Err(err);
+            }
+        }
+
+        // 2. Validate the target.
+        let validation = preflight::check(
+            &self.cfg.target,
+            self.cfg.ca_file.as_deref(),
+            self.cfg.allow_http,
+            self.cfg.timeout,
+        )
+        .await
+        .map_err(|e| {
+            (self.progress)(&format!("FAIL target validation: {e}"));
+            (EXIT_TARGET, format!("target validation failed: {e}"))
+        })?;
+        (self.progress)(&format!(
+            "ok   target answered HEAD {} in {} ms ({})",
+            validation["status"],
+            validation["responseTimeMs"],
+            validation["contentType"]
+                .as_str()
+                .unwrap_or("no content type")
+        ));
+        self.details.insert("validation".into(), validation);
+
+        // 3. Register.
+        let (connector, idempotent) = match self.cfg.cognigy.api {
+            Api::Connectors => self.register_connector().await,
+            Api::Rest => self.register_rest_endpoint().await,
+        }
+        .inspect_err(|e| (self.progress)(&format!("FAIL registration: {}", e.1)))?;
+        let id = connector_id(&connector, self.cfg.cognigy.api).ok_or_else(|| {
+            (
+                EXIT_REGISTER,
+                "Cognigy's answer has no connector id".to_string(),
+            )
+        })?;
+        self.details.insert("connectorId".into(), json!(id));
+        self.details.insert("idempotent".into(), json!(idempotent));
+        (self.progress)(&format!(
+            "ok   {} {id} (idempotency key {})",
+            if idempotent {
+                "already registered as"
+            } else {
+                "registered as"
+            },
+            self.cfg.idempotency_key
+        ));
+
+        // 4. Verify health.
+        let connector = self
+            .verify_health(&id, connector)
+            .await
+            .inspect_err(|e| (self.progress)(&format!("FAIL health: {}", e.1)))?;
+        self.details.insert("healthVerified".into(), json!(true));
+        (self.progress)(&format!("ok   {id} is active"));
+
+        // 5. Sync the gateway.
+        if let Some(url) = &self.cfg.gateway {
+            self.sync_gateway(url, &connector)
+                .await
+                .inspect_err(|e| (self.progress)(&format!("FAIL gateway sync: {}", e.1)))?;
+            self.details.insert("gatewaySynced".into(), json!(true));
+            (self.progress)("ok   gateway notified (connector.registered)");
+        } else {
+            self.details.insert("gatewaySynced".into(), json!(false));
+            (self.progress)("skip gateway sync (GATEWAY_CALLBACK_URL is not set)");
+        }
+        Ok(())
+    }
+
+    fn connector_payload(&self) -> Value {
+        json!({
+            "name": self.cfg.name,
+            "endpointUrl": self.cfg.target.as_str(),
+            "authentication": { "type": "none" },
+            "retryPolicy": { "maxRetries": 5, "backoffMs": 2000, "timeoutMs": 15000 },
+            "headers": { "Content-Type": "application/json" },
+            "requestSigning": {
+                "enabled": self.cfg.signing_secret.is_some(),
+                "algorithm": "HMAC-SHA256",
+                "headerName": "X-Webhook-Signature",
+                "secret": self.cfg.signing_secret.as_ref().map(|s| s.expose().to_string()),
+            },
+        })
+    }
+
+    async fn register_connector(&self) -> StepResult<(Value, bool)> {
+        let url = self.client.url("/api/v1/connectors");
+        let answer = self
+            .client
+            .send(
+                Method::POST,
+                url,
+                &[("Idempotency-Key", &self.cfg.idempotency_key)],
+                Some(&self.connector_payload()),
+                "the connector registration",
+            )
+            .await
+            .map_err(|e| auth_or(EXIT_REGISTER, e))?;
+        match answer.status {
+            StatusCode::CREATED | StatusCode::OK => Ok((answer.json, false)),
+            StatusCode::CONFLICT => {
+                let existing = answer.json.get("connector").cloned().unwrap_or(answer.json);
+                Ok((existing, true))
+            }
+            s if matches!(s.as_u16(), 401 | 403) => Err((
+                EXIT_AUTH,
+                format!(
+                    "Cognigy refused the registration (HTTP {s}): {}",
+                    crate::cognigy::detail(&answer.json)
+                ),
+            )),
+            s => Err((
+                EXIT_REGISTER,
+                format!(
+                    "Cognigy answered HTTP {s} to the registration: {}",
+                    crate::cognigy::detail(&answer.json)
+                ),
+            )),
+        }
+    }
+
+    async fn register_rest_endpoint(&self) -> StepResult<(Value, bool)> {
+        let mut list = self.client.url("/new/v2.0/endpoints");
+        list.query_pairs_mut()
+            .append_pair("filter", &self.cfg.name)
+            .append_pair("limit", "100");
+        let answer = self
+            .client
+            .send(Method::GET, list, &[], None, "the endpoint lookup")
+            .await
+            .map_err(|e| auth_or(EXIT_REGISTER, e))?;
+        if !answer.status.is_success() {
+            let code = if matches!(answer.status.as_u16(), 401 | 403) {
+                EXIT_AUTH
+            } else {
+                EXIT_REGISTER
+            };
+            return Err((
+                code,
+                format!(
+                    "Cognigy answered HTTP {} to the endpoint lookup: {}",
+                    answer.status,
+                    crate::cognigy::detail(&answer.json)
+                ),
+            ));
+        }
+        let existing = answer.json["items"].as_array().and_then(|items| {
+            items
+                .iter()
+                .find(|e| e["name"].as_str() == Some(self.cfg.name.as_str()))
+                .cloned()
+        });
+        if let Some(e) = existing {
+            return Ok((e, true));
+        }
+        let body = json!({
+            "name": self.cfg.name,
+            "channel": "webhook",
+            "flowId": self.cfg.flow_id,
+            "settings": { "webhookUrl": self.cfg.target.as_str() },
+        });
+        let answer = self
+            .client
+            .send(
+                Method::POST,
+                self.client.url("/new/v2.0/endpoints"),
+                &[("Idempotency-Key", &self.cfg.idempotency_key)],
+                Some(&body),
+                "the endpoint creation",
+            )
+            .await
+            .map_err(|e| auth_or(EXIT_REGISTER, e))?;
+        match answer.status.as_u16() {
+            200 | 201 => Ok((answer.json, false)),
+            401 | 403 => Err((
+                EXIT_AUTH,
+                format!(
+                    "Cognigy refused the endpoint creation (HTTP {}): {}",
+                    answer.status,
+                    crate::cognigy::detail(&answer.json)
+                ),
+            )),
+            _ => Err((
+                EXIT_REGISTER,
+                format!(
+                    "Cognigy answered HTTP {} to the endpoint creation: {}",
+                    answer.status,
+                    crate::cognigy::detail(&answer.json)
+                ),
+            )),
+        }
+    }
+
+    fn is_active(&self, c: &Value) -> bool {
+        match self.cfg.cognigy.api {
+            Api::Connectors => c["status"].as_str() == Some("active"),
+            Api::Rest => c["active"].as_bool() == Some(true),
+        }
+    }
+
+    /// Polls until active: delay, 2 × delay, 4 × delay ... between checks.
+    async fn verify_health(&self, id: &str, created: Value) -> StepResult<Value> {
+        if self.is_active(&created) {
+            return Ok(created);
+        }
+        let path = match self.cfg.cognigy.api {
+            Api::Connectors => "/api/v1/connectors",
+            Api::Rest => "/new/v2.0/endpoints",
+        };
+        let mut url = self.client.url(path);
+        url.path_segments_mut()
+            .map_err(|_| (EXIT_HEALTH, "bad base URL".to_string()))?
+            .push(id);
+        let mut last = created;
+        for n in 0..self.cfg.health_attempts {
+            if n > 0 {
+                let delay = self.cfg.health_delay * 2u32.pow((n - 1).min(16));
+                (self.progress)(&format!(
+                    "...  {id} is {}; checking again in {} ms",
+                    state_word(&last, self.cfg.cognigy.api),
+                    delay.as_millis()
+                ));
+                tokio::time::sleep(delay).await;
+            }
+            match self
+                .client
+                .send(Method::GET, url.clone(), &[], None, "the health check")
+                .await
+            {
+                Ok(a) if a.status.is_success() => {
+                    if self.is_active(&a.json) {
+                        return Ok(a.json);
+                    }
+                    last = a.json;
+                }
+                Ok(a) => {
+                    tracing::debug!(status = a.status.as_u16(), "health check answered non-2xx")
+                }
+                Err(e) => tracing::debug!(error = %e, "health check failed"),
+            }
+        }
+        Err((
+            EXIT_HEALTH,
+            format!(
+                "connector {id} is still {} after {} checks: it exists; check it in Cognigy, then run register again (it is idempotent)",
+                state_word(&last, self.cfg.cognigy.api),
+                self.cfg.health_attempts
+            ),
+        ))
+    }
+
+    async fn sync_gateway(&self, url: &Url, connector: &Value) -> StepResult<()> {
+        let http = reqwest::Client::builder()
+            .timeout(self.cfg.timeout)
+            .build()
+            .map_err(|e| (EXIT_GATEWAY, e.to_string()))?;
+        let body = json!({ "event": "connector.registered", "timestamp": httpdate_now(), "connector": connector });
+        let mut last_error = String::new();
+        for n in 0..=GATEWAY_RETRIES {
+            if n > 0 {
+                tokio::time::sleep(Duration::from_millis(500) * 2u32.pow(n - 1)).await;
+            }
+            match http.post(url.clone()).json(&body).send().await {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => last_error = format!("HTTP {}", r.status().as_u16()),
+                Err(e) => last_error = crate::cognigy::network_detail(&e),
+            }
+        }
+        Err((
+            EXIT_GATEWAY,
+            format!(
+                "gateway callback failed after {} attempts ({last_error}); the connector exists, notify the gateway by hand or re-run register",
+                GATEWAY_RETRIES + 1
+            ),
+        ))
+    }
+}
+
+fn connector_id(c: &Value, api: Api) -> Option<String> {
+    let key = match api {
+        Api::Connectors => "id",
+        Api::Rest => "_id",
+    };
+    c.get(key).and_then(|v| {
+        v.as_str()
+            .map(str::to_owned)
+            .or_else(|| v.as_i64().map(|n| n.to_string()))
+    })
+}
+
+fn state_word(c: &Value, api: Api) -> String {
+    match api {
+        Api::Connectors => c["status"].as_str().unwrap_or("unknown").to_string(),
+        Api::Rest => if c["active"].as_bool() == Some(true) {
+            "active"
+        } else {
+            "inactive"
+        }
+        .to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_key_is_deterministic_and_depends_on_its_inputs() {
+        let base: Url = "https://acme.cognigy.com".parse().expect("url");
+        let t: Url = "https://relay.example.com/api/webhook/cognigy"
+            .parse()
+            .expect("url");
+        let k = default_idempotency_key(&base, &t, "a");
+        assert_eq!(k, default_idempotency_key(&base, &t, "a"));
+        assert_ne!(k, default_idempotency_key(&base, &t, "b"));
+        assert!(k.starts_with("cogrelay-") && k.len() == 41);
+    }
+
+    #[test]
+    fn dates_are_rfc3339() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_414), (2025, 11, 22));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+}
