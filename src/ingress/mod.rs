@@ -41,7 +41,8 @@ pub struct Ingress<Q> {
 
 pub fn router<Q: Queue>(state: Arc<Ingress<Q>>) -> Router {
     Router::new()
-        .route(PATH, post(receive::<Q>))
+        // HEAD answers 200 so `cogrelay register` (and Cognigy) can pre-flight the URL.
+        .route(PATH, post(receive::<Q>).head(|| async { StatusCode::OK }))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,

@@ -360,3 +360,11 @@ async fn unknown_routes_are_404_json() {
         .expect("send");
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test]
+async fn head_on_the_ingress_answers_200_for_pre_flight_checks() {
+    let app = spawn_app().await;
+    let r = app.http.head(app.url()).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(total_jobs(&app).await, 0);
+}
