@@ -224,13 +224,21 @@ pub struct ServeArgs {
     #[arg(long, env = "COGRELAY_QUEUE")]
     pub queue: Option<String>,
 
-    /// Redis URL (only to pick the default backend in this build).
+    /// Redis URL for the redis queue, e.g. redis://127.0.0.1:6379 (may carry a password; never printed).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
-    /// Redis host (only to pick the default backend in this build).
+    /// Redis host for the redis queue (with REDIS_PORT), when REDIS_URL is not set.
     #[arg(long, env = "REDIS_HOST")]
     pub redis_host: Option<String>,
+
+    /// Redis port for the redis queue.
+    #[arg(long, env = "REDIS_PORT", default_value = "6379")]
+    pub redis_port: String,
+
+    /// Queue name (part of the Redis keys: bull:<QUEUE_NAME>:...).
+    #[arg(long, env = "QUEUE_NAME", default_value = "cognigy-webhook-retries")]
+    pub queue_name: String,
 
     /// Directory of the embedded store (created if missing).
     #[arg(long, env = "COGRELAY_DATA_DIR", default_value = "./data")]

@@ -109,6 +109,9 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Event verification with Cognigy before delivery (`VERIFY_EVENTS`); None = off.
     pub verify_events: Option<crate::cognigy::CognigyConfig>,
+    /// Redis URL (redis queue only). May hold a password: never print it.
+    pub redis_url: crate::secret::Secret,
+    pub queue_name: String,
 }
 
 impl ServeConfig {
@@ -140,6 +143,8 @@ impl ServeConfig {
             dedup_ttl: Duration::from_secs(86_400),
             max_body_bytes: 1024 * 1024,
             verify_events: None,
+            redis_url: Secret::new("redis://127.0.0.1:6379"),
+            queue_name: "cognigy-webhook-retries".into(),
         }
     }
 
@@ -194,6 +199,27 @@ impl ServeConfig {
             None if a.redis_url.is_some() || a.redis_host.is_some() => QueueKind::Redis,
             None => QueueKind::Embedded,
         };
+        let redis_port: u16 = parse_num("REDIS_PORT", &a.redis_port, "a port number")?;
+        c.redis_url = Secret::new(match (&a.redis_url, &a.redis_host) {
+            (Some(url), _) if !url.trim().is_empty() => {
+                let url = url.trim();
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(bad("REDIS_URL is not valid: use redis://[user:password@]host:port[/db] or rediss://..."));
+                }
+                url.to_string()
+            }
+            (_, Some(host)) if !host.trim().is_empty() => {
+                format!("redis://{}:{redis_port}", host.trim())
+            }
+            _ => format!("redis://127.0.0.1:{redis_port}"),
+        });
+        c.queue_name = a.queue_name.trim().to_string();
+        if c.queue_name.is_empty() || c.queue_name.contains(':') {
+            return Err(bad(format!(
+                "QUEUE_NAME={:?} is not valid: use a non-empty name without ':'",
+                a.queue_name
+            )));
+        }
         c.fsync = match a.fsync.trim() {
             "always" => Fsync::Always,
             "off" => Fsync::Off,
@@ -282,9 +308,6 @@ impl ServeConfig {
     /// Cross-field rules and ranges; also run by `serve::run` so that configs built
     /// in code obey them too.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.queue == QueueKind::Redis {
-            return Err(bad("COGRELAY_QUEUE=redis: the Redis backend is not available in this build yet; use COGRELAY_QUEUE=embedded (and unset REDIS_URL/REDIS_HOST to make it the default)"));
-        }
         if self.signing_secrets.is_empty() && self.basic.is_none() && !self.allow_unauthenticated {
             return Err(bad("no ingress authentication: set WEBHOOK_SIGNING_SECRET or INGRESS_BASIC_USER/INGRESS_BASIC_PASSWORD, or pass --allow-unauthenticated for local testing"));
         }

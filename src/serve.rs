@@ -21,6 +21,7 @@ use crate::config::{QueueKind, ServeConfig};
 use crate::delivery::{self, DeliveryConfig};
 use crate::ingress::{self, auth::Authenticator, Ingress};
 use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
+use crate::queue::redis::{RedisOptions, RedisQueue};
 use crate::queue::{Queue, QueueSettings};
 use crate::{admin, admin::Admin};
 
@@ -44,6 +45,36 @@ pub fn open_embedded(cfg: &ServeConfig) -> anyhow::Result<EmbeddedQueue> {
     .context("failed to open the embedded queue")
 }
 
+pub async fn open_redis(cfg: &ServeConfig) -> anyhow::Result<RedisQueue> {
+    RedisQueue::connect(RedisOptions {
+        url: cfg.redis_url.expose().to_string(),
+        queue_name: cfg.queue_name.clone(),
+        lock_duration: cfg.lock_duration,
+        settings: queue_settings(cfg),
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "failed to connect to Redis at {} (REDIS_URL / REDIS_HOST)",
+            redis_host(cfg)
+        )
+    })
+}
+
+/// host:port of the Redis URL, without credentials.
+pub fn redis_host(cfg: &ServeConfig) -> String {
+    reqwest::Url::parse(cfg.redis_url.expose())
+        .ok()
+        .map(|u| {
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or("?"),
+                u.port().unwrap_or(6379)
+            )
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
 pub async fn run(
     cfg: ServeConfig,
     ingress: TcpListener,
@@ -57,7 +88,11 @@ pub async fn run(
             tracing::info!(store = %queue.path().display(), "embedded queue open");
             run_with_queue(cfg, queue, ingress, admin, shutdown).await
         }
-        QueueKind::Redis => anyhow::bail!("the Redis queue is not available in this build"),
+        QueueKind::Redis => {
+            let queue = Arc::new(open_redis(&cfg).await?);
+            tracing::info!(queue = %cfg.queue_name, redis = %redis_host(&cfg), "redis queue (BullMQ layout) connected");
+            run_with_queue(cfg, queue, ingress, admin, shutdown).await
+        }
     }
 }
 

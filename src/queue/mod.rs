@@ -22,6 +22,7 @@
 //!   `X-Delivery-Attempt: n = attempts_made + 1`.
 
 pub mod embedded;
+pub mod redis;
 
 use std::future::Future;
 use std::time::Duration;

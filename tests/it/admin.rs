@@ -21,9 +21,9 @@ async fn fail_n(app: &TestApp, n: usize) -> Vec<String> {
     ids
 }
 
-#[tokio::test]
-async fn failed_jobs_are_listed_with_total_pagination_and_history() {
-    let app = spawn_app_with(|c| c.attempts = 2).await;
+both_backends! {
+async fn failed_jobs_are_listed_with_total_pagination_and_history(b: Backend) {
+    let app = spawn_app_on(b, |c| c.attempts = 2).await;
     let ids = fail_n(&app, 7).await;
 
     let mut seen = Vec::new();
@@ -58,9 +58,8 @@ async fn failed_jobs_are_listed_with_total_pagination_and_history() {
     assert_eq!(one.json["eventKey"], "cognigy-bot-dl-0");
 }
 
-#[tokio::test]
-async fn limit_and_state_are_validated() {
-    let app = spawn_app().await;
+async fn limit_and_state_are_validated(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     for q in [
         "limit=0",
         "limit=501",
@@ -77,9 +76,8 @@ async fn limit_and_state_are_validated() {
     assert_eq!(app.admin_get("/admin/jobs/not-a-number").await.status, 404);
 }
 
-#[tokio::test]
-async fn retry_one_and_retry_all_deliver_once_the_target_recovers() {
-    let app = spawn_app_with(|c| c.attempts = 1).await;
+async fn retry_one_and_retry_all_deliver_once_the_target_recovers(b: Backend) {
+    let app = spawn_app_on(b, |c| c.attempts = 1).await;
     let ids = fail_n(&app, 3).await;
     app.sink.set_default(Behaviour::status(200));
     let before = app.sink.count();
@@ -104,9 +102,8 @@ async fn retry_one_and_retry_all_deliver_once_the_target_recovers() {
     assert_eq!(last.header("x-delivery-attempt"), Some("1"));
 }
 
-#[tokio::test]
-async fn remove_deletes_a_job() {
-    let app = spawn_app_with(|c| c.attempts = 1).await;
+async fn remove_deletes_a_job(b: Backend) {
+    let app = spawn_app_on(b, |c| c.attempts = 1).await;
     let ids = fail_n(&app, 2).await;
     let r = app.admin_delete(&format!("/admin/jobs/{}", ids[1])).await;
     assert_eq!(r.status, 200);
@@ -126,9 +123,8 @@ async fn remove_deletes_a_job() {
     );
 }
 
-#[tokio::test]
-async fn health_ready_and_queue_counts() {
-    let app = spawn_app().await;
+async fn health_ready_and_queue_counts(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     assert_eq!(app.admin_get("/healthz").await.status, 200);
     assert_eq!(app.admin_get("/readyz").await.status, 200);
     let c = app.admin_get("/admin/queue").await.json;
@@ -137,9 +133,8 @@ async fn health_ready_and_queue_counts() {
     }
 }
 
-#[tokio::test]
-async fn admin_token_is_required_when_set() {
-    let app = spawn_app_with(|c| c.admin_token = Some(Secret::new("adm-tok"))).await;
+async fn admin_token_is_required_when_set(b: Backend) {
+    let app = spawn_app_on(b, |c| c.admin_token = Some(Secret::new("adm-tok"))).await;
     assert_eq!(app.admin_get("/admin/queue").await.status, 401);
     assert_eq!(
         app.admin_get("/healthz").await.status,
@@ -156,4 +151,5 @@ async fn admin_token_is_required_when_set() {
     assert_eq!(ok.status(), 200);
     let v: Value = serde_json::from_slice(&ok.bytes().await.expect("body")).expect("json");
     assert_eq!(v["failed"], 0);
+}
 }

@@ -17,9 +17,9 @@ async fn accepted_id(app: &TestApp, id: &str) -> String {
     r.json["jobId"].as_str().expect("jobId").to_string()
 }
 
-#[tokio::test]
-async fn two_503s_then_200_is_delivered_on_attempt_3() {
-    let app = spawn_app().await;
+both_backends! {
+async fn two_503s_then_200_is_delivered_on_attempt_3(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     app.sink.push(Behaviour::status(503));
     app.sink.push(Behaviour::status(503));
     let id = accepted_id(&app, "e-503").await;
@@ -38,9 +38,8 @@ async fn two_503s_then_200_is_delivered_on_attempt_3() {
     assert_eq!(history[2]["outcome"], "delivered");
 }
 
-#[tokio::test]
-async fn a_422_fails_after_one_attempt() {
-    let app = spawn_app().await;
+async fn a_422_fails_after_one_attempt(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     app.sink.set_default(Behaviour::status(422));
     let id = accepted_id(&app, "e-422").await;
     let job = app.wait_job(&id, "failed", WAIT).await;
@@ -56,9 +55,8 @@ async fn a_422_fails_after_one_attempt() {
     assert_eq!(app.sink.count(), 1, "no more attempts");
 }
 
-#[tokio::test]
-async fn always_503_fails_after_attempts_with_delays_doubling() {
-    let app = spawn_app_with(|c| {
+async fn always_503_fails_after_attempts_with_delays_doubling(b: Backend) {
+    let app = spawn_app_on(b, |c| {
         c.attempts = 5;
         c.backoff_delay = Duration::from_millis(100);
     })
@@ -89,9 +87,8 @@ async fn always_503_fails_after_attempts_with_delays_doubling() {
     assert!(gaps[3] > gaps[1] * 2, "exponential: {gaps:?}");
 }
 
-#[tokio::test]
-async fn retry_after_on_429_delays_the_next_attempt() {
-    let app = spawn_app().await;
+async fn retry_after_on_429_delays_the_next_attempt(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     app.sink.push(Behaviour::retry_after(429, "2"));
     let id = accepted_id(&app, "e-429").await;
     app.wait_job(&id, "completed", WAIT).await;
@@ -104,9 +101,8 @@ async fn retry_after_on_429_delays_the_next_attempt() {
     );
 }
 
-#[tokio::test]
-async fn reset_connection_and_timeout_are_retried() {
-    let app = spawn_app_with(|c| c.delivery_timeout = Duration::from_millis(300)).await;
+async fn reset_connection_and_timeout_are_retried(b: Backend) {
+    let app = spawn_app_on(b, |c| c.delivery_timeout = Duration::from_millis(300)).await;
     app.sink.push(Behaviour::Reset);
     app.sink.push(Behaviour::Hang);
     let id = accepted_id(&app, "e-flaky").await;
@@ -128,10 +124,9 @@ async fn reset_connection_and_timeout_are_retried() {
     assert!(history[1]["durationMs"].as_u64().expect("ms") >= 300);
 }
 
-#[tokio::test]
-async fn outbound_signature_verifies_with_the_standardwebhooks_crate() {
+async fn outbound_signature_verifies_with_the_standardwebhooks_crate(b: Backend) {
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-    let app = spawn_app_with(|c| {
+    let app = spawn_app_on(b, |c| {
         c.target_signing_key = Some(TargetSigningKey::parse(secret).expect("key"))
     })
     .await;
@@ -156,8 +151,7 @@ async fn outbound_signature_verifies_with_the_standardwebhooks_crate() {
 
 /// VERIFY_EVENTS: each envelope is looked up in Cognigy before delivery; one
 /// token serves them all; an event Cognigy does not know fails permanently.
-#[tokio::test]
-async fn verified_events_cost_one_token_and_unknown_events_fail() {
+async fn verified_events_cost_one_token_and_unknown_events_fail(b: Backend) {
     use cogrelay::cognigy::{Api, RateLimit};
     use cogrelay::sim::{self, SimOptions};
     let (sim_addr, sim) = sim::spawn(SimOptions {
@@ -171,7 +165,7 @@ async fn verified_events_cost_one_token_and_unknown_events_fail() {
     .expect("sim");
     let mut cognigy = crate::cognigy::client_config(sim_addr, Api::Connectors);
     cognigy.max_retries = 0;
-    let app = spawn_app_with(|c| c.verify_events = Some(cognigy)).await;
+    let app = spawn_app_on(b, |c| c.verify_events = Some(cognigy)).await;
 
     const N: usize = 1000;
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
@@ -213,4 +207,5 @@ async fn verified_events_cost_one_token_and_unknown_events_fail() {
     assert_eq!(job["failedReason"], "event not found in Cognigy");
     assert_eq!(job["attemptsMade"], 1);
     assert_eq!(app.sink.count(), N, "never delivered");
+}
 }

@@ -17,7 +17,39 @@ use tokio::task::JoinHandle;
 
 pub const SECRET: &str = "test-signing-secret";
 
+/// Which queue backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Redis,
+}
+
+/// Runs each listed test on both backends: `mod <name> { embedded, redis }`.
+macro_rules! both_backends {
+    ($($(#[$meta:meta])* async fn $name:ident($b:ident: Backend) $body:block)*) => {
+        $(
+            $(#[$meta])*
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+                async fn case($b: Backend) $body
+                #[tokio::test]
+                async fn embedded() {
+                    case(Backend::Embedded).await
+                }
+                #[tokio::test]
+                async fn redis() {
+                    if crate::redis_server::available() {
+                        case(Backend::Redis).await
+                    }
+                }
+            }
+        )*
+    };
+}
+
 pub struct TestApp {
+    pub redis: Option<crate::redis_server::RedisServer>,
     pub ingress: SocketAddr,
     pub admin: SocketAddr,
     pub sink: Sink,
@@ -46,12 +78,27 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    spawn_app_on(Backend::Embedded, tweak).await
+}
+
+/// The relay on `backend`; for Redis, a private redis-server (AOF on) started for it.
+pub async fn spawn_app_on(backend: Backend, tweak: impl FnOnce(&mut ServeConfig)) -> TestApp {
     let sink = Sink::start().await.expect("sink");
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut cfg = test_config(&sink, tmp.path().join("data"));
+    let redis = match backend {
+        Backend::Embedded => None,
+        Backend::Redis => {
+            let server = crate::redis_server::RedisServer::start(true).expect("redis-server");
+            cfg.queue = cogrelay::config::QueueKind::Redis;
+            cfg.redis_url = Secret::new(server.url());
+            Some(server)
+        }
+    };
     tweak(&mut cfg);
     let mut app = start(cfg, sink).await;
     app._tmp = Some(tmp);
+    app.redis = redis;
     app
 }
 
@@ -78,6 +125,7 @@ pub async fn start(cfg: ServeConfig, sink: Sink) -> TestApp {
         },
     ));
     let app = TestApp {
+        redis: None,
         ingress: ingress_addr,
         admin: admin_addr,
         sink,
@@ -235,8 +283,10 @@ impl TestApp {
     pub async fn restart(mut self) -> TestApp {
         self.stop().await.expect("clean stop");
         let tmp = self._tmp.take();
+        let redis = self.redis.take();
         let mut app = start(self.config.clone(), self.sink.clone()).await;
         app._tmp = tmp;
+        app.redis = redis;
         app
     }
 }

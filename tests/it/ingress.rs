@@ -20,9 +20,29 @@ async fn total_jobs(app: &TestApp) -> u64 {
         .sum()
 }
 
-#[tokio::test]
-async fn signed_envelope_is_accepted_and_delivered_with_the_spec_headers() {
-    let app = spawn_app().await;
+fn futures_stream(
+    body: Vec<u8>,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    struct Chunks(Vec<Vec<u8>>);
+    impl futures_core::Stream for Chunks {
+        type Item = Result<Vec<u8>, std::io::Error>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(if self.0.is_empty() {
+                None
+            } else {
+                Some(Ok(self.0.remove(0)))
+            })
+        }
+    }
+    Chunks(body.chunks(256).map(<[u8]>::to_vec).collect())
+}
+
+both_backends! {
+async fn signed_envelope_is_accepted_and_delivered_with_the_spec_headers(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let r = app.post_event(&event("bot-1", "evt-1")).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json["status"], "accepted");
@@ -49,9 +69,8 @@ async fn signed_envelope_is_accepted_and_delivered_with_the_spec_headers() {
     app.wait_job(&job_id, "completed", WAIT).await;
 }
 
-#[tokio::test]
-async fn endpoint_output_is_delivered_whole_with_its_derived_key() {
-    let app = spawn_app().await;
+async fn endpoint_output_is_delivered_whole_with_its_derived_key(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let with_trace = json!({ "userId": "u1", "sessionId": "s1", "AIOutput": { "traceId": "tr-1", "text": "hi" } });
     assert_eq!(app.post_event(&with_trace).await.status, 200);
     let no_trace =
@@ -76,9 +95,8 @@ async fn endpoint_output_is_delivered_whole_with_its_derived_key() {
     assert_eq!(got[1].body, raw);
 }
 
-#[tokio::test]
-async fn bad_json_is_400_and_stores_nothing() {
-    let app = spawn_app().await;
+async fn bad_json_is_400_and_stores_nothing(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let body = b"{\"botId\": ".to_vec();
     let sig = sign_hex(SECRET, &body);
     let r = app
@@ -102,18 +120,16 @@ async fn bad_json_is_400_and_stores_nothing() {
     assert_eq!(total_jobs(&app).await, 0);
 }
 
-#[tokio::test]
-async fn non_object_json_is_400() {
-    let app = spawn_app().await;
+async fn non_object_json_is_400(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let r = app.post_event(&json!([1, 2, 3])).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json["error"], "Body must be a JSON object");
     assert_eq!(total_jobs(&app).await, 0);
 }
 
-#[tokio::test]
-async fn each_missing_field_is_named() {
-    let app = spawn_app().await;
+async fn each_missing_field_is_named(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     for field in ["botId", "eventId", "type"] {
         let mut e = event("b", "e");
         e.as_object_mut().expect("object").remove(field);
@@ -129,9 +145,8 @@ async fn each_missing_field_is_named() {
     assert_eq!(total_jobs(&app).await, 0);
 }
 
-#[tokio::test]
-async fn wrong_types_are_400_with_the_field_named() {
-    let app = spawn_app().await;
+async fn wrong_types_are_400_with_the_field_named(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let r = app
         .post_event(&json!({ "botId": 42, "eventId": "e", "type": "t" }))
         .await;
@@ -143,9 +158,8 @@ async fn wrong_types_are_400_with_the_field_named() {
     );
 }
 
-#[tokio::test]
-async fn wrong_signature_is_401_and_stores_nothing() {
-    let app = spawn_app().await;
+async fn wrong_signature_is_401_and_stores_nothing(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let body = serde_json::to_vec(&event("b", "e")).expect("json");
     let sig = sign_hex("some-other-secret", &body);
     let r = app
@@ -162,9 +176,8 @@ async fn wrong_signature_is_401_and_stores_nothing() {
     assert_eq!(total_jobs(&app).await, 0);
 }
 
-#[tokio::test]
-async fn missing_signature_is_401() {
-    let app = spawn_app().await;
+async fn missing_signature_is_401(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let body = serde_json::to_vec(&event("b", "e")).expect("json");
     let r = app
         .post_raw(body, &[("content-type", "application/json")])
@@ -173,9 +186,8 @@ async fn missing_signature_is_401() {
     assert_eq!(total_jobs(&app).await, 0);
 }
 
-#[tokio::test]
-async fn any_secret_of_the_rotation_list_is_accepted() {
-    let app = spawn_app_with(|c| {
+async fn any_secret_of_the_rotation_list_is_accepted(b: Backend) {
+    let app = spawn_app_on(b, |c| {
         c.signing_secrets = vec![Secret::new("old-secret"), Secret::new("new-secret")]
     })
     .await;
@@ -195,9 +207,8 @@ async fn any_secret_of_the_rotation_list_is_accepted() {
     }
 }
 
-#[tokio::test]
-async fn sha256_prefix_is_accepted() {
-    let app = spawn_app().await;
+async fn sha256_prefix_is_accepted(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let body = serde_json::to_vec(&event("b", "prefixed")).expect("json");
     let sig = format!("sha256={}", sign_hex(SECRET, &body));
     let r = app
@@ -212,9 +223,8 @@ async fn sha256_prefix_is_accepted() {
     assert_eq!(r.status, 200);
 }
 
-#[tokio::test]
-async fn basic_credentials_are_accepted_and_wrong_ones_are_401() {
-    let app = spawn_app_with(|c| {
+async fn basic_credentials_are_accepted_and_wrong_ones_are_401(b: Backend) {
+    let app = spawn_app_on(b, |c| {
         c.signing_secrets.clear();
         c.basic = Some(cogrelay::config::BasicCredentials {
             user: "cognigy".into(),
@@ -252,9 +262,8 @@ async fn basic_credentials_are_accepted_and_wrong_ones_are_401() {
     assert_eq!(bad.json["error"], "Invalid credentials");
 }
 
-#[tokio::test]
-async fn oversized_body_is_413_by_declared_length_and_by_stream() {
-    let app = spawn_app_with(|c| c.max_body_bytes = 1024).await;
+async fn oversized_body_is_413_by_declared_length_and_by_stream(b: Backend) {
+    let app = spawn_app_on(b, |c| c.max_body_bytes = 1024).await;
     let mut e = event("b", "big");
     e["payload"] = json!({ "blob": "x".repeat(2000) });
     let r = app.post_event(&e).await;
@@ -277,29 +286,8 @@ async fn oversized_body_is_413_by_declared_length_and_by_stream() {
     assert_eq!(total_jobs(&app).await, 0);
 }
 
-fn futures_stream(
-    body: Vec<u8>,
-) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
-    struct Chunks(Vec<Vec<u8>>);
-    impl futures_core::Stream for Chunks {
-        type Item = Result<Vec<u8>, std::io::Error>;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            std::task::Poll::Ready(if self.0.is_empty() {
-                None
-            } else {
-                Some(Ok(self.0.remove(0)))
-            })
-        }
-    }
-    Chunks(body.chunks(256).map(<[u8]>::to_vec).collect())
-}
-
-#[tokio::test]
-async fn non_json_content_type_is_415() {
-    let app = spawn_app().await;
+async fn non_json_content_type_is_415(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let body = serde_json::to_vec(&event("b", "ct")).expect("json");
     let sig = sign_hex(SECRET, &body);
     let r = app
@@ -328,9 +316,8 @@ async fn non_json_content_type_is_415() {
     assert_eq!(r.status, 200, "parameters are fine");
 }
 
-#[tokio::test]
-async fn duplicate_event_returns_the_first_job_and_is_delivered_once() {
-    let app = spawn_app().await;
+async fn duplicate_event_returns_the_first_job_and_is_delivered_once(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let first = app.post_event(&event("b", "dup")).await;
     assert_eq!(first.json["status"], "accepted");
     let second = app.post_event(&event("b", "dup")).await;
@@ -349,9 +336,8 @@ async fn duplicate_event_returns_the_first_job_and_is_delivered_once() {
     assert_eq!(total_jobs(&app).await, 1);
 }
 
-#[tokio::test]
-async fn unknown_routes_are_404_json() {
-    let app = spawn_app().await;
+async fn unknown_routes_are_404_json(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let r = app
         .http
         .get(format!("http://{}/nope", app.ingress))
@@ -361,10 +347,10 @@ async fn unknown_routes_are_404_json() {
     assert_eq!(r.status(), 404);
 }
 
-#[tokio::test]
-async fn head_on_the_ingress_answers_200_for_pre_flight_checks() {
-    let app = spawn_app().await;
+async fn head_on_the_ingress_answers_200_for_pre_flight_checks(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
     let r = app.http.head(app.url()).send().await.expect("send");
     assert_eq!(r.status(), 200);
     assert_eq!(total_jobs(&app).await, 0);
+}
 }

@@ -2,7 +2,9 @@
 //! server; each module tests one area of the spec against real parts (HTTP on
 //! port 0, SQLite files in temp dirs, the real binary for process-level tests).
 
+#[macro_use]
 mod helpers;
+mod redis_server;
 
 mod admin;
 mod cognigy;
