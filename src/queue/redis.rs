@@ -68,9 +68,13 @@ pub struct RedisQueue {
     queue: bull::Queue,
     fetcher: bull::Worker,
     stall_checker: bull::Worker,
-    /// Jobs this process holds a lock on, with their script context.
-    claimed: Mutex<HashMap<String, bull::Job>>,
+    /// Jobs this process holds a lock on, by (job id, lock token), with their
+    /// script context. Keyed by token too: a job retaken after its own lease
+    /// expired must not be finished through the stale lease.
+    claimed: Mutex<HashMap<(String, String), bull::Job>>,
     opts: RedisOptions,
+    /// When completed jobs were last pruned (see `prune_completed`).
+    last_prune: Mutex<std::time::Instant>,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -139,10 +143,11 @@ impl RedisQueue {
             stall_checker,
             claimed: Mutex::new(HashMap::new()),
             opts,
+            last_prune: Mutex::new(std::time::Instant::now()),
         })
     }
 
-    fn claimed(&self) -> std::sync::MutexGuard<'_, HashMap<String, bull::Job>> {
+    fn claimed(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), bull::Job>> {
         self.claimed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -209,6 +214,30 @@ impl RedisQueue {
             bull::JobState::Failed => Ok(JobState::Failed),
             bull::JobState::Unknown => Err(QueueError::NotFound(id.to_string())),
         }
+    }
+
+    /// Keeps the newest `REMOVE_ON_COMPLETE` completed jobs, at most once a
+    /// second. Work-around: in manual mode bullmq-official 1.4.4's
+    /// `move_to_completed` sends `keepJobs {count: -1}` (keep all) whatever the
+    /// job's `removeOnComplete` says. Several relays may prune at once; removing
+    /// a job twice is harmless.
+    async fn prune_completed(&self) -> QueueResult<()> {
+        {
+            let mut last = self.last_prune.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() < Duration::from_secs(1) {
+                return Ok(());
+            }
+            *last = std::time::Instant::now();
+        }
+        let key = format!("{}completed", self.queue.keys().key_prefix());
+        let keep = i64::from(self.opts.settings.remove_on_complete);
+        let excess: Vec<String> = self
+            .raw(redis::cmd("ZRANGE").arg(&key).arg(0).arg(-(keep + 1)))
+            .await?;
+        for id in excess.iter().take(1000) {
+            let _ = bounded(self.queue.remove(id)).await;
+        }
+        Ok(())
     }
 
     /// Earliest due time of a delayed job (BullMQ scores are `timestamp << 12 | n`).
@@ -299,13 +328,18 @@ impl Queue for RedisQueue {
                 job_id: delivery.id.clone(),
                 token,
             };
-            self.claimed().insert(delivery.id.clone(), job);
+            self.claimed()
+                .insert((lease.job_id.clone(), lease.token.clone()), job);
             jobs.push(Leased {
                 job: delivery,
                 lease,
             });
         }
         let next_due_ms = if jobs.is_empty() {
+            // Idle: a good moment for housekeeping (at most once a second).
+            if let Err(e) = self.prune_completed().await {
+                tracing::debug!(error = %e, "pruning completed jobs");
+            }
             self.next_delayed_ms().await?
         } else {
             None
@@ -315,7 +349,10 @@ impl Queue for RedisQueue {
 
     async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
         for l in leases {
-            let job = self.claimed().get(&l.job_id).cloned();
+            let job = self
+                .claimed()
+                .get(&(l.job_id.clone(), l.token.clone()))
+                .cloned();
             if let Some(job) = job {
                 if let Err(e) = bounded(job.extend_lock(&l.token, lease.as_millis() as u64)).await {
                     tracing::warn!(job = %l.job_id, error = %e, "cannot extend the lock");
@@ -331,7 +368,10 @@ impl Queue for RedisQueue {
         attempt: Attempt,
         disposition: Disposition,
     ) -> QueueResult<bool> {
-        let Some(mut job) = self.claimed().remove(&leased.lease.job_id) else {
+        let Some(mut job) = self
+            .claimed()
+            .remove(&(leased.lease.job_id.clone(), leased.lease.token.clone()))
+        else {
             return Ok(false);
         };
         let line = serde_json::to_string(&attempt).map_err(unavailable)?;
@@ -354,7 +394,12 @@ impl Queue for RedisQueue {
             }
         };
         match moved {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                if let Err(e) = self.prune_completed().await {
+                    tracing::debug!(error = %e, "pruning completed jobs");
+                }
+                Ok(true)
+            }
             // The lock is gone: the job stalled and another relay owns it now.
             Err(QueueError::Unavailable(msg))
                 if msg.contains("lock") || msg.contains("not in the expected state") =>
@@ -367,7 +412,7 @@ impl Queue for RedisQueue {
 
     async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {
         for l in leases {
-            let job = self.claimed().remove(&l.job_id);
+            let job = self.claimed().remove(&(l.job_id.clone(), l.token.clone()));
             if let Some(job) = job {
                 if let Err(e) = bounded(job.move_to_wait(Some(&l.token))).await {
                     tracing::warn!(job = %l.job_id, error = %e, "cannot return the job; it will be taken over when its lock expires");

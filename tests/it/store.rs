@@ -8,6 +8,7 @@ use std::time::Duration;
 use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
+use cogrelay::queue::redis::{RedisOptions, RedisQueue};
 use cogrelay::queue::{
     now_ms, Attempt, AttemptOutcome, Disposition, Enqueued, JobState, Queue, QueueSettings,
 };
@@ -60,19 +61,27 @@ async fn expired_lease_is_taken_over<Q: Queue>(q: &Q) {
         .jobs;
     assert_eq!(first.len(), 1);
     assert!(
-        q.claim(10, Duration::from_millis(100))
+        q.claim(10, Duration::from_millis(300))
             .await
             .expect("claim")
             .jobs
             .is_empty(),
         "leased"
     );
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let mut second = q
-        .claim(10, Duration::from_secs(30))
-        .await
-        .expect("claim")
-        .jobs;
+    // Taken over once the lease expired (Redis: at BullMQ's next stalled checks).
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let mut second = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let jobs = q
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .jobs;
+        if !jobs.is_empty() {
+            break jobs;
+        }
+        assert!(std::time::Instant::now() < deadline, "never taken over");
+    };
     assert_eq!(second.len(), 1, "taken over after the lease expired");
     assert_eq!(second[0].job.id, id);
     assert_eq!(
@@ -166,8 +175,8 @@ async fn completed_jobs_are_pruned<Q: Queue>(q: &Q) {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        // Pruning runs with the store's housekeeping, after a write.
-        q.ping().await.expect("ping");
+        // Pruning runs with the store's housekeeping: after writes, and when idle.
+        q.claim(1, Duration::from_secs(30)).await.expect("claim");
         let c = q.counts().await.expect("counts");
         if c.completed == 2 {
             break;
@@ -178,6 +187,44 @@ async fn completed_jobs_are_pruned<Q: Queue>(q: &Q) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn open_redis(server: &crate::redis_server::RedisServer) -> RedisQueue {
+    RedisQueue::connect(RedisOptions {
+        url: server.url(),
+        queue_name: "conformance".into(),
+        lock_duration: Duration::from_millis(300),
+        settings: QueueSettings {
+            dedup_ttl: Duration::from_secs(60),
+            remove_on_complete: 2,
+        },
+    })
+    .await
+    .expect("connect")
+}
+
+#[tokio::test]
+async fn redis_expired_lease_is_taken_over() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    expired_lease_is_taken_over(&open_redis(&server).await).await;
+}
+
+#[tokio::test]
+async fn redis_retries_wait_until_due() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    retries_wait_until_due(&open_redis(&server).await).await;
+}
+
+#[tokio::test]
+async fn redis_completed_jobs_are_pruned() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    completed_jobs_are_pruned(&open_redis(&server).await).await;
 }
 
 #[tokio::test]
