@@ -110,18 +110,17 @@ impl RedisQueue {
         let noop = |_job: bull::Job, _cancel: bull::worker::CancellationToken| async move {
             Ok::<Value, bull::Error>(Value::Null)
         };
-        let worker_opts = |skip_stalled: bool| {
-            let mut w = bull::WorkerOptions::default();
-            w.connection = connection(&opts.url);
-            w.autorun = false;
-            w.lock_duration = lock_ms;
-            w.stalled_interval = (lock_ms / 2).max(1000);
-            w.max_stalled_count = u32::MAX;
-            w.skip_stalled_check = skip_stalled;
+        let worker_opts = |skip_stalled: bool| bull::WorkerOptions {
+            connection: connection(&opts.url),
+            autorun: false,
+            lock_duration: lock_ms,
+            stalled_interval: (lock_ms / 2).max(1000),
+            max_stalled_count: u32::MAX,
+            skip_stalled_check: skip_stalled,
             // Leases are renewed by the delivery pool (`renew`), not by BullMQ's timer.
-            w.skip_lock_renewal = true;
-            w.concurrency = 1;
-            w
+            skip_lock_renewal: true,
+            concurrency: 1,
+            ..Default::default()
         };
         let fetcher = bounded(bull::Worker::with_options(
             &opts.queue_name,
