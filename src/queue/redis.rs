@@ -75,6 +75,10 @@ pub struct RedisQueue {
     opts: RedisOptions,
     /// When completed jobs were last pruned (see `prune_completed`).
     last_prune: Mutex<std::time::Instant>,
+    /// Circuit breaker of the ingress path: after a Redis failure, `enqueue`
+    /// answers Unavailable at once until then (a fast 503 rather than one
+    /// timeout per request), and then tries Redis again.
+    down_until: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -143,6 +147,7 @@ impl RedisQueue {
             claimed: Mutex::new(HashMap::new()),
             opts,
             last_prune: Mutex::new(std::time::Instant::now()),
+            down_until: Mutex::new(None),
         })
     }
 
@@ -270,8 +275,8 @@ fn types_of(state: Option<JobState>) -> Vec<&'static str> {
     }
 }
 
-impl Queue for RedisQueue {
-    async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
+impl RedisQueue {
+    async fn enqueue_now(&self, event: Event) -> QueueResult<Enqueued> {
         let key = event.key.as_str().to_string();
         if let Some(id) = bounded(self.queue.get_deduplication_job_id(&key)).await? {
             return Ok(Enqueued::Duplicate(id));
@@ -302,6 +307,27 @@ impl Queue for RedisQueue {
             .keep_logs(KEEP_LOGS);
         let job = bounded(add.into_future()).await?;
         Ok(Enqueued::Accepted(job.id().to_string()))
+    }
+}
+
+/// How long the ingress fails fast after a Redis failure.
+const BREAKER_OPEN: Duration = Duration::from_millis(500);
+
+impl Queue for RedisQueue {
+    async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
+        {
+            let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+            if down.is_some_and(|t| std::time::Instant::now() < t) {
+                return Err(unavailable("unreachable (will retry shortly)"));
+            }
+        }
+        let res = self.enqueue_now(event).await;
+        let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        *down = match &res {
+            Err(QueueError::Unavailable(_)) => Some(std::time::Instant::now() + BREAKER_OPEN),
+            _ => None,
+        };
+        res
     }
 
     async fn claim(&self, max: usize, _lease: Duration) -> QueueResult<Claimed> {
@@ -453,10 +479,13 @@ impl Queue for RedisQueue {
     }
 
     async fn get(&self, id: &str) -> QueueResult<JobView> {
+        // State first, then the hash: the two reads are not atomic, and a job
+        // seen as completed/failed (terminal) must not show the attempt count
+        // of the attempt before. A hash newer than the state is harmless.
+        let state = self.state_of(id).await?;
         let job = bounded(self.queue.get_job(id))
             .await?
             .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
-        let state = self.state_of(id).await?;
         self.view(&job, state, true).await
     }
 

@@ -107,7 +107,7 @@ async fn reset_connection_and_timeout_are_retried(b: Backend) {
     app.sink.push(Behaviour::Hang);
     let id = accepted_id(&app, "e-flaky").await;
     let job = app.wait_job(&id, "completed", WAIT).await;
-    assert_eq!(job["attemptsMade"], 3);
+    assert_eq!(job["attemptsMade"], 3, "{job}");
     let history = job["attempts"].as_array().expect("attempts");
     assert!(
         history[0]["error"].as_str().expect("error").len() > 3,

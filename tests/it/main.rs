@@ -7,10 +7,12 @@ mod helpers;
 mod redis_server;
 
 mod admin;
+mod bullmq_compat;
 mod cognigy;
 mod delivery;
 mod ingress;
 mod process;
+mod redis_ops;
 mod register;
 mod store;
 mod tls;

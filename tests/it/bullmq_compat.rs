@@ -1,0 +1,103 @@
+//! BullMQ compatibility: BullMQ for Node (the `bullmq` npm package, installed in
+//! tests/node by `.ci/run`) reads our queue's counts and a failed job's data and
+//! reason, and a job it adds is delivered by cogrelay.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+fn node_ready() -> bool {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    let ok = dir.join("node_modules/bullmq").exists()
+        && std::process::Command::new("node")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "node and tests/node/node_modules (npm install --prefix tests/node) are required under CI=true"
+        );
+        eprintln!(
+            "SKIPPED: node or tests/node/node_modules missing (run: npm install --prefix tests/node)"
+        );
+    }
+    ok
+}
+
+#[tokio::test]
+async fn bullmq_for_node_reads_our_queue_and_feeds_it() {
+    if !crate::redis_server::available() || !node_ready() {
+        return;
+    }
+    let app = spawn_app_on(Backend::Redis, |c| c.attempts = 1).await;
+    app.sink.set_default(Behaviour::status(500));
+    let r = app.post_event(&event("bot", "will-fail")).await;
+    let failed_id = r.json["jobId"].as_str().expect("id").to_string();
+    app.wait_job(&failed_id, "failed", Duration::from_secs(15))
+        .await;
+    app.sink.set_default(Behaviour::status(200));
+
+    let port = app.redis.as_ref().expect("redis").port;
+    let out = tokio::process::Command::new("node")
+        .arg("compat.mjs")
+        .arg(port.to_string())
+        .arg(&app.config.queue_name)
+        .arg(&failed_id)
+        .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node"))
+        .output()
+        .await
+        .expect("node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "node failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).expect("json from node");
+
+    assert_eq!(v["counts"]["failed"], 1, "{v}");
+    let failed = &v["failed"];
+    assert_eq!(failed["name"], "deliver-event");
+    assert_eq!(failed["data"]["eventId"], "will-fail");
+    assert_eq!(failed["data"]["eventKey"], "cognigy-bot-will-fail");
+    assert_eq!(failed["attemptsMade"], 1);
+    assert!(
+        failed["failedReason"]
+            .as_str()
+            .expect("reason")
+            .contains("HTTP 500"),
+        "{v}"
+    );
+    let log: Value =
+        serde_json::from_str(failed["logs"][0].as_str().expect("log line")).expect("attempt json");
+    assert_eq!(
+        log["status"], 500,
+        "the attempt history is in BullMQ's job log"
+    );
+
+    // The job Node added is delivered by cogrelay.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(got) = app
+            .sink
+            .received()
+            .iter()
+            .find(|r| r.header("x-event-id") == Some("node-1"))
+        {
+            assert_eq!(got.body, br#"{"from":"bullmq for node"}"#);
+            assert_eq!(
+                got.header("idempotency-key"),
+                Some("cognigy-node-bot-node-1")
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job added by BullMQ for Node was not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,236 @@
+//! The Redis backend under operations: Redis down mid-load, several relays on
+//! one queue, a relay killed under load (SPEC §3.5, the Redis issue's list).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+use crate::process::{delivered_ids, post, start_relay};
+use crate::redis_server::RedisServer;
+
+async fn wait_all_delivered(sink: &Sink, acked: &HashSet<String>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let delivered: HashSet<String> = delivered_ids(sink).into_iter().collect();
+        let missing: Vec<&String> = acked.difference(&delivered).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged events not delivered, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_down_mid_load_answers_503_and_recovers_without_restart() {
+    let app = spawn_app_on(Backend::Redis, |c| c.concurrency = 4).await;
+    let Some(mut redis) = RedisServerHandle::take(&app) else {
+        return;
+    };
+    let mut acked = HashSet::new();
+    for i in 0..200 {
+        let r = app.post_event(&event("bot", &format!("down-{i}"))).await;
+        assert_eq!(r.status, 200);
+        acked.insert(format!("down-{i}"));
+    }
+    redis.kill();
+    let mut refused = 0;
+    for i in 200..230 {
+        let r = app.post_event(&event("bot", &format!("down-{i}"))).await;
+        assert_ne!(r.status, 200, "a 200 while Redis is down");
+        assert_eq!(r.status, 503, "{}", r.json);
+        assert!(r.headers.contains_key("retry-after"));
+        refused += 1;
+    }
+    assert_eq!(
+        app.admin_get("/readyz").await.status,
+        503,
+        "not ready while Redis is down"
+    );
+    assert!(refused > 0);
+
+    redis.restart(); // same port and directory: the AOF brings the queue back
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.admin_get("/readyz").await.status != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 260..300 {
+        let r = app.post_event(&event("bot", &format!("down-{i}"))).await;
+        assert_eq!(
+            r.status, 200,
+            "accepting again without a relay restart: {}",
+            r.json
+        );
+        acked.insert(format!("down-{i}"));
+    }
+    wait_all_delivered(&app.sink, &acked, Duration::from_secs(60)).await;
+    drop(redis);
+}
+
+/// Lets a test kill and restart the app's redis-server.
+struct RedisServerHandle<'a>(&'a RedisServer);
+
+impl<'a> RedisServerHandle<'a> {
+    fn take(app: &'a TestApp) -> Option<Self> {
+        app.redis.as_ref().map(RedisServerHandle)
+    }
+    fn kill(&mut self) {
+        let _ = std::process::Command::new("redis-cli")
+            .args(["-p", &self.0.port.to_string(), "SHUTDOWN", "NOSAVE"])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.0.ping() {
+            assert!(Instant::now() < deadline, "redis did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    fn restart(&mut self) {
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &self.0.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+        .arg("--dir")
+        .arg(self.0.dir())
+        .arg("--daemonize")
+        .arg("yes");
+        assert!(cmd.status().expect("restart redis").success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.0.ping() {
+            assert!(Instant::now() < deadline, "redis did not come back");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RedisServerHandle<'_> {
+    fn drop(&mut self) {
+        // The restarted server is daemonized, not our child: stop it explicitly.
+        let _ = std::process::Command::new("redis-cli")
+            .args(["-p", &self.0.port.to_string(), "SHUTDOWN", "NOSAVE"])
+            .status();
+    }
+}
+
+fn relay_env(redis: &RedisServer) -> Vec<(&'static str, String)> {
+    vec![
+        ("COGRELAY_QUEUE", "redis".into()),
+        ("REDIS_URL", redis.url()),
+        ("CONCURRENCY", "16".into()),
+        ("LOCK_DURATION_MS", "2000".into()),
+        ("DELIVERY_TIMEOUT_MS", "1000".into()),
+    ]
+}
+
+/// Sends `ids` round-robin across the relays' ingress ports; returns what got 200.
+async fn send_across(ports: Vec<u16>, ids: Vec<String>) -> HashSet<String> {
+    let http = reqwest::Client::new();
+    let limit = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for (i, id) in ids.into_iter().enumerate() {
+        let (http, limit, port) = (http.clone(), limit.clone(), ports[i % ports.len()]);
+        tasks.push(tokio::spawn(async move {
+            let _p = limit.acquire_owned().await.expect("permit");
+            (post(&http, port, &id).await == Some(200)).then_some(id)
+        }));
+    }
+    let mut acked = HashSet::new();
+    for t in tasks {
+        if let Some(id) = t.await.expect("task") {
+            acked.insert(id);
+        }
+    }
+    acked
+}
+
+#[tokio::test]
+async fn three_relays_share_one_queue_without_loss_or_duplicates() {
+    let Some(redis) = RedisServer::start(false) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let mut relays = Vec::new();
+    for d in &dirs {
+        relays.push(start_relay(d.path(), &sink, &relay_env(&redis)).await);
+    }
+    let ports: Vec<u16> = relays.iter().map(|r| r.port).collect();
+
+    const N: usize = 10_000;
+    let acked = send_across(
+        ports.clone(),
+        (0..N).map(|i| format!("multi-{i}")).collect(),
+    )
+    .await;
+    assert_eq!(acked.len(), N, "every event accepted");
+
+    // The same eventId at two instances is one job.
+    let http = reqwest::Client::new();
+    for i in 0..50 {
+        let id = format!("twice-{i}");
+        assert_eq!(post(&http, ports[0], &id).await, Some(200));
+        assert_eq!(post(&http, ports[1], &id).await, Some(200));
+    }
+    let mut all = acked.clone();
+    all.extend((0..50).map(|i| format!("twice-{i}")));
+    wait_all_delivered(&sink, &all, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut times: HashMap<String, usize> = HashMap::new();
+    for id in delivered_ids(&sink) {
+        *times.entry(id).or_default() += 1;
+    }
+    let dup: Vec<_> = times.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        dup.is_empty(),
+        "delivered more than once: {:?}",
+        &dup[..dup.len().min(5)]
+    );
+    assert_eq!(times.len(), N + 50);
+}
+
+#[tokio::test]
+async fn a_killed_relays_jobs_are_taken_over() {
+    let Some(redis) = RedisServer::start(false) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    sink.set_default(Behaviour::Delay(Duration::from_millis(30), 200));
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let mut relays = Vec::new();
+    for d in &dirs {
+        relays.push(start_relay(d.path(), &sink, &relay_env(&redis)).await);
+    }
+    let ports: Vec<u16> = relays.iter().map(|r| r.port).collect();
+    let sending = tokio::spawn(send_across(
+        ports[1..].to_vec(),
+        (0..3000).map(|i| format!("kill-{i}")).collect(),
+    ));
+    let first = send_across(
+        ports[..1].to_vec(),
+        (0..600).map(|i| format!("victim-{i}")).collect(),
+    )
+    .await;
+    // Kill relay 0 while it holds leased jobs.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    relays[0].child.start_kill().expect("kill -9");
+    let _ = relays[0].child.wait().await;
+    let mut acked = sending.await.expect("sender");
+    acked.extend(first);
+    wait_all_delivered(&sink, &acked, Duration::from_secs(120)).await;
+}
