@@ -158,11 +158,22 @@ fn body(run: &str, i: usize) -> Vec<u8> {
 
 /// Closed-loop load: `connections` keep-alive connections share `n` requests.
 async fn load(addr: SocketAddr, path: &str, n: usize, connections: usize) -> anyhow::Result<Load> {
+    load_spread(&[addr], path, n, connections).await
+}
+
+/// Like [`load`], with the connections spread round-robin over `addrs`.
+async fn load_spread(
+    addrs: &[SocketAddr],
+    path: &str,
+    n: usize,
+    connections: usize,
+) -> anyhow::Result<Load> {
     let run = format!("r{:08x}", fastrand::u32(..));
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..connections {
+    for c in 0..connections {
+        let addr = addrs[c % addrs.len()];
         let (next, run, path) = (next.clone(), run.clone(), path.to_string());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -227,6 +238,27 @@ async fn load(addr: SocketAddr, path: &str, n: usize, connections: usize) -> any
     out.p50_ms = pct(0.50);
     out.p99_ms = pct(0.99);
     Ok(out)
+}
+
+/// A private redis-server, configured the same for every Redis scenario (no
+/// persistence, as in the seed's README).
+fn spawn_redis(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
 }
 
 fn free_port() -> u16 {
@@ -366,7 +398,61 @@ async fn run(
     });
     stop(child).await;
 
-    // 3. The seed's relay on a private redis-server.
+    // 3. cogrelay on Redis (BullMQ layout): one relay, then three sharing the queue.
+    for relays in [1usize, 3] {
+        let redis_port = free_port();
+        let redis_dir = tempfile::tempdir()?;
+        let redis = spawn_redis(redis_port, redis_dir.path())?;
+        wait_port(redis_port).await?;
+        let sink = Sink::start().await?;
+        sink.count_only();
+        let mut children = Vec::new();
+        let mut addrs = Vec::new();
+        for _ in 0..relays {
+            let (port, admin) = (free_port(), free_port());
+            let data = tempfile::tempdir()?;
+            let child = Command::new(&relay_bin)
+                .arg("serve")
+                .env_clear()
+                .env("PORT", port.to_string())
+                .env("ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+                .env("TARGET_ENDPOINT", sink.url())
+                .env("WEBHOOK_SIGNING_SECRET", SECRET)
+                .env("COGRELAY_QUEUE", "redis")
+                .env("REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
+                .env("COGRELAY_DATA_DIR", data.path())
+                .env("CONCURRENCY", concurrency.to_string())
+                .env("LOG_FORMAT", "json")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            wait_port(port).await?;
+            addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
+            children.push((child, data));
+        }
+        let t0 = Instant::now();
+        let l = load_spread(&addrs, "/api/webhook/cognigy", events, connections).await?;
+        let done = wait_delivered(&sink, l.ok, Duration::from_secs(600)).await;
+        let peak = children
+            .iter()
+            .map(|(c, _)| rss_mb(c.id().unwrap_or(0)).0)
+            .fold(0.0, f64::max);
+        eprintln!("cogrelay redis x{relays}: {:.0} req/s ingest", l.rps());
+        let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
+        rows.push(Row {
+            name: format!("cogrelay redis x{relays} (CONCURRENCY={concurrency} each)"),
+            load: l,
+            delivered_per_s: e2e,
+            peak_rss_mb: Some(peak),
+        });
+        for (child, _) in children {
+            stop(child).await;
+        }
+        stop(redis).await;
+    }
+
+    // 4. The seed's relay on a private redis-server.
     if let Some(dir) = seed_dir.filter(|d| d.join("node_modules").exists()) {
         let sink = Sink::start().await?;
         sink.count_only();
@@ -432,7 +518,8 @@ async fn run(
 
     let ceiling = rows[0].load.rps();
     let seed = rows
-        .get(2)
+        .iter()
+        .find(|r| r.name.starts_with("seed"))
         .map(|r| (r.load.rps(), r.delivered_per_s.unwrap_or(0.0)));
     println!("\n{events} signed ~300-byte events, {connections} keep-alive connections, load generator on the same cores\n");
     println!("| server | ingest req/s | vs ceiling | vs seed | ack p50 / p99 ms | non-200 / errors | delivered/s end-to-end | vs seed | peak RSS MB |");

@@ -45,8 +45,8 @@ use bullmq as bull;
 use serde_json::{json, value::RawValue, Value};
 
 use super::{
-    now_ms, Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView,
-    LeaseRef, Leased, Page, Queue, QueueError, QueueResult, QueueSettings,
+    Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView, LeaseRef,
+    Leased, Page, Queue, QueueError, QueueResult, QueueSettings,
 };
 use crate::ingress::envelope::{Event, EventKey, EventKind};
 
@@ -73,8 +73,8 @@ pub struct RedisQueue {
     /// expired must not be finished through the stale lease.
     claimed: Mutex<HashMap<(String, String), bull::Job>>,
     opts: RedisOptions,
-    /// When completed jobs were last pruned (see `prune_completed`).
-    last_prune: Mutex<std::time::Instant>,
+    /// Prunes completed jobs beyond `REMOVE_ON_COMPLETE` (see `prune_loop`).
+    maintenance: tokio::task::JoinHandle<()>,
     /// Circuit breaker of the ingress path: after a Redis failure, `enqueue`
     /// answers Unavailable at once until then (a fast 503 rather than one
     /// timeout per request), and then tries Redis again.
@@ -140,13 +140,14 @@ impl RedisQueue {
         .await?;
         stall_checker.pause();
         bounded(stall_checker.run()).await?;
+        let keep_completed = i64::from(opts.settings.remove_on_complete);
         Ok(Self {
-            queue,
+            queue: queue.clone(),
             fetcher,
             stall_checker,
             claimed: Mutex::new(HashMap::new()),
             opts,
-            last_prune: Mutex::new(std::time::Instant::now()),
+            maintenance: tokio::spawn(prune_loop(queue.clone(), keep_completed)),
             down_until: Mutex::new(None),
         })
     }
@@ -220,30 +221,6 @@ impl RedisQueue {
         }
     }
 
-    /// Keeps the newest `REMOVE_ON_COMPLETE` completed jobs, at most once a
-    /// second. Work-around: in manual mode bullmq-official 1.4.4's
-    /// `move_to_completed` sends `keepJobs {count: -1}` (keep all) whatever the
-    /// job's `removeOnComplete` says. Several relays may prune at once; removing
-    /// a job twice is harmless.
-    async fn prune_completed(&self) -> QueueResult<()> {
-        {
-            let mut last = self.last_prune.lock().unwrap_or_else(|p| p.into_inner());
-            if last.elapsed() < Duration::from_secs(1) {
-                return Ok(());
-            }
-            *last = std::time::Instant::now();
-        }
-        let key = format!("{}completed", self.queue.keys().key_prefix());
-        let keep = i64::from(self.opts.settings.remove_on_complete);
-        let excess: Vec<String> = self
-            .raw(redis::cmd("ZRANGE").arg(&key).arg(0).arg(-(keep + 1)))
-            .await?;
-        for id in excess.iter().take(1000) {
-            let _ = bounded(self.queue.remove(id)).await;
-        }
-        Ok(())
-    }
-
     /// Earliest due time of a delayed job (BullMQ scores are `timestamp << 12 | n`).
     async fn next_delayed_ms(&self) -> QueueResult<Option<i64>> {
         let key = format!("{}delayed", self.queue.keys().key_prefix());
@@ -310,6 +287,41 @@ impl RedisQueue {
     }
 }
 
+/// Removes the oldest completed jobs beyond `ARGV[2]` (at most `ARGV[3]` per
+/// call): their hash and log, and their entry in the completed set. Dedup keys
+/// are left alone on purpose: they must outlive the job for `DEDUP_TTL_SECS`.
+const PRUNE_COMPLETED_LUA: &str = r#"
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[2])
+if excess <= 0 then return 0 end
+if excess > tonumber(ARGV[3]) then excess = tonumber(ARGV[3]) end
+local ids = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
+for _, id in ipairs(ids) do
+  redis.call('DEL', ARGV[1] .. id, ARGV[1] .. id .. ':logs')
+end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+return excess
+"#;
+
+/// Keeps the newest `keep` completed jobs, once a second. Work-around: in manual
+/// mode bullmq-official 1.4.4's `move_to_completed` sends `keepJobs {count: -1}`
+/// (keep all) whatever the job's `removeOnComplete` says. Several relays may run
+/// this at once; each call is atomic and idempotent.
+async fn prune_loop(queue: bull::Queue, keep: i64) {
+    let prefix = queue.keys().key_prefix().to_string();
+    let script = redis::Script::new(PRUNE_COMPLETED_LUA);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut conn = queue.connection().connection();
+        let mut call = script.key(format!("{prefix}completed"));
+        call.arg(&prefix).arg(keep).arg(5000);
+        match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "pruning completed jobs"),
+            Err(_) => tracing::debug!("pruning completed jobs: timed out"),
+        }
+    }
+}
+
 /// How long the ingress fails fast after a Redis failure.
 const BREAKER_OPEN: Duration = Duration::from_millis(500);
 
@@ -361,10 +373,6 @@ impl Queue for RedisQueue {
             });
         }
         let next_due_ms = if jobs.is_empty() {
-            // Idle: a good moment for housekeeping (at most once a second).
-            if let Err(e) = self.prune_completed().await {
-                tracing::debug!(error = %e, "pruning completed jobs");
-            }
             self.next_delayed_ms().await?
         } else {
             None
@@ -419,12 +427,7 @@ impl Queue for RedisQueue {
             }
         };
         match moved {
-            Ok(()) => {
-                if let Err(e) = self.prune_completed().await {
-                    tracing::debug!(error = %e, "pruning completed jobs");
-                }
-                Ok(true)
-            }
+            Ok(()) => Ok(true),
             // The lock is gone: the job stalled and another relay owns it now.
             Err(QueueError::Unavailable(msg))
                 if msg.contains("lock") || msg.contains("not in the expected state") =>
@@ -549,10 +552,16 @@ impl Queue for RedisQueue {
     }
 
     async fn close(&self) -> QueueResult<()> {
+        self.maintenance.abort();
         let _ = bounded(self.stall_checker.close(1000)).await;
         let _ = bounded(self.fetcher.close(1000)).await;
         self.queue.close().await;
-        let _ = now_ms();
         Ok(())
+    }
+}
+
+impl Drop for RedisQueue {
+    fn drop(&mut self) {
+        self.maintenance.abort();
     }
 }

@@ -353,4 +353,24 @@ async fn head_on_the_ingress_answers_200_for_pre_flight_checks(b: Backend) {
     assert_eq!(r.status(), 200);
     assert_eq!(total_jobs(&app).await, 0);
 }
+
+/// Regression guard: pruning a completed job must not forget its event key,
+/// or a resend within DEDUP_TTL_SECS would be delivered twice.
+async fn dedup_outlives_the_pruned_job(b: Backend) {
+    let app = spawn_app_on(b, |c| c.remove_on_complete = 0).await;
+    let first = app.post_event(&event("b", "pruned")).await;
+    let id = first.json["jobId"].as_str().expect("id").to_string();
+    assert!(app.sink.wait_for(1, Duration::from_secs(10)).await);
+    // Wait until the completed job is gone (pruned).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while app.admin_get(&format!("/admin/jobs/{id}")).await.status != 404 {
+        assert!(std::time::Instant::now() < deadline, "never pruned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = app.post_event(&event("b", "pruned")).await;
+    assert_eq!(again.json["status"], "duplicate", "{}", again.json);
+    assert_eq!(again.json["jobId"], id.as_str());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.sink.count(), 1);
+}
 }
