@@ -8,6 +8,7 @@ mod redis_server;
 
 mod admin;
 mod bullmq_compat;
+mod bullmq_port;
 mod cognigy;
 mod delivery;
 mod ingress;
