@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use crate::config::{QueueKind, ServeConfig};
+use crate::delivery::handoff::Handoff;
 use crate::delivery::{self, DeliveryConfig};
 use crate::ingress::{self, auth::Authenticator, Ingress};
 use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
@@ -105,6 +106,7 @@ pub async fn run_with_queue<Q: Queue>(
 ) -> anyhow::Result<()> {
     let accepting = Arc::new(AtomicBool::new(true));
     let wake = Arc::new(Notify::new());
+    let (handoff, handoff_rx) = Handoff::new(cfg.concurrency * 2, cfg.lock_duration);
     let auth = Authenticator::new(&cfg.signing_secrets, cfg.basic.as_ref());
     if auth.is_open() {
         tracing::warn!("ingress authentication is OFF (--allow-unauthenticated): anyone who can reach the port can queue events");
@@ -115,6 +117,7 @@ pub async fn run_with_queue<Q: Queue>(
         max_body_bytes: cfg.max_body_bytes,
         accepting: accepting.clone(),
         wake: wake.clone(),
+        handoff,
     });
     let admin_state = Arc::new(Admin {
         queue: queue.clone(),
@@ -141,6 +144,7 @@ pub async fn run_with_queue<Q: Queue>(
         queue.clone(),
         DeliveryConfig::from_serve(&cfg),
         wake,
+        handoff_rx,
         stop_pool_rx,
     ));
     tracing::info!(

@@ -15,6 +15,7 @@
 
 pub mod backoff;
 pub mod classify;
+pub mod handoff;
 pub mod signing;
 
 use std::collections::{HashMap, VecDeque};
@@ -91,6 +92,7 @@ pub async fn run<Q: Queue>(
     queue: Arc<Q>,
     cfg: DeliveryConfig,
     wake: Arc<Notify>,
+    mut handoff: handoff::HandoffRx,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
@@ -120,7 +122,17 @@ pub async fn run<Q: Queue>(
     // trips per job low. They are leased and renewed like running ones.
     let mut ready: VecDeque<Leased> = VecDeque::new();
     let prefetch = (pool.cfg.concurrency * 2).min(MAX_CLAIM);
+    let take = |pool: &Pool<Q>, ready: &mut VecDeque<Leased>, job: Leased| {
+        if let Ok(mut m) = pool.in_flight.lock() {
+            m.insert(job.lease.job_id.clone(), job.lease.clone());
+        }
+        ready.push_back(job);
+    };
     'dispatch: loop {
+        while let Some(job) = handoff.try_recv() {
+            take(&pool, &mut ready, job);
+        }
+        handoff.set_ready(ready.len());
         if ready.len() < pool.cfg.concurrency {
             match pool
                 .queue
@@ -144,6 +156,7 @@ pub async fn run<Q: Queue>(
                             .min(IDLE_POLL);
                         tokio::select! {
                             _ = wake.notified() => {}
+                            job = handoff.recv() => if let Some(job) = job { take(&pool, &mut ready, job) },
                             _ = tokio::time::sleep(wait) => {}
                             _ = shutdown.changed() => break 'dispatch,
                         }
@@ -167,9 +180,13 @@ pub async fn run<Q: Queue>(
         if let Some(leased) = ready.pop_front() {
             tasks.spawn(deliver(pool.clone(), leased, permit));
         }
+        handoff.set_ready(ready.len());
         while tasks.try_join_next().is_some() {}
     }
-    // Claimed but never started: straight back to the queue.
+    // Claimed (or handed off) but never started: straight back to the queue.
+    for job in handoff.close() {
+        take(&pool, &mut ready, job);
+    }
     if !ready.is_empty() {
         let leases: Vec<LeaseRef> = ready.drain(..).map(|l| l.lease).collect();
         if let Ok(mut m) = pool.in_flight.lock() {

@@ -37,6 +37,8 @@ pub struct Ingress<Q> {
     pub accepting: Arc<AtomicBool>,
     /// Wakes the delivery dispatcher when a job was queued.
     pub wake: Arc<Notify>,
+    /// Direct handoff of new jobs to the local worker pool when it has room.
+    pub handoff: Arc<crate::delivery::handoff::Handoff>,
 }
 
 pub fn router<Q: Queue>(state: Arc<Ingress<Q>>) -> Router {
@@ -132,12 +134,25 @@ async fn receive<Q: Queue>(
             .into_response(),
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    match s.queue.enqueue(event).await {
-        Ok(Enqueued::Accepted(id)) => {
+    let reserved = s.handoff.try_reserve();
+    let stored = if reserved {
+        s.queue.enqueue_leased(event, s.handoff.lease).await
+    } else {
+        s.queue.enqueue(event).await.map(|e| (e, None))
+    };
+    if reserved && !matches!(stored, Ok((_, Some(_)))) {
+        s.handoff.cancel();
+    }
+    match stored {
+        Ok((Enqueued::Accepted(id), Some(leased))) => {
+            s.handoff.send(leased);
+            Json(json!({ "status": "accepted", "jobId": id })).into_response()
+        }
+        Ok((Enqueued::Accepted(id), None)) => {
             s.wake.notify_one();
             Json(json!({ "status": "accepted", "jobId": id })).into_response()
         }
-        Ok(Enqueued::Duplicate(id)) => {
+        Ok((Enqueued::Duplicate(id), _)) => {
             Json(json!({ "status": "duplicate", "jobId": id })).into_response()
         }
         Err(e) => {

@@ -477,39 +477,94 @@ fn state_of(conn: &Connection, seq: i64, id: &str) -> QueueResult<JobState> {
         .ok_or_else(|| QueueError::NotFound(id.to_string()))
 }
 
+/// Stores an event as a new job (or finds its duplicate). With `lease`, the job
+/// is stored already leased (`active`, token, expiry): a direct handoff to the
+/// caller's worker pool that saves the claim.
+fn insert_event(
+    conn: &Connection,
+    w: &Writer,
+    event: &Event,
+    lease: Option<(&str, i64)>,
+) -> QueueResult<Enqueued> {
+    let now = w.now_ms;
+    let existing: Option<i64> = conn
+        .prepare_cached("SELECT job_seq FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2")
+        .and_then(|mut s| {
+            s.query_row(params![event.key.as_str(), now], |r| r.get(0))
+                .optional()
+        })
+        .map_err(sql_err)?;
+    if let Some(seq) = existing {
+        return Ok(Enqueued::Duplicate(seq.to_string()));
+    }
+    let (state, token, until) = match lease {
+        Some((token, until)) => ("active", Some(token), Some(until)),
+        None => ("waiting", None, None),
+    };
+    conn.prepare_cached(
+        "INSERT INTO jobs (event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
+                           lease_token, lease_until_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            event.key.as_str(),
+            event.event_id,
+            event.bot_id,
+            event.event_type,
+            event.kind.as_str(),
+            event.body,
+            state,
+            now,
+            token,
+            until
+        ])
+    })
+    .map_err(sql_err)?;
+    let seq = conn.last_insert_rowid();
+    let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms) VALUES (?1, ?2, ?3)",
+    )
+    .and_then(|mut s| s.execute(params![event.key.as_str(), seq, now.saturating_add(ttl_ms)]))
+    .map_err(sql_err)?;
+    Ok(Enqueued::Accepted(seq.to_string()))
+}
+
 impl Queue for EmbeddedQueue {
     async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
+        self.call(move |conn, w| insert_event(conn, w, &event, None))
+            .await
+    }
+
+    async fn enqueue_leased(
+        &self,
+        event: Event,
+        lease: Duration,
+    ) -> QueueResult<(Enqueued, Option<Leased>)> {
+        let lease_ms = lease.as_millis() as i64;
+        let token = format!("{:016x}", fastrand::u64(..));
         self.call(move |conn, w| {
-            let now = w.now_ms;
-            let existing: Option<i64> = conn
-                .prepare_cached("SELECT job_seq FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2")
-                .and_then(|mut s| s.query_row(params![event.key.as_str(), now], |r| r.get(0)).optional())
-                .map_err(sql_err)?;
-            if let Some(seq) = existing {
-                return Ok(Enqueued::Duplicate(seq.to_string()));
-            }
-            conn.prepare_cached(
-                "INSERT INTO jobs (event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'waiting', ?7, ?7)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    event.key.as_str(),
-                    event.event_id,
-                    event.bot_id,
-                    event.event_type,
-                    event.kind.as_str(),
-                    event.body,
-                    now
-                ])
-            })
-            .map_err(sql_err)?;
-            let seq = conn.last_insert_rowid();
-            let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
-            conn.prepare_cached("INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms) VALUES (?1, ?2, ?3)")
-                .and_then(|mut s| s.execute(params![event.key.as_str(), seq, now.saturating_add(ttl_ms)]))
-                .map_err(sql_err)?;
-            Ok(Enqueued::Accepted(seq.to_string()))
+            let enqueued = insert_event(conn, w, &event, Some((&token, w.now_ms + lease_ms)))?;
+            let leased = match &enqueued {
+                Enqueued::Accepted(id) => Some(Leased {
+                    lease: LeaseRef {
+                        job_id: id.clone(),
+                        token,
+                    },
+                    job: DeliveryJob {
+                        id: id.clone(),
+                        key: event.key,
+                        event_id: event.event_id,
+                        bot_id: event.bot_id,
+                        kind: event.kind,
+                        body: event.body,
+                        attempts_made: 0,
+                    },
+                }),
+                Enqueued::Duplicate(_) => None,
+            };
+            Ok((enqueued, leased))
         })
         .await
     }
@@ -687,17 +742,23 @@ impl Queue for EmbeddedQueue {
         self.call(move |conn, _| {
             // The state is a literal (from the enum), so the planner can use the
             // partial indexes of failed and completed jobs.
-            let filter = state.map(|st| format!("WHERE state = '{}'", st.as_str())).unwrap_or_default();
+            let filter = state
+                .map(|st| format!("WHERE state = '{}'", st.as_str()))
+                .unwrap_or_default();
             let total: u64 = conn
                 .prepare_cached(&format!("SELECT count(*) FROM jobs {filter}"))
                 .and_then(|mut s| s.query_row([], |r| r.get(0)))
                 .map_err(sql_err)?;
-            let sql = format!("SELECT {VIEW_COLUMNS} FROM jobs {filter} ORDER BY seq DESC LIMIT ?1 OFFSET ?2");
+            let sql = format!(
+                "SELECT {VIEW_COLUMNS} FROM jobs {filter} ORDER BY seq DESC LIMIT ?1 OFFSET ?2"
+            );
             let items = conn
                 .prepare_cached(&sql)
                 .and_then(|mut s| {
-                    s.query_map(params![limit as i64, offset as i64], |r| row_to_view(r, false))?
-                        .collect::<Result<Vec<_>, _>>()
+                    s.query_map(params![limit as i64, offset as i64], |r| {
+                        row_to_view(r, false)
+                    })?
+                    .collect::<Result<Vec<_>, _>>()
                 })
                 .map_err(sql_err)?;
             Ok(Page { items, total })

@@ -210,6 +210,18 @@ pub struct QueueSettings {
 /// The queue contract. Futures are `Send` so callers can spawn them.
 pub trait Queue: Send + Sync + 'static {
     fn enqueue(&self, event: Event) -> impl Future<Output = QueueResult<Enqueued>> + Send;
+    /// Like `enqueue`, but a backend that can may store the new job already
+    /// leased to the caller for `lease` and return it: a direct handoff to the
+    /// local worker pool that saves a claim. The lease rules are those of a
+    /// claimed job. By default: a plain `enqueue`, no handoff.
+    fn enqueue_leased(
+        &self,
+        event: Event,
+        lease: Duration,
+    ) -> impl Future<Output = QueueResult<(Enqueued, Option<Leased>)>> + Send {
+        let _ = lease;
+        async move { self.enqueue(event).await.map(|e| (e, None)) }
+    }
     fn claim(
         &self,
         max: usize,
