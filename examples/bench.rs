@@ -240,6 +240,31 @@ async fn load_spread(
     Ok(out)
 }
 
+/// `cogrelay serve` on `port`, delivering to `sink`, quiet (warnings only).
+fn relay(
+    bin: &std::path::Path,
+    port: u16,
+    admin: u16,
+    sink: &Sink,
+    data: &std::path::Path,
+    concurrency: usize,
+) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .env_clear()
+        .env("PORT", port.to_string())
+        .env("ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("TARGET_ENDPOINT", sink.url())
+        .env("WEBHOOK_SIGNING_SECRET", SECRET)
+        .env("COGRELAY_DATA_DIR", data)
+        .env("CONCURRENCY", concurrency.to_string())
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// A private redis-server, configured the same for every Redis scenario (no
 /// persistence, as in the seed's README).
 fn spawn_redis(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
@@ -362,20 +387,7 @@ async fn run(
     sink.count_only();
     let data = tempfile::tempdir()?;
     let (port, admin) = (free_port(), free_port());
-    let child = Command::new(&relay_bin)
-        .arg("serve")
-        .env_clear()
-        .env("PORT", port.to_string())
-        .env("ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("TARGET_ENDPOINT", sink.url())
-        .env("WEBHOOK_SIGNING_SECRET", SECRET)
-        .env("COGRELAY_DATA_DIR", data.path())
-        .env("CONCURRENCY", concurrency.to_string())
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let child = relay(&relay_bin, port, admin, &sink, data.path(), concurrency).spawn()?;
     let pid = child.id().unwrap_or(0);
     wait_port(port).await?;
     let t0 = Instant::now();
@@ -411,21 +423,9 @@ async fn run(
         for _ in 0..relays {
             let (port, admin) = (free_port(), free_port());
             let data = tempfile::tempdir()?;
-            let child = Command::new(&relay_bin)
-                .arg("serve")
-                .env_clear()
-                .env("PORT", port.to_string())
-                .env("ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-                .env("TARGET_ENDPOINT", sink.url())
-                .env("WEBHOOK_SIGNING_SECRET", SECRET)
+            let child = relay(&relay_bin, port, admin, &sink, data.path(), concurrency)
                 .env("COGRELAY_QUEUE", "redis")
                 .env("REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
-                .env("COGRELAY_DATA_DIR", data.path())
-                .env("CONCURRENCY", concurrency.to_string())
-                .env("LOG_FORMAT", "json")
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
                 .spawn()?;
             wait_port(port).await?;
             addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));

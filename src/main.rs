@@ -62,15 +62,8 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
             eprintln!("{line}");
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: failed to start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+    let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::from(1);
     };
     let outcome = rt.block_on(register::run(&cfg, &progress));
     println!("{}", outcome.audit);
@@ -120,21 +113,23 @@ async fn sim(port: u16, opts: cogrelay::sim::SimOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds a runtime, or says why it could not (the caller exits 1).
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("error: failed to start the async runtime: {e}"))
+        .ok()
+}
+
 fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(2)
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: failed to start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+    let Some(rt) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::from(1);
     };
     match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,6 +32,14 @@ async fn token(http: &reqwest::Client, base: &str) -> String {
     v["access_token"].as_str().expect("token").to_string()
 }
 
+/// GET an events path through the client (token, rate limit and retries included).
+async fn lookup(client: &CognigyClient, path: &str) -> cogrelay::cognigy::Answer {
+    client
+        .send(Method::GET, client.url(path), &[], None, "lookup")
+        .await
+        .expect("send")
+}
+
 pub fn client_config(addr: std::net::SocketAddr, api: Api) -> CognigyConfig {
     CognigyConfig {
         api,
@@ -269,30 +277,12 @@ async fn one_token_serves_many_calls_and_is_refreshed_before_expiry() {
     .expect("sim");
     let client = CognigyClient::new(client_config(addr, Api::Connectors)).expect("client");
     for i in 0..10 {
-        let a = client
-            .send(
-                Method::GET,
-                client.url(&format!("/api/v2/bots/b/events/e{i}")),
-                &[],
-                None,
-                "lookup",
-            )
-            .await
-            .expect("send");
+        let a = lookup(&client, &format!("/api/v2/bots/b/events/e{i}")).await;
         assert_eq!(a.status, 200);
     }
     assert_eq!(sim.stats()["tokenRequests"], 1, "one token for ten calls");
     tokio::time::sleep(Duration::from_millis(900)).await;
-    let a = client
-        .send(
-            Method::GET,
-            client.url("/api/v2/bots/b/events/late"),
-            &[],
-            None,
-            "lookup",
-        )
-        .await
-        .expect("send");
+    let a = lookup(&client, "/api/v2/bots/b/events/late").await;
     assert_eq!(a.status, 200);
     assert_eq!(
         sim.stats()["tokenRequests"],
@@ -317,27 +307,9 @@ async fn a_401_on_use_refreshes_once_and_retries_once() {
     .await
     .expect("sim");
     let client = CognigyClient::new(client_config(addr, Api::Connectors)).expect("client");
-    client
-        .send(
-            Method::GET,
-            client.url("/api/v2/bots/b/events/e"),
-            &[],
-            None,
-            "lookup",
-        )
-        .await
-        .expect("send");
+    lookup(&client, "/api/v2/bots/b/events/e").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let a = client
-        .send(
-            Method::GET,
-            client.url("/api/v2/bots/b/events/e"),
-            &[],
-            None,
-            "lookup",
-        )
-        .await
-        .expect("send");
+    let a = lookup(&client, "/api/v2/bots/b/events/e").await;
     assert_eq!(a.status, 200);
     assert_eq!(sim.stats()["tokenRequests"], 2);
     assert_eq!(
@@ -364,16 +336,7 @@ async fn a_burst_is_paced_under_the_limit_and_never_429_twice_in_a_row() {
     let client = CognigyClient::new(cfg).expect("client");
     let t0 = Instant::now();
     for i in 0..24 {
-        let a = client
-            .send(
-                Method::GET,
-                client.url(&format!("/api/v2/bots/b/events/p{i}")),
-                &[],
-                None,
-                "lookup",
-            )
-            .await
-            .expect("send");
+        let a = lookup(&client, &format!("/api/v2/bots/b/events/p{i}")).await;
         assert_eq!(a.status, 200);
     }
     assert!(
@@ -394,16 +357,7 @@ async fn a_burst_is_paced_under_the_limit_and_never_429_twice_in_a_row() {
     .expect("sim");
     let client = CognigyClient::new(client_config(addr, Api::Connectors)).expect("client");
     for i in 0..12 {
-        let a = client
-            .send(
-                Method::GET,
-                client.url(&format!("/api/v2/bots/b/events/q{i}")),
-                &[],
-                None,
-                "lookup",
-            )
-            .await
-            .expect("send");
+        let a = lookup(&client, &format!("/api/v2/bots/b/events/q{i}")).await;
         assert_eq!(a.status, 200);
     }
     let statuses: Vec<u64> = sim.stats()["statuses"]["relay"]
@@ -433,15 +387,6 @@ async fn injected_503_is_retried() {
         after: false,
     });
     let client = CognigyClient::new(client_config(addr, Api::Connectors)).expect("client");
-    let a = client
-        .send(
-            Method::GET,
-            client.url("/api/v2/bots/b/events/e"),
-            &[],
-            None,
-            "lookup",
-        )
-        .await
-        .expect("send");
+    let a = lookup(&client, "/api/v2/bots/b/events/e").await;
     assert_eq!(a.status, 200);
 }

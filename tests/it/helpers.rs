@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -138,6 +139,15 @@ pub async fn start(cfg: ServeConfig, sink: Sink) -> TestApp {
     };
     app.wait_ready().await;
     app
+}
+
+/// A port that was free a moment ago (for processes that must bind it themselves).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 pub fn event(bot: &str, id: &str) -> Value {
@@ -300,5 +310,28 @@ async fn reply(r: reqwest::Response) -> Reply {
         status,
         headers,
         json,
+    }
+}
+
+/// Waits until every id in `acked` reached the target (by `X-Event-Id`).
+pub async fn wait_all_delivered(sink: &Sink, acked: &HashSet<String>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let delivered: HashSet<String> = sink
+            .received()
+            .iter()
+            .filter_map(|r| r.header("x-event-id").map(str::to_owned))
+            .collect();
+        let missing: Vec<&String> = acked.difference(&delivered).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged events not delivered, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -12,14 +12,6 @@ use tokio::process::{Child, Command};
 
 use crate::helpers::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 pub(crate) struct Relay {
     pub child: Child,
     pub port: u16,
@@ -181,21 +173,7 @@ async fn kill_9_mid_stream(backend: Backend) {
     );
 
     let _relay = start_relay(dir.path(), &sink, &with(&env, &[("CONCURRENCY", "16")])).await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let delivered: HashSet<String> = delivered_ids(&sink).into_iter().collect();
-        let missing: Vec<_> = acked.difference(&delivered).collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} acknowledged events never delivered, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(5)]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_all_delivered(&sink, &acked, Duration::from_secs(90)).await;
 }
 
 async fn sigterm_drains(backend: Backend) {

@@ -9,24 +9,6 @@ use crate::helpers::*;
 use crate::process::{delivered_ids, post, start_relay};
 use crate::redis_server::RedisServer;
 
-async fn wait_all_delivered(sink: &Sink, acked: &HashSet<String>, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let delivered: HashSet<String> = delivered_ids(sink).into_iter().collect();
-        let missing: Vec<&String> = acked.difference(&delivered).collect();
-        if missing.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} acknowledged events not delivered, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(5)]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn redis_down_mid_load_answers_503_and_recovers_without_restart() {
     let app = spawn_app_on(Backend::Redis, |c| c.concurrency = 4).await;

@@ -8,7 +8,7 @@ use cogrelay::secret::Secret;
 use cogrelay::sim::{self, Fault, SimOptions};
 use serde_json::Value;
 
-use crate::helpers::{Behaviour, Sink};
+use crate::helpers::{free_port, Behaviour, Sink};
 use crate::tls::{Leaf, TestCa};
 
 const CLIENT_SECRET: &str = "client-secret-9f2e";
@@ -20,14 +20,6 @@ struct Run {
     audit: Value,
     stderr: String,
     elapsed: Duration,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// Runs `cogrelay register` with a clean environment plus `envs` and `args`,
