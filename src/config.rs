@@ -109,6 +109,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Event verification with Cognigy before delivery (`VERIFY_EVENTS`); None = off.
     pub verify_events: Option<crate::cognigy::CognigyConfig>,
+    /// A summary line this often (pretty log mode), None = off.
+    pub summary_every: Option<Duration>,
     /// Redis URL (redis queue only). May hold a password: never print it.
     pub redis_url: crate::secret::Secret,
     pub queue_name: String,
@@ -143,6 +145,7 @@ impl ServeConfig {
             dedup_ttl: Duration::from_secs(86_400),
             max_body_bytes: 1024 * 1024,
             verify_events: None,
+            summary_every: None,
             redis_url: Secret::new("redis://127.0.0.1:6379"),
             queue_name: "cognigy-webhook-retries".into(),
         }

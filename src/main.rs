@@ -22,6 +22,10 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
+            let mut cfg = cfg;
+            if format == LogFormat::Pretty {
+                cfg.summary_every = Some(std::time::Duration::from_secs(5));
+            }
             telemetry::init(format);
             run_async(serve(cfg))
         }

@@ -17,6 +17,7 @@ use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
+use crate::admin::metrics::Metrics;
 use crate::config::{QueueKind, ServeConfig};
 use crate::delivery::handoff::Handoff;
 use crate::delivery::{self, DeliveryConfig};
@@ -107,6 +108,7 @@ pub async fn run_with_queue<Q: Queue>(
     let accepting = Arc::new(AtomicBool::new(true));
     let wake = Arc::new(Notify::new());
     let (handoff, handoff_rx) = Handoff::new(cfg.concurrency * 2, cfg.lock_duration);
+    let metrics = Arc::new(Metrics::default());
     let auth = Authenticator::new(&cfg.signing_secrets, cfg.basic.as_ref());
     if auth.is_open() {
         tracing::warn!("ingress authentication is OFF (--allow-unauthenticated): anyone who can reach the port can queue events");
@@ -118,9 +120,11 @@ pub async fn run_with_queue<Q: Queue>(
         accepting: accepting.clone(),
         wake: wake.clone(),
         handoff,
+        metrics: metrics.clone(),
     });
     let admin_state = Arc::new(Admin {
         queue: queue.clone(),
+        metrics: metrics.clone(),
         token: cfg.admin_token.clone(),
         accepting: accepting.clone(),
     });
@@ -145,8 +149,12 @@ pub async fn run_with_queue<Q: Queue>(
         DeliveryConfig::from_serve(&cfg),
         wake,
         handoff_rx,
+        metrics.clone(),
         stop_pool_rx,
     ));
+    let summary = cfg
+        .summary_every
+        .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
     tracing::info!(
         ingress = %ingress_addr, admin = %admin_addr, target = %redact_url(&cfg.target_endpoint),
         concurrency = cfg.concurrency, attempts = cfg.attempts,
@@ -154,6 +162,9 @@ pub async fn run_with_queue<Q: Queue>(
     );
 
     shutdown.await;
+    if let Some(s) = summary {
+        s.abort();
+    }
     tracing::info!("shutting down: no new events accepted");
     accepting.store(false, Ordering::Relaxed);
     let _ = stop_pool_tx.send(true);
@@ -167,6 +178,46 @@ pub async fn run_with_queue<Q: Queue>(
     close_result.context("failed to close the queue")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One line every `every` while anything moves, for a person watching the
+/// terminal (pretty log mode): what was accepted, delivered, retried, failed
+/// since the last line, and the queue depth.
+async fn summary_lines<Q: Queue>(queue: Arc<Q>, metrics: Arc<Metrics>, every: Duration) {
+    let mut last = metrics.totals();
+    let mut idle_reported = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let now = metrics.totals();
+        let counts = queue.counts().await.ok();
+        let pending = counts
+            .map(|c| c.waiting + c.active + c.delayed)
+            .unwrap_or(0);
+        if now == last && pending == 0 {
+            if !idle_reported {
+                tracing::info!("idle: nothing queued");
+                idle_reported = true;
+            }
+            continue;
+        }
+        idle_reported = false;
+        let queue_text = match counts {
+            Some(c) => format!(
+                "waiting {} active {} delayed {} failed {}",
+                c.waiting, c.active, c.delayed, c.failed
+            ),
+            None => "unavailable".to_string(),
+        };
+        tracing::info!(
+            "last {}s: accepted {} delivered {} retrying {} failed {} | queue: {queue_text}",
+            every.as_secs(),
+            now.accepted - last.accepted,
+            now.delivered - last.delivered,
+            now.retried - last.retried,
+            now.failed - last.failed,
+        );
+        last = now;
+    }
 }
 
 async fn serve_http(listener: TcpListener, app: axum::Router, mut stop: watch::Receiver<bool>) {

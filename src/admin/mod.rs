@@ -21,12 +21,15 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::queue::{JobState, Queue, QueueError};
+
+pub mod metrics;
 use crate::secret::Secret;
 
 pub const MAX_LIMIT: u64 = 500;
 
 pub struct Admin<Q> {
     pub queue: Arc<Q>,
+    pub metrics: Arc<metrics::Metrics>,
     pub token: Option<Secret>,
     pub accepting: Arc<AtomicBool>,
 }
@@ -51,6 +54,7 @@ pub fn router<Q: Queue>(state: Arc<Admin<Q>>) -> Router {
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
         .route("/readyz", get(ready::<Q>))
+        .route("/metrics", get(prometheus::<Q>))
         .merge(admin)
         .fallback(|| async { err(StatusCode::NOT_FOUND, "Not found") })
         .with_state(state)
@@ -102,6 +106,16 @@ async fn ready<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {
         Ok(()) => Json(json!({ "status": "ready" })).into_response(),
         Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
+}
+
+async fn prometheus<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {
+    // Queue gauges are read at scrape time; counters still render when the queue is down.
+    let counts = s.queue.counts().await.ok();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(counts.as_ref()),
+    )
+        .into_response()
 }
 
 async fn queue_counts<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {

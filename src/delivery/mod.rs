@@ -85,6 +85,7 @@ struct Pool<Q> {
     wake: Arc<Notify>,
     /// One client (one token cache) for every worker's event verification.
     verifier: Option<CognigyClient>,
+    metrics: Arc<crate::admin::metrics::Metrics>,
 }
 
 /// Runs the pool until `shutdown` turns true, then drains (see module doc).
@@ -93,6 +94,7 @@ pub async fn run<Q: Queue>(
     cfg: DeliveryConfig,
     wake: Arc<Notify>,
     mut handoff: handoff::HandoffRx,
+    metrics: Arc<crate::admin::metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
@@ -113,6 +115,7 @@ pub async fn run<Q: Queue>(
         in_flight: Mutex::new(HashMap::new()),
         wake: wake.clone(),
         verifier,
+        metrics,
     });
     let semaphore = Arc::new(Semaphore::new(pool.cfg.concurrency));
     let mut tasks = JoinSet::new();
@@ -421,6 +424,8 @@ async fn record<Q: Queue>(
     disposition: Disposition,
 ) {
     let n = attempt.n;
+    pool.metrics
+        .attempt(attempt.outcome, Duration::from_millis(attempt.duration_ms));
     match &disposition {
         Disposition::Completed => {
             tracing::debug!(job = %leased.job.id, attempt = n, duration_ms = attempt.duration_ms, "delivered")

@@ -21,6 +21,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::Notify;
 
+use crate::admin::metrics::Metrics;
 use crate::queue::{Enqueued, Queue};
 use auth::Authenticator;
 use envelope::EnvelopeError;
@@ -39,9 +40,11 @@ pub struct Ingress<Q> {
     pub wake: Arc<Notify>,
     /// Direct handoff of new jobs to the local worker pool when it has room.
     pub handoff: Arc<crate::delivery::handoff::Handoff>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn router<Q: Queue>(state: Arc<Ingress<Q>>) -> Router {
+    let metrics = state.metrics.clone();
     Router::new()
         // HEAD answers 200 so `cogrelay register` (and Cognigy) can pre-flight the URL.
         .route(PATH, post(receive::<Q>).head(|| async { StatusCode::OK }))
@@ -52,6 +55,19 @@ pub fn router<Q: Queue>(state: Arc<Ingress<Q>>) -> Router {
             )
         })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(metrics, track))
+}
+
+/// Counts every answer by status and times the acknowledgements.
+async fn track(
+    State(metrics): State<Arc<Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let t0 = std::time::Instant::now();
+    let resp = next.run(req).await;
+    metrics.ingress(resp.status().as_u16(), t0.elapsed());
+    resp
 }
 
 fn error(status: StatusCode, msg: &str) -> Response {

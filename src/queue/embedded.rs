@@ -714,7 +714,7 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn counts(&self) -> QueueResult<Counts> {
-        self.call(|conn, _| {
+        self.call(|conn, w| {
             let mut c = Counts::default();
             let mut stmt = conn
                 .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
@@ -733,6 +733,12 @@ impl Queue for EmbeddedQueue {
                     None => {}
                 }
             }
+            c.oldest_waiting_ms = conn
+                .prepare_cached(
+                    "SELECT min(due_at_ms) FROM jobs WHERE state IN ('waiting','delayed') AND due_at_ms <= ?1",
+                )
+                .and_then(|mut s| s.query_row([w.now_ms], |r| r.get(0)))
+                .map_err(sql_err)?;
             Ok(c)
         })
         .await

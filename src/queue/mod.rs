@@ -139,6 +139,10 @@ pub struct Counts {
     pub delayed: u64,
     pub completed: u64,
     pub failed: u64,
+    /// When the oldest job now due for delivery became due (unix ms); for
+    /// metrics, not part of `/admin/queue`.
+    #[serde(skip)]
+    pub oldest_waiting_ms: Option<i64>,
 }
 
 /// A job as the admin API shows it.

@@ -221,6 +221,24 @@ impl RedisQueue {
         }
     }
 
+    /// Creation time of the oldest job in wait (BullMQ takes jobs from the
+    /// list's tail).
+    async fn oldest_waiting_ms(&self) -> QueueResult<Option<i64>> {
+        let prefix = self.queue.keys().key_prefix().to_string();
+        let id: Option<String> = self
+            .raw(redis::cmd("LINDEX").arg(format!("{prefix}wait")).arg(-1))
+            .await?;
+        let Some(id) = id else { return Ok(None) };
+        let ts: Option<i64> = self
+            .raw(
+                redis::cmd("HGET")
+                    .arg(format!("{prefix}{id}"))
+                    .arg("timestamp"),
+            )
+            .await?;
+        Ok(ts)
+    }
+
     /// Earliest due time of a delayed job (BullMQ scores are `timestamp << 12 | n`).
     async fn next_delayed_ms(&self) -> QueueResult<Option<i64>> {
         let key = format!("{}delayed", self.queue.keys().key_prefix());
@@ -458,6 +476,7 @@ impl Queue for RedisQueue {
             delayed: c.delayed,
             completed: c.completed,
             failed: c.failed,
+            oldest_waiting_ms: self.oldest_waiting_ms().await?,
         })
     }
 

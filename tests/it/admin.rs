@@ -152,4 +152,41 @@ async fn admin_token_is_required_when_set(b: Backend) {
     let v: Value = serde_json::from_slice(&ok.bytes().await.expect("body")).expect("json");
     assert_eq!(v["failed"], 0);
 }
+
+/// `/metrics`: after known traffic, each counter moved by exactly that much.
+async fn metrics_count_what_happened(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
+    app.sink.push(Behaviour::status(503));
+    let first = app.post_event(&event("bot", "m-1")).await;
+    app.post_event(&event("bot", "m-2")).await;
+    app.post_event(&event("bot", "m-1")).await; // duplicate: 200
+    let raw = serde_json::to_vec(&event("bot", "m-3")).expect("json");
+    app.post_raw(raw, &[("content-type", "application/json"), ("x-webhook-signature", "00")]).await; // 401
+    app.post_raw(b"{".to_vec(), &[("content-type", "text/plain")]).await; // 415
+    app.wait_job(first.json["jobId"].as_str().expect("id"), "completed", WAIT).await;
+    app.wait_counts(WAIT, |c| c["completed"] == 2).await;
+
+    let r = app.http.get(format!("http://{}/metrics", app.admin)).send().await.expect("metrics");
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().expect("ct").starts_with("text/plain"));
+    let text = r.text().await.expect("text");
+    let value = |line: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line) && l[line.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{line} missing in\n{text}"))
+    };
+    assert_eq!(value("cogrelay_ingress_requests_total{status=\"200\"}"), 3.0);
+    assert_eq!(value("cogrelay_ingress_requests_total{status=\"401\"}"), 1.0);
+    assert_eq!(value("cogrelay_ingress_requests_total{status=\"415\"}"), 1.0);
+    assert_eq!(value("cogrelay_ingress_ack_seconds_count"), 3.0);
+    assert_eq!(value("cogrelay_deliveries_total{outcome=\"delivered\"}"), 2.0);
+    assert_eq!(value("cogrelay_deliveries_total{outcome=\"retry\"}"), 1.0);
+    assert_eq!(value("cogrelay_deliveries_total{outcome=\"failed\"}"), 0.0);
+    assert_eq!(value("cogrelay_delivery_seconds_count"), 3.0);
+    assert_eq!(value("cogrelay_queue_jobs{state=\"completed\"}"), 2.0);
+    assert_eq!(value("cogrelay_queue_jobs{state=\"waiting\"}"), 0.0);
+    assert_eq!(value("cogrelay_queue_oldest_waiting_seconds"), 0.0);
+}
 }

@@ -361,3 +361,40 @@ async fn allow_unauthenticated_starts_with_a_warning() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("authentication is OFF"), "{stderr}");
 }
+
+#[tokio::test]
+async fn pretty_mode_prints_a_summary_line() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sink = Sink::start().await.expect("sink");
+    let (port, admin_port) = (free_port(), free_port());
+    let mut child = command(
+        dir.path(),
+        &[
+            ("TARGET_ENDPOINT", sink.url()),
+            ("WEBHOOK_SIGNING_SECRET", SECRET.to_string()),
+            ("PORT", port.to_string()),
+            ("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
+            ("LOG_FORMAT", "pretty".to_string()),
+        ],
+    )
+    .spawn()
+    .expect("spawn");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while post(&http, port, "sum-0").await != Some(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 1..3 {
+        assert_eq!(post(&http, port, &format!("sum-{i}")).await, Some(200));
+    }
+    assert!(sink.wait_for(3, Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    child.start_kill().expect("kill");
+    let out = child.wait_with_output().await.expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("last 5s: accepted 3 delivered 3 retrying 0 failed 0 | queue: waiting 0 active 0 delayed 0 failed 0"),
+        "{stderr}"
+    );
+}
