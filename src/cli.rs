@@ -194,6 +194,14 @@ pub struct ServeArgs {
     #[arg(long, env = "PORT", default_value = "3000")]
     pub port: String,
 
+    /// Serve the ingress over HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert: Option<String>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key: Option<String>,
+
     /// The internal system every event is delivered to (http or https URL). Required.
     #[arg(long, env = "TARGET_ENDPOINT")]
     pub target_endpoint: Option<String>,

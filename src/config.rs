@@ -109,6 +109,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Event verification with Cognigy before delivery (`VERIFY_EVENTS`); None = off.
     pub verify_events: Option<crate::cognigy::CognigyConfig>,
+    /// Certificate chain and key (PEM files) for HTTPS on the ingress.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// A summary line this often (pretty log mode), None = off.
     pub summary_every: Option<Duration>,
     /// Redis URL (redis queue only). May hold a password: never print it.
@@ -146,6 +148,7 @@ impl ServeConfig {
             max_body_bytes: 1024 * 1024,
             verify_events: None,
             summary_every: None,
+            tls: None,
             redis_url: Secret::new("redis://127.0.0.1:6379"),
             queue_name: "cognigy-webhook-retries".into(),
         }
@@ -186,6 +189,23 @@ impl ServeConfig {
             }
         };
         c.allow_unauthenticated = a.allow_unauthenticated;
+        c.tls =
+            match (a.tls_cert.as_deref(), a.tls_key.as_deref()) {
+                (None, None) => None,
+                (Some(cert), Some(key)) if !cert.is_empty() && !key.is_empty() => {
+                    for (name, path) in [("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)] {
+                        if !std::path::Path::new(path).is_file() {
+                            return Err(bad(format!(
+                                "{name}={path:?} is not a readable file: give the PEM file's path"
+                            )));
+                        }
+                    }
+                    Some((PathBuf::from(cert), PathBuf::from(key)))
+                }
+                _ => return Err(bad(
+                    "TLS_CERT_FILE and TLS_KEY_FILE go together: set both (PEM files) or neither",
+                )),
+            };
         c.target_signing_key = a
             .target_signing_secret
             .as_deref()

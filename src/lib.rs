@@ -27,3 +27,4 @@ pub mod serve;
 pub mod sim;
 pub mod sink;
 pub mod telemetry;
+pub mod tls;

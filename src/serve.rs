@@ -105,6 +105,11 @@ pub async fn run_with_queue<Q: Queue>(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // TLS first: a bad certificate stops start-up before anything listens.
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
+        None => None,
+    };
     let accepting = Arc::new(AtomicBool::new(true));
     let wake = Arc::new(Notify::new());
     let (handoff, handoff_rx) = Handoff::new(cfg.concurrency * 2, cfg.lock_duration);
@@ -132,11 +137,20 @@ pub async fn run_with_queue<Q: Queue>(
     let (stop_http_tx, stop_http_rx) = watch::channel(false);
     let ingress_addr = ingress_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let ingress_server = tokio::spawn(serve_http(
-        ingress_listener,
-        ingress::router(ingress_state),
-        stop_http_rx.clone(),
-    ));
+    let ingress_router = ingress::router(ingress_state);
+    let ingress_server = match &tls {
+        Some(acceptor) => tokio::spawn(crate::tls::serve(
+            ingress_listener,
+            acceptor.clone(),
+            ingress_router,
+            stop_http_rx.clone(),
+        )),
+        None => tokio::spawn(serve_http(
+            ingress_listener,
+            ingress_router,
+            stop_http_rx.clone(),
+        )),
+    };
     let admin_server = tokio::spawn(serve_http(
         admin_listener,
         admin::router(admin_state),
@@ -158,7 +172,7 @@ pub async fn run_with_queue<Q: Queue>(
     tracing::info!(
         ingress = %ingress_addr, admin = %admin_addr, target = %redact_url(&cfg.target_endpoint),
         concurrency = cfg.concurrency, attempts = cfg.attempts,
-        "cogrelay relay ready: POST events to http://{ingress_addr}{}", ingress::PATH
+        "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
     );
 
     shutdown.await;

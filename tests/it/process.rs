@@ -287,6 +287,19 @@ async fn bad_configuration_exits_2_with_one_line_naming_the_setting() {
             vec![ok_target, secret, ("ADMIN_LISTEN", "nonsense")],
             "ADMIN_LISTEN=\"nonsense\"",
         ),
+        (
+            vec![ok_target, secret, ("TLS_CERT_FILE", "/etc/hostname")],
+            "TLS_CERT_FILE and TLS_KEY_FILE go together",
+        ),
+        (
+            vec![
+                ok_target,
+                secret,
+                ("TLS_CERT_FILE", "/nonexistent.pem"),
+                ("TLS_KEY_FILE", "/nonexistent.key"),
+            ],
+            "TLS_CERT_FILE=\"/nonexistent.pem\" is not a readable file",
+        ),
     ];
     for (envs, expected) in cases {
         let (code, stderr) = refused(&envs).await;

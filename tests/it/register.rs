@@ -478,3 +478,73 @@ async fn rest_api_with_api_key_and_with_oauth_finds_or_creates_by_name() {
     );
     assert_eq!(stats["tokenRequests"], 1);
 }
+
+/// HTTPS ingress, full loop: the relay serves a test CA's certificate,
+/// `register --ca-file` passes the TLS pre-flight of the relay itself, and
+/// signed events sent over HTTPS are delivered.
+#[tokio::test]
+async fn https_ingress_passes_preflight_and_delivers() {
+    let ca = TestCa::new();
+    let (cert_pem, key_pem, _, _) = ca.leaf(Leaf::Valid);
+    let dir = tempfile::tempdir().expect("tmp");
+    let (cert, key) = (dir.path().join("relay.pem"), dir.path().join("relay.key"));
+    std::fs::write(&cert, cert_pem).expect("cert");
+    std::fs::write(&key, key_pem).expect("key");
+    let app = crate::helpers::spawn_app_with(|c| c.tls = Some((cert.clone(), key.clone()))).await;
+    let url = format!(
+        "https://localhost:{}/api/webhook/cognigy",
+        app.ingress.port()
+    );
+
+    let (sim_addr, sim) = sim::spawn(SimOptions {
+        pending_polls: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("sim");
+    let ca_arg = format!("--ca-file={}", ca.pem_path.display());
+    let run = register(
+        &base_env(sim_addr, &url),
+        &[&ca_arg, "--health-delay-ms=20"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.audit["details"]["validation"]["tls"]["verified"], true);
+    assert_eq!(sim.stats()["connectors"][0]["endpointUrl"], url.as_str());
+
+    let root =
+        reqwest::Certificate::from_pem(&std::fs::read(&ca.pem_path).expect("ca")).expect("pem");
+    let https = reqwest::Client::builder()
+        .add_root_certificate(root)
+        .build()
+        .expect("client");
+    for i in 0..3 {
+        let body =
+            serde_json::to_vec(&crate::helpers::event("bot", &format!("tls-{i}"))).expect("json");
+        let sig = cogrelay::ingress::auth::sign_hex(crate::helpers::SECRET, &body);
+        let r = https
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-webhook-signature", sig)
+            .body(body)
+            .send()
+            .await
+            .expect("https post");
+        assert_eq!(r.status(), 200);
+    }
+    assert!(
+        app.sink.wait_for(3, Duration::from_secs(10)).await,
+        "delivered"
+    );
+    let plain = reqwest::Client::new()
+        .post(format!(
+            "http://localhost:{}/api/webhook/cognigy",
+            app.ingress.port()
+        ))
+        .send()
+        .await;
+    assert!(
+        plain.map(|r| r.status() != 200).unwrap_or(true),
+        "plain HTTP is not served on the TLS port"
+    );
+}
