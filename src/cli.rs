@@ -57,6 +57,110 @@ pub enum Command {
     /// GET /sim/stats shows what it saw; POST /sim/faults injects failures.
     /// Any non-empty client id/secret is accepted unless --client-id/--client-secret are set.
     Sim(SimArgs),
+
+    /// Inspect and fix jobs: list (the dead-letter view with --state failed),
+    /// show, retry, remove. Works on the queue directly, whether or not a relay
+    /// is running (embedded: the same COGRELAY_DATA_DIR; redis: the same Redis
+    /// and QUEUE_NAME). Tables by default, --json for scripts.
+    Jobs(JobsArgs),
+
+    /// Queue statistics (counts by state).
+    Queue(QueueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: JobsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// waiting, active, delayed, completed, failed (default: all).
+        #[arg(long)]
+        state: Option<String>,
+        /// Jobs to show (1 to 500).
+        #[arg(long, default_value = "20")]
+        limit: String,
+        /// Jobs to skip.
+        #[arg(long, default_value = "0")]
+        offset: String,
+    },
+    /// One job with its payload and every attempt.
+    Show { id: String },
+    /// Put a failed job back to waiting (attempts reset), or all failed jobs.
+    Retry {
+        /// The job to retry.
+        #[arg(required_unless_present = "all_failed", conflicts_with = "all_failed")]
+        id: Option<String>,
+        /// Retry every failed job.
+        #[arg(long)]
+        all_failed: bool,
+    },
+    /// Delete a job (not one being delivered).
+    Remove { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct QueueArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: QueueCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Jobs by state.
+    Stats,
+}
+
+/// Where the queue is (shared by `serve`, `jobs` and `queue`).
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Queue backend: `embedded` (SQLite under COGRELAY_DATA_DIR) or `redis`.
+    /// Default: redis if REDIS_URL or REDIS_HOST is set, else embedded.
+    #[arg(long, env = "COGRELAY_QUEUE")]
+    pub queue: Option<String>,
+
+    /// Redis URL for the redis queue, e.g. redis://127.0.0.1:6379 (may carry a password; never printed).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Redis host for the redis queue (with REDIS_PORT), when REDIS_URL is not set.
+    #[arg(long, env = "REDIS_HOST")]
+    pub redis_host: Option<String>,
+
+    /// Redis port for the redis queue.
+    #[arg(long, env = "REDIS_PORT", default_value = "6379")]
+    pub redis_port: String,
+
+    /// Queue name (part of the Redis keys: bull:<QUEUE_NAME>:...).
+    #[arg(long, env = "QUEUE_NAME", default_value = "cognigy-webhook-retries")]
+    pub queue_name: String,
+
+    /// Directory of the embedded store (created if missing).
+    #[arg(long, env = "COGRELAY_DATA_DIR", default_value = "./data")]
+    pub data_dir: String,
+
+    /// `always`: every acknowledged event is fsync'd (survives power loss);
+    /// `off`: committed to the OS only (survives a crash of the relay, not of the machine).
+    #[arg(long, env = "COGRELAY_FSYNC", default_value = "always")]
+    pub fsync: String,
 }
 
 /// How to reach Cognigy (shared by `register` and `serve`'s event verification).
@@ -227,35 +331,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TARGET_SIGNING_SECRET", hide_env_values = true)]
     pub target_signing_secret: Option<String>,
 
-    /// Queue backend: `embedded` (SQLite under COGRELAY_DATA_DIR) or `redis`.
-    /// Default: redis if REDIS_URL or REDIS_HOST is set, else embedded.
-    #[arg(long, env = "COGRELAY_QUEUE")]
-    pub queue: Option<String>,
-
-    /// Redis URL for the redis queue, e.g. redis://127.0.0.1:6379 (may carry a password; never printed).
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-
-    /// Redis host for the redis queue (with REDIS_PORT), when REDIS_URL is not set.
-    #[arg(long, env = "REDIS_HOST")]
-    pub redis_host: Option<String>,
-
-    /// Redis port for the redis queue.
-    #[arg(long, env = "REDIS_PORT", default_value = "6379")]
-    pub redis_port: String,
-
-    /// Queue name (part of the Redis keys: bull:<QUEUE_NAME>:...).
-    #[arg(long, env = "QUEUE_NAME", default_value = "cognigy-webhook-retries")]
-    pub queue_name: String,
-
-    /// Directory of the embedded store (created if missing).
-    #[arg(long, env = "COGRELAY_DATA_DIR", default_value = "./data")]
-    pub data_dir: String,
-
-    /// `always`: every acknowledged event is fsync'd (survives power loss);
-    /// `off`: committed to the OS only (survives a crash of the relay, not of the machine).
-    #[arg(long, env = "COGRELAY_FSYNC", default_value = "always")]
-    pub fsync: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
 
     /// Cap on the embedded store's size in bytes (0 = none). When reached, ingress
     /// answers 503 instead of accepting what it could not keep.

@@ -76,6 +76,70 @@ pub struct BasicCredentials {
     pub password: Secret,
 }
 
+/// Where the queue is: what `serve`, `jobs` and `queue` share.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub queue: QueueKind,
+    pub data_dir: PathBuf,
+    pub fsync: Fsync,
+    /// May hold a password: never print it.
+    pub redis_url: Secret,
+    pub queue_name: String,
+}
+
+impl StoreConfig {
+    pub fn from_args(a: &crate::cli::StoreArgs) -> Result<Self, ConfigError> {
+        let queue = match a.queue.as_deref().map(str::trim) {
+            Some("embedded") => QueueKind::Embedded,
+            Some("redis") => QueueKind::Redis,
+            Some(other) => {
+                return Err(bad(format!(
+                    "COGRELAY_QUEUE={other:?} is not valid: use `embedded` or `redis`"
+                )))
+            }
+            None if a.redis_url.is_some() || a.redis_host.is_some() => QueueKind::Redis,
+            None => QueueKind::Embedded,
+        };
+        let redis_port: u16 = parse_num("REDIS_PORT", &a.redis_port, "a port number")?;
+        let redis_url = Secret::new(match (&a.redis_url, &a.redis_host) {
+            (Some(url), _) if !url.trim().is_empty() => {
+                let url = url.trim();
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(bad("REDIS_URL is not valid: use redis://[user:password@]host:port[/db] or rediss://..."));
+                }
+                url.to_string()
+            }
+            (_, Some(host)) if !host.trim().is_empty() => {
+                format!("redis://{}:{redis_port}", host.trim())
+            }
+            _ => format!("redis://127.0.0.1:{redis_port}"),
+        });
+        let queue_name = a.queue_name.trim().to_string();
+        if queue_name.is_empty() || queue_name.contains(':') {
+            return Err(bad(format!(
+                "QUEUE_NAME={:?} is not valid: use a non-empty name without ':'",
+                a.queue_name
+            )));
+        }
+        let fsync = match a.fsync.trim() {
+            "always" => Fsync::Always,
+            "off" => Fsync::Off,
+            other => {
+                return Err(bad(format!(
+                    "COGRELAY_FSYNC={other:?} is not valid: use `always` (survives power loss) or `off`"
+                )))
+            }
+        };
+        Ok(Self {
+            queue,
+            data_dir: PathBuf::from(&a.data_dir),
+            fsync,
+            redis_url,
+            queue_name,
+        })
+    }
+}
+
 /// Everything `serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -159,7 +223,7 @@ impl ServeConfig {
             bad("TARGET_ENDPOINT is not set: set --target-endpoint or TARGET_ENDPOINT to the URL events are delivered to")
         })?;
         let target_endpoint = parse_http_url("TARGET_ENDPOINT", target)?;
-        let mut c = Self::new(target_endpoint, PathBuf::from(&a.data_dir));
+        let mut c = Self::new(target_endpoint, PathBuf::from(&a.store.data_dir));
 
         c.port = parse_num::<u16>("PORT", &a.port, "a port number from 1 to 65535")?;
         if c.port == 0 {
@@ -211,47 +275,12 @@ impl ServeConfig {
             .as_deref()
             .map(TargetSigningKey::parse)
             .transpose()?;
-        c.queue = match a.queue.as_deref().map(str::trim) {
-            Some("embedded") => QueueKind::Embedded,
-            Some("redis") => QueueKind::Redis,
-            Some(other) => {
-                return Err(bad(format!(
-                    "COGRELAY_QUEUE={other:?} is not valid: use `embedded` or `redis`"
-                )))
-            }
-            None if a.redis_url.is_some() || a.redis_host.is_some() => QueueKind::Redis,
-            None => QueueKind::Embedded,
-        };
-        let redis_port: u16 = parse_num("REDIS_PORT", &a.redis_port, "a port number")?;
-        c.redis_url = Secret::new(match (&a.redis_url, &a.redis_host) {
-            (Some(url), _) if !url.trim().is_empty() => {
-                let url = url.trim();
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    return Err(bad("REDIS_URL is not valid: use redis://[user:password@]host:port[/db] or rediss://..."));
-                }
-                url.to_string()
-            }
-            (_, Some(host)) if !host.trim().is_empty() => {
-                format!("redis://{}:{redis_port}", host.trim())
-            }
-            _ => format!("redis://127.0.0.1:{redis_port}"),
-        });
-        c.queue_name = a.queue_name.trim().to_string();
-        if c.queue_name.is_empty() || c.queue_name.contains(':') {
-            return Err(bad(format!(
-                "QUEUE_NAME={:?} is not valid: use a non-empty name without ':'",
-                a.queue_name
-            )));
-        }
-        c.fsync = match a.fsync.trim() {
-            "always" => Fsync::Always,
-            "off" => Fsync::Off,
-            other => {
-                return Err(bad(format!(
-                    "COGRELAY_FSYNC={other:?} is not valid: use `always` (survives power loss) or `off`"
-                )))
-            }
-        };
+        let store = StoreConfig::from_args(&a.store)?;
+        c.queue = store.queue;
+        c.data_dir = store.data_dir;
+        c.fsync = store.fsync;
+        c.redis_url = store.redis_url;
+        c.queue_name = store.queue_name;
         c.max_db_bytes = parse_num(
             "COGRELAY_MAX_DB_BYTES",
             &a.max_db_bytes,

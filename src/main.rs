@@ -30,6 +30,12 @@ fn main() -> ExitCode {
             run_async(serve(cfg))
         }
         Command::Register(args) => register(args, format),
+        Command::Jobs(args) => jobs(
+            &args.store,
+            cogrelay::jobs_cli::Op::Jobs(args.command),
+            args.json,
+        ),
+        Command::Queue(args) => jobs(&args.store, args.command.into(), args.json),
         Command::Sim(args) => {
             let opts = match sim_options(&args) {
                 Ok(o) => o,
@@ -77,6 +83,26 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
         }
     }
     ExitCode::from(outcome.exit_code)
+}
+
+fn jobs(store: &cogrelay::cli::StoreArgs, op: cogrelay::jobs_cli::Op, json: bool) -> ExitCode {
+    let store = match cogrelay::config::StoreConfig::from_args(store) {
+        Ok(s) => s,
+        Err(e) => return config_error(&e),
+    };
+    let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::from(1);
+    };
+    match rt.block_on(cogrelay::jobs_cli::run(&store, op, json)) {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 fn sim_options(a: &SimArgs) -> Result<cogrelay::sim::SimOptions, ConfigError> {

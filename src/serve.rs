@@ -43,6 +43,7 @@ pub fn open_embedded(cfg: &ServeConfig) -> anyhow::Result<EmbeddedQueue> {
         fsync: cfg.fsync,
         max_db_bytes: cfg.max_db_bytes,
         settings: queue_settings(cfg),
+        exclusive: true,
     })
     .context("failed to open the embedded queue")
 }

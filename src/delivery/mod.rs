@@ -292,7 +292,10 @@ fn decide(cfg: &DeliveryConfig, n: u32, outcome: Outcome) -> (Disposition, Attem
         Outcome::Permanent { reason } => (Disposition::Failed { reason }, AttemptOutcome::Failed),
         Outcome::Retry { reason, .. } if n >= cfg.attempts => (
             Disposition::Failed {
-                reason: format!("gave up after {n} attempts: {reason}"),
+                reason: format!(
+                    "gave up after {n} attempt{}: {reason}",
+                    if n == 1 { "" } else { "s" }
+                ),
             },
             AttemptOutcome::Failed,
         ),

@@ -159,6 +159,11 @@ pub struct EmbeddedOptions {
     /// 0 = no cap.
     pub max_db_bytes: u64,
     pub settings: QueueSettings,
+    /// The relay's own open: takes the process lock and puts back the jobs a
+    /// dead process left active. `false` for tools (`cogrelay jobs`) that work
+    /// beside a running relay: no lock, no recovery (SQLite's WAL locking keeps
+    /// the two processes' writes apart).
+    pub exclusive: bool,
 }
 
 impl EmbeddedQueue {
@@ -167,20 +172,11 @@ impl EmbeddedQueue {
     pub fn open(opts: EmbeddedOptions) -> Result<Self, OpenError> {
         std::fs::create_dir_all(&opts.data_dir)
             .map_err(|e| OpenError::CreateDir(opts.data_dir.clone(), e))?;
-        let lock_path = opts.data_dir.join(LOCK_FILE);
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| OpenError::Lock(lock_path.clone(), e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(OpenError::Locked(opts.data_dir.clone()))
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(OpenError::Lock(lock_path, e)),
-        }
+        let lock = if opts.exclusive {
+            Some(take_lock(&opts.data_dir)?)
+        } else {
+            None
+        };
         let path = opts.data_dir.join(DB_FILE);
         let sqlite_err = |e| OpenError::Sqlite(path.clone(), e);
         let conn = open_connection(&path, opts.fsync).map_err(sqlite_err)?;
@@ -195,13 +191,17 @@ impl EmbeddedQueue {
             conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
                 .map_err(sqlite_err)?;
         }
-        let recovered = conn
+        let recovered = if !opts.exclusive {
+            0
+        } else {
+            conn
             .execute(
                 "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, stalls=stalls+1
                  WHERE state='active'",
                 [],
             )
-            .map_err(sqlite_err)?;
+            .map_err(sqlite_err)?
+        };
         if recovered > 0 {
             tracing::warn!(
                 recovered,
@@ -228,7 +228,7 @@ impl EmbeddedQueue {
         Ok(Self {
             tx,
             path,
-            _lock: Some(lock),
+            _lock: lock,
         })
     }
 
@@ -260,6 +260,25 @@ impl EmbeddedQueue {
             .await
             .map_err(|_| QueueError::Unavailable("the store writer stopped".into()))?
     }
+}
+
+/// The exclusive lock of one relay per data dir.
+fn take_lock(data_dir: &Path) -> Result<File, OpenError> {
+    let lock_path = data_dir.join(LOCK_FILE);
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| OpenError::Lock(lock_path.clone(), e))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(OpenError::Locked(data_dir.to_path_buf()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(OpenError::Lock(lock_path, e)),
+    }
+    Ok(lock)
 }
 
 fn open_connection(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {

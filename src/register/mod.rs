@@ -189,31 +189,7 @@ pub async fn run(cfg: &RegisterConfig, progress: &(dyn Fn(&str) + Sync)) -> Regi
 }
 
 fn httpdate_now() -> String {
-    // RFC 3339 in UTC, without pulling a date crate: seconds since the epoch.
-    let ms = crate::queue::now_ms();
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    crate::time::rfc3339(crate::queue::now_ms())
 }
 
 type StepResult<T> = Result<T, (u8, String)>;
@@ -559,12 +535,5 @@ mod tests {
         assert_eq!(k, default_idempotency_key(&base, &t, "a"));
         assert_ne!(k, default_idempotency_key(&base, &t, "b"));
         assert!(k.starts_with("cogrelay-") && k.len() == 41);
-    }
-
-    #[test]
-    fn dates_are_rfc3339() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_414), (2025, 11, 22));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }
 }

@@ -12,6 +12,7 @@ mod bullmq_port;
 mod cognigy;
 mod delivery;
 mod ingress;
+mod jobs_cli;
 mod process;
 mod redis_ops;
 mod register;

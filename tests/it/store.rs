@@ -24,6 +24,7 @@ fn open(dir: &std::path::Path) -> EmbeddedQueue {
             dedup_ttl: Duration::from_secs(60),
             remove_on_complete: 2,
         },
+        exclusive: true,
     })
     .expect("open")
 }
@@ -257,6 +258,7 @@ async fn embedded_store_is_owned_by_one_process() {
             dedup_ttl: Duration::from_secs(60),
             remove_on_complete: 2,
         },
+        exclusive: true,
     })
     .expect_err("second owner refused");
     assert!(

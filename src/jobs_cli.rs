@@ -1,0 +1,305 @@
+//! `cogrelay jobs ...` and `cogrelay queue stats`: the operator's commands for
+//! the dead-letter queue, on the queue itself (not through a relay's admin
+//! API), so they work whether or not a relay runs.
+//!
+//! Embedded: the store is opened *shared* (no process lock, no recovery of
+//! active jobs; SQLite's WAL locking keeps our writes apart from the relay's,
+//! and a running relay picks a retried job up within its 1 s idle poll).
+//! Redis: a plain BullMQ client of the same queue.
+//!
+//! Exit codes: 0 ok, 1 the queue cannot be reached, 2 a bad argument or an
+//! unknown job id.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::cli::{JobsCommand, QueueCommand};
+use crate::config::{QueueKind, StoreConfig};
+use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
+use crate::queue::redis::{RedisOptions, RedisQueue};
+use crate::queue::{JobState, JobView, Queue, QueueError, QueueSettings};
+
+/// What went wrong, and the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Job(QueueError),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) | CliError::Job(_) => 2,
+            CliError::Unavailable(_) => 1,
+        }
+    }
+}
+
+impl From<QueueError> for CliError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Unavailable(m) => CliError::Unavailable(m),
+            other => CliError::Job(other),
+        }
+    }
+}
+
+/// The operation to run, parsed from either command.
+#[derive(Debug)]
+pub enum Op {
+    Jobs(JobsCommand),
+    Stats,
+}
+
+impl From<QueueCommand> for Op {
+    fn from(c: QueueCommand) -> Self {
+        match c {
+            QueueCommand::Stats => Op::Stats,
+        }
+    }
+}
+
+/// Opens the queue of `store` and runs `op`; returns what to print on stdout.
+pub async fn run(store: &StoreConfig, op: Op, json: bool) -> Result<String, CliError> {
+    // Settings only the relay's writes use; the tool reads and moves jobs.
+    let settings = QueueSettings {
+        dedup_ttl: Duration::from_secs(86_400),
+        remove_on_complete: u32::MAX,
+    };
+    match store.queue {
+        QueueKind::Embedded => {
+            if !store.data_dir.join("cogrelay.db").exists() {
+                return Err(CliError::Usage(format!(
+                    "no embedded queue in {} (COGRELAY_DATA_DIR): point it at the relay's data directory",
+                    store.data_dir.display()
+                )));
+            }
+            let q = EmbeddedQueue::open(EmbeddedOptions {
+                data_dir: store.data_dir.clone(),
+                fsync: store.fsync,
+                max_db_bytes: 0,
+                settings,
+                exclusive: false,
+            })
+            .map_err(|e| CliError::Unavailable(e.to_string()))?;
+            let out = execute(&q, op, json).await;
+            let _ = q.close().await;
+            out
+        }
+        QueueKind::Redis => {
+            let q = RedisQueue::connect(RedisOptions {
+                url: store.redis_url.expose().to_string(),
+                queue_name: store.queue_name.clone(),
+                lock_duration: Duration::from_secs(30),
+                settings,
+            })
+            .await
+            .map_err(|e| {
+                CliError::Unavailable(format!("cannot reach Redis (REDIS_URL / REDIS_HOST): {e}"))
+            })?;
+            let out = execute(&q, op, json).await;
+            let _ = q.close().await;
+            out
+        }
+    }
+}
+
+fn num(name: &str, raw: &str, range: std::ops::RangeInclusive<u64>) -> Result<u64, CliError> {
+    raw.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--{name} {raw:?} is not valid: use a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ))
+        })
+}
+
+async fn execute<Q: Queue>(q: &Q, op: Op, json: bool) -> Result<String, CliError> {
+    let out = match op {
+        Op::Stats => {
+            let c = q.counts().await?;
+            if json {
+                serde_json::to_string(&c).unwrap_or_default()
+            } else {
+                let mut t = String::from("STATE      COUNT\n");
+                for (s, n) in [
+                    ("waiting", c.waiting),
+                    ("active", c.active),
+                    ("delayed", c.delayed),
+                    ("completed", c.completed),
+                    ("failed", c.failed),
+                ] {
+                    let _ = writeln!(t, "{s:<10} {n}");
+                }
+                t
+            }
+        }
+        Op::Jobs(JobsCommand::List {
+            state,
+            limit,
+            offset,
+        }) => {
+            let state = match state.as_deref() {
+                None | Some("all") => None,
+                Some(raw) => Some(JobState::parse(raw).ok_or_else(|| {
+                    CliError::Usage(format!("--state {raw:?} is not valid: use waiting, active, delayed, completed or failed"))
+                })?),
+            };
+            let limit = num("limit", &limit, 1..=500)?;
+            let offset = num("offset", &offset, 0..=u64::MAX)?;
+            let page = q.list(state, offset, limit).await?;
+            if json {
+                json!({ "items": page.items, "total": page.total, "offset": offset, "limit": limit }).to_string()
+            } else {
+                list_table(&page.items, page.total, offset)
+            }
+        }
+        Op::Jobs(JobsCommand::Show { id }) => {
+            let job = q.get(&id).await?;
+            if json {
+                serde_json::to_string(&job).unwrap_or_default()
+            } else {
+                show_text(&job)
+            }
+        }
+        Op::Jobs(JobsCommand::Retry { id: Some(id), .. }) => {
+            q.retry(&id).await?;
+            if json {
+                json!({ "retried": 1, "jobId": id }).to_string()
+            } else {
+                format!("job {id} is waiting again (attempts reset)")
+            }
+        }
+        Op::Jobs(JobsCommand::Retry { id: None, .. }) => {
+            let n = q.retry_all_failed().await?;
+            if json {
+                json!({ "retried": n }).to_string()
+            } else {
+                format!("{n} failed job(s) waiting again (attempts reset)")
+            }
+        }
+        Op::Jobs(JobsCommand::Remove { id }) => {
+            q.remove(&id).await?;
+            if json {
+                json!({ "removed": 1, "jobId": id }).to_string()
+            } else {
+                format!("job {id} removed")
+            }
+        }
+    };
+    Ok(out)
+}
+
+fn cut(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+fn last_answer(job: &JobView) -> String {
+    job.attempts
+        .last()
+        .map(|a| match (a.status, &a.error) {
+            (Some(s), _) => format!("HTTP {s}"),
+            (None, Some(e)) => e.clone(),
+            (None, None) => "-".into(),
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+fn list_table(items: &[JobView], total: u64, offset: u64) -> String {
+    let mut t = format!(
+        "{:<8} {:<9} {:<36} {:>3} {:<24} {:<24} {}\n",
+        "ID", "STATE", "EVENT KEY", "TRY", "LAST ANSWER", "CREATED", "REASON"
+    );
+    for j in items {
+        let _ = writeln!(
+            t,
+            "{:<8} {:<9} {:<36} {:>3} {:<24} {:<24} {}",
+            j.id,
+            j.state.as_str(),
+            cut(&j.event_key, 36),
+            j.attempts_made,
+            cut(&last_answer(j), 24),
+            crate::time::rfc3339(j.created_at_ms),
+            cut(j.failed_reason.as_deref().unwrap_or("-"), 60),
+        );
+    }
+    if items.is_empty() {
+        let _ = writeln!(t, "(no jobs)");
+    }
+    let shown_to = offset + items.len() as u64;
+    let _ = write!(
+        t,
+        "{} of {total}",
+        if items.is_empty() {
+            "0".to_string()
+        } else {
+            format!("{}-{shown_to}", offset + 1)
+        }
+    );
+    if shown_to < total {
+        let _ = write!(t, "; next page: --offset {shown_to}");
+    }
+    t
+}
+
+fn show_text(j: &JobView) -> String {
+    let mut t = String::new();
+    let _ = writeln!(t, "job        {}", j.id);
+    let _ = writeln!(t, "state      {}", j.state.as_str());
+    let _ = writeln!(t, "event key  {}", j.event_key);
+    let _ = writeln!(t, "event id   {}", j.event_id);
+    if let Some(b) = &j.bot_id {
+        let _ = writeln!(t, "bot        {b}");
+    }
+    let _ = writeln!(t, "created    {}", crate::time::rfc3339(j.created_at_ms));
+    if let Some(due) = j.due_at_ms {
+        let _ = writeln!(t, "due        {}", crate::time::rfc3339(due));
+    }
+    if let Some(r) = &j.failed_reason {
+        let _ = writeln!(t, "reason     {r}");
+    }
+    let _ = writeln!(t, "attempts   {}", j.attempts_made);
+    for a in &j.attempts {
+        let answer = match (a.status, &a.error) {
+            (Some(s), _) => format!("HTTP {s}"),
+            (None, Some(e)) => e.clone(),
+            (None, None) => "-".into(),
+        };
+        let _ = writeln!(
+            t,
+            "  #{:<3} {}  {:>6} ms  {:<9} {}",
+            a.n,
+            crate::time::rfc3339(a.started_at_ms),
+            a.duration_ms,
+            serde_json::to_value(a.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            answer
+        );
+    }
+    let payload = j
+        .payload
+        .as_ref()
+        .and_then(|p| serde_json::from_str::<Value>(p.get()).ok())
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| "(none)".into());
+    let _ = write!(t, "payload\n{payload}");
+    t
+}
