@@ -10,6 +10,7 @@ mod admin;
 mod bullmq_compat;
 mod bullmq_port;
 mod cognigy;
+mod dashboard;
 mod delivery;
 mod ingress;
 mod jobs_cli;

@@ -1,0 +1,110 @@
+//! The dashboard in headless Chromium, driven by playwright-core (tests/node):
+//! behind ADMIN_TOKEN, a failed job appears in the table, a payload with markup
+//! is shown as text (never run), the Retry button delivers the job and the
+//! failed count changes.
+
+use std::time::Duration;
+
+use cogrelay::secret::Secret;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+fn browser_ready() -> bool {
+    let node = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/node/node_modules/playwright-core");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let ok = node.exists() && std::path::Path::new(&chromium).exists();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "chromium and tests/node/node_modules are required under CI=true"
+        );
+        eprintln!("SKIPPED: chromium or tests/node/node_modules missing (apt-get install chromium; npm install --prefix tests/node)");
+    }
+    ok
+}
+
+#[tokio::test]
+async fn dashboard_shows_failed_jobs_escapes_payloads_and_retries() {
+    if !browser_ready() {
+        return;
+    }
+    let app = spawn_app_with(|c| {
+        c.attempts = 1;
+        c.admin_token = Some(Secret::new("dash-token"));
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(500));
+    app.post_event(&event("bot", "retry-me")).await;
+    let mut xss = event("bot", "xss");
+    xss["payload"] = json!({ "html": "<script>window.__pwned=true</script><img src=x onerror=\"window.__pwned=true\">" });
+    app.post_event(&xss).await;
+    let ok = app
+        .http
+        .get(format!("http://{}/admin/queue", app.admin))
+        .bearer_auth("dash-token")
+        .send()
+        .await
+        .expect("queue");
+    assert_eq!(ok.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let c: Value = app
+            .http
+            .get(format!("http://{}/admin/queue", app.admin))
+            .bearer_auth("dash-token")
+            .send()
+            .await
+            .expect("q")
+            .json()
+            .await
+            .expect("json");
+        if c["failed"] == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jobs never failed: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.sink.set_default(Behaviour::status(200));
+
+    let shot = std::env::temp_dir().join("cogrelay-dashboard.png");
+    let out = tokio::process::Command::new("node")
+        .arg("dashboard.mjs")
+        .arg(format!("http://{}", app.admin))
+        .arg("dash-token")
+        .arg(&shot)
+        .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node"))
+        .output()
+        .await
+        .expect("node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "browser run failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).expect("json");
+    assert_eq!(v["failedBefore"], "2");
+    assert_eq!(v["failedAfter"], "1");
+    assert!(
+        v["payloadText"]
+            .as_str()
+            .expect("payload")
+            .contains("<script>window.__pwned=true</script>"),
+        "{v}"
+    );
+    assert_eq!(v["pwned"], false, "markup in a payload must not run");
+    assert_eq!(v["dialogs"], 0);
+    assert_eq!(v["sparkline"], true);
+    assert!(app.sink.wait_for(3, Duration::from_secs(10)).await);
+    assert!(app
+        .sink
+        .received()
+        .iter()
+        .any(|r| r.header("x-event-id") == Some("retry-me")
+            && r.header("x-delivery-attempt") == Some("1")));
+}

@@ -1,0 +1,37 @@
+// Drives the dashboard in headless Chromium (system chromium, playwright-core).
+//   node dashboard.mjs <admin base url> <admin token> <screenshot path>
+// Prints one JSON object with what it saw.
+import { chromium } from 'playwright-core';
+
+const [, , base, token, shot] = process.argv;
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+const page = await browser.newPage();
+let dialogs = 0;
+page.on('dialog', (d) => { dialogs += 1; d.dismiss(); });
+await page.goto(base + '/');
+// The token is asked for when ADMIN_TOKEN is set.
+await page.waitForSelector('#auth', { state: 'visible', timeout: 10000 });
+await page.fill('#token', token);
+await page.click('#token-save');
+await page.waitForSelector('#failed-table tbody tr[data-id]', { timeout: 10000 });
+const failedBefore = (await page.textContent('#count-failed')).trim();
+
+// The job whose payload carries markup: shown as text, never run.
+await page.locator('#failed-table tbody tr', { hasText: 'xss' }).locator('button.show').click();
+await page.waitForFunction(() => document.querySelector('#payload').textContent.length > 0);
+const payloadText = await page.textContent('#payload');
+const pwned = await page.evaluate(() => window.__pwned === true);
+
+// Retry a failed job from its button; the failed count goes down.
+await page.locator('#failed-table tbody tr', { hasText: 'retry-me' }).locator('button.retry').click();
+await page.waitForFunction((before) => document.querySelector('#count-failed').textContent.trim() !== before,
+  failedBefore, { timeout: 15000 });
+const failedAfter = (await page.textContent('#count-failed')).trim();
+const sparkline = await page.isVisible('#sparkline');
+await page.screenshot({ path: shot, fullPage: true });
+console.log(JSON.stringify({ failedBefore, failedAfter, payloadText, pwned, dialogs, sparkline }));
+await browser.close();
