@@ -399,6 +399,11 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub cognigy: CognigyArgs,
 
+    /// Longest a client may take to send a request's headers, and its body
+    /// (slow clients are cut off: headers by closing, a body with 408).
+    #[arg(long, env = "REQUEST_READ_TIMEOUT_MS", default_value = "10000")]
+    pub request_read_timeout_ms: String,
+
     /// Largest accepted request body (bytes).
     #[arg(long, env = "MAX_BODY_BYTES", default_value = "1048576")]
     pub max_body_bytes: String,

@@ -173,6 +173,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Event verification with Cognigy before delivery (`VERIFY_EVENTS`); None = off.
     pub verify_events: Option<crate::cognigy::CognigyConfig>,
+    /// Longest a client may take to send a request's headers, and its body.
+    pub request_read_timeout: Duration,
     /// Certificate chain and key (PEM files) for HTTPS on the ingress.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// A summary line this often (pretty log mode), None = off.
@@ -213,6 +215,7 @@ impl ServeConfig {
             verify_events: None,
             summary_every: None,
             tls: None,
+            request_read_timeout: Duration::from_secs(10),
             redis_url: Secret::new("redis://127.0.0.1:6379"),
             queue_name: "cognigy-webhook-retries".into(),
         }
@@ -324,6 +327,12 @@ impl ServeConfig {
             "a whole number of seconds",
         )?);
         c.max_body_bytes = parse_num("MAX_BODY_BYTES", &a.max_body_bytes, "a size in bytes")?;
+        c.request_read_timeout = ms("REQUEST_READ_TIMEOUT_MS", &a.request_read_timeout_ms)?;
+        if c.request_read_timeout.is_zero() {
+            return Err(bad(
+                "REQUEST_READ_TIMEOUT_MS=0 is not valid: use a positive number of milliseconds",
+            ));
+        }
         let per_min: u32 = parse_num(
             "COGNIGY_MAX_REQUESTS_PER_MIN",
             &a.cognigy_max_requests_per_min,

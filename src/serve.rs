@@ -123,6 +123,7 @@ pub async fn run_with_queue<Q: Queue>(
         queue: queue.clone(),
         auth,
         max_body_bytes: cfg.max_body_bytes,
+        body_timeout: cfg.request_read_timeout,
         accepting: accepting.clone(),
         wake: wake.clone(),
         handoff,
@@ -138,20 +139,13 @@ pub async fn run_with_queue<Q: Queue>(
     let (stop_http_tx, stop_http_rx) = watch::channel(false);
     let ingress_addr = ingress_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let ingress_router = ingress::router(ingress_state);
-    let ingress_server = match &tls {
-        Some(acceptor) => tokio::spawn(crate::tls::serve(
-            ingress_listener,
-            acceptor.clone(),
-            ingress_router,
-            stop_http_rx.clone(),
-        )),
-        None => tokio::spawn(serve_http(
-            ingress_listener,
-            ingress_router,
-            stop_http_rx.clone(),
-        )),
-    };
+    let ingress_server = tokio::spawn(crate::tls::serve(
+        ingress_listener,
+        tls.clone(),
+        ingress::router(ingress_state),
+        cfg.request_read_timeout,
+        stop_http_rx.clone(),
+    ));
     let admin_server = tokio::spawn(serve_http(
         admin_listener,
         admin::router(admin_state),

@@ -1,17 +1,18 @@
-//! HTTPS on the ingress (`TLS_CERT_FILE` / `TLS_KEY_FILE`): Cognigy only calls
-//! endpoints with a publicly trusted certificate, and not every user has a load
-//! balancer in front.
+//! The ingress's accept loop, plain or HTTPS (`TLS_CERT_FILE` / `TLS_KEY_FILE`:
+//! Cognigy only calls endpoints with a publicly trusted certificate, and not
+//! every user has a load balancer in front).
 //!
-//! axum's `serve` speaks plain TCP, so the TLS ingress has its own accept loop:
-//! TLS handshake (bounded by `HANDSHAKE_TIMEOUT`, so a silent client cannot hold
-//! a task), then hyper serving the same axum router.
+//! Its own loop rather than `axum::serve`, for two reasons: TLS, and a
+//! header-read timeout (`REQUEST_READ_TIMEOUT_MS`), which `axum::serve` does not
+//! set, so that a client sending headers slowly (slowloris) is cut off instead
+//! of holding a connection forever. The TLS handshake is bounded the same way.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -47,11 +48,12 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcce
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `app` over TLS on `listener` until `stop` turns true.
+/// Serves `app` on `listener` (over TLS with `acceptor`) until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     app: axum::Router,
+    read_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -68,7 +70,23 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(read_timeout);
+            let builder = builder.http1_only();
+            let service = TowerToHyperService::new(app);
+            let Some(acceptor) = acceptor else {
+                let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                return;
+            };
+            let tls = match tokio::time::timeout(
+                read_timeout.min(HANDSHAKE_TIMEOUT),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -79,11 +97,7 @@ pub async fn serve(
                     return;
                 }
             };
-            let service = TowerToHyperService::new(app);
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .http1_only()
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
         });
     }
 }

@@ -34,6 +34,8 @@ pub struct Ingress<Q> {
     pub queue: Arc<Q>,
     pub auth: Authenticator,
     pub max_body_bytes: usize,
+    /// Longest the body may take to arrive (408 after).
+    pub body_timeout: std::time::Duration,
     /// False once shutdown began: new requests get 503.
     pub accepting: Arc<AtomicBool>,
     /// Wakes the delivery dispatcher when a job was queued.
@@ -125,7 +127,15 @@ async fn receive<Q: Queue>(
             "Content-Type must be application/json",
         );
     }
-    let bytes = match axum::body::to_bytes(body, s.max_body_bytes).await {
+    let read =
+        tokio::time::timeout(s.body_timeout, axum::body::to_bytes(body, s.max_body_bytes)).await;
+    let Ok(read) = read else {
+        return error(
+            StatusCode::REQUEST_TIMEOUT,
+            "The request body did not arrive in time",
+        );
+    };
+    let bytes = match read {
         Ok(b) => b,
         Err(e) => {
             // to_bytes fails either on the limit or on a broken connection.

@@ -374,3 +374,57 @@ async fn dedup_outlives_the_pruned_job(b: Backend) {
     assert_eq!(app.sink.count(), 1);
 }
 }
+
+/// Slow clients (slowloris): headers that never finish are cut off, a body that
+/// never finishes gets 408, and other clients are served meanwhile.
+#[tokio::test]
+async fn slow_headers_and_slow_bodies_are_cut_off_without_starving_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(|c| c.request_read_timeout = Duration::from_millis(300)).await;
+
+    let mut slow_headers = tokio::net::TcpStream::connect(app.ingress)
+        .await
+        .expect("connect");
+    slow_headers
+        .write_all(b"POST /api/webhook/cognigy HTTP/1.1\r\nHost: relay\r\n")
+        .await
+        .expect("write");
+    let mut slow_body = tokio::net::TcpStream::connect(app.ingress)
+        .await
+        .expect("connect");
+    slow_body
+        .write_all(b"POST /api/webhook/cognigy HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"botId\":")
+        .await
+        .expect("write");
+
+    assert_eq!(
+        app.post_event(&event("b", "while-slow")).await.status,
+        200,
+        "others are served"
+    );
+
+    let t0 = std::time::Instant::now();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow_headers.read(&mut buf))
+        .await
+        .expect("slow headers cut off in time")
+        .unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(
+        n == 0 || answer.starts_with("HTTP/1.1 408"),
+        "closed or 408: {answer}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3));
+
+    let n = tokio::time::timeout(Duration::from_secs(5), slow_body.read(&mut buf))
+        .await
+        .expect("slow body answered in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(
+        total_jobs(&app).await,
+        1,
+        "nothing stored from the slow clients"
+    );
+}
