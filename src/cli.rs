@@ -404,6 +404,14 @@ pub struct ServeArgs {
     #[arg(long, env = "REQUEST_READ_TIMEOUT_MS", default_value = "10000")]
     pub request_read_timeout_ms: String,
 
+    /// Events per second accepted from one source address (0 = no limit).
+    #[arg(long, env = "INGRESS_RATE_LIMIT", default_value = "0")]
+    pub ingress_rate_limit: String,
+
+    /// Burst allowed above INGRESS_RATE_LIMIT per source address.
+    #[arg(long, env = "INGRESS_RATE_BURST", default_value = "100")]
+    pub ingress_rate_burst: String,
+
     /// Largest accepted request body (bytes).
     #[arg(long, env = "MAX_BODY_BYTES", default_value = "1048576")]
     pub max_body_bytes: String,

@@ -173,6 +173,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Event verification with Cognigy before delivery (`VERIFY_EVENTS`); None = off.
     pub verify_events: Option<crate::cognigy::CognigyConfig>,
+    /// Per-source ingress limit: (events per second, burst); None = off.
+    pub ingress_rate_limit: Option<(f64, u32)>,
     /// Longest a client may take to send a request's headers, and its body.
     pub request_read_timeout: Duration,
     /// Certificate chain and key (PEM files) for HTTPS on the ingress.
@@ -216,6 +218,7 @@ impl ServeConfig {
             summary_every: None,
             tls: None,
             request_read_timeout: Duration::from_secs(10),
+            ingress_rate_limit: None,
             redis_url: Secret::new("redis://127.0.0.1:6379"),
             queue_name: "cognigy-webhook-retries".into(),
         }
@@ -328,6 +331,23 @@ impl ServeConfig {
         )?);
         c.max_body_bytes = parse_num("MAX_BODY_BYTES", &a.max_body_bytes, "a size in bytes")?;
         c.request_read_timeout = ms("REQUEST_READ_TIMEOUT_MS", &a.request_read_timeout_ms)?;
+        let rate: f64 = parse_num(
+            "INGRESS_RATE_LIMIT",
+            &a.ingress_rate_limit,
+            "events per second (0 = no limit)",
+        )?;
+        let burst: u32 = parse_num(
+            "INGRESS_RATE_BURST",
+            &a.ingress_rate_burst,
+            "a whole number of events",
+        )?;
+        if !(rate.is_finite() && rate >= 0.0) {
+            return Err(bad(format!(
+                "INGRESS_RATE_LIMIT={:?} is not valid: use events per second, 0 = no limit",
+                a.ingress_rate_limit
+            )));
+        }
+        c.ingress_rate_limit = (rate > 0.0).then_some((rate, burst.max(1)));
         if c.request_read_timeout.is_zero() {
             return Err(bad(
                 "REQUEST_READ_TIMEOUT_MS=0 is not valid: use a positive number of milliseconds",

@@ -128,6 +128,9 @@ pub async fn run_with_queue<Q: Queue>(
         wake: wake.clone(),
         handoff,
         metrics: metrics.clone(),
+        rate_limit: cfg
+            .ingress_rate_limit
+            .map(|(per_sec, burst)| crate::ingress::ratelimit::RateLimiter::new(per_sec, burst)),
     });
     let admin_state = Arc::new(Admin {
         queue: queue.clone(),

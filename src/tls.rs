@@ -76,6 +76,7 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(read_timeout);
             let builder = builder.http1_only();
+            let app = app.layer(axum::Extension(crate::ingress::ratelimit::PeerAddr(peer)));
             let service = TowerToHyperService::new(app);
             let Some(acceptor) = acceptor else {
                 let _ = builder.serve_connection(TokioIo::new(tcp), service).await;

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod envelope;
+pub mod ratelimit;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub struct Ingress<Q> {
     /// Direct handoff of new jobs to the local worker pool when it has room.
     pub handoff: Arc<crate::delivery::handoff::Handoff>,
     pub metrics: Arc<Metrics>,
+    /// Per-source rate limit; None = off.
+    pub rate_limit: Option<ratelimit::RateLimiter>,
 }
 
 pub fn router<Q: Queue>(state: Arc<Ingress<Q>>) -> Router {
@@ -108,11 +111,23 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 async fn receive<Q: Queue>(
     State(s): State<Arc<Ingress<Q>>>,
+    peer: Option<axum::Extension<ratelimit::PeerAddr>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     if !s.accepting.load(Ordering::Relaxed) {
         return unavailable("Queue unavailable: the relay is shutting down");
+    }
+    if let (Some(limiter), Some(axum::Extension(peer))) = (&s.rate_limit, peer) {
+        if let Err(wait) = limiter.check(peer.0.ip(), std::time::Instant::now()) {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many requests from this address",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+            return r;
+        }
     }
     let declared = headers
         .get(header::CONTENT_LENGTH)

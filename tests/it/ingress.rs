@@ -428,3 +428,26 @@ async fn slow_headers_and_slow_bodies_are_cut_off_without_starving_others() {
         "nothing stored from the slow clients"
     );
 }
+
+/// Per-source rate limit (off by default): a noisy client gets 429 with
+/// Retry-After, and what it sends over the limit is not stored.
+#[tokio::test]
+async fn a_noisy_source_is_rate_limited() {
+    let app = spawn_app_with(|c| c.ingress_rate_limit = Some((2.0, 3))).await;
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let r = app.post_event(&event("b", &format!("noisy-{i}"))).await;
+        if r.status == 429 {
+            assert!(r.headers.get("retry-after").is_some());
+        }
+        statuses.push(r.status);
+    }
+    assert_eq!(&statuses[..3], [200, 200, 200], "the burst");
+    assert!(statuses[3..].iter().all(|s| *s == 429), "{statuses:?}");
+    assert_eq!(total_jobs(&app).await, 3, "nothing over the limit stored");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        app.post_event(&event("b", "after-refill")).await.status,
+        200
+    );
+}
