@@ -53,6 +53,13 @@ enum Cmd {
         #[arg(long, default_value = "32")]
         connections: usize,
     },
+    /// Cost of the ingress signature check: right signature vs wrong ones
+    /// (first byte wrong, last byte wrong, wrong length), in ns per check.
+    /// A constant-time check costs the same for all of them.
+    Sigcheck {
+        #[arg(long, default_value = "200000")]
+        iterations: u32,
+    },
     /// Run the comparison.
     Run {
         #[arg(long, default_value = "20000")]
@@ -78,6 +85,10 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match args.cmd {
         Cmd::Ceiling { port } => rt.block_on(ceiling(port)),
+        Cmd::Sigcheck { iterations } => {
+            sigcheck(iterations);
+            Ok(())
+        }
         Cmd::Load {
             port,
             events,
@@ -107,6 +118,49 @@ fn main() -> anyhow::Result<()> {
             seed_dir,
             concurrency,
         } => rt.block_on(run(events, connections, relay_bin, seed_dir, concurrency)),
+    }
+}
+
+fn sigcheck(iterations: u32) {
+    use axum::http::{HeaderMap, HeaderValue};
+    use cogrelay::ingress::auth::{Authenticator, SIGNATURE_HEADER};
+    let auth = Authenticator::new(&[cogrelay::secret::Secret::new(SECRET)], None);
+    let payload = body("sig", 1);
+    let right = sign_hex(SECRET, &payload);
+    let flip = |i: usize| {
+        let mut b = right.clone().into_bytes();
+        b[i] = if b[i] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(b).unwrap_or_default()
+    };
+    let cases = [
+        ("right", right.clone()),
+        ("first byte wrong", flip(0)),
+        ("last byte wrong", flip(right.len() - 1)),
+        ("too short", right[..32].to_string()),
+    ];
+    let mut results = Vec::new();
+    for (name, sig) in &cases {
+        let mut h = HeaderMap::new();
+        h.insert(
+            SIGNATURE_HEADER,
+            HeaderValue::from_str(sig).unwrap_or(HeaderValue::from_static("x")),
+        );
+        // Warm up, then measure.
+        for _ in 0..1000 {
+            let _ = std::hint::black_box(auth.check(&h, &payload));
+        }
+        let t = Instant::now();
+        for _ in 0..iterations {
+            let _ = std::hint::black_box(
+                auth.check(std::hint::black_box(&h), std::hint::black_box(&payload)),
+            );
+        }
+        results.push((*name, t.elapsed().as_nanos() as f64 / f64::from(iterations)));
+    }
+    let base = results[0].1;
+    println!("| signature | ns per check | vs right |\n|---|---|---|");
+    for (name, ns) in results {
+        println!("| {name} | {ns:.0} | {:.3} |", ns / base);
     }
 }
 

@@ -451,3 +451,41 @@ async fn a_noisy_source_is_rate_limited() {
         200
     );
 }
+
+/// Hostile bodies within the size limit: deep nesting, a huge id string,
+/// invalid UTF-8: each a 400, nothing stored.
+#[tokio::test]
+async fn hostile_bodies_get_400_and_store_nothing() {
+    let app = spawn_app().await;
+    let deep = format!(
+        r#"{{"botId":"b","eventId":"deep","type":"t","payload":{}{}}}"#,
+        "[".repeat(50_000),
+        "]".repeat(50_000)
+    );
+    let huge = format!(
+        r#"{{"botId":"{}","eventId":"e","type":"t"}}"#,
+        "x".repeat(900_000)
+    );
+    let mut utf8 = br#"{"botId":"b","eventId":"bad-"#.to_vec();
+    utf8.extend_from_slice(&[0xff, 0xfe, 0xc3]);
+    utf8.extend_from_slice(br#"","type":"t"}"#);
+    for (name, body) in [
+        ("deep", deep.into_bytes()),
+        ("huge id", huge.into_bytes()),
+        ("invalid utf-8", utf8),
+    ] {
+        let sig = sign_hex(SECRET, &body);
+        let r = app
+            .post_raw(
+                body,
+                &[
+                    ("content-type", "application/json"),
+                    ("x-webhook-signature", &sig),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 400, "{name}: {}", r.json);
+        assert!(r.json["error"].is_string(), "{name}");
+    }
+    assert_eq!(total_jobs(&app).await, 0);
+}

@@ -411,3 +411,40 @@ async fn pretty_mode_prints_a_summary_line() {
         "{stderr}"
     );
 }
+
+/// 10,000 idle connections do not stop a signed event from being accepted
+/// (and idle connections are not kept beyond REQUEST_READ_TIMEOUT_MS).
+#[tokio::test]
+async fn ten_thousand_idle_connections_do_not_block_a_signed_event() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sink = Sink::start().await.expect("sink");
+    let relay = start_relay(
+        dir.path(),
+        &sink,
+        &[("REQUEST_READ_TIMEOUT_MS", "20000".into())],
+    )
+    .await;
+    let mut idle = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        match tokio::net::TcpStream::connect(("127.0.0.1", relay.port)).await {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connection {} refused: {e}", idle.len()),
+        }
+    }
+    let http = reqwest::Client::new();
+    let t0 = Instant::now();
+    assert_eq!(
+        post(&http, relay.port, "through-the-crowd").await,
+        Some(200)
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "accepted in {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        sink.wait_for(1, Duration::from_secs(10)).await,
+        "and delivered"
+    );
+    drop(idle);
+}
