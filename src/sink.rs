@@ -47,6 +47,8 @@ pub struct Received {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub at: Instant,
+    /// What the target was scripted to do with it.
+    pub behaviour: Behaviour,
 }
 
 impl Received {
@@ -128,6 +130,11 @@ impl Sink {
     /// The next request gets `b` (after those already scripted).
     pub fn push(&self, b: Behaviour) {
         self.with(|s| s.script.push_back(b));
+    }
+
+    /// Requests still scripted (not yet received).
+    pub fn scripted(&self) -> usize {
+        self.with(|s| s.script.len())
     }
 
     /// What requests get once the script is used up.
@@ -218,10 +225,12 @@ async fn connection(
             if received.method == "POST" {
                 posts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            let b = s.script.pop_front().unwrap_or_else(|| s.default.clone());
             if s.record {
+                received.behaviour = b.clone();
                 s.received.push(received);
             }
-            s.script.pop_front().unwrap_or_else(|| s.default.clone())
+            b
         };
         count.send_modify(|c| *c += 1);
         buf.drain(..consumed + body_len);
@@ -286,6 +295,7 @@ fn parse(buf: &[u8]) -> Result<Option<Parsed>, ()> {
                 headers,
                 body: Vec::new(),
                 at: Instant::now(),
+                behaviour: Behaviour::Status(0, Vec::new()),
             };
             Ok(Some(((received, body_len), head_len)))
         }
