@@ -41,22 +41,11 @@ async fn bullmq_for_node_reads_our_queue_and_feeds_it() {
     app.sink.set_default(Behaviour::status(200));
 
     let port = app.redis.as_ref().expect("redis").port;
-    let out = tokio::process::Command::new("node")
-        .arg("compat.mjs")
-        .arg(port.to_string())
-        .arg(&app.config.queue_name)
-        .arg(&failed_id)
-        .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node"))
-        .output()
-        .await
-        .expect("node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "node failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.trim()).expect("json from node");
+    let v = run_node(
+        "compat.mjs",
+        &[&port.to_string(), &app.config.queue_name, &failed_id],
+    )
+    .await;
 
     assert_eq!(v["counts"]["failed"], 1, "{v}");
     let failed = &v["failed"];

@@ -72,22 +72,12 @@ async fn dashboard_shows_failed_jobs_escapes_payloads_and_retries() {
     app.sink.set_default(Behaviour::status(200));
 
     let shot = std::env::temp_dir().join("cogrelay-dashboard.png");
-    let out = tokio::process::Command::new("node")
-        .arg("dashboard.mjs")
-        .arg(format!("http://{}", app.admin))
-        .arg("dash-token")
-        .arg(&shot)
-        .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node"))
-        .output()
-        .await
-        .expect("node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "browser run failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.trim()).expect("json");
+    let admin = format!("http://{}", app.admin);
+    let v = run_node(
+        "dashboard.mjs",
+        &[&admin, "dash-token", &shot.display().to_string()],
+    )
+    .await;
     assert_eq!(v["failedBefore"], "2");
     assert_eq!(v["failedAfter"], "1");
     assert!(

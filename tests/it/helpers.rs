@@ -335,3 +335,22 @@ pub async fn wait_all_delivered(sink: &Sink, acked: &HashSet<String>, timeout: D
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `node <script> <args>` in tests/node and parses the one JSON object it prints.
+pub async fn run_node(script: &str, args: &[&str]) -> Value {
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .args(args)
+        .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node"))
+        .output()
+        .await
+        .expect("node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "node {script} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|_| panic!("node {script} printed no JSON: {stdout}"))
+}
