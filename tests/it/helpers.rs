@@ -173,10 +173,15 @@ impl TestApp {
 
     /// POST a body signed with [`SECRET`].
     pub async fn post_event(&self, body: &Value) -> Reply {
-        let raw = serde_json::to_vec(body).expect("json");
-        let sig = sign_hex(SECRET, &raw);
+        self.post_signed(serde_json::to_vec(body).expect("json"))
+            .await
+    }
+
+    /// POST these exact bytes as JSON, signed with [`SECRET`].
+    pub async fn post_signed(&self, body: Vec<u8>) -> Reply {
+        let sig = sign_hex(SECRET, &body);
         self.post_raw(
-            raw,
+            body,
             &[
                 ("content-type", "application/json"),
                 ("x-webhook-signature", &sig),

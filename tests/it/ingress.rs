@@ -98,16 +98,7 @@ async fn endpoint_output_is_delivered_whole_with_its_derived_key(b: Backend) {
 async fn bad_json_is_400_and_stores_nothing(b: Backend) {
     let app = spawn_app_on(b, |_| {}).await;
     let body = b"{\"botId\": ".to_vec();
-    let sig = sign_hex(SECRET, &body);
-    let r = app
-        .post_raw(
-            body,
-            &[
-                ("content-type", "application/json"),
-                ("x-webhook-signature", &sig),
-            ],
-        )
-        .await;
+    let r = app.post_signed(body).await;
     assert_eq!(r.status, 400);
     assert!(
         r.json["error"]
@@ -474,16 +465,7 @@ async fn hostile_bodies_get_400_and_store_nothing() {
         ("huge id", huge.into_bytes()),
         ("invalid utf-8", utf8),
     ] {
-        let sig = sign_hex(SECRET, &body);
-        let r = app
-            .post_raw(
-                body,
-                &[
-                    ("content-type", "application/json"),
-                    ("x-webhook-signature", &sig),
-                ],
-            )
-            .await;
+        let r = app.post_signed(body).await;
         assert_eq!(r.status, 400, "{name}: {}", r.json);
         assert!(r.json["error"].is_string(), "{name}");
     }
