@@ -75,6 +75,14 @@ enum Cmd {
         /// CONCURRENCY for the relays.
         #[arg(long, default_value = "16")]
         concurrency: usize,
+        /// Which scenarios to run, comma-separated: ceiling, embedded, redis1,
+        /// redis3, seed. The ceiling always runs (it is the reference).
+        #[arg(
+            long,
+            default_value = "embedded,redis1,redis3,seed",
+            value_delimiter = ','
+        )]
+        only: Vec<String>,
     },
 }
 
@@ -117,7 +125,15 @@ fn main() -> anyhow::Result<()> {
             relay_bin,
             seed_dir,
             concurrency,
-        } => rt.block_on(run(events, connections, relay_bin, seed_dir, concurrency)),
+            only,
+        } => rt.block_on(run(
+            events,
+            connections,
+            relay_bin,
+            seed_dir,
+            concurrency,
+            only,
+        )),
     }
 }
 
@@ -392,6 +408,57 @@ struct Row {
     peak_rss_mb: Option<f64>,
 }
 
+/// What the scenario cost Redis: redis-server's CPU seconds, and its busiest
+/// commands (calls, µs per call), on stderr.
+async fn redis_report(redis: &Child, port: u16) {
+    let cpu = redis
+        .id()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .and_then(|stat| {
+            let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0);
+    let info: String = match redis::Client::open(format!("redis://127.0.0.1:{port}")) {
+        Ok(c) => match c.get_multiplexed_async_connection().await {
+            Ok(mut conn) => redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default(),
+            Err(_) => String::new(),
+        },
+        Err(_) => String::new(),
+    };
+    let mut stats: Vec<(f64, String)> = info
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |k: &str| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            let usec = field("usec=")?;
+            Some((
+                usec,
+                format!(
+                    "{name} {} calls, {:.1} µs/call",
+                    field("calls=")?,
+                    field("usec_per_call=")?
+                ),
+            ))
+        })
+        .collect();
+    stats.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let top: Vec<String> = stats.into_iter().take(6).map(|(_, s)| s).collect();
+    eprintln!(
+        "  redis-server: {cpu:.1} CPU s; busiest: {}",
+        top.join("; ")
+    );
+}
+
 async fn stop(mut child: Child) {
     if let Some(pid) = child.id() {
         let _ = std::process::Command::new("kill")
@@ -408,7 +475,9 @@ async fn run(
     relay_bin: PathBuf,
     seed_dir: Option<PathBuf>,
     concurrency: usize,
+    only: Vec<String>,
 ) -> anyhow::Result<()> {
+    let wanted = |name: &str| only.iter().any(|o| o == name);
     let me = std::env::current_exe()?;
     let mut rows = Vec::new();
 
@@ -437,35 +506,40 @@ async fn run(
     stop(child).await;
 
     // 2. cogrelay, embedded queue.
-    let sink = Sink::start().await?;
-    sink.count_only();
-    let data = tempfile::tempdir()?;
-    let (port, admin) = (free_port(), free_port());
-    let child = relay(&relay_bin, port, admin, &sink, data.path(), concurrency).spawn()?;
-    let pid = child.id().unwrap_or(0);
-    wait_port(port).await?;
-    let t0 = Instant::now();
-    let l = load(
-        ([127, 0, 0, 1], port).into(),
-        "/api/webhook/cognigy",
-        events,
-        connections,
-    )
-    .await?;
-    let done = wait_delivered(&sink, l.ok, Duration::from_secs(300)).await;
-    let (peak, _) = rss_mb(pid);
-    eprintln!("cogrelay embedded: {:.0} req/s ingest", l.rps());
-    let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
-    rows.push(Row {
-        name: format!("cogrelay embedded (fsync always, CONCURRENCY={concurrency})"),
-        load: l,
-        delivered_per_s: e2e,
-        peak_rss_mb: Some(peak),
-    });
-    stop(child).await;
+    if wanted("embedded") {
+        let sink = Sink::start().await?;
+        sink.count_only();
+        let data = tempfile::tempdir()?;
+        let (port, admin) = (free_port(), free_port());
+        let child = relay(&relay_bin, port, admin, &sink, data.path(), concurrency).spawn()?;
+        let pid = child.id().unwrap_or(0);
+        wait_port(port).await?;
+        let t0 = Instant::now();
+        let l = load(
+            ([127, 0, 0, 1], port).into(),
+            "/api/webhook/cognigy",
+            events,
+            connections,
+        )
+        .await?;
+        let done = wait_delivered(&sink, l.ok, Duration::from_secs(300)).await;
+        let (peak, _) = rss_mb(pid);
+        eprintln!("cogrelay embedded: {:.0} req/s ingest", l.rps());
+        let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
+        rows.push(Row {
+            name: format!("cogrelay embedded (fsync always, CONCURRENCY={concurrency})"),
+            load: l,
+            delivered_per_s: e2e,
+            peak_rss_mb: Some(peak),
+        });
+        stop(child).await;
+    }
 
     // 3. cogrelay on Redis (BullMQ layout): one relay, then three sharing the queue.
     for relays in [1usize, 3] {
+        if !wanted(&format!("redis{relays}")) {
+            continue;
+        }
         let redis_port = free_port();
         let redis_dir = tempfile::tempdir()?;
         let redis = spawn_redis(redis_port, redis_dir.path())?;
@@ -500,6 +574,7 @@ async fn run(
             delivered_per_s: e2e,
             peak_rss_mb: Some(peak),
         });
+        redis_report(&redis, redis_port).await;
         for (child, _) in children {
             stop(child).await;
         }
@@ -507,7 +582,7 @@ async fn run(
     }
 
     // 4. The seed's relay on a private redis-server.
-    if let Some(dir) = seed_dir.filter(|d| d.join("node_modules").exists()) {
+    if let Some(dir) = seed_dir.filter(|d| wanted("seed") && d.join("node_modules").exists()) {
         let sink = Sink::start().await?;
         sink.count_only();
         let redis_port = free_port();
@@ -566,6 +641,7 @@ async fn run(
             delivered_per_s: e2e,
             peak_rss_mb: Some(peak),
         });
+        redis_report(&redis, redis_port).await;
         stop(child).await;
         stop(redis).await;
     }

@@ -21,6 +21,7 @@
 //! * `attempts_made` counts finished attempts; attempt n is delivered with
 //!   `X-Delivery-Attempt: n = attempts_made + 1`.
 
+pub mod batch;
 pub mod embedded;
 pub mod redis;
 

@@ -13,22 +13,32 @@
 //! Deduplication uses BullMQ's own deduplication key (`bull:<name>:de:<eventKey>`
 //! with `DEDUP_TTL_SECS`), so the same event sent to two relays is one job.
 //!
+//! # Hot path: batched scripts in BullMQ's layout
+//!
+//! The port runs one Lua script per job and per step (add, take, log, finish),
+//! each about 35 µs of Redis time, which caps one Redis at about 5,000 events/s.
+//! The four steps of every event therefore go through our own scripts
+//! (`src/queue/lua/`), which do per job what BullMQ's `addStandardJob`,
+//! `moveToActive`, `moveToFinished`/`moveToDelayed`, `extendLocks` and
+//! `moveJobFromActiveToWait` do, in the same keys and fields, with the same
+//! events, but for a whole batch per call. Requests are gathered by a group
+//! commit (`batch.rs`): under load one call carries many jobs; alone, a job goes
+//! out at once. Everything else (counts, listing, retry, remove, the stalled
+//! check) uses the port.
+//!
+//! A new event the relay's own worker pool has room for is stored already
+//! locked in `active` (a handoff, as on the embedded store), which saves the
+//! take step.
+//!
 //! # Leases
 //!
-//! Jobs are fetched in BullMQ's manual mode (`Worker::get_next_job_nonblocking`
-//! with a token per claim): BullMQ's lock is the lease (`LOCK_DURATION_MS`),
+//! BullMQ's lock (`<job>:lock` = token, `LOCK_DURATION_MS`) is the lease,
 //! extended by `renew`. Stalled jobs (a dead relay's locks expired) are moved
-//! back to wait by BullMQ's `moveStalledJobsToWait`, run by a second, paused
-//! worker whose only job is the stalled check (every `LOCK_DURATION_MS / 2`).
+//! back to wait by BullMQ's `moveStalledJobsToWait`, run by a paused worker of
+//! the port whose only job is the stalled check (every `LOCK_DURATION_MS / 2`).
 //! BullMQ's attempt counter (`atm`) counts finished attempts as on the embedded
-//! backend.
-//!
-//! **Work-around** (bullmq-official 1.4.4): in manual mode `Job::move_to_delayed`
-//! always skips the attempt increment and `Job::move_to_failed` never retries, so
-//! there is no public call that retries *and* counts the attempt. A retry here
-//! is `HINCRBY <job> atm 1` followed by `move_to_delayed`. A crash between the two
-//! counts the attempt without moving the job; it then stalls and is retried, one
-//! attempt "early": never lost.
+//! backend: a retry counts the attempt and moves the job to delayed in one
+//! script (the port's manual mode cannot do both, see tests/it/bullmq_port.rs).
 //!
 //! # Failures
 //!
@@ -36,14 +46,14 @@
 //! ingress answers 503 quickly instead of hanging, and recovers on its own when
 //! Redis is back (the connection manager reconnects).
 
-use std::collections::HashMap;
-use std::future::{Future, IntoFuture};
-use std::sync::Mutex;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bullmq as bull;
 use serde_json::{json, value::RawValue, Value};
 
+use super::batch::Batcher;
 use super::{
     Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView, LeaseRef,
     Leased, Page, Queue, QueueError, QueueResult, QueueSettings,
@@ -64,14 +74,15 @@ pub struct RedisOptions {
     pub settings: QueueSettings,
 }
 
+/// Most jobs in one batched script call.
+const MAX_BATCH: usize = 256;
+
 pub struct RedisQueue {
     queue: bull::Queue,
-    fetcher: bull::Worker,
     stall_checker: bull::Worker,
-    /// Jobs this process holds a lock on, by (job id, lock token), with their
-    /// script context. Keyed by token too: a job retaken after its own lease
-    /// expired must not be finished through the stale lease.
-    claimed: Mutex<HashMap<(String, String), bull::Job>>,
+    hot: Arc<Hot>,
+    adds: Batcher<NewJob, (char, String)>,
+    finishes: Batcher<Finished, bool>,
     opts: RedisOptions,
     /// Prunes completed jobs beyond `REMOVE_ON_COMPLETE` (see `prune_loop`).
     maintenance: tokio::task::JoinHandle<()>,
@@ -105,6 +116,132 @@ fn connection(url: &str) -> bull::options::RedisConnectionOptions {
     bull::options::RedisConnectionOptions::new().url(url)
 }
 
+/// A new job for the add script.
+struct NewJob {
+    dedup_id: String,
+    data: String,
+    opts: String,
+    /// Set: store it locked with this token (a handoff).
+    token: Option<String>,
+}
+
+/// A finished attempt for the finish script.
+struct Finished {
+    id: String,
+    token: String,
+    outcome: &'static str,
+    line: String,
+    reason: String,
+    due_at_ms: i64,
+}
+
+/// The job data, as stored in the job hash's `data` field.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JobData {
+    #[serde(default)]
+    event_key: String,
+    #[serde(default)]
+    event_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bot_id: Option<String>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    event_type: Option<String>,
+    #[serde(default)]
+    kind: String,
+    /// The exact JSON text to deliver. Jobs added by other producers may hold
+    /// something else here; they deliver `null`.
+    #[serde(default)]
+    body: Option<Value>,
+}
+
+/// The batched scripts (see the module doc), their keys and a connection.
+struct Hot {
+    queue: bull::Queue,
+    prefix: String,
+    worker: String,
+    lock_ms: u64,
+    keep_logs: u32,
+    add: redis::Script,
+    claim: redis::Script,
+    finish: redis::Script,
+    extend: redis::Script,
+    release: redis::Script,
+}
+
+impl Hot {
+    fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> QueueResult<T> {
+        let mut conn = self.queue.connection().connection();
+        match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable("no answer within 2 s")),
+        }
+    }
+
+    async fn add(&self, jobs: Vec<NewJob>, dedup_ttl_ms: u64) -> QueueResult<Vec<(char, String)>> {
+        let mut call = self.add.prepare_invoke();
+        for k in ["wait", "active", "meta", "id", "events", "marker"] {
+            call.key(self.key(k));
+        }
+        call.arg(&self.prefix)
+            .arg(super::now_ms())
+            .arg(dedup_ttl_ms)
+            .arg(JOB_NAME)
+            .arg(self.lock_ms)
+            .arg(&self.worker);
+        for j in &jobs {
+            call.arg(&j.dedup_id)
+                .arg(&j.data)
+                .arg(&j.opts)
+                .arg(j.token.as_deref().unwrap_or(""));
+        }
+        let out: Vec<(String, String)> = self.invoke(&call).await?;
+        Ok(out
+            .into_iter()
+            .map(|(kind, id)| (kind.chars().next().unwrap_or('a'), id))
+            .collect())
+    }
+
+    async fn finish(&self, jobs: Vec<Finished>) -> QueueResult<Vec<bool>> {
+        let mut call = self.finish.prepare_invoke();
+        for k in [
+            "wait",
+            "active",
+            "prioritized",
+            "events",
+            "stalled",
+            "delayed",
+            "meta",
+            "completed",
+            "failed",
+            "marker",
+        ] {
+            call.key(self.key(k));
+        }
+        call.arg(&self.prefix)
+            .arg(super::now_ms())
+            .arg(self.keep_logs);
+        for j in &jobs {
+            call.arg(&j.id)
+                .arg(&j.token)
+                .arg(j.outcome)
+                .arg(&j.line)
+                .arg(&j.reason)
+                .arg(j.due_at_ms);
+        }
+        let out: Vec<i64> = self.invoke(&call).await?;
+        Ok(out.into_iter().map(|d| d == 1).collect())
+    }
+}
+
 impl RedisQueue {
     pub async fn connect(opts: RedisOptions) -> Result<Self, QueueError> {
         let lock_ms = opts.lock_duration.as_millis() as u64;
@@ -126,12 +263,6 @@ impl RedisQueue {
             concurrency: 1,
             ..Default::default()
         };
-        let fetcher = bounded(bull::Worker::with_options(
-            &opts.queue_name,
-            noop,
-            worker_opts(true),
-        ))
-        .await?;
         let stall_checker = bounded(bull::Worker::with_options(
             &opts.queue_name,
             noop,
@@ -141,19 +272,39 @@ impl RedisQueue {
         stall_checker.pause();
         bounded(stall_checker.run()).await?;
         let keep_completed = i64::from(opts.settings.remove_on_complete);
+        let hot = Arc::new(Hot {
+            queue: queue.clone(),
+            prefix: queue.keys().key_prefix().to_string(),
+            worker: format!("cogrelay-{}", std::process::id()),
+            lock_ms,
+            keep_logs: KEEP_LOGS,
+            add: redis::Script::new(include_str!("lua/add.lua")),
+            claim: redis::Script::new(include_str!("lua/claim.lua")),
+            finish: redis::Script::new(include_str!("lua/finish.lua")),
+            extend: redis::Script::new(include_str!("lua/extend.lua")),
+            release: redis::Script::new(include_str!("lua/release.lua")),
+        });
+        let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
+        let h = hot.clone();
+        let adds = Batcher::spawn(MAX_BATCH, 2, move |jobs| {
+            let h = h.clone();
+            async move { h.add(jobs, ttl_ms).await }
+        });
+        let h = hot.clone();
+        let finishes = Batcher::spawn(MAX_BATCH, 2, move |jobs| {
+            let h = h.clone();
+            async move { h.finish(jobs).await }
+        });
         Ok(Self {
             queue: queue.clone(),
-            fetcher,
             stall_checker,
-            claimed: Mutex::new(HashMap::new()),
+            hot,
+            adds,
+            finishes,
             opts,
             maintenance: tokio::spawn(prune_loop(queue.clone(), keep_completed)),
             down_until: Mutex::new(None),
         })
-    }
-
-    fn claimed(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), bull::Job>> {
-        self.claimed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn raw<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> QueueResult<T> {
@@ -238,21 +389,6 @@ impl RedisQueue {
             .await?;
         Ok(ts)
     }
-
-    /// Earliest due time of a delayed job (BullMQ scores are `timestamp << 12 | n`).
-    async fn next_delayed_ms(&self) -> QueueResult<Option<i64>> {
-        let key = format!("{}delayed", self.queue.keys().key_prefix());
-        let first: Vec<(String, f64)> = self
-            .raw(
-                redis::cmd("ZRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(0)
-                    .arg("WITHSCORES"),
-            )
-            .await?;
-        Ok(first.first().map(|(_, score)| (*score as i64) >> 12))
-    }
 }
 
 fn types_of(state: Option<JobState>) -> Vec<&'static str> {
@@ -271,37 +407,86 @@ fn types_of(state: Option<JobState>) -> Vec<&'static str> {
 }
 
 impl RedisQueue {
-    async fn enqueue_now(&self, event: Event) -> QueueResult<Enqueued> {
+    /// Adds the job; answers the add script's kind ('a' added, 'l' added
+    /// locked with `token`, 'd' duplicate) and the job id.
+    async fn enqueue_now(
+        &self,
+        event: Event,
+        token: Option<String>,
+    ) -> QueueResult<(char, String)> {
         let key = event.key.as_str().to_string();
-        if let Some(id) = bounded(self.queue.get_deduplication_job_id(&key)).await? {
-            return Ok(Enqueued::Duplicate(id));
-        }
-        let body = String::from_utf8(event.body)
+        let body = std::str::from_utf8(&event.body)
             .map_err(|_| QueueError::Unavailable("payload is not UTF-8".into()))?;
-        let data = json!({
+        let data = serde_json::to_string(&json!({
             "eventKey": key,
             "eventId": event.event_id,
             "botId": event.bot_id,
             "type": event.event_type,
             "kind": event.kind.as_str(),
             "body": body,
-        });
-        let dedup = bull::DeduplicationOptions {
-            id: key,
-            ttl: Some(self.opts.settings.dedup_ttl.as_millis() as u64),
-            ..Default::default()
+        }))
+        .map_err(unavailable)?;
+        // The options BullMQ would store for this job (`opts` field).
+        let opts = serde_json::to_string(&json!({
+            "removeOnComplete": self.opts.settings.remove_on_complete,
+            "removeOnFail": false,
+            "keepLogs": KEEP_LOGS,
+            "de": { "id": key, "ttl": self.opts.settings.dedup_ttl.as_millis() as u64 },
+        }))
+        .map_err(unavailable)?;
+        self.adds
+            .call(NewJob {
+                dedup_id: key,
+                data,
+                opts,
+                token,
+            })
+            .await
+    }
+
+    /// `enqueue_now` behind the circuit breaker (see `down_until`).
+    async fn enqueue_guarded(
+        &self,
+        event: Event,
+        token: Option<String>,
+    ) -> QueueResult<(char, String)> {
+        {
+            let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+            if down.is_some_and(|t| std::time::Instant::now() < t) {
+                return Err(unavailable("unreachable (will retry shortly)"));
+            }
+        }
+        let res = self.enqueue_now(event, token).await;
+        let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        *down = match &res {
+            Err(QueueError::Unavailable(_)) => Some(std::time::Instant::now() + BREAKER_OPEN),
+            _ => None,
         };
-        let add = self
-            .queue
-            .add(JOB_NAME, data)
-            .deduplication(dedup)
-            .remove_on_complete(bull::types::RemoveOnFinish::Count(
-                self.opts.settings.remove_on_complete as usize,
-            ))
-            .remove_on_fail(bull::types::RemoveOnFinish::Bool(false))
-            .keep_logs(KEEP_LOGS);
-        let job = bounded(add.into_future()).await?;
-        Ok(Enqueued::Accepted(job.id().to_string()))
+        res
+    }
+}
+
+fn delivery_job(id: String, data: &str, atm: &str) -> DeliveryJob {
+    let d: JobData = serde_json::from_str(data).unwrap_or(JobData {
+        event_key: String::new(),
+        event_id: String::new(),
+        bot_id: None,
+        event_type: None,
+        kind: String::new(),
+        body: None,
+    });
+    let body = match d.body {
+        Some(Value::String(b)) => b.into_bytes(),
+        _ => b"null".to_vec(),
+    };
+    DeliveryJob {
+        id,
+        key: EventKey::from_stored(d.event_key),
+        event_id: d.event_id,
+        bot_id: d.bot_id,
+        kind: EventKind::parse(&d.kind).unwrap_or(EventKind::Envelope),
+        body,
+        attempts_made: atm.parse().unwrap_or(0),
     }
 }
 
@@ -345,70 +530,103 @@ const BREAKER_OPEN: Duration = Duration::from_millis(500);
 
 impl Queue for RedisQueue {
     async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
-        {
-            let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
-            if down.is_some_and(|t| std::time::Instant::now() < t) {
-                return Err(unavailable("unreachable (will retry shortly)"));
-            }
-        }
-        let res = self.enqueue_now(event).await;
-        let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
-        *down = match &res {
-            Err(QueueError::Unavailable(_)) => Some(std::time::Instant::now() + BREAKER_OPEN),
-            _ => None,
+        Ok(match self.enqueue_guarded(event, None).await? {
+            ('d', id) => Enqueued::Duplicate(id),
+            (_, id) => Enqueued::Accepted(id),
+        })
+    }
+
+    async fn enqueue_leased(
+        &self,
+        event: Event,
+        _lease: Duration,
+    ) -> QueueResult<(Enqueued, Option<Leased>)> {
+        // The lock lasts LOCK_DURATION_MS, which is what the handoff asks for.
+        let token = uuid::Uuid::new_v4().to_string();
+        let (key, event_id, bot_id, kind, body) = (
+            event.key.clone(),
+            event.event_id.clone(),
+            event.bot_id.clone(),
+            event.kind,
+            event.body.clone(),
+        );
+        let id = match self.enqueue_guarded(event, Some(token.clone())).await? {
+            ('d', id) => return Ok((Enqueued::Duplicate(id), None)),
+            // Stored in wait (the queue is paused): no handoff.
+            ('a', id) => return Ok((Enqueued::Accepted(id), None)),
+            (_, id) => id,
         };
-        res
+        let job = DeliveryJob {
+            id: id.clone(),
+            key,
+            event_id,
+            bot_id,
+            kind,
+            body,
+            attempts_made: 0,
+        };
+        let lease = LeaseRef {
+            job_id: id.clone(),
+            token,
+        };
+        Ok((Enqueued::Accepted(id), Some(Leased { job, lease })))
     }
 
     async fn claim(&self, max: usize, _lease: Duration) -> QueueResult<Claimed> {
-        let mut jobs = Vec::new();
-        while jobs.len() < max {
-            let token = uuid::Uuid::new_v4().to_string();
-            let Some(job) = bounded(self.fetcher.get_next_job_nonblocking(&token)).await? else {
-                break;
-            };
-            let d = job.data();
-            let s = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_owned);
-            let delivery = DeliveryJob {
-                id: job.id().to_string(),
-                key: EventKey::from_stored(s("eventKey").unwrap_or_default()),
-                event_id: s("eventId").unwrap_or_default(),
-                bot_id: s("botId"),
-                kind: EventKind::parse(&s("kind").unwrap_or_default())
-                    .unwrap_or(EventKind::Envelope),
-                body: s("body").unwrap_or_else(|| "null".into()).into_bytes(),
-                attempts_made: job.attempts_made(),
-            };
-            let lease = LeaseRef {
-                job_id: delivery.id.clone(),
-                token,
-            };
-            self.claimed()
-                .insert((lease.job_id.clone(), lease.token.clone()), job);
+        let h = &self.hot;
+        let mut call = h.claim.prepare_invoke();
+        for k in [
+            "wait",
+            "active",
+            "prioritized",
+            "events",
+            "limiter",
+            "delayed",
+            "meta",
+            "pc",
+            "marker",
+        ] {
+            call.key(h.key(k));
+        }
+        call.arg(&h.prefix)
+            .arg(super::now_ms())
+            .arg(h.lock_ms)
+            .arg(max)
+            .arg(uuid::Uuid::new_v4().to_string())
+            .arg(&h.worker);
+        let (flat, next_due_ms): (Vec<String>, Option<i64>) = h.invoke(&call).await?;
+        let mut jobs = Vec::with_capacity(flat.len() / 4);
+        let mut it = flat.into_iter();
+        while let (Some(id), Some(token), Some(data), Some(atm)) =
+            (it.next(), it.next(), it.next(), it.next())
+        {
+            let job = delivery_job(id.clone(), &data, &atm);
             jobs.push(Leased {
-                job: delivery,
-                lease,
+                job,
+                lease: LeaseRef { job_id: id, token },
             });
         }
-        let next_due_ms = if jobs.is_empty() {
-            self.next_delayed_ms().await?
-        } else {
-            None
-        };
-        Ok(Claimed { jobs, next_due_ms })
+        Ok(Claimed {
+            next_due_ms: if jobs.is_empty() { next_due_ms } else { None },
+            jobs,
+        })
     }
 
     async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
-        for l in leases {
-            let job = self
-                .claimed()
-                .get(&(l.job_id.clone(), l.token.clone()))
-                .cloned();
-            if let Some(job) = job {
-                if let Err(e) = bounded(job.extend_lock(&l.token, lease.as_millis() as u64)).await {
-                    tracing::warn!(job = %l.job_id, error = %e, "cannot extend the lock");
-                }
-            }
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let h = &self.hot;
+        let mut call = h.extend.prepare_invoke();
+        call.key(h.key("stalled"))
+            .arg(&h.prefix)
+            .arg(lease.as_millis() as u64);
+        for l in &leases {
+            call.arg(&l.job_id).arg(&l.token);
+        }
+        let lost: Vec<String> = h.invoke(&call).await?;
+        for id in lost {
+            tracing::warn!(job = %id, "lock lost: the job may be taken over by another worker");
         }
         Ok(())
     }
@@ -419,51 +637,47 @@ impl Queue for RedisQueue {
         attempt: Attempt,
         disposition: Disposition,
     ) -> QueueResult<bool> {
-        let Some(mut job) = self
-            .claimed()
-            .remove(&(leased.lease.job_id.clone(), leased.lease.token.clone()))
-        else {
-            return Ok(false);
-        };
         let line = serde_json::to_string(&attempt).map_err(unavailable)?;
-        bounded(job.log(&line)).await?;
-        let moved = match disposition {
-            Disposition::Completed => bounded(job.move_to_completed("delivered")).await,
-            Disposition::Failed { reason } => bounded(job.move_to_failed(&reason)).await,
-            Disposition::RetryAt { due_at_ms, reason } => {
-                let key = self.job_key(job.id());
-                self.raw::<i64>(redis::cmd("HINCRBY").arg(&key).arg("atm").arg(1))
-                    .await?;
-                self.raw::<i64>(
-                    redis::cmd("HSET")
-                        .arg(&key)
-                        .arg("failedReason")
-                        .arg(&reason),
-                )
-                .await?;
-                bounded(job.move_to_delayed(due_at_ms.max(0) as u64)).await
-            }
+        let (outcome, reason, due_at_ms) = match disposition {
+            Disposition::Completed => ("completed", String::new(), 0),
+            Disposition::Failed { reason } => ("failed", reason, 0),
+            Disposition::RetryAt { due_at_ms, reason } => ("delayed", reason, due_at_ms),
         };
-        match moved {
-            Ok(()) => Ok(true),
-            // The lock is gone: the job stalled and another relay owns it now.
-            Err(QueueError::Unavailable(msg))
-                if msg.contains("lock") || msg.contains("not in the expected state") =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
+        self.finishes
+            .call(Finished {
+                id: leased.lease.job_id,
+                token: leased.lease.token,
+                outcome,
+                line,
+                reason,
+                due_at_ms,
+            })
+            .await
     }
 
     async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {
-        for l in leases {
-            let job = self.claimed().remove(&(l.job_id.clone(), l.token.clone()));
-            if let Some(job) = job {
-                if let Err(e) = bounded(job.move_to_wait(Some(&l.token))).await {
-                    tracing::warn!(job = %l.job_id, error = %e, "cannot return the job; it will be taken over when its lock expires");
-                }
-            }
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let h = &self.hot;
+        let mut call = h.release.prepare_invoke();
+        for k in [
+            "active",
+            "wait",
+            "stalled",
+            "prioritized",
+            "meta",
+            "marker",
+            "events",
+        ] {
+            call.key(h.key(k));
+        }
+        call.arg(&h.prefix);
+        for l in &leases {
+            call.arg(&l.job_id).arg(&l.token);
+        }
+        if let Err(e) = h.invoke::<i64>(&call).await {
+            tracing::warn!(error = %e, jobs = leases.len(), "cannot return jobs; they will be taken over when their locks expire");
         }
         Ok(())
     }
@@ -573,7 +787,6 @@ impl Queue for RedisQueue {
     async fn close(&self) -> QueueResult<()> {
         self.maintenance.abort();
         let _ = bounded(self.stall_checker.close(1000)).await;
-        let _ = bounded(self.fetcher.close(1000)).await;
         self.queue.close().await;
         Ok(())
     }

@@ -1,0 +1,66 @@
+--[[
+  cogrelay: adds a batch of jobs in BullMQ's layout. Per job it does what
+  BullMQ's addStandardJob does for a job with a deduplication id and TTL; a job
+  with a lock token goes straight to active, locked, as if a worker had taken it
+  from wait at once (a handoff to the adding relay's own worker pool).
+    KEYS[1] wait, KEYS[2] active, KEYS[3] meta, KEYS[4] id, KEYS[5] events,
+    KEYS[6] marker
+    ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] dedup TTL (ms),
+    ARGV[4] job name, ARGV[5] lock duration (ms), ARGV[6] worker name,
+    then 4 per job: dedup id, data (JSON), opts (JSON), lock token or ""
+  Returns per job {kind, jobId}: "a" added to wait, "l" added locked,
+  "d" a duplicate of jobId.
+]]
+local rcall = redis.call
+local prefix, ts, ttl, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local eventsKey = KEYS[5]
+local maxEvents = rcall("HGET", KEYS[3], "opts.maxLenEvents")
+if not maxEvents then
+  maxEvents = 10000
+  rcall("HSET", KEYS[3], "opts.maxLenEvents", maxEvents)
+end
+local meta = rcall("HMGET", KEYS[3], "paused", "concurrency")
+local pausedOrMaxed = meta[1] and true or false
+if not pausedOrMaxed and meta[2] then
+  pausedOrMaxed = rcall("LLEN", KEYS[2]) >= tonumber(meta[2])
+end
+local out = {}
+local waiting = false
+for i = 7, #ARGV, 4 do
+  local deid, data, opts, token = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local jobId = rcall("INCR", KEYS[4]) .. ""
+  local deKey = prefix .. "de:" .. deid
+  local current = false
+  if not rcall("SET", deKey, jobId, "PX", ttl, "NX") then
+    current = rcall("GET", deKey)
+    if not current then
+      rcall("SET", deKey, jobId, "PX", ttl)
+    end
+  end
+  if current then
+    rcall("XADD", eventsKey, "MAXLEN", "~", maxEvents, "*", "event", "deduplicated",
+      "jobId", current, "deduplicationId", deid, "deduplicatedJobId", jobId)
+    out[#out + 1] = {"d", current}
+  else
+    local jobKey = prefix .. jobId
+    rcall("HMSET", jobKey, "name", name, "data", data, "opts", opts, "timestamp", ts,
+      "delay", 0, "priority", 0, "deid", deid)
+    rcall("XADD", eventsKey, "*", "event", "added", "jobId", jobId, "name", name)
+    rcall("XADD", eventsKey, "MAXLEN", "~", maxEvents, "*", "event", "waiting", "jobId", jobId)
+    if token ~= "" and not pausedOrMaxed then
+      rcall("LPUSH", KEYS[2], jobId)
+      rcall("SET", jobKey .. ":lock", token, "PX", ARGV[5])
+      rcall("HMSET", jobKey, "processedOn", ts, "pb", ARGV[6], "ats", 1)
+      rcall("XADD", eventsKey, "*", "event", "active", "jobId", jobId, "prev", "waiting")
+      out[#out + 1] = {"l", jobId}
+    else
+      rcall("LPUSH", KEYS[1], jobId)
+      waiting = true
+      out[#out + 1] = {"a", jobId}
+    end
+  end
+end
+if waiting and not pausedOrMaxed then
+  rcall("ZADD", KEYS[6], 0, "0")
+end
+return out

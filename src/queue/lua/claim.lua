@@ -1,0 +1,108 @@
+--[[
+  cogrelay: takes up to ARGV[4] jobs for processing, in BullMQ's layout: per job
+  what BullMQ's moveToActive does (promote due delayed jobs, honour pause, the
+  global concurrency and the global rate limit, take from wait then from
+  prioritized, lock, emit "active", count the start in "ats").
+    KEYS[1] wait, KEYS[2] active, KEYS[3] prioritized, KEYS[4] events,
+    KEYS[5] rate limiter, KEYS[6] delayed, KEYS[7] meta, KEYS[8] priority
+    counter, KEYS[9] marker
+    ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] lock duration (ms),
+    ARGV[4] most jobs, ARGV[5] token base, ARGV[6] worker name
+  Returns {jobs, next}: jobs is flat, 4 per job (id, token, data, atm); next is
+  the earliest due time of a delayed job (ms) when no job was taken, or nil.
+]]
+local rcall = redis.call
+local prefix, ts = ARGV[1], tonumber(ARGV[2])
+local eventsKey, delayedKey, markerKey = KEYS[4], KEYS[6], KEYS[9]
+local meta = rcall("HMGET", KEYS[7], "paused", "concurrency", "max", "duration")
+local paused = meta[1] and true or false
+local room = tonumber(ARGV[4])
+if meta[2] then
+  room = math.min(room, tonumber(meta[2]) - rcall("LLEN", KEYS[2]))
+end
+
+local due = rcall("ZRANGEBYSCORE", delayedKey, 0, (ts + 1) * 0x1000 - 1, "LIMIT", 0, 1000)
+if #due > 0 then
+  rcall("ZREM", delayedKey, unpack(due))
+  for _, jobId in ipairs(due) do
+    local jobKey = prefix .. jobId
+    local priority = tonumber(rcall("HGET", jobKey, "priority")) or 0
+    if priority == 0 then
+      rcall("LPUSH", KEYS[1], jobId)
+    else
+      local c = rcall("INCR", KEYS[8])
+      rcall("ZADD", KEYS[3], priority * 0x100000000 + c % 0x100000000, jobId)
+    end
+    rcall("XADD", eventsKey, "*", "event", "waiting", "jobId", jobId, "prev", "delayed")
+    rcall("HSET", jobKey, "delay", 0)
+  end
+  if not paused and room > 0 then
+    rcall("ZADD", markerKey, 0, "0")
+  end
+end
+
+local maxJobs = tonumber(meta[3])
+local limitMs = tonumber(meta[4])
+if maxJobs and limitMs then
+  local used = tonumber(rcall("GET", KEYS[5]) or 0)
+  if used >= maxJobs then
+    local pttl = rcall("PTTL", KEYS[5])
+    if pttl == 0 then
+      rcall("DEL", KEYS[5])
+    end
+    if pttl > 0 then
+      return {{}, ts + pttl}
+    end
+  end
+  room = math.min(room, maxJobs - used)
+end
+
+local jobs = {}
+local n = 0
+if not paused then
+  while n < room do
+    local jobId = rcall("RPOPLPUSH", KEYS[1], KEYS[2])
+    if jobId and string.sub(jobId, 1, 2) == "0:" then
+      rcall("LREM", KEYS[2], 1, jobId)
+      jobId = rcall("RPOPLPUSH", KEYS[1], KEYS[2])
+    end
+    if not jobId then
+      local p = rcall("ZPOPMIN", KEYS[3])
+      if #p == 0 then
+        rcall("DEL", KEYS[8])
+        break
+      end
+      jobId = p[1]
+      rcall("LPUSH", KEYS[2], jobId)
+    end
+    n = n + 1
+    local jobKey = prefix .. jobId
+    local f = rcall("HMGET", jobKey, "data", "atm")
+    if f[1] then
+      if maxJobs and limitMs and rcall("INCR", KEYS[5]) == 1 then
+        rcall("PEXPIRE", KEYS[5], math.floor(math.abs(limitMs)))
+      end
+      local token = ARGV[5] .. ":" .. n
+      rcall("SET", jobKey .. ":lock", token, "PX", ARGV[3])
+      rcall("XADD", eventsKey, "*", "event", "active", "jobId", jobId, "prev", "waiting")
+      rcall("HMSET", jobKey, "processedOn", ts, "pb", ARGV[6])
+      rcall("HINCRBY", jobKey, "ats", 1)
+      jobs[#jobs + 1] = jobId
+      jobs[#jobs + 1] = token
+      jobs[#jobs + 1] = f[1]
+      jobs[#jobs + 1] = f[2] or "0"
+    else
+      -- An id whose job was removed: drop it rather than deliver nothing.
+      rcall("LREM", KEYS[2], -1, jobId)
+    end
+  end
+end
+if #jobs > 0 then
+  rcall("ZADD", markerKey, 0, "0")
+  return {jobs, false}
+end
+local first = rcall("ZRANGE", delayedKey, 0, 0, "WITHSCORES")
+if first[2] then
+  return {jobs, math.floor(tonumber(first[2]) / 0x1000)}
+end
+return {jobs, false}

@@ -1,0 +1,80 @@
+--[[
+  cogrelay: finishes a batch of attempts in BullMQ's layout. Per job, only while
+  the caller's lock token is still the job's: release the lock, append the
+  attempt to the job's log, count the attempt in "atm", and then what BullMQ's
+  moveToFinished (completed, failed) or moveToDelayed (a retry) does.
+    KEYS[1] wait, KEYS[2] active, KEYS[3] prioritized, KEYS[4] events,
+    KEYS[5] stalled, KEYS[6] delayed, KEYS[7] meta, KEYS[8] completed,
+    KEYS[9] failed, KEYS[10] marker
+    ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] log lines kept,
+    then 6 per job: id, token, outcome ("completed", "failed" or "delayed"),
+    log line, reason, due time (ms, for "delayed")
+  Returns per job 1 (done) or 0 (the lock is not the caller's any more).
+]]
+local rcall = redis.call
+local prefix, ts, keepLogs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local eventsKey = KEYS[4]
+local maxEvents = rcall("HGET", KEYS[7], "opts.maxLenEvents") or 10000
+rcall("XTRIM", eventsKey, "MAXLEN", "~", maxEvents)
+local out = {}
+local delayed = false
+for i = 4, #ARGV, 6 do
+  local jobId, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local line, reason = ARGV[i + 3], ARGV[i + 4]
+  local jobKey = prefix .. jobId
+  local lockKey = jobKey .. ":lock"
+  local done = 0
+  if rcall("EXISTS", jobKey) == 1 and rcall("GET", lockKey) == token then
+    rcall("DEL", lockKey)
+    rcall("SREM", KEYS[5], jobId)
+    if rcall("LREM", KEYS[2], -1, jobId) > 0 then
+      done = 1
+      local logKey = jobKey .. ":logs"
+      rcall("RPUSH", logKey, line)
+      if keepLogs > 0 then
+        rcall("LTRIM", logKey, -keepLogs, -1)
+      end
+      local atm = rcall("HINCRBY", jobKey, "atm", 1)
+      if outcome == "completed" then
+        rcall("ZADD", KEYS[8], ts, jobId)
+        rcall("HSET", jobKey, "returnvalue", '"delivered"', "finishedOn", ts)
+        rcall("XADD", eventsKey, "*", "event", "completed", "jobId", jobId,
+          "returnvalue", '"delivered"', "prev", "active")
+      elseif outcome == "failed" then
+        rcall("ZADD", KEYS[9], ts, jobId)
+        rcall("HSET", jobKey, "failedReason", reason, "finishedOn", ts)
+        rcall("HDEL", jobKey, "defa")
+        rcall("XADD", eventsKey, "*", "event", "failed", "jobId", jobId,
+          "failedReason", reason, "prev", "active")
+        rcall("XADD", eventsKey, "*", "event", "retries-exhausted", "jobId", jobId,
+          "attemptsMade", atm)
+      else
+        local dueAt = math.max(tonumber(ARGV[i + 5]), ts)
+        local minScore = dueAt * 0x1000
+        local maxScore = (dueAt + 1) * 0x1000 - 1
+        local last = rcall("ZREVRANGEBYSCORE", KEYS[6], maxScore, minScore, "WITHSCORES",
+          "LIMIT", 0, 1)
+        local score = minScore
+        if last[2] then
+          score = math.min(tonumber(last[2]) + 1, maxScore)
+        end
+        rcall("HSET", jobKey, "delay", dueAt - ts, "failedReason", reason)
+        rcall("ZADD", KEYS[6], score, jobId)
+        rcall("XADD", eventsKey, "MAXLEN", "~", maxEvents, "*", "event", "delayed",
+          "jobId", jobId, "delay", dueAt)
+        delayed = true
+      end
+    end
+  end
+  out[#out + 1] = done
+end
+if delayed then
+  local first = rcall("ZRANGE", KEYS[6], 0, 0, "WITHSCORES")
+  if first[2] then
+    rcall("ZADD", KEYS[10], math.floor(tonumber(first[2]) / 0x1000), "1")
+  end
+end
+if rcall("LLEN", KEYS[1]) == 0 and rcall("LLEN", KEYS[2]) == 0 and rcall("ZCARD", KEYS[3]) == 0 then
+  rcall("XADD", eventsKey, "*", "event", "drained")
+end
+return out
