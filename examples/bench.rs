@@ -332,6 +332,10 @@ fn relay(
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true);
+    // For experiments: the relay's DELIVERY_NICE, if set for the bench.
+    if let Ok(nice) = std::env::var("DELIVERY_NICE") {
+        cmd.env("DELIVERY_NICE", nice);
+    }
     cmd
 }
 
@@ -408,18 +412,32 @@ struct Row {
     peak_rss_mb: Option<f64>,
 }
 
-/// What the scenario cost Redis: redis-server's CPU seconds, and its busiest
-/// commands (calls, µs per call), on stderr.
-async fn redis_report(redis: &Child, port: u16) {
-    let cpu = redis
-        .id()
-        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_s(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
         .and_then(|stat| {
-            let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+            let f: Vec<String> = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
             let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
             Some(ticks / 100.0)
         })
-        .unwrap_or(0.0);
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds this process (load generator and target) has used so far.
+fn own_cpu_s() -> f64 {
+    cpu_s(std::process::id())
+}
+
+/// What the scenario cost Redis: redis-server's CPU seconds, and its busiest
+/// commands (calls, µs per call), on stderr.
+async fn redis_report(redis: &Child, port: u16) {
+    let cpu = cpu_s(redis.id().unwrap_or(0));
     let info: String = match redis::Client::open(format!("redis://127.0.0.1:{port}")) {
         Ok(c) => match c.get_multiplexed_async_connection().await {
             Ok(mut conn) => redis::cmd("INFO")
@@ -514,6 +532,7 @@ async fn run(
         let child = relay(&relay_bin, port, admin, &sink, data.path(), concurrency).spawn()?;
         let pid = child.id().unwrap_or(0);
         wait_port(port).await?;
+        let cpu0 = own_cpu_s();
         let t0 = Instant::now();
         let l = load(
             ([127, 0, 0, 1], port).into(),
@@ -524,7 +543,12 @@ async fn run(
         .await?;
         let done = wait_delivered(&sink, l.ok, Duration::from_secs(300)).await;
         let (peak, _) = rss_mb(pid);
-        eprintln!("cogrelay embedded: {:.0} req/s ingest", l.rps());
+        eprintln!(
+            "cogrelay embedded: {:.0} req/s ingest; CPU s: relay {:.1}, load generator + target {:.1}",
+            l.rps(),
+            cpu_s(pid),
+            own_cpu_s() - cpu0
+        );
         let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
         rows.push(Row {
             name: format!("cogrelay embedded (fsync always, CONCURRENCY={concurrency})"),
@@ -559,6 +583,7 @@ async fn run(
             addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
             children.push((child, data));
         }
+        let cpu0 = own_cpu_s();
         let t0 = Instant::now();
         let l = load_spread(&addrs, "/api/webhook/cognigy", events, connections).await?;
         let done = wait_delivered(&sink, l.ok, Duration::from_secs(600)).await;
@@ -566,7 +591,15 @@ async fn run(
             .iter()
             .map(|(c, _)| rss_mb(c.id().unwrap_or(0)).0)
             .fold(0.0, f64::max);
-        eprintln!("cogrelay redis x{relays}: {:.0} req/s ingest", l.rps());
+        let relay_cpu: f64 = children
+            .iter()
+            .map(|(c, _)| cpu_s(c.id().unwrap_or(0)))
+            .sum();
+        eprintln!(
+            "cogrelay redis x{relays}: {:.0} req/s ingest; CPU s: relays {relay_cpu:.1}, load generator + target {:.1}",
+            l.rps(),
+            own_cpu_s() - cpu0
+        );
         let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
         rows.push(Row {
             name: format!("cogrelay redis x{relays} (CONCURRENCY={concurrency} each)"),
@@ -622,6 +655,7 @@ async fn run(
             .spawn()?;
         let pid = child.id().unwrap_or(0);
         wait_port(port).await?;
+        let cpu0 = own_cpu_s();
         let t0 = Instant::now();
         let l = load(
             ([127, 0, 0, 1], port).into(),
@@ -633,7 +667,12 @@ async fn run(
         // The seed also POSTs its token request to the target host: count /events only.
         let done = wait_delivered(&sink, l.ok + 1, Duration::from_secs(600)).await;
         let (peak, _) = rss_mb(pid);
-        eprintln!("seed relay: {:.0} req/s ingest", l.rps());
+        eprintln!(
+            "seed relay: {:.0} req/s ingest; CPU s: relay {:.1}, load generator + target {:.1}",
+            l.rps(),
+            cpu_s(pid),
+            own_cpu_s() - cpu0
+        );
         let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
         rows.push(Row {
             name: format!("seed Node relay (Bull, CONCURRENCY={concurrency})"),

@@ -158,6 +158,8 @@ pub struct ServeConfig {
     pub admin_listen: SocketAddr,
     pub admin_token: Option<Secret>,
     pub concurrency: usize,
+    /// Nice value added to the delivery threads (0..=19; 0 = same priority).
+    pub delivery_nice: u8,
     /// Attempts per event, counting the first (>= 1).
     pub attempts: u32,
     pub backoff_delay: Duration,
@@ -204,6 +206,7 @@ impl ServeConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 3001)),
             admin_token: None,
             concurrency: 16,
+            delivery_nice: 5,
             attempts: 5,
             backoff_delay: Duration::from_millis(2000),
             backoff_jitter: 0.0,
@@ -308,6 +311,11 @@ impl ServeConfig {
             &a.concurrency,
             "a whole number from 1 to 4096",
         )?;
+        c.delivery_nice = parse_num(
+            "DELIVERY_NICE",
+            &a.delivery_nice,
+            "a whole number from 0 to 19",
+        )?;
         c.attempts = parse_num("ATTEMPTS", &a.attempts, "a whole number from 1 to 100")?;
         c.backoff_delay = ms("BACKOFF_DELAY_MS", &a.backoff_delay_ms)?;
         c.backoff_jitter = parse_num("BACKOFF_JITTER", &a.backoff_jitter, "a number from 0 to 1")?;
@@ -396,6 +404,12 @@ impl ServeConfig {
             return Err(bad(format!(
                 "CONCURRENCY={} is out of range: use 1 to 4096",
                 self.concurrency
+            )));
+        }
+        if self.delivery_nice > 19 {
+            return Err(bad(format!(
+                "DELIVERY_NICE={} is out of range: use 0 to 19",
+                self.delivery_nice
             )));
         }
         if !(1..=100).contains(&self.attempts) {

@@ -113,7 +113,8 @@ pub async fn run_with_queue<Q: Queue>(
     };
     let accepting = Arc::new(AtomicBool::new(true));
     let wake = Arc::new(Notify::new());
-    let (handoff, handoff_rx) = Handoff::new(cfg.concurrency * 2, cfg.lock_duration);
+    let (handoff, handoff_rx) =
+        Handoff::new(cfg.concurrency * HANDOFF_PER_WORKER, cfg.lock_duration);
     let metrics = Arc::new(Metrics::default());
     let auth = Authenticator::new(&cfg.signing_secrets, cfg.basic.as_ref());
     if auth.is_open() {
@@ -156,7 +157,8 @@ pub async fn run_with_queue<Q: Queue>(
     ));
 
     let (stop_pool_tx, stop_pool_rx) = watch::channel(false);
-    let pool = tokio::spawn(delivery::run(
+    let delivery_rt = DeliveryRuntime::new(cfg.delivery_nice)?;
+    let pool = delivery_rt.spawn(delivery::run(
         queue.clone(),
         DeliveryConfig::from_serve(&cfg),
         wake,
@@ -191,6 +193,76 @@ pub async fn run_with_queue<Q: Queue>(
     tracing::info!("stopped");
     Ok(())
 }
+
+/// New events the ingress may hand to the local pool directly (stored leased
+/// to this relay), per delivery worker. Above the pool's prefetch (2 per
+/// worker): under a burst the deliveries lag behind the acknowledgements, and a
+/// handed-off event saves a round trip to the store (on Redis, a script) over
+/// one that must be claimed back. Bounded so that one relay of many does not
+/// hoard the work.
+const HANDOFF_PER_WORKER: usize = 8;
+
+/// Where the delivery pool runs: its own runtime whose threads run at a lower
+/// CPU priority (`DELIVERY_NICE`), so that under full load the ingress, whose
+/// latency the sender waits on, gets the CPU first and deliveries take what is
+/// left (they are durable in the queue meanwhile). With 0: the main runtime.
+struct DeliveryRuntime(Option<tokio::runtime::Runtime>);
+
+impl DeliveryRuntime {
+    fn new(nice: u8) -> anyhow::Result<Self> {
+        if nice == 0 {
+            return Ok(Self(None));
+        }
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("cogrelay-delivery")
+            .on_thread_start(move || lower_thread_priority(nice))
+            .enable_all()
+            .build()
+            .context("cannot start the delivery threads")?;
+        Ok(Self(Some(rt)))
+    }
+
+    fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.0 {
+            Some(rt) => rt.spawn(fut),
+            None => tokio::spawn(fut),
+        }
+    }
+}
+
+impl Drop for DeliveryRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Adds `nice` to the calling thread's nice value (Linux: per thread). The
+/// crate's only `unsafe`: three libc calls without pointers.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn lower_thread_priority(nice: u8) {
+    // SAFETY: gettid, getpriority and setpriority take plain integers and touch
+    // no memory; with PRIO_PROCESS and a thread id, Linux changes that thread only.
+    let rc = unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+        libc::setpriority(libc::PRIO_PROCESS, tid, (current + i32::from(nice)).min(19))
+    };
+    if rc != 0 {
+        tracing::debug!("cannot lower the priority of a delivery thread");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_thread_priority(_nice: u8) {}
 
 /// One line every `every` while anything moves, for a person watching the
 /// terminal (pretty log mode): what was accepted, delivered, retried, failed

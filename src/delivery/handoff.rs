@@ -4,9 +4,9 @@
 //! to this process (`Queue::enqueue_leased`) and passes it here, in memory, so
 //! the dispatcher does not have to claim it back from the store. Room is
 //! bounded: jobs in this channel plus the dispatcher's ready buffer stay within
-//! `capacity` (the pool's prefetch). A job that was stored but never reaches a
-//! worker (the process dies, or shutdown races) is an ordinary leased job: it
-//! is recovered like any claimed job, never lost.
+//! `capacity` (`HANDOFF_PER_WORKER` per worker, see serve.rs). A job that was
+//! stored but never reaches a worker (the process dies, or shutdown races) is
+//! an ordinary leased job: it is recovered like any claimed job, never lost.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

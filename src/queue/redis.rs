@@ -133,6 +133,8 @@ struct Finished {
     line: String,
     reason: String,
     due_at_ms: i64,
+    /// Finished attempts before this one.
+    attempts_made: u32,
 }
 
 /// The job data, as stored in the job hash's `data` field.
@@ -158,6 +160,9 @@ struct JobData {
 /// The batched scripts (see the module doc), their keys and a connection.
 struct Hot {
     queue: bull::Queue,
+    /// A second connection, for adds only: an acknowledgement then waits for
+    /// its own batch, not behind the delivery side's replies on one pipeline.
+    ingress: bull::Queue,
     prefix: String,
     worker: String,
     lock_ms: u64,
@@ -178,7 +183,15 @@ impl Hot {
         &self,
         call: &redis::ScriptInvocation<'_>,
     ) -> QueueResult<T> {
-        let mut conn = self.queue.connection().connection();
+        self.invoke_on(&self.queue, call).await
+    }
+
+    async fn invoke_on<T: redis::FromRedisValue>(
+        &self,
+        on: &bull::Queue,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> QueueResult<T> {
+        let mut conn = on.connection().connection();
         match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(unavailable(e)),
@@ -203,7 +216,7 @@ impl Hot {
                 .arg(&j.opts)
                 .arg(j.token.as_deref().unwrap_or(""));
         }
-        let out: Vec<(String, String)> = self.invoke(&call).await?;
+        let out: Vec<(String, String)> = self.invoke_on(&self.ingress, &call).await?;
         Ok(out
             .into_iter()
             .map(|(kind, id)| (kind.chars().next().unwrap_or('a'), id))
@@ -235,7 +248,8 @@ impl Hot {
                 .arg(j.outcome)
                 .arg(&j.line)
                 .arg(&j.reason)
-                .arg(j.due_at_ms);
+                .arg(j.due_at_ms)
+                .arg(j.attempts_made);
         }
         let out: Vec<i64> = self.invoke(&call).await?;
         Ok(out.into_iter().map(|d| d == 1).collect())
@@ -272,7 +286,11 @@ impl RedisQueue {
         stall_checker.pause();
         bounded(stall_checker.run()).await?;
         let keep_completed = i64::from(opts.settings.remove_on_complete);
+        let mut iopts = bull::QueueOptions::new();
+        iopts.connection = connection(&opts.url);
+        let ingress = bounded(bull::Queue::with_options(&opts.queue_name, iopts)).await?;
         let hot = Arc::new(Hot {
+            ingress,
             queue: queue.clone(),
             prefix: queue.keys().key_prefix().to_string(),
             worker: format!("cogrelay-{}", std::process::id()),
@@ -645,6 +663,7 @@ impl Queue for RedisQueue {
         };
         self.finishes
             .call(Finished {
+                attempts_made: leased.job.attempts_made,
                 id: leased.lease.job_id,
                 token: leased.lease.token,
                 outcome,
@@ -788,6 +807,7 @@ impl Queue for RedisQueue {
         self.maintenance.abort();
         let _ = bounded(self.stall_checker.close(1000)).await;
         self.queue.close().await;
+        self.hot.ingress.close().await;
         Ok(())
     }
 }

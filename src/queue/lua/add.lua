@@ -43,14 +43,19 @@ for i = 7, #ARGV, 4 do
     out[#out + 1] = {"d", current}
   else
     local jobKey = prefix .. jobId
-    rcall("HMSET", jobKey, "name", name, "data", data, "opts", opts, "timestamp", ts,
-      "delay", 0, "priority", 0, "deid", deid)
+    local locked = token ~= "" and not pausedOrMaxed
+    if locked then
+      rcall("HMSET", jobKey, "name", name, "data", data, "opts", opts, "timestamp", ts,
+        "delay", 0, "priority", 0, "deid", deid, "processedOn", ts, "pb", ARGV[6], "ats", 1)
+    else
+      rcall("HMSET", jobKey, "name", name, "data", data, "opts", opts, "timestamp", ts,
+        "delay", 0, "priority", 0, "deid", deid)
+    end
     rcall("XADD", eventsKey, "*", "event", "added", "jobId", jobId, "name", name)
     rcall("XADD", eventsKey, "MAXLEN", "~", maxEvents, "*", "event", "waiting", "jobId", jobId)
-    if token ~= "" and not pausedOrMaxed then
+    if locked then
       rcall("LPUSH", KEYS[2], jobId)
       rcall("SET", jobKey .. ":lock", token, "PX", ARGV[5])
-      rcall("HMSET", jobKey, "processedOn", ts, "pb", ARGV[6], "ats", 1)
       rcall("XADD", eventsKey, "*", "event", "active", "jobId", jobId, "prev", "waiting")
       out[#out + 1] = {"l", jobId}
     else

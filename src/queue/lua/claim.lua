@@ -77,7 +77,7 @@ if not paused then
     end
     n = n + 1
     local jobKey = prefix .. jobId
-    local f = rcall("HMGET", jobKey, "data", "atm")
+    local f = rcall("HMGET", jobKey, "data", "atm", "ats")
     if f[1] then
       if maxJobs and limitMs and rcall("INCR", KEYS[5]) == 1 then
         rcall("PEXPIRE", KEYS[5], math.floor(math.abs(limitMs)))
@@ -85,8 +85,7 @@ if not paused then
       local token = ARGV[5] .. ":" .. n
       rcall("SET", jobKey .. ":lock", token, "PX", ARGV[3])
       rcall("XADD", eventsKey, "*", "event", "active", "jobId", jobId, "prev", "waiting")
-      rcall("HMSET", jobKey, "processedOn", ts, "pb", ARGV[6])
-      rcall("HINCRBY", jobKey, "ats", 1)
+      rcall("HMSET", jobKey, "processedOn", ts, "pb", ARGV[6], "ats", (tonumber(f[3]) or 0) + 1)
       jobs[#jobs + 1] = jobId
       jobs[#jobs + 1] = token
       jobs[#jobs + 1] = f[1]

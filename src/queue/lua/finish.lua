@@ -7,8 +7,10 @@
     KEYS[5] stalled, KEYS[6] delayed, KEYS[7] meta, KEYS[8] completed,
     KEYS[9] failed, KEYS[10] marker
     ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] log lines kept,
-    then 6 per job: id, token, outcome ("completed", "failed" or "delayed"),
-    log line, reason, due time (ms, for "delayed")
+    then 7 per job: id, token, outcome ("completed", "failed" or "delayed"),
+    log line, reason, due time (ms, for "delayed"), attempts made before this
+    one ("atm" as the caller read it under the same lock: only a lock holder
+    changes it)
   Returns per job 1 (done) or 0 (the lock is not the caller's any more).
 ]]
 local rcall = redis.call
@@ -18,31 +20,30 @@ local maxEvents = rcall("HGET", KEYS[7], "opts.maxLenEvents") or 10000
 rcall("XTRIM", eventsKey, "MAXLEN", "~", maxEvents)
 local out = {}
 local delayed = false
-for i = 4, #ARGV, 6 do
+for i = 4, #ARGV, 7 do
   local jobId, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local line, reason = ARGV[i + 3], ARGV[i + 4]
   local jobKey = prefix .. jobId
   local lockKey = jobKey .. ":lock"
   local done = 0
-  if rcall("EXISTS", jobKey) == 1 and rcall("GET", lockKey) == token then
+  if rcall("GET", lockKey) == token then
     rcall("DEL", lockKey)
     rcall("SREM", KEYS[5], jobId)
     if rcall("LREM", KEYS[2], -1, jobId) > 0 then
       done = 1
       local logKey = jobKey .. ":logs"
-      rcall("RPUSH", logKey, line)
-      if keepLogs > 0 then
+      local atm = tonumber(ARGV[i + 6]) + 1
+      if rcall("RPUSH", logKey, line) > keepLogs and keepLogs > 0 then
         rcall("LTRIM", logKey, -keepLogs, -1)
       end
-      local atm = rcall("HINCRBY", jobKey, "atm", 1)
       if outcome == "completed" then
         rcall("ZADD", KEYS[8], ts, jobId)
-        rcall("HSET", jobKey, "returnvalue", '"delivered"', "finishedOn", ts)
+        rcall("HSET", jobKey, "atm", atm, "returnvalue", '"delivered"', "finishedOn", ts)
         rcall("XADD", eventsKey, "*", "event", "completed", "jobId", jobId,
           "returnvalue", '"delivered"', "prev", "active")
       elseif outcome == "failed" then
         rcall("ZADD", KEYS[9], ts, jobId)
-        rcall("HSET", jobKey, "failedReason", reason, "finishedOn", ts)
+        rcall("HSET", jobKey, "atm", atm, "failedReason", reason, "finishedOn", ts)
         rcall("HDEL", jobKey, "defa")
         rcall("XADD", eventsKey, "*", "event", "failed", "jobId", jobId,
           "failedReason", reason, "prev", "active")
@@ -58,7 +59,7 @@ for i = 4, #ARGV, 6 do
         if last[2] then
           score = math.min(tonumber(last[2]) + 1, maxScore)
         end
-        rcall("HSET", jobKey, "delay", dueAt - ts, "failedReason", reason)
+        rcall("HSET", jobKey, "atm", atm, "delay", dueAt - ts, "failedReason", reason)
         rcall("ZADD", KEYS[6], score, jobId)
         rcall("XADD", eventsKey, "MAXLEN", "~", maxEvents, "*", "event", "delayed",
           "jobId", jobId, "delay", dueAt)
