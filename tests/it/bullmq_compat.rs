@@ -89,4 +89,15 @@ async fn bullmq_for_node_reads_our_queue_and_feeds_it() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // BullMQ's own event stream and job fields reflect cogrelay's delivery
+    // (written by cogrelay's batched scripts, src/queue/lua/).
+    let added = v["added"].as_str().expect("added id");
+    assert_eq!(
+        v["completedEvent"]["jobId"], added,
+        "QueueEvents saw no completed event: {v}"
+    );
+    assert_eq!(v["addedJob"]["state"], "completed", "{v}");
+    assert_eq!(v["addedJob"]["attemptsMade"], 1, "{v}");
+    assert!(v["addedJob"]["finishedOn"].as_u64().is_some(), "{v}");
 }

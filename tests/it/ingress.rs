@@ -1,5 +1,7 @@
 //! SPEC §3.1: the ingress answer table, one test per row, and the §3.2 headers.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -41,6 +43,53 @@ fn futures_stream(
 }
 
 both_backends! {
+async fn a_burst_with_repeats_is_one_job_per_event(b: Backend) {
+    // 60 events, each sent 3 times, all 180 requests at once: on Redis the
+    // copies land in the same batched add, where the first must win.
+    let app = Arc::new(spawn_app_on(b, |_| {}).await);
+    let mut sends = tokio::task::JoinSet::new();
+    for copy in 0..3 {
+        for i in 0..60 {
+            let app = app.clone();
+            sends.spawn(async move {
+                let r = app.post_event(&event("burst", &format!("b-{i}"))).await;
+                (i, copy, r.status, r.json)
+            });
+        }
+    }
+    let mut by_event: HashMap<usize, Vec<(String, String)>> = HashMap::new();
+    while let Some(res) = sends.join_next().await {
+        let (i, _copy, status, json) = res.expect("task");
+        assert_eq!(status, 200, "{json}");
+        by_event.entry(i).or_default().push((
+            json["status"].as_str().expect("status").to_string(),
+            json["jobId"].as_str().expect("jobId").to_string(),
+        ));
+    }
+    let mut ids = HashSet::new();
+    for (i, answers) in &by_event {
+        let accepted = answers.iter().filter(|(s, _)| s == "accepted").count();
+        let duplicates = answers.iter().filter(|(s, _)| s == "duplicate").count();
+        assert_eq!((accepted, duplicates), (1, 2), "event {i}: {answers:?}");
+        assert!(
+            answers.iter().all(|(_, id)| *id == answers[0].1),
+            "event {i}: one job id for every copy: {answers:?}"
+        );
+        assert!(ids.insert(answers[0].1.clone()), "event {i} shares a job id");
+    }
+    assert_eq!(ids.len(), 60);
+    assert!(app.sink.wait_for(60, WAIT).await, "all delivered");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let keys: Vec<String> = app
+        .sink
+        .received()
+        .iter()
+        .filter_map(|r| r.header("idempotency-key").map(str::to_owned))
+        .collect();
+    let unique: HashSet<&String> = keys.iter().collect();
+    assert_eq!((keys.len(), unique.len()), (60, 60), "each event delivered once");
+}
+
 async fn signed_envelope_is_accepted_and_delivered_with_the_spec_headers(b: Backend) {
     let app = spawn_app_on(b, |_| {}).await;
     let r = app.post_event(&event("bot-1", "evt-1")).await;

@@ -284,6 +284,10 @@ async fn bad_configuration_exits_2_with_one_line_naming_the_setting() {
             "TARGET_ENDPOINT=",
         ),
         (
+            vec![ok_target, secret, ("DELIVERY_NICE", "20")],
+            "DELIVERY_NICE=20 is out of range: use 0 to 19",
+        ),
+        (
             vec![ok_target, secret, ("ADMIN_LISTEN", "nonsense")],
             "ADMIN_LISTEN=\"nonsense\"",
         ),
@@ -447,4 +451,66 @@ async fn ten_thousand_idle_connections_do_not_block_a_signed_event() {
         "and delivered"
     );
     drop(idle);
+}
+
+/// Thread name (comm) and nice value of every thread of `pid` (Linux /proc).
+fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("proc") {
+        let stat = std::fs::read_to_string(task.expect("task").path().join("stat")).expect("stat");
+        let (head, tail) = stat.rsplit_once(')').expect("stat format");
+        let name = head.split_once('(').expect("stat format").1.to_string();
+        // Fields after the name start at 3 (state); nice is field 19.
+        let nice = tail.split_whitespace().nth(16).expect("nice");
+        out.push((name, nice.parse().expect("number")));
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn delivery_threads_yield_to_the_ingress() {
+    let sink = Sink::start().await.expect("sink");
+    for (round, (nice, expect_low)) in [("7", true), ("0", false)].into_iter().enumerate() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut relay =
+            start_relay(dir.path(), &sink, &[("DELIVERY_NICE", nice.to_string())]).await;
+        let http = reqwest::Client::new();
+        assert_eq!(
+            post(&http, relay.port, &format!("nice-{nice}")).await,
+            Some(200)
+        );
+        assert!(
+            sink.wait_for(round + 1, Duration::from_secs(15)).await,
+            "delivered"
+        );
+        let threads = thread_priorities(relay.child.id().expect("pid"));
+        let delivery: Vec<&(String, i64)> = threads
+            .iter()
+            .filter(|(n, _)| n.starts_with("cogrelay-deliv"))
+            .collect();
+        let others: Vec<&(String, i64)> = threads
+            .iter()
+            .filter(|(n, _)| !n.starts_with("cogrelay-deliv"))
+            .collect();
+        if expect_low {
+            assert!(!delivery.is_empty(), "no delivery threads: {threads:?}");
+            // Relative to the relay's own nice value (0 unless started niced).
+            let base = others.iter().map(|(_, n)| *n).min().expect("main threads");
+            assert!(
+                others.iter().all(|(_, n)| *n == base),
+                "the ingress keeps its priority: {threads:?}"
+            );
+            assert!(
+                delivery.iter().all(|(_, n)| *n == (base + 7).min(19)),
+                "{threads:?}"
+            );
+        } else {
+            assert!(
+                delivery.is_empty(),
+                "DELIVERY_NICE=0 runs deliveries on the main threads: {threads:?}"
+            );
+        }
+        let _ = relay.child.kill().await;
+    }
 }

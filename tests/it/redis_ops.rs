@@ -216,3 +216,56 @@ async fn a_killed_relays_jobs_are_taken_over() {
     acked.extend(first);
     wait_all_delivered(&sink, &acked, Duration::from_secs(120)).await;
 }
+
+/// Calls of one Redis command so far (`INFO commandstats`).
+async fn command_calls(port: u16, command: &str) -> u64 {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("info");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_burst_is_stored_and_finished_in_batches() {
+    // Unbatched, each event costs at least two scripts (add, finish); the
+    // group commit must carry many events per script call under a burst.
+    if !crate::redis_server::available() {
+        return;
+    }
+    let app = Arc::new(spawn_app_on(Backend::Redis, |_| {}).await);
+    let port = app.redis.as_ref().expect("redis").port;
+    let before = command_calls(port, "evalsha").await + command_calls(port, "eval").await;
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..400 {
+        let app = app.clone();
+        sends.spawn(async move {
+            app.post_event(&event("batch", &format!("e-{i}")))
+                .await
+                .status
+        });
+    }
+    while let Some(status) = sends.join_next().await {
+        assert_eq!(status.expect("task"), 200);
+    }
+    assert!(
+        app.sink.wait_for(400, Duration::from_secs(30)).await,
+        "all delivered"
+    );
+    let scripts = command_calls(port, "evalsha").await + command_calls(port, "eval").await - before;
+    eprintln!("400 events: {scripts} script calls");
+    assert!(
+        scripts < 400,
+        "{scripts} script calls for 400 events: the adds and finishes are not batched"
+    );
+}
