@@ -29,6 +29,8 @@
 //! A new event the relay's own worker pool has room for is stored already
 //! locked in `active` (a handoff, as on the embedded store), which saves the
 //! take step.
+//! Adds have a Redis connection of their own, so an acknowledgement does not
+//! wait behind delivery traffic on one pipeline.
 //!
 //! # Leases
 //!
