@@ -412,6 +412,40 @@ struct Row {
     peak_rss_mb: Option<f64>,
 }
 
+/// One server (`child`, listening on `port`) under the load: ingest, then the
+/// deliveries at `sink` (plus `extra_posts` that are not events).
+async fn measure(
+    child: &Child,
+    port: u16,
+    sink: &Sink,
+    extra_posts: usize,
+    name: String,
+    events: usize,
+    connections: usize,
+) -> anyhow::Result<Row> {
+    let pid = child.id().unwrap_or(0);
+    wait_port(port).await?;
+    let cpu0 = own_cpu_s();
+    let t0 = Instant::now();
+    let addr = ([127, 0, 0, 1], port).into();
+    let l = load(addr, "/api/webhook/cognigy", events, connections).await?;
+    let done = wait_delivered(sink, l.ok + extra_posts, Duration::from_secs(600)).await;
+    let (peak, _) = rss_mb(pid);
+    eprintln!(
+        "{name}: {:.0} req/s ingest; CPU s: server {:.1}, load generator + target {:.1}",
+        l.rps(),
+        cpu_s(pid),
+        own_cpu_s() - cpu0
+    );
+    let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
+    Ok(Row {
+        name,
+        load: l,
+        delivered_per_s: e2e,
+        peak_rss_mb: Some(peak),
+    })
+}
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_s(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -530,32 +564,8 @@ async fn run(
         let data = tempfile::tempdir()?;
         let (port, admin) = (free_port(), free_port());
         let child = relay(&relay_bin, port, admin, &sink, data.path(), concurrency).spawn()?;
-        let pid = child.id().unwrap_or(0);
-        wait_port(port).await?;
-        let cpu0 = own_cpu_s();
-        let t0 = Instant::now();
-        let l = load(
-            ([127, 0, 0, 1], port).into(),
-            "/api/webhook/cognigy",
-            events,
-            connections,
-        )
-        .await?;
-        let done = wait_delivered(&sink, l.ok, Duration::from_secs(300)).await;
-        let (peak, _) = rss_mb(pid);
-        eprintln!(
-            "cogrelay embedded: {:.0} req/s ingest; CPU s: relay {:.1}, load generator + target {:.1}",
-            l.rps(),
-            cpu_s(pid),
-            own_cpu_s() - cpu0
-        );
-        let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
-        rows.push(Row {
-            name: format!("cogrelay embedded (fsync always, CONCURRENCY={concurrency})"),
-            load: l,
-            delivered_per_s: e2e,
-            peak_rss_mb: Some(peak),
-        });
+        let name = format!("cogrelay embedded (fsync always, CONCURRENCY={concurrency})");
+        rows.push(measure(&child, port, &sink, 0, name, events, connections).await?);
         stop(child).await;
     }
 
@@ -653,33 +663,9 @@ async fn run(
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()?;
-        let pid = child.id().unwrap_or(0);
-        wait_port(port).await?;
-        let cpu0 = own_cpu_s();
-        let t0 = Instant::now();
-        let l = load(
-            ([127, 0, 0, 1], port).into(),
-            "/api/webhook/cognigy",
-            events,
-            connections,
-        )
-        .await?;
-        // The seed also POSTs its token request to the target host: count /events only.
-        let done = wait_delivered(&sink, l.ok + 1, Duration::from_secs(600)).await;
-        let (peak, _) = rss_mb(pid);
-        eprintln!(
-            "seed relay: {:.0} req/s ingest; CPU s: relay {:.1}, load generator + target {:.1}",
-            l.rps(),
-            cpu_s(pid),
-            own_cpu_s() - cpu0
-        );
-        let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
-        rows.push(Row {
-            name: format!("seed Node relay (Bull, CONCURRENCY={concurrency})"),
-            load: l,
-            delivered_per_s: e2e,
-            peak_rss_mb: Some(peak),
-        });
+        // The seed also POSTs its token request to the target host: one more post.
+        let name = format!("seed Node relay (Bull, CONCURRENCY={concurrency})");
+        rows.push(measure(&child, port, &sink, 1, name, events, connections).await?);
         redis_report(&redis, redis_port).await;
         stop(child).await;
         stop(redis).await;

@@ -181,6 +181,17 @@ impl Hot {
         format!("{}{suffix}", self.prefix)
     }
 
+    /// A call of `script` with these queue keys and the key prefix as ARGV[1]
+    /// (the order every script in `lua/` expects).
+    fn prepare<'a>(&self, script: &'a redis::Script, keys: &[&str]) -> redis::ScriptInvocation<'a> {
+        let mut call = script.prepare_invoke();
+        for k in keys {
+            call.key(self.key(k));
+        }
+        call.arg(&self.prefix);
+        call
+    }
+
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         call: &redis::ScriptInvocation<'_>,
@@ -202,12 +213,11 @@ impl Hot {
     }
 
     async fn add(&self, jobs: Vec<NewJob>, dedup_ttl_ms: u64) -> QueueResult<Vec<(char, String)>> {
-        let mut call = self.add.prepare_invoke();
-        for k in ["wait", "active", "meta", "id", "events", "marker"] {
-            call.key(self.key(k));
-        }
-        call.arg(&self.prefix)
-            .arg(super::now_ms())
+        let mut call = self.prepare(
+            &self.add,
+            &["wait", "active", "meta", "id", "events", "marker"],
+        );
+        call.arg(super::now_ms())
             .arg(dedup_ttl_ms)
             .arg(JOB_NAME)
             .arg(self.lock_ms)
@@ -226,24 +236,22 @@ impl Hot {
     }
 
     async fn finish(&self, jobs: Vec<Finished>) -> QueueResult<Vec<bool>> {
-        let mut call = self.finish.prepare_invoke();
-        for k in [
-            "wait",
-            "active",
-            "prioritized",
-            "events",
-            "stalled",
-            "delayed",
-            "meta",
-            "completed",
-            "failed",
-            "marker",
-        ] {
-            call.key(self.key(k));
-        }
-        call.arg(&self.prefix)
-            .arg(super::now_ms())
-            .arg(self.keep_logs);
+        let mut call = self.prepare(
+            &self.finish,
+            &[
+                "wait",
+                "active",
+                "prioritized",
+                "events",
+                "stalled",
+                "delayed",
+                "meta",
+                "completed",
+                "failed",
+                "marker",
+            ],
+        );
+        call.arg(super::now_ms()).arg(self.keep_logs);
         for j in &jobs {
             call.arg(&j.id)
                 .arg(&j.token)
@@ -594,22 +602,21 @@ impl Queue for RedisQueue {
 
     async fn claim(&self, max: usize, _lease: Duration) -> QueueResult<Claimed> {
         let h = &self.hot;
-        let mut call = h.claim.prepare_invoke();
-        for k in [
-            "wait",
-            "active",
-            "prioritized",
-            "events",
-            "limiter",
-            "delayed",
-            "meta",
-            "pc",
-            "marker",
-        ] {
-            call.key(h.key(k));
-        }
-        call.arg(&h.prefix)
-            .arg(super::now_ms())
+        let mut call = h.prepare(
+            &h.claim,
+            &[
+                "wait",
+                "active",
+                "prioritized",
+                "events",
+                "limiter",
+                "delayed",
+                "meta",
+                "pc",
+                "marker",
+            ],
+        );
+        call.arg(super::now_ms())
             .arg(h.lock_ms)
             .arg(max)
             .arg(uuid::Uuid::new_v4().to_string())
@@ -637,10 +644,8 @@ impl Queue for RedisQueue {
             return Ok(());
         }
         let h = &self.hot;
-        let mut call = h.extend.prepare_invoke();
-        call.key(h.key("stalled"))
-            .arg(&h.prefix)
-            .arg(lease.as_millis() as u64);
+        let mut call = h.prepare(&h.extend, &["stalled"]);
+        call.arg(lease.as_millis() as u64);
         for l in &leases {
             call.arg(&l.job_id).arg(&l.token);
         }
@@ -681,19 +686,18 @@ impl Queue for RedisQueue {
             return Ok(());
         }
         let h = &self.hot;
-        let mut call = h.release.prepare_invoke();
-        for k in [
-            "active",
-            "wait",
-            "stalled",
-            "prioritized",
-            "meta",
-            "marker",
-            "events",
-        ] {
-            call.key(h.key(k));
-        }
-        call.arg(&h.prefix);
+        let mut call = h.prepare(
+            &h.release,
+            &[
+                "active",
+                "wait",
+                "stalled",
+                "prioritized",
+                "meta",
+                "marker",
+                "events",
+            ],
+        );
         for l in &leases {
             call.arg(&l.job_id).arg(&l.token);
         }
