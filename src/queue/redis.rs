@@ -53,7 +53,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bullmq as bull;
-use serde_json::{json, value::RawValue, Value};
+use serde_json::{value::RawValue, Value};
 
 use super::batch::Batcher;
 use super::{
@@ -139,18 +139,29 @@ struct Finished {
     attempts_made: u32,
 }
 
+/// The job data of a new job (see [`JobData`]).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NewJobData<'a> {
+    event_key: &'a str,
+    event_id: &'a str,
+    bot_id: Option<&'a str>,
+    #[serde(rename = "type")]
+    event_type: Option<&'a str>,
+    kind: &'a str,
+    body: &'a str,
+}
+
 /// The job data, as stored in the job hash's `data` field.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct JobData {
     #[serde(default)]
     event_key: String,
     #[serde(default)]
     event_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     bot_id: Option<String>,
-    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
-    event_type: Option<String>,
     #[serde(default)]
     kind: String,
     /// The exact JSON text to deliver. Jobs added by other producers may hold
@@ -445,23 +456,22 @@ impl RedisQueue {
         let key = event.key.as_str().to_string();
         let body = std::str::from_utf8(&event.body)
             .map_err(|_| QueueError::Unavailable("payload is not UTF-8".into()))?;
-        let data = serde_json::to_string(&json!({
-            "eventKey": key,
-            "eventId": event.event_id,
-            "botId": event.bot_id,
-            "type": event.event_type,
-            "kind": event.kind.as_str(),
-            "body": body,
-        }))
+        let data = serde_json::to_string(&NewJobData {
+            event_key: &key,
+            event_id: &event.event_id,
+            bot_id: event.bot_id.as_deref(),
+            event_type: event.event_type.as_deref(),
+            kind: event.kind.as_str(),
+            body,
+        })
         .map_err(unavailable)?;
         // The options BullMQ would store for this job (`opts` field).
-        let opts = serde_json::to_string(&json!({
-            "removeOnComplete": self.opts.settings.remove_on_complete,
-            "removeOnFail": false,
-            "keepLogs": KEEP_LOGS,
-            "de": { "id": key, "ttl": self.opts.settings.dedup_ttl.as_millis() as u64 },
-        }))
-        .map_err(unavailable)?;
+        let opts = format!(
+            r#"{{"removeOnComplete":{},"removeOnFail":false,"keepLogs":{KEEP_LOGS},"de":{{"id":{},"ttl":{}}}}}"#,
+            self.opts.settings.remove_on_complete,
+            serde_json::to_string(&key).map_err(unavailable)?,
+            self.opts.settings.dedup_ttl.as_millis(),
+        );
         self.adds
             .call(NewJob {
                 dedup_id: key,
@@ -499,7 +509,6 @@ fn delivery_job(id: String, data: &str, atm: &str) -> DeliveryJob {
         event_key: String::new(),
         event_id: String::new(),
         bot_id: None,
-        event_type: None,
         kind: String::new(),
         body: None,
     });

@@ -25,10 +25,14 @@ if not pausedOrMaxed and meta[2] then
   pausedOrMaxed = rcall("LLEN", KEYS[2]) >= tonumber(meta[2])
 end
 local out = {}
-local waiting = false
+-- Ids for the whole batch at once (as BullMQ, a duplicate uses up an id too);
+-- the pushes to wait and active go out once at the end, in the same order.
+local nextId = rcall("INCRBY", KEYS[4], (#ARGV - 6) / 4) - (#ARGV - 6) / 4
+local toWait, toActive = {}, {}
 for i = 7, #ARGV, 4 do
   local deid, data, opts, token = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local jobId = rcall("INCR", KEYS[4]) .. ""
+  nextId = nextId + 1
+  local jobId = string.format("%d", nextId)
   local deKey = prefix .. "de:" .. deid
   local current = false
   if not rcall("SET", deKey, jobId, "PX", ttl, "NX") then
@@ -54,18 +58,23 @@ for i = 7, #ARGV, 4 do
     rcall("XADD", eventsKey, "*", "event", "added", "jobId", jobId, "name", name)
     rcall("XADD", eventsKey, "MAXLEN", "~", maxEvents, "*", "event", "waiting", "jobId", jobId)
     if locked then
-      rcall("LPUSH", KEYS[2], jobId)
+      toActive[#toActive + 1] = jobId
       rcall("SET", jobKey .. ":lock", token, "PX", ARGV[5])
       rcall("XADD", eventsKey, "*", "event", "active", "jobId", jobId, "prev", "waiting")
       out[#out + 1] = {"l", jobId}
     else
-      rcall("LPUSH", KEYS[1], jobId)
-      waiting = true
+      toWait[#toWait + 1] = jobId
       out[#out + 1] = {"a", jobId}
     end
   end
 end
-if waiting and not pausedOrMaxed then
-  rcall("ZADD", KEYS[6], 0, "0")
+if #toActive > 0 then
+  rcall("LPUSH", KEYS[2], unpack(toActive))
+end
+if #toWait > 0 then
+  rcall("LPUSH", KEYS[1], unpack(toWait))
+  if not pausedOrMaxed then
+    rcall("ZADD", KEYS[6], 0, "0")
+  end
 end
 return out

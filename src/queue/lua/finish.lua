@@ -20,6 +20,9 @@ local maxEvents = rcall("HGET", KEYS[7], "opts.maxLenEvents") or 10000
 rcall("XTRIM", eventsKey, "MAXLEN", "~", maxEvents)
 local out = {}
 local delayed = false
+-- Gathered per batch and sent once at the end: released locks, ids leaving the
+-- stalled set, and the completed / failed sets' new members.
+local locks, done_ids, completed, failed = {}, {}, {}, {}
 for i = 4, #ARGV, 7 do
   local jobId, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local line, reason = ARGV[i + 3], ARGV[i + 4]
@@ -27,8 +30,8 @@ for i = 4, #ARGV, 7 do
   local lockKey = jobKey .. ":lock"
   local done = 0
   if rcall("GET", lockKey) == token then
-    rcall("DEL", lockKey)
-    rcall("SREM", KEYS[5], jobId)
+    locks[#locks + 1] = lockKey
+    done_ids[#done_ids + 1] = jobId
     if rcall("LREM", KEYS[2], -1, jobId) > 0 then
       done = 1
       local logKey = jobKey .. ":logs"
@@ -37,12 +40,14 @@ for i = 4, #ARGV, 7 do
         rcall("LTRIM", logKey, -keepLogs, -1)
       end
       if outcome == "completed" then
-        rcall("ZADD", KEYS[8], ts, jobId)
+        completed[#completed + 1] = ts
+        completed[#completed + 1] = jobId
         rcall("HSET", jobKey, "atm", atm, "returnvalue", '"delivered"', "finishedOn", ts)
         rcall("XADD", eventsKey, "*", "event", "completed", "jobId", jobId,
           "returnvalue", '"delivered"', "prev", "active")
       elseif outcome == "failed" then
-        rcall("ZADD", KEYS[9], ts, jobId)
+        failed[#failed + 1] = ts
+        failed[#failed + 1] = jobId
         rcall("HSET", jobKey, "atm", atm, "failedReason", reason, "finishedOn", ts)
         rcall("HDEL", jobKey, "defa")
         rcall("XADD", eventsKey, "*", "event", "failed", "jobId", jobId,
@@ -68,6 +73,16 @@ for i = 4, #ARGV, 7 do
     end
   end
   out[#out + 1] = done
+end
+if #locks > 0 then
+  rcall("DEL", unpack(locks))
+  rcall("SREM", KEYS[5], unpack(done_ids))
+end
+if #completed > 0 then
+  rcall("ZADD", KEYS[8], unpack(completed))
+end
+if #failed > 0 then
+  rcall("ZADD", KEYS[9], unpack(failed))
 end
 if delayed then
   local first = rcall("ZRANGE", KEYS[6], 0, 0, "WITHSCORES")
