@@ -213,7 +213,10 @@ impl DeliveryRuntime {
         if nice == 0 {
             return Ok(Self(None));
         }
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // Half the cores (at least one): delivery is the lighter half of the
+        // work per event, and fewer threads switch less.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = cores.div_ceil(2);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("cogrelay-delivery")
