@@ -269,3 +269,50 @@ async fn a_burst_is_stored_and_finished_in_batches() {
         "{scripts} script calls for 400 events: the adds and finishes are not batched"
     );
 }
+
+#[tokio::test]
+async fn a_queue_paused_by_a_bullmq_tool_takes_events_and_delivers_them_on_resume() {
+    // BullMQ's pause is a flag on the queue's meta hash (what Queue.pause()
+    // and the dashboards set): new events are still stored, none is taken.
+    if !crate::redis_server::available() {
+        return;
+    }
+    let app = spawn_app_on(Backend::Redis, |_| {}).await;
+    let port = app.redis.as_ref().expect("redis").port;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let meta = format!("bull:{}:meta", app.config.queue_name);
+    let _: () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("paused")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .expect("pause");
+    for i in 0..5 {
+        let r = app.post_event(&event("paused", &format!("p-{i}"))).await;
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(app.sink.posts(), 0, "nothing is delivered while paused");
+    let waiting: u64 = redis::cmd("LLEN")
+        .arg(format!("bull:{}:wait", app.config.queue_name))
+        .query_async(&mut conn)
+        .await
+        .expect("llen");
+    assert_eq!(waiting, 5, "stored in wait, not handed to the local pool");
+
+    let _: () = redis::cmd("HDEL")
+        .arg(&meta)
+        .arg("paused")
+        .query_async(&mut conn)
+        .await
+        .expect("resume");
+    assert!(
+        app.sink.wait_for(5, Duration::from_secs(10)).await,
+        "delivered after resume"
+    );
+}
