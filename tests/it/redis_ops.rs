@@ -316,3 +316,51 @@ async fn a_queue_paused_by_a_bullmq_tool_takes_events_and_delivers_them_on_resum
         "delivered after resume"
     );
 }
+
+#[tokio::test]
+async fn a_global_concurrency_set_by_a_bullmq_tool_is_kept() {
+    // BullMQ's global concurrency (Queue.setGlobalConcurrency: `concurrency` on
+    // the meta hash) bounds the active jobs of all workers together; events
+    // handed straight to the local pool count too.
+    if !crate::redis_server::available() {
+        return;
+    }
+    let app = Arc::new(spawn_app_on(Backend::Redis, |_| {}).await);
+    app.sink
+        .set_default(Behaviour::Delay(Duration::from_millis(150), 200));
+    let port = app.redis.as_ref().expect("redis").port;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("HSET")
+        .arg(format!("bull:{}:meta", app.config.queue_name))
+        .arg("concurrency")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .expect("set global concurrency");
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let app = app.clone();
+        sends.spawn(async move { app.post_event(&event("gc", &format!("g-{i}"))).await.status });
+    }
+    let active_key = format!("bull:{}:active", app.config.queue_name);
+    let mut most = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.sink.posts() < 6 {
+        let active: u64 = redis::cmd("LLEN")
+            .arg(&active_key)
+            .query_async(&mut conn)
+            .await
+            .expect("llen");
+        most = most.max(active);
+        assert!(Instant::now() < deadline, "not all delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while let Some(status) = sends.join_next().await {
+        assert_eq!(status.expect("task"), 200);
+    }
+    assert_eq!(most, 1, "at most one active job at a time");
+}

@@ -19,10 +19,21 @@ if not maxEvents then
   maxEvents = 10000
   rcall("HSET", KEYS[3], "opts.maxLenEvents", maxEvents)
 end
-local meta = rcall("HMGET", KEYS[3], "paused", "concurrency")
+local meta = rcall("HMGET", KEYS[3], "paused", "concurrency", "max")
 local pausedOrMaxed = meta[1] and true or false
-if not pausedOrMaxed and meta[2] then
-  pausedOrMaxed = rcall("LLEN", KEYS[2]) >= tonumber(meta[2])
+-- How many jobs may go straight to active: none while paused or under a
+-- global rate limit (those go through the limiter in claim.lua), at most the
+-- room left under the global concurrency, else any (-1).
+local lockRoom = -1
+if meta[2] then
+  local room = tonumber(meta[2]) - rcall("LLEN", KEYS[2])
+  if room <= 0 then
+    pausedOrMaxed = true
+  end
+  lockRoom = math.max(room, 0)
+end
+if pausedOrMaxed or meta[3] then
+  lockRoom = 0
 end
 local out = {}
 -- Ids for the whole batch at once (as BullMQ, a duplicate uses up an id too);
@@ -47,7 +58,10 @@ for i = 7, #ARGV, 4 do
     out[#out + 1] = {"d", current}
   else
     local jobKey = prefix .. jobId
-    local locked = token ~= "" and not pausedOrMaxed
+    local locked = token ~= "" and lockRoom ~= 0
+    if locked and lockRoom > 0 then
+      lockRoom = lockRoom - 1
+    end
     if locked then
       rcall("HMSET", jobKey, "name", name, "data", data, "opts", opts, "timestamp", ts,
         "delay", 0, "priority", 0, "deid", deid, "processedOn", ts, "pb", ARGV[6], "ats", 1)
