@@ -378,6 +378,20 @@ impl RedisQueue {
             None
         };
         let reason = job.failed_reason();
+        // A delayed job is due at its score in the delayed set (`due << 12 | n`);
+        // the hash's `timestamp + delay` is creation time plus the last delay.
+        let due_at_ms = if state == JobState::Delayed {
+            let score: Option<f64> = self
+                .raw(
+                    redis::cmd("ZSCORE")
+                        .arg(self.hot.key("delayed"))
+                        .arg(job.id()),
+                )
+                .await?;
+            Some(score.map_or((job.timestamp() + job.delay()) as i64, |s| (s as i64) >> 12))
+        } else {
+            None
+        };
         Ok(JobView {
             id: job.id().to_string(),
             state,
@@ -390,7 +404,7 @@ impl RedisQueue {
                 .as_str(),
             attempts_made: job.attempts_made(),
             created_at_ms: job.timestamp() as i64,
-            due_at_ms: (state == JobState::Delayed).then(|| (job.timestamp() + job.delay()) as i64),
+            due_at_ms,
             finished_at_ms: job.finished_on().map(|t| t as i64),
             failed_reason: (!reason.is_empty()).then(|| reason.to_string()),
             attempts,

@@ -18,6 +18,35 @@ async fn accepted_id(app: &TestApp, id: &str) -> String {
 }
 
 both_backends! {
+async fn a_delayed_job_shows_when_its_next_attempt_is_due(b: Backend) {
+    // Attempt 2 fails at t; attempt 3 is due at t + 2 × BACKOFF_DELAY_MS, which
+    // the job view must show (not creation time + the last delay).
+    let app = spawn_app_on(b, |c| {
+        c.attempts = 3;
+        c.backoff_delay = Duration::from_millis(1500);
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(503));
+    let id = accepted_id(&app, "e-due").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let job = loop {
+        let job = app.wait_job(&id, "delayed", WAIT).await;
+        if job["attemptsMade"] == 2 {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let second = &job["attempts"][1];
+    let failed_at = second["startedAtMs"].as_i64().expect("startedAtMs")
+        + second["durationMs"].as_i64().expect("durationMs");
+    let due = job["dueAtMs"].as_i64().expect("dueAtMs");
+    assert!(
+        (due - (failed_at + 3000)).abs() < 250,
+        "due {due}, second attempt ended {failed_at}: {job}"
+    );
+}
+
 async fn two_503s_then_200_is_delivered_on_attempt_3(b: Backend) {
     let app = spawn_app_on(b, |_| {}).await;
     app.sink.push(Behaviour::status(503));
