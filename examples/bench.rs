@@ -630,22 +630,7 @@ async fn run(
         sink.count_only();
         let redis_port = free_port();
         let redis_dir = tempfile::tempdir()?;
-        let redis = Command::new("redis-server")
-            .args([
-                "--port",
-                &redis_port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(redis_dir.path())
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
+        let redis = spawn_redis(redis_port, redis_dir.path())?;
         wait_port(redis_port).await?;
         let port = free_port();
         let base = format!("http://{}", sink.addr());

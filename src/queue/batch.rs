@@ -50,27 +50,22 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 tokio::spawn(async move {
                     let res = fut.await;
                     drop(slot);
-                    match res {
+                    let e = match res {
                         Ok(answers) if answers.len() == waiters.len() => {
                             for (w, a) in waiters.into_iter().zip(answers) {
                                 let _ = w.send(Ok(a));
                             }
+                            return;
                         }
-                        Ok(answers) => {
-                            let e = QueueError::Unavailable(format!(
-                                "store answered {} results for {} requests",
-                                answers.len(),
-                                waiters.len()
-                            ));
-                            for w in waiters {
-                                let _ = w.send(Err(e.clone()));
-                            }
-                        }
-                        Err(e) => {
-                            for w in waiters {
-                                let _ = w.send(Err(e.clone()));
-                            }
-                        }
+                        Ok(answers) => QueueError::Unavailable(format!(
+                            "store answered {} results for {} requests",
+                            answers.len(),
+                            waiters.len()
+                        )),
+                        Err(e) => e,
+                    };
+                    for w in waiters {
+                        let _ = w.send(Err(e.clone()));
                     }
                 });
             }

@@ -106,7 +106,9 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(format!("redis: {e}"))
 }
 
-async fn bounded<T>(fut: impl Future<Output = Result<T, bull::Error>>) -> QueueResult<T> {
+async fn bounded<T, E: std::fmt::Display>(
+    fut: impl Future<Output = Result<T, E>>,
+) -> QueueResult<T> {
     match tokio::time::timeout(REDIS_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(unavailable(e)),
@@ -153,7 +155,7 @@ struct NewJobData<'a> {
 }
 
 /// The job data, as stored in the job hash's `data` field.
-#[derive(serde::Deserialize)]
+#[derive(Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct JobData {
     #[serde(default)]
@@ -179,7 +181,6 @@ struct Hot {
     prefix: String,
     worker: String,
     lock_ms: u64,
-    keep_logs: u32,
     add: redis::Script,
     claim: redis::Script,
     finish: redis::Script,
@@ -216,11 +217,7 @@ impl Hot {
         call: &redis::ScriptInvocation<'_>,
     ) -> QueueResult<T> {
         let mut conn = on.connection().connection();
-        match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable("no answer within 2 s")),
-        }
+        bounded(call.invoke_async::<T>(&mut conn)).await
     }
 
     async fn add(&self, jobs: Vec<NewJob>, dedup_ttl_ms: u64) -> QueueResult<Vec<(char, String)>> {
@@ -262,7 +259,7 @@ impl Hot {
                 "marker",
             ],
         );
-        call.arg(super::now_ms()).arg(self.keep_logs);
+        call.arg(super::now_ms()).arg(KEEP_LOGS);
         for j in &jobs {
             call.arg(&j.id)
                 .arg(&j.token)
@@ -316,7 +313,6 @@ impl RedisQueue {
             prefix: queue.keys().key_prefix().to_string(),
             worker: format!("cogrelay-{}", std::process::id()),
             lock_ms,
-            keep_logs: KEEP_LOGS,
             add: redis::Script::new(include_str!("lua/add.lua")),
             claim: redis::Script::new(include_str!("lua/claim.lua")),
             finish: redis::Script::new(include_str!("lua/finish.lua")),
@@ -348,15 +344,7 @@ impl RedisQueue {
 
     async fn raw<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> QueueResult<T> {
         let mut conn = self.queue.connection().connection();
-        match tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable("no answer within 2 s")),
-        }
-    }
-
-    fn job_key(&self, id: &str) -> String {
-        format!("{}{}", self.queue.keys().key_prefix(), id)
+        bounded(cmd.query_async::<T>(&mut conn)).await
     }
 
     async fn view(
@@ -464,7 +452,7 @@ impl RedisQueue {
     /// locked with `token`, 'd' duplicate) and the job id.
     async fn enqueue_now(
         &self,
-        event: Event,
+        event: &Event,
         token: Option<String>,
     ) -> QueueResult<(char, String)> {
         let key = event.key.as_str().to_string();
@@ -499,7 +487,7 @@ impl RedisQueue {
     /// `enqueue_now` behind the circuit breaker (see `down_until`).
     async fn enqueue_guarded(
         &self,
-        event: Event,
+        event: &Event,
         token: Option<String>,
     ) -> QueueResult<(char, String)> {
         {
@@ -519,13 +507,7 @@ impl RedisQueue {
 }
 
 fn delivery_job(id: String, data: &str, atm: &str) -> DeliveryJob {
-    let d: JobData = serde_json::from_str(data).unwrap_or(JobData {
-        event_key: String::new(),
-        event_id: String::new(),
-        bot_id: None,
-        kind: String::new(),
-        body: None,
-    });
+    let d: JobData = serde_json::from_str(data).unwrap_or_default();
     let body = match d.body {
         Some(Value::String(b)) => b.into_bytes(),
         _ => b"null".to_vec(),
@@ -581,7 +563,7 @@ const BREAKER_OPEN: Duration = Duration::from_millis(500);
 
 impl Queue for RedisQueue {
     async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
-        Ok(match self.enqueue_guarded(event, None).await? {
+        Ok(match self.enqueue_guarded(&event, None).await? {
             ('d', id) => Enqueued::Duplicate(id),
             (_, id) => Enqueued::Accepted(id),
         })
@@ -594,14 +576,7 @@ impl Queue for RedisQueue {
     ) -> QueueResult<(Enqueued, Option<Leased>)> {
         // The lock lasts LOCK_DURATION_MS, which is what the handoff asks for.
         let token = uuid::Uuid::new_v4().to_string();
-        let (key, event_id, bot_id, kind, body) = (
-            event.key.clone(),
-            event.event_id.clone(),
-            event.bot_id.clone(),
-            event.kind,
-            event.body.clone(),
-        );
-        let id = match self.enqueue_guarded(event, Some(token.clone())).await? {
+        let id = match self.enqueue_guarded(&event, Some(token.clone())).await? {
             ('d', id) => return Ok((Enqueued::Duplicate(id), None)),
             // Stored in wait (the queue is paused): no handoff.
             ('a', id) => return Ok((Enqueued::Accepted(id), None)),
@@ -609,11 +584,11 @@ impl Queue for RedisQueue {
         };
         let job = DeliveryJob {
             id: id.clone(),
-            key,
-            event_id,
-            bot_id,
-            kind,
-            body,
+            key: event.key,
+            event_id: event.event_id,
+            bot_id: event.bot_id,
+            kind: event.kind,
+            body: event.body,
             attempts_made: 0,
         };
         let lease = LeaseRef {
@@ -794,7 +769,7 @@ impl Queue for RedisQueue {
 
     async fn retry_all_failed(&self) -> QueueResult<u64> {
         let n = bounded(self.queue.get_failed_count()).await?;
-        let key = |id: &str| self.job_key(id);
+        let key = |id: &str| self.hot.key(id);
         // Reset attempts like a single retry, then move them all (BullMQ's retryJobs).
         let failed = bounded(self.queue.get_jobs(&["failed"], 0, -1, true)).await?;
         for job in &failed {

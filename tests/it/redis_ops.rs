@@ -217,13 +217,18 @@ async fn a_killed_relays_jobs_are_taken_over() {
     wait_all_delivered(&sink, &acked, Duration::from_secs(120)).await;
 }
 
-/// Calls of one Redis command so far (`INFO commandstats`).
-async fn command_calls(port: u16, command: &str) -> u64 {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
-    let mut conn = client
+/// A connection to the test's private redis-server.
+async fn redis_conn(port: u16) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .expect("client")
         .get_multiplexed_async_connection()
         .await
-        .expect("connect");
+        .expect("connect")
+}
+
+/// Calls of one Redis command so far (`INFO commandstats`).
+async fn command_calls(port: u16, command: &str) -> u64 {
+    let mut conn = redis_conn(port).await;
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(&mut conn)
@@ -279,11 +284,7 @@ async fn a_queue_paused_by_a_bullmq_tool_takes_events_and_delivers_them_on_resum
     }
     let app = spawn_app_on(Backend::Redis, |_| {}).await;
     let port = app.redis.as_ref().expect("redis").port;
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut conn = redis_conn(port).await;
     let meta = format!("bull:{}:meta", app.config.queue_name);
     let _: () = redis::cmd("HSET")
         .arg(&meta)
@@ -329,11 +330,7 @@ async fn a_global_concurrency_set_by_a_bullmq_tool_is_kept() {
     app.sink
         .set_default(Behaviour::Delay(Duration::from_millis(150), 200));
     let port = app.redis.as_ref().expect("redis").port;
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut conn = redis_conn(port).await;
     let _: () = redis::cmd("HSET")
         .arg(format!("bull:{}:meta", app.config.queue_name))
         .arg("concurrency")
