@@ -571,15 +571,7 @@ impl Queue for EmbeddedQueue {
                         job_id: id.clone(),
                         token,
                     },
-                    job: DeliveryJob {
-                        id: id.clone(),
-                        key: event.key,
-                        event_id: event.event_id,
-                        bot_id: event.bot_id,
-                        kind: event.kind,
-                        body: event.body,
-                        attempts_made: 0,
-                    },
+                    job: DeliveryJob::new(id.clone(), event),
                 }),
                 Enqueued::Duplicate(_) => None,
             };

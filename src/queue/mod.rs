@@ -103,6 +103,21 @@ pub struct DeliveryJob {
     pub attempts_made: u32,
 }
 
+impl DeliveryJob {
+    /// A new job for `event`: no attempt made yet.
+    pub fn new(id: String, event: Event) -> Self {
+        Self {
+            id,
+            key: event.key,
+            event_id: event.event_id,
+            bot_id: event.bot_id,
+            kind: event.kind,
+            body: event.body,
+            attempts_made: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttemptOutcome {

@@ -582,15 +582,7 @@ impl Queue for RedisQueue {
             ('a', id) => return Ok((Enqueued::Accepted(id), None)),
             (_, id) => id,
         };
-        let job = DeliveryJob {
-            id: id.clone(),
-            key: event.key,
-            event_id: event.event_id,
-            bot_id: event.bot_id,
-            kind: event.kind,
-            body: event.body,
-            attempts_made: 0,
-        };
+        let job = DeliveryJob::new(id.clone(), event);
         let lease = LeaseRef {
             job_id: id.clone(),
             token,
