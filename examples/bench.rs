@@ -30,6 +30,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
 const SECRET: &str = "bench-secret";
+/// The relays' QUEUE_NAME (their default).
+const QUEUE: &str = "cognigy-webhook-retries";
 
 #[derive(Parser)]
 struct Args {
@@ -75,8 +77,10 @@ enum Cmd {
         /// CONCURRENCY for the relays.
         #[arg(long, default_value = "16")]
         concurrency: usize,
-        /// Which scenarios to run, comma-separated: ceiling, embedded, redis1,
-        /// redis3, seed. The ceiling always runs (it is the reference).
+        /// Which scenarios to run, comma-separated: embedded, redis1, redis3,
+        /// seed, and drain (not by default: one Redis relay delivering a
+        /// backlog taken while the queue was paused). The ceiling always runs
+        /// (it is the reference).
         #[arg(
             long,
             default_value = "embedded,redis1,redis3,seed",
@@ -468,6 +472,14 @@ fn own_cpu_s() -> f64 {
     cpu_s(std::process::id())
 }
 
+/// One command on the private Redis at `port`.
+async fn redis_cmd(port: u16, cmd: &redis::Cmd) -> anyhow::Result<()> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    cmd.query_async::<()>(&mut conn).await?;
+    Ok(())
+}
+
 /// What the scenario cost Redis: redis-server's CPU seconds, and its busiest
 /// commands (calls, µs per call), on stderr.
 async fn redis_report(redis: &Child, port: u16) {
@@ -569,11 +581,14 @@ async fn run(
         stop(child).await;
     }
 
-    // 3. cogrelay on Redis (BullMQ layout): one relay, then three sharing the queue.
-    for relays in [1usize, 3] {
-        if !wanted(&format!("redis{relays}")) {
+    // 3. cogrelay on Redis (BullMQ layout): one relay, then three sharing the
+    // queue; "drain": one relay that takes the events while the queue is paused
+    // (BullMQ's flag), then delivers the backlog alone.
+    for (scenario, relays) in [("redis1", 1usize), ("redis3", 3), ("drain", 1)] {
+        if !wanted(scenario) {
             continue;
         }
+        let drain = scenario == "drain";
         let redis_port = free_port();
         let redis_dir = tempfile::tempdir()?;
         let redis = spawn_redis(redis_port, redis_dir.path())?;
@@ -593,9 +608,30 @@ async fn run(
             addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
             children.push((child, data));
         }
+        let meta = format!("bull:{QUEUE}:meta");
+        if drain {
+            redis_cmd(
+                redis_port,
+                redis::cmd("HSET").arg(&meta).arg("paused").arg(1),
+            )
+            .await?;
+        }
         let cpu0 = own_cpu_s();
-        let t0 = Instant::now();
+        let mut t0 = Instant::now();
         let l = load_spread(&addrs, "/api/webhook/cognigy", events, connections).await?;
+        let during = sink.posts();
+        let cpu_ingest: f64 = children
+            .iter()
+            .map(|(c, _)| cpu_s(c.id().unwrap_or(0)))
+            .sum();
+        if drain {
+            redis_cmd(redis_port, redis::cmd("HDEL").arg(&meta).arg("paused")).await?;
+            // The relays look at a resumed queue within a second (they poll);
+            // the rate is timed from the first delivery.
+            t0 = wait_delivered(&sink, 1, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(Instant::now);
+        }
         let done = wait_delivered(&sink, l.ok, Duration::from_secs(600)).await;
         let peak = children
             .iter()
@@ -606,13 +642,19 @@ async fn run(
             .map(|(c, _)| cpu_s(c.id().unwrap_or(0)))
             .sum();
         eprintln!(
-            "cogrelay redis x{relays}: {:.0} req/s ingest; CPU s: relays {relay_cpu:.1}, load generator + target {:.1}",
+            "cogrelay {scenario}: {:.0} req/s ingest, {during} delivered by its end; CPU s: relays {cpu_ingest:.1} + {:.1} after the ingest, load generator + target {:.1}",
             l.rps(),
+            relay_cpu - cpu_ingest,
             own_cpu_s() - cpu0
         );
         let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
+        let name = if drain {
+            format!("cogrelay redis x1, backlog drain: ingest while paused, then delivery alone (CONCURRENCY={concurrency})")
+        } else {
+            format!("cogrelay redis x{relays} (CONCURRENCY={concurrency} each)")
+        };
         rows.push(Row {
-            name: format!("cogrelay redis x{relays} (CONCURRENCY={concurrency} each)"),
+            name,
             load: l,
             delivered_per_s: e2e,
             peak_rss_mb: Some(peak),

@@ -3,10 +3,12 @@
 //!
 //! * One dispatcher task claims jobs in batches (up to 2 × `CONCURRENCY` leased
 //!   ahead) and starts one delivery task per job whenever a worker permit is
-//!   free (`CONCURRENCY` permits, held for the HTTP exchange). When nothing is
-//!   due it sleeps until the next due time, a wake-up (new job from the ingress,
-//!   a finished delivery), or one second (jobs changed by another process, e.g.
-//!   an operator's retry).
+//!   free (`CONCURRENCY` permits, held for the HTTP exchange). A claim runs as
+//!   its own task, so free workers keep taking ready jobs while it is out.
+//!   When the store has nothing due it is left alone until the next due time,
+//!   a wake-up (a job the ingress stored for any worker, a retry written back),
+//!   or one second (jobs changed by another process, e.g. an operator's retry
+//!   or another relay).
 //! * Retries are data, not sleeps: a failed attempt is written back as `delayed`
 //!   with its due time; no worker waits on it.
 //! * Leases of in-flight jobs are renewed every `LOCK_DURATION_MS / 3`.
@@ -24,12 +26,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::cognigy::CognigyClient;
 use crate::config::{ServeConfig, TargetSigningKey};
 use crate::ingress::envelope::EventKind;
-use crate::queue::{now_ms, Attempt, AttemptOutcome, Disposition, LeaseRef, Leased, Queue};
+use crate::queue::{
+    now_ms, Attempt, AttemptOutcome, Claimed, Disposition, LeaseRef, Leased, Queue, QueueResult,
+};
 use backoff::Backoff;
 use classify::{classify, AttemptResult, Outcome};
 
@@ -131,60 +135,85 @@ pub async fn run<Q: Queue>(
         }
         ready.push_back(job);
     };
-    'dispatch: loop {
+    // A claim runs beside the dispatching (its own task): while it is out, free
+    // workers keep taking ready jobs. After a claim that came back short, the
+    // store is rested until a wake-up (a job stored by the ingress, a retry
+    // written back), the next due time, or IDLE_POLL.
+    let mut claiming: Option<JoinHandle<(usize, QueueResult<Claimed>)>> = None;
+    let mut rest_until: Option<Instant> = None;
+    loop {
         while let Some(job) = handoff.try_recv() {
             take(&pool, &mut ready, job);
         }
         handoff.set_ready(ready.len());
-        if ready.len() < pool.cfg.concurrency {
-            match pool
-                .queue
-                .claim(prefetch - ready.len(), pool.cfg.lock_duration)
-                .await
-            {
-                Ok(claimed) => {
-                    if let Ok(mut m) = pool.in_flight.lock() {
-                        for l in &claimed.jobs {
-                            m.insert(l.lease.job_id.clone(), l.lease.clone());
-                        }
-                    }
-                    ready.extend(claimed.jobs);
-                    if ready.is_empty() {
-                        let wait = claimed
-                            .next_due_ms
-                            .map(|due| {
-                                Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64)
-                            })
-                            .unwrap_or(IDLE_POLL)
-                            .min(IDLE_POLL);
-                        tokio::select! {
-                            _ = wake.notified() => {}
-                            job = handoff.recv() => if let Some(job) = job { take(&pool, &mut ready, job) },
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = shutdown.changed() => break 'dispatch,
-                        }
-                        continue;
-                    }
-                }
-                Err(e) if ready.is_empty() => {
-                    tracing::error!(error = %e, "cannot claim jobs; trying again in 1 s");
-                    tokio::select! {
-                        _ = tokio::time::sleep(IDLE_POLL) => continue,
-                        _ = shutdown.changed() => break,
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot claim more jobs"),
-            }
+        if claiming.is_none()
+            && ready.len() < pool.cfg.concurrency
+            && rest_until.is_none_or(|t| Instant::now() >= t)
+        {
+            let (p, asked) = (pool.clone(), prefetch - ready.len());
+            claiming = Some(tokio::spawn(async move {
+                (asked, p.queue.claim(asked, p.cfg.lock_duration).await)
+            }));
         }
-        let permit = tokio::select! {
-            p = semaphore.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        let rest = rest_until.unwrap_or_else(|| Instant::now() + IDLE_POLL);
+        tokio::select! {
+            biased;
             _ = shutdown.changed() => break,
-        };
-        if let Some(leased) = ready.pop_front() {
-            tasks.spawn(deliver(pool.clone(), leased, permit));
+            done = claim_result(&mut claiming) => {
+                claiming = None;
+                rest_until = None;
+                match done {
+                    Ok((asked, Ok(claimed))) => {
+                        if claimed.jobs.len() < asked {
+                            let wait = claimed
+                                .next_due_ms
+                                .map(|due| Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64))
+                                .unwrap_or(IDLE_POLL)
+                                .min(IDLE_POLL);
+                            rest_until = Some(Instant::now() + wait);
+                        }
+                        for job in claimed.jobs {
+                            take(&pool, &mut ready, job);
+                        }
+                    }
+                    Ok((_, Err(e))) => {
+                        if ready.is_empty() {
+                            tracing::error!(error = %e, "cannot claim jobs; trying again in 1 s");
+                        } else {
+                            tracing::warn!(error = %e, "cannot claim more jobs; trying again in 1 s");
+                        }
+                        rest_until = Some(Instant::now() + IDLE_POLL);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "claim task failed; trying again in 1 s");
+                        rest_until = Some(Instant::now() + IDLE_POLL);
+                    }
+                }
+            }
+            p = semaphore.clone().acquire_owned(), if !ready.is_empty() => {
+                let Ok(permit) = p else { break };
+                if let Some(leased) = ready.pop_front() {
+                    tasks.spawn(deliver(pool.clone(), leased, permit));
+                }
+                while tasks.try_join_next().is_some() {}
+            }
+            job = handoff.recv(), if ready.is_empty() => {
+                if let Some(job) = job {
+                    take(&pool, &mut ready, job);
+                }
+            }
+            _ = wake.notified(), if rest_until.is_some() => rest_until = None,
+            _ = tokio::time::sleep_until(rest.into()), if rest_until.is_some() => rest_until = None,
         }
-        handoff.set_ready(ready.len());
-        while tasks.try_join_next().is_some() {}
+    }
+    // A claim still out: its jobs are taken back with the rest.
+    if let Some(Ok((_, Ok(claimed)))) = match claiming {
+        Some(h) => Some(h.await),
+        None => None,
+    } {
+        for job in claimed.jobs {
+            take(&pool, &mut ready, job);
+        }
     }
     // Claimed (or handed off) but never started: straight back to the queue.
     for job in handoff.close() {
@@ -419,7 +448,18 @@ async fn deliver<Q: Queue>(pool: Arc<Pool<Q>>, mut leased: Leased, permit: Owned
     record(&pool, leased, attempt, disposition).await;
 }
 
-/// Logs the attempt, writes it back, frees the lease and wakes the dispatcher.
+/// The result of the claim in flight; never ready when there is none.
+async fn claim_result(
+    claiming: &mut Option<JoinHandle<(usize, QueueResult<Claimed>)>>,
+) -> Result<(usize, QueueResult<Claimed>), tokio::task::JoinError> {
+    match claiming {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Logs the attempt, writes it back and frees the lease; a retry wakes the
+/// dispatcher (its due time may be the next one).
 async fn record<Q: Queue>(
     pool: &Pool<Q>,
     leased: Leased,
@@ -442,6 +482,7 @@ async fn record<Q: Queue>(
         }
     }
     let job_id = leased.lease.job_id.clone();
+    let retry = matches!(disposition, Disposition::RetryAt { .. });
     match pool.queue.finish(leased, attempt, disposition).await {
         Ok(true) => {}
         Ok(false) => {
@@ -454,7 +495,9 @@ async fn record<Q: Queue>(
     if let Ok(mut m) = pool.in_flight.lock() {
         m.remove(&job_id);
     }
-    pool.wake.notify_one();
+    if retry {
+        pool.wake.notify_one();
+    }
 }
 
 /// The error and its causes, without the URL (it may carry credentials).
