@@ -336,9 +336,11 @@ fn relay(
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true);
-    // For experiments: the relay's DELIVERY_NICE, if set for the bench.
-    if let Ok(nice) = std::env::var("DELIVERY_NICE") {
-        cmd.env("DELIVERY_NICE", nice);
+    // For experiments: the relay's thread settings, if set for the bench.
+    for var in ["DELIVERY_NICE", "TOKIO_WORKER_THREADS"] {
+        if let Ok(v) = std::env::var(var) {
+            cmd.env(var, v);
+        }
     }
     cmd
 }
