@@ -87,6 +87,11 @@ enum Cmd {
             value_delimiter = ','
         )]
         only: Vec<String>,
+        /// Runs everything this many times; with more than one, also prints
+        /// each figure's median over the rounds (runs on a shared machine
+        /// vary by about 10%, the seed relay's more).
+        #[arg(long, default_value = "1")]
+        rounds: usize,
     },
 }
 
@@ -130,14 +135,29 @@ fn main() -> anyhow::Result<()> {
             seed_dir,
             concurrency,
             only,
-        } => rt.block_on(run(
-            events,
-            connections,
-            relay_bin,
-            seed_dir,
-            concurrency,
-            only,
-        )),
+            rounds,
+        } => rt.block_on(async {
+            let mut all = Vec::new();
+            for round in 1..=rounds.max(1) {
+                let rows = run(
+                    events,
+                    connections,
+                    &relay_bin,
+                    seed_dir.as_deref(),
+                    concurrency,
+                    &only,
+                )
+                .await?;
+                let lines: Vec<Line> = rows.iter().map(Line::from).collect();
+                print_table(&format!("round {round} of {rounds}"), &lines);
+                all.push(lines);
+            }
+            if all.len() > 1 {
+                print_table(&format!("median of {} rounds", all.len()), &medians(&all));
+            }
+            println!("\n{events} signed ~300-byte events, {connections} keep-alive connections, load generator on the same cores");
+            Ok(())
+        }),
     }
 }
 
@@ -538,11 +558,11 @@ async fn stop(mut child: Child) {
 async fn run(
     events: usize,
     connections: usize,
-    relay_bin: PathBuf,
-    seed_dir: Option<PathBuf>,
+    relay_bin: &std::path::Path,
+    seed_dir: Option<&std::path::Path>,
     concurrency: usize,
-    only: Vec<String>,
-) -> anyhow::Result<()> {
+    only: &[String],
+) -> anyhow::Result<Vec<Row>> {
     let wanted = |name: &str| only.iter().any(|o| o == name);
     let me = std::env::current_exe()?;
     let mut rows = Vec::new();
@@ -577,7 +597,7 @@ async fn run(
         sink.count_only();
         let data = tempfile::tempdir()?;
         let (port, admin) = (free_port(), free_port());
-        let child = relay(&relay_bin, port, admin, &sink, data.path(), concurrency).spawn()?;
+        let child = relay(relay_bin, port, admin, &sink, data.path(), concurrency).spawn()?;
         let name = format!("cogrelay embedded (fsync always, CONCURRENCY={concurrency})");
         rows.push(measure(&child, port, &sink, 0, name, events, connections).await?);
         stop(child).await;
@@ -602,7 +622,7 @@ async fn run(
         for _ in 0..relays {
             let (port, admin) = (free_port(), free_port());
             let data = tempfile::tempdir()?;
-            let child = relay(&relay_bin, port, admin, &sink, data.path(), concurrency)
+            let child = relay(relay_bin, port, admin, &sink, data.path(), concurrency)
                 .env("COGRELAY_QUEUE", "redis")
                 .env("REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
                 .spawn()?;
@@ -680,7 +700,7 @@ async fn run(
         let base = format!("http://{}", sink.addr());
         let child = Command::new("node")
             .arg("index.js")
-            .current_dir(&dir)
+            .current_dir(dir)
             .env("REDIS_PORT", redis_port.to_string())
             .env("COGNIGY_BASE_URL", &base)
             .env("COGNIGY_CLIENT_ID", "a")
@@ -700,42 +720,108 @@ async fn run(
         stop(redis).await;
     }
 
-    let ceiling = rows[0].load.rps();
-    let seed = rows
+    Ok(rows)
+}
+
+/// One row of the printed table.
+#[derive(Clone)]
+struct Line {
+    name: String,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    other: usize,
+    errors: usize,
+    delivered_per_s: Option<f64>,
+    peak_rss_mb: Option<f64>,
+}
+
+impl From<&Row> for Line {
+    fn from(r: &Row) -> Self {
+        Self {
+            name: r.name.clone(),
+            rps: r.load.rps(),
+            p50_ms: r.load.p50_ms,
+            p99_ms: r.load.p99_ms,
+            other: r.load.other,
+            errors: r.load.errors,
+            delivered_per_s: r.delivered_per_s,
+            peak_rss_mb: r.peak_rss_mb,
+        }
+    }
+}
+
+/// Each figure's median over the rounds (every round has the same rows);
+/// non-200s and errors are summed.
+fn medians(rounds: &[Vec<Line>]) -> Vec<Line> {
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    }
+    let of = |i: usize, f: &dyn Fn(&Line) -> Option<f64>| -> Option<f64> {
+        let v: Vec<f64> = rounds.iter().filter_map(|r| r.get(i).and_then(f)).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    (0..rounds[0].len())
+        .map(|i| Line {
+            name: rounds[0][i].name.clone(),
+            rps: of(i, &|l| Some(l.rps)).unwrap_or(0.0),
+            p50_ms: of(i, &|l| Some(l.p50_ms)).unwrap_or(0.0),
+            p99_ms: of(i, &|l| Some(l.p99_ms)).unwrap_or(0.0),
+            other: rounds
+                .iter()
+                .filter_map(|r| r.get(i))
+                .map(|l| l.other)
+                .sum(),
+            errors: rounds
+                .iter()
+                .filter_map(|r| r.get(i))
+                .map(|l| l.errors)
+                .sum(),
+            delivered_per_s: of(i, &|l| l.delivered_per_s),
+            peak_rss_mb: of(i, &|l| l.peak_rss_mb),
+        })
+        .collect()
+}
+
+fn print_table(title: &str, lines: &[Line]) {
+    let Some(ceiling) = lines.first().map(|l| l.rps) else {
+        return;
+    };
+    let seed = lines
         .iter()
-        .find(|r| r.name.starts_with("seed"))
-        .map(|r| (r.load.rps(), r.delivered_per_s.unwrap_or(0.0)));
-    println!("\n{events} signed ~300-byte events, {connections} keep-alive connections, load generator on the same cores\n");
+        .find(|l| l.name.starts_with("seed"))
+        .map(|l| (l.rps, l.delivered_per_s.unwrap_or(0.0)));
+    println!("\n{title}\n");
     println!("| server | ingest req/s | vs ceiling | vs seed | ack p50 / p99 ms | non-200 / errors | delivered/s end-to-end | vs seed | peak RSS MB |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let e2e = r
+    for l in lines {
+        let e2e = l
             .delivered_per_s
             .map(|v| format!("{v:.0}"))
             .unwrap_or_else(|| "-".into());
-        let (vs_seed, vs_seed_e2e) = match (seed, r.delivered_per_s) {
+        let (vs_seed, vs_seed_e2e) = match (seed, l.delivered_per_s) {
             (Some((s_in, s_e2e)), Some(e)) if s_in > 0.0 => (
-                format!("{:.1}x", r.load.rps() / s_in),
+                format!("{:.1}x", l.rps / s_in),
                 format!("{:.1}x", e / s_e2e.max(1e-9)),
             ),
             _ => ("-".into(), "-".into()),
         };
         println!(
             "| {} | {:.0} | {:.0}% | {} | {:.2} / {:.2} | {} / {} | {} | {} | {} |",
-            r.name,
-            r.load.rps(),
-            100.0 * r.load.rps() / ceiling,
+            l.name,
+            l.rps,
+            100.0 * l.rps / ceiling,
             vs_seed,
-            r.load.p50_ms,
-            r.load.p99_ms,
-            r.load.other,
-            r.load.errors,
+            l.p50_ms,
+            l.p99_ms,
+            l.other,
+            l.errors,
             e2e,
             vs_seed_e2e,
-            r.peak_rss_mb
+            l.peak_rss_mb
                 .map(|v| format!("{v:.1}"))
                 .unwrap_or_else(|| "-".into()),
         );
     }
-    Ok(())
 }

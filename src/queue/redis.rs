@@ -180,6 +180,10 @@ struct Hot {
     ingress: bull::Queue,
     prefix: String,
     worker: String,
+    /// Lock tokens: this process's random id and a counter (BullMQ's shape,
+    /// `<id>:<n>`), so a token costs no call for random bytes.
+    token_base: String,
+    tokens: std::sync::atomic::AtomicU64,
     lock_ms: u64,
     add: redis::Script,
     claim: redis::Script,
@@ -191,6 +195,14 @@ struct Hot {
 impl Hot {
     fn key(&self, suffix: &str) -> String {
         format!("{}{suffix}", self.prefix)
+    }
+
+    /// A lock token no other lock of this process or another has.
+    fn token(&self) -> String {
+        let n = self
+            .tokens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{}:{n}", self.token_base)
     }
 
     /// A call of `script` with these queue keys and the key prefix as ARGV[1]
@@ -312,6 +324,8 @@ impl RedisQueue {
             queue: queue.clone(),
             prefix: queue.keys().key_prefix().to_string(),
             worker: format!("cogrelay-{}", std::process::id()),
+            token_base: uuid::Uuid::new_v4().to_string(),
+            tokens: std::sync::atomic::AtomicU64::new(0),
             lock_ms,
             add: redis::Script::new(include_str!("lua/add.lua")),
             claim: redis::Script::new(include_str!("lua/claim.lua")),
@@ -531,8 +545,15 @@ local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[2])
 if excess <= 0 then return 0 end
 if excess > tonumber(ARGV[3]) then excess = tonumber(ARGV[3]) end
 local ids = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
-for _, id in ipairs(ids) do
-  redis.call('DEL', ARGV[1] .. id, ARGV[1] .. id .. ':logs')
+-- Deleted 250 jobs (500 keys) per call, not one call per job.
+local keys = {}
+for i, id in ipairs(ids) do
+  keys[#keys + 1] = ARGV[1] .. id
+  keys[#keys + 1] = ARGV[1] .. id .. ':logs'
+  if #keys == 500 or i == #ids then
+    redis.call('DEL', unpack(keys))
+    keys = {}
+  end
 end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
 return excess
@@ -575,7 +596,7 @@ impl Queue for RedisQueue {
         _lease: Duration,
     ) -> QueueResult<(Enqueued, Option<Leased>)> {
         // The lock lasts LOCK_DURATION_MS, which is what the handoff asks for.
-        let token = uuid::Uuid::new_v4().to_string();
+        let token = self.hot.token();
         let id = match self.enqueue_guarded(&event, Some(token.clone())).await? {
             ('d', id) => return Ok((Enqueued::Duplicate(id), None)),
             // Stored in wait (the queue is paused): no handoff.
@@ -609,7 +630,7 @@ impl Queue for RedisQueue {
         call.arg(super::now_ms())
             .arg(h.lock_ms)
             .arg(max)
-            .arg(uuid::Uuid::new_v4().to_string())
+            .arg(h.token())
             .arg(&h.worker);
         let (flat, next_due_ms): (Vec<String>, Option<i64>) = h.invoke(&call).await?;
         let mut jobs = Vec::with_capacity(flat.len() / 4);

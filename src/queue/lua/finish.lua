@@ -23,13 +23,19 @@ local delayed = false
 -- Gathered per batch and sent once at the end: released locks, ids leaving the
 -- stalled set, and the completed / failed sets' new members.
 local locks, done_ids, completed, failed = {}, {}, {}, {}
+-- Every job's lock, read in one call.
+local lockKeys = {}
+for i = 4, #ARGV, 7 do
+  lockKeys[#lockKeys + 1] = prefix .. ARGV[i] .. ":lock"
+end
+local held = rcall("MGET", unpack(lockKeys))
 for i = 4, #ARGV, 7 do
   local jobId, token, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local line, reason = ARGV[i + 3], ARGV[i + 4]
   local jobKey = prefix .. jobId
-  local lockKey = jobKey .. ":lock"
+  local lockKey = lockKeys[(i - 4) / 7 + 1]
   local done = 0
-  if rcall("GET", lockKey) == token then
+  if held[(i - 4) / 7 + 1] == token then
     locks[#locks + 1] = lockKey
     done_ids[#done_ids + 1] = jobId
     if rcall("LREM", KEYS[2], -1, jobId) > 0 then
