@@ -361,3 +361,65 @@ async fn a_global_concurrency_set_by_a_bullmq_tool_is_kept() {
     }
     assert_eq!(most, 1, "at most one active job at a time");
 }
+
+#[tokio::test]
+async fn jobs_in_hand_keep_going_out_while_a_take_waits_on_redis() {
+    // The dispatcher's take from the queue runs beside the dispatching: while
+    // Redis is busy (here a 2.5 s script), the jobs the relay already holds
+    // keep starting as workers free up. (A dispatcher that awaited its take
+    // would stop at the first take until Redis answered.)
+    if !crate::redis_server::available() {
+        return;
+    }
+    let app = spawn_app_on(Backend::Redis, |c| c.concurrency = 4).await;
+    app.sink
+        .set_default(Behaviour::Delay(Duration::from_millis(300), 200));
+    let port = app.redis.as_ref().expect("redis").port;
+    for i in 0..12 {
+        let r = app.post_event(&event("busy", &format!("b-{i}"))).await;
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    // Held by the relay: 4 out to the target (300 ms each), 8 waiting for a
+    // worker. A take goes out once fewer than 4 wait, at about 600 ms.
+    // A connection that waits for the script however long it runs.
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .expect("client")
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
+        .await
+        .expect("connect");
+    let busy = tokio::spawn(async move {
+        redis::cmd("EVAL")
+            .arg(
+                "local s = redis.call('TIME') repeat local n = redis.call('TIME') \
+                 until (n[1] - s[1]) * 1000000 + (n[2] - s[2]) > 2500000 return 1",
+            )
+            .arg(0)
+            .query_async::<i64>(&mut conn)
+            .await
+    });
+    let t0 = Instant::now();
+    assert!(
+        app.sink.wait_for(12, Duration::from_millis(1800)).await,
+        "only {} of 12 went out in {:?} while Redis was busy",
+        app.sink.count(),
+        t0.elapsed()
+    );
+    assert_eq!(busy.await.expect("join").expect("busy script"), 1);
+    app.sink.set_default(Behaviour::status(200));
+    // Nothing was lost on the way: all 12 finish as completed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let counts = app.admin_get("/admin/queue").await;
+        if counts.json["completed"] == 12 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all completed: {}",
+            counts.json
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
