@@ -19,12 +19,13 @@ pub mod backoff;
 pub mod classify;
 pub mod handoff;
 pub mod signing;
+pub mod target;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -81,7 +82,7 @@ impl DeliveryConfig {
 struct Pool<Q> {
     queue: Arc<Q>,
     cfg: DeliveryConfig,
-    client: reqwest::Client,
+    target: target::Target,
     /// Leases held by running deliveries, for renewal and for release at shutdown.
     in_flight: Mutex<HashMap<String, LeaseRef>>,
     /// Wakes the dispatcher: new jobs (ingress) and finished deliveries (a retry
@@ -101,12 +102,7 @@ pub async fn run<Q: Queue>(
     metrics: Arc<crate::admin::metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_max_idle_per_host(cfg.concurrency)
-        .connect_timeout(cfg.delivery_timeout)
-        .user_agent(concat!("cogrelay/", env!("CARGO_PKG_VERSION")))
-        .build()?;
+    let target = target::Target::new(&cfg.target, cfg.concurrency, cfg.delivery_timeout)?;
     let verifier = cfg
         .verify_events
         .clone()
@@ -115,7 +111,7 @@ pub async fn run<Q: Queue>(
     let pool = Arc::new(Pool {
         queue,
         cfg,
-        client,
+        target,
         in_flight: Mutex::new(HashMap::new()),
         wake: wake.clone(),
         verifier,
@@ -384,46 +380,47 @@ async fn deliver<Q: Queue>(pool: Arc<Pool<Q>>, mut leased: Leased, permit: Owned
     }
     let job = &mut leased.job;
     let body = std::mem::take(&mut job.body);
-    let mut req = pool
-        .client
-        .post(pool.cfg.target.clone())
-        .timeout(pool.cfg.delivery_timeout)
-        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .header("x-event-id", job.event_id.as_str())
-        .header(
-            "x-source",
-            HeaderValue::from_static("cognigy-webhook-relay"),
-        )
-        .header("idempotency-key", job.key.as_str())
-        .header("x-delivery-attempt", n);
+    let mut headers = HeaderMap::with_capacity(8);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        "x-source",
+        HeaderValue::from_static("cognigy-webhook-relay"),
+    );
+    headers.insert("x-delivery-attempt", HeaderValue::from(n));
+    let mut valid = header_value(&mut headers, "x-event-id", &job.event_id)
+        && header_value(&mut headers, "idempotency-key", job.key.as_str());
     if let Some(key) = &pool.cfg.signing_key {
         let ts = started_at_ms / 1000;
-        req = req
-            .header("webhook-id", job.key.as_str())
-            .header("webhook-timestamp", ts)
-            .header(
+        headers.insert("webhook-timestamp", HeaderValue::from(ts));
+        valid = valid
+            && header_value(&mut headers, "webhook-id", job.key.as_str())
+            && header_value(
+                &mut headers,
                 "webhook-signature",
-                signing::sign(key, job.key.as_str(), ts, &body),
+                &signing::sign(key, job.key.as_str(), ts, &body),
             );
     }
-    let (status, retry_after, error, timed_out) = match req.body(body).send().await {
-        Ok(resp) => {
-            let status = resp.status().as_u16();
-            let retry_after = resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            // Read the answer so the connection can be reused; keep a snippet of errors.
-            let snippet = match resp.bytes().await {
-                Ok(b) if !(200..300).contains(&status) && !b.is_empty() => {
-                    Some(String::from_utf8_lossy(&b[..b.len().min(ERROR_SNIPPET)]).into_owned())
-                }
-                _ => None,
-            };
-            (Some(status), retry_after, snippet, false)
+    let sent = if valid {
+        pool.target
+            .post(headers, body, pool.cfg.delivery_timeout)
+            .await
+    } else {
+        Err(target::Failure {
+            message: "request failed: the event id or key cannot be a header value".into(),
+            timed_out: false,
+        })
+    };
+    let (status, retry_after, error, timed_out) = match sent {
+        Ok(answer) => {
+            // Keep a snippet of an error answer.
+            let snippet =
+                (!(200..300).contains(&answer.status) && !answer.body.is_empty()).then(|| {
+                    let b = &answer.body[..answer.body.len().min(ERROR_SNIPPET)];
+                    String::from_utf8_lossy(b).into_owned()
+                });
+            (Some(answer.status), answer.retry_after, snippet, false)
         }
-        Err(e) => (None, None, Some(transport_error(&e)), e.is_timeout()),
+        Err(f) => (None, None, Some(f.message), f.timed_out),
     };
     let duration_ms = t0.elapsed().as_millis() as u64;
     // The HTTP part is over: free the worker while the result is recorded.
@@ -500,23 +497,13 @@ async fn record<Q: Queue>(
     }
 }
 
-/// The error and its causes, without the URL (it may carry credentials).
-fn transport_error(e: &reqwest::Error) -> String {
-    let mut msg = if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        "request failed".to_string()
-    };
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.ends_with(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
+/// Sets `name` to `value`; false when `value` cannot be a header value.
+fn header_value(headers: &mut HeaderMap, name: &'static str, value: &str) -> bool {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name, v);
+            true
         }
-        source = s.source();
+        Err(_) => false,
     }
-    msg
 }

@@ -514,3 +514,34 @@ async fn delivery_threads_yield_to_the_ingress() {
         let _ = relay.child.kill().await;
     }
 }
+
+#[tokio::test]
+async fn deliveries_go_through_the_proxy_in_the_environment() {
+    // With HTTP_PROXY set, a plain http target is reached through the proxy
+    // (reqwest's client, not the lean one): here the sink plays the proxy, so
+    // the request line carries the target's absolute URL, whose host does
+    // not even resolve.
+    let proxy = Sink::start().await.expect("sink");
+    let dir = tempfile::tempdir().expect("tmp");
+    let target = "http://target.invalid:9/events?via=proxy";
+    let mut relay = start_relay(
+        dir.path(),
+        &proxy,
+        &[
+            ("TARGET_ENDPOINT", target.to_string()),
+            ("HTTP_PROXY", format!("http://{}", proxy.addr())),
+        ],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    assert_eq!(post(&http, relay.port, "via-proxy").await, Some(200));
+    assert!(
+        proxy.wait_for(1, Duration::from_secs(15)).await,
+        "nothing reached the proxy"
+    );
+    let got = proxy.received();
+    assert_eq!(got[0].method, "POST");
+    assert_eq!(got[0].path, target, "absolute-form request line");
+    assert_eq!(got[0].header("x-event-id"), Some("via-proxy"));
+    let _ = relay.child.kill().await;
+}
