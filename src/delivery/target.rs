@@ -7,8 +7,10 @@
 //! request on its layers (redirect policy, URL re-parsing, header copies),
 //! which is a third of a delivery's CPU in the relay.
 //!
-//! An `https://` target, or any of `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`
-//! (either case) set, uses reqwest: TLS with the web PKI roots, and the proxy.
+//! An `https://` target, a target URL with credentials (`user:pass@`, sent as
+//! Basic authorization), or any of `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`
+//! (either case) set, uses reqwest: TLS with the web PKI roots, the
+//! credentials, the proxy.
 //!
 //! Both answer the same way: the status, `Retry-After`, and up to
 //! [`MAX_ANSWER`] bytes of the body; or a failure with its message.
@@ -73,7 +75,9 @@ impl Target {
     /// The client for `url`; `timeout` bounds connecting (the caller bounds
     /// the whole exchange).
     pub fn new(url: &reqwest::Url, concurrency: usize, timeout: Duration) -> anyhow::Result<Self> {
-        if url.scheme() == "http" && !proxy_in_env() {
+        // Credentials in the URL: reqwest sends them as Basic authorization.
+        let credentials = !url.username().is_empty() || url.password().is_some();
+        if url.scheme() == "http" && !credentials && !proxy_in_env() {
             if let Some(host) = url.host_str() {
                 let port = url.port_or_known_default().unwrap_or(80);
                 let authority = match url.port() {

@@ -545,3 +545,23 @@ async fn deliveries_go_through_the_proxy_in_the_environment() {
     assert_eq!(got[0].header("x-event-id"), Some("via-proxy"));
     let _ = relay.child.kill().await;
 }
+
+#[tokio::test]
+async fn credentials_in_the_target_url_are_sent_as_basic_authorization() {
+    let sink = Sink::start().await.expect("sink");
+    let dir = tempfile::tempdir().expect("tmp");
+    let target = format!("http://relay:s3cret@{}/events", sink.addr());
+    let mut relay = start_relay(dir.path(), &sink, &[("TARGET_ENDPOINT", target)]).await;
+    let http = reqwest::Client::new();
+    assert_eq!(post(&http, relay.port, "with-credentials").await, Some(200));
+    assert!(
+        sink.wait_for(1, Duration::from_secs(15)).await,
+        "not delivered"
+    );
+    // base64("relay:s3cret")
+    assert_eq!(
+        sink.received()[0].header("authorization"),
+        Some("Basic cmVsYXk6czNjcmV0")
+    );
+    let _ = relay.child.kill().await;
+}
