@@ -62,6 +62,14 @@ enum Cmd {
         #[arg(long, default_value = "200000")]
         iterations: u32,
     },
+    /// CPU per delivery request of the relay's lean target client vs a
+    /// reqwest client set up as the relay used to, both posting 300 bytes to
+    /// a local sink from 16 tasks, in this process on one thread (the sink's
+    /// share is the same in both).
+    Client {
+        #[arg(long, default_value = "100000")]
+        requests: usize,
+    },
     /// Run the comparison.
     Run {
         #[arg(long, default_value = "20000")]
@@ -105,6 +113,13 @@ fn main() -> anyhow::Result<()> {
         Cmd::Sigcheck { iterations } => {
             sigcheck(iterations);
             Ok(())
+        }
+        Cmd::Client { requests } => {
+            let one = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            one.block_on(client_cost(requests))
         }
         Cmd::Load {
             port,
@@ -159,6 +174,68 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
     }
+}
+
+async fn client_cost(requests: usize) -> anyhow::Result<()> {
+    use cogrelay::delivery::target::Target;
+    let sink = Sink::start().await?;
+    sink.count_only();
+    let url = reqwest::Url::parse(&sink.url())?;
+    let timeout = Duration::from_secs(10);
+    let lean = Arc::new(Target::new(&url, 16, timeout)?);
+    let reqwest = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(16)
+        .build()?;
+    let headers = || {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("content-type", "application/json".parse().expect("value"));
+        h.insert("x-event-id", "bench-event".parse().expect("value"));
+        h
+    };
+    for round in 1..=2 {
+        for name in ["lean", "reqwest"] {
+            let next = Arc::new(AtomicUsize::new(0));
+            let (cpu0, t0) = (own_cpu_s(), Instant::now());
+            let mut tasks = Vec::new();
+            for _ in 0..16 {
+                let (next, lean, reqwest, url) =
+                    (next.clone(), lean.clone(), reqwest.clone(), url.clone());
+                let h = headers();
+                tasks.push(tokio::spawn(async move {
+                    while next.fetch_add(1, Ordering::Relaxed) < requests {
+                        let body = vec![b'x'; 300];
+                        let ok = if name == "lean" {
+                            lean.post(h.clone(), body, timeout).await.is_ok()
+                        } else {
+                            match reqwest
+                                .post(url.clone())
+                                .timeout(timeout)
+                                .headers(h.clone())
+                                .body(body)
+                                .send()
+                                .await
+                            {
+                                Ok(r) => r.bytes().await.is_ok(),
+                                Err(_) => false,
+                            }
+                        };
+                        anyhow::ensure!(ok, "a request failed");
+                    }
+                    Ok(())
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            println!(
+                "round {round}, {name}: {:.1} µs CPU per request (client + sink), {:.0} req/s",
+                (own_cpu_s() - cpu0) * 1e6 / requests as f64,
+                requests as f64 / t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn sigcheck(iterations: u32) {
