@@ -571,27 +571,36 @@ fn own_cpu_s() -> f64 {
     cpu_s(std::process::id())
 }
 
+/// A connection to the private Redis at `port`.
+async fn redis_conn(port: u16) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    Ok(client.get_multiplexed_async_connection().await?)
+}
+
 /// One command on the private Redis at `port`.
 async fn redis_cmd(port: u16, cmd: &redis::Cmd) -> anyhow::Result<()> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    cmd.query_async::<()>(&mut conn).await?;
+    cmd.query_async::<()>(&mut redis_conn(port).await?).await?;
     Ok(())
+}
+
+/// CPU seconds the relays have used so far, together.
+fn relays_cpu_s(children: &[(Child, tempfile::TempDir)]) -> f64 {
+    children
+        .iter()
+        .map(|(c, _)| cpu_s(c.id().unwrap_or(0)))
+        .sum()
 }
 
 /// What the scenario cost Redis: redis-server's CPU seconds, and its busiest
 /// commands (calls, µs per call), on stderr.
 async fn redis_report(redis: &Child, port: u16) {
     let cpu = cpu_s(redis.id().unwrap_or(0));
-    let info: String = match redis::Client::open(format!("redis://127.0.0.1:{port}")) {
-        Ok(c) => match c.get_multiplexed_async_connection().await {
-            Ok(mut conn) => redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default(),
-            Err(_) => String::new(),
-        },
+    let info: String = match redis_conn(port).await {
+        Ok(mut conn) => redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default(),
         Err(_) => String::new(),
     };
     let mut stats: Vec<(f64, String)> = info
@@ -719,10 +728,7 @@ async fn run(
         let mut t0 = Instant::now();
         let l = load_spread(&addrs, "/api/webhook/cognigy", events, connections).await?;
         let during = sink.posts();
-        let cpu_ingest: f64 = children
-            .iter()
-            .map(|(c, _)| cpu_s(c.id().unwrap_or(0)))
-            .sum();
+        let cpu_ingest = relays_cpu_s(&children);
         if drain {
             redis_cmd(redis_port, redis::cmd("HDEL").arg(&meta).arg("paused")).await?;
             // The relays look at a resumed queue within a second (they poll);
@@ -736,10 +742,7 @@ async fn run(
             .iter()
             .map(|(c, _)| rss_mb(c.id().unwrap_or(0)).0)
             .fold(0.0, f64::max);
-        let relay_cpu: f64 = children
-            .iter()
-            .map(|(c, _)| cpu_s(c.id().unwrap_or(0)))
-            .sum();
+        let relay_cpu = relays_cpu_s(&children);
         eprintln!(
             "cogrelay {scenario}: {:.0} req/s ingest, {during} delivered by its end; CPU s: relays {cpu_ingest:.1} + {:.1} after the ingest, load generator + target {:.1}",
             l.rps(),

@@ -137,6 +137,7 @@ pub async fn run<Q: Queue>(
     // written back), the next due time, or IDLE_POLL.
     let mut claiming: Option<JoinHandle<(usize, QueueResult<Claimed>)>> = None;
     let mut rest_until: Option<Instant> = None;
+    let started = Instant::now();
     loop {
         while let Some(job) = handoff.try_recv() {
             take(&pool, &mut ready, job);
@@ -151,15 +152,20 @@ pub async fn run<Q: Queue>(
                 (asked, p.queue.claim(asked, p.cfg.lock_duration).await)
             }));
         }
-        let rest = rest_until.unwrap_or_else(|| Instant::now() + IDLE_POLL);
+        // Any instant will do while the rest branch is off.
+        let rest = rest_until.unwrap_or(started);
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
             done = claim_result(&mut claiming) => {
                 claiming = None;
                 rest_until = None;
+                // A failed claim or a failed claim task: one way.
+                let done = done
+                    .map_err(|e| e.to_string())
+                    .and_then(|(asked, r)| r.map(|c| (asked, c)).map_err(|e| e.to_string()));
                 match done {
-                    Ok((asked, Ok(claimed))) => {
+                    Ok((asked, claimed)) => {
                         if claimed.jobs.len() < asked {
                             let wait = claimed
                                 .next_due_ms
@@ -172,16 +178,12 @@ pub async fn run<Q: Queue>(
                             take(&pool, &mut ready, job);
                         }
                     }
-                    Ok((_, Err(e))) => {
+                    Err(e) => {
                         if ready.is_empty() {
                             tracing::error!(error = %e, "cannot claim jobs; trying again in 1 s");
                         } else {
                             tracing::warn!(error = %e, "cannot claim more jobs; trying again in 1 s");
                         }
-                        rest_until = Some(Instant::now() + IDLE_POLL);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "claim task failed; trying again in 1 s");
                         rest_until = Some(Instant::now() + IDLE_POLL);
                     }
                 }
@@ -380,35 +382,21 @@ async fn deliver<Q: Queue>(pool: Arc<Pool<Q>>, mut leased: Leased, permit: Owned
     }
     let job = &mut leased.job;
     let body = std::mem::take(&mut job.body);
-    let mut headers = HeaderMap::with_capacity(8);
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(
-        "x-source",
-        HeaderValue::from_static("cognigy-webhook-relay"),
-    );
-    headers.insert("x-delivery-attempt", HeaderValue::from(n));
-    let mut valid = header_value(&mut headers, "x-event-id", &job.event_id)
-        && header_value(&mut headers, "idempotency-key", job.key.as_str());
-    if let Some(key) = &pool.cfg.signing_key {
-        let ts = started_at_ms / 1000;
-        headers.insert("webhook-timestamp", HeaderValue::from(ts));
-        valid = valid
-            && header_value(&mut headers, "webhook-id", job.key.as_str())
-            && header_value(
-                &mut headers,
-                "webhook-signature",
-                &signing::sign(key, job.key.as_str(), ts, &body),
-            );
-    }
-    let sent = if valid {
-        pool.target
-            .post(headers, body, pool.cfg.delivery_timeout)
-            .await
-    } else {
-        Err(target::Failure {
-            message: "request failed: the event id or key cannot be a header value".into(),
-            timed_out: false,
-        })
+    let ts = started_at_ms / 1000;
+    let signature = pool
+        .cfg
+        .signing_key
+        .as_ref()
+        .map(|key| signing::sign(key, job.key.as_str(), ts, &body));
+    let sent = match target_headers(job, n, ts, signature.as_deref()) {
+        Ok(headers) => {
+            pool.target
+                .post(headers, body, pool.cfg.delivery_timeout)
+                .await
+        }
+        Err(_) => Err(target::Failure::msg(
+            "request failed: the event id or key cannot be a header value",
+        )),
     };
     let (status, retry_after, error, timed_out) = match sent {
         Ok(answer) => {
@@ -497,13 +485,27 @@ async fn record<Q: Queue>(
     }
 }
 
-/// Sets `name` to `value`; false when `value` cannot be a header value.
-fn header_value(headers: &mut HeaderMap, name: &'static str, value: &str) -> bool {
-    match HeaderValue::from_str(value) {
-        Ok(v) => {
-            headers.insert(name, v);
-            true
-        }
-        Err(_) => false,
+/// The headers of attempt `n` of `job` (SPEC §3.2), with the Standard Webhooks
+/// ones when the target is signed (`signature` made at `ts`, unix seconds).
+fn target_headers(
+    job: &crate::queue::DeliveryJob,
+    n: u32,
+    ts: i64,
+    signature: Option<&str>,
+) -> Result<HeaderMap, reqwest::header::InvalidHeaderValue> {
+    let mut h = HeaderMap::with_capacity(8);
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert("x-event-id", HeaderValue::from_str(&job.event_id)?);
+    h.insert(
+        "x-source",
+        HeaderValue::from_static("cognigy-webhook-relay"),
+    );
+    h.insert("idempotency-key", HeaderValue::from_str(job.key.as_str())?);
+    h.insert("x-delivery-attempt", HeaderValue::from(n));
+    if let Some(signature) = signature {
+        h.insert("webhook-id", HeaderValue::from_str(job.key.as_str())?);
+        h.insert("webhook-timestamp", HeaderValue::from(ts));
+        h.insert("webhook-signature", HeaderValue::from_str(signature)?);
     }
+    Ok(h)
 }

@@ -45,6 +45,15 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// A failure that is not a timeout.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            timed_out: false,
+        }
+    }
+
+    /// `what`, then `e` and its causes.
     fn new(what: &str, e: &dyn std::error::Error) -> Self {
         let mut message = what.to_string();
         let mut source = Some(e);
@@ -56,10 +65,7 @@ impl Failure {
             }
             source = s.source();
         }
-        Self {
-            message,
-            timed_out: false,
-        }
+        Self::msg(message)
     }
 }
 
@@ -141,8 +147,8 @@ impl Target {
         match tokio::time::timeout(timeout, exchange).await {
             Ok(r) => r,
             Err(_) => Err(Failure {
-                message: "timed out".into(),
                 timed_out: true,
+                ..Failure::msg("timed out")
             }),
         }
     }
@@ -174,15 +180,14 @@ fn reqwest_failure(e: &reqwest::Error) -> Failure {
     } else {
         "request failed"
     };
-    let mut f = match std::error::Error::source(e) {
+    let f = match std::error::Error::source(e) {
         Some(s) => Failure::new(what, s),
-        None => Failure {
-            message: what.into(),
-            timed_out: false,
-        },
+        None => Failure::msg(what),
     };
-    f.timed_out = e.is_timeout();
-    f
+    Failure {
+        timed_out: e.is_timeout(),
+        ..f
+    }
 }
 
 /// A plain HTTP/1.1 target and its idle keep-alive connections.
@@ -215,10 +220,7 @@ impl Plain {
                 if reused {
                     continue;
                 }
-                return Err(Failure {
-                    message: "request failed: connection closed".into(),
-                    timed_out: false,
-                });
+                return Err(Failure::msg("request failed: connection closed"));
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
