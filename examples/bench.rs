@@ -705,10 +705,20 @@ async fn run(
         sink.count_only();
         let mut children = Vec::new();
         let mut addrs = Vec::new();
+        // Relays sharing this machine share its cores, as docs/scaling-out.md
+        // advises: each gets its part (unless the bench is given a number).
+        let threads = std::env::var("TOKIO_WORKER_THREADS").unwrap_or_else(|_| {
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+            (cores / relays).max(1).to_string()
+        });
         for _ in 0..relays {
             let (port, admin) = (free_port(), free_port());
             let data = tempfile::tempdir()?;
-            let child = relay(relay_bin, port, admin, &sink, data.path(), concurrency)
+            let mut cmd = relay(relay_bin, port, admin, &sink, data.path(), concurrency);
+            if relays > 1 {
+                cmd.env("TOKIO_WORKER_THREADS", &threads);
+            }
+            let child = cmd
                 .env("COGRELAY_QUEUE", "redis")
                 .env("REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))
                 .spawn()?;
@@ -753,7 +763,11 @@ async fn run(
         let name = if drain {
             format!("cogrelay redis x1, backlog drain: ingest while paused, then delivery alone (CONCURRENCY={concurrency})")
         } else {
-            format!("cogrelay redis x{relays} (CONCURRENCY={concurrency} each)")
+            if relays > 1 {
+                format!("cogrelay redis x{relays} (CONCURRENCY={concurrency}, TOKIO_WORKER_THREADS={threads} each)")
+            } else {
+                format!("cogrelay redis x{relays} (CONCURRENCY={concurrency} each)")
+            }
         };
         rows.push(Row {
             name,

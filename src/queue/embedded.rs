@@ -376,11 +376,11 @@ fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
         }
         let done = op(conn, w);
         let end = if done.ok {
-            "RELEASE op"
+            exec_cached(conn, "RELEASE op")
         } else {
-            "ROLLBACK TO op; RELEASE op"
+            conn.execute_batch("ROLLBACK TO op; RELEASE op")
         };
-        if let Err(e) = conn.execute_batch(end) {
+        if let Err(e) = end {
             tracing::error!(error = %store_error(&e), "store: savepoint");
         }
         dones.push(done);

@@ -279,7 +279,7 @@ impl Hot {
                 .arg(&j.line)
                 .arg(&j.reason)
                 .arg(j.due_at_ms)
-                .arg(j.attempts_made);
+                .arg(j.attempts_made + 1);
         }
         let out: Vec<i64> = self.invoke(&call).await?;
         Ok(out.into_iter().map(|d| d == 1).collect())
@@ -335,12 +335,12 @@ impl RedisQueue {
         });
         let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
         let h = hot.clone();
-        let adds = Batcher::spawn(MAX_BATCH, 2, move |jobs| {
+        let adds = Batcher::spawn(MAX_BATCH, move |jobs| {
             let h = h.clone();
             async move { h.add(jobs, ttl_ms).await }
         });
         let h = hot.clone();
-        let finishes = Batcher::spawn(MAX_BATCH, 2, move |jobs| {
+        let finishes = Batcher::spawn(MAX_BATCH, move |jobs| {
             let h = h.clone();
             async move { h.finish(jobs).await }
         });

@@ -64,10 +64,10 @@ for i = 7, #ARGV, 4 do
     end
     if locked then
       rcall("HMSET", jobKey, "name", name, "data", data, "opts", opts, "timestamp", ts,
-        "delay", 0, "priority", 0, "deid", deid, "processedOn", ts, "pb", ARGV[6], "ats", 1)
+        "delay", "0", "priority", "0", "deid", deid, "processedOn", ts, "pb", ARGV[6], "ats", "1")
     else
       rcall("HMSET", jobKey, "name", name, "data", data, "opts", opts, "timestamp", ts,
-        "delay", 0, "priority", 0, "deid", deid)
+        "delay", "0", "priority", "0", "deid", deid)
     end
     rcall("XADD", eventsKey, "*", "event", "added", "jobId", jobId, "name", name)
     rcall("XADD", eventsKey, "MAXLEN", "~", maxEvents, "*", "event", "waiting", "jobId", jobId)
@@ -88,7 +88,7 @@ end
 if #toWait > 0 then
   rcall("LPUSH", KEYS[1], unpack(toWait))
   if not pausedOrMaxed then
-    rcall("ZADD", KEYS[6], 0, "0")
+    rcall("ZADD", KEYS[6], "0", "0")
   end
 end
 return out

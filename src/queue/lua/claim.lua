@@ -37,7 +37,7 @@ if #due > 0 then
     rcall("HSET", jobKey, "delay", 0)
   end
   if not paused and room > 0 then
-    rcall("ZADD", markerKey, 0, "0")
+    rcall("ZADD", markerKey, "0", "0")
   end
 end
 
@@ -82,10 +82,11 @@ if not paused then
       if maxJobs and limitMs and rcall("INCR", KEYS[5]) == 1 then
         rcall("PEXPIRE", KEYS[5], math.floor(math.abs(limitMs)))
       end
-      local token = ARGV[5] .. ":" .. n
+      local token = string.format("%s:%d", ARGV[5], n)
       rcall("SET", jobKey .. ":lock", token, "PX", ARGV[3])
       rcall("XADD", eventsKey, "*", "event", "active", "jobId", jobId, "prev", "waiting")
-      rcall("HMSET", jobKey, "processedOn", ts, "pb", ARGV[6], "ats", (tonumber(f[3]) or 0) + 1)
+      rcall("HMSET", jobKey, "processedOn", ARGV[2], "pb", ARGV[6], "ats",
+        string.format("%d", (tonumber(f[3]) or 0) + 1))
       jobs[#jobs + 1] = jobId
       jobs[#jobs + 1] = token
       jobs[#jobs + 1] = f[1]
@@ -97,7 +98,7 @@ if not paused then
   end
 end
 if #jobs > 0 then
-  rcall("ZADD", markerKey, 0, "0")
+  rcall("ZADD", markerKey, "0", "0")
   return {jobs, false}
 end
 local first = rcall("ZRANGE", delayedKey, 0, 0, "WITHSCORES")

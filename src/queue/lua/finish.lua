@@ -8,13 +8,16 @@
     KEYS[9] failed, KEYS[10] marker
     ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] log lines kept,
     then 7 per job: id, token, outcome ("completed", "failed" or "delayed"),
-    log line, reason, due time (ms, for "delayed"), attempts made before this
-    one ("atm" as the caller read it under the same lock: only a lock holder
-    changes it)
+    log line, reason, due time (ms, for "delayed"), attempts made with this
+    one ("atm" as the caller read it under the same lock, plus one: only a
+    lock holder changes it)
+  Numbers go to Redis as the caller's strings where they can: a Lua number
+  becomes a string through printf, which costs more than the command.
   Returns per job 1 (done) or 0 (the lock is not the caller's any more).
 ]]
 local rcall = redis.call
 local prefix, ts, keepLogs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local tsText = ARGV[2]
 local eventsKey = KEYS[4]
 local maxEvents = rcall("HGET", KEYS[7], "opts.maxLenEvents") or 10000
 rcall("XTRIM", eventsKey, "MAXLEN", "~", maxEvents)
@@ -41,20 +44,20 @@ for i = 4, #ARGV, 7 do
     if rcall("LREM", KEYS[2], -1, jobId) > 0 then
       done = 1
       local logKey = jobKey .. ":logs"
-      local atm = tonumber(ARGV[i + 6]) + 1
+      local atm = ARGV[i + 6]
       if rcall("RPUSH", logKey, line) > keepLogs and keepLogs > 0 then
         rcall("LTRIM", logKey, -keepLogs, -1)
       end
       if outcome == "completed" then
-        completed[#completed + 1] = ts
+        completed[#completed + 1] = tsText
         completed[#completed + 1] = jobId
-        rcall("HSET", jobKey, "atm", atm, "returnvalue", '"delivered"', "finishedOn", ts)
+        rcall("HSET", jobKey, "atm", atm, "returnvalue", '"delivered"', "finishedOn", tsText)
         rcall("XADD", eventsKey, "*", "event", "completed", "jobId", jobId,
           "returnvalue", '"delivered"', "prev", "active")
       elseif outcome == "failed" then
-        failed[#failed + 1] = ts
+        failed[#failed + 1] = tsText
         failed[#failed + 1] = jobId
-        rcall("HSET", jobKey, "atm", atm, "failedReason", reason, "finishedOn", ts)
+        rcall("HSET", jobKey, "atm", atm, "failedReason", reason, "finishedOn", tsText)
         rcall("HDEL", jobKey, "defa")
         rcall("XADD", eventsKey, "*", "event", "failed", "jobId", jobId,
           "failedReason", reason, "prev", "active")
