@@ -707,16 +707,18 @@ async fn run(
         let mut addrs = Vec::new();
         // Relays sharing this machine share its cores, as docs/scaling-out.md
         // advises: each gets its part (unless the bench is given a number).
-        let threads = std::env::var("TOKIO_WORKER_THREADS").unwrap_or_else(|_| {
-            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-            (cores / relays).max(1).to_string()
+        let threads = (relays > 1).then(|| {
+            std::env::var("TOKIO_WORKER_THREADS").unwrap_or_else(|_| {
+                let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+                (cores / relays).max(1).to_string()
+            })
         });
         for _ in 0..relays {
             let (port, admin) = (free_port(), free_port());
             let data = tempfile::tempdir()?;
             let mut cmd = relay(relay_bin, port, admin, &sink, data.path(), concurrency);
-            if relays > 1 {
-                cmd.env("TOKIO_WORKER_THREADS", &threads);
+            if let Some(t) = &threads {
+                cmd.env("TOKIO_WORKER_THREADS", t);
             }
             let child = cmd
                 .env("COGRELAY_QUEUE", "redis")
@@ -763,11 +765,8 @@ async fn run(
         let name = if drain {
             format!("cogrelay redis x1, backlog drain: ingest while paused, then delivery alone (CONCURRENCY={concurrency})")
         } else {
-            if relays > 1 {
-                format!("cogrelay redis x{relays} (CONCURRENCY={concurrency}, TOKIO_WORKER_THREADS={threads} each)")
-            } else {
-                format!("cogrelay redis x{relays} (CONCURRENCY={concurrency} each)")
-            }
+            let threads = threads.map_or(String::new(), |t| format!(", TOKIO_WORKER_THREADS={t}"));
+            format!("cogrelay redis x{relays} (CONCURRENCY={concurrency}{threads} each)")
         };
         rows.push(Row {
             name,

@@ -213,10 +213,11 @@ impl DeliveryRuntime {
         if nice == 0 {
             return Ok(Self(None));
         }
-        // Half the cores (at least one): delivery is the lighter half of the
-        // work per event, and fewer threads switch less.
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let threads = cores.div_ceil(2);
+        // Half as many as the ingress threads (one per core unless
+        // TOKIO_WORKER_THREADS says otherwise), at least one: delivery is the
+        // lighter half of the work per event, and fewer threads switch less.
+        let ingress = tokio::runtime::Handle::current().metrics().num_workers();
+        let threads = ingress.div_ceil(2).max(1);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("cogrelay-delivery")

@@ -515,6 +515,35 @@ async fn delivery_threads_yield_to_the_ingress() {
     }
 }
 
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn delivery_threads_are_half_the_ingress_threads() {
+    // Relays sharing a machine are told their share of the cores with
+    // TOKIO_WORKER_THREADS (docs/scaling-out.md); the delivery threads follow
+    // it rather than the machine's core count. A count above the cores shows
+    // the difference on any machine.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let ingress = 2 * cores + 2;
+    let sink = Sink::start().await.expect("sink");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut relay = start_relay(
+        dir.path(),
+        &sink,
+        &[("TOKIO_WORKER_THREADS", ingress.to_string())],
+    )
+    .await;
+    let threads = thread_priorities(relay.child.id().expect("pid"));
+    let count = |prefix: &str| {
+        threads
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .count()
+    };
+    assert_eq!(count("tokio-rt-worker"), ingress, "{threads:?}");
+    assert_eq!(count("cogrelay-deliv"), cores + 1, "{threads:?}");
+    let _ = relay.child.kill().await;
+}
+
 #[tokio::test]
 async fn deliveries_go_through_the_proxy_in_the_environment() {
     // With HTTP_PROXY set, a plain http target is reached through the proxy
