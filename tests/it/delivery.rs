@@ -87,7 +87,9 @@ async fn a_422_fails_after_one_attempt(b: Backend) {
 async fn always_503_fails_after_attempts_with_delays_doubling(b: Backend) {
     let app = spawn_app_on(b, |c| {
         c.attempts = 5;
-        c.backoff_delay = Duration::from_millis(100);
+        // Long enough that a scheduling stall on a loaded CI machine (the
+        // delivery threads run at DELIVERY_NICE) cannot hide the doubling.
+        c.backoff_delay = Duration::from_millis(250);
     })
     .await;
     app.sink.set_default(Behaviour::status(503));
@@ -104,9 +106,9 @@ async fn always_503_fails_after_attempts_with_delays_doubling(b: Backend) {
     let at: Vec<_> = app.sink.received().iter().map(|r| r.at).collect();
     assert_eq!(at.len(), 5);
     let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
-    // 100, 200, 400, 800 ms: each at least its nominal delay, and growing ~2x.
+    // 250, 500, 1000, 2000 ms: each at least its nominal delay, and growing ~2x.
     for (i, gap) in gaps.iter().enumerate() {
-        let nominal = Duration::from_millis(100 << i);
+        let nominal = Duration::from_millis(250 << i);
         assert!(*gap >= nominal, "gap {i} = {gap:?} < {nominal:?}");
         assert!(
             *gap < nominal * 3 + Duration::from_millis(300),
