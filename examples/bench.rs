@@ -26,10 +26,16 @@ use cogrelay::ingress::auth::sign_hex;
 use cogrelay::sink::Sink;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SECRET: &str = "bench-secret";
+/// Where events are posted.
+const PATH: &str = "/api/webhook/cognigy";
 /// The relays' QUEUE_NAME (their default).
 const QUEUE: &str = "cognigy-webhook-retries";
 
@@ -126,13 +132,8 @@ fn main() -> anyhow::Result<()> {
             events,
             connections,
         } => rt.block_on(async {
-            let l = load(
-                ([127, 0, 0, 1], port).into(),
-                "/api/webhook/cognigy",
-                events,
-                connections,
-            )
-            .await?;
+            let reqs = requests(PATH, events);
+            let l = load(([127, 0, 0, 1], port).into(), &reqs, connections).await?;
             println!(
                 "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, non-200 {}, errors {}",
                 l.rps(),
@@ -327,54 +328,68 @@ fn body(run: &str, i: usize) -> Vec<u8> {
     format!("{head}{}\"}}}}", "x".repeat(pad)).into_bytes()
 }
 
-/// Closed-loop load: `connections` keep-alive connections share `n` requests.
-async fn load(addr: SocketAddr, path: &str, n: usize, connections: usize) -> anyhow::Result<Load> {
-    load_spread(&[addr], path, n, connections).await
+/// The load's requests, built and signed before the clock starts: during the
+/// run the load generator spends its CPU on the sockets alone (it shares the
+/// cores with what it measures).
+fn requests(path: &str, n: usize) -> Arc<Vec<Bytes>> {
+    let run = format!("r{:08x}", fastrand::u32(..));
+    let all = (0..n)
+        .map(|i| {
+            let b = body(&run, i);
+            let mut r = format!(
+                "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\nx-webhook-signature: {}\r\ncontent-length: {}\r\n\r\n",
+                sign_hex(SECRET, &b),
+                b.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(&b);
+            Bytes::from(r)
+        })
+        .collect();
+    Arc::new(all)
 }
 
-/// Like [`load`], with the connections spread round-robin over `addrs`.
-async fn load_spread(
-    addrs: &[SocketAddr],
-    path: &str,
-    n: usize,
+/// Closed-loop load: `connections` keep-alive connections share the requests.
+async fn load(
+    addr: SocketAddr,
+    reqs: &Arc<Vec<Bytes>>,
     connections: usize,
 ) -> anyhow::Result<Load> {
-    let run = format!("r{:08x}", fastrand::u32(..));
+    load_spread(&[addr], reqs, connections).await
+}
+
+/// Like [`load`], with the connections spread round-robin over `addrs`. Raw
+/// HTTP/1.1 on TCP: write a prepared request, read the answer's head and its
+/// `content-length` body. A broken connection counts an error and is opened again.
+async fn load_spread(
+    addrs: &[SocketAddr],
+    reqs: &Arc<Vec<Bytes>>,
+    connections: usize,
+) -> anyhow::Result<Load> {
+    let n = reqs.len();
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..connections {
         let addr = addrs[c % addrs.len()];
-        let (next, run, path) = (next.clone(), run.clone(), path.to_string());
+        let (next, reqs) = (next.clone(), reqs.clone());
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
+            let mut lat = Vec::with_capacity(n / connections + 1);
             let (mut ok, mut other, mut errors) = (0, 0, 0);
-            let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
+            let mut stream = connect(addr).await?;
+            let mut buf = Vec::with_capacity(4096);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
                     break;
                 }
-                let b = body(&run, i);
-                let sig = sign_hex(SECRET, &b);
-                let req = hyper::Request::post(path.as_str())
-                    .header("host", addr.to_string())
-                    .header("content-type", "application/json")
-                    .header("x-webhook-signature", sig)
-                    .body(Full::new(Bytes::from(b)))?;
                 let t = Instant::now();
-                if sender.ready().await.is_err() {
-                    errors += 1;
-                    break;
-                }
-                match sender.send_request(req).await {
-                    Ok(resp) => {
-                        let status = resp.status().as_u16();
-                        let _ = resp.into_body().collect().await;
+                let answer = match stream.write_all(&reqs[i]).await {
+                    Ok(()) => read_status(&mut stream, &mut buf).await,
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    Ok(status) => {
                         lat.push(t.elapsed().as_micros() as u64);
                         if status == 200 {
                             ok += 1
@@ -382,7 +397,11 @@ async fn load_spread(
                             other += 1
                         }
                     }
-                    Err(_) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        buf.clear();
+                        stream = connect(addr).await?;
+                    }
                 }
             }
             Ok::<_, anyhow::Error>((lat, ok, other, errors))
@@ -409,6 +428,48 @@ async fn load_spread(
     out.p50_ms = pct(0.50);
     out.p99_ms = pct(0.99);
     Ok(out)
+}
+
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Reads one HTTP/1.1 answer from `stream` (bytes beyond it stay in `buf`) and
+/// returns its status. Only `content-length` bodies: what every server measured
+/// here sends.
+async fn read_status(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head) = resp.parse(buf).map_err(|_| bad("bad answer"))? {
+            let status = resp.code.unwrap_or(0);
+            let length = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| {
+                    std::str::from_utf8(h.value)
+                        .ok()?
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                })
+                .ok_or_else(|| bad("answer without content-length"))?;
+            while buf.len() < head + length {
+                if stream.read_buf(buf).await? == 0 {
+                    return Err(bad("closed mid-answer"));
+                }
+            }
+            buf.drain(..head + length);
+            return Ok(status);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(bad("closed"));
+        }
+    }
 }
 
 /// `cogrelay serve` on `port`, delivering to `sink`, quiet (warnings only).
@@ -528,10 +589,11 @@ async fn measure(
 ) -> anyhow::Result<Row> {
     let pid = child.id().unwrap_or(0);
     wait_port(port).await?;
+    let reqs = requests(PATH, events);
     let cpu0 = own_cpu_s();
     let t0 = Instant::now();
     let addr = ([127, 0, 0, 1], port).into();
-    let l = load(addr, "/api/webhook/cognigy", events, connections).await?;
+    let l = load(addr, &reqs, connections).await?;
     let done = wait_delivered(sink, l.ok + extra_posts, Duration::from_secs(600)).await;
     let (peak, _) = rss_mb(pid);
     eprintln!(
@@ -660,14 +722,9 @@ async fn run(
         .kill_on_drop(true)
         .spawn()?;
     wait_port(port).await?;
-    load(([127, 0, 0, 1], port).into(), "/", 2000, connections).await?; // warm-up
-    let l = load(
-        ([127, 0, 0, 1], port).into(),
-        "/api/webhook/cognigy",
-        events,
-        connections,
-    )
-    .await?;
+    let addr = ([127, 0, 0, 1], port).into();
+    load(addr, &requests("/", 2000), connections).await?; // warm-up
+    let l = load(addr, &requests(PATH, events), connections).await?;
     eprintln!("ceiling: {:.0} req/s", l.rps());
     rows.push(Row {
         name: "hyper ceiling (answers 200)".into(),
@@ -736,9 +793,10 @@ async fn run(
             )
             .await?;
         }
+        let reqs = requests(PATH, events);
         let cpu0 = own_cpu_s();
         let mut t0 = Instant::now();
-        let l = load_spread(&addrs, "/api/webhook/cognigy", events, connections).await?;
+        let l = load_spread(&addrs, &reqs, connections).await?;
         let during = sink.posts();
         let cpu_ingest = relays_cpu_s(&children);
         if drain {
