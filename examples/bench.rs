@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use cogrelay::ingress::auth::sign_hex;
-use cogrelay::sink::Sink;
+use cogrelay::sink::{content_length, Sink};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -446,18 +446,8 @@ async fn read_status(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Resu
         let mut resp = httparse::Response::new(&mut headers);
         if let httparse::Status::Complete(head) = resp.parse(buf).map_err(|_| bad("bad answer"))? {
             let status = resp.code.unwrap_or(0);
-            let length = resp
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .and_then(|h| {
-                    std::str::from_utf8(h.value)
-                        .ok()?
-                        .trim()
-                        .parse::<usize>()
-                        .ok()
-                })
-                .ok_or_else(|| bad("answer without content-length"))?;
+            let length =
+                content_length(resp.headers).ok_or_else(|| bad("answer without content-length"))?;
             while buf.len() < head + length {
                 if stream.read_buf(buf).await? == 0 {
                     return Err(bad("closed mid-answer"));

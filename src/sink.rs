@@ -281,18 +281,7 @@ fn parse(buf: &[u8], full: bool) -> Result<Option<Parsed>, ()> {
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Complete(head_len)) => {
-            let body_len = req
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .and_then(|h| {
-                    std::str::from_utf8(h.value)
-                        .ok()?
-                        .trim()
-                        .parse::<usize>()
-                        .ok()
-                })
-                .unwrap_or(0);
+            let body_len = content_length(req.headers).unwrap_or(0);
             let method = req.method.unwrap_or("");
             let mut received = Received {
                 method: String::new(),
@@ -321,4 +310,12 @@ fn parse(buf: &[u8], full: bool) -> Result<Option<Parsed>, ()> {
         Ok(httparse::Status::Partial) => Ok(None),
         Err(_) => Err(()),
     }
+}
+
+/// The `content-length` of a parsed HTTP/1.1 head, if it has a valid one.
+pub fn content_length(headers: &[httparse::Header<'_>]) -> Option<usize> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
 }
