@@ -11,7 +11,8 @@
 //!   or another relay).
 //! * Retries are data, not sleeps: a failed attempt is written back as `delayed`
 //!   with its due time; no worker waits on it.
-//! * Leases of in-flight jobs are renewed every `LOCK_DURATION_MS / 3`.
+//! * Leases of in-flight jobs are renewed every `LOCK_DURATION_MS / 3`, at the
+//!   ingress's CPU priority (see `DeliveryConfig::renewals`).
 //! * Shutdown: stop claiming, let in-flight deliveries finish for up to
 //!   `SHUTDOWN_GRACE_MS`, then abort the rest and return their leases.
 
@@ -57,6 +58,10 @@ pub struct DeliveryConfig {
     pub shutdown_grace: Duration,
     /// Check each event envelope with Cognigy before delivering it.
     pub verify_events: Option<crate::cognigy::CognigyConfig>,
+    /// Where the lease renewals run (None: beside the deliveries). Not at the
+    /// deliveries' lower CPU priority: deliveries that a busy machine slows
+    /// down must not also lose their leases to other relays (a duplicate).
+    pub renewals: Option<tokio::runtime::Handle>,
 }
 
 impl DeliveryConfig {
@@ -75,6 +80,7 @@ impl DeliveryConfig {
             lock_duration: c.lock_duration,
             shutdown_grace: c.shutdown_grace,
             verify_events: c.verify_events.clone(),
+            renewals: None,
         }
     }
 }
@@ -119,7 +125,10 @@ pub async fn run<Q: Queue>(
     });
     let semaphore = Arc::new(Semaphore::new(pool.cfg.concurrency));
     let mut tasks = JoinSet::new();
-    let renewer = tokio::spawn(renew_leases(pool.clone()));
+    let renewer = match &pool.cfg.renewals {
+        Some(rt) => rt.spawn(renew_leases(pool.clone())),
+        None => tokio::spawn(renew_leases(pool.clone())),
+    };
 
     // Jobs claimed ahead of a free worker: claiming in batches keeps store round
     // trips per job low. They are leased and renewed like running ones.

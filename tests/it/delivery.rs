@@ -240,3 +240,88 @@ async fn verified_events_cost_one_token_and_unknown_events_fail(b: Backend) {
     assert_eq!(app.sink.count(), N, "never delivered");
 }
 }
+
+/// Lease renewals run where `DeliveryConfig::renewals` says (in the relay: the
+/// ingress's runtime, at normal CPU priority). A delivery runtime that cannot
+/// run for a while (its threads starved by a busy machine; here its only
+/// thread blocked) keeps its leases: no other worker takes the job over and
+/// delivers it a second time.
+#[test]
+fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
+    use cogrelay::admin::metrics::Metrics;
+    use cogrelay::delivery::{self, handoff::Handoff, DeliveryConfig};
+    use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
+    use cogrelay::queue::{Enqueued, Queue, QueueSettings};
+    use std::sync::Arc;
+
+    let runtime = |name: &str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let (main_rt, delivery_rt) = (runtime("main"), runtime("delivery"));
+    main_rt.block_on(async {
+        let sink = Sink::start().await.expect("sink");
+        sink.set_default(Behaviour::Delay(Duration::from_secs(5), 200));
+        let tmp = tempfile::tempdir().expect("tmp");
+        let lock = Duration::from_millis(600);
+        let mut cfg = test_config(&sink, tmp.path().join("data"));
+        cfg.lock_duration = lock;
+        cfg.shutdown_grace = Duration::from_millis(100);
+        let queue = Arc::new(
+            EmbeddedQueue::open(EmbeddedOptions {
+                data_dir: cfg.data_dir.clone(),
+                fsync: cogrelay::config::Fsync::Always,
+                max_db_bytes: 0,
+                settings: QueueSettings {
+                    dedup_ttl: Duration::from_secs(60),
+                    remove_on_complete: 10,
+                },
+                exclusive: true,
+            })
+            .expect("open"),
+        );
+        let raw = serde_json::to_vec(&event("bot", "e-renew")).expect("json");
+        let ev = cogrelay::ingress::envelope::parse(&raw).expect("event");
+        let Enqueued::Accepted(_) = queue.enqueue(ev).await.expect("enqueue") else {
+            panic!("accepted")
+        };
+
+        let (_handoff, handoff_rx) = Handoff::new(16, lock);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let delivery_cfg = DeliveryConfig {
+            renewals: Some(tokio::runtime::Handle::current()),
+            ..DeliveryConfig::from_serve(&cfg)
+        };
+        let pool = delivery_rt.spawn(delivery::run(
+            queue.clone(),
+            delivery_cfg,
+            Arc::new(tokio::sync::Notify::new()),
+            handoff_rx,
+            Arc::new(Metrics::default()),
+            stopped,
+        ));
+        assert!(sink.wait_for(1, WAIT).await, "the delivery started");
+
+        // The delivery runtime's only thread is taken for four lease durations;
+        // after two, the lease must still be held.
+        delivery_rt.spawn(async move { std::thread::sleep(lock * 4) });
+        tokio::time::sleep(lock * 2).await;
+        let taken = queue
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .jobs;
+        assert!(
+            taken.is_empty(),
+            "the lease lapsed while the delivery threads could not run"
+        );
+
+        let _ = stop.send(true);
+        pool.await.expect("pool task").expect("pool");
+    });
+    drop(delivery_rt);
+}
