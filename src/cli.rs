@@ -354,7 +354,7 @@ pub struct ServeArgs {
     /// How much the delivery threads yield to the ingress when the CPU is
     /// short, as a nice value (0-19) added to theirs: acknowledging new events
     /// comes first, deliveries use what is left. 0 = same priority.
-    #[arg(long, env = "DELIVERY_NICE", default_value = "19")]
+    #[arg(long, env = "DELIVERY_NICE", default_value = "10")]
     pub delivery_nice: String,
 
     /// Delivery attempts per event, counting the first.

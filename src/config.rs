@@ -206,7 +206,7 @@ impl ServeConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 3001)),
             admin_token: None,
             concurrency: 16,
-            delivery_nice: 19,
+            delivery_nice: 10,
             attempts: 5,
             backoff_delay: Duration::from_millis(2000),
             backoff_jitter: 0.0,
