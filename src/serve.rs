@@ -158,13 +158,9 @@ pub async fn run_with_queue<Q: Queue>(
 
     let (stop_pool_tx, stop_pool_rx) = watch::channel(false);
     let delivery_rt = DeliveryRuntime::new(cfg.delivery_nice)?;
-    let delivery_cfg = DeliveryConfig {
-        renewals: Some(tokio::runtime::Handle::current()),
-        ..DeliveryConfig::from_serve(&cfg)
-    };
     let pool = delivery_rt.spawn(delivery::run(
         queue.clone(),
-        delivery_cfg,
+        DeliveryConfig::from_serve(&cfg).renewing_here(),
         wake,
         handoff_rx,
         metrics.clone(),

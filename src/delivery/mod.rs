@@ -65,6 +65,14 @@ pub struct DeliveryConfig {
 }
 
 impl DeliveryConfig {
+    /// Lease renewals on the runtime this is called on (see `renewals`).
+    pub fn renewing_here(self) -> Self {
+        Self {
+            renewals: Some(tokio::runtime::Handle::current()),
+            ..self
+        }
+    }
+
     pub fn from_serve(c: &ServeConfig) -> Self {
         Self {
             target: c.target_endpoint.clone(),

@@ -292,13 +292,9 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
 
         let (_handoff, handoff_rx) = Handoff::new(16, lock);
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let delivery_cfg = DeliveryConfig {
-            renewals: Some(tokio::runtime::Handle::current()),
-            ..DeliveryConfig::from_serve(&cfg)
-        };
         let pool = delivery_rt.spawn(delivery::run(
             queue.clone(),
-            delivery_cfg,
+            DeliveryConfig::from_serve(&cfg).renewing_here(),
             Arc::new(tokio::sync::Notify::new()),
             handoff_rx,
             Arc::new(Metrics::default()),
