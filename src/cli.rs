@@ -353,7 +353,9 @@ pub struct ServeArgs {
 
     /// How much the delivery threads yield to the ingress when the CPU is
     /// short, as a nice value (0-19) added to theirs: acknowledging new events
-    /// comes first, deliveries use what is left. 0 = same priority.
+    /// comes first, deliveries get a smaller share. Higher values give the
+    /// ingress more, but also rank deliveries below other busy processes on
+    /// the machine. 0 = same priority.
     #[arg(long, env = "DELIVERY_NICE", default_value = "10")]
     pub delivery_nice: String,
 
