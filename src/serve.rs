@@ -204,8 +204,9 @@ const HANDOFF_PER_WORKER: usize = 8;
 
 /// Where the delivery pool runs: its own runtime whose threads run at a lower
 /// CPU priority (`DELIVERY_NICE`), so that under full load the ingress, whose
-/// latency the sender waits on, gets the CPU first and deliveries take what is
-/// left (they are durable in the queue meanwhile). With 0: the main runtime.
+/// latency the sender waits on, gets the CPU first and deliveries a smaller
+/// share (they are durable in the queue meanwhile). Their lease renewals stay
+/// on the main runtime. With 0: the main runtime.
 struct DeliveryRuntime(Option<tokio::runtime::Runtime>);
 
 impl DeliveryRuntime {
