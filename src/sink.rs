@@ -204,7 +204,7 @@ async fn connection(
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         };
-        let (mut received, post, body_len) = req;
+        let (received, post, body_len) = req;
         while buf.len() < consumed + body_len {
             let mut chunk = [0u8; 8192];
             match stream.read(&mut chunk).await {
@@ -214,26 +214,29 @@ async fn connection(
         }
         let behaviour = {
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-            if s.keep_bodies && full {
-                received.body = buf[consumed..consumed + body_len].to_vec();
-            }
-            if s.print && full {
-                println!(
-                    "{} {} event={} attempt={} body={}",
-                    received.method,
-                    received.path,
-                    received.header("x-event-id").unwrap_or("-"),
-                    received.header("x-delivery-attempt").unwrap_or("-"),
-                    String::from_utf8_lossy(&buf[consumed..consumed + body_len])
-                );
-            }
             if post {
                 posts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             let b = s.script.pop_front().unwrap_or_else(|| s.default.clone());
-            if s.record && full {
-                received.behaviour = b.clone();
-                s.received.push(received);
+            if let Some(mut received) = received {
+                let body = &buf[consumed..consumed + body_len];
+                if s.print {
+                    println!(
+                        "{} {} event={} attempt={} body={}",
+                        received.method,
+                        received.path,
+                        received.header("x-event-id").unwrap_or("-"),
+                        received.header("x-delivery-attempt").unwrap_or("-"),
+                        String::from_utf8_lossy(body)
+                    );
+                }
+                if s.record {
+                    if s.keep_bodies {
+                        received.body = body.to_vec();
+                    }
+                    received.behaviour = b.clone();
+                    s.received.push(received);
+                }
             }
             b
         };
@@ -271,11 +274,11 @@ async fn connection(
     }
 }
 
-/// A request head: the request (empty unless parsed in `full`), whether it is a
+/// A request head: the request (copied only when `full`), whether it is a
 /// POST, and its body length; then the head's length.
-type Parsed = ((Received, bool, usize), usize);
+type Parsed = ((Option<Received>, bool, usize), usize);
 
-/// A complete request head in `buf`, with every header copied when `full`.
+/// A complete request head in `buf`, copied into a [`Received`] when `full`.
 fn parse(buf: &[u8], full: bool) -> Result<Option<Parsed>, ()> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
@@ -283,18 +286,10 @@ fn parse(buf: &[u8], full: bool) -> Result<Option<Parsed>, ()> {
         Ok(httparse::Status::Complete(head_len)) => {
             let body_len = content_length(req.headers).unwrap_or(0);
             let method = req.method.unwrap_or("");
-            let mut received = Received {
-                method: String::new(),
-                path: String::new(),
-                headers: Vec::new(),
-                body: Vec::new(),
-                at: Instant::now(),
-                behaviour: Behaviour::Status(0, Vec::new()),
-            };
-            if full {
-                received.method = method.to_string();
-                received.path = req.path.unwrap_or("").to_string();
-                received.headers = req
+            let received = full.then(|| Received {
+                method: method.to_string(),
+                path: req.path.unwrap_or("").to_string(),
+                headers: req
                     .headers
                     .iter()
                     .map(|h| {
@@ -303,8 +298,11 @@ fn parse(buf: &[u8], full: bool) -> Result<Option<Parsed>, ()> {
                             String::from_utf8_lossy(h.value).into_owned(),
                         )
                     })
-                    .collect();
-            }
+                    .collect(),
+                body: Vec::new(),
+                at: Instant::now(),
+                behaviour: Behaviour::Status(0, Vec::new()),
+            });
             Ok(Some(((received, method == "POST", body_len), head_len)))
         }
         Ok(httparse::Status::Partial) => Ok(None),

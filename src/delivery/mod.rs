@@ -133,10 +133,9 @@ pub async fn run<Q: Queue>(
     });
     let semaphore = Arc::new(Semaphore::new(pool.cfg.concurrency));
     let mut tasks = JoinSet::new();
-    let renewer = match &pool.cfg.renewals {
-        Some(rt) => rt.spawn(renew_leases(pool.clone())),
-        None => tokio::spawn(renew_leases(pool.clone())),
-    };
+    let renewer = (pool.cfg.renewals.clone())
+        .unwrap_or_else(tokio::runtime::Handle::current)
+        .spawn(renew_leases(pool.clone()));
 
     // Jobs claimed ahead of a free worker: claiming in batches keeps store round
     // trips per job low. They are leased and renewed like running ones.

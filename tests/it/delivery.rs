@@ -250,8 +250,7 @@ async fn verified_events_cost_one_token_and_unknown_events_fail(b: Backend) {
 fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
     use cogrelay::admin::metrics::Metrics;
     use cogrelay::delivery::{self, handoff::Handoff, DeliveryConfig};
-    use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
-    use cogrelay::queue::{Enqueued, Queue, QueueSettings};
+    use cogrelay::queue::{Enqueued, Queue};
     use std::sync::Arc;
 
     let runtime = |name: &str| {
@@ -271,19 +270,7 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
         let mut cfg = test_config(&sink, tmp.path().join("data"));
         cfg.lock_duration = lock;
         cfg.shutdown_grace = Duration::from_millis(100);
-        let queue = Arc::new(
-            EmbeddedQueue::open(EmbeddedOptions {
-                data_dir: cfg.data_dir.clone(),
-                fsync: cogrelay::config::Fsync::Always,
-                max_db_bytes: 0,
-                settings: QueueSettings {
-                    dedup_ttl: Duration::from_secs(60),
-                    remove_on_complete: 10,
-                },
-                exclusive: true,
-            })
-            .expect("open"),
-        );
+        let queue = Arc::new(cogrelay::serve::open_embedded(&cfg).expect("open"));
         let raw = serde_json::to_vec(&event("bot", "e-renew")).expect("json");
         let ev = cogrelay::ingress::envelope::parse(&raw).expect("event");
         let Enqueued::Accepted(_) = queue.enqueue(ev).await.expect("enqueue") else {
