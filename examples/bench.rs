@@ -676,7 +676,7 @@ async fn redis_report(redis: &Child, port: u16) {
         })
         .collect();
     stats.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let top: Vec<String> = stats.into_iter().take(6).map(|(_, s)| s).collect();
+    let top: Vec<String> = stats.into_iter().take(12).map(|(_, s)| s).collect();
     eprintln!(
         "  redis-server: {cpu:.1} CPU s; busiest: {}",
         top.join("; ")
