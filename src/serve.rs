@@ -132,6 +132,7 @@ pub async fn run_with_queue<Q: Queue>(
         rate_limit: cfg
             .ingress_rate_limit
             .map(|(per_sec, burst)| crate::ingress::ratelimit::RateLimiter::new(per_sec, burst)),
+        refusals: Default::default(),
     });
     let admin_state = Arc::new(Admin {
         queue: queue.clone(),

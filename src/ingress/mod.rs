@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod envelope;
 pub mod ratelimit;
+pub mod refusals;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct Ingress<Q> {
     pub metrics: Arc<Metrics>,
     /// Per-source rate limit; None = off.
     pub rate_limit: Option<ratelimit::RateLimiter>,
+    /// Refusals while the queue is unavailable, logged without a flood.
+    pub refusals: refusals::Refusals,
 }
 
 pub fn router<Q: Queue>(state: Arc<Ingress<Q>>) -> Router {
@@ -184,6 +187,9 @@ async fn receive<Q: Queue>(
     if reserved && !matches!(stored, Ok((_, Some(_)))) {
         s.handoff.cancel();
     }
+    if stored.is_ok() {
+        s.refusals.accepted();
+    }
     match stored {
         Ok((Enqueued::Accepted(id), Some(leased))) => {
             s.handoff.send(leased);
@@ -197,7 +203,7 @@ async fn receive<Q: Queue>(
             Json(json!({ "status": "duplicate", "jobId": id })).into_response()
         }
         Err(e) => {
-            tracing::error!(error = %e, "event not accepted: queue unavailable");
+            s.refusals.refused(&e);
             unavailable("Queue unavailable")
         }
     }

@@ -4,10 +4,11 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cogrelay::ingress::auth::sign_hex;
+use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use crate::helpers::*;
@@ -37,6 +38,26 @@ fn command(dir: &Path, envs: &[(&str, String)]) -> Command {
 }
 
 pub(crate) async fn start_relay(dir: &Path, sink: &Sink, extra: &[(&str, String)]) -> Relay {
+    start(dir, sink, extra, None).await
+}
+
+/// As `start_relay`, keeping what the relay logs (JSON lines on stderr) in the
+/// returned buffer, read as it comes so a chatty relay never blocks on a full pipe.
+pub(crate) async fn start_relay_logged(
+    dir: &Path,
+    sink: &Sink,
+    extra: &[(&str, String)],
+) -> (Relay, Arc<Mutex<String>>) {
+    let logs = Arc::new(Mutex::new(String::new()));
+    (start(dir, sink, extra, Some(logs.clone())).await, logs)
+}
+
+async fn start(
+    dir: &Path,
+    sink: &Sink,
+    extra: &[(&str, String)],
+    logs: Option<Arc<Mutex<String>>>,
+) -> Relay {
     let (port, admin_port) = (free_port(), free_port());
     let mut envs = vec![
         ("PORT", port.to_string()),
@@ -48,8 +69,19 @@ pub(crate) async fn start_relay(dir: &Path, sink: &Sink, extra: &[(&str, String)
     ];
     envs.extend(extra.iter().cloned());
     let mut cmd = command(dir, &envs);
-    cmd.stderr(Stdio::null());
-    let child = cmd.spawn().expect("spawn relay");
+    if logs.is_none() {
+        cmd.stderr(Stdio::null());
+    }
+    let mut child = cmd.spawn().expect("spawn relay");
+    if let (Some(logs), Some(mut stderr)) = (logs, child.stderr.take()) {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 8192];
+            while let Ok(n @ 1..) = stderr.read(&mut buf).await {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                logs.lock().expect("logs").push_str(&text);
+            }
+        });
+    }
     let relay = Relay {
         child,
         port,

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::helpers::*;
-use crate::process::{delivered_ids, post, start_relay};
+use crate::process::{delivered_ids, post, start_relay, start_relay_logged};
 use crate::redis_server::RedisServer;
+use serde_json::Value;
 
 #[tokio::test]
 async fn redis_down_mid_load_answers_503_and_recovers_without_restart() {
@@ -54,6 +55,68 @@ async fn redis_down_mid_load_answers_503_and_recovers_without_restart() {
     }
     wait_all_delivered(&app.sink, &acked, Duration::from_secs(60)).await;
     drop(redis);
+}
+
+#[tokio::test]
+async fn an_outage_is_logged_in_a_few_lines_not_one_per_refused_event() {
+    let Some(mut redis) = RedisServer::start(true) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (relay, logs) = start_relay_logged(dir.path(), &sink, &relay_env(&redis)).await;
+    let http = reqwest::Client::new();
+    assert_eq!(post(&http, relay.port, "before").await, Some(200));
+
+    let outage = Instant::now();
+    redis.kill();
+    let mut refused = 0u64;
+    for i in 0..300 {
+        let status = post(&http, relay.port, &format!("refused-{i}")).await;
+        assert_eq!(status, Some(503), "while Redis is down");
+        refused += 1;
+    }
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match post(&http, relay.port, "after").await {
+            Some(200) => break,
+            Some(503) => refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "never accepting again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // One line at once, then at most one per 5 s.
+    let most = 2 + outage.elapsed().as_secs() / 5;
+
+    let logs = logs.lock().expect("logs").clone();
+    let lines: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let refusal_lines = lines
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("not accepted"))
+        })
+        .count() as u64;
+    assert!(
+        (1..=most).contains(&refusal_lines),
+        "{refusal_lines} log lines for {refused} refused events:\n{logs}"
+    );
+    let back: Vec<&Value> = lines
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("queue available again"))
+        })
+        .collect();
+    assert_eq!(back.len(), 1, "{logs}");
+    assert_eq!(back[0]["refused_total"], refused, "{logs}");
 }
 
 /// Lets a test kill and restart the app's redis-server.
