@@ -3,8 +3,11 @@
 //! During an outage every request is answered 503; one log line per request
 //! would bury everything else (thousands of lines a second under load). The
 //! first refusal is logged at once, then one line per [`EVERY`] with how many
-//! were refused since the last line, and one line when the queue accepts again
-//! with the outage's total. The `/metrics` counters still count every answer.
+//! were refused since the last line. Once events are accepted again and no
+//! refusal came for [`QUIET`], one line closes the outage with its total (a
+//! queue that flaps between refusing and accepting stays one outage, reported
+//! every [`EVERY`], not a line per flap). The `/metrics` counters still count
+//! every answer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -14,21 +17,24 @@ use crate::queue::QueueError;
 
 /// At most one "still unavailable" line per this interval.
 pub const EVERY: Duration = Duration::from_secs(5);
+/// An outage is over when events are accepted and none was refused for this long.
+pub const QUIET: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 pub struct Refusals {
-    /// Set while refusals are not yet reported as over: the accept path only
-    /// reads this flag.
+    /// Set while an outage is not yet reported as over: the accept path only
+    /// reads this flag otherwise.
     open: AtomicBool,
-    state: Mutex<State>,
+    state: Mutex<Outage>,
 }
 
 #[derive(Debug, Default)]
-struct State {
+struct Outage {
+    started: Option<Instant>,
+    last_refusal: Option<Instant>,
     last_line: Option<Instant>,
     since_line: u64,
     total: u64,
-    started: Option<Instant>,
 }
 
 impl Refusals {
@@ -37,9 +43,10 @@ impl Refusals {
         let now = Instant::now();
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.open.store(true, Ordering::Release);
+        s.started.get_or_insert(now);
+        s.last_refusal = Some(now);
         s.total += 1;
         s.since_line += 1;
-        s.started.get_or_insert(now);
         if s.last_line.is_some_and(|t| now.duration_since(t) < EVERY) {
             return;
         }
@@ -57,21 +64,90 @@ impl Refusals {
         s.since_line = 0;
     }
 
-    /// An event was stored: ends a run of refusals, if one is open.
+    /// An event was stored: ends the outage, if one is open and quiet.
     pub fn accepted(&self) {
         if !self.open.load(Ordering::Acquire) {
             return;
         }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.open.swap(false, Ordering::AcqRel) {
+        if s.last_refusal.is_some_and(|t| t.elapsed() < QUIET)
+            || !self.open.swap(false, Ordering::AcqRel)
+        {
             return;
         }
-        let secs = s.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let secs = match (s.started, s.last_refusal) {
+            (Some(first), Some(last)) => last.duration_since(first).as_secs_f64(),
+            _ => 0.0,
+        };
         tracing::warn!(
             refused_total = s.total,
             "queue available again: events accepted; {} were refused with 503 over {secs:.1} s",
             s.total
         );
-        *s = State::default();
+        *s = Outage::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What `f` logs, one string per line.
+    fn logged(f: impl FnOnce()) -> Vec<String> {
+        let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Writer(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&buf.lock().expect("buf")).into_owned();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buf").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_flapping_queue_is_one_outage_not_a_line_per_flap() {
+        let r = Refusals::default();
+        let e = QueueError::Unavailable("redis: timed out".into());
+        let lines = logged(|| {
+            for _ in 0..1000 {
+                r.refused(&e);
+                r.accepted();
+            }
+        });
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(lines[0].contains("queue unavailable"), "{lines:#?}");
+    }
+
+    #[test]
+    fn accepting_after_a_quiet_second_closes_the_outage_with_its_total() {
+        let r = Refusals::default();
+        let e = QueueError::Unavailable("redis: unreachable".into());
+        let lines = logged(|| {
+            for _ in 0..3 {
+                r.refused(&e);
+            }
+            r.accepted();
+            std::thread::sleep(QUIET + Duration::from_millis(50));
+            r.accepted();
+            r.accepted();
+        });
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[1].contains("queue available again"), "{lines:#?}");
+        assert!(lines[1].contains("refused_total=3"), "{lines:#?}");
     }
 }

@@ -87,9 +87,19 @@ async fn an_outage_is_logged_in_a_few_lines_not_one_per_refused_event() {
         assert!(Instant::now() < deadline, "never accepting again");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The outage is reported as over once events are accepted and none was
+    // refused for a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(post(&http, relay.port, "after-quiet").await, Some(200));
     // One line at once, then at most one per 5 s.
     let most = 2 + outage.elapsed().as_secs() / 5;
 
+    // The relay's log arrives through a pipe: wait for the closing line.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !logs.lock().expect("logs").contains("queue available again") && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let logs = logs.lock().expect("logs").clone();
     let lines: Vec<Value> = logs
         .lines()
