@@ -22,8 +22,8 @@ pub const QUIET: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 pub struct Refusals {
-    /// Set while an outage is not yet reported as over: the accept path only
-    /// reads this flag otherwise.
+    /// Set while an outage is not yet reported as over (changed only under
+    /// `state`'s lock): outside an outage the accept path only reads this flag.
     open: AtomicBool,
     state: Mutex<Outage>,
 }
@@ -70,15 +70,14 @@ impl Refusals {
             return;
         }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if s.last_refusal.is_some_and(|t| t.elapsed() < QUIET)
-            || !self.open.swap(false, Ordering::AcqRel)
-        {
+        // Another request may have closed the outage while this one waited.
+        if s.total == 0 || s.last_refusal.is_some_and(|t| t.elapsed() < QUIET) {
             return;
         }
-        let secs = match (s.started, s.last_refusal) {
-            (Some(first), Some(last)) => last.duration_since(first).as_secs_f64(),
-            _ => 0.0,
-        };
+        self.open.store(false, Ordering::Release);
+        let secs = s.started.zip(s.last_refusal).map_or(0.0, |(first, last)| {
+            last.duration_since(first).as_secs_f64()
+        });
         tracing::warn!(
             refused_total = s.total,
             "queue available again: events accepted; {} were refused with 503 over {secs:.1} s",
