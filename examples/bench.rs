@@ -322,7 +322,8 @@ impl Load {
 
 fn body(run: &str, i: usize) -> Vec<u8> {
     let head = format!(
-        r#"{{"botId":"bench-bot","eventId":"{run}-{i}","type":"message.received","timestamp":"2026-11-22T10:00:00Z","payload":{{"sessionId":"s-{i}","text":""#
+        r#"{{"botId":"bench-bot","eventId":"{run}-{i}","type":"message.received","timestamp":"{ts}","payload":{{"sessionId":"s-{i}","text":""#,
+        ts = cogrelay::time::rfc3339(cogrelay::queue::now_ms())
     );
     let pad = 300usize.saturating_sub(head.len() + 3);
     format!("{head}{}\"}}}}", "x".repeat(pad)).into_bytes()

@@ -202,7 +202,8 @@ async fn main() -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     let id = format!("soak-{i}");
                     let body = format!(
-                        r#"{{"botId":"soak","eventId":"{id}","type":"message","payload":{{"n":{i}}},"timestamp":"2026-11-22T00:00:00Z"}}"#
+                        r#"{{"botId":"soak","eventId":"{id}","type":"message","payload":{{"n":{i}}},"timestamp":"{ts}"}}"#,
+                        ts = cogrelay::time::rfc3339(cogrelay::queue::now_ms())
                     );
                     sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let sig = sign_hex(SECRET, body.as_bytes());

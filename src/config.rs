@@ -250,6 +250,13 @@ impl ServeConfig {
             if c.signing_secrets.is_empty() {
                 return Err(bad("WEBHOOK_SIGNING_SECRET is set but empty: give at least one secret (comma-separated for rotation) or unset it"));
             }
+            let bad_standard = c.signing_secrets.iter().any(|s| {
+                s.expose().starts_with("whsec_")
+                    && standardwebhooks::Webhook::new(s.expose()).is_err()
+            });
+            if bad_standard {
+                return Err(bad("WEBHOOK_SIGNING_SECRET has a whsec_ secret that is not valid: a Standard Webhooks secret is whsec_<base64>"));
+            }
         }
         c.basic = match (&a.ingress_basic_user, &a.ingress_basic_password) {
             (None, None) => None,

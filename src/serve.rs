@@ -133,17 +133,18 @@ pub async fn run_with_queue<Q: Queue>(
             .ingress_rate_limit
             .map(|(per_sec, burst)| crate::ingress::ratelimit::RateLimiter::new(per_sec, burst)),
         refusals: Default::default(),
+        replay_window: ingress::ReplayWindow::for_dedup_ttl(cfg.dedup_ttl),
     });
+    let (stop_http_tx, stop_http_rx) = watch::channel(false);
+    let ingress_addr = ingress_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
     let admin_state = Arc::new(Admin {
         queue: queue.clone(),
         metrics: metrics.clone(),
         token: cfg.admin_token.clone(),
         accepting: accepting.clone(),
+        listen: admin_addr,
     });
-
-    let (stop_http_tx, stop_http_rx) = watch::channel(false);
-    let ingress_addr = ingress_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
     let ingress_server = tokio::spawn(crate::tls::serve(
         ingress_listener,
         tls.clone(),

@@ -3,8 +3,12 @@
 //!
 //! Queue errors map to status codes in one place ([`queue_error`]): not found
 //! 404, wrong state 409, store unavailable 503. With `ADMIN_TOKEN` set every
-//! `/admin/*` route needs `Authorization: Bearer <token>` (compared in constant
-//! time); `/healthz` and `/readyz` stay open for probes.
+//! `/admin/*` route needs `Authorization: Bearer <token>` (scheme in any case,
+//! token compared in constant time); `/healthz` and `/readyz` stay open for
+//! probes. Without a token (loopback only), an `/admin/*` request that a web
+//! page could have made is refused with 403: an `Origin` other than the
+//! admin's own, `Sec-Fetch-Site` other than `same-origin`/`none`, or a `Host`
+//! that is neither the listen address nor `localhost` (DNS rebinding).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,6 +36,8 @@ pub struct Admin<Q> {
     pub metrics: Arc<metrics::Metrics>,
     pub token: Option<Secret>,
     pub accepting: Arc<AtomicBool>,
+    /// The address the admin API is bound to: its own origin.
+    pub listen: std::net::SocketAddr,
 }
 
 pub fn router<Q: Queue>(state: Arc<Admin<Q>>) -> Router {
@@ -80,24 +86,65 @@ async fn require_token<Q: Queue>(
     req: Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = &s.token {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let ok: bool = Sha256::digest(presented.as_bytes())
-            .ct_eq(&Sha256::digest(token.expose().as_bytes()))
-            .into();
-        if !ok {
-            return err(
-                StatusCode::UNAUTHORIZED,
-                "Missing or wrong bearer token (ADMIN_TOKEN)",
-            );
+    match &s.token {
+        Some(token) => {
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map_or("", |(_, t)| t.trim());
+            let ok: bool = Sha256::digest(presented.as_bytes())
+                .ct_eq(&Sha256::digest(token.expose().as_bytes()))
+                .into();
+            if !ok {
+                return err(
+                    StatusCode::UNAUTHORIZED,
+                    "Missing or wrong bearer token (ADMIN_TOKEN)",
+                );
+            }
+        }
+        None => {
+            if let Err(why) = same_origin(req.headers(), s.listen) {
+                return err(StatusCode::FORBIDDEN, &format!("Forbidden: {why}; without ADMIN_TOKEN the admin API answers only its own origin"));
+            }
         }
     }
     next.run(req).await
+}
+
+/// Whether a request may come from a web page other than the admin's own
+/// (CSRF) or through a name that resolves to loopback (DNS rebinding).
+fn same_origin(
+    headers: &header::HeaderMap,
+    listen: std::net::SocketAddr,
+) -> Result<(), &'static str> {
+    let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{0}"));
+    let own_host = |host: &str| {
+        host == listen.to_string()
+            || host.eq_ignore_ascii_case("localhost")
+            || host.eq_ignore_ascii_case(&format!("localhost:{}", listen.port()))
+    };
+    let host = text(header::HOST);
+    if host.is_some_and(|h| !own_host(h)) {
+        return Err("Host is not the admin listen address or localhost");
+    }
+    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site")) {
+        if !(site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none")) {
+            return Err("a request from another site");
+        }
+    }
+    if let Some(origin) = text(header::ORIGIN) {
+        let own = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .is_some_and(|o| own_host(o) && host.is_none_or(|h| h.eq_ignore_ascii_case(o)));
+        if !own {
+            return Err("Origin is not the admin's own");
+        }
+    }
+    Ok(())
 }
 
 async fn ready<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {

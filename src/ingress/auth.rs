@@ -4,10 +4,15 @@
 //!   secret of the rotation list may match; compared with `Mac::verify_slice`
 //!   (constant time). The keyed HMAC state is built once per secret at start-up
 //!   and cloned per request.
+//! * Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature:
+//!   v1,<base64>`): verified by the `standardwebhooks` crate with every
+//!   `whsec_` secret of the list, with its 5-minute timestamp tolerance. The
+//!   signature covers the id and the timestamp, so a captured request stops
+//!   verifying after 5 minutes.
 //! * HTTP Basic: SHA-256 of the presented `user:password` compared in constant
 //!   time with SHA-256 of the configured one (hashing first hides the length).
 //!
-//! Either configured method suffices. With none configured the ingress is open
+//! Any configured method suffices. With none configured the ingress is open
 //! (only reachable with `--allow-unauthenticated`, see `config`).
 
 use axum::http::HeaderMap;
@@ -20,20 +25,25 @@ use crate::config::BasicCredentials;
 use crate::secret::Secret;
 
 pub const SIGNATURE_HEADER: &str = "x-webhook-signature";
+/// The Standard Webhooks signature header; its presence selects that scheme.
+pub const STANDARD_SIGNATURE_HEADER: &str = "webhook-signature";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    #[error("Missing X-Webhook-Signature header or Basic credentials")]
+    #[error("Missing X-Webhook-Signature header, Standard Webhooks headers or Basic credentials")]
     Missing,
     #[error("Invalid webhook signature")]
     BadSignature,
     #[error("Invalid credentials")]
     BadCredentials,
+    #[error("webhook-timestamp outside the 5-minute tolerance")]
+    StaleTimestamp,
 }
 
-#[derive(Clone)]
 pub struct Authenticator {
     macs: Vec<Hmac<Sha256>>,
+    /// One verifier per `whsec_` secret of the list.
+    standard: Vec<standardwebhooks::Webhook>,
     basic_digest: Option<[u8; 32]>,
 }
 
@@ -47,6 +57,12 @@ impl Authenticator {
                     .unwrap_or_else(|_| unreachable!())
             })
             .collect();
+        // `config` has checked that each whsec_ secret decodes.
+        let standard = secrets
+            .iter()
+            .filter(|s| s.expose().starts_with("whsec_"))
+            .filter_map(|s| standardwebhooks::Webhook::new(s.expose()).ok())
+            .collect();
         let basic_digest = basic.map(|b| {
             let mut h = Sha256::new();
             h.update(b.user.as_bytes());
@@ -54,11 +70,35 @@ impl Authenticator {
             h.update(b.password.expose().as_bytes());
             h.finalize().into()
         });
-        Self { macs, basic_digest }
+        Self {
+            macs,
+            standard,
+            basic_digest,
+        }
     }
 
     pub fn is_open(&self) -> bool {
         self.macs.is_empty() && self.basic_digest.is_none()
+    }
+
+    /// Standard Webhooks headers checked with each `whsec_` secret; `None`
+    /// when the request does not use that scheme (or no such secret is set).
+    fn standard_webhooks(&self, headers: &HeaderMap, body: &[u8]) -> Option<Result<(), AuthError>> {
+        if self.standard.is_empty() || !headers.contains_key(STANDARD_SIGNATURE_HEADER) {
+            return None;
+        }
+        let mut failure = AuthError::BadSignature;
+        for webhook in &self.standard {
+            match webhook.verify(body, headers) {
+                Ok(()) => return Some(Ok(())),
+                Err(
+                    standardwebhooks::WebhookError::TimestampTooOldError
+                    | standardwebhooks::WebhookError::FutureTimestampError,
+                ) => failure = AuthError::StaleTimestamp,
+                Err(_) => {}
+            }
+        }
+        Some(Err(failure))
     }
 
     pub fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), AuthError> {
@@ -66,12 +106,20 @@ impl Authenticator {
             return Ok(());
         }
         let mut failure = AuthError::Missing;
+        if let Some(result) = self.standard_webhooks(headers, body) {
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) => failure = e,
+            }
+        }
         if !self.macs.is_empty() {
             if let Some(sig) = headers.get(SIGNATURE_HEADER) {
                 if self.signature_matches(sig.as_bytes(), body) {
                     return Ok(());
                 }
-                failure = AuthError::BadSignature;
+                if failure == AuthError::Missing {
+                    failure = AuthError::BadSignature;
+                }
             }
         }
         if let Some(expected) = &self.basic_digest {

@@ -3,8 +3,16 @@
 //! * **Event envelope** `{botId, eventId, type, payload, timestamp}`: key
 //!   `cognigy-{botId}-{eventId}`, delivers `payload` (JSON `null` when absent).
 //! * **Endpoint output** `{userId, sessionId, AIOutput|text|data}` (what a real
-//!   Cognigy Webhook Endpoint posts): key `cognigy-{sessionId}-{AIOutput.traceId}`,
-//!   else `cognigy-{sessionId}-{sha256(body)}`; delivers the whole body.
+//!   Cognigy Webhook Endpoint posts, one request per output of a Flow turn, the
+//!   turn's outputs sharing one `AIOutput.traceId`): key
+//!   `cognigy-{sessionId}-{traceId}-{first 16 hex digits of sha256(body)}`, so
+//!   each distinct output is its own event and only a byte-identical resend is
+//!   a duplicate; without a traceId, `cognigy-{sessionId}-{random uuid}`: every
+//!   request is its own event (a bot may say the same thing twice). Delivers
+//!   the whole body.
+//!
+//! An envelope's `timestamp` (RFC 3339, or unix seconds or milliseconds) is
+//! parsed here; the ingress refuses one outside the replay window.
 //!
 //! A body is an envelope when it has any of `botId`/`eventId`/`type`, an endpoint
 //! output when it has any of `userId`/`sessionId`/`AIOutput` (and none of the
@@ -70,6 +78,9 @@ pub struct Event {
     pub kind: EventKind,
     /// Exactly the bytes POSTed to the target.
     pub body: Vec<u8>,
+    /// The envelope's `timestamp` in unix ms; `None` when it has none (and
+    /// for endpoint outputs, which carry no date).
+    pub timestamp_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +93,8 @@ pub enum EnvelopeError {
     Missing(Vec<&'static str>),
     #[error("Invalid Cognigy webhook fields: {0} must be a non-empty string of printable ASCII, at most 256 bytes")]
     Invalid(&'static str),
+    #[error("Invalid Cognigy webhook fields: timestamp must be an RFC 3339 date (e.g. 2026-12-01T10:30:00Z) or unix time in seconds or milliseconds")]
+    BadTimestamp,
 }
 
 const ENVELOPE_FIELDS: [&str; 3] = ["botId", "eventId", "type"];
@@ -127,6 +140,10 @@ fn parse_envelope(fields: &Fields<'_>) -> Result<Event, EnvelopeError> {
         .get("payload")
         .map(|raw| raw.get().as_bytes().to_vec())
         .unwrap_or_else(|| b"null".to_vec());
+    let timestamp_ms = match fields.get("timestamp") {
+        None => None,
+        Some(raw) => timestamp_ms(raw.get()).ok_or(EnvelopeError::BadTimestamp)?,
+    };
     Ok(Event {
         key: EventKey(format!("cognigy-{bot}-{event}")),
         event_id: event,
@@ -134,7 +151,37 @@ fn parse_envelope(fields: &Fields<'_>) -> Result<Event, EnvelopeError> {
         event_type: Some(kind),
         kind: EventKind::Envelope,
         body,
+        timestamp_ms,
     })
+}
+
+/// Unix ms of a JSON `timestamp`: `null` is none; an RFC 3339 string; a
+/// number (or a string of digits) is unix seconds, or milliseconds from
+/// 10^11 on (the year 5138 in seconds). `None` (the outer) is not a date.
+fn timestamp_ms(raw: &str) -> Option<Option<i64>> {
+    const MS_FROM: i64 = 100_000_000_000;
+    let unix = |n: i64| {
+        Some(if n.abs() >= MS_FROM {
+            n
+        } else {
+            n.saturating_mul(1000)
+        })
+    };
+    if let Ok(n) = raw.parse::<i64>() {
+        return Some(unix(n));
+    }
+    match serde_json::from_str::<Option<Cow<'_, str>>>(raw).ok()? {
+        None => Some(None),
+        Some(s) => match s.trim().parse::<i64>() {
+            Ok(n) => Some(unix(n)),
+            Err(_) => time::OffsetDateTime::parse(
+                s.trim(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .ok()
+            .map(|t| Some((t.unix_timestamp_nanos() / 1_000_000) as i64)),
+        },
+    }
 }
 
 fn parse_output(fields: &Fields<'_>, body: &[u8]) -> Result<Event, EnvelopeError> {
@@ -150,8 +197,11 @@ fn parse_output(fields: &Fields<'_>, body: &[u8]) -> Result<Event, EnvelopeError
         .and_then(|o| o.trace_id)
         .filter(|t| valid_id(t));
     let derived = match trace {
-        Some(t) => t.into_owned(),
-        None => hex::encode(Sha256::digest(body)),
+        Some(t) => {
+            let digest = Sha256::digest(body);
+            format!("{t}-{}", hex::encode(&digest[..8]))
+        }
+        None => uuid::Uuid::new_v4().simple().to_string(),
     };
     Ok(Event {
         key: EventKey(format!("cognigy-{session}-{derived}")),
@@ -160,6 +210,7 @@ fn parse_output(fields: &Fields<'_>, body: &[u8]) -> Result<Event, EnvelopeError
         event_type: None,
         kind: EventKind::EndpointOutput,
         body: body.to_vec(),
+        timestamp_ms: None,
     })
 }
 
@@ -234,7 +285,7 @@ mod tests {
 
     #[test]
     fn envelope_keeps_payload_bytes_and_builds_the_key() {
-        let e = parse(br#"{"botId":"b1","eventId":"e1","type":"message","payload":{"z":1, "a":[2]},"timestamp":"t"}"#)
+        let e = parse(br#"{"botId":"b1","eventId":"e1","type":"message","payload":{"z":1, "a":[2]},"timestamp":"2026-12-01T10:30:00Z"}"#)
             .expect("valid");
         assert_eq!(e.key.as_str(), "cognigy-b1-e1");
         assert_eq!(e.event_id, "e1");
@@ -249,18 +300,55 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_output_uses_trace_id_else_body_hash() {
+    fn endpoint_output_key_is_trace_id_and_body_digest_else_fresh() {
         let body = br#"{"userId":"u","sessionId":"s1","AIOutput":{"traceId":"tr-9","text":"hi"}}"#;
         let e = parse(body).expect("valid");
-        assert_eq!(e.key.as_str(), "cognigy-s1-tr-9");
+        let digest16 = &hex::encode(Sha256::digest(body))[..16];
+        assert_eq!(e.key.as_str(), format!("cognigy-s1-tr-9-{digest16}"));
+        assert_eq!(e.event_id, format!("tr-9-{digest16}"));
         assert_eq!(e.kind, EventKind::EndpointOutput);
         assert_eq!(e.body, body);
+        assert_eq!(
+            parse(body).expect("valid").key,
+            e.key,
+            "a resend is the same key"
+        );
+        let other = br#"{"userId":"u","sessionId":"s1","AIOutput":{"traceId":"tr-9","text":"ho"}}"#;
+        assert_ne!(
+            parse(other).expect("valid").key,
+            e.key,
+            "another output of the turn"
+        );
 
         let body = br#"{"userId":"u","sessionId":"s1","text":"hi","data":{}}"#;
-        let e = parse(body).expect("valid");
+        let (a, b) = (parse(body).expect("valid"), parse(body).expect("valid"));
+        assert!(a.key.as_str().starts_with("cognigy-s1-"));
+        assert_ne!(
+            a.key, b.key,
+            "without a traceId every request is its own event"
+        );
+    }
+
+    #[test]
+    fn envelope_timestamps_in_every_accepted_form() {
+        let at = |ts: &str| {
+            parse(
+                format!(r#"{{"botId":"b","eventId":"e","type":"t","timestamp":{ts}}}"#).as_bytes(),
+            )
+            .map(|e| e.timestamp_ms)
+        };
+        let ms = 1_795_356_423_000;
+        assert_eq!(at(r#""2026-11-22T14:07:03Z""#), Ok(Some(ms)));
+        assert_eq!(at(r#""2026-11-22T15:07:03.000+01:00""#), Ok(Some(ms)));
+        assert_eq!(at("1795356423"), Ok(Some(ms)));
+        assert_eq!(at("1795356423000"), Ok(Some(ms)));
+        assert_eq!(at(r#""1795356423""#), Ok(Some(ms)));
+        assert_eq!(at("null"), Ok(None));
+        assert_eq!(at(r#""yesterday""#), Err(EnvelopeError::BadTimestamp));
+        assert_eq!(at("{}"), Err(EnvelopeError::BadTimestamp));
         assert_eq!(
-            e.key.as_str(),
-            format!("cognigy-s1-{}", hex::encode(Sha256::digest(body)))
+            parse(br#"{"botId":"b","eventId":"e","type":"t"}"#).map(|e| e.timestamp_ms),
+            Ok(None)
         );
     }
 

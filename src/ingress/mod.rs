@@ -3,7 +3,8 @@
 //! Checks run cheapest first, and nothing is stored until all pass:
 //! accepting? (503 while shutting down) → declared size (413) → content type
 //! (415) → body read within `MAX_BODY_BYTES` (413) → authentication (401) →
-//! JSON shape and fields (400) → durable enqueue (200 `accepted`/`duplicate`,
+//! JSON shape and fields (400) → envelope timestamp inside the replay window
+//! (401) → durable enqueue (200 `accepted`/`duplicate`,
 //! or 503 `Queue unavailable` with `Retry-After`).
 
 pub mod auth;
@@ -49,6 +50,35 @@ pub struct Ingress<Q> {
     pub rate_limit: Option<ratelimit::RateLimiter>,
     /// Refusals while the queue is unavailable, logged without a flood.
     pub refusals: refusals::Refusals,
+    /// How far an envelope's `timestamp` may lie from now.
+    pub replay_window: ReplayWindow,
+}
+
+/// The replay window of SPEC §3.1: an envelope dated older than the dedup TTL
+/// (its dedup record may be gone, so a replay would be a new job) or further
+/// ahead than [`ReplayWindow::AHEAD`] is refused. With dedup off
+/// (`DEDUP_TTL_SECS=0`) the past bound is [`ReplayWindow::AHEAD`] too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayWindow {
+    pub behind: std::time::Duration,
+    pub ahead: std::time::Duration,
+}
+
+impl ReplayWindow {
+    /// Clock skew tolerated ahead of now (Standard Webhooks' tolerance).
+    pub const AHEAD: std::time::Duration = std::time::Duration::from_secs(300);
+
+    pub fn for_dedup_ttl(ttl: std::time::Duration) -> Self {
+        Self {
+            behind: if ttl.is_zero() { Self::AHEAD } else { ttl },
+            ahead: Self::AHEAD,
+        }
+    }
+
+    pub fn admits(&self, timestamp_ms: i64, now_ms: i64) -> bool {
+        let age = i128::from(now_ms) - i128::from(timestamp_ms);
+        age <= self.behind.as_millis() as i128 && -age <= self.ahead.as_millis() as i128
+    }
 }
 
 pub fn router<Q: Queue>(state: Arc<Ingress<Q>>) -> Router {
@@ -178,6 +208,14 @@ async fn receive<Q: Queue>(
             .into_response(),
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
+    if let Some(ts) = event.timestamp_ms {
+        if !s.replay_window.admits(ts, crate::queue::now_ms()) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "event timestamp outside the replay window",
+            );
+        }
+    }
     let reserved = s.handoff.try_reserve();
     let stored = if reserved {
         s.queue.enqueue_leased(event, s.handoff.lease).await
@@ -206,5 +244,25 @@ async fn receive<Q: Queue>(
             s.refusals.refused(&e);
             unavailable("Queue unavailable")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReplayWindow;
+    use std::time::Duration;
+
+    #[test]
+    fn the_replay_window_is_the_dedup_ttl_behind_and_five_minutes_ahead() {
+        let w = ReplayWindow::for_dedup_ttl(Duration::from_secs(3600));
+        let now = 1_800_000_000_000;
+        assert!(w.admits(now, now));
+        assert!(w.admits(now - 3_600_000, now));
+        assert!(!w.admits(now - 3_600_001, now));
+        assert!(w.admits(now + 300_000, now));
+        assert!(!w.admits(now + 300_001, now));
+        assert!(!w.admits(i64::MIN, now) && !w.admits(i64::MAX, now));
+        let off = ReplayWindow::for_dedup_ttl(Duration::ZERO);
+        assert!(off.admits(now - 300_000, now) && !off.admits(now - 300_001, now));
     }
 }

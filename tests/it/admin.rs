@@ -151,6 +151,88 @@ async fn admin_token_is_required_when_set(b: Backend) {
     assert_eq!(ok.status(), 200);
     let v: Value = serde_json::from_slice(&ok.bytes().await.expect("body")).expect("json");
     assert_eq!(v["failed"], 0);
+    let with = |auth: &'static str| {
+        app.http
+            .get(format!("http://{}/admin/queue", app.admin))
+            .header("authorization", auth)
+            .send()
+    };
+    for wrong in ["Bearer adm-tok2", "Bearer adm-to", "Bearer ", "Basic adm-tok", "adm-tok"] {
+        assert_eq!(with(wrong).await.expect("send").status(), 401, "{wrong}");
+    }
+    assert_eq!(
+        with("bearer adm-tok").await.expect("send").status(),
+        200,
+        "the scheme in any case"
+    );
+    assert_eq!(with("BEARER adm-tok").await.expect("send").status(), 200);
+}
+
+/// Without ADMIN_TOKEN, no web page may drive or read the admin API: every
+/// route that reads jobs or changes anything answers 403 to a foreign
+/// `Origin`, a cross-site fetch, or a `Host` that is not the admin's own.
+async fn without_a_token_only_the_admins_own_origin_gets_in(b: Backend) {
+    let app = spawn_app_on(b, |c| c.attempts = 1).await;
+    app.sink.push(Behaviour::status(500));
+    let id = app.post_event(&event("bot", "csrf-1")).await.json["jobId"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    app.wait_job(&id, "failed", Duration::from_secs(10)).await;
+    let base = format!("http://{}", app.admin);
+    let own = format!("http://{}", app.admin);
+    let localhost = format!("localhost:{}", app.admin.port());
+    let routes: Vec<(reqwest::Method, String)> = vec![
+        (reqwest::Method::GET, "/admin/queue".into()),
+        (reqwest::Method::GET, "/admin/jobs?state=failed".into()),
+        (reqwest::Method::GET, format!("/admin/jobs/{id}")),
+        (reqwest::Method::POST, format!("/admin/jobs/{id}/retry")),
+        (reqwest::Method::POST, "/admin/jobs/retry?state=failed".into()),
+        (reqwest::Method::DELETE, format!("/admin/jobs/{id}")),
+    ];
+    let foreign: [(&str, &str); 5] = [
+        ("origin", "http://evil.example"),
+        ("origin", "null"),
+        ("origin", "http://localhost:1"),
+        ("sec-fetch-site", "cross-site"),
+        ("host", "evil.example"),
+    ];
+    for (method, path) in &routes {
+        for (name, value) in foreign {
+            let r = app
+                .http
+                .request(method.clone(), format!("{base}{path}"))
+                .header(name, value)
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 403, "{method} {path} with {name}: {value}");
+        }
+    }
+    let c = app.admin_get("/admin/queue").await.json;
+    assert_eq!(c["failed"], 1, "nothing was retried or removed: {c}");
+    // The admin's own origin, through its address or localhost, gets in.
+    for (host, origin) in [(app.admin.to_string(), own.clone()), (localhost.clone(), format!("http://{localhost}"))] {
+        let r = app
+            .http
+            .get(format!("{base}/admin/jobs?state=failed"))
+            .header("host", &host)
+            .header("origin", &origin)
+            .header("sec-fetch-site", "same-origin")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "{host} {origin}");
+    }
+    let r = app
+        .http
+        .post(format!("{base}/admin/jobs/{id}/retry"))
+        .header("origin", &own)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.admin_get("/metrics").await.status, 200, "metrics stay open to scrapers");
 }
 
 /// `/metrics`: after known traffic, each counter moved by exactly that much.

@@ -156,8 +156,13 @@ pub fn event(bot: &str, id: &str) -> Value {
         "eventId": id,
         "type": "message.received",
         "payload": { "text": format!("hello {id}"), "n": 1 },
-        "timestamp": "2026-11-22T10:00:00Z"
+        "timestamp": now_rfc3339()
     })
+}
+
+/// Now, as an envelope's `timestamp` (inside the replay window).
+pub fn now_rfc3339() -> String {
+    cogrelay::time::rfc3339(cogrelay::queue::now_ms())
 }
 
 pub struct Reply {

@@ -21,3 +21,4 @@ mod register;
 mod secrets;
 mod store;
 mod tls;
+mod trust;

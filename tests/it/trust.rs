@@ -1,0 +1,160 @@
+//! What real Cognigy traffic and the open internet expose: outputs of one Flow
+//! turn are never merged, a captured request cannot become a new job, and
+//! Standard Webhooks signatures verify as the reference library makes them.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// The lines of one of `tests/fixtures/` (shapes Cognigy sends), as bytes.
+fn fixture_lines(name: &str) -> Vec<Vec<u8>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.as_bytes().to_vec())
+        .collect()
+}
+
+/// Waits until nothing is left to deliver and `completed` jobs are done; then
+/// the target has seen all it ever will.
+async fn wait_settled(app: &TestApp, completed: u64) -> Value {
+    app.wait_counts(WAIT, |c| {
+        c["completed"] == completed && c["waiting"] == 0 && c["active"] == 0 && c["delayed"] == 0
+    })
+    .await
+}
+
+fn envelope_at(id: &str, timestamp: Value) -> Value {
+    let mut e = event("bot-replay", id);
+    e["timestamp"] = timestamp;
+    e
+}
+
+both_backends! {
+async fn a_flow_turn_sent_twice_is_its_three_outputs_delivered_once_each(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
+    let turn = fixture_lines("webhook-endpoint-turn.jsonl");
+    let first_turn = &turn[..3];
+    let mut ids = Vec::new();
+    for body in first_turn {
+        let r = app.post_signed(body.clone()).await;
+        assert_eq!((r.status, r.json["status"].as_str()), (200, Some("accepted")), "{}", r.json);
+        ids.push(r.json["jobId"].clone());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three outputs sharing a traceId are three jobs");
+    for (body, id) in first_turn.iter().zip(&ids) {
+        let r = app.post_signed(body.clone()).await;
+        assert_eq!(r.json["status"], "duplicate", "a byte-identical resend");
+        assert_eq!(&r.json["jobId"], id);
+    }
+    wait_settled(&app, 3).await;
+    let got = app.sink.received();
+    assert_eq!(got.len(), 3, "exactly the turn's three outputs");
+    let mut bodies: Vec<&[u8]> = got.iter().map(|r| r.body.as_slice()).collect();
+    bodies.sort();
+    let mut sent: Vec<&[u8]> = first_turn.iter().map(Vec::as_slice).collect();
+    sent.sort();
+    assert_eq!(bodies, sent, "each output delivered as Cognigy sent it");
+}
+
+async fn equal_outputs_without_a_trace_id_are_two_events(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
+    let lines = fixture_lines("webhook-endpoint-no-trace.jsonl");
+    assert_eq!(lines[0], lines[1], "the fixture repeats one output");
+    for body in &lines {
+        let r = app.post_signed(body.clone()).await;
+        assert_eq!(r.json["status"], "accepted", "{}", r.json);
+    }
+    wait_settled(&app, 2).await;
+    assert_eq!(app.sink.received().len(), 2, "never merged");
+}
+
+async fn an_envelope_outside_the_replay_window_is_401_and_stores_nothing(b: Backend) {
+    let app = spawn_app_on(b, |c| c.dedup_ttl = Duration::from_secs(3600)).await;
+    let now = cogrelay::queue::now_ms();
+    let outside = [
+        json!("2001-01-01T00:00:00Z"),
+        json!(cogrelay::time::rfc3339(now - 3_601_000)),
+        json!(cogrelay::time::rfc3339(now + 301_000)),
+        json!((now - 3_601_000) / 1000),
+    ];
+    for (i, ts) in outside.iter().enumerate() {
+        let r = app.post_event(&envelope_at(&format!("old-{i}"), ts.clone())).await;
+        assert_eq!(r.status, 401, "{ts}: {}", r.json);
+        assert_eq!(r.json["error"], "event timestamp outside the replay window");
+    }
+    let r = app.post_event(&envelope_at("bad", json!("last tuesday"))).await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert!(r.json["error"].as_str().expect("error").contains("timestamp"));
+    let c = app.admin_get("/admin/queue").await.json;
+    assert_eq!(c["waiting"].as_u64().unwrap_or(0) + c["completed"].as_u64().unwrap_or(0)
+        + c["active"].as_u64().unwrap_or(0) + c["delayed"].as_u64().unwrap_or(0), 0, "{c}");
+
+    // Inside the window, a replay is the first job.
+    let inside = envelope_at("fresh", json!(cogrelay::time::rfc3339(now - 3_500_000)));
+    let first = app.post_event(&inside).await;
+    assert_eq!(first.json["status"], "accepted");
+    let replay = app.post_event(&inside).await;
+    assert_eq!(replay.json["status"], "duplicate");
+    assert_eq!(replay.json["jobId"], first.json["jobId"]);
+    wait_settled(&app, 1).await;
+    assert_eq!(app.sink.received().len(), 1);
+}
+
+async fn standard_webhooks_signatures_verify_with_their_tolerance(b: Backend) {
+    const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let app = spawn_app_on(b, |c| {
+        c.signing_secrets = vec![cogrelay::secret::Secret::new("other"), cogrelay::secret::Secret::new(WHSEC)];
+    })
+    .await;
+    let signer = standardwebhooks::Webhook::new(WHSEC).expect("secret");
+    let now = cogrelay::queue::now_ms() / 1000;
+    let send = |body: Vec<u8>, id: &'static str, ts: i64, sig: String| {
+        let app = &app;
+        async move {
+            let ts = ts.to_string();
+            app.post_raw(body, &[
+                ("content-type", "application/json"),
+                ("webhook-id", id),
+                ("webhook-timestamp", &ts),
+                ("webhook-signature", &sig),
+            ])
+            .await
+        }
+    };
+    let body = serde_json::to_vec(&event("bot-sw", "sw-1")).expect("json");
+    let sig = signer.sign("msg-1", now, &body).expect("sign");
+    let r = send(body.clone(), "msg-1", now, sig.clone()).await;
+    assert_eq!((r.status, &r.json["status"]), (200, &json!("accepted")), "{}", r.json);
+
+    // Signed 6 minutes ago: outside the 5-minute tolerance, whatever the body says.
+    let old_body = serde_json::to_vec(&event("bot-sw", "sw-2")).expect("json");
+    let old = signer.sign("msg-2", now - 360, &old_body).expect("sign");
+    let r = send(old_body, "msg-2", now - 360, old).await;
+    assert_eq!(r.status, 401, "{}", r.json);
+    assert_eq!(r.json["error"], "webhook-timestamp outside the 5-minute tolerance");
+
+    // Another body, id or timestamp under the same signature: refused.
+    let other = serde_json::to_vec(&event("bot-sw", "sw-3")).expect("json");
+    assert_eq!(send(other, "msg-1", now, sig.clone()).await.status, 401);
+    assert_eq!(send(body.clone(), "msg-x", now, sig.clone()).await.status, 401);
+    assert_eq!(send(body.clone(), "msg-1", now - 1, sig).await.status, 401);
+    // Signed with a secret that is not on the list.
+    let stranger = standardwebhooks::Webhook::new("whsec_c2VjcmV0c2VjcmV0c2VjcmV0").expect("secret");
+    let forged = stranger.sign("msg-4", now, &body).expect("sign");
+    let r = send(body, "msg-4", now, forged).await;
+    assert_eq!((r.status, &r.json["error"]), (401, &json!("Invalid webhook signature")));
+
+    wait_settled(&app, 1).await;
+    assert_eq!(app.sink.received().len(), 1, "only the valid request was stored");
+}
+}
