@@ -142,7 +142,7 @@ pub struct StoreArgs {
     pub redis_url: Option<String>,
 
     /// Redis host for the redis queue (with REDIS_PORT), when REDIS_URL is not set.
-    #[arg(long, env = "REDIS_HOST")]
+    #[arg(long, env = "REDIS_HOST", hide_env_values = true)]
     pub redis_host: Option<String>,
 
     /// Redis port for the redis queue.
@@ -179,7 +179,11 @@ pub struct CognigyArgs {
     pub domain: Option<String>,
 
     /// Full base URL; overrides COGNIGY_DOMAIN (e.g. http://127.0.0.1:8600 for `cogrelay sim`).
-    #[arg(long = "cognigy-base-url", env = "COGNIGY_BASE_URL")]
+    #[arg(
+        long = "cognigy-base-url",
+        env = "COGNIGY_BASE_URL",
+        hide_env_values = true
+    )]
     pub base_url: Option<String>,
 
     /// OAuth 2.0 client id.
@@ -203,7 +207,11 @@ pub struct CognigyArgs {
     pub api_key: Option<String>,
 
     /// Token endpoint override (default: /api/v1/auth/token, rest: /auth/oauth2/token).
-    #[arg(long = "cognigy-token-url", env = "COGNIGY_TOKEN_URL")]
+    #[arg(
+        long = "cognigy-token-url",
+        env = "COGNIGY_TOKEN_URL",
+        hide_env_values = true
+    )]
     pub token_url: Option<String>,
 }
 
@@ -213,7 +221,7 @@ pub struct RegisterArgs {
     pub cognigy: CognigyArgs,
 
     /// The public URL to register (the relay's ingress), e.g. https://relay.example.com/api/webhook/cognigy.
-    #[arg(long, env = "WEBHOOK_TARGET_URL")]
+    #[arg(long, env = "WEBHOOK_TARGET_URL", hide_env_values = true)]
     pub target_url: Option<String>,
 
     /// Secret Cognigy signs requests with (sent in the connector's requestSigning).
@@ -221,7 +229,7 @@ pub struct RegisterArgs {
     pub webhook_signing_secret: Option<String>,
 
     /// Where to POST the `connector.registered` event (skipped when unset).
-    #[arg(long, env = "GATEWAY_CALLBACK_URL")]
+    #[arg(long, env = "GATEWAY_CALLBACK_URL", hide_env_values = true)]
     pub gateway_callback_url: Option<String>,
 
     /// Connector / endpoint name.
@@ -307,7 +315,7 @@ pub struct ServeArgs {
     pub tls_key: Option<String>,
 
     /// The internal system every event is delivered to (http or https URL). Required.
-    #[arg(long, env = "TARGET_ENDPOINT")]
+    #[arg(long, env = "TARGET_ENDPOINT", hide_env_values = true)]
     pub target_endpoint: Option<String>,
 
     /// Shared HMAC-SHA256 secret(s) Cognigy signs with (`X-Webhook-Signature`);

@@ -470,13 +470,15 @@ fn ms(name: &str, raw: &str) -> Result<Duration, ConfigError> {
 
 /// An absolute http(s) URL with a host.
 pub fn parse_http_url(name: &str, raw: &str) -> Result<reqwest::Url, ConfigError> {
+    // The error lines show the URL without its userinfo (it may hold a password).
+    let shown = crate::secret::redact_userinfo(raw);
     let url = reqwest::Url::parse(raw.trim()).map_err(|e| {
         bad(format!(
-            "{name}={raw:?} is not a valid URL ({e}): use e.g. http://127.0.0.1:8080/events"
+            "{name}={shown:?} is not a valid URL ({e}): use e.g. http://127.0.0.1:8080/events"
         ))
     })?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(bad(format!("{name}={raw:?} is not an http(s) URL with a host: use e.g. https://internal.example.com/events")));
+        return Err(bad(format!("{name}={shown:?} is not an http(s) URL with a host: use e.g. https://internal.example.com/events")));
     }
     Ok(url)
 }

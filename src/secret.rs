@@ -32,6 +32,22 @@ impl fmt::Display for Secret {
     }
 }
 
+/// `raw` with the userinfo of its authority (`user:password@`) shown as
+/// `***@`, for error lines about a URL that may not even parse. Text that is
+/// not URL-shaped is returned as it is.
+pub fn redact_userinfo(raw: &str) -> String {
+    let Some(start) = raw.find("://").map(|i| i + 3) else {
+        return raw.to_string();
+    };
+    let authority_end = raw[start..]
+        .find(['/', '?', '#'])
+        .map_or(raw.len(), |i| start + i);
+    match raw[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &raw[..start], &raw[start + at..]),
+        None => raw.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

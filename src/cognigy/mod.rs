@@ -205,6 +205,7 @@ impl CognigyClient {
     pub fn new(cfg: CognigyConfig) -> Result<Self, CognigyError> {
         let http = reqwest::Client::builder()
             .timeout(cfg.timeout)
+            .redirect(same_origin_redirects())
             .user_agent(concat!("cogrelay/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| CognigyError::Network {
@@ -234,6 +235,17 @@ impl CognigyClient {
         let base_path = u.path().trim_end_matches('/').to_string();
         u.set_path(&format!("{base_path}{path}"));
         u
+    }
+
+    /// `{base}/api/v2/bots/{bot}/events/{event}` with each id one path
+    /// segment, percent-encoded (`%` too, so `%2e` stays text); `None` for an
+    /// id that would still change the path (`.` or `..`, refused at ingress).
+    pub fn event_url(&self, bot: &str, event: &str) -> Option<Url> {
+        let [bot, event] = [bot, event].map(path_segment);
+        let url = self.url(&format!("/api/v2/bots/{bot}/events/{event}"));
+        url.path()
+            .ends_with(&format!("/api/v2/bots/{bot}/events/{event}"))
+            .then_some(url)
     }
 
     fn token_url(&self) -> Url {
@@ -528,4 +540,35 @@ mod tests {
         );
         assert_eq!(detail(&Value::Null), "(no body)");
     }
+}
+
+/// One id as a path segment: everything but unreserved characters is
+/// percent-encoded, `%` and `/` included.
+fn path_segment(id: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(id, SEGMENT).to_string()
+}
+
+/// Redirects are followed only within the same origin (scheme, host, port),
+/// at most 5: the client sends `X-API-Key` or a bearer token with every
+/// request, and reqwest strips only the standard credential headers when a
+/// redirect leaves the host.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same = attempt
+            .previous()
+            .last()
+            .is_some_and(|prev| prev.origin() == attempt.url().origin());
+        if attempt.previous().len() > 5 {
+            attempt.error("more than 5 redirects")
+        } else if same {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
 }

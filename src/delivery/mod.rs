@@ -303,10 +303,9 @@ enum Verification {
 }
 
 async fn verify_event(client: &CognigyClient, bot: &str, event: &str) -> Verification {
-    let mut url = client.url("/api/v2/bots");
-    if let Ok(mut segs) = url.path_segments_mut() {
-        segs.push(bot).push("events").push(event);
-    }
+    let Some(url) = client.event_url(bot, event) else {
+        return Verification::NotFound;
+    };
     match client
         .send(
             reqwest::Method::GET,

@@ -91,7 +91,7 @@ pub enum EnvelopeError {
     NotObject,
     #[error("Missing required Cognigy webhook fields")]
     Missing(Vec<&'static str>),
-    #[error("Invalid Cognigy webhook fields: {0} must be a non-empty string of printable ASCII, at most 256 bytes")]
+    #[error("Invalid Cognigy webhook fields: {0} must be a non-empty string of printable ASCII, at most 256 bytes, other than . and ..")]
     Invalid(&'static str),
     #[error("Invalid Cognigy webhook fields: timestamp must be an RFC 3339 date (e.g. 2026-12-01T10:30:00Z) or unix time in seconds or milliseconds")]
     BadTimestamp,
@@ -275,8 +275,14 @@ fn nesting_exceeds(body: &[u8], max: usize) -> bool {
     false
 }
 
+/// Printable ASCII, at most [`MAX_ID_BYTES`], and not a dot segment (`.`,
+/// `..`), which a URL library would resolve when the id becomes a path segment.
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_ID_BYTES && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+    !s.is_empty()
+        && s.len() <= MAX_ID_BYTES
+        && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && s != "."
+        && s != ".."
 }
 
 #[cfg(test)]
@@ -386,6 +392,18 @@ mod tests {
             parse(long.as_bytes()).unwrap_err(),
             EnvelopeError::Invalid("eventId")
         );
+        for dots in [".", ".."] {
+            let body = format!(r#"{{"botId":"{dots}","eventId":"e","type":"t"}}"#);
+            assert_eq!(
+                parse(body.as_bytes()).unwrap_err(),
+                EnvelopeError::Invalid("botId")
+            );
+            let body = format!(r#"{{"botId":"b","eventId":"{dots}","type":"t"}}"#);
+            assert_eq!(
+                parse(body.as_bytes()).unwrap_err(),
+                EnvelopeError::Invalid("eventId")
+            );
+        }
     }
 
     #[test]

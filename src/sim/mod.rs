@@ -82,6 +82,9 @@ pub struct Fault {
     /// caller never hears of it, like a connection dropped after the commit).
     #[serde(default)]
     pub after: bool,
+    /// A `Location` header for the answer (a redirect).
+    #[serde(default)]
+    pub location: Option<String>,
 }
 
 fn one() -> u32 {
@@ -102,6 +105,8 @@ struct Inner {
     event_lookups: u64,
     events_received: Vec<Value>,
     gateway_calls: Vec<Value>,
+    /// The path of every request, as sent (still percent-encoded).
+    paths: Vec<String>,
     /// Status of every answered API request, per client, in order.
     statuses: HashMap<String, Vec<u16>>,
 }
@@ -142,6 +147,7 @@ impl Sim {
             "eventsReceived": s.events_received.len(),
             "gatewayCalls": s.gateway_calls,
             "statuses": s.statuses,
+            "paths": s.paths,
         })
     }
 }
@@ -229,6 +235,7 @@ async fn gatekeeper(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Re
     let (early, fault_after) = {
         let mut s = sim.lock();
         s.requests += 1;
+        s.paths.push(path.clone());
         let fault = s.faults.iter_mut().find(|f| {
             f.times > 0
                 && path.starts_with(&f.path)
@@ -238,12 +245,12 @@ async fn gatekeeper(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Re
         });
         let fault = fault.map(|f| {
             f.times -= 1;
-            (f.status, f.after)
+            (f.status, f.after, f.location.clone())
         });
         s.faults.retain(|f| f.times > 0);
         match fault {
-            Some((status, false)) => (Some(injected(status)), None),
-            Some((status, true)) => (None, Some(status)),
+            Some((status, false, location)) => (Some(injected(status, location)), None),
+            Some((status, true, _)) => (None, Some(status)),
             None => (rate_limited(&sim, &mut s, &client), None),
         }
     };
@@ -251,7 +258,7 @@ async fn gatekeeper(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Re
         Some(r) => r,
         None => {
             let r = next.run(req).await;
-            fault_after.map(injected).unwrap_or(r)
+            fault_after.map(|s| injected(s, None)).unwrap_or(r)
         }
     };
     sim.lock()
@@ -262,12 +269,15 @@ async fn gatekeeper(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Re
     resp
 }
 
-fn injected(status: u16) -> Response {
+fn injected(status: u16, location: Option<String>) -> Response {
     let mut r = err(
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         "injected",
         "fault injected by /sim/faults",
     );
+    if let Some(v) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
     if matches!(status, 429 | 503) {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

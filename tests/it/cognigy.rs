@@ -385,8 +385,99 @@ async fn injected_503_is_retried() {
         status: 503,
         times: 1,
         after: false,
+        location: None,
     });
     let client = CognigyClient::new(client_config(addr, Api::Connectors)).expect("client");
     let a = lookup(&client, "/api/v2/bots/b/events/e").await;
     assert_eq!(a.status, 200);
+}
+
+/// A redirect to another host is not followed: the client would carry its
+/// `X-API-Key` or bearer token there (reqwest strips only the standard
+/// credential headers). A redirect within the same origin is followed.
+#[tokio::test]
+async fn credentials_never_follow_a_redirect_to_another_host() {
+    let stranger = cogrelay::sink::Sink::start().await.expect("sink");
+    for (api, credentials) in [
+        (Api::Connectors, None),
+        (
+            Api::Rest,
+            Some(Credentials::ApiKey(Secret::new("api-key-1"))),
+        ),
+    ] {
+        let (addr, sim) = sim::spawn(SimOptions {
+            api_key: Some(Secret::new("api-key-1")),
+            ..Default::default()
+        })
+        .await
+        .expect("sim");
+        let mut cfg = client_config(addr, api);
+        cfg.max_retries = 0;
+        if let Some(c) = credentials {
+            cfg.credentials = c;
+        }
+        let client = CognigyClient::new(cfg).expect("client");
+        for status in [301, 302, 307, 308] {
+            sim.inject(Fault {
+                path: "/api/v2/bots".into(),
+                method: None,
+                status,
+                times: 1,
+                after: false,
+                location: Some(format!("{}/stolen", stranger.url())),
+            });
+            let a = lookup(&client, "/api/v2/bots/b/events/e").await;
+            assert_eq!(
+                a.status.as_u16(),
+                status,
+                "{api:?}: the redirect is the answer"
+            );
+        }
+        sim.inject(Fault {
+            path: "/api/v2/bots".into(),
+            method: None,
+            status: 302,
+            times: 1,
+            after: false,
+            location: Some(format!("http://{addr}/api/v2/bots/b/events/moved")),
+        });
+        let a = lookup(&client, "/api/v2/bots/b/events/e").await;
+        assert_eq!(a.status, 200, "{api:?}: same origin is followed");
+        assert_eq!(a.json["eventId"], "moved");
+    }
+    assert_eq!(
+        stranger.received().len(),
+        0,
+        "no request, and so no credential, reached the other host"
+    );
+}
+
+/// Ids go to exactly `/api/v2/bots/{botId}/events/{eventId}`: each one path
+/// segment, whatever it holds; dot segments are refused at the ingress.
+#[tokio::test]
+async fn event_ids_cannot_change_the_lookup_path() {
+    let (addr, sim) = sim::spawn(SimOptions::default()).await.expect("sim");
+    let client = CognigyClient::new(client_config(addr, Api::Connectors)).expect("client");
+    let cases = [
+        ("a/b", "e?x=1#f", "/api/v2/bots/a%2Fb/events/e%3Fx%3D1%23f"),
+        ("%2e%2e", ".%2E", "/api/v2/bots/%252e%252e/events/.%252E"),
+        ("b", "..x", "/api/v2/bots/b/events/..x"),
+        ("b\\c", "e f", "/api/v2/bots/b%5Cc/events/e%20f"),
+    ];
+    for (bot, event, path) in cases {
+        let url = client.event_url(bot, event).expect("url");
+        let a = client
+            .send(Method::GET, url, &[], None, "lookup")
+            .await
+            .expect("send");
+        assert_eq!(a.status, 200, "{bot} {event}");
+        assert_eq!(a.json["botId"], bot, "the sim decodes the same id");
+        assert_eq!(a.json["eventId"], event);
+        let paths = sim.stats()["paths"].clone();
+        assert_eq!(paths.as_array().and_then(|p| p.last()), Some(&json!(path)));
+    }
+    for dots in [".", ".."] {
+        assert!(client.event_url(dots, "e").is_none(), "{dots}");
+        assert!(client.event_url("b", dots).is_none(), "{dots}");
+    }
 }

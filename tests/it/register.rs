@@ -189,6 +189,7 @@ async fn a_503_on_the_first_post_is_retried_with_the_same_key() {
         status: 503,
         times: 1,
         after: true,
+        location: None,
     });
     let target = http_target().await;
     let run = register(&base_env(sim_addr, &target.url()), &FAST).await;

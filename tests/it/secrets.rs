@@ -17,6 +17,10 @@ const BASIC_PW: &str = "basic-pw-44e9d2";
 const ADMIN: &str = "admin-token-91b3aa";
 const CLIENT_SECRET: &str = "client-secret-3fe8c1";
 const WHSEC_KEY: &str = "c2VjcmV0LXRhcmdldC1rZXktOWQ0"; // base64 of the target signing key
+const TARGET_PW: &str = "target-pw-5a0d7e";
+const REDIS_PW: &str = "redis-pw-60c2b9";
+const DOTENV_PW: &str = "dotenv-pw-8e1f44";
+const BAD_URL_PW: &str = "bad-url-pw-2d7c90";
 
 #[tokio::test]
 async fn no_secret_appears_in_any_output_or_log() {
@@ -25,8 +29,22 @@ async fn no_secret_appears_in_any_output_or_log() {
     sink.set_default(Behaviour::status(500));
     let (sim_addr, _sim) = sim::spawn(SimOptions::default()).await.expect("sim");
     let (port, admin_port) = (free_port(), free_port());
+    // A .env in the working directory holds a secret too (register reads it).
+    std::fs::write(
+        dir.path().join(".env"),
+        format!("GATEWAY_CALLBACK_URL=https://gw:{DOTENV_PW}@gw.example/cb\n"),
+    )
+    .expect(".env");
+    let target = sink
+        .url()
+        .replace("http://", &format!("http://relay:{TARGET_PW}@"));
     let envs: Vec<(&str, String)> = vec![
-        ("TARGET_ENDPOINT", sink.url()),
+        ("TARGET_ENDPOINT", target),
+        ("COGRELAY_QUEUE", "embedded".into()),
+        (
+            "REDIS_URL",
+            format!("redis://default:{REDIS_PW}@127.0.0.1:1"),
+        ),
         ("WEBHOOK_SIGNING_SECRET", format!("old-{SIGNING},{SIGNING}")),
         ("INGRESS_BASIC_USER", "cognigy".into()),
         ("INGRESS_BASIC_PASSWORD", BASIC_PW.into()),
@@ -50,6 +68,7 @@ async fn no_secret_appears_in_any_output_or_log() {
     let command = |args: &[&str]| {
         let mut c = tokio::process::Command::new(bin);
         c.args(args)
+            .current_dir(dir.path())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in &envs {
@@ -189,6 +208,28 @@ async fn no_secret_appears_in_any_output_or_log() {
         everything.contains("WEBHOOK_SIGNING_SECRET"),
         "the help output was captured"
     );
+    // An invalid URL with credentials: the error line names it without them.
+    for name in ["TARGET_ENDPOINT", "COGNIGY_BASE_URL"] {
+        let out = command(&["serve"])
+            .env(name, format!("http://user:{BAD_URL_PW}@[nope/x"))
+            .env("VERIFY_EVENTS", "on")
+            .output()
+            .await
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(name) && stderr.contains("***@"), "{stderr}");
+        everything.push_str(&stderr);
+    }
+    let received: String = sink
+        .received()
+        .iter()
+        .map(|r| format!("{:?}", r.header("authorization")))
+        .collect();
+    assert!(
+        received.contains("Basic"),
+        "the target's credentials were used: {received}"
+    );
 
     let basic_b64 = base64::engine::general_purpose::STANDARD.encode(format!("cognigy:{BASIC_PW}"));
     for secret in [
@@ -199,6 +240,10 @@ async fn no_secret_appears_in_any_output_or_log() {
         WHSEC_KEY,
         basic_b64.as_str(),
         "sim-",
+        TARGET_PW,
+        REDIS_PW,
+        DOTENV_PW,
+        BAD_URL_PW,
     ] {
         if let Some(at) = everything.find(secret) {
             let from = at.saturating_sub(200);

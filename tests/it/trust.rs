@@ -157,4 +157,17 @@ async fn standard_webhooks_signatures_verify_with_their_tolerance(b: Backend) {
     wait_settled(&app, 1).await;
     assert_eq!(app.sink.received().len(), 1, "only the valid request was stored");
 }
+
+async fn ids_that_would_change_a_path_are_400_and_store_nothing(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
+    for (field, value) in [("botId", "."), ("botId", ".."), ("eventId", ".."), ("eventId", ".")] {
+        let mut e = event("b", "e");
+        e[field] = json!(value);
+        let r = app.post_event(&e).await;
+        assert_eq!(r.status, 400, "{field}={value}: {}", r.json);
+        assert!(r.json["error"].as_str().expect("error").contains(field), "{}", r.json);
+    }
+    let c = app.admin_get("/admin/queue").await.json;
+    assert_eq!(c["waiting"].as_u64().unwrap_or(0) + c["completed"].as_u64().unwrap_or(0), 0, "{c}");
+}
 }
