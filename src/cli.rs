@@ -404,7 +404,9 @@ pub struct ServeArgs {
     pub dedup_ttl_secs: String,
 
     /// Verify each event envelope with Cognigy before delivering it: `auto` (on
-    /// when Cognigy credentials are set), `on`, `off`.
+    /// when Cognigy credentials are set and COGNIGY_API=connectors), `on`,
+    /// `off`. The Cognigy.AI REST API (`rest`) has no event lookup: with it,
+    /// `auto` is off and `on` is a configuration error.
     #[arg(long, env = "VERIFY_EVENTS", default_value = "auto")]
     pub verify_events: String,
 

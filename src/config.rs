@@ -389,7 +389,13 @@ impl ServeConfig {
         };
         c.verify_events = match a.verify_events.trim() {
             "off" => None,
-            "on" => cognigy(true)?,
+            "on" => match cognigy(true)? {
+                Some(cfg) if cfg.api == crate::cognigy::Api::Rest => return Err(bad(
+                    "VERIFY_EVENTS=on needs COGNIGY_API=connectors: the Cognigy.AI REST API (rest) has no event lookup; set VERIFY_EVENTS=off or auto",
+                )),
+                other => other,
+            },
+            // The rest API has no event lookup: auto is off with it.
             "auto" => cognigy(false)?.filter(|cfg| cfg.api == crate::cognigy::Api::Connectors),
             other => {
                 return Err(bad(format!(
@@ -654,5 +660,37 @@ mod tests {
             assert!(err.contains(expected), "{args:?}: {err}");
             assert!(!err.contains('\n'), "one line: {err}");
         }
+    }
+
+    #[test]
+    fn verify_events_follows_the_cognigy_api() {
+        let with = |api: &str, verify: &str| {
+            let mut args = OK.to_vec();
+            args.extend([
+                "--cognigy-api",
+                api,
+                "--cognigy-base-url",
+                "http://127.0.0.1:8600",
+                "--cognigy-client-id",
+                "id",
+                "--cognigy-client-secret",
+                "secret",
+                "--verify-events",
+                verify,
+            ]);
+            parse(&args).map(|c| c.verify_events.is_some())
+        };
+        assert_eq!(with("connectors", "auto").ok(), Some(true));
+        assert_eq!(
+            with("rest", "auto").ok(),
+            Some(false),
+            "rest has no event lookup"
+        );
+        assert_eq!(with("rest", "off").ok(), Some(false));
+        let err = with("rest", "on").expect_err("on with rest").to_string();
+        assert!(
+            err.contains("VERIFY_EVENTS") && err.contains("COGNIGY_API"),
+            "{err}"
+        );
     }
 }

@@ -15,6 +15,7 @@
 //! * [`sink`]: a recording HTTP target (local development, tests, benchmarks).
 
 pub mod admin;
+pub mod answer;
 pub mod cli;
 pub mod cognigy;
 pub mod config;

@@ -153,9 +153,39 @@ async fn sim(port: u16, opts: cogrelay::sim::SimOptions) -> anyhow::Result<()> {
 fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
     builder
         .enable_all()
+        .on_thread_park(give_memory_back)
         .build()
         .map_err(|e| eprintln!("error: failed to start the async runtime: {e}"))
         .ok()
+}
+
+/// mimalloc hands memory that a thread freed back to the OS only when that
+/// thread allocates again, so after a burst (a flood of large bodies, a
+/// backlog drained) idle threads would keep it. When a runtime thread goes
+/// idle, and at most once a second, it asks mimalloc to collect its heap.
+fn give_memory_back() {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
+    let now = Instant::now();
+    let due = LAST.with(|last| {
+        let due = last.get().is_none_or(|t| now - t >= Duration::from_secs(1));
+        if due {
+            last.set(Some(now));
+        }
+        due
+    });
+    if due {
+        collect_heap();
+    }
+}
+
+/// The binary's one `unsafe` besides the thread priority in `serve`.
+#[allow(unsafe_code)]
+fn collect_heap() {
+    // SAFETY: mi_collect takes a flag and touches only the calling thread's
+    // mimalloc heap, which is the global allocator of this binary.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
@@ -178,8 +208,7 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let ingress = tokio::net::TcpListener::bind(("0.0.0.0", cfg.port))
-        .await
+    let ingress = cogrelay::serve::listen_all_interfaces(cfg.port)
         .with_context(|| format!("failed to listen on port {} (PORT)", cfg.port))?;
     let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await

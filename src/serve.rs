@@ -124,6 +124,7 @@ pub async fn run_with_queue<Q: Queue>(
         queue: queue.clone(),
         auth,
         max_body_bytes: cfg.max_body_bytes,
+        body_budget: ingress::body::BodyBudget::for_max_body(cfg.max_body_bytes),
         body_timeout: cfg.request_read_timeout,
         accepting: accepting.clone(),
         wake: wake.clone(),
@@ -323,6 +324,32 @@ async fn serve_http(listener: TcpListener, app: axum::Router, mut stop: watch::R
     if let Err(e) = result {
         tracing::error!(error = %e, "http server stopped");
     }
+}
+
+/// A listener on `port` of every interface, IPv6 and IPv4 (one dual-stack
+/// socket on `[::]`); IPv4 only where the host has no IPv6.
+pub fn listen_all_interfaces(port: u16) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let dual = || -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        s.set_only_v6(false)?;
+        s.set_reuse_address(true)?;
+        s.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok(s)
+    };
+    let socket = match dual() {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e),
+        Err(_) => {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)).into())?;
+            s
+        }
+    };
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// scheme://host:port/path, without credentials or query (either may hold secrets).

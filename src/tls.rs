@@ -20,6 +20,54 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest read buffer of one connection, and so the longest request
+/// head (hyper's default is about 400 KiB): with thousands of connections
+/// open, this is most of what each one costs.
+const READ_BUFFER_BYTES: usize = 32 * 1024;
+
+/// What to do when `accept` fails. Out of file descriptors or memory, the
+/// pending connection stays in the backlog and `accept` fails again at once:
+/// without a pause the loop would spin a core. Pauses from 10 ms doubling to
+/// 1 s, logged once per episode; other errors (a peer that reset before
+/// being accepted) are skipped at once.
+#[derive(Default)]
+struct AcceptBackoff {
+    pause: Option<Duration>,
+    failures: u64,
+}
+
+impl AcceptBackoff {
+    fn failed(&mut self, e: &std::io::Error) -> Option<Duration> {
+        let exhausted = matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        );
+        if !exhausted {
+            tracing::debug!(error = %e, "accept failed");
+            return None;
+        }
+        self.failures += 1;
+        let pause = match self.pause {
+            None => {
+                tracing::error!(error = %e, "cannot accept connections: out of file descriptors or memory (raise `ulimit -n`); pausing accept, connections wait in the backlog");
+                Duration::from_millis(10)
+            }
+            Some(p) => (p * 2).min(Duration::from_secs(1)),
+        };
+        self.pause = Some(pause);
+        Some(pause)
+    }
+
+    fn accepted(&mut self) {
+        if self.pause.take().is_some() {
+            tracing::warn!(
+                failed_accepts = self.failures,
+                "accepting connections again"
+            );
+            self.failures = 0;
+        }
+    }
+}
 
 /// Reads the PEM files into a TLS acceptor; errors name the file and the fix.
 pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
@@ -56,17 +104,25 @@ pub async fn serve(
     read_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut backoff = AcceptBackoff::default();
     loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
             _ = stop.wait_for(|s| *s) => return,
         };
+        let (tcp, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(pause) = backoff.failed(&e) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+                continue;
+            }
+        };
+        backoff.accepted();
         let _ = tcp.set_nodelay(true);
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
@@ -74,7 +130,8 @@ pub async fn serve(
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(read_timeout);
+                .header_read_timeout(read_timeout)
+                .max_buf_size(READ_BUFFER_BYTES);
             let builder = builder.http1_only();
             let app = app.layer(axum::Extension(crate::ingress::ratelimit::PeerAddr(peer)));
             let service = TowerToHyperService::new(app);

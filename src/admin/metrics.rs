@@ -119,7 +119,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with the queue gauges if they could be read.
-    pub fn render(&self, queue: Option<&Counts>) -> String {
+    pub fn render(&self, queue: Option<&Counts>, risks: &[(&'static str, bool)]) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP cogrelay_ingress_requests_total Ingress requests by answer status.\n# TYPE cogrelay_ingress_requests_total counter\n");
         for (i, s) in STATUSES.iter().enumerate() {
@@ -173,6 +173,16 @@ impl Metrics {
                 .map(|t| (crate::queue::now_ms() - t).max(0) as f64 / 1000.0)
                 .unwrap_or(0.0);
             let _ = writeln!(out, "cogrelay_queue_oldest_waiting_seconds {age}");
+        }
+        if !risks.is_empty() {
+            out.push_str("# HELP cogrelay_queue_durability_risk 1 where the store can lose an acknowledged event: redis_no_aof (no append-only file), redis_evicting (maxmemory-policy other than noeviction), embedded_no_fsync (COGRELAY_FSYNC=off: not power-loss safe).\n# TYPE cogrelay_queue_durability_risk gauge\n");
+            for (risk, present) in risks {
+                let _ = writeln!(
+                    out,
+                    "cogrelay_queue_durability_risk{{risk=\"{risk}\"}} {}",
+                    u8::from(*present)
+                );
+            }
         }
         out
     }

@@ -190,7 +190,8 @@ async fn prometheus<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {
     let counts = s.queue.counts().await.ok();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(counts.as_ref()),
+        s.metrics
+            .render(counts.as_ref(), &s.queue.durability_risks()),
     )
         .into_response()
 }

@@ -178,6 +178,10 @@ struct Token {
     refresh_at: Instant,
 }
 
+/// The most of one Cognigy answer that is read: its JSON must be whole to be
+/// parsed, and a listing of endpoints can be larger than a target's 64 KiB.
+pub const MAX_ANSWER: usize = 1024 * 1024;
+
 pub struct CognigyClient {
     http: reqwest::Client,
     cfg: CognigyConfig,
@@ -403,7 +407,7 @@ impl CognigyClient {
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                let bytes = resp.bytes().await.unwrap_or_default();
+                let bytes = crate::answer::first_bytes_of(resp, MAX_ANSWER).await;
                 let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
                     if bytes.is_empty() {
                         Value::Null
@@ -513,35 +517,6 @@ fn urlencode(s: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn form_body_encodes_the_scope() {
-        assert_eq!(
-            serde_urlencode(&[
-                ("grant_type", "client_credentials"),
-                ("scope", "connectors:write connectors:read")
-            ]),
-            "grant_type=client_credentials&scope=connectors%3Awrite+connectors%3Aread"
-        );
-    }
-
-    #[test]
-    fn detail_prefers_the_servers_explanation() {
-        assert_eq!(
-            detail(&serde_json::json!({"error":"invalid_client","error_description":"bad secret"})),
-            "bad secret"
-        );
-        assert_eq!(
-            detail(&serde_json::json!({"title":"Conflict","detail":"exists"})),
-            "exists"
-        );
-        assert_eq!(detail(&Value::Null), "(no body)");
-    }
-}
-
 /// One id as a path segment: everything but unreserved characters is
 /// percent-encoded, `%` and `/` included.
 fn path_segment(id: &str) -> String {
@@ -571,4 +546,33 @@ fn same_origin_redirects() -> reqwest::redirect::Policy {
             attempt.stop()
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_body_encodes_the_scope() {
+        assert_eq!(
+            serde_urlencode(&[
+                ("grant_type", "client_credentials"),
+                ("scope", "connectors:write connectors:read")
+            ]),
+            "grant_type=client_credentials&scope=connectors%3Awrite+connectors%3Aread"
+        );
+    }
+
+    #[test]
+    fn detail_prefers_the_servers_explanation() {
+        assert_eq!(
+            detail(&serde_json::json!({"error":"invalid_client","error_description":"bad secret"})),
+            "bad secret"
+        );
+        assert_eq!(
+            detail(&serde_json::json!({"title":"Conflict","detail":"exists"})),
+            "exists"
+        );
+        assert_eq!(detail(&Value::Null), "(no body)");
+    }
 }

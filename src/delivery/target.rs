@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderMap, HeaderValue, HOST, RETRY_AFTER, USER_AGENT};
 use hyper_util::rt::TokioIo;
@@ -135,11 +135,11 @@ impl Target {
                         .map_err(|e| reqwest_failure(&e))?;
                     let status = resp.status().as_u16();
                     let retry_after = retry_after(resp.headers());
-                    let body = resp.bytes().await.unwrap_or_default();
+                    let body = crate::answer::first_bytes_of(resp, MAX_ANSWER).await;
                     Ok(Answer {
                         status,
                         retry_after,
-                        body: body.slice(..body.len().min(MAX_ANSWER)),
+                        body,
                     })
                 }
             }
@@ -226,13 +226,11 @@ impl Plain {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let retry_after = retry_after(resp.headers());
-                    let body = match Limited::new(resp.into_body(), MAX_ANSWER).collect().await {
-                        Ok(b) => {
-                            self.put_idle(sender);
-                            b.to_bytes()
-                        }
-                        Err(_) => Bytes::new(),
-                    };
+                    let (body, whole) =
+                        crate::answer::first_bytes(resp.into_body(), MAX_ANSWER).await;
+                    if whole {
+                        self.put_idle(sender);
+                    }
                     return Ok(Answer {
                         status,
                         retry_after,

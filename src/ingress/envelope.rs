@@ -136,6 +136,12 @@ pub fn parse(body: &[u8]) -> Result<Event, EnvelopeError> {
 
 fn parse_envelope(fields: &Fields<'_>) -> Result<Event, EnvelopeError> {
     let [bot, event, kind] = required(fields, ENVELOPE_FIELDS)?;
+    if let Some(name) = [("botId", &bot), ("eventId", &event)]
+        .into_iter()
+        .find_map(|(name, id)| is_dot_segment(id).then_some(name))
+    {
+        return Err(EnvelopeError::Invalid(name));
+    }
     let body = fields
         .get("payload")
         .map(|raw| raw.get().as_bytes().to_vec())
@@ -275,14 +281,14 @@ fn nesting_exceeds(body: &[u8], max: usize) -> bool {
     false
 }
 
-/// Printable ASCII, at most [`MAX_ID_BYTES`], and not a dot segment (`.`,
-/// `..`), which a URL library would resolve when the id becomes a path segment.
 fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_ID_BYTES
-        && s.bytes().all(|b| (0x20..0x7f).contains(&b))
-        && s != "."
-        && s != ".."
+    !s.is_empty() && s.len() <= MAX_ID_BYTES && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// `.` and `..`: ids that a URL library would resolve, not keep, when they
+/// become path segments (`botId` and `eventId` do, in the event lookup).
+fn is_dot_segment(s: &str) -> bool {
+    s == "." || s == ".."
 }
 
 #[cfg(test)]

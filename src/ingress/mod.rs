@@ -8,6 +8,7 @@
 //! or 503 `Queue unavailable` with `Retry-After`).
 
 pub mod auth;
+pub mod body;
 pub mod envelope;
 pub mod ratelimit;
 pub mod refusals;
@@ -37,6 +38,8 @@ pub struct Ingress<Q> {
     pub queue: Arc<Q>,
     pub auth: Authenticator,
     pub max_body_bytes: usize,
+    /// Memory all bodies together may hold beyond their free allowance.
+    pub body_budget: body::BodyBudget,
     /// Longest the body may take to arrive (408 after).
     pub body_timeout: std::time::Duration,
     /// False once shutdown began: new requests get 503.
@@ -175,25 +178,26 @@ async fn receive<Q: Queue>(
             "Content-Type must be application/json",
         );
     }
-    let read =
-        tokio::time::timeout(s.body_timeout, axum::body::to_bytes(body, s.max_body_bytes)).await;
+    let read = tokio::time::timeout(
+        s.body_timeout,
+        body::read(body, s.max_body_bytes, declared, &s.body_budget),
+    )
+    .await;
     let Ok(read) = read else {
         return error(
             StatusCode::REQUEST_TIMEOUT,
             "The request body did not arrive in time",
         );
     };
-    let bytes = match read {
-        Ok(b) => b,
-        Err(e) => {
-            // to_bytes fails either on the limit or on a broken connection.
-            let limit_hit = std::error::Error::source(&e)
-                .is_some_and(|src| src.is::<http_body_util::LengthLimitError>());
-            return if limit_hit {
-                too_large(s.max_body_bytes)
-            } else {
-                error(StatusCode::BAD_REQUEST, "Could not read the request body")
-            };
+    // `_budget` holds this body's share of the memory budget until answered.
+    let (bytes, _budget) = match read {
+        Ok(body::Read { bytes, held }) => (bytes, held),
+        Err(body::ReadError::TooLarge) => return too_large(s.max_body_bytes),
+        Err(body::ReadError::Broken) => {
+            return error(StatusCode::BAD_REQUEST, "Could not read the request body")
+        }
+        Err(body::ReadError::NoRoom) => {
+            return unavailable("Too many large request bodies at once: retry shortly")
         }
     };
     if let Err(e) = s.auth.check(&headers, &bytes) {

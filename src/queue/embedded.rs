@@ -127,6 +127,7 @@ pub struct EmbeddedQueue {
     path: PathBuf,
     /// Held for the life of the queue: one relay process per data dir.
     _lock: Option<File>,
+    fsync: crate::config::Fsync,
 }
 
 impl std::fmt::Debug for EmbeddedQueue {
@@ -229,6 +230,7 @@ impl EmbeddedQueue {
             tx,
             path,
             _lock: lock,
+            fsync: opts.fsync,
         })
     }
 
@@ -506,13 +508,18 @@ fn insert_event(
     lease: Option<(&str, i64)>,
 ) -> QueueResult<Enqueued> {
     let now = w.now_ms;
-    let existing: Option<i64> = conn
-        .prepare_cached("SELECT job_seq FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2")
-        .and_then(|mut s| {
-            s.query_row(params![event.key.as_str(), now], |r| r.get(0))
-                .optional()
-        })
-        .map_err(sql_err)?;
+    let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
+    let dedup = ttl_ms > 0; // DEDUP_TTL_SECS=0: every event a new job
+    let existing: Option<i64> = if !dedup {
+        None
+    } else {
+        conn.prepare_cached("SELECT job_seq FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2")
+            .and_then(|mut s| {
+                s.query_row(params![event.key.as_str(), now], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(sql_err)?
+    };
     if let Some(seq) = existing {
         return Ok(Enqueued::Duplicate(seq.to_string()));
     }
@@ -541,12 +548,13 @@ fn insert_event(
     })
     .map_err(sql_err)?;
     let seq = conn.last_insert_rowid();
-    let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms) VALUES (?1, ?2, ?3)",
-    )
-    .and_then(|mut s| s.execute(params![event.key.as_str(), seq, now.saturating_add(ttl_ms)]))
-    .map_err(sql_err)?;
+    if dedup {
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms) VALUES (?1, ?2, ?3)",
+        )
+        .and_then(|mut s| s.execute(params![event.key.as_str(), seq, now.saturating_add(ttl_ms)]))
+        .map_err(sql_err)?;
+    }
     Ok(Enqueued::Accepted(seq.to_string()))
 }
 
@@ -848,6 +856,12 @@ impl Queue for EmbeddedQueue {
             })
         })
         .await
+    }
+
+    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
+        // COGRELAY_FSYNC=off: an acknowledged event survives a crash of the
+        // relay, not a power loss.
+        vec![("embedded_no_fsync", self.fsync == crate::config::Fsync::Off)]
     }
 
     async fn ping(&self) -> QueueResult<()> {

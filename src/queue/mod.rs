@@ -275,6 +275,11 @@ pub trait Queue: Send + Sync + 'static {
     fn retry_all_failed(&self) -> impl Future<Output = QueueResult<u64>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = QueueResult<()>> + Send;
     fn ping(&self) -> impl Future<Output = QueueResult<()>> + Send;
+    /// Ways this store can lose an acknowledged event, as found at start-up:
+    /// `(name, present)` for each one the backend knows of.
+    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
+        Vec::new()
+    }
     fn close(&self) -> impl Future<Output = QueueResult<()>> + Send;
 }
 

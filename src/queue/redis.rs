@@ -92,6 +92,8 @@ pub struct RedisQueue {
     /// answers Unavailable at once until then (a fast 503 rather than one
     /// timeout per request), and then tries Redis again.
     down_until: Mutex<Option<std::time::Instant>>,
+    /// What `INFO` said at start-up (see [`durability`]).
+    risks: Vec<(&'static str, bool)>,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -114,6 +116,45 @@ async fn bounded<T, E: std::fmt::Display>(
         Ok(Err(e)) => Err(unavailable(e)),
         Err(_) => Err(unavailable("no answer within 2 s")),
     }
+}
+
+/// Whether this Redis keeps what it acknowledged, from `INFO` (which managed
+/// services allow where `CONFIG GET` is disabled): without AOF, a 200 is lost
+/// if Redis stops before its next snapshot; with a `maxmemory-policy` other
+/// than `noeviction`, a full Redis may evict queued jobs. One WARN line each.
+async fn durability(queue: &bull::Queue) -> Vec<(&'static str, bool)> {
+    let mut conn = queue.connection().connection();
+    let mut info = String::new();
+    for section in ["persistence", "memory"] {
+        match bounded(
+            redis::cmd("INFO")
+                .arg(section)
+                .query_async::<String>(&mut conn),
+        )
+        .await
+        {
+            Ok(text) => info.push_str(&text),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read Redis's persistence settings (INFO); make sure it runs with appendonly yes and maxmemory-policy noeviction, or acknowledged events can be lost");
+                return Vec::new();
+            }
+        }
+    }
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let no_aof = field("aof_enabled") != Some("1");
+    if no_aof {
+        tracing::warn!("Redis has no append-only file (appendonly no): an event answered 200 is lost if Redis stops before its next snapshot; set appendonly yes");
+    }
+    let policy = field("maxmemory_policy").unwrap_or("noeviction");
+    let evicting = policy != "noeviction";
+    if evicting {
+        tracing::warn!(maxmemory_policy = policy, "Redis may evict keys when full: queued jobs, acknowledged ones too, can vanish; set maxmemory-policy noeviction");
+    }
+    vec![("redis_no_aof", no_aof), ("redis_evicting", evicting)]
 }
 
 fn connection(url: &str) -> bull::options::RedisConnectionOptions {
@@ -353,6 +394,7 @@ impl RedisQueue {
             opts,
             maintenance: tokio::spawn(prune_loop(queue.clone(), keep_completed)),
             down_until: Mutex::new(None),
+            risks: durability(&queue).await,
         })
     }
 
@@ -814,6 +856,10 @@ impl Queue for RedisQueue {
         } else {
             Err(QueueError::NotFound(id.to_string()))
         }
+    }
+
+    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
+        self.risks.clone()
     }
 
     async fn ping(&self) -> QueueResult<()> {

@@ -12,6 +12,7 @@ mod bullmq_port;
 mod cognigy;
 mod dashboard;
 mod delivery;
+mod flood;
 mod fuzz;
 mod ingress;
 mod jobs_cli;

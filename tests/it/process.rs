@@ -17,13 +17,29 @@ pub(crate) struct Relay {
     pub child: Child,
     pub port: u16,
     #[allow(dead_code)]
-    admin_port: u16,
+    pub admin_port: u16,
 }
 
 fn command(dir: &Path, envs: &[(&str, String)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cogrelay"));
-    cmd.arg("serve")
-        .env_clear()
+    command_limited(dir, envs, None)
+}
+
+/// `cogrelay serve`, with at most `nofile` open files when given (`ulimit -n`).
+fn command_limited(dir: &Path, envs: &[(&str, String)], nofile: Option<u32>) -> Command {
+    let bin = env!("CARGO_BIN_EXE_cogrelay");
+    let mut cmd = match nofile {
+        None => {
+            let mut c = Command::new(bin);
+            c.arg("serve");
+            c
+        }
+        Some(n) => {
+            let mut c = Command::new("sh");
+            c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" serve"), bin]);
+            c
+        }
+    };
+    cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("LOG_FORMAT", "json")
         .current_dir(dir)
@@ -38,7 +54,20 @@ fn command(dir: &Path, envs: &[(&str, String)]) -> Command {
 }
 
 pub(crate) async fn start_relay(dir: &Path, sink: &Sink, extra: &[(&str, String)]) -> Relay {
-    start(dir, sink, extra, None).await
+    start(dir, sink, extra, None, None).await
+}
+
+/// As `start_relay_logged`, with at most `nofile` open files.
+pub(crate) async fn start_relay_limited(
+    dir: &Path,
+    sink: &Sink,
+    nofile: u32,
+) -> (Relay, Arc<Mutex<String>>) {
+    let logs = Arc::new(Mutex::new(String::new()));
+    (
+        start(dir, sink, &[], Some(logs.clone()), Some(nofile)).await,
+        logs,
+    )
 }
 
 /// As `start_relay`, keeping what the relay logs (JSON lines on stderr) in the
@@ -49,7 +78,10 @@ pub(crate) async fn start_relay_logged(
     extra: &[(&str, String)],
 ) -> (Relay, Arc<Mutex<String>>) {
     let logs = Arc::new(Mutex::new(String::new()));
-    (start(dir, sink, extra, Some(logs.clone())).await, logs)
+    (
+        start(dir, sink, extra, Some(logs.clone()), None).await,
+        logs,
+    )
 }
 
 async fn start(
@@ -57,6 +89,7 @@ async fn start(
     sink: &Sink,
     extra: &[(&str, String)],
     logs: Option<Arc<Mutex<String>>>,
+    nofile: Option<u32>,
 ) -> Relay {
     let (port, admin_port) = (free_port(), free_port());
     let mut envs = vec![
@@ -68,7 +101,7 @@ async fn start(
         ("BACKOFF_DELAY_MS", "50".to_string()),
     ];
     envs.extend(extra.iter().cloned());
-    let mut cmd = command(dir, &envs);
+    let mut cmd = command_limited(dir, &envs, nofile);
     if logs.is_none() {
         cmd.stderr(Stdio::null());
     }

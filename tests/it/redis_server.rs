@@ -94,6 +94,18 @@ impl RedisServer {
                 .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
     }
 
+    /// Sends one inline command (e.g. `CONFIG SET maxmemory-policy allkeys-lru`);
+    /// true on a `+OK`.
+    pub fn command(&self, line: &str) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(2000)));
+        let mut buf = [0u8; 64];
+        s.write_all(format!("{line}\r\n").as_bytes()).is_ok()
+            && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+OK"))
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }

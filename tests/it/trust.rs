@@ -171,3 +171,206 @@ async fn ids_that_would_change_a_path_are_400_and_store_nothing(b: Backend) {
     assert_eq!(c["waiting"].as_u64().unwrap_or(0) + c["completed"].as_u64().unwrap_or(0), 0, "{c}");
 }
 }
+
+/// A server that answers every request 200 with a 100 MB body, counting the
+/// bytes it got to write before the client hung up.
+struct GiantAnswers {
+    addr: std::net::SocketAddr,
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    finished: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl GiantAnswers {
+    const LEN: u64 = 100 * 1024 * 1024;
+
+    async fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let finished = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (w, f) = (written.clone(), finished.clone());
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let (w, f) = (w.clone(), f.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|x| x == b"\r\n\r\n") {
+                        match tcp.read(&mut buf).await {
+                            Ok(n @ 1..) => head.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        Self::LEN
+                    );
+                    if tcp.write_all(answer.as_bytes()).await.is_ok() {
+                        let chunk = vec![b' '; 64 * 1024];
+                        let mut sent = 0;
+                        while sent < Self::LEN && tcp.write_all(&chunk).await.is_ok() {
+                            sent += chunk.len() as u64;
+                            w.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        }
+                    }
+                    f.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+        });
+        Self {
+            addr,
+            written,
+            finished,
+        }
+    }
+
+    /// Waits until `n` answers ended (written whole or cut off); the bytes written.
+    async fn written_after(&self, n: u64) -> u64 {
+        use std::sync::atomic::Ordering;
+        let deadline = std::time::Instant::now() + WAIT;
+        while self.finished.load(Ordering::Relaxed) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the answers never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+/// Whatever a target or Cognigy answers, no more than is kept is read: a
+/// 100 MB answer is cut off after the first 64 KiB (1 MiB for Cognigy's
+/// JSON), on the lean HTTP path and on the reqwest path alike.
+#[tokio::test]
+async fn a_100_mb_answer_is_read_no_further_than_what_is_kept() {
+    // Only what the socket buffers hold can be written past what was read.
+    const READ_AT_MOST: u64 = 16 * 1024 * 1024;
+    let giant = GiantAnswers::start().await;
+    let plain = format!("http://{}/events", giant.addr);
+    let with_credentials = format!("http://user:pw@{}/events", giant.addr);
+    for (n, target) in [plain, with_credentials].into_iter().enumerate() {
+        let app = spawn_app_on(Backend::Embedded, |c| {
+            c.target_endpoint = target.parse().expect("url");
+        })
+        .await;
+        let r = app.post_event(&event("bot", &format!("giant-{n}"))).await;
+        let id = r.json["jobId"].as_str().expect("id").to_string();
+        let job = app.wait_job(&id, "completed", WAIT).await;
+        assert_eq!(job["attempts"][0]["status"], 200, "{job}");
+        let written = giant.written_after(n as u64 + 1).await;
+        assert!(
+            written < (n as u64 + 1) * READ_AT_MOST,
+            "{target}: the target wrote {} MB of its answer",
+            written >> 20
+        );
+    }
+    let before = giant.written_after(2).await;
+    let cognigy = cogrelay::cognigy::CognigyClient::new(cogrelay::cognigy::CognigyConfig {
+        credentials: cogrelay::cognigy::Credentials::ApiKey(cogrelay::secret::Secret::new("k")),
+        ..crate::cognigy::client_config(giant.addr, cogrelay::cognigy::Api::Rest)
+    })
+    .expect("client");
+    let a = cognigy
+        .send(
+            reqwest::Method::GET,
+            cognigy.url("/new/v2.0/endpoints"),
+            &[],
+            None,
+            "listing",
+        )
+        .await
+        .expect("answer");
+    assert_eq!(a.status, 200);
+    let written = giant.written_after(3).await - before;
+    assert!(
+        written < READ_AT_MOST,
+        "Cognigy's answer: {} MB written",
+        written >> 20
+    );
+}
+
+/// `PORT` is every interface: the relay answers over IPv6 and IPv4.
+#[tokio::test]
+async fn the_ingress_listens_on_ipv6_and_ipv4() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sink = Sink::start().await.expect("sink");
+    let relay = crate::process::start_relay(dir.path(), &sink, &[]).await;
+    let http = reqwest::Client::new();
+    for host in ["[::1]", "127.0.0.1"] {
+        let body = serde_json::to_vec(&event("bot", &format!("via-{host}"))).expect("json");
+        let sig = cogrelay::ingress::auth::sign_hex(SECRET, &body);
+        let r = http
+            .post(format!("http://{host}:{}/api/webhook/cognigy", relay.port))
+            .header("content-type", "application/json")
+            .header("x-webhook-signature", sig)
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{host}: {e}"));
+        assert_eq!(r.status(), 200, "{host}");
+    }
+    assert!(sink.wait_for(2, WAIT).await);
+}
+
+/// A Redis that can lose what the relay acknowledged is named at start-up,
+/// one WARN line per risk, and in `/metrics`; a safe one is not.
+#[tokio::test]
+async fn a_redis_that_can_lose_data_is_named() {
+    if !crate::redis_server::available() {
+        return;
+    }
+    for safe in [false, true] {
+        let server = crate::redis_server::RedisServer::start(safe).expect("redis-server");
+        if !safe {
+            assert!(server.command("CONFIG SET maxmemory-policy allkeys-lru"));
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        let sink = Sink::start().await.expect("sink");
+        let (relay, logs) = crate::process::start_relay_logged(
+            dir.path(),
+            &sink,
+            &[
+                ("COGRELAY_QUEUE", "redis".into()),
+                ("REDIS_URL", server.url()),
+            ],
+        )
+        .await;
+        let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", relay.admin_port))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let risk = |name: &str| {
+            format!(
+                "cogrelay_queue_durability_risk{{risk=\"{name}\"}} {}",
+                u8::from(!safe)
+            )
+        };
+        assert!(metrics.contains(&risk("redis_no_aof")), "{metrics}");
+        assert!(metrics.contains(&risk("redis_evicting")), "{metrics}");
+        let logs = logs.lock().expect("logs").clone();
+        let warned = |what: &str| logs.lines().any(|l| l.contains("WARN") && l.contains(what));
+        assert_eq!(warned("appendonly yes"), !safe, "{logs}");
+        assert_eq!(warned("maxmemory-policy noeviction"), !safe, "{logs}");
+    }
+}
+
+both_backends! {
+async fn without_dedup_every_request_is_a_new_job(b: Backend) {
+    let app = spawn_app_on(b, |c| c.dedup_ttl = Duration::ZERO).await;
+    let e = event("bot", "twice");
+    let first = app.post_event(&e).await;
+    let second = app.post_event(&e).await;
+    assert_eq!((first.status, second.status), (200, 200), "{} {}", first.json, second.json);
+    assert_eq!((first.json["status"].as_str(), second.json["status"].as_str()), (Some("accepted"), Some("accepted")));
+    assert_ne!(first.json["jobId"], second.json["jobId"]);
+    wait_settled(&app, 2).await;
+    assert_eq!(app.sink.received().len(), 2);
+}
+}

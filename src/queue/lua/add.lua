@@ -46,7 +46,8 @@ for i = 7, #ARGV, 4 do
   local jobId = string.format("%d", nextId)
   local deKey = prefix .. "de:" .. deid
   local current = false
-  if not rcall("SET", deKey, jobId, "PX", ttl, "NX") then
+  -- A TTL of 0 is no deduplication (DEDUP_TTL_SECS=0): every event a new job.
+  if ttl ~= "0" and not rcall("SET", deKey, jobId, "PX", ttl, "NX") then
     current = rcall("GET", deKey)
     if not current then
       rcall("SET", deKey, jobId, "PX", ttl)
