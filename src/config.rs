@@ -183,6 +183,9 @@ pub struct ServeConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// A summary line this often (pretty log mode), None = off.
     pub summary_every: Option<Duration>,
+    /// A fault to inject, for tests of the relay's supervision: read from
+    /// `COGRELAY_TEST_FAULT` in debug builds only, always `None` in release.
+    pub test_fault: Option<crate::delivery::TestFault>,
     /// Redis URL (redis queue only). May hold a password: never print it.
     pub redis_url: crate::secret::Secret,
     pub queue_name: String,
@@ -219,6 +222,7 @@ impl ServeConfig {
             max_body_bytes: 1024 * 1024,
             verify_events: None,
             summary_every: None,
+            test_fault: None,
             tls: None,
             request_read_timeout: Duration::from_secs(10),
             ingress_rate_limit: None,
@@ -403,6 +407,7 @@ impl ServeConfig {
                 )))
             }
         };
+        c.test_fault = crate::delivery::TestFault::from_env();
         c.validate()?;
         Ok(c)
     }

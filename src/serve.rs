@@ -111,6 +111,9 @@ pub async fn run_with_queue<Q: Queue>(
         Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
         None => None,
     };
+    // The delivery threads before anything listens: a relay that could not
+    // deliver must not take events.
+    let delivery_rt = DeliveryRuntime::new(cfg.delivery_nice)?;
     let accepting = Arc::new(AtomicBool::new(true));
     let wake = Arc::new(Notify::new());
     let (handoff, handoff_rx) =
@@ -160,8 +163,7 @@ pub async fn run_with_queue<Q: Queue>(
     ));
 
     let (stop_pool_tx, stop_pool_rx) = watch::channel(false);
-    let delivery_rt = DeliveryRuntime::new(cfg.delivery_nice)?;
-    let pool = delivery_rt.spawn(delivery::run(
+    let mut pool = delivery_rt.spawn(delivery::run(
         queue.clone(),
         DeliveryConfig::from_serve(&cfg).renewing_here(),
         wake,
@@ -178,20 +180,38 @@ pub async fn run_with_queue<Q: Queue>(
         "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
     );
 
-    shutdown.await;
+    // The pool runs until shutdown; if it ends before, nothing would be
+    // delivered: stop taking events (readyz 503), close the store, exit 1.
+    let pool_result = tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutting down: no new events accepted");
+            accepting.store(false, Ordering::Relaxed);
+            let _ = stop_pool_tx.send(true);
+            match pool.await {
+                Ok(r) => r.context("the delivery pool failed"),
+                Err(e) => Err(anyhow::anyhow!("the delivery pool panicked: {e}")),
+            }
+        }
+        ended = &mut pool => {
+            accepting.store(false, Ordering::Relaxed);
+            let why = match ended {
+                Ok(Ok(())) => anyhow::anyhow!("the delivery pool stopped on its own"),
+                Ok(Err(e)) => e.context("the delivery pool failed"),
+                Err(e) => anyhow::anyhow!("the delivery pool panicked: {e}"),
+            };
+            tracing::error!(error = format!("{why:#}"), "nothing can be delivered: the relay stops taking events and exits");
+            Err(why)
+        }
+    };
     if let Some(s) = summary {
         s.abort();
     }
-    tracing::info!("shutting down: no new events accepted");
-    accepting.store(false, Ordering::Relaxed);
-    let _ = stop_pool_tx.send(true);
-    let pool_result = pool.await.context("delivery pool panicked")?;
     let close_result = queue.close().await;
     let _ = stop_http_tx.send(true);
     for server in [ingress_server, admin_server] {
         let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, server).await;
     }
-    pool_result.context("delivery pool failed")?;
+    pool_result?;
     close_result.context("failed to close the queue")?;
     tracing::info!("stopped");
     Ok(())

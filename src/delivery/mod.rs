@@ -22,7 +22,7 @@ pub mod handoff;
 pub mod signing;
 pub mod target;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -62,6 +62,32 @@ pub struct DeliveryConfig {
     /// deliveries' lower CPU priority: deliveries that a busy machine slows
     /// down must not also lose their leases to other relays (a duplicate).
     pub renewals: Option<tokio::runtime::Handle>,
+    pub test_fault: Option<TestFault>,
+}
+
+/// Faults the tests inject to see the relay notice a dead pool (debug builds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestFault {
+    /// `run` fails before it delivers anything.
+    FailAtStart,
+    /// The dispatcher panics after `PANIC_AFTER`.
+    PanicLater,
+}
+
+impl TestFault {
+    pub const PANIC_AFTER: Duration = Duration::from_millis(500);
+
+    /// `COGRELAY_TEST_FAULT=delivery-start|delivery-panic`, in debug builds only.
+    pub fn from_env() -> Option<Self> {
+        if !cfg!(debug_assertions) {
+            return None;
+        }
+        match std::env::var("COGRELAY_TEST_FAULT").ok()?.as_str() {
+            "delivery-start" => Some(Self::FailAtStart),
+            "delivery-panic" => Some(Self::PanicLater),
+            _ => None,
+        }
+    }
 }
 
 impl DeliveryConfig {
@@ -88,6 +114,7 @@ impl DeliveryConfig {
             lock_duration: c.lock_duration,
             shutdown_grace: c.shutdown_grace,
             verify_events: c.verify_events.clone(),
+            test_fault: c.test_fault,
             renewals: None,
         }
     }
@@ -97,8 +124,12 @@ struct Pool<Q> {
     queue: Arc<Q>,
     cfg: DeliveryConfig,
     target: target::Target,
-    /// Leases held by running deliveries, for renewal and for release at shutdown.
-    in_flight: Mutex<HashMap<String, LeaseRef>>,
+    /// Leases held by running deliveries, for renewal and for release at
+    /// shutdown. Keyed by the lease (job and token), not the job: a job whose
+    /// lease lapsed can be claimed again here under a new token while its old
+    /// attempt is still finishing, and the old attempt's end must not drop
+    /// the new lease from renewal.
+    in_flight: Mutex<HashSet<LeaseRef>>,
     /// Wakes the dispatcher: new jobs (ingress) and finished deliveries (a retry
     /// may now be the earliest due job, and a worker is free).
     wake: Arc<Notify>,
@@ -116,6 +147,14 @@ pub async fn run<Q: Queue>(
     metrics: Arc<crate::admin::metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    match cfg.test_fault {
+        Some(TestFault::FailAtStart) => anyhow::bail!("injected fault: the pool failed to start"),
+        Some(TestFault::PanicLater) => {
+            tokio::time::sleep(TestFault::PANIC_AFTER).await;
+            panic!("injected fault: the pool panicked");
+        }
+        None => {}
+    }
     let target = target::Target::new(&cfg.target, cfg.concurrency, cfg.delivery_timeout)?;
     let verifier = cfg
         .verify_events
@@ -126,7 +165,7 @@ pub async fn run<Q: Queue>(
         queue,
         cfg,
         target,
-        in_flight: Mutex::new(HashMap::new()),
+        in_flight: Mutex::new(HashSet::new()),
         wake: wake.clone(),
         verifier,
         metrics,
@@ -143,7 +182,7 @@ pub async fn run<Q: Queue>(
     let prefetch = (pool.cfg.concurrency * 2).min(MAX_CLAIM);
     let take = |pool: &Pool<Q>, ready: &mut VecDeque<Leased>, job: Leased| {
         if let Ok(mut m) = pool.in_flight.lock() {
-            m.insert(job.lease.job_id.clone(), job.lease.clone());
+            m.insert(job.lease.clone());
         }
         ready.push_back(job);
     };
@@ -233,14 +272,20 @@ pub async fn run<Q: Queue>(
     for job in handoff.close() {
         take(&pool, &mut ready, job);
     }
+    // A failure to give them back is reported at the end, after the drain:
+    // the deliveries in flight still finish and record their results.
+    let mut released = Ok(());
     if !ready.is_empty() {
         let leases: Vec<LeaseRef> = ready.drain(..).map(|l| l.lease).collect();
         if let Ok(mut m) = pool.in_flight.lock() {
             for l in &leases {
-                m.remove(&l.job_id);
+                m.remove(l);
             }
         }
-        pool.queue.release(leases).await?;
+        if let Err(e) = pool.queue.release(leases).await {
+            tracing::error!(error = %e, "cannot return unstarted jobs to the queue; they are taken over when their leases expire");
+            released = Err(e);
+        }
     }
 
     // Drain: let in-flight deliveries finish within the grace period.
@@ -264,7 +309,7 @@ pub async fn run<Q: Queue>(
         let leases: Vec<LeaseRef> = pool
             .in_flight
             .lock()
-            .map(|mut m| m.drain().map(|(_, l)| l).collect())
+            .map(|mut m| m.drain().collect())
             .unwrap_or_default();
         tracing::warn!(
             returned = leases.len(),
@@ -272,7 +317,7 @@ pub async fn run<Q: Queue>(
         );
         pool.queue.release(leases).await?;
     }
-    Ok(())
+    released.map_err(Into::into)
 }
 
 async fn renew_leases<Q: Queue>(pool: Arc<Pool<Q>>) {
@@ -282,7 +327,7 @@ async fn renew_leases<Q: Queue>(pool: Arc<Pool<Q>>) {
         let leases: Vec<LeaseRef> = pool
             .in_flight
             .lock()
-            .map(|m| m.values().cloned().collect())
+            .map(|m| m.iter().cloned().collect())
             .unwrap_or_default();
         if leases.is_empty() {
             continue;
@@ -481,7 +526,8 @@ async fn record<Q: Queue>(
             tracing::warn!(job = %leased.job.id, attempt = n, reason = %reason, "delivery failed permanently; job is in the failed list")
         }
     }
-    let job_id = leased.lease.job_id.clone();
+    let lease = leased.lease.clone();
+    let job_id = &lease.job_id;
     let retry = matches!(disposition, Disposition::RetryAt { .. });
     match pool.queue.finish(leased, attempt, disposition).await {
         Ok(true) => {}
@@ -493,7 +539,7 @@ async fn record<Q: Queue>(
         }
     }
     if let Ok(mut m) = pool.in_flight.lock() {
-        m.remove(&job_id);
+        m.remove(&lease);
     }
     if retry {
         pool.wake.notify_one();

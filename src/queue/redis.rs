@@ -157,6 +157,10 @@ async fn durability(queue: &bull::Queue) -> Vec<(&'static str, bool)> {
     vec![("redis_no_aof", no_aof), ("redis_evicting", evicting)]
 }
 
+/// Failed jobs moved back per script call by `retry_all_failed` (one call
+/// holds Redis for about a millisecond per hundred jobs).
+const RETRY_BATCH: u64 = 500;
+
 fn connection(url: &str) -> bull::options::RedisConnectionOptions {
     bull::options::RedisConnectionOptions::new().url(url)
 }
@@ -231,6 +235,7 @@ struct Hot {
     finish: redis::Script,
     extend: redis::Script,
     release: redis::Script,
+    retry_failed: redis::Script,
 }
 
 impl Hot {
@@ -373,6 +378,7 @@ impl RedisQueue {
             finish: redis::Script::new(include_str!("lua/finish.lua")),
             extend: redis::Script::new(include_str!("lua/extend.lua")),
             release: redis::Script::new(include_str!("lua/release.lua")),
+            retry_failed: redis::Script::new(include_str!("lua/retry_failed.lua")),
         });
         let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
         let h = hot.clone();
@@ -823,23 +829,21 @@ impl Queue for RedisQueue {
     }
 
     async fn retry_all_failed(&self) -> QueueResult<u64> {
-        let n = bounded(self.queue.get_failed_count()).await?;
-        let key = |id: &str| self.hot.key(id);
-        // Reset attempts like a single retry, then move them all (BullMQ's retryJobs).
-        let failed = bounded(self.queue.get_jobs(&["failed"], 0, -1, true)).await?;
-        for job in &failed {
-            self.raw::<i64>(
-                redis::cmd("HSET")
-                    .arg(key(job.id()))
-                    .arg("atm")
-                    .arg(0)
-                    .arg("ats")
-                    .arg(0),
-            )
-            .await?;
+        // Batches of RETRY_BATCH, each reset and moved in one script, so every
+        // job moved has its attempts reset and the count is what moved.
+        let mut moved = 0;
+        loop {
+            let mut call = self.hot.prepare(
+                &self.hot.retry_failed,
+                &["failed", "wait", "meta", "active", "marker", "events"],
+            );
+            call.arg(RETRY_BATCH);
+            let n: u64 = self.hot.invoke(&call).await?;
+            moved += n;
+            if n < RETRY_BATCH {
+                return Ok(moved);
+            }
         }
-        bounded(self.queue.retry_jobs("failed", 1000, None)).await?;
-        Ok(n)
     }
 
     async fn remove(&self, id: &str) -> QueueResult<()> {

@@ -133,6 +133,42 @@ async fn health_ready_and_queue_counts(b: Backend) {
     }
 }
 
+/// Retry-all moves every failed job, more than one batch of them, each with
+/// its attempts reset (delivered as attempt 1), and answers how many moved.
+async fn retry_all_resets_every_job_and_counts_what_moved(b: Backend) {
+    const N: usize = 1200;
+    let app = std::sync::Arc::new(spawn_app_on(b, |c| c.attempts = 1).await);
+    app.sink.set_default(Behaviour::status(500));
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let (app, limit) = (app.clone(), limit.clone());
+        sends.spawn(async move {
+            let _p = limit.acquire_owned().await.expect("permit");
+            app.post_event(&event("bot", &format!("ra-{i}"))).await.status
+        });
+    }
+    while let Some(s) = sends.join_next().await {
+        assert_eq!(s.expect("task"), 200);
+    }
+    app.wait_counts(Duration::from_secs(60), |c| c["failed"] == N as u64).await;
+    app.sink.set_default(Behaviour::status(200));
+    let first_round = app.sink.count();
+    let r = app.admin_post("/admin/jobs/retry?state=failed").await;
+    assert_eq!(r.json["retried"], N as u64, "{}", r.json);
+    let c = app
+        .wait_counts(Duration::from_secs(60), |c| c["completed"].as_u64().unwrap_or(0) >= 100 && c["failed"] == 0 && c["waiting"] == 0 && c["active"] == 0 && c["delayed"] == 0)
+        .await;
+    assert_eq!(c["failed"], 0, "{c}");
+    assert!(app.sink.wait_for(first_round + N, Duration::from_secs(60)).await);
+    let again = &app.sink.received()[first_round..];
+    assert_eq!(again.len(), N);
+    assert!(
+        again.iter().all(|r| r.header("x-delivery-attempt") == Some("1")),
+        "every retried job starts again at attempt 1"
+    );
+}
+
 async fn admin_token_is_required_when_set(b: Backend) {
     let app = spawn_app_on(b, |c| c.admin_token = Some(Secret::new("adm-tok"))).await;
     assert_eq!(app.admin_get("/admin/queue").await.status, 401);

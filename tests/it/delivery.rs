@@ -80,7 +80,8 @@ async fn a_422_fails_after_one_attempt(b: Backend) {
             .contains("422"),
         "{job}"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Failed is final: with nothing left to run, the count is the last word.
+    app.wait_settled(WAIT).await;
     assert_eq!(app.sink.count(), 1, "no more attempts");
 }
 

@@ -288,6 +288,15 @@ impl TestApp {
         }
     }
 
+    /// Waits until nothing is waiting, active or delayed: no delivery can
+    /// happen any more until something new arrives.
+    pub async fn wait_settled(&self, timeout: Duration) -> Value {
+        self.wait_counts(timeout, |c| {
+            c["waiting"] == 0 && c["active"] == 0 && c["delayed"] == 0
+        })
+        .await
+    }
+
     /// Graceful stop; returns the run result.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(s) = self.stop.take() {

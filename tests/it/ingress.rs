@@ -79,7 +79,7 @@ async fn a_burst_with_repeats_is_one_job_per_event(b: Backend) {
     }
     assert_eq!(ids.len(), 60);
     assert!(app.sink.wait_for(60, WAIT).await, "all delivered");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.wait_settled(WAIT).await;
     let keys: Vec<String> = app
         .sink
         .received()
@@ -415,7 +415,7 @@ async fn dedup_outlives_the_pruned_job(b: Backend) {
     let again = app.post_event(&event("b", "pruned")).await;
     assert_eq!(again.json["status"], "duplicate", "{}", again.json);
     assert_eq!(again.json["jobId"], id.as_str());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.wait_settled(WAIT).await;
     assert_eq!(app.sink.count(), 1);
 }
 }

@@ -137,6 +137,25 @@ async fn start(
     }
 }
 
+/// Waits until the relay on `admin_port` has nothing waiting, active or delayed.
+pub(crate) async fn wait_settled_at(admin_port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c: serde_json::Value =
+            reqwest::get(format!("http://127.0.0.1:{admin_port}/admin/queue"))
+                .await
+                .expect("admin")
+                .json()
+                .await
+                .expect("json");
+        if c["waiting"] == 0 && c["active"] == 0 && c["delayed"] == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never settled: {c}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub(crate) async fn post(http: &reqwest::Client, port: u16, id: &str) -> Option<u16> {
     let body = serde_json::to_vec(&event("bot", id)).expect("json");
     let sig = sign_hex(SECRET, &body);
@@ -282,12 +301,12 @@ async fn sigterm_drains(backend: Backend) {
     assert_eq!(exit.code(), Some(0));
     assert_eq!(sink.count(), 1, "only the in-flight delivery ran");
 
-    let _relay = start_relay(dir.path(), &sink, &env).await;
+    let relay = start_relay(dir.path(), &sink, &env).await;
     assert!(
         sink.wait_for(5, Duration::from_secs(20)).await,
         "queued jobs delivered after restart"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_settled_at(relay.admin_port).await;
     let mut ids = delivered_ids(&sink);
     ids.sort();
     assert_eq!(
@@ -658,4 +677,60 @@ async fn credentials_in_the_target_url_are_sent_as_basic_authorization() {
         Some("Basic cmVsYXk6czNjcmV0")
     );
     let _ = relay.child.kill().await;
+}
+
+/// A relay whose delivery pool cannot start, or dies, must not go on taking
+/// events that nothing delivers: it is never (or no longer) ready and exits 1
+/// with one line naming why. (`COGRELAY_TEST_FAULT` exists in debug builds.)
+#[tokio::test]
+async fn a_relay_whose_delivery_pool_fails_or_dies_stops_with_exit_1() {
+    for (fault, words) in [
+        ("delivery-start", "the delivery pool failed: injected fault"),
+        ("delivery-panic", "the delivery pool panicked"),
+    ] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sink = Sink::start().await.expect("sink");
+        let (port, admin_port) = (free_port(), free_port());
+        let envs = vec![
+            ("PORT", port.to_string()),
+            ("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
+            ("TARGET_ENDPOINT", sink.url()),
+            ("WEBHOOK_SIGNING_SECRET", SECRET.to_string()),
+            (
+                "COGRELAY_DATA_DIR",
+                dir.path().join("data").display().to_string(),
+            ),
+            ("COGRELAY_TEST_FAULT", fault.to_string()),
+        ];
+        let mut child = command(dir.path(), &envs).spawn().expect("spawn");
+        let http = reqwest::Client::new();
+        let mut ready_seen = false;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            let ready = http
+                .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            ready_seen |= ready;
+            assert!(Instant::now() < deadline, "{fault}: the relay kept running");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr).await;
+        }
+        assert_eq!(status.code(), Some(1), "{fault}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ") && last.contains(words),
+            "{fault}: {last}"
+        );
+        if fault == "delivery-start" {
+            assert!(!ready_seen, "never ready without a delivery pool");
+        }
+    }
 }

@@ -244,7 +244,10 @@ async fn three_relays_share_one_queue_without_loss_or_duplicates() {
     let mut all = acked.clone();
     all.extend((0..50).map(|i| format!("twice-{i}")));
     wait_all_delivered(&sink, &all, Duration::from_secs(120)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Count only once no job can be delivered again: nothing active, waiting
+    // or delayed, and no lease (lock key) left that could lapse and hand a job
+    // to a second relay.
+    wait_until_no_job_can_run_again(redis.port, Duration::from_secs(30)).await;
 
     let mut times: HashMap<String, usize> = HashMap::new();
     for id in delivered_ids(&sink) {
@@ -288,6 +291,37 @@ async fn a_killed_relays_jobs_are_taken_over() {
     let mut acked = sending.await.expect("sender");
     acked.extend(first);
     wait_all_delivered(&sink, &acked, Duration::from_secs(120)).await;
+}
+
+/// Waits until the default queue has no active, waiting or delayed job and
+/// no lock key.
+async fn wait_until_no_job_can_run_again(port: u16, timeout: Duration) {
+    let mut conn = redis_conn(port).await;
+    let q = "bull:cognigy-webhook-retries";
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let (active, wait, delayed, locks): (u64, u64, u64, Vec<String>) = redis::pipe()
+            .cmd("LLEN")
+            .arg(format!("{q}:active"))
+            .cmd("LLEN")
+            .arg(format!("{q}:wait"))
+            .cmd("ZCARD")
+            .arg(format!("{q}:delayed"))
+            .cmd("KEYS")
+            .arg(format!("{q}:*:lock"))
+            .query_async(&mut conn)
+            .await
+            .expect("redis");
+        if active + wait + delayed == 0 && locks.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jobs still in flight: active {active}, wait {wait}, delayed {delayed}, locks {}",
+            locks.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A connection to the test's private redis-server.
