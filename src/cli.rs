@@ -137,9 +137,15 @@ pub struct StoreArgs {
     #[arg(long, env = "COGRELAY_QUEUE")]
     pub queue: Option<String>,
 
-    /// Redis URL for the redis queue, e.g. redis://127.0.0.1:6379 (may carry a password; never printed).
+    /// Redis URL for the redis queue, e.g. redis://127.0.0.1:6379, or
+    /// rediss://host:6380 for TLS (may carry a password; never printed).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// With rediss://: a PEM file of the CA that signed Redis's certificate,
+    /// trusted besides the web PKI roots (a private CA, a self-signed server).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<String>,
 
     /// Redis host for the redis queue (with REDIS_PORT), when REDIS_URL is not set.
     #[arg(long, env = "REDIS_HOST", hide_env_values = true)]

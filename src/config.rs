@@ -85,6 +85,8 @@ pub struct StoreConfig {
     /// May hold a password: never print it.
     pub redis_url: Secret,
     pub queue_name: String,
+    /// PEM of a CA to trust for `rediss://` (`REDIS_CA_FILE`), read at start-up.
+    pub redis_ca: Option<Vec<u8>>,
 }
 
 impl StoreConfig {
@@ -130,12 +132,22 @@ impl StoreConfig {
                 )))
             }
         };
+        let redis_ca = match a.redis_ca_file.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                bad(format!("REDIS_CA_FILE={path:?} cannot be read ({e}): give the PEM file of the CA that signed Redis's certificate"))
+            })?),
+        };
+        if redis_ca.is_some() && !redis_url.expose().starts_with("rediss://") {
+            return Err(bad("REDIS_CA_FILE is set but REDIS_URL is not rediss://: use rediss://host:port for TLS, or unset REDIS_CA_FILE"));
+        }
         Ok(Self {
             queue,
             data_dir: PathBuf::from(&a.data_dir),
             fsync,
             redis_url,
             queue_name,
+            redis_ca,
         })
     }
 }
@@ -189,6 +201,7 @@ pub struct ServeConfig {
     /// Redis URL (redis queue only). May hold a password: never print it.
     pub redis_url: crate::secret::Secret,
     pub queue_name: String,
+    pub redis_ca: Option<Vec<u8>>,
 }
 
 impl ServeConfig {
@@ -228,6 +241,7 @@ impl ServeConfig {
             ingress_rate_limit: None,
             redis_url: Secret::new("redis://127.0.0.1:6379"),
             queue_name: "cognigy-webhook-retries".into(),
+            redis_ca: None,
         }
     }
 
@@ -301,6 +315,7 @@ impl ServeConfig {
         c.fsync = store.fsync;
         c.redis_url = store.redis_url;
         c.queue_name = store.queue_name;
+        c.redis_ca = store.redis_ca;
         c.max_db_bytes = parse_num(
             "COGRELAY_MAX_DB_BYTES",
             &a.max_db_bytes,

@@ -95,6 +95,7 @@ pub async fn run(store: &StoreConfig, op: Op, json: bool) -> Result<String, CliE
         QueueKind::Redis => {
             let q = RedisQueue::connect(RedisOptions {
                 url: store.redis_url.expose().to_string(),
+                ca_pem: store.redis_ca.clone(),
                 queue_name: store.queue_name.clone(),
                 lock_duration: Duration::from_secs(30),
                 settings,

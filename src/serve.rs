@@ -51,6 +51,7 @@ pub fn open_embedded(cfg: &ServeConfig) -> anyhow::Result<EmbeddedQueue> {
 pub async fn open_redis(cfg: &ServeConfig) -> anyhow::Result<RedisQueue> {
     RedisQueue::connect(RedisOptions {
         url: cfg.redis_url.expose().to_string(),
+        ca_pem: cfg.redis_ca.clone(),
         queue_name: cfg.queue_name.clone(),
         lock_duration: cfg.lock_duration,
         settings: queue_settings(cfg),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -105,10 +105,14 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = AcceptBackoff::default();
+    // At stop, every open connection finishes the request it is on and closes
+    // (idle keep-alive connections at once), so nothing holds the relay's
+    // state after the server has stopped.
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
         };
         let (tcp, peer) = match accepted {
             Ok(c) => c,
@@ -116,7 +120,7 @@ pub async fn serve(
                 if let Some(pause) = backoff.failed(&e) {
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
-                        _ = stop.wait_for(|s| *s) => return,
+                        _ = stop.wait_for(|s| *s) => break,
                     }
                 }
                 continue;
@@ -125,18 +129,19 @@ pub async fn serve(
         backoff.accepted();
         let _ = tcp.set_nodelay(true);
         let (acceptor, app) = (acceptor.clone(), app.clone());
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper::server::conn::http1::Builder::new();
             builder
-                .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(read_timeout)
                 .max_buf_size(READ_BUFFER_BYTES);
-            let builder = builder.http1_only();
             let app = app.layer(axum::Extension(crate::ingress::ratelimit::PeerAddr(peer)));
             let service = TowerToHyperService::new(app);
             let Some(acceptor) = acceptor else {
-                let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                let _ = watcher
+                    .watch(builder.serve_connection(TokioIo::new(tcp), service))
+                    .await;
                 return;
             };
             let tls = match tokio::time::timeout(
@@ -155,7 +160,10 @@ pub async fn serve(
                     return;
                 }
             };
-            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+            let _ = watcher
+                .watch(builder.serve_connection(TokioIo::new(tls), service))
+                .await;
         });
     }
+    graceful.shutdown().await;
 }

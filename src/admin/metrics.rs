@@ -76,6 +76,9 @@ pub struct Metrics {
     retried: AtomicU64,
     failed: AtomicU64,
     pub delivery: Histogram,
+    /// True while the delivery pool runs (set by the pool once it started):
+    /// `/readyz` is 503 without it.
+    pub delivery_up: std::sync::atomic::AtomicBool,
 }
 
 /// Totals since start, for the periodic summary line.
@@ -155,6 +158,11 @@ impl Metrics {
             &mut out,
             "cogrelay_delivery_seconds",
             "Duration of one delivery attempt.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cogrelay_delivery_up 1 while the delivery pool runs.\n# TYPE cogrelay_delivery_up gauge\ncogrelay_delivery_up {}",
+            u8::from(self.delivery_up.load(Ordering::Relaxed))
         );
         if let Some(c) = queue {
             out.push_str("# HELP cogrelay_queue_jobs Jobs in the queue by state.\n# TYPE cogrelay_queue_jobs gauge\n");

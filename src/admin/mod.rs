@@ -151,6 +151,12 @@ async fn ready<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {
     if !s.accepting.load(Ordering::Relaxed) {
         return err(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
+    if !s.metrics.delivery_up.load(Ordering::Relaxed) {
+        return err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the delivery pool is not running",
+        );
+    }
     match s.queue.ping().await {
         Ok(()) => Json(json!({ "status": "ready" })).into_response(),
         Err(e) => err(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),

@@ -138,6 +138,17 @@ struct Pool<Q> {
     metrics: Arc<crate::admin::metrics::Metrics>,
 }
 
+/// Clears `delivery_up` when the pool ends, however it ends.
+struct Up(Arc<crate::admin::metrics::Metrics>);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.0
+            .delivery_up
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Runs the pool until `shutdown` turns true, then drains (see module doc).
 pub async fn run<Q: Queue>(
     queue: Arc<Q>,
@@ -147,13 +158,8 @@ pub async fn run<Q: Queue>(
     metrics: Arc<crate::admin::metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    match cfg.test_fault {
-        Some(TestFault::FailAtStart) => anyhow::bail!("injected fault: the pool failed to start"),
-        Some(TestFault::PanicLater) => {
-            tokio::time::sleep(TestFault::PANIC_AFTER).await;
-            panic!("injected fault: the pool panicked");
-        }
-        None => {}
+    if cfg.test_fault == Some(TestFault::FailAtStart) {
+        anyhow::bail!("injected fault: the pool failed to start");
     }
     let target = target::Target::new(&cfg.target, cfg.concurrency, cfg.delivery_timeout)?;
     let verifier = cfg
@@ -161,6 +167,15 @@ pub async fn run<Q: Queue>(
         .clone()
         .map(CognigyClient::new)
         .transpose()?;
+    // Up from here; down when this returns or unwinds.
+    metrics
+        .delivery_up
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let _up = Up(metrics.clone());
+    if cfg.test_fault == Some(TestFault::PanicLater) {
+        tokio::time::sleep(TestFault::PANIC_AFTER).await;
+        panic!("injected fault: the pool panicked");
+    }
     let pool = Arc::new(Pool {
         queue,
         cfg,

@@ -47,8 +47,26 @@
 //!
 //! # Bounded size
 //!
-//! `COGRELAY_MAX_DB_BYTES` sets SQLite's `max_page_count`: past it every insert
-//! fails with SQLITE_FULL, exactly as on a full disk, and ingress answers 503.
+//! * The WAL: a PASSIVE checkpoint on the second connection copies frames into
+//!   the main file every 500 ms, but under continuous writes it never catches
+//!   up, and the WAL can only start over from its beginning once a checkpoint
+//!   has copied all of it. So when the WAL passes [`WAL_RESTART_BYTES`] (or a
+//!   quarter of `COGRELAY_MAX_DB_BYTES`), the writer itself runs a RESTART
+//!   checkpoint between two batches, when nothing new is being appended, and
+//!   `journal_size_limit` truncates the file to a quarter of that. The WAL
+//!   stays within a few times that size under any load.
+//! * The main file: `auto_vacuum=INCREMENTAL`, and maintenance gives free
+//!   pages back to the file system once they are more than a quarter of the
+//!   file, so a drained backlog does not leave a file sized for its peak.
+//!   (A store created before this setting is compacted once at open.)
+//! * `COGRELAY_MAX_DB_BYTES` caps the main file and the WAL together: SQLite's
+//!   `max_page_count` stops the main file (SQLITE_FULL, as a full disk would),
+//!   and a new event is refused while file + WAL are at the cap (the sizes
+//!   are read after every batch). Either way ingress answers 503, and
+//!   deliveries go on, so the store drains.
+//! * A batch in which SQLite rolled the whole transaction back (a full disk
+//!   can do that mid-batch) stops there: every request of it is answered
+//!   unavailable, none as stored.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -120,6 +138,38 @@ struct Writer {
     now_ms: i64,
     completed_since_prune: u64,
     stop: bool,
+    /// The main file and its WAL.
+    db_path: PathBuf,
+    wal_path: PathBuf,
+    /// Main file + WAL, read after each batch.
+    disk_bytes: u64,
+    /// `COGRELAY_MAX_DB_BYTES` (0: none).
+    max_bytes: u64,
+    /// WAL size past which the writer restarts it.
+    wal_restart_bytes: u64,
+}
+
+/// The WAL size past which the writer runs a RESTART checkpoint (see the
+/// module doc); a restarted WAL is truncated to a quarter of it.
+pub const WAL_RESTART_BYTES: u64 = 16 * 1024 * 1024;
+
+impl Writer {
+    /// Reads the sizes of the files; restarts the WAL if it grew too long.
+    fn watch_disk(&mut self, conn: &Connection) {
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let mut wal = size(&self.wal_path);
+        if wal > self.wal_restart_bytes {
+            match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                Ok(()) => wal = size(&self.wal_path),
+                Err(e) => tracing::debug!(error = %e, "wal restart"),
+            }
+        }
+        self.disk_bytes = size(&self.db_path) + wal;
+    }
+
+    fn full(&self) -> bool {
+        self.max_bytes > 0 && self.disk_bytes >= self.max_bytes
+    }
 }
 
 pub struct EmbeddedQueue {
@@ -181,6 +231,14 @@ impl EmbeddedQueue {
         let path = opts.data_dir.join(DB_FILE);
         let sqlite_err = |e| OpenError::Sqlite(path.clone(), e);
         let conn = open_connection(&path, opts.fsync).map_err(sqlite_err)?;
+        let wal_restart_bytes = match opts.max_db_bytes {
+            0 => WAL_RESTART_BYTES,
+            max => WAL_RESTART_BYTES.min(max / 4),
+        };
+        // A restarted WAL is truncated to a quarter of the restart size.
+        conn.pragma_update(None, "journal_size_limit", (wal_restart_bytes / 4) as i64)
+            .map_err(sqlite_err)?;
+        incremental_vacuum_on(&conn).map_err(sqlite_err)?;
         conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sqlite_err)?;
@@ -213,12 +271,18 @@ impl EmbeddedQueue {
         let (tx, rx) = mpsc::channel::<Op>(64 * 1024);
         let stop_checkpoints = Arc::new(AtomicBool::new(false));
         spawn_checkpointer(path.clone(), opts.fsync, stop_checkpoints.clone());
-        let writer = Writer {
+        let mut writer = Writer {
             settings: opts.settings,
             now_ms: now_ms(),
             completed_since_prune: 0,
             stop: false,
+            wal_path: PathBuf::from(format!("{}-wal", path.display())),
+            db_path: path.clone(),
+            disk_bytes: 0,
+            max_bytes: opts.max_db_bytes,
+            wal_restart_bytes,
         };
+        writer.watch_disk(&conn);
         std::thread::Builder::new()
             .name("cogrelay-store".into())
             .spawn(move || {
@@ -289,6 +353,9 @@ fn open_connection(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
     // fewer than the hot path plus housekeeping use, and evictions re-parse).
     conn.set_prepared_statement_cache_capacity(64);
     conn.busy_timeout(Duration::from_secs(5))?;
+    // Before WAL mode, which writes the header of a new file: after that,
+    // auto_vacuum changes only through a VACUUM (see incremental_vacuum_on).
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(rusqlite::Error::InvalidParameterName(format!(
@@ -343,6 +410,7 @@ fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receiver<Op>) {
         }
         w.now_ms = now_ms();
         run_batch(&conn, &mut w, &mut batch);
+        w.watch_disk(&conn);
         if last_maintenance.elapsed() >= Duration::from_millis(500)
             || w.completed_since_prune > 1000
         {
@@ -371,13 +439,29 @@ fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
         return;
     }
     let mut dones = Vec::with_capacity(batch.len());
-    for op in batch.drain(..) {
+    let mut ops = batch.drain(..);
+    while let Some(op) = ops.next() {
         if let Err(e) = exec_cached(conn, "SAVEPOINT op") {
             tracing::error!(error = %store_error(&e), "store: savepoint");
             continue;
         }
         let done = op(conn, w);
-        let end = if done.ok {
+        dones.push(done);
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (it may on a full disk):
+            // what ran before is undone, and what runs now would commit on its
+            // own. Nothing of this batch is stored; the rest is not run.
+            let err =
+                QueueError::Unavailable("the store rolled a transaction back (disk full?)".into());
+            tracing::error!(error = %err, not_run = ops.len(), "store: nothing of this batch was acknowledged");
+            drop(ops); // the operations not run answer Unavailable as they are dropped
+            for d in dones {
+                (d.reply)(Err(err.clone()));
+            }
+            return;
+        }
+        let done = dones.last().is_none_or(|d| d.ok);
+        let end = if done {
             exec_cached(conn, "RELEASE op")
         } else {
             conn.execute_batch("ROLLBACK TO op; RELEASE op")
@@ -385,7 +469,6 @@ fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
         if let Err(e) = end {
             tracing::error!(error = %store_error(&e), "store: savepoint");
         }
-        dones.push(done);
     }
     let commit = exec_cached(conn, "COMMIT").map_err(|e| {
         let _ = conn.execute_batch("ROLLBACK");
@@ -424,6 +507,49 @@ fn maintenance(conn: &Connection, w: &mut Writer) {
         tracing::warn!(error = %store_error(&e), "store maintenance failed; will try again");
     }
     w.completed_since_prune = 0;
+    give_back_free_pages(conn);
+}
+
+/// Turns on `auto_vacuum=INCREMENTAL`: before the first table for a new
+/// store; with a one-time VACUUM for a store made before.
+fn incremental_vacuum_on(conn: &Connection) -> rusqlite::Result<()> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    conn.pragma_update(None, "auto_vacuum", INCREMENTAL)?;
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    if tables > 0 {
+        tracing::info!("compacting the store once, to give freed space back from now on");
+        conn.execute_batch("VACUUM")?;
+    }
+    Ok(())
+}
+
+/// Free pages above a quarter of the file, given back to the file system a
+/// bounded number at a time (each call is one short write transaction).
+fn give_back_free_pages(conn: &Connection) {
+    const MAX_PAGES_PER_CALL: i64 = 4096;
+    let pages = |pragma: &str| {
+        conn.query_row(pragma, [], |r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+    };
+    let (free, total) = (pages("PRAGMA freelist_count"), pages("PRAGMA page_count"));
+    if free > 64 && free * 4 > total {
+        let n = free.min(MAX_PAGES_PER_CALL);
+        // The pragma frees pages as it is stepped: step it to the end.
+        let run = conn
+            .prepare(&format!("PRAGMA incremental_vacuum({n})"))
+            .and_then(|mut stmt| {
+                let mut rows = stmt.query([])?;
+                while rows.next()?.is_some() {}
+                Ok(())
+            });
+        if let Err(e) = run {
+            tracing::debug!(error = %e, "incremental vacuum");
+        }
+    }
 }
 
 fn store_error(e: &rusqlite::Error) -> String {
@@ -508,6 +634,12 @@ fn insert_event(
     lease: Option<(&str, i64)>,
 ) -> QueueResult<Enqueued> {
     let now = w.now_ms;
+    if w.full() {
+        return Err(QueueError::Unavailable(format!(
+            "the store is full: database and WAL hold {} bytes of COGRELAY_MAX_DB_BYTES={}",
+            w.disk_bytes, w.max_bytes
+        )));
+    }
     let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
     let dedup = ttl_ms > 0; // DEDUP_TTL_SECS=0: every event a new job
     let existing: Option<i64> = if !dedup {

@@ -71,6 +71,8 @@ const KEEP_LOGS: u32 = 100;
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
     pub url: String,
+    /// PEM of a CA to trust besides the web PKI roots (`rediss://` only).
+    pub ca_pem: Option<Vec<u8>>,
     pub queue_name: String,
     pub lock_duration: Duration,
     pub settings: QueueSettings,
@@ -161,8 +163,37 @@ async fn durability(queue: &bull::Queue) -> Vec<(&'static str, bool)> {
 /// holds Redis for about a millisecond per hundred jobs).
 const RETRY_BATCH: u64 = 500;
 
-fn connection(url: &str) -> bull::options::RedisConnectionOptions {
-    bull::options::RedisConnectionOptions::new().url(url)
+fn connection(opts: &RedisOptions) -> bull::options::RedisConnectionOptions {
+    let mut c = bull::options::RedisConnectionOptions::new().url(&opts.url);
+    if let Some(pem) = &opts.ca_pem {
+        c.tls_certs = Some(bull::options::TlsCerts {
+            root_cert: Some(pem.clone()),
+            client_cert: None,
+            client_key: None,
+        });
+    }
+    c
+}
+
+/// One connection and a PING, straight with the redis crate, before the
+/// port's connection manager (which retries a failed connection quietly, so
+/// a refused certificate would only show as a timeout): a TLS, certificate,
+/// password or network failure is reported as the error it is.
+async fn first_connection(opts: &RedisOptions) -> QueueResult<()> {
+    let client = match &opts.ca_pem {
+        None => redis::Client::open(opts.url.as_str()),
+        Some(pem) => redis::Client::build_with_tls(
+            opts.url.as_str(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            },
+        ),
+    }
+    .map_err(unavailable)?;
+    let mut conn = bounded(client.get_multiplexed_async_connection()).await?;
+    bounded(redis::cmd("PING").query_async::<String>(&mut conn)).await?;
+    Ok(())
 }
 
 /// A new job for the add script.
@@ -334,15 +365,16 @@ impl Hot {
 
 impl RedisQueue {
     pub async fn connect(opts: RedisOptions) -> Result<Self, QueueError> {
+        first_connection(&opts).await?;
         let lock_ms = opts.lock_duration.as_millis() as u64;
         let mut qopts = bull::QueueOptions::new();
-        qopts.connection = connection(&opts.url);
+        qopts.connection = connection(&opts);
         let queue = bounded(bull::Queue::with_options(&opts.queue_name, qopts)).await?;
         let noop = |_job: bull::Job, _cancel: bull::worker::CancellationToken| async move {
             Ok::<Value, bull::Error>(Value::Null)
         };
         let worker_opts = |skip_stalled: bool| bull::WorkerOptions {
-            connection: connection(&opts.url),
+            connection: connection(&opts),
             autorun: false,
             lock_duration: lock_ms,
             stalled_interval: (lock_ms / 2).max(1000),
@@ -363,7 +395,7 @@ impl RedisQueue {
         bounded(stall_checker.run()).await?;
         let keep_completed = i64::from(opts.settings.remove_on_complete);
         let mut iopts = bull::QueueOptions::new();
-        iopts.connection = connection(&opts.url);
+        iopts.connection = connection(&opts);
         let ingress = bounded(bull::Queue::with_options(&opts.queue_name, iopts)).await?;
         let hot = Arc::new(Hot {
             ingress,

@@ -125,7 +125,7 @@ pub async fn start(cfg: ServeConfig, sink: Sink) -> TestApp {
             let _ = stopped.await;
         },
     ));
-    let app = TestApp {
+    let mut app = TestApp {
         redis: None,
         ingress: ingress_addr,
         admin: admin_addr,
@@ -137,7 +137,18 @@ pub async fn start(cfg: ServeConfig, sink: Sink) -> TestApp {
         join: Some(join),
         _tmp: None,
     };
-    app.wait_ready().await;
+    let ready = tokio::select! {
+        () = app.wait_ready() => true,
+        _ = async {
+            while !app.join.as_ref().is_some_and(|j| j.is_finished()) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        } => false,
+    };
+    if !ready {
+        let result = app.stop().await;
+        panic!("the relay stopped before it was ready: {result:?}");
+    }
     app
 }
 

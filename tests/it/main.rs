@@ -5,6 +5,7 @@
 #[macro_use]
 mod helpers;
 mod redis_server;
+mod redis_tls;
 
 mod admin;
 mod bullmq_compat;
@@ -12,6 +13,7 @@ mod bullmq_port;
 mod cognigy;
 mod dashboard;
 mod delivery;
+mod disk;
 mod flood;
 mod fuzz;
 mod ingress;
