@@ -6,7 +6,9 @@
 //! * [`config`]: typed, validated settings; one error line per bad setting.
 //! * [`telemetry`]: logging (json or pretty).
 //! * [`secret`]: the `Secret` newtype, printed as `***`.
-//! * [`ingress`]: HTTP receive: authenticate, parse the envelope, enqueue.
+//! * [`ingress`]: HTTP receive: read the body within the shared budget,
+//!   authenticate, parse the envelope, check the replay window, enqueue.
+//! * [`answer`]: reading an answer's body no further than what is kept.
 //! * [`queue`]: the queue contract and job states; [`queue::embedded`] is the
 //!   SQLite backend.
 //! * [`delivery`]: worker pool, attempt classification, backoff, outbound signing.

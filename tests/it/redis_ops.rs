@@ -404,7 +404,17 @@ async fn a_queue_paused_by_a_bullmq_tool_takes_events_and_delivers_them_on_resum
         let r = app.post_event(&event("paused", &format!("p-{i}"))).await;
         assert_eq!(r.status, 200, "{}", r.json);
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The relay has looked at the paused queue three more times (its claims
+    // are script calls) and taken nothing.
+    let looked = command_calls(port, "evalsha").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while command_calls(port, "evalsha").await < looked + 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay never looked at the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(app.sink.posts(), 0, "nothing is delivered while paused");
     let waiting: u64 = redis::cmd("LLEN")
         .arg(format!("bull:{}:wait", app.config.queue_name))
