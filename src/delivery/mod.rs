@@ -124,18 +124,46 @@ struct Pool<Q> {
     queue: Arc<Q>,
     cfg: DeliveryConfig,
     target: target::Target,
-    /// Leases held by running deliveries, for renewal and for release at
-    /// shutdown. Keyed by the lease (job and token), not the job: a job whose
-    /// lease lapsed can be claimed again here under a new token while its old
-    /// attempt is still finishing, and the old attempt's end must not drop
-    /// the new lease from renewal.
-    in_flight: Mutex<HashSet<LeaseRef>>,
+    /// Leases held by this pool, for renewal and for release at shutdown.
+    in_flight: InFlight,
     /// Wakes the dispatcher: new jobs (ingress) and finished deliveries (a retry
     /// may now be the earliest due job, and a worker is free).
     wake: Arc<Notify>,
     /// One client (one token cache) for every worker's event verification.
     verifier: Option<CognigyClient>,
     metrics: Arc<crate::admin::metrics::Metrics>,
+}
+
+/// The leases a pool holds (claimed or handed over, running or about to),
+/// kept by lease (job and token), not by job: a job whose lease lapsed can be
+/// claimed again here under a new token while its old attempt is still
+/// finishing, and the end of the old attempt must not drop the new lease from
+/// renewal (its job would then lapse again mid-delivery: a duplicate).
+#[derive(Debug, Default)]
+struct InFlight(Mutex<HashSet<LeaseRef>>);
+
+impl InFlight {
+    fn with<T>(&self, f: impl FnOnce(&mut HashSet<LeaseRef>) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn hold(&self, lease: &LeaseRef) {
+        self.with(|m| m.insert(lease.clone()));
+    }
+
+    fn ended(&self, lease: &LeaseRef) {
+        self.with(|m| m.remove(lease));
+    }
+
+    /// Every lease held, to renew.
+    fn all(&self) -> Vec<LeaseRef> {
+        self.with(|m| m.iter().cloned().collect())
+    }
+
+    /// Every lease held, no longer held here (to give back).
+    fn take_all(&self) -> Vec<LeaseRef> {
+        self.with(|m| m.drain().collect())
+    }
 }
 
 /// Clears `delivery_up` when the pool ends, however it ends.
@@ -180,7 +208,7 @@ pub async fn run<Q: Queue>(
         queue,
         cfg,
         target,
-        in_flight: Mutex::new(HashSet::new()),
+        in_flight: InFlight::default(),
         wake: wake.clone(),
         verifier,
         metrics,
@@ -196,9 +224,7 @@ pub async fn run<Q: Queue>(
     let mut ready: VecDeque<Leased> = VecDeque::new();
     let prefetch = (pool.cfg.concurrency * 2).min(MAX_CLAIM);
     let take = |pool: &Pool<Q>, ready: &mut VecDeque<Leased>, job: Leased| {
-        if let Ok(mut m) = pool.in_flight.lock() {
-            m.insert(job.lease.clone());
-        }
+        pool.in_flight.hold(&job.lease);
         ready.push_back(job);
     };
     // A claim runs beside the dispatching (its own task): while it is out, free
@@ -292,10 +318,8 @@ pub async fn run<Q: Queue>(
     let mut released = Ok(());
     if !ready.is_empty() {
         let leases: Vec<LeaseRef> = ready.drain(..).map(|l| l.lease).collect();
-        if let Ok(mut m) = pool.in_flight.lock() {
-            for l in &leases {
-                m.remove(l);
-            }
+        for l in &leases {
+            pool.in_flight.ended(l);
         }
         if let Err(e) = pool.queue.release(leases).await {
             tracing::error!(error = %e, "cannot return unstarted jobs to the queue; they are taken over when their leases expire");
@@ -321,11 +345,7 @@ pub async fn run<Q: Queue>(
     if drained.is_err() {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
-        let leases: Vec<LeaseRef> = pool
-            .in_flight
-            .lock()
-            .map(|mut m| m.drain().collect())
-            .unwrap_or_default();
+        let leases = pool.in_flight.take_all();
         tracing::warn!(
             returned = leases.len(),
             "grace period over: unfinished deliveries go back to the queue"
@@ -339,11 +359,7 @@ async fn renew_leases<Q: Queue>(pool: Arc<Pool<Q>>) {
     let every = pool.cfg.lock_duration / 3;
     loop {
         tokio::time::sleep(every).await;
-        let leases: Vec<LeaseRef> = pool
-            .in_flight
-            .lock()
-            .map(|m| m.iter().cloned().collect())
-            .unwrap_or_default();
+        let leases = pool.in_flight.all();
         if leases.is_empty() {
             continue;
         }
@@ -553,9 +569,7 @@ async fn record<Q: Queue>(
             tracing::error!(job = %job_id, error = %e, "cannot record the delivery result; the job will be retried when its lease expires")
         }
     }
-    if let Ok(mut m) = pool.in_flight.lock() {
-        m.remove(&lease);
-    }
+    pool.in_flight.ended(&lease);
     if retry {
         pool.wake.notify_one();
     }
@@ -584,4 +598,36 @@ fn target_headers(
         h.insert("webhook-signature", HeaderValue::from_str(signature)?);
     }
     Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(job: &str, token: &str) -> LeaseRef {
+        LeaseRef {
+            job_id: job.into(),
+            token: token.into(),
+        }
+    }
+
+    #[test]
+    fn a_second_lease_of_a_job_outlives_the_end_of_the_first() {
+        let held = InFlight::default();
+        // Job 7's first lease lapsed; it was claimed again (token b) while
+        // the attempt under token a was still running.
+        held.hold(&lease("7", "a"));
+        held.hold(&lease("7", "b"));
+        held.hold(&lease("8", "c"));
+        held.ended(&lease("7", "a"));
+        let mut renewed = held.all();
+        renewed.sort_by(|x, y| x.token.cmp(&y.token));
+        assert_eq!(
+            renewed,
+            [lease("7", "b"), lease("8", "c")],
+            "b is still renewed"
+        );
+        assert_eq!(held.take_all().len(), 2);
+        assert!(held.all().is_empty());
+    }
 }

@@ -733,3 +733,58 @@ async fn a_relay_whose_delivery_pool_fails_or_dies_stops_with_exit_1() {
         assert_eq!(ready_seen, fault == "delivery-panic", "{fault}");
     }
 }
+
+/// At shutdown, jobs taken but not started go back to the queue. If that
+/// fails (Redis is gone), the deliveries in flight still get their grace
+/// period to finish; the jobs not given back are taken over when their locks
+/// expire. (On the embedded store a failed give-back is reported after the
+/// drain, with exit 1; it cannot be made to fail from outside.)
+#[tokio::test]
+async fn a_failed_release_at_shutdown_does_not_skip_the_drain() {
+    let Some(mut redis) = crate::redis_server::RedisServer::start(true) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let sink = Sink::start().await.expect("sink");
+    sink.set_default(Behaviour::Delay(Duration::from_millis(1500), 200));
+    let env = [
+        ("COGRELAY_QUEUE", "redis".to_string()),
+        ("REDIS_URL", redis.url()),
+        ("CONCURRENCY", "1".to_string()),
+        ("SHUTDOWN_GRACE_MS", "10000".to_string()),
+    ];
+    let (mut relay, logs) = start_relay_logged(dir.path(), &sink, &env).await;
+    let http = reqwest::Client::new();
+    for i in 0..4 {
+        assert_eq!(
+            post(&http, relay.port, &format!("drain-{i}")).await,
+            Some(200)
+        );
+    }
+    assert!(
+        sink.wait_for(1, Duration::from_secs(10)).await,
+        "one delivery in flight"
+    );
+    redis.kill();
+    let pid = relay.child.id().expect("pid");
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), relay.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    let logs = logs.lock().expect("logs").clone();
+    let at = |what: &str| {
+        logs.find(what)
+            .unwrap_or_else(|| panic!("no {what:?} in:\n{logs}"))
+    };
+    assert!(
+        at("cannot return jobs") < at("finishing in-flight deliveries"),
+        "the drain ran after the failed give-back:\n{logs}"
+    );
+    assert!(at("finishing in-flight deliveries") < at("\"stopped\""));
+    assert_eq!(exit.code(), Some(0), "{logs}");
+}
