@@ -1,6 +1,8 @@
-//! Reading an answer's body within a bound: a target or Cognigy answering
-//! 100 MB is read no further than what is kept, so memory stays flat whatever
-//! a remote system sends.
+//! Reading an answer from a remote system (a target, Cognigy): its body
+//! within a bound (an answer of 100 MB is read no further than what is kept,
+//! so memory stays flat whatever a remote system sends), and `Retry-After`.
+
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
@@ -40,4 +42,15 @@ where
 /// [`first_bytes`] of a reqwest answer.
 pub async fn first_bytes_of(resp: reqwest::Response, max: usize) -> Bytes {
     first_bytes(reqwest::Body::from(resp), max).await.0
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3). A date in
+/// the past means "now"; anything unparseable is ignored.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }

@@ -31,7 +31,8 @@ pub enum Command {
     /// Run the relay: ingress on PORT, delivery workers, admin API on ADMIN_LISTEN.
     ///
     /// Cognigy posts events to `POST /api/webhook/cognigy`; each is authenticated
-    /// (HMAC signature or Basic credentials), stored durably, answered 200, and
+    /// (HMAC signature, Standard Webhooks signature or Basic credentials), stored
+    /// durably, answered 200, and
     /// delivered to TARGET_ENDPOINT by a worker pool with exponential-backoff
     /// retries. Failed jobs stay in the dead-letter view (`GET
     /// /admin/jobs?state=failed` on the admin address) until retried or removed.
@@ -308,7 +309,7 @@ pub struct SimArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Ingress port (all interfaces).
+    /// Ingress port, on all interfaces, IPv6 and IPv4.
     #[arg(long, env = "PORT", default_value = "3000")]
     pub port: String,
 
@@ -325,7 +326,7 @@ pub struct ServeArgs {
     pub target_endpoint: Option<String>,
 
     /// Shared HMAC-SHA256 secret(s) Cognigy signs with (`X-Webhook-Signature`);
-    /// comma-separated for rotation: any of them may match.
+    /// comma-separated for rotation: any of them may match. A `whsec_<base64>` entry also verifies Standard Webhooks headers (webhook-id, webhook-timestamp, webhook-signature; 5-minute tolerance).
     #[arg(long, env = "WEBHOOK_SIGNING_SECRET", hide_env_values = true)]
     pub webhook_signing_secret: Option<String>,
 

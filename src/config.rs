@@ -10,9 +10,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use base64::Engine as _;
-
 use crate::cli::ServeArgs;
+use crate::cognigy::{Api, CognigyConfig, Credentials, RateLimit};
 use crate::secret::Secret;
 
 /// One bad setting, as one line: what, why, and how to fix it.
@@ -30,51 +29,10 @@ pub enum QueueKind {
     Redis,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fsync {
-    /// fsync every commit (SQLite `synchronous=FULL`): an ack survives power loss.
-    Always,
-    /// Commit to the OS only (`synchronous=NORMAL`): an ack survives a relay crash.
-    Off,
-}
+pub use crate::queue::embedded::Fsync;
 
-/// A `whsec_<base64>` key for Standard Webhooks signatures, decoded once.
-#[derive(Clone)]
-pub struct TargetSigningKey(Vec<u8>);
-
-impl TargetSigningKey {
-    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
-        let b64 = raw.strip_prefix("whsec_").unwrap_or(raw);
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|_| {
-                bad("TARGET_SIGNING_SECRET is not valid: expected whsec_<base64>, as Standard Webhooks secrets are")
-            })?;
-        if key.is_empty() {
-            return Err(bad(
-                "TARGET_SIGNING_SECRET is empty: set it to whsec_<base64> or unset it",
-            ));
-        }
-        Ok(Self(key))
-    }
-
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for TargetSigningKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
-
-/// HTTP Basic credentials accepted on the ingress.
-#[derive(Debug, Clone)]
-pub struct BasicCredentials {
-    pub user: String,
-    pub password: Secret,
-}
+pub use crate::delivery::signing::TargetSigningKey;
+pub use crate::ingress::auth::BasicCredentials;
 
 /// Where the queue is: what `serve`, `jobs` and `queue` share.
 #[derive(Debug, Clone)]
@@ -307,7 +265,7 @@ impl ServeConfig {
         c.target_signing_key = a
             .target_signing_secret
             .as_deref()
-            .map(TargetSigningKey::parse)
+            .map(|raw| TargetSigningKey::parse(raw).map_err(bad))
             .transpose()?;
         let store = StoreConfig::from_args(&a.store)?;
         c.queue = store.queue;
@@ -398,13 +356,7 @@ impl ServeConfig {
         };
         let cognigy = |required| {
             // No retries inside the client: a failed check is retried as a delivery attempt.
-            crate::cognigy::CognigyConfig::from_args(
-                &a.cognigy,
-                required,
-                limit,
-                0,
-                c.delivery_timeout,
-            )
+            cognigy_config(&a.cognigy, required, limit, 0, c.delivery_timeout)
         };
         c.verify_events = match a.verify_events.trim() {
             "off" => None,
@@ -507,6 +459,108 @@ pub fn parse_http_url(name: &str, raw: &str) -> Result<reqwest::Url, ConfigError
         return Err(bad(format!("{name}={shown:?} is not an http(s) URL with a host: use e.g. https://internal.example.com/events")));
     }
     Ok(url)
+}
+
+/// A destination's delivery settings from `serve`'s (the one destination).
+impl crate::delivery::DeliveryConfig {
+    pub fn from_serve(c: &ServeConfig) -> Self {
+        Self {
+            target: c.target_endpoint.clone(),
+            delivery_timeout: c.delivery_timeout,
+            attempts: c.attempts,
+            backoff: crate::delivery::backoff::Backoff {
+                base: c.backoff_delay,
+                jitter: c.backoff_jitter,
+                max_retry_after: c.max_retry_after,
+            },
+            signing_key: c.target_signing_key.clone(),
+            concurrency: c.concurrency,
+            lock_duration: c.lock_duration,
+            shutdown_grace: c.shutdown_grace,
+            verify_events: c.verify_events.clone(),
+            test_fault: c.test_fault,
+            renewals: None,
+        }
+    }
+}
+
+/// `COGNIGY_API`.
+pub fn cognigy_api(raw: Option<&str>) -> Result<Api, ConfigError> {
+    match raw.map(str::trim) {
+        None | Some("") | Some("connectors") => Ok(Api::Connectors),
+        Some("rest") => Ok(Api::Rest),
+        Some(other) => Err(ConfigError(format!(
+            "COGNIGY_API={other:?} is not valid: use `connectors` (the tutorials' API) or `rest` (Cognigy.AI REST API)"
+        ))),
+    }
+}
+
+/// Cognigy's settings from the shared CLI settings. `Ok(None)` when neither a
+/// base nor any credentials are set and they are not `required`.
+pub fn cognigy_config(
+    a: &crate::cli::CognigyArgs,
+    required: bool,
+    rate_limit: RateLimit,
+    max_retries: u32,
+    timeout: Duration,
+) -> Result<Option<CognigyConfig>, ConfigError> {
+    let bad = |m: String| ConfigError(m);
+    let api = cognigy_api(Some(&a.api))?;
+    let nonempty = |o: &Option<String>| {
+        o.as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let (base_url, domain) = (nonempty(&a.base_url), nonempty(&a.domain));
+    let (id, secret, key) = (
+        nonempty(&a.client_id),
+        nonempty(&a.client_secret),
+        nonempty(&a.api_key),
+    );
+    if !required
+        && base_url.is_none()
+        && domain.is_none()
+        && id.is_none()
+        && secret.is_none()
+        && key.is_none()
+    {
+        return Ok(None);
+    }
+    let base = match (base_url, domain) {
+        (Some(u), _) => parse_http_url("COGNIGY_BASE_URL", &u)?,
+        (None, Some(d)) => {
+            let d = d.trim_start_matches("https://").trim_end_matches('/');
+            parse_http_url("COGNIGY_DOMAIN", &format!("https://{d}"))?
+        }
+        (None, None) => {
+            return Err(bad("Cognigy is not configured: set COGNIGY_DOMAIN (e.g. acme.cognigy.com) or COGNIGY_BASE_URL".into()))
+        }
+    };
+    let credentials = match (id, secret, key) {
+        (_, _, Some(k)) if api == Api::Rest => Credentials::ApiKey(Secret::new(k)),
+        (_, _, Some(_)) => {
+            return Err(bad("COGNIGY_API_KEY works with COGNIGY_API=rest only: set COGNIGY_API=rest, or use COGNIGY_CLIENT_ID/COGNIGY_CLIENT_SECRET".into()))
+        }
+        (Some(client_id), Some(s), None) => Credentials::OAuth { client_id, client_secret: Secret::new(s) },
+        _ => {
+            return Err(bad(
+                "Cognigy credentials are missing: set COGNIGY_CLIENT_ID and COGNIGY_CLIENT_SECRET (or COGNIGY_API_KEY with COGNIGY_API=rest)".into(),
+            ))
+        }
+    };
+    let token_url = nonempty(&a.token_url)
+        .map(|u| parse_http_url("COGNIGY_TOKEN_URL", &u))
+        .transpose()?;
+    Ok(Some(CognigyConfig {
+        api,
+        base,
+        credentials,
+        token_url,
+        rate_limit,
+        max_retries,
+        timeout,
+    }))
 }
 
 #[cfg(test)]

@@ -162,7 +162,10 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runti
 /// mimalloc hands memory that a thread freed back to the OS only when that
 /// thread allocates again, so after a burst (a flood of large bodies, a
 /// backlog drained) idle threads would keep it. When a runtime thread goes
-/// idle, and at most once a second, it asks mimalloc to collect its heap.
+/// idle, at most once a second, and only while the process holds more than
+/// [`COLLECT_ABOVE_RSS`] (a relay at work holds about 25 MB), it asks
+/// mimalloc to collect its heap. (Collecting regardless cost the relay CPU
+/// under load: the pages given back are soon faulted in again.)
 fn give_memory_back() {
     use std::cell::Cell;
     use std::time::{Duration, Instant};
@@ -175,9 +178,26 @@ fn give_memory_back() {
         }
         due
     });
-    if due {
+    if due && resident_bytes().is_some_and(|rss| rss > COLLECT_ABOVE_RSS) {
         collect_heap();
     }
+}
+
+/// Resident set size past which idle threads give memory back.
+const COLLECT_ABOVE_RSS: u64 = 64 * 1024 * 1024;
+
+/// The process's resident set (`VmRSS` of /proc/self/status), where there is one.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// The binary's one `unsafe` besides the thread priority in `serve`.

@@ -32,6 +32,15 @@ impl fmt::Display for Secret {
     }
 }
 
+/// scheme://host:port/path, without credentials or query (either may hold secrets).
+pub fn redact_url(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.to_string()
+}
+
 /// `raw` with the userinfo of its authority (`user:password@`) shown as
 /// `***@`, for error lines about a URL that may not even parse. Text that is
 /// not URL-shaped is returned as it is.

@@ -17,11 +17,11 @@ use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
-use crate::admin::metrics::Metrics;
 use crate::config::{QueueKind, ServeConfig};
 use crate::delivery::handoff::Handoff;
 use crate::delivery::{self, DeliveryConfig};
 use crate::ingress::{self, auth::Authenticator, Ingress};
+use crate::metrics::Metrics;
 use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
 use crate::queue::redis::{RedisOptions, RedisQueue};
 use crate::queue::{Queue, QueueSettings};
@@ -176,7 +176,7 @@ pub async fn run_with_queue<Q: Queue>(
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
     tracing::info!(
-        ingress = %ingress_addr, admin = %admin_addr, target = %redact_url(&cfg.target_endpoint),
+        ingress = %ingress_addr, admin = %admin_addr, target = %crate::secret::redact_url(&cfg.target_endpoint),
         concurrency = cfg.concurrency, attempts = cfg.attempts,
         "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
     );
@@ -371,13 +371,4 @@ pub fn listen_all_interfaces(port: u16) -> std::io::Result<TcpListener> {
     socket.listen(1024)?;
     socket.set_nonblocking(true)?;
     TcpListener::from_std(socket.into())
-}
-
-/// scheme://host:port/path, without credentials or query (either may hold secrets).
-pub fn redact_url(url: &reqwest::Url) -> String {
-    let mut u = url.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    u.set_query(None);
-    u.to_string()
 }

@@ -1,4 +1,13 @@
-//! Wall-clock formatting without a date crate: RFC 3339 in UTC.
+//! Wall-clock time: unix milliseconds, and RFC 3339 in UTC without a date crate.
+
+/// Unix time in milliseconds: due times and leases outlive the process, so they
+/// are wall-clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// `2026-11-22T14:07:03.123Z` for unix milliseconds.
 pub fn rfc3339(ms: i64) -> String {

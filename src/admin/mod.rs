@@ -26,7 +26,8 @@ use subtle::ConstantTimeEq;
 
 use crate::queue::{JobState, Queue, QueueError};
 
-pub mod metrics;
+/// The metrics, where they were before they became their own module.
+pub use crate::metrics;
 use crate::secret::Secret;
 
 pub const MAX_LIMIT: u64 = 500;

@@ -23,8 +23,7 @@ use base64::Engine as _;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
 
-use crate::config::ConfigError;
-use crate::delivery::classify::parse_retry_after;
+use crate::answer::parse_retry_after;
 use crate::secret::Secret;
 pub use ratelimit::RateLimit;
 
@@ -34,18 +33,6 @@ pub enum Api {
     Connectors,
     /// The Cognigy.AI REST API: `/auth/oauth2/token`, `/new/v2.0/endpoints`.
     Rest,
-}
-
-impl Api {
-    pub fn parse(raw: Option<&str>) -> Result<Self, ConfigError> {
-        match raw.map(str::trim) {
-            None | Some("") | Some("connectors") => Ok(Api::Connectors),
-            Some("rest") => Ok(Api::Rest),
-            Some(other) => Err(ConfigError(format!(
-                "COGNIGY_API={other:?} is not valid: use `connectors` (the tutorials' API) or `rest` (Cognigy.AI REST API)"
-            ))),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -71,74 +58,6 @@ pub struct CognigyConfig {
 }
 
 impl CognigyConfig {
-    /// From the shared CLI settings. `Ok(None)` when neither a base nor any
-    /// credentials are set and they are not `required`.
-    pub fn from_args(
-        a: &crate::cli::CognigyArgs,
-        required: bool,
-        rate_limit: RateLimit,
-        max_retries: u32,
-        timeout: Duration,
-    ) -> Result<Option<Self>, ConfigError> {
-        let bad = |m: String| ConfigError(m);
-        let api = Api::parse(Some(&a.api))?;
-        let nonempty = |o: &Option<String>| {
-            o.as_deref()
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-        };
-        let (base_url, domain) = (nonempty(&a.base_url), nonempty(&a.domain));
-        let (id, secret, key) = (
-            nonempty(&a.client_id),
-            nonempty(&a.client_secret),
-            nonempty(&a.api_key),
-        );
-        if !required
-            && base_url.is_none()
-            && domain.is_none()
-            && id.is_none()
-            && secret.is_none()
-            && key.is_none()
-        {
-            return Ok(None);
-        }
-        let base = match (base_url, domain) {
-            (Some(u), _) => crate::config::parse_http_url("COGNIGY_BASE_URL", &u)?,
-            (None, Some(d)) => {
-                let d = d.trim_start_matches("https://").trim_end_matches('/');
-                crate::config::parse_http_url("COGNIGY_DOMAIN", &format!("https://{d}"))?
-            }
-            (None, None) => {
-                return Err(bad("Cognigy is not configured: set COGNIGY_DOMAIN (e.g. acme.cognigy.com) or COGNIGY_BASE_URL".into()))
-            }
-        };
-        let credentials = match (id, secret, key) {
-            (_, _, Some(k)) if api == Api::Rest => Credentials::ApiKey(Secret::new(k)),
-            (_, _, Some(_)) => {
-                return Err(bad("COGNIGY_API_KEY works with COGNIGY_API=rest only: set COGNIGY_API=rest, or use COGNIGY_CLIENT_ID/COGNIGY_CLIENT_SECRET".into()))
-            }
-            (Some(client_id), Some(s), None) => Credentials::OAuth { client_id, client_secret: Secret::new(s) },
-            _ => {
-                return Err(bad(
-                    "Cognigy credentials are missing: set COGNIGY_CLIENT_ID and COGNIGY_CLIENT_SECRET (or COGNIGY_API_KEY with COGNIGY_API=rest)".into(),
-                ))
-            }
-        };
-        let token_url = nonempty(&a.token_url)
-            .map(|u| crate::config::parse_http_url("COGNIGY_TOKEN_URL", &u))
-            .transpose()?;
-        Ok(Some(Self {
-            api,
-            base,
-            credentials,
-            token_url,
-            rate_limit,
-            max_retries,
-            timeout,
-        }))
-    }
-
     /// The API host, for audit records.
     pub fn domain(&self) -> String {
         self.base.host_str().unwrap_or_default().to_string()
@@ -198,6 +117,16 @@ impl std::fmt::Debug for CognigyClient {
     }
 }
 
+/// What Cognigy says of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventLookup {
+    Found,
+    /// 404: the event does not exist in Cognigy; delivering it would be wrong.
+    NotFound,
+    /// Anything else (auth, 5xx, network): try again later.
+    Unavailable(String),
+}
+
 /// The answer to a request: status and parsed JSON body (`Null` if none).
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -239,6 +168,33 @@ impl CognigyClient {
         let base_path = u.path().trim_end_matches('/').to_string();
         u.set_path(&format!("{base_path}{path}"));
         u
+    }
+
+    /// Looks one event up in Cognigy (`VERIFY_EVENTS`, SPEC §3.2): the
+    /// connectors API's `GET /api/v2/bots/{botId}/events/{eventId}`.
+    pub async fn lookup_event(&self, bot: &str, event: &str) -> EventLookup {
+        let Some(url) = self.event_url(bot, event) else {
+            return EventLookup::NotFound;
+        };
+        match self
+            .send(
+                reqwest::Method::GET,
+                url,
+                &[],
+                None,
+                "the event verification",
+            )
+            .await
+        {
+            Ok(a) if a.status.is_success() => EventLookup::Found,
+            Ok(a) if a.status == StatusCode::NOT_FOUND => EventLookup::NotFound,
+            Ok(a) => EventLookup::Unavailable(format!(
+                "event verification: Cognigy answered HTTP {}: {}",
+                a.status.as_u16(),
+                detail(&a.json)
+            )),
+            Err(e) => EventLookup::Unavailable(format!("event verification: {e}")),
+        }
     }
 
     /// `{base}/api/v2/bots/{bot}/events/{event}` with each id one path

@@ -71,16 +71,7 @@ pub fn classify(result: &AttemptResult<'_>, now: SystemTime) -> Outcome {
     }
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3). A date in
-/// the past means "now"; anything unparseable is ignored.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let v = value.trim();
-    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
-        return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
-    }
-    let when = httpdate::parse_http_date(v).ok()?;
-    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
-}
+pub use crate::answer::parse_retry_after;
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,35 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::TargetSigningKey;
+/// A `whsec_<base64>` key for Standard Webhooks signatures, decoded once.
+#[derive(Clone)]
+pub struct TargetSigningKey(Vec<u8>);
+
+impl TargetSigningKey {
+    /// The error names the setting, as a configuration error line.
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        let b64 = raw.strip_prefix("whsec_").unwrap_or(raw);
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| {
+                "TARGET_SIGNING_SECRET is not valid: expected whsec_<base64>, as Standard Webhooks secrets are"
+            })?;
+        if key.is_empty() {
+            return Err("TARGET_SIGNING_SECRET is empty: set it to whsec_<base64> or unset it");
+        }
+        Ok(Self(key))
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for TargetSigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
 
 pub fn sign(key: &TargetSigningKey, id: &str, timestamp: i64, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key.expose()).unwrap_or_else(|_| unreachable!());

@@ -21,8 +21,14 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::BasicCredentials;
 use crate::secret::Secret;
+
+/// HTTP Basic credentials accepted on the ingress.
+#[derive(Debug, Clone)]
+pub struct BasicCredentials {
+    pub user: String,
+    pub password: Secret,
+}
 
 pub const SIGNATURE_HEADER: &str = "x-webhook-signature";
 /// The Standard Webhooks signature header; its presence selects that scheme.

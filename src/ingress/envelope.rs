@@ -29,59 +29,7 @@ use std::collections::HashMap;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-/// The idempotency key of an event (`cognigy-...`); printable ASCII by construction.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EventKey(String);
-
-impl EventKey {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Re-wrap a key read back from the queue, where it was stored after parsing.
-    pub fn from_stored(key: String) -> Self {
-        Self(key)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Envelope,
-    EndpointOutput,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Envelope => "event",
-            EventKind::EndpointOutput => "endpoint_output",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "event" => Some(EventKind::Envelope),
-            "endpoint_output" => Some(EventKind::EndpointOutput),
-            _ => None,
-        }
-    }
-}
-
-/// An authenticated, validated event, ready to be queued.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub key: EventKey,
-    /// `eventId`, or the derived id (traceId / body hash) of an endpoint output.
-    pub event_id: String,
-    pub bot_id: Option<String>,
-    pub event_type: Option<String>,
-    pub kind: EventKind,
-    /// Exactly the bytes POSTed to the target.
-    pub body: Vec<u8>,
-    /// The envelope's `timestamp` in unix ms; `None` when it has none (and
-    /// for endpoint outputs, which carry no date).
-    pub timestamp_ms: Option<i64>,
-}
+pub use crate::event::{Event, EventKey, EventKind};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
@@ -151,7 +99,7 @@ fn parse_envelope(fields: &Fields<'_>) -> Result<Event, EnvelopeError> {
         Some(raw) => timestamp_ms(raw.get()).ok_or(EnvelopeError::BadTimestamp)?,
     };
     Ok(Event {
-        key: EventKey(format!("cognigy-{bot}-{event}")),
+        key: EventKey::new(format!("cognigy-{bot}-{event}")),
         event_id: event,
         bot_id: Some(bot),
         event_type: Some(kind),
@@ -210,7 +158,7 @@ fn parse_output(fields: &Fields<'_>, body: &[u8]) -> Result<Event, EnvelopeError
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
     Ok(Event {
-        key: EventKey(format!("cognigy-{session}-{derived}")),
+        key: EventKey::new(format!("cognigy-{session}-{derived}")),
         event_id: derived,
         bot_id: None,
         event_type: None,

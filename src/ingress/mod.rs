@@ -25,7 +25,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use crate::admin::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::queue::{Enqueued, Queue};
 use auth::Authenticator;
 use envelope::EnvelopeError;
@@ -213,7 +213,7 @@ async fn receive<Q: Queue>(
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     if let Some(ts) = event.timestamp_ms {
-        if !s.replay_window.admits(ts, crate::queue::now_ms()) {
+        if !s.replay_window.admits(ts, crate::time::now_ms()) {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "event timestamp outside the replay window",

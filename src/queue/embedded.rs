@@ -52,12 +52,13 @@
 //!   up, and the WAL can only start over from its beginning once a checkpoint
 //!   has copied all of it. So when the WAL passes [`WAL_RESTART_BYTES`] (or a
 //!   quarter of `COGRELAY_MAX_DB_BYTES`), the writer itself runs a RESTART
-//!   checkpoint between two batches, when nothing new is being appended, and
-//!   `journal_size_limit` truncates the file to a quarter of that. The WAL
-//!   stays within a few times that size under any load.
+//!   checkpoint between two batches, when nothing new is being appended. The
+//!   WAL stays within a few times that size under any load, and a quiet store
+//!   (nothing stored or completed since the last maintenance) truncates it.
 //! * The main file: `auto_vacuum=INCREMENTAL`, and maintenance gives free
-//!   pages back to the file system once they are more than a quarter of the
-//!   file, so a drained backlog does not leave a file sized for its peak.
+//!   pages back to the file system once they are more than half the file, or
+//!   a quarter when the store is quiet, so a drained backlog does not leave a
+//!   file sized for its peak.
 //!   (A store created before this setting is compacted once at open.)
 //! * `COGRELAY_MAX_DB_BYTES` caps the main file and the WAL together: SQLite's
 //!   `max_page_count` stops the main file (SQLITE_FULL, as a full disk would),
@@ -82,8 +83,7 @@ use super::{
     now_ms, Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView,
     LeaseRef, Leased, Page, Queue, QueueError, QueueResult, QueueSettings,
 };
-use crate::config::Fsync;
-use crate::ingress::envelope::{Event, EventKey, EventKind};
+use crate::event::{Event, EventKey, EventKind};
 
 const DB_FILE: &str = "cogrelay.db";
 const LOCK_FILE: &str = "cogrelay.lock";
@@ -137,6 +137,9 @@ struct Writer {
     settings: QueueSettings,
     now_ms: i64,
     completed_since_prune: u64,
+    /// Jobs stored since the last maintenance (with `completed_since_prune`:
+    /// whether the store is quiet).
+    stored_since_maintenance: u64,
     stop: bool,
     /// The main file and its WAL.
     db_path: PathBuf,
@@ -150,7 +153,7 @@ struct Writer {
 }
 
 /// The WAL size past which the writer runs a RESTART checkpoint (see the
-/// module doc); a restarted WAL is truncated to a quarter of it.
+/// module doc).
 pub const WAL_RESTART_BYTES: u64 = 16 * 1024 * 1024;
 
 impl Writer {
@@ -177,7 +180,7 @@ pub struct EmbeddedQueue {
     path: PathBuf,
     /// Held for the life of the queue: one relay process per data dir.
     _lock: Option<File>,
-    fsync: crate::config::Fsync,
+    fsync: Fsync,
 }
 
 impl std::fmt::Debug for EmbeddedQueue {
@@ -200,6 +203,14 @@ pub enum OpenError {
     Sqlite(PathBuf, rusqlite::Error),
     #[error("cannot lock {0}: {1}")]
     Lock(PathBuf, std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// fsync every commit (SQLite `synchronous=FULL`): an ack survives power loss.
+    Always,
+    /// Commit to the OS only (`synchronous=NORMAL`): an ack survives a relay crash.
+    Off,
 }
 
 /// Options of the embedded store.
@@ -235,8 +246,9 @@ impl EmbeddedQueue {
             0 => WAL_RESTART_BYTES,
             max => WAL_RESTART_BYTES.min(max / 4),
         };
-        // A restarted WAL is truncated to a quarter of the restart size.
-        conn.pragma_update(None, "journal_size_limit", (wal_restart_bytes / 4) as i64)
+        // A restarted WAL keeps its size (no shrinking and growing again under
+        // load); a quiet store truncates it (see `maintenance`).
+        conn.pragma_update(None, "journal_size_limit", wal_restart_bytes as i64)
             .map_err(sqlite_err)?;
         incremental_vacuum_on(&conn).map_err(sqlite_err)?;
         conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
@@ -275,6 +287,7 @@ impl EmbeddedQueue {
             settings: opts.settings,
             now_ms: now_ms(),
             completed_since_prune: 0,
+            stored_since_maintenance: 0,
             stop: false,
             wal_path: PathBuf::from(format!("{}-wal", path.display())),
             db_path: path.clone(),
@@ -506,8 +519,16 @@ fn maintenance(conn: &Connection, w: &mut Writer) {
         let _ = conn.execute_batch("ROLLBACK");
         tracing::warn!(error = %store_error(&e), "store maintenance failed; will try again");
     }
+    let quiet = w.completed_since_prune == 0 && w.stored_since_maintenance == 0;
     w.completed_since_prune = 0;
-    give_back_free_pages(conn);
+    w.stored_since_maintenance = 0;
+    give_back_free_pages(conn, quiet);
+    if quiet && w.disk_bytes > 0 {
+        // Nothing is being written: the WAL can go to zero bytes.
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "wal truncate");
+        }
+    }
 }
 
 /// Turns on `auto_vacuum=INCREMENTAL`: before the first table for a new
@@ -527,16 +548,19 @@ fn incremental_vacuum_on(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Free pages above a quarter of the file, given back to the file system a
-/// bounded number at a time (each call is one short write transaction).
-fn give_back_free_pages(conn: &Connection) {
+/// Free pages given back to the file system, a bounded number at a time
+/// (each call is one short write transaction): above half the file at any
+/// time, above a quarter once the store is `quiet`. Under load the free pages
+/// are soon reused, and shrinking the file only to grow it again costs.
+fn give_back_free_pages(conn: &Connection, quiet: bool) {
     const MAX_PAGES_PER_CALL: i64 = 4096;
     let pages = |pragma: &str| {
         conn.query_row(pragma, [], |r| r.get::<_, i64>(0))
             .unwrap_or(0)
     };
     let (free, total) = (pages("PRAGMA freelist_count"), pages("PRAGMA page_count"));
-    if free > 64 && free * 4 > total {
+    let share = if quiet { 4 } else { 2 };
+    if free > 64 && free * share > total {
         let n = free.min(MAX_PAGES_PER_CALL);
         // The pragma frees pages as it is stepped: step it to the end.
         let run = conn
@@ -629,7 +653,7 @@ fn state_of(conn: &Connection, seq: i64, id: &str) -> QueueResult<JobState> {
 /// caller's worker pool that saves the claim.
 fn insert_event(
     conn: &Connection,
-    w: &Writer,
+    w: &mut Writer,
     event: &Event,
     lease: Option<(&str, i64)>,
 ) -> QueueResult<Enqueued> {
@@ -680,6 +704,7 @@ fn insert_event(
     })
     .map_err(sql_err)?;
     let seq = conn.last_insert_rowid();
+    w.stored_since_maintenance += 1;
     if dedup {
         conn.prepare_cached(
             "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms) VALUES (?1, ?2, ?3)",
@@ -993,7 +1018,7 @@ impl Queue for EmbeddedQueue {
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {
         // COGRELAY_FSYNC=off: an acknowledged event survives a crash of the
         // relay, not a power loss.
-        vec![("embedded_no_fsync", self.fsync == crate::config::Fsync::Off)]
+        vec![("embedded_no_fsync", self.fsync == Fsync::Off)]
     }
 
     async fn ping(&self) -> QueueResult<()> {

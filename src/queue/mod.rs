@@ -31,7 +31,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::ingress::envelope::{Event, EventKey, EventKind};
+pub use crate::event::{Attempt, AttemptOutcome};
+use crate::event::{Event, EventKey, EventKind};
+pub use crate::time::now_ms;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -116,28 +118,6 @@ impl DeliveryJob {
             attempts_made: 0,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttemptOutcome {
-    Delivered,
-    Retry,
-    Failed,
-}
-
-/// One delivery attempt, as kept in a job's history.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Attempt {
-    pub n: u32,
-    pub started_at_ms: i64,
-    pub duration_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub outcome: AttemptOutcome,
 }
 
 /// Where a job goes after an attempt.
@@ -281,13 +261,4 @@ pub trait Queue: Send + Sync + 'static {
         Vec::new()
     }
     fn close(&self) -> impl Future<Output = QueueResult<()>> + Send;
-}
-
-/// Unix time in milliseconds: due times and leases outlive the process, so they
-/// are wall-clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

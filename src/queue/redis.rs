@@ -60,7 +60,7 @@ use super::{
     Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView, LeaseRef,
     Leased, Page, Queue, QueueError, QueueResult, QueueSettings,
 };
-use crate::ingress::envelope::{Event, EventKey, EventKind};
+use crate::event::{Event, EventKey, EventKind};
 
 pub const JOB_NAME: &str = "deliver-event";
 /// Upper bound on one Redis operation, so Redis trouble becomes a quick 503.

@@ -57,7 +57,7 @@ impl RegisterConfig {
                 .map_err(|_| bad(format!("{name}={raw:?} is not valid: use a whole number")))
         };
         let timeout = Duration::from_millis(num("--timeout-ms", &a.timeout_ms)?);
-        let cognigy = CognigyConfig::from_args(
+        let cognigy = crate::config::cognigy_config(
             &a.cognigy,
             true,
             RateLimit::REGISTER,
@@ -152,7 +152,7 @@ pub async fn run(cfg: &RegisterConfig, progress: &(dyn Fn(&str) + Sync)) -> Regi
     details.insert("domain".into(), json!(cfg.cognigy.domain()));
     details.insert(
         "targetUrl".into(),
-        json!(crate::serve::redact_url(&cfg.target)),
+        json!(crate::secret::redact_url(&cfg.target)),
     );
     details.insert("idempotent".into(), json!(false));
     details.insert("healthVerified".into(), json!(false));
@@ -189,7 +189,7 @@ pub async fn run(cfg: &RegisterConfig, progress: &(dyn Fn(&str) + Sync)) -> Regi
 }
 
 fn httpdate_now() -> String {
-    crate::time::rfc3339(crate::queue::now_ms())
+    crate::time::rfc3339(crate::time::now_ms())
 }
 
 type StepResult<T> = Result<T, (u8, String)>;

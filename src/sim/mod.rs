@@ -36,8 +36,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::cognigy::RateLimit;
-use crate::queue::now_ms;
 use crate::secret::Secret;
+use crate::time::now_ms;
 
 #[derive(Debug, Clone)]
 pub struct SimOptions {

@@ -19,7 +19,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::queue::{AttemptOutcome, Counts};
+use crate::event::AttemptOutcome;
+use crate::queue::Counts;
 
 /// Upper bounds (seconds) of the histogram buckets.
 const BUCKETS: [f64; 12] = [
@@ -178,7 +179,7 @@ impl Metrics {
             out.push_str("# HELP cogrelay_queue_oldest_waiting_seconds Age of the oldest job due for delivery (0 when none).\n# TYPE cogrelay_queue_oldest_waiting_seconds gauge\n");
             let age = c
                 .oldest_waiting_ms
-                .map(|t| (crate::queue::now_ms() - t).max(0) as f64 / 1000.0)
+                .map(|t| (crate::time::now_ms() - t).max(0) as f64 / 1000.0)
                 .unwrap_or(0.0);
             let _ = writeln!(out, "cogrelay_queue_oldest_waiting_seconds {age}");
         }

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Writes docs/configuration.md from the binary's own --help, so that the
+reference and the flags cannot disagree (tests/it/docs.rs checks they still
+match). Run after changing a flag:  cargo build && scripts/config-reference.py
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "debug" / "cogrelay"
+
+COMMANDS = [
+    ("serve", "`cogrelay serve`: the relay"),
+    ("register", "`cogrelay register`: register the endpoint in Cognigy"),
+    ("sim", "`cogrelay sim`: the local Cognigy simulator"),
+    ("jobs", "`cogrelay jobs` and `cogrelay queue`: the queue they work on"),
+]
+
+HEAD = """# Configuration
+
+Every setting is a flag and an environment variable. Precedence: flag >
+environment > a `.env` file in the working directory > the default. A bad
+value stops the command with one line naming the setting and the fix (exit
+code 2). Secrets and URLs are never printed: `--help` hides their values, and
+error lines show a URL without its credentials.
+
+This page is generated from `--help` by `scripts/config-reference.py`, and
+`tests/it/docs.rs` fails when the two disagree. `cogrelay <command> --help`
+says the same, with the longer explanations.
+"""
+
+TAIL = """
+## Read from the environment only
+
+| variable | default | meaning |
+|---|---|---|
+| `RUST_LOG` | info | log filter (tracing's `EnvFilter` syntax, e.g. `cogrelay=debug`) |
+| `TOKIO_WORKER_THREADS` | one per core | ingress threads; the delivery threads are half as many, at least one. Several relays on one machine: cores / relays each |
+| `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` (or lower case), `NO_PROXY` | unset | a proxy for the deliveries, read as reqwest reads them. With none set and no `user:pass@` in the URL, a plain `http://` target gets a lean HTTP/1.1 client with keep-alive connections (about a third less CPU per delivery); `https://` targets and URLs with credentials (sent as Basic authorization) use reqwest |
+
+## Metrics (`GET /metrics` on `ADMIN_LISTEN`)
+
+`cogrelay_ingress_requests_total{status}`, `cogrelay_ingress_ack_seconds`
+(histogram of 2xx answers), `cogrelay_deliveries_total{outcome="delivered|retry|failed"}`
+(failed = dead-lettered), `cogrelay_delivery_seconds` (histogram per attempt),
+`cogrelay_queue_jobs{state}`, `cogrelay_queue_oldest_waiting_seconds`,
+`cogrelay_queue_durability_risk{risk}` (1 where the store can lose an
+acknowledged event: `redis_no_aof`, `redis_evicting`, `embedded_no_fsync`) and
+`cogrelay_delivery_up` (1 while the delivery pool runs; `/readyz` needs it).
+Each relay has its own registry.
+
+## Notes on some settings
+
+- **`DELIVERY_NICE`** (default 10): the delivery threads run this much nicer
+  than the ingress. When the CPU is short, acknowledging new events comes
+  first and deliveries get a smaller share; they are durable meanwhile, and
+  lease renewals keep the ingress's priority. A nice value also ranks the
+  delivery threads against every busy process in the same CPU cgroup (on a
+  shared host, everything), so 19 can starve deliveries: the test suite beside
+  two busy loops failed three tests at 19 and none at 10. 0: one priority.
+- **`INGRESS_RATE_LIMIT`**: per source address. Behind a load balancer every
+  event has the balancer's address: limit there instead.
+- **`REQUEST_READ_TIMEOUT_MS`**: a client slower than this with its headers
+  is disconnected, with its body gets 408 (slowloris).
+- **`MAX_BODY_BYTES`**: each body may hold 16 KiB of its own; beyond that all
+  bodies share 64 MiB (or 4 x `MAX_BODY_BYTES`), and a body that gets no room
+  within a second is answered 503 (see the README's "Limits against a flood").
+- **`COGRELAY_MAX_DB_BYTES`**: counts the database and its WAL together.
+- **`DEDUP_TTL_SECS`**: also how old an envelope's `timestamp` may be (the
+  replay window); 0 turns deduplication off, and the window behind is then
+  5 minutes.
+- **`VERIFY_EVENTS`**: the Cognigy.AI REST API (`rest`) has no event lookup, so
+  `auto` is off with it and `on` is a configuration error.
+- **Redis**: `appendonly yes` and `maxmemory-policy noeviction` matter; the
+  relay warns at start-up without them. See [scaling-out.md](scaling-out.md).
+"""
+
+
+def options(command):
+    out = subprocess.run(
+        [str(BIN), *command.split(), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    blocks, cur = [], None
+    for line in out.splitlines():
+        m = re.match(r"^\s{2,6}(-\w, )?(--[\w-]+)", line)
+        if m:
+            cur = {"flag": m.group(2), "text": [], "env": None, "default": ""}
+            blocks.append(cur)
+            # short help: the text follows the flag on the same line
+            line = line[m.end():]
+            line = re.sub(r"^\s*<[^>]*>", "", line)
+        if cur is None:
+            continue
+        env = re.search(r"\[env: ([A-Z0-9_]+)[^\]]*\]", line)
+        if env:
+            cur["env"] = env.group(1)
+        default = re.search(r"\[default: ([^\]]*)\]", line)
+        if default:
+            cur["default"] = default.group(1)
+        text = re.sub(r"\[(env|default): [^\]]*\]", "", line).strip()
+        if text:
+            cur["text"].append(text)
+    return [b for b in blocks if b["env"]]
+
+
+def main():
+    parts = [HEAD]
+    for command, title in COMMANDS:
+        parts.append(f"\n## {title}\n\n| variable | flag | default | meaning |\n|---|---|---|---|\n")
+        for b in options(command):
+            text = " ".join(b["text"]).replace("|", "\\|")
+            default = f"`{b['default']}`" if b["default"] else ""
+            parts.append(f"| `{b['env']}` | `{b['flag']}` | {default} | {text} |\n")
+    parts.append(TAIL)
+    (ROOT / "docs" / "configuration.md").write_text("".join(parts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
