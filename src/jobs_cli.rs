@@ -17,9 +17,10 @@ use serde_json::{json, Value};
 
 use crate::cli::{JobsCommand, QueueCommand};
 use crate::config::{QueueKind, StoreConfig};
+use crate::listing::Listing;
 use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
 use crate::queue::redis::{RedisOptions, RedisQueue};
-use crate::queue::{JobState, JobView, Queue, QueueError, QueueSettings};
+use crate::queue::{JobView, Queue, QueueError, QueueSettings};
 
 /// What went wrong, and the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -111,20 +112,6 @@ pub async fn run(store: &StoreConfig, op: Op, json: bool) -> Result<String, CliE
     }
 }
 
-fn num(name: &str, raw: &str, range: std::ops::RangeInclusive<u64>) -> Result<u64, CliError> {
-    raw.trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|n| range.contains(n))
-        .ok_or_else(|| {
-            CliError::Usage(format!(
-                "--{name} {raw:?} is not valid: use a whole number from {} to {}",
-                range.start(),
-                range.end()
-            ))
-        })
-}
-
 async fn execute<Q: Queue>(q: &Q, op: Op, json: bool) -> Result<String, CliError> {
     let out = match op {
         Op::Stats => {
@@ -150,19 +137,13 @@ async fn execute<Q: Queue>(q: &Q, op: Op, json: bool) -> Result<String, CliError
             limit,
             offset,
         }) => {
-            let state = match state.as_deref() {
-                None | Some("all") => None,
-                Some(raw) => Some(JobState::parse(raw).ok_or_else(|| {
-                    CliError::Usage(format!("--state {raw:?} is not valid: use waiting, active, delayed, completed or failed"))
-                })?),
-            };
-            let limit = num("limit", &limit, 1..=500)?;
-            let offset = num("offset", &offset, 0..=u64::MAX)?;
-            let page = q.list(state, offset, limit).await?;
+            let listing = Listing::parse(state.as_deref(), Some(&offset), Some(&limit), 20)
+                .map_err(|e| CliError::Usage(e.explain("--")))?;
+            let page = q.list(listing.state, listing.offset, listing.limit).await?;
             if json {
-                json!({ "items": page.items, "total": page.total, "offset": offset, "limit": limit }).to_string()
+                listing.answer(&page).to_string()
             } else {
-                list_table(&page.items, page.total, offset)
+                list_table(&page.items, page.total, listing.offset)
             }
         }
         Op::Jobs(JobsCommand::Show { id }) => {

@@ -25,6 +25,7 @@ pub mod delivery;
 pub mod event;
 pub mod ingress;
 pub mod jobs_cli;
+pub mod listing;
 pub mod metrics;
 pub mod queue;
 pub mod register;

@@ -24,13 +24,17 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::queue::{JobState, Queue, QueueError};
+use crate::queue::{Queue, QueueError};
 
 /// The metrics, where they were before they became their own module.
 pub use crate::metrics;
 use crate::secret::Secret;
 
-pub const MAX_LIMIT: u64 = 500;
+use crate::listing::Listing;
+pub use crate::listing::MAX_LIMIT;
+
+/// Jobs in one page of `GET /admin/jobs` when `limit` is not given (SPEC §3.6).
+const DEFAULT_LIMIT: u64 = 50;
 
 pub struct Admin<Q> {
     pub queue: Arc<Q>,
@@ -221,45 +225,21 @@ async fn list_jobs<Q: Queue>(
     State(s): State<Arc<Admin<Q>>>,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    let state = match q.state.as_deref() {
-        None | Some("") | Some("all") => None,
-        Some(raw) => match JobState::parse(raw) {
-            Some(st) => Some(st),
-            None => {
-                return err(
-                    StatusCode::BAD_REQUEST,
-                    &format!(
-                        "state {raw:?} is not one of waiting, active, delayed, completed, failed"
-                    ),
-                )
-            }
-        },
+    let listing = match Listing::parse(
+        q.state.as_deref(),
+        q.offset.as_deref(),
+        q.limit.as_deref(),
+        DEFAULT_LIMIT,
+    ) {
+        Ok(l) => l,
+        Err(e) => return err(StatusCode::BAD_REQUEST, &e.explain("")),
     };
-    let offset = match q.offset.as_deref().map(str::parse::<u64>) {
-        None => 0,
-        Some(Ok(n)) => n,
-        Some(Err(_)) => {
-            return err(
-                StatusCode::BAD_REQUEST,
-                "offset must be a whole number >= 0",
-            )
-        }
-    };
-    let limit = match q.limit.as_deref().map(str::parse::<u64>) {
-        None => 50,
-        Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
-        _ => {
-            return err(
-                StatusCode::BAD_REQUEST,
-                "limit must be a whole number from 1 to 500",
-            )
-        }
-    };
-    match s.queue.list(state, offset, limit).await {
-        Ok(page) => Json(
-            json!({ "items": page.items, "total": page.total, "offset": offset, "limit": limit }),
-        )
-        .into_response(),
+    match s
+        .queue
+        .list(listing.state, listing.offset, listing.limit)
+        .await
+    {
+        Ok(page) => Json(listing.answer(&page)).into_response(),
         Err(e) => queue_error(e),
     }
 }

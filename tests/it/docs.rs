@@ -37,7 +37,11 @@ fn help_settings(command: &[&str]) -> BTreeMap<String, String> {
             env = Some(name);
         }
         if let Some(at) = s.find("[default: ") {
-            default = s[at + 10..].split(']').next().unwrap_or_default().to_string();
+            default = s[at + 10..]
+                .split(']')
+                .next()
+                .unwrap_or_default()
+                .to_string();
         }
     }
     flush(&mut env, &default);
