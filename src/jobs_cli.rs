@@ -20,7 +20,7 @@ use crate::config::{QueueKind, StoreConfig};
 use crate::listing::Listing;
 use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
 use crate::queue::redis::{RedisOptions, RedisQueue};
-use crate::queue::{JobView, Queue, QueueError, QueueSettings};
+use crate::queue::{JobView, Operate, Queue as _, QueueError, QueueSettings};
 
 /// What went wrong, and the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +112,7 @@ pub async fn run(store: &StoreConfig, op: Op, json: bool) -> Result<String, CliE
     }
 }
 
-async fn execute<Q: Queue>(q: &Q, op: Op, json: bool) -> Result<String, CliError> {
+async fn execute<Q: Operate>(q: &Q, op: Op, json: bool) -> Result<String, CliError> {
     let out = match op {
         Op::Stats => {
             let c = q.counts().await?;

@@ -24,7 +24,7 @@ use crate::ingress::{self, auth::Authenticator, Ingress};
 use crate::metrics::Metrics;
 use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
 use crate::queue::redis::{RedisOptions, RedisQueue};
-use crate::queue::{Queue, QueueSettings};
+use crate::queue::{Operate, QueueSettings};
 use crate::{admin, admin::Admin};
 
 /// How long the HTTP servers get to close connections after the drain.
@@ -100,7 +100,7 @@ pub async fn run(
     }
 }
 
-pub async fn run_with_queue<Q: Queue>(
+pub async fn run_with_queue<Q: Operate>(
     cfg: ServeConfig,
     queue: Arc<Q>,
     ingress_listener: TcpListener,
@@ -296,7 +296,7 @@ fn lower_thread_priority(_nice: u8) {}
 /// One line every `every` while anything moves, for a person watching the
 /// terminal (pretty log mode): what was accepted, delivered, retried, failed
 /// since the last line, and the queue depth.
-async fn summary_lines<Q: Queue>(queue: Arc<Q>, metrics: Arc<Metrics>, every: Duration) {
+async fn summary_lines<Q: Operate>(queue: Arc<Q>, metrics: Arc<Metrics>, every: Duration) {
     let mut last = metrics.totals();
     let mut idle_reported = false;
     loop {

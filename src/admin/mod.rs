@@ -24,7 +24,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Operate, QueueError};
 
 /// The metrics, where they were before they became their own module.
 pub use crate::metrics;
@@ -45,7 +45,7 @@ pub struct Admin<Q> {
     pub listen: std::net::SocketAddr,
 }
 
-pub fn router<Q: Queue>(state: Arc<Admin<Q>>) -> Router {
+pub fn router<Q: Operate>(state: Arc<Admin<Q>>) -> Router {
     let admin = Router::new()
         .route("/admin/queue", get(queue_counts::<Q>))
         .route("/admin/jobs", get(list_jobs::<Q>))
@@ -86,7 +86,7 @@ fn queue_error(e: QueueError) -> Response {
     err(status, &e.to_string())
 }
 
-async fn require_token<Q: Queue>(
+async fn require_token<Q: Operate>(
     State(s): State<Arc<Admin<Q>>>,
     req: Request,
     next: Next,
@@ -152,7 +152,7 @@ fn same_origin(
     Ok(())
 }
 
-async fn ready<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {
+async fn ready<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
     if !s.accepting.load(Ordering::Relaxed) {
         return err(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
@@ -196,7 +196,7 @@ async fn dashboard_js() -> Response {
         .into_response()
 }
 
-async fn prometheus<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {
+async fn prometheus<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
     // Queue gauges are read at scrape time; counters still render when the queue is down.
     let counts = s.queue.counts().await.ok();
     (
@@ -207,7 +207,7 @@ async fn prometheus<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {
         .into_response()
 }
 
-async fn queue_counts<Q: Queue>(State(s): State<Arc<Admin<Q>>>) -> Response {
+async fn queue_counts<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
     match s.queue.counts().await {
         Ok(c) => Json(c).into_response(),
         Err(e) => queue_error(e),
@@ -221,7 +221,7 @@ struct ListQuery {
     limit: Option<String>,
 }
 
-async fn list_jobs<Q: Queue>(
+async fn list_jobs<Q: Operate>(
     State(s): State<Arc<Admin<Q>>>,
     Query(q): Query<ListQuery>,
 ) -> Response {
@@ -244,14 +244,14 @@ async fn list_jobs<Q: Queue>(
     }
 }
 
-async fn show_job<Q: Queue>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<String>) -> Response {
+async fn show_job<Q: Operate>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<String>) -> Response {
     match s.queue.get(&id).await {
         Ok(job) => Json(job).into_response(),
         Err(e) => queue_error(e),
     }
 }
 
-async fn retry_job<Q: Queue>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<String>) -> Response {
+async fn retry_job<Q: Operate>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<String>) -> Response {
     match s.queue.retry(&id).await {
         Ok(()) => Json(json!({ "retried": 1, "jobId": id })).into_response(),
         Err(e) => queue_error(e),
@@ -263,7 +263,7 @@ struct RetryAllQuery {
     state: Option<String>,
 }
 
-async fn retry_all<Q: Queue>(
+async fn retry_all<Q: Operate>(
     State(s): State<Arc<Admin<Q>>>,
     Query(q): Query<RetryAllQuery>,
 ) -> Response {
@@ -276,7 +276,10 @@ async fn retry_all<Q: Queue>(
     }
 }
 
-async fn remove_job<Q: Queue>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<String>) -> Response {
+async fn remove_job<Q: Operate>(
+    State(s): State<Arc<Admin<Q>>>,
+    Path(id): Path<String>,
+) -> Response {
     match s.queue.remove(&id).await {
         Ok(()) => Json(json!({ "removed": 1, "jobId": id })).into_response(),
         Err(e) => queue_error(e),

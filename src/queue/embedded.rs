@@ -81,7 +81,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     now_ms, Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView,
-    LeaseRef, Leased, Page, Queue, QueueError, QueueResult, QueueSettings,
+    LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult, QueueSettings,
 };
 use crate::event::{Event, EventKey, EventKind};
 
@@ -889,6 +889,31 @@ impl Queue for EmbeddedQueue {
         .await
     }
 
+    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
+        // COGRELAY_FSYNC=off: an acknowledged event survives a crash of the
+        // relay, not a power loss.
+        vec![("embedded_no_fsync", self.fsync == Fsync::Off)]
+    }
+
+    async fn ping(&self) -> QueueResult<()> {
+        self.call(|conn, _| {
+            conn.prepare_cached("SELECT 1")
+                .and_then(|mut s| s.query_row([], |_| Ok(())))
+                .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn close(&self) -> QueueResult<()> {
+        self.call(|_, w| {
+            w.stop = true;
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl Operate for EmbeddedQueue {
     async fn counts(&self) -> QueueResult<Counts> {
         self.call(|conn, w| {
             let mut c = Counts::default();
@@ -975,8 +1000,8 @@ impl Queue for EmbeddedQueue {
             if changed == 1 {
                 return Ok(());
             }
-            let state = state_of(conn, seq, &id)?;
-            Err(QueueError::WrongState { id, state: state.as_str(), hint: "only failed jobs can be retried" })
+            state_of(conn, seq, &id)?.check_retry(&id)?;
+            Err(QueueError::NotFound(id))
         })
         .await
     }
@@ -1005,35 +1030,8 @@ impl Queue for EmbeddedQueue {
             if changed == 1 {
                 return Ok(());
             }
-            let state = state_of(conn, seq, &id)?;
-            Err(QueueError::WrongState {
-                id,
-                state: state.as_str(),
-                hint: "a job being delivered cannot be removed; try again when it has finished",
-            })
-        })
-        .await
-    }
-
-    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
-        // COGRELAY_FSYNC=off: an acknowledged event survives a crash of the
-        // relay, not a power loss.
-        vec![("embedded_no_fsync", self.fsync == Fsync::Off)]
-    }
-
-    async fn ping(&self) -> QueueResult<()> {
-        self.call(|conn, _| {
-            conn.prepare_cached("SELECT 1")
-                .and_then(|mut s| s.query_row([], |_| Ok(())))
-                .map_err(sql_err)
-        })
-        .await
-    }
-
-    async fn close(&self) -> QueueResult<()> {
-        self.call(|_, w| {
-            w.stop = true;
-            Ok(())
+            state_of(conn, seq, &id)?.check_remove(&id)?;
+            Err(QueueError::NotFound(id))
         })
         .await
     }

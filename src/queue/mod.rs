@@ -67,6 +67,30 @@ impl JobState {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
+
+    /// The rule of `retry`: only a failed job can be retried.
+    pub fn check_retry(self, id: &str) -> QueueResult<()> {
+        match self {
+            JobState::Failed => Ok(()),
+            state => Err(QueueError::WrongState {
+                id: id.to_string(),
+                state: state.as_str(),
+                hint: "only failed jobs can be retried",
+            }),
+        }
+    }
+
+    /// The rule of `remove`: a job being delivered cannot be removed.
+    pub fn check_remove(self, id: &str) -> QueueResult<()> {
+        match self {
+            JobState::Active => Err(QueueError::WrongState {
+                id: id.to_string(),
+                state: self.as_str(),
+                hint: "a job being delivered cannot be removed; try again when it has finished",
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What `enqueue` did with an event.
@@ -207,7 +231,8 @@ pub struct QueueSettings {
     pub remove_on_complete: u32,
 }
 
-/// The queue contract. Futures are `Send` so callers can spawn them.
+/// The queue contract of the hot path (the ingress and the delivery pool).
+/// Futures are `Send` so callers can spawn them.
 pub trait Queue: Send + Sync + 'static {
     fn enqueue(&self, event: Event) -> impl Future<Output = QueueResult<Enqueued>> + Send;
     /// Like `enqueue`, but a backend that can may store the new job already
@@ -241,6 +266,19 @@ pub trait Queue: Send + Sync + 'static {
     ) -> impl Future<Output = QueueResult<bool>> + Send;
     /// Returns leased jobs to waiting without counting an attempt (shutdown).
     fn release(&self, leases: Vec<LeaseRef>) -> impl Future<Output = QueueResult<()>> + Send;
+    fn ping(&self) -> impl Future<Output = QueueResult<()>> + Send;
+    /// Ways this store can lose an acknowledged event, as found at start-up:
+    /// `(name, present)` for each one the backend knows of.
+    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
+        Vec::new()
+    }
+    fn close(&self) -> impl Future<Output = QueueResult<()>> + Send;
+}
+
+/// What operators need besides the hot path: counts, listings, and the
+/// dead-letter actions. The state rules are [`JobState::check_retry`] and
+/// [`JobState::check_remove`], the same on every backend.
+pub trait Operate: Queue {
     fn counts(&self) -> impl Future<Output = QueueResult<Counts>> + Send;
     /// Newest first. `state: None` lists every state.
     fn list(
@@ -254,11 +292,4 @@ pub trait Queue: Send + Sync + 'static {
     fn retry(&self, id: &str) -> impl Future<Output = QueueResult<()>> + Send;
     fn retry_all_failed(&self) -> impl Future<Output = QueueResult<u64>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = QueueResult<()>> + Send;
-    fn ping(&self) -> impl Future<Output = QueueResult<()>> + Send;
-    /// Ways this store can lose an acknowledged event, as found at start-up:
-    /// `(name, present)` for each one the backend knows of.
-    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
-        Vec::new()
-    }
-    fn close(&self) -> impl Future<Output = QueueResult<()>> + Send;
 }

@@ -58,7 +58,7 @@ use serde_json::{value::RawValue, Value};
 use super::batch::Batcher;
 use super::{
     Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView, LeaseRef,
-    Leased, Page, Queue, QueueError, QueueResult, QueueSettings,
+    Leased, Operate, Page, Queue, QueueError, QueueResult, QueueSettings,
 };
 use crate::event::{Event, EventKey, EventKind};
 
@@ -798,6 +798,24 @@ impl Queue for RedisQueue {
         Ok(())
     }
 
+    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
+        self.risks.clone()
+    }
+
+    async fn ping(&self) -> QueueResult<()> {
+        self.raw::<String>(&redis::cmd("PING")).await.map(|_| ())
+    }
+
+    async fn close(&self) -> QueueResult<()> {
+        self.maintenance.abort();
+        let _ = bounded(self.stall_checker.close(1000)).await;
+        self.queue.close().await;
+        self.hot.ingress.close().await;
+        Ok(())
+    }
+}
+
+impl Operate for RedisQueue {
     async fn counts(&self) -> QueueResult<Counts> {
         let c = bounded(self.queue.get_job_counts()).await?;
         Ok(Counts {
@@ -842,14 +860,7 @@ impl Queue for RedisQueue {
     }
 
     async fn retry(&self, id: &str) -> QueueResult<()> {
-        let state = self.state_of(id).await?;
-        if state != JobState::Failed {
-            return Err(QueueError::WrongState {
-                id: id.to_string(),
-                state: state.as_str(),
-                hint: "only failed jobs can be retried",
-            });
-        }
+        self.state_of(id).await?.check_retry(id)?;
         let mut job = bounded(self.queue.get_job(id))
             .await?
             .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
@@ -879,35 +890,12 @@ impl Queue for RedisQueue {
     }
 
     async fn remove(&self, id: &str) -> QueueResult<()> {
-        let state = self.state_of(id).await?;
-        if state == JobState::Active {
-            return Err(QueueError::WrongState {
-                id: id.to_string(),
-                state: state.as_str(),
-                hint: "a job being delivered cannot be removed; try again when it has finished",
-            });
-        }
+        self.state_of(id).await?.check_remove(id)?;
         if bounded(self.queue.remove(id)).await? {
             Ok(())
         } else {
             Err(QueueError::NotFound(id.to_string()))
         }
-    }
-
-    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
-        self.risks.clone()
-    }
-
-    async fn ping(&self) -> QueueResult<()> {
-        self.raw::<String>(&redis::cmd("PING")).await.map(|_| ())
-    }
-
-    async fn close(&self) -> QueueResult<()> {
-        self.maintenance.abort();
-        let _ = bounded(self.stall_checker.close(1000)).await;
-        self.queue.close().await;
-        self.hot.ingress.close().await;
-        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue, WAL_RESTART_BYTES};
-use cogrelay::queue::{Attempt, AttemptOutcome, Disposition, Queue, QueueSettings};
+use cogrelay::queue::{Attempt, AttemptOutcome, Disposition, Operate, Queue, QueueSettings};
 
 const MIB: u64 = 1024 * 1024;
 

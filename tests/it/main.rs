@@ -21,6 +21,7 @@ mod ingress;
 mod jobs_cli;
 mod layout;
 mod process;
+mod queue_conformance;
 mod redis_ops;
 mod register;
 mod secrets;

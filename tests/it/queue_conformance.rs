@@ -1,0 +1,356 @@
+//! The queue contract (`queue::Queue` for the hot path, `queue::Operate` for
+//! operators), checked on both backends through the traits: every rule the
+//! contract's doc states.
+//!
+//! * dedup: the same event key within the TTL is the first job;
+//! * a claim leases due jobs; an expired lease is taken over without
+//!   counting the attempt, and the stalled worker's late result changes
+//!   nothing (a stale finish);
+//! * `release` puts a leased job back without counting an attempt;
+//! * retries wait until due; counts follow the states;
+//! * completed jobs are pruned to `REMOVE_ON_COMPLETE`;
+//! * only failed jobs can be retried (attempts reset); an active job cannot
+//!   be removed; an unknown id is not found.
+
+use std::time::Duration;
+
+use cogrelay::config::Fsync;
+use cogrelay::ingress::envelope;
+use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
+use cogrelay::queue::redis::{RedisOptions, RedisQueue};
+use cogrelay::queue::{
+    now_ms, Attempt, AttemptOutcome, Disposition, Enqueued, JobState, Operate, Queue, QueueError,
+    QueueSettings,
+};
+
+use crate::helpers::*;
+
+fn open(dir: &std::path::Path) -> EmbeddedQueue {
+    EmbeddedQueue::open(EmbeddedOptions {
+        data_dir: dir.to_path_buf(),
+        fsync: Fsync::Always,
+        max_db_bytes: 0,
+        settings: QueueSettings {
+            dedup_ttl: Duration::from_secs(60),
+            remove_on_complete: 2,
+        },
+        exclusive: true,
+    })
+    .expect("open")
+}
+
+fn ev(id: &str) -> envelope::Event {
+    envelope::parse(
+        serde_json::to_vec(&event("b", id))
+            .expect("json")
+            .as_slice(),
+    )
+    .expect("event")
+}
+
+fn attempt(n: u32, outcome: AttemptOutcome) -> Attempt {
+    Attempt {
+        n,
+        started_at_ms: now_ms(),
+        duration_ms: 1,
+        status: Some(500),
+        error: None,
+        outcome,
+    }
+}
+
+async fn accepted<Q: Queue>(q: &Q, id: &str) -> String {
+    match q.enqueue(ev(id)).await.expect("enqueue") {
+        Enqueued::Accepted(id) => id,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The same event key within the TTL is the first job.
+async fn the_same_key_is_the_first_job<Q: Operate>(q: &Q) {
+    let first = accepted(q, "dup").await;
+    assert_eq!(
+        q.enqueue(ev("dup")).await.expect("enqueue"),
+        Enqueued::Duplicate(first.clone())
+    );
+    assert_eq!(q.counts().await.expect("counts").waiting, 1);
+}
+
+/// `release` puts a leased job back to waiting; the attempt is not counted,
+/// and the released lease is no longer the job's.
+async fn release_returns_a_job_without_counting<Q: Operate>(q: &Q) {
+    let id = accepted(q, "rel").await;
+    let mut claimed = q
+        .claim(10, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs;
+    assert_eq!(claimed.len(), 1);
+    let lease = claimed[0].lease.clone();
+    q.release(vec![lease]).await.expect("release");
+    let view = q.get(&id).await.expect("get");
+    assert_eq!(view.state, JobState::Waiting);
+    assert_eq!(view.attempts_made, 0);
+    let stale = claimed.remove(0);
+    let applied = q
+        .finish(
+            stale,
+            attempt(1, AttemptOutcome::Delivered),
+            Disposition::Completed,
+        )
+        .await
+        .expect("finish");
+    assert!(!applied, "a released lease finishes nothing");
+    let again = q
+        .claim(10, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs;
+    assert_eq!(again.len(), 1, "claimable again");
+    assert_eq!(again[0].job.attempts_made, 0);
+}
+
+/// Only failed jobs can be retried (attempts reset); an active job cannot be
+/// removed; an unknown id is not found.
+async fn state_rules_of_retry_and_remove<Q: Operate>(q: &Q) {
+    let id = accepted(q, "rules").await;
+    assert!(
+        matches!(
+            q.retry(&id).await,
+            Err(QueueError::WrongState {
+                hint: "only failed jobs can be retried",
+                ..
+            })
+        ),
+        "a waiting job is not retried"
+    );
+    let mut claimed = q
+        .claim(10, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs;
+    assert!(
+        matches!(
+            q.remove(&id).await,
+            Err(QueueError::WrongState {
+                state: "active",
+                ..
+            })
+        ),
+        "an active job is not removed"
+    );
+    let job = claimed.remove(0);
+    assert!(q
+        .finish(
+            job,
+            attempt(1, AttemptOutcome::Failed),
+            Disposition::Failed { reason: "x".into() }
+        )
+        .await
+        .expect("finish"));
+    q.retry(&id).await.expect("a failed job is retried");
+    let view = q.get(&id).await.expect("get");
+    assert_eq!(
+        (view.state, view.attempts_made),
+        (JobState::Waiting, 0),
+        "attempts reset"
+    );
+    q.remove(&id).await.expect("a waiting job is removed");
+    assert!(matches!(q.get(&id).await, Err(QueueError::NotFound(_))));
+    assert!(matches!(
+        q.retry("999999").await,
+        Err(QueueError::NotFound(_))
+    ));
+    assert!(matches!(
+        q.remove("999999").await,
+        Err(QueueError::NotFound(_))
+    ));
+}
+
+/// Leases: an expired lease is taken over without counting the attempt, and the
+/// stalled worker's late result changes nothing.
+async fn expired_lease_is_taken_over<Q: Operate>(q: &Q) {
+    let Enqueued::Accepted(id) = q.enqueue(ev("lease")).await.expect("enqueue") else {
+        panic!("accepted")
+    };
+    let mut first = q
+        .claim(10, Duration::from_millis(100))
+        .await
+        .expect("claim")
+        .jobs;
+    assert_eq!(first.len(), 1);
+    assert!(
+        q.claim(10, Duration::from_millis(300))
+            .await
+            .expect("claim")
+            .jobs
+            .is_empty(),
+        "leased"
+    );
+    // Taken over once the lease expired (Redis: at BullMQ's next stalled checks).
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let mut second = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let jobs = q
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .jobs;
+        if !jobs.is_empty() {
+            break jobs;
+        }
+        assert!(std::time::Instant::now() < deadline, "never taken over");
+    };
+    assert_eq!(second.len(), 1, "taken over after the lease expired");
+    assert_eq!(second[0].job.id, id);
+    assert_eq!(
+        second[0].job.attempts_made, 0,
+        "the stalled attempt is not counted"
+    );
+
+    let stale = first.remove(0);
+    let applied = q
+        .finish(
+            stale,
+            attempt(1, AttemptOutcome::Delivered),
+            Disposition::Completed,
+        )
+        .await
+        .expect("finish");
+    assert!(!applied, "the stalled worker's result is ignored");
+    let live = second.remove(0);
+    let applied = q
+        .finish(
+            live,
+            attempt(1, AttemptOutcome::Failed),
+            Disposition::Failed { reason: "x".into() },
+        )
+        .await
+        .expect("finish");
+    assert!(applied);
+    let view = q.get(&id).await.expect("get");
+    assert_eq!(view.state, JobState::Failed);
+    assert_eq!(view.attempts_made, 1);
+}
+
+/// Delayed jobs are claimable only once due; counts follow the states.
+async fn retries_wait_until_due<Q: Operate>(q: &Q) {
+    q.enqueue(ev("due")).await.expect("enqueue");
+    let job = q
+        .claim(1, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs
+        .pop()
+        .expect("job");
+    let due = now_ms() + 300;
+    q.finish(
+        job,
+        attempt(1, AttemptOutcome::Retry),
+        Disposition::RetryAt {
+            due_at_ms: due,
+            reason: "503".into(),
+        },
+    )
+    .await
+    .expect("finish");
+    let c = q.counts().await.expect("counts");
+    assert_eq!((c.delayed, c.active, c.waiting), (1, 0, 0));
+    let early = q.claim(1, Duration::from_secs(30)).await.expect("claim");
+    assert!(early.jobs.is_empty());
+    assert!(
+        early.next_due_ms.is_some_and(|t| t >= due - 5),
+        "tells when to look again"
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let again = q
+        .claim(1, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs
+        .pop()
+        .expect("due now");
+    assert_eq!(again.job.attempts_made, 1);
+}
+
+/// Completed jobs beyond REMOVE_ON_COMPLETE are pruned (here 2).
+async fn completed_jobs_are_pruned<Q: Operate>(q: &Q) {
+    for i in 0..5 {
+        q.enqueue(ev(&format!("prune-{i}"))).await.expect("enqueue");
+    }
+    for job in q
+        .claim(10, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs
+    {
+        q.finish(
+            job,
+            attempt(1, AttemptOutcome::Delivered),
+            Disposition::Completed,
+        )
+        .await
+        .expect("finish");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // Pruning runs with the store's housekeeping: after writes, and when idle.
+        q.claim(1, Duration::from_secs(30)).await.expect("claim");
+        let c = q.counts().await.expect("counts");
+        if c.completed == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "completed never pruned to 2: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn open_redis(server: &crate::redis_server::RedisServer) -> RedisQueue {
+    RedisQueue::connect(RedisOptions {
+        url: server.url(),
+        ca_pem: None,
+        queue_name: "conformance".into(),
+        lock_duration: Duration::from_millis(300),
+        settings: QueueSettings {
+            dedup_ttl: Duration::from_secs(60),
+            remove_on_complete: 2,
+        },
+    })
+    .await
+    .expect("connect")
+}
+
+/// Runs each named check on both backends: `<check>::embedded`, `<check>::redis`.
+macro_rules! on_both_backends {
+    ($($check:ident),* $(,)?) => {
+        $(
+            mod $check {
+                use super::*;
+                #[tokio::test]
+                async fn embedded() {
+                    let dir = tempfile::tempdir().expect("tmp");
+                    super::$check(&open(dir.path())).await;
+                }
+                #[tokio::test]
+                async fn redis() {
+                    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+                        return;
+                    };
+                    super::$check(&open_redis(&server).await).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_backends!(
+    the_same_key_is_the_first_job,
+    expired_lease_is_taken_over,
+    release_returns_a_job_without_counting,
+    retries_wait_until_due,
+    completed_jobs_are_pruned,
+    state_rules_of_retry_and_remove,
+);
