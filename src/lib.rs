@@ -2,19 +2,37 @@
 //!
 //! # Layout
 //!
-//! * [`cli`]: the command line (clap derive); each subcommand's doc is its `--help`.
-//! * [`config`]: typed, validated settings; one error line per bad setting.
-//! * [`telemetry`]: logging (json or pretty).
-//! * [`secret`]: the `Secret` newtype, printed as `***`.
-//! * [`ingress`]: HTTP receive: read the body within the shared budget,
-//!   authenticate, parse the envelope, check the replay window, enqueue.
-//! * [`answer`]: reading an answer's body no further than what is kept.
-//! * [`queue`]: the queue contract and job states; [`queue::embedded`] is the
-//!   SQLite backend.
-//! * [`delivery`]: worker pool, attempt classification, backoff, outbound signing.
-//! * [`admin`]: health, readiness, queue counts and the dead-letter job routes.
-//! * [`serve`]: wires all of the above and runs until shutdown.
+//! Bottom-up: each module imports only modules listed above it, except
+//! `config`, `serve` and `main`, which wire the others (no two modules import
+//! each other: `tests/it/layout.rs` checks it from the source).
+//!
+//! * [`time`]: wall-clock milliseconds and RFC 3339.
+//! * [`secret`]: the `Secret` newtype (`***`), URLs without their credentials.
+//! * [`event`]: the domain core: event, key, kind, attempt, outcome.
+//! * [`answer`]: reading a remote answer within a bound; `Retry-After`.
+//! * [`queue`]: the contract (`Queue` for the hot path, `Operate` for
+//!   operators), job states and their rules; [`queue::embedded`] (SQLite, group
+//!   commit, bounded disk) and [`queue::redis`] (BullMQ layout, batched scripts
+//!   in `queue/lua/`).
+//! * [`metrics`]: the Prometheus registry of one relay.
+//! * [`listing`]: the job listing query and answer (admin API and CLI).
+//! * [`cognigy`]: the Cognigy API client: tokens, retries, rate limit, event lookup.
+//! * [`delivery`]: the worker pool: `dispatcher`, `attempt` (the pure
+//!   decision), classification, backoff, outbound signing, the target clients,
+//!   the ingress's handoff.
+//! * [`ingress`]: HTTP receive: the body within the shared budget,
+//!   authentication, the envelope, the replay window, the enqueue.
+//! * [`tls`]: the ingress's accept loop (HTTPS, timeouts, back-off, graceful close).
+//! * [`admin`]: health, readiness, metrics, the dead-letter routes, the dashboard.
 //! * [`sink`]: a recording HTTP target (local development, tests, benchmarks).
+//! * [`sim`]: the Cognigy simulator.
+//! * [`cli`]: the command line (clap derive); each subcommand's doc is its `--help`.
+//! * [`telemetry`]: logging (json or pretty).
+//! * [`config`]: flags and environment into each module's settings; one error
+//!   line per bad setting.
+//! * [`register`]: the registration flow.
+//! * [`jobs_cli`]: `cogrelay jobs` and `cogrelay queue stats`.
+//! * [`serve`]: wires the relay together and runs it until shutdown.
 
 pub mod admin;
 pub mod answer;
