@@ -25,7 +25,7 @@ use cogrelay::queue::{
 
 use crate::helpers::*;
 
-fn open(dir: &std::path::Path) -> EmbeddedQueue {
+pub(crate) fn open(dir: &std::path::Path) -> EmbeddedQueue {
     EmbeddedQueue::open(EmbeddedOptions {
         data_dir: dir.to_path_buf(),
         fsync: Fsync::Always,
@@ -39,7 +39,7 @@ fn open(dir: &std::path::Path) -> EmbeddedQueue {
     .expect("open")
 }
 
-fn ev(id: &str) -> envelope::Event {
+pub(crate) fn ev(id: &str) -> envelope::Event {
     envelope::parse(
         serde_json::to_vec(&event("b", id))
             .expect("json")
@@ -57,6 +57,17 @@ fn attempt(n: u32, outcome: AttemptOutcome) -> Attempt {
         error: None,
         outcome,
     }
+}
+
+/// Finishes `job` as delivered; whether its lease still applied.
+async fn delivered<Q: Queue>(q: &Q, job: cogrelay::queue::Leased) -> bool {
+    q.finish(
+        job,
+        attempt(1, AttemptOutcome::Delivered),
+        Disposition::Completed,
+    )
+    .await
+    .expect("finish")
 }
 
 async fn accepted<Q: Queue>(q: &Q, id: &str) -> String {
@@ -91,16 +102,10 @@ async fn release_returns_a_job_without_counting<Q: Operate>(q: &Q) {
     let view = q.get(&id).await.expect("get");
     assert_eq!(view.state, JobState::Waiting);
     assert_eq!(view.attempts_made, 0);
-    let stale = claimed.remove(0);
-    let applied = q
-        .finish(
-            stale,
-            attempt(1, AttemptOutcome::Delivered),
-            Disposition::Completed,
-        )
-        .await
-        .expect("finish");
-    assert!(!applied, "a released lease finishes nothing");
+    assert!(
+        !delivered(q, claimed.remove(0)).await,
+        "a released lease finishes nothing"
+    );
     let again = q
         .claim(10, Duration::from_secs(30))
         .await
@@ -208,16 +213,10 @@ async fn expired_lease_is_taken_over<Q: Operate>(q: &Q) {
         "the stalled attempt is not counted"
     );
 
-    let stale = first.remove(0);
-    let applied = q
-        .finish(
-            stale,
-            attempt(1, AttemptOutcome::Delivered),
-            Disposition::Completed,
-        )
-        .await
-        .expect("finish");
-    assert!(!applied, "the stalled worker's result is ignored");
+    assert!(
+        !delivered(q, first.remove(0)).await,
+        "the stalled worker's result is ignored"
+    );
     let live = second.remove(0);
     let applied = q
         .finish(

@@ -6,34 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cogrelay::config::Fsync;
-use cogrelay::ingress::envelope;
 use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
 use cogrelay::queue::{Enqueued, Operate, Queue, QueueSettings};
 
 use crate::helpers::*;
 
-fn open(dir: &std::path::Path) -> EmbeddedQueue {
-    EmbeddedQueue::open(EmbeddedOptions {
-        data_dir: dir.to_path_buf(),
-        fsync: Fsync::Always,
-        max_db_bytes: 0,
-        settings: QueueSettings {
-            dedup_ttl: Duration::from_secs(60),
-            remove_on_complete: 2,
-        },
-        exclusive: true,
-    })
-    .expect("open")
-}
-
-fn ev(id: &str) -> envelope::Event {
-    envelope::parse(
-        serde_json::to_vec(&event("b", id))
-            .expect("json")
-            .as_slice(),
-    )
-    .expect("event")
-}
+use crate::queue_conformance::{ev, open};
 
 #[tokio::test]
 async fn embedded_store_is_owned_by_one_process() {
