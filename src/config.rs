@@ -1,5 +1,8 @@
 //! Settings: parsed once from the CLI/environment into typed values.
 //!
+//! (Over 600 lines: every setting's parsing and its one-line error are kept in
+//! this one place, which is the point of the module; a third is its tests.)
+//!
 //! [`ServeConfig::from_args`] turns the raw strings of [`crate::cli::ServeArgs`]
 //! into a validated configuration, or one [`ConfigError`] line naming the setting
 //! and the fix (`main` prints it and exits 2). Secret values never appear in an

@@ -1,5 +1,9 @@
 //! `cogrelay sim`: a local Cognigy API simulator (SPEC §6), in memory.
 //!
+//! (Over 600 lines: both Cognigy APIs' routes share one in-memory state and
+//! one gatekeeper for faults and rate limits; split by API, every piece of
+//! state would be shared across files.)
+//!
 //! Serves both APIs `register` and `serve` call, so everything can be tried
 //! without a Cognigy account, and the project's tests run against it:
 //!

@@ -1,0 +1,177 @@
+//! Reading jobs back: the rows as job views, and the operators' side of the
+//! contract ([`Operate`]).
+
+use super::*;
+
+pub(super) const VIEW_COLUMNS: &str =
+    "seq, state, event_key, event_id, bot_id, event_type, kind, attempts_made,
+    created_at_ms, due_at_ms, finished_at_ms, failed_reason, attempts_log";
+
+pub(super) fn row_to_view(r: &rusqlite::Row<'_>, with_payload: bool) -> rusqlite::Result<JobView> {
+    let state: String = r.get(1)?;
+    let state = JobState::parse(&state).unwrap_or(JobState::Failed);
+    let kind: String = r.get(6)?;
+    let log: String = r.get(12)?;
+    let payload = if with_payload {
+        let body: Vec<u8> = r.get(13)?;
+        String::from_utf8(body)
+            .ok()
+            .and_then(|s| RawValue::from_string(s).ok())
+    } else {
+        None
+    };
+    Ok(JobView {
+        id: r.get::<_, i64>(0)?.to_string(),
+        state,
+        event_key: r.get(2)?,
+        event_id: r.get(3)?,
+        bot_id: r.get(4)?,
+        event_type: r.get(5)?,
+        kind: EventKind::parse(&kind)
+            .unwrap_or(EventKind::Envelope)
+            .as_str(),
+        attempts_made: r.get(7)?,
+        created_at_ms: r.get(8)?,
+        due_at_ms: matches!(state, JobState::Waiting | JobState::Delayed)
+            .then(|| r.get(9))
+            .transpose()?,
+        finished_at_ms: r.get(10)?,
+        failed_reason: r.get(11)?,
+        attempts: serde_json::from_str(&log).unwrap_or_default(),
+        payload,
+    })
+}
+
+pub(super) fn state_of(conn: &Connection, seq: i64, id: &str) -> QueueResult<JobState> {
+    let state: Option<String> = conn
+        .prepare_cached("SELECT state FROM jobs WHERE seq=?1")
+        .and_then(|mut s| s.query_row([seq], |r| r.get(0)).optional())
+        .map_err(sql_err)?;
+    state
+        .and_then(|s| JobState::parse(&s))
+        .ok_or_else(|| QueueError::NotFound(id.to_string()))
+}
+
+impl Operate for EmbeddedQueue {
+    async fn counts(&self) -> QueueResult<Counts> {
+        self.call(|conn, w| {
+            let mut c = Counts::default();
+            let mut stmt = conn
+                .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sql_err)?;
+            for (state, n) in rows {
+                match JobState::parse(&state) {
+                    Some(JobState::Waiting) => c.waiting = n,
+                    Some(JobState::Active) => c.active = n,
+                    Some(JobState::Delayed) => c.delayed = n,
+                    Some(JobState::Completed) => c.completed = n,
+                    Some(JobState::Failed) => c.failed = n,
+                    None => {}
+                }
+            }
+            c.oldest_waiting_ms = conn
+                .prepare_cached(
+                    "SELECT min(due_at_ms) FROM jobs WHERE state IN ('waiting','delayed') AND due_at_ms <= ?1",
+                )
+                .and_then(|mut s| s.query_row([w.now_ms], |r| r.get(0)))
+                .map_err(sql_err)?;
+            Ok(c)
+        })
+        .await
+    }
+
+    async fn list(&self, state: Option<JobState>, offset: u64, limit: u64) -> QueueResult<Page> {
+        self.call(move |conn, _| {
+            // The state is a literal (from the enum), so the planner can use the
+            // partial indexes of failed and completed jobs.
+            let filter = state
+                .map(|st| format!("WHERE state = '{}'", st.as_str()))
+                .unwrap_or_default();
+            let total: u64 = conn
+                .prepare_cached(&format!("SELECT count(*) FROM jobs {filter}"))
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(sql_err)?;
+            let sql = format!(
+                "SELECT {VIEW_COLUMNS} FROM jobs {filter} ORDER BY seq DESC LIMIT ?1 OFFSET ?2"
+            );
+            let items = conn
+                .prepare_cached(&sql)
+                .and_then(|mut s| {
+                    s.query_map(params![limit as i64, offset as i64], |r| {
+                        row_to_view(r, false)
+                    })?
+                    .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(sql_err)?;
+            Ok(Page { items, total })
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> QueueResult<JobView> {
+        let id = id.to_string();
+        self.call(move |conn, _| {
+            let seq = parse_id(&id)?;
+            let sql = format!("SELECT {VIEW_COLUMNS}, body FROM jobs WHERE seq=?1");
+            conn.prepare_cached(&sql)
+                .and_then(|mut s| s.query_row([seq], |r| row_to_view(r, true)).optional())
+                .map_err(sql_err)?
+                .ok_or(QueueError::NotFound(id))
+        })
+        .await
+    }
+
+    async fn retry(&self, id: &str) -> QueueResult<()> {
+        let id = id.to_string();
+        self.call(move |conn, w| {
+            let seq = parse_id(&id)?;
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state='waiting', attempts_made=0, due_at_ms=?1, finished_at_ms=NULL, failed_reason=NULL
+                     WHERE seq=?2 AND state='failed'",
+                )
+                .and_then(|mut s| s.execute(params![w.now_ms, seq]))
+                .map_err(sql_err)?;
+            if changed == 1 {
+                return Ok(());
+            }
+            state_of(conn, seq, &id)?.check_retry(&id)?;
+            Err(QueueError::NotFound(id))
+        })
+        .await
+    }
+
+    async fn retry_all_failed(&self) -> QueueResult<u64> {
+        self.call(|conn, w| {
+            conn.prepare_cached(
+                "UPDATE jobs SET state='waiting', attempts_made=0, due_at_ms=?1, finished_at_ms=NULL, failed_reason=NULL
+                 WHERE state='failed'",
+            )
+            .and_then(|mut s| s.execute([w.now_ms]))
+            .map(|n| n as u64)
+            .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn remove(&self, id: &str) -> QueueResult<()> {
+        let id = id.to_string();
+        self.call(move |conn, _| {
+            let seq = parse_id(&id)?;
+            let changed = conn
+                .prepare_cached("DELETE FROM jobs WHERE seq=?1 AND state != 'active'")
+                .and_then(|mut s| s.execute([seq]))
+                .map_err(sql_err)?;
+            if changed == 1 {
+                return Ok(());
+            }
+            state_of(conn, seq, &id)?.check_remove(&id)?;
+            Err(QueueError::NotFound(id))
+        })
+        .await
+    }
+}

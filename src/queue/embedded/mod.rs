@@ -1,0 +1,481 @@
+//! Embedded queue: one SQLite file (WAL mode) under `COGRELAY_DATA_DIR`.
+//!
+//! # Data layout
+//!
+//! ```sql
+//! jobs(seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- the job id ("17"); never reused
+//!      event_key, event_id, bot_id, event_type, kind,
+//!      body BLOB,                 -- exactly what is POSTed to the target
+//!      state,                     -- waiting|active|delayed|completed|failed
+//!      attempts_made,             -- finished attempts
+//!      due_at_ms,                 -- waiting/delayed: claimable from then on
+//!      lease_token, lease_until_ms,  -- active only
+//!      created_at_ms, finished_at_ms, failed_reason, stalls,
+//!      attempts_log TEXT)         -- JSON array of every attempt
+//! dedup(event_key PRIMARY KEY, job_seq, expires_at_ms)
+//! ```
+//! Indexes are partial, so that a job's trip through the states touches as few
+//! B-trees as possible (the writer thread is the throughput limit): `due_at_ms`
+//! of waiting/delayed jobs (claiming), `lease_until_ms` of active jobs (stall
+//! recovery), `seq` of failed jobs (the dead-letter listing) and of completed
+//! jobs (pruning). Counts by state scan the table: they serve the admin API,
+//! not the hot path. (Schema 2 dropped a full `(state, seq)` index that cost
+//! seven B-tree updates per event.)
+//!
+//! # One writer, group commit
+//!
+//! A single thread owns the connection. Every operation is a closure sent over a
+//! channel; the thread takes whatever has queued up (up to 1,024 operations), runs
+//! them in one transaction, each in its own savepoint so one failing operation
+//! does not undo the others, commits once (one fsync with `COGRELAY_FSYNC=always`,
+//! SQLite `synchronous=FULL`), and only then answers each caller. An ingress 200
+//! therefore always follows a commit that is on disk, and a burst of N events
+//! costs one fsync, not N. WAL checkpoints run on a second connection in a
+//! background thread so they never stall a commit.
+//!
+//! # Leases and crash behaviour
+//!
+//! A claim sets `state='active'`, a random `lease_token` and `lease_until_ms`;
+//! `finish`, `renew` and `release` apply only while the token still matches.
+//! Attempts are counted at `finish`, so an attempt cut short by a crash is not
+//! counted: the next claim delivers it again with the same attempt number.
+//! Active jobs whose lease expired are put back to waiting at each claim. One
+//! relay process owns the store (an exclusive lock on `cogrelay.lock`), so at
+//! open every active job belongs to a dead process and is put back at once.
+//! What SQLite guarantees for a committed WAL transaction is what a 200 means:
+//! survives `kill -9`; with fsync on, power loss too.
+//!
+//! # Bounded size
+//!
+//! * The WAL: a PASSIVE checkpoint on the second connection copies frames into
+//!   the main file every 500 ms, but under continuous writes it never catches
+//!   up, and the WAL can only start over from its beginning once a checkpoint
+//!   has copied all of it. So when the WAL passes [`WAL_RESTART_BYTES`] (or a
+//!   quarter of `COGRELAY_MAX_DB_BYTES`), the writer itself runs a RESTART
+//!   checkpoint between two batches, when nothing new is being appended. The
+//!   WAL stays within a few times that size under any load, and a quiet store
+//!   (nothing stored or completed since the last maintenance) truncates it.
+//! * The main file: `auto_vacuum=INCREMENTAL`, and maintenance gives free
+//!   pages back to the file system once they are more than half the file, or
+//!   a quarter when the store is quiet, so a drained backlog does not leave a
+//!   file sized for its peak.
+//!   (A store created before this setting is compacted once at open.)
+//! * `COGRELAY_MAX_DB_BYTES` caps the main file and the WAL together: SQLite's
+//!   `max_page_count` stops the main file (SQLITE_FULL, as a full disk would),
+//!   and a new event is refused while file + WAL are at the cap (the sizes
+//!   are read after every batch). Either way ingress answers 503, and
+//!   deliveries go on, so the store drains.
+//! * A batch in which SQLite rolled the whole transaction back (a full disk
+//!   can do that mid-batch) stops there: every request of it is answered
+//!   unavailable, none as stored.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    now_ms, Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView,
+    LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult, QueueSettings,
+};
+use crate::event::{Event, EventKey, EventKind};
+
+mod inspect;
+mod schema;
+mod writer;
+
+use schema::{SCHEMA, SCHEMA_VERSION};
+pub use writer::WAL_RESTART_BYTES;
+use writer::*;
+
+const DB_FILE: &str = "cogrelay.db";
+const LOCK_FILE: &str = "cogrelay.lock";
+const MAX_BATCH: usize = 1024;
+
+pub struct EmbeddedQueue {
+    tx: mpsc::Sender<Op>,
+    path: PathBuf,
+    /// Held for the life of the queue: one relay process per data dir.
+    _lock: Option<File>,
+    fsync: Fsync,
+}
+
+impl std::fmt::Debug for EmbeddedQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedQueue")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create data directory {0}: {1}")]
+    CreateDir(PathBuf, std::io::Error),
+    #[error("another cogrelay process is using {0}: stop it, or give this one another COGRELAY_DATA_DIR")]
+    Locked(PathBuf),
+    #[error(
+        "cannot open the embedded store {0}: {1} (move the file away to start with an empty queue)"
+    )]
+    Sqlite(PathBuf, rusqlite::Error),
+    #[error("cannot lock {0}: {1}")]
+    Lock(PathBuf, std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// fsync every commit (SQLite `synchronous=FULL`): an ack survives power loss.
+    Always,
+    /// Commit to the OS only (`synchronous=NORMAL`): an ack survives a relay crash.
+    Off,
+}
+
+/// Options of the embedded store.
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    pub data_dir: PathBuf,
+    pub fsync: Fsync,
+    /// 0 = no cap.
+    pub max_db_bytes: u64,
+    pub settings: QueueSettings,
+    /// The relay's own open: takes the process lock and puts back the jobs a
+    /// dead process left active. `false` for tools (`cogrelay jobs`) that work
+    /// beside a running relay: no lock, no recovery (SQLite's WAL locking keeps
+    /// the two processes' writes apart).
+    pub exclusive: bool,
+}
+
+impl EmbeddedQueue {
+    /// Opens (creating if needed) the store and takes the process lock. Active jobs
+    /// left by a dead process go back to waiting.
+    pub fn open(opts: EmbeddedOptions) -> Result<Self, OpenError> {
+        std::fs::create_dir_all(&opts.data_dir)
+            .map_err(|e| OpenError::CreateDir(opts.data_dir.clone(), e))?;
+        let lock = if opts.exclusive {
+            Some(take_lock(&opts.data_dir)?)
+        } else {
+            None
+        };
+        let path = opts.data_dir.join(DB_FILE);
+        let sqlite_err = |e| OpenError::Sqlite(path.clone(), e);
+        let conn = open_connection(&path, opts.fsync).map_err(sqlite_err)?;
+        let wal_restart_bytes = match opts.max_db_bytes {
+            0 => WAL_RESTART_BYTES,
+            max => WAL_RESTART_BYTES.min(max / 4),
+        };
+        // A restarted WAL keeps its size (no shrinking and growing again under
+        // load); a quiet store truncates it (see `maintenance`).
+        conn.pragma_update(None, "journal_size_limit", wal_restart_bytes as i64)
+            .map_err(sqlite_err)?;
+        incremental_vacuum_on(&conn).map_err(sqlite_err)?;
+        conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sqlite_err)?;
+        if opts.max_db_bytes > 0 {
+            let page: i64 = conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .map_err(sqlite_err)?;
+            let pages = (opts.max_db_bytes as i64 / page.max(1)).max(1);
+            conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+                .map_err(sqlite_err)?;
+        }
+        let recovered = if !opts.exclusive {
+            0
+        } else {
+            conn
+            .execute(
+                "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, stalls=stalls+1
+                 WHERE state='active'",
+                [],
+            )
+            .map_err(sqlite_err)?
+        };
+        if recovered > 0 {
+            tracing::warn!(
+                recovered,
+                "jobs left active by a previous process are back in the queue"
+            );
+        }
+
+        let (tx, rx) = mpsc::channel::<Op>(64 * 1024);
+        let stop_checkpoints = Arc::new(AtomicBool::new(false));
+        spawn_checkpointer(path.clone(), opts.fsync, stop_checkpoints.clone());
+        let mut writer = Writer {
+            settings: opts.settings,
+            now_ms: now_ms(),
+            completed_since_prune: 0,
+            stored_since_maintenance: 0,
+            stop: false,
+            wal_path: PathBuf::from(format!("{}-wal", path.display())),
+            db_path: path.clone(),
+            disk_bytes: 0,
+            max_bytes: opts.max_db_bytes,
+            wal_restart_bytes,
+        };
+        writer.watch_disk(&conn);
+        std::thread::Builder::new()
+            .name("cogrelay-store".into())
+            .spawn(move || {
+                writer_loop(conn, writer, rx);
+                stop_checkpoints.store(true, Ordering::Relaxed);
+            })
+            .map_err(|e| OpenError::Lock(path.clone(), e))?;
+        Ok(Self {
+            tx,
+            path,
+            _lock: lock,
+            fsync: opts.fsync,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the writer thread inside the next group transaction, and answers
+    /// only after that transaction committed.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &mut Writer) -> QueueResult<T> + Send + 'static,
+    ) -> QueueResult<T> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let op: Op = Box::new(move |conn, w| {
+            let res = f(conn, w);
+            Done {
+                ok: res.is_ok(),
+                reply: Box::new(move |commit| {
+                    let _ = reply_tx.send(commit.and(res));
+                }),
+            }
+        });
+        self.tx
+            .send(op)
+            .await
+            .map_err(|_| QueueError::Unavailable("the store is closed".into()))?;
+        reply_rx
+            .await
+            .map_err(|_| QueueError::Unavailable("the store writer stopped".into()))?
+    }
+}
+
+/// The exclusive lock of one relay per data dir.
+fn take_lock(data_dir: &Path) -> Result<File, OpenError> {
+    let lock_path = data_dir.join(LOCK_FILE);
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| OpenError::Lock(lock_path.clone(), e))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(OpenError::Locked(data_dir.to_path_buf()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(OpenError::Lock(lock_path, e)),
+    }
+    Ok(lock)
+}
+
+impl Queue for EmbeddedQueue {
+    async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
+        self.call(move |conn, w| insert_event(conn, w, &event, None))
+            .await
+    }
+
+    async fn enqueue_leased(
+        &self,
+        event: Event,
+        lease: Duration,
+    ) -> QueueResult<(Enqueued, Option<Leased>)> {
+        let lease_ms = lease.as_millis() as i64;
+        let token = format!("{:016x}", fastrand::u64(..));
+        self.call(move |conn, w| {
+            let enqueued = insert_event(conn, w, &event, Some((&token, w.now_ms + lease_ms)))?;
+            let leased = match &enqueued {
+                Enqueued::Accepted(id) => Some(Leased {
+                    lease: LeaseRef {
+                        job_id: id.clone(),
+                        token,
+                    },
+                    job: DeliveryJob::new(id.clone(), event),
+                }),
+                Enqueued::Duplicate(_) => None,
+            };
+            Ok((enqueued, leased))
+        })
+        .await
+    }
+
+    async fn claim(&self, max: usize, lease: Duration) -> QueueResult<Claimed> {
+        let lease_ms = lease.as_millis() as i64;
+        self.call(move |conn, w| {
+            let now = w.now_ms;
+            // Stall recovery: an expired lease means its worker is gone.
+            let stalled = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, due_at_ms=?1, stalls=stalls+1
+                     WHERE state='active' AND lease_until_ms <= ?1",
+                )
+                .and_then(|mut s| s.execute([now]))
+                .map_err(sql_err)?;
+            if stalled > 0 {
+                tracing::warn!(stalled, "leases expired; jobs taken over");
+            }
+            let token = format!("{:016x}", fastrand::u64(..));
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
+                     WHERE seq IN (SELECT seq FROM jobs WHERE state IN ('waiting','delayed') AND due_at_ms <= ?3
+                                   ORDER BY due_at_ms, seq LIMIT ?4)
+                     RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made",
+                )
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map(params![token, now + lease_ms, now, max as i64], |r| {
+                    let kind: String = r.get(4)?;
+                    Ok(DeliveryJob {
+                        id: r.get::<_, i64>(0)?.to_string(),
+                        key: EventKey::from_stored(r.get(1)?),
+                        event_id: r.get(2)?,
+                        bot_id: r.get(3)?,
+                        kind: EventKind::parse(&kind).unwrap_or(EventKind::Envelope),
+                        body: r.get(5)?,
+                        attempts_made: r.get(6)?,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sql_err)?;
+            let mut jobs: Vec<Leased> = rows
+                .into_iter()
+                .map(|job| Leased { lease: LeaseRef { job_id: job.id.clone(), token: token.clone() }, job })
+                .collect();
+            jobs.sort_by_key(|l| l.job.id.parse::<i64>().unwrap_or(0));
+            let next_due_ms = if jobs.is_empty() {
+                conn.prepare_cached(
+                    "SELECT min(t) FROM (
+                        SELECT min(due_at_ms) AS t FROM jobs WHERE state IN ('waiting','delayed')
+                        UNION ALL SELECT min(lease_until_ms) FROM jobs WHERE state='active')",
+                )
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(sql_err)?
+            } else {
+                None
+            };
+            Ok(Claimed { jobs, next_due_ms })
+        })
+        .await
+    }
+
+    async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
+        let lease_ms = lease.as_millis() as i64;
+        self.call(move |conn, w| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE jobs SET lease_until_ms=?1 WHERE seq=?2 AND lease_token=?3 AND state='active'",
+                )
+                .map_err(sql_err)?;
+            for l in &leases {
+                let seq = parse_id(&l.job_id)?;
+                stmt.execute(params![w.now_ms + lease_ms, seq, l.token]).map_err(sql_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn finish(
+        &self,
+        job: Leased,
+        attempt: Attempt,
+        disposition: Disposition,
+    ) -> QueueResult<bool> {
+        self.call(move |conn, w| {
+            let seq = parse_id(&job.lease.job_id)?;
+            let now = w.now_ms;
+            let log = serde_json::to_string(&attempt)
+                .map_err(|e| QueueError::Unavailable(e.to_string()))?;
+            let (state, due, finished, reason) = match &disposition {
+                Disposition::Completed => ("completed", now, Some(now), None),
+                Disposition::RetryAt { due_at_ms, reason } => {
+                    ("delayed", *due_at_ms, None, Some(reason.as_str()))
+                }
+                Disposition::Failed { reason } => ("failed", now, Some(now), Some(reason.as_str())),
+            };
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state=?1, due_at_ms=?2, finished_at_ms=?3, failed_reason=?4,
+                        attempts_made=attempts_made+1, lease_token=NULL, lease_until_ms=NULL,
+                        attempts_log=json_insert(attempts_log, '$[#]', json(?5))
+                     WHERE seq=?6 AND lease_token=?7 AND state='active'",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        state,
+                        due,
+                        finished,
+                        reason,
+                        log,
+                        seq,
+                        job.lease.token
+                    ])
+                })
+                .map_err(sql_err)?;
+            if changed == 1 && state == "completed" {
+                w.completed_since_prune += 1;
+                if w.settings.remove_on_complete == 0 {
+                    conn.prepare_cached("DELETE FROM jobs WHERE seq=?1")
+                        .and_then(|mut s| s.execute([seq]))
+                        .map_err(sql_err)?;
+                }
+            }
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {
+        self.call(move |conn, w| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, due_at_ms=?1
+                     WHERE seq=?2 AND lease_token=?3 AND state='active'",
+                )
+                .map_err(sql_err)?;
+            for l in &leases {
+                let seq = parse_id(&l.job_id)?;
+                stmt.execute(params![w.now_ms, seq, l.token]).map_err(sql_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
+        // COGRELAY_FSYNC=off: an acknowledged event survives a crash of the
+        // relay, not a power loss.
+        vec![("embedded_no_fsync", self.fsync == Fsync::Off)]
+    }
+
+    async fn ping(&self) -> QueueResult<()> {
+        self.call(|conn, _| {
+            conn.prepare_cached("SELECT 1")
+                .and_then(|mut s| s.query_row([], |_| Ok(())))
+                .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn close(&self) -> QueueResult<()> {
+        self.call(|_, w| {
+            w.stop = true;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,362 @@
+//! The store's single writer: the group commit over one connection, the
+//! WAL checkpoints, the maintenance, and the insert of a new job.
+
+use super::*;
+
+/// What a queued operation leaves for after the commit: whether it succeeded
+/// (else its savepoint is rolled back) and how to answer its caller.
+pub(super) struct Done {
+    pub(super) ok: bool,
+    pub(super) reply: Box<dyn FnOnce(Result<(), QueueError>) + Send>,
+}
+
+pub(super) type Op = Box<dyn FnOnce(&Connection, &mut Writer) -> Done + Send>;
+
+/// State owned by the writer thread.
+pub(super) struct Writer {
+    pub(super) settings: QueueSettings,
+    pub(super) now_ms: i64,
+    pub(super) completed_since_prune: u64,
+    /// Jobs stored since the last maintenance (with `completed_since_prune`:
+    /// whether the store is quiet).
+    pub(super) stored_since_maintenance: u64,
+    pub(super) stop: bool,
+    /// The main file and its WAL.
+    pub(super) db_path: PathBuf,
+    pub(super) wal_path: PathBuf,
+    /// Main file + WAL, read after each batch.
+    pub(super) disk_bytes: u64,
+    /// `COGRELAY_MAX_DB_BYTES` (0: none).
+    pub(super) max_bytes: u64,
+    /// WAL size past which the writer restarts it.
+    pub(super) wal_restart_bytes: u64,
+}
+
+/// The WAL size past which the writer runs a RESTART checkpoint (see the
+/// module doc).
+pub const WAL_RESTART_BYTES: u64 = 16 * 1024 * 1024;
+
+impl Writer {
+    /// Reads the sizes of the files; restarts the WAL if it grew too long.
+    pub(super) fn watch_disk(&mut self, conn: &Connection) {
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let mut wal = size(&self.wal_path);
+        if wal > self.wal_restart_bytes {
+            match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                Ok(()) => wal = size(&self.wal_path),
+                Err(e) => tracing::debug!(error = %e, "wal restart"),
+            }
+        }
+        self.disk_bytes = size(&self.db_path) + wal;
+    }
+
+    pub(super) fn full(&self) -> bool {
+        self.max_bytes > 0 && self.disk_bytes >= self.max_bytes
+    }
+}
+
+pub(super) fn open_connection(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    // Every statement of this module stays prepared (the default cache holds 16,
+    // fewer than the hot path plus housekeeping use, and evictions re-parse).
+    conn.set_prepared_statement_cache_capacity(64);
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // Before WAL mode, which writes the header of a new file: after that,
+    // auto_vacuum changes only through a VACUUM (see incremental_vacuum_on).
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "journal_mode is {mode}, WAL is required"
+        )));
+    }
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if fsync == Fsync::Always {
+            "FULL"
+        } else {
+            "NORMAL"
+        },
+    )?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // 16 MiB page cache (default 2 MiB): the hot pages of jobs, dedup and their
+    // indexes stay in memory instead of being re-read from the OS.
+    conn.pragma_update(None, "cache_size", -16_000)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "foreign_keys", false)?;
+    Ok(conn)
+}
+
+/// Checkpoints the WAL into the main file off the commit path.
+pub(super) fn spawn_checkpointer(path: PathBuf, fsync: Fsync, stop: Arc<AtomicBool>) {
+    let _ = std::thread::Builder::new()
+        .name("cogrelay-checkpoint".into())
+        .spawn(move || {
+            let Ok(conn) = open_connection(&path, fsync) else {
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "wal checkpoint");
+                }
+            }
+        });
+}
+
+pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receiver<Op>) {
+    let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
+    let mut last_maintenance = Instant::now();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        w.now_ms = now_ms();
+        run_batch(&conn, &mut w, &mut batch);
+        w.watch_disk(&conn);
+        if last_maintenance.elapsed() >= Duration::from_millis(500)
+            || w.completed_since_prune > 1000
+        {
+            last_maintenance = Instant::now();
+            maintenance(&conn, &mut w);
+        }
+        if w.stop {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            drop(conn);
+            rx.close();
+            while let Ok(op) = rx.try_recv() {
+                drop(op);
+            }
+            return;
+        }
+    }
+}
+
+/// Runs every queued operation in one transaction and answers them after COMMIT.
+/// An operation that could not run is dropped, which answers its caller with
+/// `Unavailable` (its reply channel closes).
+pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
+    if let Err(e) = exec_cached(conn, "BEGIN IMMEDIATE") {
+        tracing::error!(error = %store_error(&e), "store: cannot begin a transaction");
+        batch.clear();
+        return;
+    }
+    let mut dones = Vec::with_capacity(batch.len());
+    let mut ops = batch.drain(..);
+    while let Some(op) = ops.next() {
+        if let Err(e) = exec_cached(conn, "SAVEPOINT op") {
+            tracing::error!(error = %store_error(&e), "store: savepoint");
+            continue;
+        }
+        let done = op(conn, w);
+        dones.push(done);
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (it may on a full disk):
+            // what ran before is undone, and what runs now would commit on its
+            // own. Nothing of this batch is stored; the rest is not run.
+            let err =
+                QueueError::Unavailable("the store rolled a transaction back (disk full?)".into());
+            tracing::error!(error = %err, not_run = ops.len(), "store: nothing of this batch was acknowledged");
+            drop(ops); // the operations not run answer Unavailable as they are dropped
+            for d in dones {
+                (d.reply)(Err(err.clone()));
+            }
+            return;
+        }
+        let done = dones.last().is_none_or(|d| d.ok);
+        let end = if done {
+            exec_cached(conn, "RELEASE op")
+        } else {
+            conn.execute_batch("ROLLBACK TO op; RELEASE op")
+        };
+        if let Err(e) = end {
+            tracing::error!(error = %store_error(&e), "store: savepoint");
+        }
+    }
+    let commit = exec_cached(conn, "COMMIT").map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        let err = QueueError::Unavailable(store_error(&e));
+        tracing::error!(error = %err, "store: commit failed; nothing of this batch was acknowledged");
+        err
+    });
+    // Answers go out after the commit, so a 200 never precedes durability.
+    for d in dones {
+        (d.reply)(commit.clone());
+    }
+}
+
+/// Runs a parameterless statement through the statement cache: the group-commit
+/// loop runs BEGIN/SAVEPOINT/RELEASE/COMMIT thousands of times a second, and
+/// parsing them each time showed in profiles.
+pub(super) fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Prunes completed jobs beyond REMOVE_ON_COMPLETE and expired dedup keys.
+pub(super) fn maintenance(conn: &Connection, w: &mut Writer) {
+    let keep = i64::from(w.settings.remove_on_complete);
+    let res = conn.execute_batch("BEGIN IMMEDIATE").and_then(|_| {
+        conn.prepare_cached(
+            "DELETE FROM jobs WHERE state='completed' AND seq <= (
+                 SELECT seq FROM jobs WHERE state='completed' ORDER BY seq DESC LIMIT 1 OFFSET ?1)",
+        )?
+        .execute([keep])?;
+        conn.prepare_cached("DELETE FROM dedup WHERE expires_at_ms <= ?1")?
+            .execute([w.now_ms])?;
+        conn.execute_batch("COMMIT")
+    });
+    if let Err(e) = res {
+        let _ = conn.execute_batch("ROLLBACK");
+        tracing::warn!(error = %store_error(&e), "store maintenance failed; will try again");
+    }
+    let quiet = w.completed_since_prune == 0 && w.stored_since_maintenance == 0;
+    w.completed_since_prune = 0;
+    w.stored_since_maintenance = 0;
+    give_back_free_pages(conn, quiet);
+    if quiet && w.disk_bytes > 0 {
+        // Nothing is being written: the WAL can go to zero bytes.
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "wal truncate");
+        }
+    }
+}
+
+/// Turns on `auto_vacuum=INCREMENTAL`: before the first table for a new
+/// store; with a one-time VACUUM for a store made before.
+pub(super) fn incremental_vacuum_on(conn: &Connection) -> rusqlite::Result<()> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    conn.pragma_update(None, "auto_vacuum", INCREMENTAL)?;
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    if tables > 0 {
+        tracing::info!("compacting the store once, to give freed space back from now on");
+        conn.execute_batch("VACUUM")?;
+    }
+    Ok(())
+}
+
+/// Free pages given back to the file system, a bounded number at a time
+/// (each call is one short write transaction): above half the file at any
+/// time, above a quarter once the store is `quiet`. Under load the free pages
+/// are soon reused, and shrinking the file only to grow it again costs.
+pub(super) fn give_back_free_pages(conn: &Connection, quiet: bool) {
+    const MAX_PAGES_PER_CALL: i64 = 4096;
+    let pages = |pragma: &str| {
+        conn.query_row(pragma, [], |r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+    };
+    let (free, total) = (pages("PRAGMA freelist_count"), pages("PRAGMA page_count"));
+    let share = if quiet { 4 } else { 2 };
+    if free > 64 && free * share > total {
+        let n = free.min(MAX_PAGES_PER_CALL);
+        // The pragma frees pages as it is stepped: step it to the end.
+        let run = conn
+            .prepare(&format!("PRAGMA incremental_vacuum({n})"))
+            .and_then(|mut stmt| {
+                let mut rows = stmt.query([])?;
+                while rows.next()?.is_some() {}
+                Ok(())
+            });
+        if let Err(e) = run {
+            tracing::debug!(error = %e, "incremental vacuum");
+        }
+    }
+}
+
+pub(super) fn store_error(e: &rusqlite::Error) -> String {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => {
+            "the store is full (disk full or COGRELAY_MAX_DB_BYTES reached)".into()
+        }
+        Some(rusqlite::ErrorCode::DatabaseCorrupt) | Some(rusqlite::ErrorCode::NotADatabase) => {
+            format!("the store file is damaged: {e}")
+        }
+        _ => format!("store error: {e}"),
+    }
+}
+
+pub(super) fn sql_err(e: rusqlite::Error) -> QueueError {
+    QueueError::Unavailable(store_error(&e))
+}
+
+pub(super) fn parse_id(id: &str) -> QueueResult<i64> {
+    id.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| QueueError::NotFound(id.to_string()))
+}
+
+/// Stores an event as a new job (or finds its duplicate). With `lease`, the job
+/// is stored already leased (`active`, token, expiry): a direct handoff to the
+/// caller's worker pool that saves the claim.
+pub(super) fn insert_event(
+    conn: &Connection,
+    w: &mut Writer,
+    event: &Event,
+    lease: Option<(&str, i64)>,
+) -> QueueResult<Enqueued> {
+    let now = w.now_ms;
+    if w.full() {
+        return Err(QueueError::Unavailable(format!(
+            "the store is full: database and WAL hold {} bytes of COGRELAY_MAX_DB_BYTES={}",
+            w.disk_bytes, w.max_bytes
+        )));
+    }
+    let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
+    let dedup = ttl_ms > 0; // DEDUP_TTL_SECS=0: every event a new job
+    let existing: Option<i64> = if !dedup {
+        None
+    } else {
+        conn.prepare_cached("SELECT job_seq FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2")
+            .and_then(|mut s| {
+                s.query_row(params![event.key.as_str(), now], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(sql_err)?
+    };
+    if let Some(seq) = existing {
+        return Ok(Enqueued::Duplicate(seq.to_string()));
+    }
+    let (state, token, until) = match lease {
+        Some((token, until)) => ("active", Some(token), Some(until)),
+        None => ("waiting", None, None),
+    };
+    conn.prepare_cached(
+        "INSERT INTO jobs (event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
+                           lease_token, lease_until_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            event.key.as_str(),
+            event.event_id,
+            event.bot_id,
+            event.event_type,
+            event.kind.as_str(),
+            event.body,
+            state,
+            now,
+            token,
+            until
+        ])
+    })
+    .map_err(sql_err)?;
+    let seq = conn.last_insert_rowid();
+    w.stored_since_maintenance += 1;
+    if dedup {
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms) VALUES (?1, ?2, ?3)",
+        )
+        .and_then(|mut s| s.execute(params![event.key.as_str(), seq, now.saturating_add(ttl_ms)]))
+        .map_err(sql_err)?;
+    }
+    Ok(Enqueued::Accepted(seq.to_string()))
+}

@@ -1,0 +1,194 @@
+//! Reading jobs back (views, states, listings) and the operators' side of
+//! the contract ([`Operate`]).
+
+use super::*;
+
+impl RedisQueue {
+    pub(super) async fn raw<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> QueueResult<T> {
+        let mut conn = self.queue.connection().connection();
+        bounded(cmd.query_async::<T>(&mut conn)).await
+    }
+
+    pub(super) async fn view(
+        &self,
+        job: &bull::Job,
+        state: JobState,
+        with_payload: bool,
+    ) -> QueueResult<JobView> {
+        let (logs, _) = bounded(self.queue.get_job_logs(job.id(), 0, -1, true)).await?;
+        let attempts: Vec<Attempt> = logs
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let d = job.data();
+        let s = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_owned);
+        let payload = if with_payload {
+            s("body").and_then(|b| RawValue::from_string(b).ok())
+        } else {
+            None
+        };
+        let reason = job.failed_reason();
+        // A delayed job is due at its score in the delayed set (`due << 12 | n`);
+        // the hash's `timestamp + delay` is creation time plus the last delay.
+        let due_at_ms = if state == JobState::Delayed {
+            let score: Option<f64> = self
+                .raw(
+                    redis::cmd("ZSCORE")
+                        .arg(self.hot.key("delayed"))
+                        .arg(job.id()),
+                )
+                .await?;
+            Some(score.map_or((job.timestamp() + job.delay()) as i64, |s| (s as i64) >> 12))
+        } else {
+            None
+        };
+        Ok(JobView {
+            id: job.id().to_string(),
+            state,
+            event_key: s("eventKey").unwrap_or_default(),
+            event_id: s("eventId").unwrap_or_default(),
+            bot_id: s("botId"),
+            event_type: s("type"),
+            kind: EventKind::parse(&s("kind").unwrap_or_default())
+                .unwrap_or(EventKind::Envelope)
+                .as_str(),
+            attempts_made: job.attempts_made(),
+            created_at_ms: job.timestamp() as i64,
+            due_at_ms,
+            finished_at_ms: job.finished_on().map(|t| t as i64),
+            failed_reason: (!reason.is_empty()).then(|| reason.to_string()),
+            attempts,
+            payload,
+        })
+    }
+
+    pub(super) async fn state_of(&self, id: &str) -> QueueResult<JobState> {
+        match bounded(self.queue.get_job_state(id)).await? {
+            bull::JobState::Waiting
+            | bull::JobState::Prioritized
+            | bull::JobState::WaitingChildren => Ok(JobState::Waiting),
+            bull::JobState::Active => Ok(JobState::Active),
+            bull::JobState::Delayed => Ok(JobState::Delayed),
+            bull::JobState::Completed => Ok(JobState::Completed),
+            bull::JobState::Failed => Ok(JobState::Failed),
+            bull::JobState::Unknown => Err(QueueError::NotFound(id.to_string())),
+        }
+    }
+
+    /// Creation time of the oldest job in wait (BullMQ takes jobs from the
+    /// list's tail).
+    pub(super) async fn oldest_waiting_ms(&self) -> QueueResult<Option<i64>> {
+        let prefix = self.queue.keys().key_prefix().to_string();
+        let id: Option<String> = self
+            .raw(redis::cmd("LINDEX").arg(format!("{prefix}wait")).arg(-1))
+            .await?;
+        let Some(id) = id else { return Ok(None) };
+        let ts: Option<i64> = self
+            .raw(
+                redis::cmd("HGET")
+                    .arg(format!("{prefix}{id}"))
+                    .arg("timestamp"),
+            )
+            .await?;
+        Ok(ts)
+    }
+}
+
+pub(super) fn types_of(state: Option<JobState>) -> Vec<&'static str> {
+    match state {
+        None => vec![
+            "waiting",
+            "prioritized",
+            "active",
+            "delayed",
+            "completed",
+            "failed",
+        ],
+        Some(JobState::Waiting) => vec!["waiting", "prioritized"],
+        Some(s) => vec![s.as_str()],
+    }
+}
+
+impl Operate for RedisQueue {
+    async fn counts(&self) -> QueueResult<Counts> {
+        let c = bounded(self.queue.get_job_counts()).await?;
+        Ok(Counts {
+            waiting: c.waiting + c.prioritized,
+            active: c.active,
+            delayed: c.delayed,
+            completed: c.completed,
+            failed: c.failed,
+            oldest_waiting_ms: self.oldest_waiting_ms().await?,
+        })
+    }
+
+    async fn list(&self, state: Option<JobState>, offset: u64, limit: u64) -> QueueResult<Page> {
+        let types = types_of(state);
+        let total = bounded(self.queue.get_job_count_by_types(&types)).await?;
+        let jobs =
+            bounded(
+                self.queue
+                    .get_jobs(&types, offset as i64, (offset + limit) as i64 - 1, false),
+            )
+            .await?;
+        let mut items = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            let st = match state {
+                Some(s) => s,
+                None => self.state_of(job.id()).await.unwrap_or(JobState::Waiting),
+            };
+            items.push(self.view(job, st, false).await?);
+        }
+        Ok(Page { items, total })
+    }
+
+    async fn get(&self, id: &str) -> QueueResult<JobView> {
+        // State first, then the hash: the two reads are not atomic, and a job
+        // seen as completed/failed (terminal) must not show the attempt count
+        // of the attempt before. A hash newer than the state is harmless.
+        let state = self.state_of(id).await?;
+        let job = bounded(self.queue.get_job(id))
+            .await?
+            .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
+        self.view(&job, state, true).await
+    }
+
+    async fn retry(&self, id: &str) -> QueueResult<()> {
+        self.state_of(id).await?.check_retry(id)?;
+        let mut job = bounded(self.queue.get_job(id))
+            .await?
+            .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
+        let opts = bull::RetryOptions {
+            reset_attempts_made: true,
+            reset_attempts_started: true,
+        };
+        bounded(job.retry("failed", Some(opts))).await
+    }
+
+    async fn retry_all_failed(&self) -> QueueResult<u64> {
+        // Batches of RETRY_BATCH, each reset and moved in one script, so every
+        // job moved has its attempts reset and the count is what moved.
+        let mut moved = 0;
+        loop {
+            let mut call = self.hot.prepare(
+                &self.hot.retry_failed,
+                &["failed", "wait", "meta", "active", "marker", "events"],
+            );
+            call.arg(RETRY_BATCH);
+            let n: u64 = self.hot.invoke(&call).await?;
+            moved += n;
+            if n < RETRY_BATCH {
+                return Ok(moved);
+            }
+        }
+    }
+
+    async fn remove(&self, id: &str) -> QueueResult<()> {
+        self.state_of(id).await?.check_remove(id)?;
+        if bounded(self.queue.remove(id)).await? {
+            Ok(())
+        } else {
+            Err(QueueError::NotFound(id.to_string()))
+        }
+    }
+}

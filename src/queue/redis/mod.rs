@@ -1,0 +1,434 @@
+//! Redis queue in BullMQ layout, built on the official BullMQ Rust port
+//! (`bullmq-official`, the same Lua scripts as BullMQ for Node), so BullMQ's own
+//! tools (dashboards, Node producers and consumers) see and work with it.
+//!
+//! # Layout
+//!
+//! A BullMQ queue named `QUEUE_NAME` under the prefix `bull` (`bull:<name>:wait`,
+//! `:active`, `:delayed`, `:completed`, `:failed`, `bull:<name>:<id>` hashes).
+//! Each job is named `deliver-event`; its data is
+//! `{eventKey, eventId, botId?, type?, kind, body}` where `body` is the exact
+//! JSON text to deliver. Every attempt is appended to the job's BullMQ log
+//! (`bull:<name>:<id>:logs`) as one JSON line: that is the attempt history.
+//! Deduplication uses BullMQ's own deduplication key (`bull:<name>:de:<eventKey>`
+//! with `DEDUP_TTL_SECS`), so the same event sent to two relays is one job.
+//!
+//! # Hot path: batched scripts in BullMQ's layout
+//!
+//! The port runs one Lua script per job and per step (add, take, log, finish),
+//! each about 35 µs of Redis time, which caps one Redis at about 5,000 events/s.
+//! The four steps of every event therefore go through our own scripts
+//! (`src/queue/lua/`), which do per job what BullMQ's `addStandardJob`,
+//! `moveToActive`, `moveToFinished`/`moveToDelayed`, `extendLocks` and
+//! `moveJobFromActiveToWait` do, in the same keys and fields, with the same
+//! events, but for a whole batch per call. Requests are gathered by a group
+//! commit (`batch.rs`): under load one call carries many jobs; alone, a job goes
+//! out at once. Everything else (counts, listing, retry, remove, the stalled
+//! check) uses the port.
+//!
+//! A new event the relay's own worker pool has room for is stored already
+//! locked in `active` (a handoff, as on the embedded store), which saves the
+//! take step.
+//! Adds have a Redis connection of their own, so an acknowledgement does not
+//! wait behind delivery traffic on one pipeline.
+//!
+//! # Leases
+//!
+//! BullMQ's lock (`<job>:lock` = token, `LOCK_DURATION_MS`) is the lease,
+//! extended by `renew`. Stalled jobs (a dead relay's locks expired) are moved
+//! back to wait by BullMQ's `moveStalledJobsToWait`, run by a paused worker of
+//! the port whose only job is the stalled check (every `LOCK_DURATION_MS / 2`).
+//! BullMQ's attempt counter (`atm`) counts finished attempts as on the embedded
+//! backend: a retry counts the attempt and moves the job to delayed in one
+//! script (the port's manual mode cannot do both, see tests/it/bullmq_port.rs).
+//!
+//! # Failures
+//!
+//! Every call is bounded by a timeout (`REDIS_TIMEOUT`): with Redis down the
+//! ingress answers 503 quickly instead of hanging, and recovers on its own when
+//! Redis is back (the connection manager reconnects).
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bullmq as bull;
+use serde_json::{value::RawValue, Value};
+
+use super::batch::Batcher;
+use super::{
+    Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView, LeaseRef,
+    Leased, Operate, Page, Queue, QueueError, QueueResult, QueueSettings,
+};
+use crate::event::{Event, EventKey, EventKind};
+
+pub const JOB_NAME: &str = "deliver-event";
+/// Upper bound on one Redis operation, so Redis trouble becomes a quick 503.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Attempt-history lines kept per job.
+const KEEP_LOGS: u32 = 100;
+
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub url: String,
+    /// PEM of a CA to trust besides the web PKI roots (`rediss://` only).
+    pub ca_pem: Option<Vec<u8>>,
+    pub queue_name: String,
+    pub lock_duration: Duration,
+    pub settings: QueueSettings,
+}
+
+/// Most jobs in one batched script call.
+const MAX_BATCH: usize = 256;
+
+pub struct RedisQueue {
+    queue: bull::Queue,
+    stall_checker: bull::Worker,
+    hot: Arc<Hot>,
+    adds: Batcher<NewJob, (char, String)>,
+    finishes: Batcher<Finished, bool>,
+    opts: RedisOptions,
+    /// Prunes completed jobs beyond `REMOVE_ON_COMPLETE` (see `prune_loop`).
+    maintenance: tokio::task::JoinHandle<()>,
+    /// Circuit breaker of the ingress path: after a Redis failure, `enqueue`
+    /// answers Unavailable at once until then (a fast 503 rather than one
+    /// timeout per request), and then tries Redis again.
+    down_until: Mutex<Option<std::time::Instant>>,
+    /// What `INFO` said at start-up (see [`durability`]).
+    risks: Vec<(&'static str, bool)>,
+}
+
+impl std::fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("queue", &self.opts.queue_name)
+            .finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(format!("redis: {e}"))
+}
+
+async fn bounded<T, E: std::fmt::Display>(
+    fut: impl Future<Output = Result<T, E>>,
+) -> QueueResult<T> {
+    match tokio::time::timeout(REDIS_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(unavailable("no answer within 2 s")),
+    }
+}
+
+/// Whether this Redis keeps what it acknowledged, from `INFO` (which managed
+/// services allow where `CONFIG GET` is disabled): without AOF, a 200 is lost
+/// if Redis stops before its next snapshot; with a `maxmemory-policy` other
+/// than `noeviction`, a full Redis may evict queued jobs. One WARN line each.
+async fn durability(queue: &bull::Queue) -> Vec<(&'static str, bool)> {
+    let mut conn = queue.connection().connection();
+    let mut info = String::new();
+    for section in ["persistence", "memory"] {
+        match bounded(
+            redis::cmd("INFO")
+                .arg(section)
+                .query_async::<String>(&mut conn),
+        )
+        .await
+        {
+            Ok(text) => info.push_str(&text),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read Redis's persistence settings (INFO); make sure it runs with appendonly yes and maxmemory-policy noeviction, or acknowledged events can be lost");
+                return Vec::new();
+            }
+        }
+    }
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let no_aof = field("aof_enabled") != Some("1");
+    if no_aof {
+        tracing::warn!("Redis has no append-only file (appendonly no): an event answered 200 is lost if Redis stops before its next snapshot; set appendonly yes");
+    }
+    let policy = field("maxmemory_policy").unwrap_or("noeviction");
+    let evicting = policy != "noeviction";
+    if evicting {
+        tracing::warn!(maxmemory_policy = policy, "Redis may evict keys when full: queued jobs, acknowledged ones too, can vanish; set maxmemory-policy noeviction");
+    }
+    vec![("redis_no_aof", no_aof), ("redis_evicting", evicting)]
+}
+
+fn connection(opts: &RedisOptions) -> bull::options::RedisConnectionOptions {
+    let mut c = bull::options::RedisConnectionOptions::new().url(&opts.url);
+    if let Some(pem) = &opts.ca_pem {
+        c.tls_certs = Some(bull::options::TlsCerts {
+            root_cert: Some(pem.clone()),
+            client_cert: None,
+            client_key: None,
+        });
+    }
+    c
+}
+
+/// One connection and a PING, straight with the redis crate, before the
+/// port's connection manager (which retries a failed connection quietly, so
+/// a refused certificate would only show as a timeout): a TLS, certificate,
+/// password or network failure is reported as the error it is.
+async fn first_connection(opts: &RedisOptions) -> QueueResult<()> {
+    let client = match &opts.ca_pem {
+        None => redis::Client::open(opts.url.as_str()),
+        Some(pem) => redis::Client::build_with_tls(
+            opts.url.as_str(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            },
+        ),
+    }
+    .map_err(unavailable)?;
+    let mut conn = bounded(client.get_multiplexed_async_connection()).await?;
+    bounded(redis::cmd("PING").query_async::<String>(&mut conn)).await?;
+    Ok(())
+}
+
+mod inspect;
+mod scripts;
+
+use scripts::*;
+
+impl RedisQueue {
+    pub async fn connect(opts: RedisOptions) -> Result<Self, QueueError> {
+        first_connection(&opts).await?;
+        let lock_ms = opts.lock_duration.as_millis() as u64;
+        let mut qopts = bull::QueueOptions::new();
+        qopts.connection = connection(&opts);
+        let queue = bounded(bull::Queue::with_options(&opts.queue_name, qopts)).await?;
+        let noop = |_job: bull::Job, _cancel: bull::worker::CancellationToken| async move {
+            Ok::<Value, bull::Error>(Value::Null)
+        };
+        let worker_opts = |skip_stalled: bool| bull::WorkerOptions {
+            connection: connection(&opts),
+            autorun: false,
+            lock_duration: lock_ms,
+            stalled_interval: (lock_ms / 2).max(1000),
+            max_stalled_count: u32::MAX,
+            skip_stalled_check: skip_stalled,
+            // Leases are renewed by the delivery pool (`renew`), not by BullMQ's timer.
+            skip_lock_renewal: true,
+            concurrency: 1,
+            ..Default::default()
+        };
+        let stall_checker = bounded(bull::Worker::with_options(
+            &opts.queue_name,
+            noop,
+            worker_opts(false),
+        ))
+        .await?;
+        stall_checker.pause();
+        bounded(stall_checker.run()).await?;
+        let keep_completed = i64::from(opts.settings.remove_on_complete);
+        let mut iopts = bull::QueueOptions::new();
+        iopts.connection = connection(&opts);
+        let ingress = bounded(bull::Queue::with_options(&opts.queue_name, iopts)).await?;
+        let hot = Arc::new(Hot {
+            ingress,
+            queue: queue.clone(),
+            prefix: queue.keys().key_prefix().to_string(),
+            worker: format!("cogrelay-{}", std::process::id()),
+            token_base: uuid::Uuid::new_v4().to_string(),
+            tokens: std::sync::atomic::AtomicU64::new(0),
+            lock_ms,
+            add: redis::Script::new(include_str!("../lua/add.lua")),
+            claim: redis::Script::new(include_str!("../lua/claim.lua")),
+            finish: redis::Script::new(include_str!("../lua/finish.lua")),
+            extend: redis::Script::new(include_str!("../lua/extend.lua")),
+            release: redis::Script::new(include_str!("../lua/release.lua")),
+            retry_failed: redis::Script::new(include_str!("../lua/retry_failed.lua")),
+        });
+        let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
+        let h = hot.clone();
+        let adds = Batcher::spawn(MAX_BATCH, move |jobs| {
+            let h = h.clone();
+            async move { h.add(jobs, ttl_ms).await }
+        });
+        let h = hot.clone();
+        let finishes = Batcher::spawn(MAX_BATCH, move |jobs| {
+            let h = h.clone();
+            async move { h.finish(jobs).await }
+        });
+        Ok(Self {
+            queue: queue.clone(),
+            stall_checker,
+            hot,
+            adds,
+            finishes,
+            opts,
+            maintenance: tokio::spawn(prune_loop(queue.clone(), keep_completed)),
+            down_until: Mutex::new(None),
+            risks: durability(&queue).await,
+        })
+    }
+}
+
+/// How long the ingress fails fast after a Redis failure.
+const BREAKER_OPEN: Duration = Duration::from_millis(500);
+
+impl Queue for RedisQueue {
+    async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
+        Ok(match self.enqueue_guarded(&event, None).await? {
+            ('d', id) => Enqueued::Duplicate(id),
+            (_, id) => Enqueued::Accepted(id),
+        })
+    }
+
+    async fn enqueue_leased(
+        &self,
+        event: Event,
+        _lease: Duration,
+    ) -> QueueResult<(Enqueued, Option<Leased>)> {
+        // The lock lasts LOCK_DURATION_MS, which is what the handoff asks for.
+        let token = self.hot.token();
+        let id = match self.enqueue_guarded(&event, Some(token.clone())).await? {
+            ('d', id) => return Ok((Enqueued::Duplicate(id), None)),
+            // Stored in wait (the queue is paused): no handoff.
+            ('a', id) => return Ok((Enqueued::Accepted(id), None)),
+            (_, id) => id,
+        };
+        let job = DeliveryJob::new(id.clone(), event);
+        let lease = LeaseRef {
+            job_id: id.clone(),
+            token,
+        };
+        Ok((Enqueued::Accepted(id), Some(Leased { job, lease })))
+    }
+
+    async fn claim(&self, max: usize, _lease: Duration) -> QueueResult<Claimed> {
+        let h = &self.hot;
+        let mut call = h.prepare(
+            &h.claim,
+            &[
+                "wait",
+                "active",
+                "prioritized",
+                "events",
+                "limiter",
+                "delayed",
+                "meta",
+                "pc",
+                "marker",
+            ],
+        );
+        call.arg(super::now_ms())
+            .arg(h.lock_ms)
+            .arg(max)
+            .arg(h.token())
+            .arg(&h.worker);
+        let (flat, next_due_ms): (Vec<String>, Option<i64>) = h.invoke(&call).await?;
+        let mut jobs = Vec::with_capacity(flat.len() / 4);
+        let mut it = flat.into_iter();
+        while let (Some(id), Some(token), Some(data), Some(atm)) =
+            (it.next(), it.next(), it.next(), it.next())
+        {
+            let job = delivery_job(id.clone(), &data, &atm);
+            jobs.push(Leased {
+                job,
+                lease: LeaseRef { job_id: id, token },
+            });
+        }
+        Ok(Claimed {
+            next_due_ms: if jobs.is_empty() { next_due_ms } else { None },
+            jobs,
+        })
+    }
+
+    async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let h = &self.hot;
+        let mut call = h.prepare(&h.extend, &["stalled"]);
+        call.arg(lease.as_millis() as u64);
+        for l in &leases {
+            call.arg(&l.job_id).arg(&l.token);
+        }
+        let lost: Vec<String> = h.invoke(&call).await?;
+        for id in lost {
+            tracing::warn!(job = %id, "lock lost: the job may be taken over by another worker");
+        }
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        leased: Leased,
+        attempt: Attempt,
+        disposition: Disposition,
+    ) -> QueueResult<bool> {
+        let line = serde_json::to_string(&attempt).map_err(unavailable)?;
+        let (outcome, reason, due_at_ms) = match disposition {
+            Disposition::Completed => ("completed", String::new(), 0),
+            Disposition::Failed { reason } => ("failed", reason, 0),
+            Disposition::RetryAt { due_at_ms, reason } => ("delayed", reason, due_at_ms),
+        };
+        self.finishes
+            .call(Finished {
+                attempts_made: leased.job.attempts_made,
+                id: leased.lease.job_id,
+                token: leased.lease.token,
+                outcome,
+                line,
+                reason,
+                due_at_ms,
+            })
+            .await
+    }
+
+    async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let h = &self.hot;
+        let mut call = h.prepare(
+            &h.release,
+            &[
+                "active",
+                "wait",
+                "stalled",
+                "prioritized",
+                "meta",
+                "marker",
+                "events",
+            ],
+        );
+        for l in &leases {
+            call.arg(&l.job_id).arg(&l.token);
+        }
+        if let Err(e) = h.invoke::<i64>(&call).await {
+            tracing::warn!(error = %e, jobs = leases.len(), "cannot return jobs; they will be taken over when their locks expire");
+        }
+        Ok(())
+    }
+
+    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
+        self.risks.clone()
+    }
+
+    async fn ping(&self) -> QueueResult<()> {
+        self.raw::<String>(&redis::cmd("PING")).await.map(|_| ())
+    }
+
+    async fn close(&self) -> QueueResult<()> {
+        self.maintenance.abort();
+        let _ = bounded(self.stall_checker.close(1000)).await;
+        self.queue.close().await;
+        self.hot.ingress.close().await;
+        Ok(())
+    }
+}
+
+impl Drop for RedisQueue {
+    fn drop(&mut self) {
+        self.maintenance.abort();
+    }
+}

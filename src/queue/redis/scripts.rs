@@ -1,0 +1,284 @@
+//! The hot path's batched scripts (`queue/lua/`): what each job carries to
+//! them, the calls, and the pruning of completed jobs.
+
+use super::*;
+
+/// Failed jobs moved back per script call by `retry_all_failed` (one call
+/// holds Redis for about a millisecond per hundred jobs).
+pub(super) const RETRY_BATCH: u64 = 500;
+
+/// A new job for the add script.
+pub(super) struct NewJob {
+    pub(super) dedup_id: String,
+    pub(super) data: String,
+    pub(super) opts: String,
+    /// Set: store it locked with this token (a handoff).
+    pub(super) token: Option<String>,
+}
+
+/// A finished attempt for the finish script.
+pub(super) struct Finished {
+    pub(super) id: String,
+    pub(super) token: String,
+    pub(super) outcome: &'static str,
+    pub(super) line: String,
+    pub(super) reason: String,
+    pub(super) due_at_ms: i64,
+    /// Finished attempts before this one.
+    pub(super) attempts_made: u32,
+}
+
+/// The job data of a new job (see [`JobData`]).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct NewJobData<'a> {
+    pub(super) event_key: &'a str,
+    pub(super) event_id: &'a str,
+    pub(super) bot_id: Option<&'a str>,
+    #[serde(rename = "type")]
+    pub(super) event_type: Option<&'a str>,
+    pub(super) kind: &'a str,
+    pub(super) body: &'a str,
+}
+
+/// The job data, as stored in the job hash's `data` field.
+#[derive(Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct JobData {
+    #[serde(default)]
+    pub(super) event_key: String,
+    #[serde(default)]
+    pub(super) event_id: String,
+    #[serde(default)]
+    pub(super) bot_id: Option<String>,
+    #[serde(default)]
+    pub(super) kind: String,
+    /// The exact JSON text to deliver. Jobs added by other producers may hold
+    /// something else here; they deliver `null`.
+    #[serde(default)]
+    pub(super) body: Option<Value>,
+}
+
+/// The batched scripts (see the module doc), their keys and a connection.
+pub(super) struct Hot {
+    pub(super) queue: bull::Queue,
+    /// A second connection, for adds only: an acknowledgement then waits for
+    /// its own batch, not behind the delivery side's replies on one pipeline.
+    pub(super) ingress: bull::Queue,
+    pub(super) prefix: String,
+    pub(super) worker: String,
+    /// Lock tokens: this process's random id and a counter (BullMQ's shape,
+    /// `<id>:<n>`), so a token costs no call for random bytes.
+    pub(super) token_base: String,
+    pub(super) tokens: std::sync::atomic::AtomicU64,
+    pub(super) lock_ms: u64,
+    pub(super) add: redis::Script,
+    pub(super) claim: redis::Script,
+    pub(super) finish: redis::Script,
+    pub(super) extend: redis::Script,
+    pub(super) release: redis::Script,
+    pub(super) retry_failed: redis::Script,
+}
+
+impl Hot {
+    pub(super) fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+
+    /// A lock token no other lock of this process or another has.
+    pub(super) fn token(&self) -> String {
+        let n = self
+            .tokens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{}:{n}", self.token_base)
+    }
+
+    /// A call of `script` with these queue keys and the key prefix as ARGV[1]
+    /// (the order every script in `lua/` expects).
+    pub(super) fn prepare<'a>(
+        &self,
+        script: &'a redis::Script,
+        keys: &[&str],
+    ) -> redis::ScriptInvocation<'a> {
+        let mut call = script.prepare_invoke();
+        for k in keys {
+            call.key(self.key(k));
+        }
+        call.arg(&self.prefix);
+        call
+    }
+
+    pub(super) async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> QueueResult<T> {
+        self.invoke_on(&self.queue, call).await
+    }
+
+    pub(super) async fn invoke_on<T: redis::FromRedisValue>(
+        &self,
+        on: &bull::Queue,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> QueueResult<T> {
+        let mut conn = on.connection().connection();
+        bounded(call.invoke_async::<T>(&mut conn)).await
+    }
+
+    pub(super) async fn add(
+        &self,
+        jobs: Vec<NewJob>,
+        dedup_ttl_ms: u64,
+    ) -> QueueResult<Vec<(char, String)>> {
+        let mut call = self.prepare(
+            &self.add,
+            &["wait", "active", "meta", "id", "events", "marker"],
+        );
+        call.arg(crate::time::now_ms())
+            .arg(dedup_ttl_ms)
+            .arg(JOB_NAME)
+            .arg(self.lock_ms)
+            .arg(&self.worker);
+        for j in &jobs {
+            call.arg(&j.dedup_id)
+                .arg(&j.data)
+                .arg(&j.opts)
+                .arg(j.token.as_deref().unwrap_or(""));
+        }
+        let out: Vec<(String, String)> = self.invoke_on(&self.ingress, &call).await?;
+        Ok(out
+            .into_iter()
+            .map(|(kind, id)| (kind.chars().next().unwrap_or('a'), id))
+            .collect())
+    }
+
+    pub(super) async fn finish(&self, jobs: Vec<Finished>) -> QueueResult<Vec<bool>> {
+        let mut call = self.prepare(
+            &self.finish,
+            &[
+                "wait",
+                "active",
+                "prioritized",
+                "events",
+                "stalled",
+                "delayed",
+                "meta",
+                "completed",
+                "failed",
+                "marker",
+            ],
+        );
+        call.arg(crate::time::now_ms()).arg(KEEP_LOGS);
+        for j in &jobs {
+            call.arg(&j.id)
+                .arg(&j.token)
+                .arg(j.outcome)
+                .arg(&j.line)
+                .arg(&j.reason)
+                .arg(j.due_at_ms)
+                .arg(j.attempts_made + 1);
+        }
+        let out: Vec<i64> = self.invoke(&call).await?;
+        Ok(out.into_iter().map(|d| d == 1).collect())
+    }
+}
+
+impl RedisQueue {
+    /// Adds the job; answers the add script's kind ('a' added, 'l' added
+    /// locked with `token`, 'd' duplicate) and the job id.
+    pub(super) async fn enqueue_now(
+        &self,
+        event: &Event,
+        token: Option<String>,
+    ) -> QueueResult<(char, String)> {
+        let key = event.key.as_str().to_string();
+        let body = std::str::from_utf8(&event.body)
+            .map_err(|_| QueueError::Unavailable("payload is not UTF-8".into()))?;
+        let data = serde_json::to_string(&NewJobData {
+            event_key: &key,
+            event_id: &event.event_id,
+            bot_id: event.bot_id.as_deref(),
+            event_type: event.event_type.as_deref(),
+            kind: event.kind.as_str(),
+            body,
+        })
+        .map_err(unavailable)?;
+        // The options BullMQ would store for this job (`opts` field).
+        let opts = format!(
+            r#"{{"removeOnComplete":{},"removeOnFail":false,"keepLogs":{KEEP_LOGS},"de":{{"id":{},"ttl":{}}}}}"#,
+            self.opts.settings.remove_on_complete,
+            serde_json::to_string(&key).map_err(unavailable)?,
+            self.opts.settings.dedup_ttl.as_millis(),
+        );
+        self.adds
+            .call(NewJob {
+                dedup_id: key,
+                data,
+                opts,
+                token,
+            })
+            .await
+    }
+
+    /// `enqueue_now` behind the circuit breaker (see `down_until`).
+    pub(super) async fn enqueue_guarded(
+        &self,
+        event: &Event,
+        token: Option<String>,
+    ) -> QueueResult<(char, String)> {
+        {
+            let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+            if down.is_some_and(|t| std::time::Instant::now() < t) {
+                return Err(unavailable("unreachable (will retry shortly)"));
+            }
+        }
+        let res = self.enqueue_now(event, token).await;
+        let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        *down = match &res {
+            Err(QueueError::Unavailable(_)) => Some(std::time::Instant::now() + BREAKER_OPEN),
+            _ => None,
+        };
+        res
+    }
+}
+
+pub(super) fn delivery_job(id: String, data: &str, atm: &str) -> DeliveryJob {
+    let d: JobData = serde_json::from_str(data).unwrap_or_default();
+    let body = match d.body {
+        Some(Value::String(b)) => b.into_bytes(),
+        _ => b"null".to_vec(),
+    };
+    DeliveryJob {
+        id,
+        key: EventKey::from_stored(d.event_key),
+        event_id: d.event_id,
+        bot_id: d.bot_id,
+        kind: EventKind::parse(&d.kind).unwrap_or(EventKind::Envelope),
+        body,
+        attempts_made: atm.parse().unwrap_or(0),
+    }
+}
+
+/// Removes the oldest completed jobs beyond `ARGV[2]` (at most `ARGV[3]` per
+/// call): their hash and log, and their entry in the completed set. Dedup keys
+/// are left alone on purpose: they must outlive the job for `DEDUP_TTL_SECS`.
+pub(super) const PRUNE_COMPLETED_LUA: &str = include_str!("../lua/prune.lua");
+
+/// Keeps the newest `keep` completed jobs, once a second. Work-around: in manual
+/// mode bullmq-official 1.4.4's `move_to_completed` sends `keepJobs {count: -1}`
+/// (keep all) whatever the job's `removeOnComplete` says. Several relays may run
+/// this at once; each call is atomic and idempotent.
+pub(super) async fn prune_loop(queue: bull::Queue, keep: i64) {
+    let prefix = queue.keys().key_prefix().to_string();
+    let script = redis::Script::new(PRUNE_COMPLETED_LUA);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut conn = queue.connection().connection();
+        let mut call = script.key(format!("{prefix}completed"));
+        call.arg(&prefix).arg(keep).arg(5000);
+        match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "pruning completed jobs"),
+            Err(_) => tracing::debug!("pruning completed jobs: timed out"),
+        }
+    }
+}
