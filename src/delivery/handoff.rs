@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
-use crate::queue::Leased;
+use crate::event::Event;
+use crate::queue::{Enqueued, Leased, Queue, QueueResult};
 
 #[derive(Debug)]
 pub struct Handoff {
@@ -47,7 +48,7 @@ impl Handoff {
     }
 
     /// Reserves room for one handed-off job; false when the pool is full.
-    pub fn try_reserve(&self) -> bool {
+    fn try_reserve(&self) -> bool {
         let before = self.queued.fetch_add(1, Ordering::AcqRel);
         if before + self.ready.load(Ordering::Acquire) >= self.capacity {
             self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -57,17 +58,46 @@ impl Handoff {
     }
 
     /// Gives back a reservation that was not used.
-    pub fn cancel(&self) {
+    fn cancel(&self) {
         self.queued.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Passes a leased job to the dispatcher (uses the reservation).
-    pub fn send(&self, job: Leased) {
+    fn send(&self, job: Leased) {
         if self.tx.send(job).is_err() {
             // Dispatcher gone (shutting down): the job stays leased in the store
             // and is recovered when the lease expires or at the next start.
             self.queued.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+}
+
+impl Handoff {
+    /// The ingress's one call: stores `event`, already leased to the local
+    /// pool when it has room (and hands it over), else plainly (and wakes the
+    /// dispatcher to claim it).
+    pub async fn store<Q: Queue>(
+        &self,
+        queue: &Q,
+        event: Event,
+        wake: &Notify,
+    ) -> QueueResult<Enqueued> {
+        let reserved = self.try_reserve();
+        let stored = if reserved {
+            queue.enqueue_leased(event, self.lease).await
+        } else {
+            queue.enqueue(event).await.map(|e| (e, None))
+        };
+        if reserved && !matches!(stored, Ok((_, Some(_)))) {
+            self.cancel();
+        }
+        let (enqueued, leased) = stored?;
+        match (&enqueued, leased) {
+            (Enqueued::Accepted(_), Some(job)) => self.send(job),
+            (Enqueued::Accepted(_), None) => wake.notify_one(),
+            (Enqueued::Duplicate(_), _) => {}
+        }
+        Ok(enqueued)
     }
 }
 

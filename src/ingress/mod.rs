@@ -220,29 +220,14 @@ async fn receive<Q: Queue>(
             );
         }
     }
-    let reserved = s.handoff.try_reserve();
-    let stored = if reserved {
-        s.queue.enqueue_leased(event, s.handoff.lease).await
-    } else {
-        s.queue.enqueue(event).await.map(|e| (e, None))
-    };
-    if reserved && !matches!(stored, Ok((_, Some(_)))) {
-        s.handoff.cancel();
-    }
-    if stored.is_ok() {
-        s.refusals.accepted();
-    }
-    match stored {
-        Ok((Enqueued::Accepted(id), Some(leased))) => {
-            s.handoff.send(leased);
-            Json(json!({ "status": "accepted", "jobId": id })).into_response()
-        }
-        Ok((Enqueued::Accepted(id), None)) => {
-            s.wake.notify_one();
-            Json(json!({ "status": "accepted", "jobId": id })).into_response()
-        }
-        Ok((Enqueued::Duplicate(id), _)) => {
-            Json(json!({ "status": "duplicate", "jobId": id })).into_response()
+    match s.handoff.store(&*s.queue, event, &s.wake).await {
+        Ok(enqueued) => {
+            s.refusals.accepted();
+            let (status, id) = match enqueued {
+                Enqueued::Accepted(id) => ("accepted", id),
+                Enqueued::Duplicate(id) => ("duplicate", id),
+            };
+            Json(json!({ "status": status, "jobId": id })).into_response()
         }
         Err(e) => {
             s.refusals.refused(&e);
