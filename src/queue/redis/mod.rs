@@ -85,7 +85,7 @@ pub struct RedisQueue {
     queue: bull::Queue,
     stall_checker: bull::Worker,
     hot: Arc<Hot>,
-    adds: Batcher<NewJob, (char, String)>,
+    adds: Batcher<NewJob, Added>,
     finishes: Batcher<Finished, bool>,
     opts: RedisOptions,
     /// Prunes completed jobs beyond `REMOVE_ON_COMPLETE` (see `prune_loop`).
@@ -277,8 +277,8 @@ const BREAKER_OPEN: Duration = Duration::from_millis(500);
 impl Queue for RedisQueue {
     async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
         Ok(match self.enqueue_guarded(&event, None).await? {
-            ('d', id) => Enqueued::Duplicate(id),
-            (_, id) => Enqueued::Accepted(id),
+            Added::Duplicate(id) => Enqueued::Duplicate(id),
+            Added::Waiting(id) | Added::Locked(id) => Enqueued::Accepted(id),
         })
     }
 
@@ -290,10 +290,10 @@ impl Queue for RedisQueue {
         // The lock lasts LOCK_DURATION_MS, which is what the handoff asks for.
         let token = self.hot.token();
         let id = match self.enqueue_guarded(&event, Some(token.clone())).await? {
-            ('d', id) => return Ok((Enqueued::Duplicate(id), None)),
+            Added::Duplicate(id) => return Ok((Enqueued::Duplicate(id), None)),
             // Stored in wait (the queue is paused): no handoff.
-            ('a', id) => return Ok((Enqueued::Accepted(id), None)),
-            (_, id) => id,
+            Added::Waiting(id) => return Ok((Enqueued::Accepted(id), None)),
+            Added::Locked(id) => id,
         };
         let job = DeliveryJob::new(id.clone(), event);
         let lease = LeaseRef {

@@ -3,6 +3,18 @@
 
 use super::*;
 
+/// What the add script did with one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Added {
+    /// Stored in wait (no lock asked, or the queue is paused or at its
+    /// global concurrency): the dispatcher claims it.
+    Waiting(String),
+    /// Stored in active, locked with the caller's token (a handoff).
+    Locked(String),
+    /// The event key was seen within the TTL: the first job's id.
+    Duplicate(String),
+}
+
 /// Failed jobs moved back per script call by `retry_all_failed` (one call
 /// holds Redis for about a millisecond per hundred jobs).
 pub(super) const RETRY_BATCH: u64 = 500;
@@ -128,7 +140,7 @@ impl Hot {
         &self,
         jobs: Vec<NewJob>,
         dedup_ttl_ms: u64,
-    ) -> QueueResult<Vec<(char, String)>> {
+    ) -> QueueResult<Vec<Added>> {
         let mut call = self.prepare(
             &self.add,
             &["wait", "active", "meta", "id", "events", "marker"],
@@ -147,7 +159,11 @@ impl Hot {
         let out: Vec<(String, String)> = self.invoke_on(&self.ingress, &call).await?;
         Ok(out
             .into_iter()
-            .map(|(kind, id)| (kind.chars().next().unwrap_or('a'), id))
+            .map(|(kind, id)| match kind.as_str() {
+                "d" => Added::Duplicate(id),
+                "l" => Added::Locked(id),
+                _ => Added::Waiting(id),
+            })
             .collect())
     }
 
@@ -183,13 +199,12 @@ impl Hot {
 }
 
 impl RedisQueue {
-    /// Adds the job; answers the add script's kind ('a' added, 'l' added
-    /// locked with `token`, 'd' duplicate) and the job id.
+    /// Adds the job (see [`Added`]).
     pub(super) async fn enqueue_now(
         &self,
         event: &Event,
         token: Option<String>,
-    ) -> QueueResult<(char, String)> {
+    ) -> QueueResult<Added> {
         let key = event.key.as_str().to_string();
         let body = std::str::from_utf8(&event.body)
             .map_err(|_| QueueError::Unavailable("payload is not UTF-8".into()))?;
@@ -224,7 +239,7 @@ impl RedisQueue {
         &self,
         event: &Event,
         token: Option<String>,
-    ) -> QueueResult<(char, String)> {
+    ) -> QueueResult<Added> {
         {
             let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
             if down.is_some_and(|t| std::time::Instant::now() < t) {
