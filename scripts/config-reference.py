@@ -49,7 +49,9 @@ TAIL = """
 `cogrelay_queue_durability_risk{risk}` (1 where the store can lose an
 acknowledged event: `redis_no_aof`, `redis_evicting`, `embedded_no_fsync`) and
 `cogrelay_delivery_up` (1 while the delivery pool runs; `/readyz` needs it).
-Each relay has its own registry.
+Each relay has its own registry (`prometheus-client`); the exposition is
+OpenMetrics text (`application/openmetrics-text`, ending in `# EOF`), which
+Prometheus asks for first.
 
 ## Notes on some settings
 

@@ -1,10 +1,6 @@
-//! Prometheus metrics, one registry per relay (`Arc<Metrics>`).
-//!
-//! Hand-written rather than the `metrics` crate: its recorder is process-global,
-//! and a per-instance registry keeps every relay (and every test, many relays
-//! to a process) exact and independent. Counters and histograms are atomics;
-//! `render` writes the Prometheus text format, and adds the queue gauges read
-//! at scrape time.
+//! Prometheus metrics, one registry per relay (`Arc<Metrics>`), with the
+//! `prometheus-client` crate (per-instance registries: several relays in one
+//! process, as in the tests, stay exact and apart).
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -12,12 +8,24 @@
 //! | `cogrelay_ingress_ack_seconds` | histogram | (2xx answers) |
 //! | `cogrelay_deliveries_total` | counter | `outcome` = delivered, retry, failed |
 //! | `cogrelay_delivery_seconds` | histogram | (each attempt) |
-//! | `cogrelay_queue_jobs` | gauge | `state` |
+//! | `cogrelay_delivery_up` | gauge | 1 while the delivery pool runs |
+//! | `cogrelay_queue_jobs` | gauge | `state` (read at scrape time) |
 //! | `cogrelay_queue_oldest_waiting_seconds` | gauge | age of the oldest due job |
+//! | `cogrelay_queue_durability_risk` | gauge | `risk` |
+//!
+//! The counters of the hot path are created once (a label lookup per event
+//! would take a lock); the queue gauges are made at each scrape, and left out
+//! when the queue cannot be read.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::event::AttemptOutcome;
 use crate::queue::Counts;
@@ -27,59 +35,40 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 /// Ingress statuses with a counter of their own; anything else is `other`.
-const STATUSES: [u16; 8] = [200, 400, 401, 404, 413, 415, 429, 503];
+const STATUSES: [&str; 9] = [
+    "200", "400", "401", "404", "413", "415", "429", "503", "other",
+];
+const OUTCOMES: [&str; 3] = ["delivered", "retry", "failed"];
 
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
+type Labels = Vec<(&'static str, &'static str)>;
 
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, le) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{le}\"}} {}",
-                self.buckets[i].load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
-
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    ingress: [AtomicU64; STATUSES.len() + 1],
-    pub ack: Histogram,
-    delivered: AtomicU64,
-    retried: AtomicU64,
-    failed: AtomicU64,
-    pub delivery: Histogram,
+    by_status: Family<Labels, Counter>,
+    ingress: [Counter; STATUSES.len()],
+    ack: Histogram,
+    by_outcome: Family<Labels, Counter>,
+    outcomes: [Counter; OUTCOMES.len()],
+    delivery: Histogram,
     /// True while the delivery pool runs (set by the pool once it started):
     /// `/readyz` is 503 without it.
-    pub delivery_up: std::sync::atomic::AtomicBool,
+    pub delivery_up: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let by_status = Family::<Labels, Counter>::default();
+        let by_outcome = Family::<Labels, Counter>::default();
+        Self {
+            ingress: STATUSES.map(|s| by_status.get_or_create(&vec![("status", s)]).clone()),
+            outcomes: OUTCOMES.map(|o| by_outcome.get_or_create(&vec![("outcome", o)]).clone()),
+            by_status,
+            by_outcome,
+            ack: Histogram::new(BUCKETS),
+            delivery: Histogram::new(BUCKETS),
+            delivery_up: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Totals since start, for the periodic summary line.
@@ -95,78 +84,61 @@ impl Metrics {
     pub fn ingress(&self, status: u16, elapsed: Duration) {
         let i = STATUSES
             .iter()
-            .position(|s| *s == status)
-            .unwrap_or(STATUSES.len());
-        self.ingress[i].fetch_add(1, Ordering::Relaxed);
+            .position(|s| s.parse::<u16>() == Ok(status))
+            .unwrap_or(STATUSES.len() - 1);
+        self.ingress[i].inc();
         if (200..300).contains(&status) {
-            self.ack.observe(elapsed);
+            self.ack.observe(elapsed.as_secs_f64());
         }
     }
 
     pub fn attempt(&self, outcome: AttemptOutcome, elapsed: Duration) {
-        let c = match outcome {
-            AttemptOutcome::Delivered => &self.delivered,
-            AttemptOutcome::Retry => &self.retried,
-            AttemptOutcome::Failed => &self.failed,
+        let i = match outcome {
+            AttemptOutcome::Delivered => 0,
+            AttemptOutcome::Retry => 1,
+            AttemptOutcome::Failed => 2,
         };
-        c.fetch_add(1, Ordering::Relaxed);
-        self.delivery.observe(elapsed);
+        self.outcomes[i].inc();
+        self.delivery.observe(elapsed.as_secs_f64());
     }
 
     pub fn totals(&self) -> Totals {
         Totals {
-            accepted: self.ingress[0].load(Ordering::Relaxed),
-            delivered: self.delivered.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
+            accepted: self.ingress[0].get(),
+            delivered: self.outcomes[0].get(),
+            retried: self.outcomes[1].get(),
+            failed: self.outcomes[2].get(),
         }
     }
 
-    /// The Prometheus text exposition, with the queue gauges if they could be read.
+    /// The text exposition, with the queue gauges if they could be read.
     pub fn render(&self, queue: Option<&Counts>, risks: &[(&'static str, bool)]) -> String {
-        let mut out = String::with_capacity(4096);
-        out.push_str("# HELP cogrelay_ingress_requests_total Ingress requests by answer status.\n# TYPE cogrelay_ingress_requests_total counter\n");
-        for (i, s) in STATUSES.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "cogrelay_ingress_requests_total{{status=\"{s}\"}} {}",
-                self.ingress[i].load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "cogrelay_ingress_requests_total{{status=\"other\"}} {}",
-            self.ingress[STATUSES.len()].load(Ordering::Relaxed)
+        let mut r = Registry::default();
+        r.register(
+            "cogrelay_ingress_requests",
+            "Ingress requests by answer status",
+            self.by_status.clone(),
         );
-        self.ack.render(
-            &mut out,
+        r.register(
             "cogrelay_ingress_ack_seconds",
-            "Time to acknowledge an event (2xx answers).",
+            "Time to acknowledge an event (2xx answers)",
+            self.ack.clone(),
         );
-        out.push_str("# HELP cogrelay_deliveries_total Delivery attempts by outcome (failed = dead-lettered).\n# TYPE cogrelay_deliveries_total counter\n");
-        for (label, c) in [
-            ("delivered", &self.delivered),
-            ("retry", &self.retried),
-            ("failed", &self.failed),
-        ] {
-            let _ = writeln!(
-                out,
-                "cogrelay_deliveries_total{{outcome=\"{label}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
-        self.delivery.render(
-            &mut out,
+        r.register(
+            "cogrelay_deliveries",
+            "Delivery attempts by outcome (failed = dead-lettered)",
+            self.by_outcome.clone(),
+        );
+        r.register(
             "cogrelay_delivery_seconds",
-            "Duration of one delivery attempt.",
+            "Duration of one delivery attempt",
+            self.delivery.clone(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP cogrelay_delivery_up 1 while the delivery pool runs.\n# TYPE cogrelay_delivery_up gauge\ncogrelay_delivery_up {}",
-            u8::from(self.delivery_up.load(Ordering::Relaxed))
-        );
+        let up = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        up.set(i64::from(self.delivery_up.load(Ordering::Relaxed)));
+        r.register("cogrelay_delivery_up", "1 while the delivery pool runs", up);
         if let Some(c) = queue {
-            out.push_str("# HELP cogrelay_queue_jobs Jobs in the queue by state.\n# TYPE cogrelay_queue_jobs gauge\n");
+            let jobs = Family::<Labels, Gauge>::default();
             for (state, n) in [
                 ("waiting", c.waiting),
                 ("active", c.active),
@@ -174,25 +146,37 @@ impl Metrics {
                 ("completed", c.completed),
                 ("failed", c.failed),
             ] {
-                let _ = writeln!(out, "cogrelay_queue_jobs{{state=\"{state}\"}} {n}");
+                jobs.get_or_create(&vec![("state", state)]).set(n as i64);
             }
-            out.push_str("# HELP cogrelay_queue_oldest_waiting_seconds Age of the oldest job due for delivery (0 when none).\n# TYPE cogrelay_queue_oldest_waiting_seconds gauge\n");
-            let age = c
-                .oldest_waiting_ms
-                .map(|t| (crate::time::now_ms() - t).max(0) as f64 / 1000.0)
-                .unwrap_or(0.0);
-            let _ = writeln!(out, "cogrelay_queue_oldest_waiting_seconds {age}");
+            r.register("cogrelay_queue_jobs", "Jobs in the queue by state", jobs);
+            let age = Gauge::<f64, AtomicU64>::default();
+            age.set(
+                c.oldest_waiting_ms
+                    .map(|t| (crate::time::now_ms() - t).max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0),
+            );
+            r.register(
+                "cogrelay_queue_oldest_waiting_seconds",
+                "Age of the oldest job due for delivery (0 when none)",
+                age,
+            );
         }
         if !risks.is_empty() {
-            out.push_str("# HELP cogrelay_queue_durability_risk 1 where the store can lose an acknowledged event: redis_no_aof (no append-only file), redis_evicting (maxmemory-policy other than noeviction), embedded_no_fsync (COGRELAY_FSYNC=off: not power-loss safe).\n# TYPE cogrelay_queue_durability_risk gauge\n");
+            let family = Family::<Labels, Gauge>::default();
             for (risk, present) in risks {
-                let _ = writeln!(
-                    out,
-                    "cogrelay_queue_durability_risk{{risk=\"{risk}\"}} {}",
-                    u8::from(*present)
-                );
+                family
+                    .get_or_create(&vec![("risk", *risk)])
+                    .set(i64::from(*present));
             }
+            r.register(
+                "cogrelay_queue_durability_risk",
+                "1 where the store can lose an acknowledged event: redis_no_aof (no append-only file), redis_evicting (maxmemory-policy other than noeviction), embedded_no_fsync (COGRELAY_FSYNC=off: not power-loss safe)",
+                family,
+            );
         }
+        let mut out = String::with_capacity(4096);
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &r);
         out
     }
 }
@@ -202,15 +186,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(300));
-        h.observe(Duration::from_millis(3));
-        let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"0.0005\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.005\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 2\n"));
-        assert!(out.contains("x_count 2\n"));
+    fn the_exposition_has_the_names_labels_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.ingress(200, Duration::from_micros(300));
+        m.ingress(200, Duration::from_millis(3));
+        m.ingress(418, Duration::from_millis(1));
+        m.attempt(AttemptOutcome::Delivered, Duration::from_millis(2));
+        let out = m.render(None, &[("embedded_no_fsync", false)]);
+        for line in [
+            "cogrelay_ingress_requests_total{status=\"200\"} 2",
+            "cogrelay_ingress_requests_total{status=\"other\"} 1",
+            "cogrelay_ingress_requests_total{status=\"503\"} 0",
+            "cogrelay_ingress_ack_seconds_bucket{le=\"0.0005\"} 1",
+            "cogrelay_ingress_ack_seconds_bucket{le=\"0.005\"} 2",
+            "cogrelay_ingress_ack_seconds_bucket{le=\"+Inf\"} 2",
+            "cogrelay_ingress_ack_seconds_count 2",
+            "cogrelay_deliveries_total{outcome=\"delivered\"} 1",
+            "cogrelay_deliveries_total{outcome=\"failed\"} 0",
+            "cogrelay_delivery_up 0",
+            "cogrelay_queue_durability_risk{risk=\"embedded_no_fsync\"} 0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line:?} in:\n{out}");
+        }
+        assert!(
+            !out.contains("cogrelay_queue_jobs"),
+            "no queue gauges without counts"
+        );
+        assert_eq!(m.totals().accepted, 2);
     }
 }

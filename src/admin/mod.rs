@@ -200,7 +200,10 @@ async fn prometheus<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
     // Queue gauges are read at scrape time; counters still render when the queue is down.
     let counts = s.queue.counts().await.ok();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics
             .render(counts.as_ref(), &s.queue.durability_risks()),
     )

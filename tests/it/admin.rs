@@ -286,8 +286,13 @@ async fn metrics_count_what_happened(b: Backend) {
 
     let r = app.http.get(format!("http://{}/metrics", app.admin)).send().await.expect("metrics");
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().expect("ct").starts_with("text/plain"));
+    // OpenMetrics text (what prometheus-client writes; Prometheus asks for it first).
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .expect("ct")
+        .starts_with("application/openmetrics-text"));
     let text = r.text().await.expect("text");
+    assert_eq!(text.lines().last(), Some("# EOF"), "a whole exposition");
     let value = |line: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(line) && l[line.len()..].starts_with(' '))
