@@ -3,6 +3,12 @@
 //! a burst is paced rather than sent and answered 429. The window is measured
 //! 5% longer than `per` (3 s on a minute): requests arrive at the server with
 //! jitter, and one sent just outside our window could land inside the server's.
+//!
+//! Hand-written rather than `governor`: the promise is a rolling window ("never
+//! more than 100 requests a minute", SPEC §4), and a GCRA limiter with a burst
+//! of 100 admits up to about twice that within some 60 s window (the burst,
+//! then the refill); with a burst of 1 it would pace every request 0.6 s
+//! apart instead of letting a registration's few calls go at once.
 
 use std::collections::VecDeque;
 use std::time::Duration;

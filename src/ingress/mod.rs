@@ -155,7 +155,7 @@ async fn receive<Q: Queue>(
         return unavailable("Queue unavailable: the relay is shutting down");
     }
     if let (Some(limiter), Some(axum::Extension(peer))) = (&s.rate_limit, peer) {
-        if let Err(wait) = limiter.check(peer.0.ip(), std::time::Instant::now()) {
+        if let Err(wait) = limiter.check(peer.0.ip()) {
             let mut r = error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "Too many requests from this address",

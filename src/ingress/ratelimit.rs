@@ -1,78 +1,102 @@
 //! Ingress rate limiting per source address (`INGRESS_RATE_LIMIT` events/s,
-//! `INGRESS_RATE_BURST`; off by default): a token bucket per client IP, checked
-//! before the body is read, so one noisy client cannot fill the queue. Over the
-//! limit: 429 with `Retry-After` (whole seconds until a token is back).
+//! `INGRESS_RATE_BURST`; off by default): `governor`'s keyed GCRA limiter (a
+//! token bucket per client IP, `burst` deep, refilled at the rate), checked
+//! before the body is read, so one noisy client cannot fill the queue. Over
+//! the limit: 429 with `Retry-After` (whole seconds until a request may pass).
 //!
 //! The address is the TCP peer's. Behind a load balancer every event comes from
 //! the balancer's address: rate-limit there instead, or leave this off.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::Quota;
 
 /// The TCP peer of a request (set by the accept loop).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
-#[derive(Debug)]
-pub struct RateLimiter {
-    per_sec: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+/// Addresses tracked before the idle ones are forgotten (a full bucket is
+/// the same as none).
+const MAX_TRACKED: usize = 100_000;
+
+type Keyed<C> = governor::RateLimiter<
+    IpAddr,
+    DefaultKeyedStateStore<IpAddr>,
+    C,
+    NoOpMiddleware<<C as Clock>::Instant>,
+>;
+
+pub struct RateLimiter<C: Clock = DefaultClock> {
+    limiter: Keyed<C>,
+    clock: C,
 }
 
-/// Buckets untouched this long are forgotten (they would be full anyway).
-const IDLE: Duration = Duration::from_secs(60);
-const MAX_TRACKED: usize = 100_000;
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").finish_non_exhaustive()
+    }
+}
+
+fn quota(per_sec: f64, burst: u32) -> Quota {
+    let period = Duration::from_secs_f64(1.0 / per_sec.max(1e-6));
+    let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst)
+}
 
 impl RateLimiter {
     pub fn new(per_sec: f64, burst: u32) -> Self {
+        Self::with_clock(per_sec, burst, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> RateLimiter<C> {
+    pub fn with_clock(per_sec: f64, burst: u32, clock: C) -> Self {
         Self {
-            per_sec,
-            burst: f64::from(burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
+            limiter: governor::RateLimiter::dashmap_with_clock(
+                quota(per_sec, burst),
+                clock.clone(),
+            ),
+            clock,
         }
     }
 
-    /// `Ok` to go on, or `Err(seconds to wait)`.
-    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
-        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > MAX_TRACKED {
-            map.retain(|_, (_, at)| now.duration_since(*at) < IDLE);
+    /// `Ok` to go on, or `Err(whole seconds to wait, at least 1)`.
+    pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        if self.limiter.len() > MAX_TRACKED {
+            self.limiter.retain_recent();
         }
-        let (tokens, at) = map.entry(ip).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - *tokens) / self.per_sec).ceil().max(1.0) as u64)
-        }
+        self.limiter.check_key(&ip).map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.clock.now());
+            wait.as_secs_f64().ceil().max(1.0) as u64
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use governor::clock::FakeRelativeClock;
 
     #[test]
     fn a_burst_then_the_rate() {
-        let l = RateLimiter::new(2.0, 3);
+        let clock = FakeRelativeClock::default();
+        let l = RateLimiter::with_clock(2.0, 3, clock.clone());
         let ip: IpAddr = "10.0.0.1".parse().expect("ip");
         let other: IpAddr = "10.0.0.2".parse().expect("ip");
-        let t0 = Instant::now();
         for _ in 0..3 {
-            assert_eq!(l.check(ip, t0), Ok(()));
+            assert_eq!(l.check(ip), Ok(()));
         }
-        assert_eq!(l.check(ip, t0), Err(1));
-        assert_eq!(l.check(other, t0), Ok(()), "per source");
-        assert_eq!(
-            l.check(ip, t0 + Duration::from_millis(500)),
-            Ok(()),
-            "2/s refills one in 0.5 s"
-        );
-        assert!(l.check(ip, t0 + Duration::from_millis(500)).is_err());
+        assert_eq!(l.check(ip), Err(1));
+        assert_eq!(l.check(other), Ok(()), "per source");
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(l.check(ip), Ok(()), "2/s refills one in 0.5 s");
+        assert!(l.check(ip).is_err());
     }
 }
