@@ -322,6 +322,76 @@ async fn open_redis(server: &crate::redis_server::RedisServer) -> RedisQueue {
     .expect("connect")
 }
 
+/// A listing across every state shows each job in its own state, and its
+/// attempt history.
+async fn a_listing_of_every_state_shows_each_jobs_state<Q: Operate>(q: &Q) {
+    let waiting = accepted(q, "st-waiting").await;
+    let failed = accepted(q, "st-failed").await;
+    let delayed = accepted(q, "st-delayed").await;
+    let active = accepted(q, "st-active").await;
+    let mut claimed = q
+        .claim(3, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs;
+    assert_eq!(claimed.len(), 3, "the oldest three");
+    let mut by_id = std::collections::HashMap::new();
+    for job in claimed.drain(..) {
+        by_id.insert(job.job.id.clone(), job);
+    }
+    assert!(q
+        .finish(
+            by_id.remove(&waiting).expect("claimed"),
+            attempt(1, AttemptOutcome::Delivered),
+            Disposition::Completed
+        )
+        .await
+        .expect("finish"));
+    assert!(q
+        .finish(
+            by_id.remove(&failed).expect("claimed"),
+            attempt(1, AttemptOutcome::Failed),
+            Disposition::Failed {
+                reason: "gone".into()
+            }
+        )
+        .await
+        .expect("finish"));
+    assert!(q
+        .finish(
+            by_id.remove(&delayed).expect("claimed"),
+            attempt(1, AttemptOutcome::Retry),
+            Disposition::RetryAt {
+                due_at_ms: now_ms() + 60_000,
+                reason: "later".into()
+            }
+        )
+        .await
+        .expect("finish"));
+    let _held = q
+        .claim(1, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs;
+    let page = q.list(None, 0, 50).await.expect("list");
+    let state_of = |id: &str| page.items.iter().find(|j| j.id == id).map(|j| j.state);
+    assert_eq!(state_of(&waiting), Some(JobState::Completed));
+    assert_eq!(state_of(&failed), Some(JobState::Failed));
+    assert_eq!(state_of(&delayed), Some(JobState::Delayed));
+    assert_eq!(state_of(&active), Some(JobState::Active));
+    let failed_view = page.items.iter().find(|j| j.id == failed).expect("listed");
+    assert_eq!(
+        failed_view.attempts.len(),
+        1,
+        "the history comes with the listing"
+    );
+    let delayed_view = page.items.iter().find(|j| j.id == delayed).expect("listed");
+    assert!(
+        delayed_view.due_at_ms.is_some_and(|t| t > now_ms()),
+        "{delayed_view:?}"
+    );
+}
+
 /// Runs each named check on both backends: `<check>::embedded`, `<check>::redis`.
 macro_rules! on_both_backends {
     ($($check:ident),* $(,)?) => {
@@ -352,4 +422,5 @@ on_both_backends!(
     retries_wait_until_due,
     completed_jobs_are_pruned,
     state_rules_of_retry_and_remove,
+    a_listing_of_every_state_shows_each_jobs_state,
 );

@@ -9,57 +9,57 @@ impl RedisQueue {
         bounded(cmd.query_async::<T>(&mut conn)).await
     }
 
-    pub(super) async fn view(
+    /// Views of `jobs` with what the hashes do not hold (each attempt log,
+    /// each delayed job's due time, and with `state: None` each job's state),
+    /// read for the whole page in one pipelined round trip.
+    pub(super) async fn views(
         &self,
-        job: &bull::Job,
-        state: JobState,
+        jobs: &[bull::Job],
+        state: Option<JobState>,
         with_payload: bool,
-    ) -> QueueResult<JobView> {
-        let (logs, _) = bounded(self.queue.get_job_logs(job.id(), 0, -1, true)).await?;
-        let attempts: Vec<Attempt> = logs
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        let d = job.data();
-        let s = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_owned);
-        let payload = if with_payload {
-            s("body").and_then(|b| RawValue::from_string(b).ok())
-        } else {
-            None
-        };
-        let reason = job.failed_reason();
-        // A delayed job is due at its score in the delayed set (`due << 12 | n`);
-        // the hash's `timestamp + delay` is creation time plus the last delay.
-        let due_at_ms = if state == JobState::Delayed {
-            let score: Option<f64> = self
-                .raw(
-                    redis::cmd("ZSCORE")
-                        .arg(self.hot.key("delayed"))
-                        .arg(job.id()),
-                )
-                .await?;
-            Some(score.map_or((job.timestamp() + job.delay()) as i64, |s| (s as i64) >> 12))
-        } else {
-            None
-        };
-        Ok(JobView {
-            id: job.id().to_string(),
-            state,
-            event_key: s("eventKey").unwrap_or_default(),
-            event_id: s("eventId").unwrap_or_default(),
-            bot_id: s("botId"),
-            event_type: s("type"),
-            kind: EventKind::parse(&s("kind").unwrap_or_default())
-                .unwrap_or(EventKind::Envelope)
-                .as_str(),
-            attempts_made: job.attempts_made(),
-            created_at_ms: job.timestamp() as i64,
-            due_at_ms,
-            finished_at_ms: job.finished_on().map(|t| t as i64),
-            failed_reason: (!reason.is_empty()).then(|| reason.to_string()),
-            attempts,
-            payload,
-        })
+    ) -> QueueResult<Vec<JobView>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = |k: &str| self.hot.key(k);
+        let mut pipe = redis::pipe();
+        for job in jobs {
+            let id = job.id();
+            pipe.cmd("LRANGE")
+                .arg(key(&format!("{id}:logs")))
+                .arg(0)
+                .arg(-1);
+            pipe.cmd("ZSCORE").arg(key("delayed")).arg(id);
+            if state.is_none() {
+                pipe.cmd("ZSCORE").arg(key("completed")).arg(id);
+                pipe.cmd("ZSCORE").arg(key("failed")).arg(id);
+                pipe.cmd("LPOS").arg(key("active")).arg(id);
+            }
+        }
+        let mut conn = self.queue.connection().connection();
+        let replies: Vec<redis::Value> = bounded(pipe.query_async(&mut conn)).await?;
+        let per_job = if state.is_none() { 5 } else { 2 };
+        let mut out = Vec::with_capacity(jobs.len());
+        for (job, r) in jobs.iter().zip(replies.chunks(per_job)) {
+            let logs: Vec<String> = redis::from_redis_value(r[0].clone()).unwrap_or_default();
+            let delayed: Option<f64> = redis::from_redis_value(r[1].clone()).unwrap_or(None);
+            let some = |v: &redis::Value| !matches!(v, redis::Value::Nil);
+            let st = state.unwrap_or_else(|| {
+                if some(&r[2]) {
+                    JobState::Completed
+                } else if some(&r[3]) {
+                    JobState::Failed
+                } else if delayed.is_some() {
+                    JobState::Delayed
+                } else if some(&r[4]) {
+                    JobState::Active
+                } else {
+                    JobState::Waiting
+                }
+            });
+            out.push(view_of(job, st, &logs, delayed, with_payload));
+        }
+        Ok(out)
     }
 
     pub(super) async fn state_of(&self, id: &str) -> QueueResult<JobState> {
@@ -91,6 +91,51 @@ impl RedisQueue {
             )
             .await?;
         Ok(ts)
+    }
+}
+
+/// A job as the admin API shows it, from its hash and what [`RedisQueue::views`] read.
+fn view_of(
+    job: &bull::Job,
+    state: JobState,
+    logs: &[String],
+    delayed_score: Option<f64>,
+    with_payload: bool,
+) -> JobView {
+    let attempts: Vec<Attempt> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let d = job.data();
+    let s = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_owned);
+    let payload = if with_payload {
+        s("body").and_then(|b| RawValue::from_string(b).ok())
+    } else {
+        None
+    };
+    let reason = job.failed_reason();
+    // A delayed job is due at its score in the delayed set (`due << 12 | n`);
+    // the hash's `timestamp + delay` is creation time plus the last delay.
+    let due_at_ms = (state == JobState::Delayed).then(|| {
+        delayed_score.map_or((job.timestamp() + job.delay()) as i64, |s| (s as i64) >> 12)
+    });
+    JobView {
+        id: job.id().to_string(),
+        state,
+        event_key: s("eventKey").unwrap_or_default(),
+        event_id: s("eventId").unwrap_or_default(),
+        bot_id: s("botId"),
+        event_type: s("type"),
+        kind: EventKind::parse(&s("kind").unwrap_or_default())
+            .unwrap_or(EventKind::Envelope)
+            .as_str(),
+        attempts_made: job.attempts_made(),
+        created_at_ms: job.timestamp() as i64,
+        due_at_ms,
+        finished_at_ms: job.finished_on().map(|t| t as i64),
+        failed_reason: (!reason.is_empty()).then(|| reason.to_string()),
+        attempts,
+        payload,
     }
 }
 
@@ -131,14 +176,7 @@ impl Operate for RedisQueue {
                     .get_jobs(&types, offset as i64, (offset + limit) as i64 - 1, false),
             )
             .await?;
-        let mut items = Vec::with_capacity(jobs.len());
-        for job in &jobs {
-            let st = match state {
-                Some(s) => s,
-                None => self.state_of(job.id()).await.unwrap_or(JobState::Waiting),
-            };
-            items.push(self.view(job, st, false).await?);
-        }
+        let items = self.views(&jobs, state, false).await?;
         Ok(Page { items, total })
     }
 
@@ -150,7 +188,12 @@ impl Operate for RedisQueue {
         let job = bounded(self.queue.get_job(id))
             .await?
             .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
-        self.view(&job, state, true).await
+        let mut views = self
+            .views(std::slice::from_ref(&job), Some(state), true)
+            .await?;
+        views
+            .pop()
+            .ok_or_else(|| QueueError::NotFound(id.to_string()))
     }
 
     async fn retry(&self, id: &str) -> QueueResult<()> {
