@@ -25,8 +25,9 @@ use cogrelay::queue::{
 
 use crate::helpers::*;
 
-pub(crate) fn open(dir: &std::path::Path) -> EmbeddedQueue {
-    EmbeddedQueue::open(EmbeddedOptions {
+/// The embedded store's options for these checks (dedup 60 s, 2 completed kept).
+pub(crate) fn options(dir: &std::path::Path) -> EmbeddedOptions {
+    EmbeddedOptions {
         data_dir: dir.to_path_buf(),
         fsync: Fsync::Always,
         max_db_bytes: 0,
@@ -35,8 +36,11 @@ pub(crate) fn open(dir: &std::path::Path) -> EmbeddedQueue {
             remove_on_complete: 2,
         },
         exclusive: true,
-    })
-    .expect("open")
+    }
+}
+
+pub(crate) fn open(dir: &std::path::Path) -> EmbeddedQueue {
+    EmbeddedQueue::open(options(dir)).expect("open")
 }
 
 pub(crate) fn ev(id: &str) -> envelope::Event {

@@ -5,29 +5,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cogrelay::config::Fsync;
-use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
-use cogrelay::queue::{Enqueued, Operate, Queue, QueueSettings};
+use cogrelay::queue::embedded::EmbeddedQueue;
+use cogrelay::queue::{Enqueued, Operate, Queue};
 
 use crate::helpers::*;
 
-use crate::queue_conformance::{ev, open};
+use crate::queue_conformance::{ev, open, options};
 
 #[tokio::test]
 async fn embedded_store_is_owned_by_one_process() {
     let dir = tempfile::tempdir().expect("tmp");
     let _first = open(dir.path());
-    let err = EmbeddedQueue::open(EmbeddedOptions {
-        data_dir: dir.path().to_path_buf(),
-        fsync: Fsync::Always,
-        max_db_bytes: 0,
-        settings: QueueSettings {
-            dedup_ttl: Duration::from_secs(60),
-            remove_on_complete: 2,
-        },
-        exclusive: true,
-    })
-    .expect_err("second owner refused");
+    let err = EmbeddedQueue::open(options(dir.path())).expect_err("second owner refused");
     assert!(
         err.to_string().contains("another cogrelay process"),
         "{err}"
