@@ -14,6 +14,33 @@ use clap::{Args, Parser, Subcommand};
 /// `cogrelay serve` receives Cognigy's webhook events, acknowledges them once they
 /// are durably queued, and delivers them to TARGET_ENDPOINT with retries and a
 /// dead-letter queue you can inspect and replay over the admin API.
+/// Every default of `serve` and of the queue, written once: clap shows and
+/// applies them, and `ServeConfig::new` starts from them.
+pub mod defaults {
+    pub const PORT: &str = "3000";
+    pub const MAX_DB_BYTES: &str = "0";
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:3001";
+    pub const CONCURRENCY: &str = "16";
+    pub const DELIVERY_NICE: &str = "10";
+    pub const ATTEMPTS: &str = "5";
+    pub const BACKOFF_DELAY_MS: &str = "2000";
+    pub const BACKOFF_JITTER: &str = "0";
+    pub const MAX_RETRY_AFTER_SECS: &str = "3600";
+    pub const DELIVERY_TIMEOUT_MS: &str = "15000";
+    pub const LOCK_DURATION_MS: &str = "30000";
+    pub const SHUTDOWN_GRACE_MS: &str = "10000";
+    pub const REMOVE_ON_COMPLETE: &str = "100";
+    pub const DEDUP_TTL_SECS: &str = "86400";
+    pub const MAX_BODY_BYTES: &str = "1048576";
+    pub const REQUEST_READ_TIMEOUT_MS: &str = "10000";
+    pub const REDIS_PORT: &str = "6379";
+    pub const QUEUE_NAME: &str = "cognigy-webhook-retries";
+    pub const DATA_DIR: &str = "./data";
+    pub const FSYNC: &str = "always";
+    /// The Redis URL when neither REDIS_URL nor REDIS_HOST is set.
+    pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "cogrelay", version, propagate_version = true)]
 pub struct Cli {
@@ -153,20 +180,20 @@ pub struct StoreArgs {
     pub redis_host: Option<String>,
 
     /// Redis port for the redis queue.
-    #[arg(long, env = "REDIS_PORT", default_value = "6379")]
+    #[arg(long, env = "REDIS_PORT", default_value = defaults::REDIS_PORT)]
     pub redis_port: String,
 
     /// Queue name (part of the Redis keys: bull:<QUEUE_NAME>:...).
-    #[arg(long, env = "QUEUE_NAME", default_value = "cognigy-webhook-retries")]
+    #[arg(long, env = "QUEUE_NAME", default_value = defaults::QUEUE_NAME)]
     pub queue_name: String,
 
     /// Directory of the embedded store (created if missing).
-    #[arg(long, env = "COGRELAY_DATA_DIR", default_value = "./data")]
+    #[arg(long, env = "COGRELAY_DATA_DIR", default_value = defaults::DATA_DIR)]
     pub data_dir: String,
 
     /// `always`: every acknowledged event is fsync'd (survives power loss);
     /// `off`: committed to the OS only (survives a crash of the relay, not of the machine).
-    #[arg(long, env = "COGRELAY_FSYNC", default_value = "always")]
+    #[arg(long, env = "COGRELAY_FSYNC", default_value = defaults::FSYNC)]
     pub fsync: String,
 }
 
@@ -310,7 +337,7 @@ pub struct SimArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Ingress port, on all interfaces, IPv6 and IPv4.
-    #[arg(long, env = "PORT", default_value = "3000")]
+    #[arg(long, env = "PORT", default_value = defaults::PORT)]
     pub port: String,
 
     /// Serve the ingress over HTTPS with this certificate chain (PEM); needs --tls-key.
@@ -351,11 +378,11 @@ pub struct ServeArgs {
 
     /// Cap on the embedded store's size in bytes (0 = none). When reached, ingress
     /// answers 503 instead of accepting what it could not keep.
-    #[arg(long, env = "COGRELAY_MAX_DB_BYTES", default_value = "0")]
+    #[arg(long, env = "COGRELAY_MAX_DB_BYTES", default_value = defaults::MAX_DB_BYTES)]
     pub max_db_bytes: String,
 
     /// Admin API address (health, queue, jobs). Must be loopback unless ADMIN_TOKEN is set.
-    #[arg(long, env = "ADMIN_LISTEN", default_value = "127.0.0.1:3001")]
+    #[arg(long, env = "ADMIN_LISTEN", default_value = defaults::ADMIN_LISTEN)]
     pub admin_listen: String,
 
     /// Bearer token required on every /admin/* call when set.
@@ -363,7 +390,7 @@ pub struct ServeArgs {
     pub admin_token: Option<String>,
 
     /// Deliveries in flight at once.
-    #[arg(long, env = "CONCURRENCY", default_value = "16")]
+    #[arg(long, env = "CONCURRENCY", default_value = defaults::CONCURRENCY)]
     pub concurrency: String,
 
     /// How much the delivery threads yield to the ingress when the CPU is
@@ -371,43 +398,43 @@ pub struct ServeArgs {
     /// comes first, deliveries get a smaller share. Higher values give the
     /// ingress more, but also rank deliveries below other busy processes on
     /// the machine. 0 = same priority.
-    #[arg(long, env = "DELIVERY_NICE", default_value = "10")]
+    #[arg(long, env = "DELIVERY_NICE", default_value = defaults::DELIVERY_NICE)]
     pub delivery_nice: String,
 
     /// Delivery attempts per event, counting the first.
-    #[arg(long, env = "ATTEMPTS", default_value = "5")]
+    #[arg(long, env = "ATTEMPTS", default_value = defaults::ATTEMPTS)]
     pub attempts: String,
 
     /// Delay before retry n is BACKOFF_DELAY_MS × 2^(n-1).
-    #[arg(long, env = "BACKOFF_DELAY_MS", default_value = "2000")]
+    #[arg(long, env = "BACKOFF_DELAY_MS", default_value = defaults::BACKOFF_DELAY_MS)]
     pub backoff_delay_ms: String,
 
     /// Random jitter 0..1: a delay d becomes a random value in [d × (1 - jitter), d].
-    #[arg(long, env = "BACKOFF_JITTER", default_value = "0")]
+    #[arg(long, env = "BACKOFF_JITTER", default_value = defaults::BACKOFF_JITTER)]
     pub backoff_jitter: String,
 
     /// Upper bound on a target's Retry-After.
-    #[arg(long, env = "MAX_RETRY_AFTER_SECS", default_value = "3600")]
+    #[arg(long, env = "MAX_RETRY_AFTER_SECS", default_value = defaults::MAX_RETRY_AFTER_SECS)]
     pub max_retry_after_secs: String,
 
     /// Timeout of one delivery attempt.
-    #[arg(long, env = "DELIVERY_TIMEOUT_MS", default_value = "15000")]
+    #[arg(long, env = "DELIVERY_TIMEOUT_MS", default_value = defaults::DELIVERY_TIMEOUT_MS)]
     pub delivery_timeout_ms: String,
 
     /// Lease on a job being delivered; must exceed DELIVERY_TIMEOUT_MS.
-    #[arg(long, env = "LOCK_DURATION_MS", default_value = "30000")]
+    #[arg(long, env = "LOCK_DURATION_MS", default_value = defaults::LOCK_DURATION_MS)]
     pub lock_duration_ms: String,
 
     /// How long SIGTERM waits for in-flight deliveries.
-    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value = "10000")]
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: String,
 
     /// Completed jobs kept (newest first); older ones are pruned.
-    #[arg(long, env = "REMOVE_ON_COMPLETE", default_value = "100")]
+    #[arg(long, env = "REMOVE_ON_COMPLETE", default_value = defaults::REMOVE_ON_COMPLETE)]
     pub remove_on_complete: String,
 
     /// An event key seen again within this many seconds is a duplicate.
-    #[arg(long, env = "DEDUP_TTL_SECS", default_value = "86400")]
+    #[arg(long, env = "DEDUP_TTL_SECS", default_value = defaults::DEDUP_TTL_SECS)]
     pub dedup_ttl_secs: String,
 
     /// Verify each event envelope with Cognigy before delivering it: `auto` (on
@@ -426,7 +453,7 @@ pub struct ServeArgs {
 
     /// Longest a client may take to send a request's headers, and its body
     /// (slow clients are cut off: headers by closing, a body with 408).
-    #[arg(long, env = "REQUEST_READ_TIMEOUT_MS", default_value = "10000")]
+    #[arg(long, env = "REQUEST_READ_TIMEOUT_MS", default_value = defaults::REQUEST_READ_TIMEOUT_MS)]
     pub request_read_timeout_ms: String,
 
     /// Events per second accepted from one source address (0 = no limit).
@@ -438,6 +465,6 @@ pub struct ServeArgs {
     pub ingress_rate_burst: String,
 
     /// Largest accepted request body (bytes).
-    #[arg(long, env = "MAX_BODY_BYTES", default_value = "1048576")]
+    #[arg(long, env = "MAX_BODY_BYTES", default_value = defaults::MAX_BODY_BYTES)]
     pub max_body_bytes: String,
 }

@@ -168,9 +168,17 @@ pub struct ServeConfig {
 impl ServeConfig {
     /// Defaults of SPEC §1/§3 with the given target; the ingress is unauthenticated
     /// until a secret or credentials are set. Used by tests and benchmarks.
+    /// The defaults of `cli::defaults`, with this target and data directory.
     pub fn new(target_endpoint: reqwest::Url, data_dir: PathBuf) -> Self {
+        use crate::cli::defaults as d;
+        /// A default parses: they are constants, checked by a unit test.
+        fn def<T: FromStr>(raw: &str) -> T {
+            raw.parse()
+                .unwrap_or_else(|_| unreachable!("the default {raw:?} parses"))
+        }
+        let ms = |raw: &str| Duration::from_millis(def(raw));
         Self {
-            port: 3000,
+            port: def(d::PORT),
             target_endpoint,
             signing_secrets: Vec::new(),
             basic: None,
@@ -179,29 +187,29 @@ impl ServeConfig {
             queue: QueueKind::Embedded,
             data_dir,
             fsync: Fsync::Always,
-            max_db_bytes: 0,
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 3001)),
+            max_db_bytes: def(d::MAX_DB_BYTES),
+            admin_listen: def(d::ADMIN_LISTEN),
             admin_token: None,
-            concurrency: 16,
-            delivery_nice: 10,
-            attempts: 5,
-            backoff_delay: Duration::from_millis(2000),
-            backoff_jitter: 0.0,
-            max_retry_after: Duration::from_secs(3600),
-            delivery_timeout: Duration::from_millis(15_000),
-            lock_duration: Duration::from_millis(30_000),
-            shutdown_grace: Duration::from_millis(10_000),
-            remove_on_complete: 100,
-            dedup_ttl: Duration::from_secs(86_400),
-            max_body_bytes: 1024 * 1024,
+            concurrency: def(d::CONCURRENCY),
+            delivery_nice: def(d::DELIVERY_NICE),
+            attempts: def(d::ATTEMPTS),
+            backoff_delay: ms(d::BACKOFF_DELAY_MS),
+            backoff_jitter: def(d::BACKOFF_JITTER),
+            max_retry_after: Duration::from_secs(def(d::MAX_RETRY_AFTER_SECS)),
+            delivery_timeout: ms(d::DELIVERY_TIMEOUT_MS),
+            lock_duration: ms(d::LOCK_DURATION_MS),
+            shutdown_grace: ms(d::SHUTDOWN_GRACE_MS),
+            remove_on_complete: def(d::REMOVE_ON_COMPLETE),
+            dedup_ttl: Duration::from_secs(def(d::DEDUP_TTL_SECS)),
+            max_body_bytes: def(d::MAX_BODY_BYTES),
             verify_events: None,
             summary_every: None,
             test_fault: None,
             tls: None,
-            request_read_timeout: Duration::from_secs(10),
+            request_read_timeout: ms(d::REQUEST_READ_TIMEOUT_MS),
             ingress_rate_limit: None,
-            redis_url: Secret::new("redis://127.0.0.1:6379"),
-            queue_name: "cognigy-webhook-retries".into(),
+            redis_url: Secret::new(d::REDIS_URL),
+            queue_name: d::QUEUE_NAME.into(),
             redis_ca: None,
         }
     }
@@ -769,5 +777,14 @@ mod tests {
             err.contains("VERIFY_EVENTS") && err.contains("COGNIGY_API"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_defaults_are_the_same_from_the_command_line_and_in_code() {
+        let parsed = parse(&OK).expect("valid");
+        let mut built = ServeConfig::new(parsed.target_endpoint.clone(), parsed.data_dir.clone());
+        built.signing_secrets = parsed.signing_secrets.clone();
+        built.test_fault = parsed.test_fault;
+        assert_eq!(format!("{built:?}"), format!("{parsed:?}"));
     }
 }
