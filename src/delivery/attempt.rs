@@ -126,35 +126,34 @@ pub(super) async fn deliver<Q: Queue>(
             "request failed: the event id or key cannot be a header value",
         )),
     };
-    let (status, retry_after, error, timed_out) = match sent {
-        Ok(answer) => {
-            // Keep a snippet of an error answer.
-            let snippet =
-                (!(200..300).contains(&answer.status) && !answer.body.is_empty()).then(|| {
-                    let b = &answer.body[..answer.body.len().min(ERROR_SNIPPET)];
-                    String::from_utf8_lossy(b).into_owned()
-                });
-            (Some(answer.status), answer.retry_after, snippet, false)
-        }
-        Err(f) => (None, None, Some(f.message), f.timed_out),
-    };
     let duration_ms = t0.elapsed().as_millis() as u64;
     // The HTTP part is over: free the worker while the result is recorded.
     drop(permit);
-    let result = match (status, timed_out) {
-        (Some(status), _) => AttemptResult::Response {
-            status,
-            retry_after: retry_after.as_deref(),
+    // One result: classified for the decision, kept for the history.
+    let result = match &sent {
+        Ok(answer) => AttemptResult::Response {
+            status: answer.status,
+            retry_after: answer.retry_after.as_deref(),
         },
-        (None, true) => AttemptResult::Timeout,
-        (None, false) => AttemptResult::Transport(error.clone().unwrap_or_default()),
+        Err(f) if f.timed_out => AttemptResult::Timeout,
+        Err(f) => AttemptResult::Transport(&f.message),
     };
     let (disposition, outcome) = decide_now(&pool.cfg, n, classify(&result, SystemTime::now()));
+    let error = match &sent {
+        // A snippet of an error answer.
+        Ok(answer) => {
+            (!(200..300).contains(&answer.status) && !answer.body.is_empty()).then(|| {
+                let b = &answer.body[..answer.body.len().min(ERROR_SNIPPET)];
+                String::from_utf8_lossy(b).into_owned()
+            })
+        }
+        Err(f) => Some(f.message.clone()),
+    };
     let attempt = Attempt {
         n,
         started_at_ms,
         duration_ms,
-        status,
+        status: result.status(),
         error,
         outcome,
     };

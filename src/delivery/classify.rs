@@ -25,7 +25,17 @@ pub enum AttemptResult<'a> {
     Timeout,
     /// Connection refused or reset, TLS failure, broken response: anything but
     /// an HTTP status.
-    Transport(String),
+    Transport(&'a str),
+}
+
+impl AttemptResult<'_> {
+    /// The HTTP status, when there was an answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Response { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +115,7 @@ mod tests {
             Outcome::Retry { .. }
         ));
         assert!(matches!(
-            classify(&AttemptResult::Transport("reset".into()), SystemTime::now()),
+            classify(&AttemptResult::Transport("reset"), SystemTime::now()),
             Outcome::Retry { .. }
         ));
     }
