@@ -35,7 +35,7 @@
 //! * [`serve`]: wires the relay together and runs it until shutdown.
 
 pub mod admin;
-pub mod answer;
+mod answer;
 pub mod cli;
 pub mod cognigy;
 pub mod config;
@@ -43,7 +43,7 @@ pub mod delivery;
 pub mod event;
 pub mod ingress;
 pub mod jobs_cli;
-pub mod listing;
+mod listing;
 pub mod metrics;
 pub mod queue;
 pub mod register;
@@ -53,4 +53,4 @@ pub mod sim;
 pub mod sink;
 pub mod telemetry;
 pub mod time;
-pub mod tls;
+mod tls;

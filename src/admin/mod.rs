@@ -26,8 +26,7 @@ use subtle::ConstantTimeEq;
 
 use crate::queue::{Operate, QueueError};
 
-/// The metrics, where they were before they became their own module.
-pub use crate::metrics;
+use crate::metrics;
 use crate::secret::Secret;
 
 use crate::listing::Listing;

@@ -249,8 +249,8 @@ async fn verified_events_cost_one_token_and_unknown_events_fail(b: Backend) {
 /// delivers it a second time.
 #[test]
 fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
-    use cogrelay::admin::metrics::Metrics;
     use cogrelay::delivery::{self, handoff::Handoff, DeliveryConfig};
+    use cogrelay::metrics::Metrics;
     use cogrelay::queue::{Enqueued, Queue};
     use std::sync::Arc;
 
