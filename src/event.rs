@@ -45,6 +45,12 @@ impl EventKind {
             _ => None,
         }
     }
+
+    /// The kind a store kept; a job stored before kinds existed (or with an
+    /// unknown one) is an envelope, the seeds' only kind.
+    pub fn from_stored(s: &str) -> Self {
+        Self::parse(s).unwrap_or(EventKind::Envelope)
+    }
 }
 
 /// An authenticated, validated event, ready to be queued.

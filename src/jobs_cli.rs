@@ -11,16 +11,14 @@
 //! unknown job id.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::cli::{JobsCommand, QueueCommand};
-use crate::config::{QueueKind, StoreConfig};
 use crate::listing::Listing;
-use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
-use crate::queue::redis::{RedisOptions, RedisQueue};
-use crate::queue::{JobView, Operate, Queue as _, QueueError, QueueSettings};
+use crate::queue::{
+    self, JobView, OpenError, Opener, Operate, Queue as _, QueueError, StoreSettings,
+};
 
 /// What went wrong, and the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -67,49 +65,16 @@ impl From<QueueCommand> for Op {
 }
 
 /// Opens the queue of `store` and runs `op`; returns what to print on stdout.
-pub async fn run(store: &StoreConfig, op: Op, json: bool) -> Result<String, CliError> {
-    // Settings only the relay's writes use; the tool reads and moves jobs.
-    let settings = QueueSettings {
-        dedup_ttl: Duration::from_secs(86_400),
-        remove_on_complete: u32::MAX,
-    };
-    match store.queue {
-        QueueKind::Embedded => {
-            if !store.data_dir.join("cogrelay.db").exists() {
-                return Err(CliError::Usage(format!(
-                    "no embedded queue in {} (COGRELAY_DATA_DIR): point it at the relay's data directory",
-                    store.data_dir.display()
-                )));
-            }
-            let q = EmbeddedQueue::open(EmbeddedOptions {
-                data_dir: store.data_dir.clone(),
-                fsync: store.fsync,
-                max_db_bytes: 0,
-                settings,
-                exclusive: false,
-            })
-            .map_err(|e| CliError::Unavailable(e.to_string()))?;
-            let out = execute(&q, op, json).await;
-            let _ = q.close().await;
-            out
-        }
-        QueueKind::Redis => {
-            let q = RedisQueue::connect(RedisOptions {
-                url: store.redis_url.expose().to_string(),
-                ca_pem: store.redis_ca.clone(),
-                queue_name: store.queue_name.clone(),
-                lock_duration: Duration::from_secs(30),
-                settings,
-            })
-            .await
-            .map_err(|e| {
-                CliError::Unavailable(format!("cannot reach Redis (REDIS_URL / REDIS_HOST): {e}"))
-            })?;
-            let out = execute(&q, op, json).await;
-            let _ = q.close().await;
-            out
-        }
-    }
+pub async fn run(store: &StoreSettings, op: Op, json: bool) -> Result<String, CliError> {
+    let q = queue::open(store, Opener::Tool)
+        .await
+        .map_err(|e| match e {
+            OpenError::NoEmbeddedStore(_) => CliError::Usage(e.to_string()),
+            other => CliError::Unavailable(other.to_string()),
+        })?;
+    let out = execute(&q, op, json).await;
+    let _ = q.close().await;
+    out
 }
 
 async fn execute<Q: Operate>(q: &Q, op: Op, json: bool) -> Result<String, CliError> {

@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use cogrelay::cli::{Cli, Command, RegisterArgs, SimArgs};
-use cogrelay::config::{ConfigError, ServeConfig};
+use cogrelay::cli::{Cli, Command, RegisterArgs};
+use cogrelay::config::ServeConfig;
 use cogrelay::telemetry::{self, LogFormat};
 
 /// mimalloc: the relay allocates a little per request and per delivery on
@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     // .env fills in what the environment does not set (flag > env > .env > default).
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
-    let format = match LogFormat::parse(cli.log_format.as_deref()) {
+    let format = match cogrelay::config::log_format(cli.log_format.as_deref()) {
         Ok(f) => f,
         Err(e) => return config_error(&e),
     };
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         ),
         Command::Queue(args) => jobs(&args.store, args.command.into(), args.json),
         Command::Sim(args) => {
-            let opts = match sim_options(&args) {
+            let opts = match cogrelay::config::sim_options(&args) {
                 Ok(o) => o,
                 Err(e) => return config_error(&e),
             };
@@ -55,8 +55,8 @@ fn main() -> ExitCode {
 }
 
 fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
-    use cogrelay::register::{self, RegisterConfig};
-    let cfg = match RegisterConfig::from_args(&args) {
+    use cogrelay::register;
+    let cfg = match cogrelay::config::register_config(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -92,7 +92,7 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
 }
 
 fn jobs(store: &cogrelay::cli::StoreArgs, op: cogrelay::jobs_cli::Op, json: bool) -> ExitCode {
-    let store = match cogrelay::config::StoreConfig::from_args(store) {
+    let store = match cogrelay::config::store_settings(store) {
         Ok(s) => s,
         Err(e) => return config_error(&e),
     };
@@ -109,30 +109,6 @@ fn jobs(store: &cogrelay::cli::StoreArgs, op: cogrelay::jobs_cli::Op, json: bool
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-fn sim_options(a: &SimArgs) -> Result<cogrelay::sim::SimOptions, ConfigError> {
-    use std::time::Duration;
-    let num = |name: &str, raw: &str| -> Result<u64, ConfigError> {
-        raw.trim()
-            .parse()
-            .map_err(|_| ConfigError(format!("{name}={raw:?} is not valid: use a whole number")))
-    };
-    num("--port", &a.port).and_then(|p| {
-        u16::try_from(p).map_err(|_| ConfigError(format!("--port={p} is out of range")))
-    })?;
-    Ok(cogrelay::sim::SimOptions {
-        client_id: a.client_id.clone(),
-        client_secret: a.client_secret.clone().map(cogrelay::secret::Secret::new),
-        api_key: a.api_key.clone().map(cogrelay::secret::Secret::new),
-        token_ttl: Duration::from_secs(num("--token-ttl-secs", &a.token_ttl_secs)?),
-        pending_polls: num("--pending-polls", &a.pending_polls)? as u32,
-        rate_limit: cogrelay::cognigy::RateLimit {
-            max: num("--rate-limit", &a.rate_limit)? as u32,
-            per: Duration::from_secs(60),
-        },
-        ..Default::default()
-    })
 }
 
 async fn sim(port: u16, opts: cogrelay::sim::SimOptions) -> anyhow::Result<()> {
@@ -228,11 +204,11 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let ingress = cogrelay::serve::listen_all_interfaces(cfg.port)
-        .with_context(|| format!("failed to listen on port {} (PORT)", cfg.port))?;
-    let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
+    let ingress = cogrelay::serve::listen_all_interfaces(cfg.ingress.port)
+        .with_context(|| format!("failed to listen on port {} (PORT)", cfg.ingress.port))?;
+    let admin = tokio::net::TcpListener::bind(cfg.admin.listen)
         .await
-        .with_context(|| format!("failed to listen on {} (ADMIN_LISTEN)", cfg.admin_listen))?;
+        .with_context(|| format!("failed to listen on {} (ADMIN_LISTEN)", cfg.admin.listen))?;
     cogrelay::serve::run(cfg, ingress, admin, shutdown_signal()).await
 }
 

@@ -17,67 +17,16 @@ use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
-use crate::config::{QueueKind, ServeConfig};
+use crate::config::ServeConfig;
 use crate::delivery::handoff::Handoff;
 use crate::delivery::{self, DeliveryConfig};
 use crate::ingress::{self, auth::Authenticator, Ingress};
 use crate::metrics::Metrics;
-use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
-use crate::queue::redis::{RedisOptions, RedisQueue};
-use crate::queue::{Operate, QueueSettings};
+use crate::queue::{self, Opener, Operate};
 use crate::{admin, admin::Admin};
 
 /// How long the HTTP servers get to close connections after the drain.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-pub fn queue_settings(cfg: &ServeConfig) -> QueueSettings {
-    QueueSettings {
-        dedup_ttl: cfg.dedup_ttl,
-        remove_on_complete: cfg.remove_on_complete,
-    }
-}
-
-pub fn open_embedded(cfg: &ServeConfig) -> anyhow::Result<EmbeddedQueue> {
-    EmbeddedQueue::open(EmbeddedOptions {
-        data_dir: cfg.data_dir.clone(),
-        fsync: cfg.fsync,
-        max_db_bytes: cfg.max_db_bytes,
-        settings: queue_settings(cfg),
-        exclusive: true,
-    })
-    .context("failed to open the embedded queue")
-}
-
-pub async fn open_redis(cfg: &ServeConfig) -> anyhow::Result<RedisQueue> {
-    RedisQueue::connect(RedisOptions {
-        url: cfg.redis_url.expose().to_string(),
-        ca_pem: cfg.redis_ca.clone(),
-        queue_name: cfg.queue_name.clone(),
-        lock_duration: cfg.lock_duration,
-        settings: queue_settings(cfg),
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "failed to connect to Redis at {} (REDIS_URL / REDIS_HOST)",
-            redis_host(cfg)
-        )
-    })
-}
-
-/// host:port of the Redis URL, without credentials.
-pub fn redis_host(cfg: &ServeConfig) -> String {
-    reqwest::Url::parse(cfg.redis_url.expose())
-        .ok()
-        .map(|u| {
-            format!(
-                "{}:{}",
-                u.host_str().unwrap_or("?"),
-                u.port().unwrap_or(6379)
-            )
-        })
-        .unwrap_or_else(|| "?".into())
-}
 
 pub async fn run(
     cfg: ServeConfig,
@@ -86,18 +35,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
-    match cfg.queue {
-        QueueKind::Embedded => {
-            let queue = Arc::new(open_embedded(&cfg)?);
-            tracing::info!(store = %queue.path().display(), "embedded queue open");
-            run_with_queue(cfg, queue, ingress, admin, shutdown).await
-        }
-        QueueKind::Redis => {
-            let queue = Arc::new(open_redis(&cfg).await?);
-            tracing::info!(queue = %cfg.queue_name, redis = %redis_host(&cfg), "redis queue (BullMQ layout) connected");
-            run_with_queue(cfg, queue, ingress, admin, shutdown).await
-        }
-    }
+    let opener = Opener::Relay {
+        lock_duration: cfg.pool.lock_duration,
+    };
+    let queue = queue::open(&cfg.store, opener).await?;
+    tracing::info!("{} open", queue.describe(&cfg.store));
+    run_with_queue(cfg, Arc::new(queue), ingress, admin, shutdown).await
 }
 
 pub async fn run_with_queue<Q: Operate>(
@@ -108,37 +51,40 @@ pub async fn run_with_queue<Q: Operate>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     // TLS first: a bad certificate stops start-up before anything listens.
-    let tls = match &cfg.tls {
+    let tls = match &cfg.ingress.tls {
         Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
         None => None,
     };
     // The delivery threads before anything listens: a relay that could not
     // deliver must not take events.
-    let delivery_rt = DeliveryRuntime::new(cfg.delivery_nice)?;
+    let delivery_rt = DeliveryRuntime::new(cfg.pool.nice)?;
     let accepting = Arc::new(AtomicBool::new(true));
     let wake = Arc::new(Notify::new());
-    let (handoff, handoff_rx) =
-        Handoff::new(cfg.concurrency * HANDOFF_PER_WORKER, cfg.lock_duration);
+    let (handoff, handoff_rx) = Handoff::new(
+        cfg.delivery.concurrency * HANDOFF_PER_WORKER,
+        cfg.pool.lock_duration,
+    );
     let metrics = Arc::new(Metrics::default());
-    let auth = Authenticator::new(&cfg.signing_secrets, cfg.basic.as_ref());
+    let auth = Authenticator::new(&cfg.ingress.signing_secrets, cfg.ingress.basic.as_ref());
     if auth.is_open() {
         tracing::warn!("ingress authentication is OFF (--allow-unauthenticated): anyone who can reach the port can queue events");
     }
     let ingress_state = Arc::new(Ingress {
         queue: queue.clone(),
         auth,
-        max_body_bytes: cfg.max_body_bytes,
-        body_budget: ingress::body::BodyBudget::for_max_body(cfg.max_body_bytes),
-        body_timeout: cfg.request_read_timeout,
+        max_body_bytes: cfg.ingress.max_body_bytes,
+        body_budget: ingress::body::BodyBudget::for_max_body(cfg.ingress.max_body_bytes),
+        body_timeout: cfg.ingress.request_read_timeout,
         accepting: accepting.clone(),
         wake: wake.clone(),
         handoff,
         metrics: metrics.clone(),
         rate_limit: cfg
-            .ingress_rate_limit
+            .ingress
+            .rate_limit
             .map(|(per_sec, burst)| crate::ingress::ratelimit::RateLimiter::new(per_sec, burst)),
         refusals: Default::default(),
-        replay_window: ingress::ReplayWindow::for_dedup_ttl(cfg.dedup_ttl),
+        replay_window: ingress::ReplayWindow::for_dedup_ttl(cfg.store.retention.dedup_ttl),
     });
     let (stop_http_tx, stop_http_rx) = watch::channel(false);
     let ingress_addr = ingress_listener.local_addr()?;
@@ -146,7 +92,7 @@ pub async fn run_with_queue<Q: Operate>(
     let admin_state = Arc::new(Admin {
         queue: queue.clone(),
         metrics: metrics.clone(),
-        token: cfg.admin_token.clone(),
+        token: cfg.admin.token.clone(),
         accepting: accepting.clone(),
         listen: admin_addr,
     });
@@ -154,7 +100,7 @@ pub async fn run_with_queue<Q: Operate>(
         ingress_listener,
         tls.clone(),
         ingress::router(ingress_state),
-        cfg.request_read_timeout,
+        cfg.ingress.request_read_timeout,
         stop_http_rx.clone(),
     ));
     let admin_server = tokio::spawn(serve_http(
@@ -166,7 +112,7 @@ pub async fn run_with_queue<Q: Operate>(
     let (stop_pool_tx, stop_pool_rx) = watch::channel(false);
     let mut pool = delivery_rt.spawn(delivery::run(
         queue.clone(),
-        DeliveryConfig::from_serve(&cfg).renewing_here(),
+        DeliveryConfig::new(cfg.delivery.clone(), cfg.pool.clone()).renewing_here(),
         wake,
         handoff_rx,
         metrics.clone(),
@@ -176,8 +122,8 @@ pub async fn run_with_queue<Q: Operate>(
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
     tracing::info!(
-        ingress = %ingress_addr, admin = %admin_addr, target = %crate::secret::redact_url(&cfg.target_endpoint),
-        concurrency = cfg.concurrency, attempts = cfg.attempts,
+        ingress = %ingress_addr, admin = %admin_addr, target = %crate::secret::redact_url(&cfg.delivery.target),
+        concurrency = cfg.delivery.concurrency, attempts = cfg.delivery.attempts,
         "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
     );
 

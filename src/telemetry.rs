@@ -12,23 +12,6 @@ pub enum LogFormat {
     Pretty,
 }
 
-impl LogFormat {
-    pub fn parse(raw: Option<&str>) -> Result<Self, crate::config::ConfigError> {
-        match raw.map(str::trim) {
-            None | Some("") => Ok(if std::io::stderr().is_terminal() {
-                LogFormat::Pretty
-            } else {
-                LogFormat::Json
-            }),
-            Some("json") => Ok(LogFormat::Json),
-            Some("pretty") => Ok(LogFormat::Pretty),
-            Some(other) => Err(crate::config::ConfigError(format!(
-                "LOG_FORMAT={other:?} is not valid: use `json` or `pretty`"
-            ))),
-        }
-    }
-}
-
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

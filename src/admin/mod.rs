@@ -30,10 +30,17 @@ use crate::metrics;
 use crate::secret::Secret;
 
 use crate::listing::Listing;
-pub use crate::listing::MAX_LIMIT;
 
 /// Jobs in one page of `GET /admin/jobs` when `limit` is not given (SPEC §3.6).
 const DEFAULT_LIMIT: u64 = 50;
+
+/// Where the admin API listens, and the bearer token it asks for.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: std::net::SocketAddr,
+    /// Required when `listen` is not loopback (checked by `config`).
+    pub token: Option<crate::secret::Secret>,
+}
 
 pub struct Admin<Q> {
     pub queue: Arc<Q>,

@@ -57,8 +57,8 @@ fn decide(
 /// [`decide`] now, with a fresh random jitter.
 fn decide_now(cfg: &DeliveryConfig, n: u32, outcome: Outcome) -> (Disposition, AttemptOutcome) {
     decide(
-        cfg.attempts,
-        &cfg.backoff,
+        cfg.destination.attempts,
+        &cfg.destination.backoff,
         n,
         outcome,
         now_ms(),
@@ -113,13 +113,14 @@ pub(super) async fn deliver<Q: Queue>(
     let ts = started_at_ms / 1000;
     let signature = pool
         .cfg
+        .destination
         .signing_key
         .as_ref()
         .map(|key| signing::sign(key, job.key.as_str(), ts, &body));
     let sent = match target_headers(job, n, ts, signature.as_deref()) {
         Ok(headers) => {
             pool.target
-                .post(headers, body, pool.cfg.delivery_timeout)
+                .post(headers, body, pool.cfg.destination.delivery_timeout)
                 .await
         }
         Err(_) => Err(target::Failure::msg(

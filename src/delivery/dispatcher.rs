@@ -23,11 +23,16 @@ pub async fn run<Q: Queue>(
     metrics: Arc<crate::metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    if cfg.test_fault == Some(TestFault::FailAtStart) {
+    if cfg.pool.test_fault == Some(TestFault::FailAtStart) {
         anyhow::bail!("injected fault: the pool failed to start");
     }
-    let target = target::Target::new(&cfg.target, cfg.concurrency, cfg.delivery_timeout)?;
+    let target = target::Target::new(
+        &cfg.destination.target,
+        cfg.destination.concurrency,
+        cfg.destination.delivery_timeout,
+    )?;
     let verifier = cfg
+        .pool
         .verify_events
         .clone()
         .map(CognigyClient::new)
@@ -37,7 +42,7 @@ pub async fn run<Q: Queue>(
         .delivery_up
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let _up = Up(metrics.clone());
-    if cfg.test_fault == Some(TestFault::PanicLater) {
+    if cfg.pool.test_fault == Some(TestFault::PanicLater) {
         tokio::time::sleep(TestFault::PANIC_AFTER).await;
         panic!("injected fault: the pool panicked");
     }
@@ -50,7 +55,7 @@ pub async fn run<Q: Queue>(
         verifier,
         metrics,
     });
-    let semaphore = Arc::new(Semaphore::new(pool.cfg.concurrency));
+    let semaphore = Arc::new(Semaphore::new(pool.cfg.destination.concurrency));
     let mut tasks = JoinSet::new();
     let renewer = (pool.cfg.renewals.clone())
         .unwrap_or_else(tokio::runtime::Handle::current)
@@ -59,7 +64,7 @@ pub async fn run<Q: Queue>(
     // Jobs claimed ahead of a free worker: claiming in batches keeps store round
     // trips per job low. They are leased and renewed like running ones.
     let mut ready: VecDeque<Leased> = VecDeque::new();
-    let prefetch = (pool.cfg.concurrency * 2).min(MAX_CLAIM);
+    let prefetch = (pool.cfg.destination.concurrency * 2).min(MAX_CLAIM);
     let take = |pool: &Pool<Q>, ready: &mut VecDeque<Leased>, job: Leased| {
         pool.in_flight.hold(&job.lease);
         ready.push_back(job);
@@ -77,12 +82,12 @@ pub async fn run<Q: Queue>(
         }
         handoff.set_ready(ready.len());
         if claiming.is_none()
-            && ready.len() < pool.cfg.concurrency
+            && ready.len() < pool.cfg.destination.concurrency
             && rest_until.is_none_or(|t| Instant::now() >= t)
         {
             let (p, asked) = (pool.clone(), prefetch - ready.len());
             claiming = Some(tokio::spawn(async move {
-                (asked, p.queue.claim(asked, p.cfg.lock_duration).await)
+                (asked, p.queue.claim(asked, p.cfg.pool.lock_duration).await)
             }));
         }
         // Any instant will do while the rest branch is off.
@@ -170,11 +175,11 @@ pub async fn run<Q: Queue>(
     if busy > 0 {
         tracing::info!(
             in_flight = busy,
-            grace_ms = pool.cfg.shutdown_grace.as_millis() as u64,
+            grace_ms = pool.cfg.pool.shutdown_grace.as_millis() as u64,
             "finishing in-flight deliveries"
         );
     }
-    let drained = tokio::time::timeout(pool.cfg.shutdown_grace, async {
+    let drained = tokio::time::timeout(pool.cfg.pool.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
@@ -193,14 +198,14 @@ pub async fn run<Q: Queue>(
 }
 
 async fn renew_leases<Q: Queue>(pool: Arc<Pool<Q>>) {
-    let every = pool.cfg.lock_duration / 3;
+    let every = pool.cfg.pool.lock_duration / 3;
     loop {
         tokio::time::sleep(every).await;
         let leases = pool.in_flight.all();
         if leases.is_empty() {
             continue;
         }
-        if let Err(e) = pool.queue.renew(leases, pool.cfg.lock_duration).await {
+        if let Err(e) = pool.queue.renew(leases, pool.cfg.pool.lock_duration).await {
             tracing::warn!(error = %e, "cannot renew leases");
         }
     }

@@ -16,10 +16,10 @@
 //! * Shutdown: stop claiming, let in-flight deliveries finish for up to
 //!   `SHUTDOWN_GRACE_MS`, then abort the rest and return their leases.
 
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod classify;
 pub mod handoff;
-pub mod signing;
+pub(crate) mod signing;
 pub mod target;
 
 mod attempt;
@@ -45,23 +45,47 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Bytes of a target's answer kept in the attempt history.
 const ERROR_SNIPPET: usize = 200;
 
+/// How one destination is delivered to: where, how long an attempt may take,
+/// how often and how far apart it is tried, how it is signed, how many at once
+/// (SPEC §3.2). One value per destination; the pool's own settings are
+/// [`PoolSettings`].
 #[derive(Debug, Clone)]
-pub struct DeliveryConfig {
+pub struct DeliverySettings {
     pub target: reqwest::Url,
     pub delivery_timeout: Duration,
+    /// Attempts per event, counting the first (>= 1).
     pub attempts: u32,
     pub backoff: Backoff,
     pub signing_key: Option<TargetSigningKey>,
+    /// Deliveries in flight at once (this relay).
     pub concurrency: usize,
+}
+
+/// Settings of the worker pool itself, whatever it delivers to.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// How long a claimed job stays leased without renewal. Invariant: greater
+    /// than every destination's `delivery_timeout` (checked by `config`).
     pub lock_duration: Duration,
     pub shutdown_grace: Duration,
+    /// Nice value added to the delivery threads (0..=19; 0 = same priority).
+    pub nice: u8,
     /// Check each event envelope with Cognigy before delivering it.
     pub verify_events: Option<crate::cognigy::CognigyConfig>,
+    /// A fault to inject, for tests of the relay's supervision: read from
+    /// `COGRELAY_TEST_FAULT` in debug builds only, always `None` in release.
+    pub test_fault: Option<TestFault>,
+}
+
+/// What [`run`] takes: the destination, the pool, and where renewals run.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub destination: DeliverySettings,
+    pub pool: PoolSettings,
     /// Where the lease renewals run (None: beside the deliveries). Not at the
     /// deliveries' lower CPU priority: deliveries that a busy machine slows
     /// down must not also lose their leases to other relays (a duplicate).
     pub renewals: Option<tokio::runtime::Handle>,
-    pub test_fault: Option<TestFault>,
 }
 
 /// Faults the tests inject to see the relay notice a dead pool (debug builds).
@@ -90,6 +114,14 @@ impl TestFault {
 }
 
 impl DeliveryConfig {
+    pub fn new(destination: DeliverySettings, pool: PoolSettings) -> Self {
+        Self {
+            destination,
+            pool,
+            renewals: None,
+        }
+    }
+
     /// Lease renewals on the runtime this is called on (see `renewals`).
     pub fn renewing_here(self) -> Self {
         Self {

@@ -8,10 +8,10 @@
 //! or 503 `Queue unavailable` with `Retry-After`).
 
 pub mod auth;
-pub mod body;
+pub(crate) mod body;
 pub mod envelope;
-pub mod ratelimit;
-pub mod refusals;
+pub(crate) mod ratelimit;
+pub(crate) mod refusals;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,6 +33,25 @@ use envelope::EnvelopeError;
 pub const PATH: &str = "/api/webhook/cognigy";
 /// Seconds a sender is asked to wait after a 503.
 const RETRY_AFTER_SECS: &str = "5";
+
+/// The ingress's settings (SPEC §3.1): where it listens, who may post, and
+/// the limits a request must keep.
+#[derive(Debug, Clone)]
+pub struct IngressSettings {
+    pub port: u16,
+    /// Any of these may sign a request (rotation); never empty when set.
+    pub signing_secrets: Vec<crate::secret::Secret>,
+    pub basic: Option<auth::BasicCredentials>,
+    /// No authentication at all (local testing only).
+    pub allow_unauthenticated: bool,
+    pub max_body_bytes: usize,
+    /// Per-source limit: (events per second, burst); None = off.
+    pub rate_limit: Option<(f64, u32)>,
+    /// Longest a client may take to send a request's headers, and its body.
+    pub request_read_timeout: std::time::Duration,
+    /// Certificate chain and key (PEM files) for HTTPS.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
 
 pub struct Ingress<Q> {
     pub queue: Arc<Q>,

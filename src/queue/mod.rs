@@ -21,9 +21,12 @@
 //! * `attempts_made` counts finished attempts; attempt n is delivered with
 //!   `X-Delivery-Attempt: n = attempts_made + 1`.
 
-pub mod batch;
+mod batch;
 pub mod embedded;
 pub mod redis;
+mod store;
+
+pub use store::{open, OpenError, Opener, QueueKind, Store, StoreSettings};
 
 use std::future::Future;
 use std::time::Duration;
@@ -190,6 +193,55 @@ pub struct JobView {
     /// The delivered body (only in single-job views).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<Box<RawValue>>,
+}
+
+/// A job as a backend reads it back for operators, before it is a
+/// [`JobView`]: the one mapping from stored fields to the view.
+#[derive(Debug, Default)]
+pub(crate) struct StoredJob {
+    pub id: String,
+    pub event_key: String,
+    pub event_id: String,
+    pub bot_id: Option<String>,
+    pub event_type: Option<String>,
+    /// As stored (see [`EventKind::from_stored`]).
+    pub kind: String,
+    pub attempts_made: u32,
+    pub created_at_ms: i64,
+    /// When it is (or was last) due; shown for waiting and delayed jobs only.
+    pub due_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    /// Empty is none.
+    pub failed_reason: Option<String>,
+    pub attempts: Vec<Attempt>,
+    /// The body as stored; becomes the view's payload when asked for.
+    pub body: Option<String>,
+}
+
+impl StoredJob {
+    pub(crate) fn into_view(self, state: JobState, with_payload: bool) -> JobView {
+        JobView {
+            id: self.id,
+            state,
+            event_key: self.event_key,
+            event_id: self.event_id,
+            bot_id: self.bot_id,
+            event_type: self.event_type,
+            kind: EventKind::from_stored(&self.kind).as_str(),
+            attempts_made: self.attempts_made,
+            created_at_ms: self.created_at_ms,
+            due_at_ms: self
+                .due_at_ms
+                .filter(|_| matches!(state, JobState::Waiting | JobState::Delayed)),
+            finished_at_ms: self.finished_at_ms,
+            failed_reason: self.failed_reason.filter(|r| !r.is_empty()),
+            attempts: self.attempts,
+            payload: self
+                .body
+                .filter(|_| with_payload)
+                .and_then(|b| RawValue::from_string(b).ok()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

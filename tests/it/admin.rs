@@ -23,7 +23,7 @@ async fn fail_n(app: &TestApp, n: usize) -> Vec<String> {
 
 both_backends! {
 async fn failed_jobs_are_listed_with_total_pagination_and_history(b: Backend) {
-    let app = spawn_app_on(b, |c| c.attempts = 2).await;
+    let app = spawn_app_on(b, |c| c.delivery.attempts = 2).await;
     let ids = fail_n(&app, 7).await;
 
     let mut seen = Vec::new();
@@ -77,7 +77,7 @@ async fn limit_and_state_are_validated(b: Backend) {
 }
 
 async fn retry_one_and_retry_all_deliver_once_the_target_recovers(b: Backend) {
-    let app = spawn_app_on(b, |c| c.attempts = 1).await;
+    let app = spawn_app_on(b, |c| c.delivery.attempts = 1).await;
     let ids = fail_n(&app, 3).await;
     app.sink.set_default(Behaviour::status(200));
     let before = app.sink.count();
@@ -103,7 +103,7 @@ async fn retry_one_and_retry_all_deliver_once_the_target_recovers(b: Backend) {
 }
 
 async fn remove_deletes_a_job(b: Backend) {
-    let app = spawn_app_on(b, |c| c.attempts = 1).await;
+    let app = spawn_app_on(b, |c| c.delivery.attempts = 1).await;
     let ids = fail_n(&app, 2).await;
     let r = app.admin_delete(&format!("/admin/jobs/{}", ids[1])).await;
     assert_eq!(r.status, 200);
@@ -137,7 +137,7 @@ async fn health_ready_and_queue_counts(b: Backend) {
 /// its attempts reset (delivered as attempt 1), and answers how many moved.
 async fn retry_all_resets_every_job_and_counts_what_moved(b: Backend) {
     const N: usize = 1200;
-    let app = std::sync::Arc::new(spawn_app_on(b, |c| c.attempts = 1).await);
+    let app = std::sync::Arc::new(spawn_app_on(b, |c| c.delivery.attempts = 1).await);
     app.sink.set_default(Behaviour::status(500));
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
     let mut sends = tokio::task::JoinSet::new();
@@ -170,7 +170,7 @@ async fn retry_all_resets_every_job_and_counts_what_moved(b: Backend) {
 }
 
 async fn admin_token_is_required_when_set(b: Backend) {
-    let app = spawn_app_on(b, |c| c.admin_token = Some(Secret::new("adm-tok"))).await;
+    let app = spawn_app_on(b, |c| c.admin.token = Some(Secret::new("adm-tok"))).await;
     assert_eq!(app.admin_get("/admin/queue").await.status, 401);
     assert_eq!(
         app.admin_get("/healthz").await.status,
@@ -208,7 +208,7 @@ async fn admin_token_is_required_when_set(b: Backend) {
 /// route that reads jobs or changes anything answers 403 to a foreign
 /// `Origin`, a cross-site fetch, or a `Host` that is not the admin's own.
 async fn without_a_token_only_the_admins_own_origin_gets_in(b: Backend) {
-    let app = spawn_app_on(b, |c| c.attempts = 1).await;
+    let app = spawn_app_on(b, |c| c.delivery.attempts = 1).await;
     app.sink.push(Behaviour::status(500));
     let id = app.post_event(&event("bot", "csrf-1")).await.json["jobId"]
         .as_str()

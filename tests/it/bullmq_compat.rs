@@ -32,7 +32,7 @@ async fn bullmq_for_node_reads_our_queue_and_feeds_it() {
     if !crate::redis_server::available() || !node_ready() {
         return;
     }
-    let app = spawn_app_on(Backend::Redis, |c| c.attempts = 1).await;
+    let app = spawn_app_on(Backend::Redis, |c| c.delivery.attempts = 1).await;
     app.sink.set_default(Behaviour::status(500));
     let r = app.post_event(&event("bot", "will-fail")).await;
     let failed_id = r.json["jobId"].as_str().expect("id").to_string();
@@ -43,7 +43,7 @@ async fn bullmq_for_node_reads_our_queue_and_feeds_it() {
     let port = app.redis.as_ref().expect("redis").port;
     let v = run_node(
         "compat.mjs",
-        &[&port.to_string(), &app.config.queue_name, &failed_id],
+        &[&port.to_string(), &app.config.store.queue_name, &failed_id],
     )
     .await;
 

@@ -31,8 +31,8 @@ async fn dashboard_shows_failed_jobs_escapes_payloads_and_retries() {
         return;
     }
     let app = spawn_app_with(|c| {
-        c.attempts = 1;
-        c.admin_token = Some(Secret::new("dash-token"));
+        c.delivery.attempts = 1;
+        c.admin.token = Some(Secret::new("dash-token"));
     })
     .await;
     app.sink.set_default(Behaviour::status(500));

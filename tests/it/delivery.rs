@@ -22,8 +22,8 @@ async fn a_delayed_job_shows_when_its_next_attempt_is_due(b: Backend) {
     // Attempt 2 fails at t; attempt 3 is due at t + 2 × BACKOFF_DELAY_MS, which
     // the job view must show (not creation time + the last delay).
     let app = spawn_app_on(b, |c| {
-        c.attempts = 3;
-        c.backoff_delay = Duration::from_millis(1500);
+        c.delivery.attempts = 3;
+        c.delivery.backoff.base = Duration::from_millis(1500);
     })
     .await;
     app.sink.set_default(Behaviour::status(503));
@@ -87,10 +87,10 @@ async fn a_422_fails_after_one_attempt(b: Backend) {
 
 async fn always_503_fails_after_attempts_with_delays_doubling(b: Backend) {
     let app = spawn_app_on(b, |c| {
-        c.attempts = 5;
+        c.delivery.attempts = 5;
         // Long enough that a scheduling stall on a loaded CI machine (the
         // delivery threads run at DELIVERY_NICE) cannot hide the doubling.
-        c.backoff_delay = Duration::from_millis(250);
+        c.delivery.backoff.base = Duration::from_millis(250);
     })
     .await;
     app.sink.set_default(Behaviour::status(503));
@@ -134,7 +134,7 @@ async fn retry_after_on_429_delays_the_next_attempt(b: Backend) {
 }
 
 async fn reset_connection_and_timeout_are_retried(b: Backend) {
-    let app = spawn_app_on(b, |c| c.delivery_timeout = Duration::from_millis(300)).await;
+    let app = spawn_app_on(b, |c| c.delivery.delivery_timeout = Duration::from_millis(300)).await;
     app.sink.push(Behaviour::Reset);
     app.sink.push(Behaviour::Hang);
     let id = accepted_id(&app, "e-flaky").await;
@@ -159,7 +159,7 @@ async fn reset_connection_and_timeout_are_retried(b: Backend) {
 async fn outbound_signature_verifies_with_the_standardwebhooks_crate(b: Backend) {
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let app = spawn_app_on(b, |c| {
-        c.target_signing_key = Some(TargetSigningKey::parse(secret).expect("key"))
+        c.delivery.signing_key = Some(TargetSigningKey::parse(secret).expect("key"))
     })
     .await;
     accepted_id(&app, "e-signed").await;
@@ -197,7 +197,7 @@ async fn verified_events_cost_one_token_and_unknown_events_fail(b: Backend) {
     .expect("sim");
     let mut cognigy = crate::cognigy::client_config(sim_addr, Api::Connectors);
     cognigy.max_retries = 0;
-    let app = spawn_app_on(b, |c| c.verify_events = Some(cognigy)).await;
+    let app = spawn_app_on(b, |c| c.pool.verify_events = Some(cognigy)).await;
 
     const N: usize = 1000;
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
@@ -269,9 +269,16 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
         let tmp = tempfile::tempdir().expect("tmp");
         let lock = Duration::from_millis(600);
         let mut cfg = test_config(&sink, tmp.path().join("data"));
-        cfg.lock_duration = lock;
-        cfg.shutdown_grace = Duration::from_millis(100);
-        let queue = Arc::new(cogrelay::serve::open_embedded(&cfg).expect("open"));
+        cfg.pool.lock_duration = lock;
+        cfg.pool.shutdown_grace = Duration::from_millis(100);
+        let opener = cogrelay::queue::Opener::Relay {
+            lock_duration: lock,
+        };
+        let queue = Arc::new(
+            cogrelay::queue::open(&cfg.store, opener)
+                .await
+                .expect("open"),
+        );
         let raw = serde_json::to_vec(&event("bot", "e-renew")).expect("json");
         let ev = cogrelay::ingress::envelope::parse(&raw).expect("event");
         let Enqueued::Accepted(_) = queue.enqueue(ev).await.expect("enqueue") else {
@@ -282,7 +289,7 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let pool = delivery_rt.spawn(delivery::run(
             queue.clone(),
-            DeliveryConfig::from_serve(&cfg).renewing_here(),
+            DeliveryConfig::new(cfg.delivery.clone(), cfg.pool.clone()).renewing_here(),
             Arc::new(tokio::sync::Notify::new()),
             handoff_rx,
             Arc::new(Metrics::default()),

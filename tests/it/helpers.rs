@@ -65,12 +65,12 @@ pub struct TestApp {
 /// Test defaults: small backoff and timeouts so retry paths run in milliseconds.
 pub fn test_config(sink: &Sink, data_dir: PathBuf) -> ServeConfig {
     let mut c = ServeConfig::new(sink.url().parse().expect("url"), data_dir);
-    c.signing_secrets = vec![Secret::new(SECRET)];
-    c.backoff_delay = Duration::from_millis(50);
-    c.delivery_timeout = Duration::from_millis(1000);
-    c.lock_duration = Duration::from_millis(3000);
-    c.shutdown_grace = Duration::from_millis(3000);
-    c.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    c.ingress.signing_secrets = vec![Secret::new(SECRET)];
+    c.delivery.backoff.base = Duration::from_millis(50);
+    c.delivery.delivery_timeout = Duration::from_millis(1000);
+    c.pool.lock_duration = Duration::from_millis(3000);
+    c.pool.shutdown_grace = Duration::from_millis(3000);
+    c.admin.listen = "127.0.0.1:0".parse().expect("addr");
     c
 }
 
@@ -91,8 +91,8 @@ pub async fn spawn_app_on(backend: Backend, tweak: impl FnOnce(&mut ServeConfig)
         Backend::Embedded => None,
         Backend::Redis => {
             let server = crate::redis_server::RedisServer::start(true).expect("redis-server");
-            cfg.queue = cogrelay::config::QueueKind::Redis;
-            cfg.redis_url = Secret::new(server.url());
+            cfg.store.kind = cogrelay::config::QueueKind::Redis;
+            cfg.store.redis_url = Secret::new(server.url());
             Some(server)
         }
     };
@@ -116,7 +116,7 @@ pub async fn start(cfg: ServeConfig, sink: Sink) -> TestApp {
         admin.local_addr().expect("addr"),
     );
     let (stop, stopped) = oneshot::channel::<()>();
-    let data_dir = cfg.data_dir.clone();
+    let data_dir = cfg.store.data_dir.clone();
     let join = tokio::spawn(cogrelay::serve::run(
         cfg.clone(),
         ingress,

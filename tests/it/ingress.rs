@@ -233,7 +233,7 @@ async fn missing_signature_is_401(b: Backend) {
 
 async fn any_secret_of_the_rotation_list_is_accepted(b: Backend) {
     let app = spawn_app_on(b, |c| {
-        c.signing_secrets = vec![Secret::new("old-secret"), Secret::new("new-secret")]
+        c.ingress.signing_secrets = vec![Secret::new("old-secret"), Secret::new("new-secret")]
     })
     .await;
     for (i, secret) in ["old-secret", "new-secret"].iter().enumerate() {
@@ -270,8 +270,8 @@ async fn sha256_prefix_is_accepted(b: Backend) {
 
 async fn basic_credentials_are_accepted_and_wrong_ones_are_401(b: Backend) {
     let app = spawn_app_on(b, |c| {
-        c.signing_secrets.clear();
-        c.basic = Some(cogrelay::config::BasicCredentials {
+        c.ingress.signing_secrets.clear();
+        c.ingress.basic = Some(cogrelay::config::BasicCredentials {
             user: "cognigy".into(),
             password: Secret::new("pw-1"),
         });
@@ -308,7 +308,7 @@ async fn basic_credentials_are_accepted_and_wrong_ones_are_401(b: Backend) {
 }
 
 async fn oversized_body_is_413_by_declared_length_and_by_stream(b: Backend) {
-    let app = spawn_app_on(b, |c| c.max_body_bytes = 1024).await;
+    let app = spawn_app_on(b, |c| c.ingress.max_body_bytes = 1024).await;
     let mut e = event("b", "big");
     e["payload"] = json!({ "blob": "x".repeat(2000) });
     let r = app.post_event(&e).await;
@@ -402,7 +402,7 @@ async fn head_on_the_ingress_answers_200_for_pre_flight_checks(b: Backend) {
 /// Regression guard: pruning a completed job must not forget its event key,
 /// or a resend within DEDUP_TTL_SECS would be delivered twice.
 async fn dedup_outlives_the_pruned_job(b: Backend) {
-    let app = spawn_app_on(b, |c| c.remove_on_complete = 0).await;
+    let app = spawn_app_on(b, |c| c.store.retention.remove_on_complete = 0).await;
     let first = app.post_event(&event("b", "pruned")).await;
     let id = first.json["jobId"].as_str().expect("id").to_string();
     assert!(app.sink.wait_for(1, Duration::from_secs(10)).await);
@@ -425,7 +425,7 @@ async fn dedup_outlives_the_pruned_job(b: Backend) {
 #[tokio::test]
 async fn slow_headers_and_slow_bodies_are_cut_off_without_starving_others() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = spawn_app_with(|c| c.request_read_timeout = Duration::from_millis(300)).await;
+    let app = spawn_app_with(|c| c.ingress.request_read_timeout = Duration::from_millis(300)).await;
 
     let mut slow_headers = tokio::net::TcpStream::connect(app.ingress)
         .await
@@ -478,7 +478,7 @@ async fn slow_headers_and_slow_bodies_are_cut_off_without_starving_others() {
 /// Retry-After, and what it sends over the limit is not stored.
 #[tokio::test]
 async fn a_noisy_source_is_rate_limited() {
-    let app = spawn_app_with(|c| c.ingress_rate_limit = Some((2.0, 3))).await;
+    let app = spawn_app_with(|c| c.ingress.rate_limit = Some((2.0, 3))).await;
     let mut statuses = Vec::new();
     for i in 0..8 {
         let r = app.post_event(&event("b", &format!("noisy-{i}"))).await;

@@ -39,7 +39,7 @@ async fn cli(app: &TestApp, args: &[&str]) -> Out {
 
 both_backends! {
     async fn jobs_commands_inspect_retry_and_remove(b: Backend) {
-        let mut app = spawn_app_on(b, |c| c.attempts = 1).await;
+        let mut app = spawn_app_on(b, |c| c.delivery.attempts = 1).await;
         app.sink.set_default(Behaviour::status(500));
         for i in 0..3 {
             app.post_event(&event("bot", &format!("cli-{i}"))).await;

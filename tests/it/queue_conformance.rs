@@ -3,6 +3,8 @@
 //! contract's doc states.
 //!
 //! * dedup: the same event key within the TTL is the first job;
+//! * a claim (or a handoff) leases for as long as it asks, whatever the
+//!   store was opened with;
 //! * a claim leases due jobs; an expired lease is taken over without
 //!   counting the attempt, and the stalled worker's late result changes
 //!   nothing (a stale finish);
@@ -236,6 +238,69 @@ async fn expired_lease_is_taken_over<Q: Operate>(q: &Q) {
     assert_eq!(view.attempts_made, 1);
 }
 
+/// A lease lasts what its claim (or handoff) asked for, whatever the store was
+/// opened with (here Redis's worker lock is 300 ms): once the short leases
+/// have been taken over, the long ones are still held.
+async fn a_lease_lasts_what_was_asked<Q: Operate>(q: &Q) {
+    let long_claimed = accepted(q, "lease-long").await;
+    let long = q
+        .claim(1, Duration::from_secs(20))
+        .await
+        .expect("claim")
+        .jobs;
+    assert_eq!(long.len(), 1);
+    let short_claimed = accepted(q, "lease-short").await;
+    let short = q
+        .claim(1, Duration::from_millis(100))
+        .await
+        .expect("claim")
+        .jobs;
+    assert_eq!(short.len(), 1);
+    let (_, long_handoff) = q
+        .enqueue_leased(ev("handoff-long"), Duration::from_secs(20))
+        .await
+        .expect("enqueue");
+    let (_, short_handoff) = q
+        .enqueue_leased(ev("handoff-short"), Duration::from_millis(100))
+        .await
+        .expect("enqueue");
+    // A backend that hands over leases them as asked; one that does not
+    // stores them waiting (claimed below like the short ones).
+    let short_handoff_id = short_handoff.as_ref().map(|l| l.job.id.clone());
+    let long_handoff_id = long_handoff.as_ref().map(|l| l.job.id.clone());
+
+    let mut expected = vec![short_claimed.clone()];
+    expected.extend(short_handoff_id.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let mut taken = Vec::new();
+    loop {
+        let jobs = q
+            .claim(10, Duration::from_secs(30))
+            .await
+            .expect("claim")
+            .jobs;
+        taken.extend(jobs.into_iter().map(|j| j.job.id));
+        if expected.iter().all(|id| taken.contains(id)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the short leases were never taken over: {taken:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !taken.contains(&long_claimed),
+        "a 20 s claim is still held once the 100 ms one was taken over"
+    );
+    if let Some(id) = long_handoff_id {
+        assert!(
+            !taken.contains(&id),
+            "a 20 s handoff is still held once the 100 ms one was taken over"
+        );
+    }
+}
+
 /// Delayed jobs are claimable only once due; counts follow the states.
 async fn retries_wait_until_due<Q: Operate>(q: &Q) {
     q.enqueue(ev("due")).await.expect("enqueue");
@@ -422,6 +487,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     the_same_key_is_the_first_job,
     expired_lease_is_taken_over,
+    a_lease_lasts_what_was_asked,
     release_returns_a_job_without_counting,
     retries_wait_until_due,
     completed_jobs_are_pruned,

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 #[tokio::test]
 async fn redis_down_mid_load_answers_503_and_recovers_without_restart() {
-    let app = spawn_app_on(Backend::Redis, |c| c.concurrency = 4).await;
+    let app = spawn_app_on(Backend::Redis, |c| c.delivery.concurrency = 4).await;
     let Some(mut redis) = RedisServerHandle::take(&app) else {
         return;
     };
@@ -392,7 +392,7 @@ async fn a_queue_paused_by_a_bullmq_tool_takes_events_and_delivers_them_on_resum
     let app = spawn_app_on(Backend::Redis, |_| {}).await;
     let port = app.redis.as_ref().expect("redis").port;
     let mut conn = redis_conn(port).await;
-    let meta = format!("bull:{}:meta", app.config.queue_name);
+    let meta = format!("bull:{}:meta", app.config.store.queue_name);
     let _: () = redis::cmd("HSET")
         .arg(&meta)
         .arg("paused")
@@ -417,7 +417,7 @@ async fn a_queue_paused_by_a_bullmq_tool_takes_events_and_delivers_them_on_resum
     }
     assert_eq!(app.sink.posts(), 0, "nothing is delivered while paused");
     let waiting: u64 = redis::cmd("LLEN")
-        .arg(format!("bull:{}:wait", app.config.queue_name))
+        .arg(format!("bull:{}:wait", app.config.store.queue_name))
         .query_async(&mut conn)
         .await
         .expect("llen");
@@ -449,7 +449,7 @@ async fn a_global_concurrency_set_by_a_bullmq_tool_is_kept() {
     let port = app.redis.as_ref().expect("redis").port;
     let mut conn = redis_conn(port).await;
     let _: () = redis::cmd("HSET")
-        .arg(format!("bull:{}:meta", app.config.queue_name))
+        .arg(format!("bull:{}:meta", app.config.store.queue_name))
         .arg("concurrency")
         .arg(1)
         .query_async(&mut conn)
@@ -460,7 +460,7 @@ async fn a_global_concurrency_set_by_a_bullmq_tool_is_kept() {
         let app = app.clone();
         sends.spawn(async move { app.post_event(&event("gc", &format!("g-{i}"))).await.status });
     }
-    let active_key = format!("bull:{}:active", app.config.queue_name);
+    let active_key = format!("bull:{}:active", app.config.store.queue_name);
     let mut most = 0u64;
     let deadline = Instant::now() + Duration::from_secs(20);
     while app.sink.posts() < 6 {
@@ -488,7 +488,7 @@ async fn jobs_in_hand_keep_going_out_while_a_take_waits_on_redis() {
     if !crate::redis_server::available() {
         return;
     }
-    let app = spawn_app_on(Backend::Redis, |c| c.concurrency = 4).await;
+    let app = spawn_app_on(Backend::Redis, |c| c.delivery.concurrency = 4).await;
     app.sink
         .set_default(Behaviour::Delay(Duration::from_millis(300), 200));
     let port = app.redis.as_ref().expect("redis").port;

@@ -491,7 +491,8 @@ async fn https_ingress_passes_preflight_and_delivers() {
     let (cert, key) = (dir.path().join("relay.pem"), dir.path().join("relay.key"));
     std::fs::write(&cert, cert_pem).expect("cert");
     std::fs::write(&key, key_pem).expect("key");
-    let app = crate::helpers::spawn_app_with(|c| c.tls = Some((cert.clone(), key.clone()))).await;
+    let app =
+        crate::helpers::spawn_app_with(|c| c.ingress.tls = Some((cert.clone(), key.clone()))).await;
     let url = format!(
         "https://localhost:{}/api/webhook/cognigy",
         app.ingress.port()

@@ -56,8 +56,8 @@ async fn active_jobs_of_a_dead_process_are_back_at_open() {
 async fn full_store_answers_503_never_200() {
     let app = Arc::new(
         spawn_app_with(|c| {
-            c.max_db_bytes = 256 * 1024;
-            c.concurrency = 1;
+            c.store.max_db_bytes = 256 * 1024;
+            c.delivery.concurrency = 1;
         })
         .await,
     );

@@ -79,7 +79,7 @@ async fn equal_outputs_without_a_trace_id_are_two_events(b: Backend) {
 }
 
 async fn an_envelope_outside_the_replay_window_is_401_and_stores_nothing(b: Backend) {
-    let app = spawn_app_on(b, |c| c.dedup_ttl = Duration::from_secs(3600)).await;
+    let app = spawn_app_on(b, |c| c.store.retention.dedup_ttl = Duration::from_secs(3600)).await;
     let now = cogrelay::queue::now_ms();
     let outside = [
         json!("2001-01-01T00:00:00Z"),
@@ -113,7 +113,7 @@ async fn an_envelope_outside_the_replay_window_is_401_and_stores_nothing(b: Back
 async fn standard_webhooks_signatures_verify_with_their_tolerance(b: Backend) {
     const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let app = spawn_app_on(b, |c| {
-        c.signing_secrets = vec![cogrelay::secret::Secret::new("other"), cogrelay::secret::Secret::new(WHSEC)];
+        c.ingress.signing_secrets = vec![cogrelay::secret::Secret::new("other"), cogrelay::secret::Secret::new(WHSEC)];
     })
     .await;
     let signer = standardwebhooks::Webhook::new(WHSEC).expect("secret");
@@ -255,7 +255,7 @@ async fn a_100_mb_answer_is_read_no_further_than_what_is_kept() {
     let with_credentials = format!("http://user:pw@{}/events", giant.addr);
     for (n, target) in [plain, with_credentials].into_iter().enumerate() {
         let app = spawn_app_on(Backend::Embedded, |c| {
-            c.target_endpoint = target.parse().expect("url");
+            c.delivery.target = target.parse().expect("url");
         })
         .await;
         let r = app.post_event(&event("bot", &format!("giant-{n}"))).await;
@@ -363,7 +363,7 @@ async fn a_redis_that_can_lose_data_is_named() {
 
 both_backends! {
 async fn without_dedup_every_request_is_a_new_job(b: Backend) {
-    let app = spawn_app_on(b, |c| c.dedup_ttl = Duration::ZERO).await;
+    let app = spawn_app_on(b, |c| c.store.retention.dedup_ttl = Duration::ZERO).await;
     let e = event("bot", "twice");
     let first = app.post_event(&e).await;
     let second = app.post_event(&e).await;

@@ -2,6 +2,7 @@
 //! contract ([`Operate`]).
 
 use super::*;
+use crate::queue::StoredJob;
 
 pub(super) const VIEW_COLUMNS: &str =
     "seq, state, event_key, event_id, bot_id, event_type, kind, attempts_made,
@@ -10,36 +11,28 @@ pub(super) const VIEW_COLUMNS: &str =
 pub(super) fn row_to_view(r: &rusqlite::Row<'_>, with_payload: bool) -> rusqlite::Result<JobView> {
     let state: String = r.get(1)?;
     let state = JobState::parse(&state).unwrap_or(JobState::Failed);
-    let kind: String = r.get(6)?;
     let log: String = r.get(12)?;
-    let payload = if with_payload {
-        let body: Vec<u8> = r.get(13)?;
-        String::from_utf8(body)
-            .ok()
-            .and_then(|s| RawValue::from_string(s).ok())
+    let body = if with_payload {
+        String::from_utf8(r.get::<_, Vec<u8>>(13)?).ok()
     } else {
         None
     };
-    Ok(JobView {
+    let stored = StoredJob {
         id: r.get::<_, i64>(0)?.to_string(),
-        state,
         event_key: r.get(2)?,
         event_id: r.get(3)?,
         bot_id: r.get(4)?,
         event_type: r.get(5)?,
-        kind: EventKind::parse(&kind)
-            .unwrap_or(EventKind::Envelope)
-            .as_str(),
+        kind: r.get(6)?,
         attempts_made: r.get(7)?,
         created_at_ms: r.get(8)?,
-        due_at_ms: matches!(state, JobState::Waiting | JobState::Delayed)
-            .then(|| r.get(9))
-            .transpose()?,
+        due_at_ms: r.get(9)?,
         finished_at_ms: r.get(10)?,
         failed_reason: r.get(11)?,
         attempts: serde_json::from_str(&log).unwrap_or_default(),
-        payload,
-    })
+        body,
+    };
+    Ok(stored.into_view(state, with_payload))
 }
 
 pub(super) fn state_of(conn: &Connection, seq: i64, id: &str) -> QueueResult<JobState> {

@@ -76,7 +76,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -93,7 +92,7 @@ use schema::{SCHEMA, SCHEMA_VERSION};
 pub use writer::WAL_RESTART_BYTES;
 use writer::*;
 
-const DB_FILE: &str = "cogrelay.db";
+pub(crate) const DB_FILE: &str = "cogrelay.db";
 const LOCK_FILE: &str = "cogrelay.lock";
 const MAX_BATCH: usize = 1024;
 
@@ -344,7 +343,7 @@ impl Queue for EmbeddedQueue {
                         key: EventKey::from_stored(r.get(1)?),
                         event_id: r.get(2)?,
                         bot_id: r.get(3)?,
-                        kind: EventKind::parse(&kind).unwrap_or(EventKind::Envelope),
+                        kind: EventKind::from_stored(&kind),
                         body: r.get(5)?,
                         attempts_made: r.get(6)?,
                     })

@@ -6,8 +6,9 @@
     KEYS[1] wait, KEYS[2] active, KEYS[3] meta, KEYS[4] id, KEYS[5] events,
     KEYS[6] marker
     ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] dedup TTL (ms),
-    ARGV[4] job name, ARGV[5] lock duration (ms), ARGV[6] worker name,
-    then 4 per job: dedup id, data (JSON), opts (JSON), lock token or ""
+    ARGV[4] job name, ARGV[5] worker name,
+    then 5 per job: dedup id, data (JSON), opts (JSON), lock token or "",
+    lock duration (ms) of a locked job
   Returns per job {kind, jobId}: "a" added to wait, "l" added locked,
   "d" a duplicate of jobId.
 ]]
@@ -38,10 +39,11 @@ end
 local out = {}
 -- Ids for the whole batch at once (as BullMQ, a duplicate uses up an id too);
 -- the pushes to wait and active go out once at the end, in the same order.
-local nextId = rcall("INCRBY", KEYS[4], (#ARGV - 6) / 4) - (#ARGV - 6) / 4
+local perJob = 5
+local nextId = rcall("INCRBY", KEYS[4], (#ARGV - 5) / perJob) - (#ARGV - 5) / perJob
 local toWait, toActive = {}, {}
-for i = 7, #ARGV, 4 do
-  local deid, data, opts, token = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+for i = 6, #ARGV, perJob do
+  local deid, data, opts, token, lockMs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   nextId = nextId + 1
   local jobId = string.format("%d", nextId)
   local deKey = prefix .. "de:" .. deid
@@ -65,7 +67,7 @@ for i = 7, #ARGV, 4 do
     end
     if locked then
       rcall("HMSET", jobKey, "name", name, "data", data, "opts", opts, "timestamp", ts,
-        "delay", "0", "priority", "0", "deid", deid, "processedOn", ts, "pb", ARGV[6], "ats", "1")
+        "delay", "0", "priority", "0", "deid", deid, "processedOn", ts, "pb", ARGV[5], "ats", "1")
     else
       rcall("HMSET", jobKey, "name", name, "data", data, "opts", opts, "timestamp", ts,
         "delay", "0", "priority", "0", "deid", deid)
@@ -74,7 +76,7 @@ for i = 7, #ARGV, 4 do
     rcall("XADD", eventsKey, "MAXLEN", "~", maxEvents, "*", "event", "waiting", "jobId", jobId)
     if locked then
       toActive[#toActive + 1] = jobId
-      rcall("SET", jobKey .. ":lock", token, "PX", ARGV[5])
+      rcall("SET", jobKey .. ":lock", token, "PX", lockMs)
       rcall("XADD", eventsKey, "*", "event", "active", "jobId", jobId, "prev", "waiting")
       out[#out + 1] = {"l", jobId}
     else

@@ -2,6 +2,7 @@
 //! the contract ([`Operate`]).
 
 use super::*;
+use crate::queue::StoredJob;
 
 impl RedisQueue {
     pub(super) async fn raw<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> QueueResult<T> {
@@ -108,35 +109,27 @@ fn view_of(
         .collect();
     let d = job.data();
     let s = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_owned);
-    let payload = if with_payload {
-        s("body").and_then(|b| RawValue::from_string(b).ok())
-    } else {
-        None
-    };
-    let reason = job.failed_reason();
     // A delayed job is due at its score in the delayed set (`due << 12 | n`);
     // the hash's `timestamp + delay` is creation time plus the last delay.
     let due_at_ms = (state == JobState::Delayed).then(|| {
         delayed_score.map_or((job.timestamp() + job.delay()) as i64, |s| (s as i64) >> 12)
     });
-    JobView {
+    let stored = StoredJob {
         id: job.id().to_string(),
-        state,
         event_key: s("eventKey").unwrap_or_default(),
         event_id: s("eventId").unwrap_or_default(),
         bot_id: s("botId"),
         event_type: s("type"),
-        kind: EventKind::parse(&s("kind").unwrap_or_default())
-            .unwrap_or(EventKind::Envelope)
-            .as_str(),
+        kind: s("kind").unwrap_or_default(),
         attempts_made: job.attempts_made(),
         created_at_ms: job.timestamp() as i64,
         due_at_ms,
         finished_at_ms: job.finished_on().map(|t| t as i64),
-        failed_reason: (!reason.is_empty()).then(|| reason.to_string()),
+        failed_reason: Some(job.failed_reason().to_string()),
         attempts,
-        payload,
-    }
+        body: if with_payload { s("body") } else { None },
+    };
+    stored.into_view(state, with_payload)
 }
 
 pub(super) fn types_of(state: Option<JobState>) -> Vec<&'static str> {

@@ -53,7 +53,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bullmq as bull;
-use serde_json::{value::RawValue, Value};
+use serde_json::Value;
 
 use super::batch::Batcher;
 use super::{
@@ -238,7 +238,6 @@ impl RedisQueue {
             worker: format!("cogrelay-{}", std::process::id()),
             token_base: uuid::Uuid::new_v4().to_string(),
             tokens: std::sync::atomic::AtomicU64::new(0),
-            lock_ms,
             add: redis::Script::new(include_str!("../lua/add.lua")),
             claim: redis::Script::new(include_str!("../lua/claim.lua")),
             finish: redis::Script::new(include_str!("../lua/finish.lua")),
@@ -285,11 +284,11 @@ impl Queue for RedisQueue {
     async fn enqueue_leased(
         &self,
         event: Event,
-        _lease: Duration,
+        lease: Duration,
     ) -> QueueResult<(Enqueued, Option<Leased>)> {
-        // The lock lasts LOCK_DURATION_MS, which is what the handoff asks for.
         let token = self.hot.token();
-        let id = match self.enqueue_guarded(&event, Some(token.clone())).await? {
+        let lock = (token.clone(), lease.as_millis() as u64);
+        let id = match self.enqueue_guarded(&event, Some(lock)).await? {
             Added::Duplicate(id) => return Ok((Enqueued::Duplicate(id), None)),
             // Stored in wait (the queue is paused): no handoff.
             Added::Waiting(id) => return Ok((Enqueued::Accepted(id), None)),
@@ -303,7 +302,7 @@ impl Queue for RedisQueue {
         Ok((Enqueued::Accepted(id), Some(Leased { job, lease })))
     }
 
-    async fn claim(&self, max: usize, _lease: Duration) -> QueueResult<Claimed> {
+    async fn claim(&self, max: usize, lease: Duration) -> QueueResult<Claimed> {
         let h = &self.hot;
         let mut call = h.prepare(
             &h.claim,
@@ -320,7 +319,7 @@ impl Queue for RedisQueue {
             ],
         );
         call.arg(super::now_ms())
-            .arg(h.lock_ms)
+            .arg(lease.as_millis() as u64)
             .arg(max)
             .arg(h.token())
             .arg(&h.worker);

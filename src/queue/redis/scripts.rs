@@ -24,8 +24,8 @@ pub(super) struct NewJob {
     pub(super) dedup_id: String,
     pub(super) data: String,
     pub(super) opts: String,
-    /// Set: store it locked with this token (a handoff).
-    pub(super) token: Option<String>,
+    /// Set: store it locked with this token for this long (a handoff).
+    pub(super) lock: Option<(String, u64)>,
 }
 
 /// A finished attempt for the finish script.
@@ -83,7 +83,6 @@ pub(super) struct Hot {
     /// `<id>:<n>`), so a token costs no call for random bytes.
     pub(super) token_base: String,
     pub(super) tokens: std::sync::atomic::AtomicU64,
-    pub(super) lock_ms: u64,
     pub(super) add: redis::Script,
     pub(super) claim: redis::Script,
     pub(super) finish: redis::Script,
@@ -148,13 +147,13 @@ impl Hot {
         call.arg(crate::time::now_ms())
             .arg(dedup_ttl_ms)
             .arg(JOB_NAME)
-            .arg(self.lock_ms)
             .arg(&self.worker);
         for j in &jobs {
             call.arg(&j.dedup_id)
                 .arg(&j.data)
                 .arg(&j.opts)
-                .arg(j.token.as_deref().unwrap_or(""));
+                .arg(j.lock.as_ref().map_or("", |(token, _)| token.as_str()))
+                .arg(j.lock.as_ref().map_or(0, |(_, ms)| *ms));
         }
         let out: Vec<(String, String)> = self.invoke_on(&self.ingress, &call).await?;
         Ok(out
@@ -203,7 +202,7 @@ impl RedisQueue {
     pub(super) async fn enqueue_now(
         &self,
         event: &Event,
-        token: Option<String>,
+        lock: Option<(String, u64)>,
     ) -> QueueResult<Added> {
         let key = event.key.as_str().to_string();
         let body = std::str::from_utf8(&event.body)
@@ -229,7 +228,7 @@ impl RedisQueue {
                 dedup_id: key,
                 data,
                 opts,
-                token,
+                lock,
             })
             .await
     }
@@ -238,7 +237,7 @@ impl RedisQueue {
     pub(super) async fn enqueue_guarded(
         &self,
         event: &Event,
-        token: Option<String>,
+        lock: Option<(String, u64)>,
     ) -> QueueResult<Added> {
         {
             let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
@@ -246,7 +245,7 @@ impl RedisQueue {
                 return Err(unavailable("unreachable (will retry shortly)"));
             }
         }
-        let res = self.enqueue_now(event, token).await;
+        let res = self.enqueue_now(event, lock).await;
         let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
         *down = match &res {
             Err(QueueError::Unavailable(_)) => Some(std::time::Instant::now() + BREAKER_OPEN),
@@ -267,7 +266,7 @@ pub(super) fn delivery_job(id: String, data: &str, atm: &str) -> DeliveryJob {
         key: EventKey::from_stored(d.event_key),
         event_id: d.event_id,
         bot_id: d.bot_id,
-        kind: EventKind::parse(&d.kind).unwrap_or(EventKind::Envelope),
+        kind: EventKind::from_stored(&d.kind),
         body,
         attempts_made: atm.parse().unwrap_or(0),
     }

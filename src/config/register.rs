@@ -1,0 +1,84 @@
+//! `cogrelay register`: its flags into [`RegisterConfig`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{cognigy_config, parse_http_url, ConfigError};
+use crate::cli::RegisterArgs;
+use crate::cognigy::{Api, RateLimit};
+use crate::register::{default_idempotency_key, RegisterConfig};
+use crate::secret::Secret;
+
+/// The registration's settings, or the one line naming what is wrong.
+pub fn register_config(a: &RegisterArgs) -> Result<RegisterConfig, ConfigError> {
+    let bad = |m: String| ConfigError(m);
+    let num = |name: &str, raw: &str| -> Result<u64, ConfigError> {
+        raw.trim()
+            .parse()
+            .map_err(|_| bad(format!("{name}={raw:?} is not valid: use a whole number")))
+    };
+    let timeout = Duration::from_millis(num("--timeout-ms", &a.timeout_ms)?);
+    let cognigy = cognigy_config(
+        &a.cognigy,
+        true,
+        RateLimit::REGISTER,
+        4,
+        Duration::from_secs(30),
+    )?
+    .ok_or_else(|| bad("Cognigy is not configured".into()))?;
+    let target_raw = a
+        .target_url
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| bad("WEBHOOK_TARGET_URL is not set: set --target-url or WEBHOOK_TARGET_URL to the relay's public URL".into()))?;
+    let target = parse_http_url("WEBHOOK_TARGET_URL", target_raw)?;
+    let gateway = a
+        .gateway_callback_url
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .map(|u| parse_http_url("GATEWAY_CALLBACK_URL", u))
+        .transpose()?;
+    let health_attempts = num("--health-attempts", &a.health_attempts)? as u32;
+    if health_attempts == 0 {
+        return Err(bad("--health-attempts=0 is not valid: use 1 or more".into()));
+    }
+    let flow_id = a.flow_id.clone().filter(|s| !s.trim().is_empty());
+    if cognigy.api == Api::Rest && flow_id.is_none() {
+        return Err(bad("COGNIGY_FLOW_ID is not set: the rest API creates an endpoint for a flow; set COGNIGY_FLOW_ID".into()));
+    }
+    let name = a.name.trim().to_string();
+    if name.is_empty() {
+        return Err(bad("--name is empty: give the connector a name".into()));
+    }
+    let idempotency_key = match a
+        .idempotency_key
+        .as_deref()
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+    {
+        Some(k) => k.to_string(),
+        None => default_idempotency_key(&cognigy.base, &target, &name),
+    };
+    Ok(RegisterConfig {
+        cognigy,
+        target,
+        signing_secret: a
+            .webhook_signing_secret
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(Secret::new),
+        gateway,
+        name,
+        idempotency_key,
+        flow_id,
+        ca_file: a
+            .ca_file
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from),
+        allow_http: a.allow_http,
+        timeout,
+        health_attempts,
+        health_delay: Duration::from_millis(num("--health-delay-ms", &a.health_delay_ms)?),
+    })
+}

@@ -1,0 +1,547 @@
+//! `cogrelay serve`: its flags into each module's settings, and the rules
+//! across them.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::{bad, cognigy_config, ms, parse_http_url, parse_num, store_settings, ConfigError};
+use crate::admin::AdminSettings;
+use crate::cli::ServeArgs;
+use crate::delivery::backoff::Backoff;
+use crate::delivery::signing::TargetSigningKey;
+use crate::delivery::{DeliverySettings, PoolSettings};
+use crate::ingress::auth::BasicCredentials;
+use crate::ingress::IngressSettings;
+use crate::queue::embedded::Fsync;
+use crate::queue::{QueueKind, QueueSettings, StoreSettings};
+use crate::secret::Secret;
+
+/// Everything `serve` needs, validated: each module's own settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub ingress: IngressSettings,
+    pub store: StoreSettings,
+    /// The one destination (`TARGET_ENDPOINT`).
+    pub delivery: DeliverySettings,
+    pub pool: PoolSettings,
+    pub admin: AdminSettings,
+    /// A summary line this often (pretty log mode), None = off.
+    pub summary_every: Option<Duration>,
+}
+
+impl ServeConfig {
+    /// The defaults of `cli::defaults` (SPEC §1/§3), with this target and data
+    /// directory; the ingress is unauthenticated until a secret or credentials
+    /// are set. Used by `from_args`, tests and benchmarks.
+    pub fn new(target_endpoint: reqwest::Url, data_dir: PathBuf) -> Self {
+        use crate::cli::defaults as d;
+        /// A default parses: they are constants, checked by a unit test.
+        fn def<T: FromStr>(raw: &str) -> T {
+            raw.parse()
+                .unwrap_or_else(|_| unreachable!("the default {raw:?} parses"))
+        }
+        let ms = |raw: &str| Duration::from_millis(def(raw));
+        Self {
+            ingress: IngressSettings {
+                port: def(d::PORT),
+                signing_secrets: Vec::new(),
+                basic: None,
+                allow_unauthenticated: false,
+                max_body_bytes: def(d::MAX_BODY_BYTES),
+                rate_limit: None,
+                request_read_timeout: ms(d::REQUEST_READ_TIMEOUT_MS),
+                tls: None,
+            },
+            store: StoreSettings {
+                kind: QueueKind::Embedded,
+                data_dir,
+                fsync: Fsync::Always,
+                max_db_bytes: def(d::MAX_DB_BYTES),
+                redis_url: Secret::new(d::REDIS_URL),
+                queue_name: d::QUEUE_NAME.into(),
+                redis_ca: None,
+                retention: QueueSettings {
+                    dedup_ttl: Duration::from_secs(def(d::DEDUP_TTL_SECS)),
+                    remove_on_complete: def(d::REMOVE_ON_COMPLETE),
+                },
+            },
+            delivery: DeliverySettings {
+                target: target_endpoint,
+                delivery_timeout: ms(d::DELIVERY_TIMEOUT_MS),
+                attempts: def(d::ATTEMPTS),
+                backoff: Backoff {
+                    base: ms(d::BACKOFF_DELAY_MS),
+                    jitter: def(d::BACKOFF_JITTER),
+                    max_retry_after: Duration::from_secs(def(d::MAX_RETRY_AFTER_SECS)),
+                },
+                signing_key: None,
+                concurrency: def(d::CONCURRENCY),
+            },
+            pool: PoolSettings {
+                lock_duration: ms(d::LOCK_DURATION_MS),
+                shutdown_grace: ms(d::SHUTDOWN_GRACE_MS),
+                nice: def(d::DELIVERY_NICE),
+                verify_events: None,
+                test_fault: None,
+            },
+            admin: AdminSettings {
+                listen: def(d::ADMIN_LISTEN),
+                token: None,
+            },
+            summary_every: None,
+        }
+    }
+
+    pub fn from_args(a: &ServeArgs) -> Result<Self, ConfigError> {
+        let target = a.target_endpoint.as_deref().filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+            bad("TARGET_ENDPOINT is not set: set --target-endpoint or TARGET_ENDPOINT to the URL events are delivered to")
+        })?;
+        let target_endpoint = parse_http_url("TARGET_ENDPOINT", target)?;
+        let mut c = Self::new(target_endpoint, PathBuf::from(&a.store.data_dir));
+
+        c.ingress.port = parse_num::<u16>("PORT", &a.port, "a port number from 1 to 65535")?;
+        if c.ingress.port == 0 {
+            return Err(bad(
+                "PORT=0 is not valid: use a port number from 1 to 65535",
+            ));
+        }
+        if let Some(raw) = a.webhook_signing_secret.as_deref() {
+            c.ingress.signing_secrets = raw
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect();
+            if c.ingress.signing_secrets.is_empty() {
+                return Err(bad("WEBHOOK_SIGNING_SECRET is set but empty: give at least one secret (comma-separated for rotation) or unset it"));
+            }
+            let bad_standard = c.ingress.signing_secrets.iter().any(|s| {
+                s.expose().starts_with("whsec_")
+                    && standardwebhooks::Webhook::new(s.expose()).is_err()
+            });
+            if bad_standard {
+                return Err(bad("WEBHOOK_SIGNING_SECRET has a whsec_ secret that is not valid: a Standard Webhooks secret is whsec_<base64>"));
+            }
+        }
+        c.ingress.basic = match (&a.ingress_basic_user, &a.ingress_basic_password) {
+            (None, None) => None,
+            (Some(user), Some(pw)) if !user.is_empty() && !pw.is_empty() => Some(BasicCredentials {
+                user: user.clone(),
+                password: Secret::new(pw.clone()),
+            }),
+            _ => {
+                return Err(bad("INGRESS_BASIC_USER and INGRESS_BASIC_PASSWORD go together: set both (non-empty) or neither"))
+            }
+        };
+        c.ingress.allow_unauthenticated = a.allow_unauthenticated;
+        c.ingress.tls =
+            match (a.tls_cert.as_deref(), a.tls_key.as_deref()) {
+                (None, None) => None,
+                (Some(cert), Some(key)) if !cert.is_empty() && !key.is_empty() => {
+                    for (name, path) in [("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)] {
+                        if !std::path::Path::new(path).is_file() {
+                            return Err(bad(format!(
+                                "{name}={path:?} is not a readable file: give the PEM file's path"
+                            )));
+                        }
+                    }
+                    Some((PathBuf::from(cert), PathBuf::from(key)))
+                }
+                _ => return Err(bad(
+                    "TLS_CERT_FILE and TLS_KEY_FILE go together: set both (PEM files) or neither",
+                )),
+            };
+        c.delivery.signing_key = a
+            .target_signing_secret
+            .as_deref()
+            .map(|raw| TargetSigningKey::parse(raw).map_err(bad))
+            .transpose()?;
+        c.store = StoreSettings {
+            retention: c.store.retention.clone(),
+            ..store_settings(&a.store)?
+        };
+        c.store.max_db_bytes = parse_num(
+            "COGRELAY_MAX_DB_BYTES",
+            &a.max_db_bytes,
+            "a size in bytes (0 = no cap)",
+        )?;
+        c.admin.listen = a.admin_listen.trim().parse().map_err(|_| {
+            bad(format!(
+                "ADMIN_LISTEN={:?} is not valid: use ip:port, e.g. 127.0.0.1:3001",
+                a.admin_listen
+            ))
+        })?;
+        c.admin.token = a
+            .admin_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(Secret::new);
+        c.delivery.concurrency = parse_num(
+            "CONCURRENCY",
+            &a.concurrency,
+            "a whole number from 1 to 4096",
+        )?;
+        c.pool.nice = parse_num(
+            "DELIVERY_NICE",
+            &a.delivery_nice,
+            "a whole number from 0 to 19",
+        )?;
+        c.delivery.attempts = parse_num("ATTEMPTS", &a.attempts, "a whole number from 1 to 100")?;
+        c.delivery.backoff.base = ms("BACKOFF_DELAY_MS", &a.backoff_delay_ms)?;
+        c.delivery.backoff.jitter =
+            parse_num("BACKOFF_JITTER", &a.backoff_jitter, "a number from 0 to 1")?;
+        c.delivery.backoff.max_retry_after = Duration::from_secs(parse_num(
+            "MAX_RETRY_AFTER_SECS",
+            &a.max_retry_after_secs,
+            "a whole number of seconds",
+        )?);
+        c.delivery.delivery_timeout = ms("DELIVERY_TIMEOUT_MS", &a.delivery_timeout_ms)?;
+        c.pool.lock_duration = ms("LOCK_DURATION_MS", &a.lock_duration_ms)?;
+        c.pool.shutdown_grace = ms("SHUTDOWN_GRACE_MS", &a.shutdown_grace_ms)?;
+        c.store.retention.remove_on_complete = parse_num(
+            "REMOVE_ON_COMPLETE",
+            &a.remove_on_complete,
+            "a whole number",
+        )?;
+        c.store.retention.dedup_ttl = Duration::from_secs(parse_num(
+            "DEDUP_TTL_SECS",
+            &a.dedup_ttl_secs,
+            "a whole number of seconds",
+        )?);
+        c.ingress.max_body_bytes =
+            parse_num("MAX_BODY_BYTES", &a.max_body_bytes, "a size in bytes")?;
+        c.ingress.request_read_timeout = ms("REQUEST_READ_TIMEOUT_MS", &a.request_read_timeout_ms)?;
+        let rate: f64 = parse_num(
+            "INGRESS_RATE_LIMIT",
+            &a.ingress_rate_limit,
+            "events per second (0 = no limit)",
+        )?;
+        let burst: u32 = parse_num(
+            "INGRESS_RATE_BURST",
+            &a.ingress_rate_burst,
+            "a whole number of events",
+        )?;
+        if !(rate.is_finite() && rate >= 0.0) {
+            return Err(bad(format!(
+                "INGRESS_RATE_LIMIT={:?} is not valid: use events per second, 0 = no limit",
+                a.ingress_rate_limit
+            )));
+        }
+        c.ingress.rate_limit = (rate > 0.0).then_some((rate, burst.max(1)));
+        if c.ingress.request_read_timeout.is_zero() {
+            return Err(bad(
+                "REQUEST_READ_TIMEOUT_MS=0 is not valid: use a positive number of milliseconds",
+            ));
+        }
+        let per_min: u32 = parse_num(
+            "COGNIGY_MAX_REQUESTS_PER_MIN",
+            &a.cognigy_max_requests_per_min,
+            "a whole number of requests per minute",
+        )?;
+        let limit = crate::cognigy::RateLimit {
+            max: per_min.max(1),
+            per: Duration::from_secs(60),
+        };
+        let cognigy = |required| {
+            // No retries inside the client: a failed check is retried as a delivery attempt.
+            cognigy_config(&a.cognigy, required, limit, 0, c.delivery.delivery_timeout)
+        };
+        c.pool.verify_events = match a.verify_events.trim() {
+            "off" => None,
+            "on" => match cognigy(true)? {
+                Some(cfg) if cfg.api == crate::cognigy::Api::Rest => return Err(bad(
+                    "VERIFY_EVENTS=on needs COGNIGY_API=connectors: the Cognigy.AI REST API (rest) has no event lookup; set VERIFY_EVENTS=off or auto",
+                )),
+                other => other,
+            },
+            // The rest API has no event lookup: auto is off with it.
+            "auto" => cognigy(false)?.filter(|cfg| cfg.api == crate::cognigy::Api::Connectors),
+            other => {
+                return Err(bad(format!(
+                    "VERIFY_EVENTS={other:?} is not valid: use auto (on when Cognigy credentials are set), on or off"
+                )))
+            }
+        };
+        c.pool.test_fault = crate::delivery::TestFault::from_env();
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Cross-field rules and ranges; also run by `serve::run` so that configs built
+    /// in code obey them too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ingress.signing_secrets.is_empty()
+            && self.ingress.basic.is_none()
+            && !self.ingress.allow_unauthenticated
+        {
+            return Err(bad("no ingress authentication: set WEBHOOK_SIGNING_SECRET or INGRESS_BASIC_USER/INGRESS_BASIC_PASSWORD, or pass --allow-unauthenticated for local testing"));
+        }
+        if !(1..=4096).contains(&self.delivery.concurrency) {
+            return Err(bad(format!(
+                "CONCURRENCY={} is out of range: use 1 to 4096",
+                self.delivery.concurrency
+            )));
+        }
+        if self.pool.nice > 19 {
+            return Err(bad(format!(
+                "DELIVERY_NICE={} is out of range: use 0 to 19",
+                self.pool.nice
+            )));
+        }
+        if !(1..=100).contains(&self.delivery.attempts) {
+            return Err(bad(format!(
+                "ATTEMPTS={} is out of range: use 1 to 100",
+                self.delivery.attempts
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.delivery.backoff.jitter) {
+            return Err(bad(format!(
+                "BACKOFF_JITTER={} is out of range: use a number from 0 to 1",
+                self.delivery.backoff.jitter
+            )));
+        }
+        if self.delivery.delivery_timeout.is_zero() {
+            return Err(bad(
+                "DELIVERY_TIMEOUT_MS=0 is not valid: use a positive number of milliseconds",
+            ));
+        }
+        if self.pool.lock_duration <= self.delivery.delivery_timeout {
+            return Err(bad(format!(
+                "LOCK_DURATION_MS={} must be greater than DELIVERY_TIMEOUT_MS={}: raise LOCK_DURATION_MS or lower DELIVERY_TIMEOUT_MS",
+                self.pool.lock_duration.as_millis(),
+                self.delivery.delivery_timeout.as_millis()
+            )));
+        }
+        if self.ingress.max_body_bytes == 0 {
+            return Err(bad(
+                "MAX_BODY_BYTES=0 is not valid: use a positive size in bytes",
+            ));
+        }
+        if !self.admin.listen.ip().is_loopback() && self.admin.token.is_none() {
+            return Err(bad(format!(
+                "ADMIN_LISTEN={} is not a loopback address and ADMIN_TOKEN is not set: set ADMIN_TOKEN, or listen on 127.0.0.1",
+                self.admin.listen
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<ServeConfig, ConfigError> {
+        let mut argv = vec!["cogrelay", "serve"];
+        argv.extend_from_slice(args);
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("clap accepts the strings");
+        let crate::cli::Command::Serve(a) = cli.command else {
+            panic!("serve")
+        };
+        ServeConfig::from_args(&a)
+    }
+
+    const OK: [&str; 4] = [
+        "--target-endpoint",
+        "http://127.0.0.1:9/x",
+        "--webhook-signing-secret",
+        "s1, s2",
+    ];
+
+    #[test]
+    fn valid_settings_parse_with_rotation_list() {
+        let c = parse(&OK).expect("valid");
+        assert_eq!(c.ingress.signing_secrets.len(), 2);
+        assert_eq!(c.ingress.signing_secrets[1].expose(), "s2");
+        assert_eq!(c.delivery.attempts, 5);
+        assert_eq!(c.delivery.backoff.base, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let mut args = OK.to_vec();
+        args.extend([
+            "--target-signing-secret",
+            "whsec_c2VjcmV0",
+            "--admin-token",
+            "tok-123",
+        ]);
+        args.extend([
+            "--ingress-basic-user",
+            "u",
+            "--ingress-basic-password",
+            "pw-456",
+        ]);
+        let c = parse(&args).expect("valid");
+        let dbg = format!("{c:?}");
+        for secret in ["s1", "s2", "c2VjcmV0", "tok-123", "pw-456"] {
+            assert!(!dbg.contains(secret), "{secret} leaked in {dbg}");
+        }
+    }
+
+    #[test]
+    fn each_bad_setting_names_itself() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--webhook-signing-secret", "s"],
+                "TARGET_ENDPOINT is not set",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "not a url",
+                    "--webhook-signing-secret",
+                    "s",
+                ],
+                "TARGET_ENDPOINT=",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "ftp://x/y",
+                    "--webhook-signing-secret",
+                    "s",
+                ],
+                "TARGET_ENDPOINT=",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--port",
+                    "abc",
+                    "--webhook-signing-secret",
+                    "s",
+                ],
+                "PORT=\"abc\"",
+            ),
+            (
+                &["--target-endpoint", "http://x/"],
+                "no ingress authentication",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--lock-duration-ms",
+                    "1000",
+                    "--delivery-timeout-ms",
+                    "1000",
+                ],
+                "LOCK_DURATION_MS=1000 must be greater than DELIVERY_TIMEOUT_MS=1000",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--attempts",
+                    "five",
+                ],
+                "ATTEMPTS=\"five\"",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--backoff-jitter",
+                    "2",
+                ],
+                "BACKOFF_JITTER=2",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--admin-listen",
+                    "0.0.0.0:3001",
+                ],
+                "ADMIN_TOKEN is not set",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--queue",
+                    "kafka",
+                ],
+                "COGRELAY_QUEUE=\"kafka\"",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--target-signing-secret",
+                    "whsec_!!",
+                ],
+                "TARGET_SIGNING_SECRET is not valid",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--ingress-basic-user",
+                    "u",
+                ],
+                "INGRESS_BASIC_USER and INGRESS_BASIC_PASSWORD go together",
+            ),
+        ];
+        for (args, expected) in cases {
+            let err = parse(args).expect_err(expected).to_string();
+            assert!(err.contains(expected), "{args:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn verify_events_follows_the_cognigy_api() {
+        let with = |api: &str, verify: &str| {
+            let mut args = OK.to_vec();
+            args.extend([
+                "--cognigy-api",
+                api,
+                "--cognigy-base-url",
+                "http://127.0.0.1:8600",
+                "--cognigy-client-id",
+                "id",
+                "--cognigy-client-secret",
+                "secret",
+                "--verify-events",
+                verify,
+            ]);
+            parse(&args).map(|c| c.pool.verify_events.is_some())
+        };
+        assert_eq!(with("connectors", "auto").ok(), Some(true));
+        assert_eq!(
+            with("rest", "auto").ok(),
+            Some(false),
+            "rest has no event lookup"
+        );
+        assert_eq!(with("rest", "off").ok(), Some(false));
+        let err = with("rest", "on").expect_err("on with rest").to_string();
+        assert!(
+            err.contains("VERIFY_EVENTS") && err.contains("COGNIGY_API"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_defaults_are_the_same_from_the_command_line_and_in_code() {
+        let parsed = parse(&OK).expect("valid");
+        let mut built = ServeConfig::new(
+            parsed.delivery.target.clone(),
+            parsed.store.data_dir.clone(),
+        );
+        built.ingress.signing_secrets = parsed.ingress.signing_secrets.clone();
+        built.pool.test_fault = parsed.pool.test_fault;
+        assert_eq!(format!("{built:?}"), format!("{parsed:?}"));
+    }
+}

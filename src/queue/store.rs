@@ -1,0 +1,212 @@
+//! Where the queue is, and the one way to open it: [`open`] for the relay and
+//! for the tools (`cogrelay jobs`, `cogrelay queue`), giving a [`Store`] that
+//! is either backend behind the same two traits.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::embedded::{EmbeddedOptions, EmbeddedQueue, Fsync};
+use super::redis::{RedisOptions, RedisQueue};
+use super::*;
+use crate::secret::Secret;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    Embedded,
+    Redis,
+}
+
+/// The queue's settings: which backend, where it keeps its data, and what it
+/// keeps (SPEC §3.5).
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub kind: QueueKind,
+    pub data_dir: PathBuf,
+    pub fsync: Fsync,
+    /// Database + WAL of the embedded store, in bytes; 0 = no cap.
+    pub max_db_bytes: u64,
+    /// May hold a password: never print it.
+    pub redis_url: Secret,
+    pub queue_name: String,
+    /// PEM of a CA to trust for `rediss://` (`REDIS_CA_FILE`), read at start-up.
+    pub redis_ca: Option<Vec<u8>>,
+    /// How long dedup records and completed jobs are kept.
+    pub retention: QueueSettings,
+}
+
+impl StoreSettings {
+    /// host:port of the Redis URL, without credentials (for log and error lines).
+    pub fn redis_host(&self) -> String {
+        reqwest::Url::parse(self.redis_url.expose())
+            .ok()
+            .map(|u| {
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or("?"),
+                    u.port().unwrap_or(6379)
+                )
+            })
+            .unwrap_or_else(|| "?".into())
+    }
+}
+
+/// Who opens the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opener {
+    /// The relay: takes the embedded store's process lock and puts back the
+    /// jobs a dead relay left active; on Redis, checks for stalled jobs with
+    /// this lease length.
+    Relay { lock_duration: Duration },
+    /// A tool beside a running relay (or none): no lock, no recovery, and a
+    /// missing embedded store is an error rather than created.
+    Tool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("failed to open the embedded queue: {0}")]
+    Embedded(#[from] super::embedded::OpenError),
+    #[error(
+        "no embedded queue in {0} (COGRELAY_DATA_DIR): point it at the relay's data directory"
+    )]
+    NoEmbeddedStore(PathBuf),
+    #[error("failed to connect to Redis at {host} (REDIS_URL / REDIS_HOST): {error}")]
+    Redis { host: String, error: QueueError },
+}
+
+/// Either backend, opened by [`open`].
+#[derive(Debug)]
+pub enum Store {
+    Embedded(EmbeddedQueue),
+    /// Boxed: a Redis queue holds its connections and scripts inline.
+    Redis(Box<RedisQueue>),
+}
+
+/// Lease length of a tool's Redis connection (it leases nothing; BullMQ's
+/// worker options need one).
+const TOOL_LOCK_DURATION: Duration = Duration::from_secs(30);
+
+/// Opens the queue `settings` name, for the relay or for a tool.
+pub async fn open(settings: &StoreSettings, opener: Opener) -> Result<Store, OpenError> {
+    match settings.kind {
+        QueueKind::Embedded => {
+            if opener == Opener::Tool && !settings.data_dir.join(embedded::DB_FILE).exists() {
+                return Err(OpenError::NoEmbeddedStore(settings.data_dir.clone()));
+            }
+            let q = EmbeddedQueue::open(EmbeddedOptions {
+                data_dir: settings.data_dir.clone(),
+                fsync: settings.fsync,
+                max_db_bytes: match opener {
+                    Opener::Relay { .. } => settings.max_db_bytes,
+                    Opener::Tool => 0,
+                },
+                settings: settings.retention.clone(),
+                exclusive: matches!(opener, Opener::Relay { .. }),
+            })?;
+            Ok(Store::Embedded(q))
+        }
+        QueueKind::Redis => {
+            let lock_duration = match opener {
+                Opener::Relay { lock_duration } => lock_duration,
+                Opener::Tool => TOOL_LOCK_DURATION,
+            };
+            let q = RedisQueue::connect(RedisOptions {
+                url: settings.redis_url.expose().to_string(),
+                ca_pem: settings.redis_ca.clone(),
+                queue_name: settings.queue_name.clone(),
+                lock_duration,
+                settings: settings.retention.clone(),
+            })
+            .await
+            .map_err(|error| OpenError::Redis {
+                host: settings.redis_host(),
+                error,
+            })?;
+            Ok(Store::Redis(Box::new(q)))
+        }
+    }
+}
+
+impl Store {
+    /// Where the store is, for a log line: the file, or Redis's host and queue.
+    pub fn describe(&self, settings: &StoreSettings) -> String {
+        match self {
+            Store::Embedded(q) => format!("embedded queue {}", q.path().display()),
+            Store::Redis(_) => format!(
+                "redis queue {} at {} (BullMQ layout)",
+                settings.queue_name,
+                settings.redis_host()
+            ),
+        }
+    }
+}
+
+/// `$body` with `$q` bound to the backend behind `$store`.
+macro_rules! each {
+    ($store:expr, $q:ident => $body:expr) => {
+        match $store {
+            Store::Embedded($q) => $body,
+            Store::Redis($q) => $body,
+        }
+    };
+}
+
+impl Queue for Store {
+    async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
+        each!(self, q => q.enqueue(event).await)
+    }
+    async fn enqueue_leased(
+        &self,
+        event: Event,
+        lease: Duration,
+    ) -> QueueResult<(Enqueued, Option<Leased>)> {
+        each!(self, q => q.enqueue_leased(event, lease).await)
+    }
+    async fn claim(&self, max: usize, lease: Duration) -> QueueResult<Claimed> {
+        each!(self, q => q.claim(max, lease).await)
+    }
+    async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
+        each!(self, q => q.renew(leases, lease).await)
+    }
+    async fn finish(
+        &self,
+        job: Leased,
+        attempt: Attempt,
+        disposition: Disposition,
+    ) -> QueueResult<bool> {
+        each!(self, q => q.finish(job, attempt, disposition).await)
+    }
+    async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {
+        each!(self, q => q.release(leases).await)
+    }
+    async fn ping(&self) -> QueueResult<()> {
+        each!(self, q => q.ping().await)
+    }
+    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
+        each!(self, q => q.durability_risks())
+    }
+    async fn close(&self) -> QueueResult<()> {
+        each!(self, q => q.close().await)
+    }
+}
+
+impl Operate for Store {
+    async fn counts(&self) -> QueueResult<Counts> {
+        each!(self, q => q.counts().await)
+    }
+    async fn list(&self, state: Option<JobState>, offset: u64, limit: u64) -> QueueResult<Page> {
+        each!(self, q => q.list(state, offset, limit).await)
+    }
+    async fn get(&self, id: &str) -> QueueResult<JobView> {
+        each!(self, q => q.get(id).await)
+    }
+    async fn retry(&self, id: &str) -> QueueResult<()> {
+        each!(self, q => q.retry(id).await)
+    }
+    async fn retry_all_failed(&self) -> QueueResult<u64> {
+        each!(self, q => q.retry_all_failed().await)
+    }
+    async fn remove(&self, id: &str) -> QueueResult<()> {
+        each!(self, q => q.remove(id).await)
+    }
+}
