@@ -37,6 +37,11 @@ pub mod defaults {
     pub const QUEUE_NAME: &str = "cognigy-webhook-retries";
     pub const DATA_DIR: &str = "./data";
     pub const FSYNC: &str = "always";
+    pub const CONFIG_FILE: &str = "./cogrelay.toml";
+    pub const CIRCUIT_FAILURES: &str = "5";
+    pub const CIRCUIT_COOLDOWN_MS: &str = "10000";
+    pub const CIRCUIT_MAX_COOLDOWN_MS: &str = "300000";
+    pub const MAX_AGE_SECS: &str = "86400";
     /// The Redis URL when neither REDIS_URL nor REDIS_HOST is set.
     pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 }
@@ -94,6 +99,25 @@ pub enum Command {
 
     /// Queue statistics (counts by state).
     Queue(QueueArgs),
+
+    /// Check the configuration: `cogrelay config check` reads every setting of
+    /// `serve` and the destinations file (COGRELAY_CONFIG, default
+    /// ./cogrelay.toml when it exists) and prints the resolved destinations as
+    /// JSON, credentials as ***. A bad setting or file is one line naming the
+    /// file, the destination and the key; exit 2.
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub command: ConfigCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate, and print the resolved destinations (secrets ***).
+    Check(Box<ServeArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -348,9 +372,36 @@ pub struct ServeArgs {
     #[arg(long, env = "TLS_KEY_FILE")]
     pub tls_key: Option<String>,
 
-    /// The internal system every event is delivered to (http or https URL). Required.
+    /// The internal system every event is delivered to (http or https URL):
+    /// the one destination, `default`. Required without a destinations file;
+    /// an error with one.
     #[arg(long, env = "TARGET_ENDPOINT", hide_env_values = true)]
     pub target_endpoint: Option<String>,
+
+    /// The destinations file (TOML, `[[destination]]` tables; see
+    /// docs/destinations.md). Default: ./cogrelay.toml when it exists.
+    #[arg(long = "config", env = "COGRELAY_CONFIG")]
+    pub config_file: Option<String>,
+
+    /// Consecutive retryable failures that open a destination's circuit (0 = off);
+    /// `[destination.circuit]` overrides it. Checked and shown by `config check`;
+    /// the breaker itself is not built yet (docs/destinations.md).
+    #[arg(long, env = "CIRCUIT_FAILURES", default_value = defaults::CIRCUIT_FAILURES)]
+    pub circuit_failures: String,
+
+    /// First cool-down of an open circuit before a probe, doubling after each
+    /// failed one (not enforced yet, see CIRCUIT_FAILURES).
+    #[arg(long, env = "CIRCUIT_COOLDOWN_MS", default_value = defaults::CIRCUIT_COOLDOWN_MS)]
+    pub circuit_cooldown_ms: String,
+
+    /// Longest cool-down of an open circuit (not enforced yet, see CIRCUIT_FAILURES).
+    #[arg(long, env = "CIRCUIT_MAX_COOLDOWN_MS", default_value = defaults::CIRCUIT_MAX_COOLDOWN_MS)]
+    pub circuit_max_cooldown_ms: String,
+
+    /// A job still undelivered after this many seconds is to be failed: each
+    /// destination's default `max_age_secs` (not enforced yet, docs/destinations.md).
+    #[arg(long, env = "MAX_AGE_SECS", default_value = defaults::MAX_AGE_SECS)]
+    pub max_age_secs: String,
 
     /// Shared HMAC-SHA256 secret(s) Cognigy signs with (`X-Webhook-Signature`);
     /// comma-separated for rotation: any of them may match. A `whsec_<base64>` entry also verifies Standard Webhooks headers (webhook-id, webhook-timestamp, webhook-signature; 5-minute tolerance).

@@ -26,6 +26,8 @@
 //!   decision), classification, backoff, outbound signing, the target clients,
 //!   the ingress's handoff; `DeliverySettings` (what a destination owns) and
 //!   `PoolSettings`.
+//! * [`destination`]: the systems a relay delivers to: each one's filter
+//!   (event globs, bots, JSON-pointer conditions), delivery and circuit settings.
 //! * [`ingress`]: HTTP receive: the body within the shared budget,
 //!   authentication, the envelope, the replay window, the enqueue
 //!   (`IngressSettings`).
@@ -49,6 +51,7 @@ pub mod cli;
 pub mod cognigy;
 pub mod config;
 pub mod delivery;
+pub mod destination;
 mod event;
 pub mod ingress;
 pub mod jobs_cli;

@@ -24,10 +24,11 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => {
-            let cfg = match ServeConfig::from_args(&args) {
-                Ok(c) => c,
-                Err(e) => return config_error(&e),
-            };
+            let cfg =
+                match ServeConfig::from_args(&args).and_then(|c| c.check_runnable().map(|()| c)) {
+                    Ok(c) => c,
+                    Err(e) => return config_error(&e),
+                };
             let mut cfg = cfg;
             if format == LogFormat::Pretty {
                 cfg.summary_every = Some(std::time::Duration::from_secs(5));
@@ -42,6 +43,9 @@ fn main() -> ExitCode {
             args.json,
         ),
         Command::Queue(args) => jobs(&args.store, args.command.into(), args.json),
+        Command::Config(args) => match args.command {
+            cogrelay::cli::ConfigCommand::Check(serve_args) => config_check(&serve_args),
+        },
         Command::Sim(args) => {
             let opts = match cogrelay::config::sim_options(&args) {
                 Ok(o) => o,
@@ -52,6 +56,27 @@ fn main() -> ExitCode {
             run_async(sim(port, opts))
         }
     }
+}
+
+/// `cogrelay config check`: every setting of `serve` checked, the resolved
+/// destinations printed (credentials ***).
+fn config_check(args: &cogrelay::cli::ServeArgs) -> ExitCode {
+    let cfg = match ServeConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let resolved = cfg.destinations().resolved();
+    match serde_json::to_string_pretty(&resolved) {
+        Ok(text) => println!("{text}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if let Err(e) = cfg.check_runnable() {
+        eprintln!("note: {e}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {

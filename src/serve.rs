@@ -35,6 +35,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
+    cfg.check_runnable()?;
     let opener = Opener::Relay {
         lock_duration: cfg.pool.lock_duration,
     };
@@ -55,13 +56,19 @@ pub async fn run_with_queue<Q: Operate>(
         Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
         None => None,
     };
+    // One destination so far (`check_runnable`): the file's, or `default`.
+    let destinations = cfg.destinations();
+    let destination = destinations
+        .list
+        .first()
+        .context("no destination to deliver to")?;
     // The delivery threads before anything listens: a relay that could not
     // deliver must not take events.
     let delivery_rt = DeliveryRuntime::new(cfg.pool.nice)?;
     let accepting = Arc::new(AtomicBool::new(true));
     let wake = Arc::new(Notify::new());
     let (handoff, handoff_rx) = Handoff::new(
-        cfg.delivery.concurrency * HANDOFF_PER_WORKER,
+        destination.delivery.concurrency * HANDOFF_PER_WORKER,
         cfg.pool.lock_duration,
     );
     let metrics = Arc::new(Metrics::default());
@@ -112,7 +119,7 @@ pub async fn run_with_queue<Q: Operate>(
     let (stop_pool_tx, stop_pool_rx) = watch::channel(false);
     let mut pool = delivery_rt.spawn(delivery::run(
         queue.clone(),
-        DeliveryConfig::new(cfg.delivery.clone(), cfg.pool.clone()).renewing_here(),
+        DeliveryConfig::new(destination.delivery.clone(), cfg.pool.clone()).renewing_here(),
         wake,
         handoff_rx,
         metrics.clone(),
@@ -122,8 +129,8 @@ pub async fn run_with_queue<Q: Operate>(
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
     tracing::info!(
-        ingress = %ingress_addr, admin = %admin_addr, target = %crate::secret::redact_url(&cfg.delivery.target),
-        concurrency = cfg.delivery.concurrency, attempts = cfg.delivery.attempts,
+        ingress = %ingress_addr, admin = %admin_addr, destination = %destination.name, target = %crate::secret::redact_url(&destination.delivery.target),
+        concurrency = destination.delivery.concurrency, attempts = destination.delivery.attempts,
         "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
     );
 

@@ -5,6 +5,7 @@
 //!
 //! * [`serve`]: `cogrelay serve` into [`ServeConfig`] (ingress, store,
 //!   delivery, pool and admin settings).
+//! * [`destinations`]: the destinations file (`COGRELAY_CONFIG`, SPEC §7).
 //! * [`store`]: the queue's settings, shared by `serve`, `jobs` and `queue`.
 //! * [`register`]: `cogrelay register` into `register::RegisterConfig`.
 //! * [`sim`]: `cogrelay sim` into `sim::SimOptions`.
@@ -13,6 +14,7 @@
 //! Every default is written once, in `cli::defaults` (clap shows and applies
 //! it; [`ServeConfig::new`] starts from it).
 
+pub mod destinations;
 mod register;
 mod serve;
 mod sim;

@@ -1,16 +1,18 @@
 //! `cogrelay serve`: its flags into each module's settings, and the rules
 //! across them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::destinations::Globals;
 use super::{bad, cognigy_config, ms, parse_http_url, parse_num, store_settings, ConfigError};
 use crate::admin::AdminSettings;
 use crate::cli::ServeArgs;
 use crate::delivery::backoff::Backoff;
 use crate::delivery::signing::TargetSigningKey;
 use crate::delivery::{DeliverySettings, PoolSettings};
+use crate::destination::{CircuitSettings, Destination, Destinations, Filter, DEFAULT_NAME};
 use crate::ingress::auth::BasicCredentials;
 use crate::ingress::IngressSettings;
 use crate::queue::embedded::Fsync;
@@ -22,8 +24,16 @@ use crate::secret::Secret;
 pub struct ServeConfig {
     pub ingress: IngressSettings,
     pub store: StoreSettings,
-    /// The one destination (`TARGET_ENDPOINT`).
+    /// The global delivery settings: the `default` destination's without a
+    /// destinations file (`TARGET_ENDPOINT`), and what a destination of the
+    /// file takes for a setting it leaves out (its `target` is then unused).
     pub delivery: DeliverySettings,
+    /// `CIRCUIT_*`: a destination's circuit where the file says nothing.
+    pub circuit: CircuitSettings,
+    /// `MAX_AGE_SECS`.
+    pub max_age: Duration,
+    /// The destinations file's, resolved; `None` without a file.
+    pub destinations_file: Option<Destinations>,
     pub pool: PoolSettings,
     pub admin: AdminSettings,
     /// A summary line this often (pretty log mode), None = off.
@@ -77,6 +87,7 @@ impl ServeConfig {
                 },
                 signing_key: None,
                 concurrency: def(d::CONCURRENCY),
+                headers: Default::default(),
             },
             pool: PoolSettings {
                 lock_duration: ms(d::LOCK_DURATION_MS),
@@ -89,15 +100,73 @@ impl ServeConfig {
                 listen: def(d::ADMIN_LISTEN),
                 token: None,
             },
+            circuit: CircuitSettings {
+                failures: def(d::CIRCUIT_FAILURES),
+                cooldown: ms(d::CIRCUIT_COOLDOWN_MS),
+                max_cooldown: ms(d::CIRCUIT_MAX_COOLDOWN_MS),
+            },
+            max_age: Duration::from_secs(def(d::MAX_AGE_SECS)),
+            destinations_file: None,
             summary_every: None,
         }
     }
 
+    /// Every destination: the file's, or the one `default` destination made
+    /// of `TARGET_ENDPOINT` and the global settings.
+    pub fn destinations(&self) -> Destinations {
+        if let Some(file) = &self.destinations_file {
+            return file.clone();
+        }
+        Destinations {
+            list: vec![Destination {
+                name: DEFAULT_NAME.into(),
+                filter: Filter::everything(),
+                delivery: self.delivery.clone(),
+                rate_limit: 0,
+                max_age: self.max_age,
+                circuit: self.circuit,
+            }],
+            file: None,
+        }
+    }
+
+    /// What `serve` can run so far: one destination (fan-out to several is
+    /// not built yet; `config check` shows every destination of a file).
+    pub fn check_runnable(&self) -> Result<(), ConfigError> {
+        match &self.destinations_file {
+            Some(d) if d.list.len() > 1 => Err(bad(format!(
+                "{}: lists {} destinations, and this version of serve delivers to one: keep one [[destination]] for now",
+                d.file.as_ref().map_or_else(String::new, |f| f.display().to_string()),
+                d.list.len()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     pub fn from_args(a: &ServeArgs) -> Result<Self, ConfigError> {
-        let target = a.target_endpoint.as_deref().filter(|s| !s.trim().is_empty()).ok_or_else(|| {
-            bad("TARGET_ENDPOINT is not set: set --target-endpoint or TARGET_ENDPOINT to the URL events are delivered to")
-        })?;
-        let target_endpoint = parse_http_url("TARGET_ENDPOINT", target)?;
+        let file = match a.config_file.as_deref().map(str::trim) {
+            Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+            _ => {
+                let default = Path::new(crate::cli::defaults::CONFIG_FILE);
+                default.exists().then(|| default.to_path_buf())
+            }
+        };
+        let target = a
+            .target_endpoint
+            .as_deref()
+            .filter(|s| !s.trim().is_empty());
+        let target_endpoint = match (&file, target) {
+            (Some(f), Some(_)) => return Err(bad(format!(
+                "TARGET_ENDPOINT is set and so is the destinations file {} (COGRELAY_CONFIG): list the target in the file as a [[destination]], or unset one of them",
+                f.display()
+            ))),
+            (None, None) => return Err(bad(
+                "TARGET_ENDPOINT is not set: set --target-endpoint or TARGET_ENDPOINT to the URL events are delivered to, or give a destinations file (COGRELAY_CONFIG)",
+            )),
+            (None, Some(t)) => parse_http_url("TARGET_ENDPOINT", t)?,
+            // Replaced by the first destination's below; never delivered to.
+            (Some(_), None) => reqwest::Url::parse("http://destinations.invalid/").map_err(|e| bad(e.to_string()))?,
+        };
         let mut c = Self::new(target_endpoint, PathBuf::from(&a.store.data_dir));
 
         c.ingress.port = parse_num::<u16>("PORT", &a.port, "a port number from 1 to 65535")?;
@@ -263,14 +332,53 @@ impl ServeConfig {
                 )))
             }
         };
+        c.circuit = CircuitSettings {
+            failures: parse_num(
+                "CIRCUIT_FAILURES",
+                &a.circuit_failures,
+                "a whole number (0 = no circuit breaker)",
+            )?,
+            cooldown: ms("CIRCUIT_COOLDOWN_MS", &a.circuit_cooldown_ms)?,
+            max_cooldown: ms("CIRCUIT_MAX_COOLDOWN_MS", &a.circuit_max_cooldown_ms)?,
+        };
+        c.max_age = Duration::from_secs(parse_num(
+            "MAX_AGE_SECS",
+            &a.max_age_secs,
+            "a whole number of seconds",
+        )?);
         c.pool.test_fault = crate::delivery::TestFault::from_env();
         c.validate()?;
+        if let Some(path) = file {
+            let globals = Globals {
+                delivery: c.delivery.clone(),
+                circuit: c.circuit,
+                max_age: c.max_age,
+                lock_duration: c.pool.lock_duration,
+            };
+            let dests = super::destinations::load(&path, &globals, &|var| std::env::var(var).ok())?;
+            if let Some(first) = dests.list.first() {
+                c.delivery.target = first.delivery.target.clone();
+            }
+            c.destinations_file = Some(dests);
+        }
         Ok(c)
     }
 
     /// Cross-field rules and ranges; also run by `serve::run` so that configs built
     /// in code obey them too.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.circuit.cooldown.is_zero() || self.circuit.max_cooldown < self.circuit.cooldown {
+            return Err(bad(format!(
+                "CIRCUIT_COOLDOWN_MS={} and CIRCUIT_MAX_COOLDOWN_MS={} are not valid: use a positive cool-down and a maximum at least as long",
+                self.circuit.cooldown.as_millis(),
+                self.circuit.max_cooldown.as_millis()
+            )));
+        }
+        if self.max_age.is_zero() {
+            return Err(bad(
+                "MAX_AGE_SECS=0 is not valid: use a positive number of seconds",
+            ));
+        }
         if self.ingress.signing_secrets.is_empty()
             && self.ingress.basic.is_none()
             && !self.ingress.allow_unauthenticated

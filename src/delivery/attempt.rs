@@ -118,7 +118,12 @@ pub(super) async fn deliver<Q: Queue>(
         .as_ref()
         .map(|key| signing::sign(key, job.key.as_str(), ts, &body));
     let sent = match target_headers(job, n, ts, signature.as_deref()) {
-        Ok(headers) => {
+        Ok(mut headers) => {
+            for (name, value) in &pool.cfg.destination.headers {
+                if !headers.contains_key(name) {
+                    headers.insert(name.clone(), value.clone());
+                }
+            }
             pool.target
                 .post(headers, body, pool.cfg.destination.delivery_timeout)
                 .await

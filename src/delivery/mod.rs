@@ -59,6 +59,9 @@ pub struct DeliverySettings {
     pub signing_key: Option<TargetSigningKey>,
     /// Deliveries in flight at once (this relay).
     pub concurrency: usize,
+    /// Static headers of every delivery (a destination's `headers`), marked
+    /// sensitive: they may be credentials. The relay's own headers win.
+    pub headers: reqwest::header::HeaderMap,
 }
 
 /// Settings of the worker pool itself, whatever it delivers to.

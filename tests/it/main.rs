@@ -13,6 +13,7 @@ mod bullmq_port;
 mod cognigy;
 mod dashboard;
 mod delivery;
+mod destinations;
 mod disk;
 mod docs;
 mod flood;

@@ -1,0 +1,266 @@
+//! Destinations (SPEC §7): the internal systems a relay delivers to, each with
+//! the events it wants ([`Filter`]), how it is delivered to
+//! ([`DeliverySettings`]), its static headers, rate limit, age limit and
+//! circuit breaker settings.
+//!
+//! Without a destinations file the relay has one destination, `default`, made
+//! from `TARGET_ENDPOINT` and the global settings (`config::serve`); with one,
+//! `config::destinations` reads it into a [`Destinations`].
+
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::delivery::DeliverySettings;
+
+/// The type an endpoint output is routed by (SPEC §7): outputs of a Flow turn
+/// carry no event type of their own.
+pub const OUTPUT_TYPE: &str = "cognigy.output";
+
+/// The name of the one destination made from `TARGET_ENDPOINT`.
+pub const DEFAULT_NAME: &str = "default";
+
+/// A destination's name: `[a-z0-9_-]`, 1 to 32 characters (it becomes part of
+/// queue names, metric labels and URLs).
+pub fn valid_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Which events a destination wants: every glob list, bot list and condition
+/// must hold.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    /// The globs as written (for `config check`), and compiled.
+    pub events: Vec<String>,
+    events_set: GlobSet,
+    /// `None`: every bot.
+    pub bots: Option<Vec<String>>,
+    /// JSON pointer into the received document, and the value it must hold.
+    pub conditions: Vec<(String, Value)>,
+}
+
+/// A glob that does not compile, with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{glob:?} is not a valid glob ({reason})")]
+pub struct BadGlob {
+    pub glob: String,
+    pub reason: String,
+}
+
+impl Filter {
+    /// Every event of every bot.
+    pub fn everything() -> Self {
+        Self::new(vec!["*".into()], None, Vec::new()).unwrap_or_else(|_| unreachable!("* compiles"))
+    }
+
+    pub fn new(
+        events: Vec<String>,
+        bots: Option<Vec<String>>,
+        conditions: Vec<(String, Value)>,
+    ) -> Result<Self, BadGlob> {
+        let mut set = GlobSetBuilder::new();
+        for g in &events {
+            // `*` spans dots: `conversation.*` is every conversation event.
+            let glob = Glob::new(g).map_err(|e| BadGlob {
+                glob: g.clone(),
+                reason: e.kind().to_string(),
+            })?;
+            set.add(glob);
+        }
+        let events_set = set.build().map_err(|e| BadGlob {
+            glob: events.join(","),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            events,
+            events_set,
+            bots,
+            conditions,
+        })
+    }
+
+    /// Whether the destination wants an event of `event_type` from `bot`,
+    /// whose received document is `doc` (read only when there are
+    /// conditions: `None` is fine otherwise).
+    pub fn wants(&self, event_type: &str, bot: Option<&str>, doc: Option<&Value>) -> bool {
+        if !self.events_set.is_match(event_type) {
+            return false;
+        }
+        if let Some(bots) = &self.bots {
+            if !bot.is_some_and(|b| bots.iter().any(|x| x == b)) {
+                return false;
+            }
+        }
+        self.conditions
+            .iter()
+            .all(|(pointer, want)| doc.and_then(|d| d.pointer(pointer)) == Some(want))
+    }
+
+    /// Whether [`Filter::wants`] needs the received document.
+    pub fn needs_document(&self) -> bool {
+        !self.conditions.is_empty()
+    }
+}
+
+/// The circuit breaker of a destination (SPEC §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CircuitSettings {
+    /// Consecutive retryable failures that open it; 0 = off.
+    pub failures: u32,
+    /// The first cool-down; doubles after each failed probe.
+    #[serde(rename = "cooldown_ms", serialize_with = "millis")]
+    pub cooldown: Duration,
+    #[serde(rename = "max_cooldown_ms", serialize_with = "millis")]
+    pub max_cooldown: Duration,
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+/// One internal system the relay delivers to.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub name: String,
+    pub filter: Filter,
+    /// Where and how, including the static headers.
+    pub delivery: DeliverySettings,
+    /// Requests per second over all relays; 0 = no limit.
+    pub rate_limit: u32,
+    /// A job still undelivered after this long is failed.
+    pub max_age: Duration,
+    pub circuit: CircuitSettings,
+}
+
+/// Every destination of a relay, in the file's order (the first one's job id
+/// is the answer's `jobId`, SPEC §7).
+#[derive(Debug, Clone)]
+pub struct Destinations {
+    pub list: Vec<Destination>,
+    /// The file they came from; `None` for the one `default` destination.
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl Destinations {
+    /// The destinations that want this event, in order.
+    pub fn routes<'a>(
+        &'a self,
+        event_type: &'a str,
+        bot: Option<&'a str>,
+        doc: Option<&'a Value>,
+    ) -> impl Iterator<Item = &'a Destination> + 'a {
+        self.list
+            .iter()
+            .filter(move |d| d.filter.wants(event_type, bot, doc))
+    }
+
+    /// Whether any destination's filter reads the received document.
+    pub fn need_document(&self) -> bool {
+        self.list.iter().any(|d| d.filter.needs_document())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Destination> {
+        self.list.iter().find(|d| d.name == name)
+    }
+
+    /// What `cogrelay config check` prints: every resolved setting, the URL
+    /// without credentials, header values and the signing secret as `***`.
+    pub fn resolved(&self) -> Value {
+        let list: Vec<Value> = self
+            .list
+            .iter()
+            .map(|d| {
+                let headers: serde_json::Map<String, Value> = d
+                    .delivery
+                    .headers
+                    .keys()
+                    .map(|k| (k.as_str().to_string(), Value::from("***")))
+                    .collect();
+                serde_json::json!({
+                    "name": d.name,
+                    "url": crate::secret::redact_url(&d.delivery.target),
+                    "events": d.filter.events,
+                    "bots": d.filter.bots,
+                    "where": d.filter.conditions.iter().cloned().collect::<serde_json::Map<_, _>>(),
+                    "headers": headers,
+                    "signing_secret": d.delivery.signing_key.as_ref().map(|_| "***"),
+                    "concurrency": d.delivery.concurrency,
+                    "rate_limit": d.rate_limit,
+                    "timeout_ms": d.delivery.delivery_timeout.as_millis() as u64,
+                    "attempts": d.delivery.attempts,
+                    "backoff_ms": d.delivery.backoff.base.as_millis() as u64,
+                    "max_age_secs": d.max_age.as_secs(),
+                    "circuit": d.circuit,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "file": self.file.as_ref().map(|f| f.display().to_string()),
+            "destinations": list,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn filter(events: &[&str], bots: Option<&[&str]>, cond: &[(&str, Value)]) -> Filter {
+        Filter::new(
+            events.iter().map(|s| s.to_string()).collect(),
+            bots.map(|b| b.iter().map(|s| s.to_string()).collect()),
+            cond.iter()
+                .map(|(p, v)| (p.to_string(), v.clone()))
+                .collect(),
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn globs_bots_and_conditions_must_all_hold() {
+        let doc = json!({"payload": {"channel": "voice"}});
+        let f = filter(
+            &["conversation.*"],
+            Some(&["bot-sales"]),
+            &[("/payload/channel", json!("voice"))],
+        );
+        let table: &[(&str, Option<&str>, Option<&Value>, bool)] = &[
+            ("conversation.started", Some("bot-sales"), Some(&doc), true),
+            ("conversation.a.b", Some("bot-sales"), Some(&doc), true),
+            ("handover.requested", Some("bot-sales"), Some(&doc), false),
+            ("conversation.started", Some("bot-other"), Some(&doc), false),
+            ("conversation.started", None, Some(&doc), false),
+            ("conversation.started", Some("bot-sales"), None, false),
+        ];
+        for (ty, bot, doc, want) in table {
+            assert_eq!(f.wants(ty, *bot, *doc), *want, "{ty} {bot:?}");
+        }
+        let chat = json!({"payload": {"channel": "chat"}});
+        assert!(!f.wants("conversation.started", Some("bot-sales"), Some(&chat)));
+        assert!(Filter::everything().wants(OUTPUT_TYPE, None, None));
+        assert!(filter(&["cognigy.output"], None, &[]).wants(OUTPUT_TYPE, None, None));
+        assert!(!filter(&["conversation.*"], None, &[]).wants(OUTPUT_TYPE, None, None));
+    }
+
+    #[test]
+    fn a_bad_glob_is_named() {
+        let err = Filter::new(vec!["conv[".into()], None, Vec::new()).expect_err("bad");
+        assert!(err.to_string().contains("\"conv[\""), "{err}");
+    }
+
+    #[test]
+    fn names_are_short_lowercase_words() {
+        for ok in ["crm", "data-warehouse", "t_1", "a", &"x".repeat(32)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "CRM", "a b", "a.b", "crm/1", &"x".repeat(33), "é"] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}
