@@ -9,6 +9,8 @@
 //! | `cogrelay_deliveries_total` | counter | `outcome` = delivered, retry, failed |
 //! | `cogrelay_delivery_seconds` | histogram | (each attempt) |
 //! | `cogrelay_delivery_up` | gauge | 1 while the delivery pool runs |
+//! | `cogrelay_destination_deliveries_total` | counter | `destination`, `outcome` |
+//! | `cogrelay_events_unrouted_total` | counter | (events no destination wanted) |
 //! | `cogrelay_queue_jobs` | gauge | `state` (read at scrape time) |
 //! | `cogrelay_queue_oldest_waiting_seconds` | gauge | age of the oldest due job |
 //! | `cogrelay_queue_durability_risk` | gauge | `risk` |
@@ -53,6 +55,27 @@ pub struct Metrics {
     /// True while the delivery pool runs (set by the pool once it started):
     /// `/readyz` is 503 without it.
     pub delivery_up: AtomicBool,
+    by_destination: Family<Vec<(&'static str, String)>, Counter>,
+    unrouted: Counter,
+}
+
+/// One destination's delivery counters, created once per pool (no label
+/// lookup per attempt).
+#[derive(Debug, Clone)]
+pub struct DestinationMetrics([Counter; OUTCOMES.len()]);
+
+impl DestinationMetrics {
+    pub fn attempt(&self, outcome: AttemptOutcome) {
+        self.0[outcome_index(outcome)].inc();
+    }
+}
+
+fn outcome_index(outcome: AttemptOutcome) -> usize {
+    match outcome {
+        AttemptOutcome::Delivered => 0,
+        AttemptOutcome::Retry => 1,
+        AttemptOutcome::Failed => 2,
+    }
 }
 
 impl Default for Metrics {
@@ -67,6 +90,8 @@ impl Default for Metrics {
             ack: Histogram::new(BUCKETS),
             delivery: Histogram::new(BUCKETS),
             delivery_up: AtomicBool::new(false),
+            by_destination: Family::default(),
+            unrouted: Counter::default(),
         }
     }
 }
@@ -92,13 +117,25 @@ impl Metrics {
         }
     }
 
+    /// The counters of `destination`'s deliveries.
+    pub fn destination(&self, destination: &str) -> DestinationMetrics {
+        DestinationMetrics(OUTCOMES.map(|o| {
+            self.by_destination
+                .get_or_create(&vec![
+                    ("destination", destination.to_string()),
+                    ("outcome", o.to_string()),
+                ])
+                .clone()
+        }))
+    }
+
+    /// An event no destination wanted (SPEC §7: answered `unrouted`).
+    pub fn unrouted(&self) {
+        self.unrouted.inc();
+    }
+
     pub fn attempt(&self, outcome: AttemptOutcome, elapsed: Duration) {
-        let i = match outcome {
-            AttemptOutcome::Delivered => 0,
-            AttemptOutcome::Retry => 1,
-            AttemptOutcome::Failed => 2,
-        };
-        self.outcomes[i].inc();
+        self.outcomes[outcome_index(outcome)].inc();
         self.delivery.observe(elapsed.as_secs_f64());
     }
 
@@ -133,6 +170,16 @@ impl Metrics {
             "cogrelay_delivery_seconds",
             "Duration of one delivery attempt",
             self.delivery.clone(),
+        );
+        r.register(
+            "cogrelay_destination_deliveries",
+            "Delivery attempts by destination and outcome",
+            self.by_destination.clone(),
+        );
+        r.register(
+            "cogrelay_events_unrouted",
+            "Events accepted that no destination wanted (nothing stored)",
+            self.unrouted.clone(),
         );
         let up = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         up.set(i64::from(self.delivery_up.load(Ordering::Relaxed)));

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use crate::config::ServeConfig;
-use crate::delivery::handoff::Handoff;
+use crate::delivery::handoff::{Handoff, Lane, Lanes};
 use crate::delivery::{self, DeliveryConfig};
 use crate::ingress::{self, auth::Authenticator, Ingress};
 use crate::metrics::Metrics;
@@ -56,21 +56,31 @@ pub async fn run_with_queue<Q: Operate>(
         Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
         None => None,
     };
-    // One destination so far (`check_runnable`): the file's, or `default`.
+    // Each destination its own pool (workers, handoff, wake-up): the file's
+    // destinations, or `default`.
     let destinations = cfg.destinations();
-    let destination = destinations
-        .list
-        .first()
-        .context("no destination to deliver to")?;
+    if destinations.list.is_empty() {
+        anyhow::bail!("no destination to deliver to");
+    }
     // The delivery threads before anything listens: a relay that could not
     // deliver must not take events.
     let delivery_rt = DeliveryRuntime::new(cfg.pool.nice)?;
     let accepting = Arc::new(AtomicBool::new(true));
-    let wake = Arc::new(Notify::new());
-    let (handoff, handoff_rx) = Handoff::new(
-        destination.delivery.concurrency * HANDOFF_PER_WORKER,
-        cfg.pool.lock_duration,
-    );
+    let mut lanes = Vec::with_capacity(destinations.list.len());
+    let mut pool_inputs = Vec::with_capacity(destinations.list.len());
+    for d in &destinations.list {
+        let (handoff, handoff_rx) = Handoff::new(
+            d.delivery.concurrency * HANDOFF_PER_WORKER,
+            cfg.pool.lock_duration,
+        );
+        let wake = Arc::new(Notify::new());
+        lanes.push(Lane {
+            destination: d.name.clone(),
+            handoff,
+            wake: wake.clone(),
+        });
+        pool_inputs.push((d, wake, handoff_rx));
+    }
     let metrics = Arc::new(Metrics::default());
     let auth = Authenticator::new(&cfg.ingress.signing_secrets, cfg.ingress.basic.as_ref());
     if auth.is_open() {
@@ -83,8 +93,8 @@ pub async fn run_with_queue<Q: Operate>(
         body_budget: ingress::body::BodyBudget::for_max_body(cfg.ingress.max_body_bytes),
         body_timeout: cfg.ingress.request_read_timeout,
         accepting: accepting.clone(),
-        wake: wake.clone(),
-        handoff,
+        lanes: Lanes::new(lanes),
+        destinations: destinations.clone(),
         metrics: metrics.clone(),
         rate_limit: cfg
             .ingress
@@ -117,20 +127,32 @@ pub async fn run_with_queue<Q: Operate>(
     ));
 
     let (stop_pool_tx, stop_pool_rx) = watch::channel(false);
-    let mut pool = delivery_rt.spawn(delivery::run(
-        queue.clone(),
-        DeliveryConfig::new(destination.delivery.clone(), cfg.pool.clone()).renewing_here(),
-        wake,
-        handoff_rx,
-        metrics.clone(),
-        stop_pool_rx,
-    ));
+    let pools: Vec<_> = pool_inputs
+        .into_iter()
+        .map(|(d, wake, handoff_rx)| {
+            delivery::run(
+                queue.clone(),
+                DeliveryConfig::new(&d.name, d.delivery.clone(), cfg.pool.clone()).renewing_here(),
+                wake,
+                handoff_rx,
+                metrics.clone(),
+                stop_pool_rx.clone(),
+            )
+        })
+        .collect();
+    let mut pool = delivery_rt.spawn(supervise_pools(pools, stop_pool_rx));
     let summary = cfg
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
+    for d in &destinations.list {
+        tracing::info!(
+            destination = %d.name, target = %crate::secret::redact_url(&d.delivery.target),
+            concurrency = d.delivery.concurrency, attempts = d.delivery.attempts,
+            "delivering to {}", d.name
+        );
+    }
     tracing::info!(
-        ingress = %ingress_addr, admin = %admin_addr, destination = %destination.name, target = %crate::secret::redact_url(&destination.delivery.target),
-        concurrency = destination.delivery.concurrency, attempts = destination.delivery.attempts,
+        ingress = %ingress_addr, admin = %admin_addr, destinations = destinations.list.len(),
         "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
     );
 
@@ -168,6 +190,29 @@ pub async fn run_with_queue<Q: Operate>(
     pool_result?;
     close_result.context("failed to close the queue")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs every destination's pool until shutdown. A pool that fails, panics
+/// or ends before shutdown ends them all (the relay then stops taking events
+/// and exits 1: see `run_with_queue`).
+async fn supervise_pools<F>(pools: Vec<F>, stop: watch::Receiver<bool>) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for pool in pools {
+        set.spawn(pool);
+    }
+    while let Some(ended) = set.join_next().await {
+        match ended {
+            Ok(Ok(())) if *stop.borrow() => {}
+            Ok(Ok(())) => anyhow::bail!("a delivery pool stopped on its own"),
+            Ok(Err(e)) => return Err(e),
+            Err(e) if e.is_panic() => anyhow::bail!("the delivery pool panicked: {e}"),
+            Err(e) => anyhow::bail!("a delivery pool was cancelled: {e}"),
+        }
+    }
     Ok(())
 }
 

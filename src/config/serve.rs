@@ -130,12 +130,13 @@ impl ServeConfig {
         }
     }
 
-    /// What `serve` can run so far: one destination (fan-out to several is
-    /// not built yet; `config check` shows every destination of a file).
+    /// What `serve` can run so far: several destinations on the embedded
+    /// queue; one on Redis (each destination its own BullMQ queue is not
+    /// built yet; `config check` shows every destination of a file).
     pub fn check_runnable(&self) -> Result<(), ConfigError> {
         match &self.destinations_file {
-            Some(d) if d.list.len() > 1 => Err(bad(format!(
-                "{}: lists {} destinations, and this version of serve delivers to one: keep one [[destination]] for now",
+            Some(d) if d.list.len() > 1 && self.store.kind == QueueKind::Redis => Err(bad(format!(
+                "{}: lists {} destinations, and on the Redis queue this version delivers to one: keep one [[destination]], or use COGRELAY_QUEUE=embedded",
                 d.file.as_ref().map_or_else(String::new, |f| f.display().to_string()),
                 d.list.len()
             ))),

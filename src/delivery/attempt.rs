@@ -177,6 +177,7 @@ async fn record<Q: Queue>(
     let n = attempt.n;
     pool.metrics
         .attempt(attempt.outcome, Duration::from_millis(attempt.duration_ms));
+    pool.destination_metrics.attempt(attempt.outcome);
     match &disposition {
         Disposition::Completed => {
             tracing::debug!(job = %leased.job.id, attempt = n, duration_ms = attempt.duration_ms, "delivered")

@@ -46,6 +46,7 @@ pub async fn run<Q: Queue>(
         tokio::time::sleep(TestFault::PANIC_AFTER).await;
         panic!("injected fault: the pool panicked");
     }
+    let cfg_name = cfg.name.clone();
     let pool = Arc::new(Pool {
         queue,
         cfg,
@@ -53,6 +54,7 @@ pub async fn run<Q: Queue>(
         in_flight: InFlight::default(),
         wake: wake.clone(),
         verifier,
+        destination_metrics: metrics.destination(&cfg_name),
         metrics,
     });
     let semaphore = Arc::new(Semaphore::new(pool.cfg.destination.concurrency));
@@ -87,7 +89,12 @@ pub async fn run<Q: Queue>(
         {
             let (p, asked) = (pool.clone(), prefetch - ready.len());
             claiming = Some(tokio::spawn(async move {
-                (asked, p.queue.claim(asked, p.cfg.pool.lock_duration).await)
+                (
+                    asked,
+                    p.queue
+                        .claim_for(&p.cfg.name, asked, p.cfg.pool.lock_duration)
+                        .await,
+                )
             }));
         }
         // Any instant will do while the rest branch is off.

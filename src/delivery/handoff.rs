@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::event::Event;
-use crate::queue::{Enqueued, Leased, Queue, QueueResult};
+use crate::queue::{Leased, Queue, QueueResult, Routed};
 
 #[derive(Debug)]
 pub struct Handoff {
@@ -72,32 +72,92 @@ impl Handoff {
     }
 }
 
-impl Handoff {
-    /// The ingress's one call: stores `event`, already leased to the local
-    /// pool when it has room (and hands it over), else plainly (and wakes the
-    /// dispatcher to claim it).
+/// One destination's pool as the ingress sees it: its handoff and the
+/// wake-up of its dispatcher.
+#[derive(Debug)]
+pub struct Lane {
+    pub destination: String,
+    pub handoff: Arc<Handoff>,
+    pub wake: Arc<Notify>,
+}
+
+/// Every destination's [`Lane`], in the destinations' order.
+#[derive(Debug)]
+pub struct Lanes(Vec<Lane>);
+
+impl Lanes {
+    pub fn new(lanes: Vec<Lane>) -> Self {
+        Self(lanes)
+    }
+
+    fn get(&self, destination: &str) -> Option<&Lane> {
+        self.0.iter().find(|l| l.destination == destination)
+    }
+
+    /// The ingress's one call: stores `event` as a job for each of `routes`
+    /// (one durable step), leased to the local pools when every one of them
+    /// has room (and hands each its job), else plainly (and wakes their
+    /// dispatchers to claim them).
     pub async fn store<Q: Queue>(
         &self,
         queue: &Q,
         event: Event,
-        wake: &Notify,
-    ) -> QueueResult<Enqueued> {
-        let reserved = self.try_reserve();
-        let stored = if reserved {
-            queue.enqueue_leased(event, self.lease).await
-        } else {
-            queue.enqueue(event).await.map(|e| (e, None))
+        routes: Vec<String>,
+    ) -> QueueResult<Routed> {
+        let lanes: Vec<&Lane> = routes.iter().filter_map(|r| self.get(r)).collect();
+        let mut reserved = 0;
+        for lane in &lanes {
+            if !lane.handoff.try_reserve() {
+                break;
+            }
+            reserved += 1;
+        }
+        let all_reserved = reserved == lanes.len() && !lanes.is_empty();
+        if !all_reserved {
+            for lane in &lanes[..reserved] {
+                lane.handoff.cancel();
+            }
+        }
+        let lease = lanes
+            .first()
+            .filter(|_| all_reserved)
+            .map(|l| l.handoff.lease);
+        let stored = queue.store(event, routes, lease).await;
+        let (routed, leased) = match stored {
+            Ok(r) => r,
+            Err(e) => {
+                if all_reserved {
+                    lanes.iter().for_each(|l| l.handoff.cancel());
+                }
+                return Err(e);
+            }
         };
-        if reserved && !matches!(stored, Ok((_, Some(_)))) {
-            self.cancel();
+        if routed.duplicate {
+            if all_reserved {
+                lanes.iter().for_each(|l| l.handoff.cancel());
+            }
+            return Ok(routed);
         }
-        let (enqueued, leased) = stored?;
-        match (&enqueued, leased) {
-            (Enqueued::Accepted(_), Some(job)) => self.send(job),
-            (Enqueued::Accepted(_), None) => wake.notify_one(),
-            (Enqueued::Duplicate(_), _) => {}
+        let mut leased: Vec<Option<Leased>> = leased.into_iter().map(Some).collect();
+        for job in &routed.jobs {
+            let Some(lane) = self.get(&job.destination) else {
+                continue;
+            };
+            let handed = leased
+                .iter_mut()
+                .find(|l| l.as_ref().is_some_and(|l| l.job.id == job.id))
+                .and_then(Option::take);
+            match handed {
+                Some(l) => lane.handoff.send(l),
+                None => {
+                    if all_reserved {
+                        lane.handoff.cancel();
+                    }
+                    lane.wake.notify_one();
+                }
+            }
         }
-        Ok(enqueued)
+        Ok(routed)
     }
 }
 

@@ -83,6 +83,8 @@ pub struct PoolSettings {
 /// What [`run`] takes: the destination, the pool, and where renewals run.
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
+    /// The destination's name: the pool claims its jobs only.
+    pub name: String,
     pub destination: DeliverySettings,
     pub pool: PoolSettings,
     /// Where the lease renewals run (None: beside the deliveries). Not at the
@@ -117,8 +119,9 @@ impl TestFault {
 }
 
 impl DeliveryConfig {
-    pub fn new(destination: DeliverySettings, pool: PoolSettings) -> Self {
+    pub fn new(name: &str, destination: DeliverySettings, pool: PoolSettings) -> Self {
         Self {
+            name: name.to_string(),
             destination,
             pool,
             renewals: None,
@@ -146,6 +149,7 @@ struct Pool<Q> {
     /// One client (one token cache) for every worker's event verification.
     verifier: Option<CognigyClient>,
     metrics: Arc<crate::metrics::Metrics>,
+    destination_metrics: crate::metrics::DestinationMetrics,
 }
 
 /// The leases a pool holds (claimed or handed over, running or about to),

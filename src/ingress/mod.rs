@@ -23,10 +23,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
-use tokio::sync::Notify;
 
+use crate::destination::{Destinations, OUTPUT_TYPE};
+use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
-use crate::queue::{Enqueued, Queue};
+use crate::queue::{Queue, Routed};
 use auth::Authenticator;
 use envelope::EnvelopeError;
 
@@ -63,10 +64,11 @@ pub struct Ingress<Q> {
     pub body_timeout: std::time::Duration,
     /// False once shutdown began: new requests get 503.
     pub accepting: Arc<AtomicBool>,
-    /// Wakes the delivery dispatcher when a job was queued.
-    pub wake: Arc<Notify>,
-    /// Direct handoff of new jobs to the local worker pool when it has room.
-    pub handoff: Arc<crate::delivery::handoff::Handoff>,
+    /// Each destination's pool: direct handoff of new jobs when it has room,
+    /// else a wake-up of its dispatcher.
+    pub lanes: crate::delivery::handoff::Lanes,
+    /// Which destinations want which events (SPEC §7).
+    pub destinations: crate::destination::Destinations,
     pub metrics: Arc<Metrics>,
     /// Per-source rate limit; None = off.
     pub rate_limit: Option<ratelimit::RateLimiter>,
@@ -239,20 +241,60 @@ async fn receive<Q: Queue>(
             );
         }
     }
-    match s.handoff.store(&*s.queue, event, &s.wake).await {
-        Ok(enqueued) => {
+    let routes = routes(&s.destinations, &event, &bytes);
+    if routes.is_empty() {
+        s.metrics.unrouted();
+        return Json(json!({ "status": "unrouted" })).into_response();
+    }
+    match s.lanes.store(&*s.queue, event, routes).await {
+        Ok(routed) => {
             s.refusals.accepted();
-            let (status, id) = match enqueued {
-                Enqueued::Accepted(id) => ("accepted", id),
-                Enqueued::Duplicate(id) => ("duplicate", id),
-            };
-            Json(json!({ "status": status, "jobId": id })).into_response()
+            Json(answer(&routed, s.destinations.file.is_some())).into_response()
         }
         Err(e) => {
             s.refusals.refused(&e);
             unavailable("Queue unavailable")
         }
     }
+}
+
+/// The destinations that want `event` (SPEC §7), in the file's order. An
+/// endpoint output's type is `cognigy.output`; the received document is
+/// parsed again only when some destination has `where` conditions.
+fn routes(destinations: &Destinations, event: &Event, bytes: &[u8]) -> Vec<String> {
+    let event_type = match event.kind {
+        EventKind::EndpointOutput => OUTPUT_TYPE,
+        EventKind::Envelope => event.event_type.as_deref().unwrap_or(""),
+    };
+    let doc = destinations
+        .need_document()
+        .then(|| serde_json::from_slice::<serde_json::Value>(bytes).ok())
+        .flatten();
+    destinations
+        .routes(event_type, event.bot_id.as_deref(), doc.as_ref())
+        .map(|d| d.name.clone())
+        .collect()
+}
+
+/// `{"status","jobId"}` as the seeds answer; with a destinations file also
+/// `"jobs": {destination: id}` (`jobId` is the first destination's).
+fn answer(routed: &Routed, with_jobs: bool) -> serde_json::Value {
+    let status = if routed.duplicate {
+        "duplicate"
+    } else {
+        "accepted"
+    };
+    let first = routed.jobs.first().map(|j| j.id.as_str()).unwrap_or("");
+    let mut out = json!({ "status": status, "jobId": first });
+    if with_jobs {
+        let jobs: serde_json::Map<String, serde_json::Value> = routed
+            .jobs
+            .iter()
+            .map(|j| (j.destination.clone(), serde_json::Value::from(j.id.clone())))
+            .collect();
+        out["jobs"] = serde_json::Value::Object(jobs);
+    }
+    out
 }
 
 #[cfg(test)]

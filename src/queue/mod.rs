@@ -96,6 +96,58 @@ impl JobState {
     }
 }
 
+/// The destination of a relay without a destinations file (SPEC §7), and of
+/// every job stored before destinations existed.
+pub const DEFAULT_DESTINATION: &str = "default";
+
+/// One job of an event: which destination it is for, and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobRef {
+    pub destination: String,
+    pub id: String,
+}
+
+/// What [`Queue::store`] did with an event: its jobs, one per destination in
+/// the order asked, or, for an event key seen within the dedup TTL, the first
+/// event's jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    pub duplicate: bool,
+    pub jobs: Vec<JobRef>,
+}
+
+/// The `destination=id,...` form the stores keep a deduplicated event's jobs in.
+pub(crate) fn jobs_text(jobs: &[JobRef]) -> String {
+    let parts: Vec<String> = jobs
+        .iter()
+        .map(|j| format!("{}={}", j.destination, j.id))
+        .collect();
+    parts.join(",")
+}
+
+/// The inverse of [`jobs_text`] (destination names hold no `=` or `,`).
+pub(crate) fn parse_jobs_text(text: &str) -> Vec<JobRef> {
+    text.split(',')
+        .filter_map(|part| part.split_once('='))
+        .map(|(destination, id)| JobRef {
+            destination: destination.to_string(),
+            id: id.to_string(),
+        })
+        .collect()
+}
+
+impl Routed {
+    /// The answer of the one-destination API: the first job's id.
+    fn first(&self) -> Enqueued {
+        let id = self.jobs.first().map(|j| j.id.clone()).unwrap_or_default();
+        if self.duplicate {
+            Enqueued::Duplicate(id)
+        } else {
+            Enqueued::Accepted(id)
+        }
+    }
+}
+
 /// What `enqueue` did with an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
@@ -174,6 +226,7 @@ pub struct Counts {
 pub struct JobView {
     pub id: String,
     pub state: JobState,
+    pub destination: String,
     pub event_key: String,
     pub event_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -200,6 +253,8 @@ pub struct JobView {
 #[derive(Debug, Default)]
 pub(crate) struct StoredJob {
     pub id: String,
+    /// Empty (a job stored before destinations): the `default` destination.
+    pub destination: String,
     pub event_key: String,
     pub event_id: String,
     pub bot_id: Option<String>,
@@ -223,6 +278,11 @@ impl StoredJob {
         JobView {
             id: self.id,
             state,
+            destination: if self.destination.is_empty() {
+                DEFAULT_DESTINATION.to_string()
+            } else {
+                self.destination
+            },
             event_key: self.event_key,
             event_id: self.event_id,
             bot_id: self.bot_id,
@@ -286,24 +346,56 @@ pub struct QueueSettings {
 /// The queue contract of the hot path (the ingress and the delivery pool).
 /// Futures are `Send` so callers can spawn them.
 pub trait Queue: Send + Sync + 'static {
-    fn enqueue(&self, event: Event) -> impl Future<Output = QueueResult<Enqueued>> + Send;
-    /// Like `enqueue`, but a backend that can may store the new job already
-    /// leased to the caller for `lease` and return it: a direct handoff to the
-    /// local worker pool that saves a claim. The lease rules are those of a
-    /// claimed job. By default: a plain `enqueue`, no handoff.
+    /// Stores `event` as one job for each of `destinations` (in that order)
+    /// together with its dedup record, in one durable step: all of them or
+    /// none. With `lease`, a backend that can stores the new jobs already
+    /// leased to the caller for that long and returns them (a direct handoff
+    /// to the local worker pools that saves a claim; the lease rules are those
+    /// of a claimed job); the others are stored waiting.
+    fn store(
+        &self,
+        event: Event,
+        destinations: Vec<String>,
+        lease: Option<Duration>,
+    ) -> impl Future<Output = QueueResult<(Routed, Vec<Leased>)>> + Send;
+    /// One job for the `default` destination.
+    fn enqueue(&self, event: Event) -> impl Future<Output = QueueResult<Enqueued>> + Send {
+        async move {
+            let (routed, _) = self
+                .store(event, vec![DEFAULT_DESTINATION.into()], None)
+                .await?;
+            Ok(routed.first())
+        }
+    }
+    /// One job for the `default` destination, leased to the caller when the
+    /// backend can.
     fn enqueue_leased(
         &self,
         event: Event,
         lease: Duration,
     ) -> impl Future<Output = QueueResult<(Enqueued, Option<Leased>)>> + Send {
-        let _ = lease;
-        async move { self.enqueue(event).await.map(|e| (e, None)) }
+        async move {
+            let (routed, mut leased) = self
+                .store(event, vec![DEFAULT_DESTINATION.into()], Some(lease))
+                .await?;
+            Ok((routed.first(), leased.pop()))
+        }
     }
+    /// Leases due jobs of `destination` (see the module doc).
+    fn claim_for(
+        &self,
+        destination: &str,
+        max: usize,
+        lease: Duration,
+    ) -> impl Future<Output = QueueResult<Claimed>> + Send;
+    /// [`Queue::claim_for`] the `default` destination.
     fn claim(
         &self,
         max: usize,
         lease: Duration,
-    ) -> impl Future<Output = QueueResult<Claimed>> + Send;
+    ) -> impl Future<Output = QueueResult<Claimed>> + Send {
+        self.claim_for(DEFAULT_DESTINATION, max, lease)
+    }
     fn renew(
         &self,
         leases: Vec<LeaseRef>,

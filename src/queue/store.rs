@@ -152,18 +152,21 @@ macro_rules! each {
 }
 
 impl Queue for Store {
-    async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
-        each!(self, q => q.enqueue(event).await)
-    }
-    async fn enqueue_leased(
+    async fn store(
         &self,
         event: Event,
-        lease: Duration,
-    ) -> QueueResult<(Enqueued, Option<Leased>)> {
-        each!(self, q => q.enqueue_leased(event, lease).await)
+        destinations: Vec<String>,
+        lease: Option<Duration>,
+    ) -> QueueResult<(Routed, Vec<Leased>)> {
+        each!(self, q => q.store(event, destinations, lease).await)
     }
-    async fn claim(&self, max: usize, lease: Duration) -> QueueResult<Claimed> {
-        each!(self, q => q.claim(max, lease).await)
+    async fn claim_for(
+        &self,
+        destination: &str,
+        max: usize,
+        lease: Duration,
+    ) -> QueueResult<Claimed> {
+        each!(self, q => q.claim_for(destination, max, lease).await)
     }
     async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
         each!(self, q => q.renew(leases, lease).await)

@@ -289,7 +289,7 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let pool = delivery_rt.spawn(delivery::run(
             queue.clone(),
-            DeliveryConfig::new(cfg.delivery.clone(), cfg.pool.clone()).renewing_here(),
+            DeliveryConfig::new("default", cfg.delivery.clone(), cfg.pool.clone()).renewing_here(),
             Arc::new(tokio::sync::Notify::new()),
             handoff_rx,
             Arc::new(Metrics::default()),

@@ -81,13 +81,17 @@ fn config_check_prints_the_resolved_destinations_without_credentials() {
             "{secret} shown"
         );
     }
-    // serve refuses what it cannot run yet, in one line, exit 2.
-    assert!(stderr.contains("lists 3 destinations"), "{stderr}");
-    let serve = cogrelay(dir.path(), &["serve"]);
+    assert!(
+        stderr.is_empty(),
+        "nothing to note on the embedded queue: {stderr}"
+    );
+    // On Redis, serve refuses what it cannot run yet, in one line, exit 2
+    // (before connecting to anything).
+    let serve = cogrelay(dir.path(), &["serve", "--queue", "redis"]);
     assert_eq!(serve.status.code(), Some(2));
     let line = text(&serve.stderr);
     assert!(
-        line.contains("lists 3 destinations") && line.lines().count() == 1,
+        line.contains("lists 3 destinations, and on the Redis queue") && line.lines().count() == 1,
         "{line}"
     );
 }
@@ -206,4 +210,209 @@ both_backends! {
         assert_eq!(got.header("idempotency-key"), Some("cognigy-bot-1-dest-1"));
         app.stop().await.expect("clean stop");
     }
+}
+
+/// A relay on the embedded queue with these destinations (`file` gets the
+/// targets' URLs, the first being the app's own sink).
+async fn relay_with_destinations(
+    sinks: usize,
+    file: impl FnOnce(&[String]) -> String,
+    tweak: impl FnOnce(&mut cogrelay::config::ServeConfig),
+) -> (TestApp, Vec<Sink>) {
+    let mut extra = Vec::new();
+    for _ in 1..sinks {
+        extra.push(Sink::start().await.expect("sink"));
+    }
+    let extra_urls: Vec<String> = extra.iter().map(Sink::url).collect();
+    let app = spawn_app_on(Backend::Embedded, |c| {
+        let mut urls = vec![c.delivery.target.to_string()];
+        urls.extend(extra_urls);
+        let text = file(&urls);
+        let globals = Globals {
+            delivery: c.delivery.clone(),
+            circuit: c.circuit,
+            max_age: c.max_age,
+            lock_duration: c.pool.lock_duration,
+        };
+        let list = destinations::parse(&text, "test.toml", &globals, &|_| None).expect("valid");
+        c.destinations_file = Some(Destinations {
+            list,
+            file: Some("test.toml".into()),
+        });
+        tweak(c);
+    })
+    .await;
+    (app, extra)
+}
+
+fn typed(bot: &str, id: &str, ty: &str) -> serde_json::Value {
+    let mut e = event(bot, id);
+    e["type"] = ty.into();
+    e
+}
+
+/// The event ids a target received, sorted.
+fn ids(sink: &Sink) -> Vec<String> {
+    let mut v: Vec<String> = sink
+        .received()
+        .iter()
+        .filter_map(|r| r.header("x-event-id").map(str::to_string))
+        .collect();
+    v.sort();
+    v
+}
+
+async fn admin_json(app: &TestApp, path: &str) -> serde_json::Value {
+    app.http
+        .get(format!("http://{}{path}", app.admin))
+        .send()
+        .await
+        .expect("admin")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Fan-out (SPEC §7): one job per destination that wants the event, all in
+/// one durable step; the answer names each job; an event no one wants is
+/// `unrouted`, stores nothing and is counted; each target gets exactly its
+/// events, once.
+#[tokio::test]
+async fn each_destination_gets_exactly_the_events_it_wants() {
+    let (mut app, extra) = relay_with_destinations(
+        3,
+        |u| {
+            format!(
+                "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nevents = [\"conversation.*\"]\n\
+                 [[destination]]\nname = \"warehouse\"\nurl = \"{}\"\nevents = [\"conversation.*\", \"handover.*\", \"message.*\"]\n\
+                 [[destination]]\nname = \"ticketing\"\nurl = \"{}\"\nevents = [\"handover.*\"]\nbots = [\"bot-sales\"]\n",
+                u[0], u[1], u[2]
+            )
+        },
+        |_| {},
+    )
+    .await;
+    let (crm, warehouse, ticketing) = (&app.sink, &extra[0], &extra[1]);
+    // id, type, bot, the destinations that want it (in the file's order)
+    let cases: &[(&str, &str, &str, &[&str])] = &[
+        (
+            "c1",
+            "conversation.started",
+            "bot-sales",
+            &["crm", "warehouse"],
+        ),
+        (
+            "c2",
+            "conversation.ended",
+            "bot-support",
+            &["crm", "warehouse"],
+        ),
+        (
+            "h1",
+            "handover.requested",
+            "bot-sales",
+            &["warehouse", "ticketing"],
+        ),
+        ("h2", "handover.requested", "bot-support", &["warehouse"]),
+        ("m1", "message.received", "bot-sales", &["warehouse"]),
+        ("x1", "analytics.tick", "bot-sales", &[]),
+    ];
+    for (id, ty, bot, wanted) in cases {
+        let reply = app.post_event(&typed(bot, id, ty)).await;
+        assert_eq!(reply.status, 200, "{}", reply.json);
+        if wanted.is_empty() {
+            assert_eq!(reply.json, serde_json::json!({"status": "unrouted"}));
+            continue;
+        }
+        assert_eq!(reply.json["status"], "accepted", "{}", reply.json);
+        let jobs = reply.json["jobs"].as_object().expect("jobs");
+        let mut got: Vec<&str> = jobs.keys().map(String::as_str).collect();
+        got.sort();
+        let mut expected: Vec<&str> = wanted.to_vec();
+        expected.sort();
+        assert_eq!(got, expected, "{id}: {}", reply.json);
+        assert_eq!(
+            reply.json["jobId"], jobs[wanted[0]],
+            "jobId is the first destination's"
+        );
+        // The same event again: the same jobs, nothing new stored.
+        let again = app.post_event(&typed(bot, id, ty)).await;
+        assert_eq!(again.json["status"], "duplicate");
+        assert_eq!(again.json["jobs"], reply.json["jobs"]);
+    }
+    // Every job finished: nothing more can arrive.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let q = admin_json(&app, "/admin/queue").await;
+        if q["completed"] == 8 && q["waiting"] == 0 && q["active"] == 0 && q["delayed"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not settled: {q}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(ids(crm), ["c1", "c2"]);
+    assert_eq!(ids(warehouse), ["c1", "c2", "h1", "h2", "m1"]);
+    assert_eq!(ids(ticketing), ["h1"]);
+    let metrics = app
+        .http
+        .get(format!("http://{}/metrics", app.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("cogrelay_events_unrouted_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"cogrelay_destination_deliveries_total{destination="warehouse",outcome="delivered"} 5"#
+        ),
+        "{metrics}"
+    );
+    app.stop().await.expect("clean stop");
+}
+
+/// Isolation (SPEC §7): a destination that hangs until its timeout, and one
+/// that answers 503 to everything, hold only their own workers: a healthy
+/// destination's deliveries go on.
+#[tokio::test]
+async fn a_failing_and_a_hanging_destination_do_not_hold_up_a_healthy_one() {
+    let (mut app, extra) = relay_with_destinations(
+        3,
+        |u| {
+            format!(
+                "[[destination]]\nname = \"healthy\"\nurl = \"{}\"\n\
+                 [[destination]]\nname = \"failing\"\nurl = \"{}\"\nattempts = 100\nbackoff_ms = 50\n\
+                 [[destination]]\nname = \"hanging\"\nurl = \"{}\"\nconcurrency = 2\ntimeout_ms = 2000\nattempts = 100\n",
+                u[0], u[1], u[2]
+            )
+        },
+        |c| c.delivery.concurrency = 2,
+    )
+    .await;
+    let (failing, hanging) = (&extra[0], &extra[1]);
+    failing.set_default(Behaviour::status(503));
+    hanging.set_default(Behaviour::Delay(std::time::Duration::from_secs(60), 200));
+    let n = 60;
+    for i in 0..n {
+        let reply = app.post_event(&event("bot", &format!("iso-{i}"))).await;
+        assert_eq!(reply.status, 200);
+    }
+    assert!(
+        app.sink.wait_for(n, WAIT).await,
+        "the healthy destination got {} of {n}",
+        app.sink.count()
+    );
+    assert!(
+        failing.posts() > 0 && hanging.posts() > 0,
+        "the others were tried"
+    );
+    assert!(
+        hanging.posts() <= 2,
+        "the hanging one holds its own 2 workers only"
+    );
+    app.stop().await.expect("clean stop");
 }

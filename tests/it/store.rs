@@ -139,3 +139,62 @@ async fn a_queue_is_usable_from_many_tasks() {
     }
     assert_eq!(q.counts().await.expect("counts").waiting, 200);
 }
+
+/// A store written by the version before destinations (schema 2: no
+/// `destination` column, one job per dedup record) opens with its jobs as
+/// the `default` destination's, delivered from there, and its dedup records
+/// still answer duplicates with the first job's id.
+#[tokio::test]
+async fn a_store_of_the_previous_version_keeps_its_jobs_and_duplicates() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(dir.path()).expect("dir");
+    let old = ev("before-destinations");
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("cogrelay.db")).expect("sqlite");
+        conn.execute_batch(
+            "CREATE TABLE jobs (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, event_key TEXT NOT NULL, event_id TEXT NOT NULL,
+                bot_id TEXT, event_type TEXT, kind TEXT NOT NULL, body BLOB NOT NULL, state TEXT NOT NULL,
+                attempts_made INTEGER NOT NULL DEFAULT 0, due_at_ms INTEGER NOT NULL, lease_token TEXT,
+                lease_until_ms INTEGER, created_at_ms INTEGER NOT NULL, finished_at_ms INTEGER,
+                failed_reason TEXT, stalls INTEGER NOT NULL DEFAULT 0, attempts_log TEXT NOT NULL DEFAULT '[]');
+             CREATE INDEX jobs_due ON jobs(due_at_ms, seq) WHERE state IN ('waiting','delayed');
+             CREATE TABLE dedup (event_key TEXT PRIMARY KEY, job_seq INTEGER NOT NULL,
+                expires_at_ms INTEGER NOT NULL) WITHOUT ROWID;
+             PRAGMA user_version = 2;",
+        )
+        .expect("old schema");
+        let now = cogrelay::queue::now_ms();
+        conn.execute(
+            "INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms)
+             VALUES (41, ?1, ?2, 'b', 'message.received', 'event', ?3, 'waiting', ?4, ?4)",
+            rusqlite::params![old.key.as_str(), old.event_id, old.body, now],
+        )
+        .expect("old job");
+        conn.execute(
+            "INSERT INTO dedup (event_key, job_seq, expires_at_ms) VALUES (?1, 41, ?2)",
+            rusqlite::params![old.key.as_str(), now + 60_000],
+        )
+        .expect("old dedup");
+    }
+    let q = open(dir.path());
+    assert_eq!(
+        q.enqueue(ev("before-destinations")).await.expect("enqueue"),
+        Enqueued::Duplicate("41".into()),
+        "the old dedup record answers"
+    );
+    let view = q.get("41").await.expect("get");
+    assert_eq!(view.destination, "default");
+    let claimed = q
+        .claim(10, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs;
+    assert_eq!(claimed.len(), 1, "the default destination's pool takes it");
+    assert_eq!(claimed[0].job.id, "41");
+    let fresh = match q.enqueue(ev("after")).await.expect("enqueue") {
+        Enqueued::Accepted(id) => id,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(fresh, "42", "ids go on from the old ones");
+}

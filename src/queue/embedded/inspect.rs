@@ -6,19 +6,20 @@ use crate::queue::StoredJob;
 
 pub(super) const VIEW_COLUMNS: &str =
     "seq, state, event_key, event_id, bot_id, event_type, kind, attempts_made,
-    created_at_ms, due_at_ms, finished_at_ms, failed_reason, attempts_log";
+    created_at_ms, due_at_ms, finished_at_ms, failed_reason, attempts_log, destination";
 
 pub(super) fn row_to_view(r: &rusqlite::Row<'_>, with_payload: bool) -> rusqlite::Result<JobView> {
     let state: String = r.get(1)?;
     let state = JobState::parse(&state).unwrap_or(JobState::Failed);
     let log: String = r.get(12)?;
     let body = if with_payload {
-        String::from_utf8(r.get::<_, Vec<u8>>(13)?).ok()
+        String::from_utf8(r.get::<_, Vec<u8>>(14)?).ok()
     } else {
         None
     };
     let stored = StoredJob {
         id: r.get::<_, i64>(0)?.to_string(),
+        destination: r.get(13)?,
         event_key: r.get(2)?,
         event_id: r.get(3)?,
         bot_id: r.get(4)?,

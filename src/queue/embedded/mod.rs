@@ -79,8 +79,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    now_ms, Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView,
-    LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult, QueueSettings,
+    jobs_text, now_ms, parse_jobs_text, Attempt, Claimed, Counts, DeliveryJob, Disposition, JobRef,
+    JobState, JobView, LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult,
+    QueueSettings, Routed, DEFAULT_DESTINATION,
 };
 use crate::event::{Event, EventKey, EventKind};
 
@@ -88,7 +89,7 @@ mod inspect;
 mod schema;
 mod writer;
 
-use schema::{SCHEMA, SCHEMA_VERSION};
+use schema::{ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION};
 pub use writer::WAL_RESTART_BYTES;
 use writer::*;
 
@@ -149,6 +150,23 @@ pub struct EmbeddedOptions {
     pub exclusive: bool,
 }
 
+/// Brings a store written by an older version up to the schema's columns.
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, definition) in ADDED_COLUMNS {
+        let mut stmt = conn.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
+        let names = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        // No table yet (a new store): SCHEMA creates it whole.
+        if !names.is_empty() && !names.iter().any(|n| n == column) {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+            ))?;
+        }
+    }
+    Ok(())
+}
+
 impl EmbeddedQueue {
     /// Opens (creating if needed) the store and takes the process lock. Active jobs
     /// left by a dead process go back to waiting.
@@ -172,6 +190,7 @@ impl EmbeddedQueue {
         conn.pragma_update(None, "journal_size_limit", wal_restart_bytes as i64)
             .map_err(sqlite_err)?;
         incremental_vacuum_on(&conn).map_err(sqlite_err)?;
+        add_missing_columns(&conn).map_err(sqlite_err)?;
         conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sqlite_err)?;
@@ -282,37 +301,44 @@ fn take_lock(data_dir: &Path) -> Result<File, OpenError> {
 }
 
 impl Queue for EmbeddedQueue {
-    async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
-        self.call(move |conn, w| insert_event(conn, w, &event, None))
-            .await
-    }
-
-    async fn enqueue_leased(
+    async fn store(
         &self,
         event: Event,
-        lease: Duration,
-    ) -> QueueResult<(Enqueued, Option<Leased>)> {
-        let lease_ms = lease.as_millis() as i64;
-        let token = format!("{:016x}", fastrand::u64(..));
+        destinations: Vec<String>,
+        lease: Option<Duration>,
+    ) -> QueueResult<(Routed, Vec<Leased>)> {
+        let token = lease.map(|_| format!("{:016x}", fastrand::u64(..)));
         self.call(move |conn, w| {
-            let enqueued = insert_event(conn, w, &event, Some((&token, w.now_ms + lease_ms)))?;
-            let leased = match &enqueued {
-                Enqueued::Accepted(id) => Some(Leased {
-                    lease: LeaseRef {
-                        job_id: id.clone(),
-                        token,
-                    },
-                    job: DeliveryJob::new(id.clone(), event),
-                }),
-                Enqueued::Duplicate(_) => None,
+            let until = lease.map(|l| w.now_ms + l.as_millis() as i64);
+            let lease = token.as_deref().zip(until);
+            let routed = insert_event(conn, w, &event, &destinations, lease)?;
+            let leased = match (&token, routed.duplicate) {
+                (Some(token), false) => routed
+                    .jobs
+                    .iter()
+                    .map(|j| Leased {
+                        lease: LeaseRef {
+                            job_id: j.id.clone(),
+                            token: token.clone(),
+                        },
+                        job: DeliveryJob::new(j.id.clone(), event.clone()),
+                    })
+                    .collect(),
+                _ => Vec::new(),
             };
-            Ok((enqueued, leased))
+            Ok((routed, leased))
         })
         .await
     }
 
-    async fn claim(&self, max: usize, lease: Duration) -> QueueResult<Claimed> {
+    async fn claim_for(
+        &self,
+        destination: &str,
+        max: usize,
+        lease: Duration,
+    ) -> QueueResult<Claimed> {
         let lease_ms = lease.as_millis() as i64;
+        let destination = destination.to_string();
         self.call(move |conn, w| {
             let now = w.now_ms;
             // Stall recovery: an expired lease means its worker is gone.
@@ -330,13 +356,13 @@ impl Queue for EmbeddedQueue {
             let mut stmt = conn
                 .prepare_cached(
                     "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
-                     WHERE seq IN (SELECT seq FROM jobs WHERE state IN ('waiting','delayed') AND due_at_ms <= ?3
-                                   ORDER BY due_at_ms, seq LIMIT ?4)
+                     WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
+                                   AND due_at_ms <= ?3 ORDER BY due_at_ms, seq LIMIT ?4)
                      RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made",
                 )
                 .map_err(sql_err)?;
             let rows = stmt
-                .query_map(params![token, now + lease_ms, now, max as i64], |r| {
+                .query_map(params![token, now + lease_ms, now, max as i64, destination], |r| {
                     let kind: String = r.get(4)?;
                     Ok(DeliveryJob {
                         id: r.get::<_, i64>(0)?.to_string(),
@@ -358,10 +384,10 @@ impl Queue for EmbeddedQueue {
             let next_due_ms = if jobs.is_empty() {
                 conn.prepare_cached(
                     "SELECT min(t) FROM (
-                        SELECT min(due_at_ms) AS t FROM jobs WHERE state IN ('waiting','delayed')
+                        SELECT min(due_at_ms) AS t FROM jobs WHERE destination=?1 AND state IN ('waiting','delayed')
                         UNION ALL SELECT min(lease_until_ms) FROM jobs WHERE state='active')",
                 )
-                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .and_then(|mut s| s.query_row([&destination], |r| r.get(0)))
                 .map_err(sql_err)?
             } else {
                 None

@@ -1,6 +1,6 @@
 //! The store's tables and indexes (their design: the module doc of [`super`]).
 
-pub(super) const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -20,17 +20,30 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at_ms INTEGER,
     failed_reason TEXT,
     stalls INTEGER NOT NULL DEFAULT 0,
-    attempts_log TEXT NOT NULL DEFAULT '[]'
+    attempts_log TEXT NOT NULL DEFAULT '[]',
+    destination TEXT NOT NULL DEFAULT 'default'
 );
 DROP INDEX IF EXISTS jobs_state;
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs(seq) WHERE state = 'failed';
 CREATE INDEX IF NOT EXISTS jobs_completed ON jobs(seq) WHERE state = 'completed';
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs(due_at_ms, seq) WHERE state IN ('waiting','delayed');
+DROP INDEX IF EXISTS jobs_due;
+CREATE INDEX IF NOT EXISTS jobs_due_by_destination ON jobs(destination, due_at_ms, seq) WHERE state IN ('waiting','delayed');
 CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_until_ms) WHERE state = 'active';
 CREATE TABLE IF NOT EXISTS dedup (
     event_key TEXT PRIMARY KEY,
     job_seq INTEGER NOT NULL,
-    expires_at_ms INTEGER NOT NULL
+    expires_at_ms INTEGER NOT NULL,
+    jobs TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup(expires_at_ms);
 ";
+
+/// Columns added since the first schema, for a store written by an older
+/// version (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it is):
+/// (table, column, definition). Version 3: a job's destination (existing jobs
+/// are the `default` destination's), and every job of a deduplicated event
+/// (`destination=seq,...`; NULL in older rows: the one `job_seq`).
+pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("jobs", "destination", "TEXT NOT NULL DEFAULT 'default'"),
+    ("dedup", "jobs", "TEXT"),
+];

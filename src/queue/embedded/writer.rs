@@ -301,9 +301,15 @@ pub(super) fn insert_event(
     conn: &Connection,
     w: &mut Writer,
     event: &Event,
+    destinations: &[String],
     lease: Option<(&str, i64)>,
-) -> QueueResult<Enqueued> {
+) -> QueueResult<Routed> {
     let now = w.now_ms;
+    if destinations.is_empty() {
+        return Err(QueueError::Unavailable(
+            "an event for no destination".into(),
+        ));
+    }
     if w.full() {
         return Err(QueueError::Unavailable(format!(
             "the store is full: database and WAL hold {} bytes of COGRELAY_MAX_DB_BYTES={}",
@@ -312,51 +318,87 @@ pub(super) fn insert_event(
     }
     let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
     let dedup = ttl_ms > 0; // DEDUP_TTL_SECS=0: every event a new job
-    let existing: Option<i64> = if !dedup {
+    let existing: Option<(i64, Option<String>)> = if !dedup {
         None
     } else {
-        conn.prepare_cached("SELECT job_seq FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2")
-            .and_then(|mut s| {
-                s.query_row(params![event.key.as_str(), now], |r| r.get(0))
-                    .optional()
+        conn.prepare_cached(
+            "SELECT job_seq, jobs FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![event.key.as_str(), now], |r| {
+                Ok((r.get(0)?, r.get(1)?))
             })
-            .map_err(sql_err)?
+            .optional()
+        })
+        .map_err(sql_err)?
     };
-    if let Some(seq) = existing {
-        return Ok(Enqueued::Duplicate(seq.to_string()));
+    if let Some((seq, jobs)) = existing {
+        // A row of an older version names one job, the default destination's.
+        let jobs = jobs.map(|t| parse_jobs_text(&t)).unwrap_or_else(|| {
+            vec![JobRef {
+                destination: DEFAULT_DESTINATION.into(),
+                id: seq.to_string(),
+            }]
+        });
+        return Ok(Routed {
+            duplicate: true,
+            jobs,
+        });
     }
     let (state, token, until) = match lease {
         Some((token, until)) => ("active", Some(token), Some(until)),
         None => ("waiting", None, None),
     };
-    conn.prepare_cached(
-        "INSERT INTO jobs (event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
-                           lease_token, lease_until_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            event.key.as_str(),
-            event.event_id,
-            event.bot_id,
-            event.event_type,
-            event.kind.as_str(),
-            event.body,
-            state,
-            now,
-            token,
-            until
-        ])
-    })
-    .map_err(sql_err)?;
-    let seq = conn.last_insert_rowid();
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO jobs (event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
+                               lease_token, lease_until_ms, destination)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11)",
+        )
+        .map_err(sql_err)?;
+    let mut jobs = Vec::with_capacity(destinations.len());
+    for destination in destinations {
+        insert
+            .execute(params![
+                event.key.as_str(),
+                event.event_id,
+                event.bot_id,
+                event.event_type,
+                event.kind.as_str(),
+                event.body,
+                state,
+                now,
+                token,
+                until,
+                destination,
+            ])
+            .map_err(sql_err)?;
+        jobs.push(JobRef {
+            destination: destination.clone(),
+            id: conn.last_insert_rowid().to_string(),
+        });
+    }
     w.stored_since_maintenance += 1;
     if dedup {
+        let first: i64 = jobs
+            .first()
+            .and_then(|j| j.id.parse().ok())
+            .unwrap_or_default();
         conn.prepare_cached(
-            "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms) VALUES (?1, ?2, ?3)",
+            "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms, jobs) VALUES (?1, ?2, ?3, ?4)",
         )
-        .and_then(|mut s| s.execute(params![event.key.as_str(), seq, now.saturating_add(ttl_ms)]))
+        .and_then(|mut s| {
+            s.execute(params![
+                event.key.as_str(),
+                first,
+                now.saturating_add(ttl_ms),
+                jobs_text(&jobs)
+            ])
+        })
         .map_err(sql_err)?;
     }
-    Ok(Enqueued::Accepted(seq.to_string()))
+    Ok(Routed {
+        duplicate: false,
+        jobs,
+    })
 }

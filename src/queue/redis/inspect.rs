@@ -116,6 +116,7 @@ fn view_of(
     });
     let stored = StoredJob {
         id: job.id().to_string(),
+        destination: s("destination").unwrap_or_default(),
         event_key: s("eventKey").unwrap_or_default(),
         event_id: s("eventId").unwrap_or_default(),
         bot_id: s("botId"),

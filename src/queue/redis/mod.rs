@@ -57,8 +57,8 @@ use serde_json::Value;
 
 use super::batch::Batcher;
 use super::{
-    Attempt, Claimed, Counts, DeliveryJob, Disposition, Enqueued, JobState, JobView, LeaseRef,
-    Leased, Operate, Page, Queue, QueueError, QueueResult, QueueSettings,
+    Attempt, Claimed, Counts, DeliveryJob, Disposition, JobRef, JobState, JobView, LeaseRef,
+    Leased, Operate, Page, Queue, QueueError, QueueResult, QueueSettings, Routed,
 };
 use crate::event::{Event, EventKey, EventKind};
 
@@ -274,35 +274,68 @@ impl RedisQueue {
 const BREAKER_OPEN: Duration = Duration::from_millis(500);
 
 impl Queue for RedisQueue {
-    async fn enqueue(&self, event: Event) -> QueueResult<Enqueued> {
-        Ok(match self.enqueue_guarded(&event, None).await? {
-            Added::Duplicate(id) => Enqueued::Duplicate(id),
-            Added::Waiting(id) | Added::Locked(id) => Enqueued::Accepted(id),
+    async fn store(
+        &self,
+        event: Event,
+        destinations: Vec<String>,
+        lease: Option<Duration>,
+    ) -> QueueResult<(Routed, Vec<Leased>)> {
+        // One BullMQ queue, one destination: `config` refuses a file with
+        // several destinations on Redis (docs/destinations.md).
+        let [destination] = destinations.as_slice() else {
+            return Err(unavailable(
+                "the Redis queue takes one destination per relay so far",
+            ));
+        };
+        let token = lease.map(|_| self.hot.token());
+        let lock = token.clone().zip(lease.map(|l| l.as_millis() as u64));
+        let added = self.enqueue_guarded(&event, destination, lock).await?;
+        let job = |id: &str| JobRef {
+            destination: destination.clone(),
+            id: id.to_string(),
+        };
+        Ok(match (added, token) {
+            (Added::Duplicate(id), _) => (
+                Routed {
+                    duplicate: true,
+                    jobs: vec![job(&id)],
+                },
+                Vec::new(),
+            ),
+            (Added::Locked(id), Some(token)) => {
+                let leased = Leased {
+                    job: DeliveryJob::new(id.clone(), event),
+                    lease: LeaseRef {
+                        job_id: id.clone(),
+                        token,
+                    },
+                };
+                (
+                    Routed {
+                        duplicate: false,
+                        jobs: vec![job(&id)],
+                    },
+                    vec![leased],
+                )
+            }
+            // Stored in wait (no lease asked, or the queue is paused or at
+            // its global concurrency): no handoff.
+            (Added::Waiting(id) | Added::Locked(id), _) => (
+                Routed {
+                    duplicate: false,
+                    jobs: vec![job(&id)],
+                },
+                Vec::new(),
+            ),
         })
     }
 
-    async fn enqueue_leased(
+    async fn claim_for(
         &self,
-        event: Event,
+        _destination: &str,
+        max: usize,
         lease: Duration,
-    ) -> QueueResult<(Enqueued, Option<Leased>)> {
-        let token = self.hot.token();
-        let lock = (token.clone(), lease.as_millis() as u64);
-        let id = match self.enqueue_guarded(&event, Some(lock)).await? {
-            Added::Duplicate(id) => return Ok((Enqueued::Duplicate(id), None)),
-            // Stored in wait (the queue is paused): no handoff.
-            Added::Waiting(id) => return Ok((Enqueued::Accepted(id), None)),
-            Added::Locked(id) => id,
-        };
-        let job = DeliveryJob::new(id.clone(), event);
-        let lease = LeaseRef {
-            job_id: id.clone(),
-            token,
-        };
-        Ok((Enqueued::Accepted(id), Some(Leased { job, lease })))
-    }
-
-    async fn claim(&self, max: usize, lease: Duration) -> QueueResult<Claimed> {
+    ) -> QueueResult<Claimed> {
         let h = &self.hot;
         let mut call = h.prepare(
             &h.claim,

@@ -51,6 +51,7 @@ pub(super) struct NewJobData<'a> {
     pub(super) event_type: Option<&'a str>,
     pub(super) kind: &'a str,
     pub(super) body: &'a str,
+    pub(super) destination: &'a str,
 }
 
 /// The job data, as stored in the job hash's `data` field.
@@ -202,6 +203,7 @@ impl RedisQueue {
     pub(super) async fn enqueue_now(
         &self,
         event: &Event,
+        destination: &str,
         lock: Option<(String, u64)>,
     ) -> QueueResult<Added> {
         let key = event.key.as_str().to_string();
@@ -214,6 +216,7 @@ impl RedisQueue {
             event_type: event.event_type.as_deref(),
             kind: event.kind.as_str(),
             body,
+            destination,
         })
         .map_err(unavailable)?;
         // The options BullMQ would store for this job (`opts` field).
@@ -237,6 +240,7 @@ impl RedisQueue {
     pub(super) async fn enqueue_guarded(
         &self,
         event: &Event,
+        destination: &str,
         lock: Option<(String, u64)>,
     ) -> QueueResult<Added> {
         {
@@ -245,7 +249,7 @@ impl RedisQueue {
                 return Err(unavailable("unreachable (will retry shortly)"));
             }
         }
-        let res = self.enqueue_now(event, lock).await;
+        let res = self.enqueue_now(event, destination, lock).await;
         let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
         *down = match &res {
             Err(QueueError::Unavailable(_)) => Some(std::time::Instant::now() + BREAKER_OPEN),
