@@ -7,12 +7,10 @@
 //! from `TARGET_ENDPOINT` and the global settings (`config::serve`); with one,
 //! `config::destinations` reads it into a [`Destinations`].
 
-use std::time::Duration;
-
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use serde::Serialize;
 use serde_json::Value;
 
+pub use crate::delivery::circuit::CircuitSettings;
 use crate::delivery::DeliverySettings;
 
 /// The type an endpoint output is routed by (SPEC §7): outputs of a Flow turn
@@ -107,34 +105,13 @@ impl Filter {
     }
 }
 
-/// The circuit breaker of a destination (SPEC §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct CircuitSettings {
-    /// Consecutive retryable failures that open it; 0 = off.
-    pub failures: u32,
-    /// The first cool-down; doubles after each failed probe.
-    #[serde(rename = "cooldown_ms", serialize_with = "millis")]
-    pub cooldown: Duration,
-    #[serde(rename = "max_cooldown_ms", serialize_with = "millis")]
-    pub max_cooldown: Duration,
-}
-
-fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
-}
-
 /// One internal system the relay delivers to.
 #[derive(Debug, Clone)]
 pub struct Destination {
     pub name: String,
     pub filter: Filter,
-    /// Where and how, including the static headers.
+    /// Where and how: URL, headers, limits, retries, age limit, circuit.
     pub delivery: DeliverySettings,
-    /// Requests per second over all relays; 0 = no limit.
-    pub rate_limit: u32,
-    /// A job still undelivered after this long is failed.
-    pub max_age: Duration,
-    pub circuit: CircuitSettings,
 }
 
 /// Every destination of a relay, in the file's order (the first one's job id
@@ -190,12 +167,12 @@ impl Destinations {
                     "headers": headers,
                     "signing_secret": d.delivery.signing_key.as_ref().map(|_| "***"),
                     "concurrency": d.delivery.concurrency,
-                    "rate_limit": d.rate_limit,
+                    "rate_limit": d.delivery.rate_limit,
                     "timeout_ms": d.delivery.delivery_timeout.as_millis() as u64,
                     "attempts": d.delivery.attempts,
                     "backoff_ms": d.delivery.backoff.base.as_millis() as u64,
-                    "max_age_secs": d.max_age.as_secs(),
-                    "circuit": d.circuit,
+                    "max_age_secs": d.delivery.max_age.as_secs(),
+                    "circuit": d.delivery.circuit,
                 })
             })
             .collect();

@@ -11,6 +11,7 @@
 //! | `cogrelay_delivery_up` | gauge | 1 while the delivery pool runs |
 //! | `cogrelay_destination_deliveries_total` | counter | `destination`, `outcome` |
 //! | `cogrelay_events_unrouted_total` | counter | (events no destination wanted) |
+//! | `cogrelay_destination_circuit` | gauge | `destination`, `state` (1 for the state it is in) |
 //! | `cogrelay_queue_jobs` | gauge | `state` (read at scrape time) |
 //! | `cogrelay_queue_oldest_waiting_seconds` | gauge | age of the oldest due job |
 //! | `cogrelay_queue_durability_risk` | gauge | `risk` |
@@ -57,6 +58,7 @@ pub struct Metrics {
     pub delivery_up: AtomicBool,
     by_destination: Family<Vec<(&'static str, String)>, Counter>,
     unrouted: Counter,
+    circuits: Family<Vec<(&'static str, String)>, Gauge>,
 }
 
 /// One destination's delivery counters, created once per pool (no label
@@ -92,6 +94,7 @@ impl Default for Metrics {
             delivery_up: AtomicBool::new(false),
             by_destination: Family::default(),
             unrouted: Counter::default(),
+            circuits: Family::default(),
         }
     }
 }
@@ -127,6 +130,18 @@ impl Metrics {
                 ])
                 .clone()
         }))
+    }
+
+    /// `destination`'s circuit is now in `state` (closed, open, half-open).
+    pub fn circuit(&self, destination: &str, state: &str) {
+        for s in ["closed", "open", "half-open"] {
+            self.circuits
+                .get_or_create(&vec![
+                    ("destination", destination.to_string()),
+                    ("state", s.to_string()),
+                ])
+                .set(i64::from(s == state));
+        }
     }
 
     /// An event no destination wanted (SPEC §7: answered `unrouted`).
@@ -175,6 +190,11 @@ impl Metrics {
             "cogrelay_destination_deliveries",
             "Delivery attempts by destination and outcome",
             self.by_destination.clone(),
+        );
+        r.register(
+            "cogrelay_destination_circuit",
+            "Circuit breaker state of each destination (1 for its state)",
+            self.circuits.clone(),
         );
         r.register(
             "cogrelay_events_unrouted",

@@ -22,9 +22,8 @@ use crate::destination::{valid_name, CircuitSettings, Destination, Destinations,
 /// global value named beside it).
 #[derive(Debug, Clone)]
 pub struct Globals {
+    /// Every setting a destination may leave out (its `target` is unused).
     pub delivery: DeliverySettings,
-    pub circuit: CircuitSettings,
-    pub max_age: Duration,
     /// Every destination's timeout must stay below it (the lease).
     pub lock_duration: Duration,
 }
@@ -337,6 +336,7 @@ fn destination(
     }
     let mut backoff = g.delivery.backoff;
     backoff.base = ms("backoff_ms", backoff.base)?;
+    let circuit = circuit_settings(&e, t, g.delivery.circuit)?;
     let delivery = DeliverySettings {
         target,
         delivery_timeout,
@@ -349,9 +349,30 @@ fn destination(
             .int("concurrency", 1..=4096)?
             .map_or(g.delivery.concurrency, |n| n as usize),
         headers,
+        rate_limit: e
+            .int("rate_limit", 0..=1_000_000)?
+            .map_or(g.delivery.rate_limit, |n| n as u32),
+        max_age: e
+            .int("max_age_secs", 1..=i64::from(u32::MAX))?
+            .map_or(g.delivery.max_age, |n| Duration::from_secs(n as u64)),
+        circuit,
     };
-    let circuit = match t.get("circuit") {
-        None => g.circuit,
+    Ok(Destination {
+        name,
+        filter,
+        delivery,
+    })
+}
+
+/// `[destination.circuit]`, over the global circuit settings.
+fn circuit_settings(
+    e: &Entry<'_>,
+    t: &Table,
+    global: CircuitSettings,
+) -> Result<CircuitSettings, ConfigError> {
+    let g = global;
+    Ok(match t.get("circuit") {
+        None => g,
         Some(Toml::Table(c)) => {
             if let Some(key) = c.keys().find(|k| !CIRCUIT_KEYS.contains(&k.as_str())) {
                 return Err(e.err(
@@ -368,9 +389,9 @@ fn destination(
             let settings = CircuitSettings {
                 failures: e
                     .int_in(c, "failures", "circuit.failures", 0..=1000)?
-                    .map_or(g.circuit.failures, |n| n as u32),
-                cooldown: cms("cooldown_ms", g.circuit.cooldown)?,
-                max_cooldown: cms("max_cooldown_ms", g.circuit.max_cooldown)?,
+                    .map_or(g.failures, |n| n as u32),
+                cooldown: cms("cooldown_ms", g.cooldown)?,
+                max_cooldown: cms("max_cooldown_ms", g.max_cooldown)?,
             };
             if settings.max_cooldown < settings.cooldown {
                 return Err(e.err(
@@ -381,16 +402,6 @@ fn destination(
             settings
         }
         Some(_) => return Err(e.err("circuit", "must be a table: write [destination.circuit]")),
-    };
-    Ok(Destination {
-        name,
-        filter,
-        delivery,
-        rate_limit: e.int("rate_limit", 0..=1_000_000)?.map_or(0, |n| n as u32),
-        max_age: e
-            .int("max_age_secs", 1..=i64::from(u32::MAX))?
-            .map_or(g.max_age, |n| Duration::from_secs(n as u64)),
-        circuit,
     })
 }
 
@@ -413,13 +424,14 @@ mod tests {
                 signing_key: None,
                 concurrency: 16,
                 headers: HeaderMap::new(),
+                rate_limit: 0,
+                max_age: Duration::from_secs(86_400),
+                circuit: CircuitSettings {
+                    failures: 5,
+                    cooldown: Duration::from_secs(10),
+                    max_cooldown: Duration::from_secs(300),
+                },
             },
-            circuit: CircuitSettings {
-                failures: 5,
-                cooldown: Duration::from_secs(10),
-                max_cooldown: Duration::from_secs(300),
-            },
-            max_age: Duration::from_secs(86_400),
             lock_duration: Duration::from_secs(30),
         }
     }
@@ -477,10 +489,10 @@ events = ["handover.*", "cognigy.output"]
         assert_eq!(crm.delivery.attempts, 8);
         assert_eq!(crm.delivery.delivery_timeout, Duration::from_secs(5));
         assert_eq!(crm.delivery.backoff.base, Duration::from_secs(1));
-        assert_eq!(crm.rate_limit, 50);
-        assert_eq!(crm.max_age, Duration::from_secs(3600));
-        assert_eq!(crm.circuit.failures, 3);
-        assert_eq!(crm.circuit.cooldown, Duration::from_secs(2));
+        assert_eq!(crm.delivery.rate_limit, 50);
+        assert_eq!(crm.delivery.max_age, Duration::from_secs(3600));
+        assert_eq!(crm.delivery.circuit.failures, 3);
+        assert_eq!(crm.delivery.circuit.cooldown, Duration::from_secs(2));
         assert_eq!(crm.delivery.headers["x-api-key"], "crm-key-123");
         assert!(crm.delivery.headers["x-api-key"].is_sensitive());
         assert!(crm.delivery.signing_key.is_some());
@@ -496,9 +508,9 @@ events = ["handover.*", "cognigy.output"]
         assert_eq!(wh.delivery.concurrency, 16, "CONCURRENCY");
         assert_eq!(wh.delivery.attempts, 5, "ATTEMPTS");
         assert_eq!(wh.delivery.delivery_timeout, Duration::from_secs(15));
-        assert_eq!(wh.rate_limit, 0, "no limit");
-        assert_eq!(wh.circuit, globals().circuit);
-        assert_eq!(wh.max_age, Duration::from_secs(86_400));
+        assert_eq!(wh.delivery.rate_limit, 0, "no limit");
+        assert_eq!(wh.delivery.circuit, globals().delivery.circuit);
+        assert_eq!(wh.delivery.max_age, Duration::from_secs(86_400));
         assert!(wh.filter.wants("anything.at.all", None, None));
         assert!(list[2]
             .filter

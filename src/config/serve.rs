@@ -28,10 +28,6 @@ pub struct ServeConfig {
     /// destinations file (`TARGET_ENDPOINT`), and what a destination of the
     /// file takes for a setting it leaves out (its `target` is then unused).
     pub delivery: DeliverySettings,
-    /// `CIRCUIT_*`: a destination's circuit where the file says nothing.
-    pub circuit: CircuitSettings,
-    /// `MAX_AGE_SECS`.
-    pub max_age: Duration,
     /// The destinations file's, resolved; `None` without a file.
     pub destinations_file: Option<Destinations>,
     pub pool: PoolSettings,
@@ -88,6 +84,13 @@ impl ServeConfig {
                 signing_key: None,
                 concurrency: def(d::CONCURRENCY),
                 headers: Default::default(),
+                rate_limit: 0,
+                max_age: Duration::from_secs(def(d::MAX_AGE_SECS)),
+                circuit: CircuitSettings {
+                    failures: def(d::CIRCUIT_FAILURES),
+                    cooldown: ms(d::CIRCUIT_COOLDOWN_MS),
+                    max_cooldown: ms(d::CIRCUIT_MAX_COOLDOWN_MS),
+                },
             },
             pool: PoolSettings {
                 lock_duration: ms(d::LOCK_DURATION_MS),
@@ -100,12 +103,6 @@ impl ServeConfig {
                 listen: def(d::ADMIN_LISTEN),
                 token: None,
             },
-            circuit: CircuitSettings {
-                failures: def(d::CIRCUIT_FAILURES),
-                cooldown: ms(d::CIRCUIT_COOLDOWN_MS),
-                max_cooldown: ms(d::CIRCUIT_MAX_COOLDOWN_MS),
-            },
-            max_age: Duration::from_secs(def(d::MAX_AGE_SECS)),
             destinations_file: None,
             summary_every: None,
         }
@@ -122,9 +119,6 @@ impl ServeConfig {
                 name: DEFAULT_NAME.into(),
                 filter: Filter::everything(),
                 delivery: self.delivery.clone(),
-                rate_limit: 0,
-                max_age: self.max_age,
-                circuit: self.circuit,
             }],
             file: None,
         }
@@ -333,7 +327,7 @@ impl ServeConfig {
                 )))
             }
         };
-        c.circuit = CircuitSettings {
+        c.delivery.circuit = CircuitSettings {
             failures: parse_num(
                 "CIRCUIT_FAILURES",
                 &a.circuit_failures,
@@ -342,7 +336,7 @@ impl ServeConfig {
             cooldown: ms("CIRCUIT_COOLDOWN_MS", &a.circuit_cooldown_ms)?,
             max_cooldown: ms("CIRCUIT_MAX_COOLDOWN_MS", &a.circuit_max_cooldown_ms)?,
         };
-        c.max_age = Duration::from_secs(parse_num(
+        c.delivery.max_age = Duration::from_secs(parse_num(
             "MAX_AGE_SECS",
             &a.max_age_secs,
             "a whole number of seconds",
@@ -352,8 +346,6 @@ impl ServeConfig {
         if let Some(path) = file {
             let globals = Globals {
                 delivery: c.delivery.clone(),
-                circuit: c.circuit,
-                max_age: c.max_age,
                 lock_duration: c.pool.lock_duration,
             };
             let dests = super::destinations::load(&path, &globals, &|var| std::env::var(var).ok())?;
@@ -368,14 +360,16 @@ impl ServeConfig {
     /// Cross-field rules and ranges; also run by `serve::run` so that configs built
     /// in code obey them too.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.circuit.cooldown.is_zero() || self.circuit.max_cooldown < self.circuit.cooldown {
+        if self.delivery.circuit.cooldown.is_zero()
+            || self.delivery.circuit.max_cooldown < self.delivery.circuit.cooldown
+        {
             return Err(bad(format!(
                 "CIRCUIT_COOLDOWN_MS={} and CIRCUIT_MAX_COOLDOWN_MS={} are not valid: use a positive cool-down and a maximum at least as long",
-                self.circuit.cooldown.as_millis(),
-                self.circuit.max_cooldown.as_millis()
+                self.delivery.circuit.cooldown.as_millis(),
+                self.delivery.circuit.max_cooldown.as_millis()
             )));
         }
-        if self.max_age.is_zero() {
+        if self.delivery.max_age.is_zero() {
             return Err(bad(
                 "MAX_AGE_SECS=0 is not valid: use a positive number of seconds",
             ));

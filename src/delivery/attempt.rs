@@ -74,6 +74,26 @@ pub(super) async fn deliver<Q: Queue>(
     let n = leased.job.attempts_made + 1;
     let started_at_ms = now_ms();
     let t0 = Instant::now();
+    let max_age = pool.cfg.destination.max_age;
+    if let Some(created) = leased.job.created_at_ms {
+        if started_at_ms.saturating_sub(created) > max_age.as_millis() as i64 {
+            drop(permit);
+            let reason = format!(
+                "not delivered within max_age_secs ({} s)",
+                max_age.as_secs()
+            );
+            let attempt = Attempt {
+                n,
+                started_at_ms,
+                duration_ms: 0,
+                status: None,
+                error: Some(reason.clone()),
+                outcome: AttemptOutcome::Failed,
+            };
+            record(&pool, leased, attempt, Disposition::Failed { reason }).await;
+            return;
+        }
+    }
     if let (Some(client), EventKind::Envelope, Some(bot)) =
         (&pool.verifier, leased.job.kind, &leased.job.bot_id)
     {
@@ -144,7 +164,14 @@ pub(super) async fn deliver<Q: Queue>(
         Err(f) if f.timed_out => AttemptResult::Timeout,
         Err(f) => AttemptResult::Transport(&f.message),
     };
-    let (disposition, outcome) = decide_now(&pool.cfg, n, classify(&result, SystemTime::now()));
+    let classified = classify(&result, SystemTime::now());
+    let (signal, hold) = circuit::signal(
+        &result,
+        &classified,
+        pool.cfg.destination.backoff.max_retry_after,
+    );
+    pool.circuit.record(signal, hold);
+    let (disposition, outcome) = decide_now(&pool.cfg, n, classified);
     let error = match &sent {
         // A snippet of an error answer.
         Ok(answer) => {

@@ -10,6 +10,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::attempt::deliver;
+use super::circuit::{self, Gate};
 use super::*;
 use crate::cognigy::CognigyClient;
 use crate::queue::{now_ms, Claimed, LeaseRef, Leased, Queue, QueueResult};
@@ -47,6 +48,7 @@ pub async fn run<Q: Queue>(
         panic!("injected fault: the pool panicked");
     }
     let cfg_name = cfg.name.clone();
+    let circuit_settings = cfg.destination.circuit;
     let pool = Arc::new(Pool {
         queue,
         cfg,
@@ -55,6 +57,7 @@ pub async fn run<Q: Queue>(
         wake: wake.clone(),
         verifier,
         destination_metrics: metrics.destination(&cfg_name),
+        circuit: circuit::Circuit::new(&cfg_name, circuit_settings, metrics.clone()),
         metrics,
     });
     let semaphore = Arc::new(Semaphore::new(pool.cfg.destination.concurrency));
@@ -83,7 +86,16 @@ pub async fn run<Q: Queue>(
             take(&pool, &mut ready, job);
         }
         handoff.set_ready(ready.len());
+        // An open circuit (or a `Retry-After` hold) starts nothing and claims
+        // nothing: the jobs wait in the store with their attempts.
+        let gate = pool.circuit.gate();
+        let can_start = gate == Gate::Go;
+        let gate_until = match gate {
+            Gate::Until(t) => Some(t),
+            _ => None,
+        };
         if claiming.is_none()
+            && can_start
             && ready.len() < pool.cfg.destination.concurrency
             && rest_until.is_none_or(|t| Instant::now() >= t)
         {
@@ -133,13 +145,17 @@ pub async fn run<Q: Queue>(
                     }
                 }
             }
-            p = semaphore.clone().acquire_owned(), if !ready.is_empty() => {
+            p = semaphore.clone().acquire_owned(), if !ready.is_empty() && can_start => {
                 let Ok(permit) = p else { break };
-                if let Some(leased) = ready.pop_front() {
-                    tasks.spawn(deliver(pool.clone(), leased, permit));
+                if pool.circuit.try_start() == Gate::Go {
+                    if let Some(leased) = ready.pop_front() {
+                        tasks.spawn(deliver(pool.clone(), leased, permit));
+                    }
                 }
                 while tasks.try_join_next().is_some() {}
             }
+            _ = tokio::time::sleep_until(gate_until.unwrap_or(started).into()), if gate_until.is_some() => {}
+            _ = pool.circuit.changed.notified(), if !can_start => {}
             job = handoff.recv(), if ready.is_empty() => {
                 if let Some(job) = job {
                     take(&pool, &mut ready, job);

@@ -17,6 +17,7 @@
 //!   `SHUTDOWN_GRACE_MS`, then abort the rest and return their leases.
 
 pub(crate) mod backoff;
+pub mod circuit;
 pub mod classify;
 pub mod handoff;
 pub(crate) mod signing;
@@ -62,6 +63,11 @@ pub struct DeliverySettings {
     /// Static headers of every delivery (a destination's `headers`), marked
     /// sensitive: they may be credentials. The relay's own headers win.
     pub headers: reqwest::header::HeaderMap,
+    /// Requests per second to this destination over all relays; 0 = none.
+    pub rate_limit: u32,
+    /// A job still undelivered after this long is failed.
+    pub max_age: Duration,
+    pub circuit: circuit::CircuitSettings,
 }
 
 /// Settings of the worker pool itself, whatever it delivers to.
@@ -150,6 +156,8 @@ struct Pool<Q> {
     verifier: Option<CognigyClient>,
     metrics: Arc<crate::metrics::Metrics>,
     destination_metrics: crate::metrics::DestinationMetrics,
+    /// The destination's breaker (and `Retry-After` hold).
+    circuit: circuit::Circuit,
 }
 
 /// The leases a pool holds (claimed or handed over, running or about to),

@@ -182,6 +182,9 @@ pub struct DeliveryJob {
     pub body: Vec<u8>,
     /// Finished attempts so far; this delivery is attempt `attempts_made + 1`.
     pub attempts_made: u32,
+    /// When it was stored (unix ms); `None` for a job of an older version
+    /// (on Redis), which no age limit applies to.
+    pub created_at_ms: Option<i64>,
 }
 
 impl DeliveryJob {
@@ -195,6 +198,7 @@ impl DeliveryJob {
             kind: event.kind,
             body: event.body,
             attempts_made: 0,
+            created_at_ms: Some(now_ms()),
         }
     }
 }

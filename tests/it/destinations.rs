@@ -193,8 +193,6 @@ both_backends! {
             );
             let globals = Globals {
                 delivery: c.delivery.clone(),
-                circuit: c.circuit,
-                max_age: c.max_age,
                 lock_duration: c.pool.lock_duration,
             };
             let env = |var: &str| (var == "CRM_API_KEY").then(|| CRM_KEY.to_string());
@@ -230,8 +228,6 @@ async fn relay_with_destinations(
         let text = file(&urls);
         let globals = Globals {
             delivery: c.delivery.clone(),
-            circuit: c.circuit,
-            max_age: c.max_age,
             lock_duration: c.pool.lock_duration,
         };
         let list = destinations::parse(&text, "test.toml", &globals, &|_| None).expect("valid");

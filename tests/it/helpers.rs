@@ -71,6 +71,9 @@ pub fn test_config(sink: &Sink, data_dir: PathBuf) -> ServeConfig {
     c.pool.lock_duration = Duration::from_millis(3000);
     c.pool.shutdown_grace = Duration::from_millis(3000);
     c.admin.listen = "127.0.0.1:0".parse().expect("addr");
+    // The dead-letter paths of these tests fail fast: no circuit breaker
+    // (tests/it/circuit.rs turns it on).
+    c.delivery.circuit.failures = 0;
     c
 }
 

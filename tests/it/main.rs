@@ -10,6 +10,7 @@ mod redis_tls;
 mod admin;
 mod bullmq_compat;
 mod bullmq_port;
+mod circuit;
 mod cognigy;
 mod dashboard;
 mod delivery;

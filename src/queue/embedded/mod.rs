@@ -358,7 +358,7 @@ impl Queue for EmbeddedQueue {
                     "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
                      WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
                                    AND due_at_ms <= ?3 ORDER BY due_at_ms, seq LIMIT ?4)
-                     RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made",
+                     RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms",
                 )
                 .map_err(sql_err)?;
             let rows = stmt
@@ -372,6 +372,7 @@ impl Queue for EmbeddedQueue {
                         kind: EventKind::from_stored(&kind),
                         body: r.get(5)?,
                         attempts_made: r.get(6)?,
+                        created_at_ms: r.get(7)?,
                     })
                 })
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())

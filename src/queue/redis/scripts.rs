@@ -52,6 +52,7 @@ pub(super) struct NewJobData<'a> {
     pub(super) kind: &'a str,
     pub(super) body: &'a str,
     pub(super) destination: &'a str,
+    pub(super) created_at_ms: i64,
 }
 
 /// The job data, as stored in the job hash's `data` field.
@@ -70,6 +71,8 @@ pub(super) struct JobData {
     /// something else here; they deliver `null`.
     #[serde(default)]
     pub(super) body: Option<Value>,
+    #[serde(default)]
+    pub(super) created_at_ms: Option<i64>,
 }
 
 /// The batched scripts (see the module doc), their keys and a connection.
@@ -217,6 +220,7 @@ impl RedisQueue {
             kind: event.kind.as_str(),
             body,
             destination,
+            created_at_ms: crate::time::now_ms(),
         })
         .map_err(unavailable)?;
         // The options BullMQ would store for this job (`opts` field).
@@ -273,6 +277,7 @@ pub(super) fn delivery_job(id: String, data: &str, atm: &str) -> DeliveryJob {
         kind: EventKind::from_stored(&d.kind),
         body,
         attempts_made: atm.parse().unwrap_or(0),
+        created_at_ms: d.created_at_ms,
     }
 }
 

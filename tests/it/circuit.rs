@@ -1,0 +1,167 @@
+//! The circuit breaker of a destination (SPEC §7), with time scaled down:
+//! an outage dead-letters nothing and costs few attempts; a `Retry-After`
+//! holds the whole destination; a job past its age limit fails saying so.
+
+use std::time::{Duration, Instant};
+
+use cogrelay::destination::CircuitSettings;
+
+use crate::helpers::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn queue(app: &TestApp) -> serde_json::Value {
+    app.http
+        .get(format!("http://{}/admin/queue", app.admin))
+        .send()
+        .await
+        .expect("queue")
+        .json()
+        .await
+        .expect("json")
+}
+
+async fn metrics(app: &TestApp) -> String {
+    app.http
+        .get(format!("http://{}/metrics", app.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+async fn wait_for_metric(app: &TestApp, line: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !metrics(app).await.contains(line) {
+        assert!(Instant::now() < deadline, "never: {line}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An outage longer than all of a job's retries (5 attempts, 0.2 s backoff:
+/// 3 s) dead-letters nothing when the circuit holds the destination, makes
+/// few attempts at it, and everything is delivered once it is back. Without
+/// the breaker every job would be dead-lettered within the outage.
+#[tokio::test]
+async fn an_outage_dead_letters_nothing_and_everything_arrives_after_it() {
+    let mut app = spawn_app_with(|c| {
+        c.delivery.attempts = 5;
+        c.delivery.backoff.base = Duration::from_millis(200);
+        c.delivery.concurrency = 4;
+        c.delivery.circuit = CircuitSettings {
+            failures: 5,
+            cooldown: Duration::from_millis(500),
+            max_cooldown: Duration::from_secs(4),
+        };
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(503));
+    let n = 30;
+    for i in 0..n {
+        let reply = app.post_event(&event("bot", &format!("out-{i}"))).await;
+        assert_eq!(reply.status, 200);
+    }
+    wait_for_metric(
+        &app,
+        r#"cogrelay_destination_circuit{destination="default",state="open"} 1"#,
+    )
+    .await;
+    // The outage lasts well beyond every job's own retries.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = app.sink.posts();
+    let q = queue(&app).await;
+    assert_eq!(
+        q["failed"], 0,
+        "nothing dead-lettered during the outage: {q}"
+    );
+    app.sink.set_default(Behaviour::status(200));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let q = queue(&app).await;
+        if q["completed"] == n {
+            assert_eq!(q["failed"], 0, "{q}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all delivered: {q}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        during <= 40,
+        "a few dozen attempts at a failing destination, not {during}"
+    );
+    assert_eq!(app.sink.posts() - during, n as usize, "each delivered once");
+    wait_for_metric(
+        &app,
+        r#"cogrelay_destination_circuit{destination="default",state="closed"} 1"#,
+    )
+    .await;
+    app.stop().await.expect("clean stop");
+}
+
+/// A 429 with `Retry-After` holds the whole destination that long: no other
+/// job is sent to it meanwhile.
+#[tokio::test]
+async fn retry_after_holds_the_whole_destination() {
+    let mut app = spawn_app_with(|c| {
+        c.delivery.concurrency = 1;
+        c.delivery.circuit.failures = 5;
+    })
+    .await;
+    app.sink.push(Behaviour::retry_after(429, "2"));
+    for i in 0..3 {
+        let reply = app.post_event(&event("bot", &format!("held-{i}"))).await;
+        assert_eq!(reply.status, 200);
+    }
+    assert!(app.sink.wait_for(4, WAIT).await, "all delivered in the end");
+    let got = app.sink.received();
+    let gap = got[1].at.duration_since(got[0].at);
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "the next request came {gap:?} after the 429"
+    );
+    app.stop().await.expect("clean stop");
+}
+
+/// A job older than `max_age_secs` is failed with a reason that says so,
+/// without a request to the target.
+#[tokio::test]
+async fn a_job_past_its_age_limit_fails_saying_so() {
+    let mut app = spawn_app_with(|c| {
+        c.delivery.max_age = Duration::from_secs(1);
+        c.delivery.attempts = 100;
+        c.delivery.backoff.base = Duration::from_millis(600);
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(503));
+    let reply = app.post_event(&event("bot", "too-old")).await;
+    let id = reply.json["jobId"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + WAIT;
+    let job = loop {
+        let job: serde_json::Value = app
+            .http
+            .get(format!("http://{}/admin/jobs/{id}", app.admin))
+            .send()
+            .await
+            .expect("job")
+            .json()
+            .await
+            .expect("json");
+        if job["state"] == "failed" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "never failed: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        job["failedReason"], "not delivered within max_age_secs (1 s)",
+        "{job}"
+    );
+    let tried = app.sink.posts();
+    assert!(
+        tried >= 1 && (tried as u64) < job["attemptsMade"].as_u64().expect("n"),
+        "the last one was not sent: {job}"
+    );
+    app.stop().await.expect("clean stop");
+}
