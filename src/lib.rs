@@ -11,6 +11,8 @@
 //! the tests and the examples call.
 //!
 //! * [`time`]: wall-clock milliseconds and RFC 3339.
+//! * `window`: at most N requests in any rolling window (the Cognigy client's
+//!   limit, a destination's `rate_limit`).
 //! * [`secret`]: the `Secret` newtype (`***`), URLs without their credentials.
 //! * `event`: the domain core: event, key, kind, attempt, outcome.
 //! * [`answer`]: reading a remote answer within a bound; `Retry-After`.
@@ -66,3 +68,4 @@ pub mod sink;
 pub mod telemetry;
 pub mod time;
 mod tls;
+mod window;

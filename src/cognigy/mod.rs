@@ -14,8 +14,6 @@
 //! Paths are the two APIs of SPEC §4: the tutorials' `connectors` API and the
 //! real Cognigy.AI REST API (`rest`, under `/new/v2.0`).
 
-mod ratelimit;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,7 +23,7 @@ use serde_json::Value;
 
 use crate::answer::parse_retry_after;
 use crate::secret::Secret;
-pub use ratelimit::RateLimit;
+pub use crate::window::RateLimit;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -105,7 +103,7 @@ pub struct CognigyClient {
     http: reqwest::Client,
     cfg: CognigyConfig,
     token: tokio::sync::Mutex<Option<Token>>,
-    limiter: ratelimit::Limiter,
+    limiter: crate::window::Limiter,
     token_requests: AtomicU64,
 }
 
@@ -147,7 +145,7 @@ impl CognigyClient {
             })?;
         Ok(Self {
             http,
-            limiter: ratelimit::Limiter::new(cfg.rate_limit),
+            limiter: crate::window::Limiter::new(cfg.rate_limit),
             cfg,
             token: tokio::sync::Mutex::new(None),
             token_requests: AtomicU64::new(0),

@@ -49,6 +49,7 @@ pub async fn run<Q: Queue>(
     }
     let cfg_name = cfg.name.clone();
     let circuit_settings = cfg.destination.circuit;
+    let rate_limit = cfg.destination.rate_limit;
     let pool = Arc::new(Pool {
         queue,
         cfg,
@@ -58,6 +59,12 @@ pub async fn run<Q: Queue>(
         verifier,
         destination_metrics: metrics.destination(&cfg_name),
         circuit: circuit::Circuit::new(&cfg_name, circuit_settings, metrics.clone()),
+        limiter: (rate_limit > 0).then(|| {
+            crate::window::Limiter::new(crate::window::RateLimit {
+                max: rate_limit,
+                per: Duration::from_secs(1),
+            })
+        }),
         metrics,
     });
     let semaphore = Arc::new(Semaphore::new(pool.cfg.destination.concurrency));
@@ -80,6 +87,8 @@ pub async fn run<Q: Queue>(
     // written back), the next due time, or IDLE_POLL.
     let mut claiming: Option<JoinHandle<(usize, QueueResult<Claimed>)>> = None;
     let mut rest_until: Option<Instant> = None;
+    // The rate limit's next free slot, when the last start found none.
+    let mut rate_until: Option<Instant> = None;
     let started = Instant::now();
     loop {
         while let Some(job) = handoff.try_recv() {
@@ -89,10 +98,11 @@ pub async fn run<Q: Queue>(
         // An open circuit (or a `Retry-After` hold) starts nothing and claims
         // nothing: the jobs wait in the store with their attempts.
         let gate = pool.circuit.gate();
-        let can_start = gate == Gate::Go;
+        let rate_wait = rate_until.filter(|t| *t > Instant::now());
+        let can_start = gate == Gate::Go && rate_wait.is_none();
         let gate_until = match gate {
             Gate::Until(t) => Some(t),
-            _ => None,
+            _ => rate_wait,
         };
         if claiming.is_none()
             && can_start
@@ -147,10 +157,17 @@ pub async fn run<Q: Queue>(
             }
             p = semaphore.clone().acquire_owned(), if !ready.is_empty() && can_start => {
                 let Ok(permit) = p else { break };
-                if pool.circuit.try_start() == Gate::Go {
-                    if let Some(leased) = ready.pop_front() {
-                        tasks.spawn(deliver(pool.clone(), leased, permit));
+                // The rate limit's slot first: the circuit's probe, once
+                // marked as started, must start.
+                let slot = pool.limiter.as_ref().map_or(Ok(()), |l| l.try_acquire());
+                match slot {
+                    Err(until) => rate_until = Some(until.into_std()),
+                    Ok(()) if pool.circuit.try_start() == Gate::Go => {
+                        if let Some(leased) = ready.pop_front() {
+                            tasks.spawn(deliver(pool.clone(), leased, permit));
+                        }
                     }
+                    Ok(()) => {}
                 }
                 while tasks.try_join_next().is_some() {}
             }

@@ -158,6 +158,8 @@ struct Pool<Q> {
     destination_metrics: crate::metrics::DestinationMetrics,
     /// The destination's breaker (and `Retry-After` hold).
     circuit: circuit::Circuit,
+    /// `rate_limit` requests in any second (with a 5% margin); None = none.
+    limiter: Option<crate::window::Limiter>,
 }
 
 /// The leases a pool holds (claimed or handed over, running or about to),

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use cogrelay::config::destinations::{self, Globals};
 use cogrelay::destination::Destinations;
@@ -409,6 +410,60 @@ async fn a_failing_and_a_hanging_destination_do_not_hold_up_a_healthy_one() {
     assert!(
         hanging.posts() <= 2,
         "the hanging one holds its own 2 workers only"
+    );
+    app.stop().await.expect("clean stop");
+}
+
+/// A destination limited to 20 requests a second never sees more than 20 in
+/// any second (measured at the target, over every window that starts at a
+/// request), while an unlimited one beside it gets every event at once.
+#[tokio::test]
+async fn a_rate_limited_destination_never_sees_more_than_its_limit_in_any_second() {
+    let (mut app, extra) = relay_with_destinations(
+        2,
+        |u| {
+            format!(
+                "[[destination]]\nname = \"limited\"\nurl = \"{}\"\nrate_limit = 20\nconcurrency = 8\n\
+                 [[destination]]\nname = \"free\"\nurl = \"{}\"\n",
+                u[0], u[1]
+            )
+        },
+        |_| {},
+    )
+    .await;
+    let n = 70;
+    for i in 0..n {
+        let reply = app.post_event(&event("bot", &format!("rl-{i}"))).await;
+        assert_eq!(reply.status, 200);
+    }
+    let free = &extra[0];
+    assert!(
+        free.wait_for(n, WAIT).await,
+        "the unlimited one got them all"
+    );
+    let limited_so_far = app.sink.count();
+    assert!(
+        limited_so_far < n,
+        "the limited one is still being paced ({limited_so_far} of {n})"
+    );
+    assert!(
+        app.sink.wait_for(n, Duration::from_secs(20)).await,
+        "all delivered in the end"
+    );
+    let at: Vec<std::time::Instant> = app.sink.received().iter().map(|r| r.at).collect();
+    let most = at
+        .iter()
+        .map(|t0| {
+            at.iter()
+                .filter(|t| **t >= *t0 && t.duration_since(*t0) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(most <= 20, "{most} requests within one second");
+    assert!(
+        most >= 15,
+        "the limit is used ({most} in the busiest second)"
     );
     app.stop().await.expect("clean stop");
 }

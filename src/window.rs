@@ -1,4 +1,5 @@
-//! Client-side rate limit: at most `max` requests in any rolling `per` window.
+//! Client-side rate limit: at most `max` requests in any rolling `per` window
+//! (the Cognigy client's 100 a minute; a destination's `rate_limit` a second).
 //! A caller over the limit waits until the oldest request leaves the window, so
 //! a burst is paced rather than sent and answered 429. The window is measured
 //! 5% longer than `per` (3 s on a minute): requests arrive at the server with
@@ -41,6 +42,27 @@ impl Limiter {
             limit,
             sent: tokio::sync::Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Records one more request if it fits in the window now; else when the
+    /// oldest one leaves it (for a caller that must not wait here).
+    pub fn try_acquire(&self) -> Result<(), Instant> {
+        let window = self.limit.per + self.limit.per / 20;
+        let Ok(mut sent) = self.sent.try_lock() else {
+            return Err(Instant::now() + Duration::from_millis(1));
+        };
+        let now = Instant::now();
+        while sent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
+            sent.pop_front();
+        }
+        if (sent.len() as u32) < self.limit.max.max(1) {
+            sent.push_back(now);
+            return Ok(());
+        }
+        Err(*sent.front().unwrap_or(&now) + window)
     }
 
     /// Waits until one more request fits in the window, and records it.
