@@ -100,6 +100,12 @@ pub enum Command {
     /// Queue statistics (counts by state).
     Queue(QueueArgs),
 
+    /// Destinations in the queue: list (jobs by state, paused or not), pause
+    /// NAME (its jobs are stored, not delivered, by every relay, until
+    /// resumed), resume NAME. Works on the queue directly, like `jobs`; the
+    /// circuit state is the relay's (GET /admin/destinations).
+    Destinations(DestinationsArgs),
+
     /// Check the configuration: `cogrelay config check` reads every setting of
     /// `serve` and the destinations file (COGRELAY_CONFIG, default
     /// ./cogrelay.toml when it exists) and prints the resolved destinations as
@@ -146,6 +152,9 @@ pub enum JobsCommand {
         /// Jobs to skip.
         #[arg(long, default_value = "0")]
         offset: String,
+        /// Only this destination's jobs (default: every destination).
+        #[arg(long)]
+        destination: Option<String>,
     },
     /// One job with its payload and every attempt.
     Show { id: String },
@@ -157,9 +166,35 @@ pub enum JobsCommand {
         /// Retry every failed job.
         #[arg(long)]
         all_failed: bool,
+        /// With --all-failed: only this destination's failed jobs.
+        #[arg(long, requires = "all_failed")]
+        destination: Option<String>,
     },
     /// Delete a job (not one being delivered).
     Remove { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct DestinationsArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Option<DestinationsCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DestinationsCommand {
+    /// Each destination with jobs in the queue, or paused (the default).
+    List,
+    /// Stop delivering to NAME; its jobs are stored and wait.
+    Pause { name: String },
+    /// Deliver to NAME again.
+    Resume { name: String },
 }
 
 #[derive(Debug, Args)]

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
-use crate::cli::{JobsCommand, QueueCommand};
+use crate::cli::{DestinationsCommand, JobsCommand, QueueCommand};
 use crate::listing::Listing;
 use crate::queue::{
     self, JobView, OpenError, Opener, Operate, Queue as _, QueueError, StoreSettings,
@@ -54,6 +54,7 @@ impl From<QueueError> for CliError {
 pub enum Op {
     Jobs(JobsCommand),
     Stats,
+    Destinations(DestinationsCommand),
 }
 
 impl From<QueueCommand> for Op {
@@ -101,16 +102,26 @@ async fn execute<Q: Operate>(q: &Q, op: Op, json: bool) -> Result<String, CliErr
             state,
             limit,
             offset,
+            destination,
         }) => {
             let listing = Listing::parse(state.as_deref(), Some(&offset), Some(&limit), 20)
+                .and_then(|l| l.with_destination(destination.as_deref()))
                 .map_err(|e| CliError::Usage(e.explain("--")))?;
-            let page = q.list(listing.state, listing.offset, listing.limit).await?;
+            let page = q
+                .list_for(
+                    listing.state,
+                    listing.destination.as_deref(),
+                    listing.offset,
+                    listing.limit,
+                )
+                .await?;
             if json {
                 listing.answer(&page).to_string()
             } else {
                 list_table(&page.items, page.total, listing.offset)
             }
         }
+        Op::Destinations(command) => return destinations(q, command, json).await,
         Op::Jobs(JobsCommand::Show { id }) => {
             let job = q.get(&id).await?;
             if json {
@@ -127,8 +138,13 @@ async fn execute<Q: Operate>(q: &Q, op: Op, json: bool) -> Result<String, CliErr
                 format!("job {id} is waiting again (attempts reset)")
             }
         }
-        Op::Jobs(JobsCommand::Retry { id: None, .. }) => {
-            let n = q.retry_all_failed().await?;
+        Op::Jobs(JobsCommand::Retry {
+            id: None,
+            destination,
+            ..
+        }) => {
+            let destination = checked_name(destination.as_deref())?;
+            let n = q.retry_all_failed_for(destination).await?;
             if json {
                 json!({ "retried": n }).to_string()
             } else {
@@ -145,6 +161,72 @@ async fn execute<Q: Operate>(q: &Q, op: Op, json: bool) -> Result<String, CliErr
         }
     };
     Ok(out)
+}
+
+/// A destination's name as given on the command line, checked.
+fn checked_name(raw: Option<&str>) -> Result<Option<&str>, CliError> {
+    match raw {
+        Some(d) if !crate::destination::valid_name(d) => Err(CliError::Usage(format!(
+            "--destination {d:?} is not valid: a destination's name is 1 to 32 of a-z, 0-9, - and _"
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// `cogrelay destinations ...`.
+async fn destinations<Q: Operate>(
+    q: &Q,
+    command: DestinationsCommand,
+    json: bool,
+) -> Result<String, CliError> {
+    let (name, paused) = match command {
+        DestinationsCommand::List => {
+            let mut rows = Vec::new();
+            for name in q.destination_names().await? {
+                let counts = q.counts_for(Some(&name)).await?;
+                let paused = q.is_paused(&name).await?;
+                rows.push((name, counts, paused));
+            }
+            if json {
+                let list: Vec<Value> = rows
+                    .iter()
+                    .map(|(name, counts, paused)| json!({ "name": name, "paused": paused, "counts": counts }))
+                    .collect();
+                return Ok(Value::from(list).to_string());
+            }
+            let mut t = format!(
+                "{:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7}\n",
+                "DESTINATION", "PAUSED", "WAITING", "ACTIVE", "DELAYED", "COMPLETED", "FAILED"
+            );
+            for (name, c, paused) in &rows {
+                let _ = writeln!(
+                    t,
+                    "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7}",
+                    if *paused { "yes" } else { "no" },
+                    c.waiting,
+                    c.active,
+                    c.delayed,
+                    c.completed,
+                    c.failed
+                );
+            }
+            if rows.is_empty() {
+                t.push_str("(no destination has jobs in this queue)\n");
+            }
+            return Ok(t.trim_end().to_string());
+        }
+        DestinationsCommand::Pause { name } => (name, true),
+        DestinationsCommand::Resume { name } => (name, false),
+    };
+    let name = checked_name(Some(&name))?.unwrap_or_default().to_string();
+    q.set_paused(&name, paused).await?;
+    Ok(if json {
+        json!({ "name": name, "paused": paused }).to_string()
+    } else if paused {
+        format!("destination {name} paused: its jobs are stored and wait until `cogrelay destinations resume {name}`")
+    } else {
+        format!("destination {name} resumed")
+    })
 }
 
 fn cut(s: &str, n: usize) -> String {

@@ -9,10 +9,12 @@ use crate::queue::{JobState, Page};
 pub const MAX_LIMIT: u64 = 500;
 
 /// A validated listing query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listing {
     /// `None`: every state.
     pub state: Option<JobState>,
+    /// `None`: every destination.
+    pub destination: Option<String>,
     pub offset: u64,
     pub limit: u64,
 }
@@ -23,6 +25,7 @@ pub enum ListingError {
     State(String),
     Offset(String),
     Limit(String),
+    Destination(String),
 }
 
 impl ListingError {
@@ -38,6 +41,9 @@ impl ListingError {
             }
             Self::Limit(raw) => format!(
                 "{prefix}limit {raw:?} is not valid: use a whole number from 1 to {MAX_LIMIT}"
+            ),
+            Self::Destination(raw) => format!(
+                "{prefix}destination {raw:?} is not valid: a destination's name is 1 to 32 of a-z, 0-9, - and _"
             ),
         }
     }
@@ -67,9 +73,22 @@ impl Listing {
             .ok_or_else(|| ListingError::Limit(limit.unwrap_or_default().into()))?;
         Ok(Self {
             state,
+            destination: None,
             offset,
             limit,
         })
+    }
+
+    /// Only the jobs of this destination (absent or empty: every one).
+    pub fn with_destination(self, raw: Option<&str>) -> Result<Self, ListingError> {
+        match raw.map(str::trim).filter(|d| !d.is_empty()) {
+            None => Ok(self),
+            Some(d) if crate::destination::valid_name(d) => Ok(Self {
+                destination: Some(d.to_string()),
+                ..self
+            }),
+            Some(d) => Err(ListingError::Destination(d.to_string())),
+        }
     }
 
     /// The answer: `{"items", "total", "offset", "limit"}`.
@@ -89,6 +108,7 @@ mod tests {
             ok,
             Listing {
                 state: None,
+                destination: None,
                 offset: 0,
                 limit: 50
             }
@@ -98,6 +118,7 @@ mod tests {
             ok,
             Listing {
                 state: Some(JobState::Failed),
+                destination: None,
                 offset: 10,
                 limit: 500
             }

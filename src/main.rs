@@ -43,6 +43,14 @@ fn main() -> ExitCode {
             args.json,
         ),
         Command::Queue(args) => jobs(&args.store, args.command.into(), args.json),
+        Command::Destinations(args) => jobs(
+            &args.store,
+            cogrelay::jobs_cli::Op::Destinations(
+                args.command
+                    .unwrap_or(cogrelay::cli::DestinationsCommand::List),
+            ),
+            args.json,
+        ),
         Command::Config(args) => match args.command {
             cogrelay::cli::ConfigCommand::Check(serve_args) => config_check(&serve_args),
         },

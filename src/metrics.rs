@@ -144,6 +144,22 @@ impl Metrics {
         }
     }
 
+    /// The state `destination`'s circuit is in (`closed` before its pool ran).
+    pub fn circuit_state(&self, destination: &str) -> &'static str {
+        ["open", "half-open"]
+            .into_iter()
+            .find(|s| {
+                self.circuits
+                    .get_or_create(&vec![
+                        ("destination", destination.to_string()),
+                        ("state", s.to_string()),
+                    ])
+                    .get()
+                    == 1
+            })
+            .unwrap_or("closed")
+    }
+
     /// An event no destination wanted (SPEC §7: answered `unrouted`).
     pub fn unrouted(&self) {
         self.unrouted.inc();

@@ -112,6 +112,7 @@ pub async fn run_with_queue<Q: Operate>(
         token: cfg.admin.token.clone(),
         accepting: accepting.clone(),
         listen: admin_addr,
+        destinations: destinations.clone(),
     });
     let ingress_server = tokio::spawn(crate::tls::serve(
         ingress_listener,
@@ -184,8 +185,16 @@ pub async fn run_with_queue<Q: Operate>(
     }
     let close_result = queue.close().await;
     let _ = stop_http_tx.send(true);
-    for server in [ingress_server, admin_server] {
-        let _ = tokio::time::timeout(HTTP_CLOSE_GRACE, server).await;
+    for mut server in [ingress_server, admin_server] {
+        // A connection that outlives the grace is cut: the server's state
+        // holds the queue, which must be closed and gone when this returns.
+        if tokio::time::timeout(HTTP_CLOSE_GRACE, &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+            let _ = server.await;
+        }
     }
     pool_result?;
     close_result.context("failed to close the queue")?;

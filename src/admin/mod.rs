@@ -49,6 +49,8 @@ pub struct Admin<Q> {
     pub accepting: Arc<AtomicBool>,
     /// The address the admin API is bound to: its own origin.
     pub listen: std::net::SocketAddr,
+    /// The relay's destinations (SPEC §7).
+    pub destinations: crate::destination::Destinations,
 }
 
 pub fn router<Q: Operate>(state: Arc<Admin<Q>>) -> Router {
@@ -61,6 +63,9 @@ pub fn router<Q: Operate>(state: Arc<Admin<Q>>) -> Router {
             get(show_job::<Q>).delete(remove_job::<Q>),
         )
         .route("/admin/jobs/{id}/retry", post(retry_job::<Q>))
+        .route("/admin/destinations", get(list_destinations::<Q>))
+        .route("/admin/destinations/{name}/pause", post(pause::<Q>))
+        .route("/admin/destinations/{name}/resume", post(resume::<Q>))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_token::<Q>,
@@ -226,6 +231,7 @@ async fn queue_counts<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
 #[derive(Debug, Deserialize)]
 struct ListQuery {
     state: Option<String>,
+    destination: Option<String>,
     offset: Option<String>,
     limit: Option<String>,
 }
@@ -239,13 +245,20 @@ async fn list_jobs<Q: Operate>(
         q.offset.as_deref(),
         q.limit.as_deref(),
         DEFAULT_LIMIT,
-    ) {
+    )
+    .and_then(|l| l.with_destination(q.destination.as_deref()))
+    {
         Ok(l) => l,
         Err(e) => return err(StatusCode::BAD_REQUEST, &e.explain("")),
     };
     match s
         .queue
-        .list(listing.state, listing.offset, listing.limit)
+        .list_for(
+            listing.state,
+            listing.destination.as_deref(),
+            listing.offset,
+            listing.limit,
+        )
         .await
     {
         Ok(page) => Json(listing.answer(&page)).into_response(),
@@ -270,6 +283,7 @@ async fn retry_job<Q: Operate>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<St
 #[derive(Debug, Deserialize)]
 struct RetryAllQuery {
     state: Option<String>,
+    destination: Option<String>,
 }
 
 async fn retry_all<Q: Operate>(
@@ -279,7 +293,13 @@ async fn retry_all<Q: Operate>(
     if q.state.as_deref().is_some_and(|st| st != "failed") {
         return err(StatusCode::BAD_REQUEST, "only state=failed can be retried");
     }
-    match s.queue.retry_all_failed().await {
+    let destination = q.destination.as_deref().filter(|d| !d.is_empty());
+    if let Some(d) = destination {
+        if s.destinations.get(d).is_none() && !crate::destination::valid_name(d) {
+            return err(StatusCode::BAD_REQUEST, "destination is not a valid name");
+        }
+    }
+    match s.queue.retry_all_failed_for(destination).await {
         Ok(n) => Json(json!({ "retried": n })).into_response(),
         Err(e) => queue_error(e),
     }
@@ -291,6 +311,56 @@ async fn remove_job<Q: Operate>(
 ) -> Response {
     match s.queue.remove(&id).await {
         Ok(()) => Json(json!({ "removed": 1, "jobId": id })).into_response(),
+        Err(e) => queue_error(e),
+    }
+}
+
+/// `GET /admin/destinations` (SPEC §7): each destination with its URL (no
+/// credentials), circuit, pause, job counts and limits.
+async fn list_destinations<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
+    let mut out = Vec::with_capacity(s.destinations.list.len());
+    for d in &s.destinations.list {
+        let counts = match s.queue.counts_for(Some(&d.name)).await {
+            Ok(c) => c,
+            Err(e) => return queue_error(e),
+        };
+        let paused = match s.queue.is_paused(&d.name).await {
+            Ok(p) => p,
+            Err(e) => return queue_error(e),
+        };
+        out.push(json!({
+            "name": d.name,
+            "url": crate::secret::redact_url(&d.delivery.target),
+            "circuit": s.metrics.circuit_state(&d.name),
+            "paused": paused,
+            "counts": counts,
+            "rate_limit": d.delivery.rate_limit,
+            "concurrency": d.delivery.concurrency,
+        }));
+    }
+    Json(out).into_response()
+}
+
+async fn pause<Q: Operate>(State(s): State<Arc<Admin<Q>>>, Path(name): Path<String>) -> Response {
+    set_paused(&s, &name, true).await
+}
+
+async fn resume<Q: Operate>(State(s): State<Arc<Admin<Q>>>, Path(name): Path<String>) -> Response {
+    set_paused(&s, &name, false).await
+}
+
+async fn set_paused<Q: Operate>(s: &Admin<Q>, name: &str, paused: bool) -> Response {
+    if s.destinations.get(name).is_none() {
+        return err(
+            StatusCode::NOT_FOUND,
+            &format!("no destination {name:?}: GET /admin/destinations lists them"),
+        );
+    }
+    match s.queue.set_paused(name, paused).await {
+        Ok(()) => {
+            tracing::info!(destination = %name, paused, "destination {}", if paused { "paused" } else { "resumed" });
+            Json(json!({ "name": name, "paused": paused })).into_response()
+        }
         Err(e) => queue_error(e),
     }
 }

@@ -223,7 +223,10 @@ pub async fn run<Q: Queue>(
         while tasks.join_next().await.is_some() {}
     })
     .await;
+    // Awaited once aborted: the renewer holds the pool, and so the queue
+    // (the embedded store's process lock), until it is really gone.
     renewer.abort();
+    let _ = renewer.await;
     if drained.is_err() {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}

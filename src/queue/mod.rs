@@ -427,17 +427,52 @@ pub trait Queue: Send + Sync + 'static {
 /// dead-letter actions. The state rules are [`JobState::check_retry`] and
 /// [`JobState::check_remove`], the same on every backend.
 pub trait Operate: Queue {
-    fn counts(&self) -> impl Future<Output = QueueResult<Counts>> + Send;
-    /// Newest first. `state: None` lists every state.
+    /// Jobs by state, of one destination or (None) of all.
+    fn counts_for(
+        &self,
+        destination: Option<&str>,
+    ) -> impl Future<Output = QueueResult<Counts>> + Send;
+    fn counts(&self) -> impl Future<Output = QueueResult<Counts>> + Send {
+        self.counts_for(None)
+    }
+    /// Newest first. `state: None` lists every state, `destination: None`
+    /// every destination.
+    fn list_for(
+        &self,
+        state: Option<JobState>,
+        destination: Option<&str>,
+        offset: u64,
+        limit: u64,
+    ) -> impl Future<Output = QueueResult<Page>> + Send;
     fn list(
         &self,
         state: Option<JobState>,
         offset: u64,
         limit: u64,
-    ) -> impl Future<Output = QueueResult<Page>> + Send;
+    ) -> impl Future<Output = QueueResult<Page>> + Send {
+        self.list_for(state, None, offset, limit)
+    }
     fn get(&self, id: &str) -> impl Future<Output = QueueResult<JobView>> + Send;
     /// A failed job back to waiting with its attempt count reset.
     fn retry(&self, id: &str) -> impl Future<Output = QueueResult<()>> + Send;
-    fn retry_all_failed(&self) -> impl Future<Output = QueueResult<u64>> + Send;
+    /// Every failed job (of one destination) back to waiting; how many moved.
+    fn retry_all_failed_for(
+        &self,
+        destination: Option<&str>,
+    ) -> impl Future<Output = QueueResult<u64>> + Send;
+    fn retry_all_failed(&self) -> impl Future<Output = QueueResult<u64>> + Send {
+        self.retry_all_failed_for(None)
+    }
     fn remove(&self, id: &str) -> impl Future<Output = QueueResult<()>> + Send;
+    /// Pauses (or resumes) a destination: its jobs are stored but not
+    /// claimed, by any relay, until resumed. Kept in the store: a restart
+    /// keeps it.
+    fn set_paused(
+        &self,
+        destination: &str,
+        paused: bool,
+    ) -> impl Future<Output = QueueResult<()>> + Send;
+    fn is_paused(&self, destination: &str) -> impl Future<Output = QueueResult<bool>> + Send;
+    /// The destinations the store has jobs of, or has paused; sorted.
+    fn destination_names(&self) -> impl Future<Output = QueueResult<Vec<String>>> + Send;
 }

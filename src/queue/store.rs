@@ -194,11 +194,17 @@ impl Queue for Store {
 }
 
 impl Operate for Store {
-    async fn counts(&self) -> QueueResult<Counts> {
-        each!(self, q => q.counts().await)
+    async fn counts_for(&self, destination: Option<&str>) -> QueueResult<Counts> {
+        each!(self, q => q.counts_for(destination).await)
     }
-    async fn list(&self, state: Option<JobState>, offset: u64, limit: u64) -> QueueResult<Page> {
-        each!(self, q => q.list(state, offset, limit).await)
+    async fn list_for(
+        &self,
+        state: Option<JobState>,
+        destination: Option<&str>,
+        offset: u64,
+        limit: u64,
+    ) -> QueueResult<Page> {
+        each!(self, q => q.list_for(state, destination, offset, limit).await)
     }
     async fn get(&self, id: &str) -> QueueResult<JobView> {
         each!(self, q => q.get(id).await)
@@ -206,8 +212,17 @@ impl Operate for Store {
     async fn retry(&self, id: &str) -> QueueResult<()> {
         each!(self, q => q.retry(id).await)
     }
-    async fn retry_all_failed(&self) -> QueueResult<u64> {
-        each!(self, q => q.retry_all_failed().await)
+    async fn retry_all_failed_for(&self, destination: Option<&str>) -> QueueResult<u64> {
+        each!(self, q => q.retry_all_failed_for(destination).await)
+    }
+    async fn set_paused(&self, destination: &str, paused: bool) -> QueueResult<()> {
+        each!(self, q => q.set_paused(destination, paused).await)
+    }
+    async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
+        each!(self, q => q.is_paused(destination).await)
+    }
+    async fn destination_names(&self) -> QueueResult<Vec<String>> {
+        each!(self, q => q.destination_names().await)
     }
     async fn remove(&self, id: &str) -> QueueResult<()> {
         each!(self, q => q.remove(id).await)

@@ -467,3 +467,169 @@ async fn a_rate_limited_destination_never_sees_more_than_its_limit_in_any_second
     );
     app.stop().await.expect("clean stop");
 }
+
+async fn admin_post(app: &TestApp, path: &str) -> (u16, serde_json::Value) {
+    let r = app
+        .http
+        .post(format!("http://{}{path}", app.admin))
+        .send()
+        .await
+        .expect("admin");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+/// The operator's view (SPEC §7): `GET /admin/destinations`, pause and resume
+/// (a paused destination's jobs are stored, not attempted), listings and
+/// retry-all by destination, and the same from the command line beside the
+/// running relay.
+#[tokio::test]
+async fn operators_see_pause_and_retry_each_destination() {
+    let (mut app, extra) = relay_with_destinations(
+        2,
+        |u| {
+            let with_creds = u[1].replacen("http://", "http://user:secret-pw@", 1);
+            format!(
+                "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nattempts = 1\nrate_limit = 50\n\
+                 [[destination]]\nname = \"warehouse\"\nurl = \"{with_creds}\"\nattempts = 1\nconcurrency = 3\n",
+                u[0]
+            )
+        },
+        |_| {},
+    )
+    .await;
+    let warehouse = &extra[0];
+    // Both refuse everything at first: each event is one failed job per destination.
+    app.sink.set_default(Behaviour::status(400));
+    warehouse.set_default(Behaviour::status(400));
+    for i in 0..3 {
+        app.post_event(&event("bot", &format!("op-{i}"))).await;
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while admin_json(&app, "/admin/queue").await["failed"] != 6 {
+        assert!(std::time::Instant::now() < deadline, "never 6 failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listed = admin_json(&app, "/admin/destinations").await;
+    assert_eq!(listed[0]["name"], "crm");
+    assert_eq!(listed[0]["circuit"], "closed");
+    assert_eq!(listed[0]["paused"], false);
+    assert_eq!(listed[0]["counts"]["failed"], 3);
+    assert_eq!(listed[0]["rate_limit"], 50);
+    assert_eq!(listed[1]["concurrency"], 3);
+    assert!(!listed.to_string().contains("secret-pw"), "{listed}");
+
+    // Listing and retry-all by destination.
+    let crm_failed = admin_json(&app, "/admin/jobs?state=failed&destination=crm").await;
+    assert_eq!(crm_failed["total"], 3);
+    assert!(crm_failed["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .all(|j| j["destination"] == "crm"));
+    let bad = app
+        .http
+        .get(format!(
+            "http://{}/admin/jobs?destination=No%20Such",
+            app.admin
+        ))
+        .send()
+        .await
+        .expect("bad");
+    assert_eq!(bad.status(), 400);
+
+    // Pause crm: its retried jobs and new events wait; warehouse's go on.
+    assert_eq!(
+        admin_post(&app, "/admin/destinations/crm/pause").await.0,
+        200
+    );
+    assert_eq!(
+        admin_post(&app, "/admin/destinations/nope/pause").await.0,
+        404
+    );
+    app.sink.set_default(Behaviour::status(200));
+    warehouse.set_default(Behaviour::status(200));
+    let (status, retried) =
+        admin_post(&app, "/admin/jobs/retry?state=failed&destination=crm").await;
+    assert_eq!((status, retried["retried"].clone()), (200, 3.into()));
+    app.post_event(&event("bot", "while-paused")).await;
+    assert!(
+        warehouse.wait_for(4, WAIT).await,
+        "warehouse gets the new event"
+    );
+    let before = app.sink.count();
+    let crm = admin_json(&app, "/admin/destinations").await[0].clone();
+    assert_eq!(crm["paused"], true);
+    assert_eq!(crm["counts"]["waiting"], 4, "stored, not attempted: {crm}");
+    assert_eq!(
+        admin_json(&app, "/admin/queue").await["failed"],
+        3,
+        "warehouse's 3 stay failed"
+    );
+
+    // The command line sees the same store, beside the relay.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+            .args(args)
+            .env("COGRELAY_DATA_DIR", &app.data_dir)
+            .env_remove("REDIS_URL")
+            .env_remove("COGRELAY_QUEUE")
+            .output()
+            .expect("run")
+    };
+    let out = cli(&["destinations", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(rows[0]["name"], "crm");
+    assert_eq!(rows[0]["paused"], true);
+    let out = cli(&[
+        "jobs",
+        "list",
+        "--destination",
+        "warehouse",
+        "--state",
+        "failed",
+        "--json",
+    ]);
+    let page: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(page["total"], 3);
+    let out = cli(&["destinations", "resume", "crm"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("destination crm resumed"));
+    assert_eq!(before, 3, "crm was tried only before the pause");
+    assert!(
+        app.sink.wait_for(3 + 4, WAIT).await,
+        "resumed: crm gets its 4 waiting jobs"
+    );
+    let out = cli(&["destinations", "pause", "Bad Name"]);
+    assert_eq!(out.status.code(), Some(2));
+    app.stop().await.expect("clean stop");
+}
+
+both_backends! {
+    /// Without a file the one destination is `default`: listed, and paused
+    /// and resumed like any (on Redis with BullMQ's own pause of the queue).
+    async fn the_default_destination_pauses_and_resumes(b: Backend) {
+        let mut app = spawn_app_on(b, |_| {}).await;
+        let listed = admin_json(&app, "/admin/destinations").await;
+        assert_eq!(listed[0]["name"], "default");
+        assert_eq!(admin_post(&app, "/admin/destinations/default/pause").await.0, 200);
+        let reply = app.post_event(&event("bot", "paused-1")).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json.get("jobs"), None, "the seeds' answer without a file");
+        // Stored and waiting, as the relay reports it once it looked.
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let d = admin_json(&app, "/admin/destinations").await;
+            if d[0]["paused"] == true && d[0]["counts"]["waiting"] == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{d}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(app.sink.count(), 0, "nothing attempted while paused");
+        assert_eq!(admin_post(&app, "/admin/destinations/default/resume").await.0, 200);
+        assert!(app.sink.wait_for(1, WAIT).await, "delivered after resume");
+        app.stop().await.expect("clean stop");
+    }
+}

@@ -47,14 +47,17 @@ pub(super) fn state_of(conn: &Connection, seq: i64, id: &str) -> QueueResult<Job
 }
 
 impl Operate for EmbeddedQueue {
-    async fn counts(&self) -> QueueResult<Counts> {
-        self.call(|conn, w| {
+    async fn counts_for(&self, destination: Option<&str>) -> QueueResult<Counts> {
+        let destination = destination.map(str::to_string);
+        self.call(move |conn, w| {
             let mut c = Counts::default();
             let mut stmt = conn
-                .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
+                .prepare_cached(
+                    "SELECT state, count(*) FROM jobs WHERE ?1 IS NULL OR destination = ?1 GROUP BY state",
+                )
                 .map_err(sql_err)?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+                .query_map([&destination], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
                 .map_err(sql_err)?;
             for (state, n) in rows {
@@ -69,25 +72,40 @@ impl Operate for EmbeddedQueue {
             }
             c.oldest_waiting_ms = conn
                 .prepare_cached(
-                    "SELECT min(due_at_ms) FROM jobs WHERE state IN ('waiting','delayed') AND due_at_ms <= ?1",
+                    "SELECT min(due_at_ms) FROM jobs WHERE state IN ('waiting','delayed') AND due_at_ms <= ?1
+                     AND (?2 IS NULL OR destination = ?2)",
                 )
-                .and_then(|mut s| s.query_row([w.now_ms], |r| r.get(0)))
+                .and_then(|mut s| s.query_row(params![w.now_ms, destination], |r| r.get(0)))
                 .map_err(sql_err)?;
             Ok(c)
         })
         .await
     }
 
-    async fn list(&self, state: Option<JobState>, offset: u64, limit: u64) -> QueueResult<Page> {
+    async fn list_for(
+        &self,
+        state: Option<JobState>,
+        destination: Option<&str>,
+        offset: u64,
+        limit: u64,
+    ) -> QueueResult<Page> {
+        let destination = destination.map(str::to_string);
         self.call(move |conn, _| {
             // The state is a literal (from the enum), so the planner can use the
             // partial indexes of failed and completed jobs.
-            let filter = state
+            let mut filter = state
                 .map(|st| format!("WHERE state = '{}'", st.as_str()))
-                .unwrap_or_default();
+                .unwrap_or_else(|| "WHERE 1".into());
+            filter.push_str(" AND (?3 IS NULL OR destination = ?3)");
             let total: u64 = conn
+                // ?1 and ?2 (limit, offset) go unused here: SQLite numbers
+                // the parameters up to ?3 all the same.
                 .prepare_cached(&format!("SELECT count(*) FROM jobs {filter}"))
-                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .and_then(|mut s| {
+                    s.query_row(params![limit as i64, offset as i64, destination], |r| {
+                        r.get(0)
+                    })
+                })
                 .map_err(sql_err)?;
             let sql = format!(
                 "SELECT {VIEW_COLUMNS} FROM jobs {filter} ORDER BY seq DESC LIMIT ?1 OFFSET ?2"
@@ -95,7 +113,7 @@ impl Operate for EmbeddedQueue {
             let items = conn
                 .prepare_cached(&sql)
                 .and_then(|mut s| {
-                    s.query_map(params![limit as i64, offset as i64], |r| {
+                    s.query_map(params![limit as i64, offset as i64, destination], |r| {
                         row_to_view(r, false)
                     })?
                     .collect::<Result<Vec<_>, _>>()
@@ -139,13 +157,14 @@ impl Operate for EmbeddedQueue {
         .await
     }
 
-    async fn retry_all_failed(&self) -> QueueResult<u64> {
-        self.call(|conn, w| {
+    async fn retry_all_failed_for(&self, destination: Option<&str>) -> QueueResult<u64> {
+        let destination = destination.map(str::to_string);
+        self.call(move |conn, w| {
             conn.prepare_cached(
                 "UPDATE jobs SET state='waiting', attempts_made=0, due_at_ms=?1, finished_at_ms=NULL, failed_reason=NULL
-                 WHERE state='failed'",
+                 WHERE state='failed' AND (?2 IS NULL OR destination = ?2)",
             )
-            .and_then(|mut s| s.execute([w.now_ms]))
+            .and_then(|mut s| s.execute(params![w.now_ms, destination]))
             .map(|n| n as u64)
             .map_err(sql_err)
         })
@@ -168,4 +187,48 @@ impl Operate for EmbeddedQueue {
         })
         .await
     }
+
+    async fn set_paused(&self, destination: &str, paused: bool) -> QueueResult<()> {
+        let destination = destination.to_string();
+        self.call(move |conn, _| {
+            let sql = if paused {
+                "INSERT OR IGNORE INTO paused (destination) VALUES (?1)"
+            } else {
+                "DELETE FROM paused WHERE destination = ?1"
+            };
+            conn.prepare_cached(sql)
+                .and_then(|mut s| s.execute([&destination]))
+                .map(|_| ())
+                .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn destination_names(&self) -> QueueResult<Vec<String>> {
+        self.call(|conn, _| {
+            conn.prepare_cached(
+                "SELECT destination FROM jobs GROUP BY destination
+                 UNION SELECT destination FROM paused ORDER BY 1",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
+        let destination = destination.to_string();
+        self.call(move |conn, _| is_paused(conn, &destination))
+            .await
+    }
+}
+
+/// Whether `destination` is paused (SQLite's `paused` table).
+pub(super) fn is_paused(conn: &Connection, destination: &str) -> QueueResult<bool> {
+    conn.prepare_cached("SELECT 1 FROM paused WHERE destination = ?1")
+        .and_then(|mut s| s.exists([destination]))
+        .map_err(sql_err)
 }

@@ -311,11 +311,11 @@ impl Queue for EmbeddedQueue {
         self.call(move |conn, w| {
             let until = lease.map(|l| w.now_ms + l.as_millis() as i64);
             let lease = token.as_deref().zip(until);
-            let routed = insert_event(conn, w, &event, &destinations, lease)?;
-            let leased = match (&token, routed.duplicate) {
-                (Some(token), false) => routed
-                    .jobs
-                    .iter()
+            let (routed, leased) = insert_event(conn, w, &event, &destinations, lease)?;
+            let leased = match &token {
+                Some(token) => leased
+                    .into_iter()
+                    .map(|i| &routed.jobs[i])
                     .map(|j| Leased {
                         lease: LeaseRef {
                             job_id: j.id.clone(),
@@ -341,6 +341,9 @@ impl Queue for EmbeddedQueue {
         let destination = destination.to_string();
         self.call(move |conn, w| {
             let now = w.now_ms;
+            if inspect::is_paused(conn, &destination)? {
+                return Ok(Claimed::default());
+            }
             // Stall recovery: an expired lease means its worker is gone.
             let stalled = conn
                 .prepare_cached(

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS dedup (
     jobs TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup(expires_at_ms);
+CREATE TABLE IF NOT EXISTS paused (destination TEXT PRIMARY KEY) WITHOUT ROWID;
 ";
 
 /// Columns added since the first schema, for a store written by an older

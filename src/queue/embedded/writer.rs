@@ -303,7 +303,7 @@ pub(super) fn insert_event(
     event: &Event,
     destinations: &[String],
     lease: Option<(&str, i64)>,
-) -> QueueResult<Routed> {
+) -> QueueResult<(Routed, Vec<usize>)> {
     let now = w.now_ms;
     if destinations.is_empty() {
         return Err(QueueError::Unavailable(
@@ -340,10 +340,13 @@ pub(super) fn insert_event(
                 id: seq.to_string(),
             }]
         });
-        return Ok(Routed {
-            duplicate: true,
-            jobs,
-        });
+        return Ok((
+            Routed {
+                duplicate: true,
+                jobs,
+            },
+            Vec::new(),
+        ));
     }
     let (state, token, until) = match lease {
         Some((token, until)) => ("active", Some(token), Some(until)),
@@ -357,7 +360,15 @@ pub(super) fn insert_event(
         )
         .map_err(sql_err)?;
     let mut jobs = Vec::with_capacity(destinations.len());
+    let mut leased = Vec::new();
     for destination in destinations {
+        // A paused destination's job is stored waiting, never handed over.
+        let paused = token.is_some() && inspect::is_paused(conn, destination)?;
+        let (state, token, until) = if paused {
+            ("waiting", None, None)
+        } else {
+            (state, token, until)
+        };
         insert
             .execute(params![
                 event.key.as_str(),
@@ -377,6 +388,9 @@ pub(super) fn insert_event(
             destination: destination.clone(),
             id: conn.last_insert_rowid().to_string(),
         });
+        if !paused && token.is_some() {
+            leased.push(jobs.len() - 1);
+        }
     }
     w.stored_since_maintenance += 1;
     if dedup {
@@ -397,8 +411,11 @@ pub(super) fn insert_event(
         })
         .map_err(sql_err)?;
     }
-    Ok(Routed {
-        duplicate: false,
-        jobs,
-    })
+    Ok((
+        Routed {
+            duplicate: false,
+            jobs,
+        },
+        leased,
+    ))
 }

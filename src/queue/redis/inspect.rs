@@ -149,7 +149,9 @@ pub(super) fn types_of(state: Option<JobState>) -> Vec<&'static str> {
 }
 
 impl Operate for RedisQueue {
-    async fn counts(&self) -> QueueResult<Counts> {
+    // One destination per relay on Redis so far (config refuses more): its
+    // one BullMQ queue is that destination's, whatever the filter names.
+    async fn counts_for(&self, _destination: Option<&str>) -> QueueResult<Counts> {
         let c = bounded(self.queue.get_job_counts()).await?;
         Ok(Counts {
             waiting: c.waiting + c.prioritized,
@@ -161,7 +163,13 @@ impl Operate for RedisQueue {
         })
     }
 
-    async fn list(&self, state: Option<JobState>, offset: u64, limit: u64) -> QueueResult<Page> {
+    async fn list_for(
+        &self,
+        state: Option<JobState>,
+        _destination: Option<&str>,
+        offset: u64,
+        limit: u64,
+    ) -> QueueResult<Page> {
         let types = types_of(state);
         let total = bounded(self.queue.get_job_count_by_types(&types)).await?;
         let jobs =
@@ -202,7 +210,7 @@ impl Operate for RedisQueue {
         bounded(job.retry("failed", Some(opts))).await
     }
 
-    async fn retry_all_failed(&self) -> QueueResult<u64> {
+    async fn retry_all_failed_for(&self, _destination: Option<&str>) -> QueueResult<u64> {
         // Batches of RETRY_BATCH, each reset and moved in one script, so every
         // job moved has its attempts reset and the count is what moved.
         let mut moved = 0;
@@ -227,5 +235,24 @@ impl Operate for RedisQueue {
         } else {
             Err(QueueError::NotFound(id.to_string()))
         }
+    }
+
+    /// BullMQ's own pause of the queue (every relay and BullMQ tool sees it).
+    async fn set_paused(&self, _destination: &str, paused: bool) -> QueueResult<()> {
+        if paused {
+            bounded(self.queue.pause()).await
+        } else {
+            bounded(self.queue.resume()).await
+        }
+    }
+
+    /// The one destination of this queue, as its newest job names it.
+    async fn destination_names(&self) -> QueueResult<Vec<String>> {
+        let page = self.list_for(None, None, 0, 1).await?;
+        Ok(page.items.into_iter().map(|j| j.destination).collect())
+    }
+
+    async fn is_paused(&self, _destination: &str) -> QueueResult<bool> {
+        bounded(self.queue.is_paused()).await
     }
 }
