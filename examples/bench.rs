@@ -565,6 +565,10 @@ struct Row {
     load: Load,
     delivered_per_s: Option<f64>,
     peak_rss_mb: Option<f64>,
+    /// Relay CPU per accepted event while only ingesting, and per copy
+    /// delivered afterwards (fan-out scenarios), in microseconds.
+    ingest_cpu_us: Option<f64>,
+    copy_cpu_us: Option<f64>,
 }
 
 /// One server (`child`, listening on `port`) under the load: ingest, then the
@@ -599,7 +603,87 @@ async fn measure(
         load: l,
         delivered_per_s: e2e,
         peak_rss_mb: Some(peak),
+        ingest_cpu_us: None,
+        copy_cpu_us: None,
     })
+}
+
+/// The embedded relay with `n` destinations (see `run`, 2b).
+async fn fanout(
+    relay_bin: &std::path::Path,
+    n: usize,
+    events: usize,
+    connections: usize,
+    concurrency: usize,
+) -> anyhow::Result<Row> {
+    let sink = Sink::start().await?;
+    sink.count_only();
+    let data = tempfile::tempdir()?;
+    let file = data.path().join("cogrelay.toml");
+    let mut text = String::new();
+    for d in 1..=n {
+        text.push_str(&format!(
+            "[[destination]]\nname = \"d{d}\"\nurl = \"{}/d{d}\"\n",
+            sink.url().trim_end_matches('/')
+        ));
+    }
+    std::fs::write(&file, text)?;
+    let (port, admin) = (free_port(), free_port());
+    let mut cmd = relay(
+        relay_bin,
+        port,
+        admin,
+        &sink,
+        &data.path().join("data"),
+        concurrency,
+    );
+    cmd.env_remove("TARGET_ENDPOINT")
+        .env("COGRELAY_CONFIG", &file);
+    let child = cmd.spawn()?;
+    let pid = child.id().unwrap_or(0);
+    wait_port(port).await?;
+    wait_port(admin).await?;
+    let http = reqwest::Client::new();
+    for d in 1..=n {
+        http.post(format!(
+            "http://127.0.0.1:{admin}/admin/destinations/d{d}/pause"
+        ))
+        .send()
+        .await?
+        .error_for_status()?;
+    }
+    let reqs = requests(PATH, events);
+    let cpu0 = cpu_s(pid);
+    let l = load(([127, 0, 0, 1], port).into(), &reqs, connections).await?;
+    let cpu_ingest = cpu_s(pid) - cpu0;
+    let t0 = Instant::now();
+    for d in 1..=n {
+        http.post(format!(
+            "http://127.0.0.1:{admin}/admin/destinations/d{d}/resume"
+        ))
+        .send()
+        .await?
+        .error_for_status()?;
+    }
+    let copies = l.ok * n;
+    let done = wait_delivered(&sink, copies, Duration::from_secs(600)).await;
+    let cpu_deliver = cpu_s(pid) - cpu0 - cpu_ingest;
+    let (peak, _) = rss_mb(pid);
+    eprintln!(
+        "fanout {n}: {:.0} req/s ingest, relay CPU s {cpu_ingest:.2} ingesting (paused), {cpu_deliver:.2} delivering {copies} copies",
+        l.rps()
+    );
+    let ok = l.ok.max(1) as f64;
+    let row = Row {
+        name: format!("cogrelay embedded, {n} destination(s) (paused while ingesting)"),
+        delivered_per_s: done.map(|t| copies as f64 / (t - t0).as_secs_f64()),
+        peak_rss_mb: Some(peak),
+        ingest_cpu_us: Some(cpu_ingest * 1e6 / ok),
+        copy_cpu_us: Some(cpu_deliver * 1e6 / copies.max(1) as f64),
+        load: l,
+    };
+    stop(child).await;
+    Ok(row)
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -722,6 +806,8 @@ async fn run(
         load: l,
         delivered_per_s: None,
         peak_rss_mb: None,
+        ingest_cpu_us: None,
+        copy_cpu_us: None,
     });
     stop(child).await;
 
@@ -735,6 +821,16 @@ async fn run(
         let name = format!("cogrelay embedded (fsync always, CONCURRENCY={concurrency})");
         rows.push(measure(&child, port, &sink, 0, name, events, connections).await?);
         stop(child).await;
+    }
+
+    // 2b. Fan-out: the embedded relay with 1, 2 and 4 destinations (all at the
+    // one sink). Every destination is paused while the events come in, so the
+    // relay's CPU then is the ingest's alone; resumed, the CPU until every copy
+    // arrived is the deliveries'.
+    for (scenario, n) in [("fanout1", 1usize), ("fanout2", 2), ("fanout4", 4)] {
+        if wanted(scenario) {
+            rows.push(fanout(relay_bin, n, events, connections, concurrency).await?);
+        }
     }
 
     // 3. cogrelay on Redis (BullMQ layout): one relay, then three sharing the
@@ -822,6 +918,8 @@ async fn run(
             load: l,
             delivered_per_s: e2e,
             peak_rss_mb: Some(peak),
+            ingest_cpu_us: None,
+            copy_cpu_us: None,
         });
         redis_report(&redis, redis_port).await;
         for (child, _) in children {
@@ -876,6 +974,8 @@ struct Line {
     errors: usize,
     delivered_per_s: Option<f64>,
     peak_rss_mb: Option<f64>,
+    ingest_cpu_us: Option<f64>,
+    copy_cpu_us: Option<f64>,
 }
 
 impl From<&Row> for Line {
@@ -889,6 +989,8 @@ impl From<&Row> for Line {
             errors: r.load.errors,
             delivered_per_s: r.delivered_per_s,
             peak_rss_mb: r.peak_rss_mb,
+            ingest_cpu_us: r.ingest_cpu_us,
+            copy_cpu_us: r.copy_cpu_us,
         }
     }
 }
@@ -922,6 +1024,8 @@ fn medians(rounds: &[Vec<Line>]) -> Vec<Line> {
                 .sum(),
             delivered_per_s: of(i, &|l| l.delivered_per_s),
             peak_rss_mb: of(i, &|l| l.peak_rss_mb),
+            ingest_cpu_us: of(i, &|l| l.ingest_cpu_us),
+            copy_cpu_us: of(i, &|l| l.copy_cpu_us),
         })
         .collect()
 }
@@ -935,8 +1039,8 @@ fn print_table(title: &str, lines: &[Line]) {
         .find(|l| l.name.starts_with("seed"))
         .map(|l| (l.rps, l.delivered_per_s.unwrap_or(0.0)));
     println!("\n{title}\n");
-    println!("| server | ingest req/s | vs ceiling | vs seed | ack p50 / p99 ms | non-200 / errors | delivered/s end-to-end | vs seed | peak RSS MB |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| server | ingest req/s | vs ceiling | vs seed | ack p50 / p99 ms | non-200 / errors | delivered/s end-to-end | vs seed | peak RSS MB | relay CPU us: per event ingested / per copy delivered |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for l in lines {
         let e2e = l
             .delivered_per_s
@@ -949,8 +1053,9 @@ fn print_table(title: &str, lines: &[Line]) {
             ),
             _ => ("-".into(), "-".into()),
         };
+        let us = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
         println!(
-            "| {} | {:.0} | {:.0}% | {} | {:.2} / {:.2} | {} / {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0}% | {} | {:.2} / {:.2} | {} / {} | {} | {} | {} | {} / {} |",
             l.name,
             l.rps,
             100.0 * l.rps / ceiling,
@@ -964,6 +1069,8 @@ fn print_table(title: &str, lines: &[Line]) {
             l.peak_rss_mb
                 .map(|v| format!("{v:.1}"))
                 .unwrap_or_else(|| "-".into()),
+            us(l.ingest_cpu_us),
+            us(l.copy_cpu_us),
         );
     }
 }

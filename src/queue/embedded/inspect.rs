@@ -190,7 +190,7 @@ impl Operate for EmbeddedQueue {
 
     async fn set_paused(&self, destination: &str, paused: bool) -> QueueResult<()> {
         let destination = destination.to_string();
-        self.call(move |conn, _| {
+        self.call(move |conn, w| {
             let sql = if paused {
                 "INSERT OR IGNORE INTO paused (destination) VALUES (?1)"
             } else {
@@ -198,8 +198,10 @@ impl Operate for EmbeddedQueue {
             };
             conn.prepare_cached(sql)
                 .and_then(|mut s| s.execute([&destination]))
-                .map(|_| ())
-                .map_err(sql_err)
+                .map_err(sql_err)?;
+            // Read again at the next look (this process's change at once).
+            w.paused_read_at = None;
+            Ok(())
         })
         .await
     }
@@ -221,14 +223,10 @@ impl Operate for EmbeddedQueue {
 
     async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
         let destination = destination.to_string();
-        self.call(move |conn, _| is_paused(conn, &destination))
-            .await
+        self.call(move |conn, w| {
+            w.paused_read_at = None;
+            w.is_paused(conn, &destination)
+        })
+        .await
     }
-}
-
-/// Whether `destination` is paused (SQLite's `paused` table).
-pub(super) fn is_paused(conn: &Connection, destination: &str) -> QueueResult<bool> {
-    conn.prepare_cached("SELECT 1 FROM paused WHERE destination = ?1")
-        .and_then(|mut s| s.exists([destination]))
-        .map_err(sql_err)
 }

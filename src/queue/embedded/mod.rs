@@ -234,6 +234,8 @@ impl EmbeddedQueue {
             disk_bytes: 0,
             max_bytes: opts.max_db_bytes,
             wal_restart_bytes,
+            paused: Default::default(),
+            paused_read_at: None,
         };
         writer.watch_disk(&conn);
         std::thread::Builder::new()
@@ -341,7 +343,7 @@ impl Queue for EmbeddedQueue {
         let destination = destination.to_string();
         self.call(move |conn, w| {
             let now = w.now_ms;
-            if inspect::is_paused(conn, &destination)? {
+            if w.is_paused(conn, &destination)? {
                 return Ok(Claimed::default());
             }
             // Stall recovery: an expired lease means its worker is gone.
