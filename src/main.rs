@@ -242,7 +242,26 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(cfg.admin.listen)
         .await
         .with_context(|| format!("failed to listen on {} (ADMIN_LISTEN)", cfg.admin.listen))?;
-    cogrelay::serve::run(cfg, ingress, admin, shutdown_signal()).await
+    cogrelay::serve::run_reloadable(cfg, ingress, admin, shutdown_signal(), reload_signal()).await
+}
+
+/// SIGHUP, as reload requests (SPEC §7: the destinations file read again).
+fn reload_signal() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            // One reload waiting is enough: a second SIGHUP meanwhile reads the same file.
+            let _ = tx.try_send(());
+        }
+    });
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 async fn shutdown_signal() {

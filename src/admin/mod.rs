@@ -49,8 +49,8 @@ pub struct Admin<Q> {
     pub accepting: Arc<AtomicBool>,
     /// The address the admin API is bound to: its own origin.
     pub listen: std::net::SocketAddr,
-    /// The relay's destinations (SPEC §7).
-    pub destinations: crate::destination::Destinations,
+    /// The relay's destinations (SPEC §7), as last (re)loaded.
+    pub destinations: Arc<crate::destination::Current<crate::destination::Destinations>>,
 }
 
 pub fn router<Q: Operate>(state: Arc<Admin<Q>>) -> Router {
@@ -295,7 +295,7 @@ async fn retry_all<Q: Operate>(
     }
     let destination = q.destination.as_deref().filter(|d| !d.is_empty());
     if let Some(d) = destination {
-        if s.destinations.get(d).is_none() && !crate::destination::valid_name(d) {
+        if !crate::destination::valid_name(d) {
             return err(StatusCode::BAD_REQUEST, "destination is not a valid name");
         }
     }
@@ -318,8 +318,9 @@ async fn remove_job<Q: Operate>(
 /// `GET /admin/destinations` (SPEC §7): each destination with its URL (no
 /// credentials), circuit, pause, job counts and limits.
 async fn list_destinations<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
-    let mut out = Vec::with_capacity(s.destinations.list.len());
-    for d in &s.destinations.list {
+    let destinations = s.destinations.get();
+    let mut out = Vec::with_capacity(destinations.list.len());
+    for d in &destinations.list {
         let counts = match s.queue.counts_for(Some(&d.name)).await {
             Ok(c) => c,
             Err(e) => return queue_error(e),
@@ -350,7 +351,7 @@ async fn resume<Q: Operate>(State(s): State<Arc<Admin<Q>>>, Path(name): Path<Str
 }
 
 async fn set_paused<Q: Operate>(s: &Admin<Q>, name: &str, paused: bool) -> Response {
-    if s.destinations.get(name).is_none() {
+    if s.destinations.get().get(name).is_none() {
         return err(
             StatusCode::NOT_FOUND,
             &format!("no destination {name:?}: GET /admin/destinations lists them"),

@@ -24,7 +24,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::destination::{Destinations, OUTPUT_TYPE};
+use crate::destination::{Current, Destinations, OUTPUT_TYPE};
 use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, Routed};
@@ -54,6 +54,15 @@ pub struct IngressSettings {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
+/// Which destinations want which events (SPEC §7), and each one's pool:
+/// direct handoff of new jobs when it has room, else a wake-up of its
+/// dispatcher.
+#[derive(Debug)]
+pub struct Routing {
+    pub destinations: Destinations,
+    pub lanes: crate::delivery::handoff::Lanes,
+}
+
 pub struct Ingress<Q> {
     pub queue: Arc<Q>,
     pub auth: Authenticator,
@@ -64,11 +73,9 @@ pub struct Ingress<Q> {
     pub body_timeout: std::time::Duration,
     /// False once shutdown began: new requests get 503.
     pub accepting: Arc<AtomicBool>,
-    /// Each destination's pool: direct handoff of new jobs when it has room,
-    /// else a wake-up of its dispatcher.
-    pub lanes: crate::delivery::handoff::Lanes,
-    /// Which destinations want which events (SPEC §7).
-    pub destinations: crate::destination::Destinations,
+    /// Which destinations want which events, and their pools (swapped whole
+    /// on a reload).
+    pub routing: Current<Routing>,
     pub metrics: Arc<Metrics>,
     /// Per-source rate limit; None = off.
     pub rate_limit: Option<ratelimit::RateLimiter>,
@@ -241,15 +248,16 @@ async fn receive<Q: Queue>(
             );
         }
     }
-    let routes = routes(&s.destinations, &event, &bytes);
+    let routing = s.routing.get();
+    let routes = routes(&routing.destinations, &event, &bytes);
     if routes.is_empty() {
         s.metrics.unrouted();
         return Json(json!({ "status": "unrouted" })).into_response();
     }
-    match s.lanes.store(&*s.queue, event, routes).await {
+    match routing.lanes.store(&*s.queue, event, routes).await {
         Ok(routed) => {
             s.refusals.accepted();
-            Json(answer(&routed, s.destinations.file.is_some())).into_response()
+            Json(answer(&routed, routing.destinations.file.is_some())).into_response()
         }
         Err(e) => {
             s.refusals.refused(&e);

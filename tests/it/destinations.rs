@@ -633,3 +633,240 @@ both_backends! {
         app.stop().await.expect("clean stop");
     }
 }
+
+/// A relay started from the file at `path` (embedded queue).
+async fn relay_from_file(path: &Path) -> TestApp {
+    let path = path.to_path_buf();
+    spawn_app_on(Backend::Embedded, move |c| {
+        let globals = Globals {
+            delivery: c.delivery.clone(),
+            lock_duration: c.pool.lock_duration,
+        };
+        c.destinations_file =
+            Some(destinations::load(&path, &globals, &|_| None).expect("valid file"));
+    })
+    .await
+}
+
+async fn wait_for_names(app: &TestApp, names: &[&str]) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let listed = admin_json(app, "/admin/destinations").await;
+        let got: Vec<&str> = listed
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d["name"].as_str()).collect())
+            .unwrap_or_default();
+        if got == names {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "destinations: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reload (SPEC §7): added, changed and removed destinations take effect
+/// without a restart; events posted while the file is read again are each
+/// delivered once; a removed destination's jobs stay listed, retryable and
+/// removable; a bad file changes nothing.
+#[tokio::test]
+async fn a_reload_adds_changes_and_removes_destinations_losing_nothing() {
+    let crm = Sink::start().await.expect("sink");
+    let warehouse = Sink::start().await.expect("sink");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("cogrelay.toml");
+    let one = |extra: &str| {
+        format!(
+            "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nattempts = 1\n{extra}",
+            crm.url()
+        )
+    };
+    std::fs::write(&file, one("")).expect("write");
+    let mut app = relay_from_file(&file).await;
+    wait_for_names(&app, &["crm"]).await;
+
+    // A burst while the file gains a destination and crm gains a header.
+    let posting = {
+        let http = app.http.clone();
+        let url = app.url();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                let body = serde_json::to_vec(&event("bot", &format!("burst-{i}"))).expect("json");
+                let sig = cogrelay::ingress::auth::sign_hex(SECRET, &body);
+                let r = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-webhook-signature", sig)
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("post");
+                assert_eq!(r.status(), 200);
+            }
+        })
+    };
+    let two = format!(
+        "{}headers = {{ \"X-Version\" = \"2\" }}\n[[destination]]\nname = \"warehouse\"\nurl = \"{}\"\n",
+        one(""),
+        warehouse.url()
+    );
+    std::fs::write(&file, &two).expect("write");
+    app.reload.send(()).await.expect("reload");
+    posting.await.expect("burst");
+    wait_for_names(&app, &["crm", "warehouse"]).await;
+    assert!(crm.wait_for(200, WAIT).await, "crm got the burst");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let q = admin_json(&app, "/admin/queue").await;
+        if q["waiting"] == 0 && q["active"] == 0 && q["delayed"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{q}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let burst = ids(&crm);
+    let unique: std::collections::BTreeSet<&String> = burst.iter().collect();
+    assert_eq!(burst.len(), 200, "each burst event once at crm");
+    assert_eq!(unique.len(), 200);
+    // After the reload: the new header, and the new destination.
+    app.post_event(&event("bot", "after")).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !ids(&warehouse).contains(&"after".to_string()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "warehouse never got it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(crm.wait_for(201, WAIT).await);
+    let last = crm.received().into_iter().last().expect("one");
+    assert_eq!(last.header("x-version"), Some("2"));
+
+    // A bad file: one error, and the running destinations stay.
+    std::fs::write(&file, "[[destination]]\nname = \"BAD\"\n").expect("write");
+    app.reload.send(()).await.expect("reload");
+    app.post_event(&event("bot", "still")).await;
+    assert!(crm.wait_for(202, WAIT).await, "crm still delivered to");
+    wait_for_names(&app, &["crm", "warehouse"]).await;
+
+    // crm removed, with a failed job: still listed, retryable, removable.
+    crm.set_default(Behaviour::status(400));
+    let failed = app.post_event(&event("bot", "refused")).await;
+    let failed_id = failed.json["jobs"]["crm"]
+        .as_str()
+        .expect("crm job")
+        .to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    while admin_json(&app, &format!("/admin/jobs/{failed_id}")).await["state"] != "failed" {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(
+        &file,
+        format!(
+            "[[destination]]\nname = \"warehouse\"\nurl = \"{}\"\n",
+            warehouse.url()
+        ),
+    )
+    .expect("write");
+    app.reload.send(()).await.expect("reload");
+    wait_for_names(&app, &["warehouse"]).await;
+    let listed = admin_json(&app, "/admin/jobs?destination=crm&state=failed").await;
+    assert_eq!(listed["total"], 1, "{listed}");
+    let (status, _) = admin_post(&app, &format!("/admin/jobs/{failed_id}/retry")).await;
+    assert_eq!(status, 200);
+    let removed = app
+        .http
+        .delete(format!("http://{}/admin/jobs/{failed_id}", app.admin))
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(removed.status(), 200);
+    app.stop().await.expect("clean stop");
+}
+
+/// The real binary re-reads its file on SIGHUP; a bad file is refused in one
+/// line and the relay goes on.
+#[tokio::test]
+async fn sighup_reloads_the_file_in_the_running_binary() {
+    let first = Sink::start().await.expect("sink");
+    let second = Sink::start().await.expect("sink");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("relay.toml");
+    let d1 = format!(
+        "[[destination]]\nname = \"d1\"\nurl = \"{}\"\n",
+        first.url()
+    );
+    std::fs::write(&file, &d1).expect("write");
+    let (relay, logs) = crate::process::start_relay_logged(
+        dir.path(),
+        &first,
+        &[
+            ("TARGET_ENDPOINT", String::new()),
+            ("COGRELAY_CONFIG", file.display().to_string()),
+        ],
+    )
+    .await;
+    let pid = relay.child.id().expect("pid");
+    let http = reqwest::Client::new();
+    assert_eq!(
+        crate::process::post(&http, relay.port, "one").await,
+        Some(200)
+    );
+    assert!(first.wait_for(1, WAIT).await);
+
+    let hup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    std::fs::write(
+        &file,
+        format!(
+            "{d1}[[destination]]\nname = \"d2\"\nurl = \"{}\"\n",
+            second.url()
+        ),
+    )
+    .expect("write");
+    hup();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !logs.lock().expect("logs").contains("destinations reloaded") {
+        assert!(std::time::Instant::now() < deadline, "no reload logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        crate::process::post(&http, relay.port, "two").await,
+        Some(200)
+    );
+    assert!(second.wait_for(1, WAIT).await, "d2 added without a restart");
+
+    std::fs::write(&file, "not toml [").expect("write");
+    hup();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !logs
+        .lock()
+        .expect("logs")
+        .contains("destinations not reloaded")
+    {
+        assert!(std::time::Instant::now() < deadline, "no refusal logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        crate::process::post(&http, relay.port, "three").await,
+        Some(200)
+    );
+    assert!(
+        second.wait_for(2, WAIT).await,
+        "still running with d1 and d2"
+    );
+    let text = logs.lock().expect("logs").clone();
+    let refusal = text
+        .lines()
+        .find(|l| l.contains("destinations not reloaded"))
+        .expect("line");
+    assert!(refusal.contains("relay.toml"), "{refusal}");
+}

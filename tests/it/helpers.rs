@@ -58,6 +58,8 @@ pub struct TestApp {
     pub data_dir: PathBuf,
     pub config: ServeConfig,
     stop: Option<oneshot::Sender<()>>,
+    /// Asks the relay to read its destinations file again (as SIGHUP does).
+    pub reload: tokio::sync::mpsc::Sender<()>,
     join: Option<JoinHandle<anyhow::Result<()>>>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -120,13 +122,15 @@ pub async fn start(cfg: ServeConfig, sink: Sink) -> TestApp {
     );
     let (stop, stopped) = oneshot::channel::<()>();
     let data_dir = cfg.store.data_dir.clone();
-    let join = tokio::spawn(cogrelay::serve::run(
+    let (reload, reload_rx) = tokio::sync::mpsc::channel(1);
+    let join = tokio::spawn(cogrelay::serve::run_reloadable(
         cfg.clone(),
         ingress,
         admin,
         async move {
             let _ = stopped.await;
         },
+        reload_rx,
     ));
     let mut app = TestApp {
         redis: None,
@@ -137,6 +141,7 @@ pub async fn start(cfg: ServeConfig, sink: Sink) -> TestApp {
         data_dir,
         config: cfg,
         stop: Some(stop),
+        reload,
         join: Some(join),
         _tmp: None,
     };

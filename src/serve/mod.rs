@@ -15,24 +15,43 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch};
 
 use crate::config::ServeConfig;
-use crate::delivery::handoff::{Handoff, Lane, Lanes};
-use crate::delivery::{self, DeliveryConfig};
-use crate::ingress::{self, auth::Authenticator, Ingress};
+use crate::delivery::handoff::Lanes;
+use crate::destination::{Current, Destinations};
+use crate::ingress::{self, auth::Authenticator, Ingress, Routing};
 use crate::metrics::Metrics;
 use crate::queue::{self, Opener, Operate};
 use crate::{admin, admin::Admin};
+use pools::Pools;
 
 /// How long the HTTP servers get to close connections after the drain.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+mod pools;
+
+pub use pools::Ended;
 
 pub async fn run(
     cfg: ServeConfig,
     ingress: TcpListener,
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    // No reloads: the sender stays alive (and silent) as long as the relay.
+    let (_reload_tx, reload) = mpsc::channel(1);
+    run_reloadable(cfg, ingress, admin, shutdown, reload).await
+}
+
+/// [`run`], re-reading the destinations file at each message on `reload`
+/// (SIGHUP in the binary).
+pub async fn run_reloadable(
+    cfg: ServeConfig,
+    ingress: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
     cfg.check_runnable()?;
@@ -41,7 +60,7 @@ pub async fn run(
     };
     let queue = queue::open(&cfg.store, opener).await?;
     tracing::info!("{} open", queue.describe(&cfg.store));
-    run_with_queue(cfg, Arc::new(queue), ingress, admin, shutdown).await
+    run_with_queue(cfg, Arc::new(queue), ingress, admin, shutdown, reload).await
 }
 
 pub async fn run_with_queue<Q: Operate>(
@@ -50,6 +69,7 @@ pub async fn run_with_queue<Q: Operate>(
     ingress_listener: TcpListener,
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    mut reload: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     // TLS first: a bad certificate stops start-up before anything listens.
     let tls = match &cfg.ingress.tls {
@@ -66,22 +86,18 @@ pub async fn run_with_queue<Q: Operate>(
     // deliver must not take events.
     let delivery_rt = DeliveryRuntime::new(cfg.pool.nice)?;
     let accepting = Arc::new(AtomicBool::new(true));
-    let mut lanes = Vec::with_capacity(destinations.list.len());
-    let mut pool_inputs = Vec::with_capacity(destinations.list.len());
-    for d in &destinations.list {
-        let (handoff, handoff_rx) = Handoff::new(
-            d.delivery.concurrency * HANDOFF_PER_WORKER,
-            cfg.pool.lock_duration,
-        );
-        let wake = Arc::new(Notify::new());
-        lanes.push(Lane {
-            destination: d.name.clone(),
-            handoff,
-            wake: wake.clone(),
-        });
-        pool_inputs.push((d, wake, handoff_rx));
-    }
     let metrics = Arc::new(Metrics::default());
+    let (mut pools, mut ended) = Pools::new(
+        queue.clone(),
+        cfg.pool.clone(),
+        metrics.clone(),
+        delivery_rt.handle(),
+    );
+    for d in &destinations.list {
+        let started = pools.start(d);
+        pools.install(started);
+    }
+    let lanes = Lanes::new(pools.lanes(destinations.list.iter().map(|d| d.name.as_str())));
     let auth = Authenticator::new(&cfg.ingress.signing_secrets, cfg.ingress.basic.as_ref());
     if auth.is_open() {
         tracing::warn!("ingress authentication is OFF (--allow-unauthenticated): anyone who can reach the port can queue events");
@@ -93,8 +109,10 @@ pub async fn run_with_queue<Q: Operate>(
         body_budget: ingress::body::BodyBudget::for_max_body(cfg.ingress.max_body_bytes),
         body_timeout: cfg.ingress.request_read_timeout,
         accepting: accepting.clone(),
-        lanes: Lanes::new(lanes),
-        destinations: destinations.clone(),
+        routing: Current::new(Routing {
+            destinations: destinations.clone(),
+            lanes,
+        }),
         metrics: metrics.clone(),
         rate_limit: cfg
             .ingress
@@ -106,18 +124,19 @@ pub async fn run_with_queue<Q: Operate>(
     let (stop_http_tx, stop_http_rx) = watch::channel(false);
     let ingress_addr = ingress_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    let current_destinations = Arc::new(Current::new(destinations.clone()));
     let admin_state = Arc::new(Admin {
         queue: queue.clone(),
         metrics: metrics.clone(),
         token: cfg.admin.token.clone(),
         accepting: accepting.clone(),
         listen: admin_addr,
-        destinations: destinations.clone(),
+        destinations: current_destinations.clone(),
     });
     let ingress_server = tokio::spawn(crate::tls::serve(
         ingress_listener,
         tls.clone(),
-        ingress::router(ingress_state),
+        ingress::router(ingress_state.clone()),
         cfg.ingress.request_read_timeout,
         stop_http_rx.clone(),
     ));
@@ -126,62 +145,47 @@ pub async fn run_with_queue<Q: Operate>(
         admin::router(admin_state),
         stop_http_rx,
     ));
-
-    let (stop_pool_tx, stop_pool_rx) = watch::channel(false);
-    let pools: Vec<_> = pool_inputs
-        .into_iter()
-        .map(|(d, wake, handoff_rx)| {
-            delivery::run(
-                queue.clone(),
-                DeliveryConfig::new(&d.name, d.delivery.clone(), cfg.pool.clone()).renewing_here(),
-                wake,
-                handoff_rx,
-                metrics.clone(),
-                stop_pool_rx.clone(),
-            )
-        })
-        .collect();
-    let mut pool = delivery_rt.spawn(supervise_pools(pools, stop_pool_rx));
     let summary = cfg
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
-    for d in &destinations.list {
-        tracing::info!(
-            destination = %d.name, target = %crate::secret::redact_url(&d.delivery.target),
-            concurrency = d.delivery.concurrency, attempts = d.delivery.attempts,
-            "delivering to {}", d.name
-        );
-    }
+    log_destinations(&destinations);
     tracing::info!(
         ingress = %ingress_addr, admin = %admin_addr, destinations = destinations.list.len(),
         "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
     );
 
-    // The pool runs until shutdown; if it ends before, nothing would be
-    // delivered: stop taking events (readyz 503), close the store, exit 1.
-    let pool_result = tokio::select! {
-        () = shutdown => {
-            tracing::info!("shutting down: no new events accepted");
-            accepting.store(false, Ordering::Relaxed);
-            let _ = stop_pool_tx.send(true);
-            match pool.await {
-                Ok(r) => r.context("the delivery pool failed"),
-                Err(e) => Err(anyhow::anyhow!("the delivery pool panicked: {e}")),
+    // The pools run until shutdown; one that ends before would leave its
+    // destination undelivered: stop taking events (readyz 503), close the
+    // store, exit 1. A reload replaces the pools without stopping.
+    tokio::pin!(shutdown);
+    let pool_result = loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!("shutting down: no new events accepted");
+                accepting.store(false, Ordering::Relaxed);
+                break pools.stop_all().await.context("the delivery pool failed");
             }
-        }
-        ended = &mut pool => {
-            accepting.store(false, Ordering::Relaxed);
-            let why = match ended {
-                Ok(Ok(())) => anyhow::anyhow!("the delivery pool stopped on its own"),
-                Ok(Err(e)) => e.context("the delivery pool failed"),
-                Err(e) => anyhow::anyhow!("the delivery pool panicked: {e}"),
-            };
-            tracing::error!(error = format!("{why:#}"), "nothing can be delivered: the relay stops taking events and exits");
-            Err(why)
+            Some(()) = reload.recv() => {
+                reload_destinations(&cfg, &mut pools, &ingress_state, &current_destinations).await;
+            }
+            Some((name, generation, result)) = ended.recv() => {
+                if !pools.is_current(&name, generation) {
+                    continue; // retired on purpose
+                }
+                accepting.store(false, Ordering::Relaxed);
+                let why = match result {
+                    Ok(()) => anyhow::anyhow!("the delivery pool of {name} stopped on its own"),
+                    Err(e) => anyhow::anyhow!("the delivery pool failed: {e}"),
+                };
+                tracing::error!(error = format!("{why:#}"), "nothing can be delivered: the relay stops taking events and exits");
+                let _ = pools.stop_all().await;
+                break Err(why);
+            }
         }
     };
     if let Some(s) = summary {
         s.abort();
+        let _ = s.await;
     }
     let close_result = queue.close().await;
     let _ = stop_http_tx.send(true);
@@ -202,36 +206,83 @@ pub async fn run_with_queue<Q: Operate>(
     Ok(())
 }
 
-/// Runs every destination's pool until shutdown. A pool that fails, panics
-/// or ends before shutdown ends them all (the relay then stops taking events
-/// and exits 1: see `run_with_queue`).
-async fn supervise_pools<F>(pools: Vec<F>, stop: watch::Receiver<bool>) -> anyhow::Result<()>
-where
-    F: Future<Output = anyhow::Result<()>> + Send + 'static,
-{
-    let mut set = tokio::task::JoinSet::new();
-    for pool in pools {
-        set.spawn(pool);
+fn log_destinations(destinations: &Destinations) {
+    for d in &destinations.list {
+        tracing::info!(
+            destination = %d.name, target = %crate::secret::redact_url(&d.delivery.target),
+            concurrency = d.delivery.concurrency, attempts = d.delivery.attempts,
+            "delivering to {}", d.name
+        );
     }
-    while let Some(ended) = set.join_next().await {
-        match ended {
-            Ok(Ok(())) if *stop.borrow() => {}
-            Ok(Ok(())) => anyhow::bail!("a delivery pool stopped on its own"),
-            Ok(Err(e)) => return Err(e),
-            Err(e) if e.is_panic() => anyhow::bail!("the delivery pool panicked: {e}"),
-            Err(e) => anyhow::bail!("a delivery pool was cancelled: {e}"),
-        }
-    }
-    Ok(())
 }
 
-/// New events the ingress may hand to the local pool directly (stored leased
-/// to this relay), per delivery worker. Above the pool's prefetch (2 per
-/// worker): under a burst the deliveries lag behind the acknowledgements, and a
-/// handed-off event saves a round trip to the store (on Redis, a script) over
-/// one that must be claimed back. Bounded so that one relay of many does not
-/// hoard the work.
-const HANDOFF_PER_WORKER: usize = 8;
+/// SIGHUP (SPEC §7): the destinations file read again. New pools start for
+/// every destination of the new file, the ingress routes to them, then the
+/// old pools drain (their unstarted jobs go back to the store, where the new
+/// pools take them): nothing lost, nothing sent twice. A destination that is
+/// gone keeps its jobs in the store (listed, retryable, removable). A bad
+/// file changes nothing, in one error line.
+async fn reload_destinations<Q: Operate>(
+    cfg: &ServeConfig,
+    pools: &mut Pools<Q>,
+    ingress: &Ingress<Q>,
+    current: &Current<Destinations>,
+) {
+    let Some(path) = cfg.destinations_file.as_ref().and_then(|d| d.file.clone()) else {
+        tracing::warn!("reload asked (SIGHUP), but the relay runs without a destinations file: nothing to reload");
+        return;
+    };
+    let globals = crate::config::destinations::Globals {
+        delivery: cfg.delivery.clone(),
+        lock_duration: cfg.pool.lock_duration,
+    };
+    let new = match crate::config::destinations::load(&path, &globals, &|v| std::env::var(v).ok()) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "destinations not reloaded: the running ones stay");
+            return;
+        }
+    };
+    if cfg.store.kind == crate::queue::QueueKind::Redis && new.list.len() > 1 {
+        tracing::error!(file = %path.display(), "destinations not reloaded: on the Redis queue this version delivers to one destination");
+        return;
+    }
+    let old = current.get();
+    let mut retiring = Vec::new();
+    for d in &new.list {
+        let started = pools.start(d);
+        retiring.extend(pools.install(started));
+    }
+    let removed: Vec<&str> = old
+        .list
+        .iter()
+        .map(|d| d.name.as_str())
+        .filter(|name| new.get(name).is_none())
+        .collect();
+    for name in &removed {
+        retiring.extend(pools.remove(name));
+    }
+    let lanes = Lanes::new(pools.lanes(new.list.iter().map(|d| d.name.as_str())));
+    ingress.routing.set(Routing {
+        destinations: new.clone(),
+        lanes,
+    });
+    current.set(new.clone());
+    for r in retiring {
+        r.retire().await;
+    }
+    let added: Vec<&str> = new
+        .list
+        .iter()
+        .map(|d| d.name.as_str())
+        .filter(|name| old.get(name).is_none())
+        .collect();
+    tracing::info!(
+        file = %path.display(), destinations = new.list.len(),
+        "destinations reloaded: added {added:?}, removed {removed:?}, the others restarted with their new settings"
+    );
+    log_destinations(&new);
+}
 
 /// Where the delivery pool runs: its own runtime whose threads run at a lower
 /// CPU priority (`DELIVERY_NICE`), so that under full load the ingress, whose
@@ -260,14 +311,11 @@ impl DeliveryRuntime {
         Ok(Self(Some(rt)))
     }
 
-    fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
+    /// Where to spawn the pools.
+    fn handle(&self) -> tokio::runtime::Handle {
         match &self.0 {
-            Some(rt) => rt.spawn(fut),
-            None => tokio::spawn(fut),
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
         }
     }
 }
