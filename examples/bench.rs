@@ -608,6 +608,60 @@ async fn measure(
     })
 }
 
+/// SPEC §7's outage with the defaults (ATTEMPTS 5, BACKOFF_DELAY_MS 2000,
+/// CIRCUIT_* 5 / 10 s / 300 s): the target answers 503 for 40 s while 200
+/// events arrive in the first 10 s; then it recovers. Prints the attempts made
+/// at it during the outage, the dead letters, and when all was delivered.
+async fn outage(relay_bin: &std::path::Path) -> anyhow::Result<()> {
+    use cogrelay::sink::Behaviour;
+    let sink = Sink::start().await?;
+    sink.set_default(Behaviour::status(503));
+    let data = tempfile::tempdir()?;
+    let (port, admin) = (free_port(), free_port());
+    let child = relay(relay_bin, port, admin, &sink, data.path(), 16).spawn()?;
+    wait_port(port).await?;
+    wait_port(admin).await?;
+    let t0 = Instant::now();
+    let reqs = requests(PATH, 200);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    for chunk in reqs.chunks(20) {
+        let part = Arc::new(chunk.to_vec());
+        load(addr, &part, 4).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep_until((t0 + Duration::from_secs(40)).into()).await;
+    let during = sink.posts();
+    sink.set_default(Behaviour::status(200));
+    let http = reqwest::Client::new();
+    let queue = |http: reqwest::Client| async move {
+        http.get(format!("http://127.0.0.1:{admin}/admin/queue"))
+            .send()
+            .await?
+            .json::<serde_json::Value>()
+            .await
+    };
+    let failed_at_recovery = queue(http.clone()).await?["failed"].clone();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let done = loop {
+        let q = queue(http.clone()).await?;
+        if q["completed"].as_u64().unwrap_or(0) + q["failed"].as_u64().unwrap_or(0) >= 200 {
+            break q;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not delivered in 10 minutes: {q}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "\noutage of 40 s, 200 events, defaults: {during} attempts at the target during the outage, \
+         {failed_at_recovery} dead-lettered by its end; all done {:.1} s after recovery: {done}",
+        t0.elapsed().as_secs_f64() - 40.0
+    );
+    stop(child).await;
+    Ok(())
+}
+
 /// The embedded relay with `n` destinations (see `run`, 2b).
 async fn fanout(
     relay_bin: &std::path::Path,
@@ -831,6 +885,11 @@ async fn run(
         if wanted(scenario) {
             rows.push(fanout(relay_bin, n, events, connections, concurrency).await?);
         }
+    }
+
+    // 2c. An outage (not by default; about a minute): see `outage`.
+    if wanted("outage") {
+        outage(relay_bin).await?;
     }
 
     // 3. cogrelay on Redis (BullMQ layout): one relay, then three sharing the

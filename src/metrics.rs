@@ -59,6 +59,35 @@ pub struct Metrics {
     by_destination: Family<Vec<(&'static str, String)>, Counter>,
     unrouted: Counter,
     circuits: Family<Vec<(&'static str, String)>, Gauge>,
+    /// The last hour, for the dashboard's charts.
+    history: std::sync::Mutex<History>,
+    /// Each destination's counters, for the history.
+    destinations: std::sync::Mutex<Vec<(String, DestinationMetrics)>>,
+}
+
+/// How often the history takes a point, and how many it keeps (an hour).
+pub const HISTORY_EVERY: Duration = Duration::from_secs(10);
+const HISTORY_POINTS: usize = 360;
+
+/// What happened in one interval (deltas of the totals).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Point {
+    /// The end of the interval (unix ms).
+    pub at_ms: i64,
+    pub accepted: u64,
+    pub delivered: u64,
+    pub retried: u64,
+    pub failed: u64,
+    /// Delivered, by destination.
+    pub by_destination: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Default)]
+struct History {
+    points: std::collections::VecDeque<Point>,
+    /// The totals at the last point.
+    last: Option<(Totals, std::collections::BTreeMap<String, u64>)>,
 }
 
 /// One destination's delivery counters, created once per pool (no label
@@ -95,6 +124,8 @@ impl Default for Metrics {
             by_destination: Family::default(),
             unrouted: Counter::default(),
             circuits: Family::default(),
+            history: Default::default(),
+            destinations: Default::default(),
         }
     }
 }
@@ -122,14 +153,63 @@ impl Metrics {
 
     /// The counters of `destination`'s deliveries.
     pub fn destination(&self, destination: &str) -> DestinationMetrics {
-        DestinationMetrics(OUTCOMES.map(|o| {
+        let m = DestinationMetrics(OUTCOMES.map(|o| {
             self.by_destination
                 .get_or_create(&vec![
                     ("destination", destination.to_string()),
                     ("outcome", o.to_string()),
                 ])
                 .clone()
-        }))
+        }));
+        let mut all = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
+        if !all.iter().any(|(name, _)| name == destination) {
+            all.push((destination.to_string(), m.clone()));
+        }
+        m
+    }
+
+    fn delivered_by_destination(&self) -> std::collections::BTreeMap<String, u64> {
+        let all = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter()
+            .map(|(name, m)| (name.clone(), m.0[0].get()))
+            .collect()
+    }
+
+    /// What happened since the last point, ending now (not kept).
+    fn point_now(&self, h: &History) -> Point {
+        let now = self.totals();
+        let by_now = self.delivered_by_destination();
+        let (last, by_last) = h.last.clone().unwrap_or_default();
+        Point {
+            at_ms: crate::time::now_ms(),
+            accepted: now.accepted - last.accepted,
+            delivered: now.delivered - last.delivered,
+            retried: now.retried - last.retried,
+            failed: now.failed - last.failed,
+            by_destination: by_now
+                .iter()
+                .map(|(k, v)| (k.clone(), v - by_last.get(k).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
+    /// Takes a point of the history (every [`HISTORY_EVERY`]).
+    pub fn sample(&self) {
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let point = self.point_now(&h);
+        h.last = Some((self.totals(), self.delivered_by_destination()));
+        h.points.push_back(point);
+        while h.points.len() > HISTORY_POINTS {
+            h.points.pop_front();
+        }
+    }
+
+    /// The last hour: the points kept, then the one in progress.
+    pub fn history(&self) -> Vec<Point> {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<Point> = h.points.iter().cloned().collect();
+        out.push(self.point_now(&h));
+        out
     }
 
     /// `destination`'s circuit is now in `state` (closed, open, half-open).

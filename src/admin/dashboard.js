@@ -1,4 +1,5 @@
-// cogrelay dashboard: polls the admin API every 2 s. Every value that comes from
+// cogrelay dashboard: polls the admin API every 2 s; the chart is the relay's
+// own last hour (GET /admin/history), so it shows what came before the page. Every value that comes from
 // a job is put on the page with textContent, never as HTML, so a payload holding
 // markup or script is shown, not run.
 'use strict';
@@ -6,8 +7,6 @@ const $ = (sel) => document.querySelector(sel);
 const LIMIT = 20;
 let offset = 0;
 let token = sessionStorage.getItem('cogrelay-admin-token') || '';
-let lastDelivered = null;
-const history = [];
 
 async function api(path, method = 'GET') {
   const headers = token ? { Authorization: 'Bearer ' + token } : {};
@@ -43,32 +42,69 @@ function lastAnswer(job) {
   return a.status ? 'HTTP ' + a.status : (a.error || '–');
 }
 
-async function deliveredTotal() {
-  const text = await (await fetch('/metrics')).text();
-  const m = text.match(/^cogrelay_deliveries_total\{outcome="delivered"\} (\d+)/m);
-  return m ? Number(m[1]) : 0;
+function drawHistory(h) {
+  const pts = h.points;
+  const max = Math.max(1, ...pts.map((p) => Math.max(p.delivered, p.failed)));
+  // One bar per 10 s, newest on the right: delivered (blue) under failed (red).
+  const step = 720 / 361;
+  const x0 = 720 - pts.length * step;
+  const bars = $('#bars');
+  bars.replaceChildren();
+  const rect = (x, y, h, color) => {
+    const r = document.createElementNS('http://www.w3.org/2000/svg', 'rect');
+    r.setAttribute('x', x.toFixed(1));
+    r.setAttribute('y', y.toFixed(1));
+    r.setAttribute('width', Math.max(1, step - 0.3).toFixed(1));
+    r.setAttribute('height', h.toFixed(1));
+    r.setAttribute('fill', color);
+    bars.appendChild(r);
+  };
+  pts.forEach((p, i) => {
+    const x = x0 + i * step;
+    const hd = (p.delivered / max) * 76;
+    const hf = (p.failed / max) * 76;
+    if (hd > 0) rect(x, 78 - hd, hd, '#2563eb');
+    if (hf > 0) rect(x, 78 - hd - hf, hf, '#b3261e');
+  });
+  const total = pts.reduce((n, p) => n + p.delivered, 0);
+  const failed = pts.reduce((n, p) => n + p.failed, 0);
+  const per = h.intervalSecs || 10;
+  $('#rate').textContent = total + ' delivered and ' + failed + ' failed in the last hour; peak '
+    + (max / per).toFixed(1) + '/s';
+  return pts;
 }
 
-function drawSparkline() {
-  const max = Math.max(1, ...history);
-  const step = 600 / 149;
-  const points = history.map((v, i) => (i * step).toFixed(1) + ',' + (58 - (v / max) * 56).toFixed(1));
-  $('#spark-line').setAttribute('points', points.join(' '));
-  const last = history.length ? history[history.length - 1] : 0;
-  $('#rate').textContent = (last / 2).toFixed(1) + ' delivered/s now, peak ' + (max / 2).toFixed(1) + '/s';
+function drawDestinations(list, pts) {
+  const tbody = $('#destinations-table tbody');
+  tbody.replaceChildren();
+  for (const d of list) {
+    const tr = document.createElement('tr');
+    tr.dataset.name = d.name;
+    cell(tr, d.name);
+    cell(tr, d.url);
+    cell(tr, d.circuit, 'circuit circuit-' + d.circuit);
+    cell(tr, d.paused ? 'yes' : 'no', 'paused');
+    cell(tr, String(d.counts.waiting));
+    cell(tr, String(d.counts.delayed));
+    cell(tr, String(d.counts.failed));
+    cell(tr, String(pts.reduce((n, p) => n + (p.byDestination[d.name] || 0), 0)));
+    const actions = cell(tr, '');
+    const path = '/admin/destinations/' + encodeURIComponent(d.name);
+    actions.appendChild(d.paused
+      ? button('Resume', 'resume', () => act(path + '/resume', 'POST'))
+      : button('Pause', 'pause', () => act(path + '/pause', 'POST')));
+    actions.appendChild(button('Retry failed', 'retry-destination',
+      () => act('/admin/jobs/retry?state=failed&destination=' + encodeURIComponent(d.name), 'POST')));
+    tbody.appendChild(tr);
+  }
 }
 
 async function refresh() {
   try {
     const c = await api('/admin/queue');
     for (const k of ['waiting', 'active', 'delayed', 'completed', 'failed']) $('#count-' + k).textContent = String(c[k]);
-    const delivered = await deliveredTotal();
-    if (lastDelivered !== null) {
-      history.push(Math.max(0, delivered - lastDelivered));
-      if (history.length > 150) history.shift();
-    }
-    lastDelivered = delivered;
-    drawSparkline();
+    const pts = drawHistory(await api('/admin/history'));
+    drawDestinations(await api('/admin/destinations'), pts);
     const page = await api('/admin/jobs?state=failed&offset=' + offset + '&limit=' + LIMIT);
     const tbody = $('#failed-table tbody');
     tbody.replaceChildren();
@@ -76,6 +112,7 @@ async function refresh() {
       const tr = document.createElement('tr');
       tr.dataset.id = job.id;
       cell(tr, job.id);
+      cell(tr, job.destination);
       cell(tr, job.eventKey);
       cell(tr, String(job.attemptsMade));
       cell(tr, lastAnswer(job));

@@ -64,6 +64,7 @@ pub fn router<Q: Operate>(state: Arc<Admin<Q>>) -> Router {
         )
         .route("/admin/jobs/{id}/retry", post(retry_job::<Q>))
         .route("/admin/destinations", get(list_destinations::<Q>))
+        .route("/admin/history", get(history::<Q>))
         .route("/admin/destinations/{name}/pause", post(pause::<Q>))
         .route("/admin/destinations/{name}/resume", post(resume::<Q>))
         .route_layer(middleware::from_fn_with_state(
@@ -364,4 +365,15 @@ async fn set_paused<Q: Operate>(s: &Admin<Q>, name: &str, paused: bool) -> Respo
         }
         Err(e) => queue_error(e),
     }
+}
+
+/// `GET /admin/history`: what happened in each 10 s of the last hour (kept by
+/// the relay, so a dashboard opened during an incident shows what came
+/// before), the last point being the interval in progress.
+async fn history<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
+    Json(json!({
+        "intervalSecs": metrics::HISTORY_EVERY.as_secs(),
+        "points": s.metrics.history(),
+    }))
+    .into_response()
 }

@@ -145,6 +145,17 @@ pub async fn run_with_queue<Q: Operate>(
         admin::router(admin_state),
         stop_http_rx,
     ));
+    let sampler = {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::metrics::HISTORY_EVERY);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                metrics.sample();
+            }
+        })
+    };
     let summary = cfg
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
@@ -187,6 +198,7 @@ pub async fn run_with_queue<Q: Operate>(
         s.abort();
         let _ = s.await;
     }
+    sampler.abort();
     let close_result = queue.close().await;
     let _ = stop_http_tx.send(true);
     for mut server in [ingress_server, admin_server] {

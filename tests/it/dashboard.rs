@@ -1,7 +1,9 @@
 //! The dashboard in headless Chromium, driven by playwright-core (tests/node):
 //! behind ADMIN_TOKEN, a failed job appears in the table, a payload with markup
 //! is shown as text (never run), the Retry button delivers the job and the
-//! failed count changes.
+//! failed count changes; the chart shows the relay's own history (what failed
+//! before the page was opened); each destination is listed with its circuit,
+//! and its Pause and Resume buttons work.
 
 use std::time::Duration;
 
@@ -90,6 +92,15 @@ async fn dashboard_shows_failed_jobs_escapes_payloads_and_retries() {
     assert_eq!(v["pwned"], false, "markup in a payload must not run");
     assert_eq!(v["dialogs"], 0);
     assert_eq!(v["sparkline"], true);
+    // The chart comes from the relay: the two failures happened before the
+    // page was opened, and it shows them.
+    let rate = v["rate"].as_str().expect("rate");
+    assert!(rate.contains("2 failed in the last hour"), "{rate}");
+    assert_eq!(v["circuit"], "closed");
+    assert_eq!(
+        v["pausedShown"], true,
+        "Pause shown as paused, then resumed"
+    );
     assert!(app.sink.wait_for(3, Duration::from_secs(10)).await);
     assert!(app
         .sink

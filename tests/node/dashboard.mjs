@@ -32,6 +32,23 @@ await page.waitForFunction((before) => document.querySelector('#count-failed').t
   failedBefore, { timeout: 15000 });
 const failedAfter = (await page.textContent('#count-failed')).trim();
 const sparkline = await page.isVisible('#sparkline');
+// The chart is the relay's history: what failed before the page was opened.
+const rate = await page.textContent('#rate');
+// Each destination with its circuit; Pause turns into Resume.
+const row = page.locator('#destinations-table tbody tr[data-name="default"]');
+await row.waitFor({ timeout: 10000 });
+const circuit = (await row.locator('td.circuit').textContent()).trim();
+await row.locator('button.pause').click();
+await page.waitForFunction(() => {
+  const td = document.querySelector('#destinations-table tbody tr[data-name="default"] td.paused');
+  return td && td.textContent === 'yes';
+}, null, { timeout: 10000 });
+const pausedShown = true;
+await page.locator('#destinations-table tbody tr[data-name="default"] button.resume').click();
+await page.waitForFunction(() => {
+  const td = document.querySelector('#destinations-table tbody tr[data-name="default"] td.paused');
+  return td && td.textContent === 'no';
+}, null, { timeout: 10000 });
 await page.screenshot({ path: shot, fullPage: true });
-console.log(JSON.stringify({ failedBefore, failedAfter, payloadText, pwned, dialogs, sparkline }));
+console.log(JSON.stringify({ failedBefore, failedAfter, payloadText, pwned, dialogs, sparkline, rate, circuit, pausedShown }));
 await browser.close();
