@@ -418,23 +418,24 @@ pub struct ServeArgs {
     #[arg(long = "config", env = "COGRELAY_CONFIG")]
     pub config_file: Option<String>,
 
-    /// Consecutive retryable failures that open a destination's circuit (0 = off);
-    /// `[destination.circuit]` overrides it. Checked and shown by `config check`;
-    /// the breaker itself is not built yet (docs/destinations.md).
+    /// Consecutive retryable failures (5xx, 408, timeouts, connection errors)
+    /// that open a destination's circuit: nothing is sent to it for the
+    /// cool-down and its jobs keep their attempts (0 = no breaker).
+    /// `[destination.circuit]` overrides it.
     #[arg(long, env = "CIRCUIT_FAILURES", default_value = defaults::CIRCUIT_FAILURES)]
     pub circuit_failures: String,
 
-    /// First cool-down of an open circuit before a probe, doubling after each
-    /// failed one (not enforced yet, see CIRCUIT_FAILURES).
+    /// First cool-down of an open circuit before one probe delivery; doubles
+    /// after each failed probe.
     #[arg(long, env = "CIRCUIT_COOLDOWN_MS", default_value = defaults::CIRCUIT_COOLDOWN_MS)]
     pub circuit_cooldown_ms: String,
 
-    /// Longest cool-down of an open circuit (not enforced yet, see CIRCUIT_FAILURES).
+    /// Longest cool-down of an open circuit.
     #[arg(long, env = "CIRCUIT_MAX_COOLDOWN_MS", default_value = defaults::CIRCUIT_MAX_COOLDOWN_MS)]
     pub circuit_max_cooldown_ms: String,
 
-    /// A job still undelivered after this many seconds is to be failed: each
-    /// destination's default `max_age_secs` (not enforced yet, docs/destinations.md).
+    /// A job still undelivered after this many seconds is failed ("not
+    /// delivered within max_age_secs"); a destination's `max_age_secs` overrides it.
     #[arg(long, env = "MAX_AGE_SECS", default_value = defaults::MAX_AGE_SECS)]
     pub max_age_secs: String,
 

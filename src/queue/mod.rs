@@ -415,6 +415,12 @@ pub trait Queue: Send + Sync + 'static {
     /// Returns leased jobs to waiting without counting an attempt (shutdown).
     fn release(&self, leases: Vec<LeaseRef>) -> impl Future<Output = QueueResult<()>> + Send;
     fn ping(&self) -> impl Future<Output = QueueResult<()>> + Send;
+    /// Whether each destination's jobs are claimed by its own pool only
+    /// (embedded), rather than all from one queue (Redis, one destination
+    /// per relay so far).
+    fn keeps_destinations_apart(&self) -> bool {
+        true
+    }
     /// Ways this store can lose an acknowledged event, as found at start-up:
     /// `(name, present)` for each one the backend knows of.
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {

@@ -188,6 +188,9 @@ impl Queue for Store {
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {
         each!(self, q => q.durability_risks())
     }
+    fn keeps_destinations_apart(&self) -> bool {
+        each!(self, q => q.keeps_destinations_apart())
+    }
     async fn close(&self) -> QueueResult<()> {
         each!(self, q => q.close().await)
     }

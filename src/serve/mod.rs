@@ -160,6 +160,7 @@ pub async fn run_with_queue<Q: Operate>(
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
     log_destinations(&destinations);
+    warn_of_orphans(&*queue, &destinations).await;
     tracing::info!(
         ingress = %ingress_addr, admin = %admin_addr, destinations = destinations.list.len(),
         "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
@@ -216,6 +217,29 @@ pub async fn run_with_queue<Q: Operate>(
     close_result.context("failed to close the queue")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Jobs waiting for a destination that no longer exists wait until one of
+/// that name does: say so once, with how to reach them.
+async fn warn_of_orphans<Q: Operate>(queue: &Q, destinations: &Destinations) {
+    if !queue.keeps_destinations_apart() {
+        return;
+    }
+    let Ok(names) = queue.destination_names().await else {
+        return;
+    };
+    for name in names.iter().filter(|n| destinations.get(n).is_none()) {
+        let Ok(c) = queue.counts_for(Some(name)).await else {
+            continue;
+        };
+        let pending = c.waiting + c.active + c.delayed;
+        if pending > 0 {
+            tracing::warn!(
+                destination = %name, pending, failed = c.failed,
+                "jobs of a destination that is not configured wait until one of that name is (add it to the file, or list them with ?destination= and remove them)"
+            );
+        }
+    }
 }
 
 fn log_destinations(destinations: &Destinations) {
@@ -294,6 +318,7 @@ async fn reload_destinations<Q: Operate>(
         "destinations reloaded: added {added:?}, removed {removed:?}, the others restarted with their new settings"
     );
     log_destinations(&new);
+    warn_of_orphans(&*ingress.queue, &new).await;
 }
 
 /// Where the delivery pool runs: its own runtime whose threads run at a lower

@@ -870,3 +870,54 @@ async fn sighup_reloads_the_file_in_the_running_binary() {
         .expect("line");
     assert!(refusal.contains("relay.toml"), "{refusal}");
 }
+
+/// Moving from TARGET_ENDPOINT to a file that names its destination
+/// otherwise: the relay says, at start, that `default`'s jobs wait.
+#[tokio::test]
+async fn jobs_of_an_unconfigured_destination_are_named_at_start() {
+    let sink = Sink::start().await.expect("sink");
+    sink.set_default(Behaviour::status(503));
+    let dir = tempfile::tempdir().expect("tmp");
+    let (relay, _) = crate::process::start_relay_logged(
+        dir.path(),
+        &sink,
+        &[("ATTEMPTS", "100".into()), ("CIRCUIT_FAILURES", "0".into())],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    for id in ["left-1", "left-2"] {
+        assert_eq!(crate::process::post(&http, relay.port, id).await, Some(200));
+    }
+    assert!(sink.wait_for(2, WAIT).await);
+    drop(relay); // killed: the jobs stay in the store, waiting for `default`
+
+    let file = dir.path().join("cogrelay.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[destination]]\nname = \"crm\"\nurl = \"{}\"\n",
+            sink.url()
+        ),
+    )
+    .expect("write");
+    let (_relay, logs) = crate::process::start_relay_logged(
+        dir.path(),
+        &sink,
+        &[("TARGET_ENDPOINT", String::new())],
+    )
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = logs.lock().expect("logs").clone();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("jobs of a destination that is not configured"))
+        {
+            assert!(line.contains("\"destination\":\"default\""), "{line}");
+            assert!(line.contains("\"pending\":2"), "{line}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no warning: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

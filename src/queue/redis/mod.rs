@@ -442,6 +442,10 @@ impl Queue for RedisQueue {
         Ok(())
     }
 
+    fn keeps_destinations_apart(&self) -> bool {
+        false
+    }
+
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {
         self.risks.clone()
     }
