@@ -24,11 +24,10 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => {
-            let cfg =
-                match ServeConfig::from_args(&args).and_then(|c| c.check_runnable().map(|()| c)) {
-                    Ok(c) => c,
-                    Err(e) => return config_error(&e),
-                };
+            let cfg = match ServeConfig::from_args(&args) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
             let mut cfg = cfg;
             if format == LogFormat::Pretty {
                 cfg.summary_every = Some(std::time::Duration::from_secs(5));
@@ -80,9 +79,6 @@ fn config_check(args: &cogrelay::cli::ServeArgs) -> ExitCode {
             eprintln!("error: {e}");
             return ExitCode::from(1);
         }
-    }
-    if let Err(e) = cfg.check_runnable() {
-        eprintln!("note: {e}");
     }
     ExitCode::SUCCESS
 }

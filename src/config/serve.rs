@@ -124,20 +124,6 @@ impl ServeConfig {
         }
     }
 
-    /// What `serve` can run so far: several destinations on the embedded
-    /// queue; one on Redis (each destination its own BullMQ queue is not
-    /// built yet; `config check` shows every destination of a file).
-    pub fn check_runnable(&self) -> Result<(), ConfigError> {
-        match &self.destinations_file {
-            Some(d) if d.list.len() > 1 && self.store.kind == QueueKind::Redis => Err(bad(format!(
-                "{}: lists {} destinations, and on the Redis queue this version delivers to one: keep one [[destination]], or use COGRELAY_QUEUE=embedded",
-                d.file.as_ref().map_or_else(String::new, |f| f.display().to_string()),
-                d.list.len()
-            ))),
-            _ => Ok(()),
-        }
-    }
-
     pub fn from_args(a: &ServeArgs) -> Result<Self, ConfigError> {
         let file = match a.config_file.as_deref().map(str::trim) {
             Some(path) if !path.is_empty() => Some(PathBuf::from(path)),

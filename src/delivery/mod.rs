@@ -213,6 +213,7 @@ mod tests {
         LeaseRef {
             job_id: job.into(),
             token: token.into(),
+            destination: "default".into(),
         }
     }
 

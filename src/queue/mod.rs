@@ -169,6 +169,8 @@ pub struct Leased {
 pub struct LeaseRef {
     pub job_id: String,
     pub token: String,
+    /// Whose job it is (on Redis: which BullMQ queue holds it).
+    pub destination: String,
 }
 
 /// What a worker needs to deliver one job.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::embedded::{EmbeddedOptions, EmbeddedQueue, Fsync};
-use super::redis::{RedisOptions, RedisQueue};
+use super::redis::{RedisOptions, RedisQueues};
 use super::*;
 use crate::secret::Secret;
 
@@ -79,7 +79,7 @@ pub enum OpenError {
 pub enum Store {
     Embedded(EmbeddedQueue),
     /// Boxed: a Redis queue holds its connections and scripts inline.
-    Redis(Box<RedisQueue>),
+    Redis(Box<RedisQueues>),
 }
 
 /// Lease length of a tool's Redis connection (it leases nothing; BullMQ's
@@ -110,12 +110,13 @@ pub async fn open(settings: &StoreSettings, opener: Opener) -> Result<Store, Ope
                 Opener::Relay { lock_duration } => lock_duration,
                 Opener::Tool => TOOL_LOCK_DURATION,
             };
-            let q = RedisQueue::connect(RedisOptions {
+            let q = RedisQueues::connect(RedisOptions {
                 url: settings.redis_url.expose().to_string(),
                 ca_pem: settings.redis_ca.clone(),
                 queue_name: settings.queue_name.clone(),
                 lock_duration,
                 settings: settings.retention.clone(),
+                destination: crate::queue::DEFAULT_DESTINATION.into(),
             })
             .await
             .map_err(|error| OpenError::Redis {

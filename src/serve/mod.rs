@@ -54,7 +54,6 @@ pub async fn run_reloadable(
     reload: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
-    cfg.check_runnable()?;
     let opener = Opener::Relay {
         lock_duration: cfg.pool.lock_duration,
     };
@@ -279,10 +278,6 @@ async fn reload_destinations<Q: Operate>(
             return;
         }
     };
-    if cfg.store.kind == crate::queue::QueueKind::Redis && new.list.len() > 1 {
-        tracing::error!(file = %path.display(), "destinations not reloaded: on the Redis queue this version delivers to one destination");
-        return;
-    }
     let old = current.get();
     let mut retiring = Vec::new();
     for d in &new.list {

@@ -386,6 +386,7 @@ async fn open_redis(server: &crate::redis_server::RedisServer) -> RedisQueue {
             dedup_ttl: Duration::from_secs(60),
             remove_on_complete: 2,
         },
+        destination: "default".into(),
     })
     .await
     .expect("connect")

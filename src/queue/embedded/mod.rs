@@ -322,6 +322,7 @@ impl Queue for EmbeddedQueue {
                         lease: LeaseRef {
                             job_id: j.id.clone(),
                             token: token.clone(),
+                            destination: j.destination.clone(),
                         },
                         job: DeliveryJob::new(j.id.clone(), event.clone()),
                     })
@@ -384,7 +385,14 @@ impl Queue for EmbeddedQueue {
                 .map_err(sql_err)?;
             let mut jobs: Vec<Leased> = rows
                 .into_iter()
-                .map(|job| Leased { lease: LeaseRef { job_id: job.id.clone(), token: token.clone() }, job })
+                .map(|job| Leased {
+                    lease: LeaseRef {
+                        job_id: job.id.clone(),
+                        token: token.clone(),
+                        destination: destination.clone(),
+                    },
+                    job,
+                })
                 .collect();
             jobs.sort_by_key(|l| l.job.id.parse::<i64>().unwrap_or(0));
             let next_due_ms = if jobs.is_empty() {

@@ -76,6 +76,9 @@ pub struct RedisOptions {
     pub queue_name: String,
     pub lock_duration: Duration,
     pub settings: QueueSettings,
+    /// The destination whose jobs this queue holds (`default` for
+    /// `QUEUE_NAME` itself; see `routed.rs`).
+    pub destination: String,
 }
 
 /// Most jobs in one batched script call.
@@ -193,7 +196,10 @@ async fn first_connection(opts: &RedisOptions) -> QueueResult<()> {
 }
 
 mod inspect;
+mod routed;
 mod scripts;
+
+pub use routed::{queue_name, RedisQueues};
 
 use scripts::*;
 
@@ -295,6 +301,15 @@ impl Queue for RedisQueue {
             id: id.to_string(),
         };
         Ok(match (added, token) {
+            // A dedup record written by a relay with several destinations
+            // names each job (`destination=id,...`).
+            (Added::Duplicate(text), _) if text.contains('=') => (
+                Routed {
+                    duplicate: true,
+                    jobs: super::parse_jobs_text(&text),
+                },
+                Vec::new(),
+            ),
             (Added::Duplicate(id), _) => (
                 Routed {
                     duplicate: true,
@@ -308,6 +323,7 @@ impl Queue for RedisQueue {
                     lease: LeaseRef {
                         job_id: id.clone(),
                         token,
+                        destination: destination.clone(),
                     },
                 };
                 (
@@ -365,7 +381,11 @@ impl Queue for RedisQueue {
             let job = delivery_job(id.clone(), &data, &atm);
             jobs.push(Leased {
                 job,
-                lease: LeaseRef { job_id: id, token },
+                lease: LeaseRef {
+                    job_id: id,
+                    token,
+                    destination: self.opts.destination.clone(),
+                },
             });
         }
         Ok(Claimed {

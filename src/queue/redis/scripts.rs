@@ -51,7 +51,9 @@ pub(super) struct NewJobData<'a> {
     pub(super) event_type: Option<&'a str>,
     pub(super) kind: &'a str,
     pub(super) body: &'a str,
-    pub(super) destination: &'a str,
+    /// Left out by the routed add, which puts each job's own in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) destination: Option<&'a str>,
     pub(super) created_at_ms: i64,
 }
 
@@ -202,13 +204,12 @@ impl Hot {
 }
 
 impl RedisQueue {
-    /// Adds the job (see [`Added`]).
-    pub(super) async fn enqueue_now(
+    /// The dedup id, `data` and `opts` of a new job for `event`.
+    pub(super) fn job_fields(
         &self,
         event: &Event,
-        destination: &str,
-        lock: Option<(String, u64)>,
-    ) -> QueueResult<Added> {
+        destination: Option<&str>,
+    ) -> QueueResult<(String, String, String)> {
         let key = event.key.as_str().to_string();
         let body = std::str::from_utf8(&event.body)
             .map_err(|_| QueueError::Unavailable("payload is not UTF-8".into()))?;
@@ -230,6 +231,17 @@ impl RedisQueue {
             serde_json::to_string(&key).map_err(unavailable)?,
             self.opts.settings.dedup_ttl.as_millis(),
         );
+        Ok((key, data, opts))
+    }
+
+    /// Adds the job (see [`Added`]).
+    pub(super) async fn enqueue_now(
+        &self,
+        event: &Event,
+        destination: &str,
+        lock: Option<(String, u64)>,
+    ) -> QueueResult<Added> {
+        let (key, data, opts) = self.job_fields(event, Some(destination))?;
         self.adds
             .call(NewJob {
                 dedup_id: key,

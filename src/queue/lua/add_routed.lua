@@ -1,0 +1,96 @@
+--[[
+  cogrelay: adds a batch of events, each as one job in each of its
+  destinations' BullMQ queues, in one step: the ids come from the base queue's
+  counter (unique over every queue), the dedup key is the base queue's and
+  names every job (`destination=id,...`). Per job it does what add.lua does
+  (BullMQ's addStandardJob), in that destination's queue.
+    KEYS[1] the base queue's id counter
+    ARGV[1] base key prefix (dedup keys), ARGV[2] timestamp (ms),
+    ARGV[3] dedup TTL (ms), ARGV[4] job name, ARGV[5] worker name,
+    then per event: dedup id, data (JSON object, without the destination),
+    opts (JSON), lock token or "", lock duration (ms), number of
+    destinations n, then n times: queue key prefix, destination name.
+  Returns per event {kind, text}: kind "a" with text `destination=id=l|w,...`
+  (l: added locked, w: added waiting), or "d" with the first event's text
+  (`destination=id,...`, or a plain id from a one-queue relay).
+]]
+local rcall = redis.call
+local base, ts, ttl, name, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local out = {}
+-- Per queue: whether it may take jobs locked now (not paused, no global rate
+-- limit, room under its global concurrency), read once per call.
+local room = {}
+local function lockRoom(prefix)
+  if room[prefix] == nil then
+    local meta = rcall("HMGET", prefix .. "meta", "paused", "concurrency", "max")
+    if not rcall("HGET", prefix .. "meta", "opts.maxLenEvents") then
+      rcall("HSET", prefix .. "meta", "opts.maxLenEvents", 10000)
+    end
+    local r = -1
+    if meta[2] then
+      r = math.max(tonumber(meta[2]) - rcall("LLEN", prefix .. "active"), 0)
+    end
+    if meta[1] or meta[3] then
+      r = 0
+    end
+    room[prefix] = { r = r, paused = meta[1] and true or false }
+  end
+  return room[prefix]
+end
+
+local i = 6
+while i <= #ARGV do
+  local deid, data, opts, token, lockMs, n =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], tonumber(ARGV[i + 5])
+  local first = i + 6
+  i = first + 2 * n
+  local deKey = base .. "de:" .. deid
+  local current = false
+  if ttl ~= "0" then
+    current = rcall("GET", deKey)
+  end
+  if current then
+    out[#out + 1] = { "d", current }
+  else
+    local parts, named = {}, {}
+    for k = 0, n - 1 do
+      local prefix, dest = ARGV[first + 2 * k], ARGV[first + 2 * k + 1]
+      local jobId = string.format("%d", rcall("INCR", KEYS[1]))
+      local jobKey = prefix .. jobId
+      local jobData = string.sub(data, 1, -2) .. ',"destination":"' .. dest .. '"}'
+      local q = lockRoom(prefix)
+      local locked = token ~= "" and q.r ~= 0
+      if locked and q.r > 0 then
+        q.r = q.r - 1
+      end
+      local events = prefix .. "events"
+      if locked then
+        rcall("HMSET", jobKey, "name", name, "data", jobData, "opts", opts, "timestamp", ts,
+          "delay", "0", "priority", "0", "deid", deid, "processedOn", ts, "pb", worker, "ats", "1")
+      else
+        rcall("HMSET", jobKey, "name", name, "data", jobData, "opts", opts, "timestamp", ts,
+          "delay", "0", "priority", "0", "deid", deid)
+      end
+      rcall("XADD", events, "*", "event", "added", "jobId", jobId, "name", name)
+      rcall("XADD", events, "MAXLEN", "~", 10000, "*", "event", "waiting", "jobId", jobId)
+      if locked then
+        rcall("SET", jobKey .. ":lock", token, "PX", lockMs)
+        rcall("LPUSH", prefix .. "active", jobId)
+        rcall("XADD", events, "*", "event", "active", "jobId", jobId, "prev", "waiting")
+        parts[#parts + 1] = dest .. "=" .. jobId .. "=l"
+      else
+        rcall("LPUSH", prefix .. "wait", jobId)
+        if not q.paused then
+          rcall("ZADD", prefix .. "marker", "0", "0")
+        end
+        parts[#parts + 1] = dest .. "=" .. jobId .. "=w"
+      end
+      named[#named + 1] = dest .. "=" .. jobId
+    end
+    if ttl ~= "0" then
+      rcall("SET", deKey, table.concat(named, ","), "PX", ttl)
+    end
+    out[#out + 1] = { "a", table.concat(parts, ",") }
+  end
+end
+return out
