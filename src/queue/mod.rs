@@ -481,6 +481,17 @@ pub trait Operate: Queue {
         paused: bool,
     ) -> impl Future<Output = QueueResult<()>> + Send;
     fn is_paused(&self, destination: &str) -> impl Future<Output = QueueResult<bool>> + Send;
+    /// Applies a destination's `rate_limit` (requests a second; 0 = none)
+    /// where the store can hold it for every relay. The embedded store's one
+    /// relay limits itself: nothing to do.
+    fn set_rate_limit(
+        &self,
+        destination: &str,
+        per_second: u32,
+    ) -> impl Future<Output = QueueResult<()>> + Send {
+        let _ = (destination, per_second);
+        async { Ok(()) }
+    }
     /// The destinations the store has jobs of, or has paused; sorted.
     fn destination_names(&self) -> impl Future<Output = QueueResult<Vec<String>>> + Send;
 }

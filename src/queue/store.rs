@@ -228,6 +228,9 @@ impl Operate for Store {
     async fn destination_names(&self) -> QueueResult<Vec<String>> {
         each!(self, q => q.destination_names().await)
     }
+    async fn set_rate_limit(&self, destination: &str, per_second: u32) -> QueueResult<()> {
+        each!(self, q => q.set_rate_limit(destination, per_second).await)
+    }
     async fn remove(&self, id: &str) -> QueueResult<()> {
         each!(self, q => q.remove(id).await)
     }

@@ -92,6 +92,7 @@ pub async fn run_with_queue<Q: Operate>(
         metrics.clone(),
         delivery_rt.handle(),
     );
+    apply_rate_limits(&*queue, &destinations).await;
     for d in &destinations.list {
         let started = pools.start(d);
         pools.install(started);
@@ -241,6 +242,17 @@ async fn warn_of_orphans<Q: Operate>(queue: &Q, destinations: &Destinations) {
     }
 }
 
+/// Each destination's rate limit where the store keeps it for every relay
+/// (Redis: BullMQ's limit on its queue); a failure is a warning, the relay's
+/// own limit still holds.
+async fn apply_rate_limits<Q: Operate>(queue: &Q, destinations: &Destinations) {
+    for d in &destinations.list {
+        if let Err(e) = queue.set_rate_limit(&d.name, d.delivery.rate_limit).await {
+            tracing::warn!(destination = %d.name, error = %e, "cannot set the rate limit in the store; each relay limits itself");
+        }
+    }
+}
+
 fn log_destinations(destinations: &Destinations) {
     for d in &destinations.list {
         tracing::info!(
@@ -278,6 +290,7 @@ async fn reload_destinations<Q: Operate>(
             return;
         }
     };
+    apply_rate_limits(&*ingress.queue, &new).await;
     let old = current.get();
     let mut retiring = Vec::new();
     for d in &new.list {

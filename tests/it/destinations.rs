@@ -924,3 +924,169 @@ async fn jobs_of_an_unconfigured_destination_are_named_at_start() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Two relays on one Redis, three destinations: each event goes to every
+/// destination that wants it exactly once, whichever relay took it, and each
+/// destination is its own BullMQ queue (`QUEUE_NAME.<name>`).
+#[tokio::test]
+async fn two_relays_on_one_redis_fan_out_once_per_destination() {
+    let Some(redis) = crate::redis_server::RedisServer::start(true) else {
+        return;
+    };
+    let sinks = [
+        Sink::start().await.expect("sink"),
+        Sink::start().await.expect("sink"),
+        Sink::start().await.expect("sink"),
+    ];
+    let file = format!(
+        "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nevents = [\"conversation.*\"]\n\
+         [[destination]]\nname = \"warehouse\"\nurl = \"{}\"\n\
+         [[destination]]\nname = \"ticketing\"\nurl = \"{}\"\nevents = [\"handover.*\"]\n",
+        sinks[0].url(),
+        sinks[1].url(),
+        sinks[2].url()
+    );
+    let apps = relays_on_redis(2, &redis, &sinks[0], &file).await;
+    let types = [
+        "conversation.started",
+        "handover.requested",
+        "message.received",
+    ];
+    let n = 90;
+    for i in 0..n {
+        let app = &apps[i % 2].0;
+        let reply = app
+            .post_event(&typed("bot", &format!("two-{i}"), types[i % 3]))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.json);
+        // The same event at the other relay: a duplicate, the same jobs.
+        let again = apps[(i + 1) % 2]
+            .0
+            .post_event(&typed("bot", &format!("two-{i}"), types[i % 3]))
+            .await;
+        assert_eq!(again.json["status"], "duplicate", "{}", again.json);
+        assert_eq!(again.json["jobs"], reply.json["jobs"]);
+    }
+    let per_type = n / 3;
+    let expected = [per_type, n, per_type];
+    for (sink, want) in sinks.iter().zip(expected) {
+        assert!(
+            sink.wait_for(want, WAIT).await,
+            "{} of {want}",
+            sink.count()
+        );
+    }
+    // Settled: nothing waiting, active or delayed in any queue.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let q = admin_json(&apps[0].0, "/admin/queue").await;
+        if q["waiting"] == 0 && q["active"] == 0 && q["delayed"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{q}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (sink, want) in sinks.iter().zip(expected) {
+        let got = ids(sink);
+        let unique: std::collections::BTreeSet<&String> = got.iter().collect();
+        assert_eq!((got.len(), unique.len()), (want, want), "each once");
+    }
+    // Each destination is a BullMQ queue of its own.
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    for name in ["crm", "warehouse", "ticketing"] {
+        let key = format!("bull:cognigy-webhook-retries.{name}:meta");
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("exists");
+        assert!(exists, "{key}");
+    }
+    for (mut app, _tmp) in apps {
+        app.stop().await.expect("clean stop");
+    }
+}
+
+/// `n` relays in this process on `redis`, with the destinations `file`.
+async fn relays_on_redis(
+    n: usize,
+    redis: &crate::redis_server::RedisServer,
+    sink: &Sink,
+    file: &str,
+) -> Vec<(TestApp, tempfile::TempDir)> {
+    let mut apps = Vec::new();
+    for _ in 0..n {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut cfg = test_config(sink, tmp.path().join("data"));
+        cfg.store.kind = cogrelay::config::QueueKind::Redis;
+        cfg.store.redis_url = cogrelay::secret::Secret::new(redis.url());
+        let globals = Globals {
+            delivery: cfg.delivery.clone(),
+            lock_duration: cfg.pool.lock_duration,
+        };
+        let list = destinations::parse(file, "test.toml", &globals, &|_| None).expect("valid");
+        cfg.destinations_file = Some(Destinations {
+            list,
+            file: Some("test.toml".into()),
+        });
+        apps.push((start(cfg, sink.clone()).await, tmp));
+    }
+    apps
+}
+
+/// The most requests `sink` got within any one second.
+fn busiest_second(sink: &Sink) -> usize {
+    let at: Vec<std::time::Instant> = sink.received().iter().map(|r| r.at).collect();
+    at.iter()
+        .map(|t0| {
+            at.iter()
+                .filter(|t| **t >= *t0 && t.duration_since(*t0) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// On Redis the rate limit holds over every relay: two relays sharing a
+/// destination limited to 20/s never send it more than 20 in any second.
+#[tokio::test]
+async fn a_rate_limit_holds_over_two_relays_on_redis() {
+    let Some(redis) = crate::redis_server::RedisServer::start(true) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    let file = format!(
+        "[[destination]]\nname = \"limited\"\nurl = \"{}\"\nrate_limit = 20\nconcurrency = 8\n",
+        sink.url()
+    );
+    let apps = relays_on_redis(2, &redis, &sink, &file).await;
+    let n = 60;
+    for i in 0..n {
+        let reply = apps[i % 2]
+            .0
+            .post_event(&event("bot", &format!("rl2-{i}")))
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+    assert!(
+        sink.wait_for(n, Duration::from_secs(20)).await,
+        "{} of {n}",
+        sink.count()
+    );
+    let most = busiest_second(&sink);
+    assert!(
+        most <= 20,
+        "{most} requests within one second over two relays"
+    );
+    assert!(
+        most >= 12,
+        "the limit is used ({most} in the busiest second)"
+    );
+    for (mut app, _tmp) in apps {
+        app.stop().await.expect("clean stop");
+    }
+}

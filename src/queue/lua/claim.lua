@@ -9,7 +9,8 @@
     ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] lock duration (ms),
     ARGV[4] most jobs, ARGV[5] token base, ARGV[6] worker name
   Returns {jobs, next}: jobs is flat, 4 per job (id, token, data, atm); next is
-  the earliest due time of a delayed job (ms) when no job was taken, or nil.
+  the earliest due time of a delayed job (ms) when no job was taken, or when
+  the global rate limit held some back, when its window frees; else nil.
 ]]
 local rcall = redis.call
 local prefix, ts = ARGV[1], tonumber(ARGV[2])
@@ -99,6 +100,13 @@ if not paused then
 end
 if #jobs > 0 then
   rcall("ZADD", markerKey, "0", "0")
+  -- Held back by the global rate limit: when its window frees the next job.
+  if maxJobs and limitMs and n >= room then
+    local pttl = rcall("PTTL", KEYS[5])
+    if pttl > 0 then
+      return {jobs, ts + pttl}
+    end
+  end
   return {jobs, false}
 end
 local first = rcall("ZRANGE", delayedKey, 0, 0, "WITHSCORES")

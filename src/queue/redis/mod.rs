@@ -389,7 +389,8 @@ impl Queue for RedisQueue {
             });
         }
         Ok(Claimed {
-            next_due_ms: if jobs.is_empty() { next_due_ms } else { None },
+            // With jobs, a next time is the rate limit's: claim again then.
+            next_due_ms,
             jobs,
         })
     }

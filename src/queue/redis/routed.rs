@@ -419,6 +419,33 @@ impl Operate for RedisQueues {
         self.queue(destination).await?.is_paused(destination).await
     }
 
+    /// BullMQ's global rate limit on the destination's queue (`max` jobs a
+    /// `duration` ms, in its meta hash, enforced by the claim script for
+    /// every relay): one job each `1050 / per_second` ms, so that no second
+    /// holds more than `per_second` starts wherever they are claimed (a fixed
+    /// window of `per_second` a second would allow twice that across its
+    /// edge). With 0 the limit is taken off.
+    async fn set_rate_limit(&self, destination: &str, per_second: u32) -> QueueResult<()> {
+        let q = self.queue(destination).await?;
+        let meta = q.hot.key("meta");
+        let cmd = if per_second == 0 {
+            let mut c = redis::cmd("HDEL");
+            c.arg(&meta).arg("max").arg("duration");
+            c
+        } else {
+            let spacing_ms = 1050_u64.div_ceil(u64::from(per_second));
+            let mut c = redis::cmd("HSET");
+            c.arg(&meta)
+                .arg("max")
+                .arg(1)
+                .arg("duration")
+                .arg(spacing_ms.max(1));
+            c
+        };
+        let _: i64 = q.raw(&cmd).await?;
+        Ok(())
+    }
+
     async fn destination_names(&self) -> QueueResult<Vec<String>> {
         let mut names = vec![DEFAULT_DESTINATION.to_string()];
         names.extend(self.others.read().await.keys().cloned());
