@@ -101,3 +101,74 @@ async fn bullmq_for_node_reads_our_queue_and_feeds_it() {
     assert_eq!(v["addedJob"]["attemptsMade"], 1, "{v}");
     assert!(v["addedJob"]["finishedOn"].as_u64().is_some(), "{v}");
 }
+
+/// Two destinations are two BullMQ queues (`QUEUE_NAME.crm`,
+/// `QUEUE_NAME.warehouse`): BullMQ for Node reads each one's jobs, with one
+/// id per job over both, and its pause of a queue pauses that destination.
+#[tokio::test]
+async fn bullmq_for_node_sees_each_destination_as_its_queue() {
+    if !crate::redis_server::available() || !node_ready() {
+        return;
+    }
+    let warehouse = Sink::start().await.expect("sink");
+    let warehouse_url = warehouse.url();
+    let app = spawn_app_on(Backend::Redis, |c| {
+        let file = format!(
+            "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nattempts = 1\n\
+             [[destination]]\nname = \"warehouse\"\nurl = \"{warehouse_url}\"\n",
+            c.delivery.target
+        );
+        let globals = cogrelay::config::destinations::Globals {
+            delivery: c.delivery.clone(),
+            lock_duration: c.pool.lock_duration,
+        };
+        let list = cogrelay::config::destinations::parse(&file, "t.toml", &globals, &|_| None)
+            .expect("valid");
+        c.destinations_file = Some(cogrelay::destination::Destinations {
+            list,
+            file: Some("t.toml".into()),
+        });
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(500));
+    let r = app.post_event(&event("bot", "two-queues")).await;
+    let crm_id = r.json["jobs"]["crm"].as_str().expect("crm").to_string();
+    let warehouse_id = r.json["jobs"]["warehouse"]
+        .as_str()
+        .expect("warehouse")
+        .to_string();
+    assert_ne!(crm_id, warehouse_id, "one id per job over every queue");
+    app.wait_job(&crm_id, "failed", Duration::from_secs(15))
+        .await;
+    app.wait_job(&warehouse_id, "completed", Duration::from_secs(15))
+        .await;
+
+    let port = app.redis.as_ref().expect("redis").port;
+    let base = &app.config.store.queue_name;
+    let v = run_node(
+        "destinations.mjs",
+        &[
+            &port.to_string(),
+            &format!("{base}.crm"),
+            &format!("{base}.warehouse"),
+        ],
+    )
+    .await;
+    assert_eq!(v["crm"]["counts"]["failed"], 1, "{v}");
+    assert_eq!(v["crm"]["jobs"][0]["id"], crm_id.as_str());
+    assert_eq!(v["crm"]["jobs"][0]["data"]["destination"], "crm");
+    assert_eq!(v["crm"]["jobs"][0]["data"]["eventId"], "two-queues");
+    assert_eq!(v["warehouse"]["counts"]["completed"], 1, "{v}");
+    assert_eq!(v["warehouse"]["jobs"][0]["id"], warehouse_id.as_str());
+    assert_eq!(v["warehousePaused"], true);
+    // BullMQ's pause is the destination's: the relay reports it, and holds
+    // the destination's new jobs.
+    let listed = app.admin_get("/admin/destinations").await.json;
+    let paused = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|d| d["name"] == "warehouse")
+        .map(|d| d["paused"].clone());
+    assert_eq!(paused, Some(Value::Bool(true)), "{listed}");
+}
