@@ -72,6 +72,7 @@ pub(super) async fn deliver<Q: Queue>(
     permit: OwnedSemaphorePermit,
 ) {
     let n = leased.job.attempts_made + 1;
+    let probe = leased.job.probe;
     let started_at_ms = now_ms();
     let t0 = Instant::now();
     let max_age = pool.cfg.destination.max_age;
@@ -170,7 +171,22 @@ pub(super) async fn deliver<Q: Queue>(
         &classified,
         pool.cfg.destination.backoff.max_retry_after,
     );
-    pool.circuit.record(signal, hold);
+    // A change of the circuit is shared with the other relays where the
+    // store can (Redis); a failure to share leaves this relay's own.
+    match pool.circuit.record(signal, hold, probe) {
+        Some((circuit::Phase::Open, cooldown)) => {
+            let until = now_ms() + cooldown.as_millis() as i64;
+            if let Err(e) = pool.queue.set_circuit(&pool.cfg.name, Some(until)).await {
+                tracing::warn!(error = %e, "cannot share the open circuit with the other relays");
+            }
+        }
+        Some((circuit::Phase::Closed, _)) => {
+            if let Err(e) = pool.queue.set_circuit(&pool.cfg.name, None).await {
+                tracing::warn!(error = %e, "cannot share the closed circuit with the other relays");
+            }
+        }
+        _ => {}
+    }
     let (disposition, outcome) = decide_now(&pool.cfg, n, classified);
     let error = match &sent {
         // A snippet of an error answer.

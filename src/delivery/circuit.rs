@@ -168,6 +168,21 @@ impl Breaker {
         (self.phase != before).then_some(self.phase)
     }
 
+    /// The result of a probe claimed for a circuit shared by every relay:
+    /// as this relay's own half-open probe, from the shared cool-down.
+    pub fn record_probe(
+        &mut self,
+        signal: Signal,
+        hold: Option<Duration>,
+        cooldown: Duration,
+        now: Instant,
+    ) -> Option<Phase> {
+        self.phase = Phase::HalfOpen;
+        self.cooldown = cooldown.max(self.settings.cooldown);
+        self.probe_out = true;
+        self.record(signal, hold, now).or(Some(self.phase))
+    }
+
     fn open(&mut self, now: Instant) {
         self.phase = Phase::Open;
         self.open_until = Some(now + self.cooldown);
@@ -240,17 +255,32 @@ impl Circuit {
         })
     }
 
-    pub fn record(&self, signal: Signal, hold: Option<Duration>) {
-        self.with(|b| {
+    /// An attempt's result; `probe` is the shared cool-down when the job was
+    /// a shared circuit's probe. Returns the new phase and cool-down when it
+    /// changed, for the store to share.
+    pub fn record(
+        &self,
+        signal: Signal,
+        hold: Option<Duration>,
+        probe: Option<Duration>,
+    ) -> Option<(Phase, Duration)> {
+        let changed = self.with(|b| {
             if let Some(h) = hold {
                 tracing::warn!(destination = %self.destination, hold_ms = h.as_millis() as u64,
                     "the destination asked to wait (Retry-After): nothing is sent to it until then");
             }
-            if let Some(phase) = b.record(signal, hold, Instant::now()) {
-                self.changed_to(phase, b);
-            }
+            let now = Instant::now();
+            let phase = match probe {
+                Some(cooldown) => b.record_probe(signal, hold, cooldown, now),
+                None => b.record(signal, hold, now),
+            };
+            phase.map(|p| {
+                self.changed_to(p, b);
+                (p, b.cooldown())
+            })
         });
         self.changed.notify_one();
+        changed
     }
 
     fn changed_to(&self, phase: Phase, b: &Breaker) {

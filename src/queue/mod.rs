@@ -187,6 +187,10 @@ pub struct DeliveryJob {
     /// When it was stored (unix ms); `None` for a job of an older version
     /// (on Redis), which no age limit applies to.
     pub created_at_ms: Option<i64>,
+    /// Claimed as the probe of a circuit shared by every relay (Redis), with
+    /// the cool-down in force: its result closes the circuit or opens it
+    /// again for twice that.
+    pub probe: Option<Duration>,
 }
 
 impl DeliveryJob {
@@ -201,6 +205,7 @@ impl DeliveryJob {
             body: event.body,
             attempts_made: 0,
             created_at_ms: Some(now_ms()),
+            probe: None,
         }
     }
 }
@@ -417,6 +422,18 @@ pub trait Queue: Send + Sync + 'static {
     /// Returns leased jobs to waiting without counting an attempt (shutdown).
     fn release(&self, leases: Vec<LeaseRef>) -> impl Future<Output = QueueResult<()>> + Send;
     fn ping(&self) -> impl Future<Output = QueueResult<()>> + Send;
+    /// The destination's circuit opened (until `until_ms`) or closed, where
+    /// the store shares it with every relay (Redis: its claims then take
+    /// nothing until then, and one probe after). The embedded store's one
+    /// relay keeps its circuit itself: nothing to do.
+    fn set_circuit(
+        &self,
+        destination: &str,
+        open_until_ms: Option<i64>,
+    ) -> impl Future<Output = QueueResult<()>> + Send {
+        let _ = (destination, open_until_ms);
+        async { Ok(()) }
+    }
     /// Whether each destination's jobs are claimed by its own pool only
     /// (embedded), rather than all from one queue (Redis, one destination
     /// per relay so far).

@@ -186,6 +186,9 @@ impl Queue for Store {
     async fn ping(&self) -> QueueResult<()> {
         each!(self, q => q.ping().await)
     }
+    async fn set_circuit(&self, destination: &str, open_until_ms: Option<i64>) -> QueueResult<()> {
+        each!(self, q => q.set_circuit(destination, open_until_ms).await)
+    }
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {
         each!(self, q => q.durability_risks())
     }

@@ -165,3 +165,81 @@ async fn a_job_past_its_age_limit_fails_saying_so() {
     );
     app.stop().await.expect("clean stop");
 }
+
+/// On Redis the circuit is shared: once it is open, three relays send the
+/// failing destination one probe per cool-down between them (not one each,
+/// nor their whole backlog), and everything arrives after it recovers.
+#[tokio::test]
+async fn three_relays_on_redis_probe_as_one() {
+    let Some(redis) = crate::redis_server::RedisServer::start(true) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    sink.set_default(Behaviour::status(503));
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut cfg = test_config(&sink, tmp.path().join("data"));
+        cfg.store.kind = cogrelay::config::QueueKind::Redis;
+        cfg.store.redis_url = cogrelay::secret::Secret::new(redis.url());
+        cfg.delivery.attempts = 50;
+        cfg.delivery.concurrency = 2;
+        cfg.delivery.circuit = CircuitSettings {
+            failures: 3,
+            cooldown: Duration::from_secs(1),
+            max_cooldown: Duration::from_secs(8),
+        };
+        apps.push((start(cfg, sink.clone()).await, tmp));
+    }
+    let n = 30;
+    for i in 0..n {
+        let reply = apps[i % 3]
+            .0
+            .post_event(&event("bot", &format!("shared-{i}")))
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+    // Open for every relay: the queue's meta holds it.
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let open: Option<i64> = redis::cmd("HGET")
+            .arg("bull:cognigy-webhook-retries:meta")
+            .arg("cg:openUntil")
+            .query_async(&mut conn)
+            .await
+            .expect("hget");
+        if open.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shared circuit never opened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // What was already on its way arrives at once; from then on, probes only.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sink.posts();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let probes = sink.posts() - before;
+    assert!(
+        (1..=4).contains(&probes),
+        "{probes} attempts in 4 s over three relays: one probe per cool-down (1 s, then 2 s)"
+    );
+    sink.set_default(Behaviour::status(200));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = apps[0].0.admin_get("/admin/queue").await.json;
+        if q["completed"] == n {
+            assert_eq!(q["failed"], 0, "{q}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all delivered: {q}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (mut app, _tmp) in apps {
+        app.stop().await.expect("clean stop");
+    }
+}

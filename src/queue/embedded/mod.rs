@@ -379,6 +379,7 @@ impl Queue for EmbeddedQueue {
                         body: r.get(5)?,
                         attempts_made: r.get(6)?,
                         created_at_ms: r.get(7)?,
+                        probe: None,
                     })
                 })
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())

@@ -20,7 +20,7 @@ if not maxEvents then
   maxEvents = 10000
   rcall("HSET", KEYS[3], "opts.maxLenEvents", maxEvents)
 end
-local meta = rcall("HMGET", KEYS[3], "paused", "concurrency", "max")
+local meta = rcall("HMGET", KEYS[3], "paused", "concurrency", "max", "cg:openUntil")
 local pausedOrMaxed = meta[1] and true or false
 -- How many jobs may go straight to active: none while paused or under a
 -- global rate limit (those go through the limiter in claim.lua), at most the
@@ -33,7 +33,8 @@ if meta[2] then
   end
   lockRoom = math.max(room, 0)
 end
-if pausedOrMaxed or meta[3] then
+-- No handoff under a global rate limit or while the shared circuit is open.
+if pausedOrMaxed or meta[3] or meta[4] then
   lockRoom = 0
 end
 local out = {}

@@ -22,7 +22,7 @@ local out = {}
 local room = {}
 local function lockRoom(prefix)
   if room[prefix] == nil then
-    local meta = rcall("HMGET", prefix .. "meta", "paused", "concurrency", "max")
+    local meta = rcall("HMGET", prefix .. "meta", "paused", "concurrency", "max", "cg:openUntil")
     if not rcall("HGET", prefix .. "meta", "opts.maxLenEvents") then
       rcall("HSET", prefix .. "meta", "opts.maxLenEvents", 10000)
     end
@@ -30,7 +30,7 @@ local function lockRoom(prefix)
     if meta[2] then
       r = math.max(tonumber(meta[2]) - rcall("LLEN", prefix .. "active"), 0)
     end
-    if meta[1] or meta[3] then
+    if meta[1] or meta[3] or meta[4] then
       r = 0
     end
     room[prefix] = { r = r, paused = meta[1] and true or false }

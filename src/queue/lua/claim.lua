@@ -8,14 +8,17 @@
     counter, KEYS[9] marker
     ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] lock duration (ms),
     ARGV[4] most jobs, ARGV[5] token base, ARGV[6] worker name
-  Returns {jobs, next}: jobs is flat, 4 per job (id, token, data, atm); next is
+  Returns {jobs, next, probe}: jobs is flat, 4 per job (id, token, data, atm); next is
   the earliest due time of a delayed job (ms) when no job was taken, or when
-  the global rate limit held some back, when its window frees; else nil.
+  the global rate limit held some back, when its window frees; else nil;
+  probe is the cool-down in force (ms) when the one job taken is the shared
+  circuit's probe, else 0.
 ]]
 local rcall = redis.call
 local prefix, ts = ARGV[1], tonumber(ARGV[2])
 local eventsKey, delayedKey, markerKey = KEYS[4], KEYS[6], KEYS[9]
-local meta = rcall("HMGET", KEYS[7], "paused", "concurrency", "max", "duration")
+local meta = rcall("HMGET", KEYS[7], "paused", "concurrency", "max", "duration",
+  "cg:openUntil", "cg:probeUntil", "cg:cooldown")
 local paused = meta[1] and true or false
 local room = tonumber(ARGV[4])
 if meta[2] then
@@ -52,10 +55,27 @@ if maxJobs and limitMs then
       rcall("DEL", KEYS[5])
     end
     if pttl > 0 then
-      return {{}, ts + pttl}
+      return {{}, ts + pttl, 0}
     end
   end
   room = math.min(room, maxJobs - used)
+end
+
+-- cogrelay's circuit breaker, shared by every relay (not BullMQ's): while
+-- open nothing is taken; once its cool-down is over, one claim takes one job
+-- as the probe and the others wait for its result (or its lease).
+local probe = false
+local openUntil = tonumber(meta[5])
+if openUntil then
+  if ts < openUntil then
+    return {{}, openUntil, 0}
+  end
+  local probeUntil = tonumber(meta[6])
+  if probeUntil and ts < probeUntil then
+    return {{}, probeUntil, 0}
+  end
+  room = math.min(room, 1)
+  probe = true
 end
 
 local jobs = {}
@@ -98,19 +118,23 @@ if not paused then
     end
   end
 end
+if probe and #jobs > 0 then
+  rcall("HSET", KEYS[7], "cg:probeUntil", ts + tonumber(ARGV[3]))
+  return {jobs, false, tonumber(meta[7]) or 1}
+end
 if #jobs > 0 then
   rcall("ZADD", markerKey, "0", "0")
   -- Held back by the global rate limit: when its window frees the next job.
   if maxJobs and limitMs and n >= room then
     local pttl = rcall("PTTL", KEYS[5])
     if pttl > 0 then
-      return {jobs, ts + pttl}
+      return {jobs, ts + pttl, 0}
     end
   end
-  return {jobs, false}
+  return {jobs, false, 0}
 end
 local first = rcall("ZRANGE", delayedKey, 0, 0, "WITHSCORES")
 if first[2] then
-  return {jobs, math.floor(tonumber(first[2]) / 0x1000)}
+  return {jobs, math.floor(tonumber(first[2]) / 0x1000), 0}
 end
-return {jobs, false}
+return {jobs, false, 0}

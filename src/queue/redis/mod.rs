@@ -372,13 +372,14 @@ impl Queue for RedisQueue {
             .arg(max)
             .arg(h.token())
             .arg(&h.worker);
-        let (flat, next_due_ms): (Vec<String>, Option<i64>) = h.invoke(&call).await?;
+        let (flat, next_due_ms, probe): (Vec<String>, Option<i64>, i64) = h.invoke(&call).await?;
         let mut jobs = Vec::with_capacity(flat.len() / 4);
         let mut it = flat.into_iter();
         while let (Some(id), Some(token), Some(data), Some(atm)) =
             (it.next(), it.next(), it.next(), it.next())
         {
-            let job = delivery_job(id.clone(), &data, &atm);
+            let mut job = delivery_job(id.clone(), &data, &atm);
+            job.probe = (probe > 0).then(|| Duration::from_millis(probe as u64));
             jobs.push(Leased {
                 job,
                 lease: LeaseRef {

@@ -308,6 +308,37 @@ impl Queue for RedisQueues {
         Ok(())
     }
 
+    /// The shared circuit in the destination queue's meta hash (read by the
+    /// claim and add scripts of every relay).
+    async fn set_circuit(&self, destination: &str, open_until_ms: Option<i64>) -> QueueResult<()> {
+        let q = self.queue(destination).await?;
+        let meta = q.hot.key("meta");
+        let mut cmd;
+        match open_until_ms {
+            Some(until) => {
+                cmd = redis::cmd("HSET");
+                let cooldown = (until - crate::time::now_ms()).max(1);
+                // The probe comes after the new cool-down, whoever takes it.
+                cmd.arg(&meta)
+                    .arg("cg:openUntil")
+                    .arg(until)
+                    .arg("cg:probeUntil")
+                    .arg(until)
+                    .arg("cg:cooldown")
+                    .arg(cooldown);
+            }
+            None => {
+                cmd = redis::cmd("HDEL");
+                cmd.arg(&meta)
+                    .arg("cg:openUntil")
+                    .arg("cg:probeUntil")
+                    .arg("cg:cooldown");
+            }
+        }
+        let _: i64 = q.raw(&cmd).await?;
+        Ok(())
+    }
+
     async fn ping(&self) -> QueueResult<()> {
         self.base.ping().await
     }

@@ -290,6 +290,7 @@ pub(super) fn delivery_job(id: String, data: &str, atm: &str) -> DeliveryJob {
         body,
         attempts_made: atm.parse().unwrap_or(0),
         created_at_ms: d.created_at_ms,
+        probe: None,
     }
 }
 
