@@ -52,7 +52,14 @@ pub struct RedisQueues {
     /// `QUEUE_NAME`: the `default` destination's queue, the id counter and
     /// the dedup keys.
     base: Arc<RedisQueue>,
-    others: tokio::sync::RwLock<BTreeMap<String, Arc<RedisQueue>>>,
+    /// The other destinations' queues. A plain lock, never held across an
+    /// await: a tokio `RwLock` read on every add cost a quarter of the
+    /// relay's CPU on Redis (docs/benchmark.md).
+    others: std::sync::RwLock<BTreeMap<String, Arc<RedisQueue>>>,
+    /// Whether `others` holds any queue (read on every add).
+    has_others: std::sync::atomic::AtomicBool,
+    /// Held while a queue is being opened, so that it is opened once.
+    opening: tokio::sync::Mutex<()>,
     adds: Batcher<RoutedJob, RoutedAdded>,
 }
 
@@ -85,6 +92,8 @@ impl RedisQueues {
             opts,
             base,
             others: Default::default(),
+            has_others: Default::default(),
+            opening: Default::default(),
             adds,
         };
         for name in queues.found_destinations().await? {
@@ -114,12 +123,12 @@ impl RedisQueues {
         if destination == DEFAULT_DESTINATION {
             return Ok(self.base.clone());
         }
-        if let Some(q) = self.others.read().await.get(destination) {
-            return Ok(q.clone());
+        if let Some(q) = self.opened(destination) {
+            return Ok(q);
         }
-        let mut others = self.others.write().await;
-        if let Some(q) = others.get(destination) {
-            return Ok(q.clone());
+        let _opening = self.opening.lock().await;
+        if let Some(q) = self.opened(destination) {
+            return Ok(q);
         }
         let q = Arc::new(
             RedisQueue::connect(RedisOptions {
@@ -129,14 +138,28 @@ impl RedisQueues {
             })
             .await?,
         );
-        others.insert(destination.to_string(), q.clone());
+        self.others
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(destination.to_string(), q.clone());
+        self.has_others
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(q)
+    }
+
+    fn opened(&self, destination: &str) -> Option<Arc<RedisQueue>> {
+        self.others
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(destination)
+            .cloned()
     }
 
     /// Every queue opened: `default`'s first.
     async fn all(&self) -> Vec<Arc<RedisQueue>> {
         let mut all = vec![self.base.clone()];
-        all.extend(self.others.read().await.values().cloned());
+        let others = self.others.read().unwrap_or_else(|p| p.into_inner());
+        all.extend(others.values().cloned());
         all
     }
 
@@ -211,7 +234,9 @@ impl Queue for RedisQueues {
     ) -> QueueResult<(Routed, Vec<Leased>)> {
         // One relay, one `default` destination: its own queue's add, as
         // before destinations.
-        if destinations == [DEFAULT_DESTINATION] && self.others.read().await.is_empty() {
+        if destinations == [DEFAULT_DESTINATION]
+            && !self.has_others.load(std::sync::atomic::Ordering::Acquire)
+        {
             return self.base.store(event, destinations, lease).await;
         }
         let mut targets = Vec::with_capacity(destinations.len());
@@ -479,7 +504,13 @@ impl Operate for RedisQueues {
 
     async fn destination_names(&self) -> QueueResult<Vec<String>> {
         let mut names = vec![DEFAULT_DESTINATION.to_string()];
-        names.extend(self.others.read().await.keys().cloned());
+        names.extend(
+            self.others
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned(),
+        );
         names.sort();
         Ok(names)
     }
