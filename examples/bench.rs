@@ -608,6 +608,112 @@ async fn measure(
     })
 }
 
+/// Isolation (SPEC §7): the same paced load (500 events/s for 8 s) to three
+/// destinations, first all healthy, then with one answering 503 to
+/// everything and one hanging until its 15 s timeout (with the circuit
+/// breakers, and without them: the isolation alone). Prints the healthy
+/// destination's send-to-delivery latency (p50, p99) and delivered rate in
+/// both runs.
+async fn isolation(relay_bin: &std::path::Path) -> anyhow::Result<()> {
+    use cogrelay::sink::Behaviour;
+    let mut results = Vec::new();
+    for (troubled, breaker) in [(false, true), (true, true), (true, false)] {
+        let sinks = [
+            Sink::start().await?,
+            Sink::start().await?,
+            Sink::start().await?,
+        ];
+        if troubled {
+            sinks[1].set_default(Behaviour::status(503));
+            sinks[2].set_default(Behaviour::Delay(Duration::from_secs(60), 200));
+        }
+        let data = tempfile::tempdir()?;
+        let file = data.path().join("cogrelay.toml");
+        let text: String = ["healthy", "failing", "hanging"]
+            .iter()
+            .zip(&sinks)
+            .map(|(name, sink)| {
+                format!(
+                    "[[destination]]\nname = \"{name}\"\nurl = \"{}\"\n",
+                    sink.url()
+                )
+            })
+            .collect();
+        std::fs::write(&file, text)?;
+        let (port, admin) = (free_port(), free_port());
+        let mut cmd = relay(
+            relay_bin,
+            port,
+            admin,
+            &sinks[0],
+            &data.path().join("data"),
+            16,
+        );
+        cmd.env_remove("TARGET_ENDPOINT")
+            .env("COGRELAY_CONFIG", &file);
+        if !breaker {
+            cmd.env("CIRCUIT_FAILURES", "0");
+        }
+        let child = cmd.spawn()?;
+        wait_port(port).await?;
+        let reqs = requests(PATH, 4000);
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut sent = Vec::with_capacity(reqs.len());
+        let mut tick = tokio::time::interval(Duration::from_millis(2));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, req) in reqs.iter().enumerate() {
+            tick.tick().await;
+            sent.push(Instant::now());
+            let one = Arc::new(vec![req.clone()]);
+            tasks.spawn(async move { (i, load(addr, &one, 1).await) });
+        }
+        while tasks.join_next().await.is_some() {}
+        let done = wait_delivered(&sinks[0], reqs.len(), Duration::from_secs(60)).await;
+        let t_first = sent[0];
+        let mut latencies: Vec<f64> = sinks[0]
+            .received()
+            .iter()
+            .filter_map(|r| {
+                let i: usize = r.header("x-event-id")?.rsplit('-').next()?.parse().ok()?;
+                Some(r.at.duration_since(*sent.get(i)?).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 - 1.0) * p) as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let rate = done
+            .map(|t| reqs.len() as f64 / (t - t_first).as_secs_f64())
+            .unwrap_or(0.0);
+        results.push((
+            troubled,
+            breaker,
+            pct(0.5),
+            pct(0.99),
+            rate,
+            latencies.len(),
+        ));
+        stop(child).await;
+    }
+    println!(
+        "\nisolation: the healthy destination's send-to-delivery latency, 4000 events at 500/s"
+    );
+    println!("| neighbours | p50 ms | p99 ms | delivered/s | delivered |");
+    println!("|---|---|---|---|---|");
+    for (troubled, breaker, p50, p99, rate, n) in results {
+        let who = match (troubled, breaker) {
+            (false, _) => "both healthy",
+            (true, true) => "one 503, one hanging",
+            (true, false) => "one 503, one hanging, no circuit breaker",
+        };
+        println!("| {who} | {p50:.1} | {p99:.1} | {rate:.0} | {n} |");
+    }
+    Ok(())
+}
+
 /// SPEC §7's outage with the defaults (ATTEMPTS 5, BACKOFF_DELAY_MS 2000,
 /// CIRCUIT_* 5 / 10 s / 300 s): the target answers 503 for 40 s while 200
 /// events arrive in the first 10 s; then it recovers. Prints the attempts made
@@ -885,6 +991,11 @@ async fn run(
         if wanted(scenario) {
             rows.push(fanout(relay_bin, n, events, connections, concurrency).await?);
         }
+    }
+
+    // 2d. Isolation (not by default): see `isolation`.
+    if wanted("isolation") {
+        isolation(relay_bin).await?;
     }
 
     // 2c. An outage (not by default; about a minute): see `outage`.
