@@ -44,13 +44,10 @@ impl Limiter {
         }
     }
 
-    /// Records one more request if it fits in the window now; else when the
-    /// oldest one leaves it (for a caller that must not wait here).
-    pub fn try_acquire(&self) -> Result<(), Instant> {
+    /// Records one more request in `sent` if it fits in the window now;
+    /// else says when the oldest one leaves it.
+    fn take(&self, sent: &mut VecDeque<Instant>) -> Result<(), Instant> {
         let window = self.limit.per + self.limit.per / 20;
-        let Ok(mut sent) = self.sent.try_lock() else {
-            return Err(Instant::now() + Duration::from_millis(1));
-        };
         let now = Instant::now();
         while sent
             .front()
@@ -65,24 +62,20 @@ impl Limiter {
         Err(*sent.front().unwrap_or(&now) + window)
     }
 
+    /// [`Limiter::acquire`] without waiting (for a caller that must not
+    /// wait here): `Err` says when to try again.
+    pub fn try_acquire(&self) -> Result<(), Instant> {
+        match self.sent.try_lock() {
+            Ok(mut sent) => self.take(&mut sent),
+            Err(_) => Err(Instant::now() + Duration::from_millis(1)),
+        }
+    }
+
     /// Waits until one more request fits in the window, and records it.
     pub async fn acquire(&self) {
-        let window = self.limit.per + self.limit.per / 20;
         let mut sent = self.sent.lock().await;
-        loop {
-            let now = Instant::now();
-            while sent
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= window)
-            {
-                sent.pop_front();
-            }
-            if (sent.len() as u32) < self.limit.max.max(1) {
-                sent.push_back(now);
-                return;
-            }
-            let oldest = *sent.front().unwrap_or(&now);
-            tokio::time::sleep_until(oldest + window).await;
+        while let Err(until) = self.take(&mut sent) {
+            tokio::time::sleep_until(until).await;
         }
     }
 }

@@ -11,14 +11,7 @@ use crate::helpers::*;
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn queue(app: &TestApp) -> serde_json::Value {
-    app.http
-        .get(format!("http://{}/admin/queue", app.admin))
-        .send()
-        .await
-        .expect("queue")
-        .json()
-        .await
-        .expect("json")
+    app.admin_get("/admin/queue").await.json
 }
 
 async fn metrics(app: &TestApp) -> String {
