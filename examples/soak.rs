@@ -80,6 +80,11 @@ async fn start_relay(
         .env("MAX_RETRY_AFTER_SECS", "2")
         .env("DELIVERY_TIMEOUT_MS", DELIVERY_TIMEOUT_MS.to_string())
         .env("LOCK_DURATION_MS", "3000")
+        // The circuit breaker on, scaled like the rest: the target fails 27%
+        // of requests, so the breaker opens now and then; with the defaults
+        // (10 s doubling up to 300 s) its cool-downs outlast the drain.
+        .env("CIRCUIT_COOLDOWN_MS", "1000")
+        .env("CIRCUIT_MAX_COOLDOWN_MS", "4000")
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())

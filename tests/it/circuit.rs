@@ -236,3 +236,51 @@ async fn three_relays_on_redis_probe_as_one() {
         app.stop().await.expect("clean stop");
     }
 }
+
+both_backends! {
+    /// A flaky destination (runs of failures that open the circuit, mixed
+    /// with successes) still gets every event once it answers: the circuit
+    /// never stays shut (a soak on Redis once left jobs waiting).
+    async fn a_flaky_destination_gets_everything_in_the_end(b: Backend) {
+        let mut app = spawn_app_on(b, |c| {
+            c.delivery.attempts = 100;
+            c.delivery.concurrency = 4;
+            c.delivery.circuit = CircuitSettings {
+                failures: 3,
+                cooldown: Duration::from_millis(200),
+                max_cooldown: Duration::from_secs(1),
+            };
+        })
+        .await;
+        // Runs of five failures (the circuit opens) between successes.
+        for k in 0..300 {
+            app.sink.push(if k % 8 < 5 {
+                Behaviour::status(503)
+            } else {
+                Behaviour::status(200)
+            });
+        }
+        let n = 150;
+        for i in 0..n {
+            let reply = app.post_event(&event("bot", &format!("flaky-{i}"))).await;
+            assert_eq!(reply.status, 200);
+        }
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let delivered: std::collections::HashSet<String> = app
+                .sink
+                .received()
+                .iter()
+                .filter(|r| r.behaviour == Behaviour::status(200))
+                .filter_map(|r| r.header("x-event-id").map(str::to_string))
+                .collect();
+            if delivered.len() == n {
+                break;
+            }
+            let q = queue(&app).await;
+            assert!(Instant::now() < deadline, "stuck at {} of {n}: {q}", delivered.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        app.stop().await.expect("clean stop");
+    }
+}
