@@ -61,8 +61,20 @@ async fn an_outage_dead_letters_nothing_and_everything_arrives_after_it() {
         r#"cogrelay_destination_circuit{destination="default",state="open"} 1"#,
     )
     .await;
-    // The outage lasts well beyond every job's own retries.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The outage goes on until an attempt (a probe) comes more than every
+    // job's own retries (0.2 + 0.4 + 0.8 + 1.6 s) after the first one: any
+    // job not held by the circuit would have been dead-lettered by then.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let at: Vec<Instant> = app.sink.received().iter().map(|r| r.at).collect();
+        if let (Some(first), Some(last)) = (at.first(), at.last()) {
+            if last.duration_since(*first) > Duration::from_millis(3500) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no attempt after the retry span");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let during = app.sink.posts();
     let q = queue(&app).await;
     assert_eq!(
@@ -198,28 +210,32 @@ async fn three_relays_on_redis_probe_as_one() {
         .get_multiplexed_async_connection()
         .await
         .expect("conn");
+    // Each time the shared circuit opens for a new period: the first
+    // opening, then each failed probe (deliveries already on their way when
+    // it opened move it by a few ms only, and do not count).
     let deadline = Instant::now() + WAIT;
-    loop {
-        let open: Option<i64> = redis::cmd("HGET")
+    let mut openings: Vec<(i64, usize)> = Vec::new();
+    while openings.len() < 3 {
+        let until: Option<i64> = redis::cmd("HGET")
             .arg("bull:cognigy-webhook-retries:meta")
             .arg("cg:openUntil")
             .query_async(&mut conn)
             .await
             .expect("hget");
-        if open.is_some() {
-            break;
+        if let Some(until) = until {
+            if openings.last().is_none_or(|(last, _)| until > last + 500) {
+                openings.push((until, sink.posts()));
+            }
         }
-        assert!(Instant::now() < deadline, "the shared circuit never opened");
+        assert!(Instant::now() < deadline, "openings: {openings:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // What was already on its way arrives at once; from then on, probes only.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = sink.posts();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let probes = sink.posts() - before;
+    // Between the second and the third opening: the one probe that failed,
+    // whichever of the three relays sent it.
+    let probes = openings[2].1 - openings[1].1;
     assert!(
-        (1..=4).contains(&probes),
-        "{probes} attempts in 4 s over three relays: one probe per cool-down (1 s, then 2 s)"
+        (1..=2).contains(&probes),
+        "{probes} attempts over three relays between two openings: one probe per cool-down"
     );
     sink.set_default(Behaviour::status(200));
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -315,18 +315,30 @@ impl Queue for EmbeddedQueue {
             let lease = token.as_deref().zip(until);
             let (routed, leased) = insert_event(conn, w, &event, &destinations, lease)?;
             let leased = match &token {
-                Some(token) => leased
-                    .into_iter()
-                    .map(|i| &routed.jobs[i])
-                    .map(|j| Leased {
-                        lease: LeaseRef {
-                            job_id: j.id.clone(),
-                            token: token.clone(),
-                            destination: j.destination.clone(),
-                        },
-                        job: DeliveryJob::new(j.id.clone(), event.clone()),
-                    })
-                    .collect(),
+                Some(token) => {
+                    // The last job takes the event (its body); the others a copy.
+                    let (mut event, last) = (Some(event), leased.len());
+                    leased
+                        .into_iter()
+                        .enumerate()
+                        .filter_map(|(k, i)| {
+                            let j = &routed.jobs[i];
+                            let event = if k + 1 == last {
+                                event.take()
+                            } else {
+                                event.clone()
+                            }?;
+                            Some(Leased {
+                                lease: LeaseRef {
+                                    job_id: j.id.clone(),
+                                    token: token.clone(),
+                                    destination: j.destination.clone(),
+                                },
+                                job: DeliveryJob::new(j.id.clone(), event),
+                            })
+                        })
+                        .collect()
+                }
                 _ => Vec::new(),
             };
             Ok((routed, leased))
