@@ -1,5 +1,8 @@
 //! `cogrelay serve`: its flags into each module's settings, and the rules
 //! across them.
+//!
+//! (Over 600 lines: every setting's parsing and its one-line error are kept
+//! here, the point of the module; a third is their tests.)
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
