@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cogrelay::queue::embedded::EmbeddedQueue;
-use cogrelay::queue::{Enqueued, Operate, Queue};
+use cogrelay::queue::{Enqueued, JobState, Operate, Queue};
 
 use crate::helpers::*;
 
@@ -197,4 +197,114 @@ async fn a_store_of_the_previous_version_keeps_its_jobs_and_duplicates() {
         other => panic!("{other:?}"),
     };
     assert_eq!(fresh, "42", "ids go on from the old ones");
+}
+
+/// Rows of the store's `jobs` table, read from the file beside the store.
+fn job_rows(dir: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(dir.join("cogrelay.db"))
+        .expect("sqlite")
+        .query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))
+        .expect("count")
+}
+
+/// An event stored for several destinations without a handoff is one row
+/// (the ingest's one durable write per event, whatever the fan-out): the
+/// other destinations' jobs have their ids at once, are counted, listed,
+/// shown and removable as waiting jobs, survive a restart, and become rows
+/// of their own when a destination claims (see the module doc of the
+/// embedded store).
+#[tokio::test]
+async fn a_fanned_out_event_is_one_row_until_a_destination_claims() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let four = || ["a", "b", "c", "d"].map(String::from).to_vec();
+    let ids = |r: &cogrelay::queue::Routed| -> Vec<String> {
+        r.jobs.iter().map(|j| j.id.clone()).collect()
+    };
+    let (first, second) = {
+        let q = open(dir.path());
+        let (one, _) = q.store(ev("fan-1"), four(), None).await.expect("store");
+        let (two, _) = q.store(ev("fan-2"), four(), None).await.expect("store");
+        assert!(!one.duplicate);
+        assert_eq!(
+            ids(&one),
+            ["1", "2", "3", "4"],
+            "every destination's id at once"
+        );
+        assert_eq!(
+            ids(&two),
+            ["5", "6", "7", "8"],
+            "ids reserved, never reused"
+        );
+        assert_eq!(job_rows(dir.path()), 2, "one row per event");
+        let (again, leased) = q.store(ev("fan-1"), four(), None).await.expect("store");
+        assert!(again.duplicate && leased.is_empty());
+        assert_eq!(ids(&again), ids(&one), "a duplicate names the same jobs");
+        let c = q.counts_for(Some("c")).await.expect("counts");
+        assert_eq!((c.waiting, c.active), (2, 0), "{c:?}");
+        assert!(c.oldest_waiting_ms.is_some());
+        assert_eq!(q.counts_for(None).await.expect("counts").waiting, 8);
+        assert_eq!(
+            q.destination_names().await.expect("names"),
+            ["a", "b", "c", "d"]
+        );
+        assert_eq!(job_rows(dir.path()), 2, "a count writes nothing out");
+        q.close().await.expect("close");
+        (one, two)
+    };
+    // After a restart the bundled jobs are still there, and each operation
+    // on one of them finds it.
+    let q = open(dir.path());
+    let view = q.get(&second.jobs[3].id).await.expect("get");
+    assert_eq!(
+        (view.destination.as_str(), view.state),
+        ("d", JobState::Waiting)
+    );
+    assert!(view.payload.is_some(), "the event's body");
+    assert_eq!(
+        job_rows(dir.path()),
+        2 + 3,
+        "the second event's jobs are rows now"
+    );
+    q.remove(&first.jobs[0].id).await.expect("remove a's job");
+    let claimed = q
+        .claim_for("c", 10, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs;
+    let claimed: Vec<&str> = claimed.iter().map(|l| l.job.id.as_str()).collect();
+    assert_eq!(
+        claimed,
+        [first.jobs[2].id.as_str(), second.jobs[2].id.as_str()]
+    );
+    assert_eq!(
+        job_rows(dir.path()),
+        8 - 1,
+        "every job a row but the removed one"
+    );
+    let b = q.counts_for(Some("b")).await.expect("counts");
+    assert_eq!(b.waiting, 2, "removing a's job kept b's: {b:?}");
+    let next = q.store(ev("fan-3"), four(), None).await.expect("store").0;
+    assert_eq!(next.jobs[0].id, "9", "ids go on after the reserved ones");
+}
+
+/// A store written by a newer version is refused with a line that says so,
+/// and left as it is (its jobs may be in a form this version cannot read).
+#[tokio::test]
+async fn a_store_of_a_newer_version_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("cogrelay.db")).expect("sqlite");
+        conn.execute_batch("CREATE TABLE future (x); PRAGMA user_version = 99;")
+            .expect("future schema");
+    }
+    let err = EmbeddedQueue::open(options(dir.path())).expect_err("refused");
+    assert!(
+        err.to_string().contains("newer cogrelay (schema 99"),
+        "{err}"
+    );
+    let version: i64 = rusqlite::Connection::open(dir.path().join("cogrelay.db"))
+        .expect("sqlite")
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, 99, "left as it was");
 }

@@ -70,13 +70,31 @@ impl Operate for EmbeddedQueue {
                     None => {}
                 }
             }
-            c.oldest_waiting_ms = conn
+            let oldest: Option<i64> = conn
                 .prepare_cached(
                     "SELECT min(due_at_ms) FROM jobs WHERE state IN ('waiting','delayed') AND due_at_ms <= ?1
                      AND (?2 IS NULL OR destination = ?2)",
                 )
                 .and_then(|mut s| s.query_row(params![w.now_ms, destination], |r| r.get(0)))
                 .map_err(sql_err)?;
+            // The jobs bundles name (waiting, due since their event came),
+            // counted where they are rather than written out for a look.
+            let (bundled, oldest_bundled): (u64, Option<i64>) = conn
+                .prepare_cached(
+                    "SELECT coalesce(sum(CASE WHEN ?1 IS NULL
+                                              THEN length(pending) - length(replace(pending, ',', '')) + 1
+                                              ELSE instr(',' || pending || ',', ',' || ?1 || ',') > 0 END), 0),
+                            min(CASE WHEN ?1 IS NULL OR instr(',' || pending || ',', ',' || ?1 || ',') > 0
+                                     THEN due_at_ms END)
+                     FROM jobs WHERE pending IS NOT NULL",
+                )
+                .and_then(|mut s| s.query_row([&destination], |r| Ok((r.get(0)?, r.get(1)?))))
+                .map_err(sql_err)?;
+            c.waiting += bundled;
+            c.oldest_waiting_ms = match (oldest, oldest_bundled) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             Ok(c)
         })
         .await
@@ -91,6 +109,9 @@ impl Operate for EmbeddedQueue {
     ) -> QueueResult<Page> {
         let destination = destination.map(str::to_string);
         self.call(move |conn, _| {
+            if matches!(state, None | Some(JobState::Waiting)) {
+                unbundle_all(conn)?;
+            }
             // The state is a literal (from the enum), so the planner can use the
             // partial indexes of failed and completed jobs.
             let mut filter = state
@@ -128,6 +149,7 @@ impl Operate for EmbeddedQueue {
         let id = id.to_string();
         self.call(move |conn, _| {
             let seq = parse_id(&id)?;
+            unbundle_holding(conn, seq)?;
             let sql = format!("SELECT {VIEW_COLUMNS}, body FROM jobs WHERE seq=?1");
             conn.prepare_cached(&sql)
                 .and_then(|mut s| s.query_row([seq], |r| row_to_view(r, true)).optional())
@@ -141,6 +163,7 @@ impl Operate for EmbeddedQueue {
         let id = id.to_string();
         self.call(move |conn, w| {
             let seq = parse_id(&id)?;
+            unbundle_holding(conn, seq)?;
             let changed = conn
                 .prepare_cached(
                     "UPDATE jobs SET state='waiting', attempts_made=0, due_at_ms=?1, finished_at_ms=NULL, failed_reason=NULL
@@ -175,6 +198,7 @@ impl Operate for EmbeddedQueue {
         let id = id.to_string();
         self.call(move |conn, _| {
             let seq = parse_id(&id)?;
+            unbundle_holding(conn, seq)?;
             let changed = conn
                 .prepare_cached("DELETE FROM jobs WHERE seq=?1 AND state != 'active'")
                 .and_then(|mut s| s.execute([seq]))
@@ -208,15 +232,25 @@ impl Operate for EmbeddedQueue {
 
     async fn destination_names(&self) -> QueueResult<Vec<String>> {
         self.call(|conn, _| {
-            conn.prepare_cached(
-                "SELECT destination FROM jobs GROUP BY destination
-                 UNION SELECT destination FROM paused ORDER BY 1",
-            )
-            .and_then(|mut s| {
-                s.query_map([], |r| r.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .map_err(sql_err)
+            // A bundle's own destination is in the first column; the others,
+            // comma-separated, in the second (few distinct lists).
+            let names = conn
+                .prepare_cached(
+                    "SELECT destination FROM jobs GROUP BY destination
+                     UNION SELECT destination FROM paused
+                     UNION SELECT DISTINCT pending FROM jobs WHERE pending IS NOT NULL",
+                )
+                .and_then(|mut s| {
+                    s.query_map([], |r| r.get::<_, String>(0))?
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(sql_err)?;
+            let names: std::collections::BTreeSet<String> = names
+                .iter()
+                .flat_map(|n| n.split(','))
+                .map(str::to_string)
+                .collect();
+            Ok(names.into_iter().collect())
         })
         .await
     }

@@ -125,6 +125,8 @@ pub enum OpenError {
     Sqlite(PathBuf, rusqlite::Error),
     #[error("cannot lock {0}: {1}")]
     Lock(PathBuf, std::io::Error),
+    #[error("the embedded store {0} was written by a newer cogrelay (schema {1}, this one reads up to {SCHEMA_VERSION}): run that version, or move the file away to start with an empty queue")]
+    Newer(PathBuf, i64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +191,14 @@ impl EmbeddedQueue {
         // load); a quiet store truncates it (see `maintenance`).
         conn.pragma_update(None, "journal_size_limit", wal_restart_bytes as i64)
             .map_err(sqlite_err)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sqlite_err)?;
+        if version > SCHEMA_VERSION {
+            // A newer version may keep jobs in a form this one cannot read
+            // (as version 4's bundles are to version 3): refuse, lose nothing.
+            return Err(OpenError::Newer(path, version));
+        }
         incremental_vacuum_on(&conn).map_err(sqlite_err)?;
         add_missing_columns(&conn).map_err(sqlite_err)?;
         conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
@@ -359,6 +369,8 @@ impl Queue for EmbeddedQueue {
             if w.is_paused(conn, &destination)? {
                 return Ok(Claimed::default());
             }
+            // Bundles first: their jobs are claimable like any other.
+            let more_bundles = unbundle(conn, UNBUNDLE_PER_CLAIM)? == UNBUNDLE_PER_CLAIM;
             // Stall recovery: an expired lease means its worker is gone.
             let stalled = conn
                 .prepare_cached(
@@ -408,7 +420,9 @@ impl Queue for EmbeddedQueue {
                 })
                 .collect();
             jobs.sort_by_key(|l| l.job.id.parse::<i64>().unwrap_or(0));
-            let next_due_ms = if jobs.is_empty() {
+            let next_due_ms = if more_bundles {
+                Some(now)
+            } else if jobs.is_empty() {
                 conn.prepare_cached(
                     "SELECT min(t) FROM (
                         SELECT min(due_at_ms) AS t FROM jobs WHERE destination=?1 AND state IN ('waiting','delayed')

@@ -1,6 +1,6 @@
 //! The store's tables and indexes (their design: the module doc of [`super`]).
 
-pub(super) const SCHEMA_VERSION: i64 = 3;
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     failed_reason TEXT,
     stalls INTEGER NOT NULL DEFAULT 0,
     attempts_log TEXT NOT NULL DEFAULT '[]',
-    destination TEXT NOT NULL DEFAULT 'default'
+    destination TEXT NOT NULL DEFAULT 'default',
+    pending TEXT
 );
 DROP INDEX IF EXISTS jobs_state;
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs(seq) WHERE state = 'failed';
@@ -29,6 +30,7 @@ CREATE INDEX IF NOT EXISTS jobs_completed ON jobs(seq) WHERE state = 'completed'
 DROP INDEX IF EXISTS jobs_due;
 CREATE INDEX IF NOT EXISTS jobs_due_by_destination ON jobs(destination, due_at_ms, seq) WHERE state IN ('waiting','delayed');
 CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_until_ms) WHERE state = 'active';
+CREATE INDEX IF NOT EXISTS jobs_bundled ON jobs(seq) WHERE pending IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dedup (
     event_key TEXT PRIMARY KEY,
     job_seq INTEGER NOT NULL,
@@ -43,8 +45,10 @@ CREATE TABLE IF NOT EXISTS paused (destination TEXT PRIMARY KEY) WITHOUT ROWID;
 /// version (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it is):
 /// (table, column, definition). Version 3: a job's destination (existing jobs
 /// are the `default` destination's), and every job of a deduplicated event
-/// (`destination=seq,...`; NULL in older rows: the one `job_seq`).
+/// (`destination=seq,...`; NULL in older rows: the one `job_seq`). Version
+/// 4: a bundle's pending destinations (see the module doc of [`super`]).
 pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "destination", "TEXT NOT NULL DEFAULT 'default'"),
     ("dedup", "jobs", "TEXT"),
+    ("jobs", "pending", "TEXT"),
 ];

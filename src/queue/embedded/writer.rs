@@ -382,20 +382,15 @@ pub(super) fn insert_event(
     let mut insert = conn
         .prepare_cached(
             "INSERT INTO jobs (event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
-                               lease_token, lease_until_ms, destination)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11)",
+                               lease_token, lease_until_ms, destination, pending)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)",
         )
         .map_err(sql_err)?;
-    let mut jobs = Vec::with_capacity(destinations.len());
-    let mut leased = Vec::new();
-    for destination in destinations {
-        // A paused destination's job is stored waiting, never handed over.
-        let paused = token.is_some() && w.is_paused(conn, destination)?;
-        let (state, token, until) = if paused {
-            ("waiting", None, None)
-        } else {
-            (state, token, until)
-        };
+    let mut row = |destination: &str,
+                   state: &str,
+                   token: Option<&str>,
+                   until: Option<i64>,
+                   pending: Option<&str>| {
         insert
             .execute(params![
                 event.key.as_str(),
@@ -409,14 +404,44 @@ pub(super) fn insert_event(
                 token,
                 until,
                 destination,
+                pending,
             ])
+            .map(|_| conn.last_insert_rowid())
+            .map_err(sql_err)
+    };
+    let mut jobs = Vec::with_capacity(destinations.len());
+    let mut leased = Vec::new();
+    if token.is_none() && destinations.len() > 1 {
+        // A bundle: one row, the first destination's job, naming the others,
+        // whose ids are reserved now and whose rows are written when a claim
+        // or an operator first needs them (see `unbundle`).
+        let pending = destinations[1..].join(",");
+        let first = row(&destinations[0], state, None, None, Some(&pending))?;
+        let last = first + destinations.len() as i64 - 1;
+        conn.prepare_cached("UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'jobs' AND seq < ?1")
+            .and_then(|mut s| s.execute([last]))
             .map_err(sql_err)?;
-        jobs.push(JobRef {
-            destination: destination.clone(),
-            id: conn.last_insert_rowid().to_string(),
-        });
-        if !paused && token.is_some() {
-            leased.push(jobs.len() - 1);
+        jobs.extend(destinations.iter().zip(first..).map(|(d, id)| JobRef {
+            destination: d.clone(),
+            id: id.to_string(),
+        }));
+    } else {
+        for destination in destinations {
+            // A paused destination's job is stored waiting, never handed over.
+            let paused = token.is_some() && w.is_paused(conn, destination)?;
+            let (state, token, until) = if paused {
+                ("waiting", None, None)
+            } else {
+                (state, token, until)
+            };
+            let id = row(destination, state, token, until, None)?;
+            jobs.push(JobRef {
+                destination: destination.clone(),
+                id: id.to_string(),
+            });
+            if !paused && token.is_some() {
+                leased.push(jobs.len() - 1);
+            }
         }
     }
     w.stored_since_maintenance += 1;
@@ -445,4 +470,78 @@ pub(super) fn insert_event(
         },
         leased,
     ))
+}
+
+/// How many bundles a claim writes out at most (a backlog stored while
+/// every destination of its events was paused is written out over several
+/// claims, oldest first, so one claim never holds the writer for long).
+pub(super) const UNBUNDLE_PER_CLAIM: i64 = 256;
+
+/// Writes the jobs that bundles name as rows of their own, oldest bundle
+/// first, at most `max` bundles; answers how many it wrote out.
+///
+/// A bundle is the row of an event stored for several destinations without a
+/// handoff: the first destination's job, with `pending` naming the other
+/// destinations in order; their jobs' ids follow the row's own (reserved in
+/// `sqlite_sequence` at ingest). They are waiting, never attempted, due since
+/// the event arrived: exactly what `insert_event` would have written.
+pub(super) fn unbundle(conn: &Connection, max: i64) -> QueueResult<i64> {
+    let bundles: Vec<(i64, String)> = conn
+        .prepare_cached(
+            "SELECT seq, pending FROM jobs WHERE pending IS NOT NULL ORDER BY seq LIMIT ?1",
+        )
+        .and_then(|mut s| {
+            s.query_map([max], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()
+        })
+        .map_err(sql_err)?;
+    for (seq, pending) in &bundles {
+        write_out(conn, *seq, pending)?;
+    }
+    Ok(bundles.len() as i64)
+}
+
+/// Writes out the bundle holding job `seq`, if a bundle holds it (for an
+/// operator's look at, retry or removal of one job).
+pub(super) fn unbundle_holding(conn: &Connection, seq: i64) -> QueueResult<()> {
+    let bundle: Option<(i64, String)> = conn
+        .prepare_cached(
+            "SELECT seq, pending FROM jobs WHERE pending IS NOT NULL AND seq <= ?1 ORDER BY seq DESC LIMIT 1",
+        )
+        .and_then(|mut s| s.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(sql_err)?;
+    match bundle {
+        Some((first, pending)) if seq - first <= pending.split(',').count() as i64 => {
+            write_out(conn, first, &pending)
+        }
+        _ => Ok(()),
+    }
+}
+
+fn write_out(conn: &Connection, seq: i64, pending: &str) -> QueueResult<()> {
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms,
+                               created_at_ms, destination)
+             SELECT ?1, event_key, event_id, bot_id, event_type, kind, body, 'waiting', created_at_ms,
+                    created_at_ms, ?2
+             FROM jobs WHERE seq = ?3",
+        )
+        .map_err(sql_err)?;
+    for (id, destination) in (seq + 1..).zip(pending.split(',')) {
+        insert
+            .execute(params![id, destination, seq])
+            .map_err(sql_err)?;
+    }
+    conn.prepare_cached("UPDATE jobs SET pending = NULL WHERE seq = ?1")
+        .and_then(|mut s| s.execute([seq]))
+        .map_err(sql_err)?;
+    Ok(())
+}
+
+/// Writes out every bundle (for a listing of waiting jobs).
+pub(super) fn unbundle_all(conn: &Connection) -> QueueResult<()> {
+    const CHUNK: i64 = 4096;
+    while unbundle(conn, CHUNK)? == CHUNK {}
+    Ok(())
 }
