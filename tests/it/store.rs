@@ -285,6 +285,32 @@ async fn a_fanned_out_event_is_one_row_until_a_destination_claims() {
     assert_eq!(b.waiting, 2, "removing a's job kept b's: {b:?}");
     let next = q.store(ev("fan-3"), four(), None).await.expect("store").0;
     assert_eq!(next.jobs[0].id, "9", "ids go on after the reserved ones");
+    // With a handoff, the paused destinations' jobs are the bundle and the
+    // others are leased rows.
+    q.set_paused("b", true).await.expect("pause");
+    q.set_paused("c", true).await.expect("pause");
+    let rows = job_rows(dir.path());
+    let (routed, leased) = q
+        .store(ev("fan-4"), four(), Some(Duration::from_secs(30)))
+        .await
+        .expect("store");
+    let handed: Vec<&str> = leased
+        .iter()
+        .map(|l| l.lease.destination.as_str())
+        .collect();
+    assert_eq!(handed, ["a", "d"]);
+    assert_eq!(job_rows(dir.path()), rows + 3, "b and c in one row");
+    let mut all = ids(&routed);
+    all.sort_by_key(|id| id.parse::<i64>().unwrap_or(0));
+    assert_eq!(all, ["13", "14", "15", "16"], "{routed:?}");
+    let b = q.counts_for(Some("b")).await.expect("counts");
+    assert_eq!(
+        (b.waiting, b.active),
+        (4, 0),
+        "b's of all four events: {b:?}"
+    );
+    let d = q.counts_for(Some("d")).await.expect("counts");
+    assert_eq!((d.waiting, d.active), (3, 1), "{d:?}");
 }
 
 /// A store written by a newer version is refused with a line that says so,

@@ -409,41 +409,55 @@ pub(super) fn insert_event(
             .map(|_| conn.last_insert_rowid())
             .map_err(sql_err)
     };
-    let mut jobs = Vec::with_capacity(destinations.len());
+    // Jobs stored waiting (no handoff asked for, or a paused destination's:
+    // never handed over) and jobs handed over, leased.
+    let mut held = Vec::with_capacity(destinations.len());
+    let mut ids = vec![0i64; destinations.len()];
     let mut leased = Vec::new();
-    if token.is_none() && destinations.len() > 1 {
-        // A bundle: one row, the first destination's job, naming the others,
-        // whose ids are reserved now and whose rows are written when a claim
-        // or an operator first needs them (see `unbundle`).
-        let pending = destinations[1..].join(",");
-        let first = row(&destinations[0], state, None, None, Some(&pending))?;
-        let last = first + destinations.len() as i64 - 1;
-        conn.prepare_cached("UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'jobs' AND seq < ?1")
-            .and_then(|mut s| s.execute([last]))
-            .map_err(sql_err)?;
-        jobs.extend(destinations.iter().zip(first..).map(|(d, id)| JobRef {
-            destination: d.clone(),
-            id: id.to_string(),
-        }));
-    } else {
-        for destination in destinations {
-            // A paused destination's job is stored waiting, never handed over.
-            let paused = token.is_some() && w.is_paused(conn, destination)?;
-            let (state, token, until) = if paused {
-                ("waiting", None, None)
-            } else {
-                (state, token, until)
-            };
-            let id = row(destination, state, token, until, None)?;
-            jobs.push(JobRef {
-                destination: destination.clone(),
-                id: id.to_string(),
-            });
-            if !paused && token.is_some() {
-                leased.push(jobs.len() - 1);
-            }
+    for (i, destination) in destinations.iter().enumerate() {
+        if token.is_none() || w.is_paused(conn, destination)? {
+            held.push(i);
+        } else {
+            leased.push(i);
         }
     }
+    if let Some((&first, rest)) = held.split_first() {
+        // Two or more make a bundle: one row, the first one's job, naming the
+        // others, whose ids are reserved now and whose rows are written when
+        // a claim or an operator first needs them (see `unbundle`).
+        let pending = (!rest.is_empty()).then(|| {
+            let names: Vec<&str> = rest.iter().map(|&i| destinations[i].as_str()).collect();
+            names.join(",")
+        });
+        let id = row(
+            &destinations[first],
+            "waiting",
+            None,
+            None,
+            pending.as_deref(),
+        )?;
+        for (k, &i) in held.iter().enumerate() {
+            ids[i] = id + k as i64;
+        }
+        if !rest.is_empty() {
+            conn.prepare_cached(
+                "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'jobs' AND seq < ?1",
+            )
+            .and_then(|mut s| s.execute([id + rest.len() as i64]))
+            .map_err(sql_err)?;
+        }
+    }
+    for &i in &leased {
+        ids[i] = row(&destinations[i], state, token, until, None)?;
+    }
+    let jobs: Vec<JobRef> = destinations
+        .iter()
+        .zip(&ids)
+        .map(|(d, id)| JobRef {
+            destination: d.clone(),
+            id: id.to_string(),
+        })
+        .collect();
     w.stored_since_maintenance += 1;
     if dedup {
         let first: i64 = jobs
