@@ -36,6 +36,8 @@ pub struct Filter {
     /// The globs as written (for `config check`), and compiled.
     pub events: Vec<String>,
     events_set: GlobSet,
+    /// One of the globs is `*`: every event type (the default), no matching.
+    every_type: bool,
     /// `None`: every bot.
     pub bots: Option<Vec<String>>,
     /// JSON pointer into the received document, and the value it must hold.
@@ -75,6 +77,7 @@ impl Filter {
             reason: e.to_string(),
         })?;
         Ok(Self {
+            every_type: events.iter().any(|g| g == "*"),
             events,
             events_set,
             bots,
@@ -86,7 +89,7 @@ impl Filter {
     /// whose received document is `doc` (read only when there are
     /// conditions: `None` is fine otherwise).
     pub fn wants(&self, event_type: &str, bot: Option<&str>, doc: Option<&Value>) -> bool {
-        if !self.events_set.is_match(event_type) {
+        if !self.every_type && !self.events_set.is_match(event_type) {
             return false;
         }
         if let Some(bots) = &self.bots {

@@ -84,9 +84,11 @@ pub async fn run<Q: Queue>(
     // A claim runs beside the dispatching (its own task): while it is out, free
     // workers keep taking ready jobs. After a claim that came back short, the
     // store is rested until a wake-up (a job stored by the ingress, a retry
-    // written back), the next due time, or IDLE_POLL.
+    // written back), the next due time, or IDLE_POLL. A paused destination's
+    // rest is IDLE_POLL whatever the ingress stores (a resume shows within it).
     let mut claiming: Option<JoinHandle<(usize, QueueResult<Claimed>)>> = None;
     let mut rest_until: Option<Instant> = None;
+    let mut paused = false;
     // The rate limit's next free slot, when the last start found none.
     let mut rate_until: Option<Instant> = None;
     let started = Instant::now();
@@ -127,12 +129,14 @@ pub async fn run<Q: Queue>(
             done = claim_result(&mut claiming) => {
                 claiming = None;
                 rest_until = None;
+                paused = false;
                 // A failed claim or a failed claim task: one way.
                 let done = done
                     .map_err(|e| e.to_string())
                     .and_then(|(asked, r)| r.map(|c| (asked, c)).map_err(|e| e.to_string()));
                 match done {
                     Ok((asked, claimed)) => {
+                        paused = claimed.paused;
                         if claimed.jobs.len() < asked {
                             let wait = claimed
                                 .next_due_ms
@@ -178,7 +182,7 @@ pub async fn run<Q: Queue>(
                     take(&pool, &mut ready, job);
                 }
             }
-            _ = wake.notified(), if rest_until.is_some() => rest_until = None,
+            _ = wake.notified(), if rest_until.is_some() && !paused => rest_until = None,
             _ = tokio::time::sleep_until(rest.into()), if rest_until.is_some() => rest_until = None,
         }
     }

@@ -286,23 +286,34 @@ fn routes(destinations: &Destinations, event: &Event, bytes: &[u8]) -> Vec<Strin
 
 /// `{"status","jobId"}` as the seeds answer; with a destinations file also
 /// `"jobs": {destination: id}` (`jobId` is the first destination's).
-fn answer(routed: &Routed, with_jobs: bool) -> serde_json::Value {
-    let status = if routed.duplicate {
-        "duplicate"
-    } else {
-        "accepted"
-    };
-    let first = routed.jobs.first().map(|j| j.id.as_str()).unwrap_or("");
-    let mut out = json!({ "status": status, "jobId": first });
-    if with_jobs {
-        let jobs: serde_json::Map<String, serde_json::Value> = routed
-            .jobs
-            .iter()
-            .map(|j| (j.destination.clone(), serde_json::Value::from(j.id.clone())))
-            .collect();
-        out["jobs"] = serde_json::Value::Object(jobs);
+/// Serialized from borrows (no JSON tree built per event).
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    status: &'static str,
+    #[serde(rename = "jobId")]
+    job_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jobs: Option<JobIds<'a>>,
+}
+
+struct JobIds<'a>(&'a [crate::queue::JobRef]);
+
+impl serde::Serialize for JobIds<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|j| (&j.destination, &j.id)))
     }
-    out
+}
+
+fn answer(routed: &Routed, with_jobs: bool) -> Answer<'_> {
+    Answer {
+        status: if routed.duplicate {
+            "duplicate"
+        } else {
+            "accepted"
+        },
+        job_id: routed.jobs.first().map(|j| j.id.as_str()).unwrap_or(""),
+        jobs: with_jobs.then_some(JobIds(&routed.jobs)),
+    }
 }
 
 #[cfg(test)]

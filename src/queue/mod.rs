@@ -327,6 +327,10 @@ pub struct Claimed {
     pub jobs: Vec<Leased>,
     /// Earliest due time (or lease expiry) of what is left, in unix ms.
     pub next_due_ms: Option<i64>,
+    /// The destination is paused: no claim takes anything until it is
+    /// resumed (its dispatcher then claims once a second, not at each new
+    /// job: a paused destination costs the ingest nothing).
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

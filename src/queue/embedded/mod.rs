@@ -11,12 +11,38 @@
 //!      due_at_ms,                 -- waiting/delayed: claimable from then on
 //!      lease_token, lease_until_ms,  -- active only
 //!      created_at_ms, finished_at_ms, failed_reason, stalls,
-//!      attempts_log TEXT)         -- JSON array of every attempt
-//! dedup(event_key PRIMARY KEY, job_seq, expires_at_ms)
+//!      attempts_log TEXT,         -- JSON array of every attempt
+//!      destination,               -- whose job it is
+//!      pending)                   -- a bundle's other destinations (below)
+//! dedup(event_key PRIMARY KEY, job_seq, expires_at_ms, jobs)  -- jobs: "crm=17,dw=18"
+//! paused(destination PRIMARY KEY)
 //! ```
+//!
+//! # Bundles: one row per event, however many destinations
+//!
+//! An event stored for several destinations without a handoff (their pools
+//! are busy, or they are paused) is one row, a *bundle*: the first
+//! destination's job, whose `pending` names the other destinations in order
+//! ("dw,tickets"). Their jobs' ids follow the row's own (17, then 18 and 19),
+//! reserved at once in `sqlite_sequence` so the answer names them and no
+//! other job ever gets them. Those jobs are waiting, never attempted, due
+//! since the event came: nothing about them is stored but their names. A
+//! claim by any destination first writes every bundle out (oldest first, 256
+//! at most per claim) as the rows `insert_event` would have written; an
+//! operator's listing of waiting jobs, or a look at, retry or removal of one
+//! of them, writes out what it needs first; counts and destination names
+//! read the bundles where they are. So the ingest's durable write is one row
+//! per event whatever the fan-out, and the rows are written by the delivery
+//! that needs them (a destination paused for an hour costs its backlog's
+//! rows only when it resumes). With a handoff, each handed-over job is its
+//! own leased row, as a claim would have made it; the paused destinations'
+//! jobs of the same event are the bundle. (Schema 4; a store written by a
+//! newer version than this one is refused at open, untouched.)
+//!
 //! Indexes are partial, so that a job's trip through the states touches as few
-//! B-trees as possible (the writer thread is the throughput limit): `due_at_ms`
-//! of waiting/delayed jobs (claiming), `lease_until_ms` of active jobs (stall
+//! B-trees as possible (the writer thread is the throughput limit):
+//! `(destination, due_at_ms, seq)` of waiting/delayed jobs (claiming, each
+//! destination apart), `seq` of bundles, `lease_until_ms` of active jobs (stall
 //! recovery), `seq` of failed jobs (the dead-letter listing) and of completed
 //! jobs (pruning). Counts by state scan the table: they serve the admin API,
 //! not the hot path. (Schema 2 dropped a full `(state, seq)` index that cost
@@ -367,7 +393,10 @@ impl Queue for EmbeddedQueue {
         self.call(move |conn, w| {
             let now = w.now_ms;
             if w.is_paused(conn, &destination)? {
-                return Ok(Claimed::default());
+                return Ok(Claimed {
+                    paused: true,
+                    ..Claimed::default()
+                });
             }
             // Bundles first: their jobs are claimable like any other.
             let more_bundles = unbundle(conn, UNBUNDLE_PER_CLAIM)? == UNBUNDLE_PER_CLAIM;
@@ -433,7 +462,11 @@ impl Queue for EmbeddedQueue {
             } else {
                 None
             };
-            Ok(Claimed { jobs, next_due_ms })
+            Ok(Claimed {
+                jobs,
+                next_due_ms,
+                paused: false,
+            })
         })
         .await
     }

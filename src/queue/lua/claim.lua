@@ -8,11 +8,12 @@
     counter, KEYS[9] marker
     ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] lock duration (ms),
     ARGV[4] most jobs, ARGV[5] token base, ARGV[6] worker name
-  Returns {jobs, next, probe}: jobs is flat, 4 per job (id, token, data, atm); next is
+  Returns {jobs, next, probe, paused}: jobs is flat, 4 per job (id, token, data, atm); next is
   the earliest due time of a delayed job (ms) when no job was taken, or when
   the global rate limit held some back, when its window frees; else nil;
   probe is the cool-down in force (ms) when the one job taken is the shared
-  circuit's probe, else 0.
+  circuit's probe, else 0; paused is 1 when the queue is paused (the relay
+  then rests its claims until a resume shows), else 0.
 ]]
 local rcall = redis.call
 local prefix, ts = ARGV[1], tonumber(ARGV[2])
@@ -20,6 +21,7 @@ local eventsKey, delayedKey, markerKey = KEYS[4], KEYS[6], KEYS[9]
 local meta = rcall("HMGET", KEYS[7], "paused", "concurrency", "max", "duration",
   "cg:openUntil", "cg:probeUntil", "cg:cooldown")
 local paused = meta[1] and true or false
+local pausedFlag = paused and 1 or 0
 local room = tonumber(ARGV[4])
 if meta[2] then
   room = math.min(room, tonumber(meta[2]) - rcall("LLEN", KEYS[2]))
@@ -55,7 +57,7 @@ if maxJobs and limitMs then
       rcall("DEL", KEYS[5])
     end
     if pttl > 0 then
-      return {{}, ts + pttl, 0}
+      return {{}, ts + pttl, 0, pausedFlag}
     end
   end
   room = math.min(room, maxJobs - used)
@@ -68,11 +70,11 @@ local probe = false
 local openUntil = tonumber(meta[5])
 if openUntil then
   if ts < openUntil then
-    return {{}, openUntil, 0}
+    return {{}, openUntil, 0, pausedFlag}
   end
   local probeUntil = tonumber(meta[6])
   if probeUntil and ts < probeUntil then
-    return {{}, probeUntil, 0}
+    return {{}, probeUntil, 0, pausedFlag}
   end
   room = math.min(room, 1)
   probe = true
@@ -120,7 +122,7 @@ if not paused then
 end
 if probe and #jobs > 0 then
   rcall("HSET", KEYS[7], "cg:probeUntil", ts + tonumber(ARGV[3]))
-  return {jobs, false, tonumber(meta[7]) or 1}
+  return {jobs, false, tonumber(meta[7]) or 1, pausedFlag}
 end
 if #jobs > 0 then
   rcall("ZADD", markerKey, "0", "0")
@@ -128,13 +130,13 @@ if #jobs > 0 then
   if maxJobs and limitMs and n >= room then
     local pttl = rcall("PTTL", KEYS[5])
     if pttl > 0 then
-      return {jobs, ts + pttl, 0}
+      return {jobs, ts + pttl, 0, pausedFlag}
     end
   end
-  return {jobs, false, 0}
+  return {jobs, false, 0, pausedFlag}
 end
 local first = rcall("ZRANGE", delayedKey, 0, 0, "WITHSCORES")
 if first[2] then
-  return {jobs, math.floor(tonumber(first[2]) / 0x1000), 0}
+  return {jobs, math.floor(tonumber(first[2]) / 0x1000), 0, pausedFlag}
 end
-return {jobs, false, 0}
+return {jobs, false, 0, pausedFlag}

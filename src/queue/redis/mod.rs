@@ -372,7 +372,8 @@ impl Queue for RedisQueue {
             .arg(max)
             .arg(h.token())
             .arg(&h.worker);
-        let (flat, next_due_ms, probe): (Vec<String>, Option<i64>, i64) = h.invoke(&call).await?;
+        let (flat, next_due_ms, probe, paused): (Vec<String>, Option<i64>, i64, i64) =
+            h.invoke(&call).await?;
         let mut jobs = Vec::with_capacity(flat.len() / 4);
         let mut it = flat.into_iter();
         while let (Some(id), Some(token), Some(data), Some(atm)) =
@@ -393,6 +394,7 @@ impl Queue for RedisQueue {
             // With jobs, a next time is the rate limit's: claim again then.
             next_due_ms,
             jobs,
+            paused: paused == 1,
         })
     }
 
