@@ -21,11 +21,11 @@
 //! # Bundles: one row per event, however many destinations
 //!
 //! An event stored for several destinations without a handoff (their pools
-//! are busy, or they are paused) is one row, a *bundle*: the first
+//! are busy, or they are paused) is one row, a *bundle*: the last
 //! destination's job, whose `pending` names the other destinations in order
-//! ("dw,tickets"). Their jobs' ids follow the row's own (17, then 18 and 19),
-//! reserved at once in `sqlite_sequence` so the answer names them and no
-//! other job ever gets them. Those jobs are waiting, never attempted, due
+//! ("crm,dw"). Their jobs' ids come before the row's own (17 and 18, the row
+//! 19): the row takes the largest id of the event, so AUTOINCREMENT never
+//! gives the others again, and the answer names them all at once. Those jobs are waiting, never attempted, due
 //! since the event came: nothing about them is stored but their names. A
 //! claim by any destination first writes every bundle out (oldest first, 256
 //! at most per claim) as the rows `insert_event` would have written; an

@@ -381,16 +381,22 @@ pub(super) fn insert_event(
     };
     let mut insert = conn
         .prepare_cached(
-            "INSERT INTO jobs (event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
+            // ?13 > 0: a bundle of ?13 jobs, whose row takes the last of
+            // their ids, which reserves the others (AUTOINCREMENT keeps the
+            // largest id given); else the next id.
+            "INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
                                lease_token, lease_until_ms, destination, pending)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)",
+             VALUES (CASE WHEN ?13 > 0
+                          THEN coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0) + ?13 END,
+                     ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)",
         )
         .map_err(sql_err)?;
     let mut row = |destination: &str,
                    state: &str,
                    token: Option<&str>,
                    until: Option<i64>,
-                   pending: Option<&str>| {
+                   pending: Option<&str>,
+                   bundled: i64| {
         insert
             .execute(params![
                 event.key.as_str(),
@@ -405,6 +411,7 @@ pub(super) fn insert_event(
                 until,
                 destination,
                 pending,
+                bundled,
             ])
             .map(|_| conn.last_insert_rowid())
             .map_err(sql_err)
@@ -421,34 +428,33 @@ pub(super) fn insert_event(
             leased.push(i);
         }
     }
-    if let Some((&first, rest)) = held.split_first() {
-        // Two or more make a bundle: one row, the first one's job, naming the
-        // others, whose ids are reserved now and whose rows are written when
-        // a claim or an operator first needs them (see `unbundle`).
+    if let Some((&last, rest)) = held.split_last() {
+        // Two or more make a bundle: one row, the last one's job, naming the
+        // others, whose ids come before its own and whose rows are written
+        // when a claim or an operator first needs them (see `unbundle`).
         let pending = (!rest.is_empty()).then(|| {
             let names: Vec<&str> = rest.iter().map(|&i| destinations[i].as_str()).collect();
             names.join(",")
         });
+        let bundled = if rest.is_empty() {
+            0
+        } else {
+            held.len() as i64
+        };
         let id = row(
-            &destinations[first],
+            &destinations[last],
             "waiting",
             None,
             None,
             pending.as_deref(),
+            bundled,
         )?;
-        for (k, &i) in held.iter().enumerate() {
-            ids[i] = id + k as i64;
-        }
-        if !rest.is_empty() {
-            conn.prepare_cached(
-                "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'jobs' AND seq < ?1",
-            )
-            .and_then(|mut s| s.execute([id + rest.len() as i64]))
-            .map_err(sql_err)?;
+        for (k, &i) in held.iter().rev().enumerate() {
+            ids[i] = id - k as i64;
         }
     }
     for &i in &leased {
-        ids[i] = row(&destinations[i], state, token, until, None)?;
+        ids[i] = row(&destinations[i], state, token, until, None, 0)?;
     }
     let jobs: Vec<JobRef> = destinations
         .iter()
@@ -495,9 +501,10 @@ pub(super) const UNBUNDLE_PER_CLAIM: i64 = 256;
 /// first, at most `max` bundles; answers how many it wrote out.
 ///
 /// A bundle is the row of an event stored for several destinations without a
-/// handoff: the first destination's job, with `pending` naming the other
-/// destinations in order; their jobs' ids follow the row's own (reserved in
-/// `sqlite_sequence` at ingest). They are waiting, never attempted, due since
+/// handoff: the last destination's job, with `pending` naming the others in
+/// order; their jobs' ids are the ones before the row's own (which, being the
+/// largest, reserved them at ingest: AUTOINCREMENT never gives an id below
+/// the largest it gave). They are waiting, never attempted, due since
 /// the event arrived: exactly what `insert_event` would have written.
 pub(super) fn unbundle(conn: &Connection, max: i64) -> QueueResult<i64> {
     let bundles: Vec<(i64, String)> = conn
@@ -520,13 +527,13 @@ pub(super) fn unbundle(conn: &Connection, max: i64) -> QueueResult<i64> {
 pub(super) fn unbundle_holding(conn: &Connection, seq: i64) -> QueueResult<()> {
     let bundle: Option<(i64, String)> = conn
         .prepare_cached(
-            "SELECT seq, pending FROM jobs WHERE pending IS NOT NULL AND seq <= ?1 ORDER BY seq DESC LIMIT 1",
+            "SELECT seq, pending FROM jobs WHERE pending IS NOT NULL AND seq >= ?1 ORDER BY seq LIMIT 1",
         )
         .and_then(|mut s| s.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?))).optional())
         .map_err(sql_err)?;
     match bundle {
-        Some((first, pending)) if seq - first <= pending.split(',').count() as i64 => {
-            write_out(conn, first, &pending)
+        Some((row, pending)) if row - seq <= pending.split(',').count() as i64 => {
+            write_out(conn, row, &pending)
         }
         _ => Ok(()),
     }
@@ -542,7 +549,8 @@ fn write_out(conn: &Connection, seq: i64, pending: &str) -> QueueResult<()> {
              FROM jobs WHERE seq = ?3",
         )
         .map_err(sql_err)?;
-    for (id, destination) in (seq + 1..).zip(pending.split(',')) {
+    let first = seq - pending.split(',').count() as i64;
+    for (id, destination) in (first..).zip(pending.split(',')) {
         insert
             .execute(params![id, destination, seq])
             .map_err(sql_err)?;
