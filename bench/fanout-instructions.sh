@@ -27,10 +27,10 @@ for n in 1 2 4; do
   pid=$!
   for _ in $(seq 1 600); do curl -sf -o /dev/null "127.0.0.1:$admin/admin/queue" && break; sleep 0.2; done
   for i in $(seq 1 "$n"); do curl -sf -X POST "127.0.0.1:$admin/admin/destinations/d$i/pause" >/dev/null; done
-  callgrind_control -i on "$pid" >/dev/null
+  callgrind_control -i on "$pid" >/dev/null 2>&1
   target/release/examples/bench load --port "$port" --events "$events" --connections 8 >/dev/null
-  callgrind_control -i off "$pid" >/dev/null
-  callgrind_control -d "$pid" >/dev/null
+  callgrind_control -i off "$pid" >/dev/null 2>&1
+  callgrind_control -d "$pid" >/dev/null 2>&1
   kill "$pid"; wait "$pid" 2>/dev/null || true
   total=$(cat "$dir"/cg.out* | awk '/^(summary|totals):/ {s += $2} END {print s}')
   echo "$n destination(s): $((total / events)) instructions per event ingested"
