@@ -74,6 +74,7 @@ impl ServeConfig {
                     dedup_ttl: Duration::from_secs(def(d::DEDUP_TTL_SECS)),
                     remove_on_complete: def(d::REMOVE_ON_COMPLETE),
                 },
+                clock: Default::default(),
             },
             delivery: DeliverySettings {
                 target: target_endpoint,

@@ -72,6 +72,7 @@ pub fn store_settings(a: &crate::cli::StoreArgs) -> Result<StoreSettings, Config
         queue_name,
         redis_ca,
         retention: TOOL_RETENTION,
+        clock: Default::default(),
     })
 }
 

@@ -426,6 +426,10 @@ pub trait Queue: Send + Sync + 'static {
     /// Returns leased jobs to waiting without counting an attempt (shutdown).
     fn release(&self, leases: Vec<LeaseRef>) -> impl Future<Output = QueueResult<()>> + Send;
     fn ping(&self) -> impl Future<Output = QueueResult<()>> + Send;
+    /// Puts back the jobs whose lease expired (their worker is gone), now;
+    /// how many. The relay's store also does it on its own (the embedded
+    /// store at each claim, Redis every half lease).
+    fn check_stalled(&self) -> impl Future<Output = QueueResult<u64>> + Send;
     /// The destination's circuit opened (until `until_ms`) or closed, where
     /// the store shares it with every relay (Redis: its claims then take
     /// nothing until then, and one probe after). The embedded store's one

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::embedded::{EmbeddedOptions, EmbeddedQueue, Fsync};
+use super::embedded::{Access, EmbeddedOptions, EmbeddedQueue, Fsync};
 use super::redis::{RedisOptions, RedisQueues};
 use super::*;
 use crate::secret::Secret;
@@ -32,6 +32,8 @@ pub struct StoreSettings {
     pub redis_ca: Option<Vec<u8>>,
     /// How long dedup records and completed jobs are kept.
     pub retention: QueueSettings,
+    /// Where the store reads the time (the system's; tests step their own).
+    pub clock: crate::time::Clock,
 }
 
 impl StoreSettings {
@@ -57,9 +59,13 @@ pub enum Opener {
     /// jobs a dead relay left active; on Redis, checks for stalled jobs with
     /// this lease length.
     Relay { lock_duration: Duration },
-    /// A tool beside a running relay (or none): no lock, no recovery, and a
-    /// missing embedded store is an error rather than created.
+    /// A tool beside a running relay (or none) that writes what an operator
+    /// asks (retry, remove, pause): no lock, no recovery, no maintenance,
+    /// and a missing embedded store is an error rather than created.
     Tool,
+    /// A tool that only reads (lists, counts, stats): writes nothing at all
+    /// (embedded: a read-only connection; Redis: no script, no key set).
+    Reader,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,25 +96,28 @@ const TOOL_LOCK_DURATION: Duration = Duration::from_secs(30);
 pub async fn open(settings: &StoreSettings, opener: Opener) -> Result<Store, OpenError> {
     match settings.kind {
         QueueKind::Embedded => {
-            if opener == Opener::Tool && !settings.data_dir.join(embedded::DB_FILE).exists() {
+            let relay = matches!(opener, Opener::Relay { .. });
+            if !relay && !settings.data_dir.join(embedded::DB_FILE).exists() {
                 return Err(OpenError::NoEmbeddedStore(settings.data_dir.clone()));
             }
             let q = EmbeddedQueue::open(EmbeddedOptions {
                 data_dir: settings.data_dir.clone(),
                 fsync: settings.fsync,
-                max_db_bytes: match opener {
-                    Opener::Relay { .. } => settings.max_db_bytes,
-                    Opener::Tool => 0,
-                },
+                max_db_bytes: if relay { settings.max_db_bytes } else { 0 },
                 settings: settings.retention.clone(),
-                exclusive: matches!(opener, Opener::Relay { .. }),
+                access: match opener {
+                    Opener::Relay { .. } => Access::Relay,
+                    Opener::Tool => Access::Tool,
+                    Opener::Reader => Access::Reader,
+                },
+                clock: settings.clock.clone(),
             })?;
             Ok(Store::Embedded(q))
         }
         QueueKind::Redis => {
             let lock_duration = match opener {
                 Opener::Relay { lock_duration } => lock_duration,
-                Opener::Tool => TOOL_LOCK_DURATION,
+                Opener::Tool | Opener::Reader => TOOL_LOCK_DURATION,
             };
             let q = RedisQueues::connect(RedisOptions {
                 url: settings.redis_url.expose().to_string(),
@@ -117,6 +126,8 @@ pub async fn open(settings: &StoreSettings, opener: Opener) -> Result<Store, Ope
                 lock_duration,
                 settings: settings.retention.clone(),
                 destination: crate::queue::DEFAULT_DESTINATION.into(),
+                clock: settings.clock.clone(),
+                relay: matches!(opener, Opener::Relay { .. }),
             })
             .await
             .map_err(|error| OpenError::Redis {
@@ -185,6 +196,9 @@ impl Queue for Store {
     }
     async fn ping(&self) -> QueueResult<()> {
         each!(self, q => q.ping().await)
+    }
+    async fn check_stalled(&self) -> QueueResult<u64> {
+        each!(self, q => q.check_stalled().await)
     }
     async fn set_circuit(&self, destination: &str, open_until_ms: Option<i64>) -> QueueResult<()> {
         each!(self, q => q.set_circuit(destination, open_until_ms).await)

@@ -23,7 +23,8 @@ fn open(dir: &Path, max_db_bytes: u64) -> EmbeddedQueue {
             dedup_ttl: Duration::from_secs(3600),
             remove_on_complete: 100,
         },
-        exclusive: true,
+        access: cogrelay::queue::embedded::Access::Relay,
+        clock: Default::default(),
     })
     .expect("open")
 }
@@ -36,10 +37,14 @@ fn wal(dir: &Path) -> u64 {
     file_size(&dir.join("cogrelay.db-wal"))
 }
 
+/// The store's files (not its reserve file, `cogrelay.reserve`: room kept
+/// for deliveries on a full disk, a constant size here).
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .expect("dir")
-        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != cogrelay::queue::embedded::RESERVE_FILE)
+        .filter_map(|e| e.metadata().ok())
         .map(|m| m.len())
         .sum()
 }

@@ -392,3 +392,17 @@ pub async fn run_node(script: &str, args: &[&str]) -> Value {
     serde_json::from_str(stdout.trim())
         .unwrap_or_else(|_| panic!("node {script} printed no JSON: {stdout}"))
 }
+
+/// The destinations of a file's `text`, with `c`'s settings as the globals.
+pub fn destinations_of(c: &ServeConfig, text: &str) -> cogrelay::destination::Destinations {
+    let globals = cogrelay::config::destinations::Globals {
+        delivery: c.delivery.clone(),
+        lock_duration: c.pool.lock_duration,
+    };
+    let list = cogrelay::config::destinations::parse(text, "test.toml", &globals, &|_| None)
+        .expect("a valid destinations file");
+    cogrelay::destination::Destinations {
+        list,
+        file: Some("test.toml".into()),
+    }
+}

@@ -37,7 +37,8 @@ pub(crate) fn options(dir: &std::path::Path) -> EmbeddedOptions {
             dedup_ttl: Duration::from_secs(60),
             remove_on_complete: 2,
         },
-        exclusive: true,
+        access: cogrelay::queue::embedded::Access::Relay,
+        clock: Default::default(),
     }
 }
 
@@ -387,6 +388,8 @@ async fn open_redis(server: &crate::redis_server::RedisServer) -> RedisQueue {
             remove_on_complete: 2,
         },
         destination: "default".into(),
+        clock: Default::default(),
+        relay: true,
     })
     .await
     .expect("connect")

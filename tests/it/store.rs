@@ -252,7 +252,7 @@ async fn a_fanned_out_event_is_one_row_until_a_destination_claims() {
         (one, two)
     };
     // After a restart the bundled jobs are still there, and each operation
-    // on one of them finds it.
+    // on one of them finds it; a look writes nothing.
     let q = open(dir.path());
     let view = q.get(&second.jobs[3].id).await.expect("get");
     assert_eq!(
@@ -260,12 +260,22 @@ async fn a_fanned_out_event_is_one_row_until_a_destination_claims() {
         ("d", JobState::Waiting)
     );
     assert!(view.payload.is_some(), "the event's body");
+    let waiting = q
+        .list_for(Some(JobState::Waiting), Some("b"), 0, 50)
+        .await
+        .expect("list");
+    assert_eq!(waiting.total, 2, "b's two bundled jobs listed");
     assert_eq!(
         job_rows(dir.path()),
-        2 + 3,
-        "the second event's jobs are rows now"
+        2,
+        "a look or a listing writes nothing"
     );
     q.remove(&first.jobs[0].id).await.expect("remove a's job");
+    assert_eq!(
+        job_rows(dir.path()),
+        2,
+        "a removal clears its slot in place"
+    );
     let claimed = q
         .claim_for("c", 10, Duration::from_secs(30))
         .await
@@ -333,4 +343,130 @@ async fn a_store_of_a_newer_version_is_refused_untouched() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
     assert_eq!(version, 99, "left as it was");
+}
+
+fn zero_kept(dir: &std::path::Path) -> cogrelay::queue::embedded::EmbeddedOptions {
+    let mut o = options(dir);
+    o.settings.remove_on_complete = 0;
+    o
+}
+
+/// More bundles than a claim writes out (256), then one whose carrier is
+/// the claiming destination's job: the claim never takes a carrier before
+/// its bundle is written out, so finishing it (deleted at once with
+/// `REMOVE_ON_COMPLETE=0`) loses none of its event's other jobs. On
+/// 27e726d the carrier was claimed and deleted with its `a` job (found by
+/// the model in `queue_model.rs`: a's waiting 256 of 257).
+#[tokio::test]
+async fn a_claim_never_finishes_a_bundle_with_its_other_jobs() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let q = EmbeddedQueue::open(zero_kept(dir.path())).expect("open");
+    let ab = || vec!["a".to_string(), "b".to_string()];
+    for i in 0..300 {
+        q.store(ev(&format!("ab-{i}")), ab(), None)
+            .await
+            .expect("store");
+    }
+    let (last, _) = q
+        .store(ev("ac"), vec!["a".into(), "c".into()], None)
+        .await
+        .expect("store");
+    let (a_job, c_job) = (last.jobs[0].id.clone(), last.jobs[1].id.clone());
+    assert_eq!(job_rows(dir.path()), 301, "301 bundles, one row each");
+    // c claims until it has its job: each claim writes out at most 256
+    // bundles, and says to claim again at once while some are left.
+    let mut claims = 0;
+    let leased = loop {
+        let c = q
+            .claim_for("c", 1, Duration::from_secs(30))
+            .await
+            .expect("claim");
+        claims += 1;
+        if let Some(l) = c.jobs.into_iter().next() {
+            break l;
+        }
+        assert!(
+            c.next_due_ms.is_some_and(|t| t <= cogrelay::time::now_ms()),
+            "nothing claimed, and no word to come back at once"
+        );
+        assert!(claims < 10, "c's job never claimed");
+    };
+    assert_eq!(leased.job.id, c_job);
+    assert!(
+        claims >= 2,
+        "the 301st bundle was not in the first claim's 256"
+    );
+    let attempt = cogrelay::queue::Attempt {
+        n: 1,
+        started_at_ms: cogrelay::time::now_ms(),
+        duration_ms: 1,
+        status: Some(200),
+        error: None,
+        outcome: cogrelay::queue::AttemptOutcome::Delivered,
+    };
+    let done = q
+        .finish(leased, attempt, cogrelay::queue::Disposition::Completed)
+        .await
+        .expect("finish");
+    assert!(done);
+    // c's job is gone (REMOVE_ON_COMPLETE=0), a's of the same event is not.
+    assert!(q.get(&c_job).await.is_err(), "completed and deleted");
+    let a = q.get(&a_job).await.expect("a's job of the event");
+    assert_eq!((a.destination.as_str(), a.state), ("a", JobState::Waiting));
+    let counts = q.counts_for(Some("a")).await.expect("counts");
+    assert_eq!(counts.waiting, 301, "every one of a's jobs");
+    let mut claimed = 0;
+    loop {
+        let c = q
+            .claim_for("a", 256, Duration::from_secs(30))
+            .await
+            .expect("claim");
+        if c.jobs.is_empty() && c.next_due_ms.is_none_or(|t| t > cogrelay::time::now_ms()) {
+            break;
+        }
+        claimed += c.jobs.len();
+    }
+    assert_eq!(claimed, 301, "a delivers all its events");
+}
+
+/// An operator's removal of a bundle's carrier (the row that holds the
+/// event) keeps the event's other jobs: the row becomes the last one's, in
+/// place; removing one of the others clears its slot. Neither needs room.
+#[tokio::test]
+async fn removing_a_bundled_job_keeps_the_others_of_its_event() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let q = EmbeddedQueue::open(zero_kept(dir.path())).expect("open");
+    let abc = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+    let (r, _) = q.store(ev("abc"), abc, None).await.expect("store");
+    let id = |k: usize| r.jobs[k].id.clone();
+    assert_eq!(job_rows(dir.path()), 1);
+    q.remove(&id(2))
+        .await
+        .expect("remove the carrier's own job (c)");
+    assert!(matches!(
+        q.get(&id(2)).await,
+        Err(cogrelay::queue::QueueError::NotFound(_))
+    ));
+    for (k, d) in [(0, "a"), (1, "b")] {
+        let v = q.get(&id(k)).await.expect("still there");
+        assert_eq!((v.destination.as_str(), v.state), (d, JobState::Waiting));
+        assert!(v.payload.is_some());
+    }
+    q.remove(&id(0)).await.expect("remove a's");
+    assert!(q.get(&id(0)).await.is_err());
+    assert_eq!(q.counts().await.expect("counts").waiting, 1, "b's only");
+    assert_eq!(job_rows(dir.path()), 1, "still the one row");
+    let b = q
+        .claim_for("b", 10, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs;
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].job.id, id(1));
+    assert!(q
+        .claim_for("a", 10, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs
+        .is_empty());
 }

@@ -36,6 +36,90 @@ pub(super) fn row_to_view(r: &rusqlite::Row<'_>, with_payload: bool) -> rusqlite
     Ok(stored.into_view(state, with_payload))
 }
 
+/// Job `seq`'s row as a view, if there is one.
+fn view_of(conn: &Connection, seq: i64, with_payload: bool) -> QueueResult<Option<JobView>> {
+    let sql = format!("SELECT {VIEW_COLUMNS}, body FROM jobs WHERE seq=?1");
+    conn.prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.query_row([seq], |r| row_to_view(r, with_payload))
+                .optional()
+        })
+        .map_err(sql_err)
+}
+
+/// A listing of waiting jobs, or of every state, newest first: the rows and
+/// the jobs bundles name, where they are (an operator's look writes nothing).
+/// One pass over the ids that match (a count needs it anyway), then the
+/// views of the page's.
+fn list_with_bundles(
+    conn: &Connection,
+    state: Option<JobState>,
+    destination: Option<&str>,
+    offset: u64,
+    limit: u64,
+) -> QueueResult<Page> {
+    enum Entry {
+        Row(i64),
+        Slot {
+            id: i64,
+            carrier: i64,
+            destination: String,
+        },
+    }
+    let sql = if state.is_some() {
+        "SELECT seq, state, destination, pending FROM jobs
+         WHERE (state = 'waiting' AND (?1 IS NULL OR destination = ?1)) OR pending IS NOT NULL
+         ORDER BY seq DESC"
+    } else {
+        "SELECT seq, state, destination, pending FROM jobs
+         WHERE ?1 IS NULL OR destination = ?1 OR pending IS NOT NULL
+         ORDER BY seq DESC"
+    };
+    let wanted = |d: &str| destination.is_none_or(|w| w == d);
+    let mut total = 0u64;
+    let mut page = Vec::new();
+    let mut take = |entry: Entry| {
+        if total >= offset && total < offset + limit {
+            page.push(entry);
+        }
+        total += 1;
+    };
+    let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
+    let mut rows = stmt.query([destination]).map_err(sql_err)?;
+    while let Some(r) = rows.next().map_err(sql_err)? {
+        let seq: i64 = r.get(0).map_err(sql_err)?;
+        let row_state: String = r.get(1).map_err(sql_err)?;
+        let row_destination: String = r.get(2).map_err(sql_err)?;
+        let pending: Option<String> = r.get(3).map_err(sql_err)?;
+        if wanted(&row_destination) && state.is_none_or(|s| s.as_str() == row_state) {
+            take(Entry::Row(seq));
+        }
+        if let Some(p) = pending {
+            let b = Bundle::parse(seq, &p);
+            for (id, d) in b.live().rev().filter(|(_, d)| wanted(d)) {
+                take(Entry::Slot {
+                    id,
+                    carrier: seq,
+                    destination: d.to_string(),
+                });
+            }
+        }
+    }
+    let mut items = Vec::with_capacity(page.len());
+    for entry in page {
+        let view = match entry {
+            Entry::Row(seq) => view_of(conn, seq, false)?,
+            Entry::Slot {
+                id,
+                carrier,
+                destination,
+            } => view_of(conn, carrier, false)?.map(|c| bundle::virtual_view(&c, id, &destination)),
+        };
+        items.extend(view);
+    }
+    Ok(Page { items, total })
+}
+
 pub(super) fn state_of(conn: &Connection, seq: i64, id: &str) -> QueueResult<JobState> {
     let state: Option<String> = conn
         .prepare_cached("SELECT state FROM jobs WHERE seq=?1")
@@ -83,6 +167,7 @@ impl Operate for EmbeddedQueue {
                 .prepare_cached(
                     "SELECT coalesce(sum(CASE WHEN ?1 IS NULL
                                               THEN length(pending) - length(replace(pending, ',', '')) + 1
+                                                   - (length(pending) - length(replace(pending, '~', '')))
                                               ELSE instr(',' || pending || ',', ',' || ?1 || ',') > 0 END), 0),
                             min(CASE WHEN ?1 IS NULL OR instr(',' || pending || ',', ',' || ?1 || ',') > 0
                                      THEN due_at_ms END)
@@ -110,7 +195,7 @@ impl Operate for EmbeddedQueue {
         let destination = destination.map(str::to_string);
         self.call(move |conn, _| {
             if matches!(state, None | Some(JobState::Waiting)) {
-                unbundle_all(conn)?;
+                return list_with_bundles(conn, state, destination.as_deref(), offset, limit);
             }
             // The state is a literal (from the enum), so the planner can use the
             // partial indexes of failed and completed jobs.
@@ -149,12 +234,16 @@ impl Operate for EmbeddedQueue {
         let id = id.to_string();
         self.call(move |conn, _| {
             let seq = parse_id(&id)?;
-            unbundle_holding(conn, seq)?;
-            let sql = format!("SELECT {VIEW_COLUMNS}, body FROM jobs WHERE seq=?1");
-            conn.prepare_cached(&sql)
-                .and_then(|mut s| s.query_row([seq], |r| row_to_view(r, true)).optional())
-                .map_err(sql_err)?
-                .ok_or(QueueError::NotFound(id))
+            if let Some(view) = view_of(conn, seq, true)? {
+                return Ok(view);
+            }
+            // One of a bundle's jobs: shown from its carrier, nothing written.
+            let Some(b) = bundle::holding(conn, seq)? else {
+                return Err(QueueError::NotFound(id));
+            };
+            let carrier = view_of(conn, b.seq, true)?.ok_or(QueueError::NotFound(id.clone()))?;
+            let destination = b.slots[b.slot_of(seq).unwrap_or(0)].clone();
+            Ok(bundle::virtual_view(&carrier, seq, &destination))
         })
         .await
     }
@@ -163,7 +252,6 @@ impl Operate for EmbeddedQueue {
         let id = id.to_string();
         self.call(move |conn, w| {
             let seq = parse_id(&id)?;
-            unbundle_holding(conn, seq)?;
             let changed = conn
                 .prepare_cached(
                     "UPDATE jobs SET state='waiting', attempts_made=0, due_at_ms=?1, finished_at_ms=NULL, failed_reason=NULL
@@ -173,6 +261,9 @@ impl Operate for EmbeddedQueue {
                 .map_err(sql_err)?;
             if changed == 1 {
                 return Ok(());
+            }
+            if bundle::holding(conn, seq)?.is_some() {
+                return JobState::Waiting.check_retry(&id);
             }
             state_of(conn, seq, &id)?.check_retry(&id)?;
             Err(QueueError::NotFound(id))
@@ -196,18 +287,35 @@ impl Operate for EmbeddedQueue {
 
     async fn remove(&self, id: &str) -> QueueResult<()> {
         let id = id.to_string();
-        self.call(move |conn, _| {
+        self.call(move |conn, w| {
             let seq = parse_id(&id)?;
-            unbundle_holding(conn, seq)?;
-            let changed = conn
-                .prepare_cached("DELETE FROM jobs WHERE seq=?1 AND state != 'active'")
-                .and_then(|mut s| s.execute([seq]))
+            let row: Option<(String, Option<String>)> = conn
+                .prepare_cached("SELECT state, pending FROM jobs WHERE seq=?1")
+                .and_then(|mut s| {
+                    s.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
                 .map_err(sql_err)?;
-            if changed == 1 {
-                return Ok(());
+            match row {
+                Some((state, pending)) => {
+                    JobState::parse(&state)
+                        .unwrap_or(JobState::Failed)
+                        .check_remove(&id)?;
+                    match pending {
+                        // A carrier: its row goes to the bundle's last job.
+                        Some(p) => bundle::hand_over(conn, &mut w.space, Bundle::parse(seq, &p)),
+                        None => conn
+                            .prepare_cached("DELETE FROM jobs WHERE seq=?1")
+                            .and_then(|mut s| s.execute([seq]))
+                            .map(|_| ())
+                            .map_err(sql_err),
+                    }
+                }
+                None => match bundle::holding(conn, seq)? {
+                    Some(b) => bundle::remove_slot(conn, &mut w.space, b, seq),
+                    None => Err(QueueError::NotFound(id)),
+                },
             }
-            state_of(conn, seq, &id)?.check_remove(&id)?;
-            Err(QueueError::NotFound(id))
         })
         .await
     }
@@ -248,6 +356,7 @@ impl Operate for EmbeddedQueue {
             let names: std::collections::BTreeSet<String> = names
                 .iter()
                 .flat_map(|n| n.split(','))
+                .filter(|n| *n != bundle::REMOVED)
                 .map(str::to_string)
                 .collect();
             Ok(names.into_iter().collect())

@@ -22,22 +22,26 @@
 //!
 //! An event stored for several destinations without a handoff (their pools
 //! are busy, or they are paused) is one row, a *bundle*: the last
-//! destination's job, whose `pending` names the other destinations in order
-//! ("crm,dw"). Their jobs' ids come before the row's own (17 and 18, the row
-//! 19): the row takes the largest id of the event, so AUTOINCREMENT never
-//! gives the others again, and the answer names them all at once. Those jobs are waiting, never attempted, due
-//! since the event came: nothing about them is stored but their names. A
-//! claim by any destination first writes every bundle out (oldest first, 256
-//! at most per claim) as the rows `insert_event` would have written; an
-//! operator's listing of waiting jobs, or a look at, retry or removal of one
-//! of them, writes out what it needs first; counts and destination names
-//! read the bundles where they are. So the ingest's durable write is one row
-//! per event whatever the fan-out, and the rows are written by the delivery
-//! that needs them (a destination paused for an hour costs its backlog's
-//! rows only when it resumes). With a handoff, each handed-over job is its
-//! own leased row, as a claim would have made it; the paused destinations'
-//! jobs of the same event are the bundle. (Schema 4; a store written by a
-//! newer version than this one is refused at open, untouched.)
+//! destination's job (the carrier), whose `pending` names the other
+//! destinations in order ("crm,dw"). Their jobs' ids come before the row's
+//! own (17 and 18, the row 19): the row takes the largest id of the event,
+//! so AUTOINCREMENT never gives the others again, and the answer names them
+//! all at once. Those jobs are waiting, never attempted, due since the event
+//! came: nothing about them is stored but their names. A claim by any
+//! destination writes bundles out (oldest first, 256 at most per claim, and
+//! says to claim again at once while some are left) as the rows
+//! `insert_event` would have written; a carrier is never claimed before its
+//! bundle is written out. Operators' reads show a bundle's jobs where they
+//! are, and never write; removing one clears its slot, or hands the
+//! carrier's row to the last one, in place. The room the rows will take is
+//! counted when the event is stored ("Bounded size" below), so a full store
+//! can always write them out. So the ingest's durable write is one row per
+//! event whatever the fan-out, and the rows are written by the delivery
+//! that needs them. With a handoff, each handed-over job is its own leased
+//! row, as a claim would have made it; the paused destinations' jobs of the
+//! same event are the bundle. The rules, and the model that checks them:
+//! `bundle.rs`. (Schema 5, which marks a removed slot `~`; a store written
+//! by a newer version than this one is refused at open, untouched.)
 //!
 //! Indexes are partial, so that a job's trip through the states touches as few
 //! B-trees as possible (the writer thread is the throughput limit):
@@ -77,10 +81,11 @@
 //!   the main file every 500 ms, but under continuous writes it never catches
 //!   up, and the WAL can only start over from its beginning once a checkpoint
 //!   has copied all of it. So when the WAL passes [`WAL_RESTART_BYTES`] (or a
-//!   quarter of `COGRELAY_MAX_DB_BYTES`), the writer itself runs a RESTART
-//!   checkpoint between two batches, when nothing new is being appended. The
-//!   WAL stays within a few times that size under any load, and a quiet store
-//!   (nothing stored or completed since the last maintenance) truncates it.
+//!   quarter of `COGRELAY_MAX_DB_BYTES`, or a 64th of the file system), the
+//!   writer itself runs a RESTART checkpoint between two batches, when
+//!   nothing new is being appended. The WAL stays within a few times that
+//!   size under any load, and a quiet store (nothing stored or completed
+//!   since the last maintenance) truncates it.
 //! * The main file: `auto_vacuum=INCREMENTAL`, and maintenance gives free
 //!   pages back to the file system once they are more than half the file, or
 //!   a quarter when the store is quiet, so a drained backlog does not leave a
@@ -88,9 +93,19 @@
 //!   (A store created before this setting is compacted once at open.)
 //! * `COGRELAY_MAX_DB_BYTES` caps the main file and the WAL together: SQLite's
 //!   `max_page_count` stops the main file (SQLITE_FULL, as a full disk would),
-//!   and a new event is refused while file + WAL are at the cap (the sizes
-//!   are read after every batch). Either way ingress answers 503, and
-//!   deliveries go on, so the store drains.
+//!   and a new event is refused while file + WAL + the room promised to the
+//!   bundles' jobs + a delivery reserve (an eighth of the cap at most) reach
+//!   the cap (the sizes are read after every batch). Either way ingress
+//!   answers 503, and deliveries go on, so the store drains.
+//! * A full disk: the relay keeps a reserve file (`cogrelay.reserve`,
+//!   allocated blocks): a base reserve (twice the WAL's restart size plus
+//!   1 MiB, at least a 64th of the file system, at most 64 MiB) and the
+//!   room promised to the bundles' jobs. A new event is refused when the
+//!   disk cannot hold it (or its bundle's promise); when a write of the
+//!   delivery side fails for want of room, the base reserve is given back
+//!   to the file system and new events are refused until the disk has room
+//!   for it again. So whatever fills the disk, deliveries claim, finish and
+//!   delete within the reserve, and the store drains (`space.rs`).
 //! * A batch in which SQLite rolled the whole transaction back (a full disk
 //!   can do that mid-batch) stops there: every request of it is answered
 //!   unavailable, none as stored.
@@ -105,18 +120,23 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    jobs_text, now_ms, parse_jobs_text, Attempt, Claimed, Counts, DeliveryJob, Disposition, JobRef,
+    jobs_text, parse_jobs_text, Attempt, Claimed, Counts, DeliveryJob, Disposition, JobRef,
     JobState, JobView, LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult,
     QueueSettings, Routed, DEFAULT_DESTINATION,
 };
 use crate::event::{Event, EventKey, EventKind};
+use crate::time::Clock;
 
+mod bundle;
 mod inspect;
 mod schema;
+mod space;
 mod writer;
 
+use bundle::Bundle;
 use schema::{ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION};
-pub use writer::WAL_RESTART_BYTES;
+use space::Space;
+pub use space::{RESERVE_FILE, WAL_RESTART_BYTES};
 use writer::*;
 
 pub(crate) const DB_FILE: &str = "cogrelay.db";
@@ -153,6 +173,24 @@ pub enum OpenError {
     Lock(PathBuf, std::io::Error),
     #[error("the embedded store {0} was written by a newer cogrelay (schema {1}, this one reads up to {SCHEMA_VERSION}): run that version, or move the file away to start with an empty queue")]
     Newer(PathBuf, i64),
+    #[error("the embedded store {0} is of an older cogrelay (schema {1}, this one reads {SCHEMA_VERSION}): start the relay of this version once, which brings it up to date")]
+    Older(PathBuf, i64),
+}
+
+/// Who opens the store, and so what the open may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The relay: takes the process lock, brings an older store up to date,
+    /// puts back the jobs a dead process left active, keeps the reserve and
+    /// maintains the store (prunes, checkpoints, gives free pages back).
+    Relay,
+    /// A tool that writes what an operator asks (retry, remove, pause),
+    /// beside a running relay or none: no lock, no recovery, no maintenance
+    /// (SQLite's WAL locking keeps the two processes' writes apart).
+    Tool,
+    /// A tool that only reads (lists, counts): a read-only connection that
+    /// writes nothing, not even at its close.
+    Reader,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,11 +209,9 @@ pub struct EmbeddedOptions {
     /// 0 = no cap.
     pub max_db_bytes: u64,
     pub settings: QueueSettings,
-    /// The relay's own open: takes the process lock and puts back the jobs a
-    /// dead process left active. `false` for tools (`cogrelay jobs`) that work
-    /// beside a running relay: no lock, no recovery (SQLite's WAL locking keeps
-    /// the two processes' writes apart).
-    pub exclusive: bool,
+    pub access: Access,
+    /// Where the store reads the time (due times, leases, dedup expiry).
+    pub clock: Clock,
 }
 
 /// Brings a store written by an older version up to the schema's columns.
@@ -196,27 +232,28 @@ fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 impl EmbeddedQueue {
-    /// Opens (creating if needed) the store and takes the process lock. Active jobs
-    /// left by a dead process go back to waiting.
+    /// Opens the store as `opts.access` says (see [`Access`]); the relay
+    /// creates it if needed and takes the process lock, and active jobs left
+    /// by a dead process go back to waiting.
     pub fn open(opts: EmbeddedOptions) -> Result<Self, OpenError> {
-        std::fs::create_dir_all(&opts.data_dir)
-            .map_err(|e| OpenError::CreateDir(opts.data_dir.clone(), e))?;
-        let lock = if opts.exclusive {
+        let relay = opts.access == Access::Relay;
+        if relay {
+            std::fs::create_dir_all(&opts.data_dir)
+                .map_err(|e| OpenError::CreateDir(opts.data_dir.clone(), e))?;
+        }
+        let lock = if relay {
             Some(take_lock(&opts.data_dir)?)
         } else {
             None
         };
         let path = opts.data_dir.join(DB_FILE);
         let sqlite_err = |e| OpenError::Sqlite(path.clone(), e);
-        let conn = open_connection(&path, opts.fsync).map_err(sqlite_err)?;
-        let wal_restart_bytes = match opts.max_db_bytes {
-            0 => WAL_RESTART_BYTES,
-            max => WAL_RESTART_BYTES.min(max / 4),
-        };
-        // A restarted WAL keeps its size (no shrinking and growing again under
-        // load); a quiet store truncates it (see `maintenance`).
-        conn.pragma_update(None, "journal_size_limit", wal_restart_bytes as i64)
-            .map_err(sqlite_err)?;
+        let conn = match opts.access {
+            Access::Reader => open_reader(&path),
+            _ => open_connection(&path, opts.fsync),
+        }
+        .map_err(sqlite_err)?;
+        let space = Space::new(&opts.data_dir, &path, opts.max_db_bytes, relay);
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sqlite_err)?;
@@ -225,12 +262,23 @@ impl EmbeddedQueue {
             // (as version 4's bundles are to version 3): refuse, lose nothing.
             return Err(OpenError::Newer(path, version));
         }
-        incremental_vacuum_on(&conn).map_err(sqlite_err)?;
-        add_missing_columns(&conn).map_err(sqlite_err)?;
-        conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(sqlite_err)?;
-        if opts.max_db_bytes > 0 {
+        if !relay && version < SCHEMA_VERSION {
+            // Only the relay brings a store up to date: a tool writes nothing
+            // but what the operator asked.
+            return Err(OpenError::Older(path, version));
+        }
+        if relay {
+            // A restarted WAL keeps its size (no shrinking and growing again
+            // under load); a quiet store truncates it (see `maintenance`).
+            conn.pragma_update(None, "journal_size_limit", space.wal_restart_bytes as i64)
+                .map_err(sqlite_err)?;
+            incremental_vacuum_on(&conn).map_err(sqlite_err)?;
+            add_missing_columns(&conn).map_err(sqlite_err)?;
+            conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(sqlite_err)?;
+        }
+        if opts.max_db_bytes > 0 && relay {
             let page: i64 = conn
                 .query_row("PRAGMA page_size", [], |r| r.get(0))
                 .map_err(sqlite_err)?;
@@ -238,7 +286,7 @@ impl EmbeddedQueue {
             conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
                 .map_err(sqlite_err)?;
         }
-        let recovered = if !opts.exclusive {
+        let recovered = if !relay {
             0
         } else {
             conn
@@ -258,22 +306,34 @@ impl EmbeddedQueue {
 
         let (tx, rx) = mpsc::channel::<Op>(64 * 1024);
         let stop_checkpoints = Arc::new(AtomicBool::new(false));
-        spawn_checkpointer(path.clone(), opts.fsync, stop_checkpoints.clone());
+        if relay {
+            spawn_checkpointer(path.clone(), opts.fsync, stop_checkpoints.clone());
+        }
         let mut writer = Writer {
             settings: opts.settings,
-            now_ms: now_ms(),
+            now_ms: opts.clock.now_ms(),
+            clock: opts.clock,
             completed_since_prune: 0,
             stored_since_maintenance: 0,
             stop: false,
-            wal_path: PathBuf::from(format!("{}-wal", path.display())),
-            db_path: path.clone(),
-            disk_bytes: 0,
-            max_bytes: opts.max_db_bytes,
-            wal_restart_bytes,
+            space,
+            maintains: relay,
+            begin: if opts.access == Access::Reader {
+                "BEGIN"
+            } else {
+                "BEGIN IMMEDIATE"
+            },
             paused: Default::default(),
             paused_read_at: None,
         };
-        writer.watch_disk(&conn);
+        if relay {
+            writer.space.promised = promised_bytes(&conn).map_err(sqlite_err)?;
+            // The reserve now, or new events wait until the disk has room.
+            if let Err(why) = writer.space.reserve_for(0) {
+                tracing::warn!("{why}");
+            }
+        }
+        writer.space.watch(&conn);
         std::thread::Builder::new()
             .name("cogrelay-store".into())
             .spawn(move || {
@@ -317,6 +377,22 @@ impl EmbeddedQueue {
             .await
             .map_err(|_| QueueError::Unavailable("the store writer stopped".into()))?
     }
+}
+
+/// Stall recovery: an expired lease means its worker is gone; its job goes
+/// back to waiting, its attempt not counted.
+fn put_back_stalled(conn: &Connection, now: i64) -> QueueResult<u64> {
+    let stalled = conn
+        .prepare_cached(
+            "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, due_at_ms=?1, stalls=stalls+1
+             WHERE state='active' AND lease_until_ms <= ?1",
+        )
+        .and_then(|mut s| s.execute([now]))
+        .map_err(sql_err)?;
+    if stalled > 0 {
+        tracing::warn!(stalled, "leases expired; jobs taken over");
+    }
+    Ok(stalled as u64)
 }
 
 /// The exclusive lock of one relay per data dir.
@@ -364,13 +440,15 @@ impl Queue for EmbeddedQueue {
                             } else {
                                 event.clone()
                             }?;
+                            let mut job = DeliveryJob::new(j.id.clone(), event);
+                            job.created_at_ms = Some(w.now_ms);
                             Some(Leased {
                                 lease: LeaseRef {
                                     job_id: j.id.clone(),
                                     token: token.clone(),
                                     destination: j.destination.clone(),
                                 },
-                                job: DeliveryJob::new(j.id.clone(), event),
+                                job,
                             })
                         })
                         .collect()
@@ -392,31 +470,25 @@ impl Queue for EmbeddedQueue {
         let destination = destination.to_string();
         self.call(move |conn, w| {
             let now = w.now_ms;
-            if w.is_paused(conn, &destination)? {
+            // The table itself, not the set the ingest reads: a pause made
+            // by another process (the command line) holds from its commit.
+            w.read_paused(conn)?;
+            if w.paused.contains(&destination) {
                 return Ok(Claimed {
                     paused: true,
                     ..Claimed::default()
                 });
             }
             // Bundles first: their jobs are claimable like any other.
-            let more_bundles = unbundle(conn, UNBUNDLE_PER_CLAIM)? == UNBUNDLE_PER_CLAIM;
-            // Stall recovery: an expired lease means its worker is gone.
-            let stalled = conn
-                .prepare_cached(
-                    "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, due_at_ms=?1, stalls=stalls+1
-                     WHERE state='active' AND lease_until_ms <= ?1",
-                )
-                .and_then(|mut s| s.execute([now]))
-                .map_err(sql_err)?;
-            if stalled > 0 {
-                tracing::warn!(stalled, "leases expired; jobs taken over");
-            }
+            let more_bundles =
+                bundle::write_out(conn, &mut w.space, bundle::WRITE_OUT_PER_CLAIM)?.more;
+            put_back_stalled(conn, now)?;
             let token = format!("{:016x}", fastrand::u64(..));
             let mut stmt = conn
                 .prepare_cached(
                     "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
                      WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
-                                   AND due_at_ms <= ?3 ORDER BY due_at_ms, seq LIMIT ?4)
+                                   AND due_at_ms <= ?3 AND pending IS NULL ORDER BY due_at_ms, seq LIMIT ?4)
                      RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms",
                 )
                 .map_err(sql_err)?;
@@ -559,6 +631,10 @@ impl Queue for EmbeddedQueue {
         // COGRELAY_FSYNC=off: an acknowledged event survives a crash of the
         // relay, not a power loss.
         vec![("embedded_no_fsync", self.fsync == Fsync::Off)]
+    }
+
+    async fn check_stalled(&self) -> QueueResult<u64> {
+        self.call(|conn, w| put_back_stalled(conn, w.now_ms)).await
     }
 
     async fn ping(&self) -> QueueResult<()> {

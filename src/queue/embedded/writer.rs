@@ -15,48 +15,32 @@ pub(super) type Op = Box<dyn FnOnce(&Connection, &mut Writer) -> Done + Send>;
 /// State owned by the writer thread.
 pub(super) struct Writer {
     pub(super) settings: QueueSettings,
+    pub(super) clock: Clock,
+    /// The clock's reading for the batch being run.
     pub(super) now_ms: i64,
     pub(super) completed_since_prune: u64,
     /// Jobs stored since the last maintenance (with `completed_since_prune`:
     /// whether the store is quiet).
     pub(super) stored_since_maintenance: u64,
     pub(super) stop: bool,
-    /// The main file and its WAL.
-    pub(super) db_path: PathBuf,
-    pub(super) wal_path: PathBuf,
-    /// Main file + WAL, read after each batch.
-    pub(super) disk_bytes: u64,
-    /// `COGRELAY_MAX_DB_BYTES` (0: none).
-    pub(super) max_bytes: u64,
-    /// WAL size past which the writer restarts it.
-    pub(super) wal_restart_bytes: u64,
+    /// Sizes, the cap and the reserves (see `space.rs`).
+    pub(super) space: Space,
+    /// Only the relay maintains the store (prunes, checkpoints, vacuums):
+    /// a tool beside it writes what the operator asked and nothing else.
+    pub(super) maintains: bool,
+    /// BEGIN IMMEDIATE (a writer) or BEGIN (a reader, which takes no lock).
+    pub(super) begin: &'static str,
     /// The paused destinations, as last read (see [`Writer::is_paused`]).
     pub(super) paused: std::collections::HashSet<String>,
     pub(super) paused_read_at: Option<Instant>,
 }
 
-/// How stale the paused set may be: a pause set by another process (the
-/// command line) shows within this; this process's own at once.
+/// How stale the paused set may be for the ingest's choice of a handoff: a
+/// pause set by another process (the command line) shows within this; this
+/// process's own at once. Claims read the table itself.
 const PAUSED_FRESH: Duration = Duration::from_secs(1);
 
-/// The WAL size past which the writer runs a RESTART checkpoint (see the
-/// module doc).
-pub const WAL_RESTART_BYTES: u64 = 16 * 1024 * 1024;
-
 impl Writer {
-    /// Reads the sizes of the files; restarts the WAL if it grew too long.
-    pub(super) fn watch_disk(&mut self, conn: &Connection) {
-        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-        let mut wal = size(&self.wal_path);
-        if wal > self.wal_restart_bytes {
-            match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
-                Ok(()) => wal = size(&self.wal_path),
-                Err(e) => tracing::debug!(error = %e, "wal restart"),
-            }
-        }
-        self.disk_bytes = size(&self.db_path) + wal;
-    }
-
     /// Whether `destination` is paused, from the set read at most
     /// `PAUSED_FRESH` ago (a query per event and destination cost about 5%
     /// of the ingest with four destinations).
@@ -65,21 +49,36 @@ impl Writer {
             .paused_read_at
             .is_none_or(|t| t.elapsed() >= PAUSED_FRESH)
         {
-            self.paused = conn
-                .prepare_cached("SELECT destination FROM paused")
-                .and_then(|mut s| {
-                    s.query_map([], |r| r.get::<_, String>(0))?
-                        .collect::<Result<_, _>>()
-                })
-                .map_err(sql_err)?;
-            self.paused_read_at = Some(Instant::now());
+            self.read_paused(conn)?;
         }
         Ok(self.paused.contains(destination))
     }
 
-    pub(super) fn full(&self) -> bool {
-        self.max_bytes > 0 && self.disk_bytes >= self.max_bytes
+    /// Reads the paused destinations from the table.
+    pub(super) fn read_paused(&mut self, conn: &Connection) -> QueueResult<()> {
+        self.paused = conn
+            .prepare_cached("SELECT destination FROM paused")
+            .and_then(|mut s| {
+                s.query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<_, _>>()
+            })
+            .map_err(sql_err)?;
+        self.paused_read_at = Some(Instant::now());
+        Ok(())
     }
+}
+
+/// A reader's connection: read-only, so that it writes nothing even when
+/// it closes last (a writer's last close checkpoints the WAL).
+pub(super) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    use rusqlite::OpenFlags;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.set_prepared_statement_cache_capacity(64);
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
 }
 
 pub(super) fn open_connection(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
@@ -143,17 +142,23 @@ pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receive
                 Err(_) => break,
             }
         }
-        w.now_ms = now_ms();
+        w.now_ms = w.clock.now_ms();
         run_batch(&conn, &mut w, &mut batch);
-        w.watch_disk(&conn);
-        if last_maintenance.elapsed() >= Duration::from_millis(500)
-            || w.completed_since_prune > 1000
+        if ran_out() {
+            w.space.ran_out();
+        }
+        w.space.watch(&conn);
+        if w.maintains
+            && (last_maintenance.elapsed() >= Duration::from_millis(500)
+                || w.completed_since_prune > 1000)
         {
             last_maintenance = Instant::now();
             maintenance(&conn, &mut w);
         }
         if w.stop {
-            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            if w.maintains {
+                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            }
             drop(conn);
             rx.close();
             while let Ok(op) = rx.try_recv() {
@@ -168,7 +173,7 @@ pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receive
 /// An operation that could not run is dropped, which answers its caller with
 /// `Unavailable` (its reply channel closes).
 pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
-    if let Err(e) = exec_cached(conn, "BEGIN IMMEDIATE") {
+    if let Err(e) = exec_cached(conn, w.begin) {
         tracing::error!(error = %store_error(&e), "store: cannot begin a transaction");
         batch.clear();
         return;
@@ -241,11 +246,21 @@ pub(super) fn maintenance(conn: &Connection, w: &mut Writer) {
         let _ = conn.execute_batch("ROLLBACK");
         tracing::warn!(error = %store_error(&e), "store maintenance failed; will try again");
     }
+    if w.space.promised_stale {
+        match promised_bytes(conn) {
+            Ok(n) => {
+                w.space.promised = n;
+                w.space.promised_stale = false;
+            }
+            Err(e) => tracing::debug!(error = %e, "counting the bundles' room"),
+        }
+    }
+    w.space.maintain();
     let quiet = w.completed_since_prune == 0 && w.stored_since_maintenance == 0;
     w.completed_since_prune = 0;
     w.stored_since_maintenance = 0;
     give_back_free_pages(conn, quiet);
-    if quiet && w.disk_bytes > 0 {
+    if quiet && w.space.disk_bytes > 0 {
         // Nothing is being written: the WAL can go to zero bytes.
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
             tracing::debug!(error = %e, "wal truncate");
@@ -298,9 +313,33 @@ pub(super) fn give_back_free_pages(conn: &Connection, quiet: bool) {
     }
 }
 
+thread_local! {
+    /// A statement of this thread failed for want of room since the last look
+    /// (the writer thread gives its reserve to deliveries then: `space.rs`).
+    static RAN_OUT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a statement failed for want of room since the last call.
+pub(super) fn ran_out() -> bool {
+    RAN_OUT.with(|r| r.replace(false))
+}
+
+/// Bytes the bundles' jobs are promised (see `space.rs`), counted.
+pub(super) fn promised_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let rows: Vec<(String, usize)> = conn
+        .prepare_cached("SELECT pending, length(body) FROM jobs WHERE pending IS NOT NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows
+        .iter()
+        .map(|(p, len)| bundle::promise(Bundle::parse(0, p).live().count(), *len))
+        .sum())
+}
+
 pub(super) fn store_error(e: &rusqlite::Error) -> String {
     match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::DiskFull) => {
+            RAN_OUT.with(|r| r.set(true));
             "the store is full (disk full or COGRELAY_MAX_DB_BYTES reached)".into()
         }
         Some(rusqlite::ErrorCode::DatabaseCorrupt) | Some(rusqlite::ErrorCode::NotADatabase) => {
@@ -337,12 +376,6 @@ pub(super) fn insert_event(
             "an event for no destination".into(),
         ));
     }
-    if w.full() {
-        return Err(QueueError::Unavailable(format!(
-            "the store is full: database and WAL hold {} bytes of COGRELAY_MAX_DB_BYTES={}",
-            w.disk_bytes, w.max_bytes
-        )));
-    }
     let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
     let dedup = ttl_ms > 0; // DEDUP_TTL_SECS=0: every event a new job
     let existing: Option<(i64, Option<String>)> = if !dedup {
@@ -374,6 +407,10 @@ pub(super) fn insert_event(
             },
             Vec::new(),
         ));
+    }
+    // A duplicate stores nothing, so it is answered even when full.
+    if let Some(why) = w.space.refusal() {
+        return Err(QueueError::Unavailable(why));
     }
     let (state, token, until) = match lease {
         Some((token, until)) => ("active", Some(token), Some(until)),
@@ -430,8 +467,14 @@ pub(super) fn insert_event(
     }
     if let Some((&last, rest)) = held.split_last() {
         // Two or more make a bundle: one row, the last one's job, naming the
-        // others, whose ids come before its own and whose rows are written
-        // when a claim or an operator first needs them (see `unbundle`).
+        // others, whose ids come before its own and whose rows a claim
+        // writes out, in the room promised here (see `bundle.rs`).
+        let promised = bundle::promise(rest.len(), event.body.len());
+        if promised > 0 {
+            w.space
+                .reserve_for(promised)
+                .map_err(QueueError::Unavailable)?;
+        }
         let pending = (!rest.is_empty()).then(|| {
             let names: Vec<&str> = rest.iter().map(|&i| destinations[i].as_str()).collect();
             names.join(",")
@@ -452,6 +495,7 @@ pub(super) fn insert_event(
         for (k, &i) in held.iter().rev().enumerate() {
             ids[i] = id - k as i64;
         }
+        w.space.promised += promised;
     }
     for &i in &leased {
         ids[i] = row(&destinations[i], state, token, until, None, 0)?;
@@ -490,80 +534,4 @@ pub(super) fn insert_event(
         },
         leased,
     ))
-}
-
-/// How many bundles a claim writes out at most (a backlog stored while
-/// every destination of its events was paused is written out over several
-/// claims, oldest first, so one claim never holds the writer for long).
-pub(super) const UNBUNDLE_PER_CLAIM: i64 = 256;
-
-/// Writes the jobs that bundles name as rows of their own, oldest bundle
-/// first, at most `max` bundles; answers how many it wrote out.
-///
-/// A bundle is the row of an event stored for several destinations without a
-/// handoff: the last destination's job, with `pending` naming the others in
-/// order; their jobs' ids are the ones before the row's own (which, being the
-/// largest, reserved them at ingest: AUTOINCREMENT never gives an id below
-/// the largest it gave). They are waiting, never attempted, due since
-/// the event arrived: exactly what `insert_event` would have written.
-pub(super) fn unbundle(conn: &Connection, max: i64) -> QueueResult<i64> {
-    let bundles: Vec<(i64, String)> = conn
-        .prepare_cached(
-            "SELECT seq, pending FROM jobs WHERE pending IS NOT NULL ORDER BY seq LIMIT ?1",
-        )
-        .and_then(|mut s| {
-            s.query_map([max], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()
-        })
-        .map_err(sql_err)?;
-    for (seq, pending) in &bundles {
-        write_out(conn, *seq, pending)?;
-    }
-    Ok(bundles.len() as i64)
-}
-
-/// Writes out the bundle holding job `seq`, if a bundle holds it (for an
-/// operator's look at, retry or removal of one job).
-pub(super) fn unbundle_holding(conn: &Connection, seq: i64) -> QueueResult<()> {
-    let bundle: Option<(i64, String)> = conn
-        .prepare_cached(
-            "SELECT seq, pending FROM jobs WHERE pending IS NOT NULL AND seq >= ?1 ORDER BY seq LIMIT 1",
-        )
-        .and_then(|mut s| s.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?))).optional())
-        .map_err(sql_err)?;
-    match bundle {
-        Some((row, pending)) if row - seq <= pending.split(',').count() as i64 => {
-            write_out(conn, row, &pending)
-        }
-        _ => Ok(()),
-    }
-}
-
-fn write_out(conn: &Connection, seq: i64, pending: &str) -> QueueResult<()> {
-    let mut insert = conn
-        .prepare_cached(
-            "INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms,
-                               created_at_ms, destination)
-             SELECT ?1, event_key, event_id, bot_id, event_type, kind, body, 'waiting', created_at_ms,
-                    created_at_ms, ?2
-             FROM jobs WHERE seq = ?3",
-        )
-        .map_err(sql_err)?;
-    let first = seq - pending.split(',').count() as i64;
-    for (id, destination) in (first..).zip(pending.split(',')) {
-        insert
-            .execute(params![id, destination, seq])
-            .map_err(sql_err)?;
-    }
-    conn.prepare_cached("UPDATE jobs SET pending = NULL WHERE seq = ?1")
-        .and_then(|mut s| s.execute([seq]))
-        .map_err(sql_err)?;
-    Ok(())
-}
-
-/// Writes out every bundle (for a listing of waiting jobs).
-pub(super) fn unbundle_all(conn: &Connection) -> QueueResult<()> {
-    const CHUNK: i64 = 4096;
-    while unbundle(conn, CHUNK)? == CHUNK {}
-    Ok(())
 }

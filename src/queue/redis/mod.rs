@@ -79,6 +79,13 @@ pub struct RedisOptions {
     /// The destination whose jobs this queue holds (`default` for
     /// `QUEUE_NAME` itself; see `routed.rs`).
     pub destination: String,
+    /// Where the relay's side reads the time (due times, creation times);
+    /// leases and dedup records expire on Redis's own clock.
+    pub clock: crate::time::Clock,
+    /// The relay's open: it keeps the queue up (prunes completed jobs, puts
+    /// back the jobs of a relay that died); a tool's open writes nothing by
+    /// itself.
+    pub relay: bool,
 }
 
 /// Most jobs in one batched script call.
@@ -86,13 +93,12 @@ const MAX_BATCH: usize = 256;
 
 pub struct RedisQueue {
     queue: bull::Queue,
-    stall_checker: bull::Worker,
     hot: Arc<Hot>,
     adds: Batcher<NewJob, Added>,
     finishes: Batcher<Finished, bool>,
     opts: RedisOptions,
-    /// Prunes completed jobs beyond `REMOVE_ON_COMPLETE` (see `prune_loop`).
-    maintenance: tokio::task::JoinHandle<()>,
+    /// The relay's upkeep of the queue (see `upkeep`): none for a tool.
+    maintenance: Option<tokio::task::JoinHandle<()>>,
     /// Circuit breaker of the ingress path: after a Redis failure, `enqueue`
     /// answers Unavailable at once until then (a fast 503 rather than one
     /// timeout per request), and then tries Redis again.
@@ -210,29 +216,6 @@ impl RedisQueue {
         let mut qopts = bull::QueueOptions::new();
         qopts.connection = connection(&opts);
         let queue = bounded(bull::Queue::with_options(&opts.queue_name, qopts)).await?;
-        let noop = |_job: bull::Job, _cancel: bull::worker::CancellationToken| async move {
-            Ok::<Value, bull::Error>(Value::Null)
-        };
-        let worker_opts = |skip_stalled: bool| bull::WorkerOptions {
-            connection: connection(&opts),
-            autorun: false,
-            lock_duration: lock_ms,
-            stalled_interval: (lock_ms / 2).max(1000),
-            max_stalled_count: u32::MAX,
-            skip_stalled_check: skip_stalled,
-            // Leases are renewed by the delivery pool (`renew`), not by BullMQ's timer.
-            skip_lock_renewal: true,
-            concurrency: 1,
-            ..Default::default()
-        };
-        let stall_checker = bounded(bull::Worker::with_options(
-            &opts.queue_name,
-            noop,
-            worker_opts(false),
-        ))
-        .await?;
-        stall_checker.pause();
-        bounded(stall_checker.run()).await?;
         let keep_completed = i64::from(opts.settings.remove_on_complete);
         let mut iopts = bull::QueueOptions::new();
         iopts.connection = connection(&opts);
@@ -242,6 +225,7 @@ impl RedisQueue {
             queue: queue.clone(),
             prefix: queue.keys().key_prefix().to_string(),
             worker: format!("cogrelay-{}", std::process::id()),
+            clock: opts.clock.clone(),
             token_base: uuid::Uuid::new_v4().to_string(),
             tokens: std::sync::atomic::AtomicU64::new(0),
             add: redis::Script::new(include_str!("../lua/add.lua")),
@@ -250,6 +234,7 @@ impl RedisQueue {
             extend: redis::Script::new(include_str!("../lua/extend.lua")),
             release: redis::Script::new(include_str!("../lua/release.lua")),
             retry_failed: redis::Script::new(include_str!("../lua/retry_failed.lua")),
+            stalled: redis::Script::new(include_str!("../lua/stalled.lua")),
         });
         let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
         let h = hot.clone();
@@ -262,14 +247,16 @@ impl RedisQueue {
             let h = h.clone();
             async move { h.finish(jobs).await }
         });
+        let maintenance = opts
+            .relay
+            .then(|| tokio::spawn(upkeep(hot.clone(), queue.clone(), keep_completed, lock_ms)));
         Ok(Self {
+            maintenance,
             queue: queue.clone(),
-            stall_checker,
             hot,
             adds,
             finishes,
             opts,
-            maintenance: tokio::spawn(prune_loop(queue.clone(), keep_completed)),
             down_until: Mutex::new(None),
             risks: durability(&queue).await,
         })
@@ -318,8 +305,10 @@ impl Queue for RedisQueue {
                 Vec::new(),
             ),
             (Added::Locked(id), Some(token)) => {
+                let mut delivery = DeliveryJob::new(id.clone(), event);
+                delivery.created_at_ms = Some(self.hot.clock.now_ms());
                 let leased = Leased {
-                    job: DeliveryJob::new(id.clone(), event),
+                    job: delivery,
                     lease: LeaseRef {
                         job_id: id.clone(),
                         token,
@@ -367,7 +356,7 @@ impl Queue for RedisQueue {
                 "marker",
             ],
         );
-        call.arg(super::now_ms())
+        call.arg(h.clock.now_ms())
             .arg(lease.as_millis() as u64)
             .arg(max)
             .arg(h.token())
@@ -478,9 +467,14 @@ impl Queue for RedisQueue {
         self.raw::<String>(&redis::cmd("PING")).await.map(|_| ())
     }
 
+    async fn check_stalled(&self) -> QueueResult<u64> {
+        self.hot.put_back_stalled().await
+    }
+
     async fn close(&self) -> QueueResult<()> {
-        self.maintenance.abort();
-        let _ = bounded(self.stall_checker.close(1000)).await;
+        if let Some(m) = &self.maintenance {
+            m.abort();
+        }
         self.queue.close().await;
         self.hot.ingress.close().await;
         Ok(())
@@ -489,6 +483,8 @@ impl Queue for RedisQueue {
 
 impl Drop for RedisQueue {
     fn drop(&mut self) {
-        self.maintenance.abort();
+        if let Some(m) = &self.maintenance {
+            m.abort();
+        }
     }
 }

@@ -185,7 +185,7 @@ async fn add_routed(
     let mut call = script.prepare_invoke();
     call.key(hot.key("id"));
     call.arg(&hot.prefix)
-        .arg(crate::time::now_ms())
+        .arg(hot.clock.now_ms())
         .arg(ttl_ms)
         .arg(JOB_NAME)
         .arg(&hot.worker);
@@ -270,8 +270,10 @@ impl Queue for RedisQueues {
                     .iter()
                     .filter(|(_, _, locked)| *locked)
                     .filter_map(|(d, id, _)| {
+                        let mut job = DeliveryJob::new(id.clone(), event.clone());
+                        job.created_at_ms = Some(self.base.hot.clock.now_ms());
                         Some(Leased {
-                            job: DeliveryJob::new(id.clone(), event.clone()),
+                            job,
                             lease: LeaseRef {
                                 job_id: id.clone(),
                                 token: token.clone()?,
@@ -366,6 +368,14 @@ impl Queue for RedisQueues {
 
     async fn ping(&self) -> QueueResult<()> {
         self.base.ping().await
+    }
+
+    async fn check_stalled(&self) -> QueueResult<u64> {
+        let mut n = 0;
+        for q in self.all().await {
+            n += q.check_stalled().await?;
+        }
+        Ok(n)
     }
 
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {

@@ -85,6 +85,7 @@ pub(super) struct Hot {
     pub(super) ingress: bull::Queue,
     pub(super) prefix: String,
     pub(super) worker: String,
+    pub(super) clock: crate::time::Clock,
     /// Lock tokens: this process's random id and a counter (BullMQ's shape,
     /// `<id>:<n>`), so a token costs no call for random bytes.
     pub(super) token_base: String,
@@ -95,6 +96,7 @@ pub(super) struct Hot {
     pub(super) extend: redis::Script,
     pub(super) release: redis::Script,
     pub(super) retry_failed: redis::Script,
+    pub(super) stalled: redis::Script,
 }
 
 impl Hot {
@@ -150,7 +152,7 @@ impl Hot {
             &self.add,
             &["wait", "active", "meta", "id", "events", "marker"],
         );
-        call.arg(crate::time::now_ms())
+        call.arg(self.clock.now_ms())
             .arg(dedup_ttl_ms)
             .arg(JOB_NAME)
             .arg(&self.worker);
@@ -188,7 +190,7 @@ impl Hot {
                 "marker",
             ],
         );
-        call.arg(crate::time::now_ms()).arg(KEEP_LOGS);
+        call.arg(self.clock.now_ms()).arg(KEEP_LOGS);
         for j in &jobs {
             call.arg(&j.id)
                 .arg(&j.token)
@@ -221,7 +223,7 @@ impl RedisQueue {
             kind: event.kind.as_str(),
             body,
             destination,
-            created_at_ms: crate::time::now_ms(),
+            created_at_ms: self.hot.clock.now_ms(),
         })
         .map_err(unavailable)?;
         // The options BullMQ would store for this job (`opts` field).
@@ -299,13 +301,17 @@ pub(super) fn delivery_job(id: String, data: &str, atm: &str) -> DeliveryJob {
 /// are left alone on purpose: they must outlive the job for `DEDUP_TTL_SECS`.
 pub(super) const PRUNE_COMPLETED_LUA: &str = include_str!("../lua/prune.lua");
 
-/// Keeps the newest `keep` completed jobs, once a second. Work-around: in manual
-/// mode bullmq-official 1.4.4's `move_to_completed` sends `keepJobs {count: -1}`
-/// (keep all) whatever the job's `removeOnComplete` says. Several relays may run
-/// this at once; each call is atomic and idempotent.
-pub(super) async fn prune_loop(queue: bull::Queue, keep: i64) {
+/// The relay's upkeep of one queue: keeps the newest `keep` completed jobs
+/// (once a second), and puts back in wait the jobs of a relay that died
+/// (every half lease, at least a second apart). Work-around: in manual mode
+/// bullmq-official 1.4.4's `move_to_completed` sends `keepJobs {count: -1}`
+/// (keep all) whatever the job's `removeOnComplete` says. Several relays may
+/// run this at once; each call is atomic and idempotent.
+pub(super) async fn upkeep(hot: Arc<Hot>, queue: bull::Queue, keep: i64, lock_ms: u64) {
     let prefix = queue.keys().key_prefix().to_string();
     let script = redis::Script::new(PRUNE_COMPLETED_LUA);
+    let stalled_every = Duration::from_millis((lock_ms / 2).max(1000));
+    let mut last_stalled = std::time::Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut conn = queue.connection().connection();
@@ -316,5 +322,27 @@ pub(super) async fn prune_loop(queue: bull::Queue, keep: i64) {
             Ok(Err(e)) => tracing::debug!(error = %e, "pruning completed jobs"),
             Err(_) => tracing::debug!("pruning completed jobs: timed out"),
         }
+        if last_stalled.elapsed() >= stalled_every {
+            last_stalled = std::time::Instant::now();
+            if let Err(e) = hot.put_back_stalled().await {
+                tracing::debug!(error = %e, "checking for stalled jobs");
+            }
+        }
+    }
+}
+
+impl Hot {
+    /// Puts back in wait the active jobs whose lock expired (their relay
+    /// died); how many.
+    pub(super) async fn put_back_stalled(&self) -> QueueResult<u64> {
+        let call = self.prepare(
+            &self.stalled,
+            &["active", "wait", "stalled", "meta", "marker", "events"],
+        );
+        let n: u64 = self.invoke(&call).await?;
+        if n > 0 {
+            tracing::warn!(stalled = n, "locks expired; jobs taken over");
+        }
+        Ok(n)
     }
 }
