@@ -65,20 +65,65 @@ impl From<QueueCommand> for Op {
     }
 }
 
+impl Op {
+    /// Whether the operation only reads: the queue is then opened so that
+    /// nothing can be written (SPEC §7: operators' reads never write).
+    fn reads_only(&self) -> bool {
+        matches!(
+            self,
+            Op::Stats
+                | Op::Jobs(JobsCommand::List { .. } | JobsCommand::Show { .. })
+                | Op::Destinations(DestinationsCommand::List)
+        )
+    }
+}
+
 /// Opens the queue of `store` and runs `op`; returns what to print on stdout.
-pub async fn run(store: &StoreSettings, op: Op, json: bool) -> Result<String, CliError> {
-    let q = queue::open(store, Opener::Tool)
-        .await
-        .map_err(|e| match e {
-            OpenError::NoEmbeddedStore(_) => CliError::Usage(e.to_string()),
-            other => CliError::Unavailable(other.to_string()),
-        })?;
-    let out = execute(&q, op, json).await;
+/// `configured` are the names the destinations file gives (a name a command
+/// takes must be one of them or one the queue knows).
+pub async fn run(
+    store: &StoreSettings,
+    op: Op,
+    json: bool,
+    configured: &[String],
+) -> Result<String, CliError> {
+    let opener = if op.reads_only() {
+        Opener::Reader
+    } else {
+        Opener::Tool
+    };
+    let q = queue::open(store, opener).await.map_err(|e| match e {
+        OpenError::NoEmbeddedStore(_) => CliError::Usage(e.to_string()),
+        other => CliError::Unavailable(other.to_string()),
+    })?;
+    let out = execute(&q, op, json, configured).await;
     let _ = q.close().await;
     out
 }
 
-async fn execute<Q: Operate>(q: &Q, op: Op, json: bool) -> Result<String, CliError> {
+/// `name`, if the queue or the destinations file knows it; else exit 2.
+async fn known<'a, Q: Operate>(
+    q: &Q,
+    name: &'a str,
+    configured: &[String],
+) -> Result<&'a str, CliError> {
+    checked_name(Some(name))?;
+    if configured.iter().any(|c| c == name)
+        || q.destination_names().await?.iter().any(|n| n == name)
+    {
+        return Ok(name);
+    }
+    Err(CliError::Job(QueueError::UnknownDestination(
+        name.to_string(),
+    )))
+}
+
+async fn execute<Q: Operate>(
+    q: &Q,
+    op: Op,
+    json: bool,
+    configured: &[String],
+) -> Result<String, CliError> {
     let out = match op {
         Op::Stats => {
             let c = q.counts().await?;
@@ -107,6 +152,9 @@ async fn execute<Q: Operate>(q: &Q, op: Op, json: bool) -> Result<String, CliErr
             let listing = Listing::parse(state.as_deref(), Some(&offset), Some(&limit), 20)
                 .and_then(|l| l.with_destination(destination.as_deref()))
                 .map_err(|e| CliError::Usage(e.explain("--")))?;
+            if let Some(d) = listing.destination.as_deref() {
+                known(q, d, configured).await?;
+            }
             let page = q
                 .list_for(
                     listing.state,
@@ -121,7 +169,7 @@ async fn execute<Q: Operate>(q: &Q, op: Op, json: bool) -> Result<String, CliErr
                 list_table(&page.items, page.total, listing.offset)
             }
         }
-        Op::Destinations(command) => return destinations(q, command, json).await,
+        Op::Destinations(command) => return destinations(q, command, json, configured).await,
         Op::Jobs(JobsCommand::Show { id }) => {
             let job = q.get(&id).await?;
             if json {
@@ -143,7 +191,10 @@ async fn execute<Q: Operate>(q: &Q, op: Op, json: bool) -> Result<String, CliErr
             destination,
             ..
         }) => {
-            let destination = checked_name(destination.as_deref())?;
+            let destination = match destination.as_deref() {
+                Some(d) => Some(known(q, d, configured).await?),
+                None => None,
+            };
             let n = q.retry_all_failed_for(destination).await?;
             if json {
                 json!({ "retried": n }).to_string()
@@ -178,6 +229,7 @@ async fn destinations<Q: Operate>(
     q: &Q,
     command: DestinationsCommand,
     json: bool,
+    configured: &[String],
 ) -> Result<String, CliError> {
     let (name, paused) = match command {
         DestinationsCommand::List => {
@@ -218,7 +270,7 @@ async fn destinations<Q: Operate>(
         DestinationsCommand::Pause { name } => (name, true),
         DestinationsCommand::Resume { name } => (name, false),
     };
-    let name = checked_name(Some(&name))?.unwrap_or_default().to_string();
+    let name = known(q, &name, configured).await?.to_string();
     q.set_paused(&name, paused).await?;
     Ok(if json {
         json!({ "name": name, "paused": paused }).to_string()

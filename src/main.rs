@@ -74,7 +74,7 @@ fn config_check(args: &cogrelay::cli::ServeArgs) -> ExitCode {
     };
     let resolved = cfg.destinations().resolved();
     match serde_json::to_string_pretty(&resolved) {
-        Ok(text) => println!("{text}"),
+        Ok(text) => print_line(&text),
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(1);
@@ -93,7 +93,7 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
                 "timestamp": null, "action": "WEBHOOK_REGISTRATION", "status": "FAILURE", "latencyMs": 0,
                 "details": { "error": e.to_string() },
             });
-            println!("{audit}");
+            print_line(&audit.to_string());
             return ExitCode::from(register::EXIT_CONFIG);
         }
     };
@@ -111,7 +111,7 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
         return ExitCode::from(1);
     };
     let outcome = rt.block_on(register::run(&cfg, &progress));
-    println!("{}", outcome.audit);
+    print_line(&outcome.audit.to_string());
     if outcome.exit_code != 0 {
         if let Some(err) = outcome.audit["details"]["error"].as_str() {
             eprintln!("error: {err}");
@@ -128,14 +128,29 @@ fn jobs(store: &cogrelay::cli::StoreArgs, op: cogrelay::jobs_cli::Op, json: bool
     let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
         return ExitCode::from(1);
     };
-    match rt.block_on(cogrelay::jobs_cli::run(&store, op, json)) {
+    let configured = cogrelay::config::destinations::names_in_file(
+        std::env::var("COGRELAY_CONFIG").ok().as_deref(),
+    );
+    match rt.block_on(cogrelay::jobs_cli::run(&store, op, json, &configured)) {
         Ok(out) => {
-            println!("{out}");
+            print_line(&out);
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// A line on stdout. A reader that went away (`cogrelay jobs list | head`)
+/// ends the output quietly: the process exits as it would have.
+fn print_line(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write the output: {e}");
         }
     }
 }

@@ -91,7 +91,7 @@ fn err(status: StatusCode, msg: &str) -> Response {
 
 fn queue_error(e: QueueError) -> Response {
     let status = match e {
-        QueueError::NotFound(_) => StatusCode::NOT_FOUND,
+        QueueError::NotFound(_) | QueueError::UnknownDestination(_) => StatusCode::NOT_FOUND,
         QueueError::WrongState { .. } => StatusCode::CONFLICT,
         QueueError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
@@ -252,6 +252,11 @@ async fn list_jobs<Q: Operate>(
         Ok(l) => l,
         Err(e) => return err(StatusCode::BAD_REQUEST, &e.explain("")),
     };
+    if let Some(d) = listing.destination.as_deref() {
+        if let Err(r) = known_destination(&s, d).await {
+            return r;
+        }
+    }
     match s
         .queue
         .list_for(
@@ -299,6 +304,9 @@ async fn retry_all<Q: Operate>(
         if !crate::destination::valid_name(d) {
             return err(StatusCode::BAD_REQUEST, "destination is not a valid name");
         }
+        if let Err(r) = known_destination(&s, d).await {
+            return r;
+        }
     }
     match s.queue.retry_all_failed_for(destination).await {
         Ok(n) => Json(json!({ "retried": n })).into_response(),
@@ -313,6 +321,21 @@ async fn remove_job<Q: Operate>(
     match s.queue.remove(&id).await {
         Ok(()) => Json(json!({ "removed": 1, "jobId": id })).into_response(),
         Err(e) => queue_error(e),
+    }
+}
+
+/// 404 for a destination that is neither configured nor in the queue (an
+/// operator's typo: on Redis it would otherwise open a queue for it).
+async fn known_destination<Q: Operate>(s: &Admin<Q>, name: &str) -> Result<(), Response> {
+    if s.destinations.get().get(name).is_some() {
+        return Ok(());
+    }
+    match s.queue.destination_names().await {
+        Ok(names) if names.iter().any(|n| n == name) => Ok(()),
+        Ok(_) => Err(queue_error(QueueError::UnknownDestination(
+            name.to_string(),
+        ))),
+        Err(e) => Err(queue_error(e)),
     }
 }
 

@@ -68,6 +68,30 @@ pub fn load(
     })
 }
 
+/// The destination names of the file a command would read
+/// (`COGRELAY_CONFIG`, else `./cogrelay.toml` when it exists), read loosely:
+/// the operator's commands check a name against them, nothing more. None
+/// when there is no file, or it cannot be read.
+pub fn names_in_file(config: Option<&str>) -> Vec<String> {
+    let path = match config {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::PathBuf::from(crate::cli::defaults::CONFIG_FILE),
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let Ok(table) = text.parse::<Table>() else {
+        return Vec::new();
+    };
+    match table.get("destination") {
+        Some(Toml::Array(a)) => a
+            .iter()
+            .filter_map(|d| d.get("name")?.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Parses the text of a destinations file called `file` (for the errors).
 pub fn parse(
     text: &str,
@@ -352,8 +376,13 @@ fn destination(
             .int("concurrency", 1..=4096)?
             .map_or(g.delivery.concurrency, |n| n as usize),
         headers,
+        // The most a Redis queue's shared limit holds within 5% (one
+        // maximum for both queues: a file moves between them).
         rate_limit: e
-            .int("rate_limit", 0..=1_000_000)?
+            .int(
+                "rate_limit",
+                0..=i64::from(crate::queue::redis::MAX_RATE_LIMIT),
+            )?
             .map_or(g.delivery.rate_limit, |n| n as u32),
         max_age: e
             .int("max_age_secs", 1..=i64::from(u32::MAX))?

@@ -340,6 +340,9 @@ pub enum QueueError {
     Unavailable(String),
     #[error("job {0} not found")]
     NotFound(String),
+    /// An operator named a destination the queue has never had.
+    #[error("no destination {0:?} in this queue: `cogrelay destinations list` (or GET /admin/destinations) names them")]
+    UnknownDestination(String),
     /// The operation does not apply to a job in this state.
     #[error("job {id} is {state}: {hint}")]
     WrongState {

@@ -109,7 +109,15 @@ pub async fn spawn_app_on(backend: Backend, tweak: impl FnOnce(&mut ServeConfig)
 }
 
 /// Starts the relay with this config and target (e.g. again on the same data dir).
+/// With `TEST_LOG` set (a filter, e.g. `cogrelay=debug`), the relays' logs go
+/// to stderr (with `--nocapture`).
 pub async fn start(cfg: ServeConfig, sink: Sink) -> TestApp {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let ingress = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -540,3 +540,113 @@ async fn jobs_in_hand_keep_going_out_while_a_take_waits_on_redis() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Beside 8 M other keys (a day of dedup keys at 100 events/s), a relay with
+/// two destinations starts and delivers, and each command answers: nothing
+/// walks the keyspace (on 27e726d, `KEYS` at start-up and in every command:
+/// "no answer within 2 s"). An unknown destination's name is exit 2 and
+/// opens nothing.
+#[tokio::test]
+async fn a_relay_and_its_commands_work_beside_eight_million_keys() {
+    let Some(redis) = RedisServer::start_with(false, true) else {
+        return;
+    };
+    let populated = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "DEBUG",
+            "POPULATE",
+            "8000000",
+            "cognigy-de",
+            "1",
+        ])
+        .output()
+        .expect("redis-cli");
+    assert_eq!(String::from_utf8_lossy(&populated.stdout).trim(), "OK");
+    let sink = Sink::start().await.expect("sink");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("cogrelay.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[destination]]\nname = \"crm\"\nurl = \"{0}\"\n\n[[destination]]\nname = \"wh\"\nurl = \"{0}\"\n",
+            sink.url()
+        ),
+    )
+    .expect("write");
+    let mut env = relay_env(&redis);
+    env.push(("COGRELAY_CONFIG", file.display().to_string()));
+    env.push(("TARGET_ENDPOINT", String::new()));
+    let t0 = std::time::Instant::now();
+    let relay = start_relay(dir.path(), &sink, &env).await;
+    eprintln!("8 M keys: relay ready in {:?}", t0.elapsed());
+    let http = reqwest::Client::new();
+    assert_eq!(post(&http, relay.port, "beside-8m").await, Some(200));
+    assert!(
+        sink.wait_for(2, Duration::from_secs(20)).await,
+        "both destinations"
+    );
+    for (args, code) in [
+        (&["queue", "stats"][..], 0),
+        (&["jobs", "list"][..], 0),
+        (&["destinations", "list"][..], 0),
+        (&["jobs", "list", "--destination", "wh"][..], 0),
+        (&["jobs", "list", "--destination", "nosuch"][..], 2),
+        (&["destinations", "pause", "nosuch"][..], 2),
+    ] {
+        let t0 = std::time::Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("COGRELAY_QUEUE", "redis")
+            .env("REDIS_URL", redis.url())
+            .output()
+            .expect("run cogrelay");
+        eprintln!("8 M keys: cogrelay {args:?} in {:?}", t0.elapsed());
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+        .args(["destinations", "list", "--json"])
+        .env_clear()
+        .env("COGRELAY_QUEUE", "redis")
+        .env("REDIS_URL", redis.url())
+        .output()
+        .expect("run cogrelay");
+    let names: Vec<String> = serde_json::from_slice::<serde_json::Value>(&listed.stdout)
+        .expect("json")
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|d| d["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names, ["crm", "default", "wh"], "from the registry");
+    // 30 lookups of a destination nobody has: 404 each, no connection opened.
+    let clients = || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "CLIENT", "LIST"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    let before = clients();
+    for _ in 0..30 {
+        let r = http
+            .get(format!(
+                "http://127.0.0.1:{}/admin/jobs?destination=nosuch",
+                relay.admin_port
+            ))
+            .send()
+            .await
+            .expect("admin");
+        assert_eq!(r.status(), 404);
+    }
+    assert_eq!(clients(), before, "an unknown name opened connections");
+    drop(relay);
+}

@@ -15,6 +15,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     appendonly: bool,
+    /// `DEBUG` allowed (`DEBUG POPULATE` fills it with keys).
+    debug: bool,
 }
 
 pub fn available() -> bool {
@@ -37,6 +39,11 @@ pub fn available() -> bool {
 impl RedisServer {
     /// Starts redis-server with AOF persistence (`appendfsync always` when `appendonly`).
     pub fn start(appendonly: bool) -> Option<Self> {
+        Self::start_with(appendonly, false)
+    }
+
+    /// [`RedisServer::start`], with the `DEBUG` command allowed.
+    pub fn start_with(appendonly: bool, debug: bool) -> Option<Self> {
         if !available() {
             return None;
         }
@@ -50,6 +57,7 @@ impl RedisServer {
             port,
             dir: tempfile::tempdir().ok()?,
             appendonly,
+            debug,
         };
         s.spawn();
         Some(s)
@@ -66,6 +74,11 @@ impl RedisServer {
             "",
         ])
         .args(["--maxmemory-policy", "noeviction"])
+        .args(if self.debug {
+            &["--enable-debug-command", "yes"][..]
+        } else {
+            &[]
+        })
         .arg("--dir")
         .arg(self.dir.path())
         .stdout(Stdio::null())

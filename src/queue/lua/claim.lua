@@ -53,12 +53,12 @@ if maxJobs and limitMs then
   local used = tonumber(rcall("GET", KEYS[5]) or 0)
   if used >= maxJobs then
     local pttl = rcall("PTTL", KEYS[5])
-    if pttl == 0 then
-      rcall("DEL", KEYS[5])
-    end
     if pttl > 0 then
       return {{}, ts + pttl, 0, pausedFlag}
     end
+    -- Expiring this millisecond (or left without an expiry): a new window.
+    rcall("DEL", KEYS[5])
+    used = 0
   end
   room = math.min(room, maxJobs - used)
 end

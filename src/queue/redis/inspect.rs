@@ -1,95 +1,177 @@
 //! Reading jobs back (views, states, listings) and the operators' side of
 //! the contract ([`Operate`]).
 
+use std::collections::HashMap;
+
 use super::*;
 use crate::queue::StoredJob;
 
+/// Where BullMQ keeps each state's jobs (a list, or a sorted set), and the
+/// state it is here.
+const TYPES: [(&str, bool, JobState); 7] = [
+    ("wait", false, JobState::Waiting),
+    ("paused", false, JobState::Waiting),
+    ("prioritized", true, JobState::Waiting),
+    ("active", false, JobState::Active),
+    ("delayed", true, JobState::Delayed),
+    ("completed", true, JobState::Completed),
+    ("failed", true, JobState::Failed),
+];
+
+/// The structures that hold `state`'s jobs (every state's for `None`).
+fn types_of(state: Option<JobState>) -> impl Iterator<Item = (&'static str, bool, JobState)> {
+    TYPES
+        .into_iter()
+        .filter(move |(_, _, st)| state.is_none_or(|s| s == *st))
+}
+
 impl RedisQueue {
     pub(super) async fn raw<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> QueueResult<T> {
-        let mut conn = self.queue.connection().connection();
+        let mut conn = self.conn.connection();
         bounded(cmd.query_async::<T>(&mut conn)).await
     }
 
-    /// Views of `jobs` with what the hashes do not hold (each attempt log,
-    /// each delayed job's due time, and with `state: None` each job's state),
-    /// read for the whole page in one pipelined round trip.
+    async fn pipe<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> QueueResult<T> {
+        let mut conn = self.conn.connection();
+        bounded(pipe.query_async::<T>(&mut conn)).await
+    }
+
+    /// Jobs by state: plain reads of BullMQ's lists and sets, in one round
+    /// trip (an operator's read runs no script and writes nothing).
+    pub(super) async fn count_states(&self) -> QueueResult<Counts> {
+        let mut pipe = redis::pipe();
+        for (key, zset, _) in TYPES {
+            pipe.cmd(if zset { "ZCARD" } else { "LLEN" })
+                .arg(self.hot.key(key));
+        }
+        let n: Vec<u64> = self.pipe(&pipe).await?;
+        let mut c = Counts::default();
+        for ((_, _, state), n) in TYPES.iter().zip(n) {
+            match state {
+                JobState::Waiting => c.waiting += n,
+                JobState::Active => c.active += n,
+                JobState::Delayed => c.delayed += n,
+                JobState::Completed => c.completed += n,
+                JobState::Failed => c.failed += n,
+            }
+        }
+        Ok(c)
+    }
+
+    /// A page of jobs newest first (by id: one counter gives them all):
+    /// each structure's first `offset + limit`, merged.
+    pub(super) async fn list_page(
+        &self,
+        state: Option<JobState>,
+        offset: u64,
+        limit: u64,
+    ) -> QueueResult<Page> {
+        let end = (offset + limit).saturating_sub(1) as i64;
+        let mut pipe = redis::pipe();
+        let types: Vec<_> = types_of(state).collect();
+        for (key, zset, _) in &types {
+            pipe.cmd(if *zset { "ZCARD" } else { "LLEN" })
+                .arg(self.hot.key(key));
+            if *zset {
+                pipe.cmd("ZREVRANGE").arg(self.hot.key(key)).arg(0).arg(end);
+            } else {
+                pipe.cmd("LRANGE").arg(self.hot.key(key)).arg(0).arg(end);
+            }
+        }
+        let replies: Vec<redis::Value> = self.pipe(&pipe).await?;
+        let mut total = 0;
+        let mut ids: Vec<(u64, String, JobState)> = Vec::new();
+        for ((_, _, st), r) in types.iter().zip(replies.chunks(2)) {
+            total += redis::from_redis_value::<u64>(r[0].clone()).unwrap_or(0);
+            let found: Vec<String> = redis::from_redis_value(r[1].clone()).unwrap_or_default();
+            ids.extend(
+                found
+                    .into_iter()
+                    .map(|id| (id.parse().unwrap_or(0), id, *st)),
+            );
+        }
+        ids.sort_by_key(|(n, _, _)| std::cmp::Reverse(*n));
+        ids.dedup_by(|a, b| a.1 == b.1);
+        let page: Vec<(String, JobState)> = ids
+            .into_iter()
+            .skip(offset as usize)
+            .take(limit as usize)
+            .map(|(_, id, st)| (id, st))
+            .collect();
+        let items = self.views(&page, false).await?;
+        Ok(Page { items, total })
+    }
+
+    /// Views of jobs whose state is known: each hash, attempt log and
+    /// delayed score, for the whole page in one round trip. A job removed
+    /// meanwhile is left out.
     pub(super) async fn views(
         &self,
-        jobs: &[bull::Job],
-        state: Option<JobState>,
+        jobs: &[(String, JobState)],
         with_payload: bool,
     ) -> QueueResult<Vec<JobView>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let key = |k: &str| self.hot.key(k);
         let mut pipe = redis::pipe();
-        for job in jobs {
-            let id = job.id();
+        for (id, _) in jobs {
+            pipe.cmd("HGETALL").arg(self.hot.key(id));
             pipe.cmd("LRANGE")
-                .arg(key(&format!("{id}:logs")))
+                .arg(self.hot.key(&format!("{id}:logs")))
                 .arg(0)
                 .arg(-1);
-            pipe.cmd("ZSCORE").arg(key("delayed")).arg(id);
-            if state.is_none() {
-                pipe.cmd("ZSCORE").arg(key("completed")).arg(id);
-                pipe.cmd("ZSCORE").arg(key("failed")).arg(id);
-                pipe.cmd("LPOS").arg(key("active")).arg(id);
-            }
+            pipe.cmd("ZSCORE").arg(self.hot.key("delayed")).arg(id);
         }
-        let mut conn = self.queue.connection().connection();
-        let replies: Vec<redis::Value> = bounded(pipe.query_async(&mut conn)).await?;
-        let per_job = if state.is_none() { 5 } else { 2 };
+        let replies: Vec<redis::Value> = self.pipe(&pipe).await?;
         let mut out = Vec::with_capacity(jobs.len());
-        for (job, r) in jobs.iter().zip(replies.chunks(per_job)) {
-            let logs: Vec<String> = redis::from_redis_value(r[0].clone()).unwrap_or_default();
-            let delayed: Option<f64> = redis::from_redis_value(r[1].clone()).unwrap_or(None);
-            let some = |v: &redis::Value| !matches!(v, redis::Value::Nil);
-            let st = state.unwrap_or_else(|| {
-                if some(&r[2]) {
-                    JobState::Completed
-                } else if some(&r[3]) {
-                    JobState::Failed
-                } else if delayed.is_some() {
-                    JobState::Delayed
-                } else if some(&r[4]) {
-                    JobState::Active
-                } else {
-                    JobState::Waiting
-                }
-            });
-            out.push(view_of(job, st, &logs, delayed, with_payload));
+        for ((id, st), r) in jobs.iter().zip(replies.chunks(3)) {
+            let fields: HashMap<String, String> =
+                redis::from_redis_value(r[0].clone()).unwrap_or_default();
+            if fields.is_empty() {
+                continue;
+            }
+            let logs: Vec<String> = redis::from_redis_value(r[1].clone()).unwrap_or_default();
+            let delayed: Option<f64> = redis::from_redis_value(r[2].clone()).unwrap_or(None);
+            out.push(view_of(id, &fields, *st, &logs, delayed, with_payload));
         }
         Ok(out)
     }
 
+    /// Job `id`'s state, read where BullMQ keeps it.
     pub(super) async fn state_of(&self, id: &str) -> QueueResult<JobState> {
-        match bounded(self.queue.get_job_state(id)).await? {
-            bull::JobState::Waiting
-            | bull::JobState::Prioritized
-            | bull::JobState::WaitingChildren => Ok(JobState::Waiting),
-            bull::JobState::Active => Ok(JobState::Active),
-            bull::JobState::Delayed => Ok(JobState::Delayed),
-            bull::JobState::Completed => Ok(JobState::Completed),
-            bull::JobState::Failed => Ok(JobState::Failed),
-            bull::JobState::Unknown => Err(QueueError::NotFound(id.to_string())),
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS").arg(self.hot.key(id));
+        for key in ["completed", "failed", "delayed"] {
+            pipe.cmd("ZSCORE").arg(self.hot.key(key)).arg(id);
         }
+        pipe.cmd("LPOS").arg(self.hot.key("active")).arg(id);
+        let r: Vec<redis::Value> = self.pipe(&pipe).await?;
+        let some = |v: &redis::Value| !matches!(v, redis::Value::Nil);
+        if redis::from_redis_value::<i64>(r[0].clone()).unwrap_or(0) == 0 {
+            return Err(QueueError::NotFound(id.to_string()));
+        }
+        Ok(if some(&r[1]) {
+            JobState::Completed
+        } else if some(&r[2]) {
+            JobState::Failed
+        } else if some(&r[3]) {
+            JobState::Delayed
+        } else if some(&r[4]) {
+            JobState::Active
+        } else {
+            JobState::Waiting
+        })
     }
 
     /// Creation time of the oldest job in wait (BullMQ takes jobs from the
     /// list's tail).
     pub(super) async fn oldest_waiting_ms(&self) -> QueueResult<Option<i64>> {
-        let prefix = self.queue.keys().key_prefix().to_string();
         let id: Option<String> = self
-            .raw(redis::cmd("LINDEX").arg(format!("{prefix}wait")).arg(-1))
+            .raw(redis::cmd("LINDEX").arg(self.hot.key("wait")).arg(-1))
             .await?;
         let Some(id) = id else { return Ok(None) };
         let ts: Option<i64> = self
-            .raw(
-                redis::cmd("HGET")
-                    .arg(format!("{prefix}{id}"))
-                    .arg("timestamp"),
-            )
+            .raw(redis::cmd("HGET").arg(self.hot.key(&id)).arg("timestamp"))
             .await?;
         Ok(ts)
     }
@@ -97,7 +179,8 @@ impl RedisQueue {
 
 /// A job as the admin API shows it, from its hash and what [`RedisQueue::views`] read.
 fn view_of(
-    job: &bull::Job,
+    id: &str,
+    fields: &HashMap<String, String>,
     state: JobState,
     logs: &[String],
     delayed_score: Option<f64>,
@@ -107,59 +190,46 @@ fn view_of(
         .iter()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let d = job.data();
-    let s = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_owned);
+    let data: Value = fields
+        .get("data")
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or(Value::Null);
+    let s = |k: &str| data.get(k).and_then(Value::as_str).map(str::to_owned);
+    let number = |k: &str| fields.get(k).and_then(|v| v.parse::<i64>().ok());
+    let timestamp = number("timestamp").unwrap_or(0);
     // A delayed job is due at its score in the delayed set (`due << 12 | n`);
     // the hash's `timestamp + delay` is creation time plus the last delay.
     let due_at_ms = (state == JobState::Delayed).then(|| {
-        delayed_score.map_or((job.timestamp() + job.delay()) as i64, |s| (s as i64) >> 12)
+        delayed_score.map_or(timestamp + number("delay").unwrap_or(0), |s| {
+            (s as i64) >> 12
+        })
     });
     let stored = StoredJob {
-        id: job.id().to_string(),
+        id: id.to_string(),
         destination: s("destination").unwrap_or_default(),
         event_key: s("eventKey").unwrap_or_default(),
         event_id: s("eventId").unwrap_or_default(),
         bot_id: s("botId"),
         event_type: s("type"),
         kind: s("kind").unwrap_or_default(),
-        attempts_made: job.attempts_made(),
-        created_at_ms: job.timestamp() as i64,
+        attempts_made: number("atm").unwrap_or(0).max(0) as u32,
+        created_at_ms: timestamp,
         due_at_ms,
-        finished_at_ms: job.finished_on().map(|t| t as i64),
-        failed_reason: Some(job.failed_reason().to_string()),
+        finished_at_ms: number("finishedOn"),
+        failed_reason: fields.get("failedReason").cloned(),
         attempts,
         body: if with_payload { s("body") } else { None },
     };
     stored.into_view(state, with_payload)
 }
 
-pub(super) fn types_of(state: Option<JobState>) -> Vec<&'static str> {
-    match state {
-        None => vec![
-            "waiting",
-            "prioritized",
-            "active",
-            "delayed",
-            "completed",
-            "failed",
-        ],
-        Some(JobState::Waiting) => vec!["waiting", "prioritized"],
-        Some(s) => vec![s.as_str()],
-    }
-}
-
 impl Operate for RedisQueue {
     // One destination per relay on Redis so far (config refuses more): its
     // one BullMQ queue is that destination's, whatever the filter names.
     async fn counts_for(&self, _destination: Option<&str>) -> QueueResult<Counts> {
-        let c = bounded(self.queue.get_job_counts()).await?;
         Ok(Counts {
-            waiting: c.waiting + c.prioritized,
-            active: c.active,
-            delayed: c.delayed,
-            completed: c.completed,
-            failed: c.failed,
             oldest_waiting_ms: self.oldest_waiting_ms().await?,
+            ..self.count_states().await?
         })
     }
 
@@ -170,16 +240,7 @@ impl Operate for RedisQueue {
         offset: u64,
         limit: u64,
     ) -> QueueResult<Page> {
-        let types = types_of(state);
-        let total = bounded(self.queue.get_job_count_by_types(&types)).await?;
-        let jobs =
-            bounded(
-                self.queue
-                    .get_jobs(&types, offset as i64, (offset + limit) as i64 - 1, false),
-            )
-            .await?;
-        let items = self.views(&jobs, state, false).await?;
-        Ok(Page { items, total })
+        self.list_page(state, offset, limit).await
     }
 
     async fn get(&self, id: &str) -> QueueResult<JobView> {
@@ -187,20 +248,15 @@ impl Operate for RedisQueue {
         // seen as completed/failed (terminal) must not show the attempt count
         // of the attempt before. A hash newer than the state is harmless.
         let state = self.state_of(id).await?;
-        let job = bounded(self.queue.get_job(id))
+        self.views(&[(id.to_string(), state)], true)
             .await?
-            .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
-        let mut views = self
-            .views(std::slice::from_ref(&job), Some(state), true)
-            .await?;
-        views
             .pop()
             .ok_or_else(|| QueueError::NotFound(id.to_string()))
     }
 
     async fn retry(&self, id: &str) -> QueueResult<()> {
         self.state_of(id).await?.check_retry(id)?;
-        let mut job = bounded(self.queue.get_job(id))
+        let mut job = bounded(self.port().await?.get_job(id))
             .await?
             .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
         let opts = bull::RetryOptions {
@@ -230,7 +286,7 @@ impl Operate for RedisQueue {
 
     async fn remove(&self, id: &str) -> QueueResult<()> {
         self.state_of(id).await?.check_remove(id)?;
-        if bounded(self.queue.remove(id)).await? {
+        if bounded(self.port().await?.remove(id)).await? {
             Ok(())
         } else {
             Err(QueueError::NotFound(id.to_string()))
@@ -240,9 +296,9 @@ impl Operate for RedisQueue {
     /// BullMQ's own pause of the queue (every relay and BullMQ tool sees it).
     async fn set_paused(&self, _destination: &str, paused: bool) -> QueueResult<()> {
         if paused {
-            bounded(self.queue.pause()).await
+            bounded(self.port().await?.pause()).await
         } else {
-            bounded(self.queue.resume()).await
+            bounded(self.port().await?.resume()).await
         }
     }
 
@@ -253,6 +309,9 @@ impl Operate for RedisQueue {
     }
 
     async fn is_paused(&self, _destination: &str) -> QueueResult<bool> {
-        bounded(self.queue.is_paused()).await
+        let paused: Option<String> = self
+            .raw(redis::cmd("HGET").arg(self.hot.key("meta")).arg("paused"))
+            .await?;
+        Ok(paused.is_some())
     }
 }

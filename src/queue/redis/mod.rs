@@ -53,6 +53,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bullmq as bull;
+use bullmq::redis_connection::RedisConnection;
 use serde_json::Value;
 
 use super::batch::Batcher;
@@ -92,7 +93,12 @@ pub struct RedisOptions {
 const MAX_BATCH: usize = 256;
 
 pub struct RedisQueue {
-    queue: bull::Queue,
+    /// The connection every read and script of this queue goes through.
+    conn: RedisConnection,
+    /// The BullMQ port's queue, for the operators' writes done its way
+    /// (retry, remove, pause): made at the first one, since making it
+    /// writes the queue's meta (a tool that reads writes nothing).
+    port: tokio::sync::OnceCell<bull::Queue>,
     hot: Arc<Hot>,
     adds: Batcher<NewJob, Added>,
     finishes: Batcher<Finished, bool>,
@@ -133,8 +139,8 @@ async fn bounded<T, E: std::fmt::Display>(
 /// services allow where `CONFIG GET` is disabled): without AOF, a 200 is lost
 /// if Redis stops before its next snapshot; with a `maxmemory-policy` other
 /// than `noeviction`, a full Redis may evict queued jobs. One WARN line each.
-async fn durability(queue: &bull::Queue) -> Vec<(&'static str, bool)> {
-    let mut conn = queue.connection().connection();
+async fn durability(queue: &RedisConnection) -> Vec<(&'static str, bool)> {
+    let mut conn = queue.connection();
     let mut info = String::new();
     for section in ["persistence", "memory"] {
         match bounded(
@@ -205,7 +211,7 @@ mod inspect;
 mod routed;
 mod scripts;
 
-pub use routed::{queue_name, RedisQueues};
+pub use routed::{limit_shape, queue_name, RedisQueues, MAX_RATE_LIMIT};
 
 use scripts::*;
 
@@ -213,17 +219,21 @@ impl RedisQueue {
     pub async fn connect(opts: RedisOptions) -> Result<Self, QueueError> {
         first_connection(&opts).await?;
         let lock_ms = opts.lock_duration.as_millis() as u64;
-        let mut qopts = bull::QueueOptions::new();
-        qopts.connection = connection(&opts);
-        let queue = bounded(bull::Queue::with_options(&opts.queue_name, qopts)).await?;
+        let conn = bounded(RedisConnection::new_managed_only(&connection(&opts))).await?;
         let keep_completed = i64::from(opts.settings.remove_on_complete);
-        let mut iopts = bull::QueueOptions::new();
-        iopts.connection = connection(&opts);
-        let ingress = bounded(bull::Queue::with_options(&opts.queue_name, iopts)).await?;
+        // The relay's adds go over a connection of their own (see the module doc).
+        let ingress = if opts.relay {
+            bounded(RedisConnection::new_managed_only(&connection(&opts))).await?
+        } else {
+            conn.clone()
+        };
+        let prefix = bull::QueueKeys::new(&opts.queue_name, Some("bull"))
+            .key_prefix()
+            .to_string();
         let hot = Arc::new(Hot {
             ingress,
-            queue: queue.clone(),
-            prefix: queue.keys().key_prefix().to_string(),
+            conn: conn.clone(),
+            prefix,
             worker: format!("cogrelay-{}", std::process::id()),
             clock: opts.clock.clone(),
             token_base: uuid::Uuid::new_v4().to_string(),
@@ -249,17 +259,32 @@ impl RedisQueue {
         });
         let maintenance = opts
             .relay
-            .then(|| tokio::spawn(upkeep(hot.clone(), queue.clone(), keep_completed, lock_ms)));
+            .then(|| tokio::spawn(upkeep(hot.clone(), keep_completed, lock_ms)));
         Ok(Self {
             maintenance,
-            queue: queue.clone(),
+            risks: durability(&conn).await,
+            conn,
+            port: tokio::sync::OnceCell::new(),
             hot,
             adds,
             finishes,
             opts,
             down_until: Mutex::new(None),
-            risks: durability(&queue).await,
         })
+    }
+
+    /// The port's queue (see `port`), made at the first write through it.
+    async fn port(&self) -> QueueResult<&bull::Queue> {
+        self.port
+            .get_or_try_init(|| async {
+                bounded(bull::Queue::with_connection(
+                    &self.opts.queue_name,
+                    self.conn.clone(),
+                    bull::QueueOptions::new(),
+                ))
+                .await
+            })
+            .await
     }
 }
 
@@ -475,7 +500,7 @@ impl Queue for RedisQueue {
         if let Some(m) = &self.maintenance {
             m.abort();
         }
-        self.queue.close().await;
+        self.conn.close().await;
         self.hot.ingress.close().await;
         Ok(())
     }

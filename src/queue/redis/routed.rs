@@ -11,7 +11,13 @@
 //!   (`crm=17,warehouse=18`). A relay whose one destination is `default` adds
 //!   through `QUEUE_NAME`'s own script, as before destinations (plain ids).
 //! * A destination's queue is opened when it is first used (a reload may add
-//!   one); a tool finds the queues there are by their `meta` keys.
+//!   one), and its name is kept in a registry, the set
+//!   `bull:QUEUE_NAME:cg:destinations`, which the relay adds to and tools
+//!   read: no `KEYS` or `SCAN` over the keyspace at start-up or for a
+//!   command (a day of dedup keys is millions). An operator's read of a name
+//!   the registry does not hold is `UnknownDestination` and opens nothing.
+//!   A store of an earlier version has no registry: a relay finds its
+//!   destinations' queues once by a `SCAN` in the background.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -96,29 +102,34 @@ impl RedisQueues {
             opening: Default::default(),
             adds,
         };
-        for name in queues.found_destinations().await? {
-            queues.queue(&name).await?;
+        let registered: Vec<String> = queues
+            .base
+            .raw(redis::cmd("SMEMBERS").arg(queues.registry()))
+            .await?;
+        if registered.is_empty() && queues.opts.relay {
+            let (base, registry, prefix) = (
+                queues.base.clone(),
+                queues.registry(),
+                queues.base.hot.key(""),
+            );
+            tokio::spawn(async move { find_destinations(&base, &registry, &prefix).await });
+        }
+        for name in registered
+            .iter()
+            .filter(|d| crate::destination::valid_name(d))
+        {
+            queues.open(name, false).await?;
         }
         Ok(queues)
     }
 
-    /// Destinations whose queues exist beside `QUEUE_NAME` (`meta` keys).
-    async fn found_destinations(&self) -> QueueResult<Vec<String>> {
-        let pattern = format!("{}*:meta", self.base.hot.key("").trim_end_matches(':'));
-        let dotted = format!("{}.", self.base.hot.key("").trim_end_matches(':'));
-        let mut cmd = redis::cmd("KEYS");
-        cmd.arg(&pattern);
-        let keys: Vec<String> = self.base.raw(&cmd).await?;
-        Ok(keys
-            .iter()
-            .filter_map(|k| k.strip_prefix(&dotted))
-            .filter_map(|k| k.strip_suffix(":meta"))
-            .filter(|d| crate::destination::valid_name(d))
-            .map(str::to_string)
-            .collect())
+    /// The key of the registry of destinations (see the module doc).
+    fn registry(&self) -> String {
+        self.base.hot.key("cg:destinations")
     }
 
-    /// `destination`'s queue, opened on first use.
+    /// `destination`'s queue for the relay's own work (a configured
+    /// destination): registered and opened on first use.
     async fn queue(&self, destination: &str) -> QueueResult<Arc<RedisQueue>> {
         if destination == DEFAULT_DESTINATION {
             return Ok(self.base.clone());
@@ -126,9 +137,44 @@ impl RedisQueues {
         if let Some(q) = self.opened(destination) {
             return Ok(q);
         }
+        self.open(destination, true).await
+    }
+
+    /// `destination`'s queue for an operator: one the registry holds, else
+    /// `UnknownDestination` (nothing opened).
+    async fn existing(&self, destination: &str) -> QueueResult<Arc<RedisQueue>> {
+        if destination == DEFAULT_DESTINATION {
+            return Ok(self.base.clone());
+        }
+        if let Some(q) = self.opened(destination) {
+            return Ok(q);
+        }
+        let known: bool = crate::destination::valid_name(destination)
+            && self
+                .base
+                .raw(
+                    redis::cmd("SISMEMBER")
+                        .arg(self.registry())
+                        .arg(destination),
+                )
+                .await?;
+        if !known {
+            return Err(QueueError::UnknownDestination(destination.to_string()));
+        }
+        self.open(destination, false).await
+    }
+
+    /// Opens `destination`'s queue (once), registering it first if asked.
+    async fn open(&self, destination: &str, register: bool) -> QueueResult<Arc<RedisQueue>> {
         let _opening = self.opening.lock().await;
         if let Some(q) = self.opened(destination) {
             return Ok(q);
+        }
+        if register {
+            let _: i64 = self
+                .base
+                .raw(redis::cmd("SADD").arg(self.registry()).arg(destination))
+                .await?;
         }
         let q = Arc::new(
             RedisQueue::connect(RedisOptions {
@@ -390,6 +436,88 @@ impl Queue for RedisQueues {
     }
 }
 
+/// The destinations of a store written before the registry (its queues'
+/// `meta` keys), found once by a `SCAN` in the background (a relay's start
+/// does not wait for it) and registered.
+async fn find_destinations(base: &RedisQueue, registry: &str, prefix: &str) {
+    let dotted = format!("{}.", prefix.trim_end_matches(':'));
+    let pattern = format!("{dotted}*:meta");
+    let mut cursor: u64 = 0;
+    let mut found = 0;
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(10_000);
+        let (next, keys): (u64, Vec<String>) = match base.raw(&cmd).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for the destinations of an earlier version's queue; start the relay again to retry");
+                return;
+            }
+        };
+        for d in keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(&dotted)?.strip_suffix(":meta"))
+            .filter(|d| crate::destination::valid_name(d))
+        {
+            let added: QueueResult<i64> = base.raw(redis::cmd("SADD").arg(registry).arg(d)).await;
+            if added.is_ok_and(|n| n > 0) {
+                found += 1;
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    if found > 0 {
+        tracing::info!(found, "destinations of an earlier version's queue registered (restart the relay, or use the CLI, to see them)");
+    }
+}
+
+/// The most `rate_limit` a Redis queue's shared limit holds within 5%
+/// (checked at start: `config`).
+pub const MAX_RATE_LIMIT: u32 = 5_000;
+
+/// BullMQ's limiter for `per_second` starts a second over every relay:
+/// (`max`, `duration` ms). Its window opens at the first start after the
+/// last one closed, and holds `max` starts; so any second holds at most
+/// `max × (⌈1000 / duration⌉ + 1)` starts (with `max` 1, starts are a
+/// `duration` apart: `⌈1000 / duration⌉`), and a destination kept busy gets
+/// `1000 × max / duration` a second. The shape is the one that gives the
+/// most of `per_second` without any second over 5% above it. `None`: no
+/// limit (0).
+pub fn limit_shape(per_second: u32) -> Option<(u32, u64)> {
+    if per_second == 0 {
+        return None;
+    }
+    let r = u64::from(per_second);
+    let cap = r * 105 / 100;
+    let rate = |m: u64, d: u64| 1000 * m * 1_000_000 / d; // millionths a second
+    let mut shapes = Vec::new();
+    for d in 1..=2_000u64 {
+        let windows = 1000u64.div_ceil(d);
+        // The most starts a window may hold: one spaces them `d` apart;
+        // more bunch at a window's end (the worst case above).
+        let one = u64::from(windows <= cap);
+        let m = (cap / (windows + 1)).max(one);
+        if m > 0 && rate(m, d) <= r * 1_000_000 {
+            shapes.push((m, d));
+        }
+    }
+    // The most of the rate; of shapes within 1% of it, the largest window
+    // (a claim then takes many jobs at once, not one a round trip).
+    let most = shapes.iter().map(|&(m, d)| rate(m, d)).max()?;
+    let best = shapes
+        .into_iter()
+        .filter(|&(m, d)| rate(m, d) * 100 >= most * 99)
+        .max_by_key(|&(m, d)| (m, std::cmp::Reverse(d)));
+    best.map(|(m, d)| (m as u32, d))
+}
+
 fn by_destination(leases: Vec<LeaseRef>) -> BTreeMap<String, Vec<LeaseRef>> {
     let mut out: BTreeMap<String, Vec<LeaseRef>> = BTreeMap::new();
     for l in leases {
@@ -401,7 +529,7 @@ fn by_destination(leases: Vec<LeaseRef>) -> BTreeMap<String, Vec<LeaseRef>> {
 impl Operate for RedisQueues {
     async fn counts_for(&self, destination: Option<&str>) -> QueueResult<Counts> {
         if let Some(d) = destination {
-            return self.queue(d).await?.counts().await;
+            return self.existing(d).await?.counts().await;
         }
         let mut sum = Counts::default();
         for q in self.all().await {
@@ -427,7 +555,7 @@ impl Operate for RedisQueues {
         limit: u64,
     ) -> QueueResult<Page> {
         if let Some(d) = destination {
-            return self.queue(d).await?.list(state, offset, limit).await;
+            return self.existing(d).await?.list(state, offset, limit).await;
         }
         let all = self.all().await;
         if all.len() == 1 {
@@ -461,7 +589,7 @@ impl Operate for RedisQueues {
 
     async fn retry_all_failed_for(&self, destination: Option<&str>) -> QueueResult<u64> {
         if let Some(d) = destination {
-            return self.queue(d).await?.retry_all_failed().await;
+            return self.existing(d).await?.retry_all_failed().await;
         }
         let mut n = 0;
         for q in self.all().await {
@@ -475,6 +603,8 @@ impl Operate for RedisQueues {
     }
 
     async fn set_paused(&self, destination: &str, paused: bool) -> QueueResult<()> {
+        // A write an operator asked for, of a name the caller checked (a
+        // configured destination, or one the queue or the file names).
         self.queue(destination)
             .await?
             .set_paused(destination, paused)
@@ -482,38 +612,52 @@ impl Operate for RedisQueues {
     }
 
     async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
-        self.queue(destination).await?.is_paused(destination).await
+        self.existing(destination)
+            .await?
+            .is_paused(destination)
+            .await
     }
 
     /// BullMQ's global rate limit on the destination's queue (`max` jobs a
     /// `duration` ms, in its meta hash, enforced by the claim script for
-    /// every relay): one job each `1050 / per_second` ms, so that no second
-    /// holds more than `per_second` starts wherever they are claimed (a fixed
-    /// window of `per_second` a second would allow twice that across its
-    /// edge). With 0 the limit is taken off.
+    /// every relay), shaped by [`limit_shape`] so that no second holds more
+    /// than 5% over `per_second` starts wherever they are claimed, and a
+    /// busy destination gets at least 95% of it. With 0 the limit is taken
+    /// off.
     async fn set_rate_limit(&self, destination: &str, per_second: u32) -> QueueResult<()> {
         let q = self.queue(destination).await?;
         let meta = q.hot.key("meta");
-        let cmd = if per_second == 0 {
-            let mut c = redis::cmd("HDEL");
-            c.arg(&meta).arg("max").arg("duration");
-            c
-        } else {
-            let spacing_ms = 1050_u64.div_ceil(u64::from(per_second));
-            let mut c = redis::cmd("HSET");
-            c.arg(&meta)
-                .arg("max")
-                .arg(1)
-                .arg("duration")
-                .arg(spacing_ms.max(1));
-            c
+        let cmd = match limit_shape(per_second) {
+            None => {
+                let mut c = redis::cmd("HDEL");
+                c.arg(&meta).arg("max").arg("duration");
+                c
+            }
+            Some((max, duration_ms)) => {
+                let mut c = redis::cmd("HSET");
+                c.arg(&meta)
+                    .arg("max")
+                    .arg(max)
+                    .arg("duration")
+                    .arg(duration_ms);
+                c
+            }
         };
         let _: i64 = q.raw(&cmd).await?;
         Ok(())
     }
 
+    /// `default`, and the registry's (see the module doc).
     async fn destination_names(&self) -> QueueResult<Vec<String>> {
-        let mut names = vec![DEFAULT_DESTINATION.to_string()];
+        let registered: Vec<String> = self
+            .base
+            .raw(redis::cmd("SMEMBERS").arg(self.registry()))
+            .await?;
+        let mut names: std::collections::BTreeSet<String> = registered
+            .into_iter()
+            .filter(|d| crate::destination::valid_name(d))
+            .collect();
+        names.insert(DEFAULT_DESTINATION.to_string());
         names.extend(
             self.others
                 .read()
@@ -521,7 +665,37 @@ impl Operate for RedisQueues {
                 .keys()
                 .cloned(),
         );
-        names.sort();
-        Ok(names)
+        Ok(names.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every rate a destination may have: no second over 5% above it, and
+    /// at least 95% of it for a busy destination.
+    #[test]
+    fn the_shared_limit_holds_every_rate_within_five_percent() {
+        assert_eq!(limit_shape(0), None);
+        for r in 1..=MAX_RATE_LIMIT {
+            let (m, d) = limit_shape(r).unwrap_or_else(|| panic!("no shape for {r}"));
+            let (m, d, r) = (u64::from(m), d, u64::from(r));
+            let worst = if m == 1 {
+                1000u64.div_ceil(d)
+            } else {
+                m * (1000u64.div_ceil(d) + 1)
+            };
+            assert!(
+                worst * 100 <= r * 105,
+                "{r}/s: {worst} in a second ({m} per {d} ms)"
+            );
+            let busy = 1000 * m * 100 / d;
+            assert!(
+                busy >= r * 95,
+                "{r}/s: only {} a second ({m} per {d} ms)",
+                busy / 100
+            );
+        }
     }
 }

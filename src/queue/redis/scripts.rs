@@ -79,10 +79,11 @@ pub(super) struct JobData {
 
 /// The batched scripts (see the module doc), their keys and a connection.
 pub(super) struct Hot {
-    pub(super) queue: bull::Queue,
+    pub(super) conn: RedisConnection,
     /// A second connection, for adds only: an acknowledgement then waits for
-    /// its own batch, not behind the delivery side's replies on one pipeline.
-    pub(super) ingress: bull::Queue,
+    /// its own batch, not behind the delivery side's replies on one pipeline
+    /// (the relay's; a tool's is `conn`).
+    pub(super) ingress: RedisConnection,
     pub(super) prefix: String,
     pub(super) worker: String,
     pub(super) clock: crate::time::Clock,
@@ -131,15 +132,15 @@ impl Hot {
         &self,
         call: &redis::ScriptInvocation<'_>,
     ) -> QueueResult<T> {
-        self.invoke_on(&self.queue, call).await
+        self.invoke_on(&self.conn, call).await
     }
 
     pub(super) async fn invoke_on<T: redis::FromRedisValue>(
         &self,
-        on: &bull::Queue,
+        on: &RedisConnection,
         call: &redis::ScriptInvocation<'_>,
     ) -> QueueResult<T> {
-        let mut conn = on.connection().connection();
+        let mut conn = on.connection();
         bounded(call.invoke_async::<T>(&mut conn)).await
     }
 
@@ -307,14 +308,14 @@ pub(super) const PRUNE_COMPLETED_LUA: &str = include_str!("../lua/prune.lua");
 /// bullmq-official 1.4.4's `move_to_completed` sends `keepJobs {count: -1}`
 /// (keep all) whatever the job's `removeOnComplete` says. Several relays may
 /// run this at once; each call is atomic and idempotent.
-pub(super) async fn upkeep(hot: Arc<Hot>, queue: bull::Queue, keep: i64, lock_ms: u64) {
-    let prefix = queue.keys().key_prefix().to_string();
+pub(super) async fn upkeep(hot: Arc<Hot>, keep: i64, lock_ms: u64) {
+    let prefix = hot.prefix.clone();
     let script = redis::Script::new(PRUNE_COMPLETED_LUA);
     let stalled_every = Duration::from_millis((lock_ms / 2).max(1000));
     let mut last_stalled = std::time::Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let mut conn = queue.connection().connection();
+        let mut conn = hot.conn.connection();
         let mut call = script.key(format!("{prefix}completed"));
         call.arg(&prefix).arg(keep).arg(5000);
         match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await {
