@@ -272,10 +272,16 @@ async fn destinations<Q: Operate>(
     };
     let name = known(q, &name, configured).await?.to_string();
     q.set_paused(&name, paused).await?;
+    if paused {
+        // A relay running beside this command stops starting deliveries
+        // within its pause lease: answered after it (SPEC §7).
+        tokio::time::sleep(crate::delivery::machine::PAUSE_LEASE + crate::admin::PAUSE_MARGIN)
+            .await;
+    }
     Ok(if json {
         json!({ "name": name, "paused": paused }).to_string()
     } else if paused {
-        format!("destination {name} paused: its jobs are stored and wait until `cogrelay destinations resume {name}`")
+        format!("destination {name} paused: no new delivery starts on any relay; its jobs are stored and wait until `cogrelay destinations resume {name}`")
     } else {
         format!("destination {name} resumed")
     })

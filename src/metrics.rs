@@ -20,7 +20,7 @@
 //! would take a lock); the queue gauges are made at each scrape, and left out
 //! when the queue cannot be read.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -53,9 +53,12 @@ pub struct Metrics {
     by_outcome: Family<Labels, Counter>,
     outcomes: [Counter; OUTCOMES.len()],
     delivery: Histogram,
-    /// True while the delivery pool runs (set by the pool once it started):
-    /// `/readyz` is 503 without it.
-    pub delivery_up: AtomicBool,
+    /// Delivery pools running (each counts itself while it runs; a reload
+    /// starts the new ones before the old ones end): `/readyz` is 503 and
+    /// `cogrelay_delivery_up` 0 without one.
+    pub pools_up: std::sync::atomic::AtomicUsize,
+    /// Each destination's next circuit trial (unix ms), while it is open.
+    next_trials: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
     by_destination: Family<Vec<(&'static str, String)>, Counter>,
     unrouted: Counter,
     circuits: Family<Vec<(&'static str, String)>, Gauge>,
@@ -120,7 +123,8 @@ impl Default for Metrics {
             by_outcome,
             ack: Histogram::new(BUCKETS),
             delivery: Histogram::new(BUCKETS),
-            delivery_up: AtomicBool::new(false),
+            pools_up: Default::default(),
+            next_trials: Default::default(),
             by_destination: Family::default(),
             unrouted: Counter::default(),
             circuits: Family::default(),
@@ -224,6 +228,30 @@ impl Metrics {
         }
     }
 
+    /// Whether a delivery pool runs (see `pools_up`).
+    pub fn delivery_up(&self) -> bool {
+        self.pools_up.load(Ordering::Acquire) > 0
+    }
+
+    /// When `destination`'s circuit's next trial is due (unix ms), or none
+    /// (it is not open).
+    pub fn next_trial(&self, destination: &str, at_ms: Option<i64>) {
+        let mut t = self.next_trials.lock().unwrap_or_else(|p| p.into_inner());
+        match at_ms {
+            Some(at) => t.insert(destination.to_string(), at),
+            None => t.remove(destination),
+        };
+    }
+
+    /// [`Metrics::next_trial`] as last set.
+    pub fn next_trial_at(&self, destination: &str) -> Option<i64> {
+        self.next_trials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(destination)
+            .copied()
+    }
+
     /// The state `destination`'s circuit is in (`closed` before its pool ran).
     pub fn circuit_state(&self, destination: &str) -> &'static str {
         ["open", "half-open"]
@@ -298,7 +326,7 @@ impl Metrics {
             self.unrouted.clone(),
         );
         let up = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
-        up.set(i64::from(self.delivery_up.load(Ordering::Relaxed)));
+        up.set(i64::from(self.delivery_up()));
         r.register("cogrelay_delivery_up", "1 while the delivery pool runs", up);
         if let Some(c) = queue {
             let jobs = Family::<Labels, Gauge>::default();

@@ -1,5 +1,6 @@
 //! Client-side rate limit: at most `max` requests in any rolling `per` window
-//! (the Cognigy client's 100 a minute; a destination's `rate_limit` a second).
+//! (the Cognigy client's 100 a minute; a destination pool keeps its own
+//! `rate_limit` window in its machine, `delivery/machine.rs`).
 //! A caller over the limit waits until the oldest request leaves the window, so
 //! a burst is paced rather than sent and answered 429. The window is measured
 //! 5% longer than `per` (3 s on a minute): requests arrive at the server with
@@ -60,15 +61,6 @@ impl Limiter {
             return Ok(());
         }
         Err(*sent.front().unwrap_or(&now) + window)
-    }
-
-    /// [`Limiter::acquire`] without waiting (for a caller that must not
-    /// wait here): `Err` says when to try again.
-    pub fn try_acquire(&self) -> Result<(), Instant> {
-        match self.sent.try_lock() {
-            Ok(mut sent) => self.take(&mut sent),
-            Err(_) => Err(Instant::now() + Duration::from_millis(1)),
-        }
     }
 
     /// Waits until one more request fits in the window, and records it.

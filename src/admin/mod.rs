@@ -31,6 +31,10 @@ use crate::secret::Secret;
 
 use crate::listing::Listing;
 
+/// Beyond the pause lease, what a pause's answer waits on a shared store:
+/// a start decided just before the lease ran out has sent its request.
+pub const PAUSE_MARGIN: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Jobs in one page of `GET /admin/jobs` when `limit` is not given (SPEC §3.6).
 const DEFAULT_LIMIT: u64 = 50;
 
@@ -51,6 +55,8 @@ pub struct Admin<Q> {
     pub listen: std::net::SocketAddr,
     /// The relay's destinations (SPEC §7), as last (re)loaded.
     pub destinations: Arc<crate::destination::Current<crate::destination::Destinations>>,
+    /// The running pools' lines for a pause told here.
+    pub pauses: crate::delivery::PauseBoard,
 }
 
 pub fn router<Q: Operate>(state: Arc<Admin<Q>>) -> Router {
@@ -168,7 +174,7 @@ async fn ready<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
     if !s.accepting.load(Ordering::Relaxed) {
         return err(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    if !s.metrics.delivery_up.load(Ordering::Relaxed) {
+    if !s.metrics.delivery_up() {
         return err(
             StatusCode::SERVICE_UNAVAILABLE,
             "the delivery pool is not running",
@@ -381,13 +387,18 @@ async fn set_paused<Q: Operate>(s: &Admin<Q>, name: &str, paused: bool) -> Respo
             &format!("no destination {name:?}: GET /admin/destinations lists them"),
         );
     }
-    match s.queue.set_paused(name, paused).await {
-        Ok(()) => {
-            tracing::info!(destination = %name, paused, "destination {}", if paused { "paused" } else { "resumed" });
-            Json(json!({ "name": name, "paused": paused })).into_response()
-        }
-        Err(e) => queue_error(e),
+    if let Err(e) = s.queue.set_paused(name, paused).await {
+        return queue_error(e);
     }
+    // This relay's pools stop starting before the answer; on a store other
+    // relays share, the answer waits out their pause lease too (SPEC §7:
+    // once a pause is answered, no new attempt starts on any relay).
+    s.pauses.tell(name, paused).await;
+    if paused && s.queue.shared_by_relays() {
+        tokio::time::sleep(crate::delivery::machine::PAUSE_LEASE + PAUSE_MARGIN).await;
+    }
+    tracing::info!(destination = %name, paused, "destination {}", if paused { "paused" } else { "resumed" });
+    Json(json!({ "name": name, "paused": paused })).into_response()
 }
 
 /// `GET /admin/history`: what happened in each 10 s of the last hour (kept by

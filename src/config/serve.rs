@@ -102,6 +102,7 @@ impl ServeConfig {
                 nice: def(d::DELIVERY_NICE),
                 verify_events: None,
                 test_fault: None,
+                clock: Default::default(),
             },
             admin: AdminSettings {
                 listen: def(d::ADMIN_LISTEN),

@@ -6,30 +6,52 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::*;
 use crate::cognigy::EventLookup;
+use crate::delivery::circuit;
 use crate::event::EventKind;
-use crate::queue::{now_ms, Attempt, AttemptOutcome, Disposition, Leased, Queue};
+use crate::queue::{Attempt, AttemptOutcome, Disposition, Leased, Queue};
 use backoff::Backoff;
 use classify::{classify, AttemptResult, Outcome};
 
+/// What decides where a job goes after an attempt: a destination's
+/// attempts, backoff and age limit.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Policy {
+    pub(super) attempts: u32,
+    pub(super) backoff: Backoff,
+    pub(super) max_age: std::time::Duration,
+}
+
+impl Policy {
+    pub(super) fn of(d: &DeliverySettings) -> Self {
+        Self {
+            attempts: d.attempts,
+            backoff: d.backoff,
+            max_age: d.max_age,
+        }
+    }
+}
+
 /// Where a job goes after attempt `n` with this outcome: a pure function of
-/// the attempts allowed, the backoff, the clock (`now_ms`) and a random
+/// the policy, the clock (`now_ms`), when the job was stored, and a random
 /// `unit` in 0..1 for the jitter, so every case can be checked in a table.
-fn decide(
-    attempts: u32,
-    backoff: &Backoff,
+/// The age limit is checked after a failed attempt, never instead of one
+/// (SPEC §7): a job retried by an operator, held by a pause or by an open
+/// circuit is always tried again first.
+pub(super) fn decide(
+    p: &Policy,
     n: u32,
     outcome: Outcome,
     now_ms: i64,
     unit: f64,
+    created_at_ms: Option<i64>,
 ) -> (Disposition, AttemptOutcome) {
     match outcome {
         Outcome::Delivered => (Disposition::Completed, AttemptOutcome::Delivered),
         Outcome::Permanent { reason } => (Disposition::Failed { reason }, AttemptOutcome::Failed),
-        Outcome::Retry { reason, .. } if n >= attempts => (
+        Outcome::Retry { reason, .. } if n >= p.attempts => (
             Disposition::Failed {
                 reason: format!(
                     "gave up after {n} attempt{}: {reason}",
@@ -38,14 +60,30 @@ fn decide(
             },
             AttemptOutcome::Failed,
         ),
+        Outcome::Retry { reason, .. }
+            if created_at_ms.is_some_and(|c| {
+                now_ms.saturating_sub(c) > i64::try_from(p.max_age.as_millis()).unwrap_or(i64::MAX)
+            }) =>
+        {
+            (
+                Disposition::Failed {
+                    reason: format!(
+                        "not delivered within max_age_secs ({} s): {reason}",
+                        p.max_age.as_secs()
+                    ),
+                },
+                AttemptOutcome::Failed,
+            )
+        }
         Outcome::Retry {
             reason,
             retry_after,
         } => {
-            let delay = backoff.delay(n, retry_after, unit);
+            let delay = p.backoff.delay(n, retry_after, unit);
+            let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             (
                 Disposition::RetryAt {
-                    due_at_ms: now_ms + delay.as_millis() as i64,
+                    due_at_ms: now_ms.saturating_add(delay_ms),
                     reason,
                 },
                 AttemptOutcome::Retry,
@@ -54,47 +92,52 @@ fn decide(
     }
 }
 
-/// [`decide`] now, with a fresh random jitter.
-fn decide_now(cfg: &DeliveryConfig, n: u32, outcome: Outcome) -> (Disposition, AttemptOutcome) {
-    decide(
-        cfg.destination.attempts,
-        &cfg.destination.backoff,
-        n,
-        outcome,
-        now_ms(),
-        fastrand::f64(),
-    )
+/// How a delivery task ends, for the dispatcher: the breaker's verdict on
+/// it, or the job back unsent.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// The request went out (or the Cognigy lookup failed): what it says
+    /// of the destination, and a `Retry-After` hold.
+    Sent {
+        signal: circuit::Signal,
+        hold: Option<std::time::Duration>,
+    },
+    /// Not sent: a pause was told (or the pause lease ran out) after the
+    /// dispatcher started it. The job goes back to the store unattempted.
+    NotSent(Leased),
 }
 
+/// A delivery's end, as the dispatcher hears it (before the result is
+/// written back: the worker is free once the HTTP exchange is over).
+#[derive(Debug)]
+pub(super) struct Done {
+    pub(super) lease: crate::queue::LeaseRef,
+    pub(super) trial: bool,
+    pub(super) verdict: Verdict,
+}
+
+/// One delivery: the optional Cognigy lookup, the POST (unless the pause
+/// gate closed meanwhile), the verdict to the dispatcher, the decision and
+/// the write-back.
 pub(super) async fn deliver<Q: Queue>(
     pool: Arc<Pool<Q>>,
     mut leased: Leased,
-    permit: OwnedSemaphorePermit,
+    trial: bool,
+    done: tokio::sync::mpsc::UnboundedSender<Done>,
 ) {
     let n = leased.job.attempts_made + 1;
-    let probe = leased.job.probe;
-    let started_at_ms = now_ms();
+    let lease = leased.lease.clone();
+    let tell = |verdict: Verdict| {
+        let _ = done.send(Done {
+            lease: lease.clone(),
+            trial,
+            verdict,
+        });
+    };
+    let started_at_ms = pool.clock.now_ms();
     let t0 = Instant::now();
-    let max_age = pool.cfg.destination.max_age;
-    if let Some(created) = leased.job.created_at_ms {
-        if started_at_ms.saturating_sub(created) > max_age.as_millis() as i64 {
-            drop(permit);
-            let reason = format!(
-                "not delivered within max_age_secs ({} s)",
-                max_age.as_secs()
-            );
-            let attempt = Attempt {
-                n,
-                started_at_ms,
-                duration_ms: 0,
-                status: None,
-                error: Some(reason.clone()),
-                outcome: AttemptOutcome::Failed,
-            };
-            record(&pool, leased, attempt, Disposition::Failed { reason }).await;
-            return;
-        }
-    }
+    let policy = Policy::of(&pool.cfg.destination);
+    let created = leased.job.created_at_ms;
     if let (Some(client), EventKind::Envelope, Some(bot)) =
         (&pool.verifier, leased.job.kind, &leased.job.bot_id)
     {
@@ -109,14 +152,19 @@ pub(super) async fn deliver<Q: Queue>(
             }),
         };
         if let Some(outcome) = outcome {
-            drop(permit);
+            // Cognigy's trouble, not the destination's: no verdict on it.
+            tell(Verdict::Sent {
+                signal: circuit::Signal::None,
+                hold: None,
+            });
             let error = match &outcome {
                 Outcome::Permanent { reason } | Outcome::Retry { reason, .. } => {
                     Some(reason.clone())
                 }
                 Outcome::Delivered => None,
             };
-            let (disposition, result) = decide_now(&pool.cfg, n, outcome);
+            let now = pool.clock.now_ms();
+            let (disposition, result) = decide(&policy, n, outcome, now, fastrand::f64(), created);
             let attempt = Attempt {
                 n,
                 started_at_ms,
@@ -128,6 +176,12 @@ pub(super) async fn deliver<Q: Queue>(
             record(&pool, leased, attempt, disposition).await;
             return;
         }
+    }
+    // The last look at the pause: a pause told after the dispatcher started
+    // this delivery stops it here, before anything is sent.
+    if !pool.gate.may_send(pool.clock.mono_ms()) {
+        tell(Verdict::NotSent(leased));
+        return;
     }
     let job = &mut leased.job;
     let body = std::mem::take(&mut job.body);
@@ -154,8 +208,6 @@ pub(super) async fn deliver<Q: Queue>(
         )),
     };
     let duration_ms = t0.elapsed().as_millis() as u64;
-    // The HTTP part is over: free the worker while the result is recorded.
-    drop(permit);
     // One result: classified for the decision, kept for the history.
     let result = match &sent {
         Ok(answer) => AttemptResult::Response {
@@ -169,25 +221,13 @@ pub(super) async fn deliver<Q: Queue>(
     let (signal, hold) = circuit::signal(
         &result,
         &classified,
+        n,
         pool.cfg.destination.backoff.max_retry_after,
     );
-    // A change of the circuit is shared with the other relays where the
-    // store can (Redis); a failure to share leaves this relay's own.
-    match pool.circuit.record(signal, hold, probe) {
-        Some((circuit::Phase::Open, cooldown)) => {
-            let until = now_ms() + cooldown.as_millis() as i64;
-            if let Err(e) = pool.queue.set_circuit(&pool.cfg.name, Some(until)).await {
-                tracing::warn!(error = %e, "cannot share the open circuit with the other relays");
-            }
-        }
-        Some((circuit::Phase::Closed, _)) => {
-            if let Err(e) = pool.queue.set_circuit(&pool.cfg.name, None).await {
-                tracing::warn!(error = %e, "cannot share the closed circuit with the other relays");
-            }
-        }
-        _ => {}
-    }
-    let (disposition, outcome) = decide_now(&pool.cfg, n, classified);
+    // The HTTP part is over: the worker is free, the breaker hears of it.
+    tell(Verdict::Sent { signal, hold });
+    let now = pool.clock.now_ms();
+    let (disposition, outcome) = decide(&policy, n, classified, now, fastrand::f64(), created);
     let error = match &sent {
         // A snippet of an error answer.
         Ok(answer) => {
@@ -210,7 +250,9 @@ pub(super) async fn deliver<Q: Queue>(
 }
 
 /// Logs the attempt, writes it back and frees the lease; a retry wakes the
-/// dispatcher (its due time may be the next one).
+/// dispatcher (its due time may be the next one). A store that cannot take
+/// the result now (full, busy) is asked again within half a lease: a result
+/// lost is a delivery repeated when the lease expires.
 async fn record<Q: Queue>(
     pool: &Pool<Q>,
     leased: Leased,
@@ -227,22 +269,42 @@ async fn record<Q: Queue>(
         }
         Disposition::RetryAt { due_at_ms, reason } => tracing::info!(
             job = %leased.job.id, attempt = n, reason = %reason,
-            retry_in_ms = due_at_ms - now_ms(), "delivery failed; will retry"
+            retry_in_ms = due_at_ms.saturating_sub(pool.clock.now_ms()), "delivery failed; will retry"
         ),
         Disposition::Failed { reason } => {
             tracing::warn!(job = %leased.job.id, attempt = n, reason = %reason, "delivery failed permanently; job is in the failed list")
         }
     }
     let lease = leased.lease.clone();
-    let job_id = &lease.job_id;
     let retry = matches!(disposition, Disposition::RetryAt { .. });
-    match pool.queue.finish(leased, attempt, disposition).await {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::warn!(job = %job_id, "lease was lost before the result was recorded; another worker owns the job")
-        }
-        Err(e) => {
-            tracing::error!(job = %job_id, error = %e, "cannot record the delivery result; the job will be retried when its lease expires")
+    let deadline = Instant::now() + pool.cfg.pool.lock_duration / 2;
+    let mut leased = leased;
+    let mut tries = 0u32;
+    loop {
+        // What finishing consumes, kept in case the store says "not now".
+        let again = leased.clone_without_body();
+        match pool
+            .queue
+            .finish(leased, attempt.clone(), disposition.clone())
+            .await
+        {
+            Ok(true) => break,
+            Ok(false) => {
+                tracing::warn!(job = %lease.job_id, "lease was lost before the result was recorded; another worker owns the job");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                tries += 1;
+                if tries == 1 {
+                    tracing::warn!(job = %lease.job_id, error = %e, "cannot record the delivery result yet; trying again");
+                }
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(tries.min(10)))).await;
+                leased = again;
+            }
+            Err(e) => {
+                tracing::error!(job = %lease.job_id, error = %e, "cannot record the delivery result; the job will be retried when its lease expires");
+                break;
+            }
         }
     }
     pool.in_flight.ended(&lease);
@@ -339,11 +401,80 @@ mod tests {
                 (failed("gave up after 9 attempts: HTTP 503"), A::Failed),
             ),
         ];
+        let p = Policy {
+            attempts: 5,
+            backoff,
+            max_age: Duration::from_secs(3600),
+        };
         for (n, outcome, unit, want) in table {
-            let got = decide(5, &backoff, n, outcome.clone(), now, unit);
+            let got = decide(&p, n, outcome.clone(), now, unit, Some(now - 1000));
             assert_eq!(got, want, "attempt {n}, {outcome:?}, jitter unit {unit}");
         }
-        let one = decide(1, &backoff, 1, retry(None), now, 0.0);
+        let one = decide(&Policy { attempts: 1, ..p }, 1, retry(None), now, 0.0, None);
         assert_eq!(one.0, failed("gave up after 1 attempt: HTTP 503"));
+    }
+
+    /// The age limit is checked after a failed attempt, never instead of
+    /// one: an old job is tried (the attempt is made, then decided), a
+    /// delivered old job is delivered, a failed one past the limit fails
+    /// saying so; and no value overflows.
+    #[test]
+    fn the_age_limit_after_a_failed_attempt() {
+        let p = Policy {
+            attempts: 5,
+            backoff: Backoff {
+                base: Duration::from_secs(2),
+                jitter: 0.0,
+                max_retry_after: Duration::from_secs(3600),
+            },
+            max_age: Duration::from_secs(60),
+        };
+        let now = 10_000_000;
+        let old = Some(now - 61_000);
+        let retry = Outcome::Retry {
+            reason: "HTTP 503".into(),
+            retry_after: None,
+        };
+        assert_eq!(
+            decide(&p, 1, Outcome::Delivered, now, 0.0, old).0,
+            Disposition::Completed,
+            "an old job delivered is delivered"
+        );
+        assert_eq!(
+            decide(&p, 1, retry.clone(), now, 0.0, old).0,
+            Disposition::Failed {
+                reason: "not delivered within max_age_secs (60 s): HTTP 503".into()
+            }
+        );
+        assert!(matches!(
+            decide(&p, 1, retry.clone(), now, 0.0, Some(now - 59_000)).0,
+            Disposition::RetryAt { .. }
+        ));
+        assert!(
+            matches!(decide(&p, 1, retry.clone(), now, 0.0, None).0, Disposition::RetryAt { .. }),
+            "no age known (an older version's job on Redis): no limit"
+        );
+        // The largest settings and answers: saturated, not wrapped.
+        let huge = Policy {
+            attempts: 100,
+            backoff: Backoff {
+                base: Duration::from_secs(u64::MAX / 4),
+                jitter: 0.0,
+                max_retry_after: Duration::from_secs(u64::MAX),
+            },
+            max_age: Duration::from_secs(u64::MAX),
+        };
+        let far = Outcome::Retry {
+            reason: "HTTP 503".into(),
+            retry_after: Some(Duration::from_secs(u64::MAX)),
+        };
+        let (d, _) = decide(&huge, 1, far, i64::MAX - 1, 0.0, Some(i64::MIN));
+        assert_eq!(
+            d,
+            Disposition::RetryAt {
+                due_at_ms: i64::MAX,
+                reason: "HTTP 503".into()
+            }
+        );
     }
 }

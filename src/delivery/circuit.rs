@@ -1,30 +1,44 @@
-//! The circuit breaker of one destination (SPEC §7).
+//! The circuit breaker of one destination (SPEC §7): it judges the
+//! destination, not one event.
 //!
-//! After `failures` consecutive retryable failures (5xx, 408, timeouts,
-//! connection errors; not a permanent 4xx, not 429) the circuit opens: the
-//! pool starts nothing for the cool-down, and its jobs wait with their
-//! remaining attempts. Then one probe: success (or any answer that is not a
-//! retryable failure) closes it; failure opens it again for twice the
-//! cool-down, up to `max_cooldown`. A 429 or 503 with `Retry-After` holds the
-//! whole destination that long, whatever the circuit's state. Each change of
-//! state is logged once.
+//! * **Closed.** `failures` consecutive retryable failures (5xx, 408,
+//!   timeouts, connection errors; not a permanent 4xx, not 429) open it. Any
+//!   success or answer in between resets the count. An event counts once:
+//!   the failure of its retry is its own trouble, which its backoff handles
+//!   ([`Signal::Again`]); a run of events failing for the first time is the
+//!   destination's.
+//! * **Open.** Nothing is started for the cool-down; the pool gives back the
+//!   jobs it holds (they wait in the store, unleased, with their attempts).
+//! * **Half-open.** Up to [`TRIALS`] trial deliveries of *different* events,
+//!   claimed freshest first (never attempted, newest): the first that succeeds
+//!   or is answered closes the circuit (the destination is up; an event that
+//!   fails for its own reason then retries on its own backoff, holding
+//!   nothing else); only when every trial failed does it open again, for
+//!   twice the cool-down (capped at `max_cooldown`). (Resilience4j's several
+//!   calls when half-open; Envoy's outlier detection ejects a host, not a
+//!   request.) A trial that ends without a verdict (the pool gave it back, a
+//!   task died) frees its place for another.
+//! * A 429 or 503 with `Retry-After` holds the whole destination that long,
+//!   whatever the phase.
 //!
-//! [`Breaker`] is the state machine, pure (the time is a parameter, so the
-//! tests drive it); [`Circuit`] is a pool's breaker behind a lock, with a
-//! wake-up for the dispatcher and the state in the metrics.
+//! [`Breaker`] is the state machine, pure: time is a parameter (milliseconds
+//! of a monotonic clock), so the tests drive it through tables on a time
+//! they choose. Every arithmetic on times saturates: no setting or header
+//! overflows it.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::Notify;
+
+/// Trial deliveries when half-open (at most the pool's concurrency).
+pub use crate::queue::CIRCUIT_TRIALS as TRIALS;
 
 /// The breaker's settings (`[destination.circuit]`, `CIRCUIT_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct CircuitSettings {
     /// Consecutive retryable failures that open it; 0 = off.
     pub failures: u32,
-    /// The first cool-down; doubles after each failed probe.
+    /// The first cool-down; doubles after each failed round of trials.
     #[serde(rename = "cooldown_ms", serialize_with = "millis")]
     pub cooldown: Duration,
     #[serde(rename = "max_cooldown_ms", serialize_with = "millis")]
@@ -57,45 +71,68 @@ impl Phase {
 pub enum Signal {
     /// Delivered.
     Success,
-    /// 5xx, 408, timeout, connection error: counts towards opening.
+    /// 5xx, 408, timeout, connection error of an event's first attempt:
+    /// counts towards opening.
     Failure,
+    /// The same of a retry: not counted towards opening (the event already
+    /// counted once), but a failed trial when it is one.
+    Again,
     /// An answer that is neither (a permanent 4xx, a 429): the destination
     /// is up, but this was not a success.
     Answered,
+    /// No verdict: the attempt did not reach the destination (given back
+    /// before it was sent, its task died).
+    None,
 }
 
 /// May a delivery start now?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
-    Go,
-    /// Not before this instant (cool-down or `Retry-After`).
-    Until(Instant),
-    /// Not until the probe's result is in.
-    Probing,
+    /// Yes; `trial` when it is one of the half-open circuit's trials (claim
+    /// the freshest job for it).
+    Go { trial: bool },
+    /// Not before this time (cool-down or `Retry-After`).
+    Until(i64),
+    /// Not until the trials' results are in.
+    Trials,
 }
 
-/// The state machine (see the module doc).
+/// The state machine (see the module doc). Times are ms of one monotonic
+/// clock.
 #[derive(Debug, Clone)]
 pub struct Breaker {
     settings: CircuitSettings,
     phase: Phase,
+    /// Consecutive retryable failures while closed.
     failures: u32,
-    cooldown: Duration,
-    open_until: Option<Instant>,
-    held_until: Option<Instant>,
-    probe_out: bool,
+    cooldown_ms: i64,
+    open_until: i64,
+    held_until: Option<i64>,
+    /// Trials started in this half-open round, and of those, failed.
+    trials_out: u32,
+    trials_failed: u32,
+    /// Trials this round may start (`TRIALS`, at most the concurrency; on
+    /// Redis the probes another relay's claim gave this one).
+    trials: u32,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Breaker {
-    pub fn new(settings: CircuitSettings) -> Self {
+    /// A closed breaker; `trials` is the pool's limit of trials at once.
+    pub fn new(settings: CircuitSettings, trials: u32) -> Self {
         Self {
             settings,
             phase: Phase::Closed,
             failures: 0,
-            cooldown: settings.cooldown,
-            open_until: None,
+            cooldown_ms: ms(settings.cooldown),
+            open_until: 0,
             held_until: None,
-            probe_out: false,
+            trials_out: 0,
+            trials_failed: 0,
+            trials: trials.clamp(1, TRIALS),
         }
     }
 
@@ -103,208 +140,140 @@ impl Breaker {
         self.phase
     }
 
-    /// Whether a delivery may start at `now` (an open circuit whose cool-down
-    /// is over becomes half-open here).
-    pub fn gate(&mut self, now: Instant) -> Gate {
+    /// When the next trial is due, while the circuit is open.
+    pub fn next_trial_at(&self) -> Option<i64> {
+        (self.phase == Phase::Open).then_some(self.open_until)
+    }
+
+    /// The cool-down in force (for the log line, and shared on Redis).
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_millis(self.cooldown_ms.max(0) as u64)
+    }
+
+    /// Whether a delivery may start at `now` (an open circuit whose
+    /// cool-down is over becomes half-open here).
+    pub fn gate(&mut self, now: i64) -> Gate {
         if let Some(t) = self.held_until.filter(|t| now < *t) {
             return Gate::Until(t);
         }
         if self.phase == Phase::Open {
-            match self.open_until {
-                Some(t) if now < t => return Gate::Until(t),
-                _ => {
-                    self.phase = Phase::HalfOpen;
-                    self.probe_out = false;
-                }
+            if now < self.open_until {
+                return Gate::Until(self.open_until);
             }
+            self.half_open(self.trials);
         }
         match self.phase {
-            Phase::HalfOpen if self.probe_out => Gate::Probing,
-            _ => Gate::Go,
+            Phase::HalfOpen if self.trials_out >= self.trials => Gate::Trials,
+            Phase::HalfOpen => Gate::Go { trial: true },
+            _ => Gate::Go { trial: false },
         }
     }
 
-    /// A delivery starts (call after [`Breaker::gate`] said `Go`).
+    fn half_open(&mut self, trials: u32) {
+        self.phase = Phase::HalfOpen;
+        self.trials = trials.max(1);
+        self.trials_out = 0;
+        self.trials_failed = 0;
+    }
+
+    /// A delivery starts (after [`Breaker::gate`] said `Go`).
     pub fn started(&mut self) {
         if self.phase == Phase::HalfOpen {
-            self.probe_out = true;
+            self.trials_out += 1;
         }
     }
 
-    /// An attempt's result; `hold` is the target's `Retry-After` on a 429 or
-    /// 503 (already capped). Returns the new phase when it changed.
+    /// An attempt's result. `trial`: it was started as a trial (its verdict
+    /// is the round's); `hold` is the target's `Retry-After` on a 429 or 503
+    /// (already capped). Returns the new phase when it changed.
     pub fn record(
         &mut self,
         signal: Signal,
+        trial: bool,
         hold: Option<Duration>,
-        now: Instant,
+        now: i64,
     ) -> Option<Phase> {
         if let Some(h) = hold {
-            let until = now + h;
+            let until = now.saturating_add(ms(h));
             self.held_until = Some(self.held_until.map_or(until, |t| t.max(until)));
         }
         let before = self.phase;
-        match (signal, self.phase) {
-            (Signal::Success | Signal::Answered, Phase::HalfOpen) | (Signal::Success, _) => {
-                self.phase = Phase::Closed;
-                self.failures = 0;
-                self.cooldown = self.settings.cooldown;
-                self.probe_out = false;
-            }
-            (Signal::Answered, _) => self.failures = 0,
-            (Signal::Failure, Phase::Closed) => {
+        match (self.phase, trial, signal) {
+            (_, _, Signal::Success) | (Phase::HalfOpen, true, Signal::Answered) => self.close(),
+            (Phase::Closed, _, Signal::Answered) => self.failures = 0,
+            (Phase::Closed, _, Signal::Failure) => {
                 self.failures += 1;
                 if self.settings.failures > 0 && self.failures >= self.settings.failures {
                     self.open(now);
                 }
             }
-            (Signal::Failure, Phase::HalfOpen) => {
-                self.cooldown = (self.cooldown * 2).min(self.settings.max_cooldown);
-                self.open(now);
+            (Phase::HalfOpen, true, Signal::Failure | Signal::Again) => {
+                self.trials_failed += 1;
+                if self.trials_failed >= self.trials {
+                    self.cooldown_ms = self
+                        .cooldown_ms
+                        .saturating_mul(2)
+                        .min(ms(self.settings.max_cooldown));
+                    self.open(now);
+                }
             }
-            // A delivery that started before the circuit opened.
-            (Signal::Failure, Phase::Open) => {}
+            // A trial without a verdict: its place goes to another.
+            (Phase::HalfOpen, true, Signal::None) => {
+                self.trials_out = self.trials_out.saturating_sub(1);
+            }
+            // A delivery started before the circuit opened, or no verdict.
+            _ => {}
         }
         (self.phase != before).then_some(self.phase)
     }
 
-    /// The result of a probe claimed for a circuit shared by every relay:
-    /// as this relay's own half-open probe, from the shared cool-down.
-    pub fn record_probe(
-        &mut self,
-        signal: Signal,
-        hold: Option<Duration>,
-        cooldown: Duration,
-        now: Instant,
-    ) -> Option<Phase> {
-        self.phase = Phase::HalfOpen;
-        self.cooldown = cooldown.max(self.settings.cooldown);
-        self.probe_out = true;
-        self.record(signal, hold, now).or(Some(self.phase))
+    /// The trials another relay's claim gave this one (Redis: the circuit is
+    /// shared, and one claim takes a round's probes), with the shared
+    /// cool-down in force: this relay's breaker judges them as its own round.
+    pub fn shared_trials(&mut self, probes: u32, cooldown: Duration) -> Option<Phase> {
+        let before = self.phase;
+        self.cooldown_ms = ms(cooldown).max(ms(self.settings.cooldown));
+        if self.phase != Phase::HalfOpen || self.trials_out >= self.trials {
+            self.half_open(probes);
+        }
+        (self.phase != before).then_some(self.phase)
     }
 
-    fn open(&mut self, now: Instant) {
+    /// The shared circuit (Redis) is open until `until` on this clock, as a
+    /// claim found it.
+    pub fn shared_open(&mut self, until: i64) -> Option<Phase> {
+        let before = self.phase;
+        if self.phase != Phase::Open || self.open_until < until {
+            self.phase = Phase::Open;
+            self.open_until = until;
+            self.failures = 0;
+        }
+        (self.phase != before).then_some(self.phase)
+    }
+
+    fn close(&mut self) {
+        self.phase = Phase::Closed;
+        self.failures = 0;
+        self.cooldown_ms = ms(self.settings.cooldown);
+        self.trials_out = 0;
+        self.trials_failed = 0;
+    }
+
+    fn open(&mut self, now: i64) {
         self.phase = Phase::Open;
-        self.open_until = Some(now + self.cooldown);
-        self.probe_out = false;
-    }
-
-    /// The cool-down now in force (for the log line).
-    pub fn cooldown(&self) -> Duration {
-        self.cooldown
+        self.open_until = now.saturating_add(self.cooldown_ms);
+        self.failures = 0;
+        self.trials_out = 0;
+        self.trials_failed = 0;
     }
 }
 
-/// A pool's breaker: shared by its dispatcher and its deliveries.
-#[derive(Debug)]
-pub struct Circuit {
-    destination: String,
-    breaker: Mutex<Breaker>,
-    /// Wakes the dispatcher when a result came in (a probe's, say).
-    pub changed: Notify,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
-}
-
-impl Circuit {
-    pub fn new(
-        destination: &str,
-        settings: CircuitSettings,
-        metrics: std::sync::Arc<crate::metrics::Metrics>,
-    ) -> Self {
-        metrics.circuit(destination, Phase::Closed.as_str());
-        Self {
-            destination: destination.to_string(),
-            breaker: Mutex::new(Breaker::new(settings)),
-            changed: Notify::new(),
-            metrics,
-        }
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut Breaker) -> T) -> T {
-        f(&mut self.breaker.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    pub fn phase(&self) -> Phase {
-        self.with(|b| b.phase())
-    }
-
-    /// [`Breaker::gate`] now, starting nothing.
-    pub fn gate(&self) -> Gate {
-        self.with(|b| {
-            let before = b.phase();
-            let gate = b.gate(Instant::now());
-            if b.phase() != before {
-                self.changed_to(b.phase(), b);
-            }
-            gate
-        })
-    }
-
-    /// [`Breaker::gate`], and [`Breaker::started`] when it says `Go`.
-    pub fn try_start(&self) -> Gate {
-        self.with(|b| {
-            let before = b.phase();
-            let gate = b.gate(Instant::now());
-            if b.phase() != before {
-                self.changed_to(b.phase(), b);
-            }
-            if gate == Gate::Go {
-                b.started();
-            }
-            gate
-        })
-    }
-
-    /// An attempt's result; `probe` is the shared cool-down when the job was
-    /// a shared circuit's probe. Returns the new phase and cool-down when it
-    /// changed, for the store to share.
-    pub fn record(
-        &self,
-        signal: Signal,
-        hold: Option<Duration>,
-        probe: Option<Duration>,
-    ) -> Option<(Phase, Duration)> {
-        let changed = self.with(|b| {
-            if let Some(h) = hold {
-                tracing::warn!(destination = %self.destination, hold_ms = h.as_millis() as u64,
-                    "the destination asked to wait (Retry-After): nothing is sent to it until then");
-            }
-            let now = Instant::now();
-            let phase = match probe {
-                Some(cooldown) => b.record_probe(signal, hold, cooldown, now),
-                None => b.record(signal, hold, now),
-            };
-            phase.map(|p| {
-                self.changed_to(p, b);
-                (p, b.cooldown())
-            })
-        });
-        self.changed.notify_one();
-        changed
-    }
-
-    fn changed_to(&self, phase: Phase, b: &Breaker) {
-        self.metrics.circuit(&self.destination, phase.as_str());
-        match phase {
-            Phase::Open => tracing::warn!(
-                destination = %self.destination, cooldown_ms = b.cooldown().as_millis() as u64,
-                "circuit open: the destination keeps failing; its jobs wait (keeping their attempts) until a probe"
-            ),
-            Phase::HalfOpen => {
-                tracing::info!(destination = %self.destination, "circuit half-open: one probe delivery")
-            }
-            Phase::Closed => {
-                tracing::info!(destination = %self.destination, "circuit closed: deliveries resume")
-            }
-        }
-    }
-}
-
-/// What an attempt's classified result says to the breaker, and how long a
+/// What attempt `n`'s classified result says to the breaker, and how long a
 /// `Retry-After` holds the destination (capped at `max_hold`).
 pub fn signal(
     result: &super::classify::AttemptResult<'_>,
     outcome: &super::classify::Outcome,
+    n: u32,
     max_hold: Duration,
 ) -> (Signal, Option<Duration>) {
     use super::classify::Outcome;
@@ -315,6 +284,8 @@ pub fn signal(
             let hold = retry_after.map(|d| d.min(max_hold));
             if result.status() == Some(429) {
                 (Signal::Answered, hold)
+            } else if n > 1 {
+                (Signal::Again, hold)
             } else {
                 (Signal::Failure, hold)
             }
@@ -332,81 +303,150 @@ mod tests {
         max_cooldown: Duration::from_secs(25),
     };
 
+    const SEC: i64 = 1000;
+
+    /// The breaker as a table of transitions: (time s, what happens, the
+    /// gate or phase that must follow).
     #[test]
-    fn consecutive_failures_open_it_and_probes_double_the_cooldown() {
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut b = Breaker::new(S);
-        assert_eq!(b.record(Signal::Failure, None, at(0)), None);
-        assert_eq!(
-            b.record(Signal::Answered, None, at(0)),
-            None,
-            "a 4xx resets the count"
-        );
-        assert_eq!(b.record(Signal::Failure, None, at(0)), None);
-        assert_eq!(b.record(Signal::Failure, None, at(0)), None);
-        assert_eq!(b.record(Signal::Failure, None, at(1)), Some(Phase::Open));
-        assert_eq!(
-            b.gate(at(5)),
-            Gate::Until(at(11)),
-            "nothing during the cool-down"
-        );
-        assert_eq!(b.gate(at(11)), Gate::Go, "one probe");
-        assert_eq!(b.phase(), Phase::HalfOpen);
-        b.started();
-        assert_eq!(b.gate(at(11)), Gate::Probing, "only one");
-        assert_eq!(b.record(Signal::Failure, None, at(12)), Some(Phase::Open));
-        assert_eq!(b.gate(at(31)), Gate::Until(at(32)), "twice the cool-down");
-        assert_eq!(b.gate(at(32)), Gate::Go);
-        b.started();
-        assert_eq!(b.record(Signal::Failure, None, at(33)), Some(Phase::Open));
-        assert_eq!(
-            b.gate(at(57)),
-            Gate::Until(at(58)),
-            "capped at max_cooldown"
-        );
-        assert_eq!(b.gate(at(58)), Gate::Go);
-        b.started();
-        assert_eq!(b.record(Signal::Success, None, at(58)), Some(Phase::Closed));
-        assert_eq!(b.gate(at(58)), Gate::Go);
-        // Closed again, from the first cool-down.
-        for _ in 0..3 {
-            b.record(Signal::Failure, None, at(60));
+    fn the_transitions_as_a_table() {
+        #[derive(Debug, Clone, Copy)]
+        enum Do {
+            /// An attempt's result: signal, started as a trial.
+            Rec(Signal, bool),
+            Start,
+            /// The gate must be this.
+            Expect(Gate),
         }
-        assert_eq!(b.gate(at(60)), Gate::Until(at(70)));
+        use Do::{Expect, Rec, Start};
+        use Signal::{Answered, Failure, Success};
+        let go = Expect(Gate::Go { trial: false });
+        let trial = Expect(Gate::Go { trial: true });
+        let (open, half, closed) = (Some(Phase::Open), Some(Phase::HalfOpen), Some(Phase::Closed));
+        let table: Vec<(i64, Do, Option<Phase>)> = vec![
+            (0, Rec(Failure, false), None),
+            (0, Rec(Answered, false), None), // a 4xx resets the count
+            (0, Rec(Failure, false), None),
+            (0, Rec(Signal::Again, false), None), // a retry's failure does not count
+            (0, Rec(Failure, false), None),
+            (1, Rec(Failure, false), open), // 3 in a row
+            (5, Expect(Gate::Until(11 * SEC)), None), // the cool-down
+            (5, Rec(Failure, false), None), // started before: no effect
+            (11, trial, half),
+            (11, Start, None),
+            (11, trial, None),
+            (11, Start, None),
+            (11, trial, None),
+            (11, Start, None),
+            (11, Expect(Gate::Trials), None), // three trials at most
+            (12, Rec(Signal::Again, true), None), // a retry as a trial: it counts
+            (12, Rec(Signal::None, true), None), // no verdict: its place is free
+            (12, trial, None),
+            (12, Start, None),
+            (12, Rec(Failure, true), None),
+            (12, Rec(Failure, true), open), // every trial failed
+            (31, Expect(Gate::Until(32 * SEC)), None), // twice the cool-down
+            (32, trial, half),
+            (32, Start, None),
+            (32, Start, None),
+            (33, Rec(Failure, true), None),
+            (33, Rec(Answered, true), closed), // one answered: it is up
+            (33, go, None),
+            (33, Rec(Failure, false), None),
+            (33, Rec(Failure, false), None),
+            (33, Rec(Failure, false), open),
+            (42, Expect(Gate::Until(43 * SEC)), None), // back to the first cool-down
+            (43, trial, half),
+            (43, Start, None),
+            (43, Start, None),
+            (43, Start, None),
+            (44, Rec(Failure, true), None),
+            (44, Rec(Failure, true), None),
+            (44, Rec(Failure, true), open),
+            (64, trial, half), // 20 s
+            (64, Start, None),
+            (64, Start, None),
+            (64, Start, None),
+            (65, Rec(Failure, true), None),
+            (65, Rec(Failure, true), None),
+            (65, Rec(Failure, true), open),
+            (89, Expect(Gate::Until(90 * SEC)), None), // capped at 25 s
+            (90, trial, half),
+            (90, Start, None),
+            (90, Rec(Success, true), closed),
+        ];
+        let mut b = Breaker::new(S, 16);
+        for (i, (at, what, phase)) in table.into_iter().enumerate() {
+            let now = at * SEC;
+            let before = b.phase();
+            match what {
+                Rec(signal, trial) => {
+                    assert_eq!(b.record(signal, trial, None, now), phase, "row {i}");
+                }
+                Start => b.started(),
+                Expect(want) => assert_eq!(b.gate(now), want, "row {i}"),
+            }
+            if !matches!(what, Rec(..)) {
+                let changed = (b.phase() != before).then_some(b.phase());
+                assert_eq!(changed, phase, "row {i}: {what:?}");
+            }
+        }
     }
 
     #[test]
     fn retry_after_holds_the_destination_whatever_the_phase() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(S);
+        let mut b = Breaker::new(S, 16);
         assert_eq!(
-            b.record(Signal::Answered, Some(Duration::from_secs(30)), t0),
+            b.record(Signal::Answered, false, Some(Duration::from_secs(30)), 0),
             None
         );
-        assert_eq!(b.gate(t0), Gate::Until(t0 + Duration::from_secs(30)));
-        assert_eq!(b.gate(t0 + Duration::from_secs(30)), Gate::Go);
+        assert_eq!(b.gate(0), Gate::Until(30 * SEC));
+        assert_eq!(b.gate(30 * SEC), Gate::Go { trial: false });
         assert_eq!(b.phase(), Phase::Closed, "a 429 is no failure");
+        // A hold of u64::MAX seconds and a clock near its end: no overflow.
+        let huge = Duration::from_secs(u64::MAX);
+        b.record(Signal::Failure, false, Some(huge), i64::MAX - 5);
+        assert_eq!(b.gate(i64::MAX - 1), Gate::Until(i64::MAX));
     }
 
     #[test]
     fn zero_failures_is_no_breaker() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(CircuitSettings { failures: 0, ..S });
+        let mut b = Breaker::new(CircuitSettings { failures: 0, ..S }, 16);
         for _ in 0..100 {
-            assert_eq!(b.record(Signal::Failure, None, t0), None);
+            assert_eq!(b.record(Signal::Failure, false, None, 0), None);
         }
-        assert_eq!(b.gate(t0), Gate::Go);
+        assert_eq!(b.gate(0), Gate::Go { trial: false });
     }
 
     #[test]
-    fn a_probe_answered_with_a_4xx_closes_it() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(CircuitSettings { failures: 1, ..S });
-        b.record(Signal::Failure, None, t0);
-        let later = t0 + Duration::from_secs(10);
-        assert_eq!(b.gate(later), Gate::Go);
+    fn trials_are_at_most_the_pools_concurrency() {
+        let mut b = Breaker::new(CircuitSettings { failures: 1, ..S }, 1);
+        b.record(Signal::Failure, false, None, 0);
+        assert_eq!(b.gate(10 * SEC), Gate::Go { trial: true });
         b.started();
-        assert_eq!(b.record(Signal::Answered, None, later), Some(Phase::Closed));
+        assert_eq!(b.gate(10 * SEC), Gate::Trials);
+        assert_eq!(
+            b.record(Signal::Failure, true, None, 11 * SEC),
+            Some(Phase::Open),
+            "its one trial failed"
+        );
+    }
+
+    #[test]
+    fn a_shared_circuits_probes_are_a_round_of_trials() {
+        let mut b = Breaker::new(S, 16);
+        assert_eq!(b.shared_open(50 * SEC), Some(Phase::Open));
+        assert_eq!(b.next_trial_at(), Some(50 * SEC));
+        assert_eq!(
+            b.shared_trials(2, Duration::from_secs(20)),
+            Some(Phase::HalfOpen)
+        );
+        b.started();
+        b.started();
+        assert_eq!(b.record(Signal::Failure, true, None, 51 * SEC), None);
+        assert_eq!(
+            b.record(Signal::Failure, true, None, 51 * SEC),
+            Some(Phase::Open)
+        );
+        assert_eq!(b.cooldown(), Duration::from_secs(25), "doubled, capped");
     }
 }

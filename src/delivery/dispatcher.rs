@@ -1,27 +1,81 @@
-//! The dispatcher: claims due jobs in batches, starts one delivery per free
-//! worker, renews the leases it holds, and drains at shutdown (see the
-//! module doc of [`super`]).
+//! The dispatcher: carries out what the pool's [`Machine`] decides (claims,
+//! starts, gives back, pause checks, circuit changes) and feeds it what
+//! happens (claim answers, handed-over jobs, deliveries' ends, wake-ups, a
+//! pause told by this relay's admin, shutdown), each with the time of the
+//! pool's clock. It renews the leases it holds, and drains at shutdown (see
+//! the module doc of [`super`]).
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::attempt::deliver;
-use super::circuit::{self, Gate};
+use super::attempt::{deliver, Done, Verdict};
+use super::circuit::{Phase, Signal};
+use super::machine::{Command, Machine, Settings, PAUSE_LEASE};
 use super::*;
 use crate::cognigy::CognigyClient;
-use crate::queue::{now_ms, Claimed, LeaseRef, Leased, Queue, QueueResult};
+use crate::queue::{Claimed, LeaseRef, Leased, Queue, QueueResult};
+
+/// A pause or resume told by this relay's admin: the pool stops starting
+/// (and gives back what it holds) before `ack` is answered.
+#[derive(Debug)]
+pub struct PauseNote {
+    pub paused: bool,
+    pub ack: oneshot::Sender<()>,
+}
+
+/// Each running pool's line for pauses told by this relay's admin, by
+/// destination (a reload may run an old and a new pool of one name a
+/// moment).
+#[derive(Debug, Clone, Default)]
+pub struct PauseBoard(Arc<Mutex<HashMap<String, Vec<mpsc::UnboundedSender<PauseNote>>>>>);
+
+impl PauseBoard {
+    pub(crate) fn join(&self, destination: &str, line: mpsc::UnboundedSender<PauseNote>) {
+        let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = board.entry(destination.to_string()).or_default();
+        lines.retain(|l| !l.is_closed());
+        lines.push(line);
+    }
+
+    /// Tells `destination`'s running pools of a pause (or resume) and waits
+    /// until each has stopped starting deliveries (and given back what it
+    /// held), at most 2 s.
+    pub async fn tell(&self, destination: &str, paused: bool) {
+        let lines: Vec<_> = {
+            let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let lines = board.entry(destination.to_string()).or_default();
+            lines.retain(|l| !l.is_closed());
+            lines.clone()
+        };
+        let mut acks = Vec::new();
+        for line in lines {
+            let (ack, heard) = oneshot::channel();
+            if line.send(PauseNote { paused, ack }).is_ok() {
+                acks.push(heard);
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for heard in acks {
+                let _ = heard.await;
+            }
+        })
+        .await;
+    }
+}
 
 /// Runs the pool until `shutdown` turns true, then drains (see module doc).
+#[allow(clippy::too_many_arguments)]
 pub async fn run<Q: Queue>(
     queue: Arc<Q>,
     cfg: DeliveryConfig,
     wake: Arc<Notify>,
     mut handoff: handoff::HandoffRx,
     metrics: Arc<crate::metrics::Metrics>,
+    mut pause_notes: mpsc::UnboundedReceiver<PauseNote>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     if cfg.pool.test_fault == Some(TestFault::FailAtStart) {
@@ -38,172 +92,177 @@ pub async fn run<Q: Queue>(
         .clone()
         .map(CognigyClient::new)
         .transpose()?;
-    // Up from here; down when this returns or unwinds.
-    metrics
-        .delivery_up
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    let _up = Up(metrics.clone());
+    // Counted as running from here, until this returns or unwinds.
+    let _up = Up::new(metrics.clone());
     if cfg.pool.test_fault == Some(TestFault::PanicLater) {
         tokio::time::sleep(TestFault::PANIC_AFTER).await;
         panic!("injected fault: the pool panicked");
     }
-    let cfg_name = cfg.name.clone();
-    let circuit_settings = cfg.destination.circuit;
-    let rate_limit = cfg.destination.rate_limit;
+    let clock = cfg.pool.clock.clone();
+    let name = cfg.name.clone();
+    let concurrency = cfg.destination.concurrency;
+    let mut machine = Machine::new(Settings {
+        concurrency,
+        prefetch: (concurrency * 2).min(MAX_CLAIM),
+        rate_limit: cfg.destination.rate_limit,
+        circuit: cfg.destination.circuit,
+        idle_poll_ms: IDLE_POLL.as_millis() as i64,
+        pause_lease_ms: PAUSE_LEASE.as_millis() as i64,
+    });
     let pool = Arc::new(Pool {
         queue,
-        cfg,
         target,
         in_flight: InFlight::default(),
         wake: wake.clone(),
         verifier,
-        destination_metrics: metrics.destination(&cfg_name),
-        circuit: circuit::Circuit::new(&cfg_name, circuit_settings, metrics.clone()),
-        limiter: (rate_limit > 0).then(|| {
-            crate::window::Limiter::new(crate::window::RateLimit {
-                max: rate_limit,
-                per: Duration::from_secs(1),
-            })
-        }),
+        destination_metrics: metrics.destination(&name),
+        clock: clock.clone(),
+        gate: SendGate::new(),
+        cfg,
         metrics,
     });
-    let semaphore = Arc::new(Semaphore::new(pool.cfg.destination.concurrency));
-    let mut tasks = JoinSet::new();
+    pool.metrics.circuit(&name, Phase::Closed.as_str());
+    pool.metrics.next_trial(&name, None);
     let renewer = (pool.cfg.renewals.clone())
         .unwrap_or_else(tokio::runtime::Handle::current)
         .spawn(renew_leases(pool.clone()));
 
-    // Jobs claimed ahead of a free worker: claiming in batches keeps store round
-    // trips per job low. They are leased and renewed like running ones.
-    let mut ready: VecDeque<Leased> = VecDeque::new();
-    let prefetch = (pool.cfg.destination.concurrency * 2).min(MAX_CLAIM);
-    let take = |pool: &Pool<Q>, ready: &mut VecDeque<Leased>, job: Leased| {
-        pool.in_flight.hold(&job.lease);
-        ready.push_back(job);
-    };
-    // A claim runs beside the dispatching (its own task): while it is out, free
-    // workers keep taking ready jobs. After a claim that came back short, the
-    // store is rested until a wake-up (a job stored by the ingress, a retry
-    // written back), the next due time, or IDLE_POLL. A paused destination's
-    // rest is IDLE_POLL whatever the ingress stores (a resume shows within it).
-    let mut claiming: Option<JoinHandle<(usize, QueueResult<Claimed>)>> = None;
-    let mut rest_until: Option<Instant> = None;
-    let mut paused = false;
-    // The rate limit's next free slot, when the last start found none.
-    let mut rate_until: Option<Instant> = None;
-    let started = Instant::now();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    // Each delivery task's lease and whether it was a trial; `ended`: those
+    // whose HTTP part is over (their end was told).
+    let mut task_leases: HashMap<tokio::task::Id, (LeaseRef, bool)> = HashMap::new();
+    let mut ended: HashSet<LeaseRef> = HashSet::new();
+    let mut claiming: Option<JoinHandle<(QueueResult<Claimed>, usize, i64)>> = None;
+    let mut checking: Option<JoinHandle<(QueueResult<bool>, i64)>> = None;
+    let mut pause_acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let started = tokio::time::Instant::now();
     loop {
+        let now = clock.mono_ms();
         while let Some(job) = handoff.try_recv() {
-            take(&pool, &mut ready, job);
+            pool.in_flight.hold(&job.lease);
+            machine.handed(job);
         }
-        handoff.set_ready(ready.len());
-        // An open circuit (or a `Retry-After` hold) starts nothing and claims
-        // nothing: the jobs wait in the store with their attempts.
-        let gate = pool.circuit.gate();
-        let rate_wait = rate_until.filter(|t| *t > Instant::now());
-        let can_start = gate == Gate::Go && rate_wait.is_none();
-        let gate_until = match gate {
-            Gate::Until(t) => Some(t),
-            _ => rate_wait,
-        };
-        if claiming.is_none()
-            && can_start
-            && ready.len() < pool.cfg.destination.concurrency
-            && rest_until.is_none_or(|t| Instant::now() >= t)
-        {
-            let (p, asked) = (pool.clone(), prefetch - ready.len());
-            claiming = Some(tokio::spawn(async move {
-                (
-                    asked,
-                    p.queue
-                        .claim_for(&p.cfg.name, asked, p.cfg.pool.lock_duration)
-                        .await,
-                )
-            }));
+        for command in machine.poll(now) {
+            carry_out(
+                &pool,
+                &name,
+                command,
+                &mut tasks,
+                &mut task_leases,
+                &mut claiming,
+                &mut checking,
+                &done_tx,
+            );
         }
-        // Any instant will do while the rest branch is off.
-        let rest = rest_until.unwrap_or(started);
+        pool.gate.set(machine.lease_until());
+        handoff.set_ready(machine.ready_len() + machine.running());
+        for ack in pause_acks.drain(..) {
+            let _ = ack.send(());
+        }
+        // Sleep until the machine's next time, on the runtime's clock.
+        let next = machine.next_wake(now);
+        let sleep_for = next.map(|t| Duration::from_millis(t.saturating_sub(now).max(1) as u64));
+        let deadline = sleep_for.map_or(started, |d| tokio::time::Instant::now() + d);
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            done = claim_result(&mut claiming) => {
+            Some(done) = done_rx.recv() => {
+                let now = clock.mono_ms();
+                ended.insert(done.lease.clone());
+                match done.verdict {
+                    Verdict::Sent { signal, hold } => machine.finished(done.trial, signal, hold, now),
+                    Verdict::NotSent(job) => {
+                        machine.finished(done.trial, Signal::None, None, now);
+                        release(&pool, vec![job]);
+                    }
+                }
+            }
+            Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let id = match &joined {
+                    Ok((id, ())) => *id,
+                    Err(e) => e.id(),
+                };
+                if let Some((lease, trial)) = task_leases.remove(&id) {
+                    let told = ended.remove(&lease);
+                    if let Err(e) = joined {
+                        // A delivery that died: its end told to the machine,
+                        // and its job back in the store (not active for ever).
+                        tracing::error!(destination = %name, job = %lease.job_id, error = %e, "a delivery task failed; its job goes back to the queue");
+                        if !told {
+                            machine.finished(trial, Signal::None, None, clock.mono_ms());
+                        }
+                        pool.in_flight.ended(&lease);
+                        let queue = pool.queue.clone();
+                        tokio::spawn(async move { let _ = queue.release(vec![lease]).await; });
+                    }
+                }
+            }
+            done = join_opt(&mut claiming) => {
                 claiming = None;
-                rest_until = None;
-                paused = false;
-                // A failed claim or a failed claim task: one way.
-                let done = done
-                    .map_err(|e| e.to_string())
-                    .and_then(|(asked, r)| r.map(|c| (asked, c)).map_err(|e| e.to_string()));
-                match done {
-                    Ok((asked, claimed)) => {
-                        paused = claimed.paused;
-                        if claimed.jobs.len() < asked {
-                            let wait = claimed
-                                .next_due_ms
-                                .map(|due| Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64))
-                                .unwrap_or(IDLE_POLL)
-                                .min(IDLE_POLL);
-                            rest_until = Some(Instant::now() + wait);
-                        }
-                        for job in claimed.jobs {
-                            take(&pool, &mut ready, job);
-                        }
-                    }
-                    Err(e) => {
-                        if ready.is_empty() {
-                            tracing::error!(error = %e, "cannot claim jobs; trying again in 1 s");
-                        } else {
-                            tracing::warn!(error = %e, "cannot claim more jobs; trying again in 1 s");
-                        }
-                        rest_until = Some(Instant::now() + IDLE_POLL);
+                let now = clock.mono_ms();
+                let (result, asked, asked_at) = match done {
+                    Ok(r) => r,
+                    Err(e) => (Err(crate::queue::QueueError::Unavailable(e.to_string())), 0, now),
+                };
+                let result = result.map_err(|e| {
+                    tracing::warn!(destination = %name, error = %e, "cannot claim jobs; trying again in 1 s");
+                    e.to_string()
+                });
+                if let Ok(c) = &result {
+                    for job in &c.jobs {
+                        pool.in_flight.hold(&job.lease);
                     }
                 }
+                let wait = result.as_ref().ok().and_then(|c| c.next_due_ms)
+                    .map(|due| due.saturating_sub(clock.now_ms()));
+                machine.claimed(result, asked, asked_at, wait, now);
             }
-            p = semaphore.clone().acquire_owned(), if !ready.is_empty() && can_start => {
-                let Ok(permit) = p else { break };
-                // The rate limit's slot first: the circuit's probe, once
-                // marked as started, must start.
-                let slot = pool.limiter.as_ref().map_or(Ok(()), |l| l.try_acquire());
-                match slot {
-                    Err(until) => rate_until = Some(until.into_std()),
-                    Ok(()) if pool.circuit.try_start() == Gate::Go => {
-                        if let Some(leased) = ready.pop_front() {
-                            tasks.spawn(deliver(pool.clone(), leased, permit));
-                        }
-                    }
-                    Ok(()) => {}
-                }
-                while tasks.try_join_next().is_some() {}
+            done = join_opt(&mut checking) => {
+                checking = None;
+                let now = clock.mono_ms();
+                let (result, asked_at) = done.unwrap_or_else(|e| {
+                    (Err(crate::queue::QueueError::Unavailable(e.to_string())), now)
+                });
+                machine.pause_seen(result.map_err(|e| e.to_string()), asked_at, now);
             }
-            _ = tokio::time::sleep_until(gate_until.unwrap_or(started).into()), if gate_until.is_some() => {}
-            _ = pool.circuit.changed.notified(), if !can_start => {}
-            job = handoff.recv(), if ready.is_empty() => {
+            Some(note) = pause_notes.recv() => {
+                let now = clock.mono_ms();
+                machine.pause_seen(Ok(note.paused), now, now);
+                pause_acks.push(note.ack);
+            }
+            job = handoff.recv() => {
                 if let Some(job) = job {
-                    take(&pool, &mut ready, job);
+                    pool.in_flight.hold(&job.lease);
+                    machine.handed(job);
                 }
             }
-            _ = wake.notified(), if rest_until.is_some() && !paused => rest_until = None,
-            _ = tokio::time::sleep_until(rest.into()), if rest_until.is_some() => rest_until = None,
+            _ = wake.notified() => machine.woken(),
+            _ = tokio::time::sleep_until(deadline), if sleep_for.is_some() => {}
         }
     }
-    // A claim still out: its jobs are taken back with the rest.
-    if let Some(Ok((_, Ok(claimed)))) = match claiming {
-        Some(h) => Some(h.await),
-        None => None,
-    } {
-        for job in claimed.jobs {
-            take(&pool, &mut ready, job);
+    // Shutdown: nothing more starts; what is held goes back.
+    machine.stop();
+    pool.gate.set(i64::MIN);
+    if let Some(h) = claiming.take() {
+        if let Ok((Ok(claimed), _, _)) = h.await {
+            release(&pool, claimed.jobs);
         }
     }
-    // Claimed (or handed off) but never started: straight back to the queue.
-    for job in handoff.close() {
-        take(&pool, &mut ready, job);
+    if let Some(h) = checking.take() {
+        h.abort();
+    }
+    let mut held: Vec<Leased> = handoff.close();
+    for command in machine.poll(clock.mono_ms()) {
+        if let Command::Release(jobs) = command {
+            held.extend(jobs);
+        }
     }
     // A failure to give them back is reported at the end, after the drain:
     // the deliveries in flight still finish and record their results.
     let mut released = Ok(());
-    if !ready.is_empty() {
-        let leases: Vec<LeaseRef> = ready.drain(..).map(|l| l.lease).collect();
+    if !held.is_empty() {
+        let leases: Vec<LeaseRef> = held.into_iter().map(|l| l.lease).collect();
         for l in &leases {
             pool.in_flight.ended(l);
         }
@@ -214,10 +273,10 @@ pub async fn run<Q: Queue>(
     }
 
     // Drain: let in-flight deliveries finish within the grace period.
-    while tasks.try_join_next().is_some() {}
     let busy = tasks.len();
     if busy > 0 {
         tracing::info!(
+            destination = %name,
             in_flight = busy,
             grace_ms = pool.cfg.pool.shutdown_grace.as_millis() as u64,
             "finishing in-flight deliveries"
@@ -227,6 +286,13 @@ pub async fn run<Q: Queue>(
         while tasks.join_next().await.is_some() {}
     })
     .await;
+    // Deliveries that were told to give their job back meanwhile.
+    while let Ok(done) = done_rx.try_recv() {
+        if let Verdict::NotSent(job) = done.verdict {
+            pool.in_flight.ended(&job.lease);
+            let _ = pool.queue.release(vec![job.lease]).await;
+        }
+    }
     // Awaited once aborted: the renewer holds the pool, and so the queue
     // (the embedded store's process lock), until it is really gone.
     renewer.abort();
@@ -244,6 +310,108 @@ pub async fn run<Q: Queue>(
     released.map_err(Into::into)
 }
 
+/// One machine command, carried out.
+#[allow(clippy::too_many_arguments)]
+fn carry_out<Q: Queue>(
+    pool: &Arc<Pool<Q>>,
+    name: &str,
+    command: Command,
+    tasks: &mut JoinSet<()>,
+    task_leases: &mut HashMap<tokio::task::Id, (LeaseRef, bool)>,
+    claiming: &mut Option<JoinHandle<(QueueResult<Claimed>, usize, i64)>>,
+    checking: &mut Option<JoinHandle<(QueueResult<bool>, i64)>>,
+    done: &mpsc::UnboundedSender<Done>,
+) {
+    match command {
+        Command::Claim { max, order } => {
+            let p = pool.clone();
+            *claiming = Some(tokio::spawn(async move {
+                let asked_at = p.clock.mono_ms();
+                let r = p
+                    .queue
+                    .claim_for(&p.cfg.name, max, p.cfg.pool.lock_duration, order)
+                    .await;
+                (r, max, asked_at)
+            }));
+        }
+        Command::Start { job, trial } => {
+            let lease = job.lease.clone();
+            let handle = tasks.spawn(deliver(pool.clone(), job, trial, done.clone()));
+            task_leases.insert(handle.id(), (lease, trial));
+        }
+        Command::Release(jobs) => release(pool, jobs),
+        Command::CheckPause => {
+            let p = pool.clone();
+            *checking = Some(tokio::spawn(async move {
+                let asked_at = p.clock.mono_ms();
+                (p.queue.is_paused(&p.cfg.name).await, asked_at)
+            }));
+        }
+        Command::Circuit {
+            phase,
+            cooldown,
+            share,
+        } => circuit_changed(pool, name, phase, cooldown, share),
+    }
+}
+
+/// A circuit change: in the metrics and the admin API, logged once, and
+/// (`share`) in the store for every relay (Redis).
+fn circuit_changed<Q: Queue>(
+    pool: &Arc<Pool<Q>>,
+    name: &str,
+    phase: Phase,
+    cooldown: Duration,
+    share: bool,
+) {
+    pool.metrics.circuit(name, phase.as_str());
+    let next = (phase == Phase::Open).then(|| {
+        pool.clock
+            .now_ms()
+            .saturating_add(i64::try_from(cooldown.as_millis()).unwrap_or(i64::MAX))
+    });
+    pool.metrics.next_trial(name, next);
+    match phase {
+        Phase::Open => tracing::warn!(
+            destination = %name, cooldown_ms = cooldown.as_millis() as u64,
+            next_trial = %next.map(crate::time::rfc3339).unwrap_or_default(),
+            "circuit open: the destination keeps failing; its jobs wait (keeping their attempts) until a trial"
+        ),
+        Phase::HalfOpen => {
+            tracing::info!(destination = %name, "circuit half-open: trial deliveries")
+        }
+        Phase::Closed => {
+            tracing::info!(destination = %name, "circuit closed: deliveries resume")
+        }
+    }
+    if share && phase != Phase::HalfOpen {
+        let p = pool.clone();
+        let open_for = (phase == Phase::Open).then_some(cooldown);
+        tokio::spawn(async move {
+            if let Err(e) = p.queue.set_circuit(&p.cfg.name, open_for).await {
+                tracing::warn!(error = %e, "cannot share the circuit with the other relays");
+            }
+        });
+    }
+}
+
+/// Jobs back to the store unstarted (waiting again, attempts unchanged).
+fn release<Q: Queue>(pool: &Arc<Pool<Q>>, jobs: Vec<Leased>) {
+    if jobs.is_empty() {
+        return;
+    }
+    let leases: Vec<LeaseRef> = jobs.into_iter().map(|l| l.lease).collect();
+    for l in &leases {
+        pool.in_flight.ended(l);
+    }
+    let p = pool.clone();
+    tokio::spawn(async move {
+        if let Err(e) = p.queue.release(leases).await {
+            tracing::warn!(error = %e, "cannot give jobs back to the queue; they are taken over when their leases expire");
+        }
+    });
+}
+
 async fn renew_leases<Q: Queue>(pool: Arc<Pool<Q>>) {
     let every = pool.cfg.pool.lock_duration / 3;
     loop {
@@ -258,11 +426,9 @@ async fn renew_leases<Q: Queue>(pool: Arc<Pool<Q>>) {
     }
 }
 
-/// The result of the claim in flight; never ready when there is none.
-async fn claim_result(
-    claiming: &mut Option<JoinHandle<(usize, QueueResult<Claimed>)>>,
-) -> Result<(usize, QueueResult<Claimed>), tokio::task::JoinError> {
-    match claiming {
+/// The task's result when there is one; never ready when there is none.
+async fn join_opt<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
         Some(h) => h.await,
         None => std::future::pending().await,
     }

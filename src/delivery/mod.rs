@@ -1,17 +1,17 @@
 //! The worker pool: claims due jobs, delivers each as `POST TARGET_ENDPOINT`,
 //! classifies the answer ([`classify`]) and writes the job back (SPEC §3.2).
 //!
-//! * One dispatcher task claims jobs in batches (up to 2 × `CONCURRENCY` leased
-//!   ahead) and starts one delivery task per job whenever a worker permit is
-//!   free (`CONCURRENCY` permits, held for the HTTP exchange). A claim runs as
-//!   its own task, so free workers keep taking ready jobs while it is out.
-//!   When the store has nothing due it is left alone until the next due time,
-//!   a wake-up (a job the ingress stored for any worker, a retry written back),
-//!   or one second (jobs changed by another process, e.g. an operator's retry
-//!   or another relay).
+//! * The decisions (what to claim, start, give back, and when to look
+//!   again) are a pure state machine, [`machine`]: claims in batches (up to
+//!   2 × `CONCURRENCY` leased ahead), at most `CONCURRENCY` deliveries at
+//!   once, the rate limit, the circuit breaker ([`circuit`]), the pause
+//!   lease and shutdown. The [`dispatcher`] carries its commands out: one
+//!   task per delivery, claims and pause checks as tasks of their own, and
+//!   it feeds the machine what happened, with the time of an injectable
+//!   clock (`time::Clock`).
 //! * Retries are data, not sleeps: a failed attempt is written back as `delayed`
 //!   with its due time; no worker waits on it.
-//! * Leases of in-flight jobs are renewed every `LOCK_DURATION_MS / 3`, at the
+//! * Leases of held jobs are renewed every `LOCK_DURATION_MS / 3`, at the
 //!   ingress's CPU priority (see `DeliveryConfig::renewals`).
 //! * Shutdown: stop claiming, let in-flight deliveries finish for up to
 //!   `SHUTDOWN_GRACE_MS`, then abort the rest and return their leases.
@@ -25,8 +25,9 @@ pub mod target;
 
 mod attempt;
 mod dispatcher;
+pub mod machine;
 
-pub use dispatcher::run;
+pub use dispatcher::{run, PauseBoard, PauseNote};
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -84,6 +85,8 @@ pub struct PoolSettings {
     /// A fault to inject, for tests of the relay's supervision: read from
     /// `COGRELAY_TEST_FAULT` in debug builds only, always `None` in release.
     pub test_fault: Option<TestFault>,
+    /// Where the pool reads the time (the system's; tests step their own).
+    pub clock: crate::time::Clock,
 }
 
 /// What [`run`] takes: the destination, the pool, and where renewals run.
@@ -156,10 +159,31 @@ struct Pool<Q> {
     verifier: Option<CognigyClient>,
     metrics: Arc<crate::metrics::Metrics>,
     destination_metrics: crate::metrics::DestinationMetrics,
-    /// The destination's breaker (and `Retry-After` hold).
-    circuit: circuit::Circuit,
-    /// `rate_limit` requests in any second (with a 5% margin); None = none.
-    limiter: Option<crate::window::Limiter>,
+    /// Where the pool reads the time.
+    clock: crate::time::Clock,
+    /// Whether a started delivery may still send (the pause lease, as the
+    /// dispatcher's machine last published it).
+    gate: SendGate,
+}
+
+/// The last look a delivery takes before its request goes out: until when
+/// the pause lease lets it (ms of the pool's monotonic clock), published by
+/// the dispatcher after each of its machine's steps.
+#[derive(Debug)]
+struct SendGate(std::sync::atomic::AtomicI64);
+
+impl SendGate {
+    fn new() -> Self {
+        Self(std::sync::atomic::AtomicI64::new(i64::MIN))
+    }
+
+    fn may_send(&self, now: i64) -> bool {
+        now < self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set(&self, until: i64) {
+        self.0.store(until, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// The leases a pool holds (claimed or handed over, running or about to),
@@ -194,14 +218,23 @@ impl InFlight {
     }
 }
 
-/// Clears `delivery_up` when the pool ends, however it ends.
+/// Counts the pool in `delivery_up` while it runs, however it ends.
 struct Up(Arc<crate::metrics::Metrics>);
+
+impl Up {
+    fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        metrics
+            .pools_up
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(metrics)
+    }
+}
 
 impl Drop for Up {
     fn drop(&mut self) {
         self.0
-            .delivery_up
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+            .pools_up
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -164,6 +164,28 @@ pub struct Leased {
     pub lease: LeaseRef,
 }
 
+impl Leased {
+    /// The lease and the job without its body (what finishing needs), for
+    /// asking the store again when it could not take a result.
+    pub fn clone_without_body(&self) -> Leased {
+        let j = &self.job;
+        Leased {
+            lease: self.lease.clone(),
+            job: DeliveryJob {
+                id: j.id.clone(),
+                key: j.key.clone(),
+                event_id: j.event_id.clone(),
+                bot_id: j.bot_id.clone(),
+                kind: j.kind,
+                body: Vec::new(),
+                attempts_made: j.attempts_made,
+                created_at_ms: j.created_at_ms,
+                probe: j.probe,
+            },
+        }
+    }
+}
+
 /// The identity of a lease, for renewal and for returning it at shutdown.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LeaseRef {
@@ -321,6 +343,21 @@ pub struct Page {
     pub total: u64,
 }
 
+/// Jobs a half-open circuit's round of trials takes at most (the breaker,
+/// `delivery/circuit.rs`; on Redis the claim script takes a shared
+/// circuit's round, so the number lives here, below both).
+pub const CIRCUIT_TRIALS: u32 = 3;
+
+/// Which due jobs a claim takes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOrder {
+    /// The earliest due (the queue's order).
+    Due,
+    /// Never attempted first, newest first: a half-open circuit's trials
+    /// judge the destination, not one event's own trouble.
+    Freshest,
+}
+
 /// Jobs claimed, and when to look again if none were due.
 #[derive(Debug, Default)]
 pub struct Claimed {
@@ -331,6 +368,9 @@ pub struct Claimed {
     /// resumed (its dispatcher then claims once a second, not at each new
     /// job: a paused destination costs the ingest nothing).
     pub paused: bool,
+    /// The circuit shared by every relay (Redis) is open: its next trial is
+    /// due in this many ms (the store's clock counted from the claim).
+    pub circuit_open_for_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -399,21 +439,27 @@ pub trait Queue: Send + Sync + 'static {
             Ok((routed.first(), leased.pop()))
         }
     }
-    /// Leases due jobs of `destination` (see the module doc).
+    /// Leases due jobs of `destination`, `order`'s first (see the module
+    /// doc). A claim may take fewer than are due only when it says to come
+    /// back at once (`next_due_ms` now).
     fn claim_for(
         &self,
         destination: &str,
         max: usize,
         lease: Duration,
+        order: ClaimOrder,
     ) -> impl Future<Output = QueueResult<Claimed>> + Send;
-    /// [`Queue::claim_for`] the `default` destination.
+    /// [`Queue::claim_for`] the `default` destination, in due order.
     fn claim(
         &self,
         max: usize,
         lease: Duration,
     ) -> impl Future<Output = QueueResult<Claimed>> + Send {
-        self.claim_for(DEFAULT_DESTINATION, max, lease)
+        self.claim_for(DEFAULT_DESTINATION, max, lease, ClaimOrder::Due)
     }
+    /// Whether `destination` is paused, read from the store now (a pool's
+    /// pause lease, and operators).
+    fn is_paused(&self, destination: &str) -> impl Future<Output = QueueResult<bool>> + Send;
     fn renew(
         &self,
         leases: Vec<LeaseRef>,
@@ -433,23 +479,24 @@ pub trait Queue: Send + Sync + 'static {
     /// how many. The relay's store also does it on its own (the embedded
     /// store at each claim, Redis every half lease).
     fn check_stalled(&self) -> impl Future<Output = QueueResult<u64>> + Send;
-    /// The destination's circuit opened (until `until_ms`) or closed, where
-    /// the store shares it with every relay (Redis: its claims then take
-    /// nothing until then, and one probe after). The embedded store's one
-    /// relay keeps its circuit itself: nothing to do.
+    /// The destination's circuit opened (for `open_for`, counted on the
+    /// store's clock) or closed, where the store shares it with every relay
+    /// (Redis: its claims then take nothing until then, and one round of
+    /// trials after). The embedded store's one relay keeps its circuit
+    /// itself: nothing to do.
     fn set_circuit(
         &self,
         destination: &str,
-        open_until_ms: Option<i64>,
+        open_for: Option<Duration>,
     ) -> impl Future<Output = QueueResult<()>> + Send {
-        let _ = (destination, open_until_ms);
+        let _ = (destination, open_for);
         async { Ok(()) }
     }
-    /// Whether each destination's jobs are claimed by its own pool only
-    /// (embedded), rather than all from one queue (Redis, one destination
-    /// per relay so far).
-    fn keeps_destinations_apart(&self) -> bool {
-        true
+    /// Whether other relays share this store (Redis), rather than this one
+    /// relay owning it (embedded): a pause then waits out their pause lease,
+    /// and jobs of a destination no relay has are not this relay's to name.
+    fn shared_by_relays(&self) -> bool {
+        false
     }
     /// Ways this store can lose an acknowledged event, as found at start-up:
     /// `(name, present)` for each one the backend knows of.
@@ -508,7 +555,6 @@ pub trait Operate: Queue {
         destination: &str,
         paused: bool,
     ) -> impl Future<Output = QueueResult<()>> + Send;
-    fn is_paused(&self, destination: &str) -> impl Future<Output = QueueResult<bool>> + Send;
     /// Applies a destination's `rate_limit` (requests a second; 0 = none)
     /// where the store can hold it for every relay. The embedded store's one
     /// relay limits itself: nothing to do.

@@ -177,8 +177,9 @@ impl Queue for Store {
         destination: &str,
         max: usize,
         lease: Duration,
+        order: ClaimOrder,
     ) -> QueueResult<Claimed> {
-        each!(self, q => q.claim_for(destination, max, lease).await)
+        each!(self, q => q.claim_for(destination, max, lease, order).await)
     }
     async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
         each!(self, q => q.renew(leases, lease).await)
@@ -197,17 +198,20 @@ impl Queue for Store {
     async fn ping(&self) -> QueueResult<()> {
         each!(self, q => q.ping().await)
     }
+    async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
+        each!(self, q => q.is_paused(destination).await)
+    }
     async fn check_stalled(&self) -> QueueResult<u64> {
         each!(self, q => q.check_stalled().await)
     }
-    async fn set_circuit(&self, destination: &str, open_until_ms: Option<i64>) -> QueueResult<()> {
-        each!(self, q => q.set_circuit(destination, open_until_ms).await)
+    async fn set_circuit(&self, destination: &str, open_for: Option<Duration>) -> QueueResult<()> {
+        each!(self, q => q.set_circuit(destination, open_for).await)
     }
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {
         each!(self, q => q.durability_risks())
     }
-    fn keeps_destinations_apart(&self) -> bool {
-        each!(self, q => q.keeps_destinations_apart())
+    fn shared_by_relays(&self) -> bool {
+        each!(self, q => q.shared_by_relays())
     }
     async fn close(&self) -> QueueResult<()> {
         each!(self, q => q.close().await)
@@ -239,9 +243,7 @@ impl Operate for Store {
     async fn set_paused(&self, destination: &str, paused: bool) -> QueueResult<()> {
         each!(self, q => q.set_paused(destination, paused).await)
     }
-    async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
-        each!(self, q => q.is_paused(destination).await)
-    }
+
     async fn destination_names(&self) -> QueueResult<Vec<String>> {
         each!(self, q => q.destination_names().await)
     }

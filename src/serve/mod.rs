@@ -86,11 +86,13 @@ pub async fn run_with_queue<Q: Operate>(
     let delivery_rt = DeliveryRuntime::new(cfg.pool.nice)?;
     let accepting = Arc::new(AtomicBool::new(true));
     let metrics = Arc::new(Metrics::default());
+    let pauses = crate::delivery::PauseBoard::default();
     let (mut pools, mut ended) = Pools::new(
         queue.clone(),
         cfg.pool.clone(),
         metrics.clone(),
         delivery_rt.handle(),
+        pauses.clone(),
     );
     apply_rate_limits(&*queue, &destinations).await;
     for d in &destinations.list {
@@ -132,6 +134,7 @@ pub async fn run_with_queue<Q: Operate>(
         accepting: accepting.clone(),
         listen: admin_addr,
         destinations: current_destinations.clone(),
+        pauses,
     });
     let ingress_server = tokio::spawn(crate::tls::serve(
         ingress_listener,
@@ -222,7 +225,7 @@ pub async fn run_with_queue<Q: Operate>(
 /// Jobs waiting for a destination that no longer exists wait until one of
 /// that name does: say so once, with how to reach them.
 async fn warn_of_orphans<Q: Operate>(queue: &Q, destinations: &Destinations) {
-    if !queue.keeps_destinations_apart() {
+    if queue.shared_by_relays() {
         return;
     }
     let Ok(names) = queue.destination_names().await else {
@@ -312,6 +315,11 @@ async fn reload_destinations<Q: Operate>(
         lanes,
     });
     current.set(new.clone());
+    // Every old pool told to stop at once (none starts anything from now
+    // on), then each waited for while its deliveries in flight end.
+    for r in &retiring {
+        r.stop();
+    }
     for r in retiring {
         r.retire().await;
     }

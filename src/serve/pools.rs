@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::delivery::handoff::{Handoff, Lane};
-use crate::delivery::{self, DeliveryConfig, PoolSettings};
+use crate::delivery::{self, DeliveryConfig, PauseBoard, PoolSettings};
 use crate::destination::Destination;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
@@ -38,6 +38,7 @@ struct Running {
 
 pub struct Pools<Q> {
     queue: Arc<Q>,
+    pauses: PauseBoard,
     pool: PoolSettings,
     metrics: Arc<Metrics>,
     /// Where the pools run (the delivery runtime's handle).
@@ -53,10 +54,12 @@ impl<Q: Queue> Pools<Q> {
         pool: PoolSettings,
         metrics: Arc<Metrics>,
         runtime: tokio::runtime::Handle,
+        pauses: PauseBoard,
     ) -> (Self, mpsc::UnboundedReceiver<Ended>) {
         let (ended, ended_rx) = mpsc::unbounded_channel();
         let pools = Self {
             queue,
+            pauses,
             pool,
             metrics,
             runtime,
@@ -77,6 +80,8 @@ impl<Q: Queue> Pools<Q> {
         );
         let wake = Arc::new(Notify::new());
         let (stop, stop_rx) = watch::channel(false);
+        let (pause_line, pause_notes) = mpsc::unbounded_channel();
+        self.pauses.join(&d.name, pause_line);
         let generation = self.next_generation;
         self.next_generation += 1;
         let run = delivery::run(
@@ -85,6 +90,7 @@ impl<Q: Queue> Pools<Q> {
             wake.clone(),
             handoff_rx,
             self.metrics.clone(),
+            pause_notes,
             stop_rx,
         );
         let inner = self.runtime.spawn(run);
@@ -176,6 +182,13 @@ pub struct Started {
 pub struct Retiring(Running);
 
 impl Retiring {
+    /// Tells the pool to stop: it starts nothing more, and gives back what
+    /// it holds.
+    pub fn stop(&self) {
+        let _ = self.0.stop.send(true);
+    }
+
+    /// Stops the pool and waits for its drain.
     pub async fn retire(self) {
         let _ = self.0.stop.send(true);
         if let Ok(Err(e)) = self.0.done.await {

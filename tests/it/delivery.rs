@@ -293,6 +293,7 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
             Arc::new(tokio::sync::Notify::new()),
             handoff_rx,
             Arc::new(Metrics::default()),
+            tokio::sync::mpsc::unbounded_channel().1,
             stopped,
         ));
         assert!(sink.wait_for(1, WAIT).await, "the delivery started");

@@ -33,8 +33,8 @@ use std::time::Duration;
 use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::{
-    self, Attempt, AttemptOutcome, Disposition, JobState, Leased, Opener, Operate, Queue,
-    QueueError, QueueKind, QueueSettings, Store, StoreSettings,
+    self, Attempt, AttemptOutcome, ClaimOrder, Disposition, JobState, Leased, Opener, Operate,
+    Queue, QueueError, QueueKind, QueueSettings, Store, StoreSettings,
 };
 use cogrelay::time::Clock;
 use proptest::prelude::*;
@@ -61,6 +61,8 @@ enum Op {
     Claim {
         dest: usize,
         max: usize,
+        /// Freshest first (a circuit's trials), else the queue's order.
+        fresh: bool,
     },
     Finish {
         lease: usize,
@@ -119,7 +121,8 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (1u8..16, any::<bool>(), proptest::option::weighted(0.15, 0usize..64), proptest::bool::weighted(0.2))
             .prop_map(|(dests, handoff, dup, big)| Op::Store { dests, handoff, dup, big }),
         1 => (1usize..300, 1u8..16).prop_map(|(n, dests)| Op::StoreMany { n, dests }),
-        8 => (0usize..4, 1usize..12).prop_map(|(dest, max)| Op::Claim { dest, max }),
+        8 => (0usize..4, 1usize..12, proptest::bool::weighted(0.2))
+            .prop_map(|(dest, max, fresh)| Op::Claim { dest, max, fresh }),
         8 => (0usize..64, outcome).prop_map(|(lease, outcome)| Op::Finish { lease, outcome }),
         1 => (0usize..64).prop_map(|lease| Op::FinishStale { lease }),
         2 => (0usize..64).prop_map(|lease| Op::Release { lease }),
@@ -503,10 +506,15 @@ async fn run_case(
                     ));
                 }
             }
-            Op::Claim { dest, max } => {
+            Op::Claim { dest, max, fresh } => {
+                let order = if *fresh {
+                    ClaimOrder::Freshest
+                } else {
+                    ClaimOrder::Due
+                };
                 let claimed = sut
                     .q()
-                    .claim_for(DESTS[*dest], *max, lease)
+                    .claim_for(DESTS[*dest], *max, lease, order)
                     .await
                     .map_err(|e| fail(at(&format!("a claim failed: {e}"))))?;
                 // Redis: a claim moves the destination's due retries to wait.
@@ -546,6 +554,20 @@ async fn run_case(
                     }
                 }
                 let want = m.claimable(*dest).min(*max);
+                if *fresh && m.backend == Backend::Embedded {
+                    // Never attempted first: no job left due has fewer
+                    // attempts than one taken.
+                    let taken: Vec<i64> = claimed
+                        .jobs
+                        .iter()
+                        .filter_map(|l| l.lease.job_id.parse().ok())
+                        .collect();
+                    let most = taken.iter().filter_map(|id| m.jobs.get(id)).map(|j| j.attempts).max();
+                    let left_fewer = m.jobs.iter().any(|(id, j)| {
+                        j.dest == *dest && m.due(&j.st) && !taken.contains(id) && most.is_some_and(|a| j.attempts < a)
+                    });
+                    prop_assert!(!left_fewer, "{}", at("a freshest claim left a fresher job"));
+                }
                 let again = claimed.next_due_ms.is_some_and(|t| t <= m.now);
                 prop_assert!(
                     claimed.jobs.len() == want || (claimed.jobs.len() < want && again),
@@ -1011,7 +1033,7 @@ async fn drain(
         for d in DESTS {
             let c = sut
                 .q()
-                .claim_for(d, 64, Duration::from_secs(600))
+                .claim_for(d, 64, Duration::from_secs(600), ClaimOrder::Due)
                 .await
                 .map_err(|e| fail(format!("drain: claim: {e}")))?;
             let again = c.next_due_ms.is_some_and(|t| t <= m.now);

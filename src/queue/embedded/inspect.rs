@@ -364,12 +364,5 @@ impl Operate for EmbeddedQueue {
         .await
     }
 
-    async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
-        let destination = destination.to_string();
-        self.call(move |conn, w| {
-            w.paused_read_at = None;
-            w.is_paused(conn, &destination)
-        })
-        .await
-    }
+
 }

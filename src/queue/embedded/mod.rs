@@ -423,7 +423,10 @@ impl Queue for EmbeddedQueue {
     ) -> QueueResult<(Routed, Vec<Leased>)> {
         let token = lease.map(|_| format!("{:016x}", fastrand::u64(..)));
         self.call(move |conn, w| {
-            let until = lease.map(|l| w.now_ms + l.as_millis() as i64);
+            let until = lease.map(|l| {
+                w.now_ms
+                    .saturating_add(i64::try_from(l.as_millis()).unwrap_or(i64::MAX))
+            });
             let lease = token.as_deref().zip(until);
             let (routed, leased) = insert_event(conn, w, &event, &destinations, lease)?;
             let leased = match &token {
@@ -465,8 +468,9 @@ impl Queue for EmbeddedQueue {
         destination: &str,
         max: usize,
         lease: Duration,
+        order: super::ClaimOrder,
     ) -> QueueResult<Claimed> {
-        let lease_ms = lease.as_millis() as i64;
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let destination = destination.to_string();
         self.call(move |conn, w| {
             let now = w.now_ms;
@@ -484,16 +488,26 @@ impl Queue for EmbeddedQueue {
                 bundle::write_out(conn, &mut w.space, bundle::WRITE_OUT_PER_CLAIM)?.more;
             put_back_stalled(conn, now)?;
             let token = format!("{:016x}", fastrand::u64(..));
-            let mut stmt = conn
-                .prepare_cached(
+            let sql = match order {
+                super::ClaimOrder::Due => {
                     "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
                      WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
                                    AND due_at_ms <= ?3 AND pending IS NULL ORDER BY due_at_ms, seq LIMIT ?4)
-                     RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms",
-                )
-                .map_err(sql_err)?;
+                     RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms"
+                }
+                // A circuit's trials: never attempted first, newest first.
+                super::ClaimOrder::Freshest => {
+                    "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
+                     WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
+                                   AND due_at_ms <= ?3 AND pending IS NULL
+                                   ORDER BY attempts_made, due_at_ms DESC, seq DESC LIMIT ?4)
+                     RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms"
+                }
+            };
+            let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
+            let until = now.saturating_add(lease_ms);
             let rows = stmt
-                .query_map(params![token, now + lease_ms, now, max as i64, destination], |r| {
+                .query_map(params![token, until, now, max as i64, destination], |r| {
                     let kind: String = r.get(4)?;
                     Ok(DeliveryJob {
                         id: r.get::<_, i64>(0)?.to_string(),
@@ -538,13 +552,14 @@ impl Queue for EmbeddedQueue {
                 jobs,
                 next_due_ms,
                 paused: false,
+                circuit_open_for_ms: None,
             })
         })
         .await
     }
 
     async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
-        let lease_ms = lease.as_millis() as i64;
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         self.call(move |conn, w| {
             let mut stmt = conn
                 .prepare_cached(
@@ -553,7 +568,7 @@ impl Queue for EmbeddedQueue {
                 .map_err(sql_err)?;
             for l in &leases {
                 let seq = parse_id(&l.job_id)?;
-                stmt.execute(params![w.now_ms + lease_ms, seq, l.token]).map_err(sql_err)?;
+                stmt.execute(params![w.now_ms.saturating_add(lease_ms), seq, l.token]).map_err(sql_err)?;
             }
             Ok(())
         })
@@ -631,6 +646,15 @@ impl Queue for EmbeddedQueue {
         // COGRELAY_FSYNC=off: an acknowledged event survives a crash of the
         // relay, not a power loss.
         vec![("embedded_no_fsync", self.fsync == Fsync::Off)]
+    }
+
+    async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
+        let destination = destination.to_string();
+        self.call(move |conn, w| {
+            w.paused_read_at = None;
+            w.is_paused(conn, &destination)
+        })
+        .await
     }
 
     async fn check_stalled(&self) -> QueueResult<u64> {

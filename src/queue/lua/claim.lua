@@ -7,13 +7,17 @@
     KEYS[5] rate limiter, KEYS[6] delayed, KEYS[7] meta, KEYS[8] priority
     counter, KEYS[9] marker
     ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] lock duration (ms),
-    ARGV[4] most jobs, ARGV[5] token base, ARGV[6] worker name
-  Returns {jobs, next, probe, paused}: jobs is flat, 4 per job (id, token, data, atm); next is
-  the earliest due time of a delayed job (ms) when no job was taken, or when
-  the global rate limit held some back, when its window frees; else nil;
-  probe is the cool-down in force (ms) when the one job taken is the shared
-  circuit's probe, else 0; paused is 1 when the queue is paused (the relay
-  then rests its claims until a resume shows), else 0.
+    ARGV[4] most jobs, ARGV[5] token base, ARGV[6] worker name,
+    ARGV[7] order: "due" (the queue's) or "fresh" (never attempted first,
+    newest first: a circuit's trials), ARGV[8] trials of a circuit's round
+  Returns {jobs, next, probe, paused, circuit}: jobs is flat, 4 per job (id,
+  token, data, atm); next is the earliest due time of a delayed job (ms)
+  when no job was taken, or when the global rate limit held some back, when
+  its window frees; else nil; probe is the cool-down in force (ms) when the
+  jobs taken are the shared circuit's trials, else 0; paused is 1 when the
+  queue is paused (the relay then rests its claims until a resume shows),
+  else 0; circuit is, while the shared circuit holds the queue, how long
+  until its next trial (ms, on Redis's clock), else nil.
 ]]
 local rcall = redis.call
 local prefix, ts = ARGV[1], tonumber(ARGV[2])
@@ -63,42 +67,87 @@ if maxJobs and limitMs then
   room = math.min(room, maxJobs - used)
 end
 
--- cogrelay's circuit breaker, shared by every relay (not BullMQ's): while
--- open nothing is taken; once its cool-down is over, one claim takes one job
--- as the probe and the others wait for its result (or its lease).
+-- cogrelay's circuit breaker, shared by every relay (not BullMQ's), on
+-- Redis's own clock (TIME), so relays' clocks do not matter: while open
+-- nothing is taken; once its cool-down is over, one claim takes a round of
+-- trials (the freshest jobs) and the others wait for their results (or
+-- their leases).
 local probe = false
+local fresh = ARGV[7] == "fresh"
 local openUntil = tonumber(meta[5])
+local clock = 0
 if openUntil then
-  if ts < openUntil then
-    return {{}, openUntil, 0, pausedFlag}
+  local t = rcall("TIME")
+  clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if clock < openUntil then
+    return {{}, false, 0, pausedFlag, openUntil - clock}
   end
   local probeUntil = tonumber(meta[6])
-  if probeUntil and ts < probeUntil then
-    return {{}, probeUntil, 0, pausedFlag}
+  if probeUntil and clock < probeUntil then
+    return {{}, false, 0, pausedFlag, probeUntil - clock}
   end
-  room = math.min(room, 1)
+  room = math.min(room, tonumber(ARGV[8]))
   probe = true
+  fresh = true
 end
 
 local jobs = {}
 local n = 0
-if not paused then
-  while n < room do
-    local jobId = rcall("RPOPLPUSH", KEYS[1], KEYS[2])
-    if jobId and string.sub(jobId, 1, 2) == "0:" then
-      rcall("LREM", KEYS[2], 1, jobId)
-      jobId = rcall("RPOPLPUSH", KEYS[1], KEYS[2])
-    end
-    if not jobId then
-      local p = rcall("ZPOPMIN", KEYS[3])
-      if #p == 0 then
-        rcall("DEL", KEYS[8])
-        break
+-- The ids to take: the freshest of the newest hundred (wait's head), or
+-- the queue's own order (wait's tail, then prioritized).
+local picked = {}
+if not paused and room > 0 and fresh then
+  local firsts, others = {}, {}
+  for _, id in ipairs(rcall("LRANGE", KEYS[1], 0, 99)) do
+    if string.sub(id, 1, 2) ~= "0:" then
+      if (tonumber(rcall("HGET", prefix .. id, "atm")) or 0) == 0 then
+        firsts[#firsts + 1] = id
+      else
+        others[#others + 1] = id
       end
-      jobId = p[1]
-      rcall("LPUSH", KEYS[2], jobId)
     end
+  end
+  for _, list in ipairs({firsts, others}) do
+    for _, id in ipairs(list) do
+      if #picked < room then
+        rcall("LREM", KEYS[1], 1, id)
+        rcall("LPUSH", KEYS[2], id)
+        picked[#picked + 1] = id
+      end
+    end
+  end
+end
+local function nextId()
+  if fresh then
     n = n + 1
+    return picked[n]
+  end
+  if n >= room then
+    return nil
+  end
+  local jobId = rcall("RPOPLPUSH", KEYS[1], KEYS[2])
+  if jobId and string.sub(jobId, 1, 2) == "0:" then
+    rcall("LREM", KEYS[2], 1, jobId)
+    jobId = rcall("RPOPLPUSH", KEYS[1], KEYS[2])
+  end
+  if not jobId then
+    local p = rcall("ZPOPMIN", KEYS[3])
+    if #p == 0 then
+      rcall("DEL", KEYS[8])
+      return nil
+    end
+    jobId = p[1]
+    rcall("LPUSH", KEYS[2], jobId)
+  end
+  n = n + 1
+  return jobId
+end
+if not paused then
+  while true do
+    local jobId = nextId()
+    if not jobId then
+      break
+    end
     local jobKey = prefix .. jobId
     local f = rcall("HMGET", jobKey, "data", "atm", "ats")
     if f[1] then
@@ -121,7 +170,8 @@ if not paused then
   end
 end
 if probe and #jobs > 0 then
-  rcall("HSET", KEYS[7], "cg:probeUntil", ts + tonumber(ARGV[3]))
+  -- The others wait for these trials' results (or their leases).
+  rcall("HSET", KEYS[7], "cg:probeUntil", clock + tonumber(ARGV[3]))
   return {jobs, false, tonumber(meta[7]) or 1, pausedFlag}
 end
 if #jobs > 0 then

@@ -58,47 +58,61 @@ impl RedisQueue {
         Ok(c)
     }
 
-    /// A page of jobs newest first (by id: one counter gives them all):
-    /// each structure's first `offset + limit`, merged.
+    /// A page of jobs. One structure holds them (the usual case: a state's
+    /// list or set): its own order, newest first, the page read as a range.
+    /// Several (every state, or waiting that is also prioritized): newest
+    /// first by id (one counter gives them all), merged from each one's first
+    /// `offset + limit`.
     pub(super) async fn list_page(
         &self,
         state: Option<JobState>,
         offset: u64,
         limit: u64,
     ) -> QueueResult<Page> {
-        let end = (offset + limit).saturating_sub(1) as i64;
-        let mut pipe = redis::pipe();
         let types: Vec<_> = types_of(state).collect();
+        let mut pipe = redis::pipe();
         for (key, zset, _) in &types {
             pipe.cmd(if *zset { "ZCARD" } else { "LLEN" })
                 .arg(self.hot.key(key));
-            if *zset {
-                pipe.cmd("ZREVRANGE").arg(self.hot.key(key)).arg(0).arg(end);
-            } else {
-                pipe.cmd("LRANGE").arg(self.hot.key(key)).arg(0).arg(end);
-            }
         }
-        let replies: Vec<redis::Value> = self.pipe(&pipe).await?;
-        let mut total = 0;
-        let mut ids: Vec<(u64, String, JobState)> = Vec::new();
-        for ((_, _, st), r) in types.iter().zip(replies.chunks(2)) {
-            total += redis::from_redis_value::<u64>(r[0].clone()).unwrap_or(0);
-            let found: Vec<String> = redis::from_redis_value(r[1].clone()).unwrap_or_default();
-            ids.extend(
-                found
-                    .into_iter()
-                    .map(|id| (id.parse().unwrap_or(0), id, *st)),
-            );
-        }
-        ids.sort_by_key(|(n, _, _)| std::cmp::Reverse(*n));
-        ids.dedup_by(|a, b| a.1 == b.1);
-        let page: Vec<(String, JobState)> = ids
-            .into_iter()
-            .skip(offset as usize)
-            .take(limit as usize)
-            .map(|(_, id, st)| (id, st))
+        let sizes: Vec<u64> = self.pipe(&pipe).await?;
+        let total = sizes.iter().sum();
+        let holding: Vec<_> = types
+            .iter()
+            .zip(&sizes)
+            .filter(|(_, n)| **n > 0)
+            .map(|(t, _)| *t)
             .collect();
-        let items = self.views(&page, false).await?;
+        let (start, end) = match holding.len() {
+            1 => (offset as i64, (offset + limit) as i64 - 1),
+            _ => (0, (offset + limit) as i64 - 1),
+        };
+        let mut pipe = redis::pipe();
+        for (key, zset, _) in &holding {
+            pipe.cmd(if *zset { "ZREVRANGE" } else { "LRANGE" })
+                .arg(self.hot.key(key))
+                .arg(start)
+                .arg(end);
+        }
+        let replies: Vec<Vec<String>> = if holding.is_empty() {
+            Vec::new()
+        } else {
+            self.pipe(&pipe).await?
+        };
+        let mut ids: Vec<(String, JobState)> = Vec::new();
+        for ((_, _, st), found) in holding.iter().zip(replies) {
+            ids.extend(found.into_iter().map(|id| (id, *st)));
+        }
+        if holding.len() > 1 {
+            ids.sort_by_key(|(id, _)| std::cmp::Reverse(id.parse::<u64>().unwrap_or(0)));
+            ids.dedup_by(|a, b| a.0 == b.0);
+            ids = ids
+                .into_iter()
+                .skip(offset as usize)
+                .take(limit as usize)
+                .collect();
+        }
+        let items = self.views(&ids, false).await?;
         Ok(Page { items, total })
     }
 
@@ -308,10 +322,5 @@ impl Operate for RedisQueue {
         Ok(page.items.into_iter().map(|j| j.destination).collect())
     }
 
-    async fn is_paused(&self, _destination: &str) -> QueueResult<bool> {
-        let paused: Option<String> = self
-            .raw(redis::cmd("HGET").arg(self.hot.key("meta")).arg("paused"))
-            .await?;
-        Ok(paused.is_some())
-    }
+
 }

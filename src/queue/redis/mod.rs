@@ -365,6 +365,7 @@ impl Queue for RedisQueue {
         _destination: &str,
         max: usize,
         lease: Duration,
+        order: super::ClaimOrder,
     ) -> QueueResult<Claimed> {
         let h = &self.hot;
         let mut call = h.prepare(
@@ -385,9 +386,20 @@ impl Queue for RedisQueue {
             .arg(lease.as_millis() as u64)
             .arg(max)
             .arg(h.token())
-            .arg(&h.worker);
-        let (flat, next_due_ms, probe, paused): (Vec<String>, Option<i64>, i64, i64) =
-            h.invoke(&call).await?;
+            .arg(&h.worker)
+            .arg(match order {
+                super::ClaimOrder::Due => "due",
+                super::ClaimOrder::Freshest => "fresh",
+            })
+            .arg(super::CIRCUIT_TRIALS);
+        // {jobs, next, probe, paused[, circuit]}: Lua drops a trailing nil.
+        let reply: Vec<redis::Value> = h.invoke(&call).await?;
+        let at = |i: usize| reply.get(i).cloned().unwrap_or(redis::Value::Nil);
+        let flat: Vec<String> = redis::from_redis_value(at(0)).map_err(unavailable)?;
+        let next_due_ms: Option<i64> = redis::from_redis_value(at(1)).unwrap_or(None);
+        let probe: i64 = redis::from_redis_value(at(2)).unwrap_or(0);
+        let paused: i64 = redis::from_redis_value(at(3)).unwrap_or(0);
+        let circuit: Option<i64> = redis::from_redis_value(at(4)).unwrap_or(None);
         let mut jobs = Vec::with_capacity(flat.len() / 4);
         let mut it = flat.into_iter();
         while let (Some(id), Some(token), Some(data), Some(atm)) =
@@ -409,6 +421,7 @@ impl Queue for RedisQueue {
             next_due_ms,
             jobs,
             paused: paused == 1,
+            circuit_open_for_ms: circuit,
         })
     }
 
@@ -480,8 +493,8 @@ impl Queue for RedisQueue {
         Ok(())
     }
 
-    fn keeps_destinations_apart(&self) -> bool {
-        false
+    fn shared_by_relays(&self) -> bool {
+        true
     }
 
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {
@@ -490,6 +503,13 @@ impl Queue for RedisQueue {
 
     async fn ping(&self) -> QueueResult<()> {
         self.raw::<String>(&redis::cmd("PING")).await.map(|_| ())
+    }
+
+    async fn is_paused(&self, _destination: &str) -> QueueResult<bool> {
+        let paused: Option<String> = self
+            .raw(redis::cmd("HGET").arg(self.hot.key("meta")).arg("paused"))
+            .await?;
+        Ok(paused.is_some())
     }
 
     async fn check_stalled(&self) -> QueueResult<u64> {

@@ -348,10 +348,11 @@ impl Queue for RedisQueues {
         destination: &str,
         max: usize,
         lease: Duration,
+        order: crate::queue::ClaimOrder,
     ) -> QueueResult<Claimed> {
         self.queue(destination)
             .await?
-            .claim_for(destination, max, lease)
+            .claim_for(destination, max, lease, order)
             .await
     }
 
@@ -382,38 +383,28 @@ impl Queue for RedisQueues {
     }
 
     /// The shared circuit in the destination queue's meta hash (read by the
-    /// claim and add scripts of every relay).
-    async fn set_circuit(&self, destination: &str, open_until_ms: Option<i64>) -> QueueResult<()> {
+    /// claim and add scripts of every relay), its open period counted on
+    /// Redis's clock (`TIME`), not this relay's.
+    async fn set_circuit(&self, destination: &str, open_for: Option<Duration>) -> QueueResult<()> {
         let q = self.queue(destination).await?;
-        let meta = q.hot.key("meta");
-        let mut cmd;
-        match open_until_ms {
-            Some(until) => {
-                cmd = redis::cmd("HSET");
-                let cooldown = (until - crate::time::now_ms()).max(1);
-                // The probe comes after the new cool-down, whoever takes it.
-                cmd.arg(&meta)
-                    .arg("cg:openUntil")
-                    .arg(until)
-                    .arg("cg:probeUntil")
-                    .arg(until)
-                    .arg("cg:cooldown")
-                    .arg(cooldown);
-            }
-            None => {
-                cmd = redis::cmd("HDEL");
-                cmd.arg(&meta)
-                    .arg("cg:openUntil")
-                    .arg("cg:probeUntil")
-                    .arg("cg:cooldown");
-            }
-        }
-        let _: i64 = q.raw(&cmd).await?;
-        Ok(())
+        let script = redis::Script::new(include_str!("../lua/circuit.lua"));
+        let mut call = script.key(q.hot.key("meta"));
+        match open_for {
+            Some(cooldown) => call.arg("open").arg(cooldown.as_millis().max(1) as u64),
+            None => call.arg("close").arg(0),
+        };
+        q.hot.invoke::<i64>(&call).await.map(|_| ())
     }
 
     async fn ping(&self) -> QueueResult<()> {
         self.base.ping().await
+    }
+
+    async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
+        self.existing(destination)
+            .await?
+            .is_paused(destination)
+            .await
     }
 
     async fn check_stalled(&self) -> QueueResult<u64> {
@@ -426,6 +417,10 @@ impl Queue for RedisQueues {
 
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {
         self.base.durability_risks()
+    }
+
+    fn shared_by_relays(&self) -> bool {
+        true
     }
 
     async fn close(&self) -> QueueResult<()> {
@@ -611,12 +606,7 @@ impl Operate for RedisQueues {
             .await
     }
 
-    async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
-        self.existing(destination)
-            .await?
-            .is_paused(destination)
-            .await
-    }
+
 
     /// BullMQ's global rate limit on the destination's queue (`max` jobs a
     /// `duration` ms, in its meta hash, enforced by the claim script for
