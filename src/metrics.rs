@@ -9,6 +9,7 @@
 //! | `cogrelay_deliveries_total` | counter | `outcome` = delivered, retry, failed |
 //! | `cogrelay_delivery_seconds` | histogram | (each attempt) |
 //! | `cogrelay_delivery_up` | gauge | 1 while the delivery pool runs |
+//! | `cogrelay_delivery_pools` | gauge | delivery pools running (one a destination) |
 //! | `cogrelay_destination_deliveries_total` | counter | `destination`, `outcome` |
 //! | `cogrelay_events_unrouted_total` | counter | (events no destination wanted) |
 //! | `cogrelay_destination_circuit` | gauge | `destination`, `state` (1 for the state it is in) |
@@ -328,6 +329,13 @@ impl Metrics {
         let up = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         up.set(i64::from(self.delivery_up()));
         r.register("cogrelay_delivery_up", "1 while the delivery pool runs", up);
+        let pools = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        pools.set(self.pools_up.load(Ordering::Acquire) as i64);
+        r.register(
+            "cogrelay_delivery_pools",
+            "Delivery pools running (one a destination; a reload runs the new ones before the old ones end)",
+            pools,
+        );
         if let Some(c) = queue {
             let jobs = Family::<Labels, Gauge>::default();
             for (state, n) in [

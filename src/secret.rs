@@ -41,25 +41,44 @@ pub fn redact_url(url: &reqwest::Url) -> String {
     u.to_string()
 }
 
-/// `raw` with the userinfo of its authority (`user:password@`) shown as
-/// `***@`, for error lines about a URL that may not even parse. Text that is
-/// not URL-shaped is returned as it is.
-pub fn redact_userinfo(raw: &str) -> String {
+/// `raw` with what may be a credential hidden, for error lines about a URL
+/// that may not even parse: the userinfo of its authority (`user:password@`)
+/// as `***@`, and its query and fragment (`?token=...`) as `?***`. Text
+/// that is not URL-shaped is returned as it is.
+pub fn redact_url_text(raw: &str) -> String {
     let Some(start) = raw.find("://").map(|i| i + 3) else {
         return raw.to_string();
     };
     let authority_end = raw[start..]
         .find(['/', '?', '#'])
         .map_or(raw.len(), |i| start + i);
-    match raw[start..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &raw[..start], &raw[start + at..]),
-        None => raw.to_string(),
-    }
+    let authority = match raw[start..authority_end].rfind('@') {
+        Some(at) => format!("***{}", &raw[start + at..authority_end]),
+        None => raw[start..authority_end].to_string(),
+    };
+    let rest = &raw[authority_end..];
+    let rest = match rest.find(['?', '#']) {
+        Some(q) => format!("{}?***", &rest[..q]),
+        None => rest.to_string(),
+    };
+    format!("{}{authority}{rest}", &raw[..start])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_text_hides_userinfo_and_query() {
+        assert_eq!(
+            redact_url_text("ftp://u:pw@host:1/p?token=abc#frag"),
+            "ftp://***@host:1/p?***"
+        );
+        assert_eq!(redact_url_text("https://h/hook?t=1"), "https://h/hook?***");
+        assert_eq!(redact_url_text("https://h?t=1"), "https://h?***");
+        assert_eq!(redact_url_text("https://h/p"), "https://h/p");
+        assert_eq!(redact_url_text("not a url"), "not a url");
+    }
 
     #[test]
     fn debug_and_display_hide_the_value() {

@@ -4,8 +4,9 @@
 //! It is written on raw TCP (with `httparse`) rather than a framework so that it
 //! can misbehave on purpose: answer any status with any headers, answer late,
 //! never answer, or reset the connection (RST, via a zero linger). Behaviours are
-//! scripted: each request takes the next scripted [`Behaviour`], or the default
-//! once the script is empty. Every request is recorded when it arrives.
+//! scripted: each request takes what its [`Rule`] says (by event id and attempt
+//! number), else the next scripted [`Behaviour`], or the default once the
+//! script is empty. Every request is recorded when it arrives.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -38,6 +39,17 @@ impl Behaviour {
     }
 }
 
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("received", &self.received.len())
+            .field("script", &self.script)
+            .field("default", &self.default)
+            .field("rule", &self.rule.is_some())
+            .finish()
+    }
+}
+
 /// One request as the target saw it.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -60,8 +72,13 @@ impl Received {
     }
 }
 
-#[derive(Debug)]
+/// What a request gets, decided by its `X-Event-Id` and
+/// `X-Delivery-Attempt` (an event answered 503 on its first two attempts,
+/// say); `None` leaves it to the script and the default.
+pub type Rule = Arc<dyn Fn(&str, u32) -> Option<Behaviour> + Send + Sync>;
+
 struct State {
+    rule: Option<Rule>,
     received: Vec<Received>,
     script: VecDeque<Behaviour>,
     default: Behaviour,
@@ -90,6 +107,7 @@ impl Sink {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
+            rule: None,
             received: Vec::new(),
             script: VecDeque::new(),
             default: Behaviour::status(200),
@@ -137,6 +155,11 @@ impl Sink {
         self.with(|s| s.script.len())
     }
 
+    /// Sets (or with `None` takes off) the [`Rule`] every request asks first.
+    pub fn set_rule(&self, rule: Option<Rule>) {
+        self.with(|s| s.rule = rule);
+    }
+
     /// What requests get once the script is used up.
     pub fn set_default(&self, b: Behaviour) {
         self.with(|s| s.default = b);
@@ -174,6 +197,7 @@ impl Sink {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        // (State has no Debug: the rule is a closure.)
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
     }
@@ -190,7 +214,7 @@ async fn connection(
         // Counting only (benchmarks): no copy of the request is made.
         let full = {
             let s = state.lock().unwrap_or_else(|p| p.into_inner());
-            s.record || s.print
+            s.record || s.print || s.rule.is_some()
         };
         let (req, consumed) = loop {
             match parse(&buf, full) {
@@ -217,7 +241,19 @@ async fn connection(
             if post {
                 posts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            let b = s.script.pop_front().unwrap_or_else(|| s.default.clone());
+            let ruled = match (&s.rule, &received) {
+                (Some(rule), Some(r)) => rule(
+                    r.header("x-event-id").unwrap_or(""),
+                    r.header("x-delivery-attempt")
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0),
+                ),
+                _ => None,
+            };
+            let b = match ruled {
+                Some(b) => b,
+                None => s.script.pop_front().unwrap_or_else(|| s.default.clone()),
+            };
             if let Some(mut received) = received {
                 let body = &buf[consumed..consumed + body_len];
                 if s.print {

@@ -82,7 +82,11 @@ function drawDestinations(list, pts) {
     tr.dataset.name = d.name;
     cell(tr, d.name);
     cell(tr, d.url);
-    cell(tr, d.circuit, 'circuit circuit-' + d.circuit);
+    // While open, when the next trial is due (local time).
+    const circuit = d.next_probe_at
+      ? d.circuit + ', next trial ' + new Date(d.next_probe_at).toLocaleTimeString()
+      : d.circuit;
+    cell(tr, circuit, 'circuit circuit-' + d.circuit);
     cell(tr, d.paused ? 'yes' : 'no', 'paused');
     cell(tr, String(d.counts.waiting));
     cell(tr, String(d.counts.delayed));

@@ -359,7 +359,7 @@ async fn list_destinations<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Respon
             Ok(p) => p,
             Err(e) => return queue_error(e),
         };
-        out.push(json!({
+        let mut entry = json!({
             "name": d.name,
             "url": crate::secret::redact_url(&d.delivery.target),
             "circuit": s.metrics.circuit_state(&d.name),
@@ -367,7 +367,12 @@ async fn list_destinations<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Respon
             "counts": counts,
             "rate_limit": d.delivery.rate_limit,
             "concurrency": d.delivery.concurrency,
-        }));
+        });
+        // While open: when the next trial is due (SPEC §7).
+        if let Some(at) = s.metrics.next_trial_at(&d.name) {
+            entry["next_probe_at"] = json!(crate::time::rfc3339(at));
+        }
+        out.push(entry);
     }
     Json(out).into_response()
 }

@@ -346,8 +346,9 @@ fn destination(
         }
     };
 
+    // A day at most (LIMITS of config/serve.rs: the same as the globals').
     let ms = |key: &str, global: Duration| -> Result<Duration, ConfigError> {
-        Ok(e.int(key, 1..=i64::from(u32::MAX))?
+        Ok(e.int(key, 1..=86_400_000)?
             .map_or(global, |n| Duration::from_millis(n as u64)))
     };
     let delivery_timeout = ms("timeout_ms", g.delivery.delivery_timeout)?;
@@ -385,7 +386,7 @@ fn destination(
             )?
             .map_or(g.delivery.rate_limit, |n| n as u32),
         max_age: e
-            .int("max_age_secs", 1..=i64::from(u32::MAX))?
+            .int("max_age_secs", 1..=31_536_000)?
             .map_or(g.delivery.max_age, |n| Duration::from_secs(n as u64)),
         circuit,
     };
@@ -413,10 +414,8 @@ fn circuit_settings(
                 ));
             }
             let cms = |key: &str, global: Duration| -> Result<Duration, ConfigError> {
-                Ok(
-                    e.int_in(c, key, &format!("circuit.{key}"), 1..=i64::from(u32::MAX))?
-                        .map_or(global, |n| Duration::from_millis(n as u64)),
-                )
+                Ok(e.int_in(c, key, &format!("circuit.{key}"), 1..=86_400_000)?
+                    .map_or(global, |n| Duration::from_millis(n as u64)))
             };
             let settings = CircuitSettings {
                 failures: e

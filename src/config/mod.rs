@@ -78,8 +78,9 @@ pub(crate) fn ms(name: &str, raw: &str) -> Result<Duration, ConfigError> {
 
 /// An absolute http(s) URL with a host.
 pub fn parse_http_url(name: &str, raw: &str) -> Result<reqwest::Url, ConfigError> {
-    // The error lines show the URL without its userinfo (it may hold a password).
-    let shown = crate::secret::redact_userinfo(raw);
+    // The error lines show the URL without its userinfo or query (they may
+    // hold a password or a token).
+    let shown = crate::secret::redact_url_text(raw);
     let url = reqwest::Url::parse(raw.trim()).map_err(|e| {
         bad(format!(
             "{name}={shown:?} is not a valid URL ({e}): use e.g. http://127.0.0.1:8080/events"

@@ -349,8 +349,44 @@ impl ServeConfig {
     }
 
     /// Cross-field rules and ranges; also run by `serve::run` so that configs built
-    /// in code obey them too.
+    /// in code obey them too. Every number has a maximum ([`LIMITS`], in
+    /// docs/configuration.md): no setting, and no header a target sends,
+    /// can overflow a time or a size.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        for (name, value) in [
+            ("BACKOFF_DELAY_MS", ms(self.delivery.backoff.base)),
+            (
+                "MAX_RETRY_AFTER_SECS",
+                self.delivery.backoff.max_retry_after.as_secs(),
+            ),
+            ("DELIVERY_TIMEOUT_MS", ms(self.delivery.delivery_timeout)),
+            ("LOCK_DURATION_MS", ms(self.pool.lock_duration)),
+            ("SHUTDOWN_GRACE_MS", ms(self.pool.shutdown_grace)),
+            (
+                "REMOVE_ON_COMPLETE",
+                u64::from(self.store.retention.remove_on_complete),
+            ),
+            ("DEDUP_TTL_SECS", self.store.retention.dedup_ttl.as_secs()),
+            ("MAX_BODY_BYTES", self.ingress.max_body_bytes as u64),
+            (
+                "REQUEST_READ_TIMEOUT_MS",
+                ms(self.ingress.request_read_timeout),
+            ),
+            (
+                "CIRCUIT_FAILURES",
+                u64::from(self.delivery.circuit.failures),
+            ),
+            ("CIRCUIT_COOLDOWN_MS", ms(self.delivery.circuit.cooldown)),
+            (
+                "CIRCUIT_MAX_COOLDOWN_MS",
+                ms(self.delivery.circuit.max_cooldown),
+            ),
+            ("MAX_AGE_SECS", self.delivery.max_age.as_secs()),
+            ("COGRELAY_MAX_DB_BYTES", self.store.max_db_bytes),
+        ] {
+            within(name, value)?;
+        }
         if self.delivery.circuit.cooldown.is_zero()
             || self.delivery.circuit.max_cooldown < self.delivery.circuit.cooldown
         {
@@ -419,6 +455,38 @@ impl ServeConfig {
             )));
         }
         Ok(())
+    }
+}
+
+/// The largest value of each numeric setting (the smallest is in each one's
+/// own rule): a day for a backoff, a lease, a cool-down; a week for a
+/// `Retry-After`; 30 days of dedup; a year of age; sizes a machine has.
+/// docs/configuration.md lists them; `tests/it/fuzz.rs` checks that the
+/// largest of each starts and one more is one clear line.
+pub const LIMITS: &[(&str, u64)] = &[
+    ("BACKOFF_DELAY_MS", 86_400_000),
+    ("MAX_RETRY_AFTER_SECS", 604_800),
+    ("DELIVERY_TIMEOUT_MS", 3_600_000),
+    ("LOCK_DURATION_MS", 86_400_000),
+    ("SHUTDOWN_GRACE_MS", 3_600_000),
+    ("REMOVE_ON_COMPLETE", 1_000_000),
+    ("DEDUP_TTL_SECS", 2_592_000),
+    ("MAX_BODY_BYTES", 64 * 1024 * 1024),
+    ("REQUEST_READ_TIMEOUT_MS", 600_000),
+    ("CIRCUIT_FAILURES", 1_000),
+    ("CIRCUIT_COOLDOWN_MS", 86_400_000),
+    ("CIRCUIT_MAX_COOLDOWN_MS", 86_400_000),
+    ("MAX_AGE_SECS", 31_536_000),
+    ("COGRELAY_MAX_DB_BYTES", 1 << 50),
+];
+
+/// `value` of setting `name` at most its [`LIMITS`] maximum.
+fn within(name: &str, value: u64) -> Result<(), ConfigError> {
+    match LIMITS.iter().find(|(n, _)| *n == name) {
+        Some((_, max)) if value > *max => Err(bad(format!(
+            "{name}={value} is out of range: use at most {max}"
+        ))),
+        _ => Ok(()),
     }
 }
 

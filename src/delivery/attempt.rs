@@ -39,7 +39,10 @@ impl Policy {
 /// `unit` in 0..1 for the jitter, so every case can be checked in a table.
 /// The age limit is checked after a failed attempt, never instead of one
 /// (SPEC §7): a job retried by an operator, held by a pause or by an open
-/// circuit is always tried again first.
+/// circuit is always tried again first. A circuit's `trial` that fails
+/// retryably is not failed for its attempt count: the round judges the
+/// destination, and a job held by an open circuit keeps its remaining
+/// attempts (its next ordinary attempt is its last).
 pub(super) fn decide(
     p: &Policy,
     n: u32,
@@ -47,11 +50,12 @@ pub(super) fn decide(
     now_ms: i64,
     unit: f64,
     created_at_ms: Option<i64>,
+    trial: bool,
 ) -> (Disposition, AttemptOutcome) {
     match outcome {
         Outcome::Delivered => (Disposition::Completed, AttemptOutcome::Delivered),
         Outcome::Permanent { reason } => (Disposition::Failed { reason }, AttemptOutcome::Failed),
-        Outcome::Retry { reason, .. } if n >= p.attempts => (
+        Outcome::Retry { reason, .. } if n >= p.attempts && !trial => (
             Disposition::Failed {
                 reason: format!(
                     "gave up after {n} attempt{}: {reason}",
@@ -104,7 +108,7 @@ pub(super) enum Verdict {
     },
     /// Not sent: a pause was told (or the pause lease ran out) after the
     /// dispatcher started it. The job goes back to the store unattempted.
-    NotSent(Leased),
+    NotSent(Box<Leased>),
 }
 
 /// A delivery's end, as the dispatcher hears it (before the result is
@@ -164,7 +168,8 @@ pub(super) async fn deliver<Q: Queue>(
                 Outcome::Delivered => None,
             };
             let now = pool.clock.now_ms();
-            let (disposition, result) = decide(&policy, n, outcome, now, fastrand::f64(), created);
+            let (disposition, result) =
+                decide(&policy, n, outcome, now, fastrand::f64(), created, trial);
             let attempt = Attempt {
                 n,
                 started_at_ms,
@@ -180,7 +185,7 @@ pub(super) async fn deliver<Q: Queue>(
     // The last look at the pause: a pause told after the dispatcher started
     // this delivery stops it here, before anything is sent.
     if !pool.gate.may_send(pool.clock.mono_ms()) {
-        tell(Verdict::NotSent(leased));
+        tell(Verdict::NotSent(Box::new(leased)));
         return;
     }
     let job = &mut leased.job;
@@ -227,7 +232,8 @@ pub(super) async fn deliver<Q: Queue>(
     // The HTTP part is over: the worker is free, the breaker hears of it.
     tell(Verdict::Sent { signal, hold });
     let now = pool.clock.now_ms();
-    let (disposition, outcome) = decide(&policy, n, classified, now, fastrand::f64(), created);
+    let (disposition, outcome) =
+        decide(&policy, n, classified, now, fastrand::f64(), created, trial);
     let error = match &sent {
         // A snippet of an error answer.
         Ok(answer) => {
@@ -407,11 +413,33 @@ mod tests {
             max_age: Duration::from_secs(3600),
         };
         for (n, outcome, unit, want) in table {
-            let got = decide(&p, n, outcome.clone(), now, unit, Some(now - 1000));
+            let got = decide(&p, n, outcome.clone(), now, unit, Some(now - 1000), false);
             assert_eq!(got, want, "attempt {n}, {outcome:?}, jitter unit {unit}");
         }
-        let one = decide(&Policy { attempts: 1, ..p }, 1, retry(None), now, 0.0, None);
+        let one = decide(
+            &Policy { attempts: 1, ..p },
+            1,
+            retry(None),
+            now,
+            0.0,
+            None,
+            false,
+        );
         assert_eq!(one.0, failed("gave up after 1 attempt: HTTP 503"));
+        let trial = decide(
+            &Policy { attempts: 1, ..p },
+            1,
+            retry(None),
+            now,
+            0.0,
+            None,
+            true,
+        );
+        assert_eq!(
+            trial.0,
+            due(2_000),
+            "a failed trial keeps the job's last attempt"
+        );
     }
 
     /// The age limit is checked after a failed attempt, never instead of
@@ -436,22 +464,25 @@ mod tests {
             retry_after: None,
         };
         assert_eq!(
-            decide(&p, 1, Outcome::Delivered, now, 0.0, old).0,
+            decide(&p, 1, Outcome::Delivered, now, 0.0, old, false).0,
             Disposition::Completed,
             "an old job delivered is delivered"
         );
         assert_eq!(
-            decide(&p, 1, retry.clone(), now, 0.0, old).0,
+            decide(&p, 1, retry.clone(), now, 0.0, old, false).0,
             Disposition::Failed {
                 reason: "not delivered within max_age_secs (60 s): HTTP 503".into()
             }
         );
         assert!(matches!(
-            decide(&p, 1, retry.clone(), now, 0.0, Some(now - 59_000)).0,
+            decide(&p, 1, retry.clone(), now, 0.0, Some(now - 59_000), false).0,
             Disposition::RetryAt { .. }
         ));
         assert!(
-            matches!(decide(&p, 1, retry.clone(), now, 0.0, None).0, Disposition::RetryAt { .. }),
+            matches!(
+                decide(&p, 1, retry.clone(), now, 0.0, None, false).0,
+                Disposition::RetryAt { .. }
+            ),
             "no age known (an older version's job on Redis): no limit"
         );
         // The largest settings and answers: saturated, not wrapped.
@@ -468,7 +499,7 @@ mod tests {
             reason: "HTTP 503".into(),
             retry_after: Some(Duration::from_secs(u64::MAX)),
         };
-        let (d, _) = decide(&huge, 1, far, i64::MAX - 1, 0.0, Some(i64::MIN));
+        let (d, _) = decide(&huge, 1, far, i64::MAX - 1, 0.0, Some(i64::MIN), false);
         assert_eq!(
             d,
             Disposition::RetryAt {

@@ -9,15 +9,23 @@
 //!   destination's.
 //! * **Open.** Nothing is started for the cool-down; the pool gives back the
 //!   jobs it holds (they wait in the store, unleased, with their attempts).
-//! * **Half-open.** Up to [`TRIALS`] trial deliveries of *different* events,
-//!   claimed freshest first (never attempted, newest): the first that succeeds
-//!   or is answered closes the circuit (the destination is up; an event that
-//!   fails for its own reason then retries on its own backoff, holding
-//!   nothing else); only when every trial failed does it open again, for
-//!   twice the cool-down (capped at `max_cooldown`). (Resilience4j's several
-//!   calls when half-open; Envoy's outlier detection ejects a host, not a
-//!   request.) A trial that ends without a verdict (the pool gave it back, a
-//!   task died) frees its place for another.
+//! * **Half-open.** Up to [`TRIALS`] trial deliveries of *different* events
+//!   (`ClaimOrder::Trials`: the one retried most, whose own trouble has
+//!   likely passed, and the freshest, never attempted, newest): the first
+//!   that succeeds or is answered closes the circuit (the destination is up;
+//!   an event that fails for its own reason then retries on its own backoff,
+//!   holding nothing else); only when every trial failed does it open again,
+//!   for twice the cool-down (capped at `max_cooldown`). (Resilience4j's
+//!   several calls when half-open; Envoy's outlier detection ejects a host,
+//!   not a request.) A trial that ends without a verdict (the pool gave it
+//!   back, a task died) frees its place for another; a failed trial does not
+//!   use up its job's attempts (`attempt::decide`).
+//! * **Up a moment ago.** A circuit that opens again within one cool-down of
+//!   a trial's success opens for a quarter of the first cool-down: the
+//!   destination answered moments ago, so the run of failures is more
+//!   likely its events' own (a burst of them opens and closes it a few times,
+//!   holding the rest seconds, not minutes). A failed round then doubles
+//!   from the first cool-down as usual: a real outage still backs off.
 //! * A 429 or 503 with `Retry-After` holds the whole destination that long,
 //!   whatever the phase.
 //!
@@ -114,6 +122,8 @@ pub struct Breaker {
     /// Trials this round may start (`TRIALS`, at most the concurrency; on
     /// Redis the probes another relay's claim gave this one).
     trials: u32,
+    /// When a trial last closed the circuit.
+    closed_by_trial_at: Option<i64>,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -133,6 +143,7 @@ impl Breaker {
             trials_out: 0,
             trials_failed: 0,
             trials: trials.clamp(1, TRIALS),
+            closed_by_trial_at: None,
         }
     }
 
@@ -199,12 +210,23 @@ impl Breaker {
         }
         let before = self.phase;
         match (self.phase, trial, signal) {
-            (_, _, Signal::Success) | (Phase::HalfOpen, true, Signal::Answered) => self.close(),
+            (Phase::HalfOpen, true, Signal::Success | Signal::Answered) => {
+                self.close();
+                self.closed_by_trial_at = Some(now);
+            }
+            (_, _, Signal::Success) => self.close(),
             (Phase::Closed, _, Signal::Answered) => self.failures = 0,
             (Phase::Closed, _, Signal::Failure) => {
                 self.failures += 1;
                 if self.settings.failures > 0 && self.failures >= self.settings.failures {
+                    let base = ms(self.settings.cooldown);
+                    let up_a_moment_ago = self
+                        .closed_by_trial_at
+                        .is_some_and(|t| now.saturating_sub(t) < base);
                     self.open(now);
+                    if up_a_moment_ago {
+                        self.open_until = now.saturating_add((base / 4).max(1));
+                    }
                 }
             }
             (Phase::HalfOpen, true, Signal::Failure | Signal::Again) => {
@@ -321,16 +343,20 @@ mod tests {
         use Signal::{Answered, Failure, Success};
         let go = Expect(Gate::Go { trial: false });
         let trial = Expect(Gate::Go { trial: true });
-        let (open, half, closed) = (Some(Phase::Open), Some(Phase::HalfOpen), Some(Phase::Closed));
+        let (open, half, closed) = (
+            Some(Phase::Open),
+            Some(Phase::HalfOpen),
+            Some(Phase::Closed),
+        );
         let table: Vec<(i64, Do, Option<Phase>)> = vec![
             (0, Rec(Failure, false), None),
             (0, Rec(Answered, false), None), // a 4xx resets the count
             (0, Rec(Failure, false), None),
             (0, Rec(Signal::Again, false), None), // a retry's failure does not count
             (0, Rec(Failure, false), None),
-            (1, Rec(Failure, false), open), // 3 in a row
+            (1, Rec(Failure, false), open),           // 3 in a row
             (5, Expect(Gate::Until(11 * SEC)), None), // the cool-down
-            (5, Rec(Failure, false), None), // started before: no effect
+            (5, Rec(Failure, false), None),           // started before: no effect
             (11, trial, half),
             (11, Start, None),
             (11, trial, None),
@@ -354,25 +380,28 @@ mod tests {
             (33, Rec(Failure, false), None),
             (33, Rec(Failure, false), None),
             (33, Rec(Failure, false), open),
-            (42, Expect(Gate::Until(43 * SEC)), None), // back to the first cool-down
-            (43, trial, half),
-            (43, Start, None),
-            (43, Start, None),
-            (43, Start, None),
-            (44, Rec(Failure, true), None),
-            (44, Rec(Failure, true), None),
-            (44, Rec(Failure, true), open),
-            (64, trial, half), // 20 s
-            (64, Start, None),
-            (64, Start, None),
-            (64, Start, None),
-            (65, Rec(Failure, true), None),
-            (65, Rec(Failure, true), None),
-            (65, Rec(Failure, true), open),
-            (89, Expect(Gate::Until(90 * SEC)), None), // capped at 25 s
-            (90, trial, half),
-            (90, Start, None),
-            (90, Rec(Success, true), closed),
+            // Up a moment ago (a trial closed it at 33): a quarter of the
+            // first cool-down, 2.5 s.
+            (34, Expect(Gate::Until(35_500)), None),
+            (36, trial, half),
+            (36, Start, None),
+            (36, Start, None),
+            (36, Start, None),
+            (37, Rec(Failure, true), None),
+            (37, Rec(Failure, true), None),
+            (37, Rec(Failure, true), open), // a failed round doubles from 10 s
+            (56, Expect(Gate::Until(57 * SEC)), None),
+            (57, trial, half),
+            (57, Start, None),
+            (57, Start, None),
+            (57, Start, None),
+            (58, Rec(Failure, true), None),
+            (58, Rec(Failure, true), None),
+            (58, Rec(Failure, true), open),
+            (82, Expect(Gate::Until(83 * SEC)), None), // capped at 25 s
+            (83, trial, half),
+            (83, Start, None),
+            (83, Rec(Success, true), closed),
         ];
         let mut b = Breaker::new(S, 16);
         for (i, (at, what, phase)) in table.into_iter().enumerate() {

@@ -144,6 +144,17 @@ pub async fn run<Q: Queue>(
             machine.handed(job);
         }
         for command in machine.poll(now) {
+            // A circuit shared with the other relays is told before this
+            // relay claims again (its own next claim must not find the
+            // trials it has just judged still out).
+            if let Command::Circuit {
+                phase,
+                cooldown,
+                share: true,
+            } = command
+            {
+                share_circuit(&pool, phase, cooldown).await;
+            }
             carry_out(
                 &pool,
                 &name,
@@ -157,6 +168,7 @@ pub async fn run<Q: Queue>(
         }
         pool.gate.set(machine.lease_until());
         handoff.set_ready(machine.ready_len() + machine.running());
+        handoff.set_open(machine.takes_handoffs());
         for ack in pause_acks.drain(..) {
             let _ = ack.send(());
         }
@@ -174,7 +186,7 @@ pub async fn run<Q: Queue>(
                     Verdict::Sent { signal, hold } => machine.finished(done.trial, signal, hold, now),
                     Verdict::NotSent(job) => {
                         machine.finished(done.trial, Signal::None, None, now);
-                        release(&pool, vec![job]);
+                        release(&pool, vec![*job]);
                     }
                 }
             }
@@ -348,22 +360,13 @@ fn carry_out<Q: Queue>(
             }));
         }
         Command::Circuit {
-            phase,
-            cooldown,
-            share,
-        } => circuit_changed(pool, name, phase, cooldown, share),
+            phase, cooldown, ..
+        } => circuit_changed(pool, name, phase, cooldown),
     }
 }
 
-/// A circuit change: in the metrics and the admin API, logged once, and
-/// (`share`) in the store for every relay (Redis).
-fn circuit_changed<Q: Queue>(
-    pool: &Arc<Pool<Q>>,
-    name: &str,
-    phase: Phase,
-    cooldown: Duration,
-    share: bool,
-) {
+/// A circuit change: in the metrics and the admin API, and logged once.
+fn circuit_changed<Q: Queue>(pool: &Arc<Pool<Q>>, name: &str, phase: Phase, cooldown: Duration) {
     pool.metrics.circuit(name, phase.as_str());
     let next = (phase == Phase::Open).then(|| {
         pool.clock
@@ -384,14 +387,17 @@ fn circuit_changed<Q: Queue>(
             tracing::info!(destination = %name, "circuit closed: deliveries resume")
         }
     }
-    if share && phase != Phase::HalfOpen {
-        let p = pool.clone();
-        let open_for = (phase == Phase::Open).then_some(cooldown);
-        tokio::spawn(async move {
-            if let Err(e) = p.queue.set_circuit(&p.cfg.name, open_for).await {
-                tracing::warn!(error = %e, "cannot share the circuit with the other relays");
-            }
-        });
+}
+
+/// A circuit change in the store, for every relay (Redis; nothing to do on
+/// the embedded store): an opening with its cool-down, a closing.
+async fn share_circuit<Q: Queue>(pool: &Arc<Pool<Q>>, phase: Phase, cooldown: Duration) {
+    if phase == Phase::HalfOpen || !pool.queue.shared_by_relays() {
+        return;
+    }
+    let open_for = (phase == Phase::Open).then_some(cooldown);
+    if let Err(e) = pool.queue.set_circuit(&pool.cfg.name, open_for).await {
+        tracing::warn!(error = %e, "cannot share the circuit with the other relays");
     }
 }
 

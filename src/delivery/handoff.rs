@@ -24,6 +24,9 @@ pub struct Handoff {
     queued: AtomicUsize,
     /// The dispatcher's ready buffer, as it last reported it.
     ready: AtomicUsize,
+    /// Whether the pool takes handoffs now (not while its circuit is open
+    /// or half-open, or it is paused: it would give them back at once).
+    open: std::sync::atomic::AtomicBool,
     capacity: usize,
     pub lease: Duration,
 }
@@ -41,6 +44,7 @@ impl Handoff {
             tx,
             queued: AtomicUsize::new(0),
             ready: AtomicUsize::new(0),
+            open: std::sync::atomic::AtomicBool::new(true),
             capacity,
             lease,
         });
@@ -49,6 +53,9 @@ impl Handoff {
 
     /// Reserves room for one handed-off job; false when the pool is full.
     fn try_reserve(&self) -> bool {
+        if !self.open.load(Ordering::Acquire) {
+            return false;
+        }
         let before = self.queued.fetch_add(1, Ordering::AcqRel);
         if before + self.ready.load(Ordering::Acquire) >= self.capacity {
             self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -181,6 +188,11 @@ impl HandoffRx {
     /// Reports the dispatcher's ready-buffer size (for `try_reserve`).
     pub fn set_ready(&self, n: usize) {
         self.shared.ready.store(n, Ordering::Release);
+    }
+
+    /// Reports whether the pool takes handoffs now (for `try_reserve`).
+    pub fn set_open(&self, open: bool) {
+        self.shared.open.store(open, Ordering::Release);
     }
 
     /// Stops the channel; returns what is still in it.

@@ -53,11 +53,20 @@ pub struct Settings {
 
 pub use crate::queue::ClaimOrder as Order;
 
-/// What the dispatcher is to do.
+/// What the dispatcher is to do. (A `Start` carries its job inline: each
+/// is moved once, straight into its delivery task; a box would be one more
+/// allocation per delivery.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
-    Claim { max: usize, order: Order },
-    Start { job: Leased, trial: bool },
+    Claim {
+        max: usize,
+        order: Order,
+    },
+    Start {
+        job: Leased,
+        trial: bool,
+    },
     /// Back to the store, unstarted (waiting, attempts unchanged).
     Release(Vec<Leased>),
     /// Ask the store whether the destination is paused.
@@ -155,13 +164,21 @@ impl Machine {
         }
     }
 
-    /// A job the ingress stored leased to this pool.
+    /// A job the ingress stored leased to this pool: held while the circuit
+    /// is closed; else back to the store, where it waits (a half-open
+    /// circuit's trials are claimed, freshest first).
     pub fn handed(&mut self, job: Leased) {
-        if self.stopping || self.paused {
+        if self.stopping || self.paused || self.breaker.phase() != Phase::Closed {
             self.out.push(Command::Release(vec![job]));
         } else {
             self.ready.push_back(Ready { job, trial: false });
         }
+    }
+
+    /// Whether the ingress may hand jobs to this pool (it would give them
+    /// back at once otherwise).
+    pub fn takes_handoffs(&self) -> bool {
+        !self.stopping && !self.paused && self.breaker.phase() == Phase::Closed
     }
 
     /// A claim's answer; it was asked at `asked_at`; `wait_ms` is how long
@@ -187,10 +204,16 @@ impl Machine {
             self.lease_until = asked_at.saturating_add(self.s.pause_lease_ms);
         }
         if let Some(open_for) = claimed.circuit_open_for_ms {
-            let phase = self.breaker.shared_open(now.saturating_add(open_for.max(0)));
+            let phase = self
+                .breaker
+                .shared_open(now.saturating_add(open_for.max(0)));
             self.circuit_changed(phase, false);
         }
-        let probes = claimed.jobs.iter().filter(|j| j.job.probe.is_some()).count();
+        let probes = claimed
+            .jobs
+            .iter()
+            .filter(|j| j.job.probe.is_some())
+            .count();
         if let Some(cooldown) = claimed.jobs.iter().find_map(|j| j.job.probe) {
             let phase = self.breaker.shared_trials(probes as u32, cooldown);
             self.circuit_changed(phase, false);
@@ -330,7 +353,7 @@ impl Machine {
                     let want = (super::circuit::TRIALS as usize)
                         .min(self.s.concurrency)
                         .saturating_sub(self.ready.len() + self.running);
-                    (want > 0).then_some((want, Order::Freshest))
+                    (want > 0).then_some((want, Order::Trials))
                 }
                 _ => None,
             };
@@ -381,10 +404,16 @@ impl Machine {
             consider(Some(t));
         }
         if self.s.rate_limit > 0 && !self.ready.is_empty() {
-            consider(self.starts.front().map(|t| t.saturating_add(RATE_WINDOW_MS)));
+            consider(
+                self.starts
+                    .front()
+                    .map(|t| t.saturating_add(RATE_WINDOW_MS)),
+            );
         }
         if !self.paused {
-            consider(Some(self.lease_until.saturating_sub(self.s.pause_lease_ms / 3)));
+            consider(Some(
+                self.lease_until.saturating_sub(self.s.pause_lease_ms / 3),
+            ));
         }
         at
     }

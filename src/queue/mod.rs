@@ -353,9 +353,11 @@ pub const CIRCUIT_TRIALS: u32 = 3;
 pub enum ClaimOrder {
     /// The earliest due (the queue's order).
     Due,
-    /// Never attempted first, newest first: a half-open circuit's trials
-    /// judge the destination, not one event's own trouble.
-    Freshest,
+    /// A half-open circuit's round of trials, which judges the destination,
+    /// not one event's own trouble: with room for two or more, the due job
+    /// with the most attempts made (a failure of its own has likely passed by
+    /// its late retries); the others never attempted first, newest first.
+    Trials,
 }
 
 /// Jobs claimed, and when to look again if none were due.

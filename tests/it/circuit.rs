@@ -227,12 +227,12 @@ async fn three_relays_on_redis_probe_as_one() {
         assert!(Instant::now() < deadline, "openings: {openings:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Between the second and the third opening: the one probe that failed,
-    // whichever of the three relays sent it.
+    // Between the second and the third opening: the one round of trials
+    // that failed, whichever of the three relays sent it.
     let probes = openings[2].1 - openings[1].1;
     assert!(
-        (1..=2).contains(&probes),
-        "{probes} attempts over three relays between two openings: one probe per cool-down"
+        (1..=cogrelay::queue::CIRCUIT_TRIALS as usize).contains(&probes),
+        "{probes} attempts over three relays between two openings: one round of trials per cool-down"
     );
     sink.set_default(Behaviour::status(200));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -294,6 +294,164 @@ both_backends! {
             assert!(Instant::now() < deadline, "stuck at {} of {n}: {q}", delivered.len());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        app.stop().await.expect("clean stop");
+    }
+}
+
+/// A rule for the sink: `event id` prefix → its answers by attempt.
+fn burst_rule() -> cogrelay::sink::Rule {
+    std::sync::Arc::new(|id: &str, n: u32| {
+        let id = id.strip_prefix("cognigy-bot-").unwrap_or(id);
+        if id.starts_with("f503-") && n <= 2 {
+            Some(Behaviour::status(503))
+        } else if id.starts_with("reset-") && n == 1 {
+            Some(Behaviour::Reset)
+        } else if id.starts_with("r429-") && n == 1 {
+            Some(Behaviour::retry_after(429, "1"))
+        } else if id.starts_with("r422-") {
+            Some(Behaviour::status(422))
+        } else {
+            None
+        }
+    })
+}
+
+/// The burst of events failing for their own reasons (the issue's, time
+/// scaled: a 1 s cool-down up to 30 s): 300 good events, then 40 answered
+/// 503 twice, 20 reset once, 20 answered 429 once, 20 rejected with 422
+/// (`CONCURRENCY=16 ATTEMPTS=4 BACKOFF_DELAY_MS=100`). The breaker may open
+/// on the run of 503s, but an event counts once, its trials are the
+/// freshest events and one answer closes it: everything settles within 20
+/// s, each 422 tried once (on 27e726d every probe was one of the failing
+/// events, and the cool-down doubled to its cap while the rest waited).
+#[tokio::test]
+async fn a_burst_of_events_failing_for_their_own_reasons_holds_no_healthy_destination() {
+    let mut app = spawn_app_with(|c| {
+        c.delivery.attempts = 4;
+        c.delivery.backoff.base = Duration::from_millis(100);
+        c.delivery.concurrency = 16;
+        c.store.retention.remove_on_complete = 10_000;
+        c.delivery.circuit = CircuitSettings {
+            failures: 5,
+            cooldown: Duration::from_secs(1),
+            max_cooldown: Duration::from_secs(30),
+        };
+    })
+    .await;
+    app.sink.set_rule(Some(burst_rule()));
+    let mut ids: Vec<String> = (0..300).map(|i| format!("good-{i}")).collect();
+    for (prefix, n) in [("f503", 40), ("reset", 20), ("r429", 20), ("r422", 20)] {
+        ids.extend((0..n).map(|i| format!("{prefix}-{i}")));
+    }
+    let t0 = Instant::now();
+    for id in &ids {
+        assert_eq!(app.post_event(&event("bot", id)).await.status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let settled = loop {
+        let q = app.admin_get("/admin/queue").await.json;
+        if q["completed"] == 380 && q["failed"] == 20 {
+            break q;
+        }
+        if Instant::now() > deadline {
+            for r in app.sink.received() {
+                eprintln!(
+                    "{:>6} ms {} #{} -> {:?}",
+                    r.at.duration_since(t0).as_millis(),
+                    r.header("x-event-id").unwrap_or("-"),
+                    r.header("x-delivery-attempt").unwrap_or("-"),
+                    r.behaviour
+                );
+            }
+            panic!("not settled: {q}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("burst settled in {:?}: {settled}", t0.elapsed());
+    let tried_422 = app
+        .sink
+        .received()
+        .iter()
+        .filter(|r| r.header("x-event-id").is_some_and(|e| e.contains("r422-")))
+        .count();
+    assert_eq!(tried_422, 20, "each 422 tried once");
+    app.stop().await.expect("clean stop");
+}
+
+/// `CIRCUIT_FAILURES=1`, a 3 s cool-down, `MAX_AGE_SECS=2`, a 5 s outage,
+/// one event before it and one after: the trial that comes past the first
+/// event's age is an attempt whose verdict the breaker hears, so the
+/// circuit does not stay half-open, and the second event is delivered (on
+/// 27e726d the trial ended on the age limit without a verdict: half-open
+/// until a restart, the second event never delivered).
+#[tokio::test]
+async fn a_trial_past_its_age_limit_leaves_the_circuit_working() {
+    let mut app = spawn_app_with(|c| {
+        c.delivery.attempts = 100;
+        c.delivery.max_age = Duration::from_secs(2);
+        c.delivery.circuit = CircuitSettings {
+            failures: 1,
+            cooldown: Duration::from_secs(3),
+            max_cooldown: Duration::from_secs(300),
+        };
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(503));
+    let outage = Instant::now();
+    let before = app.post_event(&event("bot", "before")).await;
+    assert_eq!(before.status, 200);
+    // The outage lasts 5 s (its length is the scenario, not a verdict).
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(outage.elapsed())).await;
+    app.sink.set_default(Behaviour::status(200));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = app.post_event(&event("bot", "after")).await;
+    let id = after.json["jobId"].as_str().expect("id").to_string();
+    app.wait_job(&id, "completed", WAIT).await;
+    wait_for_metric(
+        &app,
+        r#"cogrelay_destination_circuit{destination="default",state="closed"} 1"#,
+    )
+    .await;
+    let first = before.json["jobId"].as_str().expect("id").to_string();
+    let job = app.admin_get(&format!("/admin/jobs/{first}")).await.json;
+    assert!(
+        job["state"] == "completed"
+            || job["failedReason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("not delivered within max_age_secs")),
+        "the first one delivered, or failed after an attempt past its age: {job}"
+    );
+    app.stop().await.expect("clean stop");
+}
+
+both_backends! {
+    /// An open circuit holds its jobs in the store, not in the pool: they
+    /// count as waiting (none active), and `/admin/destinations` says when
+    /// the next trial is due.
+    async fn jobs_held_by_an_open_circuit_wait_unleased_and_the_next_trial_is_shown(b: Backend) {
+        let mut app = spawn_app_on(b, |c| {
+            c.delivery.attempts = 100;
+            c.delivery.concurrency = 4;
+            c.delivery.circuit = CircuitSettings {
+                failures: 2,
+                cooldown: Duration::from_secs(30),
+                max_cooldown: Duration::from_secs(60),
+            };
+        })
+        .await;
+        app.sink.set_default(Behaviour::status(503));
+        for i in 0..20 {
+            assert_eq!(app.post_event(&event("bot", &format!("held-{i}"))).await.status, 200);
+        }
+        let q = app
+            .wait_counts(WAIT, |c| c["active"] == 0 && c["waiting"].as_u64().unwrap_or(0) + c["delayed"].as_u64().unwrap_or(0) == 20)
+            .await;
+        assert_eq!(q["failed"], 0, "{q}");
+        let list = app.admin_get("/admin/destinations").await.json;
+        let d = &list[0];
+        assert_eq!(d["circuit"], "open", "{d}");
+        let next = d["next_probe_at"].as_str().expect("next_probe_at while open");
+        assert!(next.ends_with('Z') && next.len() >= 20, "an RFC 3339 time: {next}");
         app.stop().await.expect("clean stop");
     }
 }

@@ -739,17 +739,22 @@ async fn a_reload_adds_changes_and_removes_destinations_losing_nothing() {
     assert!(crm.wait_for(202, WAIT).await, "crm still delivered to");
     wait_for_names(&app, &["crm", "warehouse"]).await;
 
-    // crm removed, with a failed job: still listed, retryable, removable.
+    // crm removed, with failed jobs: still listed, retryable, removable; a
+    // retried one is delivered when crm is back.
     crm.set_default(Behaviour::status(400));
-    let failed = app.post_event(&event("bot", "refused")).await;
-    let failed_id = failed.json["jobs"]["crm"]
-        .as_str()
-        .expect("crm job")
-        .to_string();
-    let deadline = std::time::Instant::now() + WAIT;
-    while admin_json(&app, &format!("/admin/jobs/{failed_id}")).await["state"] != "failed" {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut failed_ids = Vec::new();
+    for id in ["refused-1", "refused-2"] {
+        let failed = app.post_event(&event("bot", id)).await;
+        let failed_id = failed.json["jobs"]["crm"]
+            .as_str()
+            .expect("crm job")
+            .to_string();
+        let deadline = std::time::Instant::now() + WAIT;
+        while admin_json(&app, &format!("/admin/jobs/{failed_id}")).await["state"] != "failed" {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        failed_ids.push(failed_id);
     }
     std::fs::write(
         &file,
@@ -761,18 +766,69 @@ async fn a_reload_adds_changes_and_removes_destinations_losing_nothing() {
     .expect("write");
     app.reload.send(()).await.expect("reload");
     wait_for_names(&app, &["warehouse"]).await;
+    ready_with_pools(&app, 1).await;
     let listed = admin_json(&app, "/admin/jobs?destination=crm&state=failed").await;
-    assert_eq!(listed["total"], 1, "{listed}");
-    let (status, _) = admin_post(&app, &format!("/admin/jobs/{failed_id}/retry")).await;
+    assert_eq!(listed["total"], 2, "{listed}");
+    let (status, _) = admin_post(&app, &format!("/admin/jobs/{}/retry", failed_ids[0])).await;
     assert_eq!(status, 200);
     let removed = app
         .http
-        .delete(format!("http://{}/admin/jobs/{failed_id}", app.admin))
+        .delete(format!("http://{}/admin/jobs/{}", app.admin, failed_ids[1]))
         .send()
         .await
         .expect("remove");
     assert_eq!(removed.status(), 200);
+    // crm back: the job retried while it was gone is delivered.
+    crm.set_default(Behaviour::status(200));
+    std::fs::write(&file, &two).expect("write");
+    app.reload.send(()).await.expect("reload");
+    wait_for_names(&app, &["crm", "warehouse"]).await;
+    app.wait_job(&failed_ids[0], "completed", WAIT).await;
+    assert!(
+        crm.received()
+            .iter()
+            .any(|r| r.header("x-event-id") == Some("refused-1")
+                && r.header("x-delivery-attempt") == Some("1")),
+        "the retried job delivered, its attempts reset"
+    );
+    ready_with_pools(&app, 2).await;
     app.stop().await.expect("clean stop");
+}
+
+/// Once a reload has ended (the new pools running, the old ones gone: the
+/// `cogrelay_delivery_pools` gauge at `n`), the relay is ready and says it
+/// delivers (on 27e726d an old pool's end set `cogrelay_delivery_up` to 0,
+/// and `/readyz` answered 503, after every reload).
+async fn ready_with_pools(app: &TestApp, n: usize) {
+    let line = format!("cogrelay_delivery_pools {n}");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = app
+            .http
+            .get(format!("http://{}/metrics", app.admin))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if text.lines().any(|l| l == line) {
+            assert!(
+                text.lines().any(|l| l == "cogrelay_delivery_up 1"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never {line}: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ready = app
+        .http
+        .get(format!("http://{}/readyz", app.admin))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200, "ready after the reload");
 }
 
 /// The real binary re-reads its file on SIGHUP; a bad file is refused in one
@@ -1140,6 +1196,42 @@ async fn a_rate_limit_of_1000_a_second_holds_over_two_relays_on_redis() {
         "the limit is used ({most} in the busiest second)"
     );
     for (mut app, _tmp) in apps {
+        app.stop().await.expect("clean stop");
+    }
+}
+
+both_backends! {
+    /// A pause is honoured at once (SPEC §7): with one worker, a target
+    /// that takes 0.5 s and 8 events (handed over, held and in flight), no
+    /// attempt starts once the pause is answered; the one in flight ends,
+    /// the others wait in the store unleased; a resume delivers them, each
+    /// once (on 27e726d, 7 more attempts started after the pause).
+    async fn once_a_pause_is_answered_no_attempt_starts(b: Backend) {
+        let mut app = spawn_app_on(b, |c| c.delivery.concurrency = 1).await;
+        app.sink
+            .set_default(Behaviour::Delay(Duration::from_millis(500), 200));
+        for i in 0..8 {
+            assert_eq!(app.post_event(&event("bot", &format!("p-{i}"))).await.status, 200);
+        }
+        assert!(app.sink.wait_for(1, WAIT).await, "one in flight");
+        let (status, _) = admin_post(&app, "/admin/destinations/default/pause").await;
+        assert_eq!(status, 200);
+        let at_answer = app.sink.posts();
+        // Settled: nothing leased any more (the one in flight finished, the
+        // rest given back), so nothing can start.
+        let q = app
+            .wait_counts(WAIT, |c| c["active"] == 0 && c["completed"].as_u64().unwrap_or(0) + c["waiting"].as_u64().unwrap_or(0) == 8)
+            .await;
+        assert_eq!(
+            app.sink.posts(),
+            at_answer,
+            "an attempt started after the pause was answered: {q}"
+        );
+        assert!(at_answer <= 2, "{at_answer} started before the pause");
+        let (status, _) = admin_post(&app, "/admin/destinations/default/resume").await;
+        assert_eq!(status, 200);
+        app.wait_counts(Duration::from_secs(30), |c| c["completed"] == 8).await;
+        assert_eq!(app.sink.posts(), 8, "each once");
         app.stop().await.expect("clean stop");
     }
 }

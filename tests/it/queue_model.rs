@@ -508,7 +508,7 @@ async fn run_case(
             }
             Op::Claim { dest, max, fresh } => {
                 let order = if *fresh {
-                    ClaimOrder::Freshest
+                    ClaimOrder::Trials
                 } else {
                     ClaimOrder::Due
                 };
@@ -555,18 +555,25 @@ async fn run_case(
                 }
                 let want = m.claimable(*dest).min(*max);
                 if *fresh && m.backend == Backend::Embedded {
-                    // Never attempted first: no job left due has fewer
-                    // attempts than one taken.
+                    // A round of trials: at most one job already attempted
+                    // while one never attempted is left due.
                     let taken: Vec<i64> = claimed
                         .jobs
                         .iter()
                         .filter_map(|l| l.lease.job_id.parse().ok())
                         .collect();
-                    let most = taken.iter().filter_map(|id| m.jobs.get(id)).map(|j| j.attempts).max();
-                    let left_fewer = m.jobs.iter().any(|(id, j)| {
-                        j.dest == *dest && m.due(&j.st) && !taken.contains(id) && most.is_some_and(|a| j.attempts < a)
+                    let attempted = taken
+                        .iter()
+                        .filter(|id| m.jobs.get(id).is_some_and(|j| j.attempts > 0))
+                        .count();
+                    let fresh_left = m.jobs.iter().any(|(id, j)| {
+                        j.dest == *dest && m.due(&j.st) && !taken.contains(id) && j.attempts == 0
                     });
-                    prop_assert!(!left_fewer, "{}", at("a freshest claim left a fresher job"));
+                    prop_assert!(
+                        !(fresh_left && attempted > 1),
+                        "{}",
+                        at("a round of trials left a never-attempted job for a second retry")
+                    );
                 }
                 let again = claimed.next_due_ms.is_some_and(|t| t <= m.now);
                 prop_assert!(

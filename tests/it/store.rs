@@ -277,7 +277,12 @@ async fn a_fanned_out_event_is_one_row_until_a_destination_claims() {
         "a removal clears its slot in place"
     );
     let claimed = q
-        .claim_for("c", 10, Duration::from_secs(30), cogrelay::queue::ClaimOrder::Due)
+        .claim_for(
+            "c",
+            10,
+            Duration::from_secs(30),
+            cogrelay::queue::ClaimOrder::Due,
+        )
         .await
         .expect("claim")
         .jobs;
@@ -378,7 +383,12 @@ async fn a_claim_never_finishes_a_bundle_with_its_other_jobs() {
     let mut claims = 0;
     let leased = loop {
         let c = q
-            .claim_for("c", 1, Duration::from_secs(30), cogrelay::queue::ClaimOrder::Due)
+            .claim_for(
+                "c",
+                1,
+                Duration::from_secs(30),
+                cogrelay::queue::ClaimOrder::Due,
+            )
             .await
             .expect("claim");
         claims += 1;
@@ -418,7 +428,12 @@ async fn a_claim_never_finishes_a_bundle_with_its_other_jobs() {
     let mut claimed = 0;
     loop {
         let c = q
-            .claim_for("a", 256, Duration::from_secs(30), cogrelay::queue::ClaimOrder::Due)
+            .claim_for(
+                "a",
+                256,
+                Duration::from_secs(30),
+                cogrelay::queue::ClaimOrder::Due,
+            )
             .await
             .expect("claim");
         if c.jobs.is_empty() && c.next_due_ms.is_none_or(|t| t > cogrelay::time::now_ms()) {
@@ -457,14 +472,24 @@ async fn removing_a_bundled_job_keeps_the_others_of_its_event() {
     assert_eq!(q.counts().await.expect("counts").waiting, 1, "b's only");
     assert_eq!(job_rows(dir.path()), 1, "still the one row");
     let b = q
-        .claim_for("b", 10, Duration::from_secs(30), cogrelay::queue::ClaimOrder::Due)
+        .claim_for(
+            "b",
+            10,
+            Duration::from_secs(30),
+            cogrelay::queue::ClaimOrder::Due,
+        )
         .await
         .expect("claim")
         .jobs;
     assert_eq!(b.len(), 1);
     assert_eq!(b[0].job.id, id(1));
     assert!(q
-        .claim_for("a", 10, Duration::from_secs(30), cogrelay::queue::ClaimOrder::Due)
+        .claim_for(
+            "a",
+            10,
+            Duration::from_secs(30),
+            cogrelay::queue::ClaimOrder::Due
+        )
         .await
         .expect("claim")
         .jobs

@@ -71,7 +71,10 @@ fn kinds(commands: &[Command]) -> Vec<String> {
             }
             Command::Release(jobs) => format!(
                 "release {}",
-                jobs.iter().map(|j| j.job.id.as_str()).collect::<Vec<_>>().join(",")
+                jobs.iter()
+                    .map(|j| j.job.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
             ),
             Command::CheckPause => "check pause".into(),
             Command::Circuit { phase, .. } => format!("circuit {}", phase.as_str()),
@@ -82,15 +85,31 @@ fn kinds(commands: &[Command]) -> Vec<String> {
 #[test]
 fn claims_ahead_starts_up_to_the_concurrency_and_rests_when_short() {
     let mut m = Machine::new(settings(2));
-    assert_eq!(kinds(&m.poll(0)), ["claim 4 Due"], "prefetch: twice the concurrency");
-    assert_eq!(kinds(&m.poll(0)), Vec::<String>::new(), "one claim at a time");
+    assert_eq!(
+        kinds(&m.poll(0)),
+        ["claim 4 Due"],
+        "prefetch: twice the concurrency"
+    );
+    assert_eq!(
+        kinds(&m.poll(0)),
+        Vec::<String>::new(),
+        "one claim at a time"
+    );
     m.claimed(Ok(claimed(1..4)), 4, 0, None, 5);
     // Three came of four: short, so the store rests until the idle poll.
     assert_eq!(kinds(&m.poll(5)), ["start 1", "start 2"]);
-    assert_eq!(kinds(&m.poll(500)), Vec::<String>::new(), "both workers busy");
+    assert_eq!(
+        kinds(&m.poll(500)),
+        Vec::<String>::new(),
+        "both workers busy"
+    );
     m.finished(false, Signal::Success, None, 600);
     assert_eq!(kinds(&m.poll(600)), ["start 3"]);
-    assert_eq!(m.next_wake(600), Some(667), "the pause lease's refresh comes first");
+    assert_eq!(
+        m.next_wake(600),
+        Some(667),
+        "the pause lease's refresh comes first"
+    );
     m.woken();
     assert_eq!(
         kinds(&m.poll(700)),
@@ -111,7 +130,11 @@ fn nothing_starts_without_a_fresh_word_that_the_destination_is_not_paused() {
     m.claimed(Ok(claimed(2..2)), 7, 0, None, 10);
     assert_eq!(kinds(&m.poll(10)), ["start 1"]);
     m.handed(job(3, 0));
-    assert_eq!(kinds(&m.poll(1000)), ["check pause"], "the lease (1 s) ran out");
+    assert_eq!(
+        kinds(&m.poll(1000)),
+        ["check pause"],
+        "the lease (1 s) ran out"
+    );
     assert!(!m.may_send(1000), "the deliveries see it too");
     m.pause_seen(Ok(false), 1000, 1002);
     assert_eq!(kinds(&m.poll(1002)), ["start 3"]);
@@ -121,18 +144,38 @@ fn nothing_starts_without_a_fresh_word_that_the_destination_is_not_paused() {
     assert!(!m.may_send(1100));
     assert_eq!(kinds(&m.poll(1100)), ["release 4"]);
     m.handed(job(5, 0));
-    assert_eq!(kinds(&m.poll(1100)), ["release 5"], "handed while paused: back");
+    assert_eq!(
+        kinds(&m.poll(1100)),
+        ["release 5"],
+        "handed while paused: back"
+    );
     assert_eq!(kinds(&m.poll(2100)), ["claim 1 Due"], "a look a second");
-    m.claimed(Ok(Claimed { paused: true, ..Claimed::default() }), 1, 2100, None, 2101);
+    m.claimed(
+        Ok(Claimed {
+            paused: true,
+            ..Claimed::default()
+        }),
+        1,
+        2100,
+        None,
+        2101,
+    );
     assert_eq!(kinds(&m.poll(2500)), Vec::<String>::new());
     m.pause_seen(Ok(false), 2600, 2600);
-    assert_eq!(kinds(&m.poll(2600)), ["claim 8 Due"], "resumed: claims at once");
+    assert_eq!(
+        kinds(&m.poll(2600)),
+        ["claim 8 Due"],
+        "resumed: claims at once"
+    );
 }
 
 #[test]
-fn an_open_circuit_gives_back_what_it_holds_and_trials_are_the_freshest() {
+fn an_open_circuit_gives_back_what_it_holds_and_claims_a_round_of_trials() {
     let mut m = Machine::new(Settings {
-        circuit: CircuitSettings { failures: 2, ..DEFAULT_CIRCUIT },
+        circuit: CircuitSettings {
+            failures: 2,
+            ..DEFAULT_CIRCUIT
+        },
         ..settings(2)
     });
     m.poll(0);
@@ -157,8 +200,8 @@ fn an_open_circuit_gives_back_what_it_holds_and_trials_are_the_freshest() {
     m.pause_seen(Ok(false), 5_000, 5_000);
     assert_eq!(
         kinds(&m.poll(10_020)),
-        ["circuit half-open", "claim 2 Freshest"],
-        "a round of trials (at most the concurrency), freshest first"
+        ["circuit half-open", "claim 2 Trials"],
+        "a round of trials (at most the concurrency)"
     );
     m.claimed(Ok(claimed(7..9)), 2, 10_020, None, 10_021);
     assert_eq!(kinds(&m.poll(10_021)), ["start 7 trial", "start 8 trial"]);
@@ -173,15 +216,30 @@ fn an_open_circuit_gives_back_what_it_holds_and_trials_are_the_freshest() {
 
 #[test]
 fn the_rate_limit_counts_starts_in_any_window() {
-    let mut m = Machine::new(Settings { rate_limit: 2, ..settings(8) });
+    let mut m = Machine::new(Settings {
+        rate_limit: 2,
+        ..settings(8)
+    });
     m.poll(0);
     m.claimed(Ok(claimed(1..6)), 16, 0, None, 0);
     assert_eq!(kinds(&m.poll(0)), ["start 1", "start 2"]);
     assert_eq!(m.next_wake(0), Some(667), "the lease's refresh");
-    assert_eq!(kinds(&m.poll(1_049)), ["claim 13 Due"], "the short claim's rest is over");
+    assert_eq!(
+        kinds(&m.poll(1_049)),
+        ["claim 13 Due"],
+        "the short claim's rest is over"
+    );
     m.claimed(Ok(claimed(6..6)), 13, 1_049, None, 1_049);
-    assert_eq!(kinds(&m.poll(1_049)), Vec::<String>::new(), "two in the window");
-    assert_eq!(kinds(&m.poll(1_050)), ["start 3", "start 4"], "1.05 s later");
+    assert_eq!(
+        kinds(&m.poll(1_049)),
+        Vec::<String>::new(),
+        "two in the window"
+    );
+    assert_eq!(
+        kinds(&m.poll(1_050)),
+        ["start 3", "start 4"],
+        "1.05 s later"
+    );
 }
 
 #[test]
@@ -248,8 +306,18 @@ impl SimStore {
             .collect();
         match order {
             Order::Due => due.sort_by_key(|(id, _, d)| (*d, *id)),
-            Order::Freshest => {
-                due.sort_by_key(|(id, a, d)| (*a, std::cmp::Reverse(*d), std::cmp::Reverse(*id)))
+            Order::Trials => {
+                // The most attempted first (with room for two), then the
+                // never attempted, newest first.
+                let most = due
+                    .iter()
+                    .filter(|(_, a, _)| *a > 0)
+                    .max_by_key(|(id, a, _)| (*a, std::cmp::Reverse(*id)))
+                    .copied()
+                    .filter(|_| max >= 2);
+                due.retain(|j| Some(*j) != most);
+                due.sort_by_key(|(id, a, _)| (*a, std::cmp::Reverse(*id)));
+                due.splice(0..0, most);
             }
         }
         let jobs: Vec<Leased> = due
@@ -345,7 +413,11 @@ fn simulate(
             let (signal, hold, outcome) = match answer {
                 Answer::Ok => (Signal::Success, None, Outcome::Delivered),
                 Answer::Status503 | Answer::Reset => (
-                    if first { Signal::Failure } else { Signal::Again },
+                    if first {
+                        Signal::Failure
+                    } else {
+                        Signal::Again
+                    },
                     None,
                     Outcome::Retry {
                         reason: "HTTP 503".into(),
@@ -370,7 +442,7 @@ fn simulate(
             };
             m.finished(trial, signal, hold, now);
             let n = l.job.attempts_made + 1;
-            let (d, _) = decide(&policy, n, outcome, now, 0.0, l.job.created_at_ms);
+            let (d, _) = decide(&policy, n, outcome, now, 0.0, l.job.created_at_ms, trial);
             match &d {
                 Disposition::Completed => {
                     seen.delivered.insert(id, now);
@@ -462,7 +534,14 @@ fn a_burst_of_events_failing_for_their_own_reasons_drains_within_a_minute() {
         3080..=3099 => Answer::Status422,
         _ => Answer::Ok,
     };
-    let seen = simulate(settings(16), defaults(4, 100), arrivals, target, 20, 3_600_000);
+    let seen = simulate(
+        settings(16),
+        defaults(4, 100),
+        arrivals,
+        target,
+        20,
+        3_600_000,
+    );
     eprintln!(
         "burst: settled after {:.1} s, the circuit opened at {:?} ms",
         seen.end as f64 / 1000.0,
@@ -487,6 +566,39 @@ fn a_burst_of_events_failing_for_their_own_reasons_drains_within_a_minute() {
             "422 job {id} tried once"
         );
     }
+}
+
+/// The same burst arriving as a sender posts it (goods for 0.3 s, then the
+/// bad ones one every 2 ms, in the order above): the circuit opens and
+/// closes more than once, and each time the events left are only those
+/// failing for their own reasons; still it settles within a minute.
+#[test]
+fn a_burst_posted_one_by_one_drains_within_a_minute() {
+    let mut arrivals: Vec<(i64, u64)> = (0..300).map(|i| (i as i64, i)).collect();
+    arrivals.extend((3000..3100).map(|i| (300 + 2 * (i as i64 - 3000), i)));
+    let target = |id: u64, n: u32, _now: i64| match id {
+        3000..=3039 if n <= 2 => Answer::Status503,
+        3040..=3059 if n == 1 => Answer::Reset,
+        3060..=3079 if n == 1 => Answer::Status429,
+        3080..=3099 => Answer::Status422,
+        _ => Answer::Ok,
+    };
+    let seen = simulate(
+        settings(16),
+        defaults(4, 100),
+        arrivals,
+        target,
+        5,
+        3_600_000,
+    );
+    eprintln!(
+        "burst posted: settled after {:.1} s, the circuit opened at {:?} ms",
+        seen.end as f64 / 1000.0,
+        seen.opened
+    );
+    assert!(seen.end <= 60_000, "settled after {} s", seen.end / 1000);
+    assert_eq!(seen.delivered.len(), 380);
+    assert_eq!(seen.failed.len(), 20);
 }
 
 /// A real outage (40 s of 503 under 20 events/s) still opens the circuit:
@@ -522,7 +634,13 @@ fn an_outage_opens_the_circuit_and_everything_arrives_after_it() {
     assert_eq!(seen.delivered.len(), 1600);
     // The cool-down in force when the outage ended: the gap between the
     // last opening before it ended and the trial after.
-    let last_open = seen.opened.iter().filter(|t| **t < to).max().copied().unwrap_or(from);
+    let last_open = seen
+        .opened
+        .iter()
+        .filter(|t| **t < to)
+        .max()
+        .copied()
+        .unwrap_or(from);
     let cooldown = seen
         .attempts
         .iter()
@@ -572,7 +690,10 @@ fn a_job_past_its_age_is_tried_and_the_circuit_closes() {
         }
     };
     let seen = simulate(s, policy, vec![(0, 1), (6_000, 2)], target, 10, 600_000);
-    assert!(seen.delivered.contains_key(&2), "the event after the outage: {seen:?}");
+    assert!(
+        seen.delivered.contains_key(&2),
+        "the event after the outage: {seen:?}"
+    );
     assert!(
         seen.failed.contains(&1) || seen.delivered.contains_key(&1),
         "the first one tried after its age, and failed saying so or delivered"
@@ -607,8 +728,20 @@ fn a_job_held_by_a_pause_past_its_age_is_tried() {
         None,
         3_600_000,
     );
-    assert_eq!(kinds(&m.poll(3_600_000)), ["start 1"], "tried, not failed untried");
+    assert_eq!(
+        kinds(&m.poll(3_600_000)),
+        ["start 1"],
+        "tried, not failed untried"
+    );
     // Delivered: completed whatever its age; failed: failed saying so.
-    let (d, _) = decide(&policy, 1, Outcome::Delivered, 3_600_000, 0.0, Some(0));
+    let (d, _) = decide(
+        &policy,
+        1,
+        Outcome::Delivered,
+        3_600_000,
+        0.0,
+        Some(0),
+        false,
+    );
     assert_eq!(d, Disposition::Completed);
 }

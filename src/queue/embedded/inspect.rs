@@ -363,6 +363,4 @@ impl Operate for EmbeddedQueue {
         })
         .await
     }
-
-
 }

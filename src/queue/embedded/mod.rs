@@ -379,6 +379,100 @@ impl EmbeddedQueue {
     }
 }
 
+/// The columns a claim returns, as the job to deliver.
+const CLAIMED: &str = "seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms";
+
+fn claimed_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryJob> {
+    let kind: String = r.get(4)?;
+    Ok(DeliveryJob {
+        id: r.get::<_, i64>(0)?.to_string(),
+        key: EventKey::from_stored(r.get(1)?),
+        event_id: r.get(2)?,
+        bot_id: r.get(3)?,
+        kind: EventKind::from_stored(&kind),
+        body: r.get(5)?,
+        attempts_made: r.get(6)?,
+        created_at_ms: r.get(7)?,
+        probe: None,
+    })
+}
+
+/// Leases up to `max` of `destination`'s due jobs, earliest due first (one
+/// statement: the hot path).
+fn claim_due(
+    conn: &Connection,
+    token: &str,
+    until: i64,
+    now: i64,
+    max: usize,
+    destination: &str,
+) -> QueueResult<Vec<DeliveryJob>> {
+    let sql = format!(
+        "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
+         WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
+                       AND due_at_ms <= ?3 AND pending IS NULL ORDER BY due_at_ms, seq LIMIT ?4)
+         RETURNING {CLAIMED}"
+    );
+    conn.prepare_cached(&sql)
+        .and_then(|mut stmt| {
+            stmt.query_map(
+                params![token, until, now, max as i64, destination],
+                claimed_job,
+            )?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(sql_err)
+}
+
+/// Leases a round of trials (see [`ClaimOrder::Trials`](super::ClaimOrder)).
+fn claim_trials(
+    conn: &Connection,
+    token: &str,
+    until: i64,
+    now: i64,
+    max: usize,
+    destination: &str,
+) -> QueueResult<Vec<DeliveryJob>> {
+    const DUE: &str =
+        "destination=?1 AND state IN ('waiting','delayed') AND due_at_ms <= ?2 AND pending IS NULL";
+    let mut ids: Vec<i64> = Vec::new();
+    if max >= 2 {
+        let most: Option<i64> = conn
+            .prepare_cached(&format!(
+                "SELECT seq FROM jobs WHERE {DUE} AND attempts_made > 0 ORDER BY attempts_made DESC, seq LIMIT 1"
+            ))
+            .and_then(|mut s| s.query_row(params![destination, now], |r| r.get(0)).optional())
+            .map_err(sql_err)?;
+        ids.extend(most);
+    }
+    let fresh: Vec<i64> = conn
+        .prepare_cached(&format!(
+            "SELECT seq FROM jobs WHERE {DUE} AND seq != ?3 ORDER BY attempts_made, seq DESC LIMIT ?4"
+        ))
+        .and_then(|mut s| {
+            s.query_map(
+                params![destination, now, ids.first().copied().unwrap_or(0), (max - ids.len()) as i64],
+                |r| r.get(0),
+            )?
+            .collect::<Result<_, _>>()
+        })
+        .map_err(sql_err)?;
+    ids.extend(fresh);
+    let mut take = conn
+        .prepare_cached(&format!(
+            "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2 WHERE seq=?3 RETURNING {CLAIMED}"
+        ))
+        .map_err(sql_err)?;
+    let mut jobs = Vec::with_capacity(ids.len());
+    for id in ids {
+        jobs.push(
+            take.query_row(params![token, until, id], claimed_job)
+                .map_err(sql_err)?,
+        );
+    }
+    Ok(jobs)
+}
+
 /// Stall recovery: an expired lease means its worker is gone; its job goes
 /// back to waiting, its attempt not counted.
 fn put_back_stalled(conn: &Connection, now: i64) -> QueueResult<u64> {
@@ -488,41 +582,13 @@ impl Queue for EmbeddedQueue {
                 bundle::write_out(conn, &mut w.space, bundle::WRITE_OUT_PER_CLAIM)?.more;
             put_back_stalled(conn, now)?;
             let token = format!("{:016x}", fastrand::u64(..));
-            let sql = match order {
-                super::ClaimOrder::Due => {
-                    "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
-                     WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
-                                   AND due_at_ms <= ?3 AND pending IS NULL ORDER BY due_at_ms, seq LIMIT ?4)
-                     RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms"
-                }
-                // A circuit's trials: never attempted first, newest first.
-                super::ClaimOrder::Freshest => {
-                    "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
-                     WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
-                                   AND due_at_ms <= ?3 AND pending IS NULL
-                                   ORDER BY attempts_made, due_at_ms DESC, seq DESC LIMIT ?4)
-                     RETURNING seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms"
+            let until = now.saturating_add(lease_ms);
+            let rows = match order {
+                super::ClaimOrder::Due => claim_due(conn, &token, until, now, max, &destination)?,
+                super::ClaimOrder::Trials => {
+                    claim_trials(conn, &token, until, now, max, &destination)?
                 }
             };
-            let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
-            let until = now.saturating_add(lease_ms);
-            let rows = stmt
-                .query_map(params![token, until, now, max as i64, destination], |r| {
-                    let kind: String = r.get(4)?;
-                    Ok(DeliveryJob {
-                        id: r.get::<_, i64>(0)?.to_string(),
-                        key: EventKey::from_stored(r.get(1)?),
-                        event_id: r.get(2)?,
-                        bot_id: r.get(3)?,
-                        kind: EventKind::from_stored(&kind),
-                        body: r.get(5)?,
-                        attempts_made: r.get(6)?,
-                        created_at_ms: r.get(7)?,
-                        probe: None,
-                    })
-                })
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(sql_err)?;
             let mut jobs: Vec<Leased> = rows
                 .into_iter()
                 .map(|job| Leased {

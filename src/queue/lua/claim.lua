@@ -8,8 +8,10 @@
     counter, KEYS[9] marker
     ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] lock duration (ms),
     ARGV[4] most jobs, ARGV[5] token base, ARGV[6] worker name,
-    ARGV[7] order: "due" (the queue's) or "fresh" (never attempted first,
-    newest first: a circuit's trials), ARGV[8] trials of a circuit's round
+    ARGV[7] order: "due" (the queue's) or "trials" (a circuit's round: with
+    room for two or more, the job with the most attempts made, then never
+    attempted first, newest first; of the newest hundred in wait),
+    ARGV[8] trials of a shared circuit's round
   Returns {jobs, next, probe, paused, circuit}: jobs is flat, 4 per job (id,
   token, data, atm); next is the earliest due time of a delayed job (ms)
   when no job was taken, or when the global rate limit held some back, when
@@ -73,7 +75,7 @@ end
 -- trials (the freshest jobs) and the others wait for their results (or
 -- their leases).
 local probe = false
-local fresh = ARGV[7] == "fresh"
+local fresh = ARGV[7] == "trials"
 local openUntil = tonumber(meta[5])
 local clock = 0
 if openUntil then
@@ -93,26 +95,39 @@ end
 
 local jobs = {}
 local n = 0
--- The ids to take: the freshest of the newest hundred (wait's head), or
--- the queue's own order (wait's tail, then prioritized).
+-- The ids to take: a round of trials from the newest hundred (wait's
+-- head), or the queue's own order (wait's tail, then prioritized).
 local picked = {}
 if not paused and room > 0 and fresh then
   local firsts, others = {}, {}
+  local most, mostAtm = nil, 0
   for _, id in ipairs(rcall("LRANGE", KEYS[1], 0, 99)) do
     if string.sub(id, 1, 2) ~= "0:" then
-      if (tonumber(rcall("HGET", prefix .. id, "atm")) or 0) == 0 then
+      local atm = tonumber(rcall("HGET", prefix .. id, "atm")) or 0
+      if atm == 0 then
         firsts[#firsts + 1] = id
       else
         others[#others + 1] = id
+        if atm > mostAtm then
+          most, mostAtm = id, atm
+        end
       end
     end
   end
+  local function pick(id)
+    if #picked < room then
+      rcall("LREM", KEYS[1], 1, id)
+      rcall("LPUSH", KEYS[2], id)
+      picked[#picked + 1] = id
+    end
+  end
+  if most and room >= 2 then
+    pick(most)
+  end
   for _, list in ipairs({firsts, others}) do
     for _, id in ipairs(list) do
-      if #picked < room then
-        rcall("LREM", KEYS[1], 1, id)
-        rcall("LPUSH", KEYS[2], id)
-        picked[#picked + 1] = id
+      if id ~= most then
+        pick(id)
       end
     end
   end

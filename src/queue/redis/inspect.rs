@@ -321,6 +321,4 @@ impl Operate for RedisQueue {
         let page = self.list_for(None, None, 0, 1).await?;
         Ok(page.items.into_iter().map(|j| j.destination).collect())
     }
-
-
 }

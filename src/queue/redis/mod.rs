@@ -389,7 +389,7 @@ impl Queue for RedisQueue {
             .arg(&h.worker)
             .arg(match order {
                 super::ClaimOrder::Due => "due",
-                super::ClaimOrder::Freshest => "fresh",
+                super::ClaimOrder::Trials => "trials",
             })
             .arg(super::CIRCUIT_TRIALS);
         // {jobs, next, probe, paused[, circuit]}: Lua drops a trailing nil.

@@ -606,8 +606,6 @@ impl Operate for RedisQueues {
             .await
     }
 
-
-
     /// BullMQ's global rate limit on the destination's queue (`max` jobs a
     /// `duration` ms, in its meta hash, enforced by the claim script for
     /// every relay), shaped by [`limit_shape`] so that no second holds more
