@@ -58,7 +58,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Run the relay: ingress on PORT, delivery workers, admin API on ADMIN_LISTEN.
     ///
@@ -114,19 +114,19 @@ pub enum Command {
     Config(ConfigArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ConfigArgs {
     #[command(subcommand)]
     pub command: ConfigCommand,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum ConfigCommand {
     /// Validate, and print the resolved destinations (secrets ***).
     Check(Box<ServeArgs>),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct JobsArgs {
     #[command(flatten)]
     pub store: StoreArgs,
@@ -139,7 +139,7 @@ pub struct JobsArgs {
     pub command: JobsCommand,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum JobsCommand {
     /// List jobs, newest first.
     List {
@@ -174,7 +174,7 @@ pub enum JobsCommand {
     Remove { id: String },
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct DestinationsArgs {
     #[command(flatten)]
     pub store: StoreArgs,
@@ -187,7 +187,7 @@ pub struct DestinationsArgs {
     pub command: Option<DestinationsCommand>,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum DestinationsCommand {
     /// Each destination with jobs in the queue, or paused (the default).
     List,
@@ -197,7 +197,7 @@ pub enum DestinationsCommand {
     Resume { name: String },
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct QueueArgs {
     #[command(flatten)]
     pub store: StoreArgs,
@@ -210,7 +210,7 @@ pub struct QueueArgs {
     pub command: QueueCommand,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum QueueCommand {
     /// Jobs by state.
     Stats,
@@ -308,7 +308,7 @@ pub struct CognigyArgs {
     pub token_url: Option<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RegisterArgs {
     #[command(flatten)]
     pub cognigy: CognigyArgs,
@@ -362,7 +362,7 @@ pub struct RegisterArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SimArgs {
     /// Port to listen on (127.0.0.1).
     #[arg(long, env = "SIM_PORT", default_value = "8600")]
@@ -393,7 +393,7 @@ pub struct SimArgs {
     pub rate_limit: String,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Ingress port, on all interfaces, IPv6 and IPv4.
     #[arg(long, env = "PORT", default_value = defaults::PORT)]

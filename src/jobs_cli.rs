@@ -80,25 +80,52 @@ impl Op {
 
 /// Opens the queue of `store` and runs `op`; returns what to print on stdout.
 /// `configured` are the names the destinations file gives (a name a command
-/// takes must be one of them or one the queue knows).
+/// takes must be one of them or one the queue knows: checked on a read-only
+/// open first, so that a refused command writes nothing at all).
 pub async fn run(
     store: &StoreSettings,
     op: Op,
     json: bool,
     configured: &[String],
 ) -> Result<String, CliError> {
-    let opener = if op.reads_only() {
-        Opener::Reader
-    } else {
-        Opener::Tool
+    let open = |opener| async move {
+        queue::open(store, opener).await.map_err(|e| match e {
+            OpenError::NoEmbeddedStore(_) => CliError::Usage(e.to_string()),
+            other => CliError::Unavailable(other.to_string()),
+        })
     };
-    let q = queue::open(store, opener).await.map_err(|e| match e {
-        OpenError::NoEmbeddedStore(_) => CliError::Usage(e.to_string()),
-        other => CliError::Unavailable(other.to_string()),
-    })?;
+    if op.reads_only() {
+        let q = open(Opener::Reader).await?;
+        let out = execute(&q, op, json, configured).await;
+        let _ = q.close().await;
+        return out;
+    }
+    if let Some(name) = op.names() {
+        let q = open(Opener::Reader).await?;
+        let known = known(&q, name, configured).await.map(|_| ());
+        let _ = q.close().await;
+        known?;
+    }
+    let q = open(Opener::Tool).await?;
     let out = execute(&q, op, json, configured).await;
     let _ = q.close().await;
     out
+}
+
+impl Op {
+    /// The destination a writing command names, to check first.
+    fn names(&self) -> Option<&str> {
+        match self {
+            Op::Destinations(DestinationsCommand::Pause { name })
+            | Op::Destinations(DestinationsCommand::Resume { name }) => Some(name),
+            Op::Jobs(JobsCommand::Retry {
+                id: None,
+                destination: Some(d),
+                ..
+            }) => Some(d),
+            _ => None,
+        }
+    }
 }
 
 /// `name`, if the queue or the destinations file knows it; else exit 2.

@@ -65,12 +65,22 @@ fn main() -> ExitCode {
     }
 }
 
-/// `cogrelay config check`: every setting of `serve` checked, the resolved
-/// destinations printed (credentials ***).
+/// `cogrelay config check`: every setting of `serve` checked, every problem
+/// of the destinations file one line each, the resolved destinations
+/// printed (credentials ***). No ingress secret needed (a note says so).
 fn config_check(args: &cogrelay::cli::ServeArgs) -> ExitCode {
-    let cfg = match ServeConfig::from_args(args) {
+    let (checked, notes) = ServeConfig::check(args);
+    for note in &notes {
+        eprintln!("{note}");
+    }
+    let cfg = match checked {
         Ok(c) => c,
-        Err(e) => return config_error(&e),
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("error: {p}");
+            }
+            return ExitCode::from(2);
+        }
     };
     let resolved = cfg.destinations().resolved();
     match serde_json::to_string_pretty(&resolved) {

@@ -129,24 +129,66 @@ pub fn parse(
             )))
         }
     };
+    let (out, mut problems) = entries_of(entries, file, globals, env);
+    match problems.is_empty() {
+        true => Ok(out),
+        false => Err(problems.remove(0)),
+    }
+}
+
+/// Every destination of a file's text, or every problem of it: one line
+/// each, each destination's first (`cogrelay config check` shows them all;
+/// the relay, the first).
+pub fn check(
+    text: &str,
+    file: &str,
+    globals: &Globals,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<Destination>, Vec<ConfigError>> {
+    let table: Table = match text.parse() {
+        Ok(t) => t,
+        Err(_) => return parse(text, file, globals, env).map_err(|e| vec![e]),
+    };
+    match table.get("destination") {
+        Some(Toml::Array(entries)) if table.keys().all(|k| k == "destination") => {
+            let (out, problems) = entries_of(entries, file, globals, env);
+            if problems.is_empty() {
+                Ok(out)
+            } else {
+                Err(problems)
+            }
+        }
+        _ => parse(text, file, globals, env).map_err(|e| vec![e]),
+    }
+}
+
+/// The destinations of `entries`, and a problem for each one that is not.
+fn entries_of(
+    entries: &[Toml],
+    file: &str,
+    globals: &Globals,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (Vec<Destination>, Vec<ConfigError>) {
     let mut out: Vec<Destination> = Vec::with_capacity(entries.len());
+    let mut problems = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
         let Toml::Table(t) = entry else {
-            return Err(ConfigError(format!(
+            problems.push(ConfigError(format!(
                 "{file}: destination #{}: must be a table",
                 i + 1
             )));
+            continue;
         };
-        let d = destination(t, i, file, globals, env)?;
-        if out.iter().any(|o| o.name == d.name) {
-            return Err(ConfigError(format!(
+        match destination(t, i, file, globals, env) {
+            Ok(d) if out.iter().any(|o| o.name == d.name) => problems.push(ConfigError(format!(
                 "{file}: destination {:?}: key name: the name is used twice; give each destination its own",
                 d.name
-            )));
+            ))),
+            Ok(d) => out.push(d),
+            Err(e) => problems.push(e),
         }
-        out.push(d);
     }
-    Ok(out)
+    (out, problems)
 }
 
 /// One `[[destination]]` table.

@@ -130,6 +130,82 @@ impl ServeConfig {
     }
 
     pub fn from_args(a: &ServeArgs) -> Result<Self, ConfigError> {
+        let (mut c, file) = Self::settings(a)?;
+        if let Some(path) = file {
+            let dests =
+                super::destinations::load(&path, &c.globals(), &|var| std::env::var(var).ok())?;
+            c.take_destinations(dests);
+        }
+        Ok(c)
+    }
+
+    /// `cogrelay config check`: every problem of the settings and of the
+    /// destinations file, one line each (the relay stops at the first). No
+    /// ingress secret is needed to check a file: its absence is a note (the
+    /// second value), since `serve` refuses to start without one.
+    pub fn check(a: &ServeArgs) -> (Result<Self, Vec<ConfigError>>, Vec<String>) {
+        let mut notes = Vec::new();
+        let mut relaxed = a.clone();
+        let no_auth = a
+            .webhook_signing_secret
+            .as_deref()
+            .is_none_or(|s| s.trim().is_empty())
+            && a.ingress_basic_user.as_deref().is_none_or(|s| s.is_empty())
+            && !a.allow_unauthenticated;
+        if no_auth {
+            relaxed.allow_unauthenticated = true;
+            notes.push("note: no ingress authentication is set (WEBHOOK_SIGNING_SECRET, or INGRESS_BASIC_USER and INGRESS_BASIC_PASSWORD): `cogrelay serve` refuses to start without one".to_string());
+        }
+        let (mut c, file) = match Self::settings(&relaxed) {
+            Ok(r) => r,
+            Err(e) => return (Err(vec![e]), notes),
+        };
+        let Some(path) = file else {
+            return (Ok(c), notes);
+        };
+        let shown = path.display().to_string();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                return (
+                    Err(vec![bad(format!(
+                        "{shown}: cannot be read ({e}): check COGRELAY_CONFIG"
+                    ))]),
+                    notes,
+                )
+            }
+        };
+        match super::destinations::check(&text, &shown, &c.globals(), &|var| {
+            std::env::var(var).ok()
+        }) {
+            Ok(list) => {
+                c.take_destinations(Destinations {
+                    list,
+                    file: Some(path),
+                });
+                (Ok(c), notes)
+            }
+            Err(problems) => (Err(problems), notes),
+        }
+    }
+
+    /// What a destination takes from the global settings.
+    fn globals(&self) -> Globals {
+        Globals {
+            delivery: self.delivery.clone(),
+            lock_duration: self.pool.lock_duration,
+        }
+    }
+
+    fn take_destinations(&mut self, dests: Destinations) {
+        if let Some(first) = dests.list.first() {
+            self.delivery.target = first.delivery.target.clone();
+        }
+        self.destinations_file = Some(dests);
+    }
+
+    /// Every setting but the destinations file; and the file, if there is one.
+    fn settings(a: &ServeArgs) -> Result<(Self, Option<PathBuf>), ConfigError> {
         let file = match a.config_file.as_deref().map(str::trim) {
             Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
             _ => {
@@ -334,18 +410,7 @@ impl ServeConfig {
         )?);
         c.pool.test_fault = crate::delivery::TestFault::from_env();
         c.validate()?;
-        if let Some(path) = file {
-            let globals = Globals {
-                delivery: c.delivery.clone(),
-                lock_duration: c.pool.lock_duration,
-            };
-            let dests = super::destinations::load(&path, &globals, &|var| std::env::var(var).ok())?;
-            if let Some(first) = dests.list.first() {
-                c.delivery.target = first.delivery.target.clone();
-            }
-            c.destinations_file = Some(dests);
-        }
-        Ok(c)
+        Ok((c, file))
     }
 
     /// Cross-field rules and ranges; also run by `serve::run` so that configs built
@@ -511,6 +576,40 @@ mod tests {
         "--webhook-signing-secret",
         "s1, s2",
     ];
+
+    /// Every numeric setting takes its largest value, and one more is one
+    /// line naming it and its maximum (no overflow further on: times and
+    /// sizes are bounded here).
+    #[test]
+    fn every_number_has_a_maximum() {
+        for (name, max) in LIMITS {
+            let flag = match *name {
+                "COGRELAY_MAX_DB_BYTES" => "--max-db-bytes".to_string(),
+                n => format!("--{}", n.to_ascii_lowercase().replace('_', "-")),
+            };
+            let mut args = OK.to_vec();
+            // A lease longer than the longest delivery timeout (the rule
+            // between the two), and a cool-down within the largest maximum.
+            let extra = match *name {
+                "DELIVERY_TIMEOUT_MS" => vec!["--lock-duration-ms", "86400000"],
+                "CIRCUIT_COOLDOWN_MS" => vec!["--circuit-max-cooldown-ms", "86400000"],
+                _ => vec![],
+            };
+            args.extend(extra.iter().copied());
+            let at_max = max.to_string();
+            let over = (max + 1).to_string();
+            let mut ok = args.clone();
+            ok.extend([flag.as_str(), at_max.as_str()]);
+            assert!(parse(&ok).is_ok(), "{name}={max}: {:?}", parse(&ok).err());
+            let mut bad = args.clone();
+            bad.extend([flag.as_str(), over.as_str()]);
+            let err = parse(&bad).expect_err("over the maximum").to_string();
+            assert!(
+                err.contains(name) && err.contains(&format!("at most {max}")),
+                "{name}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn valid_settings_parse_with_rotation_list() {

@@ -127,6 +127,63 @@ fn a_bad_file_is_one_line_naming_file_destination_and_key_exit_2() {
     assert!(text(&out.stderr).contains("nope.toml: cannot be read"));
 }
 
+/// `config check` needs no ingress secret (a note says `serve` does), and
+/// names every problem of the file, one line each; a token in a URL's query
+/// (`${VAR}`) is never printed (on 27e726d: it stopped at the first
+/// problem, refused to run without WEBHOOK_SIGNING_SECRET, and printed the
+/// query of a bad URL).
+#[test]
+fn config_check_names_every_problem_without_the_serve_secrets_and_hides_query_tokens() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        "[[destination]]\nname = \"crm\"\nurl = \"ftp://crm.internal/hook?token=${CRM_API_KEY}\"\n\n\
+         [[destination]]\nname = \"ok\"\nurl = \"http://ok.internal/\"\n\n\
+         [[destination]]\nname = \"wh\"\nurl = \"http://wh.internal/\"\nattempts = 0\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+        .args(["config", "check", "--config", "relay.toml"])
+        .current_dir(dir.path())
+        .env_remove("TARGET_ENDPOINT")
+        .env_remove("WEBHOOK_SIGNING_SECRET")
+        .env("CRM_API_KEY", CRM_KEY)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains(CRM_KEY), "the token printed: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 2, "both bad destinations named: {stderr}");
+    assert!(
+        errors[0].contains("\"crm\"") && errors[0].contains("?***"),
+        "{stderr}"
+    );
+    assert!(
+        errors[1].contains("\"wh\"") && errors[1].contains("attempts"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("note: no ingress authentication"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &path,
+        "[[destination]]\nname = \"ok\"\nurl = \"http://ok.internal/\"\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+        .args(["config", "check", "--config", "relay.toml"])
+        .current_dir(dir.path())
+        .env_remove("TARGET_ENDPOINT")
+        .env_remove("WEBHOOK_SIGNING_SECRET")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
 #[test]
 fn target_endpoint_and_a_file_together_is_a_configuration_error() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -1234,4 +1291,77 @@ both_backends! {
         assert_eq!(app.sink.posts(), 8, "each once");
         app.stop().await.expect("clean stop");
     }
+}
+
+/// A reload tells every old pool to stop at once: once a delivery with the
+/// new settings went out, none with the old ones starts, at either of two
+/// destinations (on 27e726d the old pools were stopped one after another,
+/// each waiting for the last one's drain, and the later ones kept starting
+/// deliveries with the old headers meanwhile).
+#[tokio::test]
+async fn a_reload_stops_every_old_pool_at_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("cogrelay.toml");
+    let second = Sink::start().await.expect("sink");
+    let text = |version: u32, first: &str| {
+        format!(
+            "[[destination]]\nname = \"d1\"\nurl = \"{first}\"\nconcurrency = 2\nheaders = {{ \"X-Version\" = \"{version}\" }}\n\
+             [[destination]]\nname = \"d2\"\nurl = \"{}\"\nconcurrency = 2\nheaders = {{ \"X-Version\" = \"{version}\" }}\n",
+            second.url()
+        )
+    };
+    let mut app = spawn_app_with(|c| {
+        c.store.retention.remove_on_complete = 10_000;
+        let t = text(1, c.delivery.target.as_ref());
+        c.destinations_file = Some(destinations_of(c, &t));
+        c.destinations_file.as_mut().expect("file").file = Some(dir.path().join("cogrelay.toml"));
+    })
+    .await;
+    let first_url = app.sink.url();
+    std::fs::write(&file, text(1, &first_url)).expect("write");
+    for sink in [&app.sink, &second] {
+        sink.set_default(Behaviour::Delay(Duration::from_millis(300), 200));
+    }
+    let sending = {
+        let (http, url) = (app.http.clone(), app.url());
+        tokio::spawn(async move {
+            for i in 0..60 {
+                let body = serde_json::to_vec(&event("bot", &format!("v-{i}"))).expect("json");
+                let sig = cogrelay::ingress::auth::sign_hex(SECRET, &body);
+                let r = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-webhook-signature", sig)
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("post");
+                assert_eq!(r.status(), 200);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    assert!(second.wait_for(2, WAIT).await, "deliveries under way");
+    std::fs::write(&file, text(2, &first_url)).expect("write");
+    app.reload.send(()).await.expect("reload");
+    sending.await.expect("sender");
+    app.wait_counts(Duration::from_secs(60), |c| c["completed"] == 120)
+        .await;
+    for (name, sink) in [("d1", &app.sink), ("d2", &second)] {
+        let versions: Vec<String> = sink
+            .received()
+            .iter()
+            .map(|r| r.header("x-version").unwrap_or("-").to_string())
+            .collect();
+        let first_new = versions
+            .iter()
+            .position(|v| v == "2")
+            .expect("new settings");
+        let old_after = versions[first_new..].iter().filter(|v| *v == "1").count();
+        assert!(
+            old_after <= 1,
+            "{name}: {old_after} deliveries with the old settings started after one with the new: {versions:?}"
+        );
+    }
+    app.stop().await.expect("clean stop");
 }

@@ -97,3 +97,107 @@ both_backends! {
         assert_eq!(stats.json()["completed"], 2);
     }
 }
+
+/// What the store holds, as bytes: the embedded file and its WAL (not the
+/// shared-memory index a reader may touch); on Redis, the writing commands
+/// it has run since its statistics were reset.
+fn store_writes(app: &TestApp) -> String {
+    match &app.redis {
+        Some(r) => {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &r.port.to_string(), "INFO", "commandstats"])
+                .output()
+                .expect("redis-cli");
+            const WRITES: [&str; 18] = [
+                "set", "del", "hset", "hmset", "hdel", "hincrby", "lpush", "rpush", "lrem", "zadd",
+                "zrem", "sadd", "srem", "incr", "xadd", "pexpire", "eval", "evalsha",
+            ];
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| {
+                    l.strip_prefix("cmdstat_")
+                        .and_then(|c| c.split(':').next())
+                        .is_some_and(|c| WRITES.contains(&c))
+                })
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        None => ["cogrelay.db", "cogrelay.db-wal"]
+            .iter()
+            .map(|f| {
+                let bytes = std::fs::read(app.data_dir.join(f)).unwrap_or_default();
+                format!(
+                    "{f}: {} bytes, sum {}",
+                    bytes.len(),
+                    bytes.iter().map(|b| u64::from(*b)).sum::<u64>()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
+both_backends! {
+    /// Operators' reads never write (SPEC §7): every reading command, run
+    /// against the queue (no relay), leaves it as it was; a pause of a name
+    /// nobody has is exit 2 and stores nothing; and a reader that goes away
+    /// (`| head`) ends the output quietly (on 27e726d: `queue stats` wrote a
+    /// key on Redis, a listing of waiting jobs wrote out every bundle, and a
+    /// broken pipe panicked).
+    async fn reading_commands_write_nothing_and_a_closed_pipe_ends_quietly(b: Backend) {
+        let mut app = spawn_app_on(b, |c| {
+            c.delivery.attempts = 1;
+            c.store.retention.remove_on_complete = 10_000;
+        })
+        .await;
+        app.sink.set_default(Behaviour::status(500));
+        for i in 0..3 {
+            app.post_event(&event("bot", &format!("r-{i}"))).await;
+        }
+        app.wait_counts(Duration::from_secs(15), |c| c["failed"] == 3).await;
+        let (status, _) = (app.admin_post("/admin/destinations/default/pause").await.status, ());
+        assert_eq!(status, 200);
+        for i in 0..600 {
+            app.post_event(&event("bot", &format!("w-{i}"))).await;
+        }
+        app.stop().await.expect("stop");
+        if let Some(r) = &app.redis {
+            assert!(r.command("CONFIG RESETSTAT"));
+        }
+        let before = store_writes(&app);
+        for args in [
+            vec!["queue", "stats"],
+            vec!["jobs", "list"],
+            vec!["jobs", "list", "--state", "waiting", "--limit", "500"],
+            vec!["jobs", "list", "--state", "failed", "--json"],
+            vec!["jobs", "show", "1"],
+            vec!["destinations", "list"],
+            vec!["jobs", "list", "--destination", "default"],
+        ] {
+            let out = cli(&app, &args).await;
+            assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+        }
+        let nosuch = cli(&app, &["destinations", "pause", "nosuch"]).await;
+        assert_eq!(nosuch.code, 2, "{}", nosuch.stderr);
+        assert_eq!(store_writes(&app), before, "a reading command wrote to the store");
+        let listed = cli(&app, &["destinations", "list", "--json"]).await.json();
+        assert_eq!(listed.as_array().expect("list").len(), 1, "no phantom row: {listed}");
+
+        // 500 jobs listed into a pipe its reader closes after one byte.
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "{} jobs list --state waiting --limit 500 | head -c 1 >/dev/null",
+                env!("CARGO_BIN_EXE_cogrelay")
+            ));
+        match &app.redis {
+            Some(r) => cmd.env("COGRELAY_QUEUE", "redis").env("REDIS_URL", r.url()),
+            None => cmd.env("COGRELAY_DATA_DIR", &app.data_dir),
+        };
+        let out = cmd.output().expect("sh");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.trim().is_empty(), "quiet: {stderr}");
+    }
+}

@@ -149,6 +149,9 @@ pub struct EmbeddedQueue {
     /// Held for the life of the queue: one relay process per data dir.
     _lock: Option<File>,
     fsync: Fsync,
+    /// Answered once the writer and checkpointer threads are gone (their
+    /// connections closed): `close` waits for it.
+    gone: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl std::fmt::Debug for EmbeddedQueue {
@@ -306,9 +309,12 @@ impl EmbeddedQueue {
 
         let (tx, rx) = mpsc::channel::<Op>(64 * 1024);
         let stop_checkpoints = Arc::new(AtomicBool::new(false));
-        if relay {
-            spawn_checkpointer(path.clone(), opts.fsync, stop_checkpoints.clone());
-        }
+        let checkpointer = if relay {
+            spawn_checkpointer(path.clone(), opts.fsync, stop_checkpoints.clone())
+        } else {
+            None
+        };
+        let (gone_tx, gone) = oneshot::channel::<()>();
         let mut writer = Writer {
             settings: opts.settings,
             now_ms: opts.clock.now_ms(),
@@ -318,11 +324,10 @@ impl EmbeddedQueue {
             stop: false,
             space,
             maintains: relay,
-            begin: if opts.access == Access::Reader {
-                "BEGIN"
-            } else {
-                "BEGIN IMMEDIATE"
-            },
+            // A tool's transactions start deferred: one that only reads
+            // (the check of a name before a write) writes nothing, not even
+            // a WAL header.
+            begin: if relay { "BEGIN IMMEDIATE" } else { "BEGIN" },
             paused: Default::default(),
             paused_read_at: None,
         };
@@ -338,7 +343,11 @@ impl EmbeddedQueue {
             .name("cogrelay-store".into())
             .spawn(move || {
                 writer_loop(conn, writer, rx);
-                stop_checkpoints.store(true, Ordering::Relaxed);
+                stop_checkpoints.store(true, Ordering::Release);
+                if let Some(c) = checkpointer {
+                    let _ = c.join();
+                }
+                let _ = gone_tx.send(());
             })
             .map_err(|e| OpenError::Lock(path.clone(), e))?;
         Ok(Self {
@@ -346,6 +355,7 @@ impl EmbeddedQueue {
             path,
             _lock: lock,
             fsync: opts.fsync,
+            gone: std::sync::Mutex::new(Some(gone)),
         })
     }
 
@@ -736,11 +746,19 @@ impl Queue for EmbeddedQueue {
         .await
     }
 
+    /// Stops the writer, and returns once its threads and connections are
+    /// gone: nothing touches the files after this.
     async fn close(&self) -> QueueResult<()> {
-        self.call(|_, w| {
-            w.stop = true;
-            Ok(())
-        })
-        .await
+        let stopped = self
+            .call(|_, w| {
+                w.stop = true;
+                Ok(())
+            })
+            .await;
+        let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(gone) = gone {
+            let _ = tokio::time::timeout(Duration::from_secs(5), gone).await;
+        }
+        stopped
     }
 }

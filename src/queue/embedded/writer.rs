@@ -115,20 +115,32 @@ pub(super) fn open_connection(path: &Path, fsync: Fsync) -> rusqlite::Result<Con
 }
 
 /// Checkpoints the WAL into the main file off the commit path.
-pub(super) fn spawn_checkpointer(path: PathBuf, fsync: Fsync, stop: Arc<AtomicBool>) {
-    let _ = std::thread::Builder::new()
+/// Checkpoints the WAL into the main file off the commit path, until `stop`
+/// (looked at every 50 ms, so that a closed store is soon left alone).
+pub(super) fn spawn_checkpointer(
+    path: PathBuf,
+    fsync: Fsync,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
         .name("cogrelay-checkpoint".into())
         .spawn(move || {
             let Ok(conn) = open_connection(&path, fsync) else {
                 return;
             };
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(500));
+            let mut slept = 0;
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(50));
+                slept += 1;
+                if slept % 10 != 0 || stop.load(Ordering::Acquire) {
+                    continue;
+                }
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::debug!(error = %e, "wal checkpoint");
                 }
             }
-        });
+        })
+        .ok()
 }
 
 pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receiver<Op>) {
