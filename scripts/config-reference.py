@@ -47,11 +47,41 @@ TAIL = """
 (failed = dead-lettered), `cogrelay_delivery_seconds` (histogram per attempt),
 `cogrelay_queue_jobs{state}`, `cogrelay_queue_oldest_waiting_seconds`,
 `cogrelay_queue_durability_risk{risk}` (1 where the store can lose an
-acknowledged event: `redis_no_aof`, `redis_evicting`, `embedded_no_fsync`) and
-`cogrelay_delivery_up` (1 while the delivery pool runs; `/readyz` needs it).
+acknowledged event: `redis_no_aof`, `redis_evicting`, `embedded_no_fsync`),
+`cogrelay_delivery_up` (1 while a delivery pool runs; `/readyz` needs it),
+`cogrelay_delivery_pools` (pools running, one a destination: a reload runs the
+new ones before the old ones end) and `cogrelay_destination_circuit{destination,state}`.
 Each relay has its own registry (`prometheus-client`); the exposition is
 OpenMetrics text (`application/openmetrics-text`, ending in `# EOF`), which
 Prometheus asks for first.
+
+## The largest value of each number
+
+Every numeric setting has a maximum; one more is one line naming it (exit 2).
+The same holds in the destinations file (`timeout_ms`, `backoff_ms` and the
+circuit's times at most a day, `attempts` 100, `concurrency` 4,096,
+`max_age_secs` a year, `rate_limit` 5,000: the most a Redis queue's shared
+limit holds within 5%).
+
+| setting | at most |
+|---|---|
+| `ATTEMPTS` | 100 |
+| `CONCURRENCY` | 4,096 |
+| `BACKOFF_DELAY_MS` | 86,400,000 (a day) |
+| `BACKOFF_JITTER` | 1 |
+| `MAX_RETRY_AFTER_SECS` | 604,800 (a week) |
+| `DELIVERY_TIMEOUT_MS` | 3,600,000 (an hour; below `LOCK_DURATION_MS`) |
+| `LOCK_DURATION_MS` | 86,400,000 |
+| `SHUTDOWN_GRACE_MS` | 3,600,000 |
+| `REMOVE_ON_COMPLETE` | 1,000,000 |
+| `DEDUP_TTL_SECS` | 2,592,000 (30 days) |
+| `MAX_BODY_BYTES` | 67,108,864 (64 MiB) |
+| `REQUEST_READ_TIMEOUT_MS` | 600,000 |
+| `CIRCUIT_FAILURES` | 1,000 |
+| `CIRCUIT_COOLDOWN_MS`, `CIRCUIT_MAX_COOLDOWN_MS` | 86,400,000 |
+| `MAX_AGE_SECS` | 31,536,000 (a year) |
+| `COGRELAY_MAX_DB_BYTES` | 2^50 |
+| `DELIVERY_NICE` | 19 |
 
 ## Notes on some settings
 
@@ -69,7 +99,11 @@ Prometheus asks for first.
 - **`MAX_BODY_BYTES`**: each body may hold 16 KiB of its own; beyond that all
   bodies share 64 MiB (or 4 x `MAX_BODY_BYTES`), and a body that gets no room
   within a second is answered 503 (see the README's "Limits against a flood").
-- **`COGRELAY_MAX_DB_BYTES`**: counts the database and its WAL together.
+- **`COGRELAY_MAX_DB_BYTES`**: counts the database and its WAL together, and
+  the room promised to jobs of bundled events (written when a destination
+  claims them). Beside the database the relay keeps a reserve file,
+  `cogrelay.reserve`, so that a full disk still lets deliveries drain the
+  store (docs/guarantees.md, "Bounded disk").
 - **`DEDUP_TTL_SECS`**: also how old an envelope's `timestamp` may be (the
   replay window); 0 turns deduplication off, and the window behind is then
   5 minutes.

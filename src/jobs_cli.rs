@@ -302,8 +302,13 @@ async fn destinations<Q: Operate>(
     if paused {
         // A relay running beside this command stops starting deliveries
         // within its pause lease: answered after it (SPEC §7).
-        tokio::time::sleep(crate::delivery::machine::PAUSE_LEASE + crate::admin::PAUSE_MARGIN)
-            .await;
+        if !json {
+            eprintln!(
+                "pausing {name}: waiting {} s for any running relay to stop starting deliveries",
+                q.pause_lease().as_secs()
+            );
+        }
+        tokio::time::sleep(q.pause_lease() + crate::admin::PAUSE_MARGIN).await;
     }
     Ok(if json {
         json!({ "name": name, "paused": paused }).to_string()

@@ -400,7 +400,7 @@ async fn set_paused<Q: Operate>(s: &Admin<Q>, name: &str, paused: bool) -> Respo
     // once a pause is answered, no new attempt starts on any relay).
     s.pauses.tell(name, paused).await;
     if paused && s.queue.shared_by_relays() {
-        tokio::time::sleep(crate::delivery::machine::PAUSE_LEASE + PAUSE_MARGIN).await;
+        tokio::time::sleep(s.queue.pause_lease() + PAUSE_MARGIN).await;
     }
     tracing::info!(destination = %name, paused, "destination {}", if paused { "paused" } else { "resumed" });
     Json(json!({ "name": name, "paused": paused })).into_response()

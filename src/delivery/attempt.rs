@@ -226,7 +226,6 @@ pub(super) async fn deliver<Q: Queue>(
     let (signal, hold) = circuit::signal(
         &result,
         &classified,
-        n,
         pool.cfg.destination.backoff.max_retry_after,
     );
     // The HTTP part is over: the worker is free, the breaker hears of it.

@@ -3,10 +3,10 @@
 //!
 //! * **Closed.** `failures` consecutive retryable failures (5xx, 408,
 //!   timeouts, connection errors; not a permanent 4xx, not 429) open it. Any
-//!   success or answer in between resets the count. An event counts once:
-//!   the failure of its retry is its own trouble, which its backoff handles
-//!   ([`Signal::Again`]); a run of events failing for the first time is the
-//!   destination's.
+//!   success or answer in between resets the count. (Counting first
+//!   attempts only would hold nothing for a quiet destination whose retries
+//!   fail: its jobs would use up their attempts. The rounds below are what
+//!   keeps events failing for their own reasons from holding it.)
 //! * **Open.** Nothing is started for the cool-down; the pool gives back the
 //!   jobs it holds (they wait in the store, unleased, with their attempts).
 //! * **Half-open.** Up to [`TRIALS`] trial deliveries of *different* events
@@ -79,12 +79,8 @@ impl Phase {
 pub enum Signal {
     /// Delivered.
     Success,
-    /// 5xx, 408, timeout, connection error of an event's first attempt:
-    /// counts towards opening.
+    /// 5xx, 408, timeout, connection error: counts towards opening.
     Failure,
-    /// The same of a retry: not counted towards opening (the event already
-    /// counted once), but a failed trial when it is one.
-    Again,
     /// An answer that is neither (a permanent 4xx, a 429): the destination
     /// is up, but this was not a success.
     Answered,
@@ -229,7 +225,7 @@ impl Breaker {
                     }
                 }
             }
-            (Phase::HalfOpen, true, Signal::Failure | Signal::Again) => {
+            (Phase::HalfOpen, true, Signal::Failure) => {
                 self.trials_failed += 1;
                 if self.trials_failed >= self.trials {
                     self.cooldown_ms = self
@@ -264,6 +260,11 @@ impl Breaker {
     /// The shared circuit (Redis) is open until `until` on this clock, as a
     /// claim found it.
     pub fn shared_open(&mut self, until: i64) -> Option<Phase> {
+        // Our own round of trials holds the others (Redis `cg:probeUntil`):
+        // their verdict, not the hold, decides.
+        if self.phase == Phase::HalfOpen && self.trials_out > 0 {
+            return None;
+        }
         let before = self.phase;
         if self.phase != Phase::Open || self.open_until < until {
             self.phase = Phase::Open;
@@ -290,12 +291,11 @@ impl Breaker {
     }
 }
 
-/// What attempt `n`'s classified result says to the breaker, and how long a
+/// What an attempt's classified result says to the breaker, and how long a
 /// `Retry-After` holds the destination (capped at `max_hold`).
 pub fn signal(
     result: &super::classify::AttemptResult<'_>,
     outcome: &super::classify::Outcome,
-    n: u32,
     max_hold: Duration,
 ) -> (Signal, Option<Duration>) {
     use super::classify::Outcome;
@@ -306,8 +306,6 @@ pub fn signal(
             let hold = retry_after.map(|d| d.min(max_hold));
             if result.status() == Some(429) {
                 (Signal::Answered, hold)
-            } else if n > 1 {
-                (Signal::Again, hold)
             } else {
                 (Signal::Failure, hold)
             }
@@ -352,7 +350,6 @@ mod tests {
             (0, Rec(Failure, false), None),
             (0, Rec(Answered, false), None), // a 4xx resets the count
             (0, Rec(Failure, false), None),
-            (0, Rec(Signal::Again, false), None), // a retry's failure does not count
             (0, Rec(Failure, false), None),
             (1, Rec(Failure, false), open),           // 3 in a row
             (5, Expect(Gate::Until(11 * SEC)), None), // the cool-down
@@ -364,7 +361,7 @@ mod tests {
             (11, trial, None),
             (11, Start, None),
             (11, Expect(Gate::Trials), None), // three trials at most
-            (12, Rec(Signal::Again, true), None), // a retry as a trial: it counts
+            (12, Rec(Failure, true), None),
             (12, Rec(Signal::None, true), None), // no verdict: its place is free
             (12, trial, None),
             (12, Start, None),

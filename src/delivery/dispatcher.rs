@@ -14,7 +14,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::attempt::{deliver, Done, Verdict};
 use super::circuit::{Phase, Signal};
-use super::machine::{Command, Machine, Settings, PAUSE_LEASE};
+use super::machine::{Command, Machine, Settings};
 use super::*;
 use crate::cognigy::CognigyClient;
 use crate::queue::{Claimed, LeaseRef, Leased, Queue, QueueResult};
@@ -107,7 +107,7 @@ pub async fn run<Q: Queue>(
         rate_limit: cfg.destination.rate_limit,
         circuit: cfg.destination.circuit,
         idle_poll_ms: IDLE_POLL.as_millis() as i64,
-        pause_lease_ms: PAUSE_LEASE.as_millis() as i64,
+        pause_lease_ms: queue.pause_lease().as_millis() as i64,
     });
     let pool = Arc::new(Pool {
         queue,
@@ -143,7 +143,8 @@ pub async fn run<Q: Queue>(
             pool.in_flight.hold(&job.lease);
             machine.handed(job);
         }
-        for command in machine.poll(now) {
+        let commands = machine.poll(now);
+        for command in commands {
             // A circuit shared with the other relays is told before this
             // relay claims again (its own next claim must not find the
             // trials it has just judged still out).

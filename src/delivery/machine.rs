@@ -32,11 +32,6 @@ use std::time::Duration;
 use super::circuit::{Breaker, CircuitSettings, Gate, Phase, Signal};
 use crate::queue::{Claimed, Leased};
 
-/// How long a word that the destination is not paused lets a pool start
-/// deliveries; a pause is answered this long (plus a margin) after it is
-/// stored, on a store shared by several relays.
-pub const PAUSE_LEASE: Duration = Duration::from_millis(1000);
-
 /// The pool's limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -100,6 +95,11 @@ pub struct Machine {
     paused: bool,
     /// Starts allowed until this (the pause lease).
     lease_until: i64,
+    /// When the word on the pause last heard was asked: an older one is
+    /// ignored (a claim answered after a pause was told must not undo it).
+    word_at: i64,
+    /// No pause check before this (the last one failed).
+    check_after: i64,
     /// When the last starts were (the rate limit's window).
     starts: VecDeque<i64>,
     stopping: bool,
@@ -121,6 +121,8 @@ impl Machine {
             rest_until: None,
             paused: false,
             lease_until: i64::MIN,
+            word_at: i64::MIN,
+            check_after: i64::MIN,
             starts: VecDeque::new(),
             stopping: false,
             out: Vec::new(),
@@ -199,15 +201,12 @@ impl Machine {
                 return;
             }
         };
-        self.paused = claimed.paused;
-        if !claimed.paused {
-            self.lease_until = asked_at.saturating_add(self.s.pause_lease_ms);
-        }
+        self.pause_word(claimed.paused, asked_at, now);
         if let Some(open_for) = claimed.circuit_open_for_ms {
             let phase = self
                 .breaker
                 .shared_open(now.saturating_add(open_for.max(0)));
-            self.circuit_changed(phase, false);
+            self.circuit_changed(phase, false, now);
         }
         let probes = claimed
             .jobs
@@ -216,7 +215,7 @@ impl Machine {
             .count();
         if let Some(cooldown) = claimed.jobs.iter().find_map(|j| j.job.probe) {
             let phase = self.breaker.shared_trials(probes as u32, cooldown);
-            self.circuit_changed(phase, false);
+            self.circuit_changed(phase, false, now);
         }
         let trial = self.breaker.phase() == Phase::HalfOpen;
         let short = claimed.jobs.len() < asked;
@@ -244,23 +243,35 @@ impl Machine {
     pub fn pause_seen(&mut self, result: Result<bool, String>, asked_at: i64, now: i64) {
         self.check_out = false;
         match result {
-            Ok(true) => {
-                self.paused = true;
-                self.release_ready();
-                self.rest_until = Some(now.saturating_add(self.s.idle_poll_ms));
+            Ok(paused) => self.pause_word(paused, asked_at, now),
+            // No word: starts stop when the lease runs out; look again in a
+            // while (a store that fails at once is not asked in a loop).
+            Err(_) => self.check_after = now.saturating_add(self.s.idle_poll_ms),
+        }
+    }
+
+    /// A word on whether the destination is paused, asked at `asked_at`:
+    /// applied unless a later one was heard already. Paused: what is held
+    /// goes back, nothing starts. Not paused: starts are allowed for the
+    /// pause lease from when it was asked.
+    fn pause_word(&mut self, paused: bool, asked_at: i64, now: i64) {
+        if asked_at < self.word_at {
+            return;
+        }
+        self.word_at = asked_at;
+        if paused {
+            self.paused = true;
+            self.release_ready();
+            self.rest_until = Some(now.saturating_add(self.s.idle_poll_ms));
+        } else {
+            let resumed = self.paused;
+            self.paused = false;
+            self.lease_until = self
+                .lease_until
+                .max(asked_at.saturating_add(self.s.pause_lease_ms));
+            if resumed {
+                self.rest_until = None;
             }
-            Ok(false) => {
-                let resumed = self.paused;
-                self.paused = false;
-                self.lease_until = self
-                    .lease_until
-                    .max(asked_at.saturating_add(self.s.pause_lease_ms));
-                if resumed {
-                    self.rest_until = None;
-                }
-            }
-            // No word: starts stop when the lease runs out; look again soon.
-            Err(_) => {}
         }
     }
 
@@ -268,10 +279,10 @@ impl Machine {
     pub fn finished(&mut self, trial: bool, signal: Signal, hold: Option<Duration>, now: i64) {
         self.running = self.running.saturating_sub(1);
         let phase = self.breaker.record(signal, trial, hold, now);
-        self.circuit_changed(phase, true);
+        self.circuit_changed(phase, true, now);
     }
 
-    fn circuit_changed(&mut self, phase: Option<Phase>, share: bool) {
+    fn circuit_changed(&mut self, phase: Option<Phase>, share: bool, now: i64) {
         let Some(phase) = phase else {
             return;
         };
@@ -282,9 +293,15 @@ impl Machine {
         if phase == Phase::Closed {
             self.rest_until = None;
         }
+        // While open: how long it stays so (the cool-down, or less when the
+        // destination was up a moment ago), for the log and the other relays.
+        let cooldown = match self.breaker.next_trial_at() {
+            Some(at) => Duration::from_millis(at.saturating_sub(now).max(1) as u64),
+            None => self.breaker.cooldown(),
+        };
         self.out.push(Command::Circuit {
             phase,
-            cooldown: self.breaker.cooldown(),
+            cooldown,
             share,
         });
     }
@@ -318,7 +335,7 @@ impl Machine {
         let before = self.breaker.phase();
         let gate = self.breaker.gate(now);
         if self.breaker.phase() != before {
-            self.circuit_changed(Some(self.breaker.phase()), true);
+            self.circuit_changed(Some(self.breaker.phase()), true, now);
         }
         // Starts.
         while self.running < self.s.concurrency
@@ -365,7 +382,12 @@ impl Machine {
         // The pause lease, refreshed before it runs out when no claim is
         // out to refresh it (handed-over jobs need no claim).
         let refresh_at = self.lease_until.saturating_sub(self.s.pause_lease_ms / 3);
-        if !self.paused && !self.claim_out && !self.check_out && now >= refresh_at {
+        if !self.paused
+            && !self.claim_out
+            && !self.check_out
+            && now >= refresh_at
+            && now >= self.check_after
+        {
             self.check_out = true;
             self.out.push(Command::CheckPause);
         }
@@ -411,9 +433,8 @@ impl Machine {
             );
         }
         if !self.paused {
-            consider(Some(
-                self.lease_until.saturating_sub(self.s.pause_lease_ms / 3),
-            ));
+            let refresh = self.lease_until.saturating_sub(self.s.pause_lease_ms / 3);
+            consider(Some(refresh.max(self.check_after)));
         }
         at
     }

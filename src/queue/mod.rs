@@ -500,6 +500,19 @@ pub trait Queue: Send + Sync + 'static {
     fn shared_by_relays(&self) -> bool {
         false
     }
+    /// How long a word that a destination is not paused lets a pool start
+    /// deliveries (its pause lease): a pause told from elsewhere (another
+    /// relay, the command line) is answered this long, and a margin, after
+    /// it is stored. One second where relays share the store; five on the
+    /// embedded store, whose one relay hears its own admin at once and
+    /// whose answers may queue behind a busy ingest.
+    fn pause_lease(&self) -> Duration {
+        if self.shared_by_relays() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        }
+    }
     /// Ways this store can lose an acknowledged event, as found at start-up:
     /// `(name, present)` for each one the backend knows of.
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue, WAL_RESTART_BYTES};
-use cogrelay::queue::{Attempt, AttemptOutcome, Disposition, Operate, Queue, QueueSettings};
+use cogrelay::queue::{Attempt, AttemptOutcome, Disposition, Queue, QueueSettings};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -176,11 +176,12 @@ async fn a_300k_backlog_queued_then_drained_keeps_the_disk_bounded() {
     assert_eq!(delivered, EVENTS);
 
     // Once maintenance has pruned the completed jobs and given the pages back
-    // (it runs beside the store's work: the queue is polled, as the relay's
-    // dispatcher polls it while idle).
+    // (it runs beside the store's work: the queue is claimed from, as the
+    // relay's dispatcher claims once a second while idle).
     let deadline = Instant::now() + Duration::from_secs(60);
     let (files, live) = loop {
-        q.counts().await.expect("counts");
+        let idle = q.claim(1, Duration::from_secs(30)).await.expect("claim");
+        assert!(idle.jobs.is_empty(), "drained");
         let (files, live) = (dir_bytes(&dir), live_bytes(&dir));
         if files <= 2 * live + 1024 * 1024 {
             break (files, live);

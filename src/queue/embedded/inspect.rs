@@ -79,7 +79,7 @@ fn list_with_bundles(
     let mut total = 0u64;
     let mut page = Vec::new();
     let mut take = |entry: Entry| {
-        if total >= offset && total < offset + limit {
+        if total >= offset && total < offset.saturating_add(limit) {
             page.push(entry);
         }
         total += 1;
@@ -133,7 +133,7 @@ pub(super) fn state_of(conn: &Connection, seq: i64, id: &str) -> QueueResult<Job
 impl Operate for EmbeddedQueue {
     async fn counts_for(&self, destination: Option<&str>) -> QueueResult<Counts> {
         let destination = destination.map(str::to_string);
-        self.call(move |conn, w| {
+        self.read(move |conn, now| {
             let mut c = Counts::default();
             let mut stmt = conn
                 .prepare_cached(
@@ -159,7 +159,7 @@ impl Operate for EmbeddedQueue {
                     "SELECT min(due_at_ms) FROM jobs WHERE state IN ('waiting','delayed') AND due_at_ms <= ?1
                      AND (?2 IS NULL OR destination = ?2)",
                 )
-                .and_then(|mut s| s.query_row(params![w.now_ms, destination], |r| r.get(0)))
+                .and_then(|mut s| s.query_row(params![now, destination], |r| r.get(0)))
                 .map_err(sql_err)?;
             // The jobs bundles name (waiting, due since their event came),
             // counted where they are rather than written out for a look.
@@ -193,7 +193,7 @@ impl Operate for EmbeddedQueue {
         limit: u64,
     ) -> QueueResult<Page> {
         let destination = destination.map(str::to_string);
-        self.call(move |conn, _| {
+        self.read(move |conn, _| {
             if matches!(state, None | Some(JobState::Waiting)) {
                 return list_with_bundles(conn, state, destination.as_deref(), offset, limit);
             }
@@ -232,7 +232,7 @@ impl Operate for EmbeddedQueue {
 
     async fn get(&self, id: &str) -> QueueResult<JobView> {
         let id = id.to_string();
-        self.call(move |conn, _| {
+        self.read(move |conn, _| {
             let seq = parse_id(&id)?;
             if let Some(view) = view_of(conn, seq, true)? {
                 return Ok(view);
@@ -339,7 +339,7 @@ impl Operate for EmbeddedQueue {
     }
 
     async fn destination_names(&self) -> QueueResult<Vec<String>> {
-        self.call(|conn, _| {
+        self.read(|conn, _| {
             // A bundle's own destination is in the first column; the others,
             // comma-separated, in the second (few distinct lists).
             let names = conn

@@ -152,6 +152,11 @@ pub struct EmbeddedQueue {
     /// Answered once the writer and checkpointer threads are gone (their
     /// connections closed): `close` waits for it.
     gone: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    /// The relay's reader thread, for operators' reads (and pause looks) off
+    /// the writer thread: a listing of a large backlog never holds up the
+    /// ingest. A tool reads through its one connection.
+    reader: Option<mpsc::UnboundedSender<ReadOp>>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for EmbeddedQueue {
@@ -315,6 +320,7 @@ impl EmbeddedQueue {
             None
         };
         let (gone_tx, gone) = oneshot::channel::<()>();
+        let reader_clock = opts.clock.clone();
         let mut writer = Writer {
             settings: opts.settings,
             now_ms: opts.clock.now_ms(),
@@ -328,6 +334,7 @@ impl EmbeddedQueue {
             // (the check of a name before a write) writes nothing, not even
             // a WAL header.
             begin: if relay { "BEGIN IMMEDIATE" } else { "BEGIN" },
+            recounted_at: None,
             paused: Default::default(),
             paused_read_at: None,
         };
@@ -350,12 +357,29 @@ impl EmbeddedQueue {
                 let _ = gone_tx.send(());
             })
             .map_err(|e| OpenError::Lock(path.clone(), e))?;
+        let reader = if relay {
+            let conn = open_reader(&path).map_err(sqlite_err)?;
+            let (tx, mut rx) = mpsc::unbounded_channel::<ReadOp>();
+            std::thread::Builder::new()
+                .name("cogrelay-reader".into())
+                .spawn(move || {
+                    while let Some(op) = rx.blocking_recv() {
+                        op(&conn);
+                    }
+                })
+                .map_err(|e| OpenError::Lock(path.clone(), e))?;
+            Some(tx)
+        } else {
+            None
+        };
         Ok(Self {
             tx,
             path,
             _lock: lock,
             fsync: opts.fsync,
             gone: std::sync::Mutex::new(Some(gone)),
+            reader,
+            clock: reader_clock,
         })
     }
 
@@ -499,6 +523,33 @@ fn put_back_stalled(conn: &Connection, now: i64) -> QueueResult<u64> {
     Ok(stalled as u64)
 }
 
+impl EmbeddedQueue {
+    /// Runs a read: on the relay's reader connection, off the writer thread
+    /// (it sees what is committed); a tool's, on its one connection. `f`
+    /// gets the clock's time.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, i64) -> QueueResult<T> + Send + 'static,
+    ) -> QueueResult<T> {
+        let Some(reader) = &self.reader else {
+            return self.call(move |conn, w| f(conn, w.now_ms)).await;
+        };
+        let now = self.clock.now_ms();
+        let (reply, answer) = oneshot::channel();
+        reader
+            .send(Box::new(move |conn| {
+                let _ = reply.send(f(conn, now));
+            }))
+            .map_err(|_| QueueError::Unavailable("the store is closed".into()))?;
+        answer
+            .await
+            .map_err(|_| QueueError::Unavailable("the store's reader stopped".into()))?
+    }
+}
+
+/// A read for the relay's reader thread.
+type ReadOp = Box<dyn FnOnce(&Connection) + Send>;
+
 /// The exclusive lock of one relay per data dir.
 fn take_lock(data_dir: &Path) -> Result<File, OpenError> {
     let lock_path = data_dir.join(LOCK_FILE);
@@ -587,9 +638,24 @@ impl Queue for EmbeddedQueue {
                     ..Claimed::default()
                 });
             }
-            // Bundles first: their jobs are claimable like any other.
+            // Bundles first: their jobs are claimable like any other. A
+            // write-out that fails (no room) undoes itself, and the claim
+            // takes what is due all the same.
+            exec_cached(conn, "SAVEPOINT write_out").map_err(sql_err)?;
             let more_bundles =
-                bundle::write_out(conn, &mut w.space, bundle::WRITE_OUT_PER_CLAIM)?.more;
+                match bundle::write_out(conn, &mut w.space, bundle::WRITE_OUT_PER_CLAIM) {
+                    Ok(w) => {
+                        exec_cached(conn, "RELEASE write_out").map_err(sql_err)?;
+                        w.more
+                    }
+                    Err(e) => {
+                        conn.execute_batch("ROLLBACK TO write_out; RELEASE write_out")
+                            .map_err(sql_err)?;
+                        w.space.promised_stale = true;
+                        tracing::debug!(error = %e, "bundles not written out this time");
+                        false
+                    }
+                };
             put_back_stalled(conn, now)?;
             let token = format!("{:016x}", fastrand::u64(..));
             let until = now.saturating_add(lease_ms);
@@ -726,9 +792,10 @@ impl Queue for EmbeddedQueue {
 
     async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
         let destination = destination.to_string();
-        self.call(move |conn, w| {
-            w.paused_read_at = None;
-            w.is_paused(conn, &destination)
+        self.read(move |conn, _| {
+            conn.prepare_cached("SELECT 1 FROM paused WHERE destination = ?1")
+                .and_then(|mut s| s.exists([&destination]))
+                .map_err(sql_err)
         })
         .await
     }

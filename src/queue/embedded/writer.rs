@@ -30,6 +30,9 @@ pub(super) struct Writer {
     pub(super) maintains: bool,
     /// BEGIN IMMEDIATE (a writer) or BEGIN (a reader, which takes no lock).
     pub(super) begin: &'static str,
+    /// When the room promised to bundles was last counted again on a
+    /// refusal (see `insert_event`).
+    pub(super) recounted_at: Option<Instant>,
     /// The paused destinations, as last read (see [`Writer::is_paused`]).
     pub(super) paused: std::collections::HashSet<String>,
     pub(super) paused_read_at: Option<Instant>,
@@ -203,6 +206,7 @@ pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) 
             // SQLite rolled the whole transaction back (it may on a full disk):
             // what ran before is undone, and what runs now would commit on its
             // own. Nothing of this batch is stored; the rest is not run.
+            w.space.promised_stale = true;
             let err =
                 QueueError::Unavailable("the store rolled a transaction back (disk full?)".into());
             tracing::error!(error = %err, not_run = ops.len(), "store: nothing of this batch was acknowledged");
@@ -213,6 +217,10 @@ pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) 
             return;
         }
         let done = dones.last().is_none_or(|d| d.ok);
+        if !done {
+            // What it counted in memory (bundles' room) may be off now.
+            w.space.promised_stale = true;
+        }
         let end = if done {
             exec_cached(conn, "RELEASE op")
         } else {
@@ -224,6 +232,7 @@ pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) 
     }
     let commit = exec_cached(conn, "COMMIT").map_err(|e| {
         let _ = conn.execute_batch("ROLLBACK");
+        w.space.promised_stale = true;
         let err = QueueError::Unavailable(store_error(&e));
         tracing::error!(error = %err, "store: commit failed; nothing of this batch was acknowledged");
         err
@@ -422,6 +431,18 @@ pub(super) fn insert_event(
     }
     // A duplicate stores nothing, so it is answered even when full.
     if let Some(why) = w.space.refusal() {
+        // The room promised to bundles may be less than counted (the command
+        // line removed some of their jobs): counted again, at most every 5 s.
+        if w.space.promised > 0
+            && w.recounted_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+        {
+            w.recounted_at = Some(Instant::now());
+            w.space.promised = promised_bytes(conn).map_err(sql_err)?;
+            if w.space.refusal().is_none() {
+                return insert_event(conn, w, event, destinations, lease);
+            }
+        }
         return Err(QueueError::Unavailable(why));
     }
     let (state, token, until) = match lease {
