@@ -734,21 +734,10 @@ async fn a_reload_adds_changes_and_removes_destinations_losing_nothing() {
 
     // A burst while the file gains a destination and crm gains a header.
     let posting = {
-        let http = app.http.clone();
-        let url = app.url();
+        let poster = app.poster();
         tokio::spawn(async move {
             for i in 0..200 {
-                let body = serde_json::to_vec(&event("bot", &format!("burst-{i}"))).expect("json");
-                let sig = cogrelay::ingress::auth::sign_hex(SECRET, &body);
-                let r = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("x-webhook-signature", sig)
-                    .body(body)
-                    .send()
-                    .await
-                    .expect("post");
-                assert_eq!(r.status(), 200);
+                assert_eq!(poster.post(&event("bot", &format!("burst-{i}"))).await, 200);
             }
         })
     };
@@ -1212,20 +1201,10 @@ async fn a_rate_limit_of_1000_a_second_holds_over_two_relays_on_redis() {
     let n = 4000;
     let mut sends = tokio::task::JoinSet::new();
     for k in 0..8 {
-        let (ingress, http) = (apps[k % 2].0.url(), apps[k % 2].0.http.clone());
+        let poster = apps[k % 2].0.poster();
         sends.spawn(async move {
             for i in (k..n).step_by(8) {
-                let body = serde_json::to_vec(&event("bot", &format!("fast-{i}"))).expect("json");
-                let sig = cogrelay::ingress::auth::sign_hex(SECRET, &body);
-                let r = http
-                    .post(&ingress)
-                    .header("content-type", "application/json")
-                    .header(cogrelay::ingress::auth::SIGNATURE_HEADER, sig)
-                    .body(body)
-                    .send()
-                    .await
-                    .expect("post");
-                assert_eq!(r.status(), 200);
+                assert_eq!(poster.post(&event("bot", &format!("fast-{i}"))).await, 200);
             }
         });
     }
@@ -1323,20 +1302,10 @@ async fn a_reload_stops_every_old_pool_at_once() {
         sink.set_default(Behaviour::Delay(Duration::from_millis(300), 200));
     }
     let sending = {
-        let (http, url) = (app.http.clone(), app.url());
+        let poster = app.poster();
         tokio::spawn(async move {
             for i in 0..60 {
-                let body = serde_json::to_vec(&event("bot", &format!("v-{i}"))).expect("json");
-                let sig = cogrelay::ingress::auth::sign_hex(SECRET, &body);
-                let r = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("x-webhook-signature", sig)
-                    .body(body)
-                    .send()
-                    .await
-                    .expect("post");
-                assert_eq!(r.status(), 200);
+                assert_eq!(poster.post(&event("bot", &format!("v-{i}"))).await, 200);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })

@@ -97,39 +97,6 @@ async fn paused_relay(
     (app, all, names)
 }
 
-/// Posts events of about 2 KB, 16 at a time, until the relay has answered
-/// 503 forty times; the ids it accepted.
-async fn fill(app: &Arc<TestApp>) -> BTreeSet<String> {
-    let mut accepted = BTreeSet::new();
-    let (mut refused, mut round) = (0, 0);
-    while refused < 40 {
-        let mut sends = tokio::task::JoinSet::new();
-        for k in 0..16 {
-            let app = app.clone();
-            let id = format!("fill-{round}-{k}");
-            sends.spawn(async move {
-                let mut e = event("bot", &id);
-                e["payload"] = serde_json::json!({ "blob": "x".repeat(2000) });
-                (id, app.post_event(&e).await)
-            });
-        }
-        while let Some(res) = sends.join_next().await {
-            let (id, r) = res.expect("task");
-            match r.status {
-                200 => {
-                    accepted.insert(id);
-                }
-                503 => refused += 1,
-                other => panic!("unexpected {other}: {}", r.json),
-            }
-        }
-        round += 1;
-        assert!(round < 2000, "the store never filled up");
-    }
-    assert!(!accepted.is_empty(), "nothing was accepted");
-    accepted
-}
-
 /// Resumes every destination and waits until each target got every
 /// accepted event once; then a new event is accepted again.
 async fn drains(app: Arc<TestApp>, sinks: &[Sink], names: &[&str], accepted: &BTreeSet<String>) {
@@ -187,7 +154,7 @@ async fn full_then_drained(data_dir: PathBuf, fan_out: bool, max_db_bytes: u64) 
     }
     let (app, sinks, names) = paused_relay(data_dir, fan_out, max_db_bytes).await;
     let app = Arc::new(app);
-    let accepted = fill(&app).await;
+    let accepted = fill_until_refused(&app, 16, 40).await;
     drains(app, &sinks, &names, &accepted).await;
 }
 

@@ -198,9 +198,41 @@ pub struct Reply {
     pub json: Value,
 }
 
+/// Posts signed events from a spawned task (it owns what it needs).
+#[derive(Clone)]
+pub struct Poster {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Poster {
+    /// POST `body` signed with [`SECRET`]; the status it was answered.
+    pub async fn post(&self, body: &Value) -> u16 {
+        let raw = serde_json::to_vec(body).expect("json");
+        let sig = sign_hex(SECRET, &raw);
+        self.http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("x-webhook-signature", sig)
+            .body(raw)
+            .send()
+            .await
+            .expect("ingress reachable")
+            .status()
+            .as_u16()
+    }
+}
+
 impl TestApp {
     pub fn url(&self) -> String {
         format!("http://{}/api/webhook/cognigy", self.ingress)
+    }
+
+    pub fn poster(&self) -> Poster {
+        Poster {
+            http: self.http.clone(),
+            url: self.url(),
+        }
     }
 
     /// POST a body signed with [`SECRET`].
@@ -413,4 +445,47 @@ pub fn destinations_of(c: &ServeConfig, text: &str) -> cogrelay::destination::De
         list,
         file: Some("test.toml".into()),
     }
+}
+
+/// Posts events of about 2 KB, `batch` at a time, until the relay has
+/// answered 503 ("Queue unavailable", with a Retry-After) `refusals` times;
+/// the ids it accepted (at least one).
+pub async fn fill_until_refused(
+    app: &std::sync::Arc<TestApp>,
+    batch: usize,
+    refusals: usize,
+) -> std::collections::BTreeSet<String> {
+    let mut accepted = std::collections::BTreeSet::new();
+    let (mut refused, mut round) = (0, 0);
+    while refused < refusals {
+        let mut sends = tokio::task::JoinSet::new();
+        for k in 0..batch {
+            let app = app.clone();
+            let id = format!("fill-{round}-{k}");
+            sends.spawn(async move {
+                let mut e = event("bot", &id);
+                e["payload"] = json!({ "blob": "x".repeat(2000) });
+                (id, app.post_event(&e).await)
+            });
+        }
+        while let Some(res) = sends.join_next().await {
+            let (id, r) = res.expect("task");
+            match r.status {
+                200 => {
+                    assert_eq!(r.json["status"], "accepted");
+                    accepted.insert(id);
+                }
+                503 => {
+                    assert_eq!(r.json["error"], "Queue unavailable");
+                    assert!(r.headers.contains_key("retry-after"));
+                    refused += 1;
+                }
+                other => panic!("unexpected {other}: {}", r.json),
+            }
+        }
+        round += 1;
+        assert!(round < 2000, "the store never filled up");
+    }
+    assert!(!accepted.is_empty(), "nothing was accepted");
+    accepted
 }

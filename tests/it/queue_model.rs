@@ -180,6 +180,15 @@ struct JobM {
     completions: u32,
 }
 
+impl JobM {
+    /// One more attempt, and it was taken.
+    fn delivered(&mut self) {
+        self.completions += 1;
+        self.attempts += 1;
+        self.st = St::Completed;
+    }
+}
+
 struct Model {
     backend: Backend,
     remove_on_complete: u32,
@@ -977,6 +986,21 @@ async fn check_job(q: &Store, m: &Model, id: i64, step: usize) -> Result<(), Tes
 
 /// Everything resumed, due and delivered: each (event, destination)
 /// completed or failed exactly once.
+/// Finishes `l` as delivered; its lease must still hold.
+async fn finish_delivered(sut: &Sut, now: i64, id: i64, l: Leased) -> Result<(), TestCaseError> {
+    let done = sut
+        .q()
+        .finish(
+            l,
+            attempt(now, AttemptOutcome::Delivered),
+            Disposition::Completed,
+        )
+        .await
+        .map_err(|e| fail(format!("drain: finish: {e}")))?;
+    prop_assert!(done, "drain: the lease of {} was lost", id);
+    Ok(())
+}
+
 async fn drain(
     sut: &mut Sut,
     m: &mut Model,
@@ -984,20 +1008,8 @@ async fn drain(
     redis: Option<&crate::redis_server::RedisServer>,
 ) -> Result<(), TestCaseError> {
     for (id, l) in held {
-        let done = sut
-            .q()
-            .finish(
-                l,
-                attempt(m.now, AttemptOutcome::Delivered),
-                Disposition::Completed,
-            )
-            .await
-            .map_err(|e| fail(format!("drain: finish: {e}")))?;
-        prop_assert!(done, "drain: the lease of {} was lost", id);
-        let j = m.jobs.get_mut(&id).expect("job");
-        j.completions += 1;
-        j.attempts += 1;
-        j.st = St::Completed;
+        finish_delivered(sut, m.now, id, l).await?;
+        m.jobs.get_mut(&id).expect("job").delivered();
     }
     if m.jobs.values().any(|j| j.st == St::Orphan) {
         // A dead relay's leases run out (on Redis's clock: here at once),
@@ -1047,16 +1059,7 @@ async fn drain(
             claimed_any |= !c.jobs.is_empty() || again;
             for l in c.jobs {
                 let id: i64 = l.lease.job_id.parse().map_err(|_| fail("id"))?;
-                let done = sut
-                    .q()
-                    .finish(
-                        l,
-                        attempt(m.now, AttemptOutcome::Delivered),
-                        Disposition::Completed,
-                    )
-                    .await
-                    .map_err(|e| fail(format!("drain: finish: {e}")))?;
-                prop_assert!(done, "drain: lease of {} lost", id);
+                finish_delivered(sut, m.now, id, l).await?;
                 let j = m
                     .jobs
                     .get_mut(&id)
@@ -1067,9 +1070,7 @@ async fn drain(
                     id,
                     j.st
                 );
-                j.completions += 1;
-                j.attempts += 1;
-                j.st = St::Completed;
+                j.delivered();
             }
         }
         if !claimed_any {
@@ -1130,8 +1131,15 @@ fn run_model(backend: Backend, cases: u32) {
         .enable_all()
         .build()
         .expect("runtime");
+    eprintln!("queue model ({backend:?}): {cases} cases, seed {seed}");
     let mut runner = TestRunner::new(config);
+    let ran = std::cell::Cell::new(0u64);
     let result = runner.run(&case(), |c| {
+        // Progress on long runs (shrinking counts too: it runs cases).
+        ran.set(ran.get() + 1);
+        if ran.get().is_multiple_of(1000) {
+            eprintln!("queue model ({backend:?}): {} cases run", ran.get());
+        }
         rt.block_on(run_case(backend, redis.as_ref(), c))
     });
     match result {

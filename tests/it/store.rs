@@ -62,39 +62,7 @@ async fn full_store_answers_503_never_200() {
         .await,
     );
     app.sink.set_default(Behaviour::Hang); // nothing completes, nothing is pruned
-    let mut accepted = std::collections::BTreeSet::new();
-    let mut refused = 0;
-    let mut round = 0;
-    while refused < 64 {
-        let mut sends = tokio::task::JoinSet::new();
-        for k in 0..32 {
-            let app = app.clone();
-            let id = format!("fill-{round}-{k}");
-            sends.spawn(async move {
-                let mut e = event("bot", &id);
-                e["payload"] = serde_json::json!({ "blob": "x".repeat(2000) });
-                (id, app.post_event(&e).await)
-            });
-        }
-        while let Some(res) = sends.join_next().await {
-            let (id, r) = res.expect("task");
-            match r.status {
-                200 => {
-                    assert_eq!(r.json["status"], "accepted");
-                    accepted.insert(id);
-                }
-                503 => {
-                    assert_eq!(r.json["error"], "Queue unavailable");
-                    assert!(r.headers.contains_key("retry-after"));
-                    refused += 1;
-                }
-                other => panic!("unexpected {other}: {}", r.json),
-            }
-        }
-        round += 1;
-        assert!(round < 500, "the store never filled up");
-    }
-    assert!(!accepted.is_empty());
+    let accepted = fill_until_refused(&app, 32, 64).await;
     let app = Arc::into_inner(app).expect("one owner").restart().await;
     let mut stored = std::collections::BTreeSet::new();
     let mut offset = 0;

@@ -590,6 +590,18 @@ fn defaults(attempts: u32, backoff_ms: u64) -> Policy {
     }
 }
 
+/// The burst's target: events 3000..3100 fail for their own reasons (503
+/// twice, a reset, a 429, a 422 for good), every other one is taken.
+fn burst_target(id: u64, n: u32, _now: i64) -> Answer {
+    match id {
+        3000..=3039 if n <= 2 => Answer::Status503,
+        3040..=3059 if n == 1 => Answer::Reset,
+        3060..=3079 if n == 1 => Answer::Status429,
+        3080..=3099 => Answer::Status422,
+        _ => Answer::Ok,
+    }
+}
+
 /// The burst of the issue: 3,000 good events, then 40 answered 503 twice,
 /// 20 reset once, 20 answered 429 once, 20 rejected with 422
 /// (`CONCURRENCY=16 ATTEMPTS=4 BACKOFF_DELAY_MS=100`, the breaker's
@@ -601,18 +613,11 @@ fn defaults(attempts: u32, backoff_ms: u64) -> Policy {
 fn a_burst_of_events_failing_for_their_own_reasons_drains_within_a_minute() {
     let mut arrivals: Vec<(i64, u64)> = (0..3000).map(|i| (i as i64 / 10, i)).collect();
     arrivals.extend((3000..3100).map(|i| (300, i)));
-    let target = |id: u64, n: u32, _now: i64| match id {
-        3000..=3039 if n <= 2 => Answer::Status503,
-        3040..=3059 if n == 1 => Answer::Reset,
-        3060..=3079 if n == 1 => Answer::Status429,
-        3080..=3099 => Answer::Status422,
-        _ => Answer::Ok,
-    };
     let seen = simulate(
         settings(16),
         defaults(4, 100),
         arrivals,
-        target,
+        burst_target,
         20,
         3_600_000,
     );
@@ -650,18 +655,11 @@ fn a_burst_of_events_failing_for_their_own_reasons_drains_within_a_minute() {
 fn a_burst_posted_one_by_one_drains_within_a_minute() {
     let mut arrivals: Vec<(i64, u64)> = (0..300).map(|i| (i as i64, i)).collect();
     arrivals.extend((3000..3100).map(|i| (300 + 2 * (i as i64 - 3000), i)));
-    let target = |id: u64, n: u32, _now: i64| match id {
-        3000..=3039 if n <= 2 => Answer::Status503,
-        3040..=3059 if n == 1 => Answer::Reset,
-        3060..=3079 if n == 1 => Answer::Status429,
-        3080..=3099 => Answer::Status422,
-        _ => Answer::Ok,
-    };
     let seen = simulate(
         settings(16),
         defaults(4, 100),
         arrivals,
-        target,
+        burst_target,
         5,
         3_600_000,
     );
