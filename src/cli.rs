@@ -51,7 +51,7 @@ pub mod defaults {
 pub struct Cli {
     /// Log format: `json` (one object a line) or `pretty`. Default: pretty on a
     /// terminal, else json.
-    #[arg(long, env = "LOG_FORMAT", global = true)]
+    #[arg(long, env = "LOG_FORMAT", global = true, help_heading = "Logging")]
     pub log_format: Option<String>,
 
     #[command(subcommand)]
@@ -79,7 +79,7 @@ pub enum Command {
     /// never creates a second connector), poll until it is active, notify
     /// GATEWAY_CALLBACK_URL. Prints one JSON audit line on stdout.
     /// Exit codes: 0 success, 2 configuration, 3 target validation, 4
-    /// authentication, 5 registration, 6 health not verified, 7 gateway sync.
+    /// authentication, 5 registration, 6 health not verified, 7 gateway sync, 8 Cognigy unreachable.
     Register(Box<RegisterArgs>),
 
     /// Run a local Cognigy API simulator (both APIs) for development and tests.
@@ -156,11 +156,19 @@ pub enum JobsCommand {
         #[arg(long)]
         destination: Option<String>,
     },
-    /// One job with its payload and every attempt.
-    Show { id: String },
-    /// Put a failed job back to waiting (attempts reset), or all failed jobs.
+    /// One job with its destination, payload and every attempt.
+    Show {
+        /// The job's id, as `jobs list` shows it (the ingress answer's `jobId`,
+        /// or a value of its `jobs` map).
+        id: String,
+    },
+    /// Put a failed job back to waiting (attempts reset), or every failed job
+    /// with --all-failed (and --destination NAME for one destination's).
+    #[command(
+        override_usage = "cogrelay jobs retry <ID>\n       cogrelay jobs retry --all-failed [--destination <NAME>]"
+    )]
     Retry {
-        /// The job to retry.
+        /// The failed job to retry (or --all-failed instead).
         #[arg(required_unless_present = "all_failed", conflicts_with = "all_failed")]
         id: Option<String>,
         /// Retry every failed job.
@@ -171,7 +179,10 @@ pub enum JobsCommand {
         destination: Option<String>,
     },
     /// Delete a job (not one being delivered).
-    Remove { id: String },
+    Remove {
+        /// The job's id, as `jobs list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -192,9 +203,16 @@ pub enum DestinationsCommand {
     /// Each destination with jobs in the queue, or paused (the default).
     List,
     /// Stop delivering to NAME; its jobs are stored and wait.
-    Pause { name: String },
+    Pause {
+        /// A destination's name (the `name` of a `[[destination]]` in the
+        /// destinations file, or `default`); `destinations list` shows them.
+        name: String,
+    },
     /// Deliver to NAME again.
-    Resume { name: String },
+    Resume {
+        /// A paused destination's name; `destinations list` shows them.
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -396,162 +414,302 @@ pub struct SimArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Ingress port, on all interfaces, IPv6 and IPv4.
-    #[arg(long, env = "PORT", default_value = defaults::PORT)]
+    #[arg(help_heading = "Ingress and authentication", long, env = "PORT", default_value = defaults::PORT)]
     pub port: String,
 
     /// Serve the ingress over HTTPS with this certificate chain (PEM); needs --tls-key.
-    #[arg(long, env = "TLS_CERT_FILE")]
+    #[arg(
+        help_heading = "Ingress and authentication",
+        long,
+        env = "TLS_CERT_FILE"
+    )]
     pub tls_cert: Option<String>,
 
     /// Private key (PEM) of --tls-cert.
-    #[arg(long, env = "TLS_KEY_FILE")]
+    #[arg(
+        help_heading = "Ingress and authentication",
+        long,
+        env = "TLS_KEY_FILE"
+    )]
     pub tls_key: Option<String>,
+
+    /// Shared HMAC-SHA256 secret(s) Cognigy signs with (`X-Webhook-Signature`);
+    /// comma-separated for rotation: any of them may match. A `whsec_<base64>` entry also verifies Standard Webhooks headers (webhook-id, webhook-timestamp, webhook-signature; 5-minute tolerance).
+    #[arg(
+        help_heading = "Ingress and authentication",
+        long,
+        env = "WEBHOOK_SIGNING_SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_signing_secret: Option<String>,
+
+    /// User name accepted in HTTP Basic credentials on the ingress.
+    #[arg(
+        help_heading = "Ingress and authentication",
+        long,
+        env = "INGRESS_BASIC_USER"
+    )]
+    pub ingress_basic_user: Option<String>,
+
+    /// Password accepted in HTTP Basic credentials on the ingress.
+    #[arg(
+        help_heading = "Ingress and authentication",
+        long,
+        env = "INGRESS_BASIC_PASSWORD",
+        hide_env_values = true
+    )]
+    pub ingress_basic_password: Option<String>,
+
+    /// Accept events with no authentication at all (a warning is logged at start-up).
+    #[arg(
+        help_heading = "Ingress and authentication",
+        long,
+        env = "ALLOW_UNAUTHENTICATED"
+    )]
+    pub allow_unauthenticated: bool,
+
+    /// Largest accepted request body (bytes).
+    #[arg(help_heading = "Ingress and authentication", long, env = "MAX_BODY_BYTES", default_value = defaults::MAX_BODY_BYTES)]
+    pub max_body_bytes: String,
+
+    /// Longest a client may take to send a request's headers, and its body
+    /// (slow clients are cut off: headers by closing, a body with 408).
+    #[arg(help_heading = "Ingress and authentication", long, env = "REQUEST_READ_TIMEOUT_MS", default_value = defaults::REQUEST_READ_TIMEOUT_MS)]
+    pub request_read_timeout_ms: String,
+
+    /// Events per second accepted from one source address (0 = no limit).
+    #[arg(
+        help_heading = "Ingress and authentication",
+        long,
+        env = "INGRESS_RATE_LIMIT",
+        default_value = "0"
+    )]
+    pub ingress_rate_limit: String,
+
+    /// Burst allowed above INGRESS_RATE_LIMIT per source address.
+    #[arg(
+        help_heading = "Ingress and authentication",
+        long,
+        env = "INGRESS_RATE_BURST",
+        default_value = "100"
+    )]
+    pub ingress_rate_burst: String,
 
     /// The internal system every event is delivered to (http or https URL):
     /// the one destination, `default`. Required without a destinations file;
     /// an error with one.
-    #[arg(long, env = "TARGET_ENDPOINT", hide_env_values = true)]
+    #[arg(
+        help_heading = "Destinations",
+        long,
+        env = "TARGET_ENDPOINT",
+        hide_env_values = true
+    )]
     pub target_endpoint: Option<String>,
 
     /// The destinations file (TOML, `[[destination]]` tables; see
     /// docs/destinations.md). Default: ./cogrelay.toml when it exists.
-    #[arg(long = "config", env = "COGRELAY_CONFIG")]
+    #[arg(
+        help_heading = "Destinations",
+        long = "config",
+        env = "COGRELAY_CONFIG"
+    )]
     pub config_file: Option<String>,
 
-    /// Consecutive retryable failures (5xx, 408, timeouts, connection errors)
-    /// that open a destination's circuit: nothing is sent to it for the
-    /// cool-down and its jobs keep their attempts (0 = no breaker).
-    /// `[destination.circuit]` overrides it.
-    #[arg(long, env = "CIRCUIT_FAILURES", default_value = defaults::CIRCUIT_FAILURES)]
-    pub circuit_failures: String,
+    /// If set (`whsec_<base64>`), deliveries carry Standard Webhooks signatures.
+    #[arg(
+        help_heading = "Destinations",
+        long,
+        env = "TARGET_SIGNING_SECRET",
+        hide_env_values = true
+    )]
+    pub target_signing_secret: Option<String>,
 
-    /// First cool-down of an open circuit before one probe delivery; doubles
-    /// after each failed probe.
-    #[arg(long, env = "CIRCUIT_COOLDOWN_MS", default_value = defaults::CIRCUIT_COOLDOWN_MS)]
-    pub circuit_cooldown_ms: String,
+    /// Deliveries in flight at once.
+    #[arg(help_heading = "Delivery", long, env = "CONCURRENCY", default_value = defaults::CONCURRENCY)]
+    pub concurrency: String,
 
-    /// Longest cool-down of an open circuit.
-    #[arg(long, env = "CIRCUIT_MAX_COOLDOWN_MS", default_value = defaults::CIRCUIT_MAX_COOLDOWN_MS)]
-    pub circuit_max_cooldown_ms: String,
+    /// Delivery attempts per event, counting the first.
+    #[arg(help_heading = "Delivery", long, env = "ATTEMPTS", default_value = defaults::ATTEMPTS)]
+    pub attempts: String,
+
+    /// Delay before retry n is BACKOFF_DELAY_MS × 2^(n-1).
+    #[arg(help_heading = "Delivery", long, env = "BACKOFF_DELAY_MS", default_value = defaults::BACKOFF_DELAY_MS)]
+    pub backoff_delay_ms: String,
+
+    /// Random jitter 0..1: a delay d becomes a random value in [d × (1 - jitter), d].
+    #[arg(help_heading = "Delivery", long, env = "BACKOFF_JITTER", default_value = defaults::BACKOFF_JITTER)]
+    pub backoff_jitter: String,
+
+    /// Upper bound on a target's Retry-After.
+    #[arg(help_heading = "Delivery", long, env = "MAX_RETRY_AFTER_SECS", default_value = defaults::MAX_RETRY_AFTER_SECS)]
+    pub max_retry_after_secs: String,
+
+    /// Timeout of one delivery attempt.
+    #[arg(help_heading = "Delivery", long, env = "DELIVERY_TIMEOUT_MS", default_value = defaults::DELIVERY_TIMEOUT_MS)]
+    pub delivery_timeout_ms: String,
 
     /// A job still undelivered after this many seconds is failed ("not
     /// delivered within max_age_secs"); a destination's `max_age_secs` overrides it.
-    #[arg(long, env = "MAX_AGE_SECS", default_value = defaults::MAX_AGE_SECS)]
+    #[arg(help_heading = "Delivery", long, env = "MAX_AGE_SECS", default_value = defaults::MAX_AGE_SECS)]
     pub max_age_secs: String,
-
-    /// Shared HMAC-SHA256 secret(s) Cognigy signs with (`X-Webhook-Signature`);
-    /// comma-separated for rotation: any of them may match. A `whsec_<base64>` entry also verifies Standard Webhooks headers (webhook-id, webhook-timestamp, webhook-signature; 5-minute tolerance).
-    #[arg(long, env = "WEBHOOK_SIGNING_SECRET", hide_env_values = true)]
-    pub webhook_signing_secret: Option<String>,
-
-    /// User name accepted in HTTP Basic credentials on the ingress.
-    #[arg(long, env = "INGRESS_BASIC_USER")]
-    pub ingress_basic_user: Option<String>,
-
-    /// Password accepted in HTTP Basic credentials on the ingress.
-    #[arg(long, env = "INGRESS_BASIC_PASSWORD", hide_env_values = true)]
-    pub ingress_basic_password: Option<String>,
-
-    /// Accept events with no authentication at all (a warning is logged at start-up).
-    #[arg(long, env = "ALLOW_UNAUTHENTICATED")]
-    pub allow_unauthenticated: bool,
-
-    /// If set (`whsec_<base64>`), deliveries carry Standard Webhooks signatures.
-    #[arg(long, env = "TARGET_SIGNING_SECRET", hide_env_values = true)]
-    pub target_signing_secret: Option<String>,
-
-    #[command(flatten)]
-    pub store: StoreArgs,
-
-    /// Cap on the embedded store's size in bytes (0 = none). When reached, ingress
-    /// answers 503 instead of accepting what it could not keep.
-    #[arg(long, env = "COGRELAY_MAX_DB_BYTES", default_value = defaults::MAX_DB_BYTES)]
-    pub max_db_bytes: String,
-
-    /// Admin API address (health, queue, jobs). Must be loopback unless ADMIN_TOKEN is set.
-    #[arg(long, env = "ADMIN_LISTEN", default_value = defaults::ADMIN_LISTEN)]
-    pub admin_listen: String,
-
-    /// Bearer token required on every /admin/* call when set.
-    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
-
-    /// Deliveries in flight at once.
-    #[arg(long, env = "CONCURRENCY", default_value = defaults::CONCURRENCY)]
-    pub concurrency: String,
 
     /// How much the delivery threads yield to the ingress when the CPU is
     /// short, as a nice value (0-19) added to theirs: acknowledging new events
     /// comes first, deliveries get a smaller share. Higher values give the
     /// ingress more, but also rank deliveries below other busy processes on
     /// the machine. 0 = same priority.
-    #[arg(long, env = "DELIVERY_NICE", default_value = defaults::DELIVERY_NICE)]
+    #[arg(help_heading = "Delivery", long, env = "DELIVERY_NICE", default_value = defaults::DELIVERY_NICE)]
     pub delivery_nice: String,
 
-    /// Delivery attempts per event, counting the first.
-    #[arg(long, env = "ATTEMPTS", default_value = defaults::ATTEMPTS)]
-    pub attempts: String,
-
-    /// Delay before retry n is BACKOFF_DELAY_MS × 2^(n-1).
-    #[arg(long, env = "BACKOFF_DELAY_MS", default_value = defaults::BACKOFF_DELAY_MS)]
-    pub backoff_delay_ms: String,
-
-    /// Random jitter 0..1: a delay d becomes a random value in [d × (1 - jitter), d].
-    #[arg(long, env = "BACKOFF_JITTER", default_value = defaults::BACKOFF_JITTER)]
-    pub backoff_jitter: String,
-
-    /// Upper bound on a target's Retry-After.
-    #[arg(long, env = "MAX_RETRY_AFTER_SECS", default_value = defaults::MAX_RETRY_AFTER_SECS)]
-    pub max_retry_after_secs: String,
-
-    /// Timeout of one delivery attempt.
-    #[arg(long, env = "DELIVERY_TIMEOUT_MS", default_value = defaults::DELIVERY_TIMEOUT_MS)]
-    pub delivery_timeout_ms: String,
-
-    /// Lease on a job being delivered; must exceed DELIVERY_TIMEOUT_MS.
-    #[arg(long, env = "LOCK_DURATION_MS", default_value = defaults::LOCK_DURATION_MS)]
-    pub lock_duration_ms: String,
-
     /// How long SIGTERM waits for in-flight deliveries.
-    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value = defaults::SHUTDOWN_GRACE_MS)]
+    #[arg(help_heading = "Delivery", long, env = "SHUTDOWN_GRACE_MS", default_value = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: String,
 
+    /// Consecutive retryable failures (5xx, 408, timeouts, connection errors)
+    /// that open a destination's circuit: nothing is sent to it for the
+    /// cool-down and its jobs keep their attempts (0 = no breaker).
+    /// `[destination.circuit]` overrides it.
+    #[arg(help_heading = "Circuit breaker", long, env = "CIRCUIT_FAILURES", default_value = defaults::CIRCUIT_FAILURES)]
+    pub circuit_failures: String,
+
+    /// First cool-down of an open circuit before one probe delivery; doubles
+    /// after each failed probe.
+    #[arg(help_heading = "Circuit breaker", long, env = "CIRCUIT_COOLDOWN_MS", default_value = defaults::CIRCUIT_COOLDOWN_MS)]
+    pub circuit_cooldown_ms: String,
+
+    /// Longest cool-down of an open circuit.
+    #[arg(help_heading = "Circuit breaker", long, env = "CIRCUIT_MAX_COOLDOWN_MS", default_value = defaults::CIRCUIT_MAX_COOLDOWN_MS)]
+    pub circuit_max_cooldown_ms: String,
+
+    #[command(flatten, next_help_heading = "Queue")]
+    pub store: StoreArgs,
+
+    /// Cap on the embedded store's size in bytes (0 = none). When reached, ingress
+    /// answers 503 instead of accepting what it could not keep.
+    #[arg(help_heading = "Queue", long, env = "COGRELAY_MAX_DB_BYTES", default_value = defaults::MAX_DB_BYTES)]
+    pub max_db_bytes: String,
+
+    /// Lease on a job being delivered; must exceed DELIVERY_TIMEOUT_MS.
+    #[arg(help_heading = "Queue", long, env = "LOCK_DURATION_MS", default_value = defaults::LOCK_DURATION_MS)]
+    pub lock_duration_ms: String,
+
     /// Completed jobs kept (newest first); older ones are pruned.
-    #[arg(long, env = "REMOVE_ON_COMPLETE", default_value = defaults::REMOVE_ON_COMPLETE)]
+    #[arg(help_heading = "Queue", long, env = "REMOVE_ON_COMPLETE", default_value = defaults::REMOVE_ON_COMPLETE)]
     pub remove_on_complete: String,
 
     /// An event key seen again within this many seconds is a duplicate.
-    #[arg(long, env = "DEDUP_TTL_SECS", default_value = defaults::DEDUP_TTL_SECS)]
+    #[arg(help_heading = "Queue", long, env = "DEDUP_TTL_SECS", default_value = defaults::DEDUP_TTL_SECS)]
     pub dedup_ttl_secs: String,
+
+    /// Admin API address (health, queue, jobs). Must be loopback unless ADMIN_TOKEN is set.
+    #[arg(help_heading = "Admin", long, env = "ADMIN_LISTEN", default_value = defaults::ADMIN_LISTEN)]
+    pub admin_listen: String,
+
+    /// Bearer token required on every /admin/* call when set.
+    #[arg(
+        help_heading = "Admin",
+        long,
+        env = "ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
 
     /// Verify each event envelope with Cognigy before delivering it: `auto` (on
     /// when Cognigy credentials are set and COGNIGY_API=connectors), `on`,
     /// `off`. The Cognigy.AI REST API (`rest`) has no event lookup: with it,
     /// `auto` is off and `on` is a configuration error.
-    #[arg(long, env = "VERIFY_EVENTS", default_value = "auto")]
+    #[arg(
+        help_heading = "Cognigy event verification",
+        long,
+        env = "VERIFY_EVENTS",
+        default_value = "auto"
+    )]
     pub verify_events: String,
 
     /// Cap on Cognigy requests per minute for event verification.
-    #[arg(long, env = "COGNIGY_MAX_REQUESTS_PER_MIN", default_value = "6000")]
+    #[arg(
+        help_heading = "Cognigy event verification",
+        long,
+        env = "COGNIGY_MAX_REQUESTS_PER_MIN",
+        default_value = "6000"
+    )]
     pub cognigy_max_requests_per_min: String,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Cognigy event verification")]
     pub cognigy: CognigyArgs,
+}
 
-    /// Longest a client may take to send a request's headers, and its body
-    /// (slow clients are cut off: headers by closing, a body with 408).
-    #[arg(long, env = "REQUEST_READ_TIMEOUT_MS", default_value = defaults::REQUEST_READ_TIMEOUT_MS)]
-    pub request_read_timeout_ms: String,
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
 
-    /// Events per second accepted from one source address (0 = no limit).
-    #[arg(long, env = "INGRESS_RATE_LIMIT", default_value = "0")]
-    pub ingress_rate_limit: String,
+    use super::Cli;
 
-    /// Burst allowed above INGRESS_RATE_LIMIT per source address.
-    #[arg(long, env = "INGRESS_RATE_BURST", default_value = "100")]
-    pub ingress_rate_burst: String,
+    /// Every argument of every command says what it is for.
+    #[test]
+    fn every_argument_is_explained() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "cogrelay", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+    }
 
-    /// Largest accepted request body (bytes).
-    #[arg(long, env = "MAX_BODY_BYTES", default_value = defaults::MAX_BODY_BYTES)]
-    pub max_body_bytes: String,
+    /// `serve --help` groups its ~50 settings by concern, in the order an
+    /// operator sets them up: who may post first, then where events go.
+    #[test]
+    fn serve_help_is_grouped_by_concern() {
+        let mut cli = Cli::command();
+        // Global flags (--log-format) reach the subcommands when built.
+        cli.build();
+        let serve = cli.find_subcommand_mut("serve").expect("serve");
+        let help = serve.render_long_help().to_string();
+        let order = [
+            "Ingress and authentication:",
+            "Destinations:",
+            "Delivery:",
+            "Circuit breaker:",
+            "Queue:",
+            "Admin:",
+            "Cognigy event verification:",
+            "Logging:",
+        ];
+        let at: Vec<usize> = order
+            .iter()
+            .map(|h| {
+                help.find(h)
+                    .unwrap_or_else(|| panic!("{h} missing:\n{help}"))
+            })
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{help}");
+        // The ingress secrets sit with the ingress, before the circuit.
+        let secret = help.find("--webhook-signing-secret").expect("secret flag");
+        assert!(secret < at[1], "{help}");
+        // Nothing is left ungrouped under a generic heading but help.
+        let options = help.find("\nOptions:").expect("options");
+        let after: String = help[options..]
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.ends_with(':'))
+            .collect();
+        assert!(
+            !after.contains("--port") && !after.contains("--concurrency"),
+            "{help}"
+        );
+    }
 }

@@ -342,15 +342,25 @@ fn last_answer(job: &JobView) -> String {
 
 fn list_table(items: &[JobView], total: u64, offset: u64) -> String {
     let mut t = format!(
-        "{:<8} {:<9} {:<36} {:>3} {:<24} {:<24} {}\n",
-        "ID", "STATE", "EVENT KEY", "TRY", "LAST ANSWER", "CREATED", "REASON"
+        "{:<8} {:<9} {:<16} {:<20} {:<36} {:>3} {:<24} {:<24} {}\n",
+        "ID",
+        "STATE",
+        "DESTINATION",
+        "TYPE",
+        "EVENT KEY",
+        "TRY",
+        "LAST ANSWER",
+        "CREATED",
+        "REASON"
     );
     for j in items {
         let _ = writeln!(
             t,
-            "{:<8} {:<9} {:<36} {:>3} {:<24} {:<24} {}",
+            "{:<8} {:<9} {:<16} {:<20} {:<36} {:>3} {:<24} {:<24} {}",
             j.id,
             j.state.as_str(),
+            cut(&j.destination, 16),
+            cut(event_type(j), 20),
             cut(&j.event_key, 36),
             j.attempts_made,
             cut(&last_answer(j), 24),
@@ -377,23 +387,34 @@ fn list_table(items: &[JobView], total: u64, offset: u64) -> String {
     t
 }
 
+/// The event's type: the envelope's `type`, or `cognigy.output` for an
+/// endpoint output.
+fn event_type(j: &JobView) -> &str {
+    j.event_type.as_deref().unwrap_or(match j.kind {
+        "endpoint_output" => crate::destination::OUTPUT_TYPE,
+        other => other,
+    })
+}
+
 fn show_text(j: &JobView) -> String {
     let mut t = String::new();
-    let _ = writeln!(t, "job        {}", j.id);
-    let _ = writeln!(t, "state      {}", j.state.as_str());
-    let _ = writeln!(t, "event key  {}", j.event_key);
-    let _ = writeln!(t, "event id   {}", j.event_id);
+    let _ = writeln!(t, "job         {}", j.id);
+    let _ = writeln!(t, "state       {}", j.state.as_str());
+    let _ = writeln!(t, "destination {}", j.destination);
+    let _ = writeln!(t, "type        {}", event_type(j));
+    let _ = writeln!(t, "event key   {}", j.event_key);
+    let _ = writeln!(t, "event id    {}", j.event_id);
     if let Some(b) = &j.bot_id {
-        let _ = writeln!(t, "bot        {b}");
+        let _ = writeln!(t, "bot         {b}");
     }
-    let _ = writeln!(t, "created    {}", crate::time::rfc3339(j.created_at_ms));
+    let _ = writeln!(t, "created     {}", crate::time::rfc3339(j.created_at_ms));
     if let Some(due) = j.due_at_ms {
-        let _ = writeln!(t, "due        {}", crate::time::rfc3339(due));
+        let _ = writeln!(t, "due         {}", crate::time::rfc3339(due));
     }
     if let Some(r) = &j.failed_reason {
-        let _ = writeln!(t, "reason     {r}");
+        let _ = writeln!(t, "reason      {r}");
     }
-    let _ = writeln!(t, "attempts   {}", j.attempts_made);
+    let _ = writeln!(t, "attempts    {}", j.attempts_made);
     for a in &j.attempts {
         let answer = match (a.status, &a.error) {
             (Some(s), _) => format!("HTTP {s}"),

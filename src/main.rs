@@ -16,7 +16,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     // .env fills in what the environment does not set (flag > env > .env > default).
-    let _ = dotenvy::dotenv();
+    if let Err(e) = load_dotenv() {
+        return config_error(&e);
+    }
     let cli = Cli::parse();
     let format = match cogrelay::config::log_format(cli.log_format.as_deref()) {
         Ok(f) => f,
@@ -100,7 +102,7 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             let audit = serde_json::json!({
-                "timestamp": null, "action": "WEBHOOK_REGISTRATION", "status": "FAILURE", "latencyMs": 0,
+                "timestamp": cogrelay::time::rfc3339(cogrelay::time::now_ms()), "action": "WEBHOOK_REGISTRATION", "status": "FAILURE", "latencyMs": 0,
                 "details": { "error": e.to_string() },
             });
             print_line(&audit.to_string());
@@ -112,15 +114,15 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
         telemetry::init(format);
     }
     let quiet = args.json;
-    let progress = move |line: &str| {
+    let progress: cogrelay::cognigy::Progress = std::sync::Arc::new(move |line: &str| {
         if !quiet {
             eprintln!("{line}");
         }
-    };
+    });
     let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
         return ExitCode::from(1);
     };
-    let outcome = rt.block_on(register::run(&cfg, &progress));
+    let outcome = rt.block_on(register::run(&cfg, progress));
     print_line(&outcome.audit.to_string());
     if outcome.exit_code != 0 {
         if let Some(err) = outcome.audit["details"]["error"].as_str() {
@@ -236,6 +238,39 @@ fn collect_heap() {
     // SAFETY: mi_collect takes a flag and touches only the calling thread's
     // mimalloc heap, which is the global allocator of this binary.
     unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
+/// Loads the first `.env` in the working directory or a parent (as dotenvy
+/// finds it). A line that is not `NAME=value` is an error naming the file and
+/// the line's number, never its text (it may hold a secret).
+fn load_dotenv() -> Result<(), String> {
+    let Ok(cwd) = std::env::current_dir() else {
+        return Ok(());
+    };
+    let Some(path) = cwd
+        .ancestors()
+        .map(|d| d.join(".env"))
+        .find(|p| p.is_file())
+    else {
+        return Ok(());
+    };
+    match dotenvy::from_path(&path) {
+        Ok(()) => Ok(()),
+        Err(dotenvy::Error::LineParse(bad, _)) => {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let first = bad.lines().next().unwrap_or("").trim();
+            let line = text
+                .lines()
+                .position(|l| l.trim() == first)
+                .map_or_else(|| "a line".to_string(), |i| format!("line {}", i + 1));
+            Err(format!(
+                "{}: {line} is not NAME=value (quote values with spaces or #); \
+                 the lines after it were not read: fix or remove it",
+                path.display()
+            ))
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 fn config_error(e: &dyn std::fmt::Display) -> ExitCode {

@@ -16,6 +16,8 @@
 //! | `cogrelay_queue_jobs` | gauge | `state` (read at scrape time) |
 //! | `cogrelay_queue_oldest_waiting_seconds` | gauge | age of the oldest due job |
 //! | `cogrelay_queue_durability_risk` | gauge | `risk` |
+//! | `cogrelay_store_bytes` | gauge | the embedded store's bytes on disk |
+//! | `cogrelay_store_max_bytes` | gauge | `COGRELAY_MAX_DB_BYTES` (0: no cap) |
 //!
 //! The counters of the hot path are created once (a label lookup per event
 //! would take a lock); the queue gauges are made at each scrape, and left out
@@ -229,6 +231,18 @@ impl Metrics {
         }
     }
 
+    /// `destination` was removed (a reload): its circuit series and next
+    /// trial go (its delivery counters stay: they count what happened).
+    pub fn forget_circuit(&self, destination: &str) {
+        for s in ["closed", "open", "half-open"] {
+            self.circuits.remove(&vec![
+                ("destination", destination.to_string()),
+                ("state", s.to_string()),
+            ]);
+        }
+        self.next_trial(destination, None);
+    }
+
     /// Whether a delivery pool runs (see `pools_up`).
     pub fn delivery_up(&self) -> bool {
         self.pools_up.load(Ordering::Acquire) > 0
@@ -289,7 +303,13 @@ impl Metrics {
     }
 
     /// The text exposition, with the queue gauges if they could be read.
-    pub fn render(&self, queue: Option<&Counts>, risks: &[(&'static str, bool)]) -> String {
+    /// `store`: the embedded store's bytes on disk and its cap (0: none).
+    pub fn render(
+        &self,
+        queue: Option<&Counts>,
+        risks: &[(&'static str, bool)],
+        store: Option<(u64, u64)>,
+    ) -> String {
         let mut r = Registry::default();
         r.register(
             "cogrelay_ingress_requests",
@@ -360,6 +380,22 @@ impl Metrics {
                 age,
             );
         }
+        if let Some((bytes, max)) = store {
+            let used = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+            used.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            r.register(
+                "cogrelay_store_bytes",
+                "The embedded store's bytes on disk (database and WAL)",
+                used,
+            );
+            let cap = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+            cap.set(i64::try_from(max).unwrap_or(i64::MAX));
+            r.register(
+                "cogrelay_store_max_bytes",
+                "COGRELAY_MAX_DB_BYTES (0: no cap; new events are refused with 503 near it)",
+                cap,
+            );
+        }
         if !risks.is_empty() {
             let family = Family::<Labels, Gauge>::default();
             for (risk, present) in risks {
@@ -391,7 +427,7 @@ mod tests {
         m.ingress(200, Duration::from_millis(3));
         m.ingress(418, Duration::from_millis(1));
         m.attempt(AttemptOutcome::Delivered, Duration::from_millis(2));
-        let out = m.render(None, &[("embedded_no_fsync", false)]);
+        let out = m.render(None, &[("embedded_no_fsync", false)], None);
         for line in [
             "cogrelay_ingress_requests_total{status=\"200\"} 2",
             "cogrelay_ingress_requests_total{status=\"other\"} 1",

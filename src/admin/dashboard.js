@@ -81,7 +81,7 @@ function drawDestinations(list, pts) {
     const tr = document.createElement('tr');
     tr.dataset.name = d.name;
     cell(tr, d.name);
-    cell(tr, d.url);
+    cell(tr, d.url, 'url');
     // While open, when the next trial is due (local time).
     const circuit = d.next_probe_at
       ? d.circuit + ', next trial ' + new Date(d.next_probe_at).toLocaleTimeString()
@@ -92,7 +92,7 @@ function drawDestinations(list, pts) {
     cell(tr, String(d.counts.delayed));
     cell(tr, String(d.counts.failed));
     cell(tr, String(pts.reduce((n, p) => n + (p.byDestination[d.name] || 0), 0)));
-    const actions = cell(tr, '');
+    const actions = cell(tr, '', 'actions');
     const path = '/admin/destinations/' + encodeURIComponent(d.name);
     actions.appendChild(d.paused
       ? button('Resume', 'resume', () => act(path + '/resume', 'POST'))
@@ -121,7 +121,7 @@ async function refresh() {
       cell(tr, String(job.attemptsMade));
       cell(tr, lastAnswer(job));
       cell(tr, job.failedReason || '', 'reason');
-      const actions = cell(tr, '');
+      const actions = cell(tr, '', 'actions');
       actions.appendChild(button('Show', 'show', () => show(job.id)));
       actions.appendChild(button('Retry', 'retry', () => act('/admin/jobs/' + encodeURIComponent(job.id) + '/retry', 'POST')));
       actions.appendChild(button('Remove', 'remove', () => act('/admin/jobs/' + encodeURIComponent(job.id), 'DELETE')));

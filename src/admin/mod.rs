@@ -222,8 +222,11 @@ async fn prometheus<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics
-            .render(counts.as_ref(), &s.queue.durability_risks()),
+        s.metrics.render(
+            counts.as_ref(),
+            &s.queue.durability_risks(),
+            s.queue.store_bytes(),
+        ),
     )
         .into_response()
 }

@@ -105,7 +105,12 @@ pub struct CognigyClient {
     token: tokio::sync::Mutex<Option<Token>>,
     limiter: crate::window::Limiter,
     token_requests: AtomicU64,
+    /// Told of each retry, one line (`cogrelay register`'s progress).
+    on_retry: Option<Progress>,
 }
+
+/// Where progress lines go (stderr in the binary).
+pub type Progress = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
 
 impl std::fmt::Debug for CognigyClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -149,7 +154,14 @@ impl CognigyClient {
             cfg,
             token: tokio::sync::Mutex::new(None),
             token_requests: AtomicU64::new(0),
+            on_retry: None,
         })
+    }
+
+    /// Tells `progress` of each retry (what failed, the wait, the attempt).
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.on_retry = Some(progress);
+        self
     }
 
     pub fn config(&self) -> &CognigyConfig {
@@ -353,6 +365,7 @@ impl CognigyClient {
         what: &str,
         attempt: &mut u32,
     ) -> Result<Option<Answer>, CognigyError> {
+        let mut failure = None;
         let (answer, retry_after) = match res {
             Ok(resp) => {
                 let status = resp.status();
@@ -378,18 +391,33 @@ impl CognigyClient {
                 (Some(Answer { status, json }), retry_after)
             }
             Err(e) => {
+                let detail = network_detail(&e);
                 if *attempt >= self.cfg.max_retries {
                     return Err(CognigyError::Network {
                         what: what.into(),
-                        detail: network_detail(&e),
+                        detail,
                     });
                 }
+                failure = Some(detail);
                 (None, None)
             }
         };
         let delay = retry_after
             .unwrap_or(Duration::from_secs(1) * 2u32.pow((*attempt).min(6)))
             .min(Duration::from_secs(60));
+        if let Some(progress) = &self.on_retry {
+            let why = match (&answer, &failure) {
+                (Some(a), _) => format!("HTTP {}", a.status.as_u16()),
+                (None, Some(e)) => e.clone(),
+                (None, None) => "no answer".into(),
+            };
+            progress(&format!(
+                "...  {what}: {why}; retrying in {:.1} s (retry {} of {})",
+                delay.as_secs_f64(),
+                *attempt + 1,
+                self.cfg.max_retries
+            ));
+        }
         tracing::info!(
             what,
             attempt = *attempt + 1,

@@ -155,6 +155,72 @@ impl Authenticator {
     }
 }
 
+impl Authenticator {
+    /// A hint for the sender's operator on why `check` refused with `err`:
+    /// computed only for refused requests. Names settings and formats, never
+    /// what the sender presented.
+    pub fn hint(&self, headers: &HeaderMap, body: &[u8], err: AuthError) -> Option<&'static str> {
+        let sent_basic = basic_credentials(headers).is_some();
+        let sent_signature = headers.contains_key(SIGNATURE_HEADER);
+        match err {
+            AuthError::Missing if sent_basic && self.basic_digest.is_none() => Some(
+                "Basic credentials were sent but INGRESS_BASIC_USER/INGRESS_BASIC_PASSWORD are not set \
+                 (a Cognigy Webhook Endpoint authenticates with Basic credentials only: set them)",
+            ),
+            AuthError::Missing if sent_signature && self.macs.is_empty() => Some(
+                "X-Webhook-Signature was sent but WEBHOOK_SIGNING_SECRET is not set",
+            ),
+            AuthError::Missing if headers.contains_key(axum::http::header::AUTHORIZATION) => Some(
+                "the Authorization header is not Basic credentials (Bearer tokens are not accepted)",
+            ),
+            AuthError::Missing => Some(
+                "send X-Webhook-Signature: the lowercase hex HMAC-SHA256 of the raw body \
+                 (optional sha256= prefix), or Basic credentials",
+            ),
+            AuthError::BadSignature => {
+                let Some(sig) = headers.get(SIGNATURE_HEADER) else {
+                    return Some("the Standard Webhooks signature does not match any whsec_ secret");
+                };
+                let sig = sig.as_bytes();
+                let sig = sig.strip_prefix(b"sha256=").unwrap_or(sig).trim_ascii();
+                if hex::decode(sig).is_ok() {
+                    return Some(if sig.len() == 64 {
+                        "no WEBHOOK_SIGNING_SECRET matches: a different secret, or the body \
+                         was changed after signing (sign the exact raw bytes sent)"
+                    } else {
+                        "the signature must be 64 hex digits (HMAC-SHA256)"
+                    });
+                }
+                let b64 = base64::engine::general_purpose::STANDARD.decode(sig).ok();
+                let right = b64.as_deref().is_some_and(|raw| {
+                    self.macs.iter().any(|mac| {
+                        let mut mac = mac.clone();
+                        mac.update(body);
+                        mac.verify_slice(raw).is_ok()
+                    })
+                });
+                Some(match (b64, right) {
+                    (_, true) => "the signature is the right HMAC in base64: send it as lowercase hex",
+                    (Some(_), false) => {
+                        "the signature looks like base64: send the lowercase hex HMAC-SHA256 of the raw body"
+                    }
+                    (None, _) => {
+                        "the signature is not hex: send the lowercase hex HMAC-SHA256 of the raw body \
+                         (optional sha256= prefix)"
+                    }
+                })
+            }
+            AuthError::BadCredentials => {
+                Some("the user or password differs from INGRESS_BASIC_USER/INGRESS_BASIC_PASSWORD")
+            }
+            AuthError::StaleTimestamp => Some(
+                "webhook-timestamp is more than 5 minutes from the relay's clock: \
+                 check the sender's clock, or this is a replay",
+            ),
+        }
+    }
+}
+
 /// Decoded `user:password` of an `Authorization: Basic` header.
 fn basic_credentials(headers: &HeaderMap) -> Option<Vec<u8>> {
     let value = headers
@@ -247,5 +313,49 @@ mod tests {
             a.check(&headers(&[("authorization", bad)]), b"x"),
             Err(AuthError::BadCredentials)
         );
+    }
+
+    #[test]
+    fn refusals_come_with_a_hint_that_names_the_mistake() {
+        let body = b"{}";
+        let hmac_only = Authenticator::new(&[Secret::new("s3")], None);
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("cognigy:pw")
+        );
+        let h = headers(&[("authorization", basic)]);
+        let e = hmac_only.check(&h, body).expect_err("refused");
+        assert!(hmac_only
+            .hint(&h, body, e)
+            .expect("hint")
+            .contains("INGRESS_BASIC_USER"));
+
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3").expect("key");
+        mac.update(body);
+        let raw = mac.finalize().into_bytes();
+        let h = headers(&[(
+            SIGNATURE_HEADER,
+            base64::engine::general_purpose::STANDARD.encode(raw),
+        )]);
+        let e = hmac_only.check(&h, body).expect_err("base64 is refused");
+        assert!(hmac_only
+            .hint(&h, body, e)
+            .expect("hint")
+            .contains("right HMAC in base64"));
+
+        let h = headers(&[(SIGNATURE_HEADER, sign_hex("other", body))]);
+        let e = hmac_only.check(&h, body).expect_err("wrong secret");
+        assert!(hmac_only
+            .hint(&h, body, e)
+            .expect("hint")
+            .contains("no WEBHOOK_SIGNING_SECRET matches"));
+
+        let e = hmac_only
+            .check(&HeaderMap::new(), body)
+            .expect_err("nothing");
+        assert!(hmac_only
+            .hint(&HeaderMap::new(), body, e)
+            .expect("hint")
+            .contains("lowercase hex"));
     }
 }

@@ -12,6 +12,38 @@ pub(crate) mod body;
 pub mod envelope;
 pub(crate) mod ratelimit;
 pub(crate) mod refusals;
+pub(crate) mod rejections;
+
+/// What a piece of code logs, for the unit tests of the log lines.
+#[cfg(test)]
+pub(crate) mod test_log {
+    use std::sync::{Arc, Mutex};
+
+    /// What `f` logs, one string per line.
+    pub(crate) fn logged(f: impl FnOnce()) -> Vec<String> {
+        let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Writer(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&buf.lock().expect("buf")).into_owned();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buf").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+}
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -81,6 +113,8 @@ pub struct Ingress<Q> {
     pub rate_limit: Option<ratelimit::RateLimiter>,
     /// Refusals while the queue is unavailable, logged without a flood.
     pub refusals: refusals::Refusals,
+    /// Requests refused (401, 413, 415, 400, 408, 429), logged without a flood.
+    pub rejections: rejections::Rejections,
     /// How far an envelope's `timestamp` may lie from now.
     pub replay_window: ReplayWindow,
 }
@@ -152,13 +186,6 @@ fn unavailable(msg: &str) -> Response {
     r
 }
 
-fn too_large(max: usize) -> Response {
-    error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        &format!("Body exceeds MAX_BODY_BYTES ({max} bytes)"),
-    )
-}
-
 fn is_json(headers: &HeaderMap) -> bool {
     let Some(ct) = headers
         .get(header::CONTENT_TYPE)
@@ -173,37 +200,76 @@ fn is_json(headers: &HeaderMap) -> bool {
             && essence.contains('/'))
 }
 
+impl<Q> Ingress<Q> {
+    /// Answers `status` with `msg`, and logs the refusal (bounded per kind).
+    fn refuse(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        kind: rejections::Kind,
+        msg: &str,
+        hint: Option<&str>,
+    ) -> Response {
+        self.rejections.refused(kind, peer, msg, hint);
+        let status = StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        error(status, msg)
+    }
+}
+
 async fn receive<Q: Queue>(
     State(s): State<Arc<Ingress<Q>>>,
     peer: Option<axum::Extension<ratelimit::PeerAddr>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    use rejections::Kind;
     if !s.accepting.load(Ordering::Relaxed) {
         return unavailable("Queue unavailable: the relay is shutting down");
     }
-    if let (Some(limiter), Some(axum::Extension(peer))) = (&s.rate_limit, peer) {
-        if let Err(wait) = limiter.check(peer.0.ip()) {
-            let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
+    let peer = peer.map(|axum::Extension(p)| p.0);
+    if let (Some(limiter), Some(peer)) = (&s.rate_limit, peer) {
+        if let Err(wait) = limiter.check(peer.ip()) {
+            let mut r = s.refuse(
+                Some(peer),
+                Kind::RateLimited,
                 "Too many requests from this address",
+                Some("INGRESS_RATE_LIMIT is per sender address"),
             );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(wait));
             return r;
         }
     }
+    let too_large = || {
+        s.refuse(
+            peer,
+            Kind::TooLarge,
+            &format!("Body exceeds MAX_BODY_BYTES ({} bytes)", s.max_body_bytes),
+            None,
+        )
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > s.max_body_bytes as u64) {
-        return too_large(s.max_body_bytes);
+        return too_large();
     }
     if !is_json(&headers) {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        let sent = headers.get(header::CONTENT_TYPE).map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .take(80)
+                .collect::<String>()
+        });
+        let hint = match sent {
+            Some(ct) => format!("the request's Content-Type was {ct:?}"),
+            None => "the request had no Content-Type".to_string(),
+        };
+        return s.refuse(
+            peer,
+            Kind::MediaType,
             "Content-Type must be application/json",
+            Some(&hint),
         );
     }
     let read = tokio::time::timeout(
@@ -212,39 +278,66 @@ async fn receive<Q: Queue>(
     )
     .await;
     let Ok(read) = read else {
-        return error(
-            StatusCode::REQUEST_TIMEOUT,
+        return s.refuse(
+            peer,
+            Kind::Timeout,
             "The request body did not arrive in time",
+            None,
         );
     };
     // `_budget` holds this body's share of the memory budget until answered.
     let (bytes, _budget) = match read {
         Ok(body::Read { bytes, held }) => (bytes, held),
-        Err(body::ReadError::TooLarge) => return too_large(s.max_body_bytes),
+        Err(body::ReadError::TooLarge) => return too_large(),
         Err(body::ReadError::Broken) => {
-            return error(StatusCode::BAD_REQUEST, "Could not read the request body")
+            return s.refuse(
+                peer,
+                Kind::BadRequest,
+                "Could not read the request body",
+                None,
+            )
         }
         Err(body::ReadError::NoRoom) => {
             return unavailable("Too many large request bodies at once: retry shortly")
         }
     };
     if let Err(e) = s.auth.check(&headers, &bytes) {
-        return error(StatusCode::UNAUTHORIZED, &e.to_string());
+        let hint = s.auth.hint(&headers, &bytes, e);
+        return s.refuse(peer, Kind::Unauthorized, &e.to_string(), hint);
     }
     let event = match envelope::parse(&bytes) {
         Ok(ev) => ev,
-        Err(EnvelopeError::Missing(missing)) => return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "Missing required Cognigy webhook fields", "missing": missing })),
-        )
-            .into_response(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(EnvelopeError::Missing(missing)) => {
+            let hint = format!("missing: {}", missing.join(", "));
+            s.rejections.refused(
+                Kind::BadRequest,
+                peer,
+                "Missing required Cognigy webhook fields",
+                Some(&hint),
+            );
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({ "error": "Missing required Cognigy webhook fields", "missing": missing })),
+            )
+                .into_response();
+        }
+        Err(e) => return s.refuse(peer, Kind::BadRequest, &e.to_string(), None),
     };
     if let Some(ts) = event.timestamp_ms {
-        if !s.replay_window.admits(ts, crate::time::now_ms()) {
-            return error(
-                StatusCode::UNAUTHORIZED,
+        let now = crate::time::now_ms();
+        if !s.replay_window.admits(ts, now) {
+            let age = (i128::from(now) - i128::from(ts)) / 1000;
+            let hint = format!(
+                "the envelope's timestamp is {age} s old; the window is {} s behind (DEDUP_TTL_SECS) \
+                 and {} s ahead: check the sender's clock, or this is a replay",
+                s.replay_window.behind.as_secs(),
+                s.replay_window.ahead.as_secs()
+            );
+            return s.refuse(
+                peer,
+                Kind::ReplayWindow,
                 "event timestamp outside the replay window",
+                Some(&hint),
             );
         }
     }

@@ -513,6 +513,11 @@ pub trait Queue: Send + Sync + 'static {
             Duration::from_secs(5)
         }
     }
+    /// The store's bytes on disk and its cap (0: none), where the backend
+    /// keeps its own files (the embedded store); `None` elsewhere.
+    fn store_bytes(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Ways this store can lose an acknowledged event, as found at start-up:
     /// `(name, present)` for each one the backend knows of.
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {

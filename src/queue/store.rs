@@ -70,8 +70,10 @@ pub enum Opener {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// Its message says what failed and how to fix it; not also a source,
+    /// so that a chain printed with `{:#}` says it once.
     #[error("failed to open the embedded queue: {0}")]
-    Embedded(#[from] super::embedded::OpenError),
+    Embedded(super::embedded::OpenError),
     #[error(
         "no embedded queue in {0} (COGRELAY_DATA_DIR): point it at the relay's data directory"
     )]
@@ -111,7 +113,8 @@ pub async fn open(settings: &StoreSettings, opener: Opener) -> Result<Store, Ope
                     Opener::Reader => Access::Reader,
                 },
                 clock: settings.clock.clone(),
-            })?;
+            })
+            .map_err(OpenError::Embedded)?;
             Ok(Store::Embedded(q))
         }
         QueueKind::Redis => {
@@ -207,6 +210,10 @@ impl Queue for Store {
     async fn set_circuit(&self, destination: &str, open_for: Option<Duration>) -> QueueResult<()> {
         each!(self, q => q.set_circuit(destination, open_for).await)
     }
+    fn store_bytes(&self) -> Option<(u64, u64)> {
+        each!(self, q => q.store_bytes())
+    }
+
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {
         each!(self, q => q.durability_risks())
     }

@@ -26,6 +26,9 @@ pub const EXIT_AUTH: u8 = 4;
 pub const EXIT_REGISTER: u8 = 5;
 pub const EXIT_HEALTH: u8 = 6;
 pub const EXIT_GATEWAY: u8 = 7;
+/// Cognigy could not be reached (refused, DNS, TLS, timeout) or answered
+/// only 429/5xx, after the retries: nothing was said about the credentials.
+pub const EXIT_UNREACHABLE: u8 = 8;
 
 /// Retries of the gateway callback after the first attempt.
 const GATEWAY_RETRIES: u32 = 3;
@@ -63,13 +66,13 @@ pub struct Registration {
 struct Flow<'a> {
     cfg: &'a RegisterConfig,
     client: CognigyClient,
-    progress: &'a (dyn Fn(&str) + Sync),
+    progress: &'a (dyn Fn(&str) + Send + Sync),
     details: serde_json::Map<String, Value>,
 }
 
 /// Runs the whole registration. Never panics on bad answers; every failure ends
 /// as an exit code with the reason in the audit record.
-pub async fn run(cfg: &RegisterConfig, progress: &(dyn Fn(&str) + Sync)) -> Registration {
+pub async fn run(cfg: &RegisterConfig, progress: crate::cognigy::Progress) -> Registration {
     let started = Instant::now();
     let mut details = serde_json::Map::new();
     details.insert("domain".into(), json!(cfg.cognigy.domain()));
@@ -84,8 +87,8 @@ pub async fn run(cfg: &RegisterConfig, progress: &(dyn Fn(&str) + Sync)) -> Regi
         Ok(client) => {
             let mut flow = Flow {
                 cfg,
-                client,
-                progress,
+                client: client.with_progress(progress.clone()),
+                progress: &*progress,
                 details,
             };
             let r = flow.steps().await;
@@ -119,6 +122,7 @@ type StepResult<T> = Result<T, (u8, String)>;
 
 fn auth_or(code: u8, e: CognigyError) -> (u8, String) {
     match e {
+        CognigyError::Network { .. } => (EXIT_UNREACHABLE, e.to_string()),
         CognigyError::Auth { .. } => (EXIT_AUTH, e.to_string()),
         CognigyError::Status {
             status: 401 | 403, ..
@@ -134,11 +138,20 @@ impl Flow<'_> {
             Ok(Some(_)) => (self.progress)("ok   authenticated with OAuth client credentials"),
             Ok(None) => (self.progress)("ok   using the API key (X-API-Key)"),
             Err(e) => {
-                let err = auth_or(EXIT_AUTH, e);
-                (self.progress)(&format!(
-                    "FAIL authentication: {}: check COGNIGY_CLIENT_ID/COGNIGY_CLIENT_SECRET",
-                    err.1
-                ));
+                // Refused credentials are exit 4; no answer (or only 429/5xx)
+                // says nothing about them: exit 8.
+                let unavailable = e.status().is_some_and(|s| s == 429 || s >= 500);
+                let err = if unavailable {
+                    (EXIT_UNREACHABLE, e.to_string())
+                } else {
+                    auth_or(EXIT_AUTH, e)
+                };
+                let fix = if err.0 == EXIT_AUTH {
+                    "check COGNIGY_CLIENT_ID/COGNIGY_CLIENT_SECRET (or COGNIGY_API_KEY)"
+                } else {
+                    "check COGNIGY_BASE_URL, the network and Cognigy's status; the credentials were not checked"
+                };
+                (self.progress)(&format!("FAIL authentication: {}: {fix}", err.1));
                 return Err(err);
             }
         }

@@ -121,6 +121,7 @@ pub async fn run_with_queue<Q: Operate>(
             .rate_limit
             .map(|(per_sec, burst)| crate::ingress::ratelimit::RateLimiter::new(per_sec, burst)),
         refusals: Default::default(),
+        rejections: Default::default(),
         replay_window: ingress::ReplayWindow::for_dedup_ttl(cfg.store.retention.dedup_ttl),
     });
     let (stop_http_tx, stop_http_rx) = watch::channel(false);
@@ -259,7 +260,7 @@ async fn apply_rate_limits<Q: Operate>(queue: &Q, destinations: &Destinations) {
 fn log_destinations(destinations: &Destinations) {
     for d in &destinations.list {
         tracing::info!(
-            destination = %d.name, target = %crate::secret::redact_url(&d.delivery.target),
+            destination = %d.name, url = %crate::secret::redact_url(&d.delivery.target),
             concurrency = d.delivery.concurrency, attempts = d.delivery.attempts,
             "delivering to {}", d.name
         );
@@ -322,6 +323,10 @@ async fn reload_destinations<Q: Operate>(
     }
     for r in retiring {
         r.retire().await;
+    }
+    // A removed destination's circuit is no longer anyone's: not in /metrics.
+    for name in &removed {
+        ingress.metrics.forget_circuit(name);
     }
     let added: Vec<&str> = new
         .list

@@ -109,3 +109,82 @@ async fn dashboard_shows_failed_jobs_escapes_payloads_and_retries() {
         .any(|r| r.header("x-event-id") == Some("retry-me")
             && r.header("x-delivery-attempt") == Some("1")));
 }
+
+/// At 800 and 1400 px wide every button is on screen and clickable (not cut
+/// off, not covered), the page does not scroll sideways, the tables fit, and
+/// an open circuit shows when its next trial is due.
+#[tokio::test]
+async fn dashboard_is_usable_from_800_px_and_shows_the_next_trial() {
+    if !browser_ready() {
+        return;
+    }
+    let app = spawn_app_with(|c| {
+        c.delivery.attempts = 1;
+        c.delivery.circuit = cogrelay::destination::CircuitSettings {
+            failures: 2,
+            cooldown: Duration::from_secs(120),
+            max_cooldown: Duration::from_secs(300),
+        };
+        c.admin.token = Some(Secret::new("dash-token"));
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(503));
+    for i in 0..3 {
+        // Long keys and reasons: the cells must wrap, not widen the table.
+        let key = format!("conversation-{i}-{}", "x".repeat(60));
+        app.post_event(&event("bot", &key)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let d: Value = app
+            .http
+            .get(format!("http://{}/admin/destinations", app.admin))
+            .bearer_auth("dash-token")
+            .send()
+            .await
+            .expect("destinations")
+            .json()
+            .await
+            .expect("json");
+        if d[0]["circuit"] == "open" && d[0]["counts"]["failed"].as_u64() >= Some(2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the circuit never opened: {d}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shot = std::env::temp_dir().join("cogrelay-dashboard-width");
+    let admin = format!("http://{}", app.admin);
+    let v = run_node(
+        "dashboard-widths.mjs",
+        &[
+            &admin,
+            "dash-token",
+            &shot.display().to_string(),
+            "800",
+            "1400",
+        ],
+    )
+    .await;
+    for w in ["800", "1400"] {
+        let seen = &v[w];
+        assert_eq!(seen["pageScrollsSideways"], false, "{w} px: {seen}");
+        assert_eq!(
+            seen["unusable"],
+            json!([]),
+            "{w} px: buttons cut off or covered: {seen}"
+        );
+        assert_eq!(
+            seen["scrolled"],
+            json!([]),
+            "{w} px: a table does not fit: {seen}"
+        );
+        let circuit = seen["circuits"]["default"].as_str().expect("circuit");
+        assert!(
+            circuit.starts_with("open, next trial "),
+            "{w} px: {circuit}"
+        );
+    }
+}

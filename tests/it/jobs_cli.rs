@@ -61,12 +61,24 @@ both_backends! {
 
         let table = cli(&app, &["jobs", "list", "--state", "failed", "--limit", "2"]).await;
         assert!(table.stdout.starts_with("ID"), "{}", table.stdout);
+        // Each row says whose job it is and what event: two destinations'
+        // jobs of one event look different.
+        let header: Vec<&str> = table.stdout.lines().next().expect("header").split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert!(header.contains(&"DESTINATION") && header.contains(&"TYPE"), "{header:?}");
+        let row = table.stdout.lines().nth(1).expect("row");
+        assert!(row.contains(" default ") && row.contains("message.received"), "{row}");
         assert!(table.stdout.contains("HTTP 500") && table.stdout.contains("1-2 of 3; next page: --offset 2"), "{}", table.stdout);
 
         let show = cli(&app, &["jobs", "show", &ids[0], "--json"]).await;
         assert_eq!(show.json()["payload"]["n"], 1);
         let shown = cli(&app, &["jobs", "show", &ids[0]]).await;
-        assert!(shown.stdout.contains("state      failed") && shown.stdout.contains("\"n\": 1"), "{}", shown.stdout);
+        assert!(shown.stdout.contains("state       failed") && shown.stdout.contains("\"n\": 1"), "{}", shown.stdout);
+        assert!(shown.stdout.contains("destination default") && shown.stdout.contains("type        message.received"), "{}", shown.stdout);
+
+        // A retry without an id says what to give instead.
+        let bare = cli(&app, &["jobs", "retry"]).await;
+        assert_eq!(bare.code, 2);
+        assert!(bare.stderr.contains("--all-failed"), "{}", bare.stderr);
 
         let stats = cli(&app, &["queue", "stats", "--json"]).await;
         assert_eq!(stats.json()["failed"], 3);

@@ -700,6 +700,10 @@ fn an_outage_opens_the_circuit_and_everything_arrives_after_it() {
         .iter()
         .filter(|a| (from..to).contains(&a.0))
         .count();
+    eprintln!(
+        "outage: {during} attempts during it, the circuit opened at {:?} ms",
+        seen.opened
+    );
     assert!(during <= 60, "{during} attempts during the outage");
     assert!(!seen.opened.is_empty(), "the circuit opened");
     assert!(seen.failed.is_empty(), "dead letters: {:?}", seen.failed);

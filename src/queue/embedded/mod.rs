@@ -157,6 +157,9 @@ pub struct EmbeddedQueue {
     /// ingest. A tool reads through its one connection.
     reader: Option<mpsc::UnboundedSender<ReadOp>>,
     clock: Clock,
+    /// The store's bytes on disk (main file and WAL) as the writer last
+    /// read them, and its cap (0: none): `/metrics`.
+    size: (std::sync::Arc<std::sync::atomic::AtomicU64>, u64),
 }
 
 impl std::fmt::Debug for EmbeddedQueue {
@@ -321,6 +324,7 @@ impl EmbeddedQueue {
         };
         let (gone_tx, gone) = oneshot::channel::<()>();
         let reader_clock = opts.clock.clone();
+        let size = (space.shown.clone(), opts.max_db_bytes);
         let mut writer = Writer {
             settings: opts.settings,
             now_ms: opts.clock.now_ms(),
@@ -380,6 +384,7 @@ impl EmbeddedQueue {
             gone: std::sync::Mutex::new(Some(gone)),
             reader,
             clock: reader_clock,
+            size,
         })
     }
 
@@ -782,6 +787,13 @@ impl Queue for EmbeddedQueue {
             Ok(())
         })
         .await
+    }
+
+    fn store_bytes(&self) -> Option<(u64, u64)> {
+        Some((
+            self.size.0.load(std::sync::atomic::Ordering::Relaxed),
+            self.size.1,
+        ))
     }
 
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {

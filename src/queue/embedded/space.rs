@@ -60,6 +60,8 @@ pub(super) struct Space {
     pub(super) promised_stale: bool,
     /// The relay's reserve file; `None` for a tool.
     reserve: Option<Reserve>,
+    /// `disk_bytes` as last read, for the `/metrics` gauge.
+    pub(super) shown: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Reserve {
@@ -108,6 +110,7 @@ impl Space {
             wal_restart_bytes,
             promised: 0,
             promised_stale: false,
+            shown: Default::default(),
             reserve: relay.then(|| Reserve {
                 path: data_dir.join(RESERVE_FILE),
                 file: None,
@@ -147,6 +150,8 @@ impl Space {
             }
         }
         self.disk_bytes = size(&self.db_path) + wal;
+        self.shown
+            .store(self.disk_bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Why a new event is refused now, if it is.
