@@ -655,6 +655,9 @@ async fn get_endpoint(
 
 async fn sink(State(sim): State<Arc<Sim>>, body: axum::body::Bytes) -> Response {
     let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    // A local target for trying the relay: each delivery on one line.
+    let shown = String::from_utf8_lossy(&body[..body.len().min(2000)]).into_owned();
+    tracing::info!(bytes = body.len(), "target received: {shown}");
     sim.lock().events_received.push(v);
     Json(json!({ "received": true })).into_response()
 }

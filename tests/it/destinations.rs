@@ -813,6 +813,33 @@ async fn a_reload_adds_changes_and_removes_destinations_losing_nothing() {
     app.reload.send(()).await.expect("reload");
     wait_for_names(&app, &["warehouse"]).await;
     ready_with_pools(&app, 1).await;
+    // A removed destination's circuit is no one's: it leaves /metrics.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let m = app
+            .http
+            .get(format!("http://{}/metrics", app.admin))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if !m.contains(r#"cogrelay_destination_circuit{destination="crm""#) {
+            assert!(
+                m.contains(
+                    r#"cogrelay_destination_circuit{destination="warehouse",state="closed"} 1"#
+                ),
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "crm's circuit stays in /metrics:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let listed = admin_json(&app, "/admin/jobs?destination=crm&state=failed").await;
     assert_eq!(listed["total"], 2, "{listed}");
     let (status, _) = admin_post(&app, &format!("/admin/jobs/{}/retry", failed_ids[0])).await;
