@@ -17,7 +17,14 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     // .env fills in what the environment does not set (flag > env > .env > default).
     if let Err(e) = load_dotenv() {
-        return config_error(&e);
+        // `--help` and `--version` still answer (with the problem said).
+        let asks_help = std::env::args()
+            .skip(1)
+            .any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version" | "help"));
+        if !asks_help {
+            return config_error(&e);
+        }
+        eprintln!("warning: {e}");
     }
     let cli = Cli::parse();
     let format = match cogrelay::config::log_format(cli.log_format.as_deref()) {
@@ -241,36 +248,48 @@ fn collect_heap() {
 }
 
 /// Loads the first `.env` in the working directory or a parent (as dotenvy
-/// finds it). A line that is not `NAME=value` is an error naming the file and
+/// finds it: the nearest that is a file; a path it cannot inspect ends the
+/// search). A line that is not `NAME=value` is an error naming the file and
 /// the line's number, never its text (it may hold a secret).
 fn load_dotenv() -> Result<(), String> {
     let Ok(cwd) = std::env::current_dir() else {
         return Ok(());
     };
-    let Some(path) = cwd
-        .ancestors()
-        .map(|d| d.join(".env"))
-        .find(|p| p.is_file())
-    else {
+    let Ok(path) = find_dotenv(&cwd) else {
         return Ok(());
     };
     match dotenvy::from_path(&path) {
         Ok(()) => Ok(()),
-        Err(dotenvy::Error::LineParse(bad, _)) => {
+        Err(dotenvy::Error::LineParse(..)) => {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let first = bad.lines().next().unwrap_or("").trim();
+            // The first line that does not parse on its own (a value quoted
+            // over several lines is the rare case this names less exactly).
             let line = text
                 .lines()
-                .position(|l| l.trim() == first)
+                .position(|l| dotenvy::from_read_iter(l.as_bytes()).any(|item| item.is_err()))
                 .map_or_else(|| "a line".to_string(), |i| format!("line {}", i + 1));
             Err(format!(
-                "{}: {line} is not NAME=value (quote values with spaces or #); \
+                "{}: {line} is not NAME=value (quote values with spaces, # or \\); \
                  the lines after it were not read: fix or remove it",
                 path.display()
             ))
         }
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
+}
+
+/// The `.env` dotenvy would read from `dir`.
+fn find_dotenv(dir: &std::path::Path) -> Result<std::path::PathBuf, ()> {
+    for d in dir.ancestors() {
+        let candidate = d.join(".env");
+        match std::fs::metadata(&candidate) {
+            Ok(m) if m.is_file() => return Ok(candidate),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return Ok(candidate),
+        }
+    }
+    Err(())
 }
 
 fn config_error(e: &dyn std::fmt::Display) -> ExitCode {

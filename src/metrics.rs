@@ -272,13 +272,14 @@ impl Metrics {
         ["open", "half-open"]
             .into_iter()
             .find(|s| {
+                // A lookup, not a creation: a removed destination's series
+                // stay gone.
                 self.circuits
-                    .get_or_create(&vec![
+                    .get(&vec![
                         ("destination", destination.to_string()),
                         ("state", s.to_string()),
                     ])
-                    .get()
-                    == 1
+                    .is_some_and(|g| g.get() == 1)
             })
             .unwrap_or("closed")
     }

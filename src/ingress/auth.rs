@@ -171,7 +171,8 @@ impl Authenticator {
                 "X-Webhook-Signature was sent but WEBHOOK_SIGNING_SECRET is not set",
             ),
             AuthError::Missing if headers.contains_key(axum::http::header::AUTHORIZATION) => Some(
-                "the Authorization header is not Basic credentials (Bearer tokens are not accepted)",
+                "the Authorization header is not valid Basic credentials \
+                 (`Basic base64(user:password)`; Bearer tokens are not accepted)",
             ),
             AuthError::Missing => Some(
                 "send X-Webhook-Signature: the lowercase hex HMAC-SHA256 of the raw body \

@@ -302,8 +302,12 @@ async fn receive<Q: Queue>(
         }
     };
     if let Err(e) = s.auth.check(&headers, &bytes) {
-        let hint = s.auth.hint(&headers, &bytes, e);
-        return s.refuse(peer, Kind::Unauthorized, &e.to_string(), hint);
+        let reason = e.to_string();
+        s.rejections
+            .refused_with(Kind::Unauthorized, peer, &reason, || {
+                s.auth.hint(&headers, &bytes, e).map(str::to_owned)
+            });
+        return error(StatusCode::UNAUTHORIZED, &reason);
     }
     let event = match envelope::parse(&bytes) {
         Ok(ev) => ev,

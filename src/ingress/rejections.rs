@@ -92,6 +92,18 @@ impl Rejections {
     /// One request refused as `kind` because of `reason`, with a `hint` for
     /// the sender's operator where one helps.
     pub fn refused(&self, kind: Kind, peer: Option<SocketAddr>, reason: &str, hint: Option<&str>) {
+        self.refused_with(kind, peer, reason, || hint.map(str::to_owned));
+    }
+
+    /// As [`Rejections::refused`], the hint computed only when the line is
+    /// logged (a hint may cost an HMAC over the body).
+    pub fn refused_with(
+        &self,
+        kind: Kind,
+        peer: Option<SocketAddr>,
+        reason: &str,
+        hint: impl FnOnce() -> Option<String>,
+    ) {
         let now = self.clock.mono_ms();
         let refused = {
             let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
@@ -106,7 +118,8 @@ impl Rejections {
         // An IPv4 sender on the dual-stack socket shows as IPv4.
         let peer = peer.map(|p| SocketAddr::new(p.ip().to_canonical(), p.port()).to_string());
         let peer = peer.as_deref().unwrap_or("unknown");
-        let hint = hint.unwrap_or("");
+        let hint = hint();
+        let hint = hint.as_deref().unwrap_or("");
         if refused == 1 {
             tracing::warn!(
                 status = kind.status(),

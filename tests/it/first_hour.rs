@@ -306,6 +306,29 @@ fn a_bad_dotenv_line_is_named() {
     assert!(err.contains(".env: line 3 is not NAME=value"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+
+    // A bad value (not only a missing `=`), and `--help` still answers.
+    std::fs::write(
+        dir.path().join(".env"),
+        "A=1\n\nINGRESS_BASIC_PASSWORD=hunter2 secret\nB=2\n",
+    )
+    .expect("write");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+            .args(args)
+            .env_clear()
+            .current_dir(dir.path())
+            .output()
+            .expect("run")
+    };
+    let out = run(&["serve"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(".env: line 3 is not NAME=value"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    let help = run(&["serve", "--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stderr).starts_with("warning: "));
 }
 
 /// A second relay on the same data directory says so once.
