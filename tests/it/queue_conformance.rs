@@ -342,6 +342,42 @@ async fn retries_wait_until_due<Q: Operate>(q: &Q) {
     assert_eq!(again.job.attempts_made, 1);
 }
 
+/// A round of trials with room for one takes the only job due even when it
+/// was attempted before (found by the model's hardening run on Redis: the
+/// most retried job was kept for a round with room for two, and a round with
+/// room for one took nothing, leaving a circuit's trial unsent).
+async fn a_trial_round_for_one_takes_a_retried_job<Q: Operate>(q: &Q) {
+    q.enqueue(ev("retried")).await.expect("enqueue");
+    let job = q
+        .claim(1, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs
+        .pop()
+        .expect("job");
+    q.finish(
+        job,
+        attempt(1, AttemptOutcome::Retry),
+        Disposition::RetryAt {
+            due_at_ms: now_ms(),
+            reason: "503".into(),
+        },
+    )
+    .await
+    .expect("finish");
+    let round = q
+        .claim_for(
+            cogrelay::queue::DEFAULT_DESTINATION,
+            1,
+            Duration::from_secs(30),
+            cogrelay::queue::ClaimOrder::Trials,
+        )
+        .await
+        .expect("claim");
+    assert_eq!(round.jobs.len(), 1, "the only due job, retried once");
+    assert_eq!(round.jobs[0].job.attempts_made, 1);
+}
+
 /// Completed jobs beyond REMOVE_ON_COMPLETE are pruned (here 2).
 async fn completed_jobs_are_pruned<Q: Operate>(q: &Q) {
     for i in 0..5 {
@@ -494,6 +530,7 @@ on_both_backends!(
     a_lease_lasts_what_was_asked,
     release_returns_a_job_without_counting,
     retries_wait_until_due,
+    a_trial_round_for_one_takes_a_retried_job,
     completed_jobs_are_pruned,
     state_rules_of_retry_and_remove,
     a_listing_of_every_state_shows_each_jobs_state,

@@ -121,12 +121,17 @@ if not paused and room > 0 and fresh then
       picked[#picked + 1] = id
     end
   end
+  -- The most retried first only with room for another: with room for one,
+  -- a never-attempted job goes first, and the most retried still comes
+  -- after (it is the only one due, with CONCURRENCY=1, say).
+  local tookMost = false
   if most and room >= 2 then
     pick(most)
+    tookMost = true
   end
   for _, list in ipairs({firsts, others}) do
     for _, id in ipairs(list) do
-      if id ~= most then
+      if not (tookMost and id == most) then
         pick(id)
       end
     end
