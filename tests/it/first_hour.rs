@@ -473,3 +473,104 @@ async fn register_tells_unreachable_from_refused_and_always_dates_its_audit() {
         "{audit}"
     );
 }
+
+/// The README's path for a user with only the binary, as written there: the
+/// simulator as the target, the relay with Basic credentials, the curl of an
+/// endpoint output; the simulator logs the delivery.
+#[tokio::test]
+async fn the_readme_binary_only_path_delivers_an_endpoint_output() {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .expect("README");
+    let section = &readme[readme.find("### With only the binary").expect("section")..];
+    let between = |from: &str, to: char| {
+        let at = section.find(from).expect(from) + from.len();
+        section[at..].split(to).next().expect("value").to_string()
+    };
+    let user_pass = between("curl -s -u ", ' ');
+    let (user, pass) = user_pass.split_once(':').expect("user:pass");
+    let body = between("-d '", '\'');
+    assert!(section.contains(&format!(
+        "INGRESS_BASIC_USER={user} INGRESS_BASIC_PASSWORD={pass}"
+    )));
+    assert!(section.contains("TARGET_ENDPOINT=http://127.0.0.1:8600/events cogrelay serve"));
+
+    let sim_port = free_port();
+    let sim_logs = Arc::new(Mutex::new(String::new()));
+    let mut sim = tokio::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+        .args(["sim", "--port", &sim_port.to_string()])
+        .env_clear()
+        .env("LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sim");
+    let mut stderr = sim.stderr.take().expect("stderr");
+    let keep = sim_logs.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = stderr.read(&mut buf).await {
+            keep.lock()
+                .expect("logs")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let (port, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut relay = tokio::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+        .arg("serve")
+        .env_clear()
+        .env("INGRESS_BASIC_USER", user)
+        .env("INGRESS_BASIC_PASSWORD", pass)
+        .env(
+            "TARGET_ENDPOINT",
+            format!("http://127.0.0.1:{sim_port}/events"),
+        )
+        .env("PORT", port.to_string())
+        .env("ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("relay");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http
+        .get(format!("http://127.0.0.1:{admin}/readyz"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "the relay did not become ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer: Value = http
+        .post(format!("http://127.0.0.1:{port}/api/webhook/cognigy"))
+        .basic_auth(user, Some(pass))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["status"], "accepted", "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let logs = sim_logs.lock().expect("logs").clone();
+        if logs.contains("target received") && logs.contains("\\\"sessionId\\\":\\\"s-1\\\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the simulator never logged the delivery:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = relay.kill().await;
+    let _ = sim.kill().await;
+}
