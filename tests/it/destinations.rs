@@ -503,8 +503,13 @@ async fn a_rate_limited_destination_never_sees_more_than_its_limit_in_any_second
         app.sink.wait_for(n, Duration::from_secs(20)).await,
         "all delivered in the end"
     );
-    let most = busiest_second(&app.sink);
-    assert!(most <= 20, "{most} requests within one second");
+    // Counted where the limit is kept, at each attempt's start as the relay
+    // recorded it: at the target, a starved test process can read requests
+    // sent over more than a second as one burst (seen with the load average
+    // at 8 on two cores).
+    let most = busiest_second_started(&app, "limited").await;
+    assert!(most <= 20, "{most} attempts started within one second");
+    assert!(busiest_second(&app.sink) >= 6);
     // Not 1 or 2 a second, whatever the machine's load (see the Redis test).
     assert!(
         most >= 6,
@@ -1006,7 +1011,10 @@ async fn jobs_of_an_unconfigured_destination_are_named_at_start() {
         assert_eq!(crate::process::post(&http, relay.port, id).await, Some(200));
     }
     assert!(sink.wait_for(2, WAIT).await);
-    drop(relay); // killed: the jobs stay in the store, waiting for `default`
+    // Killed, and gone (its lock on the store with it) before the next start:
+    // the jobs stay in the store, waiting for `default`.
+    let mut relay = relay;
+    relay.child.kill().await.expect("kill");
 
     let file = dir.path().join("cogrelay.toml");
     std::fs::write(
@@ -1153,6 +1161,28 @@ async fn relays_on_redis(
 }
 
 /// The most requests `sink` got within any one second.
+/// The most attempts at `destination` that started within one second, from
+/// the relay's own record of each attempt (its completed jobs).
+async fn busiest_second_started(app: &TestApp, destination: &str) -> usize {
+    let page = admin_json(
+        app,
+        &format!("/admin/jobs?destination={destination}&state=completed&limit=500"),
+    )
+    .await;
+    let at: Vec<i64> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .flat_map(|j| j["attempts"].as_array().cloned().unwrap_or_default())
+        .map(|a| a["startedAtMs"].as_i64().expect("startedAtMs"))
+        .collect();
+    assert!(!at.is_empty(), "{page}");
+    at.iter()
+        .map(|t0| at.iter().filter(|t| **t >= *t0 && **t - *t0 < 1000).count())
+        .max()
+        .unwrap_or(0)
+}
+
 fn busiest_second(sink: &Sink) -> usize {
     let at: Vec<std::time::Instant> = sink.received().iter().map(|r| r.at).collect();
     at.iter()

@@ -106,6 +106,7 @@ async fn start(
         cmd.stderr(Stdio::null());
     }
     let mut child = cmd.spawn().expect("spawn relay");
+    let seen = logs.clone();
     if let (Some(logs), Some(mut stderr)) = (logs, child.stderr.take()) {
         tokio::spawn(async move {
             let mut buf = [0u8; 8192];
@@ -115,7 +116,7 @@ async fn start(
             }
         });
     }
-    let relay = Relay {
+    let mut relay = Relay {
         child,
         port,
         admin_port,
@@ -131,6 +132,12 @@ async fn start(
             if r.status() == 200 {
                 return relay;
             }
+        }
+        if let Ok(Some(status)) = relay.child.try_wait() {
+            let said = seen
+                .map(|l| l.lock().expect("logs").clone())
+                .unwrap_or_default();
+            panic!("the relay exited before it was ready ({status}):\n{said}");
         }
         assert!(Instant::now() < deadline, "relay did not become ready");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -321,21 +321,15 @@ impl Operate for EmbeddedQueue {
     }
 
     async fn set_paused(&self, destination: &str, paused: bool) -> QueueResult<()> {
-        let destination = destination.to_string();
-        self.call(move |conn, w| {
-            let sql = if paused {
-                "INSERT OR IGNORE INTO paused (destination) VALUES (?1)"
-            } else {
-                "DELETE FROM paused WHERE destination = ?1"
-            };
-            conn.prepare_cached(sql)
-                .and_then(|mut s| s.execute([&destination]))
-                .map_err(sql_err)?;
-            // Read again at the next look (this process's change at once).
-            w.paused_read_at = None;
-            Ok(())
-        })
-        .await
+        // A resume is what lets a full store drain: on a full disk its first
+        // write may find no room, which gives the store's reserve to the
+        // deliveries (writer.rs); the second finds room in it.
+        match self.set_paused_once(destination, paused).await {
+            Err(QueueError::Unavailable(why)) if why.starts_with("the store is full") => {
+                self.set_paused_once(destination, paused).await
+            }
+            other => other,
+        }
     }
 
     async fn destination_names(&self) -> QueueResult<Vec<String>> {
@@ -360,6 +354,27 @@ impl Operate for EmbeddedQueue {
                 .map(str::to_string)
                 .collect();
             Ok(names.into_iter().collect())
+        })
+        .await
+    }
+}
+
+impl EmbeddedQueue {
+    /// One write of a pause or a resume.
+    async fn set_paused_once(&self, destination: &str, paused: bool) -> QueueResult<()> {
+        let destination = destination.to_string();
+        self.call(move |conn, w| {
+            let sql = if paused {
+                "INSERT OR IGNORE INTO paused (destination) VALUES (?1)"
+            } else {
+                "DELETE FROM paused WHERE destination = ?1"
+            };
+            conn.prepare_cached(sql)
+                .and_then(|mut s| s.execute([&destination]))
+                .map_err(sql_err)?;
+            // Read again at the next look (this process's change at once).
+            w.paused_read_at = None;
+            Ok(())
         })
         .await
     }
