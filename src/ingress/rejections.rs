@@ -120,26 +120,22 @@ impl Rejections {
         let peer = peer.as_deref().unwrap_or("unknown");
         let hint = hint();
         let hint = hint.as_deref().unwrap_or("");
-        if refused == 1 {
-            tracing::warn!(
-                status = kind.status(),
-                kind = kind.name(),
-                peer,
-                reason,
-                hint,
-                "request refused"
-            );
+        let message = if refused == 1 {
+            "request refused".to_string()
         } else {
-            tracing::warn!(
-                status = kind.status(),
-                kind = kind.name(),
-                peer,
-                reason,
-                hint,
-                refused,
+            format!(
                 "requests refused: {refused} since the last line of this kind (the latest shown)"
-            );
-        }
+            )
+        };
+        tracing::warn!(
+            status = kind.status(),
+            kind = kind.name(),
+            peer,
+            reason,
+            hint,
+            refused,
+            "{message}"
+        );
     }
 }
 

@@ -15,14 +15,7 @@ async fn queue(app: &TestApp) -> serde_json::Value {
 }
 
 async fn metrics(app: &TestApp) -> String {
-    app.http
-        .get(format!("http://{}/metrics", app.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
+    app.metrics_text().await
 }
 
 async fn wait_for_metric(app: &TestApp, line: &str) {

@@ -402,15 +402,7 @@ async fn each_destination_gets_exactly_the_events_it_wants(b: Backend) {
     assert_eq!(ids(crm), ["c1", "c2"]);
     assert_eq!(ids(warehouse), ["c1", "c2", "h1", "h2", "m1"]);
     assert_eq!(ids(ticketing), ["h1"]);
-    let metrics = app
-        .http
-        .get(format!("http://{}/metrics", app.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("cogrelay_events_unrouted_total 1"),
         "{metrics}"
@@ -821,15 +813,7 @@ async fn a_reload_adds_changes_and_removes_destinations_losing_nothing() {
     // A removed destination's circuit is no one's: it leaves /metrics.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let m = app
-            .http
-            .get(format!("http://{}/metrics", app.admin))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let m = app.metrics_text().await;
         if !m.contains(r#"cogrelay_destination_circuit{destination="crm""#) {
             assert!(
                 m.contains(
@@ -881,15 +865,7 @@ async fn ready_with_pools(app: &TestApp, n: usize) {
     let line = format!("cogrelay_delivery_pools {n}");
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let text = app
-            .http
-            .get(format!("http://{}/metrics", app.admin))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let text = app.metrics_text().await;
         if text.lines().any(|l| l == line) {
             assert!(
                 text.lines().any(|l| l == "cogrelay_delivery_up 1"),

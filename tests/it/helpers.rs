@@ -273,6 +273,18 @@ impl TestApp {
         .await
     }
 
+    /// The relay's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     pub async fn admin_post(&self, path: &str) -> Reply {
         reply(
             self.http

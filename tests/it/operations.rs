@@ -92,15 +92,7 @@ async fn the_dashboard_and_the_alerts_use_the_metrics_the_relay_exposes() {
             .wait_for(1, std::time::Duration::from_secs(15))
             .await
     );
-    let exposition = app
-        .http
-        .get(format!("http://{}/metrics", app.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let exposition = app.metrics_text().await;
     // Sample names (`name{...} value` or `name value`).
     let exposed: BTreeSet<String> = exposition
         .lines()
