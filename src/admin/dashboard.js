@@ -117,7 +117,7 @@ async function refresh() {
       tr.dataset.id = job.id;
       cell(tr, job.id);
       cell(tr, job.destination);
-      cell(tr, job.eventKey);
+      cell(tr, job.eventKey, 'key');
       cell(tr, String(job.attemptsMade));
       cell(tr, lastAnswer(job));
       cell(tr, job.failedReason || '', 'reason');

@@ -30,8 +30,12 @@ for (const w of widths.map(Number)) {
       const y = r.top + r.height / 2;
       const onScreen = r.left >= 0 && r.right <= vw && r.width > 0;
       const top = document.elementFromPoint(x, y);
-      if (!onScreen || !(top === b || b.contains(top))) {
-        unusable.push(b.textContent + ' @' + Math.round(r.left) + '..' + Math.round(r.right));
+      // A label broken over two lines ("Retr / y") is not usable either.
+      const fontSize = parseFloat(getComputedStyle(b).fontSize) || 13;
+      const wrapped = b.clientHeight > 1.6 * fontSize + 8;
+      if (!onScreen || wrapped || !(top === b || b.contains(top))) {
+        unusable.push(b.textContent + ' @' + Math.round(r.left) + '..' + Math.round(r.right)
+          + (wrapped ? ' wrapped' : ''));
       }
     }
     const scrolled = [...document.querySelectorAll('.scroll')]
