@@ -17,17 +17,8 @@ use crate::delivery::DeliverySettings;
 /// carry no event type of their own.
 pub const OUTPUT_TYPE: &str = "cognigy.output";
 
-/// The name of the one destination made from `TARGET_ENDPOINT`.
-pub const DEFAULT_NAME: &str = "default";
-
-/// A destination's name: `[a-z0-9_-]`, 1 to 32 characters (it becomes part of
-/// queue names, metric labels and URLs).
-pub fn valid_name(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
+/// A destination's name is checked where the store's layer can use it too.
+pub use crate::event::valid_destination_name as valid_name;
 
 /// Which events a destination wants: every glob list, bot list and condition
 /// must hold.

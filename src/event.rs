@@ -4,6 +4,19 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The destination of a relay without a destinations file (SPEC §7): the
+/// one name every layer uses for it.
+pub const DEFAULT_DESTINATION: &str = "default";
+
+/// A destination's name: `[a-z0-9_-]`, 1 to 32 characters (it becomes part of
+/// queue names, metric labels and URLs).
+pub fn valid_destination_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 /// The idempotency key of an event (`cognigy-...`); printable ASCII by construction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EventKey(String);

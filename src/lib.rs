@@ -14,7 +14,8 @@
 //! * `window`: at most N requests in any rolling window (the Cognigy client's
 //!   limit, a destination's `rate_limit`).
 //! * [`secret`]: the `Secret` newtype (`***`), URLs without their credentials.
-//! * `event`: the domain core: event, key, kind, attempt, outcome.
+//! * `event`: the domain core: event, key, kind, attempt, outcome; the rule
+//!   for a destination's name and the `default` destination.
 //! * [`answer`]: reading a remote answer within a bound; `Retry-After`.
 //! * [`queue`]: the contract (`Queue` for the hot path, `Operate` for
 //!   operators), job states and their rules, the one mapping of a stored job
@@ -46,6 +47,40 @@
 //! * [`register`]: the registration flow (`RegisterConfig`).
 //! * [`jobs_cli`]: `cogrelay jobs` and `cogrelay queue stats`.
 //! * [`serve`]: wires the relay together and runs it until shutdown.
+//!
+//! # Life of an event
+//!
+//! One event from Cognigy's request to its last record, each step as
+//! `file` `function` (`tests/it/layout.rs` checks that each named function
+//! is in its file):
+//!
+//! 1. **Receive**: `src/ingress/mod.rs` `receive` runs the checks cheapest
+//!    first; `src/ingress/auth.rs` `check` authenticates the raw body,
+//!    `src/ingress/envelope.rs` `parse` reads the envelope (or an endpoint
+//!    output) and its key, and `src/ingress/mod.rs` `routes` picks the
+//!    destinations that want it.
+//! 2. **Store**: `src/delivery/handoff.rs` `store` reserves room in each
+//!    destination's pool and stores one job per destination in one write
+//!    (`src/queue/embedded/writer.rs` `insert_event`; on Redis
+//!    `src/queue/redis/routed.rs` `add_routed`, `queue/lua/add_routed.lua`);
+//!    the 200 goes out after it is durable, and a pool with room gets its
+//!    job handed over, already leased.
+//! 3. **Claim**: `src/delivery/dispatcher.rs` `run` asks the pure machine
+//!    (`src/delivery/machine.rs` `poll`) what to do next: claim
+//!    (`src/queue/embedded/mod.rs` `claim_for`; on Redis
+//!    `queue/lua/claim.lua`), start, wait for a due time, a rate limit, a
+//!    pause or the circuit.
+//! 4. **Attempt**: `src/delivery/attempt.rs` `deliver` sends one request
+//!    (`src/delivery/target.rs` `post`), and `src/delivery/classify.rs`
+//!    `classify` turns the answer into an outcome.
+//! 5. **Decision**: `src/delivery/attempt.rs` `decide` turns the outcome into
+//!    a disposition: delivered, retry at a time (`src/delivery/backoff.rs`
+//!    `delay`, or the target's `Retry-After`), or failed; the circuit
+//!    (`src/delivery/circuit.rs` `record`) hears of it.
+//! 6. **Finish**: the disposition is recorded with the attempt
+//!    (`src/queue/embedded/mod.rs` `finish`; on Redis `queue/lua/finish.lua`):
+//!    completed (pruned past `REMOVE_ON_COMPLETE`), delayed until due, or
+//!    failed, where `cogrelay jobs` and the admin API show it.
 
 mod admin;
 mod answer;

@@ -83,7 +83,7 @@ impl Listing {
     pub fn with_destination(self, raw: Option<&str>) -> Result<Self, ListingError> {
         match raw.map(str::trim).filter(|d| !d.is_empty()) {
             None => Ok(self),
-            Some(d) if crate::destination::valid_name(d) => Ok(Self {
+            Some(d) if crate::event::valid_destination_name(d) => Ok(Self {
                 destination: Some(d.to_string()),
                 ..self
             }),

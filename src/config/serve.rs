@@ -15,7 +15,7 @@ use crate::cli::ServeArgs;
 use crate::delivery::backoff::Backoff;
 use crate::delivery::signing::TargetSigningKey;
 use crate::delivery::{DeliverySettings, PoolSettings};
-use crate::destination::{CircuitSettings, Destination, Destinations, Filter, DEFAULT_NAME};
+use crate::destination::{CircuitSettings, Destination, Destinations, Filter};
 use crate::ingress::auth::BasicCredentials;
 use crate::ingress::IngressSettings;
 use crate::queue::embedded::Fsync;
@@ -121,7 +121,7 @@ impl ServeConfig {
         }
         Destinations {
             list: vec![Destination {
-                name: DEFAULT_NAME.into(),
+                name: crate::queue::DEFAULT_DESTINATION.into(),
                 filter: Filter::everything(),
                 delivery: self.delivery.clone(),
             }],

@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 
-use super::*;
+use super::{backoff, classify, signing, target, DeliverySettings, Duration, Pool, ERROR_SNIPPET};
 use crate::cognigy::EventLookup;
 use crate::delivery::circuit;
 use crate::event::EventKind;

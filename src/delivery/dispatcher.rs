@@ -15,7 +15,9 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::attempt::{deliver, Done, Verdict};
 use super::circuit::{Phase, Signal};
 use super::machine::{Command, Machine, Settings};
-use super::*;
+use super::{
+    handoff, target, DeliveryConfig, InFlight, Pool, SendGate, TestFault, Up, IDLE_POLL, MAX_CLAIM,
+};
 use crate::cognigy::CognigyClient;
 use crate::queue::{Claimed, LeaseRef, Leased, Queue, QueueResult};
 

@@ -98,7 +98,7 @@ impl JobState {
 
 /// The destination of a relay without a destinations file (SPEC §7), and of
 /// every job stored before destinations existed.
-pub const DEFAULT_DESTINATION: &str = "default";
+pub use crate::event::DEFAULT_DESTINATION;
 
 /// One job of an event: which destination it is for, and its id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use super::embedded::{Access, EmbeddedOptions, EmbeddedQueue, Fsync};
 use super::redis::{RedisOptions, RedisQueues};
-use super::*;
+use super::{
+    embedded, Attempt, ClaimOrder, Claimed, Counts, Disposition, Event, JobState, JobView,
+    LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult, QueueSettings, Routed,
+};
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -90,3 +90,131 @@ fn no_two_modules_import_each_other() {
         "modules that import each other: {cycles:?}"
     );
 }
+
+/// The modules in the order `lib.rs`'s `# Layout` lists them (its bullets).
+fn floors() -> Vec<String> {
+    let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs"))
+        .expect("lib.rs");
+    lib.lines()
+        .take_while(|l| l.starts_with("//!"))
+        .filter_map(|l| l.strip_prefix("//! * "))
+        .filter_map(|l| {
+            let name: String = l
+                .trim_start_matches(['[', '`'])
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            (!name.is_empty()).then_some(name)
+        })
+        .collect()
+}
+
+/// Each module imports only modules listed above it in `lib.rs`, except the
+/// ones that wire the others (`config`, `serve`), as `lib.rs` says.
+#[test]
+fn each_module_imports_only_the_floors_below_it() {
+    let order = floors();
+    assert!(order.len() > 15, "{order:?}");
+    let graph = imports();
+    let mut wrong = Vec::new();
+    for (module, uses) in &graph {
+        if module == "config" || module == "serve" {
+            continue;
+        }
+        let Some(at) = order.iter().position(|m| m == module) else {
+            wrong.push(format!("{module} is not in lib.rs's layout"));
+            continue;
+        };
+        for used in uses {
+            let below = order.iter().position(|m| m == used).is_some_and(|u| u < at);
+            if !below {
+                wrong.push(format!("{module} imports {used}, listed after it"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// Outside tests, every import names what it takes (no `use super::*`):
+/// what a file depends on is read at its top.
+#[test]
+fn no_glob_import_of_a_parent_outside_tests() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut found = Vec::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") || path.ends_with("tests.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read");
+            // Up to the file's test module, if any.
+            let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            for (n, line) in code.lines().enumerate() {
+                if line.trim() == "use super::*;" {
+                    found.push(format!(
+                        "{}:{}",
+                        path.strip_prefix(&src).expect("src").display(),
+                        n + 1
+                    ));
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "use super::* outside tests: {found:?}");
+}
+
+/// `lib.rs`'s "Life of an event" names each step as `` `src/…rs` `function` ``:
+/// every file named exists, and every function named right after a file is
+/// defined in it (as `fn name`); `queue/lua/…` scripts exist too.
+#[test]
+fn the_life_of_an_event_names_files_and_functions_that_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = std::fs::read_to_string(root.join("src/lib.rs")).expect("lib.rs");
+    let section: String = lib
+        .lines()
+        .skip_while(|l| !l.contains("# Life of an event"))
+        .take_while(|l| l.starts_with("//!"))
+        .map(|l| l.trim_start_matches("//!"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    // Backticked spans, in order.
+    let spans: Vec<&str> = section.split('`').skip(1).step_by(2).collect();
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for (i, span) in spans.iter().enumerate() {
+        if span.ends_with(".lua") {
+            if !root.join("src").join(span).exists() {
+                wrong.push(format!("{span} does not exist"));
+            }
+            continue;
+        }
+        if !span.starts_with("src/") || !span.ends_with(".rs") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(root.join(span)) else {
+            wrong.push(format!("{span} does not exist"));
+            continue;
+        };
+        let Some(function) = spans
+            .get(i + 1)
+            .filter(|f| f.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        else {
+            continue;
+        };
+        checked += 1;
+        let defined = [format!("fn {function}("), format!("fn {function}<")]
+            .iter()
+            .any(|d| text.contains(d.as_str()));
+        if !defined {
+            wrong.push(format!("{span} has no fn {function}"));
+        }
+    }
+    assert!(checked >= 12, "only {checked} functions named: {spans:?}");
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

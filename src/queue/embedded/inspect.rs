@@ -1,7 +1,10 @@
 //! Reading jobs back: the rows as job views, and the operators' side of the
 //! contract ([`Operate`]).
 
-use super::*;
+use super::{
+    bundle, params, parse_id, sql_err, Bundle, Connection, Counts, EmbeddedQueue, JobState,
+    JobView, Operate, OptionalExtension, Page, QueueError, QueueResult,
+};
 use crate::queue::StoredJob;
 
 pub(super) const VIEW_COLUMNS: &str =

@@ -1,7 +1,11 @@
 //! The store's single writer: the group commit over one connection, the
 //! WAL checkpoints, the maintenance, and the insert of a new job.
 
-use super::*;
+use super::{
+    bundle, jobs_text, mpsc, params, parse_jobs_text, Arc, AtomicBool, Bundle, Clock, Connection,
+    Duration, Event, Fsync, Instant, JobRef, OptionalExtension, Ordering, Path, PathBuf,
+    QueueError, QueueResult, QueueSettings, Routed, Space, DEFAULT_DESTINATION, MAX_BATCH,
+};
 
 /// What a queued operation leaves for after the commit: whether it succeeded
 /// (else its savepoint is rolled back) and how to answer its caller.

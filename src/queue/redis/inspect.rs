@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 
-use super::*;
+use super::{
+    bounded, bull, Attempt, Counts, JobState, JobView, Operate, Page, QueueError, QueueResult,
+    RedisQueue, Value, RETRY_BATCH,
+};
 use crate::queue::StoredJob;
 
 /// Where BullMQ keeps each state's jobs (a list, or a sorted set), and the

@@ -23,7 +23,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::*;
+use super::{
+    Attempt, Batcher, Claimed, Counts, DeliveryJob, Disposition, Event, Hot, JobState, JobView,
+    LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult, RedisOptions, RedisQueue,
+    Routed, JOB_NAME, MAX_BATCH,
+};
 use crate::queue::{parse_jobs_text, JobRef, DEFAULT_DESTINATION};
 
 /// The queue name of `destination`'s jobs.
@@ -116,7 +120,7 @@ impl RedisQueues {
         }
         for name in registered
             .iter()
-            .filter(|d| crate::destination::valid_name(d))
+            .filter(|d| crate::event::valid_destination_name(d))
         {
             queues.open(name, false).await?;
         }
@@ -149,7 +153,7 @@ impl RedisQueues {
         if let Some(q) = self.opened(destination) {
             return Ok(q);
         }
-        let known: bool = crate::destination::valid_name(destination)
+        let known: bool = crate::event::valid_destination_name(destination)
             && self
                 .base
                 .raw(
@@ -456,7 +460,7 @@ async fn find_destinations(base: &RedisQueue, registry: &str, prefix: &str) {
         for d in keys
             .iter()
             .filter_map(|k| k.strip_prefix(&dotted)?.strip_suffix(":meta"))
-            .filter(|d| crate::destination::valid_name(d))
+            .filter(|d| crate::event::valid_destination_name(d))
         {
             let added: QueueResult<i64> = base.raw(redis::cmd("SADD").arg(registry).arg(d)).await;
             if added.is_ok_and(|n| n > 0) {
@@ -643,7 +647,7 @@ impl Operate for RedisQueues {
             .await?;
         let mut names: std::collections::BTreeSet<String> = registered
             .into_iter()
-            .filter(|d| crate::destination::valid_name(d))
+            .filter(|d| crate::event::valid_destination_name(d))
             .collect();
         names.insert(DEFAULT_DESTINATION.to_string());
         names.extend(

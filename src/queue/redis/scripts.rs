@@ -1,7 +1,11 @@
 //! The hot path's batched scripts (`queue/lua/`): what each job carries to
 //! them, the calls, and the pruning of completed jobs.
 
-use super::*;
+use super::{
+    bounded, unavailable, Arc, DeliveryJob, Duration, Event, EventKey, EventKind, QueueError,
+    QueueResult, RedisConnection, RedisQueue, Value, BREAKER_OPEN, JOB_NAME, KEEP_LOGS,
+    REDIS_TIMEOUT,
+};
 
 /// What the add script did with one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
