@@ -1,10 +1,10 @@
 //! Direct handoff from the ingress to the local dispatcher.
 //!
 //! When the worker pool has room, the ingress stores a new job already leased
-//! to this process (`Queue::enqueue_leased`) and passes it here, in memory, so
+//! to this process (`Queue::store` with a lease) and passes it here, in memory, so
 //! the dispatcher does not have to claim it back from the store. Room is
 //! bounded: jobs in this channel plus the dispatcher's ready buffer stay within
-//! `capacity` (`HANDOFF_PER_WORKER` per worker, see serve.rs). A job that was
+//! `capacity` (`HANDOFF_PER_WORKER` per worker, see `serve/pools.rs`). A job that was
 //! stored but never reaches a worker (the process dies, or shutdown races) is
 //! an ordinary leased job: it is recovered like any claimed job, never lost.
 

@@ -19,7 +19,6 @@ use std::time::Duration;
 use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
-use cogrelay::queue::redis::{RedisOptions, RedisQueue};
 use cogrelay::queue::{
     now_ms, Attempt, AttemptOutcome, Disposition, Enqueued, JobState, Operate, Queue, QueueError,
     QueueSettings,
@@ -413,22 +412,31 @@ async fn completed_jobs_are_pruned<Q: Operate>(q: &Q) {
     }
 }
 
-async fn open_redis(server: &crate::redis_server::RedisServer) -> RedisQueue {
-    RedisQueue::connect(RedisOptions {
-        url: server.url(),
-        ca_pem: None,
+/// The Redis store as the relay opens it (`queue::open`: every destination's
+/// BullMQ queue behind one store).
+async fn open_redis(server: &crate::redis_server::RedisServer) -> cogrelay::queue::Store {
+    let settings = cogrelay::queue::StoreSettings {
+        kind: cogrelay::queue::QueueKind::Redis,
+        data_dir: std::path::PathBuf::new(),
+        fsync: cogrelay::config::Fsync::Off,
+        max_db_bytes: 0,
+        redis_url: cogrelay::secret::Secret::new(server.url()),
         queue_name: "conformance".into(),
-        lock_duration: Duration::from_millis(300),
-        settings: QueueSettings {
+        redis_ca: None,
+        retention: QueueSettings {
             dedup_ttl: Duration::from_secs(60),
             remove_on_complete: 2,
         },
-        destination: "default".into(),
         clock: Default::default(),
-        relay: true,
-    })
+    };
+    cogrelay::queue::open(
+        &settings,
+        cogrelay::queue::Opener::Relay {
+            lock_duration: Duration::from_millis(300),
+        },
+    )
     .await
-    .expect("connect")
+    .expect("open")
 }
 
 /// A listing across every state shows each job in its own state, and its

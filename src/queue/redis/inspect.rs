@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use super::{
-    bounded, bull, Attempt, Counts, JobState, JobView, Operate, Page, QueueError, QueueResult,
-    RedisQueue, Value, RETRY_BATCH,
+    bounded, bull, Attempt, BullQueue, Counts, JobState, JobView, Operate, Page, QueueError,
+    QueueResult, Value, RETRY_BATCH,
 };
 use crate::queue::StoredJob;
 
@@ -28,7 +28,7 @@ fn types_of(state: Option<JobState>) -> impl Iterator<Item = (&'static str, bool
         .filter(move |(_, _, st)| state.is_none_or(|s| s == *st))
 }
 
-impl RedisQueue {
+impl BullQueue {
     pub(super) async fn raw<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> QueueResult<T> {
         let mut conn = self.conn.connection();
         bounded(cmd.query_async::<T>(&mut conn)).await
@@ -194,7 +194,7 @@ impl RedisQueue {
     }
 }
 
-/// A job as the admin API shows it, from its hash and what [`RedisQueue::views`] read.
+/// A job as the admin API shows it, from its hash and what [`BullQueue::views`] read.
 fn view_of(
     id: &str,
     fields: &HashMap<String, String>,
@@ -240,9 +240,9 @@ fn view_of(
     stored.into_view(state, with_payload)
 }
 
-impl Operate for RedisQueue {
-    // One destination per relay on Redis so far (config refuses more): its
-    // one BullMQ queue is that destination's, whatever the filter names.
+impl Operate for BullQueue {
+    // A BullQueue is one destination's queue: `RedisQueues` routes each
+    // destination's calls to its own, so the filter names this one.
     async fn counts_for(&self, _destination: Option<&str>) -> QueueResult<Counts> {
         Ok(Counts {
             oldest_waiting_ms: self.oldest_waiting_ms().await?,

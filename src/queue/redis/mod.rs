@@ -92,7 +92,10 @@ pub struct RedisOptions {
 /// Most jobs in one batched script call.
 const MAX_BATCH: usize = 256;
 
-pub struct RedisQueue {
+/// The BullMQ queue of one destination (`bull:<QUEUE_NAME>[:<destination>]:*`),
+/// private to this backend: the relay and the tools use [`RedisQueues`],
+/// which routes to one of these per destination.
+pub(crate) struct BullQueue {
     /// The connection every read and script of this queue goes through.
     conn: RedisConnection,
     /// The BullMQ port's queue, for the operators' writes done its way
@@ -113,9 +116,9 @@ pub struct RedisQueue {
     risks: Vec<(&'static str, bool)>,
 }
 
-impl std::fmt::Debug for RedisQueue {
+impl std::fmt::Debug for BullQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisQueue")
+        f.debug_struct("BullQueue")
             .field("queue", &self.opts.queue_name)
             .finish()
     }
@@ -215,7 +218,7 @@ pub use routed::{limit_shape, queue_name, RedisQueues, MAX_RATE_LIMIT};
 
 use scripts::*;
 
-impl RedisQueue {
+impl BullQueue {
     pub async fn connect(opts: RedisOptions) -> Result<Self, QueueError> {
         first_connection(&opts).await?;
         let lock_ms = opts.lock_duration.as_millis() as u64;
@@ -291,18 +294,18 @@ impl RedisQueue {
 /// How long the ingress fails fast after a Redis failure.
 const BREAKER_OPEN: Duration = Duration::from_millis(500);
 
-impl Queue for RedisQueue {
+impl Queue for BullQueue {
     async fn store(
         &self,
         event: Event,
         destinations: Vec<String>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
-        // One BullMQ queue, one destination: `config` refuses a file with
-        // several destinations on Redis (docs/destinations.md).
+        // One BullMQ queue, one destination: `RedisQueues` stores an event
+        // for several destinations with one script over all their queues.
         let [destination] = destinations.as_slice() else {
             return Err(unavailable(
-                "the Redis queue takes one destination per relay so far",
+                "one destination's BullMQ queue stores for that destination only",
             ));
         };
         let token = lease.map(|_| self.hot.token());
@@ -526,7 +529,7 @@ impl Queue for RedisQueue {
     }
 }
 
-impl Drop for RedisQueue {
+impl Drop for BullQueue {
     fn drop(&mut self) {
         if let Some(m) = &self.maintenance {
             m.abort();

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Attempt, Batcher, Claimed, Counts, DeliveryJob, Disposition, Event, Hot, JobState, JobView,
-    LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult, RedisOptions, RedisQueue,
-    Routed, JOB_NAME, MAX_BATCH,
+    Attempt, Batcher, BullQueue, Claimed, Counts, DeliveryJob, Disposition, Event, Hot, JobState,
+    JobView, LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult, RedisOptions, Routed,
+    JOB_NAME, MAX_BATCH,
 };
 use crate::queue::{parse_jobs_text, JobRef, DEFAULT_DESTINATION};
 
@@ -61,11 +61,11 @@ pub struct RedisQueues {
     opts: RedisOptions,
     /// `QUEUE_NAME`: the `default` destination's queue, the id counter and
     /// the dedup keys.
-    base: Arc<RedisQueue>,
+    base: Arc<BullQueue>,
     /// The other destinations' queues. A plain lock, never held across an
     /// await: a tokio `RwLock` read on every add cost a quarter of the
     /// relay's CPU on Redis (docs/benchmark.md).
-    others: std::sync::RwLock<BTreeMap<String, Arc<RedisQueue>>>,
+    others: std::sync::RwLock<BTreeMap<String, Arc<BullQueue>>>,
     /// Whether `others` holds any queue (read on every add).
     has_others: std::sync::atomic::AtomicBool,
     /// Held while a queue is being opened, so that it is opened once.
@@ -85,7 +85,7 @@ impl RedisQueues {
     /// Opens `QUEUE_NAME` and the destinations' queues found beside it.
     pub async fn connect(opts: RedisOptions) -> Result<Self, QueueError> {
         let base = Arc::new(
-            RedisQueue::connect(RedisOptions {
+            BullQueue::connect(RedisOptions {
                 destination: DEFAULT_DESTINATION.into(),
                 ..opts.clone()
             })
@@ -134,7 +134,7 @@ impl RedisQueues {
 
     /// `destination`'s queue for the relay's own work (a configured
     /// destination): registered and opened on first use.
-    async fn queue(&self, destination: &str) -> QueueResult<Arc<RedisQueue>> {
+    async fn queue(&self, destination: &str) -> QueueResult<Arc<BullQueue>> {
         if destination == DEFAULT_DESTINATION {
             return Ok(self.base.clone());
         }
@@ -146,7 +146,7 @@ impl RedisQueues {
 
     /// `destination`'s queue for an operator: one the registry holds, else
     /// `UnknownDestination` (nothing opened).
-    async fn existing(&self, destination: &str) -> QueueResult<Arc<RedisQueue>> {
+    async fn existing(&self, destination: &str) -> QueueResult<Arc<BullQueue>> {
         if destination == DEFAULT_DESTINATION {
             return Ok(self.base.clone());
         }
@@ -169,7 +169,7 @@ impl RedisQueues {
     }
 
     /// Opens `destination`'s queue (once), registering it first if asked.
-    async fn open(&self, destination: &str, register: bool) -> QueueResult<Arc<RedisQueue>> {
+    async fn open(&self, destination: &str, register: bool) -> QueueResult<Arc<BullQueue>> {
         let _opening = self.opening.lock().await;
         if let Some(q) = self.opened(destination) {
             return Ok(q);
@@ -181,7 +181,7 @@ impl RedisQueues {
                 .await?;
         }
         let q = Arc::new(
-            RedisQueue::connect(RedisOptions {
+            BullQueue::connect(RedisOptions {
                 queue_name: queue_name(&self.opts.queue_name, destination),
                 destination: destination.to_string(),
                 ..self.opts.clone()
@@ -197,7 +197,7 @@ impl RedisQueues {
         Ok(q)
     }
 
-    fn opened(&self, destination: &str) -> Option<Arc<RedisQueue>> {
+    fn opened(&self, destination: &str) -> Option<Arc<BullQueue>> {
         self.others
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -206,7 +206,7 @@ impl RedisQueues {
     }
 
     /// Every queue opened: `default`'s first.
-    async fn all(&self) -> Vec<Arc<RedisQueue>> {
+    async fn all(&self) -> Vec<Arc<BullQueue>> {
         let mut all = vec![self.base.clone()];
         let others = self.others.read().unwrap_or_else(|p| p.into_inner());
         all.extend(others.values().cloned());
@@ -214,7 +214,7 @@ impl RedisQueues {
     }
 
     /// The queue holding job `id`, if any.
-    async fn holding(&self, id: &str) -> QueueResult<Arc<RedisQueue>> {
+    async fn holding(&self, id: &str) -> QueueResult<Arc<BullQueue>> {
         for q in self.all().await {
             match q.get(id).await {
                 Ok(_) => return Ok(q),
@@ -438,7 +438,7 @@ impl Queue for RedisQueues {
 /// The destinations of a store written before the registry (its queues'
 /// `meta` keys), found once by a `SCAN` in the background (a relay's start
 /// does not wait for it) and registered.
-async fn find_destinations(base: &RedisQueue, registry: &str, prefix: &str) {
+async fn find_destinations(base: &BullQueue, registry: &str, prefix: &str) {
     let dotted = format!("{}.", prefix.trim_end_matches(':'));
     let pattern = format!("{dotted}*:meta");
     let mut cursor: u64 = 0;

@@ -2,8 +2,8 @@
 //! them, the calls, and the pruning of completed jobs.
 
 use super::{
-    bounded, unavailable, Arc, DeliveryJob, Duration, Event, EventKey, EventKind, QueueError,
-    QueueResult, RedisConnection, RedisQueue, Value, BREAKER_OPEN, JOB_NAME, KEEP_LOGS,
+    bounded, unavailable, Arc, BullQueue, DeliveryJob, Duration, Event, EventKey, EventKind,
+    QueueError, QueueResult, RedisConnection, Value, BREAKER_OPEN, JOB_NAME, KEEP_LOGS,
     REDIS_TIMEOUT,
 };
 
@@ -210,7 +210,7 @@ impl Hot {
     }
 }
 
-impl RedisQueue {
+impl BullQueue {
     /// The dedup id, `data` and `opts` of a new job for `event`.
     pub(super) fn job_fields(
         &self,
