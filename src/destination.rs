@@ -5,7 +5,7 @@
 //!
 //! Without a destinations file the relay has one destination, `default`, made
 //! from `TARGET_ENDPOINT` and the global settings (`config::serve`); with one,
-//! `config::destinations` reads it into a [`Destinations`].
+//! `config::destinations` reads it into a [`DestinationSet`].
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde_json::Value;
@@ -130,13 +130,13 @@ pub struct Destination {
 /// Every destination of a relay, in the file's order (the first one's job id
 /// is the answer's `jobId`, SPEC §7).
 #[derive(Debug, Clone)]
-pub struct Destinations {
+pub struct DestinationSet {
     pub list: Vec<Destination>,
     /// The file they came from; `None` for the one `default` destination.
     pub file: Option<std::path::PathBuf>,
 }
 
-impl Destinations {
+impl DestinationSet {
     /// The destinations that want this event, in order.
     pub fn routes<'a>(
         &'a self,

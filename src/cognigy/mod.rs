@@ -132,7 +132,7 @@ pub enum EventLookup {
 
 /// The answer to a request: status and parsed JSON body (`Null` if none).
 #[derive(Debug, Clone)]
-pub struct Answer {
+pub struct ApiAnswer {
     pub status: StatusCode,
     pub json: Value,
 }
@@ -309,7 +309,7 @@ impl CognigyClient {
     }
 
     /// Sends a request with authentication, rate limit and retries. `what` names
-    /// the call in errors. Any HTTP status is returned as an [`Answer`]; only
+    /// the call in errors. Any HTTP status is returned as an [`ApiAnswer`]; only
     /// exhausted retries and network failures are errors.
     pub async fn send(
         &self,
@@ -318,7 +318,7 @@ impl CognigyClient {
         headers: &[(&str, &str)],
         json: Option<&Value>,
         what: &str,
-    ) -> Result<Answer, CognigyError> {
+    ) -> Result<ApiAnswer, CognigyError> {
         let mut refreshed = false;
         let mut attempt = 0;
         loop {
@@ -364,7 +364,7 @@ impl CognigyClient {
         res: reqwest::Result<reqwest::Response>,
         what: &str,
         attempt: &mut u32,
-    ) -> Result<Option<Answer>, CognigyError> {
+    ) -> Result<Option<ApiAnswer>, CognigyError> {
         let mut failure = None;
         let (answer, retry_after) = match res {
             Ok(resp) => {
@@ -386,9 +386,9 @@ impl CognigyClient {
                 });
                 let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
                 if !retryable || *attempt >= self.cfg.max_retries {
-                    return Ok(Some(Answer { status, json }));
+                    return Ok(Some(ApiAnswer { status, json }));
                 }
-                (Some(Answer { status, json }), retry_after)
+                (Some(ApiAnswer { status, json }), retry_after)
             }
             Err(e) => {
                 let detail = network_detail(&e);

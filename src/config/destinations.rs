@@ -1,4 +1,4 @@
-//! The destinations file (`COGRELAY_CONFIG`, SPEC §7) into [`Destinations`].
+//! The destinations file (`COGRELAY_CONFIG`, SPEC §7) into [`DestinationSet`].
 //!
 //! (Over 600 lines: each key's check and its one-line error stay beside the
 //! file's walk, and a third is their tests, one case per bad file.)
@@ -19,7 +19,7 @@ use toml::{Table, Value as Toml};
 use super::{parse_http_url, ConfigError};
 use crate::delivery::signing::TargetSigningKey;
 use crate::delivery::DeliverySettings;
-use crate::destination::{valid_name, CircuitSettings, Destination, Destinations, Filter};
+use crate::destination::{valid_name, CircuitSettings, Destination, DestinationSet, Filter};
 
 /// What a destination takes where the file leaves a setting out (SPEC §7: the
 /// global value named beside it).
@@ -55,14 +55,14 @@ pub fn load(
     path: &Path,
     globals: &Globals,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Destinations, ConfigError> {
+) -> Result<DestinationSet, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError(format!(
             "{shown}: cannot be read ({e}): check COGRELAY_CONFIG"
         ))
     })?;
-    parse(&text, &shown, globals, env).map(|list| Destinations {
+    parse(&text, &shown, globals, env).map(|list| DestinationSet {
         list,
         file: Some(path.to_path_buf()),
     })
@@ -592,7 +592,7 @@ events = ["handover.*", "cognigy.output"]
 
     #[test]
     fn the_resolved_view_hides_every_credential() {
-        let dests = Destinations {
+        let dests = DestinationSet {
             list: load_text(EXAMPLE).expect("valid"),
             file: Some("cogrelay.toml".into()),
         };

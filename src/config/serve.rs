@@ -15,7 +15,7 @@ use crate::cli::ServeArgs;
 use crate::delivery::backoff::Backoff;
 use crate::delivery::signing::TargetSigningKey;
 use crate::delivery::{DeliverySettings, PoolSettings};
-use crate::destination::{CircuitSettings, Destination, Destinations, Filter};
+use crate::destination::{CircuitSettings, Destination, DestinationSet, Filter};
 use crate::ingress::auth::BasicCredentials;
 use crate::ingress::IngressSettings;
 use crate::queue::embedded::Fsync;
@@ -32,7 +32,7 @@ pub struct ServeConfig {
     /// file takes for a setting it leaves out (its `target` is then unused).
     pub delivery: DeliverySettings,
     /// The destinations file's, resolved; `None` without a file.
-    pub destinations_file: Option<Destinations>,
+    pub destinations_file: Option<DestinationSet>,
     pub pool: PoolSettings,
     pub admin: AdminSettings,
     /// A summary line this often (pretty log mode), None = off.
@@ -115,11 +115,11 @@ impl ServeConfig {
 
     /// Every destination: the file's, or the one `default` destination made
     /// of `TARGET_ENDPOINT` and the global settings.
-    pub fn destinations(&self) -> Destinations {
+    pub fn destinations(&self) -> DestinationSet {
         if let Some(file) = &self.destinations_file {
             return file.clone();
         }
-        Destinations {
+        DestinationSet {
             list: vec![Destination {
                 name: crate::queue::DEFAULT_DESTINATION.into(),
                 filter: Filter::everything(),
@@ -179,7 +179,7 @@ impl ServeConfig {
             std::env::var(var).ok()
         }) {
             Ok(list) => {
-                c.take_destinations(Destinations {
+                c.take_destinations(DestinationSet {
                     list,
                     file: Some(path),
                 });
@@ -197,7 +197,7 @@ impl ServeConfig {
         }
     }
 
-    fn take_destinations(&mut self, dests: Destinations) {
+    fn take_destinations(&mut self, dests: DestinationSet) {
         if let Some(first) = dests.list.first() {
             self.delivery.target = first.delivery.target.clone();
         }

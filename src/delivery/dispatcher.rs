@@ -14,7 +14,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::attempt::{deliver, Done, Verdict};
 use super::circuit::{Phase, Signal};
-use super::machine::{Command, Machine, Settings};
+use super::machine::{Action, Machine, Settings};
 use super::{
     handoff, target, DeliveryConfig, InFlight, Pool, SendGate, TestFault, Up, IDLE_POLL, MAX_CLAIM,
 };
@@ -150,7 +150,7 @@ pub async fn run<Q: Queue>(
             // A circuit shared with the other relays is told before this
             // relay claims again (its own next claim must not find the
             // trials it has just judged still out).
-            if let Command::Circuit {
+            if let Action::Circuit {
                 phase,
                 cooldown,
                 share: true,
@@ -269,7 +269,7 @@ pub async fn run<Q: Queue>(
     }
     let mut held: Vec<Leased> = handoff.close();
     for command in machine.poll(clock.mono_ms()) {
-        if let Command::Release(jobs) = command {
+        if let Action::Release(jobs) = command {
             held.extend(jobs);
         }
     }
@@ -330,7 +330,7 @@ pub async fn run<Q: Queue>(
 fn carry_out<Q: Queue>(
     pool: &Arc<Pool<Q>>,
     name: &str,
-    command: Command,
+    command: Action,
     tasks: &mut JoinSet<()>,
     task_leases: &mut HashMap<tokio::task::Id, (LeaseRef, bool)>,
     claiming: &mut Option<JoinHandle<(QueueResult<Claimed>, usize, i64)>>,
@@ -338,7 +338,7 @@ fn carry_out<Q: Queue>(
     done: &mpsc::UnboundedSender<Done>,
 ) {
     match command {
-        Command::Claim { max, order } => {
+        Action::Claim { max, order } => {
             let p = pool.clone();
             *claiming = Some(tokio::spawn(async move {
                 let asked_at = p.clock.mono_ms();
@@ -349,20 +349,20 @@ fn carry_out<Q: Queue>(
                 (r, max, asked_at)
             }));
         }
-        Command::Start { job, trial } => {
+        Action::Start { job, trial } => {
             let lease = job.lease.clone();
             let handle = tasks.spawn(deliver(pool.clone(), job, trial, done.clone()));
             task_leases.insert(handle.id(), (lease, trial));
         }
-        Command::Release(jobs) => release(pool, jobs),
-        Command::CheckPause => {
+        Action::Release(jobs) => release(pool, jobs),
+        Action::CheckPause => {
             let p = pool.clone();
             *checking = Some(tokio::spawn(async move {
                 let asked_at = p.clock.mono_ms();
                 (p.queue.is_paused(&p.cfg.name).await, asked_at)
             }));
         }
-        Command::Circuit {
+        Action::Circuit {
             phase, cooldown, ..
         } => circuit_changed(pool, name, phase, cooldown),
     }

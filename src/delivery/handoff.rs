@@ -90,9 +90,9 @@ pub struct Lane {
 
 /// Every destination's [`Lane`], in the destinations' order.
 #[derive(Debug)]
-pub struct Lanes(Vec<Lane>);
+pub struct LaneSet(Vec<Lane>);
 
-impl Lanes {
+impl LaneSet {
     pub fn new(lanes: Vec<Lane>) -> Self {
         Self(lanes)
     }

@@ -1,7 +1,7 @@
 //! The dispatcher's decisions as a value: what one destination's pool
 //! claims, starts, gives back and when it looks again, given what happened
 //! and the time. Pure: every event carries its time (milliseconds of one
-//! monotonic clock), and [`Machine::poll`] answers with [`Command`]s that
+//! monotonic clock), and [`Machine::poll`] answers with [`Action`]s that
 //! the dispatcher (`dispatcher.rs`) carries out. So the rules are checked in
 //! tables and in simulations on a time the tests choose (see the tests
 //! below), not by sleeping.
@@ -18,7 +18,7 @@
 //!   store (they wait there unleased, as waiting jobs); when half-open, the
 //!   pool claims its trials freshest first, and starts nothing else.
 //! * **Pause lease.** A start needs a fresh word that the destination is not
-//!   paused: a claim's answer, or a look of its own ([`Command::CheckPause`])
+//!   paused: a claim's answer, or a look of its own ([`Action::CheckPause`])
 //!   at most `pause_lease` old, counted from when it was asked. So a pause,
 //!   answered `pause_lease` after it is stored, is honoured by every relay
 //!   (SPEC §7). A pause seen, or told by this relay's admin, gives back every
@@ -53,7 +53,7 @@ pub use crate::queue::ClaimOrder as Order;
 /// allocation per delivery.)
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
-pub enum Command {
+pub enum Action {
     Claim {
         max: usize,
         order: Order,
@@ -103,7 +103,7 @@ pub struct Machine {
     /// When the last starts were (the rate limit's window).
     starts: VecDeque<i64>,
     stopping: bool,
-    out: Vec<Command>,
+    out: Vec<Action>,
 }
 
 /// The rate limit's window, 5% longer than a second (see `window.rs`).
@@ -171,7 +171,7 @@ impl Machine {
     /// circuit's trials are claimed, freshest first).
     pub fn handed(&mut self, job: Leased) {
         if self.stopping || self.paused || self.breaker.phase() != Phase::Closed {
-            self.out.push(Command::Release(vec![job]));
+            self.out.push(Action::Release(vec![job]));
         } else {
             self.ready.push_back(Ready { job, trial: false });
         }
@@ -232,13 +232,13 @@ impl Machine {
 
     fn take(&mut self, job: Leased, trial: bool) {
         if self.stopping || self.paused || matches!(self.breaker.phase(), Phase::Open) {
-            self.out.push(Command::Release(vec![job]));
+            self.out.push(Action::Release(vec![job]));
         } else {
             self.ready.push_back(Ready { job, trial });
         }
     }
 
-    /// The answer of a [`Command::CheckPause`] asked at `asked_at`, or this
+    /// The answer of a [`Action::CheckPause`] asked at `asked_at`, or this
     /// relay's admin telling of a pause or resume (`asked_at`: now).
     pub fn pause_seen(&mut self, result: Result<bool, String>, asked_at: i64, now: i64) {
         self.check_out = false;
@@ -299,7 +299,7 @@ impl Machine {
             Some(at) => Duration::from_millis(at.saturating_sub(now).max(1) as u64),
             None => self.breaker.cooldown(),
         };
-        self.out.push(Command::Circuit {
+        self.out.push(Action::Circuit {
             phase,
             cooldown,
             share,
@@ -309,7 +309,7 @@ impl Machine {
     fn release_ready(&mut self) {
         if !self.ready.is_empty() {
             let jobs = self.ready.drain(..).map(|r| r.job).collect();
-            self.out.push(Command::Release(jobs));
+            self.out.push(Action::Release(jobs));
         }
     }
 
@@ -328,7 +328,7 @@ impl Machine {
     }
 
     /// What to do now.
-    pub fn poll(&mut self, now: i64) -> Vec<Command> {
+    pub fn poll(&mut self, now: i64) -> Vec<Action> {
         if self.stopping {
             return std::mem::take(&mut self.out);
         }
@@ -353,7 +353,7 @@ impl Machine {
             if self.s.rate_limit > 0 {
                 self.starts.push_back(now);
             }
-            self.out.push(Command::Start {
+            self.out.push(Action::Start {
                 job: r.job,
                 trial: trial || r.trial,
             });
@@ -376,7 +376,7 @@ impl Machine {
             };
             if let Some((max, order)) = claim.filter(|(max, _)| *max > 0) {
                 self.claim_out = true;
-                self.out.push(Command::Claim { max, order });
+                self.out.push(Action::Claim { max, order });
             }
         }
         // The pause lease, refreshed before it runs out when no claim is
@@ -389,7 +389,7 @@ impl Machine {
             && now >= self.check_after
         {
             self.check_out = true;
-            self.out.push(Command::CheckPause);
+            self.out.push(Action::CheckPause);
         }
         std::mem::take(&mut self.out)
     }

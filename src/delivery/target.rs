@@ -31,7 +31,7 @@ const AGENT: &str = concat!("cogrelay/", env!("CARGO_PKG_VERSION"));
 
 /// The target's answer.
 #[derive(Debug)]
-pub struct Answer {
+pub struct TargetAnswer {
     pub status: u16,
     pub retry_after: Option<String>,
     pub body: Bytes,
@@ -121,7 +121,7 @@ impl Target {
         headers: HeaderMap,
         body: Vec<u8>,
         timeout: Duration,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<TargetAnswer, Failure> {
         let exchange = async {
             match self {
                 Self::Plain(p) => p.post(headers, Bytes::from(body)).await,
@@ -136,7 +136,7 @@ impl Target {
                     let status = resp.status().as_u16();
                     let retry_after = retry_after(resp.headers());
                     let body = crate::answer::first_bytes_of(resp, MAX_ANSWER).await;
-                    Ok(Answer {
+                    Ok(TargetAnswer {
                         status,
                         retry_after,
                         body,
@@ -202,7 +202,7 @@ pub struct Plain {
 }
 
 impl Plain {
-    async fn post(&self, mut headers: HeaderMap, body: Bytes) -> Result<Answer, Failure> {
+    async fn post(&self, mut headers: HeaderMap, body: Bytes) -> Result<TargetAnswer, Failure> {
         headers.insert(HOST, self.host.clone());
         headers.insert(USER_AGENT, HeaderValue::from_static(AGENT));
         let mut req = hyper::Request::post(self.path.clone())
@@ -231,7 +231,7 @@ impl Plain {
                     if whole {
                         self.put_idle(sender);
                     }
-                    return Ok(Answer {
+                    return Ok(TargetAnswer {
                         status,
                         retry_after,
                         body,

@@ -56,7 +56,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::destination::{Current, Destinations, OUTPUT_TYPE};
+use crate::destination::{Current, DestinationSet, OUTPUT_TYPE};
 use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, Routed};
@@ -91,8 +91,8 @@ pub struct IngressSettings {
 /// dispatcher.
 #[derive(Debug)]
 pub struct Routing {
-    pub destinations: Destinations,
-    pub lanes: crate::delivery::handoff::Lanes,
+    pub destinations: DestinationSet,
+    pub lanes: crate::delivery::handoff::LaneSet,
 }
 
 pub struct Ingress<Q> {
@@ -366,7 +366,7 @@ async fn receive<Q: Queue>(
 /// The destinations that want `event` (SPEC §7), in the file's order. An
 /// endpoint output's type is `cognigy.output`; the received document is
 /// parsed again only when some destination has `where` conditions.
-fn routes(destinations: &Destinations, event: &Event, bytes: &[u8]) -> Vec<String> {
+fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<String> {
     let event_type = match event.kind {
         EventKind::EndpointOutput => OUTPUT_TYPE,
         EventKind::Envelope => event.event_type.as_deref().unwrap_or(""),
@@ -385,7 +385,7 @@ fn routes(destinations: &Destinations, event: &Event, bytes: &[u8]) -> Vec<Strin
 /// `"jobs": {destination: id}` (`jobId` is the first destination's).
 /// Serialized from borrows (no JSON tree built per event).
 #[derive(serde::Serialize)]
-struct Answer<'a> {
+struct Acknowledgement<'a> {
     status: &'static str,
     #[serde(rename = "jobId")]
     job_id: &'a str,
@@ -401,8 +401,8 @@ impl serde::Serialize for JobIds<'_> {
     }
 }
 
-fn answer(routed: &Routed, with_jobs: bool) -> Answer<'_> {
-    Answer {
+fn answer(routed: &Routed, with_jobs: bool) -> Acknowledgement<'_> {
+    Acknowledgement {
         status: if routed.duplicate {
             "duplicate"
         } else {

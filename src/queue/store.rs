@@ -76,7 +76,7 @@ pub enum OpenError {
     /// Its message says what failed and how to fix it; not also a source,
     /// so that a chain printed with `{:#}` says it once.
     #[error("failed to open the embedded queue: {0}")]
-    Embedded(super::embedded::OpenError),
+    Embedded(super::embedded::EmbeddedOpenError),
     #[error(
         "no embedded queue in {0} (COGRELAY_DATA_DIR): point it at the relay's data directory"
     )]

@@ -18,8 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ServeConfig;
-use crate::delivery::handoff::Lanes;
-use crate::destination::{Current, Destinations};
+use crate::delivery::handoff::LaneSet;
+use crate::destination::{Current, DestinationSet};
 use crate::ingress::{self, auth::Authenticator, Ingress, Routing};
 use crate::metrics::Metrics;
 use crate::queue::{self, Opener, Operate};
@@ -99,7 +99,7 @@ pub async fn run_with_queue<Q: Operate>(
         let started = pools.start(d);
         pools.install(started);
     }
-    let lanes = Lanes::new(pools.lanes(destinations.list.iter().map(|d| d.name.as_str())));
+    let lanes = LaneSet::new(pools.lanes(destinations.list.iter().map(|d| d.name.as_str())));
     let auth = Authenticator::new(&cfg.ingress.signing_secrets, cfg.ingress.basic.as_ref());
     if auth.is_open() {
         tracing::warn!("ingress authentication is OFF (--allow-unauthenticated): anyone who can reach the port can queue events");
@@ -225,7 +225,7 @@ pub async fn run_with_queue<Q: Operate>(
 
 /// Jobs waiting for a destination that no longer exists wait until one of
 /// that name does: say so once, with how to reach them.
-async fn warn_of_orphans<Q: Operate>(queue: &Q, destinations: &Destinations) {
+async fn warn_of_orphans<Q: Operate>(queue: &Q, destinations: &DestinationSet) {
     if queue.shared_by_relays() {
         return;
     }
@@ -249,7 +249,7 @@ async fn warn_of_orphans<Q: Operate>(queue: &Q, destinations: &Destinations) {
 /// Each destination's rate limit where the store keeps it for every relay
 /// (Redis: BullMQ's limit on its queue); a failure is a warning, the relay's
 /// own limit still holds.
-async fn apply_rate_limits<Q: Operate>(queue: &Q, destinations: &Destinations) {
+async fn apply_rate_limits<Q: Operate>(queue: &Q, destinations: &DestinationSet) {
     for d in &destinations.list {
         if let Err(e) = queue.set_rate_limit(&d.name, d.delivery.rate_limit).await {
             tracing::warn!(destination = %d.name, error = %e, "cannot set the rate limit in the store; each relay limits itself");
@@ -257,7 +257,7 @@ async fn apply_rate_limits<Q: Operate>(queue: &Q, destinations: &Destinations) {
     }
 }
 
-fn log_destinations(destinations: &Destinations) {
+fn log_destinations(destinations: &DestinationSet) {
     for d in &destinations.list {
         tracing::info!(
             destination = %d.name, url = %crate::secret::redact_url(&d.delivery.target),
@@ -277,7 +277,7 @@ async fn reload_destinations<Q: Operate>(
     cfg: &ServeConfig,
     pools: &mut Pools<Q>,
     ingress: &Ingress<Q>,
-    current: &Current<Destinations>,
+    current: &Current<DestinationSet>,
 ) {
     let Some(path) = cfg.destinations_file.as_ref().and_then(|d| d.file.clone()) else {
         tracing::warn!("reload asked (SIGHUP), but the relay runs without a destinations file: nothing to reload");
@@ -310,7 +310,7 @@ async fn reload_destinations<Q: Operate>(
     for name in &removed {
         retiring.extend(pools.remove(name));
     }
-    let lanes = Lanes::new(pools.lanes(new.list.iter().map(|d| d.name.as_str())));
+    let lanes = LaneSet::new(pools.lanes(new.list.iter().map(|d| d.name.as_str())));
     ingress.routing.set(Routing {
         destinations: new.clone(),
         lanes,

@@ -124,7 +124,7 @@ async fn bullmq_for_node_sees_each_destination_as_its_queue() {
         };
         let list = cogrelay::config::destinations::parse(&file, "t.toml", &globals, &|_| None)
             .expect("valid");
-        c.destinations_file = Some(cogrelay::destination::Destinations {
+        c.destinations_file = Some(cogrelay::destination::DestinationSet {
             list,
             file: Some("t.toml".into()),
         });

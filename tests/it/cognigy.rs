@@ -33,7 +33,7 @@ async fn token(http: &reqwest::Client, base: &str) -> String {
 }
 
 /// GET an events path through the client (token, rate limit and retries included).
-async fn lookup(client: &CognigyClient, path: &str) -> cogrelay::cognigy::Answer {
+async fn lookup(client: &CognigyClient, path: &str) -> cogrelay::cognigy::ApiAnswer {
     client
         .send(Method::GET, client.url(path), &[], None, "lookup")
         .await

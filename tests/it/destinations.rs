@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use cogrelay::config::destinations::{self, Globals};
-use cogrelay::destination::Destinations;
+use cogrelay::destination::DestinationSet;
 
 use crate::helpers::*;
 
@@ -246,7 +246,7 @@ both_backends! {
             };
             let env = |var: &str| (var == "CRM_API_KEY").then(|| CRM_KEY.to_string());
             let list = destinations::parse(&file, "test.toml", &globals, &env).expect("valid");
-            c.destinations_file = Some(Destinations { list, file: Some("test.toml".into()) });
+            c.destinations_file = Some(DestinationSet { list, file: Some("test.toml".into()) });
         })
         .await;
         let reply = app.post_event(&event("bot-1", "dest-1")).await;
@@ -290,7 +290,7 @@ async fn relay_on_with_destinations(
             lock_duration: c.pool.lock_duration,
         };
         let list = destinations::parse(&text, "test.toml", &globals, &|_| None).expect("valid");
-        c.destinations_file = Some(Destinations {
+        c.destinations_file = Some(DestinationSet {
             list,
             file: Some("test.toml".into()),
         });
@@ -1127,7 +1127,7 @@ async fn relays_on_redis(
             lock_duration: cfg.pool.lock_duration,
         };
         let list = destinations::parse(file, "test.toml", &globals, &|_| None).expect("valid");
-        cfg.destinations_file = Some(Destinations {
+        cfg.destinations_file = Some(DestinationSet {
             list,
             file: Some("test.toml".into()),
         });

@@ -446,14 +446,14 @@ pub async fn run_node(script: &str, args: &[&str]) -> Value {
 }
 
 /// The destinations of a file's `text`, with `c`'s settings as the globals.
-pub fn destinations_of(c: &ServeConfig, text: &str) -> cogrelay::destination::Destinations {
+pub fn destinations_of(c: &ServeConfig, text: &str) -> cogrelay::destination::DestinationSet {
     let globals = cogrelay::config::destinations::Globals {
         delivery: c.delivery.clone(),
         lock_duration: c.pool.lock_duration,
     };
     let list = cogrelay::config::destinations::parse(text, "test.toml", &globals, &|_| None)
         .expect("a valid destinations file");
-    cogrelay::destination::Destinations {
+    cogrelay::destination::DestinationSet {
         list,
         file: Some("test.toml".into()),
     }

@@ -218,3 +218,78 @@ fn the_life_of_an_event_names_files_and_functions_that_exist() {
     assert!(checked >= 12, "only {checked} functions named: {spans:?}");
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// Every `.rs` file under `src`, with its text up to its test module.
+fn sources_without_tests() -> Vec<(std::path::PathBuf, String)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out = Vec::new();
+    let mut stack = vec![src];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("tests.rs") {
+                let text = std::fs::read_to_string(&path).expect("read");
+                let code = text.split("#[cfg(test)]").next().unwrap_or("").to_string();
+                out.push((path, code));
+            }
+        }
+    }
+    out
+}
+
+/// Whether `a` becomes `b` by one letter added, removed or changed.
+fn one_letter_apart(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len() == b.len() {
+        return a.iter().zip(&b).filter(|(x, y)| x != y).count() == 1;
+    }
+    let (short, long) = if a.len() < b.len() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    if long.len() != short.len() + 1 {
+        return false;
+    }
+    (0..long.len()).any(|skip| {
+        long.iter()
+            .enumerate()
+            .filter(|(i, _)| *i != skip)
+            .map(|(_, c)| c)
+            .eq(short.iter())
+    })
+}
+
+/// Public types have distinct names, and no two are a letter apart
+/// (`RedisQueue` and `RedisQueues` were).
+#[test]
+fn public_type_names_are_distinct_and_not_a_letter_apart() {
+    let mut names: Vec<(String, String)> = Vec::new();
+    for (path, code) in sources_without_tests() {
+        for line in code.lines().map(str::trim_start) {
+            for kind in ["pub struct ", "pub enum ", "pub trait ", "pub type "] {
+                if let Some(rest) = line.strip_prefix(kind) {
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric())
+                        .collect();
+                    if !name.is_empty() {
+                        names.push((name, path.display().to_string()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(names.len() > 30, "{names:?}");
+    let mut clashes = Vec::new();
+    for (i, (a, pa)) in names.iter().enumerate() {
+        for (b, pb) in &names[i + 1..] {
+            if a == b || one_letter_apart(a, b) {
+                clashes.push(format!("{a} ({pa}) and {b} ({pb})"));
+            }
+        }
+    }
+    assert!(clashes.is_empty(), "{clashes:#?}");
+}

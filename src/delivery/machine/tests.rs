@@ -61,23 +61,23 @@ fn claimed(ids: std::ops::Range<u64>) -> Claimed {
 }
 
 /// What a command list holds, in short.
-fn kinds(commands: &[Command]) -> Vec<String> {
+fn kinds(commands: &[Action]) -> Vec<String> {
     commands
         .iter()
         .map(|c| match c {
-            Command::Claim { max, order } => format!("claim {max} {order:?}"),
-            Command::Start { job, trial } => {
+            Action::Claim { max, order } => format!("claim {max} {order:?}"),
+            Action::Start { job, trial } => {
                 format!("start {}{}", job.job.id, if *trial { " trial" } else { "" })
             }
-            Command::Release(jobs) => format!(
+            Action::Release(jobs) => format!(
                 "release {}",
                 jobs.iter()
                     .map(|j| j.job.id.as_str())
                     .collect::<Vec<_>>()
                     .join(",")
             ),
-            Command::CheckPause => "check pause".into(),
-            Command::Circuit { phase, .. } => format!("circuit {}", phase.as_str()),
+            Action::CheckPause => "check pause".into(),
+            Action::Circuit { phase, .. } => format!("circuit {}", phase.as_str()),
         })
         .collect()
 }
@@ -536,24 +536,24 @@ fn simulate(
             }
             for c in commands {
                 match c {
-                    Command::Claim { max, order } => {
+                    Action::Claim { max, order } => {
                         let c = store.claim(max, order, now);
                         let wait = c.next_due_ms.map(|t| t - now);
                         m.claimed(Ok(c), max, now, wait, now);
                     }
-                    Command::Start { job, trial } => {
+                    Action::Start { job, trial } => {
                         let id: u64 = job.job.id.parse().expect("id");
                         let answer = target(id, job.job.attempts_made + 1, now);
                         seen.attempts.push((now, id, answer));
                         running.push((now + latency_ms, job, trial, answer));
                     }
-                    Command::Release(jobs) => {
+                    Action::Release(jobs) => {
                         for j in jobs {
                             store.release(j.job.id.parse().expect("id"));
                         }
                     }
-                    Command::CheckPause => m.pause_seen(Ok(false), now, now),
-                    Command::Circuit { phase, .. } => {
+                    Action::CheckPause => m.pause_seen(Ok(false), now, now),
+                    Action::Circuit { phase, .. } => {
                         if phase == Phase::Open {
                             seen.opened.push(now);
                         }

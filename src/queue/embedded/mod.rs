@@ -171,7 +171,7 @@ impl std::fmt::Debug for EmbeddedQueue {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum OpenError {
+pub enum EmbeddedOpenError {
     #[error("cannot create data directory {0}: {1}")]
     CreateDir(PathBuf, std::io::Error),
     #[error("another cogrelay process is using {0}: stop it, or give this one another COGRELAY_DATA_DIR")]
@@ -246,11 +246,11 @@ impl EmbeddedQueue {
     /// Opens the store as `opts.access` says (see [`Access`]); the relay
     /// creates it if needed and takes the process lock, and active jobs left
     /// by a dead process go back to waiting.
-    pub fn open(opts: EmbeddedOptions) -> Result<Self, OpenError> {
+    pub fn open(opts: EmbeddedOptions) -> Result<Self, EmbeddedOpenError> {
         let relay = opts.access == Access::Relay;
         if relay {
             std::fs::create_dir_all(&opts.data_dir)
-                .map_err(|e| OpenError::CreateDir(opts.data_dir.clone(), e))?;
+                .map_err(|e| EmbeddedOpenError::CreateDir(opts.data_dir.clone(), e))?;
         }
         let lock = if relay {
             Some(take_lock(&opts.data_dir)?)
@@ -258,7 +258,7 @@ impl EmbeddedQueue {
             None
         };
         let path = opts.data_dir.join(DB_FILE);
-        let sqlite_err = |e| OpenError::Sqlite(path.clone(), e);
+        let sqlite_err = |e| EmbeddedOpenError::Sqlite(path.clone(), e);
         let conn = match opts.access {
             Access::Reader => open_reader(&path),
             _ => open_connection(&path, opts.fsync),
@@ -271,12 +271,12 @@ impl EmbeddedQueue {
         if version > SCHEMA_VERSION {
             // A newer version may keep jobs in a form this one cannot read
             // (as version 4's bundles are to version 3): refuse, lose nothing.
-            return Err(OpenError::Newer(path, version));
+            return Err(EmbeddedOpenError::Newer(path, version));
         }
         if !relay && version < SCHEMA_VERSION {
             // Only the relay brings a store up to date: a tool writes nothing
             // but what the operator asked.
-            return Err(OpenError::Older(path, version));
+            return Err(EmbeddedOpenError::Older(path, version));
         }
         if relay {
             // A restarted WAL keeps its size (no shrinking and growing again
@@ -360,7 +360,7 @@ impl EmbeddedQueue {
                 }
                 let _ = gone_tx.send(());
             })
-            .map_err(|e| OpenError::Lock(path.clone(), e))?;
+            .map_err(|e| EmbeddedOpenError::Lock(path.clone(), e))?;
         let reader = if relay {
             let conn = open_reader(&path).map_err(sqlite_err)?;
             let (tx, mut rx) = mpsc::unbounded_channel::<ReadOp>();
@@ -371,7 +371,7 @@ impl EmbeddedQueue {
                         op(&conn);
                     }
                 })
-                .map_err(|e| OpenError::Lock(path.clone(), e))?;
+                .map_err(|e| EmbeddedOpenError::Lock(path.clone(), e))?;
             Some(tx)
         } else {
             None
@@ -556,20 +556,20 @@ impl EmbeddedQueue {
 type ReadOp = Box<dyn FnOnce(&Connection) + Send>;
 
 /// The exclusive lock of one relay per data dir.
-fn take_lock(data_dir: &Path) -> Result<File, OpenError> {
+fn take_lock(data_dir: &Path) -> Result<File, EmbeddedOpenError> {
     let lock_path = data_dir.join(LOCK_FILE);
     let lock = File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|e| OpenError::Lock(lock_path.clone(), e))?;
+        .map_err(|e| EmbeddedOpenError::Lock(lock_path.clone(), e))?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(OpenError::Locked(data_dir.to_path_buf()))
+            return Err(EmbeddedOpenError::Locked(data_dir.to_path_buf()))
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(OpenError::Lock(lock_path, e)),
+        Err(std::fs::TryLockError::Error(e)) => return Err(EmbeddedOpenError::Lock(lock_path, e)),
     }
     Ok(lock)
 }
