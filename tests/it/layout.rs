@@ -293,3 +293,58 @@ fn public_type_names_are_distinct_and_not_a_letter_apart() {
     }
     assert!(clashes.is_empty(), "{clashes:#?}");
 }
+
+/// Every file a comment in `src` names (`` `something.rs` ``, `` `dir/file.rs` ``,
+/// `` `queue/lua/x.lua` ``) exists: in `src`, `tests`, `examples` or `bench`,
+/// at that path or ending with it.
+#[test]
+fn files_named_in_comments_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut all = Vec::new();
+    let mut stack: Vec<std::path::PathBuf> = ["src", "tests", "examples", "bench"]
+        .iter()
+        .map(|d| root.join(d))
+        .filter(|d| d.exists())
+        .collect();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                if !path.ends_with("node_modules") {
+                    stack.push(path);
+                }
+            } else {
+                all.push(path.strip_prefix(root).expect("root").display().to_string());
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    let mut named = 0;
+    for (path, _) in sources_without_tests() {
+        let text = std::fs::read_to_string(&path).expect("read");
+        for line in text
+            .lines()
+            .map(str::trim_start)
+            .filter(|l| l.starts_with("//"))
+        {
+            for span in line.split('`').skip(1).step_by(2) {
+                let is_file = (span.ends_with(".rs") || span.ends_with(".lua"))
+                    && span
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_/.-".contains(c));
+                if !is_file {
+                    continue;
+                }
+                named += 1;
+                if !all
+                    .iter()
+                    .any(|f| f == span || f.ends_with(&format!("/{span}")))
+                {
+                    missing.push(format!("{}: {span}", path.display()));
+                }
+            }
+        }
+    }
+    assert!(named > 20, "only {named} files named in comments");
+    assert!(missing.is_empty(), "{missing:#?}");
+}
