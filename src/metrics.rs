@@ -303,15 +303,8 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with the queue gauges if they could be read.
-    /// `store`: the embedded store's bytes on disk and its cap (0: none).
-    pub fn render(
-        &self,
-        queue: Option<&Counts>,
-        risks: &[(&'static str, bool)],
-        store: Option<(u64, u64)>,
-    ) -> String {
-        let mut r = Registry::default();
+    /// The counters and the pool gauges.
+    fn register_counters(&self, r: &mut Registry) {
         r.register(
             "cogrelay_ingress_requests",
             "Ingress requests by answer status",
@@ -357,45 +350,23 @@ impl Metrics {
             "Delivery pools running (one a destination; a reload runs the new ones before the old ones end)",
             pools,
         );
+    }
+
+    /// The text exposition, with the queue gauges if they could be read.
+    /// `store`: the embedded store's bytes on disk and its cap (0: none).
+    pub fn render(
+        &self,
+        queue: Option<&Counts>,
+        risks: &[(&'static str, bool)],
+        store: Option<(u64, u64)>,
+    ) -> String {
+        let mut r = Registry::default();
+        self.register_counters(&mut r);
         if let Some(c) = queue {
-            let jobs = Family::<Labels, Gauge>::default();
-            for (state, n) in [
-                ("waiting", c.waiting),
-                ("active", c.active),
-                ("delayed", c.delayed),
-                ("completed", c.completed),
-                ("failed", c.failed),
-            ] {
-                jobs.get_or_create(&vec![("state", state)]).set(n as i64);
-            }
-            r.register("cogrelay_queue_jobs", "Jobs in the queue by state", jobs);
-            let age = Gauge::<f64, AtomicU64>::default();
-            age.set(
-                c.oldest_waiting_ms
-                    .map(|t| (crate::time::now_ms() - t).max(0) as f64 / 1000.0)
-                    .unwrap_or(0.0),
-            );
-            r.register(
-                "cogrelay_queue_oldest_waiting_seconds",
-                "Age of the oldest job due for delivery (0 when none)",
-                age,
-            );
+            register_queue(&mut r, c);
         }
         if let Some((bytes, max)) = store {
-            let used = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
-            used.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-            r.register(
-                "cogrelay_store_bytes",
-                "The embedded store's bytes on disk (database and WAL)",
-                used,
-            );
-            let cap = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
-            cap.set(i64::try_from(max).unwrap_or(i64::MAX));
-            r.register(
-                "cogrelay_store_max_bytes",
-                "COGRELAY_MAX_DB_BYTES (0: no cap; new events are refused with 503 near it)",
-                cap,
-            );
+            register_store(&mut r, bytes, max);
         }
         if !risks.is_empty() {
             let family = Family::<Labels, Gauge>::default();
@@ -415,6 +386,50 @@ impl Metrics {
         let _ = encode(&mut out, &r);
         out
     }
+}
+
+/// The queue's gauges, read at scrape time.
+fn register_queue(r: &mut Registry, c: &Counts) {
+    let jobs = Family::<Labels, Gauge>::default();
+    for (state, n) in [
+        ("waiting", c.waiting),
+        ("active", c.active),
+        ("delayed", c.delayed),
+        ("completed", c.completed),
+        ("failed", c.failed),
+    ] {
+        jobs.get_or_create(&vec![("state", state)]).set(n as i64);
+    }
+    r.register("cogrelay_queue_jobs", "Jobs in the queue by state", jobs);
+    let age = Gauge::<f64, AtomicU64>::default();
+    age.set(
+        c.oldest_waiting_ms
+            .map(|t| (crate::time::now_ms() - t).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0),
+    );
+    r.register(
+        "cogrelay_queue_oldest_waiting_seconds",
+        "Age of the oldest job due for delivery (0 when none)",
+        age,
+    );
+}
+
+/// The embedded store's size and cap.
+fn register_store(r: &mut Registry, bytes: u64, max: u64) {
+    let used = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    used.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    r.register(
+        "cogrelay_store_bytes",
+        "The embedded store's bytes on disk (database and WAL)",
+        used,
+    );
+    let cap = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    cap.set(i64::try_from(max).unwrap_or(i64::MAX));
+    r.register(
+        "cogrelay_store_max_bytes",
+        "COGRELAY_MAX_DB_BYTES (0: no cap; new events are refused with 503 near it)",
+        cap,
+    );
 }
 
 #[cfg(test)]

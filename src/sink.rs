@@ -236,46 +236,8 @@ async fn connection(
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
-        let behaviour = {
-            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-            if post {
-                posts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            let ruled = match (&s.rule, &received) {
-                (Some(rule), Some(r)) => rule(
-                    r.header("x-event-id").unwrap_or(""),
-                    r.header("x-delivery-attempt")
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(0),
-                ),
-                _ => None,
-            };
-            let b = match ruled {
-                Some(b) => b,
-                None => s.script.pop_front().unwrap_or_else(|| s.default.clone()),
-            };
-            if let Some(mut received) = received {
-                let body = &buf[consumed..consumed + body_len];
-                if s.print {
-                    println!(
-                        "{} {} event={} attempt={} body={}",
-                        received.method,
-                        received.path,
-                        received.header("x-event-id").unwrap_or("-"),
-                        received.header("x-delivery-attempt").unwrap_or("-"),
-                        String::from_utf8_lossy(body)
-                    );
-                }
-                if s.record {
-                    if s.keep_bodies {
-                        received.body = body.to_vec();
-                    }
-                    received.behaviour = b.clone();
-                    s.received.push(received);
-                }
-            }
-            b
-        };
+        let body = &buf[consumed..consumed + body_len];
+        let behaviour = answer_to(&state, &posts, received, post, body);
         count.send_modify(|c| *c += 1);
         buf.drain(..consumed + body_len);
         let (status, headers) = match behaviour {
@@ -308,6 +270,54 @@ async fn connection(
             return;
         }
     }
+}
+
+/// What the sink answers to one request (its rule, its script, or its
+/// default), with the request recorded or printed as the sink is set to.
+fn answer_to(
+    state: &Mutex<State>,
+    posts: &std::sync::atomic::AtomicUsize,
+    received: Option<Received>,
+    post: bool,
+    body: &[u8],
+) -> Behaviour {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    if post {
+        posts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let ruled = match (&s.rule, &received) {
+        (Some(rule), Some(r)) => rule(
+            r.header("x-event-id").unwrap_or(""),
+            r.header("x-delivery-attempt")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+        ),
+        _ => None,
+    };
+    let b = match ruled {
+        Some(b) => b,
+        None => s.script.pop_front().unwrap_or_else(|| s.default.clone()),
+    };
+    if let Some(mut received) = received {
+        if s.print {
+            println!(
+                "{} {} event={} attempt={} body={}",
+                received.method,
+                received.path,
+                received.header("x-event-id").unwrap_or("-"),
+                received.header("x-delivery-attempt").unwrap_or("-"),
+                String::from_utf8_lossy(body)
+            );
+        }
+        if s.record {
+            if s.keep_bodies {
+                received.body = body.to_vec();
+            }
+            received.behaviour = b.clone();
+            s.received.push(received);
+        }
+    }
+    b
 }
 
 /// A request head: the request (copied only when `full`), whether it is a

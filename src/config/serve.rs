@@ -417,7 +417,8 @@ impl ServeConfig {
     /// in code obey them too. Every number has a maximum ([`LIMITS`], in
     /// docs/configuration.md): no setting, and no header a target sends,
     /// can overflow a time or a size.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Every numeric setting within its documented maximum (`LIMITS`).
+    fn check_limits(&self) -> Result<(), ConfigError> {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         for (name, value) in [
             ("BACKOFF_DELAY_MS", ms(self.delivery.backoff.base)),
@@ -452,6 +453,11 @@ impl ServeConfig {
         ] {
             within(name, value)?;
         }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_limits()?;
         if self.delivery.circuit.cooldown.is_zero()
             || self.delivery.circuit.max_cooldown < self.delivery.circuit.cooldown
         {

@@ -265,55 +265,13 @@ impl EmbeddedQueue {
         }
         .map_err(sqlite_err)?;
         let space = Space::new(&opts.data_dir, &path, opts.max_db_bytes, relay);
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sqlite_err)?;
-        if version > SCHEMA_VERSION {
-            // A newer version may keep jobs in a form this one cannot read
-            // (as version 4's bundles are to version 3): refuse, lose nothing.
-            return Err(EmbeddedOpenError::Newer(path, version));
-        }
-        if !relay && version < SCHEMA_VERSION {
-            // Only the relay brings a store up to date: a tool writes nothing
-            // but what the operator asked.
-            return Err(EmbeddedOpenError::Older(path, version));
-        }
-        if relay {
-            // A restarted WAL keeps its size (no shrinking and growing again
-            // under load); a quiet store truncates it (see `maintenance`).
-            conn.pragma_update(None, "journal_size_limit", space.wal_restart_bytes as i64)
-                .map_err(sqlite_err)?;
-            incremental_vacuum_on(&conn).map_err(sqlite_err)?;
-            add_missing_columns(&conn).map_err(sqlite_err)?;
-            conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
-            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-                .map_err(sqlite_err)?;
-        }
-        if opts.max_db_bytes > 0 && relay {
-            let page: i64 = conn
-                .query_row("PRAGMA page_size", [], |r| r.get(0))
-                .map_err(sqlite_err)?;
-            let pages = (opts.max_db_bytes as i64 / page.max(1)).max(1);
-            conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
-                .map_err(sqlite_err)?;
-        }
-        let recovered = if !relay {
-            0
-        } else {
-            conn
-            .execute(
-                "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, stalls=stalls+1
-                 WHERE state='active'",
-                [],
-            )
-            .map_err(sqlite_err)?
-        };
-        if recovered > 0 {
-            tracing::warn!(
-                recovered,
-                "jobs left active by a previous process are back in the queue"
-            );
-        }
+        prepare(
+            &conn,
+            &path,
+            relay,
+            opts.max_db_bytes,
+            space.wal_restart_bytes,
+        )?;
 
         let (tx, rx) = mpsc::channel::<Op>(64 * 1024);
         let stop_checkpoints = Arc::new(AtomicBool::new(false));
@@ -362,17 +320,7 @@ impl EmbeddedQueue {
             })
             .map_err(|e| EmbeddedOpenError::Lock(path.clone(), e))?;
         let reader = if relay {
-            let conn = open_reader(&path).map_err(sqlite_err)?;
-            let (tx, mut rx) = mpsc::unbounded_channel::<ReadOp>();
-            std::thread::Builder::new()
-                .name("cogrelay-reader".into())
-                .spawn(move || {
-                    while let Some(op) = rx.blocking_recv() {
-                        op(&conn);
-                    }
-                })
-                .map_err(|e| EmbeddedOpenError::Lock(path.clone(), e))?;
-            Some(tx)
+            Some(spawn_reader(&path)?)
         } else {
             None
         };
@@ -556,6 +504,84 @@ impl EmbeddedQueue {
 type ReadOp = Box<dyn FnOnce(&Connection) + Send>;
 
 /// The exclusive lock of one relay per data dir.
+/// The store's schema checked (a newer one refused, an older one brought up
+/// to date by the relay only), its cap set, and the jobs a previous relay
+/// process left active put back.
+fn prepare(
+    conn: &Connection,
+    path: &Path,
+    relay: bool,
+    max_db_bytes: u64,
+    wal_restart_bytes: u64,
+) -> Result<(), EmbeddedOpenError> {
+    let sqlite_err = |e| EmbeddedOpenError::Sqlite(path.to_path_buf(), e);
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sqlite_err)?;
+    if version > SCHEMA_VERSION {
+        // A newer version may keep jobs in a form this one cannot read
+        // (as version 4's bundles are to version 3): refuse, lose nothing.
+        return Err(EmbeddedOpenError::Newer(path.to_path_buf(), version));
+    }
+    if !relay && version < SCHEMA_VERSION {
+        // Only the relay brings a store up to date: a tool writes nothing
+        // but what the operator asked.
+        return Err(EmbeddedOpenError::Older(path.to_path_buf(), version));
+    }
+    if relay {
+        // A restarted WAL keeps its size (no shrinking and growing again
+        // under load); a quiet store truncates it (see `maintenance`).
+        conn.pragma_update(None, "journal_size_limit", wal_restart_bytes as i64)
+            .map_err(sqlite_err)?;
+        incremental_vacuum_on(conn).map_err(sqlite_err)?;
+        add_missing_columns(conn).map_err(sqlite_err)?;
+        conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sqlite_err)?;
+    }
+    if max_db_bytes > 0 && relay {
+        let page: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(sqlite_err)?;
+        let pages = (max_db_bytes as i64 / page.max(1)).max(1);
+        conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            .map_err(sqlite_err)?;
+    }
+    let recovered = if !relay {
+        0
+    } else {
+        conn
+        .execute(
+            "UPDATE jobs SET state='waiting', lease_token=NULL, lease_until_ms=NULL, stalls=stalls+1
+             WHERE state='active'",
+            [],
+        )
+        .map_err(sqlite_err)?
+    };
+    if recovered > 0 {
+        tracing::warn!(
+            recovered,
+            "jobs left active by a previous process are back in the queue"
+        );
+    }
+    Ok(())
+}
+
+/// The relay's reader thread: operators' reads, off the writer.
+fn spawn_reader(path: &Path) -> Result<mpsc::UnboundedSender<ReadOp>, EmbeddedOpenError> {
+    let conn = open_reader(path).map_err(|e| EmbeddedOpenError::Sqlite(path.to_path_buf(), e))?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<ReadOp>();
+    std::thread::Builder::new()
+        .name("cogrelay-reader".into())
+        .spawn(move || {
+            while let Some(op) = rx.blocking_recv() {
+                op(&conn);
+            }
+        })
+        .map_err(|e| EmbeddedOpenError::Lock(path.to_path_buf(), e))?;
+    Ok(tx)
+}
+
 fn take_lock(data_dir: &Path) -> Result<File, EmbeddedOpenError> {
     let lock_path = data_dir.join(LOCK_FILE);
     let lock = File::options()
