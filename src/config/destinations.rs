@@ -325,61 +325,9 @@ fn destination(
     let url_raw = e.expand("url", url_raw, env)?;
     let target = parse_http_url("url", &url_raw).map_err(|err| e.err("url", err.0))?;
 
-    let events = e.strings("events")?.unwrap_or_else(|| vec!["*".into()]);
-    if events.is_empty() {
-        return Err(e.err(
-            "events",
-            "is empty: leave it out for every event, or list globs",
-        ));
-    }
-    let bots = e.strings("bots")?;
-    if bots.as_ref().is_some_and(Vec::is_empty) {
-        return Err(e.err("bots", "is empty: leave it out for every bot"));
-    }
-    let conditions = match t.get("where") {
-        None => Vec::new(),
-        Some(Toml::Table(w)) => w
-            .iter()
-            .map(|(pointer, v)| {
-                let shown = format!("where.{pointer:?}");
-                if !(pointer.is_empty() || pointer.starts_with('/')) {
-                    return Err(e.err(
-                        &shown,
-                        "is not a JSON pointer: start it with /, e.g. \"/payload/channel\"",
-                    ));
-                }
-                let value = serde_json::to_value(v)
-                    .map_err(|err| e.err(&shown, format!("cannot be compared ({err})")))?;
-                Ok((pointer.clone(), value))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(_) => return Err(e.err(
-            "where",
-            "must be a table of JSON pointer = value, e.g. { \"/payload/channel\" = \"voice\" }",
-        )),
-    };
-    let filter = Filter::new(events, bots, conditions).map_err(|err| e.err("events", err))?;
+    let filter = filter(&e, t)?;
 
-    let mut headers = HeaderMap::new();
-    match t.get("headers") {
-        None => {}
-        Some(Toml::Table(h)) => {
-            for (k, v) in h {
-                let shown = format!("headers.{k}");
-                let name = HeaderName::from_bytes(k.as_bytes())
-                    .map_err(|_| e.err(&shown, "is not a valid header name"))?;
-                let Toml::String(raw) = v else {
-                    return Err(e.err(&shown, "must be a string"));
-                };
-                let mut value = HeaderValue::from_str(&e.expand(&shown, raw, env)?)
-                    .map_err(|_| e.err(&shown, "is not a valid header value"))?;
-                // Values may be credentials: Debug shows them as `Sensitive`.
-                value.set_sensitive(true);
-                headers.insert(name, value);
-            }
-        }
-        Some(_) => return Err(e.err("headers", "must be a table of name = value")),
-    }
+    let headers = headers(&e, t, env)?;
     let signing_key = match e.str("signing_secret")? {
         None => None,
         Some(raw) => {
@@ -437,6 +385,74 @@ fn destination(
         filter,
         delivery,
     })
+}
+
+/// `events`, `bots` and `where`: which events a destination wants.
+fn filter(e: &Entry<'_>, t: &Table) -> Result<Filter, ConfigError> {
+    let events = e.strings("events")?.unwrap_or_else(|| vec!["*".into()]);
+    if events.is_empty() {
+        return Err(e.err(
+            "events",
+            "is empty: leave it out for every event, or list globs",
+        ));
+    }
+    let bots = e.strings("bots")?;
+    if bots.as_ref().is_some_and(Vec::is_empty) {
+        return Err(e.err("bots", "is empty: leave it out for every bot"));
+    }
+    let conditions = match t.get("where") {
+        None => Vec::new(),
+        Some(Toml::Table(w)) => w
+            .iter()
+            .map(|(pointer, v)| {
+                let shown = format!("where.{pointer:?}");
+                if !(pointer.is_empty() || pointer.starts_with('/')) {
+                    return Err(e.err(
+                        &shown,
+                        "is not a JSON pointer: start it with /, e.g. \"/payload/channel\"",
+                    ));
+                }
+                let value = serde_json::to_value(v)
+                    .map_err(|err| e.err(&shown, format!("cannot be compared ({err})")))?;
+                Ok((pointer.clone(), value))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => return Err(e.err(
+            "where",
+            "must be a table of JSON pointer = value, e.g. { \"/payload/channel\" = \"voice\" }",
+        )),
+    };
+    Filter::new(events, bots, conditions).map_err(|err| e.err("events", err))
+}
+
+/// `headers`: sent with every delivery (`${VAR}` expanded; values hidden
+/// from debug output).
+fn headers(
+    e: &Entry<'_>,
+    t: &Table,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<HeaderMap, ConfigError> {
+    let mut headers = HeaderMap::new();
+    match t.get("headers") {
+        None => {}
+        Some(Toml::Table(h)) => {
+            for (k, v) in h {
+                let shown = format!("headers.{k}");
+                let name = HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| e.err(&shown, "is not a valid header name"))?;
+                let Toml::String(raw) = v else {
+                    return Err(e.err(&shown, "must be a string"));
+                };
+                let mut value = HeaderValue::from_str(&e.expand(&shown, raw, env)?)
+                    .map_err(|_| e.err(&shown, "is not a valid header value"))?;
+                // Values may be credentials: Debug shows them as `Sensitive`.
+                value.set_sensitive(true);
+                headers.insert(name, value);
+            }
+        }
+        Some(_) => return Err(e.err("headers", "must be a table of name = value")),
+    }
+    Ok(headers)
 }
 
 /// `[destination.circuit]`, over the global circuit settings.
