@@ -94,17 +94,165 @@ pub async fn run_with_queue<Q: Operate>(
         delivery_rt.handle(),
         pauses.clone(),
     );
-    apply_rate_limits(&*queue, &destinations).await;
+    let lanes = start_pools(&mut pools, &*queue, &destinations).await;
+    let ingress_state = ingress_state(&cfg, &queue, &destinations, lanes, &accepting, &metrics);
+    let (stop_http_tx, stop_http_rx) = watch::channel(false);
+    let ingress_addr = ingress_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let current_destinations = Arc::new(Current::new(destinations.clone()));
+    let admin_state = admin_state(
+        &cfg,
+        &queue,
+        &metrics,
+        &accepting,
+        admin_addr,
+        &current_destinations,
+        pauses,
+    );
+    let ingress_server = tokio::spawn(crate::tls::serve(
+        ingress_listener,
+        tls.clone(),
+        ingress::router(ingress_state.clone()),
+        cfg.ingress.request_read_timeout,
+        stop_http_rx.clone(),
+    ));
+    let admin_server = tokio::spawn(serve_http(
+        admin_listener,
+        admin::router(admin_state),
+        stop_http_rx,
+    ));
+    let sampler = tokio::spawn(sample_history(metrics.clone()));
+    let summary = cfg
+        .summary_every
+        .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
+    log_destinations(&destinations);
+    warn_of_orphans(&*queue, &destinations).await;
+    tracing::info!(
+        ingress = %ingress_addr, admin = %admin_addr, destinations = destinations.list.len(),
+        "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
+    );
+
+    // The pools run until shutdown; one that ends before would leave its
+    // destination undelivered: stop taking events (readyz 503), close the
+    // store, exit 1. A reload replaces the pools without stopping.
+    let pool_result = until_stopped(
+        shutdown,
+        &mut reload,
+        &mut ended,
+        &mut pools,
+        &cfg,
+        &ingress_state,
+        &current_destinations,
+        &accepting,
+    )
+    .await;
+    let close_result = close_down(
+        &*queue,
+        summary,
+        sampler,
+        stop_http_tx,
+        [ingress_server, admin_server],
+    )
+    .await;
+    pool_result?;
+    close_result.context("failed to close the queue")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The relay's life after start: reloads on SIGHUP, until shutdown or a pool
+/// that ends on its own (the relay then stops taking events: it cannot
+/// deliver them).
+#[allow(clippy::too_many_arguments)]
+async fn until_stopped<Q: Operate>(
+    shutdown: impl Future<Output = ()>,
+    reload: &mut mpsc::Receiver<()>,
+    ended: &mut mpsc::UnboundedReceiver<pools::Ended>,
+    pools: &mut Pools<Q>,
+    cfg: &ServeConfig,
+    ingress_state: &Ingress<Q>,
+    current_destinations: &Current<DestinationSet>,
+    accepting: &AtomicBool,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!("shutting down: no new events accepted");
+                accepting.store(false, Ordering::Relaxed);
+                break pools.stop_all().await.context("the delivery pool failed");
+            }
+            Some(()) = reload.recv() => {
+                reload_destinations(cfg, pools, ingress_state, current_destinations).await;
+            }
+            Some((name, generation, result)) = ended.recv() => {
+                if !pools.is_current(&name, generation) {
+                    continue; // retired on purpose
+                }
+                accepting.store(false, Ordering::Relaxed);
+                let why = match result {
+                    Ok(()) => anyhow::anyhow!("the delivery pool of {name} stopped on its own"),
+                    Err(e) => anyhow::anyhow!("the delivery pool failed: {e}"),
+                };
+                tracing::error!(error = format!("{why:#}"), "nothing can be delivered: the relay stops taking events and exits");
+                let _ = pools.stop_all().await;
+                break Err(why);
+            }
+        }
+    }
+}
+
+/// The admin API's state: the queue, the metrics, the token, the
+/// destinations as reloaded, the pause board.
+fn admin_state<Q: Operate>(
+    cfg: &ServeConfig,
+    queue: &Arc<Q>,
+    metrics: &Arc<Metrics>,
+    accepting: &Arc<AtomicBool>,
+    admin_addr: std::net::SocketAddr,
+    current_destinations: &Arc<Current<DestinationSet>>,
+    pauses: crate::delivery::PauseBoard,
+) -> Arc<Admin<Q>> {
+    Arc::new(Admin {
+        queue: queue.clone(),
+        metrics: metrics.clone(),
+        token: cfg.admin.token.clone(),
+        accepting: accepting.clone(),
+        listen: admin_addr,
+        destinations: current_destinations.clone(),
+        pauses,
+    })
+}
+
+/// Each destination's pool started (its shared rate limit set first), and
+/// the ingress's lanes to them.
+async fn start_pools<Q: Operate>(
+    pools: &mut Pools<Q>,
+    queue: &Q,
+    destinations: &DestinationSet,
+) -> LaneSet {
+    apply_rate_limits(queue, destinations).await;
     for d in &destinations.list {
         let started = pools.start(d);
         pools.install(started);
     }
-    let lanes = LaneSet::new(pools.lanes(destinations.list.iter().map(|d| d.name.as_str())));
+    LaneSet::new(pools.lanes(destinations.list.iter().map(|d| d.name.as_str())))
+}
+
+/// The ingress's state: who may post, the limits, the routing to the pools.
+fn ingress_state<Q: Operate>(
+    cfg: &ServeConfig,
+    queue: &Arc<Q>,
+    destinations: &DestinationSet,
+    lanes: LaneSet,
+    accepting: &Arc<AtomicBool>,
+    metrics: &Arc<Metrics>,
+) -> Arc<Ingress<Q>> {
     let auth = Authenticator::new(&cfg.ingress.signing_secrets, cfg.ingress.basic.as_ref());
     if auth.is_open() {
         tracing::warn!("ingress authentication is OFF (--allow-unauthenticated): anyone who can reach the port can queue events");
     }
-    let ingress_state = Arc::new(Ingress {
+    Arc::new(Ingress {
         queue: queue.clone(),
         auth,
         max_body_bytes: cfg.ingress.max_body_bytes,
@@ -123,82 +271,28 @@ pub async fn run_with_queue<Q: Operate>(
         refusals: Default::default(),
         rejections: Default::default(),
         replay_window: ingress::ReplayWindow::for_dedup_ttl(cfg.store.retention.dedup_ttl),
-    });
-    let (stop_http_tx, stop_http_rx) = watch::channel(false);
-    let ingress_addr = ingress_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-    let current_destinations = Arc::new(Current::new(destinations.clone()));
-    let admin_state = Arc::new(Admin {
-        queue: queue.clone(),
-        metrics: metrics.clone(),
-        token: cfg.admin.token.clone(),
-        accepting: accepting.clone(),
-        listen: admin_addr,
-        destinations: current_destinations.clone(),
-        pauses,
-    });
-    let ingress_server = tokio::spawn(crate::tls::serve(
-        ingress_listener,
-        tls.clone(),
-        ingress::router(ingress_state.clone()),
-        cfg.ingress.request_read_timeout,
-        stop_http_rx.clone(),
-    ));
-    let admin_server = tokio::spawn(serve_http(
-        admin_listener,
-        admin::router(admin_state),
-        stop_http_rx,
-    ));
-    let sampler = {
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(crate::metrics::HISTORY_EVERY);
-            every.tick().await;
-            loop {
-                every.tick().await;
-                metrics.sample();
-            }
-        })
-    };
-    let summary = cfg
-        .summary_every
-        .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
-    log_destinations(&destinations);
-    warn_of_orphans(&*queue, &destinations).await;
-    tracing::info!(
-        ingress = %ingress_addr, admin = %admin_addr, destinations = destinations.list.len(),
-        "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
-    );
+    })
+}
 
-    // The pools run until shutdown; one that ends before would leave its
-    // destination undelivered: stop taking events (readyz 503), close the
-    // store, exit 1. A reload replaces the pools without stopping.
-    tokio::pin!(shutdown);
-    let pool_result = loop {
-        tokio::select! {
-            () = &mut shutdown => {
-                tracing::info!("shutting down: no new events accepted");
-                accepting.store(false, Ordering::Relaxed);
-                break pools.stop_all().await.context("the delivery pool failed");
-            }
-            Some(()) = reload.recv() => {
-                reload_destinations(&cfg, &mut pools, &ingress_state, &current_destinations).await;
-            }
-            Some((name, generation, result)) = ended.recv() => {
-                if !pools.is_current(&name, generation) {
-                    continue; // retired on purpose
-                }
-                accepting.store(false, Ordering::Relaxed);
-                let why = match result {
-                    Ok(()) => anyhow::anyhow!("the delivery pool of {name} stopped on its own"),
-                    Err(e) => anyhow::anyhow!("the delivery pool failed: {e}"),
-                };
-                tracing::error!(error = format!("{why:#}"), "nothing can be delivered: the relay stops taking events and exits");
-                let _ = pools.stop_all().await;
-                break Err(why);
-            }
-        }
-    };
+/// The dashboard's history: one point every `HISTORY_EVERY`.
+async fn sample_history(metrics: Arc<Metrics>) {
+    let mut every = tokio::time::interval(crate::metrics::HISTORY_EVERY);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        metrics.sample();
+    }
+}
+
+/// After the pools stopped: the background tasks end, the store closes, and
+/// the HTTP servers get `HTTP_CLOSE_GRACE` to finish their connections.
+async fn close_down<Q: Operate>(
+    queue: &Q,
+    summary: Option<tokio::task::JoinHandle<()>>,
+    sampler: tokio::task::JoinHandle<()>,
+    stop_http_tx: watch::Sender<bool>,
+    servers: [tokio::task::JoinHandle<()>; 2],
+) -> crate::queue::QueueResult<()> {
     if let Some(s) = summary {
         s.abort();
         let _ = s.await;
@@ -206,7 +300,7 @@ pub async fn run_with_queue<Q: Operate>(
     sampler.abort();
     let close_result = queue.close().await;
     let _ = stop_http_tx.send(true);
-    for mut server in [ingress_server, admin_server] {
+    for mut server in servers {
         // A connection that outlives the grace is cut: the server's state
         // holds the queue, which must be closed and gone when this returns.
         if tokio::time::timeout(HTTP_CLOSE_GRACE, &mut server)
@@ -217,10 +311,7 @@ pub async fn run_with_queue<Q: Operate>(
             let _ = server.await;
         }
     }
-    pool_result?;
-    close_result.context("failed to close the queue")?;
-    tracing::info!("stopped");
-    Ok(())
+    close_result
 }
 
 /// Jobs waiting for a destination that no longer exists wait until one of
