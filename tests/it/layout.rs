@@ -141,28 +141,11 @@ fn each_module_imports_only_the_floors_below_it() {
 fn no_glob_import_of_a_parent_outside_tests() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut found = Vec::new();
-    let mut stack = vec![src.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("src") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            if path.extension().is_none_or(|e| e != "rs") || path.ends_with("tests.rs") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).expect("read");
-            // Up to the file's test module, if any.
-            let code = text.split("#[cfg(test)]").next().unwrap_or("");
-            for (n, line) in code.lines().enumerate() {
-                if line.trim() == "use super::*;" {
-                    found.push(format!(
-                        "{}:{}",
-                        path.strip_prefix(&src).expect("src").display(),
-                        n + 1
-                    ));
-                }
+    for (path, code) in sources_without_tests() {
+        for (n, line) in code.lines().enumerate() {
+            if line.trim() == "use super::*;" {
+                let rel = path.strip_prefix(&src).expect("src").display().to_string();
+                found.push(format!("{rel}:{}", n + 1));
             }
         }
     }
