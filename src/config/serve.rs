@@ -231,58 +231,7 @@ impl ServeConfig {
         };
         let mut c = Self::new(target_endpoint, PathBuf::from(&a.store.data_dir));
 
-        c.ingress.port = parse_num::<u16>("PORT", &a.port, "a port number from 1 to 65535")?;
-        if c.ingress.port == 0 {
-            return Err(bad(
-                "PORT=0 is not valid: use a port number from 1 to 65535",
-            ));
-        }
-        if let Some(raw) = a.webhook_signing_secret.as_deref() {
-            c.ingress.signing_secrets = raw
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(Secret::new)
-                .collect();
-            if c.ingress.signing_secrets.is_empty() {
-                return Err(bad("WEBHOOK_SIGNING_SECRET is set but empty: give at least one secret (comma-separated for rotation) or unset it"));
-            }
-            let bad_standard = c.ingress.signing_secrets.iter().any(|s| {
-                s.expose().starts_with("whsec_")
-                    && standardwebhooks::Webhook::new(s.expose()).is_err()
-            });
-            if bad_standard {
-                return Err(bad("WEBHOOK_SIGNING_SECRET has a whsec_ secret that is not valid: a Standard Webhooks secret is whsec_<base64>"));
-            }
-        }
-        c.ingress.basic = match (&a.ingress_basic_user, &a.ingress_basic_password) {
-            (None, None) => None,
-            (Some(user), Some(pw)) if !user.is_empty() && !pw.is_empty() => Some(BasicCredentials {
-                user: user.clone(),
-                password: Secret::new(pw.clone()),
-            }),
-            _ => {
-                return Err(bad("INGRESS_BASIC_USER and INGRESS_BASIC_PASSWORD go together: set both (non-empty) or neither"))
-            }
-        };
-        c.ingress.allow_unauthenticated = a.allow_unauthenticated;
-        c.ingress.tls =
-            match (a.tls_cert.as_deref(), a.tls_key.as_deref()) {
-                (None, None) => None,
-                (Some(cert), Some(key)) if !cert.is_empty() && !key.is_empty() => {
-                    for (name, path) in [("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)] {
-                        if !std::path::Path::new(path).is_file() {
-                            return Err(bad(format!(
-                                "{name}={path:?} is not a readable file: give the PEM file's path"
-                            )));
-                        }
-                    }
-                    Some((PathBuf::from(cert), PathBuf::from(key)))
-                }
-                _ => return Err(bad(
-                    "TLS_CERT_FILE and TLS_KEY_FILE go together: set both (PEM files) or neither",
-                )),
-            };
+        c.read_ingress_auth(a)?;
         c.delivery.signing_key = a
             .target_signing_secret
             .as_deref()
@@ -308,28 +257,7 @@ impl ServeConfig {
             .as_deref()
             .filter(|t| !t.is_empty())
             .map(Secret::new);
-        c.delivery.concurrency = parse_num(
-            "CONCURRENCY",
-            &a.concurrency,
-            "a whole number from 1 to 4096",
-        )?;
-        c.pool.nice = parse_num(
-            "DELIVERY_NICE",
-            &a.delivery_nice,
-            "a whole number from 0 to 19",
-        )?;
-        c.delivery.attempts = parse_num("ATTEMPTS", &a.attempts, "a whole number from 1 to 100")?;
-        c.delivery.backoff.base = ms("BACKOFF_DELAY_MS", &a.backoff_delay_ms)?;
-        c.delivery.backoff.jitter =
-            parse_num("BACKOFF_JITTER", &a.backoff_jitter, "a number from 0 to 1")?;
-        c.delivery.backoff.max_retry_after = Duration::from_secs(parse_num(
-            "MAX_RETRY_AFTER_SECS",
-            &a.max_retry_after_secs,
-            "a whole number of seconds",
-        )?);
-        c.delivery.delivery_timeout = ms("DELIVERY_TIMEOUT_MS", &a.delivery_timeout_ms)?;
-        c.pool.lock_duration = ms("LOCK_DURATION_MS", &a.lock_duration_ms)?;
-        c.pool.shutdown_grace = ms("SHUTDOWN_GRACE_MS", &a.shutdown_grace_ms)?;
+        c.read_delivery(a)?;
         c.store.retention.remove_on_complete = parse_num(
             "REMOVE_ON_COMPLETE",
             &a.remove_on_complete,
@@ -340,9 +268,105 @@ impl ServeConfig {
             &a.dedup_ttl_secs,
             "a whole number of seconds",
         )?);
-        c.ingress.max_body_bytes =
+        c.read_ingress_limits(a)?;
+        c.read_verification(a)?;
+        c.read_circuit_and_age(a)?;
+        c.pool.test_fault = crate::delivery::TestFault::from_env();
+        c.validate()?;
+        Ok((c, file))
+    }
+
+    /// The ingress: port, who may post (secrets, Basic credentials), TLS.
+    fn read_ingress_auth(&mut self, a: &ServeArgs) -> Result<(), ConfigError> {
+        self.ingress.port = parse_num::<u16>("PORT", &a.port, "a port number from 1 to 65535")?;
+        if self.ingress.port == 0 {
+            return Err(bad(
+                "PORT=0 is not valid: use a port number from 1 to 65535",
+            ));
+        }
+        if let Some(raw) = a.webhook_signing_secret.as_deref() {
+            self.ingress.signing_secrets = raw
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect();
+            if self.ingress.signing_secrets.is_empty() {
+                return Err(bad("WEBHOOK_SIGNING_SECRET is set but empty: give at least one secret (comma-separated for rotation) or unset it"));
+            }
+            let bad_standard = self.ingress.signing_secrets.iter().any(|s| {
+                s.expose().starts_with("whsec_")
+                    && standardwebhooks::Webhook::new(s.expose()).is_err()
+            });
+            if bad_standard {
+                return Err(bad("WEBHOOK_SIGNING_SECRET has a whsec_ secret that is not valid: a Standard Webhooks secret is whsec_<base64>"));
+            }
+        }
+        self.ingress.basic = match (&a.ingress_basic_user, &a.ingress_basic_password) {
+            (None, None) => None,
+            (Some(user), Some(pw)) if !user.is_empty() && !pw.is_empty() => Some(BasicCredentials {
+                user: user.clone(),
+                password: Secret::new(pw.clone()),
+            }),
+            _ => {
+                return Err(bad("INGRESS_BASIC_USER and INGRESS_BASIC_PASSWORD go together: set both (non-empty) or neither"))
+            }
+        };
+        self.ingress.allow_unauthenticated = a.allow_unauthenticated;
+        self.ingress.tls =
+            match (a.tls_cert.as_deref(), a.tls_key.as_deref()) {
+                (None, None) => None,
+                (Some(cert), Some(key)) if !cert.is_empty() && !key.is_empty() => {
+                    for (name, path) in [("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)] {
+                        if !std::path::Path::new(path).is_file() {
+                            return Err(bad(format!(
+                                "{name}={path:?} is not a readable file: give the PEM file's path"
+                            )));
+                        }
+                    }
+                    Some((PathBuf::from(cert), PathBuf::from(key)))
+                }
+                _ => return Err(bad(
+                    "TLS_CERT_FILE and TLS_KEY_FILE go together: set both (PEM files) or neither",
+                )),
+            };
+        Ok(())
+    }
+
+    /// How a destination is delivered to: workers, attempts, backoff, timeouts.
+    fn read_delivery(&mut self, a: &ServeArgs) -> Result<(), ConfigError> {
+        self.delivery.concurrency = parse_num(
+            "CONCURRENCY",
+            &a.concurrency,
+            "a whole number from 1 to 4096",
+        )?;
+        self.pool.nice = parse_num(
+            "DELIVERY_NICE",
+            &a.delivery_nice,
+            "a whole number from 0 to 19",
+        )?;
+        self.delivery.attempts =
+            parse_num("ATTEMPTS", &a.attempts, "a whole number from 1 to 100")?;
+        self.delivery.backoff.base = ms("BACKOFF_DELAY_MS", &a.backoff_delay_ms)?;
+        self.delivery.backoff.jitter =
+            parse_num("BACKOFF_JITTER", &a.backoff_jitter, "a number from 0 to 1")?;
+        self.delivery.backoff.max_retry_after = Duration::from_secs(parse_num(
+            "MAX_RETRY_AFTER_SECS",
+            &a.max_retry_after_secs,
+            "a whole number of seconds",
+        )?);
+        self.delivery.delivery_timeout = ms("DELIVERY_TIMEOUT_MS", &a.delivery_timeout_ms)?;
+        self.pool.lock_duration = ms("LOCK_DURATION_MS", &a.lock_duration_ms)?;
+        self.pool.shutdown_grace = ms("SHUTDOWN_GRACE_MS", &a.shutdown_grace_ms)?;
+        Ok(())
+    }
+
+    /// The ingress's limits: body size, read timeout, per-source rate.
+    fn read_ingress_limits(&mut self, a: &ServeArgs) -> Result<(), ConfigError> {
+        self.ingress.max_body_bytes =
             parse_num("MAX_BODY_BYTES", &a.max_body_bytes, "a size in bytes")?;
-        c.ingress.request_read_timeout = ms("REQUEST_READ_TIMEOUT_MS", &a.request_read_timeout_ms)?;
+        self.ingress.request_read_timeout =
+            ms("REQUEST_READ_TIMEOUT_MS", &a.request_read_timeout_ms)?;
         let rate: f64 = parse_num(
             "INGRESS_RATE_LIMIT",
             &a.ingress_rate_limit,
@@ -359,12 +383,17 @@ impl ServeConfig {
                 a.ingress_rate_limit
             )));
         }
-        c.ingress.rate_limit = (rate > 0.0).then_some((rate, burst.max(1)));
-        if c.ingress.request_read_timeout.is_zero() {
+        self.ingress.rate_limit = (rate > 0.0).then_some((rate, burst.max(1)));
+        if self.ingress.request_read_timeout.is_zero() {
             return Err(bad(
                 "REQUEST_READ_TIMEOUT_MS=0 is not valid: use a positive number of milliseconds",
             ));
         }
+        Ok(())
+    }
+
+    /// Event verification with Cognigy (`VERIFY_EVENTS`).
+    fn read_verification(&mut self, a: &ServeArgs) -> Result<(), ConfigError> {
         let per_min: u32 = parse_num(
             "COGNIGY_MAX_REQUESTS_PER_MIN",
             &a.cognigy_max_requests_per_min,
@@ -376,9 +405,15 @@ impl ServeConfig {
         };
         let cognigy = |required| {
             // No retries inside the client: a failed check is retried as a delivery attempt.
-            cognigy_config(&a.cognigy, required, limit, 0, c.delivery.delivery_timeout)
+            cognigy_config(
+                &a.cognigy,
+                required,
+                limit,
+                0,
+                self.delivery.delivery_timeout,
+            )
         };
-        c.pool.verify_events = match a.verify_events.trim() {
+        self.pool.verify_events = match a.verify_events.trim() {
             "off" => None,
             "on" => match cognigy(true)? {
                 Some(cfg) if cfg.api == crate::cognigy::Api::Rest => return Err(bad(
@@ -394,7 +429,12 @@ impl ServeConfig {
                 )))
             }
         };
-        c.delivery.circuit = CircuitSettings {
+        Ok(())
+    }
+
+    /// The circuit breaker's settings and the age limit.
+    fn read_circuit_and_age(&mut self, a: &ServeArgs) -> Result<(), ConfigError> {
+        self.delivery.circuit = CircuitSettings {
             failures: parse_num(
                 "CIRCUIT_FAILURES",
                 &a.circuit_failures,
@@ -403,14 +443,12 @@ impl ServeConfig {
             cooldown: ms("CIRCUIT_COOLDOWN_MS", &a.circuit_cooldown_ms)?,
             max_cooldown: ms("CIRCUIT_MAX_COOLDOWN_MS", &a.circuit_max_cooldown_ms)?,
         };
-        c.delivery.max_age = Duration::from_secs(parse_num(
+        self.delivery.max_age = Duration::from_secs(parse_num(
             "MAX_AGE_SECS",
             &a.max_age_secs,
             "a whole number of seconds",
         )?);
-        c.pool.test_fault = crate::delivery::TestFault::from_env();
-        c.validate()?;
-        Ok((c, file))
+        Ok(())
     }
 
     /// Cross-field rules and ranges; also run by `serve::run` so that configs built
