@@ -4,7 +4,7 @@
 //! Life of a job:
 //!
 //! ```text
-//! enqueue ──> waiting ──claim──> active ──finish(Completed)──> completed (pruned)
+//!   store ──> waiting ──claim──> active ──finish(Completed)──> completed (pruned)
 //!                ^                 │  └──finish(Failed)──────> failed (dead letter)
 //!                │                 └──finish(RetryAt)──> delayed ──(due)──┐
 //!                ├── lease expired (stalled: attempt not counted) <───────┤
@@ -12,9 +12,9 @@
 //! ```
 //!
 //! Rules every backend keeps (and `tests/it/queue_conformance.rs` checks):
-//! * `enqueue` returns only once the job is durable; an event key seen within the
-//!   dedup TTL returns the first job's id as `Duplicate`.
-//! * `claim` leases due jobs (waiting, or delayed whose due time has passed) and
+//! * `store` returns only once the jobs are durable; an event key seen within
+//!   the dedup TTL returns the first jobs' ids, marked `duplicate`.
+//! * `claim_for` leases due jobs (waiting, or delayed whose due time has passed) and
 //!   takes over active jobs whose lease expired, without counting their attempt.
 //! * `finish` and `release` take the lease by value and apply only while that
 //!   lease is still the job's: a late answer from a stalled attempt changes nothing.
@@ -134,26 +134,6 @@ pub(crate) fn parse_jobs_text(text: &str) -> Vec<JobRef> {
             id: id.to_string(),
         })
         .collect()
-}
-
-impl Routed {
-    /// The answer of the one-destination API: the first job's id.
-    fn first(&self) -> Enqueued {
-        let id = self.jobs.first().map(|j| j.id.clone()).unwrap_or_default();
-        if self.duplicate {
-            Enqueued::Duplicate(id)
-        } else {
-            Enqueued::Accepted(id)
-        }
-    }
-}
-
-/// What `enqueue` did with an event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Enqueued {
-    Accepted(String),
-    /// The event key was seen within the dedup TTL; the id is the first job's.
-    Duplicate(String),
 }
 
 /// Proof that this worker holds a job's lease. Not `Clone` on purpose: finishing
@@ -418,29 +398,6 @@ pub trait Queue: Send + Sync + 'static {
         destinations: Vec<String>,
         lease: Option<Duration>,
     ) -> impl Future<Output = QueueResult<(Routed, Vec<Leased>)>> + Send;
-    /// One job for the `default` destination.
-    fn enqueue(&self, event: Event) -> impl Future<Output = QueueResult<Enqueued>> + Send {
-        async move {
-            let (routed, _) = self
-                .store(event, vec![DEFAULT_DESTINATION.into()], None)
-                .await?;
-            Ok(routed.first())
-        }
-    }
-    /// One job for the `default` destination, leased to the caller when the
-    /// backend can.
-    fn enqueue_leased(
-        &self,
-        event: Event,
-        lease: Duration,
-    ) -> impl Future<Output = QueueResult<(Enqueued, Option<Leased>)>> + Send {
-        async move {
-            let (routed, mut leased) = self
-                .store(event, vec![DEFAULT_DESTINATION.into()], Some(lease))
-                .await?;
-            Ok((routed.first(), leased.pop()))
-        }
-    }
     /// Leases due jobs of `destination`, `order`'s first (see the module
     /// doc). A claim may take fewer than are due only when it says to come
     /// back at once (`next_due_ms` now).
@@ -451,14 +408,6 @@ pub trait Queue: Send + Sync + 'static {
         lease: Duration,
         order: ClaimOrder,
     ) -> impl Future<Output = QueueResult<Claimed>> + Send;
-    /// [`Queue::claim_for`] the `default` destination, in due order.
-    fn claim(
-        &self,
-        max: usize,
-        lease: Duration,
-    ) -> impl Future<Output = QueueResult<Claimed>> + Send {
-        self.claim_for(DEFAULT_DESTINATION, max, lease, ClaimOrder::Due)
-    }
     /// Whether `destination` is paused, read from the store now (a pool's
     /// pause lease, and operators).
     fn is_paused(&self, destination: &str) -> impl Future<Output = QueueResult<bool>> + Send;

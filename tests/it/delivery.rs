@@ -240,7 +240,6 @@ async fn verified_events_cost_one_token_and_unknown_events_fail(b: Backend) {
 fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
     use cogrelay::delivery::{self, handoff::Handoff, DeliveryConfig};
     use cogrelay::metrics::Metrics;
-    use cogrelay::queue::{Enqueued, Queue};
     use std::sync::Arc;
 
     let runtime = |name: &str| {

@@ -12,6 +12,8 @@ use cogrelay::ingress::envelope;
 use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue, WAL_RESTART_BYTES};
 use cogrelay::queue::{Attempt, AttemptOutcome, Disposition, Queue, QueueSettings};
 
+use crate::helpers::DefaultDestination;
+
 const MIB: u64 = 1024 * 1024;
 
 fn open(dir: &Path, max_db_bytes: u64) -> EmbeddedQueue {

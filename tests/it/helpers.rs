@@ -501,3 +501,83 @@ pub async fn fill_until_refused(
     assert!(!accepted.is_empty(), "nothing was accepted");
     accepted
 }
+
+/// What `enqueue` did with an event (the `default` destination's shortcut).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    Accepted(String),
+    /// The event key was seen within the dedup TTL; the id is the first job's.
+    Duplicate(String),
+}
+
+fn first(routed: &cogrelay::queue::Routed) -> Enqueued {
+    let id = routed
+        .jobs
+        .first()
+        .map(|j| j.id.clone())
+        .unwrap_or_default();
+    if routed.duplicate {
+        Enqueued::Duplicate(id)
+    } else {
+        Enqueued::Accepted(id)
+    }
+}
+
+/// Shortcuts for the `default` destination, for tests only: the relay always
+/// names the destinations it stores for and claims from.
+pub trait DefaultDestination: cogrelay::queue::Queue {
+    /// One job for the `default` destination.
+    fn enqueue(
+        &self,
+        event: cogrelay::ingress::envelope::Event,
+    ) -> impl std::future::Future<Output = cogrelay::queue::QueueResult<Enqueued>> + Send {
+        async move {
+            let (routed, _) = self
+                .store(
+                    event,
+                    vec![cogrelay::queue::DEFAULT_DESTINATION.into()],
+                    None,
+                )
+                .await?;
+            Ok(first(&routed))
+        }
+    }
+
+    /// One job for the `default` destination, leased to the caller when the
+    /// backend can.
+    fn enqueue_leased(
+        &self,
+        event: cogrelay::ingress::envelope::Event,
+        lease: std::time::Duration,
+    ) -> impl std::future::Future<
+        Output = cogrelay::queue::QueueResult<(Enqueued, Option<cogrelay::queue::Leased>)>,
+    > + Send {
+        async move {
+            let (routed, mut leased) = self
+                .store(
+                    event,
+                    vec![cogrelay::queue::DEFAULT_DESTINATION.into()],
+                    Some(lease),
+                )
+                .await?;
+            Ok((first(&routed), leased.pop()))
+        }
+    }
+
+    /// Claims the `default` destination's due jobs, in due order.
+    fn claim(
+        &self,
+        max: usize,
+        lease: std::time::Duration,
+    ) -> impl std::future::Future<Output = cogrelay::queue::QueueResult<cogrelay::queue::Claimed>> + Send
+    {
+        self.claim_for(
+            cogrelay::queue::DEFAULT_DESTINATION,
+            max,
+            lease,
+            cogrelay::queue::ClaimOrder::Due,
+        )
+    }
+}
+
+impl<Q: cogrelay::queue::Queue> DefaultDestination for Q {}

@@ -20,7 +20,7 @@ use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
 use cogrelay::queue::{
-    now_ms, Attempt, AttemptOutcome, Disposition, Enqueued, JobState, Operate, Queue, QueueError,
+    now_ms, Attempt, AttemptOutcome, Disposition, JobState, Operate, Queue, QueueError,
     QueueSettings,
 };
 

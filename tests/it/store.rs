@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cogrelay::queue::embedded::EmbeddedQueue;
-use cogrelay::queue::{Enqueued, JobState, Operate, Queue};
+use cogrelay::queue::{JobState, Operate, Queue};
 
 use crate::helpers::*;
 

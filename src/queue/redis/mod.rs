@@ -108,7 +108,7 @@ pub(crate) struct BullQueue {
     opts: RedisOptions,
     /// The relay's upkeep of the queue (see `upkeep`): none for a tool.
     maintenance: Option<tokio::task::JoinHandle<()>>,
-    /// Circuit breaker of the ingress path: after a Redis failure, `enqueue`
+    /// Circuit breaker of the ingress path: after a Redis failure, `store`
     /// answers Unavailable at once until then (a fast 503 rather than one
     /// timeout per request), and then tries Redis again.
     down_until: Mutex<Option<std::time::Instant>>,
