@@ -11,6 +11,7 @@
 //! the tests and the examples call.
 //!
 //! * [`time`]: wall-clock milliseconds and RFC 3339.
+//! * `current`: a value in force, swapped whole on a reload (`Current<T>`).
 //! * `window`: at most N requests in any rolling window (the Cognigy client's
 //!   limit, a destination's `rate_limit`).
 //! * [`secret`]: the `Secret` newtype (`***`), URLs without their credentials.
@@ -87,6 +88,7 @@ mod answer;
 pub mod cli;
 pub mod cognigy;
 pub mod config;
+mod current;
 pub mod delivery;
 pub mod destination;
 mod event;

@@ -54,7 +54,7 @@ pub struct Admin<Q> {
     /// The address the admin API is bound to: its own origin.
     pub listen: std::net::SocketAddr,
     /// The relay's destinations (SPEC §7), as last (re)loaded.
-    pub destinations: Arc<crate::destination::Current<crate::destination::DestinationSet>>,
+    pub destinations: Arc<crate::current::Current<crate::destination::DestinationSet>>,
     /// The running pools' lines for a pause told here.
     pub pauses: crate::delivery::PauseBoard,
 }

@@ -16,7 +16,8 @@ use super::attempt::{deliver, Done, Verdict};
 use super::circuit::{Phase, Signal};
 use super::machine::{Action, Machine, Settings};
 use super::{
-    handoff, target, DeliveryConfig, InFlight, Pool, SendGate, TestFault, Up, IDLE_POLL, MAX_CLAIM,
+    handoff, target, DeliveryConfig, InFlight, Pool, PoolRunning, SendGate, TestFault, IDLE_POLL,
+    MAX_CLAIM,
 };
 use crate::cognigy::CognigyClient;
 use crate::queue::{Claimed, LeaseRef, Leased, Queue, QueueResult};
@@ -95,7 +96,7 @@ pub async fn run<Q: Queue>(
         .map(CognigyClient::new)
         .transpose()?;
     // Counted as running from here, until this returns or unwinds.
-    let _up = Up::new(metrics.clone());
+    let _up = PoolRunning::new(metrics.clone());
     if cfg.pool.test_fault == Some(TestFault::PanicLater) {
         tokio::time::sleep(TestFault::PANIC_AFTER).await;
         panic!("injected fault: the pool panicked");

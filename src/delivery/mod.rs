@@ -219,9 +219,9 @@ impl InFlight {
 }
 
 /// Counts the pool in `delivery_up` while it runs, however it ends.
-struct Up(Arc<crate::metrics::Metrics>);
+struct PoolRunning(Arc<crate::metrics::Metrics>);
 
-impl Up {
+impl PoolRunning {
     fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
         metrics
             .pools_up
@@ -230,7 +230,7 @@ impl Up {
     }
 }
 
-impl Drop for Up {
+impl Drop for PoolRunning {
     fn drop(&mut self) {
         self.0
             .pools_up

@@ -56,7 +56,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::destination::{Current, DestinationSet, OUTPUT_TYPE};
+use crate::current::Current;
+use crate::destination::{DestinationSet, OUTPUT_TYPE};
 use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, Routed};

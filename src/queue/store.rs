@@ -160,7 +160,7 @@ impl Store {
 }
 
 /// `$body` with `$q` bound to the backend behind `$store`.
-macro_rules! each {
+macro_rules! on_backend {
     ($store:expr, $q:ident => $body:expr) => {
         match $store {
             Store::Embedded($q) => $body,
@@ -176,7 +176,7 @@ impl Queue for Store {
         destinations: Vec<String>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
-        each!(self, q => q.store(event, destinations, lease).await)
+        on_backend!(self, q => q.store(event, destinations, lease).await)
     }
     async fn claim_for(
         &self,
@@ -185,10 +185,10 @@ impl Queue for Store {
         lease: Duration,
         order: ClaimOrder,
     ) -> QueueResult<Claimed> {
-        each!(self, q => q.claim_for(destination, max, lease, order).await)
+        on_backend!(self, q => q.claim_for(destination, max, lease, order).await)
     }
     async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
-        each!(self, q => q.renew(leases, lease).await)
+        on_backend!(self, q => q.renew(leases, lease).await)
     }
     async fn finish(
         &self,
@@ -196,41 +196,41 @@ impl Queue for Store {
         attempt: Attempt,
         disposition: Disposition,
     ) -> QueueResult<bool> {
-        each!(self, q => q.finish(job, attempt, disposition).await)
+        on_backend!(self, q => q.finish(job, attempt, disposition).await)
     }
     async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {
-        each!(self, q => q.release(leases).await)
+        on_backend!(self, q => q.release(leases).await)
     }
     async fn ping(&self) -> QueueResult<()> {
-        each!(self, q => q.ping().await)
+        on_backend!(self, q => q.ping().await)
     }
     async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
-        each!(self, q => q.is_paused(destination).await)
+        on_backend!(self, q => q.is_paused(destination).await)
     }
     async fn check_stalled(&self) -> QueueResult<u64> {
-        each!(self, q => q.check_stalled().await)
+        on_backend!(self, q => q.check_stalled().await)
     }
     async fn set_circuit(&self, destination: &str, open_for: Option<Duration>) -> QueueResult<()> {
-        each!(self, q => q.set_circuit(destination, open_for).await)
+        on_backend!(self, q => q.set_circuit(destination, open_for).await)
     }
     fn store_bytes(&self) -> Option<(u64, u64)> {
-        each!(self, q => q.store_bytes())
+        on_backend!(self, q => q.store_bytes())
     }
 
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {
-        each!(self, q => q.durability_risks())
+        on_backend!(self, q => q.durability_risks())
     }
     fn shared_by_relays(&self) -> bool {
-        each!(self, q => q.shared_by_relays())
+        on_backend!(self, q => q.shared_by_relays())
     }
     async fn close(&self) -> QueueResult<()> {
-        each!(self, q => q.close().await)
+        on_backend!(self, q => q.close().await)
     }
 }
 
 impl Operate for Store {
     async fn counts_for(&self, destination: Option<&str>) -> QueueResult<Counts> {
-        each!(self, q => q.counts_for(destination).await)
+        on_backend!(self, q => q.counts_for(destination).await)
     }
     async fn list_for(
         &self,
@@ -239,28 +239,28 @@ impl Operate for Store {
         offset: u64,
         limit: u64,
     ) -> QueueResult<Page> {
-        each!(self, q => q.list_for(state, destination, offset, limit).await)
+        on_backend!(self, q => q.list_for(state, destination, offset, limit).await)
     }
     async fn get(&self, id: &str) -> QueueResult<JobView> {
-        each!(self, q => q.get(id).await)
+        on_backend!(self, q => q.get(id).await)
     }
     async fn retry(&self, id: &str) -> QueueResult<()> {
-        each!(self, q => q.retry(id).await)
+        on_backend!(self, q => q.retry(id).await)
     }
     async fn retry_all_failed_for(&self, destination: Option<&str>) -> QueueResult<u64> {
-        each!(self, q => q.retry_all_failed_for(destination).await)
+        on_backend!(self, q => q.retry_all_failed_for(destination).await)
     }
     async fn set_paused(&self, destination: &str, paused: bool) -> QueueResult<()> {
-        each!(self, q => q.set_paused(destination, paused).await)
+        on_backend!(self, q => q.set_paused(destination, paused).await)
     }
 
     async fn destination_names(&self) -> QueueResult<Vec<String>> {
-        each!(self, q => q.destination_names().await)
+        on_backend!(self, q => q.destination_names().await)
     }
     async fn set_rate_limit(&self, destination: &str, per_second: u32) -> QueueResult<()> {
-        each!(self, q => q.set_rate_limit(destination, per_second).await)
+        on_backend!(self, q => q.set_rate_limit(destination, per_second).await)
     }
     async fn remove(&self, id: &str) -> QueueResult<()> {
-        each!(self, q => q.remove(id).await)
+        on_backend!(self, q => q.remove(id).await)
     }
 }

@@ -18,8 +18,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ServeConfig;
+use crate::current::Current;
 use crate::delivery::handoff::LaneSet;
-use crate::destination::{Current, DestinationSet};
+use crate::destination::DestinationSet;
 use crate::ingress::{self, auth::Authenticator, Ingress, Routing};
 use crate::metrics::Metrics;
 use crate::queue::{self, Opener, Operate};

@@ -102,7 +102,7 @@ pub(crate) struct BullQueue {
     /// (retry, remove, pause): made at the first one, since making it
     /// writes the queue's meta (a tool that reads writes nothing).
     port: tokio::sync::OnceCell<bull::Queue>,
-    hot: Arc<Hot>,
+    hot: Arc<BatchedScripts>,
     adds: Batcher<NewJob, Added>,
     finishes: Batcher<Finished, bool>,
     opts: RedisOptions,
@@ -233,7 +233,7 @@ impl BullQueue {
         let prefix = bull::QueueKeys::new(&opts.queue_name, Some("bull"))
             .key_prefix()
             .to_string();
-        let hot = Arc::new(Hot {
+        let hot = Arc::new(BatchedScripts {
             ingress,
             conn: conn.clone(),
             prefix,

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Attempt, Batcher, BullQueue, Claimed, Counts, DeliveryJob, Disposition, Event, Hot, JobState,
-    JobView, LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult, RedisOptions, Routed,
-    JOB_NAME, MAX_BATCH,
+    Attempt, BatchedScripts, Batcher, BullQueue, Claimed, Counts, DeliveryJob, Disposition, Event,
+    JobState, JobView, LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult,
+    RedisOptions, Routed, JOB_NAME, MAX_BATCH,
 };
 use crate::queue::{parse_jobs_text, JobRef, DEFAULT_DESTINATION};
 
@@ -227,7 +227,7 @@ impl RedisQueues {
 }
 
 async fn add_routed(
-    hot: &Hot,
+    hot: &BatchedScripts,
     script: &redis::Script,
     jobs: Vec<RoutedJob>,
     ttl_ms: u64,

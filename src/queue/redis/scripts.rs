@@ -82,7 +82,7 @@ pub(super) struct JobData {
 }
 
 /// The batched scripts (see the module doc), their keys and a connection.
-pub(super) struct Hot {
+pub(super) struct BatchedScripts {
     pub(super) conn: RedisConnection,
     /// A second connection, for adds only: an acknowledgement then waits for
     /// its own batch, not behind the delivery side's replies on one pipeline
@@ -104,7 +104,7 @@ pub(super) struct Hot {
     pub(super) stalled: redis::Script,
 }
 
-impl Hot {
+impl BatchedScripts {
     pub(super) fn key(&self, suffix: &str) -> String {
         format!("{}{suffix}", self.prefix)
     }
@@ -312,7 +312,7 @@ pub(super) const PRUNE_COMPLETED_LUA: &str = include_str!("../lua/prune.lua");
 /// bullmq-official 1.4.4's `move_to_completed` sends `keepJobs {count: -1}`
 /// (keep all) whatever the job's `removeOnComplete` says. Several relays may
 /// run this at once; each call is atomic and idempotent.
-pub(super) async fn upkeep(hot: Arc<Hot>, keep: i64, lock_ms: u64) {
+pub(super) async fn upkeep(hot: Arc<BatchedScripts>, keep: i64, lock_ms: u64) {
     let prefix = hot.prefix.clone();
     let script = redis::Script::new(PRUNE_COMPLETED_LUA);
     let stalled_every = Duration::from_millis((lock_ms / 2).max(1000));
@@ -336,7 +336,7 @@ pub(super) async fn upkeep(hot: Arc<Hot>, keep: i64, lock_ms: u64) {
     }
 }
 
-impl Hot {
+impl BatchedScripts {
     /// Puts back in wait the active jobs whose lock expired (their relay
     /// died); how many.
     pub(super) async fn put_back_stalled(&self) -> QueueResult<u64> {
