@@ -396,7 +396,21 @@ async fn a_trial_past_its_age_limit_leaves_the_circuit_working() {
     // The outage lasts 5 s (its length is the scenario, not a verdict).
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(outage.elapsed())).await;
     app.sink.set_default(Behaviour::status(200));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The second event comes once the first has its verdict (the trial that
+    // used to end on its age limit without one).
+    let first = before.json["jobId"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let state = app.admin_get(&format!("/admin/jobs/{first}")).await.json["state"].clone();
+        if state == "completed" || state == "failed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first event has no verdict: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let after = app.post_event(&event("bot", "after")).await;
     let id = after.json["jobId"].as_str().expect("id").to_string();
     app.wait_job(&id, "completed", WAIT).await;
@@ -405,7 +419,6 @@ async fn a_trial_past_its_age_limit_leaves_the_circuit_working() {
         r#"cogrelay_destination_circuit{destination="default",state="closed"} 1"#,
     )
     .await;
-    let first = before.json["jobId"].as_str().expect("id").to_string();
     let job = app.admin_get(&format!("/admin/jobs/{first}")).await.json;
     assert!(
         job["state"] == "completed"

@@ -328,7 +328,10 @@ impl Operate for EmbeddedQueue {
         // write may find no room, which gives the store's reserve to the
         // deliveries (writer.rs); the second finds room in it.
         match self.set_paused_once(destination, paused).await {
-            Err(QueueError::Unavailable(why)) if why.starts_with("the store is full") => {
+            Err(QueueError::Unavailable(why))
+                if why.starts_with("the store is full")
+                    || why.contains("rolled a transaction back") =>
+            {
                 self.set_paused_once(destination, paused).await
             }
             other => other,

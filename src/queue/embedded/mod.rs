@@ -367,7 +367,13 @@ impl EmbeddedQueue {
 }
 
 /// The columns a claim returns, as the job to deliver.
-const CLAIMED: &str = "seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms";
+/// The columns a claim returns (see [`claimed_job`]): a macro, so that each
+/// claim statement is one literal (no string built per claim).
+macro_rules! claimed {
+    () => {
+        "seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms"
+    };
+}
 
 fn claimed_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryJob> {
     let kind: String = r.get(4)?;
@@ -394,13 +400,14 @@ fn claim_due(
     max: usize,
     destination: &str,
 ) -> QueueResult<Vec<DeliveryJob>> {
-    let sql = format!(
+    const SQL: &str = concat!(
         "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
          WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
                        AND due_at_ms <= ?3 AND pending IS NULL ORDER BY due_at_ms, seq LIMIT ?4)
-         RETURNING {CLAIMED}"
+         RETURNING ",
+        claimed!()
     );
-    conn.prepare_cached(&sql)
+    conn.prepare_cached(SQL)
         .and_then(|mut stmt| {
             stmt.query_map(
                 params![token, until, now, max as i64, destination],
@@ -446,8 +453,9 @@ fn claim_trials(
         .map_err(sql_err)?;
     ids.extend(fresh);
     let mut take = conn
-        .prepare_cached(&format!(
-            "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2 WHERE seq=?3 RETURNING {CLAIMED}"
+        .prepare_cached(concat!(
+            "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2 WHERE seq=?3 RETURNING ",
+            claimed!()
         ))
         .map_err(sql_err)?;
     let mut jobs = Vec::with_capacity(ids.len());
