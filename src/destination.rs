@@ -18,7 +18,7 @@ use crate::delivery::DeliverySettings;
 pub const OUTPUT_TYPE: &str = "cognigy.output";
 
 /// A destination's name is checked where the store's layer can use it too.
-pub use crate::event::valid_destination_name as valid_name;
+pub use crate::event::DestinationName;
 
 /// Which events a destination wants: every glob list, bot list and condition
 /// must hold.
@@ -102,7 +102,7 @@ impl Filter {
 /// One internal system the relay delivers to.
 #[derive(Debug, Clone)]
 pub struct Destination {
-    pub name: String,
+    pub name: DestinationName,
     pub filter: Filter,
     /// Where and how: URL, headers, limits, retries, age limit, circuit.
     pub delivery: DeliverySettings,
@@ -135,8 +135,8 @@ impl DestinationSet {
         self.list.iter().any(|d| d.filter.needs_document())
     }
 
-    pub fn get(&self, name: &str) -> Option<&Destination> {
-        self.list.iter().find(|d| d.name == name)
+    pub fn get(&self, name: &DestinationName) -> Option<&Destination> {
+        self.list.iter().find(|d| &d.name == name)
     }
 
     /// What `cogrelay config check` prints: every resolved setting, the URL
@@ -228,10 +228,10 @@ mod tests {
     #[test]
     fn names_are_short_lowercase_words() {
         for ok in ["crm", "data-warehouse", "t_1", "a", &"x".repeat(32)] {
-            assert!(valid_name(ok), "{ok}");
+            assert!(DestinationName::parse(ok).is_some(), "{ok}");
         }
         for bad in ["", "CRM", "a b", "a.b", "crm/1", &"x".repeat(33), "é"] {
-            assert!(!valid_name(bad), "{bad}");
+            assert!(DestinationName::parse(bad).is_none(), "{bad}");
         }
     }
 }

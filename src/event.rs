@@ -2,19 +2,93 @@
 //! delivery attempt with its outcome. Imports no HTTP, queue or settings code:
 //! everything else is written in these terms.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
-/// The destination of a relay without a destinations file (SPEC §7): the
-/// one name every layer uses for it.
-pub const DEFAULT_DESTINATION: &str = "default";
+/// A destination's name: `[a-z0-9_-]`, 1 to 32 characters (it becomes part
+/// of queue names, metric labels and URLs). The one type every layer names a
+/// destination with; [`DestinationName::DEFAULT`] is the destination of a
+/// relay without a destinations file (SPEC §7), and of every job stored
+/// before destinations existed.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct DestinationName(Cow<'static, str>);
 
-/// A destination's name: `[a-z0-9_-]`, 1 to 32 characters (it becomes part of
-/// queue names, metric labels and URLs).
-pub fn valid_destination_name(name: &str) -> bool {
+/// The one place the `default` destination's name is written.
+const DEFAULT_NAME: &str = "default";
+
+impl DestinationName {
+    pub const DEFAULT: DestinationName = DestinationName(Cow::Borrowed(DEFAULT_NAME));
+
+    /// The name, if it keeps the rule.
+    pub fn parse(name: &str) -> Option<Self> {
+        valid(name).then(|| Self::known(name))
+    }
+
+    /// A name the relay or a store wrote (empty: a job stored before
+    /// destinations, the default one's), taken as it is.
+    pub fn known(name: &str) -> Self {
+        match name {
+            "" => Self::DEFAULT,
+            name if name == DEFAULT_NAME => Self::DEFAULT,
+            name => Self(Cow::Owned(name.to_string())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_default(&self) -> bool {
+        self.as_str() == DEFAULT_NAME
+    }
+}
+
+/// The rule of a destination's name.
+fn valid(name: &str) -> bool {
     (1..=32).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl std::ops::Deref for DestinationName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for DestinationName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// As the text it is (`"crm"`), in messages that quote a name.
+impl std::fmt::Debug for DestinationName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for DestinationName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for DestinationName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for DestinationName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 /// The idempotency key of an event (`cognigy-...`); printable ASCII by construction.

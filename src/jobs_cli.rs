@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::cli::{DestinationsCommand, JobsCommand, QueueCommand};
 use crate::listing::Listing;
 use crate::queue::{
-    self, JobView, OpenError, Opener, Operate, Queue as _, QueueError, StoreSettings,
+    self, DestinationName, JobView, OpenError, Opener, Queue, QueueError, Store, StoreSettings,
 };
 
 /// What went wrong, and the exit code it maps to.
@@ -86,7 +86,7 @@ pub async fn run(
     store: &StoreSettings,
     op: Op,
     json: bool,
-    configured: &[String],
+    configured: &[DestinationName],
 ) -> Result<String, CliError> {
     let open = |opener| async move {
         queue::open(store, opener).await.map_err(|e| match e {
@@ -129,15 +129,13 @@ impl Op {
 }
 
 /// `name`, if the queue or the destinations file knows it; else exit 2.
-async fn known<'a, Q: Operate>(
-    q: &Q,
-    name: &'a str,
-    configured: &[String],
-) -> Result<&'a str, CliError> {
-    checked_name(Some(name))?;
-    if configured.iter().any(|c| c == name)
-        || q.destination_names().await?.iter().any(|n| n == name)
-    {
+async fn known(
+    q: &Store,
+    name: &str,
+    configured: &[DestinationName],
+) -> Result<DestinationName, CliError> {
+    let name = checked_name(name)?;
+    if configured.contains(&name) || q.destination_names().await?.contains(&name) {
         return Ok(name);
     }
     Err(CliError::Job(QueueError::UnknownDestination(
@@ -145,15 +143,15 @@ async fn known<'a, Q: Operate>(
     )))
 }
 
-async fn execute<Q: Operate>(
-    q: &Q,
+async fn execute(
+    q: &Store,
     op: Op,
     json: bool,
-    configured: &[String],
+    configured: &[DestinationName],
 ) -> Result<String, CliError> {
     let out = match op {
         Op::Stats => {
-            let c = q.counts().await?;
+            let c = q.counts_for(None).await?;
             if json {
                 serde_json::to_string(&c).unwrap_or_default()
             } else {
@@ -179,13 +177,13 @@ async fn execute<Q: Operate>(
             let listing = Listing::parse(state.as_deref(), Some(&offset), Some(&limit), 20)
                 .and_then(|l| l.with_destination(destination.as_deref()))
                 .map_err(|e| CliError::Usage(e.explain("--")))?;
-            if let Some(d) = listing.destination.as_deref() {
+            if let Some(d) = &listing.destination {
                 known(q, d, configured).await?;
             }
             let page = q
                 .list_for(
                     listing.state,
-                    listing.destination.as_deref(),
+                    listing.destination.as_ref(),
                     listing.offset,
                     listing.limit,
                 )
@@ -222,7 +220,7 @@ async fn execute<Q: Operate>(
                 Some(d) => Some(known(q, d, configured).await?),
                 None => None,
             };
-            let n = q.retry_all_failed_for(destination).await?;
+            let n = q.retry_all_failed_for(destination.as_ref()).await?;
             if json {
                 json!({ "retried": n }).to_string()
             } else {
@@ -242,21 +240,20 @@ async fn execute<Q: Operate>(
 }
 
 /// A destination's name as given on the command line, checked.
-fn checked_name(raw: Option<&str>) -> Result<Option<&str>, CliError> {
-    match raw {
-        Some(d) if !crate::destination::valid_name(d) => Err(CliError::Usage(format!(
-            "--destination {d:?} is not valid: a destination's name is 1 to 32 of a-z, 0-9, - and _"
-        ))),
-        other => Ok(other),
-    }
+fn checked_name(raw: &str) -> Result<DestinationName, CliError> {
+    DestinationName::parse(raw).ok_or_else(|| {
+        CliError::Usage(format!(
+            "--destination {raw:?} is not valid: a destination's name is 1 to 32 of a-z, 0-9, - and _"
+        ))
+    })
 }
 
 /// `cogrelay destinations ...`.
-async fn destinations<Q: Operate>(
-    q: &Q,
+async fn destinations(
+    q: &Store,
     command: DestinationsCommand,
     json: bool,
-    configured: &[String],
+    configured: &[DestinationName],
 ) -> Result<String, CliError> {
     let (name, paused) = match command {
         DestinationsCommand::List => {
@@ -297,7 +294,7 @@ async fn destinations<Q: Operate>(
         DestinationsCommand::Pause { name } => (name, true),
         DestinationsCommand::Resume { name } => (name, false),
     };
-    let name = known(q, &name, configured).await?.to_string();
+    let name = known(q, &name, configured).await?;
     q.set_paused(&name, paused).await?;
     if paused {
         // A relay running beside this command stops starting deliveries

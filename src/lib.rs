@@ -18,8 +18,8 @@
 //! * `event`: the domain core: event, key, kind, attempt, outcome; the rule
 //!   for a destination's name and the `default` destination.
 //! * [`answer`]: reading a remote answer within a bound; `Retry-After`.
-//! * [`queue`]: the contract (`Queue` for the hot path, `Operate` for
-//!   operators), job states and their rules, the one mapping of a stored job
+//! * [`queue`]: the contract (`Queue`: the hot path's operations and the
+//!   operators'), job states and their rules, the one mapping of a stored job
 //!   to its view; `queue::open` for the relay and the tools (its
 //!   `StoreSettings`); [`queue::embedded`] (SQLite, group commit, bounded
 //!   disk) and [`queue::redis`] (BullMQ layout, batched scripts in `queue/lua/`).
@@ -68,7 +68,7 @@
 //!    job handed over, already leased.
 //! 3. **Claim**: `src/delivery/dispatcher.rs` `run` asks the pure machine
 //!    (`src/delivery/machine.rs` `poll`) what to do next: claim
-//!    (`src/queue/embedded/mod.rs` `claim_for`; on Redis
+//!    (`src/queue/embedded/contract.rs` `claim_for`; on Redis
 //!    `queue/lua/claim.lua`), start, wait for a due time, a rate limit, a
 //!    pause or the circuit.
 //! 4. **Attempt**: `src/delivery/attempt.rs` `deliver` sends one request
@@ -79,7 +79,7 @@
 //!    `delay`, or the target's `Retry-After`), or failed; the circuit
 //!    (`src/delivery/circuit.rs` `record`) hears of it.
 //! 6. **Finish**: the disposition is recorded with the attempt
-//!    (`src/queue/embedded/mod.rs` `finish`; on Redis `queue/lua/finish.lua`):
+//!    (`src/queue/embedded/contract.rs` `finish`; on Redis `queue/lua/finish.lua`):
 //!    completed (pruned past `REMOVE_ON_COMPLETE`), delayed until due, or
 //!    failed, where `cogrelay jobs` and the admin API show it.
 

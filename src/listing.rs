@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::queue::{JobState, Page};
+use crate::queue::{DestinationName, JobState, Page};
 
 /// Jobs in one page at the most.
 pub const MAX_LIMIT: u64 = 500;
@@ -14,7 +14,7 @@ pub struct Listing {
     /// `None`: every state.
     pub state: Option<JobState>,
     /// `None`: every destination.
-    pub destination: Option<String>,
+    pub destination: Option<DestinationName>,
     pub offset: u64,
     pub limit: u64,
 }
@@ -83,11 +83,13 @@ impl Listing {
     pub fn with_destination(self, raw: Option<&str>) -> Result<Self, ListingError> {
         match raw.map(str::trim).filter(|d| !d.is_empty()) {
             None => Ok(self),
-            Some(d) if crate::event::valid_destination_name(d) => Ok(Self {
-                destination: Some(d.to_string()),
-                ..self
-            }),
-            Some(d) => Err(ListingError::Destination(d.to_string())),
+            Some(d) => match DestinationName::parse(d) {
+                Some(name) => Ok(Self {
+                    destination: Some(name),
+                    ..self
+                }),
+                None => Err(ListingError::Destination(d.to_string())),
+            },
         }
     }
 

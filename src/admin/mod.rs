@@ -24,7 +24,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::queue::{Operate, QueueError};
+use crate::queue::{DestinationName, Queue, QueueError, Store};
 
 use crate::metrics;
 use crate::secret::Secret;
@@ -46,8 +46,8 @@ pub struct AdminSettings {
     pub token: Option<crate::secret::Secret>,
 }
 
-pub struct Admin<Q> {
-    pub queue: Arc<Q>,
+pub struct Admin {
+    pub queue: Arc<Store>,
     pub metrics: Arc<metrics::Metrics>,
     pub token: Option<Secret>,
     pub accepting: Arc<AtomicBool>,
@@ -59,24 +59,18 @@ pub struct Admin<Q> {
     pub pauses: crate::delivery::PauseBoard,
 }
 
-pub fn router<Q: Operate>(state: Arc<Admin<Q>>) -> Router {
+pub fn router(state: Arc<Admin>) -> Router {
     let admin = Router::new()
-        .route("/admin/queue", get(queue_counts::<Q>))
-        .route("/admin/jobs", get(list_jobs::<Q>))
-        .route("/admin/jobs/retry", post(retry_all::<Q>))
-        .route(
-            "/admin/jobs/{id}",
-            get(show_job::<Q>).delete(remove_job::<Q>),
-        )
-        .route("/admin/jobs/{id}/retry", post(retry_job::<Q>))
-        .route("/admin/destinations", get(list_destinations::<Q>))
-        .route("/admin/history", get(history::<Q>))
-        .route("/admin/destinations/{name}/pause", post(pause::<Q>))
-        .route("/admin/destinations/{name}/resume", post(resume::<Q>))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_token::<Q>,
-        ));
+        .route("/admin/queue", get(queue_counts))
+        .route("/admin/jobs", get(list_jobs))
+        .route("/admin/jobs/retry", post(retry_all))
+        .route("/admin/jobs/{id}", get(show_job).delete(remove_job))
+        .route("/admin/jobs/{id}/retry", post(retry_job))
+        .route("/admin/destinations", get(list_destinations))
+        .route("/admin/history", get(history))
+        .route("/admin/destinations/{name}/pause", post(pause))
+        .route("/admin/destinations/{name}/resume", post(resume))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(dashboard_html))
         .route("/dashboard.js", get(dashboard_js))
@@ -84,8 +78,8 @@ pub fn router<Q: Operate>(state: Arc<Admin<Q>>) -> Router {
             "/healthz",
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
-        .route("/readyz", get(ready::<Q>))
-        .route("/metrics", get(prometheus::<Q>))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(prometheus))
         .merge(admin)
         .fallback(|| async { err(StatusCode::NOT_FOUND, "Not found") })
         .with_state(state)
@@ -104,11 +98,7 @@ fn queue_error(e: QueueError) -> Response {
     err(status, &e.to_string())
 }
 
-async fn require_token<Q: Operate>(
-    State(s): State<Arc<Admin<Q>>>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn require_token(State(s): State<Arc<Admin>>, req: Request, next: Next) -> Response {
     match &s.token {
         Some(token) => {
             let presented = req
@@ -170,7 +160,7 @@ fn same_origin(
     Ok(())
 }
 
-async fn ready<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
+async fn ready(State(s): State<Arc<Admin>>) -> Response {
     if !s.accepting.load(Ordering::Relaxed) {
         return err(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
@@ -214,9 +204,9 @@ async fn dashboard_js() -> Response {
         .into_response()
 }
 
-async fn prometheus<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
+async fn prometheus(State(s): State<Arc<Admin>>) -> Response {
     // Queue gauges are read at scrape time; counters still render when the queue is down.
-    let counts = s.queue.counts().await.ok();
+    let counts = s.queue.counts_for(None).await.ok();
     (
         [(
             header::CONTENT_TYPE,
@@ -231,8 +221,8 @@ async fn prometheus<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
         .into_response()
 }
 
-async fn queue_counts<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
-    match s.queue.counts().await {
+async fn queue_counts(State(s): State<Arc<Admin>>) -> Response {
+    match s.queue.counts_for(None).await {
         Ok(c) => Json(c).into_response(),
         Err(e) => queue_error(e),
     }
@@ -246,10 +236,7 @@ struct ListQuery {
     limit: Option<String>,
 }
 
-async fn list_jobs<Q: Operate>(
-    State(s): State<Arc<Admin<Q>>>,
-    Query(q): Query<ListQuery>,
-) -> Response {
+async fn list_jobs(State(s): State<Arc<Admin>>, Query(q): Query<ListQuery>) -> Response {
     let listing = match Listing::parse(
         q.state.as_deref(),
         q.offset.as_deref(),
@@ -261,7 +248,7 @@ async fn list_jobs<Q: Operate>(
         Ok(l) => l,
         Err(e) => return err(StatusCode::BAD_REQUEST, &e.explain("")),
     };
-    if let Some(d) = listing.destination.as_deref() {
+    if let Some(d) = &listing.destination {
         if let Err(r) = known_destination(&s, d).await {
             return r;
         }
@@ -270,7 +257,7 @@ async fn list_jobs<Q: Operate>(
         .queue
         .list_for(
             listing.state,
-            listing.destination.as_deref(),
+            listing.destination.as_ref(),
             listing.offset,
             listing.limit,
         )
@@ -281,14 +268,14 @@ async fn list_jobs<Q: Operate>(
     }
 }
 
-async fn show_job<Q: Operate>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<String>) -> Response {
+async fn show_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
     match s.queue.get(&id).await {
         Ok(job) => Json(job).into_response(),
         Err(e) => queue_error(e),
     }
 }
 
-async fn retry_job<Q: Operate>(State(s): State<Arc<Admin<Q>>>, Path(id): Path<String>) -> Response {
+async fn retry_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
     match s.queue.retry(&id).await {
         Ok(()) => Json(json!({ "retried": 1, "jobId": id })).into_response(),
         Err(e) => queue_error(e),
@@ -301,32 +288,29 @@ struct RetryAllQuery {
     destination: Option<String>,
 }
 
-async fn retry_all<Q: Operate>(
-    State(s): State<Arc<Admin<Q>>>,
-    Query(q): Query<RetryAllQuery>,
-) -> Response {
+async fn retry_all(State(s): State<Arc<Admin>>, Query(q): Query<RetryAllQuery>) -> Response {
     if q.state.as_deref().is_some_and(|st| st != "failed") {
         return err(StatusCode::BAD_REQUEST, "only state=failed can be retried");
     }
-    let destination = q.destination.as_deref().filter(|d| !d.is_empty());
-    if let Some(d) = destination {
-        if !crate::destination::valid_name(d) {
-            return err(StatusCode::BAD_REQUEST, "destination is not a valid name");
-        }
+    let destination = match q.destination.as_deref().filter(|d| !d.is_empty()) {
+        None => None,
+        Some(d) => match DestinationName::parse(d) {
+            Some(name) => Some(name),
+            None => return err(StatusCode::BAD_REQUEST, "destination is not a valid name"),
+        },
+    };
+    if let Some(d) = &destination {
         if let Err(r) = known_destination(&s, d).await {
             return r;
         }
     }
-    match s.queue.retry_all_failed_for(destination).await {
+    match s.queue.retry_all_failed_for(destination.as_ref()).await {
         Ok(n) => Json(json!({ "retried": n })).into_response(),
         Err(e) => queue_error(e),
     }
 }
 
-async fn remove_job<Q: Operate>(
-    State(s): State<Arc<Admin<Q>>>,
-    Path(id): Path<String>,
-) -> Response {
+async fn remove_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
     match s.queue.remove(&id).await {
         Ok(()) => Json(json!({ "removed": 1, "jobId": id })).into_response(),
         Err(e) => queue_error(e),
@@ -335,12 +319,12 @@ async fn remove_job<Q: Operate>(
 
 /// 404 for a destination that is neither configured nor in the queue (an
 /// operator's typo: on Redis it would otherwise open a queue for it).
-async fn known_destination<Q: Operate>(s: &Admin<Q>, name: &str) -> Result<(), Response> {
+async fn known_destination(s: &Admin, name: &DestinationName) -> Result<(), Response> {
     if s.destinations.get().get(name).is_some() {
         return Ok(());
     }
     match s.queue.destination_names().await {
-        Ok(names) if names.iter().any(|n| n == name) => Ok(()),
+        Ok(names) if names.contains(name) => Ok(()),
         Ok(_) => Err(queue_error(QueueError::UnknownDestination(
             name.to_string(),
         ))),
@@ -350,7 +334,7 @@ async fn known_destination<Q: Operate>(s: &Admin<Q>, name: &str) -> Result<(), R
 
 /// `GET /admin/destinations` (SPEC §7): each destination with its URL (no
 /// credentials), circuit, pause, job counts and limits.
-async fn list_destinations<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
+async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
     let destinations = s.destinations.get();
     let mut out = Vec::with_capacity(destinations.list.len());
     for d in &destinations.list {
@@ -380,21 +364,23 @@ async fn list_destinations<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Respon
     Json(out).into_response()
 }
 
-async fn pause<Q: Operate>(State(s): State<Arc<Admin<Q>>>, Path(name): Path<String>) -> Response {
+async fn pause(State(s): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
     set_paused(&s, &name, true).await
 }
 
-async fn resume<Q: Operate>(State(s): State<Arc<Admin<Q>>>, Path(name): Path<String>) -> Response {
+async fn resume(State(s): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
     set_paused(&s, &name, false).await
 }
 
-async fn set_paused<Q: Operate>(s: &Admin<Q>, name: &str, paused: bool) -> Response {
-    if s.destinations.get().get(name).is_none() {
+async fn set_paused(s: &Admin, name: &str, paused: bool) -> Response {
+    let Some(name) = DestinationName::parse(name).filter(|n| s.destinations.get().get(n).is_some())
+    else {
         return err(
             StatusCode::NOT_FOUND,
             &format!("no destination {name:?}: GET /admin/destinations lists them"),
         );
-    }
+    };
+    let name = &name;
     if let Err(e) = s.queue.set_paused(name, paused).await {
         return queue_error(e);
     }
@@ -412,7 +398,7 @@ async fn set_paused<Q: Operate>(s: &Admin<Q>, name: &str, paused: bool) -> Respo
 /// `GET /admin/history`: what happened in each 10 s of the last hour (kept by
 /// the relay, so a dashboard opened during an incident shows what came
 /// before), the last point being the interval in progress.
-async fn history<Q: Operate>(State(s): State<Arc<Admin<Q>>>) -> Response {
+async fn history(State(s): State<Arc<Admin>>) -> Response {
     Json(json!({
         "intervalSecs": metrics::HISTORY_EVERY.as_secs(),
         "points": s.metrics.history(),

@@ -19,7 +19,8 @@ use toml::{Table, Value as Toml};
 use super::{parse_http_url, ConfigError};
 use crate::delivery::signing::TargetSigningKey;
 use crate::delivery::DeliverySettings;
-use crate::destination::{valid_name, CircuitSettings, Destination, DestinationSet, Filter};
+use crate::destination::{CircuitSettings, Destination, DestinationSet, Filter};
+use crate::event::DestinationName;
 
 /// What a destination takes where the file leaves a setting out (SPEC §7: the
 /// global value named beside it).
@@ -72,7 +73,7 @@ pub fn load(
 /// (`COGRELAY_CONFIG`, else `./cogrelay.toml` when it exists), read loosely:
 /// the operator's commands check a name against them, nothing more. None
 /// when there is no file, or it cannot be read.
-pub fn names_in_file(config: Option<&str>) -> Vec<String> {
+pub fn names_in_file(config: Option<&str>) -> Vec<DestinationName> {
     let path = match config {
         Some(p) => std::path::PathBuf::from(p),
         None => std::path::PathBuf::from(crate::cli::defaults::CONFIG_FILE),
@@ -86,7 +87,7 @@ pub fn names_in_file(config: Option<&str>) -> Vec<String> {
     match table.get("destination") {
         Some(Toml::Array(a)) => a
             .iter()
-            .filter_map(|d| d.get("name")?.as_str().map(str::to_string))
+            .filter_map(|d| DestinationName::parse(d.get("name")?.as_str()?))
             .collect(),
         _ => Vec::new(),
     }
@@ -302,17 +303,16 @@ fn destination(
         file,
         label: format!("destination #{}", index + 1),
     };
-    let name = e
+    let given = e
         .str("name")?
-        .ok_or_else(|| e.err("name", "is missing: give each destination a name"))?
-        .to_string();
-    if !valid_name(&name) {
+        .ok_or_else(|| e.err("name", "is missing: give each destination a name"))?;
+    let Some(name) = DestinationName::parse(given) else {
         return Err(e.err(
             "name",
-            format!("{name:?} is not valid: use 1 to 32 of a-z, 0-9, - and _"),
+            format!("{given:?} is not valid: use 1 to 32 of a-z, 0-9, - and _"),
         ));
-    }
-    e.label = format!("destination {name:?}");
+    };
+    e.label = format!("destination {:?}", name.as_str());
     if let Some(key) = t.keys().find(|k| !KEYS.contains(&k.as_str())) {
         return Err(e.err(
             key,

@@ -121,7 +121,7 @@ impl ServeConfig {
         }
         DestinationSet {
             list: vec![Destination {
-                name: crate::queue::DEFAULT_DESTINATION.into(),
+                name: crate::event::DestinationName::DEFAULT,
                 filter: Filter::everything(),
                 delivery: self.delivery.clone(),
             }],

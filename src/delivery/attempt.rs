@@ -11,9 +11,9 @@ use super::{backoff, classify, signing, target, DeliverySettings, Duration, Pool
 use crate::cognigy::EventLookup;
 use crate::delivery::circuit;
 use crate::event::EventKind;
-use crate::queue::{Attempt, AttemptOutcome, Disposition, Leased, Queue};
+use crate::queue::{Attempt, Disposition, Leased, Queue};
 use backoff::Backoff;
-use classify::{classify, AttemptResult, Outcome};
+use classify::{classify, Outcome};
 
 /// What decides where a job goes after an attempt: a destination's
 /// attempts, backoff and age limit.
@@ -51,33 +51,27 @@ pub(super) fn decide(
     unit: f64,
     created_at_ms: Option<i64>,
     trial: bool,
-) -> (Disposition, AttemptOutcome) {
+) -> Disposition {
     match outcome {
-        Outcome::Delivered => (Disposition::Completed, AttemptOutcome::Delivered),
-        Outcome::Permanent { reason } => (Disposition::Failed { reason }, AttemptOutcome::Failed),
-        Outcome::Retry { reason, .. } if n >= p.attempts && !trial => (
-            Disposition::Failed {
-                reason: format!(
-                    "gave up after {n} attempt{}: {reason}",
-                    if n == 1 { "" } else { "s" }
-                ),
-            },
-            AttemptOutcome::Failed,
-        ),
+        Outcome::Delivered => Disposition::Completed,
+        Outcome::Permanent { reason } => Disposition::Failed { reason },
+        Outcome::Retry { reason, .. } if n >= p.attempts && !trial => Disposition::Failed {
+            reason: format!(
+                "gave up after {n} attempt{}: {reason}",
+                if n == 1 { "" } else { "s" }
+            ),
+        },
         Outcome::Retry { reason, .. }
             if created_at_ms.is_some_and(|c| {
                 now_ms.saturating_sub(c) > i64::try_from(p.max_age.as_millis()).unwrap_or(i64::MAX)
             }) =>
         {
-            (
-                Disposition::Failed {
-                    reason: format!(
-                        "not delivered within max_age_secs ({} s): {reason}",
-                        p.max_age.as_secs()
-                    ),
-                },
-                AttemptOutcome::Failed,
-            )
+            Disposition::Failed {
+                reason: format!(
+                    "not delivered within max_age_secs ({} s): {reason}",
+                    p.max_age.as_secs()
+                ),
+            }
         }
         Outcome::Retry {
             reason,
@@ -85,13 +79,10 @@ pub(super) fn decide(
         } => {
             let delay = p.backoff.delay(n, retry_after, unit);
             let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-            (
-                Disposition::RetryAt {
-                    due_at_ms: now_ms.saturating_add(delay_ms),
-                    reason,
-                },
-                AttemptOutcome::Retry,
-            )
+            Disposition::RetryAt {
+                due_at_ms: now_ms.saturating_add(delay_ms),
+                reason,
+            }
         }
     }
 }
@@ -123,8 +114,8 @@ pub(super) struct Done {
 /// One delivery: the optional Cognigy lookup, the POST (unless the pause
 /// gate closed meanwhile), the verdict to the dispatcher, the decision and
 /// the write-back.
-pub(super) async fn deliver<Q: Queue>(
-    pool: Arc<Pool<Q>>,
+pub(super) async fn deliver(
+    pool: Arc<Pool>,
     mut leased: Leased,
     trial: bool,
     done: tokio::sync::mpsc::UnboundedSender<Done>,
@@ -142,45 +133,28 @@ pub(super) async fn deliver<Q: Queue>(
     let t0 = Instant::now();
     let policy = Policy::of(&pool.cfg.destination);
     let created = leased.job.created_at_ms;
-    if let (Some(client), EventKind::Envelope, Some(bot)) =
-        (&pool.verifier, leased.job.kind, &leased.job.bot_id)
-    {
-        let outcome = match client.lookup_event(bot, &leased.job.event_id).await {
-            EventLookup::Found => None,
-            EventLookup::NotFound => Some(Outcome::Permanent {
-                reason: "event not found in Cognigy".into(),
-            }),
-            EventLookup::Unavailable(reason) => Some(Outcome::Retry {
-                reason,
-                retry_after: None,
-            }),
+    if let Some(outcome) = verify(&pool, &leased.job).await {
+        // Cognigy's trouble, not the destination's: no verdict on it.
+        tell(Verdict::Sent {
+            signal: circuit::Signal::None,
+            hold: None,
+        });
+        let error = match &outcome {
+            Outcome::Permanent { reason } | Outcome::Retry { reason, .. } => Some(reason.clone()),
+            Outcome::Delivered => None,
         };
-        if let Some(outcome) = outcome {
-            // Cognigy's trouble, not the destination's: no verdict on it.
-            tell(Verdict::Sent {
-                signal: circuit::Signal::None,
-                hold: None,
-            });
-            let error = match &outcome {
-                Outcome::Permanent { reason } | Outcome::Retry { reason, .. } => {
-                    Some(reason.clone())
-                }
-                Outcome::Delivered => None,
-            };
-            let now = pool.clock.now_ms();
-            let (disposition, result) =
-                decide(&policy, n, outcome, now, fastrand::f64(), created, trial);
-            let attempt = Attempt {
-                n,
-                started_at_ms,
-                duration_ms: t0.elapsed().as_millis() as u64,
-                status: None,
-                error,
-                outcome: result,
-            };
-            record(&pool, leased, attempt, disposition).await;
-            return;
-        }
+        let now = pool.clock.now_ms();
+        let disposition = decide(&policy, n, outcome, now, fastrand::f64(), created, trial);
+        let attempt = Attempt {
+            n,
+            started_at_ms,
+            duration_ms: t0.elapsed().as_millis() as u64,
+            status: None,
+            error,
+            outcome: disposition.attempt_outcome(),
+        };
+        record(&pool, leased, attempt, disposition).await;
+        return;
     }
     // The last look at the pause: a pause told after the dispatcher started
     // this delivery stops it here, before anything is sent.
@@ -188,53 +162,87 @@ pub(super) async fn deliver<Q: Queue>(
         tell(Verdict::NotSent(Box::new(leased)));
         return;
     }
-    let job = &mut leased.job;
-    let body = std::mem::take(&mut job.body);
-    let ts = started_at_ms / 1000;
-    let signature = pool
-        .cfg
-        .destination
-        .signing_key
-        .as_ref()
-        .map(|key| signing::sign(key, job.key.as_str(), ts, &body));
-    let sent = match target_headers(job, n, ts, signature.as_deref()) {
-        Ok(mut headers) => {
-            for (name, value) in &pool.cfg.destination.headers {
-                if !headers.contains_key(name) {
-                    headers.insert(name.clone(), value.clone());
-                }
-            }
-            pool.target
-                .post(headers, body, pool.cfg.destination.delivery_timeout)
-                .await
-        }
-        Err(_) => Err(target::Failure::msg(
-            "request failed: the event id or key cannot be a header value",
-        )),
-    };
+    let sent = send(&pool, &mut leased.job, n, started_at_ms).await;
     let duration_ms = t0.elapsed().as_millis() as u64;
-    // One result: classified for the decision, kept for the history.
-    let result = match &sent {
-        Ok(answer) => AttemptResult::Response {
-            status: answer.status,
-            retry_after: answer.retry_after.as_deref(),
-        },
-        Err(f) if f.timed_out => AttemptResult::Timeout,
-        Err(f) => AttemptResult::Transport(&f.message),
-    };
-    let classified = classify(&result, SystemTime::now());
+    // One result per stage: what was sent came to an outcome (classify),
+    // and the outcome to a disposition (decide); the breaker reads both.
+    let classified = classify(&sent, SystemTime::now());
     let (signal, hold) = circuit::signal(
-        &result,
+        &sent,
         &classified,
         pool.cfg.destination.backoff.max_retry_after,
     );
     // The HTTP part is over: the worker is free, the breaker hears of it.
     tell(Verdict::Sent { signal, hold });
     let now = pool.clock.now_ms();
-    let (disposition, outcome) =
-        decide(&policy, n, classified, now, fastrand::f64(), created, trial);
-    let error = match &sent {
-        // A snippet of an error answer.
+    let disposition = decide(&policy, n, classified, now, fastrand::f64(), created, trial);
+    let attempt = Attempt {
+        n,
+        started_at_ms,
+        duration_ms,
+        status: sent.as_ref().ok().map(|a| a.status),
+        error: error_of(&sent),
+        outcome: disposition.attempt_outcome(),
+    };
+    record(&pool, leased, attempt, disposition).await;
+}
+
+/// The event looked up in Cognigy first (`VERIFY_EVENTS`, envelopes with a
+/// bot): an outcome when it is not to be sent (not found: permanent;
+/// Cognigy unavailable: retry), `None` when it is.
+async fn verify(pool: &Pool, job: &crate::queue::DeliveryJob) -> Option<Outcome> {
+    let (Some(client), EventKind::Envelope, Some(bot)) = (&pool.verifier, job.kind, &job.bot_id)
+    else {
+        return None;
+    };
+    match client.lookup_event(bot, &job.event_id).await {
+        EventLookup::Found => None,
+        EventLookup::NotFound => Some(Outcome::Permanent {
+            reason: "event not found in Cognigy".into(),
+        }),
+        EventLookup::Unavailable(reason) => Some(Outcome::Retry {
+            reason,
+            retry_after: None,
+        }),
+    }
+}
+
+/// Attempt `n` of `job`'s POST (its body taken), signed when the
+/// destination signs, with the destination's own headers.
+async fn send(
+    pool: &Pool,
+    job: &mut crate::queue::DeliveryJob,
+    n: u32,
+    started_at_ms: i64,
+) -> target::Sent {
+    let body = std::mem::take(&mut job.body);
+    let ts = started_at_ms / 1000;
+    let destination = &pool.cfg.destination;
+    let signature = destination
+        .signing_key
+        .as_ref()
+        .map(|key| signing::sign(key, job.key.as_str(), ts, &body));
+    match target_headers(job, n, ts, signature.as_deref()) {
+        Ok(mut headers) => {
+            for (name, value) in &destination.headers {
+                if !headers.contains_key(name) {
+                    headers.insert(name.clone(), value.clone());
+                }
+            }
+            pool.target
+                .post(headers, body, destination.delivery_timeout)
+                .await
+        }
+        Err(_) => Err(target::Failure::msg(
+            "request failed: the event id or key cannot be a header value",
+        )),
+    }
+}
+
+/// What the history keeps of a failed request: a snippet of an error
+/// answer's body, or the transport error.
+fn error_of(sent: &target::Sent) -> Option<String> {
+    match sent {
         Ok(answer) => {
             (!(200..300).contains(&answer.status) && !answer.body.is_empty()).then(|| {
                 let b = &answer.body[..answer.body.len().min(ERROR_SNIPPET)];
@@ -242,28 +250,14 @@ pub(super) async fn deliver<Q: Queue>(
             })
         }
         Err(f) => Some(f.message.clone()),
-    };
-    let attempt = Attempt {
-        n,
-        started_at_ms,
-        duration_ms,
-        status: result.status(),
-        error,
-        outcome,
-    };
-    record(&pool, leased, attempt, disposition).await;
+    }
 }
 
 /// Logs the attempt, writes it back and frees the lease; a retry wakes the
 /// dispatcher (its due time may be the next one). A store that cannot take
 /// the result now (full, busy) is asked again within half a lease: a result
 /// lost is a delivery repeated when the lease expires.
-async fn record<Q: Queue>(
-    pool: &Pool<Q>,
-    leased: Leased,
-    attempt: Attempt,
-    disposition: Disposition,
-) {
+async fn record(pool: &Pool, leased: Leased, attempt: Attempt, disposition: Disposition) {
     let n = attempt.n;
     pool.metrics
         .attempt(attempt.outcome, Duration::from_millis(attempt.duration_ms));
@@ -346,6 +340,7 @@ fn target_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::AttemptOutcome;
     use std::time::Duration;
 
     #[test]
@@ -413,6 +408,7 @@ mod tests {
         };
         for (n, outcome, unit, want) in table {
             let got = decide(&p, n, outcome.clone(), now, unit, Some(now - 1000), false);
+            let got = (got.clone(), got.attempt_outcome());
             assert_eq!(got, want, "attempt {n}, {outcome:?}, jitter unit {unit}");
         }
         let one = decide(
@@ -424,7 +420,7 @@ mod tests {
             None,
             false,
         );
-        assert_eq!(one.0, failed("gave up after 1 attempt: HTTP 503"));
+        assert_eq!(one, failed("gave up after 1 attempt: HTTP 503"));
         let trial = decide(
             &Policy { attempts: 1, ..p },
             1,
@@ -435,7 +431,7 @@ mod tests {
             true,
         );
         assert_eq!(
-            trial.0,
+            trial,
             due(2_000),
             "a failed trial keeps the job's last attempt"
         );
@@ -463,23 +459,23 @@ mod tests {
             retry_after: None,
         };
         assert_eq!(
-            decide(&p, 1, Outcome::Delivered, now, 0.0, old, false).0,
+            decide(&p, 1, Outcome::Delivered, now, 0.0, old, false),
             Disposition::Completed,
             "an old job delivered is delivered"
         );
         assert_eq!(
-            decide(&p, 1, retry.clone(), now, 0.0, old, false).0,
+            decide(&p, 1, retry.clone(), now, 0.0, old, false),
             Disposition::Failed {
                 reason: "not delivered within max_age_secs (60 s): HTTP 503".into()
             }
         );
         assert!(matches!(
-            decide(&p, 1, retry.clone(), now, 0.0, Some(now - 59_000), false).0,
+            decide(&p, 1, retry.clone(), now, 0.0, Some(now - 59_000), false),
             Disposition::RetryAt { .. }
         ));
         assert!(
             matches!(
-                decide(&p, 1, retry.clone(), now, 0.0, None, false).0,
+                decide(&p, 1, retry.clone(), now, 0.0, None, false),
                 Disposition::RetryAt { .. }
             ),
             "no age known (an older version's job on Redis): no limit"
@@ -498,7 +494,7 @@ mod tests {
             reason: "HTTP 503".into(),
             retry_after: Some(Duration::from_secs(u64::MAX)),
         };
-        let (d, _) = decide(&huge, 1, far, i64::MAX - 1, 0.0, Some(i64::MIN), false);
+        let d = decide(&huge, 1, far, i64::MAX - 1, 0.0, Some(i64::MIN), false);
         assert_eq!(
             d,
             Disposition::RetryAt {

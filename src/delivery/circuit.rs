@@ -294,7 +294,7 @@ impl Breaker {
 /// What an attempt's classified result says to the breaker, and how long a
 /// `Retry-After` holds the destination (capped at `max_hold`).
 pub fn signal(
-    result: &super::classify::AttemptResult<'_>,
+    sent: &super::target::Sent,
     outcome: &super::classify::Outcome,
     max_hold: Duration,
 ) -> (Signal, Option<Duration>) {
@@ -304,7 +304,7 @@ pub fn signal(
         Outcome::Permanent { .. } => (Signal::Answered, None),
         Outcome::Retry { retry_after, .. } => {
             let hold = retry_after.map(|d| d.min(max_hold));
-            if result.status() == Some(429) {
+            if sent.as_ref().is_ok_and(|a| a.status == 429) {
                 (Signal::Answered, hold)
             } else {
                 (Signal::Failure, hold)

@@ -15,28 +15,7 @@
 
 use std::time::{Duration, SystemTime};
 
-/// The result of one attempt, as seen by the worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AttemptResult<'a> {
-    Response {
-        status: u16,
-        retry_after: Option<&'a str>,
-    },
-    Timeout,
-    /// Connection refused or reset, TLS failure, broken response: anything but
-    /// an HTTP status.
-    Transport(&'a str),
-}
-
-impl AttemptResult<'_> {
-    /// The HTTP status, when there was an answer.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            Self::Response { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
+use super::target::{Failure, Sent, TargetAnswer};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -51,17 +30,24 @@ pub enum Outcome {
     },
 }
 
-pub fn classify(result: &AttemptResult<'_>, now: SystemTime) -> Outcome {
-    match *result {
-        AttemptResult::Response {
+/// What one request's result means: the outcome of the attempt, whose
+/// `decide` (`attempt.rs`) gives where the job goes. A timeout, a refused or
+/// reset connection, a TLS failure, a broken answer: anything but an HTTP
+/// status is retried.
+pub fn classify(sent: &Sent, now: SystemTime) -> Outcome {
+    match sent {
+        Ok(TargetAnswer {
             status,
             retry_after,
-        } => match status {
+            ..
+        }) => match *status {
             200..=299 => Outcome::Delivered,
             408 | 409 | 425 | 429 | 100..=199 | 300..=399 | 500..=599 => Outcome::Retry {
                 reason: format!("target answered HTTP {status}"),
                 retry_after: if matches!(status, 429 | 503) {
-                    retry_after.and_then(|v| parse_retry_after(v, now))
+                    retry_after
+                        .as_deref()
+                        .and_then(|v| parse_retry_after(v, now))
                 } else {
                     None
                 },
@@ -70,12 +56,14 @@ pub fn classify(result: &AttemptResult<'_>, now: SystemTime) -> Outcome {
                 reason: format!("target rejected the event: HTTP {status}"),
             },
         },
-        AttemptResult::Timeout => Outcome::Retry {
+        Err(Failure {
+            timed_out: true, ..
+        }) => Outcome::Retry {
             reason: "target timed out".into(),
             retry_after: None,
         },
-        AttemptResult::Transport(ref e) => Outcome::Retry {
-            reason: format!("connection error: {e}"),
+        Err(Failure { message, .. }) => Outcome::Retry {
+            reason: format!("connection error: {message}"),
             retry_after: None,
         },
     }
@@ -87,14 +75,16 @@ pub use crate::answer::parse_retry_after;
 mod tests {
     use super::*;
 
+    fn answer(status: u16, retry_after: Option<&str>) -> Sent {
+        Ok(TargetAnswer {
+            status,
+            retry_after: retry_after.map(str::to_string),
+            body: Default::default(),
+        })
+    }
+
     fn status(s: u16) -> Outcome {
-        classify(
-            &AttemptResult::Response {
-                status: s,
-                retry_after: None,
-            },
-            SystemTime::now(),
-        )
+        classify(&answer(s, None), SystemTime::now())
     }
 
     #[test]
@@ -111,11 +101,17 @@ mod tests {
             assert!(matches!(status(s), Outcome::Retry { .. }), "{s}");
         }
         assert!(matches!(
-            classify(&AttemptResult::Timeout, SystemTime::now()),
+            classify(
+                &Err(Failure {
+                    message: "timed out".into(),
+                    timed_out: true
+                }),
+                SystemTime::now()
+            ),
             Outcome::Retry { .. }
         ));
         assert!(matches!(
-            classify(&AttemptResult::Transport("reset"), SystemTime::now()),
+            classify(&Err(Failure::msg("reset")), SystemTime::now()),
             Outcome::Retry { .. }
         ));
     }
@@ -123,15 +119,7 @@ mod tests {
     #[test]
     fn retry_after_counts_on_429_and_503_only() {
         let now = SystemTime::now();
-        let r = |status| {
-            classify(
-                &AttemptResult::Response {
-                    status,
-                    retry_after: Some("7"),
-                },
-                now,
-            )
-        };
+        let r = |status| classify(&answer(status, Some("7")), now);
         assert_eq!(
             r(429),
             Outcome::Retry {

@@ -20,7 +20,9 @@ use super::{
     MAX_CLAIM,
 };
 use crate::cognigy::CognigyClient;
-use crate::queue::{Claimed, LeaseRef, Leased, Queue, QueueResult};
+use crate::queue::{
+    Claimed, DestinationName, LeaseRef, Leased, Queue, QueueError, QueueResult, Store,
+};
 
 /// A pause or resume told by this relay's admin: the pool stops starting
 /// (and gives back what it holds) before `ack` is answered.
@@ -34,12 +36,16 @@ pub struct PauseNote {
 /// destination (a reload may run an old and a new pool of one name a
 /// moment).
 #[derive(Debug, Clone, Default)]
-pub struct PauseBoard(Arc<Mutex<HashMap<String, Vec<mpsc::UnboundedSender<PauseNote>>>>>);
+pub struct PauseBoard(Arc<Mutex<HashMap<DestinationName, Vec<mpsc::UnboundedSender<PauseNote>>>>>);
 
 impl PauseBoard {
-    pub(crate) fn join(&self, destination: &str, line: mpsc::UnboundedSender<PauseNote>) {
+    pub(crate) fn join(
+        &self,
+        destination: &DestinationName,
+        line: mpsc::UnboundedSender<PauseNote>,
+    ) {
         let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let lines = board.entry(destination.to_string()).or_default();
+        let lines = board.entry(destination.clone()).or_default();
         lines.retain(|l| !l.is_closed());
         lines.push(line);
     }
@@ -47,10 +53,10 @@ impl PauseBoard {
     /// Tells `destination`'s running pools of a pause (or resume) and waits
     /// until each has stopped starting deliveries (and given back what it
     /// held), at most 2 s.
-    pub async fn tell(&self, destination: &str, paused: bool) {
+    pub async fn tell(&self, destination: &DestinationName, paused: bool) {
         let lines: Vec<_> = {
             let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            let lines = board.entry(destination.to_string()).or_default();
+            let lines = board.entry(destination.clone()).or_default();
             lines.retain(|l| !l.is_closed());
             lines.clone()
         };
@@ -71,9 +77,8 @@ impl PauseBoard {
 }
 
 /// Runs the pool until `shutdown` turns true, then drains (see module doc).
-#[allow(clippy::too_many_arguments)]
-pub async fn run<Q: Queue>(
-    queue: Arc<Q>,
+pub async fn run(
+    queue: Arc<Store>,
     cfg: DeliveryConfig,
     wake: Arc<Notify>,
     mut handoff: handoff::HandoffRx,
@@ -81,73 +86,144 @@ pub async fn run<Q: Queue>(
     mut pause_notes: mpsc::UnboundedReceiver<PauseNote>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    if cfg.pool.test_fault == Some(TestFault::FailAtStart) {
-        anyhow::bail!("injected fault: the pool failed to start");
-    }
-    let target = target::Target::new(
-        &cfg.destination.target,
-        cfg.destination.concurrency,
-        cfg.destination.delivery_timeout,
-    )?;
-    let verifier = cfg
-        .pool
-        .verify_events
-        .clone()
-        .map(CognigyClient::new)
-        .transpose()?;
-    // Counted as running from here, until this returns or unwinds.
-    let _up = PoolRunning::new(metrics.clone());
-    if cfg.pool.test_fault == Some(TestFault::PanicLater) {
-        tokio::time::sleep(TestFault::PANIC_AFTER).await;
-        panic!("injected fault: the pool panicked");
-    }
-    let clock = cfg.pool.clock.clone();
-    let name = cfg.name.clone();
-    let concurrency = cfg.destination.concurrency;
-    let mut machine = Machine::new(Settings {
-        concurrency,
-        prefetch: (concurrency * 2).min(MAX_CLAIM),
-        rate_limit: cfg.destination.rate_limit,
-        circuit: cfg.destination.circuit,
-        idle_poll_ms: IDLE_POLL.as_millis() as i64,
-        pause_lease_ms: queue.pause_lease().as_millis() as i64,
-    });
-    let pool = Arc::new(Pool {
-        queue,
-        target,
-        in_flight: InFlight::default(),
-        wake: wake.clone(),
-        verifier,
-        destination_metrics: metrics.destination(&name),
-        clock: clock.clone(),
-        gate: SendGate::new(),
-        cfg,
-        metrics,
-    });
-    pool.metrics.circuit(&name, Phase::Closed.as_str());
-    pool.metrics.next_trial(&name, None);
-    let renewer = (pool.cfg.renewals.clone())
-        .unwrap_or_else(tokio::runtime::Handle::current)
-        .spawn(renew_leases(pool.clone()));
-
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut tasks: JoinSet<()> = JoinSet::new();
-    // Each delivery task's lease and whether it was a trial; `ended`: those
-    // whose HTTP part is over (their end was told).
-    let mut task_leases: HashMap<tokio::task::Id, (LeaseRef, bool)> = HashMap::new();
-    let mut ended: HashSet<LeaseRef> = HashSet::new();
-    let mut claiming: Option<JoinHandle<(QueueResult<Claimed>, usize, i64)>> = None;
-    let mut checking: Option<JoinHandle<(QueueResult<bool>, i64)>> = None;
-    let mut pause_acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut d = Dispatch::start(queue, cfg, wake.clone(), metrics, done_tx).await?;
     let started = tokio::time::Instant::now();
     loop {
-        let now = clock.mono_ms();
-        while let Some(job) = handoff.try_recv() {
-            pool.in_flight.hold(&job.lease);
-            machine.handed(job);
+        let now = d.clock.mono_ms();
+        let next = d.step(&mut handoff, now).await;
+        // Sleep until the machine's next time, on the runtime's clock.
+        let sleep_for = next.map(|t| Duration::from_millis(t.saturating_sub(now).max(1) as u64));
+        let deadline = sleep_for.map_or(started, |d| tokio::time::Instant::now() + d);
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            Some(done) = done_rx.recv() => d.delivery_ended(done),
+            Some(joined) = d.tasks.join_next_with_id(), if !d.tasks.is_empty() => d.task_joined(joined),
+            answer = join_opt(&mut d.claiming) => d.claim_answered(answer),
+            answer = join_opt(&mut d.checking) => d.pause_read(answer),
+            Some(note) = pause_notes.recv() => d.pause_told(note),
+            job = handoff.recv() => {
+                if let Some(job) = job {
+                    d.handed(job);
+                }
+            }
+            _ = wake.notified() => d.machine.woken(),
+            _ = tokio::time::sleep_until(deadline), if sleep_for.is_some() => {}
         }
-        let commands = machine.poll(now);
-        for command in commands {
+    }
+    d.close(handoff, done_rx).await
+}
+
+/// A claim's answer: what it took, how many were asked, when (pool clock).
+type ClaimTask = JoinHandle<(QueueResult<Claimed>, usize, i64)>;
+/// A look at the pause in the store: its answer and when it was asked.
+type PauseTask = JoinHandle<(QueueResult<bool>, i64)>;
+
+/// One running pool: its machine and what carries its commands out.
+struct Dispatch {
+    pool: Arc<Pool>,
+    name: DestinationName,
+    clock: crate::time::Clock,
+    machine: Machine,
+    renewer: JoinHandle<()>,
+    _running: PoolRunning,
+    done: mpsc::UnboundedSender<Done>,
+    tasks: JoinSet<()>,
+    /// Each delivery task's lease and whether it was a trial.
+    task_leases: HashMap<tokio::task::Id, (LeaseRef, bool)>,
+    /// Deliveries whose HTTP part is over (their end was told).
+    ended: HashSet<LeaseRef>,
+    claiming: Option<ClaimTask>,
+    checking: Option<PauseTask>,
+    /// Pauses told by this relay's admin, answered once the machine heard them.
+    pause_acks: Vec<oneshot::Sender<()>>,
+}
+
+impl Dispatch {
+    /// The pool's target client, lookup client and machine, its metrics
+    /// set, and its lease renewer started.
+    async fn start(
+        queue: Arc<Store>,
+        cfg: DeliveryConfig,
+        wake: Arc<Notify>,
+        metrics: Arc<crate::metrics::Metrics>,
+        done: mpsc::UnboundedSender<Done>,
+    ) -> anyhow::Result<Self> {
+        if cfg.pool.test_fault == Some(TestFault::FailAtStart) {
+            anyhow::bail!("injected fault: the pool failed to start");
+        }
+        let target = target::Target::new(
+            &cfg.destination.target,
+            cfg.destination.concurrency,
+            cfg.destination.delivery_timeout,
+        )?;
+        let verifier = cfg
+            .pool
+            .verify_events
+            .clone()
+            .map(CognigyClient::new)
+            .transpose()?;
+        if cfg.pool.test_fault == Some(TestFault::PanicLater) {
+            let _running = PoolRunning::new(metrics.clone());
+            tokio::time::sleep(TestFault::PANIC_AFTER).await;
+            panic!("injected fault: the pool panicked");
+        }
+        // Counted as running from here, until the pool stops or unwinds.
+        let running = PoolRunning::new(metrics.clone());
+        let clock = cfg.pool.clock.clone();
+        let name = cfg.name.clone();
+        let concurrency = cfg.destination.concurrency;
+        let machine = Machine::new(Settings {
+            concurrency,
+            prefetch: (concurrency * 2).min(MAX_CLAIM),
+            rate_limit: cfg.destination.rate_limit,
+            circuit: cfg.destination.circuit,
+            idle_poll_ms: IDLE_POLL.as_millis() as i64,
+            pause_lease_ms: queue.pause_lease().as_millis() as i64,
+        });
+        let pool = Arc::new(Pool {
+            queue,
+            target,
+            in_flight: InFlight::default(),
+            wake,
+            verifier,
+            destination_metrics: metrics.destination(&name),
+            clock: clock.clone(),
+            gate: SendGate::new(),
+            cfg,
+            metrics,
+        });
+        pool.metrics.circuit(&name, Phase::Closed.as_str());
+        pool.metrics.next_trial(&name, None);
+        let renewer = (pool.cfg.renewals.clone())
+            .unwrap_or_else(tokio::runtime::Handle::current)
+            .spawn(renew_leases(pool.clone()));
+        Ok(Self {
+            pool,
+            name,
+            clock,
+            machine,
+            renewer,
+            _running: running,
+            done,
+            tasks: JoinSet::new(),
+            task_leases: HashMap::new(),
+            ended: HashSet::new(),
+            claiming: None,
+            checking: None,
+            pause_acks: Vec::new(),
+        })
+    }
+
+    /// Takes the jobs handed over, carries out what the machine says now,
+    /// and tells the ingress and the deliveries what it may do; the
+    /// machine's next time.
+    async fn step(&mut self, handoff: &mut handoff::HandoffRx, now: i64) -> Option<i64> {
+        while let Some(job) = handoff.try_recv() {
+            self.handed(job);
+        }
+        for command in self.machine.poll(now) {
             // A circuit shared with the other relays is told before this
             // relay claims again (its own next claim must not find the
             // trials it has just judged still out).
@@ -157,220 +233,225 @@ pub async fn run<Q: Queue>(
                 share: true,
             } = command
             {
-                share_circuit(&pool, phase, cooldown).await;
+                share_circuit(&self.pool, phase, cooldown).await;
             }
-            carry_out(
-                &pool,
-                &name,
-                command,
-                &mut tasks,
-                &mut task_leases,
-                &mut claiming,
-                &mut checking,
-                &done_tx,
-            );
+            self.carry_out(command);
         }
-        pool.gate.set(machine.lease_until());
-        handoff.set_ready(machine.ready_len() + machine.running());
-        handoff.set_open(machine.takes_handoffs());
-        for ack in pause_acks.drain(..) {
+        self.pool.gate.set(self.machine.lease_until());
+        handoff.set_ready(self.machine.ready_len() + self.machine.running());
+        handoff.set_open(self.machine.takes_handoffs());
+        for ack in self.pause_acks.drain(..) {
             let _ = ack.send(());
         }
-        // Sleep until the machine's next time, on the runtime's clock.
-        let next = machine.next_wake(now);
-        let sleep_for = next.map(|t| Duration::from_millis(t.saturating_sub(now).max(1) as u64));
-        let deadline = sleep_for.map_or(started, |d| tokio::time::Instant::now() + d);
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => break,
-            Some(done) = done_rx.recv() => {
-                let now = clock.mono_ms();
-                ended.insert(done.lease.clone());
-                match done.verdict {
-                    Verdict::Sent { signal, hold } => machine.finished(done.trial, signal, hold, now),
-                    Verdict::NotSent(job) => {
-                        machine.finished(done.trial, Signal::None, None, now);
-                        release(&pool, vec![*job]);
-                    }
-                }
-            }
-            Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                let id = match &joined {
-                    Ok((id, ())) => *id,
-                    Err(e) => e.id(),
-                };
-                if let Some((lease, trial)) = task_leases.remove(&id) {
-                    let told = ended.remove(&lease);
-                    if let Err(e) = joined {
-                        // A delivery that died: its end told to the machine,
-                        // and its job back in the store (not active for ever).
-                        tracing::error!(destination = %name, job = %lease.job_id, error = %e, "a delivery task failed; its job goes back to the queue");
-                        if !told {
-                            machine.finished(trial, Signal::None, None, clock.mono_ms());
-                        }
-                        pool.in_flight.ended(&lease);
-                        let queue = pool.queue.clone();
-                        tokio::spawn(async move { let _ = queue.release(vec![lease]).await; });
-                    }
-                }
-            }
-            done = join_opt(&mut claiming) => {
-                claiming = None;
-                let now = clock.mono_ms();
-                let (result, asked, asked_at) = match done {
-                    Ok(r) => r,
-                    Err(e) => (Err(crate::queue::QueueError::Unavailable(e.to_string())), 0, now),
-                };
-                let result = result.map_err(|e| {
-                    tracing::warn!(destination = %name, error = %e, "cannot claim jobs; trying again in 1 s");
-                    e.to_string()
-                });
-                if let Ok(c) = &result {
-                    for job in &c.jobs {
-                        pool.in_flight.hold(&job.lease);
-                    }
-                }
-                let wait = result.as_ref().ok().and_then(|c| c.next_due_ms)
-                    .map(|due| due.saturating_sub(clock.now_ms()));
-                machine.claimed(result, asked, asked_at, wait, now);
-            }
-            done = join_opt(&mut checking) => {
-                checking = None;
-                let now = clock.mono_ms();
-                let (result, asked_at) = done.unwrap_or_else(|e| {
-                    (Err(crate::queue::QueueError::Unavailable(e.to_string())), now)
-                });
-                machine.pause_seen(result.map_err(|e| e.to_string()), asked_at, now);
-            }
-            Some(note) = pause_notes.recv() => {
-                let now = clock.mono_ms();
-                machine.pause_seen(Ok(note.paused), now, now);
-                pause_acks.push(note.ack);
-            }
-            job = handoff.recv() => {
-                if let Some(job) = job {
-                    pool.in_flight.hold(&job.lease);
-                    machine.handed(job);
-                }
-            }
-            _ = wake.notified() => machine.woken(),
-            _ = tokio::time::sleep_until(deadline), if sleep_for.is_some() => {}
-        }
+        self.machine.next_wake(now)
     }
-    // Shutdown: nothing more starts; what is held goes back.
-    machine.stop();
-    pool.gate.set(i64::MIN);
-    if let Some(h) = claiming.take() {
-        if let Ok((Ok(claimed), _, _)) = h.await {
-            release(&pool, claimed.jobs);
-        }
-    }
-    if let Some(h) = checking.take() {
-        h.abort();
-    }
-    let mut held: Vec<Leased> = handoff.close();
-    for command in machine.poll(clock.mono_ms()) {
-        if let Action::Release(jobs) = command {
-            held.extend(jobs);
-        }
-    }
-    // A failure to give them back is reported at the end, after the drain:
-    // the deliveries in flight still finish and record their results.
-    let mut released = Ok(());
-    if !held.is_empty() {
-        let leases: Vec<LeaseRef> = held.into_iter().map(|l| l.lease).collect();
-        for l in &leases {
-            pool.in_flight.ended(l);
-        }
-        if let Err(e) = pool.queue.release(leases).await {
-            tracing::error!(error = %e, "cannot return unstarted jobs to the queue; they are taken over when their leases expire");
-            released = Err(e);
+
+    /// One machine command, carried out.
+    fn carry_out(&mut self, command: Action) {
+        let pool = &self.pool;
+        match command {
+            Action::Claim { max, order } => {
+                let p = pool.clone();
+                self.claiming = Some(tokio::spawn(async move {
+                    let asked_at = p.clock.mono_ms();
+                    let r = p
+                        .queue
+                        .claim_for(&p.cfg.name, max, p.cfg.pool.lock_duration, order)
+                        .await;
+                    (r, max, asked_at)
+                }));
+            }
+            Action::Start { job, trial } => {
+                let lease = job.lease.clone();
+                let handle = self
+                    .tasks
+                    .spawn(deliver(pool.clone(), job, trial, self.done.clone()));
+                self.task_leases.insert(handle.id(), (lease, trial));
+            }
+            Action::Release(jobs) => release(pool, jobs),
+            Action::CheckPause => {
+                let p = pool.clone();
+                self.checking = Some(tokio::spawn(async move {
+                    let asked_at = p.clock.mono_ms();
+                    (p.queue.is_paused(&p.cfg.name).await, asked_at)
+                }));
+            }
+            Action::Circuit {
+                phase, cooldown, ..
+            } => circuit_changed(pool, &self.name, phase, cooldown),
         }
     }
 
-    // Drain: let in-flight deliveries finish within the grace period.
-    let busy = tasks.len();
-    if busy > 0 {
-        tracing::info!(
-            destination = %name,
-            in_flight = busy,
-            grace_ms = pool.cfg.pool.shutdown_grace.as_millis() as u64,
-            "finishing in-flight deliveries"
-        );
+    /// A job the ingress handed over, already leased.
+    fn handed(&mut self, job: Leased) {
+        self.pool.in_flight.hold(&job.lease);
+        self.machine.handed(job);
     }
-    let drained = tokio::time::timeout(pool.cfg.pool.shutdown_grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    // Deliveries that were told to give their job back meanwhile.
-    while let Ok(done) = done_rx.try_recv() {
-        if let Verdict::NotSent(job) = done.verdict {
-            pool.in_flight.ended(&job.lease);
-            let _ = pool.queue.release(vec![job.lease]).await;
-        }
-    }
-    // Awaited once aborted: the renewer holds the pool, and so the queue
-    // (the embedded store's process lock), until it is really gone.
-    renewer.abort();
-    let _ = renewer.await;
-    if drained.is_err() {
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
-        let leases = pool.in_flight.take_all();
-        tracing::warn!(
-            returned = leases.len(),
-            "grace period over: unfinished deliveries go back to the queue"
-        );
-        pool.queue.release(leases).await?;
-    }
-    released.map_err(Into::into)
-}
 
-/// One machine command, carried out.
-#[allow(clippy::too_many_arguments)]
-fn carry_out<Q: Queue>(
-    pool: &Arc<Pool<Q>>,
-    name: &str,
-    command: Action,
-    tasks: &mut JoinSet<()>,
-    task_leases: &mut HashMap<tokio::task::Id, (LeaseRef, bool)>,
-    claiming: &mut Option<JoinHandle<(QueueResult<Claimed>, usize, i64)>>,
-    checking: &mut Option<JoinHandle<(QueueResult<bool>, i64)>>,
-    done: &mpsc::UnboundedSender<Done>,
-) {
-    match command {
-        Action::Claim { max, order } => {
-            let p = pool.clone();
-            *claiming = Some(tokio::spawn(async move {
-                let asked_at = p.clock.mono_ms();
-                let r = p
-                    .queue
-                    .claim_for(&p.cfg.name, max, p.cfg.pool.lock_duration, order)
-                    .await;
-                (r, max, asked_at)
-            }));
+    /// A delivery's HTTP part is over (or it gave its job back unsent).
+    fn delivery_ended(&mut self, done: Done) {
+        let now = self.clock.mono_ms();
+        self.ended.insert(done.lease.clone());
+        match done.verdict {
+            Verdict::Sent { signal, hold } => self.machine.finished(done.trial, signal, hold, now),
+            Verdict::NotSent(job) => {
+                self.machine.finished(done.trial, Signal::None, None, now);
+                release(&self.pool, vec![*job]);
+            }
         }
-        Action::Start { job, trial } => {
-            let lease = job.lease.clone();
-            let handle = tasks.spawn(deliver(pool.clone(), job, trial, done.clone()));
-            task_leases.insert(handle.id(), (lease, trial));
+    }
+
+    /// A delivery task is gone; one that died has its end told to the
+    /// machine and its job back in the store (not active for ever).
+    fn task_joined(&mut self, joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match &joined {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let Some((lease, trial)) = self.task_leases.remove(&id) else {
+            return;
+        };
+        let told = self.ended.remove(&lease);
+        if let Err(e) = joined {
+            tracing::error!(destination = %self.name, job = %lease.job_id, error = %e, "a delivery task failed; its job goes back to the queue");
+            if !told {
+                self.machine
+                    .finished(trial, Signal::None, None, self.clock.mono_ms());
+            }
+            self.pool.in_flight.ended(&lease);
+            let queue = self.pool.queue.clone();
+            tokio::spawn(async move {
+                let _ = queue.release(vec![lease]).await;
+            });
         }
-        Action::Release(jobs) => release(pool, jobs),
-        Action::CheckPause => {
-            let p = pool.clone();
-            *checking = Some(tokio::spawn(async move {
-                let asked_at = p.clock.mono_ms();
-                (p.queue.is_paused(&p.cfg.name).await, asked_at)
-            }));
+    }
+
+    fn claim_answered(
+        &mut self,
+        answer: Result<(QueueResult<Claimed>, usize, i64), tokio::task::JoinError>,
+    ) {
+        self.claiming = None;
+        let now = self.clock.mono_ms();
+        let (result, asked, asked_at) = match answer {
+            Ok(r) => r,
+            Err(e) => (Err(QueueError::Unavailable(e.to_string())), 0, now),
+        };
+        let result = result.map_err(|e| {
+            tracing::warn!(destination = %self.name, error = %e, "cannot claim jobs; trying again in 1 s");
+            e.to_string()
+        });
+        if let Ok(c) = &result {
+            for job in &c.jobs {
+                self.pool.in_flight.hold(&job.lease);
+            }
         }
-        Action::Circuit {
-            phase, cooldown, ..
-        } => circuit_changed(pool, name, phase, cooldown),
+        let wait = result
+            .as_ref()
+            .ok()
+            .and_then(|c| c.next_due_ms)
+            .map(|due| due.saturating_sub(self.clock.now_ms()));
+        self.machine.claimed(result, asked, asked_at, wait, now);
+    }
+
+    fn pause_read(&mut self, answer: Result<(QueueResult<bool>, i64), tokio::task::JoinError>) {
+        self.checking = None;
+        let now = self.clock.mono_ms();
+        let (result, asked_at) =
+            answer.unwrap_or_else(|e| (Err(QueueError::Unavailable(e.to_string())), now));
+        self.machine
+            .pause_seen(result.map_err(|e| e.to_string()), asked_at, now);
+    }
+
+    fn pause_told(&mut self, note: PauseNote) {
+        let now = self.clock.mono_ms();
+        self.machine.pause_seen(Ok(note.paused), now, now);
+        self.pause_acks.push(note.ack);
+    }
+
+    /// Shutdown: nothing more starts, what is held goes back, the
+    /// deliveries in flight finish within the grace period (or go back).
+    async fn close(
+        mut self,
+        mut handoff: handoff::HandoffRx,
+        mut done_rx: mpsc::UnboundedReceiver<Done>,
+    ) -> anyhow::Result<()> {
+        self.machine.stop();
+        let pool = self.pool.clone();
+        pool.gate.set(i64::MIN);
+        if let Some(h) = self.claiming.take() {
+            if let Ok((Ok(claimed), _, _)) = h.await {
+                release(&pool, claimed.jobs);
+            }
+        }
+        if let Some(h) = self.checking.take() {
+            h.abort();
+        }
+        let mut held: Vec<Leased> = handoff.close();
+        for command in self.machine.poll(self.clock.mono_ms()) {
+            if let Action::Release(jobs) = command {
+                held.extend(jobs);
+            }
+        }
+        // A failure to give them back is reported at the end, after the
+        // drain: the deliveries in flight still finish and record their results.
+        let mut released = Ok(());
+        if !held.is_empty() {
+            let leases: Vec<LeaseRef> = held.into_iter().map(|l| l.lease).collect();
+            for l in &leases {
+                pool.in_flight.ended(l);
+            }
+            if let Err(e) = pool.queue.release(leases).await {
+                tracing::error!(error = %e, "cannot return unstarted jobs to the queue; they are taken over when their leases expire");
+                released = Err(e);
+            }
+        }
+        let drained = self.drain().await;
+        // Deliveries that were told to give their job back meanwhile.
+        while let Ok(done) = done_rx.try_recv() {
+            if let Verdict::NotSent(job) = done.verdict {
+                pool.in_flight.ended(&job.lease);
+                let _ = pool.queue.release(vec![job.lease]).await;
+            }
+        }
+        // Awaited once aborted: the renewer holds the pool, and so the queue
+        // (the embedded store's process lock), until it is really gone.
+        self.renewer.abort();
+        let _ = (&mut self.renewer).await;
+        if !drained {
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+            let leases = pool.in_flight.take_all();
+            tracing::warn!(
+                returned = leases.len(),
+                "grace period over: unfinished deliveries go back to the queue"
+            );
+            pool.queue.release(leases).await?;
+        }
+        released.map_err(Into::into)
+    }
+
+    /// Lets in-flight deliveries finish within the grace period; whether
+    /// they all did.
+    async fn drain(&mut self) -> bool {
+        let busy = self.tasks.len();
+        let grace = self.pool.cfg.pool.shutdown_grace;
+        if busy > 0 {
+            tracing::info!(
+                destination = %self.name,
+                in_flight = busy,
+                grace_ms = grace.as_millis() as u64,
+                "finishing in-flight deliveries"
+            );
+        }
+        let tasks = &mut self.tasks;
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_ok()
     }
 }
 
 /// A circuit change: in the metrics and the admin API, and logged once.
-fn circuit_changed<Q: Queue>(pool: &Arc<Pool<Q>>, name: &str, phase: Phase, cooldown: Duration) {
+fn circuit_changed(pool: &Arc<Pool>, name: &str, phase: Phase, cooldown: Duration) {
     pool.metrics.circuit(name, phase.as_str());
     let next = (phase == Phase::Open).then(|| {
         pool.clock
@@ -395,7 +476,7 @@ fn circuit_changed<Q: Queue>(pool: &Arc<Pool<Q>>, name: &str, phase: Phase, cool
 
 /// A circuit change in the store, for every relay (Redis; nothing to do on
 /// the embedded store): an opening with its cool-down, a closing.
-async fn share_circuit<Q: Queue>(pool: &Arc<Pool<Q>>, phase: Phase, cooldown: Duration) {
+async fn share_circuit(pool: &Arc<Pool>, phase: Phase, cooldown: Duration) {
     if phase == Phase::HalfOpen || !pool.queue.shared_by_relays() {
         return;
     }
@@ -406,7 +487,7 @@ async fn share_circuit<Q: Queue>(pool: &Arc<Pool<Q>>, phase: Phase, cooldown: Du
 }
 
 /// Jobs back to the store unstarted (waiting again, attempts unchanged).
-fn release<Q: Queue>(pool: &Arc<Pool<Q>>, jobs: Vec<Leased>) {
+fn release(pool: &Arc<Pool>, jobs: Vec<Leased>) {
     if jobs.is_empty() {
         return;
     }
@@ -422,7 +503,7 @@ fn release<Q: Queue>(pool: &Arc<Pool<Q>>, jobs: Vec<Leased>) {
     });
 }
 
-async fn renew_leases<Q: Queue>(pool: Arc<Pool<Q>>) {
+async fn renew_leases(pool: Arc<Pool>) {
     let every = pool.cfg.pool.lock_duration / 3;
     loop {
         tokio::time::sleep(every).await;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::event::Event;
-use crate::queue::{Leased, Queue, QueueResult, Routed};
+use crate::queue::{DestinationName, Leased, Queue, QueueResult, Routed, Store};
 
 #[derive(Debug)]
 pub struct Handoff {
@@ -83,7 +83,7 @@ impl Handoff {
 /// wake-up of its dispatcher.
 #[derive(Debug)]
 pub struct Lane {
-    pub destination: String,
+    pub destination: DestinationName,
     pub handoff: Arc<Handoff>,
     pub wake: Arc<Notify>,
 }
@@ -105,11 +105,11 @@ impl LaneSet {
     /// (one durable step), leased to the local pools when every one of them
     /// has room (and hands each its job), else plainly (and wakes their
     /// dispatchers to claim them).
-    pub async fn store<Q: Queue>(
+    pub async fn store(
         &self,
-        queue: &Q,
+        queue: &Store,
         event: Event,
-        routes: Vec<String>,
+        routes: Vec<DestinationName>,
     ) -> QueueResult<Routed> {
         let lanes: Vec<&Lane> = routes.iter().filter_map(|r| self.get(r)).collect();
         let mut reserved = 0;

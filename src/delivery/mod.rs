@@ -36,7 +36,7 @@ use std::time::Duration;
 use crate::cognigy::CognigyClient;
 use tokio::sync::Notify;
 
-use crate::queue::LeaseRef;
+use crate::queue::{DestinationName, LeaseRef, Store};
 use backoff::Backoff;
 use signing::TargetSigningKey;
 
@@ -93,7 +93,7 @@ pub struct PoolSettings {
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
     /// The destination's name: the pool claims its jobs only.
-    pub name: String,
+    pub name: DestinationName,
     pub destination: DeliverySettings,
     pub pool: PoolSettings,
     /// Where the lease renewals run (None: beside the deliveries). Not at the
@@ -128,9 +128,9 @@ impl TestFault {
 }
 
 impl DeliveryConfig {
-    pub fn new(name: &str, destination: DeliverySettings, pool: PoolSettings) -> Self {
+    pub fn new(name: DestinationName, destination: DeliverySettings, pool: PoolSettings) -> Self {
         Self {
-            name: name.to_string(),
+            name,
             destination,
             pool,
             renewals: None,
@@ -146,8 +146,8 @@ impl DeliveryConfig {
     }
 }
 
-struct Pool<Q> {
-    queue: Arc<Q>,
+struct Pool {
+    queue: Arc<Store>,
     cfg: DeliveryConfig,
     target: target::Target,
     /// Leases held by this pool, for renewal and for release at shutdown.
@@ -246,7 +246,7 @@ mod tests {
         LeaseRef {
             job_id: job.into(),
             token: token.into(),
-            destination: "default".into(),
+            destination: DestinationName::DEFAULT,
         }
     }
 

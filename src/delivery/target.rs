@@ -37,6 +37,10 @@ pub struct TargetAnswer {
     pub body: Bytes,
 }
 
+/// What one request came to: the target's answer, or none. The attempt's
+/// first result; [`super::classify::classify`] reads it as an outcome.
+pub type Sent = Result<TargetAnswer, Failure>;
+
 /// No answer: why, without the URL (it may carry credentials).
 #[derive(Debug)]
 pub struct Failure {

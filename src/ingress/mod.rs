@@ -60,7 +60,7 @@ use crate::current::Current;
 use crate::destination::{DestinationSet, OUTPUT_TYPE};
 use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
-use crate::queue::{Queue, Routed};
+use crate::queue::{DestinationName, Routed, Store};
 use auth::Authenticator;
 use envelope::EnvelopeError;
 
@@ -96,8 +96,8 @@ pub struct Routing {
     pub lanes: crate::delivery::handoff::LaneSet,
 }
 
-pub struct Ingress<Q> {
-    pub queue: Arc<Q>,
+pub struct Ingress {
+    pub queue: Arc<Store>,
     pub auth: Authenticator,
     pub max_body_bytes: usize,
     /// Memory all bodies together may hold beyond their free allowance.
@@ -147,11 +147,11 @@ impl ReplayWindow {
     }
 }
 
-pub fn router<Q: Queue>(state: Arc<Ingress<Q>>) -> Router {
+pub fn router(state: Arc<Ingress>) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
         // HEAD answers 200 so `cogrelay register` (and Cognigy) can pre-flight the URL.
-        .route(PATH, post(receive::<Q>).head(|| async { StatusCode::OK }))
+        .route(PATH, post(receive).head(|| async { StatusCode::OK }))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -201,7 +201,7 @@ fn is_json(headers: &HeaderMap) -> bool {
             && essence.contains('/'))
 }
 
-impl<Q> Ingress<Q> {
+impl Ingress {
     /// Answers `status` with `msg`, and logs the refusal (bounded per kind).
     fn refuse(
         &self,
@@ -216,8 +216,8 @@ impl<Q> Ingress<Q> {
     }
 }
 
-async fn receive<Q: Queue>(
-    State(s): State<Arc<Ingress<Q>>>,
+async fn receive(
+    State(s): State<Arc<Ingress>>,
     peer: Option<axum::Extension<ratelimit::PeerAddr>>,
     headers: HeaderMap,
     body: Body,
@@ -352,7 +352,7 @@ async fn receive<Q: Queue>(
         s.metrics.unrouted();
         return Json(json!({ "status": "unrouted" })).into_response();
     }
-    match routing.lanes.store(&*s.queue, event, routes).await {
+    match routing.lanes.store(&s.queue, event, routes).await {
         Ok(routed) => {
             s.refusals.accepted();
             Json(answer(&routed, routing.destinations.file.is_some())).into_response()
@@ -367,7 +367,7 @@ async fn receive<Q: Queue>(
 /// The destinations that want `event` (SPEC §7), in the file's order. An
 /// endpoint output's type is `cognigy.output`; the received document is
 /// parsed again only when some destination has `where` conditions.
-fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<String> {
+fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<DestinationName> {
     let event_type = match event.kind {
         EventKind::EndpointOutput => OUTPUT_TYPE,
         EventKind::Envelope => event.event_type.as_deref().unwrap_or(""),

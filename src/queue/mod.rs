@@ -96,14 +96,12 @@ impl JobState {
     }
 }
 
-/// The destination of a relay without a destinations file (SPEC §7), and of
-/// every job stored before destinations existed.
-pub use crate::event::DEFAULT_DESTINATION;
+pub use crate::event::DestinationName;
 
 /// One job of an event: which destination it is for, and its id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobRef {
-    pub destination: String,
+    pub destination: DestinationName,
     pub id: String,
 }
 
@@ -130,7 +128,7 @@ pub(crate) fn parse_jobs_text(text: &str) -> Vec<JobRef> {
     text.split(',')
         .filter_map(|part| part.split_once('='))
         .map(|(destination, id)| JobRef {
-            destination: destination.to_string(),
+            destination: DestinationName::known(destination),
             id: id.to_string(),
         })
         .collect()
@@ -172,7 +170,7 @@ pub struct LeaseRef {
     pub job_id: String,
     pub token: String,
     /// Whose job it is (on Redis: which BullMQ queue holds it).
-    pub destination: String,
+    pub destination: DestinationName,
 }
 
 /// What a worker needs to deliver one job.
@@ -212,12 +210,41 @@ impl DeliveryJob {
     }
 }
 
-/// Where a job goes after an attempt.
+/// Where a job goes after an attempt (`delivery/attempt.rs` `decide`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Disposition {
     Completed,
     RetryAt { due_at_ms: i64, reason: String },
     Failed { reason: String },
+}
+
+impl Disposition {
+    /// The job's state after it: what every store keeps (the SQL `state`,
+    /// the BullMQ list `finish.lua` moves the job to). The one mapping.
+    pub fn state(&self) -> JobState {
+        match self {
+            Disposition::Completed => JobState::Completed,
+            Disposition::RetryAt { .. } => JobState::Delayed,
+            Disposition::Failed { .. } => JobState::Failed,
+        }
+    }
+
+    /// The attempt's outcome in the job's history and the metrics.
+    pub fn attempt_outcome(&self) -> AttemptOutcome {
+        match self {
+            Disposition::Completed => AttemptOutcome::Delivered,
+            Disposition::RetryAt { .. } => AttemptOutcome::Retry,
+            Disposition::Failed { .. } => AttemptOutcome::Failed,
+        }
+    }
+
+    /// Why it is not delivered (none when it is).
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Disposition::Completed => None,
+            Disposition::RetryAt { reason, .. } | Disposition::Failed { reason } => Some(reason),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -239,7 +266,7 @@ pub struct Counts {
 pub struct JobView {
     pub id: String,
     pub state: JobState,
-    pub destination: String,
+    pub destination: DestinationName,
     pub event_key: String,
     pub event_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -291,11 +318,7 @@ impl StoredJob {
         JobView {
             id: self.id,
             state,
-            destination: if self.destination.is_empty() {
-                DEFAULT_DESTINATION.to_string()
-            } else {
-                self.destination
-            },
+            destination: DestinationName::known(&self.destination),
             event_key: self.event_key,
             event_id: self.event_id,
             bot_id: self.bot_id,
@@ -383,8 +406,14 @@ pub struct QueueSettings {
     pub remove_on_complete: u32,
 }
 
-/// The queue contract of the hot path (the ingress and the delivery pool).
+/// The queue contract: what the relay, its admin API and the tools ask of a
+/// store, every method with a caller in the relay or the tools (the tests'
+/// shortcuts live in `tests/it/helpers.rs`). [`Store`] is the one dispatch
+/// point over the backends (`EmbeddedQueue`, `RedisQueues`), each of which
+/// states every method, doing nothing where it has nothing to do.
 /// Futures are `Send` so callers can spawn them.
+///
+/// The hot path (the ingress and the delivery pools):
 pub trait Queue: Send + Sync + 'static {
     /// Stores `event` as one job for each of `destinations` (in that order)
     /// together with its dedup record, in one durable step: all of them or
@@ -395,7 +424,7 @@ pub trait Queue: Send + Sync + 'static {
     fn store(
         &self,
         event: Event,
-        destinations: Vec<String>,
+        destinations: Vec<DestinationName>,
         lease: Option<Duration>,
     ) -> impl Future<Output = QueueResult<(Routed, Vec<Leased>)>> + Send;
     /// Leases due jobs of `destination`, `order`'s first (see the module
@@ -403,14 +432,17 @@ pub trait Queue: Send + Sync + 'static {
     /// back at once (`next_due_ms` now).
     fn claim_for(
         &self,
-        destination: &str,
+        destination: &DestinationName,
         max: usize,
         lease: Duration,
         order: ClaimOrder,
     ) -> impl Future<Output = QueueResult<Claimed>> + Send;
     /// Whether `destination` is paused, read from the store now (a pool's
     /// pause lease, and operators).
-    fn is_paused(&self, destination: &str) -> impl Future<Output = QueueResult<bool>> + Send;
+    fn is_paused(
+        &self,
+        destination: &DestinationName,
+    ) -> impl Future<Output = QueueResult<bool>> + Send;
     fn renew(
         &self,
         leases: Vec<LeaseRef>,
@@ -426,10 +458,6 @@ pub trait Queue: Send + Sync + 'static {
     /// Returns leased jobs to waiting without counting an attempt (shutdown).
     fn release(&self, leases: Vec<LeaseRef>) -> impl Future<Output = QueueResult<()>> + Send;
     fn ping(&self) -> impl Future<Output = QueueResult<()>> + Send;
-    /// Puts back the jobs whose lease expired (their worker is gone), now;
-    /// how many. The relay's store also does it on its own (the embedded
-    /// store at each claim, Redis every half lease).
-    fn check_stalled(&self) -> impl Future<Output = QueueResult<u64>> + Send;
     /// The destination's circuit opened (for `open_for`, counted on the
     /// store's clock) or closed, where the store shares it with every relay
     /// (Redis: its claims then take nothing until then, and one round of
@@ -437,18 +465,13 @@ pub trait Queue: Send + Sync + 'static {
     /// itself: nothing to do.
     fn set_circuit(
         &self,
-        destination: &str,
+        destination: &DestinationName,
         open_for: Option<Duration>,
-    ) -> impl Future<Output = QueueResult<()>> + Send {
-        let _ = (destination, open_for);
-        async { Ok(()) }
-    }
+    ) -> impl Future<Output = QueueResult<()>> + Send;
     /// Whether other relays share this store (Redis), rather than this one
     /// relay owning it (embedded): a pause then waits out their pause lease,
     /// and jobs of a destination no relay has are not this relay's to name.
-    fn shared_by_relays(&self) -> bool {
-        false
-    }
+    fn shared_by_relays(&self) -> bool;
     /// How long a word that a destination is not paused lets a pool start
     /// deliveries (its pause lease): a pause told from elsewhere (another
     /// relay, the command line) is answered this long, and a margin, after
@@ -464,64 +487,45 @@ pub trait Queue: Send + Sync + 'static {
     }
     /// The store's bytes on disk and its cap (0: none), where the backend
     /// keeps its own files (the embedded store); `None` elsewhere.
-    fn store_bytes(&self) -> Option<(u64, u64)> {
-        None
-    }
+    fn store_bytes(&self) -> Option<(u64, u64)>;
     /// Ways this store can lose an acknowledged event, as found at start-up:
     /// `(name, present)` for each one the backend knows of.
-    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
-        Vec::new()
-    }
+    fn durability_risks(&self) -> Vec<(&'static str, bool)>;
     fn close(&self) -> impl Future<Output = QueueResult<()>> + Send;
-}
 
-/// What operators need besides the hot path: counts, listings, and the
-/// dead-letter actions. The state rules are [`JobState::check_retry`] and
-/// [`JobState::check_remove`], the same on every backend.
-pub trait Operate: Queue {
+    // What operators need besides the hot path: counts, listings, and the
+    // dead-letter actions. The state rules are [`JobState::check_retry`] and
+    // [`JobState::check_remove`], the same on every backend.
+
     /// Jobs by state, of one destination or (None) of all.
     fn counts_for(
         &self,
-        destination: Option<&str>,
+        destination: Option<&DestinationName>,
     ) -> impl Future<Output = QueueResult<Counts>> + Send;
-    fn counts(&self) -> impl Future<Output = QueueResult<Counts>> + Send {
-        self.counts_for(None)
-    }
     /// Newest first. `state: None` lists every state, `destination: None`
     /// every destination.
     fn list_for(
         &self,
         state: Option<JobState>,
-        destination: Option<&str>,
+        destination: Option<&DestinationName>,
         offset: u64,
         limit: u64,
     ) -> impl Future<Output = QueueResult<Page>> + Send;
-    fn list(
-        &self,
-        state: Option<JobState>,
-        offset: u64,
-        limit: u64,
-    ) -> impl Future<Output = QueueResult<Page>> + Send {
-        self.list_for(state, None, offset, limit)
-    }
     fn get(&self, id: &str) -> impl Future<Output = QueueResult<JobView>> + Send;
     /// A failed job back to waiting with its attempt count reset.
     fn retry(&self, id: &str) -> impl Future<Output = QueueResult<()>> + Send;
     /// Every failed job (of one destination) back to waiting; how many moved.
     fn retry_all_failed_for(
         &self,
-        destination: Option<&str>,
+        destination: Option<&DestinationName>,
     ) -> impl Future<Output = QueueResult<u64>> + Send;
-    fn retry_all_failed(&self) -> impl Future<Output = QueueResult<u64>> + Send {
-        self.retry_all_failed_for(None)
-    }
     fn remove(&self, id: &str) -> impl Future<Output = QueueResult<()>> + Send;
     /// Pauses (or resumes) a destination: its jobs are stored but not
     /// claimed, by any relay, until resumed. Kept in the store: a restart
     /// keeps it.
     fn set_paused(
         &self,
-        destination: &str,
+        destination: &DestinationName,
         paused: bool,
     ) -> impl Future<Output = QueueResult<()>> + Send;
     /// Applies a destination's `rate_limit` (requests a second; 0 = none)
@@ -529,12 +533,9 @@ pub trait Operate: Queue {
     /// relay limits itself: nothing to do.
     fn set_rate_limit(
         &self,
-        destination: &str,
+        destination: &DestinationName,
         per_second: u32,
-    ) -> impl Future<Output = QueueResult<()>> + Send {
-        let _ = (destination, per_second);
-        async { Ok(()) }
-    }
+    ) -> impl Future<Output = QueueResult<()>> + Send;
     /// The destinations the store has jobs of, or has paused; sorted.
-    fn destination_names(&self) -> impl Future<Output = QueueResult<Vec<String>>> + Send;
+    fn destination_names(&self) -> impl Future<Output = QueueResult<Vec<DestinationName>>> + Send;
 }

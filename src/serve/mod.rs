@@ -23,7 +23,7 @@ use crate::delivery::handoff::LaneSet;
 use crate::destination::DestinationSet;
 use crate::ingress::{self, auth::Authenticator, Ingress, Routing};
 use crate::metrics::Metrics;
-use crate::queue::{self, Opener, Operate};
+use crate::queue::{self, DestinationName, Opener, Queue, Store};
 use crate::{admin, admin::Admin};
 use pools::Pools;
 
@@ -63,9 +63,9 @@ pub async fn run_reloadable(
     run_with_queue(cfg, Arc::new(queue), ingress, admin, shutdown, reload).await
 }
 
-pub async fn run_with_queue<Q: Operate>(
+pub async fn run_with_queue(
     cfg: ServeConfig,
-    queue: Arc<Q>,
+    queue: Arc<Store>,
     ingress_listener: TcpListener,
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -95,7 +95,7 @@ pub async fn run_with_queue<Q: Operate>(
         delivery_rt.handle(),
         pauses.clone(),
     );
-    let lanes = start_pools(&mut pools, &*queue, &destinations).await;
+    let lanes = start_pools(&mut pools, &queue, &destinations).await;
     let ingress_state = ingress_state(&cfg, &queue, &destinations, lanes, &accepting, &metrics);
     let (stop_http_tx, stop_http_rx) = watch::channel(false);
     let ingress_addr = ingress_listener.local_addr()?;
@@ -127,7 +127,7 @@ pub async fn run_with_queue<Q: Operate>(
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
     log_destinations(&destinations);
-    warn_of_orphans(&*queue, &destinations).await;
+    warn_of_orphans(&queue, &destinations).await;
     tracing::info!(
         ingress = %ingress_addr, admin = %admin_addr, destinations = destinations.list.len(),
         "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
@@ -148,7 +148,7 @@ pub async fn run_with_queue<Q: Operate>(
     )
     .await;
     let close_result = close_down(
-        &*queue,
+        &queue,
         summary,
         sampler,
         stop_http_tx,
@@ -165,13 +165,13 @@ pub async fn run_with_queue<Q: Operate>(
 /// that ends on its own (the relay then stops taking events: it cannot
 /// deliver them).
 #[allow(clippy::too_many_arguments)]
-async fn until_stopped<Q: Operate>(
+async fn until_stopped(
     shutdown: impl Future<Output = ()>,
     reload: &mut mpsc::Receiver<()>,
     ended: &mut mpsc::UnboundedReceiver<pools::Ended>,
-    pools: &mut Pools<Q>,
+    pools: &mut Pools,
     cfg: &ServeConfig,
-    ingress_state: &Ingress<Q>,
+    ingress_state: &Ingress,
     current_destinations: &Current<DestinationSet>,
     accepting: &AtomicBool,
 ) -> anyhow::Result<()> {
@@ -205,15 +205,15 @@ async fn until_stopped<Q: Operate>(
 
 /// The admin API's state: the queue, the metrics, the token, the
 /// destinations as reloaded, the pause board.
-fn admin_state<Q: Operate>(
+fn admin_state(
     cfg: &ServeConfig,
-    queue: &Arc<Q>,
+    queue: &Arc<Store>,
     metrics: &Arc<Metrics>,
     accepting: &Arc<AtomicBool>,
     admin_addr: std::net::SocketAddr,
     current_destinations: &Arc<Current<DestinationSet>>,
     pauses: crate::delivery::PauseBoard,
-) -> Arc<Admin<Q>> {
+) -> Arc<Admin> {
     Arc::new(Admin {
         queue: queue.clone(),
         metrics: metrics.clone(),
@@ -227,28 +227,24 @@ fn admin_state<Q: Operate>(
 
 /// Each destination's pool started (its shared rate limit set first), and
 /// the ingress's lanes to them.
-async fn start_pools<Q: Operate>(
-    pools: &mut Pools<Q>,
-    queue: &Q,
-    destinations: &DestinationSet,
-) -> LaneSet {
+async fn start_pools(pools: &mut Pools, queue: &Store, destinations: &DestinationSet) -> LaneSet {
     apply_rate_limits(queue, destinations).await;
     for d in &destinations.list {
         let started = pools.start(d);
         pools.install(started);
     }
-    LaneSet::new(pools.lanes(destinations.list.iter().map(|d| d.name.as_str())))
+    LaneSet::new(pools.lanes(destinations.list.iter().map(|d| &d.name)))
 }
 
 /// The ingress's state: who may post, the limits, the routing to the pools.
-fn ingress_state<Q: Operate>(
+fn ingress_state(
     cfg: &ServeConfig,
-    queue: &Arc<Q>,
+    queue: &Arc<Store>,
     destinations: &DestinationSet,
     lanes: LaneSet,
     accepting: &Arc<AtomicBool>,
     metrics: &Arc<Metrics>,
-) -> Arc<Ingress<Q>> {
+) -> Arc<Ingress> {
     let auth = Authenticator::new(&cfg.ingress.signing_secrets, cfg.ingress.basic.as_ref());
     if auth.is_open() {
         tracing::warn!("ingress authentication is OFF (--allow-unauthenticated): anyone who can reach the port can queue events");
@@ -287,8 +283,8 @@ async fn sample_history(metrics: Arc<Metrics>) {
 
 /// After the pools stopped: the background tasks end, the store closes, and
 /// the HTTP servers get `HTTP_CLOSE_GRACE` to finish their connections.
-async fn close_down<Q: Operate>(
-    queue: &Q,
+async fn close_down(
+    queue: &Store,
     summary: Option<tokio::task::JoinHandle<()>>,
     sampler: tokio::task::JoinHandle<()>,
     stop_http_tx: watch::Sender<bool>,
@@ -317,7 +313,7 @@ async fn close_down<Q: Operate>(
 
 /// Jobs waiting for a destination that no longer exists wait until one of
 /// that name does: say so once, with how to reach them.
-async fn warn_of_orphans<Q: Operate>(queue: &Q, destinations: &DestinationSet) {
+async fn warn_of_orphans(queue: &Store, destinations: &DestinationSet) {
     if queue.shared_by_relays() {
         return;
     }
@@ -341,7 +337,7 @@ async fn warn_of_orphans<Q: Operate>(queue: &Q, destinations: &DestinationSet) {
 /// Each destination's rate limit where the store keeps it for every relay
 /// (Redis: BullMQ's limit on its queue); a failure is a warning, the relay's
 /// own limit still holds.
-async fn apply_rate_limits<Q: Operate>(queue: &Q, destinations: &DestinationSet) {
+async fn apply_rate_limits(queue: &Store, destinations: &DestinationSet) {
     for d in &destinations.list {
         if let Err(e) = queue.set_rate_limit(&d.name, d.delivery.rate_limit).await {
             tracing::warn!(destination = %d.name, error = %e, "cannot set the rate limit in the store; each relay limits itself");
@@ -365,10 +361,10 @@ fn log_destinations(destinations: &DestinationSet) {
 /// pools take them): nothing lost, nothing sent twice. A destination that is
 /// gone keeps its jobs in the store (listed, retryable, removable). A bad
 /// file changes nothing, in one error line.
-async fn reload_destinations<Q: Operate>(
+async fn reload_destinations(
     cfg: &ServeConfig,
-    pools: &mut Pools<Q>,
-    ingress: &Ingress<Q>,
+    pools: &mut Pools,
+    ingress: &Ingress,
     current: &Current<DestinationSet>,
 ) {
     let Some(path) = cfg.destinations_file.as_ref().and_then(|d| d.file.clone()) else {
@@ -386,23 +382,23 @@ async fn reload_destinations<Q: Operate>(
             return;
         }
     };
-    apply_rate_limits(&*ingress.queue, &new).await;
+    apply_rate_limits(&ingress.queue, &new).await;
     let old = current.get();
     let mut retiring = Vec::new();
     for d in &new.list {
         let started = pools.start(d);
         retiring.extend(pools.install(started));
     }
-    let removed: Vec<&str> = old
+    let removed: Vec<&DestinationName> = old
         .list
         .iter()
-        .map(|d| d.name.as_str())
+        .map(|d| &d.name)
         .filter(|name| new.get(name).is_none())
         .collect();
-    for name in &removed {
+    for &name in &removed {
         retiring.extend(pools.remove(name));
     }
-    let lanes = LaneSet::new(pools.lanes(new.list.iter().map(|d| d.name.as_str())));
+    let lanes = LaneSet::new(pools.lanes(new.list.iter().map(|d| &d.name)));
     ingress.routing.set(Routing {
         destinations: new.clone(),
         lanes,
@@ -423,15 +419,15 @@ async fn reload_destinations<Q: Operate>(
     let added: Vec<&str> = new
         .list
         .iter()
+        .filter(|d| old.get(&d.name).is_none())
         .map(|d| d.name.as_str())
-        .filter(|name| old.get(name).is_none())
         .collect();
     tracing::info!(
         file = %path.display(), destinations = new.list.len(),
         "destinations reloaded: added {added:?}, removed {removed:?}, the others restarted with their new settings"
     );
     log_destinations(&new);
-    warn_of_orphans(&*ingress.queue, &new).await;
+    warn_of_orphans(&ingress.queue, &new).await;
 }
 
 /// Where the delivery pool runs: its own runtime whose threads run at a lower
@@ -501,13 +497,13 @@ fn lower_thread_priority(_nice: u8) {}
 /// One line every `every` while anything moves, for a person watching the
 /// terminal (pretty log mode): what was accepted, delivered, retried, failed
 /// since the last line, and the queue depth.
-async fn summary_lines<Q: Operate>(queue: Arc<Q>, metrics: Arc<Metrics>, every: Duration) {
+async fn summary_lines(queue: Arc<Store>, metrics: Arc<Metrics>, every: Duration) {
     let mut last = metrics.totals();
     let mut idle_reported = false;
     loop {
         tokio::time::sleep(every).await;
         let now = metrics.totals();
-        let counts = queue.counts().await.ok();
+        let counts = queue.counts_for(None).await.ok();
         let pending = counts
             .map(|c| c.waiting + c.active + c.delayed)
             .unwrap_or(0);

@@ -15,7 +15,7 @@ use crate::delivery::handoff::{Handoff, Lane};
 use crate::delivery::{self, DeliveryConfig, PauseBoard, PoolSettings};
 use crate::destination::Destination;
 use crate::metrics::Metrics;
-use crate::queue::Queue;
+use crate::queue::{DestinationName, Store};
 
 /// New events the ingress may hand to a pool directly (stored leased to this
 /// relay), per delivery worker. Above the pool's prefetch (2 per worker):
@@ -26,7 +26,7 @@ use crate::queue::Queue;
 const HANDOFF_PER_WORKER: usize = 8;
 
 /// A pool that ended: its destination, its generation, and why, if it failed.
-pub type Ended = (String, u64, Result<(), String>);
+pub type Ended = (DestinationName, u64, Result<(), String>);
 
 struct Running {
     generation: u64,
@@ -36,21 +36,21 @@ struct Running {
     wake: Arc<Notify>,
 }
 
-pub struct Pools<Q> {
-    queue: Arc<Q>,
+pub struct Pools {
+    queue: Arc<Store>,
     pauses: PauseBoard,
     pool: PoolSettings,
     metrics: Arc<Metrics>,
     /// Where the pools run (the delivery runtime's handle).
     runtime: tokio::runtime::Handle,
     ended: mpsc::UnboundedSender<Ended>,
-    running: HashMap<String, Running>,
+    running: HashMap<DestinationName, Running>,
     next_generation: u64,
 }
 
-impl<Q: Queue> Pools<Q> {
+impl Pools {
     pub fn new(
-        queue: Arc<Q>,
+        queue: Arc<Store>,
         pool: PoolSettings,
         metrics: Arc<Metrics>,
         runtime: tokio::runtime::Handle,
@@ -86,7 +86,8 @@ impl<Q: Queue> Pools<Q> {
         self.next_generation += 1;
         let run = delivery::run(
             self.queue.clone(),
-            DeliveryConfig::new(&d.name, d.delivery.clone(), self.pool.clone()).renewing_here(),
+            DeliveryConfig::new(d.name.clone(), d.delivery.clone(), self.pool.clone())
+                .renewing_here(),
             wake.clone(),
             handoff_rx,
             self.metrics.clone(),
@@ -126,24 +127,24 @@ impl<Q: Queue> Pools<Q> {
     }
 
     /// Removes `name`'s pool from the running ones (to be retired).
-    pub fn remove(&mut self, name: &str) -> Option<Retiring> {
+    pub fn remove(&mut self, name: &DestinationName) -> Option<Retiring> {
         self.running.remove(name).map(Retiring)
     }
 
     /// Whether an ended pool is one still running here (an unexpected end),
     /// rather than one retired on purpose.
-    pub fn is_current(&self, name: &str, generation: u64) -> bool {
+    pub fn is_current(&self, name: &DestinationName, generation: u64) -> bool {
         self.running
             .get(name)
             .is_some_and(|r| r.generation == generation)
     }
 
     /// The lanes of the running pools, in `order`.
-    pub fn lanes<'a>(&self, order: impl Iterator<Item = &'a str>) -> Vec<Lane> {
+    pub fn lanes<'a>(&self, order: impl Iterator<Item = &'a DestinationName>) -> Vec<Lane> {
         order
             .filter_map(|name| {
                 self.running.get(name).map(|r| Lane {
-                    destination: name.to_string(),
+                    destination: name.clone(),
                     handoff: r.handoff.clone(),
                     wake: r.wake.clone(),
                 })
@@ -174,7 +175,7 @@ impl<Q: Queue> Pools<Q> {
 
 /// A pool started, not yet installed.
 pub struct Started {
-    name: String,
+    name: DestinationName,
     running: Running,
 }
 

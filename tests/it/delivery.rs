@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use cogrelay::config::TargetSigningKey;
+use cogrelay::queue::DestinationName;
 
 use crate::helpers::*;
 
@@ -277,7 +278,12 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let pool = delivery_rt.spawn(delivery::run(
             queue.clone(),
-            DeliveryConfig::new("default", cfg.delivery.clone(), cfg.pool.clone()).renewing_here(),
+            DeliveryConfig::new(
+                DestinationName::DEFAULT,
+                cfg.delivery.clone(),
+                cfg.pool.clone(),
+            )
+            .renewing_here(),
             Arc::new(tokio::sync::Notify::new()),
             handoff_rx,
             Arc::new(Metrics::default()),

@@ -533,11 +533,7 @@ pub trait DefaultDestination: cogrelay::queue::Queue {
     ) -> impl std::future::Future<Output = cogrelay::queue::QueueResult<Enqueued>> + Send {
         async move {
             let (routed, _) = self
-                .store(
-                    event,
-                    vec![cogrelay::queue::DEFAULT_DESTINATION.into()],
-                    None,
-                )
+                .store(event, vec![cogrelay::queue::DestinationName::DEFAULT], None)
                 .await?;
             Ok(first(&routed))
         }
@@ -556,7 +552,7 @@ pub trait DefaultDestination: cogrelay::queue::Queue {
             let (routed, mut leased) = self
                 .store(
                     event,
-                    vec![cogrelay::queue::DEFAULT_DESTINATION.into()],
+                    vec![cogrelay::queue::DestinationName::DEFAULT],
                     Some(lease),
                 )
                 .await?;
@@ -571,13 +567,21 @@ pub trait DefaultDestination: cogrelay::queue::Queue {
         lease: std::time::Duration,
     ) -> impl std::future::Future<Output = cogrelay::queue::QueueResult<cogrelay::queue::Claimed>> + Send
     {
-        self.claim_for(
-            cogrelay::queue::DEFAULT_DESTINATION,
-            max,
-            lease,
-            cogrelay::queue::ClaimOrder::Due,
-        )
+        async move {
+            self.claim_for(
+                &cogrelay::queue::DestinationName::DEFAULT,
+                max,
+                lease,
+                cogrelay::queue::ClaimOrder::Due,
+            )
+            .await
+        }
     }
+}
+
+/// A destination's name, for tests (panics on an invalid one).
+pub fn dn(name: &str) -> cogrelay::queue::DestinationName {
+    cogrelay::queue::DestinationName::parse(name).expect("a valid destination name")
 }
 
 impl<Q: cogrelay::queue::Queue> DefaultDestination for Q {}

@@ -1,6 +1,5 @@
-//! The queue contract (`queue::Queue` for the hot path, `queue::Operate` for
-//! operators), checked on both backends through the traits: every rule the
-//! contract's doc states.
+//! The queue contract (`queue::Queue`), checked on both backends: every rule
+//! the contract's doc states.
 //!
 //! * dedup: the same event key within the TTL is the first job;
 //! * a claim (or a handoff) leases for as long as it asks, whatever the
@@ -20,8 +19,7 @@ use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
 use cogrelay::queue::{
-    now_ms, Attempt, AttemptOutcome, Disposition, JobState, Operate, Queue, QueueError,
-    QueueSettings,
+    now_ms, Attempt, AttemptOutcome, Disposition, JobState, Queue, QueueError, QueueSettings,
 };
 
 use crate::helpers::*;
@@ -84,18 +82,18 @@ async fn accepted<Q: Queue>(q: &Q, id: &str) -> String {
 }
 
 /// The same event key within the TTL is the first job.
-async fn the_same_key_is_the_first_job<Q: Operate>(q: &Q) {
+async fn the_same_key_is_the_first_job<Q: Queue>(q: &Q) {
     let first = accepted(q, "dup").await;
     assert_eq!(
         q.enqueue(ev("dup")).await.expect("enqueue"),
         Enqueued::Duplicate(first.clone())
     );
-    assert_eq!(q.counts().await.expect("counts").waiting, 1);
+    assert_eq!(q.counts_for(None).await.expect("counts").waiting, 1);
 }
 
 /// `release` puts a leased job back to waiting; the attempt is not counted,
 /// and the released lease is no longer the job's.
-async fn release_returns_a_job_without_counting<Q: Operate>(q: &Q) {
+async fn release_returns_a_job_without_counting<Q: Queue>(q: &Q) {
     let id = accepted(q, "rel").await;
     let mut claimed = q
         .claim(10, Duration::from_secs(30))
@@ -123,7 +121,7 @@ async fn release_returns_a_job_without_counting<Q: Operate>(q: &Q) {
 
 /// Only failed jobs can be retried (attempts reset); an active job cannot be
 /// removed; an unknown id is not found.
-async fn state_rules_of_retry_and_remove<Q: Operate>(q: &Q) {
+async fn state_rules_of_retry_and_remove<Q: Queue>(q: &Q) {
     let id = accepted(q, "rules").await;
     assert!(
         matches!(
@@ -180,7 +178,7 @@ async fn state_rules_of_retry_and_remove<Q: Operate>(q: &Q) {
 
 /// Leases: an expired lease is taken over without counting the attempt, and the
 /// stalled worker's late result changes nothing.
-async fn expired_lease_is_taken_over<Q: Operate>(q: &Q) {
+async fn expired_lease_is_taken_over<Q: Queue>(q: &Q) {
     let Enqueued::Accepted(id) = q.enqueue(ev("lease")).await.expect("enqueue") else {
         panic!("accepted")
     };
@@ -241,7 +239,7 @@ async fn expired_lease_is_taken_over<Q: Operate>(q: &Q) {
 /// A lease lasts what its claim (or handoff) asked for, whatever the store was
 /// opened with (here Redis's worker lock is 300 ms): once the short leases
 /// have been taken over, the long ones are still held.
-async fn a_lease_lasts_what_was_asked<Q: Operate>(q: &Q) {
+async fn a_lease_lasts_what_was_asked<Q: Queue>(q: &Q) {
     let long_claimed = accepted(q, "lease-long").await;
     let long = q
         .claim(1, Duration::from_secs(20))
@@ -302,7 +300,7 @@ async fn a_lease_lasts_what_was_asked<Q: Operate>(q: &Q) {
 }
 
 /// Delayed jobs are claimable only once due; counts follow the states.
-async fn retries_wait_until_due<Q: Operate>(q: &Q) {
+async fn retries_wait_until_due<Q: Queue>(q: &Q) {
     q.enqueue(ev("due")).await.expect("enqueue");
     let job = q
         .claim(1, Duration::from_secs(30))
@@ -322,7 +320,7 @@ async fn retries_wait_until_due<Q: Operate>(q: &Q) {
     )
     .await
     .expect("finish");
-    let c = q.counts().await.expect("counts");
+    let c = q.counts_for(None).await.expect("counts");
     assert_eq!((c.delayed, c.active, c.waiting), (1, 0, 0));
     let early = q.claim(1, Duration::from_secs(30)).await.expect("claim");
     assert!(early.jobs.is_empty());
@@ -345,7 +343,7 @@ async fn retries_wait_until_due<Q: Operate>(q: &Q) {
 /// was attempted before (found by the model's hardening run on Redis: the
 /// most retried job was kept for a round with room for two, and a round with
 /// room for one took nothing, leaving a circuit's trial unsent).
-async fn a_trial_round_for_one_takes_a_retried_job<Q: Operate>(q: &Q) {
+async fn a_trial_round_for_one_takes_a_retried_job<Q: Queue>(q: &Q) {
     q.enqueue(ev("retried")).await.expect("enqueue");
     let job = q
         .claim(1, Duration::from_secs(30))
@@ -366,7 +364,7 @@ async fn a_trial_round_for_one_takes_a_retried_job<Q: Operate>(q: &Q) {
     .expect("finish");
     let round = q
         .claim_for(
-            cogrelay::queue::DEFAULT_DESTINATION,
+            &cogrelay::queue::DestinationName::DEFAULT,
             1,
             Duration::from_secs(30),
             cogrelay::queue::ClaimOrder::Trials,
@@ -378,7 +376,7 @@ async fn a_trial_round_for_one_takes_a_retried_job<Q: Operate>(q: &Q) {
 }
 
 /// Completed jobs beyond REMOVE_ON_COMPLETE are pruned (here 2).
-async fn completed_jobs_are_pruned<Q: Operate>(q: &Q) {
+async fn completed_jobs_are_pruned<Q: Queue>(q: &Q) {
     for i in 0..5 {
         q.enqueue(ev(&format!("prune-{i}"))).await.expect("enqueue");
     }
@@ -400,7 +398,7 @@ async fn completed_jobs_are_pruned<Q: Operate>(q: &Q) {
     loop {
         // Pruning runs with the store's housekeeping: after writes, and when idle.
         q.claim(1, Duration::from_secs(30)).await.expect("claim");
-        let c = q.counts().await.expect("counts");
+        let c = q.counts_for(None).await.expect("counts");
         if c.completed == 2 {
             break;
         }
@@ -441,7 +439,7 @@ async fn open_redis(server: &crate::redis_server::RedisServer) -> cogrelay::queu
 
 /// A listing across every state shows each job in its own state, and its
 /// attempt history.
-async fn a_listing_of_every_state_shows_each_jobs_state<Q: Operate>(q: &Q) {
+async fn a_listing_of_every_state_shows_each_jobs_state<Q: Queue>(q: &Q) {
     let waiting = accepted(q, "st-waiting").await;
     let failed = accepted(q, "st-failed").await;
     let delayed = accepted(q, "st-delayed").await;
@@ -490,7 +488,7 @@ async fn a_listing_of_every_state_shows_each_jobs_state<Q: Operate>(q: &Q) {
         .await
         .expect("claim")
         .jobs;
-    let page = q.list(None, 0, 50).await.expect("list");
+    let page = q.list_for(None, None, 0, 50).await.expect("list");
     let state_of = |id: &str| page.items.iter().find(|j| j.id == id).map(|j| j.state);
     assert_eq!(state_of(&waiting), Some(JobState::Completed));
     assert_eq!(state_of(&failed), Some(JobState::Failed));

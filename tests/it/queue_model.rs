@@ -33,14 +33,14 @@ use std::time::Duration;
 use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::{
-    self, Attempt, AttemptOutcome, ClaimOrder, Disposition, JobState, Leased, Opener, Operate,
-    Queue, QueueError, QueueKind, QueueSettings, Store, StoreSettings,
+    self, Attempt, AttemptOutcome, ClaimOrder, DestinationName, Disposition, JobState, Leased,
+    Opener, Queue, QueueError, QueueKind, QueueSettings, Store, StoreSettings,
 };
 use cogrelay::time::Clock;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
 
-use crate::helpers::Backend;
+use crate::helpers::{dn, Backend};
 
 const DESTS: [&str; 4] = ["default", "b", "c", "d"];
 /// The clock at the start of a case (a fixed date: replays are the same).
@@ -255,7 +255,9 @@ impl Sut {
             .expect("open the store");
         // As the relay does at start for its configured destinations.
         for d in DESTS {
-            q.set_rate_limit(d, 0).await.expect("a destination's queue");
+            q.set_rate_limit(&dn(d), 0)
+                .await
+                .expect("a destination's queue");
         }
         self.store = Some(q);
     }
@@ -304,10 +306,10 @@ fn ev(key: &str, big: bool) -> envelope::Event {
     envelope::parse(&serde_json::to_vec(&body).expect("json")).expect("event")
 }
 
-fn dests_of(mask: u8) -> Vec<String> {
+fn dests_of(mask: u8) -> Vec<DestinationName> {
     (0..4)
         .filter(|i| mask & (1 << i) != 0)
-        .map(|i| DESTS[i].to_string())
+        .map(|i| dn(DESTS[i]))
         .collect()
 }
 
@@ -429,14 +431,15 @@ async fn run_case(
                     let got: Vec<(String, String)> = routed
                         .jobs
                         .iter()
-                        .map(|j| (j.destination.clone(), j.id.clone()))
+                        .map(|j| (j.destination.to_string(), j.id.clone()))
                         .collect();
                     prop_assert_eq!(&got, &m.events[i].1, "{}", at("the first event's jobs"));
                     prop_assert!(leased.is_empty());
                     continue;
                 }
                 prop_assert!(!routed.duplicate, "{}", at("a new key seen as a duplicate"));
-                let got: Vec<String> = routed.jobs.iter().map(|j| j.destination.clone()).collect();
+                let got: Vec<DestinationName> =
+                    routed.jobs.iter().map(|j| j.destination.clone()).collect();
                 prop_assert_eq!(&got, &routes, "{}", at("one job per destination, in order"));
                 for j in &routed.jobs {
                     let id: i64 = j.id.parse().map_err(|_| fail(at("an id")))?;
@@ -478,7 +481,7 @@ async fn run_case(
                     routed
                         .jobs
                         .iter()
-                        .map(|j| (j.destination.clone(), j.id.clone()))
+                        .map(|j| (j.destination.to_string(), j.id.clone()))
                         .collect(),
                 ));
             }
@@ -510,7 +513,7 @@ async fn run_case(
                         routed
                             .jobs
                             .iter()
-                            .map(|j| (j.destination.clone(), j.id.clone()))
+                            .map(|j| (j.destination.to_string(), j.id.clone()))
                             .collect(),
                     ));
                 }
@@ -523,7 +526,7 @@ async fn run_case(
                 };
                 let claimed = sut
                     .q()
-                    .claim_for(DESTS[*dest], *max, lease, order)
+                    .claim_for(&dn(DESTS[*dest]), *max, lease, order)
                     .await
                     .map_err(|e| fail(at(&format!("a claim failed: {e}"))))?;
                 // Redis: a claim moves the destination's due retries to wait.
@@ -715,7 +718,7 @@ async fn run_case(
             Op::Pause { dest } | Op::Resume { dest } => {
                 let pause = matches!(op, Op::Pause { .. });
                 sut.q()
-                    .set_paused(DESTS[*dest], pause)
+                    .set_paused(&dn(DESTS[*dest]), pause)
                     .await
                     .map_err(|e| fail(at(&e.to_string())))?;
                 m.paused[*dest] = pause;
@@ -759,7 +762,7 @@ async fn run_case(
             Op::RetryAll { dest } => {
                 let n = sut
                     .q()
-                    .retry_all_failed_for(dest.map(|d| DESTS[d]))
+                    .retry_all_failed_for(dest.map(|d| dn(DESTS[d])).as_ref())
                     .await
                     .map_err(|e| fail(at(&e.to_string())))?;
                 let mut want = 0;
@@ -855,7 +858,7 @@ async fn check(sut: &Sut, m: &Model, step: usize) -> Result<(), TestCaseError> {
     let q = sut.q();
     for (i, d) in DESTS.iter().enumerate() {
         let c = q
-            .counts_for(Some(d))
+            .counts_for(Some(&dn(d)))
             .await
             .map_err(|e| fail(format!("step {step}: counts: {e}")))?;
         let waiting = m.count(i, |s| matches!(s, St::Waiting { .. }));
@@ -887,7 +890,7 @@ async fn check(sut: &Sut, m: &Model, step: usize) -> Result<(), TestCaseError> {
             d
         );
         let failed = q
-            .list_for(Some(JobState::Failed), Some(d), 0, 500)
+            .list_for(Some(JobState::Failed), Some(&dn(d)), 0, 500)
             .await
             .map_err(|e| fail(format!("step {step}: list: {e}")))?;
         prop_assert_eq!(
@@ -898,11 +901,11 @@ async fn check(sut: &Sut, m: &Model, step: usize) -> Result<(), TestCaseError> {
             d
         );
         let listed = q
-            .list_for(Some(JobState::Waiting), Some(d), 0, 500)
+            .list_for(Some(JobState::Waiting), Some(&dn(d)), 0, 500)
             .await
             .map_err(|e| fail(format!("step {step}: list: {e}")))?;
         let delayed = q
-            .list_for(Some(JobState::Delayed), Some(d), 0, 500)
+            .list_for(Some(JobState::Delayed), Some(&dn(d)), 0, 500)
             .await
             .map_err(|e| fail(format!("step {step}: list: {e}")))?;
         prop_assert_eq!(
@@ -1038,7 +1041,7 @@ async fn drain(
     }
     for (i, d) in DESTS.iter().enumerate() {
         sut.q()
-            .set_paused(d, false)
+            .set_paused(&dn(d), false)
             .await
             .map_err(|e| fail(e.to_string()))?;
         m.paused[i] = false;
@@ -1052,7 +1055,7 @@ async fn drain(
         for d in DESTS {
             let c = sut
                 .q()
-                .claim_for(d, 64, Duration::from_secs(600), ClaimOrder::Due)
+                .claim_for(&dn(d), 64, Duration::from_secs(600), ClaimOrder::Due)
                 .await
                 .map_err(|e| fail(format!("drain: claim: {e}")))?;
             let again = c.next_due_ms.is_some_and(|t| t <= m.now);

@@ -48,7 +48,7 @@ fn job(id: u64, attempts_made: u32) -> Leased {
         lease: LeaseRef {
             job_id: id.to_string(),
             token: "t".into(),
-            destination: "d".into(),
+            destination: crate::queue::DestinationName::known("d"),
         },
     }
 }
@@ -516,7 +516,7 @@ fn simulate(
             };
             m.finished(trial, signal, hold, now);
             let n = l.job.attempts_made + 1;
-            let (d, _) = decide(&policy, n, outcome, now, 0.0, l.job.created_at_ms, trial);
+            let d = decide(&policy, n, outcome, now, 0.0, l.job.created_at_ms, trial);
             match &d {
                 Disposition::Completed => {
                     seen.delivered.insert(id, now);
@@ -841,7 +841,7 @@ fn a_job_held_by_a_pause_past_its_age_is_tried() {
         "tried, not failed untried"
     );
     // Delivered: completed whatever its age; failed: failed saying so.
-    let (d, _) = decide(
+    let d = decide(
         &policy,
         1,
         Outcome::Delivered,

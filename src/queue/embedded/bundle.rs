@@ -219,7 +219,7 @@ pub(super) fn virtual_view(carrier: &JobView, id: i64, destination: &str) -> Job
     JobView {
         id: id.to_string(),
         state: JobState::Waiting,
-        destination: destination.to_string(),
+        destination: crate::queue::DestinationName::known(destination),
         attempts_made: 0,
         due_at_ms: Some(carrier.created_at_ms),
         finished_at_ms: None,

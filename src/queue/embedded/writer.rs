@@ -3,8 +3,8 @@
 
 use super::{
     bundle, jobs_text, mpsc, params, parse_jobs_text, Arc, AtomicBool, Bundle, Clock, Connection,
-    Duration, Event, Fsync, Instant, JobRef, OptionalExtension, Ordering, Path, PathBuf,
-    QueueError, QueueResult, QueueSettings, Routed, Space, DEFAULT_DESTINATION, MAX_BATCH,
+    DestinationName, Duration, Event, Fsync, Instant, JobRef, OptionalExtension, Ordering, Path,
+    PathBuf, QueueError, QueueResult, QueueSettings, Routed, Space, MAX_BATCH,
 };
 
 /// What a queued operation leaves for after the commit: whether it succeeded
@@ -392,7 +392,7 @@ pub(super) fn insert_event(
     conn: &Connection,
     w: &mut Writer,
     event: &Event,
-    destinations: &[String],
+    destinations: &[DestinationName],
     lease: Option<(&str, i64)>,
 ) -> QueueResult<(Routed, Vec<usize>)> {
     let now = w.now_ms;
@@ -403,139 +403,40 @@ pub(super) fn insert_event(
     }
     let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
     let dedup = ttl_ms > 0; // DEDUP_TTL_SECS=0: every event a new job
-    let existing: Option<(i64, Option<String>)> = if !dedup {
-        None
-    } else {
-        conn.prepare_cached(
-            "SELECT job_seq, jobs FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2",
-        )
-        .and_then(|mut s| {
-            s.query_row(params![event.key.as_str(), now], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()
-        })
-        .map_err(sql_err)?
-    };
-    if let Some((seq, jobs)) = existing {
-        // A row of an older version names one job, the default destination's.
-        let jobs = jobs.map(|t| parse_jobs_text(&t)).unwrap_or_else(|| {
-            vec![JobRef {
-                destination: DEFAULT_DESTINATION.into(),
-                id: seq.to_string(),
-            }]
-        });
-        return Ok((
-            Routed {
-                duplicate: true,
-                jobs,
-            },
-            Vec::new(),
-        ));
+    if dedup {
+        if let Some(first) = first_jobs(conn, event, now)? {
+            return Ok((first, Vec::new()));
+        }
     }
     // A duplicate stores nothing, so it is answered even when full.
-    if let Some(why) = w.space.refusal() {
-        // The room promised to bundles may be less than counted (the command
-        // line removed some of their jobs): counted again, at most every 5 s.
-        if w.space.promised > 0
-            && w.recounted_at
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
-        {
-            w.recounted_at = Some(Instant::now());
-            w.space.promised = promised_bytes(conn).map_err(sql_err)?;
-            if w.space.refusal().is_none() {
-                return insert_event(conn, w, event, destinations, lease);
-            }
-        }
-        return Err(QueueError::Unavailable(why));
-    }
-    let (state, token, until) = match lease {
-        Some((token, until)) => ("active", Some(token), Some(until)),
-        None => ("waiting", None, None),
-    };
-    let mut insert = conn
-        .prepare_cached(
-            // ?13 > 0: a bundle of ?13 jobs, whose row takes the last of
-            // their ids, which reserves the others (AUTOINCREMENT keeps the
-            // largest id given); else the next id.
-            "INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
-                               lease_token, lease_until_ms, destination, pending)
-             VALUES (CASE WHEN ?13 > 0
-                          THEN coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0) + ?13 END,
-                     ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)",
-        )
-        .map_err(sql_err)?;
-    let mut row = |destination: &str,
-                   state: &str,
-                   token: Option<&str>,
-                   until: Option<i64>,
-                   pending: Option<&str>,
-                   bundled: i64| {
-        insert
-            .execute(params![
-                event.key.as_str(),
-                event.event_id,
-                event.bot_id,
-                event.event_type,
-                event.kind.as_str(),
-                event.body,
-                state,
-                now,
-                token,
-                until,
-                destination,
-                pending,
-                bundled,
-            ])
-            .map(|_| conn.last_insert_rowid())
-            .map_err(sql_err)
-    };
+    check_room(conn, w)?;
     // Jobs stored waiting (no handoff asked for, or a paused destination's:
     // never handed over) and jobs handed over, leased.
     let mut held = Vec::with_capacity(destinations.len());
     let mut ids = vec![0i64; destinations.len()];
     let mut leased = Vec::new();
     for (i, destination) in destinations.iter().enumerate() {
-        if token.is_none() || w.is_paused(conn, destination)? {
+        if lease.is_none() || w.is_paused(conn, destination)? {
             held.push(i);
         } else {
             leased.push(i);
         }
     }
-    if let Some((&last, rest)) = held.split_last() {
-        // Two or more make a bundle: one row, the last one's job, naming the
-        // others, whose ids come before its own and whose rows a claim
-        // writes out, in the room promised here (see `bundle.rs`).
-        let promised = bundle::promise(rest.len(), event.body.len());
-        if promised > 0 {
-            w.space
-                .reserve_for(promised)
-                .map_err(QueueError::Unavailable)?;
-        }
-        let pending = (!rest.is_empty()).then(|| {
-            let names: Vec<&str> = rest.iter().map(|&i| destinations[i].as_str()).collect();
-            names.join(",")
-        });
-        let bundled = if rest.is_empty() {
-            0
-        } else {
-            held.len() as i64
-        };
-        let id = row(
-            &destinations[last],
-            "waiting",
-            None,
-            None,
-            pending.as_deref(),
-            bundled,
-        )?;
-        for (k, &i) in held.iter().rev().enumerate() {
-            ids[i] = id - k as i64;
-        }
-        w.space.promised += promised;
-    }
+    insert_held(conn, w, event, destinations, &held, &mut ids)?;
     for &i in &leased {
-        ids[i] = row(&destinations[i], state, token, until, None, 0)?;
+        let destination = &destinations[i];
+        let (pending, bundled) = (None, 0);
+        ids[i] = insert_row(
+            conn,
+            event,
+            now,
+            NewRow {
+                destination,
+                lease,
+                pending,
+                bundled,
+            },
+        )?;
     }
     let jobs: Vec<JobRef> = destinations
         .iter()
@@ -547,22 +448,7 @@ pub(super) fn insert_event(
         .collect();
     w.stored_since_maintenance += 1;
     if dedup {
-        let first: i64 = jobs
-            .first()
-            .and_then(|j| j.id.parse().ok())
-            .unwrap_or_default();
-        conn.prepare_cached(
-            "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms, jobs) VALUES (?1, ?2, ?3, ?4)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                event.key.as_str(),
-                first,
-                now.saturating_add(ttl_ms),
-                jobs_text(&jobs)
-            ])
-        })
-        .map_err(sql_err)?;
+        remember(conn, event, &jobs, now.saturating_add(ttl_ms))?;
     }
     Ok((
         Routed {
@@ -571,4 +457,178 @@ pub(super) fn insert_event(
         },
         leased,
     ))
+}
+
+/// The jobs stored waiting (`held`: no handoff asked for, or a paused
+/// destination's), their ids in `ids`: one row, or for two or more a bundle:
+/// one row, the last one's job, naming the others, whose ids come before its
+/// own and whose rows a claim writes out, in the room promised here (see
+/// `bundle.rs`).
+fn insert_held(
+    conn: &Connection,
+    w: &mut Writer,
+    event: &Event,
+    destinations: &[DestinationName],
+    held: &[usize],
+    ids: &mut [i64],
+) -> QueueResult<()> {
+    let Some((&last, rest)) = held.split_last() else {
+        return Ok(());
+    };
+    let now = w.now_ms;
+    let promised = bundle::promise(rest.len(), event.body.len());
+    if promised > 0 {
+        w.space
+            .reserve_for(promised)
+            .map_err(QueueError::Unavailable)?;
+    }
+    let pending = (!rest.is_empty()).then(|| {
+        let names: Vec<&str> = rest.iter().map(|&i| destinations[i].as_str()).collect();
+        names.join(",")
+    });
+    let bundled = if rest.is_empty() {
+        0
+    } else {
+        held.len() as i64
+    };
+    let id = insert_row(
+        conn,
+        event,
+        now,
+        NewRow {
+            destination: &destinations[last],
+            lease: None,
+            pending: pending.as_deref(),
+            bundled,
+        },
+    )?;
+    for (k, &i) in held.iter().rev().enumerate() {
+        ids[i] = id - k as i64;
+    }
+    w.space.promised += promised;
+    Ok(())
+}
+
+/// One row of `jobs` for an event.
+struct NewRow<'a> {
+    destination: &'a str,
+    /// Stored active, leased with this token until then (handed over);
+    /// else waiting.
+    lease: Option<(&'a str, i64)>,
+    /// A bundle's other destinations, comma-separated.
+    pending: Option<&'a str>,
+    /// A bundle's number of jobs (0: not a bundle).
+    bundled: i64,
+}
+
+/// Inserts `r` for `event`, stored at `now`; its id.
+fn insert_row(conn: &Connection, event: &Event, now: i64, r: NewRow<'_>) -> QueueResult<i64> {
+    let (state, token, until) = match r.lease {
+        Some((token, until)) => ("active", Some(token), Some(until)),
+        None => ("waiting", None, None),
+    };
+    conn.prepare_cached(
+        // ?13 > 0: a bundle of ?13 jobs, whose row takes the last of their
+        // ids, which reserves the others (AUTOINCREMENT keeps the largest id
+        // given); else the next id.
+        "INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
+                           lease_token, lease_until_ms, destination, pending)
+         VALUES (CASE WHEN ?13 > 0
+                      THEN coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0) + ?13 END,
+                 ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)",
+    )
+    .and_then(|mut insert| {
+        insert.execute(params![
+            event.key.as_str(),
+            event.event_id,
+            event.bot_id,
+            event.event_type,
+            event.kind.as_str(),
+            event.body,
+            state,
+            now,
+            token,
+            until,
+            r.destination,
+            r.pending,
+            r.bundled,
+        ])
+    })
+    .map(|_| conn.last_insert_rowid())
+    .map_err(sql_err)
+}
+
+/// The jobs of an event with this key stored within the dedup TTL, as a
+/// duplicate's answer.
+fn first_jobs(conn: &Connection, event: &Event, now: i64) -> QueueResult<Option<Routed>> {
+    let existing: Option<(i64, Option<String>)> = conn
+        .prepare_cached("SELECT job_seq, jobs FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2")
+        .and_then(|mut s| {
+            s.query_row(params![event.key.as_str(), now], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+        })
+        .map_err(sql_err)?;
+    Ok(existing.map(|(seq, jobs)| {
+        // A row of an older version names one job, the default destination's.
+        let jobs = jobs.map(|t| parse_jobs_text(&t)).unwrap_or_else(|| {
+            vec![JobRef {
+                destination: DestinationName::DEFAULT,
+                id: seq.to_string(),
+            }]
+        });
+        Routed {
+            duplicate: true,
+            jobs,
+        }
+    }))
+}
+
+/// Whether a new event may be stored: not while the store is refusing
+/// (see `space.rs`). The room promised to bundles may be less than counted
+/// (the command line removed some of their jobs): counted again, at most
+/// every 5 s, before a refusal.
+fn check_room(conn: &Connection, w: &mut Writer) -> QueueResult<()> {
+    let Some(why) = w.space.refusal() else {
+        return Ok(());
+    };
+    if w.space.promised > 0
+        && w.recounted_at
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+    {
+        w.recounted_at = Some(Instant::now());
+        w.space.promised = promised_bytes(conn).map_err(sql_err)?;
+        if w.space.refusal().is_none() {
+            return Ok(());
+        }
+    }
+    Err(QueueError::Unavailable(why))
+}
+
+/// The event's dedup record: its key, its first job, and every job's
+/// `destination=id`, until `expires_at_ms`.
+fn remember(
+    conn: &Connection,
+    event: &Event,
+    jobs: &[JobRef],
+    expires_at_ms: i64,
+) -> QueueResult<()> {
+    let first: i64 = jobs
+        .first()
+        .and_then(|j| j.id.parse().ok())
+        .unwrap_or_default();
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms, jobs) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            event.key.as_str(),
+            first,
+            expires_at_ms,
+            jobs_text(jobs)
+        ])
+    })
+    .map_err(sql_err)?;
+    Ok(())
 }

@@ -1,11 +1,11 @@
-//! Reading jobs back (views, states, listings) and the operators' side of
-//! the contract ([`Operate`]).
+//! Reading jobs back (views, states, listings) and what operators do, on one
+//! destination's queue (`routed.rs` routes the contract's calls to it).
 
 use std::collections::HashMap;
 
 use super::{
-    bounded, bull, Attempt, BullQueue, Counts, JobState, JobView, Operate, Page, QueueError,
-    QueueResult, Value, RETRY_BATCH,
+    bounded, bull, Attempt, BullQueue, Counts, JobState, JobView, Page, QueueError, QueueResult,
+    Value, RETRY_BATCH,
 };
 use crate::queue::StoredJob;
 
@@ -240,27 +240,26 @@ fn view_of(
     stored.into_view(state, with_payload)
 }
 
-impl Operate for BullQueue {
-    // A BullQueue is one destination's queue: `RedisQueues` routes each
-    // destination's calls to its own, so the filter names this one.
-    async fn counts_for(&self, _destination: Option<&str>) -> QueueResult<Counts> {
+/// What operators read and do, on one destination's queue (`RedisQueues`
+/// routes to it).
+impl BullQueue {
+    pub(super) async fn counts(&self) -> QueueResult<Counts> {
         Ok(Counts {
             oldest_waiting_ms: self.oldest_waiting_ms().await?,
             ..self.count_states().await?
         })
     }
 
-    async fn list_for(
+    pub(super) async fn list(
         &self,
         state: Option<JobState>,
-        _destination: Option<&str>,
         offset: u64,
         limit: u64,
     ) -> QueueResult<Page> {
         self.list_page(state, offset, limit).await
     }
 
-    async fn get(&self, id: &str) -> QueueResult<JobView> {
+    pub(super) async fn get(&self, id: &str) -> QueueResult<JobView> {
         // State first, then the hash: the two reads are not atomic, and a job
         // seen as completed/failed (terminal) must not show the attempt count
         // of the attempt before. A hash newer than the state is harmless.
@@ -271,7 +270,7 @@ impl Operate for BullQueue {
             .ok_or_else(|| QueueError::NotFound(id.to_string()))
     }
 
-    async fn retry(&self, id: &str) -> QueueResult<()> {
+    pub(super) async fn retry(&self, id: &str) -> QueueResult<()> {
         self.state_of(id).await?.check_retry(id)?;
         let mut job = bounded(self.port().await?.get_job(id))
             .await?
@@ -283,7 +282,7 @@ impl Operate for BullQueue {
         bounded(job.retry("failed", Some(opts))).await
     }
 
-    async fn retry_all_failed_for(&self, _destination: Option<&str>) -> QueueResult<u64> {
+    pub(super) async fn retry_all_failed(&self) -> QueueResult<u64> {
         // Batches of RETRY_BATCH, each reset and moved in one script, so every
         // job moved has its attempts reset and the count is what moved.
         let mut moved = 0;
@@ -301,7 +300,7 @@ impl Operate for BullQueue {
         }
     }
 
-    async fn remove(&self, id: &str) -> QueueResult<()> {
+    pub(super) async fn remove(&self, id: &str) -> QueueResult<()> {
         self.state_of(id).await?.check_remove(id)?;
         if bounded(self.port().await?.remove(id)).await? {
             Ok(())
@@ -311,17 +310,11 @@ impl Operate for BullQueue {
     }
 
     /// BullMQ's own pause of the queue (every relay and BullMQ tool sees it).
-    async fn set_paused(&self, _destination: &str, paused: bool) -> QueueResult<()> {
+    pub(super) async fn set_paused(&self, paused: bool) -> QueueResult<()> {
         if paused {
             bounded(self.port().await?.pause()).await
         } else {
             bounded(self.port().await?.resume()).await
         }
-    }
-
-    /// The one destination of this queue, as its newest job names it.
-    async fn destination_names(&self) -> QueueResult<Vec<String>> {
-        let page = self.list_for(None, None, 0, 1).await?;
-        Ok(page.items.into_iter().map(|j| j.destination).collect())
     }
 }

@@ -59,9 +59,9 @@ use serde_json::Value;
 use super::batch::Batcher;
 use super::{
     Attempt, Claimed, Counts, DeliveryJob, Disposition, JobRef, JobState, JobView, LeaseRef,
-    Leased, Operate, Page, Queue, QueueError, QueueResult, QueueSettings, Routed,
+    Leased, Page, Queue, QueueError, QueueResult, QueueSettings, Routed,
 };
-use crate::event::{Event, EventKey, EventKind};
+use crate::event::{DestinationName, Event, EventKey, EventKind};
 
 pub const JOB_NAME: &str = "deliver-event";
 /// Upper bound on one Redis operation, so Redis trouble becomes a quick 503.
@@ -79,7 +79,7 @@ pub struct RedisOptions {
     pub settings: QueueSettings,
     /// The destination whose jobs this queue holds (`default` for
     /// `QUEUE_NAME` itself; see `routed.rs`).
-    pub destination: String,
+    pub destination: DestinationName,
     /// Where the relay's side reads the time (due times, creation times);
     /// leases and dedup records expire on Redis's own clock.
     pub clock: crate::time::Clock,
@@ -294,20 +294,19 @@ impl BullQueue {
 /// How long the ingress fails fast after a Redis failure.
 const BREAKER_OPEN: Duration = Duration::from_millis(500);
 
-impl Queue for BullQueue {
-    async fn store(
+/// One destination's BullMQ queue. Not the queue contract: [`RedisQueues`]
+/// keeps that, routing each destination's calls to its own queue (and
+/// storing an event for several destinations with one script over all of
+/// theirs), so nothing here takes a destination.
+impl BullQueue {
+    /// Stores `event` for this queue's destination (the `default` one of a
+    /// relay without others: BullMQ's own add, as before destinations).
+    pub(super) async fn store(
         &self,
         event: Event,
-        destinations: Vec<String>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
-        // One BullMQ queue, one destination: `RedisQueues` stores an event
-        // for several destinations with one script over all their queues.
-        let [destination] = destinations.as_slice() else {
-            return Err(unavailable(
-                "one destination's BullMQ queue stores for that destination only",
-            ));
-        };
+        let destination = &self.opts.destination;
         let token = lease.map(|_| self.hot.token());
         let lock = token.clone().zip(lease.map(|l| l.as_millis() as u64));
         let added = self.enqueue_guarded(&event, destination, lock).await?;
@@ -363,9 +362,8 @@ impl Queue for BullQueue {
         })
     }
 
-    async fn claim_for(
+    pub(super) async fn claim(
         &self,
-        _destination: &str,
         max: usize,
         lease: Duration,
         order: super::ClaimOrder,
@@ -428,7 +426,7 @@ impl Queue for BullQueue {
         })
     }
 
-    async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
+    pub(super) async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
         if leases.is_empty() {
             return Ok(());
         }
@@ -445,24 +443,25 @@ impl Queue for BullQueue {
         Ok(())
     }
 
-    async fn finish(
+    pub(super) async fn finish(
         &self,
         leased: Leased,
         attempt: Attempt,
         disposition: Disposition,
     ) -> QueueResult<bool> {
         let line = serde_json::to_string(&attempt).map_err(unavailable)?;
-        let (outcome, reason, due_at_ms) = match disposition {
-            Disposition::Completed => ("completed", String::new(), 0),
-            Disposition::Failed { reason } => ("failed", reason, 0),
-            Disposition::RetryAt { due_at_ms, reason } => ("delayed", reason, due_at_ms),
+        let state = disposition.state();
+        let due_at_ms = match disposition {
+            Disposition::RetryAt { due_at_ms, .. } => due_at_ms,
+            Disposition::Completed | Disposition::Failed { .. } => 0,
         };
+        let reason = disposition.reason().unwrap_or_default().to_string();
         self.finishes
             .call(Finished {
                 attempts_made: leased.job.attempts_made,
                 id: leased.lease.job_id,
                 token: leased.lease.token,
-                outcome,
+                state,
                 line,
                 reason,
                 due_at_ms,
@@ -470,7 +469,7 @@ impl Queue for BullQueue {
             .await
     }
 
-    async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {
+    pub(super) async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {
         if leases.is_empty() {
             return Ok(());
         }
@@ -496,30 +495,26 @@ impl Queue for BullQueue {
         Ok(())
     }
 
-    fn shared_by_relays(&self) -> bool {
-        true
-    }
-
-    fn durability_risks(&self) -> Vec<(&'static str, bool)> {
+    pub(super) fn durability_risks(&self) -> Vec<(&'static str, bool)> {
         self.risks.clone()
     }
 
-    async fn ping(&self) -> QueueResult<()> {
+    pub(super) async fn ping(&self) -> QueueResult<()> {
         self.raw::<String>(&redis::cmd("PING")).await.map(|_| ())
     }
 
-    async fn is_paused(&self, _destination: &str) -> QueueResult<bool> {
+    pub(super) async fn is_paused(&self) -> QueueResult<bool> {
         let paused: Option<String> = self
             .raw(redis::cmd("HGET").arg(self.hot.key("meta")).arg("paused"))
             .await?;
         Ok(paused.is_some())
     }
 
-    async fn check_stalled(&self) -> QueueResult<u64> {
+    pub(super) async fn check_stalled(&self) -> QueueResult<u64> {
         self.hot.put_back_stalled().await
     }
 
-    async fn close(&self) -> QueueResult<()> {
+    pub(super) async fn close(&self) -> QueueResult<()> {
         if let Some(m) = &self.maintenance {
             m.abort();
         }

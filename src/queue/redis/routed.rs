@@ -25,14 +25,14 @@ use std::time::Duration;
 
 use super::{
     Attempt, BatchedScripts, Batcher, BullQueue, Claimed, Counts, DeliveryJob, Disposition, Event,
-    JobState, JobView, LeaseRef, Leased, Operate, Page, Queue, QueueError, QueueResult,
-    RedisOptions, Routed, JOB_NAME, MAX_BATCH,
+    JobState, JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, RedisOptions,
+    Routed, JOB_NAME, MAX_BATCH,
 };
-use crate::queue::{parse_jobs_text, JobRef, DEFAULT_DESTINATION};
+use crate::queue::{parse_jobs_text, DestinationName, JobRef};
 
 /// The queue name of `destination`'s jobs.
-pub fn queue_name(base: &str, destination: &str) -> String {
-    if destination == DEFAULT_DESTINATION {
+pub fn queue_name(base: &str, destination: &DestinationName) -> String {
+    if destination.is_default() {
         base.to_string()
     } else {
         format!("{base}.{destination}")
@@ -46,13 +46,13 @@ struct RoutedJob {
     opts: String,
     lock: Option<(String, u64)>,
     /// Each destination's queue key prefix and name.
-    targets: Vec<(String, String)>,
+    targets: Vec<(String, DestinationName)>,
 }
 
 /// What the routed add did with one event.
 enum RoutedAdded {
     /// (destination, id, added locked)
-    Added(Vec<(String, String, bool)>),
+    Added(Vec<(DestinationName, String, bool)>),
     /// The first event's dedup record.
     Duplicate(Vec<JobRef>),
 }
@@ -65,7 +65,7 @@ pub struct RedisQueues {
     /// The other destinations' queues. A plain lock, never held across an
     /// await: a tokio `RwLock` read on every add cost a quarter of the
     /// relay's CPU on Redis (docs/benchmark.md).
-    others: std::sync::RwLock<BTreeMap<String, Arc<BullQueue>>>,
+    others: std::sync::RwLock<BTreeMap<DestinationName, Arc<BullQueue>>>,
     /// Whether `others` holds any queue (read on every add).
     has_others: std::sync::atomic::AtomicBool,
     /// Held while a queue is being opened, so that it is opened once.
@@ -82,11 +82,21 @@ impl std::fmt::Debug for RedisQueues {
 }
 
 impl RedisQueues {
+    /// Puts back the jobs whose lease expired, now, in every destination's
+    /// queue (each one's maintenance does it every half lease).
+    pub(crate) async fn check_stalled(&self) -> QueueResult<u64> {
+        let mut n = 0;
+        for q in self.all().await {
+            n += q.check_stalled().await?;
+        }
+        Ok(n)
+    }
+
     /// Opens `QUEUE_NAME` and the destinations' queues found beside it.
     pub async fn connect(opts: RedisOptions) -> Result<Self, QueueError> {
         let base = Arc::new(
             BullQueue::connect(RedisOptions {
-                destination: DEFAULT_DESTINATION.into(),
+                destination: DestinationName::DEFAULT,
                 ..opts.clone()
             })
             .await?,
@@ -118,11 +128,8 @@ impl RedisQueues {
             );
             tokio::spawn(async move { find_destinations(&base, &registry, &prefix).await });
         }
-        for name in registered
-            .iter()
-            .filter(|d| crate::event::valid_destination_name(d))
-        {
-            queues.open(name, false).await?;
+        for name in registered.iter().filter_map(|d| DestinationName::parse(d)) {
+            queues.open(&name, false).await?;
         }
         Ok(queues)
     }
@@ -134,8 +141,8 @@ impl RedisQueues {
 
     /// `destination`'s queue for the relay's own work (a configured
     /// destination): registered and opened on first use.
-    async fn queue(&self, destination: &str) -> QueueResult<Arc<BullQueue>> {
-        if destination == DEFAULT_DESTINATION {
+    async fn queue(&self, destination: &DestinationName) -> QueueResult<Arc<BullQueue>> {
+        if destination.is_default() {
             return Ok(self.base.clone());
         }
         if let Some(q) = self.opened(destination) {
@@ -146,22 +153,21 @@ impl RedisQueues {
 
     /// `destination`'s queue for an operator: one the registry holds, else
     /// `UnknownDestination` (nothing opened).
-    async fn existing(&self, destination: &str) -> QueueResult<Arc<BullQueue>> {
-        if destination == DEFAULT_DESTINATION {
+    async fn existing(&self, destination: &DestinationName) -> QueueResult<Arc<BullQueue>> {
+        if destination.is_default() {
             return Ok(self.base.clone());
         }
         if let Some(q) = self.opened(destination) {
             return Ok(q);
         }
-        let known: bool = crate::event::valid_destination_name(destination)
-            && self
-                .base
-                .raw(
-                    redis::cmd("SISMEMBER")
-                        .arg(self.registry())
-                        .arg(destination),
-                )
-                .await?;
+        let known: bool = self
+            .base
+            .raw(
+                redis::cmd("SISMEMBER")
+                    .arg(self.registry())
+                    .arg(destination.as_str()),
+            )
+            .await?;
         if !known {
             return Err(QueueError::UnknownDestination(destination.to_string()));
         }
@@ -169,7 +175,11 @@ impl RedisQueues {
     }
 
     /// Opens `destination`'s queue (once), registering it first if asked.
-    async fn open(&self, destination: &str, register: bool) -> QueueResult<Arc<BullQueue>> {
+    async fn open(
+        &self,
+        destination: &DestinationName,
+        register: bool,
+    ) -> QueueResult<Arc<BullQueue>> {
         let _opening = self.opening.lock().await;
         if let Some(q) = self.opened(destination) {
             return Ok(q);
@@ -177,13 +187,17 @@ impl RedisQueues {
         if register {
             let _: i64 = self
                 .base
-                .raw(redis::cmd("SADD").arg(self.registry()).arg(destination))
+                .raw(
+                    redis::cmd("SADD")
+                        .arg(self.registry())
+                        .arg(destination.as_str()),
+                )
                 .await?;
         }
         let q = Arc::new(
             BullQueue::connect(RedisOptions {
                 queue_name: queue_name(&self.opts.queue_name, destination),
-                destination: destination.to_string(),
+                destination: destination.clone(),
                 ..self.opts.clone()
             })
             .await?,
@@ -191,7 +205,7 @@ impl RedisQueues {
         self.others
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(destination.to_string(), q.clone());
+            .insert(destination.clone(), q.clone());
         self.has_others
             .store(true, std::sync::atomic::Ordering::Release);
         Ok(q)
@@ -247,7 +261,7 @@ async fn add_routed(
             .arg(j.lock.as_ref().map_or(0, |(_, ms)| *ms))
             .arg(j.targets.len());
         for (prefix, name) in &j.targets {
-            call.arg(prefix).arg(name);
+            call.arg(prefix).arg(name.as_str());
         }
     }
     let out: Vec<(String, String)> = hot.invoke_on(&hot.ingress, &call).await?;
@@ -256,7 +270,7 @@ async fn add_routed(
         .map(|(kind, text)| match kind.as_str() {
             "d" if text.contains('=') => RoutedAdded::Duplicate(parse_jobs_text(&text)),
             "d" => RoutedAdded::Duplicate(vec![JobRef {
-                destination: DEFAULT_DESTINATION.into(),
+                destination: DestinationName::DEFAULT,
                 id: text,
             }]),
             _ => RoutedAdded::Added(
@@ -264,7 +278,7 @@ async fn add_routed(
                     .filter_map(|part| {
                         let mut it = part.split('=');
                         Some((
-                            it.next()?.to_string(),
+                            DestinationName::known(it.next()?),
                             it.next()?.to_string(),
                             it.next()? == "l",
                         ))
@@ -279,15 +293,15 @@ impl Queue for RedisQueues {
     async fn store(
         &self,
         event: Event,
-        destinations: Vec<String>,
+        destinations: Vec<DestinationName>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
         // One relay, one `default` destination: its own queue's add, as
         // before destinations.
-        if destinations == [DEFAULT_DESTINATION]
+        if destinations == [DestinationName::DEFAULT]
             && !self.has_others.load(std::sync::atomic::Ordering::Acquire)
         {
-            return self.base.store(event, destinations, lease).await;
+            return self.base.store(event, lease).await;
         }
         let mut targets = Vec::with_capacity(destinations.len());
         for d in &destinations {
@@ -349,14 +363,14 @@ impl Queue for RedisQueues {
 
     async fn claim_for(
         &self,
-        destination: &str,
+        destination: &DestinationName,
         max: usize,
         lease: Duration,
         order: crate::queue::ClaimOrder,
     ) -> QueueResult<Claimed> {
         self.queue(destination)
             .await?
-            .claim_for(destination, max, lease, order)
+            .claim(max, lease, order)
             .await
     }
 
@@ -389,7 +403,11 @@ impl Queue for RedisQueues {
     /// The shared circuit in the destination queue's meta hash (read by the
     /// claim and add scripts of every relay), its open period counted on
     /// Redis's clock (`TIME`), not this relay's.
-    async fn set_circuit(&self, destination: &str, open_for: Option<Duration>) -> QueueResult<()> {
+    async fn set_circuit(
+        &self,
+        destination: &DestinationName,
+        open_for: Option<Duration>,
+    ) -> QueueResult<()> {
         let q = self.queue(destination).await?;
         let script = redis::Script::new(include_str!("../lua/circuit.lua"));
         let mut call = script.key(q.hot.key("meta"));
@@ -404,23 +422,16 @@ impl Queue for RedisQueues {
         self.base.ping().await
     }
 
-    async fn is_paused(&self, destination: &str) -> QueueResult<bool> {
-        self.existing(destination)
-            .await?
-            .is_paused(destination)
-            .await
-    }
-
-    async fn check_stalled(&self) -> QueueResult<u64> {
-        let mut n = 0;
-        for q in self.all().await {
-            n += q.check_stalled().await?;
-        }
-        Ok(n)
+    async fn is_paused(&self, destination: &DestinationName) -> QueueResult<bool> {
+        self.existing(destination).await?.is_paused().await
     }
 
     fn durability_risks(&self) -> Vec<(&'static str, bool)> {
         self.base.durability_risks()
+    }
+
+    fn store_bytes(&self) -> Option<(u64, u64)> {
+        None
     }
 
     fn shared_by_relays(&self) -> bool {
@@ -432,6 +443,145 @@ impl Queue for RedisQueues {
             q.close().await?;
         }
         Ok(())
+    }
+
+    // The operators' side.
+    async fn counts_for(&self, destination: Option<&DestinationName>) -> QueueResult<Counts> {
+        if let Some(d) = destination {
+            return self.existing(d).await?.counts().await;
+        }
+        let mut sum = Counts::default();
+        for q in self.all().await {
+            let c = q.counts().await?;
+            sum.waiting += c.waiting;
+            sum.active += c.active;
+            sum.delayed += c.delayed;
+            sum.completed += c.completed;
+            sum.failed += c.failed;
+            sum.oldest_waiting_ms = match (sum.oldest_waiting_ms, c.oldest_waiting_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(sum)
+    }
+
+    async fn list_for(
+        &self,
+        state: Option<JobState>,
+        destination: Option<&DestinationName>,
+        offset: u64,
+        limit: u64,
+    ) -> QueueResult<Page> {
+        if let Some(d) = destination {
+            return self.existing(d).await?.list(state, offset, limit).await;
+        }
+        let all = self.all().await;
+        if all.len() == 1 {
+            return self.base.list(state, offset, limit).await;
+        }
+        // Newest first over every queue: each one's first offset + limit,
+        // merged by id (one counter for all).
+        let mut items = Vec::new();
+        let mut total = 0;
+        for q in all {
+            let page = q.list(state, 0, offset + limit).await?;
+            total += page.total;
+            items.extend(page.items);
+        }
+        items.sort_by_key(|j| std::cmp::Reverse(j.id.parse::<u64>().unwrap_or(0)));
+        let items = items
+            .into_iter()
+            .skip(offset as usize)
+            .take(limit as usize)
+            .collect();
+        Ok(Page { items, total })
+    }
+
+    async fn get(&self, id: &str) -> QueueResult<JobView> {
+        self.holding(id).await?.get(id).await
+    }
+
+    async fn retry(&self, id: &str) -> QueueResult<()> {
+        self.holding(id).await?.retry(id).await
+    }
+
+    async fn retry_all_failed_for(
+        &self,
+        destination: Option<&DestinationName>,
+    ) -> QueueResult<u64> {
+        if let Some(d) = destination {
+            return self.existing(d).await?.retry_all_failed().await;
+        }
+        let mut n = 0;
+        for q in self.all().await {
+            n += q.retry_all_failed().await?;
+        }
+        Ok(n)
+    }
+
+    async fn remove(&self, id: &str) -> QueueResult<()> {
+        self.holding(id).await?.remove(id).await
+    }
+
+    async fn set_paused(&self, destination: &DestinationName, paused: bool) -> QueueResult<()> {
+        // A write an operator asked for, of a name the caller checked (a
+        // configured destination, or one the queue or the file names).
+        self.queue(destination).await?.set_paused(paused).await
+    }
+
+    /// BullMQ's global rate limit on the destination's queue (`max` jobs a
+    /// `duration` ms, in its meta hash, enforced by the claim script for
+    /// every relay), shaped by [`limit_shape`] so that no second holds more
+    /// than 5% over `per_second` starts wherever they are claimed, and a
+    /// busy destination gets at least 95% of it. With 0 the limit is taken
+    /// off.
+    async fn set_rate_limit(
+        &self,
+        destination: &DestinationName,
+        per_second: u32,
+    ) -> QueueResult<()> {
+        let q = self.queue(destination).await?;
+        let meta = q.hot.key("meta");
+        let cmd = match limit_shape(per_second) {
+            None => {
+                let mut c = redis::cmd("HDEL");
+                c.arg(&meta).arg("max").arg("duration");
+                c
+            }
+            Some((max, duration_ms)) => {
+                let mut c = redis::cmd("HSET");
+                c.arg(&meta)
+                    .arg("max")
+                    .arg(max)
+                    .arg("duration")
+                    .arg(duration_ms);
+                c
+            }
+        };
+        let _: i64 = q.raw(&cmd).await?;
+        Ok(())
+    }
+
+    /// `default`, and the registry's (see the module doc).
+    async fn destination_names(&self) -> QueueResult<Vec<DestinationName>> {
+        let registered: Vec<String> = self
+            .base
+            .raw(redis::cmd("SMEMBERS").arg(self.registry()))
+            .await?;
+        let mut names: std::collections::BTreeSet<DestinationName> = registered
+            .iter()
+            .filter_map(|d| DestinationName::parse(d))
+            .collect();
+        names.insert(DestinationName::DEFAULT);
+        names.extend(
+            self.others
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned(),
+        );
+        Ok(names.into_iter().collect())
     }
 }
 
@@ -460,9 +610,11 @@ async fn find_destinations(base: &BullQueue, registry: &str, prefix: &str) {
         for d in keys
             .iter()
             .filter_map(|k| k.strip_prefix(&dotted)?.strip_suffix(":meta"))
-            .filter(|d| crate::event::valid_destination_name(d))
+            .filter_map(DestinationName::parse)
         {
-            let added: QueueResult<i64> = base.raw(redis::cmd("SADD").arg(registry).arg(d)).await;
+            let added: QueueResult<i64> = base
+                .raw(redis::cmd("SADD").arg(registry).arg(d.as_str()))
+                .await;
             if added.is_ok_and(|n| n > 0) {
                 found += 1;
             }
@@ -517,148 +669,12 @@ pub fn limit_shape(per_second: u32) -> Option<(u32, u64)> {
     best.map(|(m, d)| (m as u32, d))
 }
 
-fn by_destination(leases: Vec<LeaseRef>) -> BTreeMap<String, Vec<LeaseRef>> {
-    let mut out: BTreeMap<String, Vec<LeaseRef>> = BTreeMap::new();
+fn by_destination(leases: Vec<LeaseRef>) -> BTreeMap<DestinationName, Vec<LeaseRef>> {
+    let mut out: BTreeMap<DestinationName, Vec<LeaseRef>> = BTreeMap::new();
     for l in leases {
         out.entry(l.destination.clone()).or_default().push(l);
     }
     out
-}
-
-impl Operate for RedisQueues {
-    async fn counts_for(&self, destination: Option<&str>) -> QueueResult<Counts> {
-        if let Some(d) = destination {
-            return self.existing(d).await?.counts().await;
-        }
-        let mut sum = Counts::default();
-        for q in self.all().await {
-            let c = q.counts().await?;
-            sum.waiting += c.waiting;
-            sum.active += c.active;
-            sum.delayed += c.delayed;
-            sum.completed += c.completed;
-            sum.failed += c.failed;
-            sum.oldest_waiting_ms = match (sum.oldest_waiting_ms, c.oldest_waiting_ms) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        Ok(sum)
-    }
-
-    async fn list_for(
-        &self,
-        state: Option<JobState>,
-        destination: Option<&str>,
-        offset: u64,
-        limit: u64,
-    ) -> QueueResult<Page> {
-        if let Some(d) = destination {
-            return self.existing(d).await?.list(state, offset, limit).await;
-        }
-        let all = self.all().await;
-        if all.len() == 1 {
-            return self.base.list(state, offset, limit).await;
-        }
-        // Newest first over every queue: each one's first offset + limit,
-        // merged by id (one counter for all).
-        let mut items = Vec::new();
-        let mut total = 0;
-        for q in all {
-            let page = q.list(state, 0, offset + limit).await?;
-            total += page.total;
-            items.extend(page.items);
-        }
-        items.sort_by_key(|j| std::cmp::Reverse(j.id.parse::<u64>().unwrap_or(0)));
-        let items = items
-            .into_iter()
-            .skip(offset as usize)
-            .take(limit as usize)
-            .collect();
-        Ok(Page { items, total })
-    }
-
-    async fn get(&self, id: &str) -> QueueResult<JobView> {
-        self.holding(id).await?.get(id).await
-    }
-
-    async fn retry(&self, id: &str) -> QueueResult<()> {
-        self.holding(id).await?.retry(id).await
-    }
-
-    async fn retry_all_failed_for(&self, destination: Option<&str>) -> QueueResult<u64> {
-        if let Some(d) = destination {
-            return self.existing(d).await?.retry_all_failed().await;
-        }
-        let mut n = 0;
-        for q in self.all().await {
-            n += q.retry_all_failed().await?;
-        }
-        Ok(n)
-    }
-
-    async fn remove(&self, id: &str) -> QueueResult<()> {
-        self.holding(id).await?.remove(id).await
-    }
-
-    async fn set_paused(&self, destination: &str, paused: bool) -> QueueResult<()> {
-        // A write an operator asked for, of a name the caller checked (a
-        // configured destination, or one the queue or the file names).
-        self.queue(destination)
-            .await?
-            .set_paused(destination, paused)
-            .await
-    }
-
-    /// BullMQ's global rate limit on the destination's queue (`max` jobs a
-    /// `duration` ms, in its meta hash, enforced by the claim script for
-    /// every relay), shaped by [`limit_shape`] so that no second holds more
-    /// than 5% over `per_second` starts wherever they are claimed, and a
-    /// busy destination gets at least 95% of it. With 0 the limit is taken
-    /// off.
-    async fn set_rate_limit(&self, destination: &str, per_second: u32) -> QueueResult<()> {
-        let q = self.queue(destination).await?;
-        let meta = q.hot.key("meta");
-        let cmd = match limit_shape(per_second) {
-            None => {
-                let mut c = redis::cmd("HDEL");
-                c.arg(&meta).arg("max").arg("duration");
-                c
-            }
-            Some((max, duration_ms)) => {
-                let mut c = redis::cmd("HSET");
-                c.arg(&meta)
-                    .arg("max")
-                    .arg(max)
-                    .arg("duration")
-                    .arg(duration_ms);
-                c
-            }
-        };
-        let _: i64 = q.raw(&cmd).await?;
-        Ok(())
-    }
-
-    /// `default`, and the registry's (see the module doc).
-    async fn destination_names(&self) -> QueueResult<Vec<String>> {
-        let registered: Vec<String> = self
-            .base
-            .raw(redis::cmd("SMEMBERS").arg(self.registry()))
-            .await?;
-        let mut names: std::collections::BTreeSet<String> = registered
-            .into_iter()
-            .filter(|d| crate::event::valid_destination_name(d))
-            .collect();
-        names.insert(DEFAULT_DESTINATION.to_string());
-        names.extend(
-            self.others
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .cloned(),
-        );
-        Ok(names.into_iter().collect())
-    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use super::{
     bounded, unavailable, Arc, BullQueue, DeliveryJob, Duration, Event, EventKey, EventKind,
-    QueueError, QueueResult, RedisConnection, Value, BREAKER_OPEN, JOB_NAME, KEEP_LOGS,
+    JobState, QueueError, QueueResult, RedisConnection, Value, BREAKER_OPEN, JOB_NAME, KEEP_LOGS,
     REDIS_TIMEOUT,
 };
 
@@ -36,7 +36,8 @@ pub(super) struct NewJob {
 pub(super) struct Finished {
     pub(super) id: String,
     pub(super) token: String,
-    pub(super) outcome: &'static str,
+    /// Where the job goes (`Disposition::state`).
+    pub(super) state: JobState,
     pub(super) line: String,
     pub(super) reason: String,
     pub(super) due_at_ms: i64,
@@ -199,7 +200,7 @@ impl BatchedScripts {
         for j in &jobs {
             call.arg(&j.id)
                 .arg(&j.token)
-                .arg(j.outcome)
+                .arg(j.state.as_str())
                 .arg(&j.line)
                 .arg(&j.reason)
                 .arg(j.due_at_ms)

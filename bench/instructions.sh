@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# User-space instructions the relay spends per delivered event: the whole
+# path (receive, store, claim or handoff, deliver, record), counted by
+# valgrind's callgrind around the load only (--instr-atstart=no, toggled on
+# before the first request and off once the target has every event). The
+# same count for the same binary and input whatever else the machine does
+# (kernel time is not in it; see docs/benchmark.md).
+#
+#   bench/instructions.sh [--backend embedded|redis] [--events N] [--rounds R] [RELAY_BIN...]
+#
+# With several binaries, rounds alternate between them (one binary's round,
+# then the next's), and each binary's median is printed with its ratio to
+# the first. The target is `cogrelay sim` (its POST /events); on Redis a
+# private redis-server on a free port, without persistence.
+# Needs: valgrind, curl, python3 (free ports, JSON); redis-server for redis.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+backend=embedded events=2000 rounds=3 bins=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --backend) backend=$2; shift 2 ;;
+    --events) events=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) bins+=("$1"); shift ;;
+  esac
+done
+command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 2; }
+if [ ${#bins[@]} -eq 0 ]; then
+  cargo build --release --quiet --bin cogrelay
+  bins=(target/release/cogrelay)
+fi
+cargo build --release --quiet --example bench
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { # wait_for SECONDS CMD...: until CMD succeeds, else fail
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { echo "timed out waiting for: $*" >&2; return 1; }
+    sleep 0.2
+  done
+}
+received() { curl -sf "127.0.0.1:$1/sim/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["eventsReceived"])'; }
+all_received() { [ "$(received "$1")" -ge "$2" ]; }
+
+# One round: prints the relay's instructions per delivered event.
+round() {
+  local bin=$1 dir=$2
+  mkdir -p "$dir"
+  local port admin sim
+  port=$(free_port); admin=$(free_port); sim=$(free_port)
+  "${bins[0]}" sim --port "$sim" >/dev/null 2>"$dir/sim.err" &
+  local sim_pid=$!; pids+=("$sim_pid")
+  wait_for 30 curl -sf "127.0.0.1:$sim/sim/stats"
+  local queue_env=(COGRELAY_DATA_DIR="$dir/data")
+  if [ "$backend" = redis ]; then
+    local rport; rport=$(free_port)
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" >/dev/null &
+    local redis_pid=$!; pids+=("$redis_pid")
+    wait_for 30 redis-cli -p "$rport" ping
+    queue_env=(COGRELAY_QUEUE=redis REDIS_URL="redis://127.0.0.1:$rport")
+  fi
+  env -i PATH="$PATH" PORT="$port" ADMIN_LISTEN="127.0.0.1:$admin" WEBHOOK_SIGNING_SECRET=bench-secret \
+    TARGET_ENDPOINT="http://127.0.0.1:$sim/events" "${queue_env[@]}" RUST_LOG=error LOG_FORMAT=json \
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/cg.out" \
+    "$bin" serve >/dev/null 2>"$dir/relay.err" &
+  local pid=$!; pids+=("$pid")
+  wait_for 120 curl -sf "127.0.0.1:$admin/readyz"
+  callgrind_control -i on "$pid" >/dev/null
+  target/release/examples/bench load --port "$port" --events "$events" --connections 8 >"$dir/load.out"
+  wait_for 300 all_received "$sim" "$events"
+  callgrind_control -i off "$pid" >/dev/null
+  callgrind_control -d "$pid" >/dev/null
+  kill "$pid" "$sim_pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  [ "$backend" = redis ] && kill "$redis_pid" 2>/dev/null || true
+  local total
+  total=$(cat "$dir"/cg.out* | awk '/^(summary|totals):/ {s += $2} END {print s}')
+  echo $((total / events))
+}
+
+declare -A results
+for r in $(seq 1 "$rounds"); do
+  for i in "${!bins[@]}"; do
+    n=$(round "${bins[$i]}" "$work/$r-$i")
+    results[$i]="${results[$i]:-} $n"
+    echo "round $r, ${bins[$i]}: $n instructions per delivered event ($backend)" >&2
+  done
+done
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
+first=$(echo "${results[0]}" | median)
+echo "| binary ($backend, $events events, $rounds rounds) | instructions per delivered event (median) | vs first | rounds |"
+echo "|---|---|---|---|"
+for i in "${!bins[@]}"; do
+  m=$(echo "${results[$i]}" | median)
+  ratio=$(python3 -c "print(f'{($m / $first - 1) * 100:+.1f}%')")
+  echo "| ${bins[$i]} | $m | $ratio |${results[$i]} |"
+done
