@@ -414,10 +414,9 @@ fn no_function_over_a_hundred_lines() {
 /// The names of the methods the `Queue` trait declares (`fn name`, at its
 /// indentation), read from `src/queue/mod.rs`.
 fn contract_methods() -> Vec<String> {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("src/queue/mod.rs"),
-    )
-    .expect("queue/mod.rs");
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/queue/mod.rs"))
+            .expect("queue/mod.rs");
     let start = text.find("pub trait Queue").expect("the Queue trait");
     let body = &text[start..];
     let end = body.find("\n}\n").expect("the trait's end");
@@ -449,7 +448,10 @@ fn every_method_of_the_queue_contract_has_a_caller_outside_the_queue() {
             !outside.iter().any(|code| code.contains(&call))
         })
         .collect();
-    assert!(uncalled.is_empty(), "no caller outside src/queue: {uncalled:?}");
+    assert!(
+        uncalled.is_empty(),
+        "no caller outside src/queue: {uncalled:?}"
+    );
     let traits: Vec<String> = sources_without_tests()
         .into_iter()
         .filter(|(p, _)| p.components().any(|c| c.as_os_str() == "queue"))
