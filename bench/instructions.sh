@@ -27,10 +27,11 @@ while [ $# -gt 0 ]; do
 done
 command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 2; }
 if [ ${#bins[@]} -eq 0 ]; then
-  cargo build --release --quiet --bin cogrelay
+  cargo build --release --quiet --bin cogrelay --example bench
   bins=(target/release/cogrelay)
 fi
-cargo build --release --quiet --example bench
+# The load generator (built with the relay when no binary is given).
+[ -x target/release/examples/bench ] || cargo build --release --quiet --example bench
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -52,7 +53,7 @@ round() {
   mkdir -p "$dir"
   local port admin sim
   port=$(free_port); admin=$(free_port); sim=$(free_port)
-  "${bins[0]}" sim --port "$sim" >/dev/null 2>"$dir/sim.err" &
+  RUST_LOG=error "${bins[0]}" sim --port "$sim" >/dev/null 2>"$dir/sim.err" &
   local sim_pid=$!; pids+=("$sim_pid")
   wait_for 30 curl -sf "127.0.0.1:$sim/sim/stats"
   local queue_env=(COGRELAY_DATA_DIR="$dir/data")
@@ -65,7 +66,7 @@ round() {
   fi
   env -i PATH="$PATH" PORT="$port" ADMIN_LISTEN="127.0.0.1:$admin" WEBHOOK_SIGNING_SECRET=bench-secret \
     TARGET_ENDPOINT="http://127.0.0.1:$sim/events" "${queue_env[@]}" RUST_LOG=error LOG_FORMAT=json \
-    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/cg.out" \
+    valgrind --tool=callgrind --fair-sched=yes --instr-atstart=no --callgrind-out-file="$dir/cg.out" \
     "$bin" serve >/dev/null 2>"$dir/relay.err" &
   local pid=$!; pids+=("$pid")
   wait_for 120 curl -sf "127.0.0.1:$admin/readyz"

@@ -28,7 +28,7 @@ impl DestinationName {
 
     /// A name the relay or a store wrote (empty: a job stored before
     /// destinations, the default one's), taken as it is.
-    pub fn known(name: &str) -> Self {
+    pub(crate) fn known(name: &str) -> Self {
         match name {
             "" => Self::DEFAULT,
             name if name == DEFAULT_NAME => Self::DEFAULT,
@@ -73,9 +73,10 @@ impl std::fmt::Debug for DestinationName {
     }
 }
 
+/// The name itself, padded as asked (`{name:<32}` lines up a table).
 impl std::fmt::Display for DestinationName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -176,4 +177,21 @@ pub struct Attempt {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub outcome: AttemptOutcome,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DestinationName;
+
+    #[test]
+    fn a_destination_name_keeps_the_rule_and_reads_as_its_text() {
+        let crm = DestinationName::parse("crm").expect("valid");
+        assert_eq!(format!("{crm:<6}|"), "crm   |", "padded in tables");
+        assert_eq!(format!("{crm:?}"), "\"crm\"", "quoted in messages");
+        assert!(DestinationName::parse("CRM").is_none());
+        assert!(DestinationName::parse("").is_none());
+        assert_eq!(DestinationName::known(""), DestinationName::DEFAULT);
+        assert!(DestinationName::known("default").is_default());
+        assert!(!crm.is_default());
+    }
 }

@@ -127,7 +127,6 @@ struct Dispatch {
     clock: crate::time::Clock,
     machine: Machine,
     renewer: JoinHandle<()>,
-    _running: PoolRunning,
     done: mpsc::UnboundedSender<Done>,
     tasks: JoinSet<()>,
     /// Each delivery task's lease and whether it was a trial.
@@ -138,6 +137,9 @@ struct Dispatch {
     checking: Option<PauseTask>,
     /// Pauses told by this relay's admin, answered once the machine heard them.
     pause_acks: Vec<oneshot::Sender<()>>,
+    /// Counted as running until the pool stops or unwinds: last, so that it
+    /// drops after the delivery tasks.
+    _running: PoolRunning,
 }
 
 impl Dispatch {

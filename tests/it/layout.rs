@@ -279,9 +279,10 @@ fn public_type_names_are_distinct_and_not_a_letter_apart() {
 
 /// Every file a comment in `src` names (`` `something.rs` ``, `` `dir/file.rs` ``,
 /// `` `queue/lua/x.lua` ``) exists: in `src`, `tests`, `examples` or `bench`,
-/// at that path or ending with it.
+/// at that path or ending with it; a function named right after a file
+/// (`` `file.rs` `function` ``) is defined in it.
 #[test]
-fn files_named_in_comments_exist() {
+fn files_and_functions_named_in_comments_exist() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut all = Vec::new();
     let mut stack: Vec<std::path::PathBuf> = ["src", "tests", "examples", "bench"]
@@ -302,7 +303,7 @@ fn files_named_in_comments_exist() {
         }
     }
     let mut missing = Vec::new();
-    let mut named = 0;
+    let (mut named, mut functions) = (0, 0);
     for (path, _) in sources_without_tests() {
         let text = std::fs::read_to_string(&path).expect("read");
         for line in text
@@ -310,7 +311,8 @@ fn files_named_in_comments_exist() {
             .map(str::trim_start)
             .filter(|l| l.starts_with("//"))
         {
-            for span in line.split('`').skip(1).step_by(2) {
+            let spans: Vec<&str> = line.split('`').skip(1).step_by(2).collect();
+            for (i, span) in spans.iter().enumerate() {
                 let is_file = (span.ends_with(".rs") || span.ends_with(".lua"))
                     && span
                         .chars()
@@ -319,16 +321,38 @@ fn files_named_in_comments_exist() {
                     continue;
                 }
                 named += 1;
-                if !all
+                let found: Vec<&String> = all
                     .iter()
-                    .any(|f| f == span || f.ends_with(&format!("/{span}")))
-                {
+                    .filter(|f| f == span || f.ends_with(&format!("/{span}")))
+                    .collect();
+                if found.is_empty() {
                     missing.push(format!("{}: {span}", path.display()));
+                    continue;
+                }
+                // `file.rs` `function`: the function is defined in it.
+                let Some(function) = spans.get(i + 1).filter(|f| {
+                    span.ends_with(".rs") && f.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                }) else {
+                    continue;
+                };
+                functions += 1;
+                let defined = found.iter().any(|f| {
+                    let text = std::fs::read_to_string(root.join(f)).unwrap_or_default();
+                    [format!("fn {function}("), format!("fn {function}<")]
+                        .iter()
+                        .any(|d| text.contains(d.as_str()))
+                });
+                if !defined {
+                    missing.push(format!("{}: {span} has no fn {function}", path.display()));
                 }
             }
         }
     }
     assert!(named > 20, "only {named} files named in comments");
+    assert!(
+        functions > 5,
+        "only {functions} functions named after a file"
+    );
     assert!(missing.is_empty(), "{missing:#?}");
 }
 
