@@ -53,7 +53,7 @@ round() {
   mkdir -p "$dir"
   local port admin sim
   port=$(free_port); admin=$(free_port); sim=$(free_port)
-  RUST_LOG=error "${bins[0]}" sim --port "$sim" >/dev/null 2>"$dir/sim.err" &
+  RUST_LOG=error "${bins[0]}" sim --port "$sim" --rate-limit 100000000 >/dev/null 2>"$dir/sim.err" &
   local sim_pid=$!; pids+=("$sim_pid")
   wait_for 30 curl -sf "127.0.0.1:$sim/sim/stats"
   local queue_env=(COGRELAY_DATA_DIR="$dir/data")
