@@ -320,9 +320,14 @@ impl Load {
     }
 }
 
+/// Conversations the events belong to, round robin (each one's events are
+/// the key of an ordered destination).
+const SESSIONS: usize = 1000;
+
 fn body(run: &str, i: usize) -> Vec<u8> {
     let head = format!(
-        r#"{{"botId":"bench-bot","eventId":"{run}-{i}","type":"message.received","timestamp":"{ts}","payload":{{"sessionId":"s-{i}","text":""#,
+        r#"{{"botId":"bench-bot","eventId":"{run}-{i}","type":"message.received","timestamp":"{ts}","payload":{{"sessionId":"s-{s}","text":""#,
+        s = i % SESSIONS,
         ts = cogrelay::time::rfc3339(cogrelay::queue::now_ms())
     );
     let pad = 300usize.saturating_sub(head.len() + 3);
@@ -768,10 +773,11 @@ async fn outage(relay_bin: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The embedded relay with `n` destinations (see `run`, 2b).
+/// The embedded relay with `n` destinations (see `run`, 2b), each with
+/// `table` besides its name and URL (`ordering = "session"`, say).
 async fn fanout(
     relay_bin: &std::path::Path,
-    n: usize,
+    (n, table): (usize, &str),
     events: usize,
     connections: usize,
     concurrency: usize,
@@ -783,7 +789,7 @@ async fn fanout(
     let mut text = String::new();
     for d in 1..=n {
         text.push_str(&format!(
-            "[[destination]]\nname = \"d{d}\"\nurl = \"{}/d{d}\"\n",
+            "[[destination]]\nname = \"d{d}\"\nurl = \"{}/d{d}\"\n{table}",
             sink.url().trim_end_matches('/')
         ));
     }
@@ -835,7 +841,14 @@ async fn fanout(
     );
     let ok = l.ok.max(1) as f64;
     let row = Row {
-        name: format!("cogrelay embedded, {n} destination(s) (paused while ingesting)"),
+        name: format!(
+            "cogrelay embedded, {n} destination(s){} (paused while ingesting)",
+            if table.is_empty() {
+                ""
+            } else {
+                ", ordered by session"
+            }
+        ),
         delivered_per_s: done.map(|t| copies as f64 / (t - t0).as_secs_f64()),
         peak_rss_mb: Some(peak),
         ingest_cpu_us: Some(cpu_ingest * 1e6 / ok),
@@ -987,9 +1000,16 @@ async fn run(
     // one sink). Every destination is paused while the events come in, so the
     // relay's CPU then is the ingest's alone; resumed, the CPU until every copy
     // arrived is the deliveries'.
-    for (scenario, n) in [("fanout1", 1usize), ("fanout2", 2), ("fanout4", 4)] {
+    // 2e. Ordered delivery: the same one destination, ordered by session
+    // (1,000 sessions, round robin) or not ("fanout1").
+    for (scenario, n, table) in [
+        ("fanout1", 1usize, ""),
+        ("fanout2", 2, ""),
+        ("fanout4", 4, ""),
+        ("ordered", 1, "ordering = \"session\"\n"),
+    ] {
         if wanted(scenario) {
-            rows.push(fanout(relay_bin, n, events, connections, concurrency).await?);
+            rows.push(fanout(relay_bin, (n, table), events, connections, concurrency).await?);
         }
     }
 

@@ -132,7 +132,21 @@ impl DestinationSet {
 
     /// Whether any destination's filter reads the received document.
     pub fn need_document(&self) -> bool {
-        self.list.iter().any(|d| d.filter.needs_document())
+        self.list
+            .iter()
+            .any(|d| d.filter.needs_document() || d.delivery.ordering.is_some())
+    }
+
+    /// Why these destinations cannot run on a `kind` queue: an ordered one
+    /// on Redis (ordered delivery is the embedded store's only, for now).
+    pub fn ordered_on(&self, kind: crate::queue::QueueKind) -> Option<String> {
+        let d = self.list.iter().find(|d| d.delivery.ordering.is_some())?;
+        (kind == crate::queue::QueueKind::Redis).then(|| {
+            format!(
+                "destination {:?}: ordering = \"session\" needs the embedded queue in this version; leave it out on Redis",
+                d.name.as_str()
+            )
+        })
     }
 
     pub fn get(&self, name: &DestinationName) -> Option<&Destination> {
@@ -167,6 +181,11 @@ impl DestinationSet {
                     "backoff_ms": d.delivery.backoff.base.as_millis() as u64,
                     "max_age_secs": d.delivery.max_age.as_secs(),
                     "circuit": d.delivery.circuit,
+                    "ordering": d.delivery.ordering.as_ref().map(|o| serde_json::json!({
+                        "ordering": "session",
+                        "ordering_key": o.key,
+                        "on_failure": if o.hold { "hold" } else { "continue" },
+                    })),
                 })
             })
             .collect();

@@ -261,30 +261,53 @@ async fn destinations(
             for name in q.destination_names().await? {
                 let counts = q.counts_for(Some(&name)).await?;
                 let paused = q.is_paused(&name).await?;
-                rows.push((name, counts, paused));
+                let held = q.held_keys(&name, 1000).await?;
+                rows.push((name, counts, paused, held));
             }
             if json {
                 let list: Vec<Value> = rows
                     .iter()
-                    .map(|(name, counts, paused)| json!({ "name": name, "paused": paused, "counts": counts }))
+                    .map(|(name, counts, paused, held)| json!({ "name": name, "paused": paused, "counts": counts, "held_keys": held }))
                     .collect();
                 return Ok(Value::from(list).to_string());
             }
             let mut t = format!(
-                "{:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7}\n",
-                "DESTINATION", "PAUSED", "WAITING", "ACTIVE", "DELAYED", "COMPLETED", "FAILED"
+                "{:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}\n",
+                "DESTINATION",
+                "PAUSED",
+                "WAITING",
+                "ACTIVE",
+                "DELAYED",
+                "COMPLETED",
+                "FAILED",
+                "HELD"
             );
-            for (name, c, paused) in &rows {
+            for (name, c, paused, held) in &rows {
                 let _ = writeln!(
                     t,
-                    "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7}",
+                    "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}",
                     if *paused { "yes" } else { "no" },
                     c.waiting,
                     c.active,
                     c.delayed,
                     c.completed,
-                    c.failed
+                    c.failed,
+                    held.len()
                 );
+            }
+            // Each held key: what holds it, and what to do.
+            for (name, _, _, held) in &rows {
+                for h in held {
+                    let _ = writeln!(
+                        t,
+                        "held: {name} key {:?} by failed job {} since {} (cogrelay jobs retry {} or remove {})",
+                        h.key,
+                        h.job_id,
+                        crate::time::rfc3339(h.since_ms),
+                        h.job_id,
+                        h.job_id
+                    );
+                }
             }
             if rows.is_empty() {
                 t.push_str("(no destination has jobs in this queue)\n");

@@ -13,6 +13,7 @@
 //! | `cogrelay_destination_deliveries_total` | counter | `destination`, `outcome` |
 //! | `cogrelay_events_unrouted_total` | counter | (events no destination wanted) |
 //! | `cogrelay_destination_circuit` | gauge | `destination`, `state` (1 for the state it is in) |
+//! | `cogrelay_held_keys` | gauge | `destination`: keys an ordered destination holds (`on_failure = "hold"`), read at scrape time |
 //! | `cogrelay_queue_jobs` | gauge | `state` (read at scrape time) |
 //! | `cogrelay_queue_oldest_waiting_seconds` | gauge | age of the oldest due job |
 //! | `cogrelay_queue_durability_risk` | gauge | `risk` |
@@ -65,6 +66,7 @@ pub struct Metrics {
     by_destination: Family<Vec<(&'static str, String)>, Counter>,
     unrouted: Counter,
     circuits: Family<Vec<(&'static str, String)>, Gauge>,
+    held_keys: Family<Vec<(&'static str, String)>, Gauge>,
     /// The last hour, for the dashboard's charts.
     history: std::sync::Mutex<History>,
     /// Each destination's counters, for the history.
@@ -131,6 +133,7 @@ impl Default for Metrics {
             by_destination: Family::default(),
             unrouted: Counter::default(),
             circuits: Family::default(),
+            held_keys: Family::default(),
             history: Default::default(),
             destinations: Default::default(),
         }
@@ -243,6 +246,13 @@ impl Metrics {
         self.next_trial(destination, None);
     }
 
+    /// How many keys `destination` holds (see `cogrelay_held_keys`).
+    pub fn held_keys(&self, destination: &str, n: usize) {
+        self.held_keys
+            .get_or_create(&vec![("destination", destination.to_string())])
+            .set(n as i64);
+    }
+
     /// Whether a delivery pool runs (see `pools_up`).
     pub fn delivery_up(&self) -> bool {
         self.pools_up.load(Ordering::Acquire) > 0
@@ -334,6 +344,11 @@ impl Metrics {
             "cogrelay_destination_circuit",
             "Circuit breaker state of each destination (1 for its state)",
             self.circuits.clone(),
+        );
+        r.register(
+            "cogrelay_held_keys",
+            "Keys an ordered destination holds after a failure (on_failure = hold), until an operator retries or removes the job",
+            self.held_keys.clone(),
         );
         r.register(
             "cogrelay_events_unrouted",

@@ -207,6 +207,13 @@ async fn dashboard_js() -> Response {
 async fn prometheus(State(s): State<Arc<Admin>>) -> Response {
     // Queue gauges are read at scrape time; counters still render when the queue is down.
     let counts = s.queue.counts_for(None).await.ok();
+    for d in s.destinations.get().list.iter() {
+        if d.delivery.ordering.as_ref().is_some_and(|o| o.hold) {
+            if let Ok(held) = s.queue.held_keys(&d.name, MAX_HELD_SHOWN).await {
+                s.metrics.held_keys(&d.name, held.len());
+            }
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -332,8 +339,12 @@ async fn known_destination(s: &Admin, name: &DestinationName) -> Result<(), Resp
     }
 }
 
+/// Held keys shown (and counted in `/metrics`) per destination at most.
+const MAX_HELD_SHOWN: u64 = 1000;
+
 /// `GET /admin/destinations` (SPEC §7): each destination with its URL (no
-/// credentials), circuit, pause, job counts and limits.
+/// credentials), circuit, pause, job counts and limits, its ordering and the
+/// keys it holds (`{key, jobId, sinceMs}`, oldest first).
 async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
     let destinations = s.destinations.get();
     let mut out = Vec::with_capacity(destinations.list.len());
@@ -346,8 +357,17 @@ async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
             Ok(p) => p,
             Err(e) => return queue_error(e),
         };
+        let held_keys = match &d.delivery.ordering {
+            Some(o) if o.hold => match s.queue.held_keys(&d.name, MAX_HELD_SHOWN).await {
+                Ok(h) => h,
+                Err(e) => return queue_error(e),
+            },
+            _ => Vec::new(),
+        };
         let mut entry = json!({
             "name": d.name,
+            "ordering": d.delivery.ordering.as_ref().map_or("none", |_| "session"),
+            "held_keys": held_keys,
             "url": crate::secret::redact_url(&d.delivery.target),
             "circuit": s.metrics.circuit_state(&d.name),
             "paused": paused,

@@ -18,7 +18,7 @@ use toml::{Table, Value as Toml};
 
 use super::{parse_http_url, ConfigError};
 use crate::delivery::signing::TargetSigningKey;
-use crate::delivery::DeliverySettings;
+use crate::delivery::{DeliverySettings, Ordering, DEFAULT_ORDERING_KEY};
 use crate::destination::{CircuitSettings, Destination, DestinationSet, Filter};
 use crate::event::DestinationName;
 
@@ -47,6 +47,9 @@ const KEYS: &[&str] = &[
     "backoff_ms",
     "max_age_secs",
     "circuit",
+    "ordering",
+    "ordering_key",
+    "on_failure",
 ];
 const CIRCUIT_KEYS: &[&str] = &["failures", "cooldown_ms", "max_cooldown_ms"];
 
@@ -379,12 +382,59 @@ fn destination(
             .int("max_age_secs", 1..=31_536_000)?
             .map_or(g.delivery.max_age, |n| Duration::from_secs(n as u64)),
         circuit,
+        ordering: ordering(&e)?,
     };
     Ok(Destination {
         name,
         filter,
         delivery,
     })
+}
+
+/// `ordering`, `ordering_key` and `on_failure` (SPEC §7).
+fn ordering(e: &Entry<'_>) -> Result<Option<Ordering>, ConfigError> {
+    let ordered = match e.str("ordering")? {
+        None | Some("none") => false,
+        Some("session") => true,
+        Some(other) => {
+            return Err(e.err(
+                "ordering",
+                format!("{other:?} is not an ordering: use \"session\" (one key's events one at a time, in order), or leave it out"),
+            ))
+        }
+    };
+    let key = e.str("ordering_key")?;
+    let on_failure = e.str("on_failure")?;
+    if !ordered {
+        if let Some(k) = [("ordering_key", key), ("on_failure", on_failure)]
+            .into_iter()
+            .find_map(|(k, v)| v.map(|_| k))
+        {
+            return Err(e.err(k, "is set but ordering is not \"session\": add ordering = \"session\", or leave it out"));
+        }
+        return Ok(None);
+    }
+    let key = key.unwrap_or(DEFAULT_ORDERING_KEY);
+    if !key.starts_with('/') {
+        return Err(e.err(
+            "ordering_key",
+            format!("{key:?} is not a JSON pointer: start it with /, e.g. \"/payload/sessionId\""),
+        ));
+    }
+    let hold = match on_failure {
+        None | Some("continue") => false,
+        Some("hold") => true,
+        Some(other) => {
+            return Err(e.err(
+                "on_failure",
+                format!("{other:?} is not a choice: use \"continue\" (the key goes on) or \"hold\" (it waits for an operator)"),
+            ))
+        }
+    };
+    Ok(Some(Ordering {
+        key: key.to_string(),
+        hold,
+    }))
 }
 
 /// `events`, `bots` and `where`: which events a destination wants.
@@ -520,6 +570,7 @@ mod tests {
                     cooldown: Duration::from_secs(10),
                     max_cooldown: Duration::from_secs(300),
                 },
+                ordering: None,
             },
             lock_duration: Duration::from_secs(30),
         }

@@ -95,6 +95,7 @@ impl ServeConfig {
                     cooldown: ms(d::CIRCUIT_COOLDOWN_MS),
                     max_cooldown: ms(d::CIRCUIT_MAX_COOLDOWN_MS),
                 },
+                ordering: None,
             },
             pool: PoolSettings {
                 lock_duration: ms(d::LOCK_DURATION_MS),
@@ -496,6 +497,9 @@ impl ServeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_limits()?;
+        if let Some(d) = self.destinations().ordered_on(self.store.kind) {
+            return Err(bad(d));
+        }
         if self.delivery.circuit.cooldown.is_zero()
             || self.delivery.circuit.max_cooldown < self.delivery.circuit.cooldown
         {

@@ -275,7 +275,10 @@ async fn record(pool: &Pool, leased: Leased, attempt: Attempt, disposition: Disp
         }
     }
     let lease = leased.lease.clone();
-    let retry = matches!(disposition, Disposition::RetryAt { .. });
+    // A retry may now be the earliest due job; an ordered job's end lets
+    // its key's next one be claimed.
+    let wake = matches!(disposition, Disposition::RetryAt { .. })
+        || pool.cfg.destination.ordering.is_some();
     let deadline = Instant::now() + pool.cfg.pool.lock_duration / 2;
     let mut leased = leased;
     let mut tries = 0u32;
@@ -307,7 +310,7 @@ async fn record(pool: &Pool, leased: Leased, attempt: Attempt, disposition: Disp
         }
     }
     pool.in_flight.ended(&lease);
-    if retry {
+    if wake {
         pool.wake.notify_one();
     }
 }

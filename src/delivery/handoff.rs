@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::event::Event;
-use crate::queue::{DestinationName, Leased, Queue, QueueResult, Routed, Store};
+use crate::queue::{DestinationName, Leased, Queue, QueueResult, Route, Routed, Store};
 
 #[derive(Debug)]
 pub struct Handoff {
@@ -109,9 +109,12 @@ impl LaneSet {
         &self,
         queue: &Store,
         event: Event,
-        routes: Vec<DestinationName>,
+        routes: Vec<Route>,
     ) -> QueueResult<Routed> {
-        let lanes: Vec<&Lane> = routes.iter().filter_map(|r| self.get(r)).collect();
+        let lanes: Vec<&Lane> = routes
+            .iter()
+            .filter_map(|r| self.get(&r.destination))
+            .collect();
         let mut reserved = 0;
         for lane in &lanes {
             if !lane.handoff.try_reserve() {

@@ -69,7 +69,27 @@ pub struct DeliverySettings {
     /// A job still undelivered after this long is failed.
     pub max_age: Duration,
     pub circuit: circuit::CircuitSettings,
+    /// `ordering = "session"`: one key's jobs one at a time, in the order
+    /// stored; `None`: unordered.
+    pub ordering: Option<Ordering>,
 }
+
+/// A destination's `ordering = "session"` (SPEC §7): the events of one key
+/// are delivered to it one at a time, in the order the relay accepted them;
+/// a retrying event holds back only the later events of its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ordering {
+    /// `ordering_key`: a JSON pointer into an event envelope (an endpoint
+    /// output's key is its `sessionId`). An event without one is unordered.
+    pub key: String,
+    /// `on_failure = "hold"`: a failed event holds its key's later events
+    /// until an operator retries or removes it; else (`"continue"`) the key
+    /// goes on with the next.
+    pub hold: bool,
+}
+
+/// The pointer `ordering_key` takes when left out.
+pub const DEFAULT_ORDERING_KEY: &str = "/payload/sessionId";
 
 /// Settings of the worker pool itself, whatever it delivers to.
 #[derive(Debug, Clone)]

@@ -60,7 +60,7 @@ use crate::current::Current;
 use crate::destination::{DestinationSet, OUTPUT_TYPE};
 use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
-use crate::queue::{DestinationName, Routed, Store};
+use crate::queue::{OrderKey, Route, Routed, Store};
 use auth::Authenticator;
 use envelope::EnvelopeError;
 
@@ -364,10 +364,12 @@ async fn receive(
     }
 }
 
-/// The destinations that want `event` (SPEC §7), in the file's order. An
-/// endpoint output's type is `cognigy.output`; the received document is
-/// parsed again only when some destination has `where` conditions.
-fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<DestinationName> {
+/// The destinations that want `event` (SPEC §7), in the file's order, each
+/// with the key it delivers the event in order by (an ordered destination's
+/// `ordering_key`). An endpoint output's type is `cognigy.output`; the
+/// received document is parsed again only when some destination has `where`
+/// conditions or is ordered.
+fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Route> {
     let event_type = match event.kind {
         EventKind::EndpointOutput => OUTPUT_TYPE,
         EventKind::Envelope => event.event_type.as_deref().unwrap_or(""),
@@ -378,8 +380,35 @@ fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Des
         .flatten();
     destinations
         .routes(event_type, event.bot_id.as_deref(), doc.as_ref())
-        .map(|d| d.name.clone())
+        .map(|d| Route {
+            destination: d.name.clone(),
+            order: d
+                .delivery
+                .ordering
+                .as_ref()
+                .and_then(|o| order_key(o, event.kind, doc.as_ref()?)),
+        })
         .collect()
+}
+
+/// The key an ordered destination delivers this event in order by: the
+/// value at its `ordering_key` pointer in an envelope, an endpoint output's
+/// `sessionId`; a string or a number. `None` (unordered) when there is none.
+fn order_key(
+    o: &crate::delivery::Ordering,
+    kind: EventKind,
+    doc: &serde_json::Value,
+) -> Option<OrderKey> {
+    let value = match kind {
+        EventKind::EndpointOutput => doc.get("sessionId"),
+        EventKind::Envelope => doc.pointer(&o.key),
+    }?;
+    let key = match value {
+        serde_json::Value::String(s) if !s.is_empty() => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    Some(OrderKey { key, hold: o.hold })
 }
 
 /// `{"status","jobId"}` as the seeds answer; with a destinations file also

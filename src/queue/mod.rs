@@ -98,6 +98,46 @@ impl JobState {
 
 pub use crate::event::DestinationName;
 
+/// Where one job of an event goes: its destination, and the key that
+/// destination delivers in order, if it is ordered and the event has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub destination: DestinationName,
+    pub order: Option<OrderKey>,
+}
+
+impl From<DestinationName> for Route {
+    /// An unordered job.
+    fn from(destination: DestinationName) -> Self {
+        Route {
+            destination,
+            order: None,
+        }
+    }
+}
+
+/// The key an ordered destination delivers a job in order by (SPEC §7,
+/// `ordering = "session"`): of one destination's jobs with one key, only the
+/// first unfinished one (stored first) may be claimed or handed over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderKey {
+    pub key: String,
+    /// `on_failure = "hold"`: once failed, the job keeps holding its key's
+    /// later jobs until an operator retries or removes it.
+    pub hold: bool,
+}
+
+/// A key an ordered destination holds (`on_failure = "hold"`): its failed
+/// job, which holds every later job of the key until an operator retries or
+/// removes it, and since when (unix ms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldKey {
+    pub key: String,
+    pub job_id: String,
+    pub since_ms: i64,
+}
+
 /// One job of an event: which destination it is for, and its id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobRef {
@@ -415,16 +455,17 @@ pub struct QueueSettings {
 ///
 /// The hot path (the ingress and the delivery pools):
 pub trait Queue: Send + Sync + 'static {
-    /// Stores `event` as one job for each of `destinations` (in that order)
+    /// Stores `event` as one job for each of `routes` (in that order)
     /// together with its dedup record, in one durable step: all of them or
     /// none. With `lease`, a backend that can stores the new jobs already
     /// leased to the caller for that long and returns them (a direct handoff
     /// to the local worker pools that saves a claim; the lease rules are those
-    /// of a claimed job); the others are stored waiting.
+    /// of a claimed job); the others are stored waiting, and so is a job its
+    /// key holds back ([`OrderKey`]).
     fn store(
         &self,
         event: Event,
-        destinations: Vec<DestinationName>,
+        routes: Vec<Route>,
         lease: Option<Duration>,
     ) -> impl Future<Output = QueueResult<(Routed, Vec<Leased>)>> + Send;
     /// Leases due jobs of `destination`, `order`'s first (see the module
@@ -536,6 +577,13 @@ pub trait Queue: Send + Sync + 'static {
         destination: &DestinationName,
         per_second: u32,
     ) -> impl Future<Output = QueueResult<()>> + Send;
+    /// The keys `destination` holds (see [`HeldKey`]), oldest first, at
+    /// most `limit`.
+    fn held_keys(
+        &self,
+        destination: &DestinationName,
+        limit: u64,
+    ) -> impl Future<Output = QueueResult<Vec<HeldKey>>> + Send;
     /// The destinations the store has jobs of, or has paused; sorted.
     fn destination_names(&self) -> impl Future<Output = QueueResult<Vec<DestinationName>>> + Send;
 }

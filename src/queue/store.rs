@@ -8,8 +8,9 @@ use std::time::Duration;
 use super::embedded::{Access, EmbeddedOptions, EmbeddedQueue, Fsync};
 use super::redis::{RedisOptions, RedisQueues};
 use super::{
-    embedded, Attempt, ClaimOrder, Claimed, Counts, DestinationName, Disposition, Event, JobState,
-    JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, QueueSettings, Routed,
+    embedded, Attempt, ClaimOrder, Claimed, Counts, DestinationName, Disposition, Event, HeldKey,
+    JobState, JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, QueueSettings,
+    Route, Routed,
 };
 use crate::secret::Secret;
 
@@ -182,10 +183,10 @@ impl Queue for Store {
     async fn store(
         &self,
         event: Event,
-        destinations: Vec<DestinationName>,
+        routes: Vec<Route>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
-        on_backend!(self, q => q.store(event, destinations, lease).await)
+        on_backend!(self, q => q.store(event, routes, lease).await)
     }
     async fn claim_for(
         &self,
@@ -265,6 +266,13 @@ impl Queue for Store {
         on_backend!(self, q => q.set_paused(destination, paused).await)
     }
 
+    async fn held_keys(
+        &self,
+        destination: &DestinationName,
+        limit: u64,
+    ) -> QueueResult<Vec<HeldKey>> {
+        on_backend!(self, q => q.held_keys(destination, limit).await)
+    }
     async fn destination_names(&self) -> QueueResult<Vec<DestinationName>> {
         on_backend!(self, q => q.destination_names().await)
     }

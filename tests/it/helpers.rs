@@ -533,7 +533,11 @@ pub trait DefaultDestination: cogrelay::queue::Queue {
     ) -> impl std::future::Future<Output = cogrelay::queue::QueueResult<Enqueued>> + Send {
         async move {
             let (routed, _) = self
-                .store(event, vec![cogrelay::queue::DestinationName::DEFAULT], None)
+                .store(
+                    event,
+                    vec![cogrelay::queue::DestinationName::DEFAULT.into()],
+                    None,
+                )
                 .await?;
             Ok(first(&routed))
         }
@@ -552,7 +556,7 @@ pub trait DefaultDestination: cogrelay::queue::Queue {
             let (routed, mut leased) = self
                 .store(
                     event,
-                    vec![cogrelay::queue::DestinationName::DEFAULT],
+                    vec![cogrelay::queue::DestinationName::DEFAULT.into()],
                     Some(lease),
                 )
                 .await?;
@@ -577,6 +581,11 @@ pub trait DefaultDestination: cogrelay::queue::Queue {
             .await
         }
     }
+}
+
+/// An unordered job for destination `name`, for tests.
+pub fn to(name: &str) -> cogrelay::queue::Route {
+    dn(name).into()
 }
 
 /// A destination's name, for tests (panics on an invalid one).

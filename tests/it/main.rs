@@ -25,6 +25,7 @@ mod ingress;
 mod jobs_cli;
 mod layout;
 mod operations;
+mod ordering;
 mod process;
 mod queue_conformance;
 mod queue_model;

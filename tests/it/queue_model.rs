@@ -34,7 +34,7 @@ use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::{
     self, Attempt, AttemptOutcome, ClaimOrder, DestinationName, Disposition, JobState, Leased,
-    Opener, Queue, QueueError, QueueKind, QueueSettings, Store, StoreSettings,
+    Opener, OrderKey, Queue, QueueError, QueueKind, QueueSettings, Route, Store, StoreSettings,
 };
 use cogrelay::time::Clock;
 use proptest::prelude::*;
@@ -53,6 +53,8 @@ enum Op {
         handoff: bool,
         dup: Option<usize>,
         big: bool,
+        /// The event's session: its key at the ordered destinations.
+        session: Option<u8>,
     },
     StoreMany {
         n: usize,
@@ -118,8 +120,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Outcome::Fail),
     ];
     prop_oneof![
-        8 => (1u8..16, any::<bool>(), proptest::option::weighted(0.15, 0usize..64), proptest::bool::weighted(0.2))
-            .prop_map(|(dests, handoff, dup, big)| Op::Store { dests, handoff, dup, big }),
+        8 => (1u8..16, any::<bool>(), proptest::option::weighted(0.15, 0usize..64), proptest::bool::weighted(0.2), proptest::option::weighted(0.8, 0u8..3))
+            .prop_map(|(dests, handoff, dup, big, session)| Op::Store { dests, handoff, dup, big, session }),
         1 => (1usize..300, 1u8..16).prop_map(|(n, dests)| Op::StoreMany { n, dests }),
         8 => (0usize..4, 1usize..12, proptest::bool::weighted(0.2))
             .prop_map(|(dest, max, fresh)| Op::Claim { dest, max, fresh }),
@@ -175,6 +177,11 @@ enum St {
 #[derive(Debug)]
 struct JobM {
     dest: usize,
+    /// Its key at an ordered destination, and whether a failure holds it.
+    key: Option<(u8, bool)>,
+    /// Retried by an operator after it failed (it may then be delivered
+    /// after its key's later jobs: the operator's call).
+    retried: bool,
     st: St,
     attempts: u32,
     completions: u32,
@@ -198,6 +205,8 @@ struct Model {
     /// Each accepted event: its key and its jobs (destination, id).
     events: Vec<(String, Vec<(String, String)>)>,
     paused: [bool; 4],
+    /// The last job delivered of each (destination, key).
+    last_delivered: BTreeMap<(usize, u8), i64>,
 }
 
 impl Model {
@@ -217,9 +226,48 @@ impl Model {
             return 0;
         }
         self.jobs
-            .values()
-            .filter(|j| j.dest == dest && self.due(&j.st))
+            .iter()
+            .filter(|(id, j)| j.dest == dest && self.due(&j.st) && self.first_of_key(**id))
             .count()
+    }
+
+    /// A first successful delivery of job `id`: of its destination and key,
+    /// it comes after every one delivered so far (acceptance order), unless
+    /// an operator retried it.
+    fn delivered_in_order(&mut self, id: i64) -> Result<(), String> {
+        let j = &self.jobs[&id];
+        let (Some((key, _)), false, 0) = (j.key, j.retried, j.completions) else {
+            return Ok(());
+        };
+        let last = self.last_delivered.entry((j.dest, key)).or_insert(0);
+        if id < *last {
+            return Err(format!(
+                "job {id} of key s{key} delivered after job {last}, stored later"
+            ));
+        }
+        *last = id;
+        Ok(())
+    }
+
+    /// Whether job `id` may be claimed or handed over as far as its key
+    /// goes: no job of its destination and key stored before it is
+    /// unfinished, or failed holding the key.
+    fn first_of_key(&self, id: i64) -> bool {
+        let Some(j) = self.jobs.get(&id) else {
+            return true;
+        };
+        let Some((key, _)) = j.key else {
+            return true;
+        };
+        !self.jobs.range(..id).any(|(_, e)| {
+            e.dest == j.dest
+                && e.key.is_some_and(|(k, _)| k == key)
+                && match e.st {
+                    St::Waiting { .. } | St::Active { .. } | St::Orphan => true,
+                    St::Failed => e.key.is_some_and(|(_, hold)| hold),
+                    St::Completed | St::Removed => false,
+                }
+        })
     }
 
     /// A waiting job from now (new, released, retried, taken back).
@@ -389,6 +437,7 @@ async fn run_case(
         jobs: BTreeMap::new(),
         events: Vec::new(),
         paused: [false; 4],
+        last_delivered: BTreeMap::new(),
     };
     let lease = Duration::from_millis(m.lease_ms as u64);
     let mut held: Vec<(i64, Leased)> = Vec::new();
@@ -402,6 +451,7 @@ async fn run_case(
                 handoff,
                 dup,
                 big,
+                session,
             } => {
                 let dup = dup
                     .filter(|_| !m.events.is_empty())
@@ -414,9 +464,29 @@ async fn run_case(
                     }
                 };
                 let routes = dests_of(*dests);
+                // Ordered destinations (embedded only): `c` goes on after a
+                // failure, `d` holds the key.
+                let order_of = |d: usize| {
+                    session
+                        .filter(|_| m.backend == Backend::Embedded && d >= 2)
+                        .map(|s| (s, d == 3))
+                };
                 let stored = sut
                     .q()
-                    .store(ev(&key, *big), routes.clone(), handoff.then_some(lease))
+                    .store(
+                        ev(&key, *big),
+                        routes
+                            .iter()
+                            .map(|d| Route {
+                                destination: d.clone(),
+                                order: order_of(dest_index(d)).map(|(s, hold)| OrderKey {
+                                    key: format!("s{s}"),
+                                    hold,
+                                }),
+                            })
+                            .collect(),
+                        handoff.then_some(lease),
+                    )
                     .await;
                 let (routed, leased) = match stored {
                     Ok(r) => r,
@@ -448,10 +518,13 @@ async fn run_case(
                         "{}",
                         at(&format!("id {id} given twice"))
                     );
+                    let dest = dest_index(&j.destination);
                     m.jobs.insert(
                         id,
                         JobM {
-                            dest: dest_index(&j.destination),
+                            dest,
+                            key: order_of(dest),
+                            retried: false,
                             st: m.waiting(),
                             attempts: 0,
                             completions: 0,
@@ -470,6 +543,15 @@ async fn run_case(
                         "{}",
                         at("a paused destination's job handed over")
                     );
+                    let first = m.first_of_key(id);
+                    prop_assert!(
+                        first,
+                        "{}",
+                        at(&format!(
+                            "job {id} handed over before its key's earlier one"
+                        ))
+                    );
+                    let j = m.jobs.get_mut(&id).expect("job");
                     j.st = St::Active {
                         until: m.now + m.lease_ms,
                         due: m.now,
@@ -489,7 +571,14 @@ async fn run_case(
                 for _ in 0..*n {
                     keys += 1;
                     let key = format!("e{keys}");
-                    let routed = match sut.q().store(ev(&key, false), dests_of(*dests), None).await
+                    let routed = match sut
+                        .q()
+                        .store(
+                            ev(&key, false),
+                            dests_of(*dests).into_iter().map(Route::from).collect(),
+                            None,
+                        )
+                        .await
                     {
                         Ok((r, _)) => r,
                         Err(QueueError::Unavailable(_)) if case.cap > 0 => break,
@@ -501,6 +590,8 @@ async fn run_case(
                         m.jobs.insert(
                             id,
                             JobM {
+                                key: None,
+                                retried: false,
                                 dest: dest_index(&j.destination),
                                 st: m.waiting(),
                                 attempts: 0,
@@ -579,7 +670,11 @@ async fn run_case(
                         .filter(|id| m.jobs.get(id).is_some_and(|j| j.attempts > 0))
                         .count();
                     let fresh_left = m.jobs.iter().any(|(id, j)| {
-                        j.dest == *dest && m.due(&j.st) && !taken.contains(id) && j.attempts == 0
+                        j.dest == *dest
+                            && m.due(&j.st)
+                            && m.first_of_key(*id)
+                            && !taken.contains(id)
+                            && j.attempts == 0
                     });
                     prop_assert!(
                         !(fresh_left && attempted > 1),
@@ -608,6 +703,11 @@ async fn run_case(
                         m.due(&st),
                         "{}",
                         at(&format!("job {id} claimed while {st:?}"))
+                    );
+                    prop_assert!(
+                        m.first_of_key(id),
+                        "{}",
+                        at(&format!("job {id} claimed before its key's earlier one"))
                     );
                     let (now, lease_ms) = (m.now, m.lease_ms);
                     let j = m.jobs.get_mut(&id).expect("job");
@@ -655,8 +755,11 @@ async fn run_case(
                     .await
                     .map_err(|e| fail(at(&format!("a finish failed: {e}"))))?;
                 prop_assert!(done, "{}", at(&format!("the lease of job {id} was lost")));
+                m.jobs.get_mut(&id).expect("held job").attempts += 1;
+                if matches!(outcome, Outcome::Delivered) {
+                    m.delivered_in_order(id).map_err(|e| fail(at(&e)))?;
+                }
                 let j = m.jobs.get_mut(&id).expect("held job");
-                j.attempts += 1;
                 j.st = match outcome {
                     Outcome::Delivered => {
                         j.completions += 1;
@@ -738,6 +841,7 @@ async fn run_case(
                             delayed: false,
                         };
                         j.attempts = 0;
+                        j.retried = true;
                     }
                     St::Removed => prop_assert!(
                         matches!(r, Err(QueueError::NotFound(_))),
@@ -771,6 +875,7 @@ async fn run_case(
                     if j.st == St::Failed && dest.is_none_or(|d| d == j.dest) {
                         j.st = waiting;
                         j.attempts = 0;
+                        j.retried = true;
                         want += 1;
                     }
                 }
@@ -1012,7 +1117,23 @@ async fn drain(
 ) -> Result<(), TestCaseError> {
     for (id, l) in held {
         finish_delivered(sut, m.now, id, l).await?;
+        m.delivered_in_order(id).map_err(fail)?;
         m.jobs.get_mut(&id).expect("job").delivered();
+    }
+    // A held key's failed job is removed, as an operator would: the key's
+    // later jobs go on.
+    let blocking: Vec<i64> = m
+        .jobs
+        .iter()
+        .filter(|(_, j)| j.st == St::Failed && j.key.is_some_and(|(_, hold)| hold))
+        .map(|(id, _)| *id)
+        .collect();
+    for id in blocking {
+        sut.q()
+            .remove(&id.to_string())
+            .await
+            .map_err(|e| fail(format!("drain: remove the held key's job {id}: {e}")))?;
+        m.jobs.get_mut(&id).expect("job").st = St::Removed;
     }
     if m.jobs.values().any(|j| j.st == St::Orphan) {
         // A dead relay's leases run out (on Redis's clock: here at once),
@@ -1073,7 +1194,13 @@ async fn drain(
                     id,
                     j.st
                 );
-                j.delivered();
+                prop_assert!(
+                    m.first_of_key(id),
+                    "drain: job {} claimed before its key's earlier one",
+                    id
+                );
+                m.delivered_in_order(id).map_err(fail)?;
+                m.jobs.get_mut(&id).expect("job").delivered();
             }
         }
         if !claimed_any {

@@ -184,7 +184,7 @@ fn job_rows(dir: &std::path::Path) -> i64 {
 #[tokio::test]
 async fn a_fanned_out_event_is_one_row_until_a_destination_claims() {
     let dir = tempfile::tempdir().expect("tmp");
-    let four = || ["a", "b", "c", "d"].map(dn).to_vec();
+    let four = || ["a", "b", "c", "d"].map(to).to_vec();
     let ids = |r: &cogrelay::queue::Routed| -> Vec<String> {
         r.jobs.iter().map(|j| j.id.clone()).collect()
     };
@@ -334,14 +334,14 @@ fn zero_kept(dir: &std::path::Path) -> cogrelay::queue::embedded::EmbeddedOption
 async fn a_claim_never_finishes_a_bundle_with_its_other_jobs() {
     let dir = tempfile::tempdir().expect("tmp");
     let q = EmbeddedQueue::open(zero_kept(dir.path())).expect("open");
-    let ab = || vec![dn("a"), dn("b")];
+    let ab = || vec![to("a"), to("b")];
     for i in 0..300 {
         q.store(ev(&format!("ab-{i}")), ab(), None)
             .await
             .expect("store");
     }
     let (last, _) = q
-        .store(ev("ac"), vec![dn("a"), dn("c")], None)
+        .store(ev("ac"), vec![to("a"), to("c")], None)
         .await
         .expect("store");
     let (a_job, c_job) = (last.jobs[0].id.clone(), last.jobs[1].id.clone());
@@ -419,7 +419,7 @@ async fn a_claim_never_finishes_a_bundle_with_its_other_jobs() {
 async fn removing_a_bundled_job_keeps_the_others_of_its_event() {
     let dir = tempfile::tempdir().expect("tmp");
     let q = EmbeddedQueue::open(zero_kept(dir.path())).expect("open");
-    let abc = vec![dn("a"), dn("b"), dn("c")];
+    let abc = vec![to("a"), to("b"), to("c")];
     let (r, _) = q.store(ev("abc"), abc, None).await.expect("store");
     let id = |k: usize| r.jobs[k].id.clone();
     assert_eq!(job_rows(dir.path()), 1);

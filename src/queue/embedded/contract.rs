@@ -9,18 +9,21 @@ use rusqlite::{params, OptionalExtension};
 use super::bundle::{self, Bundle};
 use super::inspect::{list_with_bundles, row_to_view, state_of, view_of, VIEW_COLUMNS};
 use super::writer::{exec_cached, insert_event};
-use super::{claim_due, claim_trials, parse_id, put_back_stalled, sql_err, EmbeddedQueue, Fsync};
+use super::{
+    claim_due, claim_trials, first_of_its_key, parse_id, put_back_stalled, sql_err, EmbeddedQueue,
+    Fsync,
+};
 use crate::event::Event;
 use crate::queue::{
-    Attempt, ClaimOrder, Claimed, Counts, DeliveryJob, DestinationName, Disposition, JobState,
-    JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, Routed,
+    Attempt, ClaimOrder, Claimed, Counts, DeliveryJob, DestinationName, Disposition, HeldKey,
+    JobState, JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, Route, Routed,
 };
 
 impl Queue for EmbeddedQueue {
     async fn store(
         &self,
         event: Event,
-        destinations: Vec<DestinationName>,
+        routes: Vec<Route>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
         let token = lease.map(|_| format!("{:016x}", fastrand::u64(..)));
@@ -30,7 +33,7 @@ impl Queue for EmbeddedQueue {
                     .saturating_add(i64::try_from(l.as_millis()).unwrap_or(i64::MAX))
             });
             let lease = token.as_deref().zip(until);
-            let (routed, leased) = insert_event(conn, w, &event, &destinations, lease)?;
+            let (routed, leased) = insert_event(conn, w, &event, &routes, lease)?;
             let leased = match &token {
                 Some(token) => {
                     // The last job takes the event (its body); the others a copy.
@@ -127,11 +130,15 @@ impl Queue for EmbeddedQueue {
             let next_due_ms = if more_bundles {
                 Some(now)
             } else if jobs.is_empty() {
-                conn.prepare_cached(
+                // A job its key holds back is not due: its key's first is
+                // (or is active, and its finish wakes the pool).
+                conn.prepare_cached(concat!(
                     "SELECT min(t) FROM (
                         SELECT min(due_at_ms) AS t FROM jobs WHERE destination=?1 AND state IN ('waiting','delayed')
-                        UNION ALL SELECT min(lease_until_ms) FROM jobs WHERE state='active')",
-                )
+                        AND ",
+                    first_of_its_key!(),
+                    " UNION ALL SELECT min(lease_until_ms) FROM jobs WHERE state='active')"
+                ))
                 .and_then(|mut s| s.query_row([&destination], |r| r.get(0)))
                 .map_err(sql_err)?
             } else {
@@ -498,6 +505,36 @@ impl Queue for EmbeddedQueue {
             }
             other => other,
         }
+    }
+
+    async fn held_keys(
+        &self,
+        destination: &DestinationName,
+        limit: u64,
+    ) -> QueueResult<Vec<HeldKey>> {
+        let destination = destination.clone();
+        self.read(move |conn, _| {
+            conn.prepare_cached(concat!(
+                "SELECT order_key, seq, coalesce(finished_at_ms, created_at_ms) FROM jobs
+                 WHERE destination = ?1 AND state = 'failed' AND order_hold = 1 AND order_key IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.destination = jobs.destination
+                                 AND e.order_key = jobs.order_key AND e.seq < jobs.seq
+                                 AND e.state = 'failed' AND e.order_hold = 1)
+                 ORDER BY 3, seq LIMIT ?2"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![destination, limit as i64], |r| {
+                    Ok(HeldKey {
+                        key: r.get(0)?,
+                        job_id: r.get::<_, i64>(1)?.to_string(),
+                        since_ms: r.get(2)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(sql_err)
+        })
+        .await
     }
 
     async fn destination_names(&self) -> QueueResult<Vec<DestinationName>> {

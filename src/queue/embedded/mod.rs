@@ -120,8 +120,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    jobs_text, parse_jobs_text, DeliveryJob, DestinationName, JobRef, JobState, JobView, Page,
-    QueueError, QueueResult, QueueSettings, Routed,
+    jobs_text, parse_jobs_text, DeliveryJob, DestinationName, JobRef, JobState, JobView, OrderKey,
+    Page, QueueError, QueueResult, QueueSettings, Route, Routed,
 };
 use crate::event::{Event, EventKey, EventKind};
 use crate::time::Clock;
@@ -402,6 +402,18 @@ fn claimed_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryJob> {
 
 /// Leases up to `max` of `destination`'s due jobs, earliest due first (one
 /// statement: the hot path).
+/// SQL over a candidate row `jobs`: it is the first of its key
+/// (`order_key`: see [`OrderKey`]): no job of its destination and key stored
+/// before it is unfinished, or failed holding the key.
+macro_rules! first_of_its_key {
+    () => {
+        "(order_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs e WHERE e.destination = jobs.destination
+          AND e.order_key = jobs.order_key AND e.seq < jobs.seq
+          AND (e.state IN ('waiting','active','delayed') OR (e.state = 'failed' AND e.order_hold = 1))))"
+    };
+}
+pub(super) use first_of_its_key;
+
 fn claim_due(
     conn: &Connection,
     token: &str,
@@ -413,7 +425,9 @@ fn claim_due(
     const SQL: &str = concat!(
         "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
          WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
-                       AND due_at_ms <= ?3 AND pending IS NULL ORDER BY due_at_ms, seq LIMIT ?4)
+                       AND due_at_ms <= ?3 AND pending IS NULL AND ",
+        first_of_its_key!(),
+        " ORDER BY due_at_ms, seq LIMIT ?4)
          RETURNING ",
         claimed!()
     );
@@ -437,8 +451,10 @@ fn claim_trials(
     max: usize,
     destination: &str,
 ) -> QueueResult<Vec<DeliveryJob>> {
-    const DUE: &str =
-        "destination=?1 AND state IN ('waiting','delayed') AND due_at_ms <= ?2 AND pending IS NULL";
+    const DUE: &str = concat!(
+        "destination=?1 AND state IN ('waiting','delayed') AND due_at_ms <= ?2 AND pending IS NULL AND ",
+        first_of_its_key!()
+    );
     let mut ids: Vec<i64> = Vec::new();
     if max >= 2 {
         let most: Option<i64> = conn

@@ -2,7 +2,9 @@
 
 /// 5: a bundle's removed slot is `~` (a version-4 relay would deliver it to
 /// a destination of that name), so a version-4 relay refuses the store.
-pub(super) const SCHEMA_VERSION: i64 = 5;
+/// 6: ordered jobs (`order_key`, `order_hold`), which a version-5 relay
+/// would deliver out of order.
+pub(super) const SCHEMA_VERSION: i64 = 6;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -24,7 +26,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     stalls INTEGER NOT NULL DEFAULT 0,
     attempts_log TEXT NOT NULL DEFAULT '[]',
     destination TEXT NOT NULL DEFAULT 'default',
-    pending TEXT
+    pending TEXT,
+    order_key TEXT,
+    order_hold INTEGER NOT NULL DEFAULT 0
 );
 DROP INDEX IF EXISTS jobs_state;
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs(seq) WHERE state = 'failed';
@@ -33,6 +37,7 @@ DROP INDEX IF EXISTS jobs_due;
 CREATE INDEX IF NOT EXISTS jobs_due_by_destination ON jobs(destination, due_at_ms, seq) WHERE state IN ('waiting','delayed');
 CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_until_ms) WHERE state = 'active';
 CREATE INDEX IF NOT EXISTS jobs_bundled ON jobs(seq) WHERE pending IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_order ON jobs(destination, order_key, seq) WHERE order_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dedup (
     event_key TEXT PRIMARY KEY,
     job_seq INTEGER NOT NULL,
@@ -49,8 +54,11 @@ CREATE TABLE IF NOT EXISTS paused (destination TEXT PRIMARY KEY) WITHOUT ROWID;
 /// are the `default` destination's), and every job of a deduplicated event
 /// (`destination=seq,...`; NULL in older rows: the one `job_seq`). Version
 /// 4: a bundle's pending destinations (see the module doc of [`super`]).
+/// Version 6: an ordered job's key, and whether a failure holds it.
 pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "destination", "TEXT NOT NULL DEFAULT 'default'"),
     ("dedup", "jobs", "TEXT"),
     ("jobs", "pending", "TEXT"),
+    ("jobs", "order_key", "TEXT"),
+    ("jobs", "order_hold", "INTEGER NOT NULL DEFAULT 0"),
 ];

@@ -3,8 +3,9 @@
 
 use super::{
     bundle, jobs_text, mpsc, params, parse_jobs_text, Arc, AtomicBool, Bundle, Clock, Connection,
-    DestinationName, Duration, Event, Fsync, Instant, JobRef, OptionalExtension, Ordering, Path,
-    PathBuf, QueueError, QueueResult, QueueSettings, Routed, Space, MAX_BATCH,
+    DestinationName, Duration, Event, Fsync, Instant, JobRef, OptionalExtension, OrderKey,
+    Ordering, Path, PathBuf, QueueError, QueueResult, QueueSettings, Route, Routed, Space,
+    MAX_BATCH,
 };
 
 /// What a queued operation leaves for after the commit: whether it succeeded
@@ -392,11 +393,11 @@ pub(super) fn insert_event(
     conn: &Connection,
     w: &mut Writer,
     event: &Event,
-    destinations: &[DestinationName],
+    routes: &[Route],
     lease: Option<(&str, i64)>,
 ) -> QueueResult<(Routed, Vec<usize>)> {
     let now = w.now_ms;
-    if destinations.is_empty() {
+    if routes.is_empty() {
         return Err(QueueError::Unavailable(
             "an event for no destination".into(),
         ));
@@ -410,39 +411,49 @@ pub(super) fn insert_event(
     }
     // A duplicate stores nothing, so it is answered even when full.
     check_room(conn, w)?;
-    // Jobs stored waiting (no handoff asked for, or a paused destination's:
-    // never handed over) and jobs handed over, leased.
-    let mut held = Vec::with_capacity(destinations.len());
-    let mut ids = vec![0i64; destinations.len()];
+    // Jobs stored waiting (no handoff asked for, a paused destination's, or
+    // one its key holds back: never handed over) and jobs handed over,
+    // leased. An ordered job is a row of its own, never in a bundle.
+    let mut held = Vec::with_capacity(routes.len());
+    let mut ids = vec![0i64; routes.len()];
     let mut leased = Vec::new();
-    for (i, destination) in destinations.iter().enumerate() {
-        if lease.is_none() || w.is_paused(conn, destination)? {
-            held.push(i);
-        } else {
-            leased.push(i);
+    let mut own_rows = Vec::new();
+    for (i, route) in routes.iter().enumerate() {
+        let handed = lease.is_some()
+            && !w.is_paused(conn, &route.destination)?
+            && !route
+                .order
+                .as_ref()
+                .map(|o| key_is_busy(conn, &route.destination, &o.key))
+                .transpose()?
+                .unwrap_or(false);
+        match (handed, &route.order) {
+            (true, _) => leased.push(i),
+            (false, Some(_)) => own_rows.push(i),
+            (false, None) => held.push(i),
         }
     }
-    insert_held(conn, w, event, destinations, &held, &mut ids)?;
-    for &i in &leased {
-        let destination = &destinations[i];
-        let (pending, bundled) = (None, 0);
+    insert_held(conn, w, event, routes, &held, &mut ids)?;
+    for &i in own_rows.iter().chain(&leased) {
+        let route = &routes[i];
         ids[i] = insert_row(
             conn,
             event,
             now,
             NewRow {
-                destination,
-                lease,
-                pending,
-                bundled,
+                destination: &route.destination,
+                lease: lease.filter(|_| leased.contains(&i)),
+                pending: None,
+                bundled: 0,
+                order: route.order.as_ref(),
             },
         )?;
     }
-    let jobs: Vec<JobRef> = destinations
+    let jobs: Vec<JobRef> = routes
         .iter()
         .zip(&ids)
-        .map(|(d, id)| JobRef {
-            destination: d.clone(),
+        .map(|(r, id)| JobRef {
+            destination: r.destination.clone(),
             id: id.to_string(),
         })
         .collect();
@@ -468,7 +479,7 @@ fn insert_held(
     conn: &Connection,
     w: &mut Writer,
     event: &Event,
-    destinations: &[DestinationName],
+    routes: &[Route],
     held: &[usize],
     ids: &mut [i64],
 ) -> QueueResult<()> {
@@ -483,7 +494,10 @@ fn insert_held(
             .map_err(QueueError::Unavailable)?;
     }
     let pending = (!rest.is_empty()).then(|| {
-        let names: Vec<&str> = rest.iter().map(|&i| destinations[i].as_str()).collect();
+        let names: Vec<&str> = rest
+            .iter()
+            .map(|&i| routes[i].destination.as_str())
+            .collect();
         names.join(",")
     });
     let bundled = if rest.is_empty() {
@@ -496,10 +510,11 @@ fn insert_held(
         event,
         now,
         NewRow {
-            destination: &destinations[last],
+            destination: &routes[last].destination,
             lease: None,
             pending: pending.as_deref(),
             bundled,
+            order: None,
         },
     )?;
     for (k, &i) in held.iter().rev().enumerate() {
@@ -519,6 +534,19 @@ struct NewRow<'a> {
     pending: Option<&'a str>,
     /// A bundle's number of jobs (0: not a bundle).
     bundled: i64,
+    /// The key its destination delivers it in order by.
+    order: Option<&'a OrderKey>,
+}
+
+/// Whether `destination` has a job of `key` that holds a new one back:
+/// unfinished, or failed holding its key (see [`OrderKey`]).
+fn key_is_busy(conn: &Connection, destination: &DestinationName, key: &str) -> QueueResult<bool> {
+    conn.prepare_cached(
+        "SELECT 1 FROM jobs WHERE destination = ?1 AND order_key = ?2
+         AND (state IN ('waiting','active','delayed') OR (state = 'failed' AND order_hold = 1))",
+    )
+    .and_then(|mut s| s.exists(params![destination, key]))
+    .map_err(sql_err)
 }
 
 /// Inserts `r` for `event`, stored at `now`; its id.
@@ -532,10 +560,10 @@ fn insert_row(conn: &Connection, event: &Event, now: i64, r: NewRow<'_>) -> Queu
         // ids, which reserves the others (AUTOINCREMENT keeps the largest id
         // given); else the next id.
         "INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
-                           lease_token, lease_until_ms, destination, pending)
+                           lease_token, lease_until_ms, destination, pending, order_key, order_hold)
          VALUES (CASE WHEN ?13 > 0
                       THEN coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0) + ?13 END,
-                 ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)",
+                 ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12, ?14, ?15)",
     )
     .and_then(|mut insert| {
         insert.execute(params![
@@ -552,6 +580,8 @@ fn insert_row(conn: &Connection, event: &Event, now: i64, r: NewRow<'_>) -> Queu
             r.destination,
             r.pending,
             r.bundled,
+            r.order.map(|o| o.key.as_str()),
+            r.order.is_some_and(|o| o.hold),
         ])
     })
     .map(|_| conn.last_insert_rowid())

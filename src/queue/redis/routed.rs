@@ -28,7 +28,7 @@ use super::{
     JobState, JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, RedisOptions,
     Routed, JOB_NAME, MAX_BATCH,
 };
-use crate::queue::{parse_jobs_text, DestinationName, JobRef};
+use crate::queue::{parse_jobs_text, DestinationName, HeldKey, JobRef, Route};
 
 /// The queue name of `destination`'s jobs.
 pub fn queue_name(base: &str, destination: &DestinationName) -> String {
@@ -293,9 +293,18 @@ impl Queue for RedisQueues {
     async fn store(
         &self,
         event: Event,
-        destinations: Vec<DestinationName>,
+        routes: Vec<Route>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
+        // Ordered delivery is the embedded store's only, for now: `serve`
+        // refuses an ordered destination on Redis at start.
+        if routes.iter().any(|r| r.order.is_some()) {
+            return Err(QueueError::Unavailable(
+                "ordered delivery (ordering = \"session\") needs the embedded queue".into(),
+            ));
+        }
+        let destinations: Vec<DestinationName> =
+            routes.into_iter().map(|r| r.destination).collect();
         // One relay, one `default` destination: its own queue's add, as
         // before destinations.
         if destinations == [DestinationName::DEFAULT]
@@ -564,6 +573,11 @@ impl Queue for RedisQueues {
     }
 
     /// `default`, and the registry's (see the module doc).
+    /// None: ordered delivery is the embedded store's only, for now.
+    async fn held_keys(&self, _: &DestinationName, _: u64) -> QueueResult<Vec<HeldKey>> {
+        Ok(Vec::new())
+    }
+
     async fn destination_names(&self) -> QueueResult<Vec<DestinationName>> {
         let registered: Vec<String> = self
             .base
