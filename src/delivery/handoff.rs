@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::event::Event;
-use crate::queue::{DestinationName, Leased, Queue, QueueResult, Route, Routed, Store};
+use crate::queue::{DestinationName, Leased, Queue, QueueResult, Recipient, Routed, Store};
 
 #[derive(Debug)]
 pub struct Handoff {
@@ -109,7 +109,7 @@ impl LaneSet {
         &self,
         queue: &Store,
         event: Event,
-        routes: Vec<Route>,
+        routes: Vec<Recipient>,
     ) -> QueueResult<Routed> {
         let lanes: Vec<&Lane> = routes
             .iter()

@@ -60,7 +60,7 @@ use crate::current::Current;
 use crate::destination::{DestinationSet, OUTPUT_TYPE};
 use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
-use crate::queue::{OrderKey, Route, Routed, Store};
+use crate::queue::{OrderKey, Recipient, Routed, Store};
 use auth::Authenticator;
 use envelope::EnvelopeError;
 
@@ -369,7 +369,7 @@ async fn receive(
 /// `ordering_key`). An endpoint output's type is `cognigy.output`; the
 /// received document is parsed again only when some destination has `where`
 /// conditions or is ordered.
-fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Route> {
+fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Recipient> {
     let event_type = match event.kind {
         EventKind::EndpointOutput => OUTPUT_TYPE,
         EventKind::Envelope => event.event_type.as_deref().unwrap_or(""),
@@ -380,7 +380,7 @@ fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Rou
         .flatten();
     destinations
         .routes(event_type, event.bot_id.as_deref(), doc.as_ref())
-        .map(|d| Route {
+        .map(|d| Recipient {
             destination: d.name.clone(),
             order: d
                 .delivery

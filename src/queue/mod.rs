@@ -101,15 +101,15 @@ pub use crate::event::DestinationName;
 /// Where one job of an event goes: its destination, and the key that
 /// destination delivers in order, if it is ordered and the event has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
+pub struct Recipient {
     pub destination: DestinationName,
     pub order: Option<OrderKey>,
 }
 
-impl From<DestinationName> for Route {
+impl From<DestinationName> for Recipient {
     /// An unordered job.
     fn from(destination: DestinationName) -> Self {
-        Route {
+        Recipient {
             destination,
             order: None,
         }
@@ -465,7 +465,7 @@ pub trait Queue: Send + Sync + 'static {
     fn store(
         &self,
         event: Event,
-        routes: Vec<Route>,
+        routes: Vec<Recipient>,
         lease: Option<Duration>,
     ) -> impl Future<Output = QueueResult<(Routed, Vec<Leased>)>> + Send;
     /// Leases due jobs of `destination`, `order`'s first (see the module

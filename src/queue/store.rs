@@ -10,7 +10,7 @@ use super::redis::{RedisOptions, RedisQueues};
 use super::{
     embedded, Attempt, ClaimOrder, Claimed, Counts, DestinationName, Disposition, Event, HeldKey,
     JobState, JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, QueueSettings,
-    Route, Routed,
+    Recipient, Routed,
 };
 use crate::secret::Secret;
 
@@ -183,7 +183,7 @@ impl Queue for Store {
     async fn store(
         &self,
         event: Event,
-        routes: Vec<Route>,
+        routes: Vec<Recipient>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
         on_backend!(self, q => q.store(event, routes, lease).await)

@@ -584,7 +584,7 @@ pub trait DefaultDestination: cogrelay::queue::Queue {
 }
 
 /// An unordered job for destination `name`, for tests.
-pub fn to(name: &str) -> cogrelay::queue::Route {
+pub fn to(name: &str) -> cogrelay::queue::Recipient {
     dn(name).into()
 }
 

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use cogrelay::queue::{
-    now_ms, Attempt, AttemptOutcome, ClaimOrder, Disposition, Leased, OrderKey, Queue, Route,
+    now_ms, Attempt, AttemptOutcome, ClaimOrder, Disposition, Leased, OrderKey, Queue, Recipient,
 };
 
 use cogrelay::sink::{Behaviour, Sink};
@@ -17,8 +17,8 @@ use crate::queue_conformance::{ev, open};
 
 const LEASE: Duration = Duration::from_secs(30);
 
-fn ordered(dest: &str, key: &str, hold: bool) -> Route {
-    Route {
+fn ordered(dest: &str, key: &str, hold: bool) -> Recipient {
+    Recipient {
         destination: dn(dest),
         order: Some(OrderKey {
             key: key.into(),
@@ -39,7 +39,7 @@ fn attempt(outcome: AttemptOutcome) -> Attempt {
 }
 
 /// Stores one event per (id, route) in that order; the job ids.
-async fn store(q: &impl Queue, jobs: &[(&str, Route)]) -> Vec<String> {
+async fn store(q: &impl Queue, jobs: &[(&str, Recipient)]) -> Vec<String> {
     let mut ids = Vec::new();
     for (id, route) in jobs {
         let (routed, _) = q
@@ -251,7 +251,7 @@ fn flaky(event_id: &str, attempt: u32) -> bool {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (event_id, attempt).hash(&mut h);
-    h.finish() % 5 == 0
+    h.finish().is_multiple_of(5)
 }
 
 /// Each session's events in the order their first successful delivery
@@ -601,7 +601,7 @@ async fn a_reload_turning_ordering_off_keeps_the_order_of_jobs_stored_ordered() 
     let app = spawn_app_with(move |c| {
         std::fs::write(
             &path,
-            text(&c.delivery.target.to_string(), "ordering = \"session\"\n"),
+            text(c.delivery.target.as_ref(), "ordering = \"session\"\n"),
         )
         .expect("write");
         let globals = cogrelay::config::destinations::Globals {

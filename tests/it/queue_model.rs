@@ -34,7 +34,7 @@ use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::{
     self, Attempt, AttemptOutcome, ClaimOrder, DestinationName, Disposition, JobState, Leased,
-    Opener, OrderKey, Queue, QueueError, QueueKind, QueueSettings, Route, Store, StoreSettings,
+    Opener, OrderKey, Queue, QueueError, QueueKind, QueueSettings, Recipient, Store, StoreSettings,
 };
 use cogrelay::time::Clock;
 use proptest::prelude::*;
@@ -477,7 +477,7 @@ async fn run_case(
                         ev(&key, *big),
                         routes
                             .iter()
-                            .map(|d| Route {
+                            .map(|d| Recipient {
                                 destination: d.clone(),
                                 order: order_of(dest_index(d)).map(|(s, hold)| OrderKey {
                                     key: format!("s{s}"),
@@ -575,7 +575,7 @@ async fn run_case(
                         .q()
                         .store(
                             ev(&key, false),
-                            dests_of(*dests).into_iter().map(Route::from).collect(),
+                            dests_of(*dests).into_iter().map(Recipient::from).collect(),
                             None,
                         )
                         .await

@@ -16,14 +16,14 @@ use super::{
 use crate::event::Event;
 use crate::queue::{
     Attempt, ClaimOrder, Claimed, Counts, DeliveryJob, DestinationName, Disposition, HeldKey,
-    JobState, JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, Route, Routed,
+    JobState, JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, Recipient, Routed,
 };
 
 impl Queue for EmbeddedQueue {
     async fn store(
         &self,
         event: Event,
-        routes: Vec<Route>,
+        routes: Vec<Recipient>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
         let token = lease.map(|_| format!("{:016x}", fastrand::u64(..)));
@@ -514,14 +514,14 @@ impl Queue for EmbeddedQueue {
     ) -> QueueResult<Vec<HeldKey>> {
         let destination = destination.clone();
         self.read(move |conn, _| {
-            conn.prepare_cached(concat!(
+            conn.prepare_cached(
                 "SELECT order_key, seq, coalesce(finished_at_ms, created_at_ms) FROM jobs
                  WHERE destination = ?1 AND state = 'failed' AND order_hold = 1 AND order_key IS NOT NULL
                  AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.destination = jobs.destination
                                  AND e.order_key = jobs.order_key AND e.seq < jobs.seq
                                  AND e.state = 'failed' AND e.order_hold = 1)
-                 ORDER BY 3, seq LIMIT ?2"
-            ))
+                 ORDER BY 3, seq LIMIT ?2",
+            )
             .and_then(|mut s| {
                 s.query_map(params![destination, limit as i64], |r| {
                     Ok(HeldKey {

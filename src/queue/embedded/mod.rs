@@ -121,7 +121,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     jobs_text, parse_jobs_text, DeliveryJob, DestinationName, JobRef, JobState, JobView, OrderKey,
-    Page, QueueError, QueueResult, QueueSettings, Route, Routed,
+    Page, QueueError, QueueResult, QueueSettings, Recipient, Routed,
 };
 use crate::event::{Event, EventKey, EventKind};
 use crate::time::Clock;

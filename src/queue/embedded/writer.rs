@@ -4,7 +4,7 @@
 use super::{
     bundle, jobs_text, mpsc, params, parse_jobs_text, Arc, AtomicBool, Bundle, Clock, Connection,
     DestinationName, Duration, Event, Fsync, Instant, JobRef, OptionalExtension, OrderKey,
-    Ordering, Path, PathBuf, QueueError, QueueResult, QueueSettings, Route, Routed, Space,
+    Ordering, Path, PathBuf, QueueError, QueueResult, QueueSettings, Recipient, Routed, Space,
     MAX_BATCH,
 };
 
@@ -393,7 +393,7 @@ pub(super) fn insert_event(
     conn: &Connection,
     w: &mut Writer,
     event: &Event,
-    routes: &[Route],
+    routes: &[Recipient],
     lease: Option<(&str, i64)>,
 ) -> QueueResult<(Routed, Vec<usize>)> {
     let now = w.now_ms;
@@ -479,7 +479,7 @@ fn insert_held(
     conn: &Connection,
     w: &mut Writer,
     event: &Event,
-    routes: &[Route],
+    routes: &[Recipient],
     held: &[usize],
     ids: &mut [i64],
 ) -> QueueResult<()> {

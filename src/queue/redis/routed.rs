@@ -28,7 +28,7 @@ use super::{
     JobState, JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, RedisOptions,
     Routed, JOB_NAME, MAX_BATCH,
 };
-use crate::queue::{parse_jobs_text, DestinationName, HeldKey, JobRef, Route};
+use crate::queue::{parse_jobs_text, DestinationName, HeldKey, JobRef, Recipient};
 
 /// The queue name of `destination`'s jobs.
 pub fn queue_name(base: &str, destination: &DestinationName) -> String {
@@ -293,7 +293,7 @@ impl Queue for RedisQueues {
     async fn store(
         &self,
         event: Event,
-        routes: Vec<Route>,
+        routes: Vec<Recipient>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
         // Ordered delivery is the embedded store's only, for now: `serve`
