@@ -132,9 +132,7 @@ impl DestinationSet {
 
     /// Whether any destination's filter reads the received document.
     pub fn need_document(&self) -> bool {
-        self.list
-            .iter()
-            .any(|d| d.filter.needs_document() || d.delivery.ordering.is_some())
+        self.list.iter().any(|d| d.filter.needs_document())
     }
 
     /// Why these destinations cannot run on a `kind` queue: an ordered one

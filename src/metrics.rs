@@ -244,6 +244,8 @@ impl Metrics {
             ]);
         }
         self.next_trial(destination, None);
+        self.held_keys
+            .remove(&vec![("destination", destination.to_string())]);
     }
 
     /// How many keys `destination` holds (see `cogrelay_held_keys`).

@@ -91,7 +91,7 @@ function drawDestinations(list, pts) {
     // An ordered destination's held keys (on_failure = "hold"): how many,
     // and each key with its blocking job and since when, on hover.
     const held = d.held_keys || [];
-    const heldCell = cell(tr, d.ordering === 'session' ? String(held.length) : '-', 'held');
+    const heldCell = cell(tr, d.ordering === 'session' || held.length ? String(held.length) : '-', 'held');
     heldCell.title = held.map((h) => h.key + ': job ' + h.jobId + ' since '
       + new Date(h.sinceMs).toLocaleTimeString()).join('\n');
     cell(tr, String(d.counts.waiting));

@@ -207,11 +207,11 @@ async fn dashboard_js() -> Response {
 async fn prometheus(State(s): State<Arc<Admin>>) -> Response {
     // Queue gauges are read at scrape time; counters still render when the queue is down.
     let counts = s.queue.counts_for(None).await.ok();
+    // Every destination's: a key held while it was stored with "hold"
+    // stays held after a reload changed the setting.
     for d in s.destinations.get().list.iter() {
-        if d.delivery.ordering.as_ref().is_some_and(|o| o.hold) {
-            if let Ok(held) = s.queue.held_keys(&d.name, MAX_HELD_SHOWN).await {
-                s.metrics.held_keys(&d.name, held.len());
-            }
+        if let Ok(held) = s.queue.held_keys(&d.name, MAX_HELD_SHOWN).await {
+            s.metrics.held_keys(&d.name, held.len());
         }
     }
     (
@@ -357,12 +357,10 @@ async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
             Ok(p) => p,
             Err(e) => return queue_error(e),
         };
-        let held_keys = match &d.delivery.ordering {
-            Some(o) if o.hold => match s.queue.held_keys(&d.name, MAX_HELD_SHOWN).await {
-                Ok(h) => h,
-                Err(e) => return queue_error(e),
-            },
-            _ => Vec::new(),
+        // Whatever the file says now: a job keeps the hold it was stored with.
+        let held_keys = match s.queue.held_keys(&d.name, MAX_HELD_SHOWN).await {
+            Ok(h) => h,
+            Err(e) => return queue_error(e),
         };
         let mut entry = json!({
             "name": d.name,

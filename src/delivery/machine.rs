@@ -89,6 +89,10 @@ pub struct Machine {
     /// Deliveries started whose HTTP exchange has not ended.
     running: usize,
     claim_out: bool,
+    /// Woken while a claim was out: the store may have changed after the
+    /// claim read it (an ordered key's job finished), so a short answer
+    /// rests not.
+    woken_in_claim: bool,
     check_out: bool,
     /// No claim before this (a short claim's rest).
     rest_until: Option<i64>,
@@ -117,6 +121,7 @@ impl Machine {
             ready: VecDeque::new(),
             running: 0,
             claim_out: false,
+            woken_in_claim: false,
             check_out: false,
             rest_until: None,
             paused: false,
@@ -194,6 +199,7 @@ impl Machine {
         now: i64,
     ) {
         self.claim_out = false;
+        let woken = std::mem::take(&mut self.woken_in_claim);
         let claimed = match result {
             Ok(c) => c,
             Err(_) => {
@@ -222,7 +228,7 @@ impl Machine {
         for job in claimed.jobs {
             self.take(job, trial);
         }
-        if short {
+        if short && !woken {
             let wait = wait_ms
                 .unwrap_or(self.s.idle_poll_ms)
                 .clamp(0, self.s.idle_poll_ms);
@@ -318,6 +324,7 @@ impl Machine {
     pub fn woken(&mut self) {
         if !self.paused {
             self.rest_until = None;
+            self.woken_in_claim = self.claim_out;
         }
     }
 

@@ -368,7 +368,7 @@ async fn receive(
 /// with the key it delivers the event in order by (an ordered destination's
 /// `ordering_key`). An endpoint output's type is `cognigy.output`; the
 /// received document is parsed again only when some destination has `where`
-/// conditions or is ordered.
+/// conditions (an ordering key is read along its pointer alone).
 fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Recipient> {
     let event_type = match event.kind {
         EventKind::EndpointOutput => OUTPUT_TYPE,
@@ -386,7 +386,7 @@ fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Rec
                 .delivery
                 .ordering
                 .as_ref()
-                .and_then(|o| order_key(o, event.kind, doc.as_ref()?)),
+                .and_then(|o| order_key(o, event.kind, bytes)),
         })
         .collect()
 }
@@ -394,21 +394,41 @@ fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Rec
 /// The key an ordered destination delivers this event in order by: the
 /// value at its `ordering_key` pointer in an envelope, an endpoint output's
 /// `sessionId`; a string or a number. `None` (unordered) when there is none.
-fn order_key(
-    o: &crate::delivery::Ordering,
-    kind: EventKind,
-    doc: &serde_json::Value,
-) -> Option<OrderKey> {
-    let value = match kind {
-        EventKind::EndpointOutput => doc.get("sessionId"),
-        EventKind::Envelope => doc.pointer(&o.key),
-    }?;
-    let key = match value {
-        serde_json::Value::String(s) if !s.is_empty() => s.clone(),
+fn order_key(o: &crate::delivery::Ordering, kind: EventKind, bytes: &[u8]) -> Option<OrderKey> {
+    let pointer = match kind {
+        EventKind::EndpointOutput => "/sessionId",
+        EventKind::Envelope => o.key.as_str(),
+    };
+    let key = match pointed(bytes, pointer)? {
+        serde_json::Value::String(s) if !s.is_empty() => s,
         serde_json::Value::Number(n) => n.to_string(),
         _ => return None,
     };
     Some(OrderKey { key, hold: o.hold })
+}
+
+/// The value at JSON `pointer` (RFC 6901) in the document `bytes`, read
+/// along the pointer alone: each step reads one object's (or array's)
+/// members as raw slices, so nothing else of the document is built.
+fn pointed(bytes: &[u8], pointer: &str) -> Option<serde_json::Value> {
+    use serde_json::value::RawValue;
+    let mut raw: &RawValue = serde_json::from_slice(bytes).ok()?;
+    for token in pointer.split('/').skip(1) {
+        let token = token.replace("~1", "/").replace("~0", "~");
+        raw = match raw.get().trim_start().as_bytes().first() {
+            Some(b'{') => {
+                let members: std::collections::HashMap<std::borrow::Cow<'_, str>, &RawValue> =
+                    serde_json::from_str(raw.get()).ok()?;
+                *members.get(token.as_str())?
+            }
+            Some(b'[') => {
+                let items: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
+                *items.get(token.parse::<usize>().ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    serde_json::from_str(raw.get()).ok()
 }
 
 /// `{"status","jobId"}` as the seeds answer; with a destinations file also
@@ -445,8 +465,32 @@ fn answer(routed: &Routed, with_jobs: bool) -> Acknowledgement<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::ReplayWindow;
+    use super::{pointed, ReplayWindow};
+    use serde_json::json;
     use std::time::Duration;
+
+    #[test]
+    fn a_pointer_is_read_along_its_path_as_serde_json_reads_it() {
+        let doc =
+            json!({"payload": {"sessionId": "s-1", "n": 7, "a/b": {"~x": [1, "two"]}}, "x": null});
+        let bytes = serde_json::to_vec(&doc).expect("json");
+        for pointer in [
+            "/payload/sessionId",
+            "/payload/n",
+            "/payload/a~1b/~0x/1",
+            "/x",
+            "/nope",
+            "/payload/a~1b/~0x/9",
+            "",
+        ] {
+            assert_eq!(
+                pointed(&bytes, pointer),
+                doc.pointer(pointer).cloned(),
+                "{pointer}"
+            );
+        }
+        assert_eq!(pointed(b"not json", "/a"), None);
+    }
 
     #[test]
     fn the_replay_window_is_the_dedup_ttl_behind_and_five_minutes_ahead() {

@@ -118,6 +118,25 @@ fn claims_ahead_starts_up_to_the_concurrency_and_rests_when_short() {
     );
 }
 
+/// A wake-up while a claim is out (an ordered key's job was written back
+/// after the claim read the store) is not lost: a short answer then does
+/// not rest, and the pool claims again at once.
+#[test]
+fn a_wake_while_a_claim_is_out_is_not_lost() {
+    let mut m = Machine::new(settings(2));
+    assert_eq!(kinds(&m.poll(0)), ["claim 4 Due"]);
+    m.woken();
+    m.claimed(Ok(claimed(1..2)), 4, 0, Some(30_000), 5);
+    assert_eq!(
+        kinds(&m.poll(5)),
+        ["start 1", "claim 4 Due"],
+        "claimed again at once, not after the rest"
+    );
+    // Without a wake, a short answer rests until the next due time.
+    m.claimed(Ok(claimed(2..3)), 4, 5, Some(30_000), 10);
+    assert_eq!(kinds(&m.poll(10)), ["start 2"]);
+}
+
 #[test]
 fn nothing_starts_without_a_fresh_word_that_the_destination_is_not_paused() {
     let mut m = Machine::new(settings(4));
