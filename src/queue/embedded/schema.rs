@@ -37,8 +37,8 @@ DROP INDEX IF EXISTS jobs_due;
 CREATE INDEX IF NOT EXISTS jobs_due_by_destination ON jobs(destination, due_at_ms, seq) WHERE state IN ('waiting','delayed');
 CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_until_ms) WHERE state = 'active';
 CREATE INDEX IF NOT EXISTS jobs_bundled ON jobs(seq) WHERE pending IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_order_open ON jobs(destination, order_key, seq)
-    WHERE order_key IS NOT NULL AND (state IN ('waiting','active','delayed') OR (state = 'failed' AND order_hold = 1));
+DROP INDEX IF EXISTS jobs_order_open;
+CREATE INDEX IF NOT EXISTS jobs_order ON jobs(destination, order_key, seq) WHERE order_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dedup (
     event_key TEXT PRIMARY KEY,
     job_seq INTEGER NOT NULL,
