@@ -276,6 +276,39 @@ fn first_deliveries(sink: &Sink) -> std::collections::BTreeMap<String, Vec<Strin
     out
 }
 
+/// Waits until `total` events had a first successful delivery (2 min at most).
+async fn wait_first_deliveries(sink: &Sink, total: usize) {
+    let delivered = || first_deliveries(sink).values().map(Vec::len).sum::<usize>();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while delivered() < total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {total} delivered",
+            delivered()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Each session's first successful deliveries are its events in the order
+/// they were accepted (`accepted`: session -> event ids).
+fn assert_in_order(sink: &Sink, accepted: &std::collections::BTreeMap<String, Vec<String>>) {
+    let got = first_deliveries(sink);
+    let out_of_order: Vec<&String> = accepted
+        .keys()
+        .filter(|s| got.get(*s) != accepted.get(*s))
+        .collect();
+    assert!(
+        out_of_order.is_empty(),
+        "{} of {} sessions out of order, e.g. {:?}: sent {:?}, got {:?}",
+        out_of_order.len(),
+        accepted.len(),
+        out_of_order.first(),
+        out_of_order.first().and_then(|s| accepted.get(*s)),
+        out_of_order.first().and_then(|s| got.get(*s)),
+    );
+}
+
 /// SPEC §7: with `ordering = "session"` and a target answering 503 to about
 /// a fifth of the attempts, each session's events (sent in order, sessions
 /// interleaved by concurrent senders) reach the target, on their first
@@ -313,23 +346,7 @@ async fn each_session_arrives_in_the_order_accepted_through_retries() {
         }
     }
     let total = sessions * per_session;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while first_deliveries(&app.sink)
-        .values()
-        .map(Vec::len)
-        .sum::<usize>()
-        < total
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} of {total} delivered",
-            first_deliveries(&app.sink)
-                .values()
-                .map(Vec::len)
-                .sum::<usize>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_first_deliveries(&app.sink, total).await;
     let retried = app
         .sink
         .received()
@@ -340,19 +357,7 @@ async fn each_session_arrives_in_the_order_accepted_through_retries() {
         retried > total / 10,
         "only {retried} 503s: the target was not flaky"
     );
-    let got = first_deliveries(&app.sink);
-    let out_of_order: Vec<&String> = accepted
-        .keys()
-        .filter(|s| got.get(*s) != accepted.get(*s))
-        .collect();
-    assert!(
-        out_of_order.is_empty(),
-        "{} of {sessions} sessions out of order, e.g. {:?}: sent {:?}, got {:?}",
-        out_of_order.len(),
-        out_of_order.first(),
-        out_of_order.first().and_then(|s| accepted.get(*s)),
-        out_of_order.first().and_then(|s| got.get(*s)),
-    );
+    assert_in_order(&app.sink, &accepted);
 }
 
 /// SPEC §7: with `on_failure = "hold"`, a key whose event failed is held
@@ -567,36 +572,8 @@ async fn order_holds_across_kill_9_and_a_restart() {
             accepted.entry(session).or_default().push(id);
         }
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while first_deliveries(&sink)
-        .values()
-        .map(Vec::len)
-        .sum::<usize>()
-        < total
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} of {total} delivered",
-            first_deliveries(&sink)
-                .values()
-                .map(Vec::len)
-                .sum::<usize>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let got = first_deliveries(&sink);
-    let out_of_order: Vec<&String> = accepted
-        .keys()
-        .filter(|s| got.get(*s) != accepted.get(*s))
-        .collect();
-    assert!(
-        out_of_order.is_empty(),
-        "{} of {sessions} sessions out of order, e.g. {:?}: sent {:?}, got {:?}",
-        out_of_order.len(),
-        out_of_order.first(),
-        out_of_order.first().and_then(|s| accepted.get(*s)),
-        out_of_order.first().and_then(|s| got.get(*s)),
-    );
+    wait_first_deliveries(&sink, total).await;
+    assert_in_order(&sink, &accepted);
 }
 
 /// SIGHUP turning ordering off (docs/destinations.md): jobs stored while the
