@@ -683,3 +683,80 @@ fn an_ordered_destination_on_redis_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// SPEC §7 with the circuit and a pause: the target is down until the
+/// destination's circuit has opened, the destination is paused and resumed
+/// meanwhile; every event is delivered and each session still arrives in
+/// the order accepted.
+#[tokio::test]
+async fn order_holds_through_an_open_circuit_and_a_pause() {
+    let app = ordered_relay(
+        "attempts = 100\nbackoff_ms = 20\nconcurrency = 4\n\
+         [destination.circuit]\nfailures = 3\ncooldown_ms = 200\nmax_cooldown_ms = 400\n",
+    )
+    .await;
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let d = down.clone();
+    app.sink
+        .set_rule(Some(std::sync::Arc::new(move |_: &str, _| {
+            d.load(std::sync::atomic::Ordering::Relaxed)
+                .then(|| Behaviour::status(503))
+        })));
+    let (sessions, per_session) = (10, 10);
+    let mut accepted: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let post_round = |n: usize| {
+        let poster = app.poster();
+        let mut ids = Vec::new();
+        for s in 0..sessions {
+            ids.push((format!("c{s}"), format!("c{s}-e{n}")));
+        }
+        async move {
+            for (session, id) in &ids {
+                assert_eq!(poster.post(&in_session(session, id)).await, 200, "{id}");
+            }
+            ids
+        }
+    };
+    for n in 0..per_session / 2 {
+        for (s, id) in post_round(n).await {
+            accepted.entry(s).or_default().push(id);
+        }
+    }
+    let circuit = |want: &'static str| {
+        let app = &app;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let d = app.admin_get("/admin/destinations").await.json;
+                if d[0]["circuit"] == want {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "circuit never {want}: {d}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    circuit("open").await;
+    assert_eq!(
+        app.admin_post("/admin/destinations/crm/pause").await.status,
+        200
+    );
+    down.store(false, std::sync::atomic::Ordering::Relaxed);
+    for n in per_session / 2..per_session {
+        for (s, id) in post_round(n).await {
+            accepted.entry(s).or_default().push(id);
+        }
+    }
+    assert_eq!(
+        app.admin_post("/admin/destinations/crm/resume")
+            .await
+            .status,
+        200
+    );
+    wait_first_deliveries(&app.sink, sessions * per_session).await;
+    circuit("closed").await;
+    assert_in_order(&app.sink, &accepted);
+}
