@@ -583,6 +583,20 @@ pub trait DefaultDestination: cogrelay::queue::Queue {
     }
 }
 
+/// Polls `holds` until it is true, at most `timeout`; else fails naming
+/// `what`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut holds: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while !holds().await {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// An unordered job for destination `name`, for tests.
 pub fn to(name: &str) -> cogrelay::queue::Recipient {
     dn(name).into()

@@ -12,7 +12,7 @@ use cogrelay::queue::{
 
 use cogrelay::sink::{Behaviour, Sink};
 
-use crate::helpers::{destinations_of, dn, event, spawn_app_with, TestApp};
+use crate::helpers::{destinations_of, dn, event, spawn_app_with, wait_until, TestApp};
 use crate::queue_conformance::{ev, open};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -214,14 +214,15 @@ async fn keys_are_kept_apart_by_destination_and_a_lost_lease_keeps_the_order() {
         .expect("claim")
         .jobs;
     assert_eq!(taken(&short), [&*ids[0]]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let again = loop {
+    let again = std::sync::Mutex::new(Vec::new());
+    wait_until("a1's lease runs out", Duration::from_secs(10), || async {
         let got = claim(&q, "a").await;
-        if !got.is_empty() || std::time::Instant::now() > deadline {
-            break got;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+        let taken_any = !got.is_empty();
+        *again.lock().expect("lock") = got;
+        taken_any
+    })
+    .await;
+    let again = again.into_inner().expect("lock");
     assert_eq!(taken(&again), [&*ids[0]], "the stalled a1, not a2");
 }
 
@@ -279,15 +280,11 @@ fn first_deliveries(sink: &Sink) -> std::collections::BTreeMap<String, Vec<Strin
 /// Waits until `total` events had a first successful delivery (2 min at most).
 async fn wait_first_deliveries(sink: &Sink, total: usize) {
     let delivered = || first_deliveries(sink).values().map(Vec::len).sum::<usize>();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while delivered() < total {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} of {total} delivered",
-            delivered()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{total} first deliveries");
+    wait_until(&what, Duration::from_secs(120), || async {
+        delivered() >= total
+    })
+    .await;
 }
 
 /// Each session's first successful deliveries are its events in the order
@@ -382,15 +379,14 @@ async fn a_held_key_is_shown_and_goes_on_when_its_job_is_retried() {
         app.sink.wait_for(3, Duration::from_secs(30)).await,
         "bad-1 and the good session"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let held = loop {
+    let held = std::sync::Mutex::new(serde_json::Value::Null);
+    wait_until("the key shown held", Duration::from_secs(30), || async {
         let d = app.admin_get("/admin/destinations").await.json;
-        let held = d[0]["held_keys"].clone();
-        if held.as_array().is_some_and(|h| !h.is_empty()) || std::time::Instant::now() > deadline {
-            break held;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        *held.lock().expect("lock") = d[0]["held_keys"].clone();
+        d[0]["held_keys"].as_array().is_some_and(|h| !h.is_empty())
+    })
+    .await;
+    let held = held.into_inner().expect("lock");
     assert_eq!(held[0]["key"], "bad", "{held}");
     let blocking = held[0]["jobId"].as_str().expect("job").to_string();
     assert!(held[0]["sinceMs"].as_i64().is_some_and(|t| t > 0), "{held}");
@@ -441,77 +437,13 @@ async fn a_held_key_is_shown_and_goes_on_when_its_job_is_retried() {
     assert_eq!(bad, ["bad-1", "bad-1", "bad-2", "bad-3"], "{got:?}");
 }
 
-/// `cogrelay serve` (the binary) on the embedded queue in `dir` with the
-/// destinations file `config`, on these ports, once ready.
-async fn start_binary(
-    dir: &std::path::Path,
-    config: &std::path::Path,
-    port: u16,
-    admin: u16,
-) -> tokio::process::Child {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("PORT", port.to_string())
-        .env("ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("WEBHOOK_SIGNING_SECRET", crate::helpers::SECRET)
-        .env("COGRELAY_DATA_DIR", dir.join("data"))
-        .env("COGRELAY_CONFIG", config)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the relay");
-    let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let ready = http
-            .get(format!("http://127.0.0.1:{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ready {
-            return child;
-        }
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "the relay exited"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the relay never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Posts `body` signed until it is answered 200 (the relay may be down a
 /// moment: a restart), at most 60 s.
 async fn post_until_accepted(http: &reqwest::Client, port: u16, body: &serde_json::Value) {
-    let raw = serde_json::to_vec(body).expect("json");
-    let sig = cogrelay::ingress::auth::sign_hex(crate::helpers::SECRET, &raw);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = http
-            .post(format!("http://127.0.0.1:{port}/api/webhook/cognigy"))
-            .header("content-type", "application/json")
-            .header("x-webhook-signature", &sig)
-            .body(raw.clone())
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map(|r| r.status().as_u16());
-        if status.as_ref().is_ok_and(|s| *s == 200) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never accepted: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("an event accepted", Duration::from_secs(60), || async {
+        crate::process::post_json(http, port, body).await == Some(200)
+    })
+    .await;
 }
 
 /// SPEC §7 across a crash: the relay is killed (`kill -9`) mid-stream and
@@ -533,8 +465,10 @@ async fn order_holds_across_kill_9_and_a_restart() {
         ),
     )
     .expect("config");
-    let (port, admin) = (crate::helpers::free_port(), crate::helpers::free_port());
-    let mut relay = start_binary(dir.path(), &config, port, admin).await;
+    let ports = (crate::helpers::free_port(), crate::helpers::free_port());
+    let port = ports.0;
+    let file = [("COGRELAY_CONFIG", config.display().to_string())];
+    let mut relay = crate::process::start_relay_at(dir.path(), &sink, &file, ports).await;
     let (sessions, per_session, senders) = (30, 20, 6);
     let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -555,17 +489,13 @@ async fn order_holds_across_kill_9_and_a_restart() {
         });
     }
     let total = sessions * per_session;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while acked.load(std::sync::atomic::Ordering::Relaxed) < total * 2 / 5 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the ingress is too slow"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    relay.start_kill().expect("kill -9");
-    let _ = relay.wait().await;
-    let _relay = start_binary(dir.path(), &config, port, admin).await;
+    wait_until("two fifths accepted", Duration::from_secs(60), || async {
+        acked.load(std::sync::atomic::Ordering::Relaxed) >= total * 2 / 5
+    })
+    .await;
+    relay.child.start_kill().expect("kill -9");
+    let _ = relay.child.wait().await;
+    let _relay = crate::process::start_relay_at(dir.path(), &sink, &file, ports).await;
     let mut accepted: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     while let Some(sent) = tasks.join_next().await {
         for (session, id) in sent.expect("sender") {
@@ -621,39 +551,30 @@ async fn a_reload_turning_ordering_off_keeps_the_order_of_jobs_stored_ordered() 
             .filter(|r| r.header("x-event-id") == Some(id))
             .count()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while seen("t-1") < 2 {
-        assert!(std::time::Instant::now() < deadline, "t-1 never retried");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("t-1 retried", Duration::from_secs(30), || async {
+        seen("t-1") >= 2
+    })
+    .await;
     assert_eq!(seen("t-2"), 0, "t-2 waits for t-1");
     std::fs::write(&file, text(&app.sink.url(), "")).expect("write");
     app.reload.send(()).await.expect("reload");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let d = app.admin_get("/admin/destinations").await.json;
-        if d[0]["ordering"] == "none" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never reloaded: {d}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the reload applied", Duration::from_secs(30), || async {
+        app.admin_get("/admin/destinations").await.json[0]["ordering"] == "none"
+    })
+    .await;
     assert_eq!(app.post_event(&in_session("s", "t-3")).await.status, 200);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while seen("t-3") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "t-3 (unordered) never delivered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "t-3 (unordered) delivered",
+        Duration::from_secs(30),
+        || async { seen("t-3") > 0 },
+    )
+    .await;
     assert_eq!(seen("t-2"), 0, "t-2, stored ordered, still waits for t-1");
     stuck.store(false, std::sync::atomic::Ordering::Relaxed);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while seen("t-2") == 0 {
-        assert!(std::time::Instant::now() < deadline, "t-2 never delivered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("t-2 delivered", Duration::from_secs(30), || async {
+        seen("t-2") > 0
+    })
+    .await;
     let order: Vec<String> = app
         .sink
         .received()
@@ -722,22 +643,13 @@ async fn order_holds_through_an_open_circuit_and_a_pause() {
             accepted.entry(s).or_default().push(id);
         }
     }
-    let circuit = |want: &'static str| {
-        let app = &app;
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                let d = app.admin_get("/admin/destinations").await.json;
-                if d[0]["circuit"] == want {
-                    return;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "circuit never {want}: {d}"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
+    let app = &app;
+    let circuit = |want: &'static str| async move {
+        let what = format!("the circuit {want}");
+        wait_until(&what, Duration::from_secs(30), || async {
+            app.admin_get("/admin/destinations").await.json[0]["circuit"] == want
+        })
+        .await;
     };
     circuit("open").await;
     assert_eq!(

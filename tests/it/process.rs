@@ -84,6 +84,17 @@ pub(crate) async fn start_relay_logged(
     )
 }
 
+/// As `start_relay`, on these ports (a restart on the ports its senders
+/// know).
+pub(crate) async fn start_relay_at(
+    dir: &Path,
+    sink: &Sink,
+    extra: &[(&str, String)],
+    ports: (u16, u16),
+) -> Relay {
+    start_at(dir, sink, extra, None, None, ports).await
+}
+
 async fn start(
     dir: &Path,
     sink: &Sink,
@@ -91,15 +102,29 @@ async fn start(
     logs: Option<Arc<Mutex<String>>>,
     nofile: Option<u32>,
 ) -> Relay {
-    let (port, admin_port) = (free_port(), free_port());
+    start_at(dir, sink, extra, logs, nofile, (free_port(), free_port())).await
+}
+
+/// The relay on `(port, admin_port)`, delivering to `sink` (or where its
+/// destinations file, `COGRELAY_CONFIG` in `extra`, says), once ready.
+async fn start_at(
+    dir: &Path,
+    sink: &Sink,
+    extra: &[(&str, String)],
+    logs: Option<Arc<Mutex<String>>>,
+    nofile: Option<u32>,
+    (port, admin_port): (u16, u16),
+) -> Relay {
     let mut envs = vec![
         ("PORT", port.to_string()),
         ("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
-        ("TARGET_ENDPOINT", sink.url()),
         ("WEBHOOK_SIGNING_SECRET", SECRET.to_string()),
         ("COGRELAY_DATA_DIR", dir.join("data").display().to_string()),
         ("BACKOFF_DELAY_MS", "50".to_string()),
     ];
+    if !extra.iter().any(|(k, _)| *k == "COGRELAY_CONFIG") {
+        envs.push(("TARGET_ENDPOINT", sink.url()));
+    }
     envs.extend(extra.iter().cloned());
     let mut cmd = command_limited(dir, &envs, nofile);
     if logs.is_none() {
@@ -164,7 +189,16 @@ pub(crate) async fn wait_settled_at(admin_port: u16) {
 }
 
 pub(crate) async fn post(http: &reqwest::Client, port: u16, id: &str) -> Option<u16> {
-    let body = serde_json::to_vec(&event("bot", id)).expect("json");
+    post_json(http, port, &event("bot", id)).await
+}
+
+/// Posts `body` signed; its status, if it was answered.
+pub(crate) async fn post_json(
+    http: &reqwest::Client,
+    port: u16,
+    body: &serde_json::Value,
+) -> Option<u16> {
+    let body = serde_json::to_vec(body).expect("json");
     let sig = sign_hex(SECRET, &body);
     http.post(format!("http://127.0.0.1:{port}/api/webhook/cognigy"))
         .header("content-type", "application/json")

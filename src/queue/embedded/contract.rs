@@ -10,8 +10,8 @@ use super::bundle::{self, Bundle};
 use super::inspect::{list_with_bundles, row_to_view, state_of, view_of, VIEW_COLUMNS};
 use super::writer::{exec_cached, insert_event};
 use super::{
-    claim_due, claim_trials, first_of_its_key, parse_id, put_back_stalled, sql_err, EmbeddedQueue,
-    Fsync,
+    claim_due, claim_trials, first_of_its_key, holds_its_key, parse_id, put_back_stalled, sql_err,
+    EmbeddedQueue, Fsync,
 };
 use crate::event::Event;
 use crate::queue::{

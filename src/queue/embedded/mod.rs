@@ -407,12 +407,26 @@ fn claimed_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryJob> {
 /// before it is unfinished, or failed holding the key.
 macro_rules! first_of_its_key {
     () => {
-        "(order_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs e WHERE e.destination = jobs.destination
-          AND e.order_key = jobs.order_key AND e.seq < jobs.seq
-          AND (e.state IN ('waiting','active','delayed') OR (e.state = 'failed' AND e.order_hold = 1))))"
+        concat!(
+            "(order_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs e WHERE e.destination = jobs.destination
+              AND e.order_key = jobs.order_key AND e.seq < jobs.seq AND ",
+            holds_its_key!(),
+            "))"
+        )
     };
 }
 pub(super) use first_of_its_key;
+
+/// SQL over a row of an ordered key (its own columns, unqualified): it
+/// holds the key's later jobs back (unfinished, or failed holding it). The
+/// one statement of the rule: the claim's [`first_of_its_key`] and the
+/// ingress's handoff check (`writer.rs` `key_is_busy`) both use it.
+macro_rules! holds_its_key {
+    () => {
+        "(state IN ('waiting','active','delayed') OR (state = 'failed' AND order_hold = 1))"
+    };
+}
+pub(super) use holds_its_key;
 
 fn claim_due(
     conn: &Connection,

@@ -2,10 +2,10 @@
 //! WAL checkpoints, the maintenance, and the insert of a new job.
 
 use super::{
-    bundle, jobs_text, mpsc, params, parse_jobs_text, Arc, AtomicBool, Bundle, Clock, Connection,
-    DestinationName, Duration, Event, Fsync, Instant, JobRef, OptionalExtension, OrderKey,
-    Ordering, Path, PathBuf, QueueError, QueueResult, QueueSettings, Recipient, Routed, Space,
-    MAX_BATCH,
+    bundle, holds_its_key, jobs_text, mpsc, params, parse_jobs_text, Arc, AtomicBool, Bundle,
+    Clock, Connection, DestinationName, Duration, Event, Fsync, Instant, JobRef, OptionalExtension,
+    OrderKey, Ordering, Path, PathBuf, QueueError, QueueResult, QueueSettings, Recipient, Routed,
+    Space, MAX_BATCH,
 };
 
 /// What a queued operation leaves for after the commit: whether it succeeded
@@ -541,10 +541,10 @@ struct NewRow<'a> {
 /// Whether `destination` has a job of `key` that holds a new one back:
 /// unfinished, or failed holding its key (see [`OrderKey`]).
 fn key_is_busy(conn: &Connection, destination: &DestinationName, key: &str) -> QueueResult<bool> {
-    conn.prepare_cached(
-        "SELECT 1 FROM jobs WHERE destination = ?1 AND order_key = ?2
-         AND (state IN ('waiting','active','delayed') OR (state = 'failed' AND order_hold = 1))",
-    )
+    conn.prepare_cached(concat!(
+        "SELECT 1 FROM jobs WHERE destination = ?1 AND order_key = ?2 AND ",
+        holds_its_key!()
+    ))
     .and_then(|mut s| s.exists(params![destination, key]))
     .map_err(sql_err)
 }
