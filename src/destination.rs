@@ -135,18 +135,6 @@ impl DestinationSet {
         self.list.iter().any(|d| d.filter.needs_document())
     }
 
-    /// Why these destinations cannot run on a `kind` queue: an ordered one
-    /// on Redis (ordered delivery is the embedded store's only, for now).
-    pub fn ordered_on(&self, kind: crate::queue::QueueKind) -> Option<String> {
-        let d = self.list.iter().find(|d| d.delivery.ordering.is_some())?;
-        (kind == crate::queue::QueueKind::Redis).then(|| {
-            format!(
-                "destination {:?}: ordering = \"session\" needs the embedded queue in this version; leave it out on Redis",
-                d.name.as_str()
-            )
-        })
-    }
-
     pub fn get(&self, name: &DestinationName) -> Option<&Destination> {
         self.list.iter().find(|d| &d.name == name)
     }

@@ -497,9 +497,6 @@ impl ServeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_limits()?;
-        if let Some(d) = self.destinations().ordered_on(self.store.kind) {
-            return Err(bad(d));
-        }
         if self.delivery.circuit.cooldown.is_zero()
             || self.delivery.circuit.max_cooldown < self.delivery.circuit.cooldown
         {

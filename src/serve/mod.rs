@@ -382,10 +382,6 @@ async fn reload_destinations(
             return;
         }
     };
-    if let Some(why) = new.ordered_on(cfg.store.kind) {
-        tracing::error!(error = %why, "destinations not reloaded: the running ones stay");
-        return;
-    }
     apply_rate_limits(&ingress.queue, &new).await;
     let old = current.get();
     let mut retiring = Vec::new();

@@ -412,7 +412,9 @@ async fn completed_jobs_are_pruned<Q: Queue>(q: &Q) {
 
 /// The Redis store as the relay opens it (`queue::open`: every destination's
 /// BullMQ queue behind one store).
-async fn open_redis(server: &crate::redis_server::RedisServer) -> cogrelay::queue::Store {
+pub(crate) async fn open_redis(
+    server: &crate::redis_server::RedisServer,
+) -> cogrelay::queue::Store {
     let settings = cogrelay::queue::StoreSettings {
         kind: cogrelay::queue::QueueKind::Redis,
         data_dir: std::path::PathBuf::new(),
@@ -529,6 +531,8 @@ macro_rules! on_both_backends {
         )*
     };
 }
+
+pub(crate) use on_both_backends;
 
 on_both_backends!(
     the_same_key_is_the_first_job,

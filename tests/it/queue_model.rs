@@ -259,15 +259,26 @@ impl Model {
         let Some((key, _)) = j.key else {
             return true;
         };
+        if self.outside_its_key(j) {
+            return true;
+        }
         !self.jobs.range(..id).any(|(_, e)| {
             e.dest == j.dest
                 && e.key.is_some_and(|(k, _)| k == key)
+                && !self.outside_its_key(e)
                 && match e.st {
                     St::Waiting { .. } | St::Active { .. } | St::Orphan => true,
                     St::Failed => e.key.is_some_and(|(_, hold)| hold),
                     St::Completed | St::Removed => false,
                 }
         })
+    }
+
+    /// Redis: a job an operator retried after it failed and let its key go
+    /// on (`continue`) left its key's list; it neither waits for the key nor
+    /// holds it back (the embedded store puts it first again).
+    fn outside_its_key(&self, j: &JobM) -> bool {
+        self.backend == Backend::Redis && j.retried && j.key.is_some_and(|(_, hold)| !hold)
     }
 
     /// A waiting job from now (new, released, retried, taken back).
@@ -464,13 +475,9 @@ async fn run_case(
                     }
                 };
                 let routes = dests_of(*dests);
-                // Ordered destinations (embedded only): `c` goes on after a
-                // failure, `d` holds the key.
-                let order_of = |d: usize| {
-                    session
-                        .filter(|_| m.backend == Backend::Embedded && d >= 2)
-                        .map(|s| (s, d == 3))
-                };
+                // Ordered destinations: `c` goes on after a failure, `d`
+                // holds the key.
+                let order_of = |d: usize| session.filter(|_| d >= 2).map(|s| (s, d == 3));
                 let stored = sut
                     .q()
                     .store(

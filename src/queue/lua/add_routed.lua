@@ -9,7 +9,11 @@
     ARGV[3] dedup TTL (ms), ARGV[4] job name, ARGV[5] worker name,
     then per event: dedup id, data (JSON object, without the destination),
     opts (JSON), lock token or "", lock duration (ms), number of
-    destinations n, then n times: queue key prefix, destination name.
+    destinations n, then n times: queue key prefix, destination name,
+    ordering key ("": unordered), "1" when a failure holds the key.
+  A job of an ordered key goes behind the key's earlier jobs (see `order.lua`):
+  it waits in waiting-children unless it is the key's first unfinished job,
+  and only then may it be added locked.
   Returns per event {kind, text}: kind "a" with text `destination=id=l|w,...`
   (l: added locked, w: added waiting), or "d" with the first event's text
   (`destination=id,...`, or a plain id from a one-queue relay).
@@ -43,7 +47,7 @@ while i <= #ARGV do
   local deid, data, opts, token, lockMs, n =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], tonumber(ARGV[i + 5])
   local first = i + 6
-  i = first + 2 * n
+  i = first + 4 * n
   local deKey = base .. "de:" .. deid
   local current = false
   if ttl ~= "0" then
@@ -54,12 +58,27 @@ while i <= #ARGV do
   else
     local parts, named = {}, {}
     for k = 0, n - 1 do
-      local prefix, dest = ARGV[first + 2 * k], ARGV[first + 2 * k + 1]
+      local at = first + 4 * k
+      local prefix, dest, okey, hold = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
       local jobId = string.format("%d", rcall("INCR", KEYS[1]))
       local jobKey = prefix .. jobId
       local jobData = string.sub(data, 1, -2) .. ',"destination":"' .. dest .. '"}'
       local q = lockRoom(prefix)
-      local locked = token ~= "" and q.r ~= 0
+      -- Behind an earlier job of its key: parked until that one is done.
+      local parked = false
+      if okey ~= "" then
+        local chain = prefix .. "cg:ok:" .. okey
+        if rcall("RPUSH", chain, jobId) > 1 then
+          -- Ids of jobs a BullMQ tool removed are dropped from the front.
+          local head = rcall("LINDEX", chain, 0)
+          while head ~= jobId and rcall("EXISTS", prefix .. head) == 0 do
+            rcall("LPOP", chain)
+            head = rcall("LINDEX", chain, 0)
+          end
+          parked = head ~= jobId
+        end
+      end
+      local locked = token ~= "" and q.r ~= 0 and not parked
       if locked and q.r > 0 then
         q.r = q.r - 1
       end
@@ -71,9 +90,20 @@ while i <= #ARGV do
         rcall("HMSET", jobKey, "name", name, "data", jobData, "opts", opts, "timestamp", ts,
           "delay", "0", "priority", "0", "deid", deid)
       end
+      if okey ~= "" then
+        rcall("HSET", jobKey, "cg:ok", okey, "cg:oh", hold)
+      end
       rcall("XADD", events, "*", "event", "added", "jobId", jobId, "name", name)
-      rcall("XADD", events, "MAXLEN", "~", 10000, "*", "event", "waiting", "jobId", jobId)
-      if locked then
+      if parked then
+        rcall("ZADD", prefix .. "waiting-children", ts, jobId)
+        rcall("XADD", events, "MAXLEN", "~", 10000, "*", "event", "waiting-children",
+          "jobId", jobId)
+      else
+        rcall("XADD", events, "MAXLEN", "~", 10000, "*", "event", "waiting", "jobId", jobId)
+      end
+      if parked then
+        parts[#parts + 1] = dest .. "=" .. jobId .. "=w"
+      elseif locked then
         rcall("SET", jobKey .. ":lock", token, "PX", lockMs)
         rcall("LPUSH", prefix .. "active", jobId)
         rcall("XADD", events, "*", "event", "active", "jobId", jobId, "prev", "waiting")

@@ -13,6 +13,8 @@
     lock holder changes it)
   Numbers go to Redis as the caller's strings where they can: a Lua number
   becomes a string through printf, which costs more than the command.
+  A job of an ordered key (`order.lua`, put in front of this script) that is
+  delivered, or failed without holding its key, lets the key's next job go.
   Returns per job 1 (done) or 0 (the lock is not the caller's any more).
 ]]
 local rcall = redis.call
@@ -54,6 +56,10 @@ for i = 4, #ARGV, 7 do
         rcall("HSET", jobKey, "atm", atm, "returnvalue", '"delivered"', "finishedOn", tsText)
         rcall("XADD", eventsKey, "*", "event", "completed", "jobId", jobId,
           "returnvalue", '"delivered"', "prev", "active")
+        local key = rcall("HGET", jobKey, "cg:ok")
+        if key then
+          cgLeave(prefix, key, jobId)
+        end
       elseif outcome == "failed" then
         failed[#failed + 1] = tsText
         failed[#failed + 1] = jobId
@@ -63,6 +69,10 @@ for i = 4, #ARGV, 7 do
           "failedReason", reason, "prev", "active")
         rcall("XADD", eventsKey, "*", "event", "retries-exhausted", "jobId", jobId,
           "attemptsMade", atm)
+        local key = rcall("HMGET", jobKey, "cg:ok", "cg:oh")
+        if key[1] then
+          cgFailed(prefix, key[1], key[2], jobId, tsText)
+        end
       else
         local dueAt = math.max(tonumber(ARGV[i + 5]), ts)
         local minScore = dueAt * 0x1000

@@ -11,10 +11,13 @@ use crate::queue::StoredJob;
 
 /// Where BullMQ keeps each state's jobs (a list, or a sorted set), and the
 /// state it is here.
-const TYPES: [(&str, bool, JobState); 7] = [
+/// `waiting-children` holds the jobs of an ordered key behind its first
+/// (`lua/order.lua`): waiting, here.
+const TYPES: [(&str, bool, JobState); 8] = [
     ("wait", false, JobState::Waiting),
     ("paused", false, JobState::Waiting),
     ("prioritized", true, JobState::Waiting),
+    ("waiting-children", true, JobState::Waiting),
     ("active", false, JobState::Active),
     ("delayed", true, JobState::Delayed),
     ("completed", true, JobState::Completed),
@@ -300,13 +303,66 @@ impl BullQueue {
         }
     }
 
+    /// BullMQ's remove, done by `lua/remove.lua`, which also lets an
+    /// ordered key's next job go in the same step.
     pub(super) async fn remove(&self, id: &str) -> QueueResult<()> {
-        self.state_of(id).await?.check_remove(id)?;
-        if bounded(self.port().await?.remove(id)).await? {
-            Ok(())
-        } else {
-            Err(QueueError::NotFound(id.to_string()))
+        let state = self.state_of(id).await?;
+        state.check_remove(id)?;
+        let mut call = self.hot.prepare(&self.hot.remove, &[]);
+        call.arg(id);
+        match self.hot.invoke::<i64>(&call).await? {
+            1 => Ok(()),
+            // Claimed since the state was read.
+            0 => JobState::Active.check_remove(id),
+            _ => Err(QueueError::NotFound(id.to_string())),
         }
+    }
+
+    /// The keys this queue holds (see [`crate::queue::HeldKey`]): those of
+    /// `cg:held` whose first job is still the failed one, oldest first.
+    pub(super) async fn held_keys(&self, limit: u64) -> QueueResult<Vec<crate::queue::HeldKey>> {
+        // A key retried or removed since stays in the set until it moves
+        // on: read some more than asked.
+        let listed: Vec<(String, f64)> = self
+            .raw(
+                redis::cmd("ZRANGE")
+                    .arg(self.hot.key("cg:held"))
+                    .arg(0)
+                    .arg(limit.min(100_000) as i64 + 99)
+                    .arg("WITHSCORES"),
+            )
+            .await?;
+        if listed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (key, _) in &listed {
+            pipe.cmd("LINDEX")
+                .arg(self.hot.key(&format!("cg:ok:{key}")))
+                .arg(0);
+        }
+        let heads: Vec<Option<String>> = self.pipe(&pipe).await?;
+        let mut pipe = redis::pipe();
+        for head in &heads {
+            pipe.cmd("ZSCORE")
+                .arg(self.hot.key("failed"))
+                .arg(head.as_deref().unwrap_or(""));
+        }
+        let failed: Vec<Option<f64>> = self.pipe(&pipe).await?;
+        Ok(listed
+            .into_iter()
+            .zip(heads)
+            .zip(failed)
+            .filter_map(|(((key, since), head), failed)| {
+                failed?;
+                Some(crate::queue::HeldKey {
+                    key,
+                    job_id: head?,
+                    since_ms: since as i64,
+                })
+            })
+            .take(limit as usize)
+            .collect())
     }
 
     /// BullMQ's own pause of the queue (every relay and BullMQ tool sees it).

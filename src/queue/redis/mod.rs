@@ -243,11 +243,18 @@ impl BullQueue {
             tokens: std::sync::atomic::AtomicU64::new(0),
             add: redis::Script::new(include_str!("../lua/add.lua")),
             claim: redis::Script::new(include_str!("../lua/claim.lua")),
-            finish: redis::Script::new(include_str!("../lua/finish.lua")),
+            finish: redis::Script::new(concat!(
+                include_str!("../lua/order.lua"),
+                include_str!("../lua/finish.lua")
+            )),
             extend: redis::Script::new(include_str!("../lua/extend.lua")),
             release: redis::Script::new(include_str!("../lua/release.lua")),
             retry_failed: redis::Script::new(include_str!("../lua/retry_failed.lua")),
             stalled: redis::Script::new(include_str!("../lua/stalled.lua")),
+            remove: redis::Script::new(concat!(
+                include_str!("../lua/order.lua"),
+                include_str!("../lua/remove.lua")
+            )),
         });
         let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
         let h = hot.clone();

@@ -45,8 +45,9 @@ struct RoutedJob {
     data: String,
     opts: String,
     lock: Option<(String, u64)>,
-    /// Each destination's queue key prefix and name.
-    targets: Vec<(String, DestinationName)>,
+    /// Each destination's queue key prefix and name, and the job's key if
+    /// the destination is ordered.
+    targets: Vec<(String, Recipient)>,
 }
 
 /// What the routed add did with one event.
@@ -260,8 +261,16 @@ async fn add_routed(
             .arg(j.lock.as_ref().map_or("", |(t, _)| t.as_str()))
             .arg(j.lock.as_ref().map_or(0, |(_, ms)| *ms))
             .arg(j.targets.len());
-        for (prefix, name) in &j.targets {
-            call.arg(prefix).arg(name.as_str());
+        for (prefix, to) in &j.targets {
+            let order = to.order.as_ref();
+            call.arg(prefix)
+                .arg(to.destination.as_str())
+                .arg(order.map_or("", |o| o.key.as_str()))
+                .arg(if order.is_some_and(|o| o.hold) {
+                    "1"
+                } else {
+                    "0"
+                });
         }
     }
     let out: Vec<(String, String)> = hot.invoke_on(&hot.ingress, &call).await?;
@@ -296,26 +305,20 @@ impl Queue for RedisQueues {
         routes: Vec<Recipient>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
-        // Ordered delivery is the embedded store's only, for now: `serve`
-        // refuses an ordered destination on Redis at start.
-        if routes.iter().any(|r| r.order.is_some()) {
-            return Err(QueueError::Unavailable(
-                "ordered delivery (ordering = \"session\") needs the embedded queue".into(),
-            ));
+        // One relay, one unordered `default` destination: its own queue's
+        // add, as before destinations.
+        if let [only] = routes.as_slice() {
+            if only.destination.is_default()
+                && only.order.is_none()
+                && !self.has_others.load(std::sync::atomic::Ordering::Acquire)
+            {
+                return self.base.store(event, lease).await;
+            }
         }
-        let destinations: Vec<DestinationName> =
-            routes.into_iter().map(|r| r.destination).collect();
-        // One relay, one `default` destination: its own queue's add, as
-        // before destinations.
-        if destinations == [DestinationName::DEFAULT]
-            && !self.has_others.load(std::sync::atomic::Ordering::Acquire)
-        {
-            return self.base.store(event, lease).await;
-        }
-        let mut targets = Vec::with_capacity(destinations.len());
-        for d in &destinations {
-            let q = self.queue(d).await?;
-            targets.push((q.hot.prefix.clone(), d.clone()));
+        let mut targets = Vec::with_capacity(routes.len());
+        for to in routes {
+            let q = self.queue(&to.destination).await?;
+            targets.push((q.hot.prefix.clone(), to));
         }
         let (dedup_id, data, opts) = self.base.job_fields(&event, None)?;
         let token = lease.map(|_| self.base.hot.token());
@@ -572,12 +575,20 @@ impl Queue for RedisQueues {
         Ok(())
     }
 
-    /// `default`, and the registry's (see the module doc).
-    /// None: ordered delivery is the embedded store's only, for now.
-    async fn held_keys(&self, _: &DestinationName, _: u64) -> QueueResult<Vec<HeldKey>> {
-        Ok(Vec::new())
+    async fn held_keys(
+        &self,
+        destination: &DestinationName,
+        limit: u64,
+    ) -> QueueResult<Vec<HeldKey>> {
+        match self.existing(destination).await {
+            Ok(q) => q.held_keys(limit).await,
+            // No queue yet: no job, no key held.
+            Err(QueueError::UnknownDestination(_)) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
     }
 
+    /// `default`, and the registry's (see the module doc).
     async fn destination_names(&self) -> QueueResult<Vec<DestinationName>> {
         let registered: Vec<String> = self
             .base

@@ -103,6 +103,7 @@ pub(super) struct BatchedScripts {
     pub(super) release: redis::Script,
     pub(super) retry_failed: redis::Script,
     pub(super) stalled: redis::Script,
+    pub(super) remove: redis::Script,
 }
 
 impl BatchedScripts {
