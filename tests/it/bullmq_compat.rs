@@ -118,16 +118,7 @@ async fn bullmq_for_node_sees_each_destination_as_its_queue() {
              [[destination]]\nname = \"warehouse\"\nurl = \"{warehouse_url}\"\n",
             c.delivery.target
         );
-        let globals = cogrelay::config::destinations::Globals {
-            delivery: c.delivery.clone(),
-            lock_duration: c.pool.lock_duration,
-        };
-        let list = cogrelay::config::destinations::parse(&file, "t.toml", &globals, &|_| None)
-            .expect("valid");
-        c.destinations_file = Some(cogrelay::destination::DestinationSet {
-            list,
-            file: Some("t.toml".into()),
-        });
+        c.destinations_file = Some(destinations_of(c, &file));
     })
     .await;
     app.sink.set_default(Behaviour::status(500));
@@ -171,4 +162,58 @@ async fn bullmq_for_node_sees_each_destination_as_its_queue() {
         .find(|d| d["name"] == "warehouse")
         .map(|d| d["paused"].clone());
     assert_eq!(paused, Some(Value::Bool(true)), "{listed}");
+}
+
+/// Ordered delivery on Redis (docs/scaling-out.md): a key whose first job
+/// failed under `on_failure = "hold"` keeps its later jobs in BullMQ's
+/// `waiting-children`; BullMQ for Node counts them there and sees the failed
+/// job, and the relay counts them as waiting and shows the key held.
+#[tokio::test]
+async fn bullmq_for_node_counts_an_ordered_keys_jobs() {
+    if !crate::redis_server::available() || !node_ready() {
+        return;
+    }
+    let app = spawn_app_on(Backend::Redis, |c| {
+        let file = format!(
+            "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nattempts = 1\n\
+             ordering = \"session\"\non_failure = \"hold\"\n",
+            c.delivery.target
+        );
+        c.destinations_file = Some(destinations_of(c, &file));
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(500));
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        let mut e = event("bot", &format!("held-{n}"));
+        e["payload"]["sessionId"] = "s1".into();
+        let r = app.post_event(&e).await;
+        ids.push(r.json["jobs"]["crm"].as_str().expect("crm").to_string());
+    }
+    app.wait_job(&ids[0], "failed", Duration::from_secs(15))
+        .await;
+    let port = app.redis.as_ref().expect("redis").port;
+    let base = &app.config.store.queue_name;
+    let v = run_node(
+        "destinations.mjs",
+        &[
+            &port.to_string(),
+            &format!("{base}.crm"),
+            &format!("{base}.other"),
+        ],
+    )
+    .await;
+    assert_eq!(v["crm"]["counts"]["failed"], 1, "{v}");
+    assert_eq!(v["crm"]["counts"]["waiting-children"], 2, "{v}");
+    assert_eq!(v["crm"]["counts"]["waiting"], 0, "{v}");
+    assert_eq!(v["crm"]["jobs"][0]["id"], ids[0].as_str(), "{v}");
+    let listed = app.admin_get("/admin/destinations").await.json;
+    assert_eq!(listed[0]["counts"]["waiting"], 2, "{listed}");
+    assert_eq!(listed[0]["counts"]["failed"], 1, "{listed}");
+    assert_eq!(listed[0]["held_keys"][0]["key"], "s1", "{listed}");
+    assert_eq!(
+        listed[0]["held_keys"][0]["jobId"],
+        ids[0].as_str(),
+        "{listed}"
+    );
 }

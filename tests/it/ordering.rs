@@ -12,9 +12,7 @@ use cogrelay::queue::{
 
 use cogrelay::sink::{Behaviour, Sink};
 
-use crate::helpers::{
-    destinations_of, dn, event, spawn_app_on, spawn_app_with, wait_until, Backend, TestApp,
-};
+use crate::helpers::{destinations_of, dn, event, spawn_app_on, wait_until, Backend, TestApp};
 use crate::queue_conformance::{ev, on_both_backends, open, open_redis};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -589,12 +587,13 @@ async fn order_holds_across_two_relays_on_redis_and_a_kill_9() {
     order_holds_across_a_kill_9(true).await;
 }
 
-/// SIGHUP turning ordering off (docs/destinations.md): jobs stored while the
-/// destination was ordered keep their order until delivered (the key's
-/// second event still waits for its retrying first); a new event is
-/// unordered and goes at once.
-#[tokio::test]
-async fn a_reload_turning_ordering_off_keeps_the_order_of_jobs_stored_ordered() {
+both_backends! {
+/// SIGHUP turning ordering off, then on again (docs/destinations.md): a job
+/// keeps what it was stored with. Off: the jobs stored ordered keep their
+/// order (the key's second event still waits for its retrying first), a new
+/// event is unordered and goes at once. On: a new event is ordered behind
+/// the key's later ordered events only, not behind an unordered one.
+async fn a_reload_turning_ordering_off_or_on_applies_to_new_jobs(b: Backend) {
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("cogrelay.toml");
     let text = |sink: &str, ordering: &str| {
@@ -603,7 +602,7 @@ async fn a_reload_turning_ordering_off_keeps_the_order_of_jobs_stored_ordered() 
         )
     };
     let path = file.clone();
-    let app = spawn_app_with(move |c| {
+    let app = spawn_app_on(b, move |c| {
         std::fs::write(
             &path,
             text(c.delivery.target.as_ref(), "ordering = \"session\"\n"),
@@ -617,13 +616,16 @@ async fn a_reload_turning_ordering_off_keeps_the_order_of_jobs_stored_ordered() 
             Some(cogrelay::config::destinations::load(&path, &globals, &|_| None).expect("valid"));
     })
     .await;
-    let stuck = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Events answered 503 while their id is in `stuck`.
+    let stuck = std::sync::Arc::new(std::sync::Mutex::new(vec!["t-1", "t-4"]));
     let s = stuck.clone();
-    app.sink
-        .set_rule(Some(std::sync::Arc::new(move |id: &str, _| {
-            (id == "t-1" && s.load(std::sync::atomic::Ordering::Relaxed))
-                .then(|| Behaviour::status(503))
-        })));
+    app.sink.set_rule(Some(std::sync::Arc::new(move |id: &str, _| {
+        s.lock()
+            .expect("lock")
+            .contains(&id)
+            .then(|| Behaviour::status(503))
+    })));
+    let release = |id: &str| stuck.lock().expect("lock").retain(|i| *i != id);
     for id in ["t-1", "t-2"] {
         assert_eq!(app.post_event(&in_session("s", id)).await.status, 200);
     }
@@ -634,17 +636,24 @@ async fn a_reload_turning_ordering_off_keeps_the_order_of_jobs_stored_ordered() 
             .filter(|r| r.header("x-event-id") == Some(id))
             .count()
     };
+    let reload = |ordering: &'static str| {
+        std::fs::write(&file, text(&app.sink.url(), ordering)).expect("write");
+        let want = if ordering.is_empty() { "none" } else { "session" };
+        let app = &app;
+        async move {
+            app.reload.send(()).await.expect("reload");
+            wait_until("the reload applied", Duration::from_secs(30), || async {
+                app.admin_get("/admin/destinations").await.json[0]["ordering"] == want
+            })
+            .await;
+        }
+    };
     wait_until("t-1 retried", Duration::from_secs(30), || async {
         seen("t-1") >= 2
     })
     .await;
     assert_eq!(seen("t-2"), 0, "t-2 waits for t-1");
-    std::fs::write(&file, text(&app.sink.url(), "")).expect("write");
-    app.reload.send(()).await.expect("reload");
-    wait_until("the reload applied", Duration::from_secs(30), || async {
-        app.admin_get("/admin/destinations").await.json[0]["ordering"] == "none"
-    })
-    .await;
+    reload("").await;
     assert_eq!(app.post_event(&in_session("s", "t-3")).await.status, 200);
     wait_until(
         "t-3 (unordered) delivered",
@@ -653,11 +662,21 @@ async fn a_reload_turning_ordering_off_keeps_the_order_of_jobs_stored_ordered() 
     )
     .await;
     assert_eq!(seen("t-2"), 0, "t-2, stored ordered, still waits for t-1");
-    stuck.store(false, std::sync::atomic::Ordering::Relaxed);
-    wait_until("t-2 delivered", Duration::from_secs(30), || async {
-        seen("t-2") > 0
+    // Off: t-4 is unordered, retrying; on again: t-5 is ordered behind t-2
+    // (ordered, waiting) but not behind t-4 (unordered).
+    assert_eq!(app.post_event(&in_session("s", "t-4")).await.status, 200);
+    reload("ordering = \"session\"\n").await;
+    assert_eq!(app.post_event(&in_session("s", "t-5")).await.status, 200);
+    release("t-1");
+    wait_until("t-2 and t-5 delivered", Duration::from_secs(30), || async {
+        seen("t-2") > 0 && seen("t-5") > 0
     })
     .await;
+    assert!(
+        stuck.lock().expect("lock").contains(&"t-4") && seen("t-4") > 0,
+        "t-4 still retrying"
+    );
+    release("t-4");
     let order: Vec<String> = app
         .sink
         .received()
@@ -666,7 +685,8 @@ async fn a_reload_turning_ordering_off_keeps_the_order_of_jobs_stored_ordered() 
         .filter_map(|r| r.header("x-event-id").map(str::to_string))
         .collect();
     let at = |id: &str| order.iter().position(|i| i == id).expect("delivered");
-    assert!(at("t-1") < at("t-2"), "{order:?}");
+    assert!(at("t-1") < at("t-2") && at("t-2") < at("t-5"), "{order:?}");
+}
 }
 
 both_backends! {

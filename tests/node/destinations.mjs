@@ -9,7 +9,7 @@ const connection = { host: '127.0.0.1', port: Number(port) };
 const out = {};
 for (const [key, name] of [['crm', crmName], ['warehouse', warehouseName]]) {
   const queue = new Queue(name, { connection });
-  const counts = await queue.getJobCounts('waiting', 'active', 'delayed', 'completed', 'failed');
+  const counts = await queue.getJobCounts('waiting', 'waiting-children', 'active', 'delayed', 'completed', 'failed');
   const jobs = await queue.getJobs(['completed', 'failed']);
   out[key] = {
     counts,
