@@ -6,7 +6,15 @@
 # same count for the same binary and input whatever else the machine does
 # (kernel time is not in it; see docs/benchmark.md).
 #
-#   bench/instructions.sh [--backend embedded|redis] [--events N] [--rounds R] [RELAY_BIN...]
+#   bench/instructions.sh [--backend embedded|redis] [--events N] [--rounds R]
+#                         [--named] [--ordered] [--ingest] [RELAY_BIN...]
+#
+# The relay delivers to TARGET_ENDPOINT (the `default` destination), or with
+# --named to one destination `bench` of a destinations file; --ordered gives
+# it `ordering = "session"` (the load's events are spread over 1,000
+# sessions either way): compare `--named` with `--ordered`. --ingest: the
+# destination is paused and only the ingest is counted (from the first
+# request until every event is answered), per accepted event.
 #
 # With several binaries, rounds alternate between them (one binary's round,
 # then the next's), and each binary's median is printed with its ratio to
@@ -15,13 +23,16 @@
 # Needs: valgrind, curl, python3 (free ports, JSON); redis-server for redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-backend=embedded events=2000 rounds=3 bins=()
+backend=embedded events=2000 rounds=3 bins=() named=no ordered=no ingest=no
 while [ $# -gt 0 ]; do
   case "$1" in
     --backend) backend=$2; shift 2 ;;
     --events) events=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --named) named=yes; shift ;;
+    --ordered) named=yes ordered=yes; shift ;;
+    --ingest) ingest=yes; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) bins+=("$1"); shift ;;
   esac
 done
@@ -64,36 +75,55 @@ round() {
     wait_for 30 redis-cli -p "$rport" ping
     queue_env=(COGRELAY_QUEUE=redis REDIS_URL="redis://127.0.0.1:$rport")
   fi
+  local dest=default target_env=(TARGET_ENDPOINT="http://127.0.0.1:$sim/events")
+  if [ "$named" = yes ]; then
+    dest=bench target_env=(COGRELAY_CONFIG="$dir/destinations.toml")
+    {
+      printf '[[destination]]\nname = "bench"\nurl = "http://127.0.0.1:%s/events"\n' "$sim"
+      if [ "$ordered" = yes ]; then printf 'ordering = "session"\n'; fi
+    } >"$dir/destinations.toml"
+  fi
   env -i PATH="$PATH" PORT="$port" ADMIN_LISTEN="127.0.0.1:$admin" WEBHOOK_SIGNING_SECRET=bench-secret \
-    TARGET_ENDPOINT="http://127.0.0.1:$sim/events" "${queue_env[@]}" RUST_LOG=error LOG_FORMAT=json \
+    "${target_env[@]}" "${queue_env[@]}" RUST_LOG=error LOG_FORMAT=json \
     valgrind --tool=callgrind --fair-sched=yes --instr-atstart=no --callgrind-out-file="$dir/cg.out" \
     "$bin" serve >/dev/null 2>"$dir/relay.err" &
   local pid=$!; pids+=("$pid")
   wait_for 120 curl -sf "127.0.0.1:$admin/readyz"
+  if [ "$ingest" = yes ]; then
+    curl -sf -X POST "127.0.0.1:$admin/admin/destinations/$dest/pause" >/dev/null
+  fi
   callgrind_control -i on "$pid" >/dev/null
   target/release/examples/bench load --port "$port" --events "$events" --connections 8 >"$dir/load.out"
-  wait_for 300 all_received "$sim" "$events"
+  if [ "$ingest" = no ]; then wait_for 300 all_received "$sim" "$events"; fi
   callgrind_control -i off "$pid" >/dev/null
   callgrind_control -d "$pid" >/dev/null
   kill "$pid" "$sim_pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   [ "$backend" = redis ] && kill "$redis_pid" 2>/dev/null || true
+  # KEEP_PROFILES=DIR keeps each round's callgrind output (callgrind_annotate).
+  if [ -n "${KEEP_PROFILES:-}" ]; then
+    local keep="$KEEP_PROFILES/$(basename "$dir")-$what"
+    mkdir -p "$keep" && cp "$dir"/cg.out* "$keep/"
+  fi
   local total
   total=$(cat "$dir"/cg.out* | awk '/^(summary|totals):/ {s += $2} END {print s}')
   echo $((total / events))
 }
 
+what=delivered label=""
+if [ "$ingest" = yes ]; then what=accepted; fi
+if [ "$ordered" = yes ]; then label=", ordered"; elif [ "$named" = yes ]; then label=", named"; fi
 declare -A results
 for r in $(seq 1 "$rounds"); do
   for i in "${!bins[@]}"; do
     n=$(round "${bins[$i]}" "$work/$r-$i")
     results[$i]="${results[$i]:-} $n"
-    echo "round $r, ${bins[$i]}: $n instructions per delivered event ($backend)" >&2
+    echo "round $r, ${bins[$i]}: $n instructions per $what event ($backend$label)" >&2
   done
 done
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
 first=$(echo "${results[0]}" | median)
-echo "| binary ($backend, $events events, $rounds rounds) | instructions per delivered event (median) | vs first | rounds |"
+echo "| binary ($backend$label, $events events, $rounds rounds) | instructions per $what event (median) | vs first | rounds |"
 echo "|---|---|---|---|"
 for i in "${!bins[@]}"; do
   m=$(echo "${results[$i]}" | median)

@@ -431,10 +431,7 @@ fn ordering(e: &Entry<'_>) -> Result<Option<Ordering>, ConfigError> {
             ))
         }
     };
-    Ok(Some(Ordering {
-        key: key.to_string(),
-        hold,
-    }))
+    Ok(Some(Ordering::new(key, hold)))
 }
 
 /// `events`, `bots` and `where`: which events a destination wants.

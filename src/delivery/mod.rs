@@ -86,6 +86,26 @@ pub struct Ordering {
     /// until an operator retries or removes it; else (`"continue"`) the key
     /// goes on with the next.
     pub hold: bool,
+    /// `key`'s reference tokens, unescaped (`~1` is `/`, `~0` is `~`): read
+    /// once here rather than for every event.
+    pub tokens: Vec<String>,
+}
+
+impl Ordering {
+    /// Ordered by the value at the JSON pointer `key` (RFC 6901, checked by
+    /// the caller).
+    pub fn new(key: &str, hold: bool) -> Self {
+        let tokens = key
+            .split('/')
+            .skip(1)
+            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .collect();
+        Ordering {
+            key: key.to_string(),
+            hold,
+            tokens,
+        }
+    }
 }
 
 /// The pointer `ordering_key` takes when left out.

@@ -10,6 +10,7 @@
 pub mod auth;
 pub(crate) mod body;
 pub mod envelope;
+mod pointer;
 pub(crate) mod ratelimit;
 pub(crate) mod refusals;
 pub(crate) mod rejections;
@@ -386,7 +387,7 @@ fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Rec
                 .delivery
                 .ordering
                 .as_ref()
-                .and_then(|o| order_key(o, event.kind, bytes)),
+                .and_then(|o| order_key(o, event, bytes)),
         })
         .collect()
 }
@@ -394,41 +395,22 @@ fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Rec
 /// The key an ordered destination delivers this event in order by: the
 /// value at its `ordering_key` pointer in an envelope, an endpoint output's
 /// `sessionId`; a string or a number. `None` (unordered) when there is none.
-fn order_key(o: &crate::delivery::Ordering, kind: EventKind, bytes: &[u8]) -> Option<OrderKey> {
-    let pointer = match kind {
-        EventKind::EndpointOutput => "/sessionId",
-        EventKind::Envelope => o.key.as_str(),
+/// A pointer into an envelope's payload is read in the payload the event
+/// already holds (its body), not from the top of the document.
+fn order_key(o: &crate::delivery::Ordering, event: &Event, bytes: &[u8]) -> Option<OrderKey> {
+    let found = match event.kind {
+        EventKind::EndpointOutput => pointer::pointed(bytes, &["sessionId"]),
+        EventKind::Envelope => match o.tokens.split_first() {
+            Some((first, rest)) if first == "payload" => pointer::pointed(&event.body, rest),
+            _ => pointer::pointed(bytes, &o.tokens),
+        },
     };
-    let key = match pointed(bytes, pointer)? {
+    let key = match found? {
         serde_json::Value::String(s) if !s.is_empty() => s,
         serde_json::Value::Number(n) => n.to_string(),
         _ => return None,
     };
     Some(OrderKey { key, hold: o.hold })
-}
-
-/// The value at JSON `pointer` (RFC 6901) in the document `bytes`, read
-/// along the pointer alone: each step reads one object's (or array's)
-/// members as raw slices, so nothing else of the document is built.
-fn pointed(bytes: &[u8], pointer: &str) -> Option<serde_json::Value> {
-    use serde_json::value::RawValue;
-    let mut raw: &RawValue = serde_json::from_slice(bytes).ok()?;
-    for token in pointer.split('/').skip(1) {
-        let token = token.replace("~1", "/").replace("~0", "~");
-        raw = match raw.get().trim_start().as_bytes().first() {
-            Some(b'{') => {
-                let members: std::collections::HashMap<std::borrow::Cow<'_, str>, &RawValue> =
-                    serde_json::from_str(raw.get()).ok()?;
-                *members.get(token.as_str())?
-            }
-            Some(b'[') => {
-                let items: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
-                *items.get(token.parse::<usize>().ok()?)?
-            }
-            _ => return None,
-        };
-    }
-    serde_json::from_str(raw.get()).ok()
 }
 
 /// `{"status","jobId"}` as the seeds answer; with a destinations file also
@@ -465,31 +447,27 @@ fn answer(routed: &Routed, with_jobs: bool) -> Acknowledgement<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{pointed, ReplayWindow};
-    use serde_json::json;
+    use super::ReplayWindow;
     use std::time::Duration;
 
     #[test]
-    fn a_pointer_is_read_along_its_path_as_serde_json_reads_it() {
-        let doc =
-            json!({"payload": {"sessionId": "s-1", "n": 7, "a/b": {"~x": [1, "two"]}}, "x": null});
-        let bytes = serde_json::to_vec(&doc).expect("json");
-        for pointer in [
-            "/payload/sessionId",
-            "/payload/n",
-            "/payload/a~1b/~0x/1",
-            "/x",
-            "/nope",
-            "/payload/a~1b/~0x/9",
-            "",
-        ] {
-            assert_eq!(
-                pointed(&bytes, pointer),
-                doc.pointer(pointer).cloned(),
-                "{pointer}"
-            );
-        }
-        assert_eq!(pointed(b"not json", "/a"), None);
+    fn an_ordering_key_is_read_in_the_payload_or_the_whole_document() {
+        let key = |pointer: &str, body: &str| {
+            let o = crate::delivery::Ordering::new(pointer, false);
+            let event = super::envelope::parse(body.as_bytes()).expect("event");
+            super::order_key(&o, &event, body.as_bytes()).map(|k| k.key)
+        };
+        let envelope = r#"{"botId":"b","eventId":"e","type":"t","payload":{"sessionId":"s-1","n":7},"payloadX":{"sessionId":"x"}}"#;
+        assert_eq!(key("/payload/sessionId", envelope).as_deref(), Some("s-1"));
+        assert_eq!(key("/payload/n", envelope).as_deref(), Some("7"));
+        assert_eq!(key("/botId", envelope).as_deref(), Some("b"));
+        assert_eq!(key("/payloadX/sessionId", envelope).as_deref(), Some("x"));
+        assert_eq!(key("/payload", envelope), None, "an object is no key");
+        assert_eq!(key("/payload/nope", envelope), None);
+        let without = r#"{"botId":"b","eventId":"e","type":"t"}"#;
+        assert_eq!(key("/payload/sessionId", without), None);
+        let output = r#"{"userId":"u","sessionId":"s-9","text":"hi"}"#;
+        assert_eq!(key("/payload/sessionId", output).as_deref(), Some("s-9"));
     }
 
     #[test]

@@ -11,9 +11,9 @@
     opts (JSON), lock token or "", lock duration (ms), number of
     destinations n, then n times: queue key prefix, destination name,
     ordering key ("": unordered), "1" when a failure holds the key.
-  A job of an ordered key goes behind the key's earlier jobs (see `order.lua`):
-  it waits in waiting-children unless it is the key's first unfinished job,
-  and only then may it be added locked.
+  A job of an ordered key goes behind the key's earlier jobs (`order.lua`, put
+  in front of this script): it waits in waiting-children unless it is the
+  key's first unfinished job, and only then may it be added locked.
   Returns per event {kind, text}: kind "a" with text `destination=id=l|w,...`
   (l: added locked, w: added waiting), or "d" with the first event's text
   (`destination=id,...`, or a plain id from a one-queue relay).
@@ -76,6 +76,11 @@ while i <= #ARGV do
             head = rcall("LINDEX", chain, 0)
           end
           parked = head ~= jobId
+          if parked then
+            -- The key's first live job, parked when it should not be (the
+            -- one before it deleted by a tool): it goes.
+            cgPromote(prefix, chain)
+          end
         end
       end
       local locked = token ~= "" and q.r ~= 0 and not parked

@@ -39,18 +39,19 @@ local function cgPromote(prefix, chain)
 end
 
 -- Job `jobId` of `key` leaves its key (delivered, failed under "continue",
--- removed): the key moves on if it was the head.
+-- removed): the key moves on if it was the head. Either way the key's first
+-- live job is let go if it was parked (its head was deleted by a tool).
 local function cgLeave(prefix, key, jobId)
   local chain = prefix .. "cg:ok:" .. key
-  if redis.call("LINDEX", chain, 0) == jobId then
+  if cgHead(prefix, chain) == jobId then
     redis.call("LPOP", chain)
     redis.call("ZREM", prefix .. "cg:held", key)
-    cgPromote(prefix, chain)
   else
     -- A job behind the head (removed), or one outside its key's list (retried
     -- by an operator after it failed and let the key go on).
     redis.call("LREM", chain, 1, jobId)
   end
+  cgPromote(prefix, chain)
 end
 
 -- Job `jobId` of `key` failed: under "hold" its key stays held from `ts`,

@@ -183,17 +183,27 @@ impl BullQueue {
         })
     }
 
-    /// Creation time of the oldest job in wait (BullMQ takes jobs from the
-    /// list's tail).
+    /// Creation time of the oldest waiting job: the one in wait BullMQ takes
+    /// next (the list's tail), or one of an ordered key parked behind its
+    /// key's first (`waiting-children`, scored by creation time).
     pub(super) async fn oldest_waiting_ms(&self) -> QueueResult<Option<i64>> {
-        let id: Option<String> = self
-            .raw(redis::cmd("LINDEX").arg(self.hot.key("wait")).arg(-1))
-            .await?;
-        let Some(id) = id else { return Ok(None) };
-        let ts: Option<i64> = self
-            .raw(redis::cmd("HGET").arg(self.hot.key(&id)).arg("timestamp"))
-            .await?;
-        Ok(ts)
+        let mut pipe = redis::pipe();
+        pipe.cmd("LINDEX").arg(self.hot.key("wait")).arg(-1);
+        pipe.cmd("ZRANGE")
+            .arg(self.hot.key("waiting-children"))
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES");
+        let (id, parked): (Option<String>, Vec<(String, f64)>) = self.pipe(&pipe).await?;
+        let waiting = match id {
+            Some(id) => {
+                self.raw::<Option<i64>>(redis::cmd("HGET").arg(self.hot.key(&id)).arg("timestamp"))
+                    .await?
+            }
+            None => None,
+        };
+        let parked = parked.first().map(|(_, ts)| *ts as i64);
+        Ok(waiting.into_iter().chain(parked).min())
     }
 }
 
@@ -319,19 +329,40 @@ impl BullQueue {
     }
 
     /// The keys this queue holds (see [`crate::queue::HeldKey`]): those of
-    /// `cg:held` whose first job is still the failed one, oldest first.
+    /// `cg:held` whose first job is still the failed one, oldest first. A
+    /// key retried since stays in the set until it moves on, so the set is
+    /// read a page at a time until `limit` keys are found.
     pub(super) async fn held_keys(&self, limit: u64) -> QueueResult<Vec<crate::queue::HeldKey>> {
-        // A key retried or removed since stays in the set until it moves
-        // on: read some more than asked.
-        let listed: Vec<(String, f64)> = self
-            .raw(
-                redis::cmd("ZRANGE")
-                    .arg(self.hot.key("cg:held"))
-                    .arg(0)
-                    .arg(limit.min(100_000) as i64 + 99)
-                    .arg("WITHSCORES"),
-            )
-            .await?;
+        let page = limit.clamp(1, 10_000) as i64 + 100;
+        let mut found = Vec::new();
+        let mut from = 0;
+        while (found.len() as u64) < limit {
+            let listed: Vec<(String, f64)> = self
+                .raw(
+                    redis::cmd("ZRANGE")
+                        .arg(self.hot.key("cg:held"))
+                        .arg(from)
+                        .arg(from + page - 1)
+                        .arg("WITHSCORES"),
+                )
+                .await?;
+            let last = (listed.len() as i64) < page;
+            found.extend(self.still_held(listed).await?);
+            if last {
+                break;
+            }
+            from += page;
+        }
+        found.truncate(limit as usize);
+        Ok(found)
+    }
+
+    /// Of keys listed in `cg:held` (key, since), those whose first job is
+    /// still failed.
+    async fn still_held(
+        &self,
+        listed: Vec<(String, f64)>,
+    ) -> QueueResult<Vec<crate::queue::HeldKey>> {
         if listed.is_empty() {
             return Ok(Vec::new());
         }
@@ -361,7 +392,6 @@ impl BullQueue {
                     since_ms: since as i64,
                 })
             })
-            .take(limit as usize)
             .collect())
     }
 

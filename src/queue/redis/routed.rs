@@ -103,7 +103,10 @@ impl RedisQueues {
             .await?,
         );
         let hot = base.hot.clone();
-        let script = Arc::new(redis::Script::new(include_str!("../lua/add_routed.lua")));
+        let script = Arc::new(redis::Script::new(concat!(
+            include_str!("../lua/order.lua"),
+            include_str!("../lua/add_routed.lua")
+        )));
         let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
         let adds = Batcher::spawn(MAX_BATCH, move |jobs: Vec<RoutedJob>| {
             let (hot, script) = (hot.clone(), script.clone());
