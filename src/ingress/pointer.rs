@@ -11,8 +11,9 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
 use serde_json::Value;
 
 /// The value at the pointer whose reference tokens (unescaped) are `tokens`
-/// in the JSON document `bytes`, as `serde_json::Value::pointer` finds it;
-/// `None` when there is none or the document is not JSON up to it.
+/// in the JSON document `bytes`, as `serde_json::Value::pointer` finds it
+/// (but for a name written twice in one object: the first here); `None`
+/// when there is none or the document is not JSON up to it.
 pub fn pointed<T: AsRef<str>>(bytes: &[u8], tokens: &[T]) -> Option<Value> {
     let found = std::cell::Cell::new(None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
@@ -46,8 +47,9 @@ impl<'de, T: AsRef<str>> Visitor<'de> for Seek<'_, T> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let (want, rest) = self.0.split_first().expect("a token left");
-        // The first member of that name (serde_json keeps the last: a
-        // document with a name twice is answered by either).
+        // The first member of that name: the read stops there (serde_json's
+        // `Value` keeps the last of a name written twice, which the JSON
+        // RFC leaves open).
         while let Some(is) = map.next_key_seed(NameIs(want.as_ref()))? {
             if is {
                 return map.next_value_seed(Seek(rest, self.1));
@@ -138,13 +140,11 @@ mod tests {
             "/after/1/deep/1",
             "",
         ] {
-            if pointer.is_empty() || pointer.starts_with('/') {
-                assert_eq!(
-                    at(&bytes, pointer),
-                    doc.pointer(pointer).cloned(),
-                    "{pointer}"
-                );
-            }
+            assert_eq!(
+                at(&bytes, pointer),
+                doc.pointer(pointer).cloned(),
+                "{pointer}"
+            );
         }
         assert_eq!(at(b"not json", "/a"), None);
         // Nothing after the value is read.

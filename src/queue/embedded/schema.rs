@@ -39,7 +39,8 @@ CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_until_ms) WHERE state = 'act
 CREATE INDEX IF NOT EXISTS jobs_bundled ON jobs(seq) WHERE pending IS NOT NULL;
 DROP INDEX IF EXISTS jobs_order_open;
 DROP INDEX IF EXISTS jobs_order;
-CREATE INDEX IF NOT EXISTS jobs_order_key ON jobs(order_key) WHERE order_key IS NOT NULL;
+DROP INDEX IF EXISTS jobs_order_key;
+CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs(destination, order_key) WHERE order_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dedup (
     event_key TEXT PRIMARY KEY,
     job_seq INTEGER NOT NULL,

@@ -7,6 +7,11 @@
     KEYS[1] active, KEYS[2] wait, KEYS[3] stalled, KEYS[4] meta,
     KEYS[5] marker, KEYS[6] events
     ARGV[1] key prefix
+  Then a hundred of the jobs parked behind their ordered key's first
+  (`order.lua`, put in front of this script), the next hundred at each call
+  (`cg:sweep` keeps the place), are looked at: a key whose first job a tool
+  deleted lets its next job go (else the key's last events would wait for
+  an event that may never come).
   Returns how many jobs went back.
 ]]
 local rcall = redis.call
@@ -28,5 +33,18 @@ for _, jobId in ipairs(rcall("LRANGE", KEYS[1], 0, -1)) do
 end
 if #moved > 0 and not rcall("HGET", KEYS[4], "paused") then
   rcall("ZADD", KEYS[5], 0, "0")
+end
+local from = tonumber(rcall("GET", ARGV[1] .. "cg:sweep")) or 0
+local parked = rcall("ZRANGE", ARGV[1] .. "waiting-children", from, from + 99)
+if #parked < 100 then
+  rcall("DEL", ARGV[1] .. "cg:sweep")
+else
+  rcall("SET", ARGV[1] .. "cg:sweep", from + 100)
+end
+for _, jobId in ipairs(parked) do
+  local key = rcall("HGET", ARGV[1] .. jobId, "cg:ok")
+  if key then
+    cgPromote(ARGV[1], ARGV[1] .. "cg:ok:" .. key)
+  end
 end
 return #moved

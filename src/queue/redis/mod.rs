@@ -250,7 +250,10 @@ impl BullQueue {
             extend: redis::Script::new(include_str!("../lua/extend.lua")),
             release: redis::Script::new(include_str!("../lua/release.lua")),
             retry_failed: redis::Script::new(include_str!("../lua/retry_failed.lua")),
-            stalled: redis::Script::new(include_str!("../lua/stalled.lua")),
+            stalled: redis::Script::new(concat!(
+                include_str!("../lua/order.lua"),
+                include_str!("../lua/stalled.lua")
+            )),
             remove: redis::Script::new(concat!(
                 include_str!("../lua/order.lua"),
                 include_str!("../lua/remove.lua")
