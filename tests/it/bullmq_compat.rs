@@ -102,6 +102,22 @@ async fn bullmq_for_node_reads_our_queue_and_feeds_it() {
     assert!(v["addedJob"]["finishedOn"].as_u64().is_some(), "{v}");
 }
 
+/// What `tests/node/destinations.mjs` reads with BullMQ for Node from the
+/// queues of destinations `crm` and `other` (which it pauses).
+async fn node_reads_destinations(app: &TestApp, other: &str) -> Value {
+    let port = app.redis.as_ref().expect("redis").port;
+    let base = &app.config.store.queue_name;
+    run_node(
+        "destinations.mjs",
+        &[
+            &port.to_string(),
+            &format!("{base}.crm"),
+            &format!("{base}.{other}"),
+        ],
+    )
+    .await
+}
+
 /// Two destinations are two BullMQ queues (`QUEUE_NAME.crm`,
 /// `QUEUE_NAME.warehouse`): BullMQ for Node reads each one's jobs, with one
 /// id per job over both, and its pause of a queue pauses that destination.
@@ -134,17 +150,7 @@ async fn bullmq_for_node_sees_each_destination_as_its_queue() {
     app.wait_job(&warehouse_id, "completed", Duration::from_secs(15))
         .await;
 
-    let port = app.redis.as_ref().expect("redis").port;
-    let base = &app.config.store.queue_name;
-    let v = run_node(
-        "destinations.mjs",
-        &[
-            &port.to_string(),
-            &format!("{base}.crm"),
-            &format!("{base}.warehouse"),
-        ],
-    )
-    .await;
+    let v = node_reads_destinations(&app, "warehouse").await;
     assert_eq!(v["crm"]["counts"]["failed"], 1, "{v}");
     assert_eq!(v["crm"]["jobs"][0]["id"], crm_id.as_str());
     assert_eq!(v["crm"]["jobs"][0]["data"]["destination"], "crm");
@@ -192,17 +198,7 @@ async fn bullmq_for_node_counts_an_ordered_keys_jobs() {
     }
     app.wait_job(&ids[0], "failed", Duration::from_secs(15))
         .await;
-    let port = app.redis.as_ref().expect("redis").port;
-    let base = &app.config.store.queue_name;
-    let v = run_node(
-        "destinations.mjs",
-        &[
-            &port.to_string(),
-            &format!("{base}.crm"),
-            &format!("{base}.other"),
-        ],
-    )
-    .await;
+    let v = node_reads_destinations(&app, "other").await;
     assert_eq!(v["crm"]["counts"]["failed"], 1, "{v}");
     assert_eq!(v["crm"]["counts"]["waiting-children"], 2, "{v}");
     assert_eq!(v["crm"]["counts"]["waiting"], 0, "{v}");

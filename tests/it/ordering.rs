@@ -304,6 +304,27 @@ fn assert_in_order(sink: &Sink, accepted: &std::collections::BTreeMap<String, Ve
     );
 }
 
+/// Waits until all `total` events had a first successful delivery; the
+/// target was flaky (more than a tenth of them answered 503 once), and each
+/// session's first deliveries follow the order accepted.
+async fn assert_all_in_order(
+    sink: &Sink,
+    accepted: &std::collections::BTreeMap<String, Vec<String>>,
+    total: usize,
+) {
+    wait_first_deliveries(sink, total).await;
+    let retried = sink
+        .received()
+        .iter()
+        .filter(|r| r.behaviour == Behaviour::status(503))
+        .count();
+    assert!(
+        retried > total / 10,
+        "only {retried} 503s: the target was not flaky"
+    );
+    assert_in_order(sink, accepted);
+}
+
 both_backends! {
 /// SPEC §7: with `ordering = "session"` and a target answering 503 to about
 /// a fifth of the attempts, each session's events (sent in order, sessions
@@ -340,19 +361,7 @@ async fn each_session_arrives_in_the_order_accepted_through_retries(b: Backend) 
             accepted.entry(session).or_default().push(id);
         }
     }
-    let total = sessions * per_session;
-    wait_first_deliveries(&app.sink, total).await;
-    let retried = app
-        .sink
-        .received()
-        .iter()
-        .filter(|r| r.behaviour == Behaviour::status(503))
-        .count();
-    assert!(
-        retried > total / 10,
-        "only {retried} 503s: the target was not flaky"
-    );
-    assert_in_order(&app.sink, &accepted);
+    assert_all_in_order(&app.sink, &accepted, sessions * per_session).await;
 }
 }
 
@@ -564,17 +573,7 @@ async fn order_holds_across_a_kill_9(redis: bool) {
             accepted.entry(session).or_default().push(id);
         }
     }
-    wait_first_deliveries(&sink, total).await;
-    let retried = sink
-        .received()
-        .iter()
-        .filter(|r| r.behaviour == Behaviour::status(503))
-        .count();
-    assert!(
-        retried > total / 10,
-        "only {retried} 503s: the target was not flaky"
-    );
-    assert_in_order(&sink, &accepted);
+    assert_all_in_order(&sink, &accepted, total).await;
 }
 
 #[tokio::test]
