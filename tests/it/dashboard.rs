@@ -3,7 +3,8 @@
 //! is shown as text (never run), the Retry button delivers the job and the
 //! failed count changes; the chart shows the relay's own history (what failed
 //! before the page was opened); each destination is listed with its circuit,
-//! and its Pause and Resume buttons work.
+//! and its Pause and Resume buttons work; an ordered destination's held key
+//! shows in its "held" column.
 
 use std::time::Duration;
 
@@ -187,4 +188,53 @@ async fn dashboard_is_usable_from_800_px_and_shows_the_next_trial() {
             "{w} px: {circuit}"
         );
     }
+}
+
+/// An ordered destination's held key (`on_failure = "hold"`) shows in its
+/// "held" column: how many, and on hover the key, its failed job and since
+/// when.
+#[tokio::test]
+async fn dashboard_shows_a_held_key() {
+    if !browser_ready() {
+        return;
+    }
+    let app = spawn_app_with(|c| {
+        c.admin.token = Some(Secret::new("dash-token"));
+        let file = format!(
+            "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nattempts = 1\n\
+             ordering = \"session\"\non_failure = \"hold\"\n",
+            c.delivery.target
+        );
+        c.destinations_file = Some(destinations_of(c, &file));
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(500));
+    let mut e = event("bot", "held-1");
+    e["payload"]["sessionId"] = "conversation-7".into();
+    let job = app.post_event(&e).await.json["jobs"]["crm"]
+        .as_str()
+        .expect("job")
+        .to_string();
+    let held = || async {
+        let d: Value = app
+            .http
+            .get(format!("http://{}/admin/destinations", app.admin))
+            .bearer_auth("dash-token")
+            .send()
+            .await
+            .expect("destinations")
+            .json()
+            .await
+            .expect("json");
+        d[0]["held_keys"].as_array().is_some_and(|h| h.len() == 1)
+    };
+    wait_until("the key held", Duration::from_secs(15), held).await;
+    let admin = format!("http://{}", app.admin);
+    let v = run_node("dashboard-held.mjs", &[&admin, "dash-token", "crm"]).await;
+    assert_eq!(v["held"], "1", "{v}");
+    let title = v["title"].as_str().expect("title");
+    assert!(
+        title.contains(&format!("conversation-7: job {job} since")),
+        "{title}"
+    );
 }

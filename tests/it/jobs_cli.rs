@@ -7,10 +7,10 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Out {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Out {
@@ -20,7 +20,9 @@ impl Out {
     }
 }
 
-async fn cli(app: &TestApp, args: &[&str]) -> Out {
+/// The real binary with `args`, on the app's store (its data directory, or
+/// its Redis).
+pub(crate) async fn cli(app: &TestApp, args: &[&str]) -> Out {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"));
     cmd.args(args)
         .env_clear()

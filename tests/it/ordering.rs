@@ -404,6 +404,16 @@ async fn a_held_key_is_shown_and_goes_on_when_its_job_is_retried(b: Backend) {
             .contains("cogrelay_held_keys{destination=\"crm\"} 1"),
         "the held key counted"
     );
+    // `cogrelay destinations` (the tools beside the relay) shows it too.
+    let listed = crate::jobs_cli::cli(&app, &["destinations"]).await;
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    assert!(
+        listed.stdout.contains(&format!(
+            "held: crm key \"bad\" by failed job {blocking} since"
+        )),
+        "{}",
+        listed.stdout
+    );
     let ids = |sink: &Sink| -> Vec<String> {
         sink.received()
             .iter()
