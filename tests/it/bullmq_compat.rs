@@ -180,12 +180,7 @@ async fn bullmq_for_node_counts_an_ordered_keys_jobs() {
         return;
     }
     let app = spawn_app_on(Backend::Redis, |c| {
-        let file = format!(
-            "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nattempts = 1\n\
-             ordering = \"session\"\non_failure = \"hold\"\n",
-            c.delivery.target
-        );
-        c.destinations_file = Some(destinations_of(c, &file));
+        ordered_crm(c, "attempts = 1\non_failure = \"hold\"\n")
     })
     .await;
     app.sink.set_default(Behaviour::status(500));

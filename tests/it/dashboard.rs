@@ -137,16 +137,7 @@ async fn dashboard_is_usable_from_800_px_and_shows_the_next_trial() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let d: Value = app
-            .http
-            .get(format!("http://{}/admin/destinations", app.admin))
-            .bearer_auth("dash-token")
-            .send()
-            .await
-            .expect("destinations")
-            .json()
-            .await
-            .expect("json");
+        let d = destinations(&app).await;
         if d[0]["circuit"] == "open" && d[0]["counts"]["failed"].as_u64() >= Some(2) {
             break;
         }
@@ -200,12 +191,7 @@ async fn dashboard_shows_a_held_key() {
     }
     let app = spawn_app_with(|c| {
         c.admin.token = Some(Secret::new("dash-token"));
-        let file = format!(
-            "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nattempts = 1\n\
-             ordering = \"session\"\non_failure = \"hold\"\n",
-            c.delivery.target
-        );
-        c.destinations_file = Some(destinations_of(c, &file));
+        ordered_crm(c, "attempts = 1\non_failure = \"hold\"\n");
     })
     .await;
     app.sink.set_default(Behaviour::status(500));
@@ -215,20 +201,12 @@ async fn dashboard_shows_a_held_key() {
         .as_str()
         .expect("job")
         .to_string();
-    let held = || async {
-        let d: Value = app
-            .http
-            .get(format!("http://{}/admin/destinations", app.admin))
-            .bearer_auth("dash-token")
-            .send()
-            .await
-            .expect("destinations")
-            .json()
-            .await
-            .expect("json");
-        d[0]["held_keys"].as_array().is_some_and(|h| h.len() == 1)
-    };
-    wait_until("the key held", Duration::from_secs(15), held).await;
+    wait_until("the key held", Duration::from_secs(15), || async {
+        destinations(&app).await[0]["held_keys"]
+            .as_array()
+            .is_some_and(|h| h.len() == 1)
+    })
+    .await;
     let admin = format!("http://{}", app.admin);
     let v = run_node("dashboard-held.mjs", &[&admin, "dash-token", "crm"]).await;
     assert_eq!(v["held"], "1", "{v}");
@@ -237,4 +215,17 @@ async fn dashboard_shows_a_held_key() {
         title.contains(&format!("conversation-7: job {job} since")),
         "{title}"
     );
+}
+
+/// `GET /admin/destinations` with the dashboard tests' token.
+async fn destinations(app: &TestApp) -> Value {
+    app.http
+        .get(format!("http://{}/admin/destinations", app.admin))
+        .bearer_auth("dash-token")
+        .send()
+        .await
+        .expect("destinations")
+        .json()
+        .await
+        .expect("json")
 }

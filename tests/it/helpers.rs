@@ -446,6 +446,16 @@ pub async fn run_node(script: &str, args: &[&str]) -> Value {
 }
 
 /// The destinations of a file's `text`, with `c`'s settings as the globals.
+/// One destination, `crm` (the app's sink), ordered by session
+/// (`ordering = "session"`); `extra` is the rest of its table.
+pub fn ordered_crm(c: &mut ServeConfig, extra: &str) {
+    let text = format!(
+        "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nordering = \"session\"\n{extra}",
+        c.delivery.target
+    );
+    c.destinations_file = Some(destinations_of(c, &text));
+}
+
 pub fn destinations_of(c: &ServeConfig, text: &str) -> cogrelay::destination::DestinationSet {
     let globals = cogrelay::config::destinations::Globals {
         delivery: c.delivery.clone(),

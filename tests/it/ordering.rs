@@ -12,7 +12,7 @@ use cogrelay::queue::{
 
 use cogrelay::sink::{Behaviour, Sink};
 
-use crate::helpers::{destinations_of, dn, event, spawn_app_on, wait_until, Backend, TestApp};
+use crate::helpers::{dn, event, ordered_crm, spawn_app_on, wait_until, Backend, TestApp};
 use crate::queue_conformance::{ev, on_both_backends, open, open_redis};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -224,15 +224,7 @@ on_both_backends!(
 /// A relay on `backend` whose one destination (its sink) is ordered:
 /// `extra` is the rest of its table.
 async fn ordered_relay(backend: Backend, extra: &str) -> TestApp {
-    let extra = extra.to_string();
-    spawn_app_on(backend, move |c| {
-        let text = format!(
-            "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nordering = \"session\"\n{extra}",
-            c.delivery.target
-        );
-        c.destinations_file = Some(destinations_of(c, &text));
-    })
-    .await
+    spawn_app_on(backend, |c| ordered_crm(c, extra)).await
 }
 
 fn in_session(session: &str, id: &str) -> serde_json::Value {
