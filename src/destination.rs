@@ -169,7 +169,7 @@ impl DestinationSet {
                     "circuit": d.delivery.circuit,
                     "ordering": d.delivery.ordering.as_ref().map(|o| serde_json::json!({
                         "ordering": "session",
-                        "ordering_key": o.key,
+                        "ordering_key": o.pointer,
                         "on_failure": if o.hold { "hold" } else { "continue" },
                     })),
                 })

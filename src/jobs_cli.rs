@@ -261,7 +261,7 @@ async fn destinations(
             for name in q.destination_names().await? {
                 let counts = q.counts_for(Some(&name)).await?;
                 let paused = q.is_paused(&name).await?;
-                let held = q.held_keys(&name, 1000).await?;
+                let held = q.held_keys(&name, crate::queue::HELD_KEYS_SHOWN).await?;
                 rows.push((name, counts, paused, held));
             }
             if json {

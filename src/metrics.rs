@@ -13,7 +13,7 @@
 //! | `cogrelay_destination_deliveries_total` | counter | `destination`, `outcome` |
 //! | `cogrelay_events_unrouted_total` | counter | (events no destination wanted) |
 //! | `cogrelay_destination_circuit` | gauge | `destination`, `state` (1 for the state it is in) |
-//! | `cogrelay_held_keys` | gauge | `destination`: keys an ordered destination holds (`on_failure = "hold"`), read at scrape time |
+//! | `cogrelay_held_keys` | gauge | `destination`: keys an ordered destination holds (`on_failure = "hold"`), read at scrape time, at most 1,000 counted |
 //! | `cogrelay_queue_jobs` | gauge | `state` (read at scrape time) |
 //! | `cogrelay_queue_oldest_waiting_seconds` | gauge | age of the oldest due job |
 //! | `cogrelay_queue_durability_risk` | gauge | `risk` |
@@ -349,7 +349,7 @@ impl Metrics {
         );
         r.register(
             "cogrelay_held_keys",
-            "Keys an ordered destination holds after a failure (on_failure = hold), until an operator retries or removes the job",
+            "Keys an ordered destination holds after a failure (on_failure = hold), until an operator retries or removes the job (at most 1000 counted)",
             self.held_keys.clone(),
         );
         r.register(

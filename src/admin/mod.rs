@@ -210,7 +210,11 @@ async fn prometheus(State(s): State<Arc<Admin>>) -> Response {
     // Every destination's: a key held while it was stored with "hold"
     // stays held after a reload changed the setting.
     for d in s.destinations.get().list.iter() {
-        if let Ok(held) = s.queue.held_keys(&d.name, MAX_HELD_SHOWN).await {
+        if let Ok(held) = s
+            .queue
+            .held_keys(&d.name, crate::queue::HELD_KEYS_SHOWN)
+            .await
+        {
             s.metrics.held_keys(&d.name, held.len());
         }
     }
@@ -339,9 +343,6 @@ async fn known_destination(s: &Admin, name: &DestinationName) -> Result<(), Resp
     }
 }
 
-/// Held keys shown (and counted in `/metrics`) per destination at most.
-const MAX_HELD_SHOWN: u64 = 1000;
-
 /// `GET /admin/destinations` (SPEC §7): each destination with its URL (no
 /// credentials), circuit, pause, job counts and limits, its ordering and the
 /// keys it holds (`{key, jobId, sinceMs}`, oldest first).
@@ -358,7 +359,11 @@ async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
             Err(e) => return queue_error(e),
         };
         // Whatever the file says now: a job keeps the hold it was stored with.
-        let held_keys = match s.queue.held_keys(&d.name, MAX_HELD_SHOWN).await {
+        let held_keys = match s
+            .queue
+            .held_keys(&d.name, crate::queue::HELD_KEYS_SHOWN)
+            .await
+        {
             Ok(h) => h,
             Err(e) => return queue_error(e),
         };

@@ -81,27 +81,27 @@ pub struct DeliverySettings {
 pub struct Ordering {
     /// `ordering_key`: a JSON pointer into an event envelope (an endpoint
     /// output's key is its `sessionId`). An event without one is unordered.
-    pub key: String,
+    pub pointer: String,
     /// `on_failure = "hold"`: a failed event holds its key's later events
     /// until an operator retries or removes it; else (`"continue"`) the key
     /// goes on with the next.
     pub hold: bool,
-    /// `key`'s reference tokens, unescaped (`~1` is `/`, `~0` is `~`): read
-    /// once here rather than for every event.
+    /// `pointer`'s reference tokens, unescaped (`~1` is `/`, `~0` is `~`):
+    /// read once here rather than for every event.
     pub tokens: Vec<String>,
 }
 
 impl Ordering {
-    /// Ordered by the value at the JSON pointer `key` (RFC 6901, checked by
-    /// the caller).
-    pub fn new(key: &str, hold: bool) -> Self {
-        let tokens = key
+    /// Ordered by the value at the JSON `pointer` (RFC 6901, checked by the
+    /// caller).
+    pub fn new(pointer: &str, hold: bool) -> Self {
+        let tokens = pointer
             .split('/')
             .skip(1)
             .map(|t| t.replace("~1", "/").replace("~0", "~"))
             .collect();
         Ordering {
-            key: key.to_string(),
+            pointer: pointer.to_string(),
             hold,
             tokens,
         }

@@ -127,6 +127,10 @@ pub struct OrderKey {
     pub hold: bool,
 }
 
+/// Held keys read per destination at most, for the admin API, `/metrics`
+/// and the command line.
+pub const HELD_KEYS_SHOWN: u64 = 1000;
+
 /// A key an ordered destination holds (`on_failure = "hold"`): its failed
 /// job, which holds every later job of the key until an operator retries or
 /// removes it, and since when (unix ms).

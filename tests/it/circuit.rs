@@ -273,13 +273,8 @@ both_backends! {
         }
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
-            let delivered: std::collections::HashSet<String> = app
-                .sink
-                .received()
-                .iter()
-                .filter(|r| r.behaviour == Behaviour::status(200))
-                .filter_map(|r| r.header("x-event-id").map(str::to_string))
-                .collect();
+            let delivered: std::collections::HashSet<String> =
+                crate::process::ids_answered_200(&app.sink).into_iter().collect();
             if delivered.len() == n {
                 break;
             }

@@ -308,21 +308,14 @@ impl TestApp {
     }
 
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(r) = self
-                .http
+        wait_until("the relay ready", Duration::from_secs(10), || async {
+            self.http
                 .get(format!("http://{}/readyz", self.admin))
                 .send()
                 .await
-            {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("relay not ready");
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
     }
 
     /// Waits until the job reaches `state`; returns its view.

@@ -248,6 +248,23 @@ pub(crate) fn delivered_ids(sink: &Sink) -> Vec<String> {
         .collect()
 }
 
+/// Whether the sink answered `r` 200 (at once or after a delay).
+pub(crate) fn answered_200(r: &cogrelay::sink::Received) -> bool {
+    matches!(
+        r.behaviour,
+        Behaviour::Status(200, _) | Behaviour::Delay(_, 200)
+    )
+}
+
+/// The event ids of the requests the sink answered 200, in arrival order.
+pub(crate) fn ids_answered_200(sink: &Sink) -> Vec<String> {
+    sink.received()
+        .iter()
+        .filter(|r| answered_200(r))
+        .filter_map(|r| r.header("x-event-id").map(str::to_owned))
+        .collect()
+}
+
 async fn kill_9_mid_stream(backend: Backend) {
     let Some((env, _redis)) = backend_env(backend) else {
         return;

@@ -514,14 +514,17 @@ impl Queue for EmbeddedQueue {
     ) -> QueueResult<Vec<HeldKey>> {
         let destination = destination.clone();
         self.read(move |conn, _| {
-            conn.prepare_cached(
-                "SELECT order_key, seq, coalesce(finished_at_ms, created_at_ms) FROM jobs
+            // A failed job holding its key that is its key's first (the
+            // claim's rule): the job an operator has to act on. Read from the
+            // failed jobs (the key's index would read the destination's whole
+            // ordered history).
+            conn.prepare_cached(concat!(
+                "SELECT order_key, seq, coalesce(finished_at_ms, created_at_ms) FROM jobs INDEXED BY jobs_failed
                  WHERE destination = ?1 AND state = 'failed' AND order_hold = 1 AND order_key IS NOT NULL
-                 AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.destination = jobs.destination
-                                 AND e.order_key = jobs.order_key AND e.seq < jobs.seq
-                                 AND e.state = 'failed' AND e.order_hold = 1)
-                 ORDER BY 3, seq LIMIT ?2",
-            )
+                 AND ",
+                first_of_its_key!(),
+                " ORDER BY 3, seq LIMIT ?2"
+            ))
             .and_then(|mut s| {
                 s.query_map(params![destination, limit as i64], |r| {
                     Ok(HeldKey {

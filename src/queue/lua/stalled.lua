@@ -11,7 +11,10 @@
   (`order.lua`, put in front of this script), the next hundred at each call
   (`cg:sweep` keeps the place), are looked at: a key whose first job a tool
   deleted lets its next job go (else the key's last events would wait for
-  an event that may never come).
+  an event that may never come). So are the hundred oldest held keys
+  (`cg:held`): one whose failed first job is gone (a tool cleaned the failed
+  jobs) or was retried is no longer held (it leaves the set), and its next
+  job goes.
   Returns how many jobs went back.
 ]]
 local rcall = redis.call
@@ -45,6 +48,14 @@ for _, jobId in ipairs(parked) do
   local key = rcall("HGET", ARGV[1] .. jobId, "cg:ok")
   if key then
     cgPromote(ARGV[1], ARGV[1] .. "cg:ok:" .. key)
+  end
+end
+for _, key in ipairs(rcall("ZRANGE", ARGV[1] .. "cg:held", 0, 99)) do
+  local chain = ARGV[1] .. "cg:ok:" .. key
+  local head = cgHead(ARGV[1], chain)
+  if not head or not rcall("ZSCORE", ARGV[1] .. "failed", head) then
+    rcall("ZREM", ARGV[1] .. "cg:held", key)
+    cgPromote(ARGV[1], chain)
   end
 end
 return #moved
