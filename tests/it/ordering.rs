@@ -221,6 +221,59 @@ on_both_backends!(
     keys_are_kept_apart_by_destination_and_a_lost_lease_keeps_the_order,
 );
 
+/// The embedded queue keeps its keys in memory and parks a key's later jobs
+/// in the store (`keys.rs`): reopened, it reads them again, and a store an
+/// older version left with a key's later jobs due (version 6) is parked at
+/// open. A key whose first job a tool removed while no relay ran goes on.
+#[tokio::test]
+async fn the_embedded_queue_reads_its_keys_again_at_open() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let k = |i| (i, ordered("crm", "k", false));
+    let ids = {
+        let q = open(dir.path());
+        let ids = store(
+            &q,
+            &[
+                k("k1"),
+                k("k2"),
+                k("k3"),
+                ("j1", ordered("crm", "j", false)),
+            ],
+        )
+        .await;
+        q.close().await.expect("close");
+        ids
+    };
+    let db = rusqlite::Connection::open(dir.path().join("cogrelay.db")).expect("sqlite");
+    // What a version-6 relay stored: every job due, its order by the key.
+    db.execute_batch(
+        "UPDATE jobs SET due_at_ms = created_at_ms WHERE state = 'waiting'; PRAGMA user_version = 6;",
+    )
+    .expect("as version 6 left it");
+    let q = open(dir.path());
+    let first = claim(&q, "crm").await;
+    assert_eq!(taken(&first), [&*ids[0], &*ids[3]], "k1 and j1 only");
+    // A tool beside no relay removes k1 while it is in flight (the relay
+    // is gone): at the next open k2 goes, k3 still waits.
+    q.close().await.expect("close");
+    drop(q);
+    db.execute(
+        "DELETE FROM jobs WHERE seq = ?1",
+        [ids[0].parse::<i64>().expect("id")],
+    )
+    .expect("removed by a tool");
+    let q = open(dir.path());
+    assert_eq!(
+        taken(&claim(&q, "crm").await),
+        [&*ids[1], &*ids[3]],
+        "k2 (and j1 put back)"
+    );
+    assert!(claim(&q, "crm").await.is_empty(), "k3 waits for k2");
+    let waiting = q.get(&ids[2]).await.expect("k3");
+    assert_eq!(waiting.state, cogrelay::queue::JobState::Waiting);
+    assert_eq!(waiting.due_at_ms, None, "a parked job shows no due time");
+}
+
 /// A relay on `backend` whose one destination (its sink) is ordered:
 /// `extra` is the rest of its table.
 async fn ordered_relay(backend: Backend, extra: &str) -> TestApp {
@@ -442,6 +495,45 @@ async fn a_held_key_is_shown_and_goes_on_when_its_job_is_retried(b: Backend) {
     let got = ids(&app.sink);
     let bad: Vec<&String> = got.iter().filter(|i| i.starts_with("bad")).collect();
     assert_eq!(bad, ["bad-1", "bad-1", "bad-2", "bad-3"], "{got:?}");
+}
+}
+
+both_backends! {
+/// A held key's failed job removed with the command line beside the running
+/// relay: the key's later events go on, in order. (On the embedded queue the
+/// relay keeps its keys in memory: the tool counts its removal, and the
+/// relay reads its keys again.)
+async fn a_held_key_goes_on_when_the_command_line_removes_its_job(b: Backend) {
+    let app = ordered_relay(b, "attempts = 1\non_failure = \"hold\"\n").await;
+    app.sink.set_rule(Some(std::sync::Arc::new(|id: &str, _| {
+        (id == "bad-1").then(|| Behaviour::status(500))
+    })));
+    for id in ["bad-1", "bad-2", "bad-3"] {
+        assert_eq!(app.post_event(&in_session("bad", id)).await.status, 200);
+    }
+    let blocking = std::sync::Mutex::new(String::new());
+    wait_until("the key shown held", Duration::from_secs(30), || async {
+        let d = app.admin_get("/admin/destinations").await.json;
+        let job = d[0]["held_keys"][0]["jobId"].as_str().unwrap_or_default().to_string();
+        *blocking.lock().expect("lock") = job;
+        !blocking.lock().expect("lock").is_empty()
+    })
+    .await;
+    let blocking = blocking.into_inner().expect("lock");
+    assert_eq!(app.sink.received().len(), 1, "bad-1 only, the rest wait");
+    let removed = crate::jobs_cli::cli(&app, &["jobs", "remove", &blocking]).await;
+    assert_eq!(removed.code, 0, "{}", removed.stderr);
+    assert!(
+        app.sink.wait_for(3, Duration::from_secs(30)).await,
+        "bad-2 and bad-3 once bad-1 is removed"
+    );
+    let got: Vec<String> = app
+        .sink
+        .received()
+        .iter()
+        .filter_map(|r| r.header("x-event-id").map(str::to_string))
+        .collect();
+    assert_eq!(got, ["bad-1", "bad-2", "bad-3"]);
 }
 }
 

@@ -274,11 +274,11 @@ impl Model {
         })
     }
 
-    /// Redis: a job an operator retried after it failed and let its key go
-    /// on (`continue`) left its key's list; it neither waits for the key nor
-    /// holds it back (the embedded store puts it first again).
+    /// A job an operator retried after it failed and let its key go on
+    /// (`continue`) left its key; it neither waits for the key nor holds it
+    /// back (both backends).
     fn outside_its_key(&self, j: &JobM) -> bool {
-        self.backend == Backend::Redis && j.retried && j.key.is_some_and(|(_, hold)| !hold)
+        j.retried && j.key.is_some_and(|(_, hold)| !hold)
     }
 
     /// A waiting job from now (new, released, retried, taken back).

@@ -8,11 +8,9 @@ use rusqlite::{params, OptionalExtension};
 
 use super::bundle::{self, Bundle};
 use super::inspect::{list_with_bundles, row_to_view, state_of, view_of, VIEW_COLUMNS};
+use super::keys::{self, parked};
 use super::writer::{exec_cached, insert_event};
-use super::{
-    claim_due, claim_trials, first_of_its_key, holds_its_key, parse_id, put_back_stalled, sql_err,
-    EmbeddedQueue, Fsync,
-};
+use super::{claim_due, claim_trials, parse_id, put_back_stalled, sql_err, EmbeddedQueue, Fsync};
 use crate::event::Event;
 use crate::queue::{
     Attempt, ClaimOrder, Claimed, Counts, DeliveryJob, DestinationName, Disposition, HeldKey,
@@ -130,13 +128,13 @@ impl Queue for EmbeddedQueue {
             let next_due_ms = if more_bundles {
                 Some(now)
             } else if jobs.is_empty() {
-                // A job its key holds back is not due: its key's first is
-                // (or is active, and its finish wakes the pool).
+                // A parked job is not due: its key's first is (or is active,
+                // and its finish wakes the pool).
                 conn.prepare_cached(concat!(
                     "SELECT min(t) FROM (
                         SELECT min(due_at_ms) AS t FROM jobs WHERE destination=?1 AND state IN ('waiting','delayed')
-                        AND ",
-                    first_of_its_key!(),
+                        AND due_at_ms < ",
+                    parked!(),
                     " UNION ALL SELECT min(lease_until_ms) FROM jobs WHERE state='active')"
                 ))
                 .and_then(|mut s| s.query_row([&destination], |r| r.get(0)))
@@ -184,28 +182,56 @@ impl Queue for EmbeddedQueue {
                 .map_err(|e| QueueError::Unavailable(e.to_string()))?;
             let state = disposition.state();
             let (due, finished) = match &disposition {
-                Disposition::RetryAt { due_at_ms, .. } => (*due_at_ms, None),
+                // Never as late as a parked job's due time (`keys.rs`).
+                Disposition::RetryAt { due_at_ms, .. } => {
+                    ((*due_at_ms).min(keys::PARKED - 1), None)
+                }
                 Disposition::Completed | Disposition::Failed { .. } => (now, Some(now)),
             };
-            let changed = conn
+            let finished_row: Option<(String, Option<String>, bool)> = conn
                 .prepare_cached(
                     "UPDATE jobs SET state=?1, due_at_ms=?2, finished_at_ms=?3, failed_reason=?4,
                         attempts_made=attempts_made+1, lease_token=NULL, lease_until_ms=NULL,
                         attempts_log=json_insert(attempts_log, '$[#]', json(?5))
-                     WHERE seq=?6 AND lease_token=?7 AND state='active'",
+                     WHERE seq=?6 AND lease_token=?7 AND state='active'
+                     RETURNING destination, order_key, order_hold",
                 )
                 .and_then(|mut s| {
-                    s.execute(params![
-                        state.as_str(),
-                        due,
-                        finished,
-                        disposition.reason(),
-                        log,
-                        seq,
-                        job.lease.token
-                    ])
+                    s.query_row(
+                        params![
+                            state.as_str(),
+                            due,
+                            finished,
+                            disposition.reason(),
+                            log,
+                            seq,
+                            job.lease.token
+                        ],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()
                 })
                 .map_err(sql_err)?;
+            let changed = usize::from(finished_row.is_some());
+            if let Some((destination, Some(key), hold)) = &finished_row {
+                // Delivered, or failed letting its key go on: the key's
+                // next job goes (`keys.rs`). Failed so, it leaves the key
+                // for good: a retry delivers it on its own.
+                let leaves = match state {
+                    JobState::Completed => true,
+                    JobState::Failed => !hold,
+                    _ => false,
+                };
+                if leaves {
+                    if state == JobState::Failed {
+                        conn.prepare_cached("UPDATE jobs SET order_key = NULL WHERE seq = ?1")
+                            .and_then(|mut s| s.execute([seq]))
+                            .map_err(sql_err)?;
+                    }
+                    let h = w.keys.hash(destination, key);
+                    w.keys.leave(conn, h, seq)?;
+                }
+            }
             if changed == 1 && state == JobState::Completed {
                 w.completed_since_prune += 1;
                 if w.settings.remove_on_complete == 0 {
@@ -323,11 +349,16 @@ impl Queue for EmbeddedQueue {
                     None => {}
                 }
             }
+            // A parked job has waited since it was stored.
             let oldest: Option<i64> = conn
-                .prepare_cached(
-                    "SELECT min(due_at_ms) FROM jobs WHERE state IN ('waiting','delayed') AND due_at_ms <= ?1
-                     AND (?2 IS NULL OR destination = ?2)",
-                )
+                .prepare_cached(concat!(
+                    "SELECT min(CASE WHEN due_at_ms = ",
+                    parked!(),
+                    " THEN created_at_ms ELSE due_at_ms END) FROM jobs
+                     WHERE state IN ('waiting','delayed') AND (due_at_ms <= ?1 OR due_at_ms = ",
+                    parked!(),
+                    ") AND (?2 IS NULL OR destination = ?2)"
+                ))
                 .and_then(|mut s| s.query_row(params![now, destination], |r| r.get(0)))
                 .map_err(sql_err)?;
             // The jobs bundles name (waiting, due since their event came),
@@ -461,26 +492,42 @@ impl Queue for EmbeddedQueue {
         let id = id.to_string();
         self.call(move |conn, w| {
             let seq = parse_id(&id)?;
-            let row: Option<(String, Option<String>)> = conn
-                .prepare_cached("SELECT state, pending FROM jobs WHERE seq=?1")
+            let row: Option<(String, Option<String>, String, Option<String>)> = conn
+                .prepare_cached(
+                    "SELECT state, pending, destination, order_key FROM jobs WHERE seq=?1",
+                )
                 .and_then(|mut s| {
-                    s.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                    s.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                         .optional()
                 })
                 .map_err(sql_err)?;
             match row {
-                Some((state, pending)) => {
+                Some((state, pending, destination, key)) => {
                     JobState::parse(&state)
                         .unwrap_or(JobState::Failed)
                         .check_remove(&id)?;
                     match pending {
                         // A carrier: its row goes to the bundle's last job.
                         Some(p) => bundle::hand_over(conn, &mut w.space, Bundle::parse(seq, &p)),
-                        None => conn
-                            .prepare_cached("DELETE FROM jobs WHERE seq=?1")
-                            .and_then(|mut s| s.execute([seq]))
-                            .map(|_| ())
-                            .map_err(sql_err),
+                        None => {
+                            conn.prepare_cached("DELETE FROM jobs WHERE seq=?1")
+                                .and_then(|mut s| s.execute([seq]))
+                                .map_err(sql_err)?;
+                            // An ordered job: its key's next may go. The
+                            // relay's map says which; a tool's removal
+                            // makes the relay read its map again.
+                            match key {
+                                Some(key) if w.maintains => {
+                                    let h = w.keys.hash(&destination, &key);
+                                    w.keys.leave(conn, h, seq)
+                                }
+                                Some(_) if state != JobState::Completed.as_str() => {
+                                    keys::count_removed_by_tool(conn)
+                                }
+                                Some(_) => Ok(()),
+                                None => Ok(()),
+                            }
+                        }
                     }
                 }
                 None => match bundle::holding(conn, seq)? {
@@ -514,17 +561,14 @@ impl Queue for EmbeddedQueue {
     ) -> QueueResult<Vec<HeldKey>> {
         let destination = destination.clone();
         self.read(move |conn, _| {
-            // A failed job holding its key that is its key's first (the
-            // claim's rule): the job an operator has to act on. Read from the
-            // failed jobs (the key's index would read the destination's whole
-            // ordered history).
-            conn.prepare_cached(concat!(
+            // A failed job holding its key: its key's first, which parks
+            // the later ones (`keys.rs`), and the job an operator has to act
+            // on.
+            conn.prepare_cached(
                 "SELECT order_key, seq, coalesce(finished_at_ms, created_at_ms) FROM jobs INDEXED BY jobs_failed
                  WHERE destination = ?1 AND state = 'failed' AND order_hold = 1 AND order_key IS NOT NULL
-                 AND ",
-                first_of_its_key!(),
-                " ORDER BY 3, seq LIMIT ?2"
-            ))
+                 ORDER BY 3, seq LIMIT ?2",
+            )
             .and_then(|mut s| {
                 s.query_map(params![destination, limit as i64], |r| {
                     Ok(HeldKey {

@@ -30,7 +30,10 @@ pub(super) fn row_to_view(r: &rusqlite::Row<'_>, with_payload: bool) -> rusqlite
         kind: r.get(6)?,
         attempts_made: r.get(7)?,
         created_at_ms: r.get(8)?,
-        due_at_ms: r.get(9)?,
+        // A parked job (`keys.rs`) is due when its key's first is done.
+        due_at_ms: r
+            .get::<_, Option<i64>>(9)?
+            .filter(|&d| d != super::keys::PARKED),
         finished_at_ms: r.get(10)?,
         failed_reason: r.get(11)?,
         attempts: serde_json::from_str(&log).unwrap_or_default(),

@@ -8,14 +8,16 @@
 //!      body BLOB,                 -- exactly what is POSTed to the target
 //!      state,                     -- waiting|active|delayed|completed|failed
 //!      attempts_made,             -- finished attempts
-//!      due_at_ms,                 -- waiting/delayed: claimable from then on
+//!      due_at_ms,                 -- waiting/delayed: claimable from then on (parked: never)
 //!      lease_token, lease_until_ms,  -- active only
 //!      created_at_ms, finished_at_ms, failed_reason, stalls,
 //!      attempts_log TEXT,         -- JSON array of every attempt
 //!      destination,               -- whose job it is
-//!      pending)                   -- a bundle's other destinations (below)
+//!      pending,                   -- a bundle's other destinations (below)
+//!      order_key, order_hold)     -- an ordered job's key (`keys.rs`)
 //! dedup(event_key PRIMARY KEY, job_seq, expires_at_ms, jobs)  -- jobs: "crm=17,dw=18"
 //! paused(destination PRIMARY KEY)
+//! changes(what PRIMARY KEY, n)    -- the tools' count of removed ordered jobs
 //! ```
 //!
 //! # Bundles: one row per event, however many destinations
@@ -139,11 +141,13 @@ impl rusqlite::types::ToSql for crate::event::DestinationName {
 }
 
 mod inspect;
+mod keys;
 mod schema;
 mod space;
 mod writer;
 
 use bundle::Bundle;
+use keys::Keys;
 use schema::{ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION};
 use space::Space;
 pub use space::{RESERVE_FILE, WAL_RESTART_BYTES};
@@ -309,6 +313,8 @@ impl EmbeddedQueue {
             recounted_at: None,
             paused: Default::default(),
             paused_read_at: None,
+            // Read in the first batch.
+            keys: Keys::new(relay),
         };
         if relay {
             writer.space.promised = promised_bytes(&conn).map_err(sqlite_err)?;
@@ -401,33 +407,7 @@ fn claimed_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryJob> {
 }
 
 /// Leases up to `max` of `destination`'s due jobs, earliest due first (one
-/// statement: the hot path).
-/// SQL over a candidate row `jobs`: it is the first of its key
-/// (`order_key`: see [`OrderKey`]): no job of its destination and key stored
-/// before it is unfinished, or failed holding the key.
-macro_rules! first_of_its_key {
-    () => {
-        concat!(
-            "(order_key IS NULL OR NOT EXISTS (SELECT 1 FROM jobs e WHERE e.destination = jobs.destination
-              AND e.order_key = jobs.order_key AND e.seq < jobs.seq AND ",
-            holds_its_key!(),
-            "))"
-        )
-    };
-}
-pub(super) use first_of_its_key;
-
-/// SQL over a row of an ordered key (its own columns, unqualified): it
-/// holds the key's later jobs back (unfinished, or failed holding it). The
-/// one statement of the rule: the claim's [`first_of_its_key`] and the
-/// ingress's handoff check (`writer.rs` `key_is_busy`) both use it.
-macro_rules! holds_its_key {
-    () => {
-        "(state IN ('waiting','active','delayed') OR (state = 'failed' AND order_hold = 1))"
-    };
-}
-pub(super) use holds_its_key;
-
+/// statement: the hot path). A key's later jobs are not due (`keys.rs`).
 fn claim_due(
     conn: &Connection,
     token: &str,
@@ -439,9 +419,7 @@ fn claim_due(
     const SQL: &str = concat!(
         "UPDATE jobs SET state='active', lease_token=?1, lease_until_ms=?2
          WHERE seq IN (SELECT seq FROM jobs WHERE destination=?5 AND state IN ('waiting','delayed')
-                       AND due_at_ms <= ?3 AND pending IS NULL AND ",
-        first_of_its_key!(),
-        " ORDER BY due_at_ms, seq LIMIT ?4)
+                       AND due_at_ms <= ?3 AND pending IS NULL ORDER BY due_at_ms, seq LIMIT ?4)
          RETURNING ",
         claimed!()
     );
@@ -465,10 +443,8 @@ fn claim_trials(
     max: usize,
     destination: &str,
 ) -> QueueResult<Vec<DeliveryJob>> {
-    const DUE: &str = concat!(
-        "destination=?1 AND state IN ('waiting','delayed') AND due_at_ms <= ?2 AND pending IS NULL AND ",
-        first_of_its_key!()
-    );
+    const DUE: &str =
+        "destination=?1 AND state IN ('waiting','delayed') AND due_at_ms <= ?2 AND pending IS NULL";
     let mut ids: Vec<i64> = Vec::new();
     if max >= 2 {
         let most: Option<i64> = conn
@@ -584,6 +560,15 @@ fn prepare(
         incremental_vacuum_on(conn).map_err(sqlite_err)?;
         add_missing_columns(conn).map_err(sqlite_err)?;
         conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
+        if version < 7 {
+            // Version 6 kept the key of a job failed under `continue`; it
+            // has left its key (`keys.rs`).
+            conn.execute(
+                "UPDATE jobs SET order_key = NULL WHERE state = 'failed' AND order_hold = 0",
+                [],
+            )
+            .map_err(sqlite_err)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sqlite_err)?;
     }

@@ -4,7 +4,10 @@
 /// a destination of that name), so a version-4 relay refuses the store.
 /// 6: ordered jobs (`order_key`, `order_hold`), which a version-5 relay
 /// would deliver out of order.
-pub(super) const SCHEMA_VERSION: i64 = 6;
+/// 7: a key's later jobs parked (due at `keys.rs` `PARKED`), which a
+/// version-6 relay would never deliver; the tools' count of removed ordered
+/// jobs (`changes`).
+pub(super) const SCHEMA_VERSION: i64 = 7;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -40,7 +43,8 @@ CREATE INDEX IF NOT EXISTS jobs_bundled ON jobs(seq) WHERE pending IS NOT NULL;
 DROP INDEX IF EXISTS jobs_order_open;
 DROP INDEX IF EXISTS jobs_order;
 DROP INDEX IF EXISTS jobs_order_key;
-CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs(destination, order_key) WHERE order_key IS NOT NULL;
+DROP INDEX IF EXISTS jobs_by_key;
+CREATE TABLE IF NOT EXISTS changes (what TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dedup (
     event_key TEXT PRIMARY KEY,
     job_seq INTEGER NOT NULL,

@@ -1,11 +1,12 @@
 //! The store's single writer: the group commit over one connection, the
 //! WAL checkpoints, the maintenance, and the insert of a new job.
 
+use super::keys::{self, Keys};
 use super::{
-    bundle, holds_its_key, jobs_text, mpsc, params, parse_jobs_text, Arc, AtomicBool, Bundle,
-    Clock, Connection, DestinationName, Duration, Event, Fsync, Instant, JobRef, OptionalExtension,
-    OrderKey, Ordering, Path, PathBuf, QueueError, QueueResult, QueueSettings, Recipient, Routed,
-    Space, MAX_BATCH,
+    bundle, jobs_text, mpsc, params, parse_jobs_text, Arc, AtomicBool, Bundle, Clock, Connection,
+    DestinationName, Duration, Event, Fsync, Instant, JobRef, OptionalExtension, OrderKey,
+    Ordering, Path, PathBuf, QueueError, QueueResult, QueueSettings, Recipient, Routed, Space,
+    MAX_BATCH,
 };
 
 /// What a queued operation leaves for after the commit: whether it succeeded
@@ -41,6 +42,8 @@ pub(super) struct Writer {
     /// The paused destinations, as last read (see [`Writer::is_paused`]).
     pub(super) paused: std::collections::HashSet<String>,
     pub(super) paused_read_at: Option<Instant>,
+    /// The ordered keys' jobs (the relay's; a tool's is empty): `keys.rs`.
+    pub(super) keys: Keys,
 }
 
 /// How stale the paused set may be for the ingest's choice of a handoff: a
@@ -200,6 +203,10 @@ pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) 
     }
     let mut dones = Vec::with_capacity(batch.len());
     let mut ops = batch.drain(..);
+    // Whether the batch changed the ordered keys' map: if its writes are
+    // undone, the map is read again (`keys.rs`).
+    w.keys.touched();
+    let mut keys_touched = refresh_keys(conn, w);
     while let Some(op) = ops.next() {
         if let Err(e) = exec_cached(conn, "SAVEPOINT op") {
             tracing::error!(error = %store_error(&e), "store: savepoint");
@@ -207,7 +214,12 @@ pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) 
         }
         let done = op(conn, w);
         dones.push(done);
+        let touched = w.keys.touched();
+        keys_touched |= touched;
         if conn.is_autocommit() {
+            if keys_touched {
+                w.keys.distrust();
+            }
             // SQLite rolled the whole transaction back (it may on a full disk):
             // what ran before is undone, and what runs now would commit on its
             // own. Nothing of this batch is stored; the rest is not run.
@@ -223,8 +235,12 @@ pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) 
         }
         let done = dones.last().is_none_or(|d| d.ok);
         if !done {
-            // What it counted in memory (bundles' room) may be off now.
+            // What it counted in memory (bundles' room, keys) may be off now.
             w.space.promised_stale = true;
+            if touched {
+                // Later operations of the batch do not trust it either.
+                w.keys.distrust();
+            }
         }
         let end = if done {
             exec_cached(conn, "RELEASE op")
@@ -238,6 +254,9 @@ pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) 
     let commit = exec_cached(conn, "COMMIT").map_err(|e| {
         let _ = conn.execute_batch("ROLLBACK");
         w.space.promised_stale = true;
+        if keys_touched {
+            w.keys.distrust();
+        }
         let err = QueueError::Unavailable(store_error(&e));
         tracing::error!(error = %err, "store: commit failed; nothing of this batch was acknowledged");
         err
@@ -255,8 +274,34 @@ pub(super) fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> 
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
+/// Reads the ordered keys' map when it is not trusted, in a savepoint of
+/// the batch's transaction (`keys.rs`); whether it was read.
+fn refresh_keys(conn: &Connection, w: &mut Writer) -> bool {
+    if !w.keys.is_stale() {
+        return false;
+    }
+    let read = exec_cached(conn, "SAVEPOINT keys")
+        .map_err(sql_err)
+        .and_then(|_| w.keys.refresh(conn));
+    let end = match &read {
+        Ok(()) => exec_cached(conn, "RELEASE keys"),
+        Err(e) => {
+            tracing::error!(error = %e, "store: cannot read the ordered keys; new ordered jobs are parked until it can");
+            conn.execute_batch("ROLLBACK TO keys; RELEASE keys")
+        }
+    };
+    if let Err(e) = end {
+        tracing::error!(error = %store_error(&e), "store: savepoint");
+    }
+    read.is_ok()
+}
+
 /// Prunes completed jobs beyond REMOVE_ON_COMPLETE and expired dedup keys.
 pub(super) fn maintenance(conn: &Connection, w: &mut Writer) {
+    if let Err(e) = w.keys.check_tools(conn) {
+        tracing::warn!(error = %e, "store: cannot read the tools' removals; the ordered keys will be read again");
+        w.keys.distrust();
+    }
     let keep = i64::from(w.settings.remove_on_complete);
     let res = conn.execute_batch("BEGIN IMMEDIATE").and_then(|_| {
         conn.prepare_cached(
@@ -421,12 +466,10 @@ pub(super) fn insert_event(
     for (i, route) in routes.iter().enumerate() {
         let handed = lease.is_some()
             && !w.is_paused(conn, &route.destination)?
-            && !route
+            && route
                 .order
                 .as_ref()
-                .map(|o| key_is_busy(conn, &route.destination, &o.key))
-                .transpose()?
-                .unwrap_or(false);
+                .is_none_or(|o| w.keys.is_free(w.keys.hash(&route.destination, &o.key)));
         match (handed, &route.order) {
             (true, _) => leased.push(i),
             (false, Some(_)) => own_rows.push(i),
@@ -436,6 +479,12 @@ pub(super) fn insert_event(
     insert_held(conn, w, event, routes, &held, &mut ids)?;
     for &i in own_rows.iter().chain(&leased) {
         let route = &routes[i];
+        // A job of a key that has one stored before it is parked.
+        let key = route
+            .order
+            .as_ref()
+            .map(|o| w.keys.hash(&route.destination, &o.key));
+        let parked = key.is_some_and(|h| !w.keys.is_free(h));
         ids[i] = insert_row(
             conn,
             event,
@@ -446,8 +495,12 @@ pub(super) fn insert_event(
                 pending: None,
                 bundled: 0,
                 order: route.order.as_ref(),
+                parked,
             },
         )?;
+        if let Some(h) = key {
+            w.keys.add(h, ids[i], parked);
+        }
     }
     let jobs: Vec<JobRef> = routes
         .iter()
@@ -515,6 +568,7 @@ fn insert_held(
             pending: pending.as_deref(),
             bundled,
             order: None,
+            parked: false,
         },
     )?;
     for (k, &i) in held.iter().rev().enumerate() {
@@ -536,17 +590,8 @@ struct NewRow<'a> {
     bundled: i64,
     /// The key its destination delivers it in order by.
     order: Option<&'a OrderKey>,
-}
-
-/// Whether `destination` has a job of `key` that holds a new one back:
-/// unfinished, or failed holding its key (see [`OrderKey`]).
-fn key_is_busy(conn: &Connection, destination: &DestinationName, key: &str) -> QueueResult<bool> {
-    conn.prepare_cached(concat!(
-        "SELECT 1 FROM jobs WHERE destination = ?1 AND order_key = ?2 AND ",
-        holds_its_key!()
-    ))
-    .and_then(|mut s| s.exists(params![destination, key]))
-    .map_err(sql_err)
+    /// Behind an earlier job of its key: due at `keys.rs` `PARKED`.
+    parked: bool,
 }
 
 /// Inserts `r` for `event`, stored at `now`; its id.
@@ -559,11 +604,12 @@ fn insert_row(conn: &Connection, event: &Event, now: i64, r: NewRow<'_>) -> Queu
         // ?13 > 0: a bundle of ?13 jobs, whose row takes the last of their
         // ids, which reserves the others (AUTOINCREMENT keeps the largest id
         // given); else the next id.
-        "INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
+        concat!("INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
                            lease_token, lease_until_ms, destination, pending, order_key, order_hold)
          VALUES (CASE WHEN ?13 > 0
                       THEN coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0) + ?13 END,
-                 ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12, ?14, ?15)",
+                 ?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?16 THEN ", keys::parked!(), " ELSE ?8 END, ?8,
+                 ?9, ?10, ?11, ?12, ?14, ?15)"),
     )
     .and_then(|mut insert| {
         insert.execute(params![
@@ -582,6 +628,7 @@ fn insert_row(conn: &Connection, event: &Event, now: i64, r: NewRow<'_>) -> Queu
             r.bundled,
             r.order.map(|o| o.key.as_str()),
             r.order.is_some_and(|o| o.hold),
+            r.parked,
         ])
     })
     .map(|_| conn.last_insert_rowid())
