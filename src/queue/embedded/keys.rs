@@ -51,6 +51,9 @@ const REMOVED_BY_TOOLS: &str = "ordered jobs removed by a tool";
 #[derive(Debug)]
 pub(super) struct Keys {
     map: HashMap<u64, Key>,
+    /// The open jobs' keys and whether a failure holds them: a finish
+    /// looks its job up here, not in the store.
+    open: HashMap<i64, (u64, bool)>,
     /// The seed of [`Keys::hash`], this process's own: a collision would
     /// make two keys wait for each other, and a key's hash is not known
     /// outside.
@@ -70,6 +73,7 @@ impl Keys {
     pub(super) fn new(relay: bool) -> Keys {
         Keys {
             map: HashMap::new(),
+            open: HashMap::new(),
             seed: fastrand::u64(..),
             changed: false,
             stale: relay,
@@ -83,7 +87,8 @@ struct Key {
     /// Its jobs out of the parked line, in store order (one, but for what an
     /// older version left).
     open: Vec<i64>,
-    parked: VecDeque<i64>,
+    /// With whether a failure holds the key.
+    parked: VecDeque<(i64, bool)>,
 }
 
 impl Keys {
@@ -112,18 +117,26 @@ impl Keys {
         self.stale = true;
     }
 
-    /// Notes job `seq` of key `h`, stored parked or not.
-    pub(super) fn add(&mut self, h: u64, seq: i64, parked: bool) {
+    /// Notes job `seq` of key `h`, stored parked or not, held by a failure
+    /// or not.
+    pub(super) fn add(&mut self, h: u64, seq: i64, parked: bool, hold: bool) {
         if self.stale {
             return;
         }
         self.changed = true;
         let key = self.map.entry(h).or_default();
         if parked {
-            key.parked.push_back(seq);
+            key.parked.push_back((seq, hold));
         } else {
             key.open.push(seq);
+            self.open.insert(seq, (h, hold));
         }
+    }
+
+    /// Open job `seq`'s key, and whether a failure holds it; none for a job
+    /// that is not an ordered key's open one (or while the map is stale).
+    pub(super) fn open_job(&self, seq: i64) -> Option<(u64, bool)> {
+        self.open.get(&seq).copied().filter(|_| !self.stale)
     }
 
     /// Job `seq` of key `h` left it (or, parked, was removed): when no job
@@ -139,15 +152,17 @@ impl Keys {
         self.changed = true;
         if let Some(i) = key.open.iter().position(|&s| s == seq) {
             key.open.remove(i);
-        } else if let Some(i) = key.parked.iter().position(|&s| s == seq) {
+            self.open.remove(&seq);
+        } else if let Some(i) = key.parked.iter().position(|&(s, _)| s == seq) {
             key.parked.remove(i);
         }
         while key.open.is_empty() {
-            let Some(next) = key.parked.pop_front() else {
+            let Some((next, hold)) = key.parked.pop_front() else {
                 break;
             };
             if let_go(conn, next)? {
                 key.open.push(next);
+                self.open.insert(next, (h, hold));
             }
         }
         if key.open.is_empty() {
@@ -181,20 +196,22 @@ impl Keys {
     fn read(conn: &Connection, seed: u64) -> QueueResult<Keys> {
         // From the partial indexes of waiting/delayed, active and failed
         // jobs: not the whole history.
-        let rows: Vec<(i64, String, String, String, i64)> = conn
+        let rows: Vec<(i64, String, String, String, i64, bool)> = conn
             .prepare_cached(
-                "SELECT seq, destination, order_key, state, due_at_ms FROM jobs INDEXED BY jobs_due_by_destination
+                "SELECT seq, destination, order_key, state, due_at_ms, order_hold FROM jobs INDEXED BY jobs_due_by_destination
                   WHERE state IN ('waiting','delayed') AND order_key IS NOT NULL
                  UNION ALL
-                 SELECT seq, destination, order_key, state, due_at_ms FROM jobs INDEXED BY jobs_lease
+                 SELECT seq, destination, order_key, state, due_at_ms, order_hold FROM jobs INDEXED BY jobs_lease
                   WHERE state = 'active' AND order_key IS NOT NULL
                  UNION ALL
-                 SELECT seq, destination, order_key, state, due_at_ms FROM jobs INDEXED BY jobs_failed
+                 SELECT seq, destination, order_key, state, due_at_ms, order_hold FROM jobs INDEXED BY jobs_failed
                   WHERE state = 'failed' AND order_hold = 1 AND order_key IS NOT NULL
                  ORDER BY seq",
             )
             .and_then(|mut s| {
-                s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                s.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                })?
                     .collect::<Result<_, _>>()
             })
             .map_err(sql_err)?;
@@ -203,7 +220,7 @@ impl Keys {
             seed,
             ..Keys::new(false)
         };
-        for (seq, destination, key, state, due) in rows {
+        for (seq, destination, key, state, due, hold) in rows {
             let h = keys.hash(&destination, &key);
             let first = keys.is_free(h);
             let waiting = state == "waiting";
@@ -216,7 +233,7 @@ impl Keys {
             } else {
                 false
             };
-            keys.add(h, seq, parked);
+            keys.add(h, seq, parked, hold);
         }
         Ok(keys)
     }

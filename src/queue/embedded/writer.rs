@@ -498,8 +498,8 @@ pub(super) fn insert_event(
                 parked,
             },
         )?;
-        if let Some(h) = key {
-            w.keys.add(h, ids[i], parked);
+        if let (Some(h), Some(o)) = (key, &route.order) {
+            w.keys.add(h, ids[i], parked, o.hold);
         }
     }
     let jobs: Vec<JobRef> = routes
