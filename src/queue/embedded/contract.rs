@@ -490,17 +490,21 @@ impl Queue for EmbeddedQueue {
         let id = id.to_string();
         self.call(move |conn, w| {
             let seq = parse_id(&id)?;
-            let row: Option<(String, Option<String>, String, Option<String>)> = conn
+            // state, pending, destination, order_key, due_at_ms
+            type Row = (String, Option<String>, String, Option<String>, i64);
+            let row: Option<Row> = conn
                 .prepare_cached(
-                    "SELECT state, pending, destination, order_key FROM jobs WHERE seq=?1",
+                    "SELECT state, pending, destination, order_key, due_at_ms FROM jobs WHERE seq=?1",
                 )
                 .and_then(|mut s| {
-                    s.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                        .optional()
+                    s.query_row([seq], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .optional()
                 })
                 .map_err(sql_err)?;
             match row {
-                Some((state, pending, destination, key)) => {
+                Some((state, pending, destination, key, due)) => {
                     JobState::parse(&state)
                         .unwrap_or(JobState::Failed)
                         .check_remove(&id)?;
@@ -519,7 +523,12 @@ impl Queue for EmbeddedQueue {
                                     let h = w.keys.hash(&destination, &key);
                                     w.keys.leave(conn, h, seq)
                                 }
-                                Some(_) if state != JobState::Completed.as_str() => {
+                                // (A parked one's removal changes no
+                                // key's first: the relay skips it.)
+                                Some(_)
+                                    if state != JobState::Completed.as_str()
+                                        && due != keys::PARKED =>
+                                {
                                     keys::count_removed_by_tool(conn)
                                 }
                                 Some(_) => Ok(()),

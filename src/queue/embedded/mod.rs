@@ -559,16 +559,10 @@ fn prepare(
             .map_err(sqlite_err)?;
         incremental_vacuum_on(conn).map_err(sqlite_err)?;
         add_missing_columns(conn).map_err(sqlite_err)?;
-        conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
-        if version < 7 {
-            // Version 6 kept the key of a job failed under `continue`; it
-            // has left its key (`keys.rs`).
-            conn.execute(
-                "UPDATE jobs SET order_key = NULL WHERE state = 'failed' AND order_hold = 0",
-                [],
-            )
-            .map_err(sqlite_err)?;
+        if version == 6 {
+            upgrade_ordered_jobs(conn).map_err(sqlite_err)?;
         }
+        conn.execute_batch(SCHEMA).map_err(sqlite_err)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sqlite_err)?;
     }
@@ -598,6 +592,22 @@ fn prepare(
         );
     }
     Ok(())
+}
+
+/// Version 6's ordered jobs (the first with any) as version 7 keeps them (`keys.rs`), once,
+/// before its key's index is dropped: a job behind its key's first is
+/// parked (version 6 stored it due, and claims no longer look at keys),
+/// and a job failed under `continue` has left its key.
+fn upgrade_ordered_jobs(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(concat!(
+        "UPDATE jobs SET due_at_ms = ",
+        keys::parked!(),
+        " WHERE state = 'waiting' AND order_key IS NOT NULL AND EXISTS (
+            SELECT 1 FROM jobs e WHERE e.destination = jobs.destination AND e.order_key = jobs.order_key
+            AND e.seq < jobs.seq
+            AND (e.state IN ('waiting','active','delayed') OR (e.state = 'failed' AND e.order_hold = 1)));
+         UPDATE jobs SET order_key = NULL WHERE state = 'failed' AND order_hold = 0;"
+    ))
 }
 
 /// The relay's reader thread: operators' reads, off the writer.

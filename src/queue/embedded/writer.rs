@@ -202,11 +202,19 @@ pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) 
         return;
     }
     let mut dones = Vec::with_capacity(batch.len());
-    let mut ops = batch.drain(..);
     // Whether the batch changed the ordered keys' map: if its writes are
     // undone, the map is read again (`keys.rs`).
-    w.keys.touched();
     let mut keys_touched = refresh_keys(conn, w);
+    w.keys.touched();
+    if conn.is_autocommit() {
+        // The read's writes made SQLite roll the transaction back: nothing
+        // of this batch runs (dropped, it answers unavailable).
+        w.keys.distrust();
+        tracing::error!("store: the transaction was rolled back while reading the ordered keys");
+        batch.clear();
+        return;
+    }
+    let mut ops = batch.drain(..);
     while let Some(op) = ops.next() {
         if let Err(e) = exec_cached(conn, "SAVEPOINT op") {
             tracing::error!(error = %store_error(&e), "store: savepoint");
