@@ -235,7 +235,10 @@ impl Dispatch {
                 share: true,
             } = command
             {
-                share_circuit(&self.pool, phase, cooldown).await;
+                // Boxed, as every future over the store here: the store's
+                // futures are kilobytes, and a future held inline is
+                // copied whole at each move (see `carry_out`).
+                Box::pin(share_circuit(&self.pool, phase, cooldown)).await;
             }
             self.carry_out(command);
         }
@@ -248,35 +251,42 @@ impl Dispatch {
         self.machine.next_wake(now)
     }
 
-    /// One machine command, carried out.
+    /// One machine command, carried out. The tasks spawned are boxed: a
+    /// task's future is copied whole when it is spawned, when it finishes
+    /// and when its output is read, and a delivery's future was 14 KB
+    /// (copies of futures were a quarter of the relay's instructions per
+    /// event; docs/benchmark.md).
     fn carry_out(&mut self, command: Action) {
         let pool = &self.pool;
         match command {
             Action::Claim { max, order } => {
                 let p = pool.clone();
-                self.claiming = Some(tokio::spawn(async move {
+                self.claiming = Some(tokio::spawn(Box::pin(async move {
                     let asked_at = p.clock.mono_ms();
                     let r = p
                         .queue
                         .claim_for(&p.cfg.name, max, p.cfg.pool.lock_duration, order)
                         .await;
                     (r, max, asked_at)
-                }));
+                })));
             }
             Action::Start { job, trial } => {
                 let lease = job.lease.clone();
-                let handle = self
-                    .tasks
-                    .spawn(deliver(pool.clone(), job, trial, self.done.clone()));
+                let handle = self.tasks.spawn(Box::pin(deliver(
+                    pool.clone(),
+                    job,
+                    trial,
+                    self.done.clone(),
+                )));
                 self.task_leases.insert(handle.id(), (lease, trial));
             }
             Action::Release(jobs) => release(pool, jobs),
             Action::CheckPause => {
                 let p = pool.clone();
-                self.checking = Some(tokio::spawn(async move {
+                self.checking = Some(tokio::spawn(Box::pin(async move {
                     let asked_at = p.clock.mono_ms();
                     (p.queue.is_paused(&p.cfg.name).await, asked_at)
-                }));
+                })));
             }
             Action::Circuit {
                 phase, cooldown, ..
@@ -322,9 +332,9 @@ impl Dispatch {
             }
             self.pool.in_flight.ended(&lease);
             let queue = self.pool.queue.clone();
-            tokio::spawn(async move {
+            tokio::spawn(Box::pin(async move {
                 let _ = queue.release(vec![lease]).await;
-            });
+            }));
         }
     }
 
@@ -498,11 +508,11 @@ fn release(pool: &Arc<Pool>, jobs: Vec<Leased>) {
         pool.in_flight.ended(l);
     }
     let p = pool.clone();
-    tokio::spawn(async move {
+    tokio::spawn(Box::pin(async move {
         if let Err(e) = p.queue.release(leases).await {
             tracing::warn!(error = %e, "cannot give jobs back to the queue; they are taken over when their leases expire");
         }
-    });
+    }));
 }
 
 async fn renew_leases(pool: Arc<Pool>) {

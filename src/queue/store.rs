@@ -147,6 +147,9 @@ pub async fn open(settings: &StoreSettings, opener: Opener) -> Result<Store, Ope
 }
 
 /// `$body` with `$q` bound to the backend behind `$store`.
+/// The hot path's calls box the backend's future: a store future held inline
+/// is kilobytes (the larger backend's), copied whole at each move by every
+/// future that awaits it; a box is one allocation (docs/benchmark.md).
 macro_rules! on_backend {
     ($store:expr, $q:ident => $body:expr) => {
         match $store {
@@ -186,7 +189,7 @@ impl Queue for Store {
         routes: Vec<Recipient>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
-        on_backend!(self, q => q.store(event, routes, lease).await)
+        on_backend!(self, q => Box::pin(q.store(event, routes, lease)).await)
     }
     async fn claim_for(
         &self,
@@ -195,10 +198,10 @@ impl Queue for Store {
         lease: Duration,
         order: ClaimOrder,
     ) -> QueueResult<Claimed> {
-        on_backend!(self, q => q.claim_for(destination, max, lease, order).await)
+        on_backend!(self, q => Box::pin(q.claim_for(destination, max, lease, order)).await)
     }
     async fn renew(&self, leases: Vec<LeaseRef>, lease: Duration) -> QueueResult<()> {
-        on_backend!(self, q => q.renew(leases, lease).await)
+        on_backend!(self, q => Box::pin(q.renew(leases, lease)).await)
     }
     async fn finish(
         &self,
@@ -206,16 +209,16 @@ impl Queue for Store {
         attempt: Attempt,
         disposition: Disposition,
     ) -> QueueResult<bool> {
-        on_backend!(self, q => q.finish(job, attempt, disposition).await)
+        on_backend!(self, q => Box::pin(q.finish(job, attempt, disposition)).await)
     }
     async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {
-        on_backend!(self, q => q.release(leases).await)
+        on_backend!(self, q => Box::pin(q.release(leases)).await)
     }
     async fn ping(&self) -> QueueResult<()> {
         on_backend!(self, q => q.ping().await)
     }
     async fn is_paused(&self, destination: &DestinationName) -> QueueResult<bool> {
-        on_backend!(self, q => q.is_paused(destination).await)
+        on_backend!(self, q => Box::pin(q.is_paused(destination)).await)
     }
     async fn set_circuit(
         &self,
