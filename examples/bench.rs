@@ -596,8 +596,9 @@ async fn measure(
     let l = load(addr, &reqs, connections).await?;
     let done = wait_delivered(sink, l.ok + extra_posts, Duration::from_secs(600)).await;
     let (peak, _) = rss_mb(pid);
+    let (user, system) = cpu_split_s(pid);
     eprintln!(
-        "{name}: {:.0} req/s ingest; CPU s: server {:.1}, load generator + target {:.1}",
+        "{name}: {:.0} req/s ingest; CPU s: server {:.1} (user {user:.1}, system {system:.1}), load generator + target {:.1}",
         l.rps(),
         cpu_s(pid),
         own_cpu_s() - cpu0
@@ -861,6 +862,12 @@ async fn fanout(
 
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_s(pid: u32) -> f64 {
+    let (user, system) = cpu_split_s(pid);
+    user + system
+}
+
+/// CPU seconds a process has used so far in user space and in the kernel.
+fn cpu_split_s(pid: u32) -> (f64, f64) {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|stat| {
@@ -870,10 +877,10 @@ fn cpu_s(pid: u32) -> f64 {
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect();
-            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-            Some(ticks / 100.0)
+            let ticks = |i: usize| f.get(i)?.parse::<f64>().ok();
+            Some((ticks(11)? / 100.0, ticks(12)? / 100.0))
         })
-        .unwrap_or(0.0)
+        .unwrap_or((0.0, 0.0))
 }
 
 /// CPU seconds this process (load generator and target) has used so far.
