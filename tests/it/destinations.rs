@@ -1197,7 +1197,10 @@ async fn a_rate_limit_holds_over_two_relays_on_redis() {
         "{} of {n}",
         sink.count()
     );
-    let most = busiest_second(&sink);
+    // When each attempt started, as the relays recorded it (either relay's
+    // admin lists the shared queue's jobs): the sink's receive times bunch
+    // up when the machine is starved, and once showed 21.
+    let most = busiest_second_started(&apps[0].0, "limited").await;
     assert!(
         most <= 20,
         "{most} requests within one second over two relays"
