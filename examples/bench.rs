@@ -597,10 +597,13 @@ async fn measure(
     let done = wait_delivered(sink, l.ok + extra_posts, Duration::from_secs(600)).await;
     let (peak, _) = rss_mb(pid);
     let (user, system) = cpu_split_s(pid);
+    let per_event = (user + system) * 1e6 / l.ok.max(1) as f64;
+    let ceiling = CEILING_CPU_US.get().copied().unwrap_or(f64::NAN);
     eprintln!(
-        "{name}: {:.0} req/s ingest; CPU s: server {:.1} (user {user:.1}, system {system:.1}), load generator + target {:.1}",
+        "{name}: {:.0} req/s ingest; CPU s: server {:.1} (user {user:.1}, system {system:.1}; {per_event:.1} us per event, {:.1}x the ceiling's per request), load generator + target {:.1}",
         l.rps(),
         cpu_s(pid),
+        per_event / ceiling,
         own_cpu_s() - cpu0
     );
     let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
@@ -860,6 +863,10 @@ async fn fanout(
     Ok(row)
 }
 
+/// The ceiling's CPU per request in this run (microseconds), for the
+/// relays' ratio to it.
+static CEILING_CPU_US: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_s(pid: u32) -> f64 {
     let (user, system) = cpu_split_s(pid);
@@ -979,8 +986,15 @@ async fn run(
     wait_port(port).await?;
     let addr = ([127, 0, 0, 1], port).into();
     load(addr, &requests("/", 2000), connections).await?; // warm-up
+    let pid = child.id().unwrap_or(0);
+    let cpu0 = cpu_s(pid);
     let l = load(addr, &requests(PATH, events), connections).await?;
-    eprintln!("ceiling: {:.0} req/s", l.rps());
+    let per_request = (cpu_s(pid) - cpu0) * 1e6 / l.ok.max(1) as f64;
+    let _ = CEILING_CPU_US.set(per_request);
+    eprintln!(
+        "ceiling: {:.0} req/s; CPU {per_request:.1} us per request",
+        l.rps()
+    );
     rows.push(Row {
         name: "hyper ceiling (answers 200)".into(),
         load: l,
