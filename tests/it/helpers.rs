@@ -396,15 +396,20 @@ async fn reply(r: reqwest::Response) -> Reply {
     }
 }
 
+/// The event ids (`X-Event-Id`) of every request the sink received, in
+/// arrival order.
+pub fn received_ids(sink: &Sink) -> Vec<String> {
+    sink.received()
+        .iter()
+        .filter_map(|r| r.header("x-event-id").map(str::to_owned))
+        .collect()
+}
+
 /// Waits until every id in `acked` reached the target (by `X-Event-Id`).
 pub async fn wait_all_delivered(sink: &Sink, acked: &HashSet<String>, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let delivered: HashSet<String> = sink
-            .received()
-            .iter()
-            .filter_map(|r| r.header("x-event-id").map(str::to_owned))
-            .collect();
+        let delivered: HashSet<String> = received_ids(sink).into_iter().collect();
         let missing: Vec<&String> = acked.difference(&delivered).collect();
         if missing.is_empty() {
             return;

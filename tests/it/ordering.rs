@@ -12,7 +12,9 @@ use cogrelay::queue::{
 
 use cogrelay::sink::{Behaviour, Sink};
 
-use crate::helpers::{dn, event, ordered_crm, spawn_app_on, wait_until, Backend, TestApp};
+use crate::helpers::{
+    dn, event, ordered_crm, received_ids, spawn_app_on, wait_until, Backend, TestApp,
+};
 use crate::queue_conformance::{ev, on_both_backends, open, open_redis};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -274,6 +276,19 @@ async fn the_embedded_queue_reads_its_keys_again_at_open() {
     assert_eq!(waiting.due_at_ms, None, "a parked job shows no due time");
 }
 
+/// The held keys of the relay's first destination in its admin API, once
+/// there is one (at most 30 s).
+async fn wait_held_keys(app: &TestApp) -> serde_json::Value {
+    let held = std::sync::Mutex::new(serde_json::Value::Null);
+    wait_until("the key shown held", Duration::from_secs(30), || async {
+        let d = app.admin_get("/admin/destinations").await.json;
+        *held.lock().expect("lock") = d[0]["held_keys"].clone();
+        d[0]["held_keys"].as_array().is_some_and(|h| !h.is_empty())
+    })
+    .await;
+    held.into_inner().expect("lock")
+}
+
 /// A relay on `backend` whose one destination (its sink) is ordered:
 /// `extra` is the rest of its table.
 async fn ordered_relay(backend: Backend, extra: &str) -> TestApp {
@@ -429,14 +444,7 @@ async fn a_held_key_is_shown_and_goes_on_when_its_job_is_retried(b: Backend) {
         app.sink.wait_for(3, Duration::from_secs(30)).await,
         "bad-1 and the good session"
     );
-    let held = std::sync::Mutex::new(serde_json::Value::Null);
-    wait_until("the key shown held", Duration::from_secs(30), || async {
-        let d = app.admin_get("/admin/destinations").await.json;
-        *held.lock().expect("lock") = d[0]["held_keys"].clone();
-        d[0]["held_keys"].as_array().is_some_and(|h| !h.is_empty())
-    })
-    .await;
-    let held = held.into_inner().expect("lock");
+    let held = wait_held_keys(&app).await;
     assert_eq!(held[0]["key"], "bad", "{held}");
     let blocking = held[0]["jobId"].as_str().expect("job").to_string();
     assert!(held[0]["sinceMs"].as_i64().is_some_and(|t| t > 0), "{held}");
@@ -456,14 +464,8 @@ async fn a_held_key_is_shown_and_goes_on_when_its_job_is_retried(b: Backend) {
         "{}",
         listed.stdout
     );
-    let ids = |sink: &Sink| -> Vec<String> {
-        sink.received()
-            .iter()
-            .filter_map(|r| r.header("x-event-id").map(str::to_string))
-            .collect()
-    };
     assert!(
-        !ids(&app.sink).contains(&"bad-2".to_string()),
+        !received_ids(&app.sink).contains(&"bad-2".to_string()),
         "bad-2 waits"
     );
     // A new event of the held key is stored, not handed over (the key's
@@ -475,7 +477,7 @@ async fn a_held_key_is_shown_and_goes_on_when_its_job_is_retried(b: Backend) {
         app.sink.wait_for(4, Duration::from_secs(30)).await,
         "good-3"
     );
-    let got = ids(&app.sink);
+    let got = received_ids(&app.sink);
     assert!(got.contains(&"good-3".to_string()), "{got:?}");
     assert!(
         !got.iter().any(|i| i == "bad-2" || i == "bad-3"),
@@ -492,7 +494,7 @@ async fn a_held_key_is_shown_and_goes_on_when_its_job_is_retried(b: Backend) {
         app.sink.wait_for(7, Duration::from_secs(30)).await,
         "bad-1 again, then bad-2 and bad-3"
     );
-    let got = ids(&app.sink);
+    let got = received_ids(&app.sink);
     let bad: Vec<&String> = got.iter().filter(|i| i.starts_with("bad")).collect();
     assert_eq!(bad, ["bad-1", "bad-1", "bad-2", "bad-3"], "{got:?}");
 }
@@ -511,15 +513,8 @@ async fn a_held_key_goes_on_when_the_command_line_removes_its_job(b: Backend) {
     for id in ["bad-1", "bad-2", "bad-3"] {
         assert_eq!(app.post_event(&in_session("bad", id)).await.status, 200);
     }
-    let blocking = std::sync::Mutex::new(String::new());
-    wait_until("the key shown held", Duration::from_secs(30), || async {
-        let d = app.admin_get("/admin/destinations").await.json;
-        let job = d[0]["held_keys"][0]["jobId"].as_str().unwrap_or_default().to_string();
-        *blocking.lock().expect("lock") = job;
-        !blocking.lock().expect("lock").is_empty()
-    })
-    .await;
-    let blocking = blocking.into_inner().expect("lock");
+    let held = wait_held_keys(&app).await;
+    let blocking = held[0]["jobId"].as_str().expect("job").to_string();
     assert_eq!(app.sink.received().len(), 1, "bad-1 only, the rest wait");
     let removed = crate::jobs_cli::cli(&app, &["jobs", "remove", &blocking]).await;
     assert_eq!(removed.code, 0, "{}", removed.stderr);
@@ -527,13 +522,7 @@ async fn a_held_key_goes_on_when_the_command_line_removes_its_job(b: Backend) {
         app.sink.wait_for(3, Duration::from_secs(30)).await,
         "bad-2 and bad-3 once bad-1 is removed"
     );
-    let got: Vec<String> = app
-        .sink
-        .received()
-        .iter()
-        .filter_map(|r| r.header("x-event-id").map(str::to_string))
-        .collect();
-    assert_eq!(got, ["bad-1", "bad-2", "bad-3"]);
+    assert_eq!(received_ids(&app.sink), ["bad-1", "bad-2", "bad-3"]);
 }
 }
 
@@ -843,6 +832,24 @@ async fn order_holds_through_an_open_circuit_and_a_pause(b: Backend) {
 }
 }
 
+/// The jobs of `crm` a claim takes once there are any (`what` is let go),
+/// at most 10 s.
+async fn claim_once_let_go(q: &impl Queue, what: &str) -> Vec<Leased> {
+    let got = std::sync::Mutex::new(Vec::new());
+    wait_until(
+        &format!("{what} let go"),
+        Duration::from_secs(10),
+        || async {
+            let jobs = claim(q, "crm").await;
+            let any = !jobs.is_empty();
+            got.lock().expect("lock").extend(jobs);
+            any
+        },
+    )
+    .await;
+    got.into_inner().expect("lock")
+}
+
 /// On Redis a BullMQ tool may delete a key's first job without moving the
 /// key on (docs/scaling-out.md): the key's next event, or the relay's
 /// periodic look at the jobs parked longest, lets the first live job go, so
@@ -885,15 +892,7 @@ async fn on_redis_a_first_job_deleted_by_a_tool_does_not_strand_its_key() {
         .query_async(&mut conn)
         .await
         .expect("delete");
-    let got = std::sync::Mutex::new(Vec::new());
-    wait_until("l2 let go", Duration::from_secs(10), || async {
-        let jobs = claim(&q, "crm").await;
-        let any = !jobs.is_empty();
-        got.lock().expect("lock").extend(jobs);
-        any
-    })
-    .await;
-    let got = got.into_inner().expect("lock");
+    let got = claim_once_let_go(&q, "l2").await;
     assert_eq!(taken(&got), [&*last[1]]);
     // A held key whose failed first job a tool cleaned (as BullMQ's
     // `clean(.., 'failed')`: out of failed, hash gone): no longer held, and
@@ -921,15 +920,7 @@ async fn on_redis_a_first_job_deleted_by_a_tool_does_not_strand_its_key() {
         .query_async(&mut conn)
         .await
         .expect("clean");
-    let got = std::sync::Mutex::new(Vec::new());
-    wait_until("h2 let go", Duration::from_secs(10), || async {
-        let jobs = claim(&q, "crm").await;
-        let any = !jobs.is_empty();
-        got.lock().expect("lock").extend(jobs);
-        any
-    })
-    .await;
-    assert_eq!(taken(&got.into_inner().expect("lock")), [&*held[1]]);
+    assert_eq!(taken(&claim_once_let_go(&q, "h2").await), [&*held[1]]);
     let left: i64 = redis::cmd("ZCARD")
         .arg("bull:conformance.crm:cg:held")
         .query_async(&mut conn)

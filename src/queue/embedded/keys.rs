@@ -44,6 +44,18 @@ macro_rules! parked {
 }
 pub(super) use parked;
 
+/// SQL over a job's own columns: it is its key's open job if it has a key
+/// (unfinished, or failed holding its key). The one statement of the rule
+/// for `let_go` and the upgrade of a version-6 store (`mod.rs`
+/// `upgrade_ordered_jobs`); [`Keys::read`] reads the same jobs through the
+/// partial index of each state.
+macro_rules! open_job {
+    () => {
+        "(order_key IS NOT NULL AND (state IN ('waiting','active','delayed') OR (state = 'failed' AND order_hold = 1)))"
+    };
+}
+pub(super) use open_job;
+
 /// The name of the tools' count of removed ordered jobs in `changes`.
 const REMOVED_BY_TOOLS: &str = "ordered jobs removed by a tool";
 
@@ -84,9 +96,9 @@ impl Keys {
 
 #[derive(Debug, Default)]
 struct Key {
-    /// Its jobs out of the parked line, in store order (one, but for what an
-    /// older version left).
-    open: Vec<i64>,
+    /// How many of its jobs are out of the parked line (one, but for what
+    /// an older version left); which ones: [`Keys::open`].
+    open: usize,
     /// With whether a failure holds the key.
     parked: VecDeque<(i64, bool)>,
 }
@@ -128,7 +140,7 @@ impl Keys {
         if parked {
             key.parked.push_back((seq, hold));
         } else {
-            key.open.push(seq);
+            key.open += 1;
             self.open.insert(seq, (h, hold));
         }
     }
@@ -150,22 +162,21 @@ impl Keys {
             return Ok(());
         };
         self.changed = true;
-        if let Some(i) = key.open.iter().position(|&s| s == seq) {
-            key.open.remove(i);
-            self.open.remove(&seq);
+        if self.open.remove(&seq).is_some() {
+            key.open -= 1;
         } else if let Some(i) = key.parked.iter().position(|&(s, _)| s == seq) {
             key.parked.remove(i);
         }
-        while key.open.is_empty() {
+        while key.open == 0 {
             let Some((next, hold)) = key.parked.pop_front() else {
                 break;
             };
             if let_go(conn, next)? {
-                key.open.push(next);
+                key.open += 1;
                 self.open.insert(next, (h, hold));
             }
         }
-        if key.open.is_empty() {
+        if key.open == 0 {
             self.map.remove(&h);
         }
         Ok(())
@@ -272,10 +283,10 @@ fn let_go(conn: &Connection, seq: i64) -> QueueResult<bool> {
         return Ok(true);
     }
     // Not parked any more: open if it is still there unfinished.
-    conn.prepare_cached(
-        "SELECT 1 FROM jobs WHERE seq = ?1 AND order_key IS NOT NULL
-         AND (state IN ('waiting','active','delayed') OR (state = 'failed' AND order_hold = 1))",
-    )
+    conn.prepare_cached(concat!(
+        "SELECT 1 FROM jobs WHERE seq = ?1 AND ",
+        open_job!()
+    ))
     .and_then(|mut s| s.exists([seq]))
     .map_err(sql_err)
 }

@@ -604,8 +604,9 @@ fn upgrade_ordered_jobs(conn: &Connection) -> rusqlite::Result<()> {
         keys::parked!(),
         " WHERE state = 'waiting' AND order_key IS NOT NULL AND EXISTS (
             SELECT 1 FROM jobs e WHERE e.destination = jobs.destination AND e.order_key = jobs.order_key
-            AND e.seq < jobs.seq
-            AND (e.state IN ('waiting','active','delayed') OR (e.state = 'failed' AND e.order_hold = 1)));
+            AND e.seq < jobs.seq AND ",
+        keys::open_job!(),
+        ");
          UPDATE jobs SET order_key = NULL WHERE state = 'failed' AND order_hold = 0;"
     ))
 }

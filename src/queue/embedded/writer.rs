@@ -470,28 +470,28 @@ pub(super) fn insert_event(
     let mut held = Vec::with_capacity(routes.len());
     let mut ids = vec![0i64; routes.len()];
     let mut leased = Vec::new();
+    // Rows of their own: (route, its key's hash if ordered).
     let mut own_rows = Vec::new();
     for (i, route) in routes.iter().enumerate() {
-        let handed = lease.is_some()
-            && !w.is_paused(conn, &route.destination)?
-            && route
-                .order
-                .as_ref()
-                .is_none_or(|o| w.keys.is_free(w.keys.hash(&route.destination, &o.key)));
-        match (handed, &route.order) {
-            (true, _) => leased.push(i),
-            (false, Some(_)) => own_rows.push(i),
-            (false, None) => held.push(i),
-        }
-    }
-    insert_held(conn, w, event, routes, &held, &mut ids)?;
-    for &i in own_rows.iter().chain(&leased) {
-        let route = &routes[i];
-        // A job of a key that has one stored before it is parked.
         let key = route
             .order
             .as_ref()
             .map(|o| w.keys.hash(&route.destination, &o.key));
+        let handed = lease.is_some()
+            && !w.is_paused(conn, &route.destination)?
+            && key.is_none_or(|h| w.keys.is_free(h));
+        if handed {
+            leased.push(i);
+        }
+        match (handed, key) {
+            (false, None) => held.push(i),
+            _ => own_rows.push((i, key)),
+        }
+    }
+    insert_held(conn, w, event, routes, &held, &mut ids)?;
+    for &(i, key) in &own_rows {
+        let route = &routes[i];
+        // A job of a key that has one stored before it is parked.
         let parked = key.is_some_and(|h| !w.keys.is_free(h));
         ids[i] = insert_row(
             conn,
