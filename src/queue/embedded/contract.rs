@@ -190,9 +190,12 @@ impl Queue for EmbeddedQueue {
             };
             let changed = conn
                 .prepare_cached(
+                    // Failed letting its key go on, a job leaves its key
+                    // for good: a retry delivers it on its own (`keys.rs`).
                     "UPDATE jobs SET state=?1, due_at_ms=?2, finished_at_ms=?3, failed_reason=?4,
                         attempts_made=attempts_made+1, lease_token=NULL, lease_until_ms=NULL,
-                        attempts_log=json_insert(attempts_log, '$[#]', json(?5))
+                        attempts_log=json_insert(attempts_log, '$[#]', json(?5)),
+                        order_key = CASE WHEN ?1 = 'failed' AND order_hold = 0 THEN NULL ELSE order_key END
                      WHERE seq=?6 AND lease_token=?7 AND state='active'",
                 )
                 .and_then(|mut s| {
@@ -207,15 +210,6 @@ impl Queue for EmbeddedQueue {
                     ])
                 })
                 .map_err(sql_err)?;
-            if changed == 1 && state == JobState::Failed {
-                // Failed letting its key go on, it leaves the key for good:
-                // a retry delivers it on its own (`keys.rs`).
-                conn.prepare_cached(
-                    "UPDATE jobs SET order_key = NULL WHERE seq = ?1 AND order_hold = 0 AND order_key IS NOT NULL",
-                )
-                .and_then(|mut s| s.execute([seq]))
-                .map_err(sql_err)?;
-            }
             // Delivered, or failed letting its key go on: the key's next job
             // goes. (A key's open job is in the relay's map; `RETURNING`
             // the key from the update cost a temporary table, 18,000
