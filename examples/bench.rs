@@ -591,16 +591,20 @@ async fn measure(
     wait_port(port).await?;
     let reqs = requests(PATH, events);
     let cpu0 = own_cpu_s();
+    let server0 = cpu_split_s(pid);
     let t0 = Instant::now();
     let addr = ([127, 0, 0, 1], port).into();
     let l = load(addr, &reqs, connections).await?;
     let done = wait_delivered(sink, l.ok + extra_posts, Duration::from_secs(600)).await;
     let (peak, _) = rss_mb(pid);
+    // From the first request on (start-up not counted, as the ceiling's
+    // warm-up is not).
     let (user, system) = cpu_split_s(pid);
+    let (user, system) = (user - server0.0, system - server0.1);
     let per_event = (user + system) * 1e6 / l.ok.max(1) as f64;
     let ceiling = CEILING_CPU_US.get().copied().unwrap_or(f64::NAN);
     eprintln!(
-        "{name}: {:.0} req/s ingest; CPU s: server {:.1} (user {user:.1}, system {system:.1}; {per_event:.1} us per event, {:.1}x the ceiling's per request), load generator + target {:.1}",
+        "{name}: {:.0} req/s ingest; CPU s: server {:.1} (from the first request: user {user:.1}, system {system:.1}; {per_event:.1} us per event, {:.1}x the ceiling's per request), load generator + target {:.1}",
         l.rps(),
         cpu_s(pid),
         per_event / ceiling,
