@@ -4,7 +4,8 @@
 //! of what must exist.
 //!
 //! Operations: store an event for 1 to 4 destinations (with a handoff or
-//! not, a duplicate of an earlier one, a burst of hundreds), claim, finish
+//! not, a duplicate of an earlier one, a burst of hundreds, a few at once
+//! beside operations that fail), claim, finish
 //! with each outcome (a stale lease's finish too), release, renew, pause,
 //! resume, retry, retry all, remove, restart (a crash: leases abandoned),
 //! the clock stepped forward and back, and stores that fill up (a small
@@ -27,7 +28,10 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use cogrelay::config::Fsync;
@@ -59,6 +63,13 @@ enum Op {
     StoreMany {
         n: usize,
         dests: u8,
+    },
+    /// Stores sent at once (one group commit, when they queue up together),
+    /// each maybe followed by an operation that fails (a retry of a job that
+    /// does not exist): a failure must not undo the others.
+    Burst {
+        /// (destinations, handoff, session, a failing operation after it)
+        stores: Vec<(u8, bool, Option<u8>, bool)>,
     },
     Claim {
         dest: usize,
@@ -123,6 +134,11 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (1u8..16, any::<bool>(), proptest::option::weighted(0.15, 0usize..64), proptest::bool::weighted(0.2), proptest::option::weighted(0.8, 0u8..3))
             .prop_map(|(dests, handoff, dup, big, session)| Op::Store { dests, handoff, dup, big, session }),
         1 => (1usize..300, 1u8..16).prop_map(|(n, dests)| Op::StoreMany { n, dests }),
+        2 => proptest::collection::vec(
+            (1u8..16, any::<bool>(), proptest::option::weighted(0.8, 0u8..3), proptest::bool::weighted(0.3)),
+            2..12,
+        )
+        .prop_map(|stores| Op::Burst { stores }),
         8 => (0usize..4, 1usize..12, proptest::bool::weighted(0.2))
             .prop_map(|(dest, max, fresh)| Op::Claim { dest, max, fresh }),
         8 => (0usize..64, outcome).prop_map(|(lease, outcome)| Op::Finish { lease, outcome }),
@@ -379,6 +395,131 @@ fn dest_index(name: &str) -> usize {
         .expect("a model destination")
 }
 
+/// A new event a step stores, as the model needs it.
+struct Stored {
+    key: String,
+    routes: Vec<DestinationName>,
+    session: Option<u8>,
+    handoff: bool,
+}
+
+/// What an operation of a burst answered.
+enum Answer {
+    Stored(Result<(cogrelay::queue::Routed, Vec<Leased>), QueueError>),
+    Bad(Result<(), QueueError>),
+}
+
+/// The key of destination `d` for an event of `session`: `c` goes on after
+/// a failure, `d` holds the key (the first two are not ordered).
+fn order_of(session: Option<u8>, d: usize) -> Option<(u8, bool)> {
+    session.filter(|_| d >= 2).map(|s| (s, d == 3))
+}
+
+fn recipients(routes: &[DestinationName], session: Option<u8>) -> Vec<Recipient> {
+    routes
+        .iter()
+        .map(|d| Recipient {
+            destination: d.clone(),
+            order: order_of(session, dest_index(d)).map(|(s, hold)| OrderKey {
+                key: format!("s{s}"),
+                hold,
+            }),
+        })
+        .collect()
+}
+
+/// Runs `calls` at once, each polled in turn from the first (so each sends
+/// its operation in that order); their answers, in the same order.
+async fn all_at_once<T>(calls: Vec<Pin<Box<dyn Future<Output = T> + '_>>>) -> Vec<T> {
+    let mut calls: Vec<_> = calls.into_iter().map(Some).collect();
+    let mut answers: Vec<Option<T>> = calls.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (call, answer) in calls.iter_mut().zip(answers.iter_mut()) {
+            if let Some(f) = call {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(a) => {
+                        *answer = Some(a);
+                        *call = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    answers.into_iter().flatten().collect()
+}
+
+/// Takes a new event's jobs, as the store answered them, into the model.
+fn take_stored(
+    m: &mut Model,
+    held: &mut Vec<(i64, Leased)>,
+    new: Stored,
+    (routed, leased): (cogrelay::queue::Routed, Vec<Leased>),
+    at: &dyn Fn(&str) -> String,
+) -> Result<(), TestCaseError> {
+    prop_assert!(!routed.duplicate, "{}", at("a new key seen as a duplicate"));
+    let got: Vec<DestinationName> = routed.jobs.iter().map(|j| j.destination.clone()).collect();
+    prop_assert_eq!(&got, &new.routes, "{}", at("one job per destination, in order"));
+    for j in &routed.jobs {
+        let id: i64 = j.id.parse().map_err(|_| fail(at("an id")))?;
+        prop_assert!(
+            !m.jobs.contains_key(&id),
+            "{}",
+            at(&format!("id {id} given twice"))
+        );
+        let dest = dest_index(&j.destination);
+        m.jobs.insert(
+            id,
+            JobM {
+                dest,
+                key: order_of(new.session, dest),
+                retried: false,
+                st: m.waiting(),
+                attempts: 0,
+                completions: 0,
+            },
+        );
+    }
+    for l in leased {
+        prop_assert!(new.handoff, "{}", at("a lease nobody asked for"));
+        let id: i64 = l.lease.job_id.parse().map_err(|_| fail("id"))?;
+        let j = m
+            .jobs
+            .get(&id)
+            .ok_or_else(|| fail(at("leased an unknown job")))?;
+        prop_assert!(
+            !m.paused[j.dest],
+            "{}",
+            at("a paused destination's job handed over")
+        );
+        prop_assert!(
+            m.first_of_key(id),
+            "{}",
+            at(&format!("job {id} handed over before its key's earlier one"))
+        );
+        let until = m.now + m.lease_ms;
+        let j = m.jobs.get_mut(&id).expect("job");
+        j.st = St::Active { until, due: m.now };
+        held.push((id, l));
+    }
+    m.events.push((
+        new.key,
+        routed
+            .jobs
+            .iter()
+            .map(|j| (j.destination.to_string(), j.id.clone()))
+            .collect(),
+    ));
+    Ok(())
+}
+
 fn fail(what: impl std::fmt::Display) -> TestCaseError {
     TestCaseError::fail(what.to_string())
 }
@@ -475,27 +616,15 @@ async fn run_case(
                     }
                 };
                 let routes = dests_of(*dests);
-                // Ordered destinations: `c` goes on after a failure, `d`
-                // holds the key.
-                let order_of = |d: usize| session.filter(|_| d >= 2).map(|s| (s, d == 3));
                 let stored = sut
                     .q()
                     .store(
                         ev(&key, *big),
-                        routes
-                            .iter()
-                            .map(|d| Recipient {
-                                destination: d.clone(),
-                                order: order_of(dest_index(d)).map(|(s, hold)| OrderKey {
-                                    key: format!("s{s}"),
-                                    hold,
-                                }),
-                            })
-                            .collect(),
+                        recipients(&routes, *session),
                         handoff.then_some(lease),
                     )
                     .await;
-                let (routed, leased) = match stored {
+                let stored = match stored {
                     Ok(r) => r,
                     Err(QueueError::Unavailable(why)) if case.cap > 0 && dup.is_none() => {
                         prop_assert!(why.contains("full"), "{}", at(&why));
@@ -504,6 +633,7 @@ async fn run_case(
                     Err(e) => return Err(fail(at(&format!("store: {e}")))),
                 };
                 if let Some(i) = dup {
+                    let (routed, leased) = stored;
                     prop_assert!(routed.duplicate, "{}", at("not a duplicate"));
                     let got: Vec<(String, String)> = routed
                         .jobs
@@ -514,65 +644,62 @@ async fn run_case(
                     prop_assert!(leased.is_empty());
                     continue;
                 }
-                prop_assert!(!routed.duplicate, "{}", at("a new key seen as a duplicate"));
-                let got: Vec<DestinationName> =
-                    routed.jobs.iter().map(|j| j.destination.clone()).collect();
-                prop_assert_eq!(&got, &routes, "{}", at("one job per destination, in order"));
-                for j in &routed.jobs {
-                    let id: i64 = j.id.parse().map_err(|_| fail(at("an id")))?;
-                    prop_assert!(
-                        !m.jobs.contains_key(&id),
-                        "{}",
-                        at(&format!("id {id} given twice"))
-                    );
-                    let dest = dest_index(&j.destination);
-                    m.jobs.insert(
-                        id,
-                        JobM {
-                            dest,
-                            key: order_of(dest),
-                            retried: false,
-                            st: m.waiting(),
-                            attempts: 0,
-                            completions: 0,
-                        },
-                    );
-                }
-                for l in leased {
-                    prop_assert!(*handoff, "{}", at("a lease nobody asked for"));
-                    let id: i64 = l.lease.job_id.parse().map_err(|_| fail("id"))?;
-                    let j = m
-                        .jobs
-                        .get_mut(&id)
-                        .ok_or_else(|| fail(at("leased an unknown job")))?;
-                    prop_assert!(
-                        !m.paused[j.dest],
-                        "{}",
-                        at("a paused destination's job handed over")
-                    );
-                    let first = m.first_of_key(id);
-                    prop_assert!(
-                        first,
-                        "{}",
-                        at(&format!(
-                            "job {id} handed over before its key's earlier one"
-                        ))
-                    );
-                    let j = m.jobs.get_mut(&id).expect("job");
-                    j.st = St::Active {
-                        until: m.now + m.lease_ms,
-                        due: m.now,
-                    };
-                    held.push((id, l));
-                }
-                m.events.push((
+                let new = Stored {
                     key,
-                    routed
-                        .jobs
-                        .iter()
-                        .map(|j| (j.destination.to_string(), j.id.clone()))
-                        .collect(),
-                ));
+                    routes,
+                    session: *session,
+                    handoff: *handoff,
+                };
+                take_stored(&mut m, &mut held, new, stored, &at)?;
+            }
+            Op::Burst { stores } => {
+                let mut news = Vec::new();
+                let mut calls: Vec<Pin<Box<dyn Future<Output = Answer> + '_>>> = Vec::new();
+                for &(dests, handoff, session, bad) in stores {
+                    keys += 1;
+                    let new = Stored {
+                        key: format!("e{keys}"),
+                        routes: dests_of(dests),
+                        session,
+                        handoff,
+                    };
+                    let q = sut.q();
+                    let (event, to) = (ev(&new.key, false), recipients(&new.routes, session));
+                    calls.push(Box::pin(async move {
+                        Answer::Stored(q.store(event, to, handoff.then_some(lease)).await)
+                    }));
+                    if bad {
+                        calls.push(Box::pin(async move { Answer::Bad(q.retry("999999999").await) }));
+                    }
+                    news.push(new);
+                }
+                let mut news = news.into_iter();
+                let mut stored = Vec::new();
+                for answer in all_at_once(calls).await {
+                    match answer {
+                        Answer::Bad(Err(QueueError::NotFound(_))) => {}
+                        Answer::Bad(r) => {
+                            return Err(fail(at(&format!("a retry of no job: {r:?}"))))
+                        }
+                        Answer::Stored(r) => {
+                            let new = news.next().expect("a store");
+                            match r {
+                                Ok(r) => stored.push((new, r)),
+                                Err(QueueError::Unavailable(why)) if case.cap > 0 => {
+                                    prop_assert!(why.contains("full"), "{}", at(&why));
+                                }
+                                Err(e) => return Err(fail(at(&format!("store: {e}")))),
+                            }
+                        }
+                    }
+                }
+                // In the order the store took them (its ids).
+                stored.sort_by_key(|(_, (routed, _))| {
+                    routed.jobs.first().and_then(|j| j.id.parse::<i64>().ok())
+                });
+                for (new, r) in stored {
+                    take_stored(&mut m, &mut held, new, r, &at)?;
+                }
             }
             Op::StoreMany { n, dests } => {
                 for _ in 0..*n {

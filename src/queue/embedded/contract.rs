@@ -25,45 +25,51 @@ impl Queue for EmbeddedQueue {
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
         let token = lease.map(|_| format!("{:016x}", fastrand::u64(..)));
-        self.call(move |conn, w| {
-            let until = lease.map(|l| {
-                w.now_ms
-                    .saturating_add(i64::try_from(l.as_millis()).unwrap_or(i64::MAX))
-            });
-            let lease = token.as_deref().zip(until);
-            let (routed, leased) = insert_event(conn, w, &event, &routes, lease)?;
-            let leased = match &token {
-                Some(token) => {
-                    // The last job takes the event (its body); the others a copy.
-                    let (mut event, last) = (Some(event), leased.len());
-                    leased
-                        .into_iter()
-                        .enumerate()
-                        .filter_map(|(k, i)| {
-                            let j = &routed.jobs[i];
-                            let event = if k + 1 == last {
-                                event.take()
-                            } else {
-                                event.clone()
-                            }?;
-                            let mut job = DeliveryJob::new(j.id.clone(), event);
-                            job.created_at_ms = Some(w.now_ms);
-                            Some(Leased {
-                                lease: LeaseRef {
-                                    job_id: j.id.clone(),
-                                    token: token.clone(),
-                                    destination: j.destination.clone(),
-                                },
-                                job,
-                            })
-                        })
-                        .collect()
-                }
-                _ => Vec::new(),
-            };
-            Ok((routed, leased))
-        })
-        .await
+        let lease_token = token.clone();
+        // Shared with the writer's closure, which may run twice; taken back
+        // once it is answered (the closure is dropped first).
+        let event = std::sync::Arc::new(event);
+        let stored = event.clone();
+        let (routed, leased, now) = self
+            .call(move |conn, w| {
+                let until = lease.map(|l| {
+                    w.now_ms
+                        .saturating_add(i64::try_from(l.as_millis()).unwrap_or(i64::MAX))
+                });
+                let lease = lease_token.as_deref().zip(until);
+                let (routed, leased) = insert_event(conn, w, &stored, &routes, lease)?;
+                Ok((routed, leased, w.now_ms))
+            })
+            .await?;
+        let Some(token) = token else {
+            return Ok((routed, Vec::new()));
+        };
+        let mut event = Some(std::sync::Arc::try_unwrap(event).unwrap_or_else(|e| (*e).clone()));
+        // The last job takes the event (its body); the others a copy.
+        let last = leased.len();
+        let leased = leased
+            .into_iter()
+            .enumerate()
+            .filter_map(|(k, i)| {
+                let j = &routed.jobs[i];
+                let event = if k + 1 == last {
+                    event.take()
+                } else {
+                    event.clone()
+                }?;
+                let mut job = DeliveryJob::new(j.id.clone(), event);
+                job.created_at_ms = Some(now);
+                Some(Leased {
+                    lease: LeaseRef {
+                        job_id: j.id.clone(),
+                        token: token.clone(),
+                        destination: j.destination.clone(),
+                    },
+                    job,
+                })
+            })
+            .collect();
+        Ok((routed, leased))
     }
 
     async fn claim_for(
@@ -431,7 +437,7 @@ impl Queue for EmbeddedQueue {
             }
             // One of a bundle's jobs: shown from its carrier, nothing written.
             let Some(b) = bundle::holding(conn, seq)? else {
-                return Err(QueueError::NotFound(id));
+                return Err(QueueError::NotFound(id.clone()));
             };
             let carrier = view_of(conn, b.seq, true)?.ok_or(QueueError::NotFound(id.clone()))?;
             let destination = b.slots[b.slot_of(seq).unwrap_or(0)].clone();
@@ -458,7 +464,7 @@ impl Queue for EmbeddedQueue {
                 return JobState::Waiting.check_retry(&id);
             }
             state_of(conn, seq, &id)?.check_retry(&id)?;
-            Err(QueueError::NotFound(id))
+            Err(QueueError::NotFound(id.clone()))
         })
         .await
     }
@@ -533,7 +539,7 @@ impl Queue for EmbeddedQueue {
                 }
                 None => match bundle::holding(conn, seq)? {
                     Some(b) => bundle::remove_slot(conn, &mut w.space, b, seq),
-                    None => Err(QueueError::NotFound(id)),
+                    None => Err(QueueError::NotFound(id.clone())),
                 },
             }
         })

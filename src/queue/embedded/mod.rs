@@ -58,8 +58,9 @@
 //!
 //! A single thread owns the connection. Every operation is a closure sent over a
 //! channel; the thread takes whatever has queued up (up to 1,024 operations), runs
-//! them in one transaction, each in its own savepoint so one failing operation
-//! does not undo the others, commits once (one fsync with `COGRELAY_FSYNC=always`,
+//! them in one transaction (should one fail, the transaction is rolled back
+//! and they run again each in its own savepoint, so that one failing operation
+//! does not undo the others), commits once (one fsync with `COGRELAY_FSYNC=always`,
 //! SQLite `synchronous=FULL`), and only then answers each caller. An ingress 200
 //! therefore always follows a commit that is on disk, and a burst of N events
 //! costs one fsync, not N. WAL checkpoints run on a second connection in a
@@ -357,28 +358,55 @@ impl EmbeddedQueue {
     }
 
     /// Runs `f` on the writer thread inside the next group transaction, and answers
-    /// only after that transaction committed.
+    /// only after that transaction committed. `f` may run twice (see
+    /// `writer.rs` `run_batch`): its last run's result is answered.
     async fn call<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection, &mut Writer) -> QueueResult<T> + Send + 'static,
+        f: impl FnMut(&Connection, &mut Writer) -> QueueResult<T> + Send + 'static,
     ) -> QueueResult<T> {
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let op: Op = Box::new(move |conn, w| {
-            let res = f(conn, w);
-            Done {
-                ok: res.is_ok(),
-                reply: Box::new(move |commit| {
-                    let _ = reply_tx.send(commit.and(res));
-                }),
-            }
+        let (reply, answer) = oneshot::channel();
+        let op: Op = Box::new(Call {
+            f,
+            res: None,
+            reply,
         });
         self.tx
             .send(op)
             .await
             .map_err(|_| QueueError::Unavailable("the store is closed".into()))?;
-        reply_rx
+        answer
             .await
             .map_err(|_| QueueError::Unavailable("the store writer stopped".into()))?
+    }
+}
+
+/// An operation of [`EmbeddedQueue::call`]: its closure, its last run's
+/// result, and its caller.
+struct Call<F, T> {
+    f: F,
+    res: Option<QueueResult<T>>,
+    reply: oneshot::Sender<QueueResult<T>>,
+}
+
+impl<F, T> Job for Call<F, T>
+where
+    F: FnMut(&Connection, &mut Writer) -> QueueResult<T> + Send,
+    T: Send,
+{
+    fn run(&mut self, conn: &Connection, w: &mut Writer) -> bool {
+        let res = (self.f)(conn, w);
+        let ok = res.is_ok();
+        self.res = Some(res);
+        ok
+    }
+
+    fn answer(self: Box<Self>, commit: Result<(), QueueError>) {
+        let Call { f, res, reply } = *self;
+        // What the closure holds is gone before its caller wakes (`store`
+        // takes its event back).
+        drop(f);
+        let res = res.unwrap_or_else(|| Err(QueueError::Unavailable("not run".into())));
+        let _ = reply.send(commit.and(res));
     }
 }
 
@@ -506,7 +534,7 @@ impl EmbeddedQueue {
     /// gets the clock's time.
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection, i64) -> QueueResult<T> + Send + 'static,
+        mut f: impl FnMut(&Connection, i64) -> QueueResult<T> + Send + 'static,
     ) -> QueueResult<T> {
         let Some(reader) = &self.reader else {
             return self.call(move |conn, w| f(conn, w.now_ms)).await;
