@@ -466,7 +466,12 @@ fn take_stored(
 ) -> Result<(), TestCaseError> {
     prop_assert!(!routed.duplicate, "{}", at("a new key seen as a duplicate"));
     let got: Vec<DestinationName> = routed.jobs.iter().map(|j| j.destination.clone()).collect();
-    prop_assert_eq!(&got, &new.routes, "{}", at("one job per destination, in order"));
+    prop_assert_eq!(
+        &got,
+        &new.routes,
+        "{}",
+        at("one job per destination, in order")
+    );
     for j in &routed.jobs {
         let id: i64 = j.id.parse().map_err(|_| fail(at("an id")))?;
         prop_assert!(
@@ -502,7 +507,9 @@ fn take_stored(
         prop_assert!(
             m.first_of_key(id),
             "{}",
-            at(&format!("job {id} handed over before its key's earlier one"))
+            at(&format!(
+                "job {id} handed over before its key's earlier one"
+            ))
         );
         let until = m.now + m.lease_ms;
         let j = m.jobs.get_mut(&id).expect("job");
@@ -669,7 +676,9 @@ async fn run_case(
                         Answer::Stored(q.store(event, to, handoff.then_some(lease)).await)
                     }));
                     if bad {
-                        calls.push(Box::pin(async move { Answer::Bad(q.retry("999999999").await) }));
+                        calls.push(Box::pin(
+                            async move { Answer::Bad(q.retry("999999999").await) },
+                        ));
                     }
                     news.push(new);
                 }
