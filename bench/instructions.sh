@@ -97,6 +97,8 @@ round() {
   if [ "$ingest" = no ]; then wait_for 300 all_received "$sim" "$events"; fi
   callgrind_control -i off "$pid" >/dev/null
   callgrind_control -d "$pid" >/dev/null
+  # The dump is written after the command returns: its totals before the kill.
+  wait_for 60 grep -qs '^totals:' "$dir/cg.out.1"
   kill "$pid" "$sim_pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   [ "$backend" = redis ] && kill "$redis_pid" 2>/dev/null || true
@@ -107,6 +109,10 @@ round() {
   fi
   local total
   total=$(cat "$dir"/cg.out* | awk '/^(summary|totals):/ {s += $2} END {print s}')
+  if [ "${total:-0}" -le 0 ]; then
+    echo "round $dir: no instruction count (see $dir/relay.err)" >&2
+    return 1
+  fi
   echo $((total / events))
 }
 
