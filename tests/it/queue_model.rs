@@ -37,8 +37,9 @@ use std::time::Duration;
 use cogrelay::config::Fsync;
 use cogrelay::ingress::envelope;
 use cogrelay::queue::{
-    self, Attempt, AttemptOutcome, ClaimOrder, DestinationName, Disposition, JobState, Leased,
-    Opener, OrderKey, Queue, QueueError, QueueKind, QueueSettings, Recipient, Store, StoreSettings,
+    self, Attempt, AttemptOutcome, ClaimOrder, DestinationName, Disposition, JobState, LeaseRef,
+    Leased, Opener, OrderKey, Queue, QueueError, QueueKind, QueueSettings, Recipient, Store,
+    StoreSettings,
 };
 use cogrelay::time::Clock;
 use proptest::prelude::*;
@@ -64,12 +65,13 @@ enum Op {
         n: usize,
         dests: u8,
     },
-    /// Stores sent at once (one group commit, when they queue up together),
-    /// each maybe followed by an operation that fails (a retry of a job that
-    /// does not exist): a failure must not undo the others.
+    /// Stores sent at once (on the embedded store, one group commit when
+    /// they queue up together), each maybe followed by another operation:
+    /// one that fails having written nothing, one that fails after writing,
+    /// or a held job's delivery. A failure must not undo the others.
     Burst {
-        /// (destinations, handoff, session, a failing operation after it)
-        stores: Vec<(u8, bool, Option<u8>, bool)>,
+        /// (destinations, handoff, session, what follows it)
+        stores: Vec<(u8, bool, Option<u8>, Extra)>,
     },
     Claim {
         dest: usize,
@@ -109,6 +111,19 @@ enum Op {
     },
 }
 
+/// What follows a store in a burst.
+#[derive(Debug, Clone, Copy)]
+enum Extra {
+    None,
+    /// A retry of a job that does not exist (fails, writes nothing).
+    Missing,
+    /// Embedded: a release of a held job and of an id that cannot exist
+    /// (fails after putting the first back: nothing of it may stay).
+    ReleaseThenBad(usize),
+    /// A held job delivered.
+    Deliver(usize),
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
     Delivered,
@@ -135,7 +150,12 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(dests, handoff, dup, big, session)| Op::Store { dests, handoff, dup, big, session }),
         1 => (1usize..300, 1u8..16).prop_map(|(n, dests)| Op::StoreMany { n, dests }),
         2 => proptest::collection::vec(
-            (1u8..16, any::<bool>(), proptest::option::weighted(0.8, 0u8..3), proptest::bool::weighted(0.3)),
+            (1u8..16, any::<bool>(), proptest::option::weighted(0.8, 0u8..3), prop_oneof![
+                4 => Just(Extra::None),
+                2 => Just(Extra::Missing),
+                1 => (0usize..64).prop_map(Extra::ReleaseThenBad),
+                2 => (0usize..64).prop_map(Extra::Deliver),
+            ]),
             2..12,
         )
         .prop_map(|stores| Op::Burst { stores }),
@@ -396,6 +416,7 @@ fn dest_index(name: &str) -> usize {
 }
 
 /// A new event a step stores, as the model needs it.
+#[derive(Debug)]
 struct Stored {
     key: String,
     routes: Vec<DestinationName>,
@@ -403,10 +424,21 @@ struct Stored {
     handoff: bool,
 }
 
+/// An operation of a burst, as the model takes its answer.
+#[derive(Debug)]
+enum Part {
+    Store(Stored),
+    Missing,
+    ReleaseThenBad(i64, Leased),
+    Deliver(i64),
+}
+
 /// What an operation of a burst answered.
+#[derive(Debug)]
 enum Answer {
     Stored(Result<(cogrelay::queue::Routed, Vec<Leased>), QueueError>),
-    Bad(Result<(), QueueError>),
+    Done(Result<(), QueueError>),
+    Finished(Result<bool, QueueError>),
 }
 
 /// The key of destination `d` for an event of `session`: `c` goes on after
@@ -660,9 +692,10 @@ async fn run_case(
                 take_stored(&mut m, &mut held, new, stored, &at)?;
             }
             Op::Burst { stores } => {
-                let mut news = Vec::new();
+                // Each call's part in the model, in the order sent.
+                let mut parts = Vec::new();
                 let mut calls: Vec<Pin<Box<dyn Future<Output = Answer> + '_>>> = Vec::new();
-                for &(dests, handoff, session, bad) in stores {
+                for &(dests, handoff, session, extra) in stores {
                     keys += 1;
                     let new = Stored {
                         key: format!("e{keys}"),
@@ -675,39 +708,73 @@ async fn run_case(
                     calls.push(Box::pin(async move {
                         Answer::Stored(q.store(event, to, handoff.then_some(lease)).await)
                     }));
-                    if bad {
-                        calls.push(Box::pin(
-                            async move { Answer::Bad(q.retry("999999999").await) },
-                        ));
-                    }
-                    news.push(new);
-                }
-                let mut news = news.into_iter();
-                let mut stored = Vec::new();
-                for answer in all_at_once(calls).await {
-                    match answer {
-                        Answer::Bad(Err(QueueError::NotFound(_))) => {}
-                        Answer::Bad(r) => {
-                            return Err(fail(at(&format!("a retry of no job: {r:?}"))))
+                    parts.push(Part::Store(new));
+                    match extra {
+                        Extra::Missing => {
+                            calls.push(Box::pin(async move {
+                                Answer::Done(q.retry("999999999").await)
+                            }));
+                            parts.push(Part::Missing);
                         }
-                        Answer::Stored(r) => {
-                            let new = news.next().expect("a store");
-                            match r {
-                                Ok(r) => stored.push((new, r)),
-                                Err(QueueError::Unavailable(why)) if case.cap > 0 => {
-                                    prop_assert!(why.contains("full"), "{}", at(&why));
-                                }
-                                Err(e) => return Err(fail(at(&format!("store: {e}")))),
+                        Extra::ReleaseThenBad(k)
+                            if !held.is_empty() && backend == Backend::Embedded =>
+                        {
+                            let (id, l) = held.remove(k % held.len());
+                            let bad = LeaseRef {
+                                job_id: "x".into(),
+                                ..l.lease.clone()
+                            };
+                            let leases = vec![l.lease.clone(), bad];
+                            calls.push(Box::pin(
+                                async move { Answer::Done(q.release(leases).await) },
+                            ));
+                            parts.push(Part::ReleaseThenBad(id, l));
+                        }
+                        Extra::Deliver(k) if !held.is_empty() => {
+                            let (id, l) = held.remove(k % held.len());
+                            let a = attempt(m.now, AttemptOutcome::Delivered);
+                            calls.push(Box::pin(async move {
+                                Answer::Finished(q.finish(l, a, Disposition::Completed).await)
+                            }));
+                            parts.push(Part::Deliver(id));
+                        }
+                        _ => {}
+                    }
+                }
+                // At once on the embedded store, whose one writer takes them
+                // in the order sent; one by one on Redis (the same order).
+                let answers = if backend == Backend::Embedded {
+                    all_at_once(calls).await
+                } else {
+                    let mut answers = Vec::new();
+                    for c in calls {
+                        answers.push(c.await);
+                    }
+                    answers
+                };
+                for (part, answer) in parts.into_iter().zip(answers) {
+                    match (part, answer) {
+                        (Part::Store(new), Answer::Stored(r)) => match r {
+                            Ok(r) => take_stored(&mut m, &mut held, new, r, &at)?,
+                            Err(QueueError::Unavailable(why)) if case.cap > 0 => {
+                                prop_assert!(why.contains("full"), "{}", at(&why));
                             }
+                            Err(e) => return Err(fail(at(&format!("store: {e}")))),
+                        },
+                        (Part::Missing, Answer::Done(Err(QueueError::NotFound(_)))) => {}
+                        // Refused whole: the job is still leased.
+                        (Part::ReleaseThenBad(id, l), Answer::Done(Err(_))) => held.push((id, l)),
+                        (Part::Deliver(id), Answer::Finished(Ok(true))) => {
+                            m.delivered_in_order(id).map_err(|e| fail(at(&e)))?;
+                            let j = m.jobs.get_mut(&id).expect("held job");
+                            j.attempts += 1;
+                            j.completions += 1;
+                            j.st = St::Completed;
+                        }
+                        (part, answer) => {
+                            return Err(fail(at(&format!("{part:?} answered {answer:?}"))))
                         }
                     }
-                }
-                // In the order the store took them (its ids).
-                stored.sort_by_key(|(_, (routed, _))| {
-                    routed.jobs.first().and_then(|j| j.id.parse::<i64>().ok())
-                });
-                for (new, r) in stored {
-                    take_stored(&mut m, &mut held, new, r, &at)?;
                 }
             }
             Op::StoreMany { n, dests } => {

@@ -200,17 +200,52 @@ pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receive
 /// Runs every queued operation in one transaction and answers them after
 /// COMMIT. The operations run side by side, with no savepoint of their own:
 /// a savepoint copies every page its operation first touches, a sixth of
-/// the ingest's instructions. If one fails, the transaction is rolled back
-/// and the batch runs again with a savepoint per operation, so that the
-/// failing one undoes only its own writes ([`run_apart`]). An operation
-/// that could not run is dropped, which answers its caller `Unavailable`.
+/// the ingest's instructions. One that fails having written nothing (a
+/// store refused when full, a job not found) is answered with its error
+/// and the others go on. One that fails after writing: the transaction is
+/// rolled back, what the batch counted in memory is put back, and the batch
+/// runs again with a savepoint per operation, so that the failing one
+/// undoes only its own writes ([`run_apart`]). An operation that could not
+/// run is dropped, which answers its caller `Unavailable`.
 pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
     let Some(read) = begin(conn, w, batch) else {
         return;
     };
+    let counted = Counted::of(w);
     match run_together(conn, w, batch, read) {
         Some(keys_touched) => commit(conn, w, batch.drain(..), keys_touched),
-        None => run_apart(conn, w, batch),
+        None => {
+            counted.put_back(w);
+            run_apart(conn, w, batch);
+        }
+    }
+}
+
+/// What operations count in the writer's memory, as it was before a batch:
+/// put back when the batch is rolled back to run again (else a bundle's
+/// room would be promised, or given back, twice).
+struct Counted {
+    promised: u64,
+    recounted_at: Option<Instant>,
+    completed_since_prune: u64,
+    stored_since_maintenance: u64,
+}
+
+impl Counted {
+    fn of(w: &Writer) -> Self {
+        Self {
+            promised: w.space.promised,
+            recounted_at: w.recounted_at,
+            completed_since_prune: w.completed_since_prune,
+            stored_since_maintenance: w.stored_since_maintenance,
+        }
+    }
+
+    fn put_back(self, w: &mut Writer) {
+        w.space.promised = self.promised;
+        w.recounted_at = self.recounted_at;
+        w.completed_since_prune = self.completed_since_prune;
+        w.stored_since_maintenance = self.stored_since_maintenance;
     }
 }
 
@@ -218,6 +253,10 @@ pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) 
 /// not trusted; whether it was read (`None`: the batch cannot run, and is
 /// dropped).
 fn begin(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) -> Option<bool> {
+    if !conn.is_autocommit() {
+        // A rollback that failed left a transaction open.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
     if let Err(e) = exec_cached(conn, w.begin) {
         tracing::error!(error = %store_error(&e), "store: cannot begin a transaction");
         batch.clear();
@@ -240,8 +279,8 @@ fn begin(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) -> Option<bool>
 
 /// Runs the batch's operations in the open transaction with no savepoint;
 /// whether the ordered keys' map changed, or `None` when one of them failed
-/// (or SQLite rolled the transaction back): then the transaction is rolled
-/// back, and what the batch counted in memory is distrusted.
+/// after writing (or SQLite rolled the transaction back): then the
+/// transaction is rolled back, and the map distrusted if it changed.
 fn run_together(
     conn: &Connection,
     w: &mut Writer,
@@ -249,20 +288,31 @@ fn run_together(
     mut keys_touched: bool,
 ) -> Option<bool> {
     for op in batch.iter_mut() {
+        let changes = conn.total_changes();
         let ok = op.run(conn, w);
-        keys_touched |= w.keys.touched();
-        if !ok || conn.is_autocommit() {
-            if !conn.is_autocommit() {
-                if let Err(e) = exec_cached(conn, "ROLLBACK") {
-                    tracing::error!(error = %store_error(&e), "store: rollback");
-                }
-            }
-            w.space.promised_stale = true;
-            if keys_touched {
-                w.keys.distrust();
-            }
-            return None;
+        let touched = w.keys.touched();
+        keys_touched |= touched;
+        // SQLite rolled the transaction back (it may on a full disk).
+        let undone = conn.is_autocommit();
+        if ok && !undone {
+            continue;
         }
+        // What it counted in memory (bundles' room) may be off now.
+        w.space.promised_stale = true;
+        if !undone {
+            // SQLite undoes a failed statement, and counts the rows of
+            // those that completed: no row changed, nothing to undo.
+            if conn.total_changes() == changes && !touched {
+                continue;
+            }
+            if let Err(e) = exec_cached(conn, "ROLLBACK") {
+                tracing::error!(error = %store_error(&e), "store: rollback");
+            }
+        }
+        if keys_touched {
+            w.keys.distrust();
+        }
+        return None;
     }
     Some(keys_touched)
 }
