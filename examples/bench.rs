@@ -490,8 +490,14 @@ fn relay(
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true);
-    // For experiments: the relay's thread settings, if set for the bench.
-    for var in ["DELIVERY_NICE", "TOKIO_WORKER_THREADS"] {
+    // For experiments: the relay's thread settings, how many completed
+    // jobs it keeps and whether it syncs, if set for the bench.
+    for var in [
+        "DELIVERY_NICE",
+        "TOKIO_WORKER_THREADS",
+        "REMOVE_ON_COMPLETE",
+        "COGRELAY_FSYNC",
+    ] {
         if let Ok(v) = std::env::var(var) {
             cmd.env(var, v);
         }
@@ -1016,7 +1022,9 @@ async fn run(
         let data = tempfile::tempdir()?;
         let (port, admin) = (free_port(), free_port());
         let child = relay(relay_bin, port, admin, &sink, data.path(), concurrency).spawn()?;
-        let name = format!("cogrelay embedded (fsync always, CONCURRENCY={concurrency})");
+        // The relay's default unless set for an experiment (see `relay`).
+        let fsync = std::env::var("COGRELAY_FSYNC").unwrap_or_else(|_| "always".into());
+        let name = format!("cogrelay embedded (fsync {fsync}, CONCURRENCY={concurrency})");
         rows.push(measure(&child, port, &sink, 0, name, events, connections).await?);
         stop(child).await;
     }
