@@ -208,7 +208,8 @@ pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receive
 /// undoes only its own writes ([`run_apart`]). An operation that could not
 /// run is dropped, which answers its caller `Unavailable`.
 pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
-    let Some(read) = begin(conn, w, batch) else {
+    let Some(read) = begin(conn, w) else {
+        batch.clear(); // dropped, each answers unavailable
         return;
     };
     let counted = Counted::of(w);
@@ -250,16 +251,14 @@ impl Counted {
 }
 
 /// Begins the batch's transaction and reads the ordered keys' map if it is
-/// not trusted; whether it was read (`None`: the batch cannot run, and is
-/// dropped).
-fn begin(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) -> Option<bool> {
+/// not trusted; whether it was read (`None`: the batch cannot run).
+fn begin(conn: &Connection, w: &mut Writer) -> Option<bool> {
     if !conn.is_autocommit() {
         // A rollback that failed left a transaction open.
         let _ = conn.execute_batch("ROLLBACK");
     }
     if let Err(e) = exec_cached(conn, w.begin) {
         tracing::error!(error = %store_error(&e), "store: cannot begin a transaction");
-        batch.clear();
         return None;
     }
     // Whether the batch changed the ordered keys' map: if its writes are
@@ -268,10 +267,9 @@ fn begin(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) -> Option<bool>
     w.keys.touched();
     if conn.is_autocommit() {
         // The read's writes made SQLite roll the transaction back: nothing
-        // of this batch runs (dropped, it answers unavailable).
+        // of this batch runs.
         w.keys.distrust();
         tracing::error!("store: the transaction was rolled back while reading the ordered keys");
-        batch.clear();
         return None;
     }
     Some(read)
@@ -320,7 +318,16 @@ fn run_together(
 /// Runs the batch again, each operation in its own savepoint, after one of
 /// them failed when they ran together.
 fn run_apart(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
-    let Some(mut keys_touched) = begin(conn, w, batch) else {
+    let Some(mut keys_touched) = begin(conn, w) else {
+        // Rolled back and not begun again (a tool holding the lock, a full
+        // disk): each is told so, as when SQLite rolls a batch back, and
+        // may try again.
+        let err = QueueError::Unavailable(
+            "the store rolled a transaction back and could not begin again".into(),
+        );
+        for op in batch.drain(..) {
+            op.answer(Err(err.clone()));
+        }
         return;
     };
     let mut ran: Vec<Op> = Vec::with_capacity(batch.len());
