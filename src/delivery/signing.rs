@@ -5,9 +5,14 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// A `whsec_<base64>` key for Standard Webhooks signatures, decoded once.
+/// A `whsec_<base64>` key for Standard Webhooks signatures, decoded and
+/// keyed once (each signature starts from a copy of the keyed state: keying
+/// hashes two blocks, a third of a small event's signature).
 #[derive(Clone)]
-pub struct TargetSigningKey(Vec<u8>);
+pub struct TargetSigningKey {
+    key: Vec<u8>,
+    keyed: Hmac<Sha256>,
+}
 
 impl TargetSigningKey {
     /// The error names the setting, as a configuration error line.
@@ -21,11 +26,13 @@ impl TargetSigningKey {
         if key.is_empty() {
             return Err("TARGET_SIGNING_SECRET is empty: set it to whsec_<base64> or unset it");
         }
-        Ok(Self(key))
+        let keyed = Hmac::<Sha256>::new_from_slice(&key)
+            .map_err(|_| "TARGET_SIGNING_SECRET is not valid: not a usable HMAC key")?;
+        Ok(Self { key, keyed })
     }
 
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        &self.key
     }
 }
 
@@ -36,7 +43,7 @@ impl std::fmt::Debug for TargetSigningKey {
 }
 
 pub fn sign(key: &TargetSigningKey, id: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key.expose()).unwrap_or_else(|_| unreachable!());
+    let mut mac = key.keyed.clone();
     mac.update(id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
