@@ -10,9 +10,9 @@ use super::{
 };
 
 /// An operation queued for the writer. A batch runs its operations in one
-/// transaction and, if one of them fails, rolls it back and runs them again
-/// each in its own savepoint (see [`run_batch`]): so an operation may run
-/// twice, and only its last run's result is answered.
+/// transaction and, if one of them fails after writing, rolls it back and
+/// runs them again each in its own savepoint (see [`run_batch`]): so an
+/// operation may run twice, and only its last run's result is answered.
 pub(super) trait Job: Send {
     /// Runs the operation; whether it succeeded (else its writes are undone).
     fn run(&mut self, conn: &Connection, w: &mut Writer) -> bool;
