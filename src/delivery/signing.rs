@@ -10,7 +10,6 @@ use sha2::Sha256;
 /// hashes two blocks, a third of a small event's signature).
 #[derive(Clone)]
 pub struct TargetSigningKey {
-    key: Vec<u8>,
     keyed: Hmac<Sha256>,
 }
 
@@ -28,11 +27,7 @@ impl TargetSigningKey {
         }
         let keyed = Hmac::<Sha256>::new_from_slice(&key)
             .map_err(|_| "TARGET_SIGNING_SECRET is not valid: not a usable HMAC key")?;
-        Ok(Self { key, keyed })
-    }
-
-    pub fn expose(&self) -> &[u8] {
-        &self.key
+        Ok(Self { keyed })
     }
 }
 

@@ -80,7 +80,8 @@ impl<'de> Deserialize<'de> for Fields<'de> {
         impl<'de> Visitor<'de> for Object {
             type Value = Fields<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
+                // As serde words it for a map (the error a client reads).
+                f.write_str("a map")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
                 let mut fields = Vec::with_capacity(8);

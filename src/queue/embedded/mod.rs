@@ -58,8 +58,8 @@
 //!
 //! A single thread owns the connection. Every operation is a closure sent over a
 //! channel; the thread takes whatever has queued up (up to 1,024 operations), runs
-//! them in one transaction (should one fail, the transaction is rolled back
-//! and they run again each in its own savepoint, so that one failing operation
+//! them in one transaction (should one fail after writing, the transaction is
+//! rolled back and they run again each in its own savepoint, so that one failing operation
 //! does not undo the others), commits once (one fsync with `COGRELAY_FSYNC=always`,
 //! SQLite `synchronous=FULL`), and only then answers each caller. An ingress 200
 //! therefore always follows a commit that is on disk, and a burst of N events

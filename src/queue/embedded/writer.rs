@@ -243,6 +243,8 @@ impl Counted {
     }
 
     fn put_back(self, w: &mut Writer) {
+        // The paused set may hold a pause or resume undone: read again.
+        w.paused_read_at = None;
         w.space.promised = self.promised;
         w.recounted_at = self.recounted_at;
         w.completed_since_prune = self.completed_since_prune;
@@ -385,6 +387,7 @@ fn commit(conn: &Connection, w: &mut Writer, ran: impl Iterator<Item = Op>, keys
     let commit = exec_cached(conn, "COMMIT").map_err(|e| {
         let _ = conn.execute_batch("ROLLBACK");
         w.space.promised_stale = true;
+        w.paused_read_at = None;
         if keys_touched {
             w.keys.distrust();
         }
