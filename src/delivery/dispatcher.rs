@@ -5,7 +5,9 @@
 //! pool's clock. It renews the leases it holds, and drains at shutdown (see
 //! the module doc of [`super`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use foldhash::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -130,7 +132,7 @@ struct Dispatch {
     done: mpsc::UnboundedSender<Done>,
     tasks: JoinSet<()>,
     /// Each delivery task's lease and whether it was a trial.
-    task_leases: HashMap<tokio::task::Id, (LeaseRef, bool)>,
+    task_leases: foldhash::HashMap<tokio::task::Id, (LeaseRef, bool)>,
     /// Deliveries whose HTTP part is over (their end was told).
     ended: HashSet<LeaseRef>,
     claiming: Option<ClaimTask>,
@@ -210,8 +212,8 @@ impl Dispatch {
             _running: running,
             done,
             tasks: JoinSet::new(),
-            task_leases: HashMap::new(),
-            ended: HashSet::new(),
+            task_leases: Default::default(),
+            ended: Default::default(),
             claiming: None,
             checking: None,
             pause_acks: Vec::new(),

@@ -29,7 +29,7 @@ pub mod machine;
 
 pub use dispatcher::{run, PauseBoard, PauseNote};
 
-use std::collections::HashSet;
+use foldhash::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

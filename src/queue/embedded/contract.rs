@@ -9,13 +9,26 @@ use rusqlite::{params, OptionalExtension};
 use super::bundle::{self, Bundle};
 use super::inspect::{list_with_bundles, row_to_view, state_of, view_of, VIEW_COLUMNS};
 use super::keys::{self, parked};
-use super::writer::{exec_cached, insert_event};
+use super::writer::{exec_cached, insert_event, Held};
 use super::{claim_due, claim_trials, parse_id, put_back_stalled, sql_err, EmbeddedQueue, Fsync};
 use crate::event::Event;
 use crate::queue::{
     Attempt, ClaimOrder, Claimed, Counts, DeliveryJob, DestinationName, Disposition, HeldKey,
     JobState, JobView, LeaseRef, Leased, Page, Queue, QueueError, QueueResult, Recipient, Routed,
 };
+
+/// A delivery's outcome on its job (`finish`). Failed letting its key go
+/// on, a job leaves its key for good: a retry delivers it on its own
+/// (`keys.rs`). The attempt is appended to the log's text (`[..}]`, as
+/// written here): json_insert parsed and wrote the whole log, 9,000
+/// instructions a finish.
+pub(super) const FINISH: &str =
+    "UPDATE jobs SET state=?1, due_at_ms=?2, finished_at_ms=?3, failed_reason=?4,
+        attempts_made=attempts_made+1, lease_token=NULL, lease_until_ms=NULL,
+        attempts_log = CASE attempts_log WHEN '[]' THEN '[' || ?5 || ']'
+                       ELSE rtrim(attempts_log, ']') || ',' || ?5 || ']' END,
+        order_key = CASE WHEN ?1 = 'failed' AND order_hold = 0 THEN NULL ELSE order_key END
+     WHERE seq=?6 AND lease_token=?7 AND state='active'";
 
 impl Queue for EmbeddedQueue {
     async fn store(
@@ -195,20 +208,7 @@ impl Queue for EmbeddedQueue {
                 Disposition::Completed | Disposition::Failed { .. } => (now, Some(now)),
             };
             let changed = conn
-                .prepare_cached(
-                    // Failed letting its key go on, a job leaves its key
-                    // for good: a retry delivers it on its own (`keys.rs`).
-                    // The attempt is appended to the log's text (`[..}]`,
-                    // as written here): json_insert parsed and wrote the
-                    // whole log, 9,000 instructions a finish.
-                    "UPDATE jobs SET state=?1, due_at_ms=?2, finished_at_ms=?3, failed_reason=?4,
-                        attempts_made=attempts_made+1, lease_token=NULL, lease_until_ms=NULL,
-                        attempts_log = CASE attempts_log WHEN '[]' THEN '[' || ?5 || ']'
-                                       ELSE rtrim(attempts_log, ']') || ',' || ?5 || ']' END,
-                        order_key = CASE WHEN ?1 = 'failed' AND order_hold = 0 THEN NULL ELSE order_key END
-                     WHERE seq=?6 AND lease_token=?7 AND state='active'",
-                )
-                .and_then(|mut s| {
+                .with(Held::Finish, |s| {
                     s.execute(params![
                         state.as_str(),
                         due,

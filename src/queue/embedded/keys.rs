@@ -27,7 +27,9 @@
 //! is a scan of the unfinished jobs (about 0.6 s for a million) on the
 //! writer thread.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 
 use rusqlite::{Connection, OptionalExtension};
 
@@ -84,8 +86,8 @@ impl Keys {
     /// used (a tool's: it neither stores nor finishes jobs).
     pub(super) fn new(relay: bool) -> Keys {
         Keys {
-            map: HashMap::new(),
-            open: HashMap::new(),
+            map: HashMap::default(),
+            open: HashMap::default(),
             seed: fastrand::u64(..),
             changed: false,
             stale: relay,

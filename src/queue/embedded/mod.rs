@@ -362,7 +362,7 @@ impl EmbeddedQueue {
     /// `writer.rs` `run_batch`): its last run's result is answered.
     async fn call<T: Send + 'static>(
         &self,
-        f: impl FnMut(&Connection, &mut Writer) -> QueueResult<T> + Send + 'static,
+        f: impl FnMut(&Db<'_>, &mut Writer) -> QueueResult<T> + Send + 'static,
     ) -> QueueResult<T> {
         let (reply, answer) = oneshot::channel();
         let op: Op = Box::new(Call {
@@ -390,10 +390,10 @@ struct Call<F, T> {
 
 impl<F, T> Job for Call<F, T>
 where
-    F: FnMut(&Connection, &mut Writer) -> QueueResult<T> + Send,
+    F: FnMut(&Db<'_>, &mut Writer) -> QueueResult<T> + Send,
     T: Send,
 {
-    fn run(&mut self, conn: &Connection, w: &mut Writer) -> bool {
+    fn run(&mut self, conn: &Db<'_>, w: &mut Writer) -> bool {
         let res = (self.f)(conn, w);
         let ok = res.is_ok();
         self.res = Some(res);

@@ -1,6 +1,10 @@
 //! The store's single writer: the group commit over one connection, the
 //! WAL checkpoints, the maintenance, and the insert of a new job.
 
+use std::cell::RefCell;
+
+use rusqlite::Statement;
+
 use super::keys::{self, Keys};
 use super::{
     bundle, jobs_text, mpsc, params, parse_jobs_text, Arc, AtomicBool, Bundle, Clock, Connection,
@@ -15,13 +19,94 @@ use super::{
 /// operation may run twice, and only its last run's result is answered.
 pub(super) trait Job: Send {
     /// Runs the operation; whether it succeeded (else its writes are undone).
-    fn run(&mut self, conn: &Connection, w: &mut Writer) -> bool;
+    fn run(&mut self, conn: &Db<'_>, w: &mut Writer) -> bool;
     /// Answers its caller with the commit's outcome (an operation dropped
     /// unanswered answers `Unavailable`).
     fn answer(self: Box<Self>, commit: Result<(), QueueError>);
 }
 
 pub(super) type Op = Box<dyn Job>;
+
+/// The writer's connection, with the statements every event runs held
+/// prepared ([`Held`]). rusqlite's statement cache trims and hashes the SQL
+/// text, and allocates its key, at each use: about 5,000 instructions an
+/// event for the five statements of a delivered event. Every other
+/// statement goes through that cache (a `Db` derefs to its connection).
+/// A held statement keeps its last parameters bound (the cache cleared
+/// them): the last event's body, which SQLite's page cache holds anyway.
+pub(super) struct Db<'c> {
+    conn: &'c Connection,
+    /// The writer's [`Writer::begin`].
+    begin: &'static str,
+    held: [RefCell<Option<Statement<'c>>>; Held::ALL],
+}
+
+/// The statements a [`Db`] holds, prepared at their first use.
+#[derive(Clone, Copy)]
+pub(super) enum Held {
+    Begin,
+    Commit,
+    /// A new job's row (`insert_row`).
+    Insert,
+    /// The jobs of an event already stored (`first_jobs`).
+    FirstJobs,
+    /// An event's key remembered (`remember`).
+    Remember,
+    /// A delivery's outcome (`contract.rs` `finish`).
+    Finish,
+}
+
+impl Held {
+    const ALL: usize = Held::Finish as usize + 1;
+}
+
+impl<'c> Db<'c> {
+    pub(super) fn new(conn: &'c Connection, begin: &'static str) -> Self {
+        Self {
+            conn,
+            begin,
+            held: Default::default(),
+        }
+    }
+
+    /// Runs `f` with the statement `which`, prepared at its first use; as
+    /// rusqlite's own cache does, `f` leaves it reset.
+    pub(super) fn with<T>(
+        &self,
+        which: Held,
+        f: impl FnOnce(&mut Statement<'c>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let mut slot = self.held[which as usize].borrow_mut();
+        let stmt = match &mut *slot {
+            Some(stmt) => stmt,
+            empty => empty.insert(self.conn.prepare(self.sql(which))?),
+        };
+        f(stmt)
+    }
+
+    fn sql(&self, which: Held) -> &'static str {
+        match which {
+            Held::Begin => self.begin,
+            Held::Commit => "COMMIT",
+            Held::Insert => INSERT_ROW,
+            Held::FirstJobs => FIRST_JOBS,
+            Held::Remember => REMEMBER,
+            Held::Finish => super::contract::FINISH,
+        }
+    }
+
+    /// Runs the parameterless statement `which`.
+    fn exec(&self, which: Held) -> rusqlite::Result<()> {
+        self.with(which, |s| s.execute([]).map(|_| ()))
+    }
+}
+
+impl std::ops::Deref for Db<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
 
 /// State owned by the writer thread.
 pub(super) struct Writer {
@@ -45,7 +130,7 @@ pub(super) struct Writer {
     /// refusal (see `insert_event`).
     pub(super) recounted_at: Option<Instant>,
     /// The paused destinations, as last read (see [`Writer::is_paused`]).
-    pub(super) paused: std::collections::HashSet<String>,
+    pub(super) paused: foldhash::HashSet<String>,
     pub(super) paused_read_at: Option<Instant>,
     /// The ordered keys' jobs (the relay's; a tool's is empty): `keys.rs`.
     pub(super) keys: Keys,
@@ -130,7 +215,6 @@ pub(super) fn open_connection(path: &Path, fsync: Fsync) -> rusqlite::Result<Con
     Ok(conn)
 }
 
-/// Checkpoints the WAL into the main file off the commit path.
 /// Checkpoints the WAL into the main file off the commit path, until `stop`
 /// (looked at every 50 ms, so that a closed store is soon left alone).
 pub(super) fn spawn_checkpointer(
@@ -162,6 +246,7 @@ pub(super) fn spawn_checkpointer(
 pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receiver<Op>) {
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
     let mut last_maintenance = Instant::now();
+    let db = Db::new(&conn, w.begin);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -171,7 +256,7 @@ pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receive
             }
         }
         w.now_ms = w.clock.now_ms();
-        run_batch(&conn, &mut w, &mut batch);
+        run_batch(&db, &mut w, &mut batch);
         if ran_out() {
             w.space.ran_out();
         }
@@ -187,6 +272,7 @@ pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receive
             if w.maintains {
                 let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
             }
+            drop(db);
             drop(conn);
             rx.close();
             while let Ok(op) = rx.try_recv() {
@@ -207,7 +293,7 @@ pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receive
 /// runs again with a savepoint per operation, so that the failing one
 /// undoes only its own writes ([`run_apart`]). An operation that could not
 /// run is dropped, which answers its caller `Unavailable`.
-pub(super) fn run_batch(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
+pub(super) fn run_batch(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
     let Some(read) = begin(conn, w) else {
         batch.clear(); // dropped, each answers unavailable
         return;
@@ -254,12 +340,12 @@ impl Counted {
 
 /// Begins the batch's transaction and reads the ordered keys' map if it is
 /// not trusted; whether it was read (`None`: the batch cannot run).
-fn begin(conn: &Connection, w: &mut Writer) -> Option<bool> {
+fn begin(conn: &Db<'_>, w: &mut Writer) -> Option<bool> {
     if !conn.is_autocommit() {
         // A rollback that failed left a transaction open.
         let _ = conn.execute_batch("ROLLBACK");
     }
-    if let Err(e) = exec_cached(conn, w.begin) {
+    if let Err(e) = conn.exec(Held::Begin) {
         tracing::error!(error = %store_error(&e), "store: cannot begin a transaction");
         return None;
     }
@@ -282,7 +368,7 @@ fn begin(conn: &Connection, w: &mut Writer) -> Option<bool> {
 /// after writing (or SQLite rolled the transaction back): then the
 /// transaction is rolled back, and the map distrusted if it changed.
 fn run_together(
-    conn: &Connection,
+    conn: &Db<'_>,
     w: &mut Writer,
     batch: &mut [Op],
     mut keys_touched: bool,
@@ -319,7 +405,7 @@ fn run_together(
 
 /// Runs the batch again, each operation in its own savepoint, after one of
 /// them failed when they ran together.
-fn run_apart(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
+fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
     let Some(mut keys_touched) = begin(conn, w) else {
         // Rolled back and not begun again (a tool holding the lock, a full
         // disk): each is told so, as when SQLite rolls a batch back, and
@@ -383,8 +469,8 @@ fn run_apart(conn: &Connection, w: &mut Writer, batch: &mut Vec<Op>) {
 
 /// Commits the batch and answers its operations: after the commit, so that
 /// a 200 never precedes durability.
-fn commit(conn: &Connection, w: &mut Writer, ran: impl Iterator<Item = Op>, keys_touched: bool) {
-    let commit = exec_cached(conn, "COMMIT").map_err(|e| {
+fn commit(conn: &Db<'_>, w: &mut Writer, ran: impl Iterator<Item = Op>, keys_touched: bool) {
+    let commit = conn.exec(Held::Commit).map_err(|e| {
         let _ = conn.execute_batch("ROLLBACK");
         w.space.promised_stale = true;
         w.paused_read_at = None;
@@ -568,7 +654,7 @@ pub(super) fn parse_id(id: &str) -> QueueResult<i64> {
 /// is stored already leased (`active`, token, expiry): a direct handoff to the
 /// caller's worker pool that saves the claim.
 pub(super) fn insert_event(
-    conn: &Connection,
+    conn: &Db<'_>,
     w: &mut Writer,
     event: &Event,
     routes: &[Recipient],
@@ -662,7 +748,7 @@ pub(super) fn insert_event(
 /// own and whose rows a claim writes out, in the room promised here (see
 /// `bundle.rs`).
 fn insert_held(
-    conn: &Connection,
+    conn: &Db<'_>,
     w: &mut Writer,
     event: &Event,
     routes: &[Recipient],
@@ -728,23 +814,26 @@ struct NewRow<'a> {
 }
 
 /// Inserts `r` for `event`, stored at `now`; its id.
-fn insert_row(conn: &Connection, event: &Event, now: i64, r: NewRow<'_>) -> QueueResult<i64> {
+/// ?13 > 0: a bundle of ?13 jobs, whose row takes the last of their ids,
+/// which reserves the others (AUTOINCREMENT keeps the largest id given);
+/// else the next id.
+const INSERT_ROW: &str = concat!(
+    "INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
+                       lease_token, lease_until_ms, destination, pending, order_key, order_hold)
+     VALUES (CASE WHEN ?13 > 0
+                  THEN coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0) + ?13 END,
+             ?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?16 THEN ",
+    keys::parked!(),
+    " ELSE ?8 END, ?8,
+             ?9, ?10, ?11, ?12, ?14, ?15)"
+);
+
+fn insert_row(conn: &Db<'_>, event: &Event, now: i64, r: NewRow<'_>) -> QueueResult<i64> {
     let (state, token, until) = match r.lease {
         Some((token, until)) => ("active", Some(token), Some(until)),
         None => ("waiting", None, None),
     };
-    conn.prepare_cached(
-        // ?13 > 0: a bundle of ?13 jobs, whose row takes the last of their
-        // ids, which reserves the others (AUTOINCREMENT keeps the largest id
-        // given); else the next id.
-        concat!("INSERT INTO jobs (seq, event_key, event_id, bot_id, event_type, kind, body, state, due_at_ms, created_at_ms,
-                           lease_token, lease_until_ms, destination, pending, order_key, order_hold)
-         VALUES (CASE WHEN ?13 > 0
-                      THEN coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0) + ?13 END,
-                 ?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?16 THEN ", keys::parked!(), " ELSE ?8 END, ?8,
-                 ?9, ?10, ?11, ?12, ?14, ?15)"),
-    )
-    .and_then(|mut insert| {
+    conn.with(Held::Insert, |insert| {
         insert.execute(params![
             event.key.as_str(),
             event.event_id,
@@ -768,12 +857,14 @@ fn insert_row(conn: &Connection, event: &Event, now: i64, r: NewRow<'_>) -> Queu
     .map_err(sql_err)
 }
 
+const FIRST_JOBS: &str =
+    "SELECT job_seq, jobs FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2";
+
 /// The jobs of an event with this key stored within the dedup TTL, as a
 /// duplicate's answer.
-fn first_jobs(conn: &Connection, event: &Event, now: i64) -> QueueResult<Option<Routed>> {
+fn first_jobs(conn: &Db<'_>, event: &Event, now: i64) -> QueueResult<Option<Routed>> {
     let existing: Option<(i64, Option<String>)> = conn
-        .prepare_cached("SELECT job_seq, jobs FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2")
-        .and_then(|mut s| {
+        .with(Held::FirstJobs, |s| {
             s.query_row(params![event.key.as_str(), now], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
@@ -816,22 +907,17 @@ fn check_room(conn: &Connection, w: &mut Writer) -> QueueResult<()> {
     Err(QueueError::Unavailable(why))
 }
 
+const REMEMBER: &str =
+    "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms, jobs) VALUES (?1, ?2, ?3, ?4)";
+
 /// The event's dedup record: its key, its first job, and every job's
 /// `destination=id`, until `expires_at_ms`.
-fn remember(
-    conn: &Connection,
-    event: &Event,
-    jobs: &[JobRef],
-    expires_at_ms: i64,
-) -> QueueResult<()> {
+fn remember(conn: &Db<'_>, event: &Event, jobs: &[JobRef], expires_at_ms: i64) -> QueueResult<()> {
     let first: i64 = jobs
         .first()
         .and_then(|j| j.id.parse().ok())
         .unwrap_or_default();
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms, jobs) VALUES (?1, ?2, ?3, ?4)",
-    )
-    .and_then(|mut s| {
+    conn.with(Held::Remember, |s| {
         s.execute(params![
             event.key.as_str(),
             first,
