@@ -2,15 +2,15 @@
 //! `webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`.
 
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use ring::hmac;
 
 /// A `whsec_<base64>` key for Standard Webhooks signatures, decoded and
-/// keyed once (each signature starts from a copy of the keyed state: keying
-/// hashes two blocks, a third of a small event's signature).
+/// keyed once (each signature starts from the keyed state: keying hashes
+/// two blocks, a third of a small event's signature). ring's SHA-256, as
+/// the ingress's (`ingress/auth.rs`).
 #[derive(Clone)]
 pub struct TargetSigningKey {
-    keyed: Hmac<Sha256>,
+    keyed: hmac::Key,
 }
 
 impl TargetSigningKey {
@@ -25,9 +25,9 @@ impl TargetSigningKey {
         if key.is_empty() {
             return Err("TARGET_SIGNING_SECRET is empty: set it to whsec_<base64> or unset it");
         }
-        let keyed = Hmac::<Sha256>::new_from_slice(&key)
-            .map_err(|_| "TARGET_SIGNING_SECRET is not valid: not a usable HMAC key")?;
-        Ok(Self { keyed })
+        Ok(Self {
+            keyed: hmac::Key::new(hmac::HMAC_SHA256, &key),
+        })
     }
 }
 
@@ -38,7 +38,7 @@ impl std::fmt::Debug for TargetSigningKey {
 }
 
 pub fn sign(key: &TargetSigningKey, id: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac = key.keyed.clone();
+    let mut mac = hmac::Context::with_key(&key.keyed);
     mac.update(id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
@@ -46,6 +46,6 @@ pub fn sign(key: &TargetSigningKey, id: &str, timestamp: i64, body: &[u8]) -> St
     mac.update(body);
     format!(
         "v1,{}",
-        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        base64::engine::general_purpose::STANDARD.encode(mac.sign())
     )
 }
