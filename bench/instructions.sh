@@ -7,8 +7,9 @@
 # (kernel time is not in it; see docs/benchmark.md). Beside it, the part
 # spent in SHA-256 (the ingress HMAC; the delivery's signature too when
 # TARGET_SIGNING_SECRET is set, which the bench does not): valgrind's CPU has no
-# SHA extensions, so it runs ring's AVX code here (sha2's portable code
-# before), where the host's CPU (with sha_ni) runs it with far fewer.
+# SHA extensions, so it runs ring's AVX code here (SSSE3 on a CPU not
+# Intel's; sha2's portable code before), where the host's CPU (with
+# sha_ni) runs it with far fewer.
 #
 #   bench/instructions.sh [--backend embedded|redis] [--events N] [--rounds R]
 #                         [--named] [--ordered] [--ingest] [RELAY_BIN...]
@@ -118,7 +119,8 @@ round() {
     return 1
   fi
   local sha
-  sha=$(callgrind_annotate "$dir"/cg.out.1 2>/dev/null |
+  sha=$({ callgrind_annotate --threshold=100 "$dir"/cg.out.1 2>/dev/null ||
+    echo "round $dir: callgrind_annotate failed (the SHA-256 share shows 0)" >&2; } |
     awk '/sha2::sha256::|sha256_block_data_order/ {gsub(",", "", $1); s += $1} END {print s + 0}')
   echo "$((total / events)) $((sha / events))"
 }

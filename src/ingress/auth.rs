@@ -319,6 +319,27 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// ring's HMAC check accepts what the RustCrypto crates sign
+        /// (`sign_hex`), for keys up to past three SHA-256 blocks (a key
+        /// longer than one block is hashed first: a `whsec_` secret used as
+        /// a raw key is ~90 characters), and refuses another key's.
+        #[test]
+        fn the_hmac_check_agrees_with_an_independent_signer(
+            secret in "[ -~]{1,200}",
+            other in "[ -~]{1,200}",
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        ) {
+            let auth = Authenticator::new(&[Secret::new(&secret)], None);
+            let h = headers(&[(SIGNATURE_HEADER, sign_hex(&secret, &body))]);
+            proptest::prop_assert_eq!(auth.check(&h, &body), Ok(()));
+            if other != secret {
+                let h = headers(&[(SIGNATURE_HEADER, sign_hex(&other, &body))]);
+                proptest::prop_assert_eq!(auth.check(&h, &body), Err(AuthError::BadSignature));
+            }
+        }
+    }
+
     #[test]
     fn refusals_come_with_a_hint_that_names_the_mistake() {
         let body = b"{}";
