@@ -29,8 +29,9 @@ pub(super) type Op = Box<dyn Job>;
 
 /// The writer's connection, with the statements every event runs held
 /// prepared ([`Held`]). rusqlite's statement cache trims and hashes the SQL
-/// text, and allocates its key, at each use: about 5,000 instructions an
-/// event for the five statements of a delivered event. Every other
+/// text, and allocates its key, at each use: about 8,000 instructions a
+/// delivered event for these statements and its share of BEGIN and
+/// COMMIT. Every other
 /// statement goes through that cache (a `Db` derefs to its connection).
 /// A held statement keeps its last parameters bound (the cache cleared
 /// them): the last event's body, which SQLite's page cache holds anyway.
