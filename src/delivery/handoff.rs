@@ -115,37 +115,21 @@ impl LaneSet {
             .iter()
             .filter_map(|r| self.get(&r.destination))
             .collect();
-        let mut reserved = 0;
+        let mut reserved = Reserved(Vec::with_capacity(lanes.len()));
         for lane in &lanes {
             if !lane.handoff.try_reserve() {
                 break;
             }
-            reserved += 1;
+            reserved.0.push(lane);
         }
-        let all_reserved = reserved == lanes.len() && !lanes.is_empty();
-        if !all_reserved {
-            for lane in &lanes[..reserved] {
-                lane.handoff.cancel();
-            }
+        if reserved.0.len() < lanes.len() {
+            reserved.give_back_all();
         }
-        let lease = lanes
-            .first()
-            .filter(|_| all_reserved)
-            .map(|l| l.handoff.lease);
-        let stored = queue.store(event, routes, lease).await;
-        let (routed, leased) = match stored {
-            Ok(r) => r,
-            Err(e) => {
-                if all_reserved {
-                    lanes.iter().for_each(|l| l.handoff.cancel());
-                }
-                return Err(e);
-            }
-        };
+        let lease = reserved.0.first().map(|l| l.handoff.lease);
+        // Should the caller stop waiting (a sender that hangs up drops the
+        // request's future), `reserved` gives the room back as it is dropped.
+        let (routed, leased) = queue.store(event, routes, lease).await?;
         if routed.duplicate {
-            if all_reserved {
-                lanes.iter().for_each(|l| l.handoff.cancel());
-            }
             return Ok(routed);
         }
         let mut leased: Vec<Option<Leased>> = leased.into_iter().map(Some).collect();
@@ -158,16 +142,55 @@ impl LaneSet {
                 .find(|l| l.as_ref().is_some_and(|l| l.job.id == job.id))
                 .and_then(Option::take);
             match handed {
-                Some(l) => lane.handoff.send(l),
+                Some(l) => {
+                    reserved.used(lane);
+                    lane.handoff.send(l);
+                }
                 None => {
-                    if all_reserved {
-                        lane.handoff.cancel();
-                    }
+                    reserved.give_back(lane);
                     lane.wake.notify_one();
                 }
             }
         }
         Ok(routed)
+    }
+}
+
+/// The room one store took in its lanes: each is used by a job handed
+/// over, or given back: when the store answers, or when this is dropped
+/// with the store still pending (on 788cf99 a dropped request kept its
+/// room for good, and a pool whose room was all kept took no handoff
+/// again until a reload).
+struct Reserved<'a>(Vec<&'a Lane>);
+
+impl Reserved<'_> {
+    /// Takes `lane`'s reservation out, if it holds one; whether it did.
+    fn take(&mut self, lane: &Lane) -> bool {
+        let at = self.0.iter().position(|l| std::ptr::eq(*l, lane));
+        at.map(|i| self.0.swap_remove(i)).is_some()
+    }
+
+    /// `lane`'s reservation used by the job sent to it.
+    fn used(&mut self, lane: &Lane) {
+        self.take(lane);
+    }
+
+    fn give_back(&mut self, lane: &Lane) {
+        if self.take(lane) {
+            lane.handoff.cancel();
+        }
+    }
+
+    fn give_back_all(&mut self) {
+        for lane in self.0.drain(..) {
+            lane.handoff.cancel();
+        }
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.give_back_all();
     }
 }
 

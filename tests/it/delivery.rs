@@ -311,3 +311,58 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
     });
     drop(delivery_rt);
 }
+
+/// A request whose sender hangs up while its event is being stored gives
+/// back the handoff room it took: on 788cf99 the room stayed taken for good,
+/// and a pool with one slot took no handoff again (its next event was
+/// stored waiting, for a claim) until a reload.
+#[tokio::test]
+async fn a_store_dropped_midway_gives_its_handoff_room_back() {
+    use cogrelay::delivery::handoff::{Handoff, Lane, LaneSet};
+    use cogrelay::queue::Recipient;
+    use std::sync::Arc;
+
+    let sink = Sink::start().await.expect("sink");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = test_config(&sink, tmp.path().join("data"));
+    let lock = Duration::from_secs(30);
+    let opener = cogrelay::queue::Opener::Relay {
+        lock_duration: lock,
+    };
+    let queue = cogrelay::queue::open(&cfg.store, opener)
+        .await
+        .expect("open");
+    let (handoff, mut rx) = Handoff::new(1, lock);
+    let lanes = LaneSet::new(vec![Lane {
+        destination: DestinationName::DEFAULT,
+        handoff,
+        wake: Arc::new(tokio::sync::Notify::new()),
+    }]);
+    let parsed = |id: &str| {
+        let raw = serde_json::to_vec(&event("bot", id)).expect("json");
+        cogrelay::ingress::envelope::parse(&raw).expect("event")
+    };
+    let routes = || vec![Recipient::from(DestinationName::DEFAULT)];
+
+    // Polled once (the room taken, the write queued to the store's
+    // writer thread, which cannot have committed yet), then dropped, as
+    // axum drops a request's handler when its sender hangs up.
+    let mut gone = Box::pin(lanes.store(&queue, parsed("gone"), routes()));
+    tokio::select! {
+        biased;
+        _ = &mut gone => panic!("stored before its first poll returned"),
+        _ = std::future::ready(()) => {}
+    }
+    drop(gone);
+
+    let routed = lanes
+        .store(&queue, parsed("next"), routes())
+        .await
+        .expect("stored");
+    let handed = rx.try_recv().map(|l| l.job.id);
+    assert_eq!(
+        handed.as_deref(),
+        Some(routed.jobs[0].id.as_str()),
+        "the next event is handed over: the room came back"
+    );
+}
