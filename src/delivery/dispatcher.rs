@@ -6,11 +6,10 @@
 //! the module doc of [`super`]).
 
 use std::collections::HashMap;
-
-use foldhash::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use foldhash::HashSet;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 

@@ -115,14 +115,11 @@ impl LaneSet {
             .iter()
             .filter_map(|r| self.get(&r.destination))
             .collect();
-        let mut reserved = Reserved(Vec::with_capacity(lanes.len()));
-        for lane in &lanes {
-            if !lane.handoff.try_reserve() {
-                break;
-            }
-            reserved.0.push(lane);
-        }
-        if reserved.0.len() < lanes.len() {
+        // Room in every lane, or in none.
+        let taken = lanes.iter().take_while(|l| l.handoff.try_reserve()).count();
+        let mut reserved = Reserved(lanes);
+        if taken < reserved.0.len() {
+            reserved.0.truncate(taken);
             reserved.give_back_all();
         }
         let lease = reserved.0.first().map(|l| l.handoff.lease);
