@@ -598,6 +598,7 @@ async fn measure(
     let reqs = requests(PATH, events);
     let cpu0 = own_cpu_s();
     let server0 = cpu_split_s(pid);
+    let threads0 = by_thread(pid);
     let t0 = Instant::now();
     let addr = ([127, 0, 0, 1], port).into();
     let l = load(addr, &reqs, connections).await?;
@@ -615,6 +616,10 @@ async fn measure(
         cpu_s(pid),
         per_event / ceiling,
         own_cpu_s() - cpu0
+    );
+    eprintln!(
+        "  by thread, per event: {}",
+        thread_split(&threads0, &by_thread(pid), l.ok)
     );
     let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
     Ok(Row {
@@ -900,6 +905,90 @@ fn cpu_split_s(pid: u32) -> (f64, f64) {
         .unwrap_or((0.0, 0.0))
 }
 
+/// A process's threads so far, summed by name: CPU ticks in user space and
+/// in the kernel, and context switches (voluntary, involuntary).
+fn by_thread(pid: u32) -> ThreadTimes {
+    let mut out = ThreadTimes::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        let (stat, status) = (read("stat"), read("status"));
+        let Some((name, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(')')) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let switches = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let now = [
+            field(11),
+            field(12),
+            switches("voluntary_ctxt_switches:"),
+            switches("nonvoluntary_ctxt_switches:"),
+        ];
+        let e = out.entry(name.to_string()).or_default();
+        (0..4).for_each(|i| e[i] += now[i]);
+    }
+    out
+}
+
+/// Per thread name: user ticks, system ticks, voluntary and involuntary
+/// context switches.
+type ThreadTimes = std::collections::BTreeMap<String, [u64; 4]>;
+
+/// [`by_thread`] summed over several relays.
+fn relays_by_thread(children: &[(Child, tempfile::TempDir)]) -> ThreadTimes {
+    let mut out = ThreadTimes::new();
+    for (child, _) in children {
+        for (name, v) in by_thread(child.id().unwrap_or(0)) {
+            let e = out.entry(name).or_default();
+            (0..4).for_each(|i| e[i] += v[i]);
+        }
+    }
+    out
+}
+
+/// Where the CPU went between two [`by_thread`] readings, per event: each
+/// thread name's microseconds (user + system) and context switches, the
+/// busiest first.
+fn thread_split(before: &ThreadTimes, after: &ThreadTimes, events: usize) -> String {
+    let n = events.max(1) as f64;
+    let mut rows: Vec<(String, [u64; 4])> = after
+        .iter()
+        .map(|(name, a)| {
+            let b = before.get(name).copied().unwrap_or_default();
+            (
+                name.clone(),
+                [0, 1, 2, 3].map(|i| a[i].saturating_sub(b[i])),
+            )
+        })
+        .filter(|(_, d)| d[0] + d[1] > 0)
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1[0] + r.1[1]));
+    let all: [u64; 4] = [0, 1, 2, 3].map(|i| rows.iter().map(|r| r.1[i]).sum());
+    // Ticks are 10 ms (USER_HZ 100).
+    let us = |ticks: u64| ticks as f64 * 1e4 / n;
+    let show = |name: &str, d: &[u64; 4]| {
+        format!(
+            "{name} {:.1} us (user {:.1} + system {:.1}; switches {:.2} + {:.2})",
+            us(d[0] + d[1]),
+            us(d[0]),
+            us(d[1]),
+            d[2] as f64 / n,
+            d[3] as f64 / n
+        )
+    };
+    let mut parts: Vec<String> = rows.iter().map(|(name, d)| show(name, d)).collect();
+    parts.push(show("all", &all));
+    parts.join("; ")
+}
+
 /// CPU seconds this process (load generator and target) has used so far.
 fn own_cpu_s() -> f64 {
     cpu_s(std::process::id())
@@ -1105,6 +1194,7 @@ async fn run(
         }
         let reqs = requests(PATH, events);
         let cpu0 = own_cpu_s();
+        let threads0 = relays_by_thread(&children);
         let mut t0 = Instant::now();
         let l = load_spread(&addrs, &reqs, connections).await?;
         let during = sink.posts();
@@ -1128,6 +1218,10 @@ async fn run(
             l.rps(),
             relay_cpu - cpu_ingest,
             own_cpu_s() - cpu0
+        );
+        eprintln!(
+            "  by thread, per event (all relays): {}",
+            thread_split(&threads0, &relays_by_thread(&children), l.ok)
         );
         let e2e = done.map(|t| l.ok as f64 / (t - t0).as_secs_f64());
         let name = if drain {
