@@ -67,6 +67,9 @@ all_received() { [ "$(received "$1")" -ge "$2" ]; }
 round() {
   local bin=$1 dir=$2
   mkdir -p "$dir"
+  # A round runs in a subshell (its output is read): what it starts is
+  # stopped when it ends, failed or not (the main shell never sees its pids).
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
   local port admin sim
   port=$(free_port); admin=$(free_port); sim=$(free_port)
   RUST_LOG=error "${bins[0]}" sim --port "$sim" --rate-limit 100000000 >/dev/null 2>"$dir/sim.err" &

@@ -88,6 +88,39 @@ async fn full_store_answers_503_never_200() {
     );
 }
 
+/// Another process holding the store's write lock past the busy timeout
+/// (5 s): the relay cannot begin its transaction, and each event waiting
+/// on it is told so (503 at the ingress), not that the writer stopped. The
+/// writer goes on: once the lock is let go, the same event is stored.
+#[tokio::test]
+async fn a_lock_held_past_the_busy_timeout_is_answered_why() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let q = open(dir.path());
+    q.enqueue(ev("before")).await.expect("a first event");
+    let tool = rusqlite::Connection::open(dir.path().join("cogrelay.db")).expect("tool");
+    tool.execute_batch("BEGIN IMMEDIATE")
+        .expect("the tool takes the lock");
+    let err = q
+        .enqueue(ev("blocked"))
+        .await
+        .expect_err("refused while locked");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, cogrelay::queue::QueueError::Unavailable(_))
+            && msg.contains("cannot begin a transaction")
+            && msg.contains("locked"),
+        "{msg}"
+    );
+    tool.execute_batch("ROLLBACK").expect("the tool lets go");
+    assert!(matches!(
+        q.enqueue(ev("blocked"))
+            .await
+            .expect("stored once the lock is free"),
+        Enqueued::Accepted(_)
+    ));
+    assert_eq!(q.counts_for(None).await.expect("counts").waiting, 2);
+}
+
 #[tokio::test]
 async fn a_queue_is_usable_from_many_tasks() {
     let dir = tempfile::tempdir().expect("tmp");

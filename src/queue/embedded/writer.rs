@@ -293,11 +293,13 @@ pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receive
 /// rolled back, what the batch counted in memory is put back, and the batch
 /// runs again with a savepoint per operation, so that the failing one
 /// undoes only its own writes ([`run_apart`]). An operation that could not
-/// run is dropped, which answers its caller `Unavailable`.
+/// run is dropped, which answers its caller `Unavailable`. When the
+/// transaction cannot begin (a tool holding the lock past the busy
+/// timeout, a disk error), each is answered why, and may try again.
 pub(super) fn run_batch(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
-    let Some(read) = begin(conn, w) else {
-        batch.clear(); // dropped, each answers unavailable
-        return;
+    let read = match begin(conn, w) {
+        Ok(read) => read,
+        Err(why) => return refuse_all(batch, &why),
     };
     let counted = Counted::of(w);
     match run_together(conn, w, batch, read) {
@@ -340,15 +342,16 @@ impl Counted {
 }
 
 /// Begins the batch's transaction and reads the ordered keys' map if it is
-/// not trusted; whether it was read (`None`: the batch cannot run).
-fn begin(conn: &Db<'_>, w: &mut Writer) -> Option<bool> {
+/// not trusted; whether it was read, or why the batch cannot run.
+fn begin(conn: &Db<'_>, w: &mut Writer) -> Result<bool, String> {
     if !conn.is_autocommit() {
         // A rollback that failed left a transaction open.
         let _ = conn.execute_batch("ROLLBACK");
     }
     if let Err(e) = conn.exec(Held::Begin) {
-        tracing::error!(error = %store_error(&e), "store: cannot begin a transaction");
-        return None;
+        let why = store_error(&e);
+        tracing::error!(error = %why, "store: cannot begin a transaction");
+        return Err(format!("the store cannot begin a transaction ({why})"));
     }
     // Whether the batch changed the ordered keys' map: if its writes are
     // undone, the map is read again (`keys.rs`).
@@ -359,9 +362,17 @@ fn begin(conn: &Db<'_>, w: &mut Writer) -> Option<bool> {
         // of this batch runs.
         w.keys.distrust();
         tracing::error!("store: the transaction was rolled back while reading the ordered keys");
-        return None;
+        return Err("the store rolled a transaction back while reading the ordered keys".into());
     }
-    Some(read)
+    Ok(read)
+}
+
+/// Answers every operation of `batch` that it could not run, and why.
+fn refuse_all(batch: &mut Vec<Op>, why: &str) {
+    let err = QueueError::Unavailable(why.to_string());
+    for op in batch.drain(..) {
+        op.answer(Err(err.clone()));
+    }
 }
 
 /// Runs the batch's operations in the open transaction with no savepoint;
@@ -407,23 +418,22 @@ fn run_together(
 /// Runs the batch again, each operation in its own savepoint, after one of
 /// them failed when they ran together.
 fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
-    let Some(mut keys_touched) = begin(conn, w) else {
+    let mut keys_touched = match begin(conn, w) {
+        Ok(read) => read,
         // Rolled back and not begun again (a tool holding the lock, a full
         // disk): each is told so, as when SQLite rolls a batch back, and
         // may try again.
-        let err = QueueError::Unavailable(
-            "the store rolled a transaction back and could not begin again".into(),
-        );
-        for op in batch.drain(..) {
-            op.answer(Err(err.clone()));
-        }
-        return;
+        Err(why) => return refuse_all(batch, &format!("after a rollback, {why}")),
     };
     let mut ran: Vec<Op> = Vec::with_capacity(batch.len());
     let mut ops = batch.drain(..);
     while let Some(mut op) = ops.next() {
         if let Err(e) = exec_cached(conn, "SAVEPOINT op") {
-            tracing::error!(error = %store_error(&e), "store: savepoint");
+            let why = store_error(&e);
+            tracing::error!(error = %why, "store: savepoint");
+            op.answer(Err(QueueError::Unavailable(format!(
+                "the store cannot open a savepoint ({why})"
+            ))));
             continue;
         }
         let done = op.run(conn, w);
