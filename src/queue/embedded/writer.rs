@@ -434,6 +434,9 @@ fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
             op.answer(Err(QueueError::Unavailable(format!(
                 "the store cannot open a savepoint ({why})"
             ))));
+            if conn.is_autocommit() {
+                return undone(w, keys_touched, ran, ops);
+            }
             continue;
         }
         let done = op.run(conn, w);
@@ -441,21 +444,7 @@ fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
         let touched = w.keys.touched();
         keys_touched |= touched;
         if conn.is_autocommit() {
-            if keys_touched {
-                w.keys.distrust();
-            }
-            // SQLite rolled the whole transaction back (it may on a full disk):
-            // what ran before is undone, and what runs now would commit on its
-            // own. Nothing of this batch is stored; the rest is not run.
-            w.space.promised_stale = true;
-            let err =
-                QueueError::Unavailable("the store rolled a transaction back (disk full?)".into());
-            tracing::error!(error = %err, not_run = ops.len(), "store: nothing of this batch was acknowledged");
-            drop(ops); // the operations not run answer Unavailable as they are dropped
-            for op in ran {
-                op.answer(Err(err.clone()));
-            }
-            return;
+            return undone(w, keys_touched, ran, ops);
         }
         if !done {
             // What it counted in memory (bundles' room, keys) may be off now.
@@ -473,9 +462,32 @@ fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
         if let Err(e) = end {
             tracing::error!(error = %store_error(&e), "store: savepoint");
         }
+        if conn.is_autocommit() {
+            // The savepoint's end failed and took the transaction with it: a
+            // next SAVEPOINT would begin a new one, and the commit would
+            // answer what ran before as stored.
+            return undone(w, keys_touched, ran, ops);
+        }
     }
     drop(ops);
     commit(conn, w, ran.into_iter(), keys_touched);
+}
+
+/// SQLite rolled the whole transaction back (it may on a full disk): what
+/// ran before is undone, and what would run now would commit on its own.
+/// Nothing of the batch is stored: each operation, run or not, is told so.
+fn undone(w: &mut Writer, keys_touched: bool, ran: Vec<Op>, not_run: std::vec::Drain<'_, Op>) {
+    if keys_touched {
+        w.keys.distrust();
+    }
+    w.space.promised_stale = true;
+    // The paused set may hold a pause or resume undone: read again.
+    w.paused_read_at = None;
+    let err = QueueError::Unavailable("the store rolled a transaction back (disk full?)".into());
+    tracing::error!(error = %err, not_run = not_run.len(), "store: nothing of this batch was acknowledged");
+    for op in ran.into_iter().chain(not_run) {
+        op.answer(Err(err.clone()));
+    }
 }
 
 /// Commits the batch and answers its operations: after the commit, so that
