@@ -303,17 +303,18 @@ pub(super) fn run_batch(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
     };
     let counted = Counted::of(w);
     match run_together(conn, w, batch, read) {
-        Some(keys_touched) => commit(conn, w, batch.drain(..), keys_touched),
+        Some(keys_touched) => commit(conn, w, batch.drain(..), keys_touched, counted),
         None => {
             counted.put_back(w);
-            run_apart(conn, w, batch);
+            run_apart(conn, w, batch, counted);
         }
     }
 }
 
 /// What operations count in the writer's memory, as it was before a batch:
-/// put back when the batch is rolled back to run again (else a bundle's
-/// room would be promised, or given back, twice).
+/// put back when the batch is rolled back, to run again or not at all (else
+/// a bundle's room would be promised, or given back, twice or for nothing).
+#[derive(Clone, Copy)]
 struct Counted {
     promised: u64,
     recounted_at: Option<Instant>,
@@ -417,7 +418,7 @@ fn run_together(
 
 /// Runs the batch again, each operation in its own savepoint, after one of
 /// them failed when they ran together.
-fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
+fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>, counted: Counted) {
     let mut keys_touched = match begin(conn, w) {
         Ok(read) => read,
         // Rolled back and not begun again (a tool holding the lock, a full
@@ -435,7 +436,7 @@ fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
                 "the store cannot open a savepoint ({why})"
             ))));
             if conn.is_autocommit() {
-                return undone(w, keys_touched, ran, ops);
+                return undone(w, keys_touched, counted, ran, ops);
             }
             continue;
         }
@@ -444,7 +445,7 @@ fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
         let touched = w.keys.touched();
         keys_touched |= touched;
         if conn.is_autocommit() {
-            return undone(w, keys_touched, ran, ops);
+            return undone(w, keys_touched, counted, ran, ops);
         }
         if !done {
             // What it counted in memory (bundles' room, keys) may be off now.
@@ -466,23 +467,28 @@ fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>) {
             // The savepoint's end failed and took the transaction with it: a
             // next SAVEPOINT would begin a new one, and the commit would
             // answer what ran before as stored.
-            return undone(w, keys_touched, ran, ops);
+            return undone(w, keys_touched, counted, ran, ops);
         }
     }
     drop(ops);
-    commit(conn, w, ran.into_iter(), keys_touched);
+    commit(conn, w, ran.into_iter(), keys_touched, counted);
 }
 
 /// SQLite rolled the whole transaction back (it may on a full disk): what
 /// ran before is undone, and what would run now would commit on its own.
 /// Nothing of the batch is stored: each operation, run or not, is told so.
-fn undone(w: &mut Writer, keys_touched: bool, ran: Vec<Op>, not_run: std::vec::Drain<'_, Op>) {
+fn undone(
+    w: &mut Writer,
+    keys_touched: bool,
+    counted: Counted,
+    ran: Vec<Op>,
+    not_run: std::vec::Drain<'_, Op>,
+) {
     if keys_touched {
         w.keys.distrust();
     }
+    counted.put_back(w);
     w.space.promised_stale = true;
-    // The paused set may hold a pause or resume undone: read again.
-    w.paused_read_at = None;
     let err = QueueError::Unavailable("the store rolled a transaction back (disk full?)".into());
     tracing::error!(error = %err, not_run = not_run.len(), "store: nothing of this batch was acknowledged");
     for op in ran.into_iter().chain(not_run) {
@@ -492,11 +498,18 @@ fn undone(w: &mut Writer, keys_touched: bool, ran: Vec<Op>, not_run: std::vec::D
 
 /// Commits the batch and answers its operations: after the commit, so that
 /// a 200 never precedes durability.
-fn commit(conn: &Db<'_>, w: &mut Writer, ran: impl Iterator<Item = Op>, keys_touched: bool) {
+/// When the commit fails, what the batch counted in memory is put back.
+fn commit(
+    conn: &Db<'_>,
+    w: &mut Writer,
+    ran: impl Iterator<Item = Op>,
+    keys_touched: bool,
+    counted: Counted,
+) {
     let commit = conn.exec(Held::Commit).map_err(|e| {
         let _ = conn.execute_batch("ROLLBACK");
+        counted.put_back(w);
         w.space.promised_stale = true;
-        w.paused_read_at = None;
         if keys_touched {
             w.keys.distrust();
         }
