@@ -462,6 +462,13 @@ fn run_apart(conn: &Db<'_>, w: &mut Writer, batch: &mut Vec<Op>, counted: Counte
         };
         if let Err(e) = end {
             tracing::error!(error = %store_error(&e), "store: savepoint");
+            if !done {
+                // The failed operation's writes may still stand, and would
+                // be committed with an error answered (a retry stored
+                // twice, its dedup record undone): the whole batch goes.
+                let _ = conn.execute_batch("ROLLBACK");
+                return undone(w, keys_touched, counted, ran, ops);
+            }
         }
         if conn.is_autocommit() {
             // The savepoint's end failed and took the transaction with it: a
