@@ -55,8 +55,8 @@ pub struct Admin {
     pub listen: std::net::SocketAddr,
     /// The relay's destinations (SPEC §7), as last (re)loaded.
     pub destinations: Arc<crate::current::Current<crate::destination::DestinationSet>>,
-    /// The running pools' lines for a pause told here.
-    pub pauses: crate::delivery::PauseBoard,
+    /// The running pools' lines: a pause told here, a wake for jobs made ready.
+    pub board: crate::delivery::PoolBoard,
 }
 
 pub fn router(state: Arc<Admin>) -> Router {
@@ -288,7 +288,10 @@ async fn show_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Respon
 
 async fn retry_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
     match s.queue.retry(&id).await {
-        Ok(()) => Json(json!({ "retried": 1, "jobId": id })).into_response(),
+        Ok(()) => {
+            s.board.wake(None);
+            Json(json!({ "retried": 1, "jobId": id })).into_response()
+        }
         Err(e) => queue_error(e),
     }
 }
@@ -316,14 +319,21 @@ async fn retry_all(State(s): State<Arc<Admin>>, Query(q): Query<RetryAllQuery>) 
         }
     }
     match s.queue.retry_all_failed_for(destination.as_ref()).await {
-        Ok(n) => Json(json!({ "retried": n })).into_response(),
+        Ok(n) => {
+            s.board.wake(destination.as_ref());
+            Json(json!({ "retried": n })).into_response()
+        }
         Err(e) => queue_error(e),
     }
 }
 
 async fn remove_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
     match s.queue.remove(&id).await {
-        Ok(()) => Json(json!({ "removed": 1, "jobId": id })).into_response(),
+        Ok(()) => {
+            // A removed job may have held its ordered key's later jobs.
+            s.board.wake(None);
+            Json(json!({ "removed": 1, "jobId": id })).into_response()
+        }
         Err(e) => queue_error(e),
     }
 }
@@ -410,7 +420,7 @@ async fn set_paused(s: &Admin, name: &str, paused: bool) -> Response {
     // This relay's pools stop starting before the answer; on a store other
     // relays share, the answer waits out their pause lease too (SPEC §7:
     // once a pause is answered, no new attempt starts on any relay).
-    s.pauses.tell(name, paused).await;
+    s.board.tell(name, paused).await;
     if paused && s.queue.shared_by_relays() {
         tokio::time::sleep(s.queue.pause_lease() + PAUSE_MARGIN).await;
     }

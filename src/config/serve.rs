@@ -104,6 +104,7 @@ impl ServeConfig {
                 verify_events: None,
                 test_fault: None,
                 clock: Default::default(),
+                idle_poll: crate::delivery::IDLE_POLL,
             },
             admin: AdminSettings {
                 listen: def(d::ADMIN_LISTEN),

@@ -17,8 +17,7 @@ use super::attempt::{deliver, Done, Verdict};
 use super::circuit::{Phase, Signal};
 use super::machine::{Action, Machine, Settings};
 use super::{
-    handoff, target, DeliveryConfig, InFlight, Pool, PoolRunning, SendGate, TestFault, IDLE_POLL,
-    MAX_CLAIM,
+    handoff, target, DeliveryConfig, InFlight, Pool, PoolRunning, SendGate, TestFault, MAX_CLAIM,
 };
 use crate::cognigy::CognigyClient;
 use crate::queue::{
@@ -33,38 +32,47 @@ pub struct PauseNote {
     pub ack: oneshot::Sender<()>,
 }
 
-/// Each running pool's line for pauses told by this relay's admin, by
+/// Each running pool's lines for what this relay's admin tells it, by
 /// destination (a reload may run an old and a new pool of one name a
-/// moment).
+/// moment): a pause or resume, and a wake when the admin made jobs ready.
 #[derive(Debug, Clone, Default)]
-pub struct PauseBoard(Arc<Mutex<HashMap<DestinationName, Vec<mpsc::UnboundedSender<PauseNote>>>>>);
+pub struct PoolBoard(Arc<Mutex<HashMap<DestinationName, Vec<PoolLine>>>>);
 
-impl PauseBoard {
+#[derive(Debug, Clone)]
+struct PoolLine {
+    pauses: mpsc::UnboundedSender<PauseNote>,
+    wake: Arc<Notify>,
+}
+
+impl PoolBoard {
     pub(crate) fn join(
         &self,
         destination: &DestinationName,
-        line: mpsc::UnboundedSender<PauseNote>,
+        pauses: mpsc::UnboundedSender<PauseNote>,
+        wake: Arc<Notify>,
     ) {
         let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let lines = board.entry(destination.clone()).or_default();
-        lines.retain(|l| !l.is_closed());
-        lines.push(line);
+        lines.retain(|l| !l.pauses.is_closed());
+        lines.push(PoolLine { pauses, wake });
+    }
+
+    /// `destination`'s running pools' lines (those of ended pools dropped).
+    fn lines(&self, destination: &DestinationName) -> Vec<PoolLine> {
+        let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = board.entry(destination.clone()).or_default();
+        lines.retain(|l| !l.pauses.is_closed());
+        lines.clone()
     }
 
     /// Tells `destination`'s running pools of a pause (or resume) and waits
     /// until each has stopped starting deliveries (and given back what it
     /// held), at most 2 s.
     pub async fn tell(&self, destination: &DestinationName, paused: bool) {
-        let lines: Vec<_> = {
-            let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            let lines = board.entry(destination.clone()).or_default();
-            lines.retain(|l| !l.is_closed());
-            lines.clone()
-        };
         let mut acks = Vec::new();
-        for line in lines {
+        for line in self.lines(destination) {
             let (ack, heard) = oneshot::channel();
-            if line.send(PauseNote { paused, ack }).is_ok() {
+            if line.pauses.send(PauseNote { paused, ack }).is_ok() {
                 acks.push(heard);
             }
         }
@@ -74,6 +82,20 @@ impl PauseBoard {
             }
         })
         .await;
+    }
+
+    /// Wakes `destination`'s running pools (every pool's for `None`), so
+    /// that jobs the admin made ready (a retry, a removed job that held an
+    /// ordered key) are claimed now, not at the next idle poll.
+    pub fn wake(&self, destination: Option<&DestinationName>) {
+        let board = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = board
+            .iter()
+            .filter(|(name, _)| destination.is_none_or(|d| d == *name))
+            .flat_map(|(_, lines)| lines);
+        for line in lines.filter(|l| !l.pauses.is_closed()) {
+            line.wake.notify_one();
+        }
     }
 }
 
@@ -182,7 +204,7 @@ impl Dispatch {
             prefetch: (concurrency * 2).min(MAX_CLAIM),
             rate_limit: cfg.destination.rate_limit,
             circuit: cfg.destination.circuit,
-            idle_poll_ms: IDLE_POLL.as_millis() as i64,
+            idle_poll_ms: cfg.pool.idle_poll.as_millis() as i64,
             pause_lease_ms: queue.pause_lease().as_millis() as i64,
         });
         let pool = Arc::new(Pool {

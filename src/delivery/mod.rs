@@ -27,7 +27,7 @@ mod attempt;
 mod dispatcher;
 pub mod machine;
 
-pub use dispatcher::{run, PauseBoard, PauseNote};
+pub use dispatcher::{run, PauseNote, PoolBoard};
 
 use foldhash::HashSet;
 use std::sync::{Arc, Mutex};
@@ -43,7 +43,7 @@ use signing::TargetSigningKey;
 /// Most jobs claimed in one round trip to the store.
 const MAX_CLAIM: usize = 256;
 /// How long an idle dispatcher waits before looking at the store again.
-const IDLE_POLL: Duration = Duration::from_secs(1);
+pub const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Bytes of a target's answer kept in the attempt history.
 const ERROR_SNIPPET: usize = 200;
 
@@ -127,6 +127,10 @@ pub struct PoolSettings {
     pub test_fault: Option<TestFault>,
     /// Where the pool reads the time (the system's; tests step their own).
     pub clock: crate::time::Clock,
+    /// How long an idle pool waits before looking at the store again
+    /// ([`IDLE_POLL`]): what it is not told of (another process's retry, a
+    /// job of another relay's Redis) waits this long at most.
+    pub idle_poll: Duration,
 }
 
 /// What [`run`] takes: the destination, the pool, and where renewals run.

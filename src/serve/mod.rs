@@ -87,13 +87,13 @@ pub async fn run_with_queue(
     let delivery_rt = DeliveryRuntime::new(cfg.pool.nice)?;
     let accepting = Arc::new(AtomicBool::new(true));
     let metrics = Arc::new(Metrics::default());
-    let pauses = crate::delivery::PauseBoard::default();
+    let board = crate::delivery::PoolBoard::default();
     let (mut pools, mut ended) = Pools::new(
         queue.clone(),
         cfg.pool.clone(),
         metrics.clone(),
         delivery_rt.handle(),
-        pauses.clone(),
+        board.clone(),
     );
     let lanes = start_pools(&mut pools, &queue, &destinations).await;
     let ingress_state = ingress_state(&cfg, &queue, &destinations, lanes, &accepting, &metrics);
@@ -108,7 +108,7 @@ pub async fn run_with_queue(
         &accepting,
         admin_addr,
         &current_destinations,
-        pauses,
+        board,
     );
     let ingress_server = tokio::spawn(crate::tls::serve(
         ingress_listener,
@@ -204,7 +204,7 @@ async fn until_stopped(
 }
 
 /// The admin API's state: the queue, the metrics, the token, the
-/// destinations as reloaded, the pause board.
+/// destinations as reloaded, the pools' board.
 fn admin_state(
     cfg: &ServeConfig,
     queue: &Arc<Store>,
@@ -212,7 +212,7 @@ fn admin_state(
     accepting: &Arc<AtomicBool>,
     admin_addr: std::net::SocketAddr,
     current_destinations: &Arc<Current<DestinationSet>>,
-    pauses: crate::delivery::PauseBoard,
+    board: crate::delivery::PoolBoard,
 ) -> Arc<Admin> {
     Arc::new(Admin {
         queue: queue.clone(),
@@ -221,7 +221,7 @@ fn admin_state(
         accepting: accepting.clone(),
         listen: admin_addr,
         destinations: current_destinations.clone(),
-        pauses,
+        board,
     })
 }
 

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::delivery::handoff::{Handoff, Lane};
-use crate::delivery::{self, DeliveryConfig, PauseBoard, PoolSettings};
+use crate::delivery::{self, DeliveryConfig, PoolBoard, PoolSettings};
 use crate::destination::Destination;
 use crate::metrics::Metrics;
 use crate::queue::{DestinationName, Store};
@@ -38,7 +38,7 @@ struct Running {
 
 pub struct Pools {
     queue: Arc<Store>,
-    pauses: PauseBoard,
+    board: PoolBoard,
     pool: PoolSettings,
     metrics: Arc<Metrics>,
     /// Where the pools run (the delivery runtime's handle).
@@ -54,12 +54,12 @@ impl Pools {
         pool: PoolSettings,
         metrics: Arc<Metrics>,
         runtime: tokio::runtime::Handle,
-        pauses: PauseBoard,
+        board: PoolBoard,
     ) -> (Self, mpsc::UnboundedReceiver<Ended>) {
         let (ended, ended_rx) = mpsc::unbounded_channel();
         let pools = Self {
             queue,
-            pauses,
+            board,
             pool,
             metrics,
             runtime,
@@ -81,7 +81,7 @@ impl Pools {
         let wake = Arc::new(Notify::new());
         let (stop, stop_rx) = watch::channel(false);
         let (pause_line, pause_notes) = mpsc::unbounded_channel();
-        self.pauses.join(&d.name, pause_line);
+        self.board.join(&d.name, pause_line, wake.clone());
         let generation = self.next_generation;
         self.next_generation += 1;
         let run = delivery::run(

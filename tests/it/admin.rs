@@ -102,6 +102,29 @@ async fn retry_one_and_retry_all_deliver_once_the_target_recovers(b: Backend) {
     assert_eq!(last.header("x-delivery-attempt"), Some("1"));
 }
 
+/// A retry told to the admin is claimed at once: the pool is woken, not left
+/// to find the job at its next idle look at the store (here 10 minutes).
+async fn an_admin_retry_wakes_the_pool(b: Backend) {
+    let app = spawn_app_on(b, |c| {
+        c.delivery.attempts = 1;
+        c.pool.idle_poll = Duration::from_secs(600);
+    })
+    .await;
+    let ids = fail_n(&app, 3).await;
+    app.sink.set_default(Behaviour::status(200));
+    let r = app
+        .admin_post(&format!("/admin/jobs/{}/retry", ids[0]))
+        .await;
+    assert_eq!(r.status, 200);
+    app.wait_job(&ids[0], "completed", WAIT).await;
+    let r = app
+        .admin_post("/admin/jobs/retry?state=failed&destination=default")
+        .await;
+    assert_eq!(r.json["retried"], 2);
+    app.wait_counts(WAIT, |c| c["failed"] == 0 && c["completed"] == 3)
+        .await;
+}
+
 async fn remove_deletes_a_job(b: Backend) {
     let app = spawn_app_on(b, |c| c.delivery.attempts = 1).await;
     let ids = fail_n(&app, 2).await;

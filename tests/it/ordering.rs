@@ -526,6 +526,35 @@ async fn a_held_key_goes_on_when_the_command_line_removes_its_job(b: Backend) {
 }
 }
 
+both_backends! {
+/// A held key's failed job removed by the admin: the key's later events go
+/// on at once (the pool is woken; its idle look at the store is 10 minutes
+/// away here), in order.
+async fn a_held_key_goes_on_at_once_when_the_admin_removes_its_job(b: Backend) {
+    let app = spawn_app_on(b, |c| {
+        ordered_crm(c, "attempts = 1\non_failure = \"hold\"\n");
+        c.pool.idle_poll = Duration::from_secs(600);
+    })
+    .await;
+    app.sink.set_rule(Some(std::sync::Arc::new(|id: &str, _| {
+        (id == "bad-1").then(|| Behaviour::status(500))
+    })));
+    for id in ["bad-1", "bad-2", "bad-3"] {
+        assert_eq!(app.post_event(&in_session("bad", id)).await.status, 200);
+    }
+    let held = wait_held_keys(&app).await;
+    let blocking = held[0]["jobId"].as_str().expect("job").to_string();
+    assert_eq!(app.sink.received().len(), 1, "bad-1 only, the rest wait");
+    let removed = app.admin_delete(&format!("/admin/jobs/{blocking}")).await;
+    assert_eq!(removed.status, 200, "{}", removed.json);
+    assert!(
+        app.sink.wait_for(3, Duration::from_secs(30)).await,
+        "bad-2 and bad-3 once bad-1 is removed"
+    );
+    assert_eq!(received_ids(&app.sink), ["bad-1", "bad-2", "bad-3"]);
+}
+}
+
 /// Posts `body` signed until one of the relays on `ports` answers 200,
 /// starting with `ports[*at]` and moving on to the next when one does not
 /// answer (killed, or restarting), as a load balancer would; at most 60 s.
