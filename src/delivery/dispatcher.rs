@@ -57,12 +57,19 @@ impl PoolBoard {
         lines.push(PoolLine { pauses, wake });
     }
 
-    /// `destination`'s running pools' lines (those of ended pools dropped).
+    /// `destination`'s running pools' lines (those of ended pools, and a
+    /// destination's entry once all its pools ended, dropped).
     fn lines(&self, destination: &DestinationName) -> Vec<PoolLine> {
         let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let lines = board.entry(destination.clone()).or_default();
+        let Some(lines) = board.get_mut(destination) else {
+            return Vec::new();
+        };
         lines.retain(|l| !l.pauses.is_closed());
-        lines.clone()
+        let lines = lines.clone();
+        if lines.is_empty() {
+            board.remove(destination);
+        }
+        lines
     }
 
     /// Tells `destination`'s running pools of a pause (or resume) and waits
@@ -88,14 +95,16 @@ impl PoolBoard {
     /// that jobs the admin made ready (a retry, a removed job that held an
     /// ordered key) are claimed now, not at the next idle poll.
     pub fn wake(&self, destination: Option<&DestinationName>) {
-        let board = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let lines = board
-            .iter()
-            .filter(|(name, _)| destination.is_none_or(|d| d == *name))
-            .flat_map(|(_, lines)| lines);
-        for line in lines.filter(|l| !l.pauses.is_closed()) {
-            line.wake.notify_one();
-        }
+        let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        board.retain(|name, lines| {
+            lines.retain(|l| !l.pauses.is_closed());
+            if destination.is_none_or(|d| d == name) {
+                for line in lines.iter() {
+                    line.wake.notify_one();
+                }
+            }
+            !lines.is_empty()
+        });
     }
 }
 
@@ -557,5 +566,46 @@ async fn join_opt<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task:
     match task {
         Some(h) => h.await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wake reaches the running pools it names, and an ended pool's line
+    /// (a destination reloaded away) is dropped from the board.
+    #[tokio::test]
+    async fn a_wake_reaches_the_named_running_pools_and_ended_ones_leave_the_board() {
+        let board = PoolBoard::default();
+        let (a, b) = (DestinationName::known("a"), DestinationName::known("b"));
+        let (a_line, _a_notes) = mpsc::unbounded_channel();
+        let (b_line, b_notes) = mpsc::unbounded_channel();
+        let (a_wake, b_wake) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        board.join(&a, a_line, a_wake.clone());
+        board.join(&b, b_line, b_wake.clone());
+        let woken = |n: &Arc<Notify>| {
+            let n = n.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), n.notified())
+                    .await
+                    .is_ok()
+            }
+        };
+
+        board.wake(Some(&a));
+        assert!(woken(&a_wake).await, "a is woken");
+        // A permit is stored at once, so a zero wait sees one if it is there
+        // (`timeout` polls the future before its clock).
+        let has_permit = tokio::time::timeout(Duration::ZERO, b_wake.notified()).await;
+        assert!(has_permit.is_err(), "b is not");
+        board.wake(None);
+        assert!(woken(&a_wake).await && woken(&b_wake).await, "every pool");
+
+        drop(b_notes);
+        board.wake(None);
+        let names: Vec<_> = board.0.lock().expect("board").keys().cloned().collect();
+        assert_eq!(names, [a], "b's pool ended: its entry is gone");
+        assert!(board.lines(&b).is_empty());
     }
 }

@@ -10,7 +10,8 @@
 //! * **Claims.** Up to `prefetch` jobs are leased ahead of a free worker,
 //!   one claim at a time. A claim that came back short rests the pool until
 //!   the store's next due time, a wake-up (the ingress stored a job, a retry
-//!   was written back) or `idle_poll`, whichever is first.
+//!   was written back, the admin retried or removed a job) or `idle_poll`,
+//!   whichever is first. A claim that failed rests 1 s (at most `idle_poll`).
 //! * **Starts.** At most `concurrency` deliveries at once, at most
 //!   `rate_limit` started in any 1.05 s, only while the circuit lets
 //!   ([`circuit`](super::circuit)) and the pause lease holds (below).
@@ -113,6 +114,9 @@ pub struct Machine {
 /// The rate limit's window, 5% longer than a second (see `window.rs`).
 const RATE_WINDOW_MS: i64 = 1050;
 
+/// How long a failed claim or look at the pause rests the pool, at most.
+const ERROR_REST_MS: i64 = 1000;
+
 impl Machine {
     pub fn new(s: Settings) -> Self {
         Self {
@@ -203,7 +207,7 @@ impl Machine {
         let claimed = match result {
             Ok(c) => c,
             Err(_) => {
-                self.rest_until = Some(now.saturating_add(self.s.idle_poll_ms));
+                self.rest_until = Some(now.saturating_add(self.error_rest_ms()));
                 return;
             }
         };
@@ -252,7 +256,7 @@ impl Machine {
             Ok(paused) => self.pause_word(paused, asked_at, now),
             // No word: starts stop when the lease runs out; look again in a
             // while (a store that fails at once is not asked in a loop).
-            Err(_) => self.check_after = now.saturating_add(self.s.idle_poll_ms),
+            Err(_) => self.check_after = now.saturating_add(self.error_rest_ms()),
         }
     }
 
@@ -319,8 +323,16 @@ impl Machine {
         }
     }
 
+    /// How long a store that failed a claim or a look at the pause is left
+    /// alone: 1 s, or the idle poll if shorter (a longer idle poll does not
+    /// leave a failed claim that long).
+    fn error_rest_ms(&self) -> i64 {
+        self.s.idle_poll_ms.min(ERROR_REST_MS)
+    }
+
     /// Something may be due in the store (the ingress stored a job, a retry
-    /// was written back): end a claim's rest.
+    /// was written back, the admin retried or removed a job): end a claim's
+    /// rest.
     pub fn woken(&mut self) {
         if !self.paused {
             self.rest_until = None;

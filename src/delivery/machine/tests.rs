@@ -118,6 +118,35 @@ fn claims_ahead_starts_up_to_the_concurrency_and_rests_when_short() {
     );
 }
 
+/// A long idle poll rests an idle pool that long, but a failed claim only
+/// 1 s: a store that failed once is asked again soon.
+#[test]
+fn a_failed_claim_rests_a_second_whatever_the_idle_poll() {
+    let mut m = Machine::new(Settings {
+        idle_poll_ms: 600_000,
+        ..settings(2)
+    });
+    // The claims only (the pause lease's refreshes go on beside them).
+    let claims = |m: &mut Machine, now: i64| -> Vec<String> {
+        let actions = m.poll(now);
+        kinds(&actions)
+            .into_iter()
+            .filter(|k| k.starts_with("claim"))
+            .collect()
+    };
+    assert_eq!(claims(&mut m, 0), ["claim 4 Due"]);
+    m.claimed(Err("database is locked".into()), 4, 0, None, 5);
+    assert_eq!(claims(&mut m, 900), Vec::<String>::new(), "resting");
+    assert_eq!(claims(&mut m, 1005), ["claim 4 Due"], "asked again");
+    m.claimed(Ok(claimed(1..1)), 4, 1005, None, 1010);
+    assert_eq!(
+        claims(&mut m, 500_000),
+        Vec::<String>::new(),
+        "an empty answer rests the idle poll"
+    );
+    assert_eq!(claims(&mut m, 601_010), ["claim 4 Due"]);
+}
+
 /// A wake-up while a claim is out (an ordered key's job was written back
 /// after the claim read the store) is not lost: a short answer then does
 /// not rest, and the pool claims again at once.
