@@ -52,9 +52,15 @@ impl PoolBoard {
         wake: Arc<Notify>,
     ) {
         let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let lines = board.entry(destination.clone()).or_default();
-        lines.retain(|l| !l.pauses.is_closed());
-        lines.push(PoolLine { pauses, wake });
+        // Ended pools leave (a destination reloaded away leaves with them).
+        board.retain(|_, lines| {
+            lines.retain(|l| !l.pauses.is_closed());
+            !lines.is_empty()
+        });
+        board
+            .entry(destination.clone())
+            .or_default()
+            .push(PoolLine { pauses, wake });
     }
 
     /// `destination`'s running pools' lines (those of ended pools, and a
@@ -213,7 +219,7 @@ impl Dispatch {
             prefetch: (concurrency * 2).min(MAX_CLAIM),
             rate_limit: cfg.destination.rate_limit,
             circuit: cfg.destination.circuit,
-            idle_poll_ms: cfg.pool.idle_poll.as_millis() as i64,
+            idle_poll_ms: i64::try_from(cfg.pool.idle_poll.as_millis()).unwrap_or(i64::MAX),
             pause_lease_ms: queue.pause_lease().as_millis() as i64,
         });
         let pool = Arc::new(Pool {

@@ -325,9 +325,9 @@ impl Machine {
 
     /// How long a store that failed a claim or a look at the pause is left
     /// alone: 1 s, or the idle poll if shorter (a longer idle poll does not
-    /// leave a failed claim that long).
+    /// leave a failed claim that long), at least 10 ms (not a loop).
     fn error_rest_ms(&self) -> i64 {
-        self.s.idle_poll_ms.min(ERROR_REST_MS)
+        self.s.idle_poll_ms.clamp(10, ERROR_REST_MS)
     }
 
     /// Something may be due in the store (the ingress stored a job, a retry
