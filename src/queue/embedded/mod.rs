@@ -81,7 +81,8 @@
 //! # Bounded size
 //!
 //! * The WAL: a PASSIVE checkpoint on the second connection copies frames into
-//!   the main file every 500 ms, but under continuous writes it never catches
+//!   the main file every 500 ms, or as soon as ~1 MiB was written (see
+//!   `writer.rs` `Cadence`), but under continuous writes it never catches
 //!   up, and the WAL can only start over from its beginning once a checkpoint
 //!   has copied all of it. So when the WAL passes [`WAL_RESTART_BYTES`] (or a
 //!   quarter of `COGRELAY_MAX_DB_BYTES`, or a 64th of the file system), the
@@ -290,8 +291,14 @@ impl EmbeddedQueue {
 
         let (tx, rx) = mpsc::channel::<Op>(64 * 1024);
         let stop_checkpoints = Arc::new(AtomicBool::new(false));
+        let committed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let checkpointer = if relay {
-            spawn_checkpointer(path.clone(), opts.fsync, stop_checkpoints.clone())
+            spawn_checkpointer(
+                path.clone(),
+                opts.fsync,
+                stop_checkpoints.clone(),
+                committed.clone(),
+            )
         } else {
             None
         };
@@ -316,6 +323,7 @@ impl EmbeddedQueue {
             paused_read_at: None,
             // Read in the first batch.
             keys: Keys::new(relay),
+            committed,
         };
         if relay {
             writer.space.promised = promised_bytes(&conn).map_err(sqlite_err)?;

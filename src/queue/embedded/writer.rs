@@ -2,6 +2,7 @@
 //! WAL checkpoints, the maintenance, and the insert of a new job.
 
 use std::cell::RefCell;
+use std::sync::atomic::AtomicU64;
 
 use rusqlite::Statement;
 
@@ -135,6 +136,8 @@ pub(super) struct Writer {
     pub(super) paused_read_at: Option<Instant>,
     /// The ordered keys' jobs (the relay's; a tool's is empty): `keys.rs`.
     pub(super) keys: Keys,
+    /// Operations committed, for the checkpointer's [`Cadence`].
+    pub(super) committed: Arc<AtomicU64>,
 }
 
 /// How stale the paused set may be for the ingest's choice of a handoff: a
@@ -217,11 +220,14 @@ pub(super) fn open_connection(path: &Path, fsync: Fsync) -> rusqlite::Result<Con
 }
 
 /// Checkpoints the WAL into the main file off the commit path, until `stop`
-/// (looked at every 50 ms, so that a closed store is soon left alone).
+/// (looked at every 50 ms at most, so that a closed store is soon left
+/// alone), as often as [`Cadence`] says from `committed`, the writer's count
+/// of committed operations.
 pub(super) fn spawn_checkpointer(
     path: PathBuf,
     fsync: Fsync,
     stop: Arc<AtomicBool>,
+    committed: Arc<AtomicU64>,
 ) -> Option<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("cogrelay-checkpoint".into())
@@ -229,11 +235,13 @@ pub(super) fn spawn_checkpointer(
             let Ok(conn) = open_connection(&path, fsync) else {
                 return;
             };
-            let mut slept = 0;
+            let mut cadence = Cadence::default();
             while !stop.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(50));
-                slept += 1;
-                if slept % 10 != 0 || stop.load(Ordering::Acquire) {
+                let tick = cadence.tick();
+                std::thread::sleep(tick);
+                if !cadence.looked(tick, committed.load(Ordering::Relaxed))
+                    || stop.load(Ordering::Acquire)
+                {
                     continue;
                 }
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
@@ -242,6 +250,49 @@ pub(super) fn spawn_checkpointer(
             }
         })
         .ok()
+}
+
+/// When the WAL is checkpointed: every 500 ms, and sooner once the writer
+/// has committed [`Cadence::OPS`] operations since the last checkpoint
+/// (looked at every 10 ms while that is what triggers them, else every 50
+/// ms). Under continuous writes the WAL cannot start over (see "Bounded
+/// size" in the module doc of [`super`]), and the writer's RESTART between
+/// two batches copies what these checkpoints have not: the more of it they
+/// copied, the shorter that stall of the commits (the ack p99 at 32
+/// connections: docs/benchmark.md). A light load (or a relay slowed down by
+/// a profiler) keeps the 500 ms: each checkpoint copies its pages once.
+#[derive(Debug, Default)]
+pub(super) struct Cadence {
+    /// The writer's count at the last checkpoint.
+    seen: u64,
+    /// Since the last checkpoint.
+    waited: Duration,
+    /// The last checkpoint came for the operations, not the time.
+    busy: bool,
+}
+
+impl Cadence {
+    /// About 250 events (an ingest and a finish each): ~1 MiB of WAL.
+    pub(super) const OPS: u64 = 512;
+    pub(super) const EVERY: Duration = Duration::from_millis(500);
+
+    pub(super) fn tick(&self) -> Duration {
+        Duration::from_millis(if self.busy { 10 } else { 50 })
+    }
+
+    /// After a sleep of `tick`, with the writer's count now: whether to
+    /// checkpoint.
+    pub(super) fn looked(&mut self, tick: Duration, committed: u64) -> bool {
+        self.waited += tick;
+        let grown = committed.wrapping_sub(self.seen) >= Self::OPS;
+        if !grown && self.waited < Self::EVERY {
+            return false;
+        }
+        self.busy = grown;
+        self.seen = committed;
+        self.waited = Duration::ZERO;
+        true
+    }
 }
 
 pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receiver<Op>) {
@@ -524,8 +575,13 @@ fn commit(
         tracing::error!(error = %err, "store: commit failed; nothing of this batch was acknowledged");
         err
     });
+    let mut n = 0;
     for op in ran {
         op.answer(commit.clone());
+        n += 1;
+    }
+    if commit.is_ok() {
+        w.committed.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -970,4 +1026,43 @@ fn remember(conn: &Db<'_>, event: &Event, jobs: &[JobRef], expires_at_ms: i64) -
     })
     .map_err(sql_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Cadence;
+
+    /// Checkpoints every 500 ms under a light load; once 512 operations were
+    /// committed since the last one, at the next look, and looks every 10 ms
+    /// while that goes on.
+    #[test]
+    fn checkpoints_follow_the_writes_and_keep_500_ms_under_a_light_load() {
+        let mut c = Cadence::default();
+        let mut at = 0;
+        // A light load: 100 operations a second.
+        let mut checkpoints = Vec::new();
+        for _ in 0..40 {
+            let tick = c.tick();
+            at += tick.as_millis() as u64;
+            if c.looked(tick, at / 10) {
+                checkpoints.push(at);
+            }
+        }
+        assert_eq!(checkpoints, [500, 1000, 1500, 2000], "every 500 ms");
+        assert_eq!(c.tick(), Duration::from_millis(50));
+        // 512 more operations: at the next look, then every 10 ms.
+        let base = at / 10;
+        assert!(c.looked(c.tick(), base + 512), "grown: now");
+        assert_eq!(c.tick(), Duration::from_millis(10));
+        assert!(!c.looked(c.tick(), base + 1000), "488 more: not yet");
+        assert!(c.looked(c.tick(), base + 1024));
+        // The burst is over: back to 500 ms, looked at every 50 ms.
+        let mut looks = 0;
+        while !c.looked(c.tick(), base + 1024) {
+            looks += 1;
+        }
+        assert!(looks > 0 && c.tick() == Duration::from_millis(50));
+    }
 }
