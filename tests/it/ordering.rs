@@ -507,23 +507,35 @@ both_backends! {
 /// relay reads its keys again.)
 async fn a_held_key_goes_on_when_the_command_line_removes_its_job(b: Backend) {
     let app = ordered_relay(b, "attempts = 1\non_failure = \"hold\"\n").await;
+    let blocking = hold_a_key(&app).await;
+    let removed = crate::jobs_cli::cli(&app, &["jobs", "remove", &blocking]).await;
+    assert_eq!(removed.code, 0, "{}", removed.stderr);
+    assert_the_key_went_on(&app).await;
+}
+}
+
+/// Three events of session "bad" of which the first fails (under `attempts
+/// = 1`, `on_failure = "hold"`): the key is held, the rest wait. Gives the
+/// blocking job's id.
+async fn hold_a_key(app: &TestApp) -> String {
     app.sink.set_rule(Some(std::sync::Arc::new(|id: &str, _| {
         (id == "bad-1").then(|| Behaviour::status(500))
     })));
     for id in ["bad-1", "bad-2", "bad-3"] {
         assert_eq!(app.post_event(&in_session("bad", id)).await.status, 200);
     }
-    let held = wait_held_keys(&app).await;
-    let blocking = held[0]["jobId"].as_str().expect("job").to_string();
+    let held = wait_held_keys(app).await;
     assert_eq!(app.sink.received().len(), 1, "bad-1 only, the rest wait");
-    let removed = crate::jobs_cli::cli(&app, &["jobs", "remove", &blocking]).await;
-    assert_eq!(removed.code, 0, "{}", removed.stderr);
+    held[0]["jobId"].as_str().expect("job").to_string()
+}
+
+/// Once the blocking job is gone, the held key's other events arrive, in order.
+async fn assert_the_key_went_on(app: &TestApp) {
     assert!(
         app.sink.wait_for(3, Duration::from_secs(30)).await,
         "bad-2 and bad-3 once bad-1 is removed"
     );
     assert_eq!(received_ids(&app.sink), ["bad-1", "bad-2", "bad-3"]);
-}
 }
 
 both_backends! {
@@ -536,22 +548,10 @@ async fn a_held_key_goes_on_at_once_when_the_admin_removes_its_job(b: Backend) {
         c.pool.idle_poll = Duration::from_secs(600);
     })
     .await;
-    app.sink.set_rule(Some(std::sync::Arc::new(|id: &str, _| {
-        (id == "bad-1").then(|| Behaviour::status(500))
-    })));
-    for id in ["bad-1", "bad-2", "bad-3"] {
-        assert_eq!(app.post_event(&in_session("bad", id)).await.status, 200);
-    }
-    let held = wait_held_keys(&app).await;
-    let blocking = held[0]["jobId"].as_str().expect("job").to_string();
-    assert_eq!(app.sink.received().len(), 1, "bad-1 only, the rest wait");
+    let blocking = hold_a_key(&app).await;
     let removed = app.admin_delete(&format!("/admin/jobs/{blocking}")).await;
     assert_eq!(removed.status, 200, "{}", removed.json);
-    assert!(
-        app.sink.wait_for(3, Duration::from_secs(30)).await,
-        "bad-2 and bad-3 once bad-1 is removed"
-    );
-    assert_eq!(received_ids(&app.sink), ["bad-1", "bad-2", "bad-3"]);
+    assert_the_key_went_on(&app).await;
 }
 }
 
