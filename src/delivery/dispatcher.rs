@@ -387,7 +387,7 @@ impl Dispatch {
             Err(e) => (Err(QueueError::Unavailable(e.to_string())), 0, now),
         };
         let result = result.map_err(|e| {
-            tracing::warn!(destination = %self.name, error = %e, "cannot claim jobs; trying again in 1 s");
+            tracing::warn!(destination = %self.name, error = %e, "cannot claim jobs; trying again in a second");
             e.to_string()
         });
         if let Ok(c) = &result {

@@ -11,7 +11,8 @@
 //!   one claim at a time. A claim that came back short rests the pool until
 //!   the store's next due time, a wake-up (the ingress stored a job, a retry
 //!   was written back, the admin retried or removed a job) or `idle_poll`,
-//!   whichever is first. A claim that failed rests 1 s (at most `idle_poll`).
+//!   whichever is first. A claim that failed rests 1 s (or `idle_poll` if
+//!   shorter, but at least 10 ms).
 //! * **Starts.** At most `concurrency` deliveries at once, at most
 //!   `rate_limit` started in any 1.05 s, only while the circuit lets
 //!   ([`circuit`](super::circuit)) and the pause lease holds (below).

@@ -336,11 +336,16 @@ impl EmbeddedQueue {
         std::thread::Builder::new()
             .name("cogrelay-store".into())
             .spawn(move || {
-                writer_loop(conn, writer, rx);
-                stop_checkpoints.store(true, Ordering::Release);
-                if let Some(c) = checkpointer {
-                    let _ = c.join();
-                }
+                let mut checkpointer = checkpointer;
+                let mut stop = || {
+                    stop_checkpoints.store(true, Ordering::Release);
+                    if let Some(c) = checkpointer.take() {
+                        let _ = c.join();
+                    }
+                };
+                writer_loop(conn, writer, rx, &mut stop);
+                // Closed without a `close` (every sender dropped).
+                stop();
                 let _ = gone_tx.send(());
             })
             .map_err(|e| EmbeddedOpenError::Lock(path.clone(), e))?;

@@ -144,11 +144,11 @@ impl Space {
         let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let mut wal = size(&self.wal_path);
         if wal > self.wal_restart_bytes {
-            // Busy (1) while the background checkpoint holds its lock: then
-            // again after the next batch, rather than the commits waiting.
+            // Busy (1), e.g. while the background checkpoint holds its lock,
+            // or readers outlast the busy timeout: again after the next batch.
             match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)) {
                 Ok(0) => wal = size(&self.wal_path),
-                Ok(_) => tracing::debug!("wal restart: busy, again after the next batch"),
+                Ok(_) => tracing::debug!("wal restart: busy; again after the next batch"),
                 Err(e) => tracing::debug!(error = %e, "wal restart"),
             }
         }

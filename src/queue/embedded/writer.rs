@@ -298,7 +298,16 @@ impl Cadence {
     }
 }
 
-pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receiver<Op>) {
+/// Runs the batches until the store is closed; `stop_checkpoints` (which
+/// stops and waits for the checkpointer) runs before the last checkpoint,
+/// so that the two do not meet there.
+pub(super) fn writer_loop(
+    conn: Connection,
+    mut w: Writer,
+    mut rx: mpsc::Receiver<Op>,
+    stop_checkpoints: impl FnOnce(),
+) {
+    let mut stop_checkpoints = Some(stop_checkpoints);
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
     let mut last_maintenance = Instant::now();
     let db = Db::new(&conn, w.begin);
@@ -324,6 +333,9 @@ pub(super) fn writer_loop(conn: Connection, mut w: Writer, mut rx: mpsc::Receive
             maintenance(&conn, &mut w);
         }
         if w.stop {
+            if let Some(stop) = stop_checkpoints.take() {
+                stop();
+            }
             if w.maintains {
                 let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
             }
