@@ -53,10 +53,7 @@ impl PoolBoard {
     ) {
         let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
         // Ended pools leave (a destination reloaded away leaves with them).
-        board.retain(|_, lines| {
-            lines.retain(|l| !l.pauses.is_closed());
-            !lines.is_empty()
-        });
+        board.retain(|_, lines| running(lines));
         board
             .entry(destination.clone())
             .or_default()
@@ -70,12 +67,10 @@ impl PoolBoard {
         let Some(lines) = board.get_mut(destination) else {
             return Vec::new();
         };
-        lines.retain(|l| !l.pauses.is_closed());
-        let lines = lines.clone();
-        if lines.is_empty() {
+        if !running(lines) {
             board.remove(destination);
         }
-        lines
+        board.get(destination).cloned().unwrap_or_default()
     }
 
     /// Tells `destination`'s running pools of a pause (or resume) and waits
@@ -103,15 +98,20 @@ impl PoolBoard {
     pub fn wake(&self, destination: Option<&DestinationName>) {
         let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
         board.retain(|name, lines| {
-            lines.retain(|l| !l.pauses.is_closed());
             if destination.is_none_or(|d| d == name) {
-                for line in lines.iter() {
+                for line in lines.iter().filter(|l| !l.pauses.is_closed()) {
                     line.wake.notify_one();
                 }
             }
-            !lines.is_empty()
+            running(lines)
         });
     }
+}
+
+/// Drops the lines of ended pools; whether any pool is left.
+fn running(lines: &mut Vec<PoolLine>) -> bool {
+    lines.retain(|l| !l.pauses.is_closed());
+    !lines.is_empty()
 }
 
 /// Runs the pool until `shutdown` turns true, then drains (see module doc).

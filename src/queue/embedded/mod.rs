@@ -82,8 +82,8 @@
 //!
 //! * The WAL: a PASSIVE checkpoint on the second connection copies frames into
 //!   the main file every 500 ms, or as soon as 512 operations were committed
-//!   since the last one (see `writer.rs` `Cadence`), but under continuous writes it never catches
-//!   up, and the WAL can only start over from its beginning once a checkpoint
+//!   since the last one (see `writer.rs` `Cadence`), but under continuous
+//!   writes it never catches up, and the WAL can only start over from its beginning once a checkpoint
 //!   has copied all of it. So when the WAL passes [`WAL_RESTART_BYTES`] (or a
 //!   quarter of `COGRELAY_MAX_DB_BYTES`, or a 64th of the file system), the
 //!   writer itself runs a RESTART checkpoint between two batches, when

@@ -253,19 +253,18 @@ pub(super) fn spawn_checkpointer(
 }
 
 /// When the WAL is checkpointed: every 500 ms, and sooner once the writer
-/// has committed [`Cadence::OPS`] operations since the last checkpoint
-/// (about 1 MiB of WAL under the benchmark's load; a count, not bytes: the
-/// maintenance's writes are not in it, and the 500 ms and the writer's
-/// RESTART cover what it misses)
-/// (looked at every 10 ms while that is what triggers them, else every 50
-/// ms). Under continuous writes the WAL cannot start over (see "Bounded
+/// has committed [`Cadence::OPS`] operations since the last checkpoint,
+/// looked at every 10 ms while that is what triggers them, else every 50
+/// ms. The count is of operations, not bytes (about 1 MiB of WAL under the
+/// benchmark's load; the maintenance's writes are not in it): the 500 ms
+/// and the writer's RESTART cover what it misses. Under continuous writes the WAL cannot start over (see "Bounded
 /// size" in the module doc of [`super`]), and the writer's RESTART between
 /// two batches copies what these checkpoints have not: the more of it they
 /// copied, the shorter that stall of the commits (the ack p99 at 32
 /// connections: docs/benchmark.md). A light load (or a relay slowed down by
 /// a profiler) keeps the 500 ms: each checkpoint copies its pages once.
 #[derive(Debug, Default)]
-pub(super) struct Cadence {
+struct Cadence {
     /// The writer's count at the last checkpoint.
     seen: u64,
     /// Since the last checkpoint.
@@ -276,16 +275,16 @@ pub(super) struct Cadence {
 
 impl Cadence {
     /// About 250 events (an ingest and a finish each).
-    pub(super) const OPS: u64 = 512;
-    pub(super) const EVERY: Duration = Duration::from_millis(500);
+    const OPS: u64 = 512;
+    const EVERY: Duration = Duration::from_millis(500);
 
-    pub(super) fn tick(&self) -> Duration {
+    fn tick(&self) -> Duration {
         Duration::from_millis(if self.busy { 10 } else { 50 })
     }
 
     /// After a sleep of `tick`, with the writer's count now: whether to
     /// checkpoint.
-    pub(super) fn looked(&mut self, tick: Duration, committed: u64) -> bool {
+    fn looked(&mut self, tick: Duration, committed: u64) -> bool {
         self.waited += tick;
         let grown = committed.wrapping_sub(self.seen) >= Self::OPS;
         if !grown && self.waited < Self::EVERY {
