@@ -290,18 +290,6 @@ impl EmbeddedQueue {
         )?;
 
         let (tx, rx) = mpsc::channel::<Op>(64 * 1024);
-        let stop_checkpoints = Arc::new(AtomicBool::new(false));
-        let committed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let checkpointer = if relay {
-            spawn_checkpointer(
-                path.clone(),
-                opts.fsync,
-                stop_checkpoints.clone(),
-                committed.clone(),
-            )
-        } else {
-            None
-        };
         let (gone_tx, gone) = oneshot::channel::<()>();
         let reader_clock = opts.clock.clone();
         let size = (space.shown.clone(), opts.max_db_bytes);
@@ -323,7 +311,7 @@ impl EmbeddedQueue {
             paused_read_at: None,
             // Read in the first batch.
             keys: Keys::new(relay),
-            committed,
+            committed: Default::default(),
         };
         if relay {
             writer.space.promised = promised_bytes(&conn).map_err(sqlite_err)?;
@@ -333,21 +321,7 @@ impl EmbeddedQueue {
             }
         }
         writer.space.watch(&conn);
-        std::thread::Builder::new()
-            .name("cogrelay-store".into())
-            .spawn(move || {
-                let mut checkpointer = checkpointer;
-                let mut stop = || {
-                    stop_checkpoints.store(true, Ordering::Release);
-                    if let Some(c) = checkpointer.take() {
-                        let _ = c.join();
-                    }
-                };
-                writer_loop(conn, writer, rx, &mut stop);
-                // Closed without a `close` (every sender dropped).
-                stop();
-                let _ = gone_tx.send(());
-            })
+        spawn_writer(conn, writer, rx, (&path, opts.fsync), gone_tx)
             .map_err(|e| EmbeddedOpenError::Lock(path.clone(), e))?;
         let reader = if relay {
             Some(spawn_reader(&path)?)

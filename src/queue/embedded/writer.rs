@@ -297,6 +297,45 @@ impl Cadence {
     }
 }
 
+/// Starts the store's writer thread (and, for the relay, its checkpointer),
+/// which answers `gone` once both have ended.
+pub(super) fn spawn_writer(
+    conn: Connection,
+    writer: Writer,
+    rx: mpsc::Receiver<Op>,
+    (path, fsync): (&Path, Fsync),
+    gone: tokio::sync::oneshot::Sender<()>,
+) -> std::io::Result<()> {
+    let stop_checkpoints = Arc::new(AtomicBool::new(false));
+    let mut checkpointer = if writer.maintains {
+        spawn_checkpointer(
+            path.to_path_buf(),
+            fsync,
+            stop_checkpoints.clone(),
+            writer.committed.clone(),
+        )
+    } else {
+        None
+    };
+    let stop_on_error = stop_checkpoints.clone();
+    std::thread::Builder::new()
+        .name("cogrelay-store".into())
+        .spawn(move || {
+            let mut stop = || {
+                stop_checkpoints.store(true, Ordering::Release);
+                if let Some(c) = checkpointer.take() {
+                    let _ = c.join();
+                }
+            };
+            writer_loop(conn, writer, rx, &mut stop);
+            // Closed without a `close` (every sender dropped).
+            stop();
+            let _ = gone.send(());
+        })
+        .map(|_| ())
+        .inspect_err(|_| stop_on_error.store(true, Ordering::Release))
+}
+
 /// Runs the batches until the store is closed; `stop_checkpoints` (which
 /// stops and waits for the checkpointer) runs before the last checkpoint,
 /// so that the two do not meet there.
