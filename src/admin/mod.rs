@@ -287,9 +287,10 @@ async fn show_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Respon
 }
 
 async fn retry_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
+    let destination = destination_of(&s, &id).await;
     match s.queue.retry(&id).await {
         Ok(()) => {
-            s.board.wake(None);
+            s.board.wake(destination.as_ref());
             Json(json!({ "retried": 1, "jobId": id })).into_response()
         }
         Err(e) => queue_error(e),
@@ -328,14 +329,22 @@ async fn retry_all(State(s): State<Arc<Admin>>, Query(q): Query<RetryAllQuery>) 
 }
 
 async fn remove_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
+    let destination = destination_of(&s, &id).await;
     match s.queue.remove(&id).await {
         Ok(()) => {
             // A removed job may have held its ordered key's later jobs.
-            s.board.wake(None);
+            s.board.wake(destination.as_ref());
             Json(json!({ "removed": 1, "jobId": id })).into_response()
         }
         Err(e) => queue_error(e),
     }
+}
+
+/// The destination of job `id`, whose pools a retry or a removal wakes;
+/// `None` (every pool) when it cannot be read. A job keeps its destination
+/// (a bundle's slot is read as its own job), so the read may come first.
+async fn destination_of(s: &Admin, id: &str) -> Option<DestinationName> {
+    s.queue.get(id).await.ok().map(|job| job.destination)
 }
 
 /// 404 for a destination that is neither configured nor in the queue (an

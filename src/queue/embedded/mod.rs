@@ -658,3 +658,40 @@ fn take_lock(data_dir: &Path) -> Result<File, EmbeddedOpenError> {
     }
     Ok(lock)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::{Access, EmbeddedOptions, EmbeddedQueue, Fsync};
+    use crate::queue::QueueSettings;
+    use crate::time::Clock;
+
+    /// The writer counts each operation it commits: the checkpointer's
+    /// cadence reads that count (`writer.rs` `Cadence`), and without it a
+    /// busy relay would checkpoint only every 500 ms.
+    #[tokio::test]
+    async fn the_writer_counts_what_it_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = EmbeddedQueue::open(EmbeddedOptions {
+            data_dir: dir.path().to_path_buf(),
+            fsync: Fsync::Off,
+            max_db_bytes: 0,
+            settings: QueueSettings {
+                dedup_ttl: Duration::from_secs(60),
+                remove_on_complete: 100,
+            },
+            access: Access::Relay,
+            clock: Clock::system(),
+        })
+        .unwrap();
+        let count = || q.call(|_, w| Ok(w.committed.load(Ordering::Relaxed)));
+        let before = count().await.unwrap();
+        for _ in 0..3 {
+            q.call(|_, _| Ok(())).await.unwrap();
+        }
+        // The first look's own operation, and the three.
+        assert_eq!(count().await.unwrap() - before, 4);
+    }
+}
