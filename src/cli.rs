@@ -584,7 +584,7 @@ pub struct ServeArgs {
     #[command(flatten, next_help_heading = "Queue")]
     pub store: StoreArgs,
 
-    /// Cap on the embedded store's size in bytes (0 = none). When reached, ingress
+    /// Cap on the embedded store's size in bytes (0 = none; else at least 1 MiB). When reached, ingress
     /// answers 503 instead of accepting what it could not keep.
     #[arg(help_heading = "Queue", long, env = "COGRELAY_MAX_DB_BYTES", default_value = defaults::MAX_DB_BYTES)]
     pub max_db_bytes: String,

@@ -157,6 +157,26 @@ pub struct Event {
     pub timestamp_ms: Option<i64>,
 }
 
+impl Event {
+    /// What the queue deduplicates by: the event key, unless an envelope's
+    /// ids hold a `-`. Then `cognigy-{botId}-{eventId}` (SPEC §3.1) names
+    /// more than one event (`bot-a` and `x`, `bot` and `a-x`), so the
+    /// store's record is `cognigy:{bytes of botId}:{botId}-{eventId}`, which
+    /// names one, and no event key begins that way. An envelope of ids
+    /// without `-` keeps its key; an endpoint output's key holds a digest of
+    /// its body (or a random id) and never names two.
+    pub fn dedup_id(&self) -> std::borrow::Cow<'_, str> {
+        match (&self.kind, &self.bot_id) {
+            (EventKind::Envelope, Some(bot))
+                if bot.contains('-') || self.event_id.contains('-') =>
+            {
+                format!("cognigy:{}:{bot}-{}", bot.len(), self.event_id).into()
+            }
+            _ => self.key.as_str().into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttemptOutcome {

@@ -239,11 +239,12 @@ async fn execute(
     Ok(out)
 }
 
-/// A destination's name as given on the command line, checked.
+/// A destination's name as given on the command line (`--destination`, or
+/// the NAME of `destinations pause`), checked.
 fn checked_name(raw: &str) -> Result<DestinationName, CliError> {
     DestinationName::parse(raw).ok_or_else(|| {
         CliError::Usage(format!(
-            "--destination {raw:?} is not valid: a destination's name is 1 to 32 of a-z, 0-9, - and _"
+            "{raw:?} is not a destination's name: a name is 1 to 32 of a-z, 0-9, - and _"
         ))
     })
 }
@@ -323,7 +324,10 @@ async fn destinations(
         // A relay running beside this command stops starting deliveries
         // within its pause lease: answered after it (SPEC §7).
         if !json {
-            eprintln!(
+            // Not `eprintln!`, which panics when stderr is closed.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
                 "pausing {name}: waiting {} s for any running relay to stop starting deliveries",
                 q.pause_lease().as_secs()
             );

@@ -11,6 +11,15 @@ use cogrelay::telemetry::{self, LogFormat};
 /// mimalloc: the relay allocates a little per request and per delivery on
 /// several threads, and glibc's malloc cost about 13% of its CPU under load.
 /// Built without transparent huge pages, which inflated RSS by about 60%.
+/// A line on stderr. One that cannot be written (stderr closed, as in
+/// `cogrelay register 2>&1 | head -1`) is dropped: `eprintln!` would panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -24,7 +33,7 @@ fn main() -> ExitCode {
         if !asks_help {
             return config_error(&e);
         }
-        eprintln!("warning: {e}");
+        say!("warning: {e}");
     }
     let cli = Cli::parse();
     let format = match cogrelay::config::log_format(cli.log_format.as_deref()) {
@@ -80,13 +89,13 @@ fn main() -> ExitCode {
 fn config_check(args: &cogrelay::cli::ServeArgs) -> ExitCode {
     let (checked, notes) = ServeConfig::check(args);
     for note in &notes {
-        eprintln!("{note}");
+        say!("{note}");
     }
     let cfg = match checked {
         Ok(c) => c,
         Err(problems) => {
             for p in &problems {
-                eprintln!("error: {p}");
+                say!("error: {p}");
             }
             return ExitCode::from(2);
         }
@@ -95,7 +104,7 @@ fn config_check(args: &cogrelay::cli::ServeArgs) -> ExitCode {
     match serde_json::to_string_pretty(&resolved) {
         Ok(text) => print_line(&text),
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             return ExitCode::from(1);
         }
     }
@@ -107,7 +116,7 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
     let cfg = match cogrelay::config::register_config(&args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             let audit = serde_json::json!({
                 "timestamp": cogrelay::time::rfc3339(cogrelay::time::now_ms()), "action": "WEBHOOK_REGISTRATION", "status": "FAILURE", "latencyMs": 0,
                 "details": { "error": e.to_string() },
@@ -123,7 +132,7 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
     let quiet = args.json;
     let progress: cogrelay::cognigy::Progress = std::sync::Arc::new(move |line: &str| {
         if !quiet {
-            eprintln!("{line}");
+            say!("{line}");
         }
     });
     let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
@@ -133,7 +142,7 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
     print_line(&outcome.audit.to_string());
     if outcome.exit_code != 0 {
         if let Some(err) = outcome.audit["details"]["error"].as_str() {
-            eprintln!("error: {err}");
+            say!("error: {err}");
         }
     }
     ExitCode::from(outcome.exit_code)
@@ -156,7 +165,7 @@ fn jobs(store: &cogrelay::cli::StoreArgs, op: cogrelay::jobs_cli::Op, json: bool
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             ExitCode::from(e.exit_code())
         }
     }
@@ -169,7 +178,7 @@ fn print_line(text: &str) {
     let mut out = std::io::stdout().lock();
     if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
-            eprintln!("error: cannot write the output: {e}");
+            say!("error: cannot write the output: {e}");
         }
     }
 }
@@ -180,6 +189,8 @@ async fn sim(port: u16, opts: cogrelay::sim::SimOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to listen on 127.0.0.1:{port} (--port)"))?;
     let sim = cogrelay::sim::Sim::new(opts);
+    // The port bound (`--port 0` takes a free one).
+    let port = listener.local_addr().map_or(port, |a| a.port());
     tracing::info!("Cognigy simulator on http://127.0.0.1:{port} (stats: GET /sim/stats; target sink: POST /events; gateway: POST /gateway)");
     tokio::select! {
         r = cogrelay::sim::serve(listener, sim) => r.context("simulator stopped")?,
@@ -194,7 +205,7 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runti
         .enable_all()
         .on_thread_park(give_memory_back)
         .build()
-        .map_err(|e| eprintln!("error: failed to start the async runtime: {e}"))
+        .map_err(|e| say!("error: failed to start the async runtime: {e}"))
         .ok()
 }
 
@@ -293,7 +304,7 @@ fn find_dotenv(dir: &std::path::Path) -> Result<std::path::PathBuf, ()> {
 }
 
 fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("error: {e}");
+    say!("error: {e}");
     ExitCode::from(2)
 }
 
@@ -304,7 +315,7 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say!("error: {e:#}");
             ExitCode::from(1)
         }
     }

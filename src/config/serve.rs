@@ -248,6 +248,14 @@ impl ServeConfig {
             &a.max_db_bytes,
             "a size in bytes (0 = no cap)",
         )?;
+        if (1..MIN_DB_BYTES).contains(&c.store.max_db_bytes) {
+            // Else the relay would start, say it is ready, and refuse every event.
+            return Err(bad(format!(
+                "COGRELAY_MAX_DB_BYTES={} is too small: an empty store takes about 200 KB; \
+                 use at least {MIN_DB_BYTES} (1 MiB), or 0 for no cap",
+                c.store.max_db_bytes
+            )));
+        }
         c.admin.listen = a.admin_listen.trim().parse().map_err(|_| {
             bad(format!(
                 "ADMIN_LISTEN={:?} is not valid: use ip:port, e.g. 127.0.0.1:3001",
@@ -569,6 +577,10 @@ impl ServeConfig {
     }
 }
 
+/// The smallest store cap (`COGRELAY_MAX_DB_BYTES`) other than none: an
+/// empty store and its reserve take a few hundred KB.
+pub const MIN_DB_BYTES: u64 = 1 << 20;
+
 /// The largest value of each numeric setting (the smallest is in each one's
 /// own rule): a day for a backoff, a lease, a cool-down; a week for a
 /// `Retry-After`; 30 days of dedup; a year of age; sizes a machine has.
@@ -654,6 +666,31 @@ mod tests {
                 err.contains(name) && err.contains(&format!("at most {max}")),
                 "{name}: {err}"
             );
+        }
+    }
+
+    /// A store cap too small to hold an empty store is refused at start,
+    /// not a relay that says it is ready and refuses every event.
+    #[test]
+    fn a_store_cap_below_a_mib_is_refused() {
+        for (cap, ok) in [
+            ("0", true),
+            ("1", false),
+            ("1048575", false),
+            ("1048576", true),
+        ] {
+            let mut args = OK.to_vec();
+            args.extend(["--max-db-bytes", cap]);
+            match parse(&args) {
+                Ok(_) => assert!(ok, "{cap} taken"),
+                Err(e) => {
+                    assert!(!ok, "{cap}: {e}");
+                    assert!(
+                        e.to_string().contains("at least 1048576 (1 MiB), or 0"),
+                        "{e}"
+                    );
+                }
+            }
         }
     }
 

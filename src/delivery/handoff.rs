@@ -15,7 +15,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::event::Event;
-use crate::queue::{DestinationName, Leased, Queue, QueueResult, Recipient, Routed, Store};
+use crate::queue::{
+    DestinationName, LeaseRef, Leased, Queue, QueueResult, Recipient, Routed, Store,
+};
 
 #[derive(Debug)]
 pub struct Handoff {
@@ -69,13 +71,14 @@ impl Handoff {
         self.queued.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Passes a leased job to the dispatcher (uses the reservation).
-    fn send(&self, job: Leased) {
-        if self.tx.send(job).is_err() {
-            // Dispatcher gone (shutting down): the job stays leased in the store
-            // and is recovered when the lease expires or at the next start.
+    /// Passes a leased job to the dispatcher (uses the reservation); its
+    /// lease back when the dispatcher no longer takes any (its pool stopped:
+    /// a reload or a shutdown while the job was being stored).
+    fn send(&self, job: Leased) -> Result<(), LeaseRef> {
+        self.tx.send(job).map_err(|e| {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-        }
+            e.0.lease
+        })
     }
 }
 
@@ -130,6 +133,7 @@ impl LaneSet {
             return Ok(routed);
         }
         let mut leased: Vec<Option<Leased>> = leased.into_iter().map(Some).collect();
+        let mut unsent = Vec::new();
         for job in &routed.jobs {
             let Some(lane) = self.get(&job.destination) else {
                 continue;
@@ -141,7 +145,9 @@ impl LaneSet {
             match handed {
                 Some(l) => {
                     reserved.used(lane);
-                    lane.handoff.send(l);
+                    if let Err(lease) = lane.handoff.send(l) {
+                        unsent.push(lease);
+                    }
                 }
                 None => {
                     reserved.give_back(lane);
@@ -149,7 +155,26 @@ impl LaneSet {
                 }
             }
         }
+        if !unsent.is_empty() {
+            // Its pool stopped while the event was stored: the jobs go back
+            // to the store for the pool that follows (a reload's), not
+            // leased until their leases lapse. Should that fail they are
+            // taken over then, as any job whose relay died.
+            if let Err(e) = queue.release(unsent).await {
+                tracing::warn!(error = %e, "jobs stored for a pool that stopped stay leased until their leases lapse");
+            }
+        }
         Ok(routed)
+    }
+
+    /// Wakes the pools of `destinations` (to claim what was stored for
+    /// them without a handoff).
+    pub fn wake<'a>(&self, destinations: impl Iterator<Item = &'a DestinationName>) {
+        for name in destinations {
+            if let Some(lane) = self.get(name) {
+                lane.wake.notify_one();
+            }
+        }
     }
 }
 

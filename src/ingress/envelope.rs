@@ -21,7 +21,8 @@
 //! byte for byte as Cognigy sent it and is never re-serialised.
 //!
 //! Identifiers travel in HTTP headers (`X-Event-Id`, `Idempotency-Key`), so they
-//! must be printable ASCII (no control characters), at most 256 bytes.
+//! must be printable ASCII (no control characters), at most 256 bytes, with
+//! no space at either end (HTTP would drop it).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -40,7 +41,7 @@ pub enum EnvelopeError {
     NotObject,
     #[error("Missing required Cognigy webhook fields")]
     Missing(Vec<&'static str>),
-    #[error("Invalid Cognigy webhook fields: {0} must be a non-empty string of printable ASCII, at most 256 bytes, other than . and ..")]
+    #[error("Invalid Cognigy webhook fields: {0} must be a non-empty string of printable ASCII, at most 256 bytes, with no space at either end, other than . and ..")]
     Invalid(&'static str),
     #[error("Invalid Cognigy webhook fields: timestamp must be an RFC 3339 date (e.g. 2026-12-01T10:30:00Z) or unix time in seconds or milliseconds")]
     BadTimestamp,
@@ -126,7 +127,14 @@ pub fn parse(body: &[u8]) -> Result<Event, EnvelopeError> {
     let fields: Fields<'_> = match serde_json::from_slice(body) {
         Ok(f) => f,
         Err(e) => {
-            // Only on the error path: tell "not JSON" from "JSON, but not an object".
+            // Only on the error path: tell "not JSON" from "JSON, but not an
+            // object" (which skipping a value does not check to be UTF-8).
+            if let Err(u) = std::str::from_utf8(body) {
+                return Err(EnvelopeError::NotJson(format!(
+                    "not UTF-8 (byte {} is not)",
+                    u.valid_up_to()
+                )));
+            }
             return Err(
                 match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
                     Ok(_) => EnvelopeError::NotObject,
@@ -299,8 +307,14 @@ fn nesting_exceeds(body: &[u8], max: usize) -> bool {
     false
 }
 
+/// A space at either end would not survive a header: HTTP drops it, and
+/// `e2 ` would reach a target as `e2`'s id.
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_ID_BYTES && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+    !s.is_empty()
+        && s.len() <= MAX_ID_BYTES
+        && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !s.starts_with(' ')
+        && !s.ends_with(' ')
 }
 
 /// `.` and `..`: ids that a URL library would resolve, not keep, when they
@@ -321,6 +335,32 @@ mod tests {
         assert_eq!(e.event_id, "e1");
         assert_eq!(e.kind, EventKind::Envelope);
         assert_eq!(e.body, br#"{"z":1, "a":[2]}"#);
+    }
+
+    /// `cognigy-{botId}-{eventId}` names (`bot-a`, `x`) and (`bot`, `a-x`)
+    /// alike: the store's dedup id tells them apart, and keeps the key of
+    /// ids without `-` (so a store's records before this go on answering).
+    #[test]
+    fn envelopes_that_share_a_key_have_their_own_dedup_ids() {
+        let envelope = |bot: &str, id: &str| {
+            parse(format!(r#"{{"botId":"{bot}","eventId":"{id}","type":"t"}}"#).as_bytes())
+                .expect("valid")
+        };
+        let (a, b) = (envelope("bot-a", "x"), envelope("bot", "a-x"));
+        assert_eq!(a.key, b.key, "the key SPEC §3.1 gives both");
+        assert_eq!(a.dedup_id(), "cognigy:5:bot-a-x");
+        assert_eq!(b.dedup_id(), "cognigy:3:bot-a-x");
+        let plain = envelope("b1", "e1");
+        assert_eq!(plain.dedup_id(), plain.key.as_str());
+        // Outputs keep their keys (a digest of the body is in them).
+        let output = parse(br#"{"userId":"u","sessionId":"s-1","AIOutput":{"traceId":"t-1"}}"#)
+            .expect("valid");
+        assert_eq!(output.dedup_id(), output.key.as_str());
+        // An event key begins `cognigy-`, whatever its ids hold.
+        assert_eq!(
+            envelope("cognigy:5:bot", "x").dedup_id(),
+            "cognigy-cognigy:5:bot-x"
+        );
     }
 
     #[test]
@@ -418,6 +458,18 @@ mod tests {
             parse(long.as_bytes()).unwrap_err(),
             EnvelopeError::Invalid("eventId")
         );
+        for spaced in [" e", "e ", " "] {
+            let body = format!(r#"{{"botId":"b","eventId":"{spaced}","type":"t"}}"#);
+            assert_eq!(
+                parse(body.as_bytes()).unwrap_err(),
+                EnvelopeError::Invalid("eventId"),
+                "{spaced:?}: a header would not keep its spaces"
+            );
+        }
+        assert_eq!(
+            parse(br#"{"userId":"u","sessionId":"s ","AIOutput":{}}"#).unwrap_err(),
+            EnvelopeError::Invalid("sessionId")
+        );
         for dots in [".", ".."] {
             let body = format!(r#"{{"botId":"{dots}","eventId":"e","type":"t"}}"#);
             assert_eq!(
@@ -429,6 +481,19 @@ mod tests {
                 parse(body.as_bytes()).unwrap_err(),
                 EnvelopeError::Invalid("eventId")
             );
+        }
+    }
+
+    /// JSON is UTF-8: a body that is not is said to be so, not "not an
+    /// object" (as skipping its bad string first said).
+    #[test]
+    fn a_body_not_utf8_is_said_to_be() {
+        for body in [
+            &b"{\"userId\":\"u\",\"sessionId\":\"s\",\"text\":\"\xff\"}"[..],
+            b"{\"botId\":\"b\",\"eventId\":\"e\",\"type\":\"t\",\"payload\":{\"x\":\"\xff\"}}",
+        ] {
+            let err = parse(body).unwrap_err().to_string();
+            assert!(err.contains("not UTF-8"), "{err}");
         }
     }
 

@@ -355,6 +355,12 @@ async fn receive(
     }
     match routing.lanes.store(&s.queue, event, routes).await {
         Ok(routed) => {
+            // Reloaded while the event was stored: the pools it was stored
+            // for were replaced, and the new ones are told.
+            let now = s.routing.get();
+            if !Arc::ptr_eq(&now, &routing) {
+                now.lanes.wake(routed.jobs.iter().map(|j| &j.destination));
+            }
             s.refusals.accepted();
             Json(answer(&routed, routing.destinations.file.is_some())).into_response()
         }

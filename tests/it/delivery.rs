@@ -366,3 +366,55 @@ async fn a_store_dropped_midway_gives_its_handoff_room_back() {
         "the next event is handed over: the room came back"
     );
 }
+
+/// A job stored for a pool that stopped while the event was being stored
+/// (a reload, or shutdown) goes back to the store at once: it was left
+/// leased to the stopped pool, and waited for its lease to lapse (30 s by
+/// default; an ordered key's later events with it).
+#[tokio::test]
+async fn a_handoff_its_pool_no_longer_takes_goes_back_to_the_store() {
+    use cogrelay::delivery::handoff::{Handoff, Lane, LaneSet};
+    use cogrelay::queue::Recipient;
+    use std::sync::Arc;
+
+    let sink = Sink::start().await.expect("sink");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = test_config(&sink, tmp.path().join("data"));
+    let lock = Duration::from_secs(30);
+    let opener = cogrelay::queue::Opener::Relay {
+        lock_duration: lock,
+    };
+    let queue = cogrelay::queue::open(&cfg.store, opener)
+        .await
+        .expect("open");
+    let (handoff, mut rx) = Handoff::new(1, lock);
+    let lanes = LaneSet::new(vec![Lane {
+        destination: DestinationName::DEFAULT,
+        handoff,
+        wake: Arc::new(tokio::sync::Notify::new()),
+    }]);
+    let raw = serde_json::to_vec(&event("bot", "late")).expect("json");
+    let parsed = cogrelay::ingress::envelope::parse(&raw).expect("event");
+
+    // Polled once (the room taken, the write queued), then the pool stops
+    // before the store answers.
+    let mut store = Box::pin(lanes.store(
+        &queue,
+        parsed,
+        vec![Recipient::from(DestinationName::DEFAULT)],
+    ));
+    tokio::select! {
+        biased;
+        _ = &mut store => panic!("stored before its first poll returned"),
+        _ = std::future::ready(()) => {}
+    }
+    assert!(rx.close().is_empty(), "nothing handed over yet");
+    let routed = store.await.expect("stored");
+
+    let taken = queue.claim(10, lock).await.expect("claim").jobs;
+    assert_eq!(
+        taken.iter().map(|l| l.job.id.as_str()).collect::<Vec<_>>(),
+        [routed.jobs[0].id.as_str()],
+        "the next pool claims it now, not when the lease lapses"
+    );
+}

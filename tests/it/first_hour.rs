@@ -433,6 +433,29 @@ async fn register_tells_unreachable_from_refused_and_always_dates_its_audit() {
         "{audit}"
     );
 
+    // Its progress lines into a pipe nobody reads (`2>&1 | head -1` once
+    // head has gone): the same exit 8, not a panic's 101.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+        .arg("register")
+        .env_clear()
+        .env("COGNIGY_BASE_URL", format!("http://127.0.0.1:{closed}"))
+        .env("COGNIGY_CLIENT_ID", "id")
+        .env("COGNIGY_CLIENT_SECRET", "cs-hidden")
+        .env(
+            "WEBHOOK_TARGET_URL",
+            "http://127.0.0.1:9/api/webhook/cognigy",
+        )
+        .env("ALLOW_HTTP", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    drop(child.stderr.take());
+    let code = tokio::task::spawn_blocking(move || child.wait().expect("wait").code())
+        .await
+        .expect("join");
+    assert_eq!(code, Some(8), "a closed stderr is not a crash");
+
     // Refused credentials: the simulator with fixed ones.
     let sim_port = free_port();
     let mut sim = tokio::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"))

@@ -66,6 +66,30 @@ async fn a_flow_turn_sent_twice_is_its_three_outputs_delivered_once_each(b: Back
     assert_eq!(bodies, sent, "each output delivered as Cognigy sent it");
 }
 
+/// (`bot-a`, `x`) and (`bot`, `a-x`) share the key `cognigy-bot-a-x`
+/// (SPEC §3.1): two events all the same, each delivered, each of their
+/// resends a duplicate of its own.
+async fn envelopes_whose_ids_share_a_key_are_two_events(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
+    let sent = [event("bot-a", "x"), event("bot", "a-x")];
+    let mut ids = Vec::new();
+    for e in &sent {
+        let r = app.post_event(e).await;
+        assert_eq!(r.json["status"], "accepted", "{}", r.json);
+        ids.push(r.json["jobId"].clone());
+    }
+    assert_ne!(ids[0], ids[1]);
+    for (e, id) in sent.iter().zip(&ids) {
+        let r = app.post_event(e).await;
+        assert_eq!(r.json["status"], "duplicate", "{}", r.json);
+        assert_eq!(&r.json["jobId"], id, "a duplicate of its own event");
+    }
+    wait_settled(&app, 2).await;
+    let got = app.sink.received();
+    assert_eq!(got.len(), 2, "never merged");
+    assert!(got.iter().all(|r| r.header("idempotency-key") == Some("cognigy-bot-a-x")));
+}
+
 async fn equal_outputs_without_a_trace_id_are_two_events(b: Backend) {
     let app = spawn_app_on(b, |_| {}).await;
     let lines = fixture_lines("webhook-endpoint-no-trace.jsonl");

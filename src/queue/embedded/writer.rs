@@ -819,9 +819,10 @@ pub(super) fn insert_event(
         ));
     }
     let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
-    let dedup = ttl_ms > 0; // DEDUP_TTL_SECS=0: every event a new job
-    if dedup {
-        if let Some(first) = first_jobs(conn, event, now)? {
+    // DEDUP_TTL_SECS=0: every event a new job.
+    let dedup_id = (ttl_ms > 0).then(|| event.dedup_id());
+    if let Some(id) = &dedup_id {
+        if let Some(first) = first_jobs(conn, id, now)? {
             return Ok((first, Vec::new()));
         }
     }
@@ -882,8 +883,8 @@ pub(super) fn insert_event(
         })
         .collect();
     w.stored_since_maintenance += 1;
-    if dedup {
-        remember(conn, event, &jobs, now.saturating_add(ttl_ms))?;
+    if let Some(id) = &dedup_id {
+        remember(conn, id, &jobs, now.saturating_add(ttl_ms))?;
     }
     Ok((
         Routed {
@@ -1012,15 +1013,13 @@ fn insert_row(conn: &Db<'_>, event: &Event, now: i64, r: NewRow<'_>) -> QueueRes
 const FIRST_JOBS: &str =
     "SELECT job_seq, jobs FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2";
 
-/// The jobs of an event with this key stored within the dedup TTL, as a
-/// duplicate's answer.
-fn first_jobs(conn: &Db<'_>, event: &Event, now: i64) -> QueueResult<Option<Routed>> {
+/// The jobs of an event with this dedup id (`Event::dedup_id`) stored
+/// within the dedup TTL, as a duplicate's answer.
+fn first_jobs(conn: &Db<'_>, dedup_id: &str, now: i64) -> QueueResult<Option<Routed>> {
     let existing: Option<(i64, Option<String>)> = conn
         .with(Held::FirstJobs, |s| {
-            s.query_row(params![event.key.as_str(), now], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()
+            s.query_row(params![dedup_id, now], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
         })
         .map_err(sql_err)?;
     Ok(existing.map(|(seq, jobs)| {
@@ -1062,20 +1061,16 @@ fn check_room(conn: &Connection, w: &mut Writer) -> QueueResult<()> {
 const REMEMBER: &str =
     "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms, jobs) VALUES (?1, ?2, ?3, ?4)";
 
-/// The event's dedup record: its key, its first job, and every job's
-/// `destination=id`, until `expires_at_ms`.
-fn remember(conn: &Db<'_>, event: &Event, jobs: &[JobRef], expires_at_ms: i64) -> QueueResult<()> {
+/// The event's dedup record: its dedup id (`Event::dedup_id`, in the
+/// `event_key` column), its first job, and every job's `destination=id`,
+/// until `expires_at_ms`.
+fn remember(conn: &Db<'_>, dedup_id: &str, jobs: &[JobRef], expires_at_ms: i64) -> QueueResult<()> {
     let first: i64 = jobs
         .first()
         .and_then(|j| j.id.parse().ok())
         .unwrap_or_default();
     conn.with(Held::Remember, |s| {
-        s.execute(params![
-            event.key.as_str(),
-            first,
-            expires_at_ms,
-            jobs_text(jobs)
-        ])
+        s.execute(params![dedup_id, first, expires_at_ms, jobs_text(jobs)])
     })
     .map_err(sql_err)?;
     Ok(())

@@ -219,11 +219,12 @@ impl BullQueue {
         event: &Event,
         destination: Option<&str>,
     ) -> QueueResult<(String, String, String)> {
-        let key = event.key.as_str().to_string();
+        let key = event.key.as_str();
+        let dedup_id = event.dedup_id().into_owned();
         let body = std::str::from_utf8(&event.body)
             .map_err(|_| QueueError::Unavailable("payload is not UTF-8".into()))?;
         let data = serde_json::to_string(&NewJobData {
-            event_key: &key,
+            event_key: key,
             event_id: &event.event_id,
             bot_id: event.bot_id.as_deref(),
             event_type: event.event_type.as_deref(),
@@ -237,10 +238,10 @@ impl BullQueue {
         let opts = format!(
             r#"{{"removeOnComplete":{},"removeOnFail":false,"keepLogs":{KEEP_LOGS},"de":{{"id":{},"ttl":{}}}}}"#,
             self.opts.settings.remove_on_complete,
-            serde_json::to_string(&key).map_err(unavailable)?,
+            serde_json::to_string(&dedup_id).map_err(unavailable)?,
             self.opts.settings.dedup_ttl.as_millis(),
         );
-        Ok((key, data, opts))
+        Ok((dedup_id, data, opts))
     }
 
     /// Adds the job (see [`Added`]).
