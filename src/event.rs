@@ -158,22 +158,29 @@ pub struct Event {
 }
 
 impl Event {
-    /// What the queue deduplicates by: the event key, unless an envelope's
-    /// ids hold a `-`. Then `cognigy-{botId}-{eventId}` (SPEC §3.1) names
-    /// more than one event (`bot-a` and `x`, `bot` and `a-x`), so the
-    /// store's record is `cognigy:{bytes of botId}:{botId}-{eventId}`, which
-    /// names one, and no event key begins that way. An envelope of ids
-    /// without `-` keeps its key; an endpoint output's key holds a digest of
-    /// its body (or a random id) and never names two.
-    pub fn dedup_id(&self) -> std::borrow::Cow<'_, str> {
-        match (&self.kind, &self.bot_id) {
-            (EventKind::Envelope, Some(bot))
-                if bot.contains('-') || self.event_id.contains('-') =>
-            {
-                format!("cognigy:{}:{bot}-{}", bot.len(), self.event_id).into()
-            }
-            _ => self.key.as_str().into(),
-        }
+    /// For an envelope whose ids hold a `-`, the one kind of event that can
+    /// share its key with another: its botId, and the record it is
+    /// deduplicated under when the key's record is another event's.
+    ///
+    /// `cognigy-{botId}-{eventId}` (SPEC §3.1) names (`bot-a`, `x`) and
+    /// (`bot`, `a-x`) alike: of two events sharing a key, one has a `-` in
+    /// its botId and the other in its eventId (a key of ids without `-` has
+    /// one split). The queue keeps the key as the record (as before, and as
+    /// relays of an earlier version on the same queue do) with the botId
+    /// beside it. An event that finds its key's record holding another
+    /// botId is a different event: its record is then
+    /// `cognigy:{bytes of botId}:{botId}-{eventId}`, which names one event
+    /// and is no event's key (they begin `cognigy-`).
+    pub fn key_sharer(&self) -> Option<(&str, String)> {
+        let bot = self.bot_id.as_deref()?;
+        let shares =
+            self.kind == EventKind::Envelope && (bot.contains('-') || self.event_id.contains('-'));
+        shares.then(|| {
+            (
+                bot,
+                format!("cognigy:{}:{bot}-{}", bot.len(), self.event_id),
+            )
+        })
     }
 }
 

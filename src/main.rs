@@ -8,9 +8,6 @@ use cogrelay::cli::{Cli, Command, RegisterArgs};
 use cogrelay::config::ServeConfig;
 use cogrelay::telemetry::{self, LogFormat};
 
-/// mimalloc: the relay allocates a little per request and per delivery on
-/// several threads, and glibc's malloc cost about 13% of its CPU under load.
-/// Built without transparent huge pages, which inflated RSS by about 60%.
 /// A line on stderr. One that cannot be written (stderr closed, as in
 /// `cogrelay register 2>&1 | head -1`) is dropped: `eprintln!` would panic.
 macro_rules! say {
@@ -20,6 +17,9 @@ macro_rules! say {
     }};
 }
 
+/// mimalloc: the relay allocates a little per request and per delivery on
+/// several threads, and glibc's malloc cost about 13% of its CPU under load.
+/// Built without transparent huge pages, which inflated RSS by about 60%.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -300,7 +300,10 @@ fn answer_to(
     };
     if let Some(mut received) = received {
         if s.print {
-            println!(
+            // Not `println!`, which panics when stdout is closed (`| head`).
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stdout(),
                 "{} {} event={} attempt={} body={}",
                 received.method,
                 received.path,

@@ -248,7 +248,8 @@ impl ServeConfig {
             &a.max_db_bytes,
             "a size in bytes (0 = no cap)",
         )?;
-        if (1..MIN_DB_BYTES).contains(&c.store.max_db_bytes) {
+        if c.store.kind == QueueKind::Embedded && (1..MIN_DB_BYTES).contains(&c.store.max_db_bytes)
+        {
             // Else the relay would start, say it is ready, and refuse every event.
             return Err(bad(format!(
                 "COGRELAY_MAX_DB_BYTES={} is too small: an empty store takes about 200 KB; \

@@ -21,8 +21,9 @@
 //! byte for byte as Cognigy sent it and is never re-serialised.
 //!
 //! Identifiers travel in HTTP headers (`X-Event-Id`, `Idempotency-Key`), so they
-//! must be printable ASCII (no control characters), at most 256 bytes, with
-//! no space at either end (HTTP would drop it).
+//! must be printable ASCII (no control characters), at most 256 bytes; an
+//! `eventId` (which is `X-Event-Id`, and ends the key) has no space at
+//! either end, which HTTP would drop.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -41,8 +42,10 @@ pub enum EnvelopeError {
     NotObject,
     #[error("Missing required Cognigy webhook fields")]
     Missing(Vec<&'static str>),
-    #[error("Invalid Cognigy webhook fields: {0} must be a non-empty string of printable ASCII, at most 256 bytes, with no space at either end, other than . and ..")]
+    #[error("Invalid Cognigy webhook fields: {0} must be a non-empty string of printable ASCII, at most 256 bytes, other than . and ..")]
     Invalid(&'static str),
+    #[error("Invalid Cognigy webhook fields: eventId must not begin or end with a space (it is sent as the X-Event-Id header, which drops them)")]
+    SpacedEventId,
     #[error("Invalid Cognigy webhook fields: timestamp must be an RFC 3339 date (e.g. 2026-12-01T10:30:00Z) or unix time in seconds or milliseconds")]
     BadTimestamp,
 }
@@ -160,6 +163,10 @@ fn parse_envelope(fields: &Fields<'_>) -> Result<Event, EnvelopeError> {
         .find_map(|(name, id)| is_dot_segment(id).then_some(name))
     {
         return Err(EnvelopeError::Invalid(name));
+    }
+    // `e2 ` would reach a target as `e2`'s id (and the end of its key).
+    if event.starts_with(' ') || event.ends_with(' ') {
+        return Err(EnvelopeError::SpacedEventId);
     }
     let body = fields
         .get("payload")
@@ -307,14 +314,8 @@ fn nesting_exceeds(body: &[u8], max: usize) -> bool {
     false
 }
 
-/// A space at either end would not survive a header: HTTP drops it, and
-/// `e2 ` would reach a target as `e2`'s id.
 fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_ID_BYTES
-        && s.bytes().all(|b| (0x20..0x7f).contains(&b))
-        && !s.starts_with(' ')
-        && !s.ends_with(' ')
+    !s.is_empty() && s.len() <= MAX_ID_BYTES && s.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
 /// `.` and `..`: ids that a URL library would resolve, not keep, when they
@@ -338,28 +339,34 @@ mod tests {
     }
 
     /// `cognigy-{botId}-{eventId}` names (`bot-a`, `x`) and (`bot`, `a-x`)
-    /// alike: the store's dedup id tells them apart, and keeps the key of
-    /// ids without `-` (so a store's records before this go on answering).
+    /// alike: each has a record of its own for when the key is the other's.
     #[test]
-    fn envelopes_that_share_a_key_have_their_own_dedup_ids() {
+    fn envelopes_that_share_a_key_have_records_of_their_own() {
         let envelope = |bot: &str, id: &str| {
             parse(format!(r#"{{"botId":"{bot}","eventId":"{id}","type":"t"}}"#).as_bytes())
                 .expect("valid")
         };
         let (a, b) = (envelope("bot-a", "x"), envelope("bot", "a-x"));
         assert_eq!(a.key, b.key, "the key SPEC §3.1 gives both");
-        assert_eq!(a.dedup_id(), "cognigy:5:bot-a-x");
-        assert_eq!(b.dedup_id(), "cognigy:3:bot-a-x");
-        let plain = envelope("b1", "e1");
-        assert_eq!(plain.dedup_id(), plain.key.as_str());
-        // Outputs keep their keys (a digest of the body is in them).
+        assert_eq!(
+            a.key_sharer(),
+            Some(("bot-a", "cognigy:5:bot-a-x".to_string()))
+        );
+        assert_eq!(
+            b.key_sharer(),
+            Some(("bot", "cognigy:3:bot-a-x".to_string()))
+        );
+        assert_eq!(
+            envelope("b1", "e1").key_sharer(),
+            None,
+            "one split: no other event has it"
+        );
         let output = parse(br#"{"userId":"u","sessionId":"s-1","AIOutput":{"traceId":"t-1"}}"#)
             .expect("valid");
-        assert_eq!(output.dedup_id(), output.key.as_str());
-        // An event key begins `cognigy-`, whatever its ids hold.
         assert_eq!(
-            envelope("cognigy:5:bot", "x").dedup_id(),
-            "cognigy-cognigy:5:bot-x"
+            output.key_sharer(),
+            None,
+            "a digest of the body is in its key"
         );
     }
 
@@ -462,14 +469,13 @@ mod tests {
             let body = format!(r#"{{"botId":"b","eventId":"{spaced}","type":"t"}}"#);
             assert_eq!(
                 parse(body.as_bytes()).unwrap_err(),
-                EnvelopeError::Invalid("eventId"),
+                EnvelopeError::SpacedEventId,
                 "{spaced:?}: a header would not keep its spaces"
             );
         }
-        assert_eq!(
-            parse(br#"{"userId":"u","sessionId":"s ","AIOutput":{}}"#).unwrap_err(),
-            EnvelopeError::Invalid("sessionId")
-        );
+        // Inside a key or a body, spaces stay: these are ids as before.
+        assert!(parse(br#"{"botId":" b ","eventId":"e f","type":"t "}"#).is_ok());
+        assert!(parse(br#"{"userId":"u ","sessionId":" s","AIOutput":{"traceId":" t"}}"#).is_ok());
         for dots in [".", ".."] {
             let body = format!(r#"{{"botId":"{dots}","eventId":"e","type":"t"}}"#);
             assert_eq!(

@@ -412,6 +412,9 @@ async fn reload_destinations(
     for r in retiring {
         r.retire().await;
     }
+    // What the old pools gave back as they stopped (jobs handed to them
+    // while they closed) is claimed now, not at the new pools' next look.
+    pools.wake_all();
     // A removed destination's circuit is no longer anyone's: not in /metrics.
     for name in &removed {
         ingress.metrics.forget_circuit(name);

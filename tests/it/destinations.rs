@@ -322,6 +322,36 @@ async fn admin_json(app: &TestApp, path: &str) -> serde_json::Value {
 }
 
 both_backends! {
+/// Two envelopes that share the key `cognigy-bot-a-x` (SPEC §3.1), each
+/// stored for two destinations in one step (the routed add): two events,
+/// each delivered to both, each resend a duplicate of its own.
+async fn envelopes_that_share_a_key_fan_out_as_two_events(b: Backend) {
+    let (app, extra) = relay_on_with_destinations(
+        b,
+        2,
+        |u| format!("[[destination]]\nname = \"crm\"\nurl = \"{}\"\n[[destination]]\nname = \"dw\"\nurl = \"{}\"\n", u[0], u[1]),
+        |_| {},
+    )
+    .await;
+    let sent = [event("bot-a", "x"), event("bot", "a-x")];
+    let mut answers = Vec::new();
+    for e in &sent {
+        let r = app.post_event(e).await;
+        assert_eq!(r.json["status"], "accepted", "{}", r.json);
+        answers.push(r.json["jobs"].clone());
+    }
+    assert_ne!(answers[0], answers[1]);
+    for (e, jobs) in sent.iter().zip(&answers) {
+        let r = app.post_event(e).await;
+        assert_eq!(r.json["status"], "duplicate", "{}", r.json);
+        assert_eq!(&r.json["jobs"], jobs, "a duplicate of its own event");
+    }
+    for sink in [&app.sink, &extra[0]] {
+        assert!(sink.wait_for(2, WAIT).await, "delivered");
+        assert_eq!(ids(sink), ["a-x", "x"], "both events, once each");
+    }
+}
+
 /// Fan-out (SPEC §7): one job per destination that wants the event, all in
 /// one durable step; the answer names each job; an event no one wants is
 /// `unrouted`, stores nothing and is counted; each target gets exactly its

@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS dedup (
     event_key TEXT PRIMARY KEY,
     job_seq INTEGER NOT NULL,
     expires_at_ms INTEGER NOT NULL,
-    jobs TEXT
+    jobs TEXT,
+    bot TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup(expires_at_ms);
 CREATE TABLE IF NOT EXISTS paused (destination TEXT PRIMARY KEY) WITHOUT ROWID;
@@ -61,11 +62,15 @@ CREATE TABLE IF NOT EXISTS paused (destination TEXT PRIMARY KEY) WITHOUT ROWID;
 /// are the `default` destination's), and every job of a deduplicated event
 /// (`destination=seq,...`; NULL in older rows: the one `job_seq`). Version
 /// 4: a bundle's pending destinations (see the module doc of [`super`]).
-/// Version 6: an ordered job's key, and whether a failure holds it.
+/// Version 6: an ordered job's key, and whether a failure holds it. Then,
+/// in version 7 (a store of version 7 without it reads as before): the
+/// botId of an envelope that may share its key with another
+/// (`Event::key_sharer`).
 pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "destination", "TEXT NOT NULL DEFAULT 'default'"),
     ("dedup", "jobs", "TEXT"),
     ("jobs", "pending", "TEXT"),
     ("jobs", "order_key", "TEXT"),
     ("jobs", "order_hold", "INTEGER NOT NULL DEFAULT 0"),
+    ("dedup", "bot", "TEXT"),
 ];

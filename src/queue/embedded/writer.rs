@@ -820,12 +820,14 @@ pub(super) fn insert_event(
     }
     let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
     // DEDUP_TTL_SECS=0: every event a new job.
-    let dedup_id = (ttl_ms > 0).then(|| event.dedup_id());
-    if let Some(id) = &dedup_id {
-        if let Some(first) = first_jobs(conn, id, now)? {
-            return Ok((first, Vec::new()));
+    let dedup_id = if ttl_ms > 0 {
+        match dedup_record(conn, event, now, now.saturating_add(ttl_ms))? {
+            Record::Duplicate(first) => return Ok((first, Vec::new())),
+            Record::New(id) => Some(id),
         }
-    }
+    } else {
+        None
+    };
     // A duplicate stores nothing, so it is answered even when full.
     check_room(conn, w)?;
     // Jobs stored waiting (no handoff asked for, a paused destination's, or
@@ -884,7 +886,8 @@ pub(super) fn insert_event(
         .collect();
     w.stored_since_maintenance += 1;
     if let Some(id) = &dedup_id {
-        remember(conn, id, &jobs, now.saturating_add(ttl_ms))?;
+        let bot = event.key_sharer().map(|(bot, _)| bot);
+        remember(conn, id, bot, &jobs, now.saturating_add(ttl_ms))?;
     }
     Ok((
         Routed {
@@ -1011,18 +1014,64 @@ fn insert_row(conn: &Db<'_>, event: &Event, now: i64, r: NewRow<'_>) -> QueueRes
 }
 
 const FIRST_JOBS: &str =
-    "SELECT job_seq, jobs FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2";
+    "SELECT job_seq, jobs, bot FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2";
 
-/// The jobs of an event with this dedup id (`Event::dedup_id`) stored
-/// within the dedup TTL, as a duplicate's answer.
-fn first_jobs(conn: &Db<'_>, dedup_id: &str, now: i64) -> QueueResult<Option<Routed>> {
-    let existing: Option<(i64, Option<String>)> = conn
+/// An event's dedup record: another's within the TTL (the event is its
+/// duplicate), or the record it is to write.
+enum Record<'e> {
+    Duplicate(Routed),
+    New(std::borrow::Cow<'e, str>),
+}
+
+/// The record `event` is deduplicated under (`Event::key_sharer`): its key,
+/// unless the key's record holds another botId. A record without a botId
+/// (an endpoint output's, an envelope's of ids without `-`, or written by an
+/// earlier version) is this event's.
+fn dedup_record<'e>(
+    conn: &Db<'_>,
+    event: &'e Event,
+    now: i64,
+    expires_at_ms: i64,
+) -> QueueResult<Record<'e>> {
+    let key = event.key.as_str();
+    let Some((first, owner)) = first_jobs(conn, key, now)? else {
+        return Ok(Record::New(key.into()));
+    };
+    let Some((bot, own)) = event.key_sharer() else {
+        return Ok(Record::Duplicate(first));
+    };
+    if owner.is_none_or(|o| o == bot) {
+        return Ok(Record::Duplicate(first));
+    }
+    // Another event's key: this one's own record. The key's lasts as long,
+    // so that a resend of this event finds it, and so its own.
+    if let Some((first, _)) = first_jobs(conn, &own, now)? {
+        return Ok(Record::Duplicate(first));
+    }
+    conn.prepare_cached(
+        "UPDATE dedup SET expires_at_ms = max(expires_at_ms, ?2) WHERE event_key = ?1",
+    )
+    .and_then(|mut s| s.execute(params![key, expires_at_ms]))
+    .map_err(sql_err)?;
+    Ok(Record::New(own.into()))
+}
+
+/// The jobs of an event with this dedup record stored within the dedup
+/// TTL, as a duplicate's answer, and the botId beside it.
+fn first_jobs(
+    conn: &Db<'_>,
+    dedup_id: &str,
+    now: i64,
+) -> QueueResult<Option<(Routed, Option<String>)>> {
+    let existing: Option<(i64, Option<String>, Option<String>)> = conn
         .with(Held::FirstJobs, |s| {
-            s.query_row(params![dedup_id, now], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()
+            s.query_row(params![dedup_id, now], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()
         })
         .map_err(sql_err)?;
-    Ok(existing.map(|(seq, jobs)| {
+    Ok(existing.map(|(seq, jobs, bot)| {
         // A row of an older version names one job, the default destination's.
         let jobs = jobs.map(|t| parse_jobs_text(&t)).unwrap_or_else(|| {
             vec![JobRef {
@@ -1030,10 +1079,11 @@ fn first_jobs(conn: &Db<'_>, dedup_id: &str, now: i64) -> QueueResult<Option<Rou
                 id: seq.to_string(),
             }]
         });
-        Routed {
+        let routed = Routed {
             duplicate: true,
             jobs,
-        }
+        };
+        (routed, bot)
     }))
 }
 
@@ -1059,18 +1109,30 @@ fn check_room(conn: &Connection, w: &mut Writer) -> QueueResult<()> {
 }
 
 const REMEMBER: &str =
-    "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms, jobs) VALUES (?1, ?2, ?3, ?4)";
+    "INSERT OR REPLACE INTO dedup (event_key, job_seq, expires_at_ms, jobs, bot) VALUES (?1, ?2, ?3, ?4, ?5)";
 
-/// The event's dedup record: its dedup id (`Event::dedup_id`, in the
-/// `event_key` column), its first job, and every job's `destination=id`,
-/// until `expires_at_ms`.
-fn remember(conn: &Db<'_>, dedup_id: &str, jobs: &[JobRef], expires_at_ms: i64) -> QueueResult<()> {
+/// The event's dedup record (its key, or its own: [`dedup_record`], in the
+/// `event_key` column), its first job, every job's `destination=id` and,
+/// for an envelope that may share its key, its botId; until `expires_at_ms`.
+fn remember(
+    conn: &Db<'_>,
+    dedup_id: &str,
+    bot: Option<&str>,
+    jobs: &[JobRef],
+    expires_at_ms: i64,
+) -> QueueResult<()> {
     let first: i64 = jobs
         .first()
         .and_then(|j| j.id.parse().ok())
         .unwrap_or_default();
     conn.with(Held::Remember, |s| {
-        s.execute(params![dedup_id, first, expires_at_ms, jobs_text(jobs)])
+        s.execute(params![
+            dedup_id,
+            first,
+            expires_at_ms,
+            jobs_text(jobs),
+            bot
+        ])
     })
     .map_err(sql_err)?;
     Ok(())

@@ -7,8 +7,13 @@
     KEYS[6] marker
     ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] dedup TTL (ms),
     ARGV[4] job name, ARGV[5] worker name,
-    then 5 per job: dedup id, data (JSON), opts (JSON), lock token or "",
-    lock duration (ms) of a locked job
+    then 7 per job: dedup id (the event key), data (JSON), opts (JSON),
+    lock token or "", lock duration (ms) of a locked job, and for an event
+    that may share its key with another (`Event::key_sharer`) its botId and
+    its own record, else "" and ""
+  An event whose key's record holds another botId (`cg:deb:<key>`, written
+  beside the key's `de:` record) is another event: it is deduplicated under
+  its own record, and the key's lasts as long.
   Returns per job {kind, jobId}: "a" added to wait, "l" added locked,
   "d" a duplicate of jobId.
 ]]
@@ -40,20 +45,34 @@ end
 local out = {}
 -- Ids for the whole batch at once (as BullMQ, a duplicate uses up an id too);
 -- the pushes to wait and active go out once at the end, in the same order.
-local perJob = 5
+local perJob = 7
 local nextId = rcall("INCRBY", KEYS[4], (#ARGV - 5) / perJob) - (#ARGV - 5) / perJob
 local toWait, toActive = {}, {}
 for i = 6, #ARGV, perJob do
   local deid, data, opts, token, lockMs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local bot, own = ARGV[i + 5], ARGV[i + 6]
   nextId = nextId + 1
   local jobId = string.format("%d", nextId)
   local deKey = prefix .. "de:" .. deid
   local current = false
   -- A TTL of 0 is no deduplication (DEDUP_TTL_SECS=0): every event a new job.
-  if ttl ~= "0" and not rcall("SET", deKey, jobId, "PX", ttl, "NX") then
+  if ttl ~= "0" then
     current = rcall("GET", deKey)
+    if current and bot ~= "" then
+      local owner = rcall("GET", prefix .. "cg:deb:" .. deid)
+      if owner and owner ~= bot then
+        rcall("PEXPIRE", deKey, ttl)
+        rcall("PEXPIRE", prefix .. "cg:deb:" .. deid, ttl)
+        deid, bot = own, ""
+        deKey = prefix .. "de:" .. deid
+        current = rcall("GET", deKey)
+      end
+    end
     if not current then
       rcall("SET", deKey, jobId, "PX", ttl)
+      if bot ~= "" then
+        rcall("SET", prefix .. "cg:deb:" .. deid, bot, "PX", ttl)
+      end
     end
   end
   if current then

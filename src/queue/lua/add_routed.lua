@@ -7,10 +7,12 @@
     KEYS[1] the base queue's id counter
     ARGV[1] base key prefix (dedup keys), ARGV[2] timestamp (ms),
     ARGV[3] dedup TTL (ms), ARGV[4] job name, ARGV[5] worker name,
-    then per event: dedup id, data (JSON object, without the destination),
-    opts (JSON), lock token or "", lock duration (ms), number of
-    destinations n, then n times: queue key prefix, destination name,
-    ordering key ("": unordered), "1" when a failure holds the key.
+    then per event: dedup id (the event key), data (JSON object, without
+    the destination), opts (JSON), lock token or "", lock duration (ms),
+    the botId and own record of an event that may share its key (else ""
+    and "", as in add.lua), number of destinations n, then n times: queue
+    key prefix, destination name, ordering key ("": unordered), "1" when a
+    failure holds the key.
   A job of an ordered key goes behind the key's earlier jobs (`order.lua`, put
   in front of this script): it waits in waiting-children unless it is the
   key's first unfinished job, and only then may it be added locked.
@@ -44,14 +46,25 @@ end
 
 local i = 6
 while i <= #ARGV do
-  local deid, data, opts, token, lockMs, n =
-    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], tonumber(ARGV[i + 5])
-  local first = i + 6
+  local deid, data, opts, token, lockMs, bot, own, n = ARGV[i], ARGV[i + 1], ARGV[i + 2],
+    ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7])
+  local first = i + 8
   i = first + 4 * n
   local deKey = base .. "de:" .. deid
   local current = false
   if ttl ~= "0" then
     current = rcall("GET", deKey)
+    -- The key's record holds another event's botId: this one's own (add.lua).
+    if current and bot ~= "" then
+      local owner = rcall("GET", base .. "cg:deb:" .. deid)
+      if owner and owner ~= bot then
+        rcall("PEXPIRE", deKey, ttl)
+        rcall("PEXPIRE", base .. "cg:deb:" .. deid, ttl)
+        deid, bot = own, ""
+        deKey = base .. "de:" .. deid
+        current = rcall("GET", deKey)
+      end
+    end
   end
   if current then
     out[#out + 1] = { "d", current }
@@ -124,6 +137,9 @@ while i <= #ARGV do
     end
     if ttl ~= "0" then
       rcall("SET", deKey, table.concat(named, ","), "PX", ttl)
+      if bot ~= "" then
+        rcall("SET", base .. "cg:deb:" .. deid, bot, "PX", ttl)
+      end
     end
     out[#out + 1] = { "a", table.concat(parts, ",") }
   end

@@ -36,7 +36,7 @@ if prev == "unknown" then
   end
 end
 if f[1] and rcall("GET", prefix .. "de:" .. f[1]) == jobId then
-  rcall("DEL", prefix .. "de:" .. f[1])
+  rcall("DEL", prefix .. "de:" .. f[1], prefix .. "cg:deb:" .. f[1])
 end
 rcall("DEL", jobKey, jobKey .. ":logs")
 local maxEvents = rcall("HGET", prefix .. "meta", "opts.maxLenEvents") or 10000

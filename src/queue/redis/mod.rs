@@ -11,7 +11,10 @@
 //! JSON text to deliver. Every attempt is appended to the job's BullMQ log
 //! (`bull:<name>:<id>:logs`) as one JSON line: that is the attempt history.
 //! Deduplication uses BullMQ's own deduplication key (`bull:<name>:de:<eventKey>`
-//! with `DEDUP_TTL_SECS`), so the same event sent to two relays is one job.
+//! with `DEDUP_TTL_SECS`), so the same event sent to two relays is one job;
+//! an envelope that may share its key with another (`Event::key_sharer`)
+//! keeps its botId beside it (`cg:deb:<eventKey>`), and one that finds
+//! another's there is deduplicated under its own record (`add.lua`).
 //!
 //! # Hot path: batched scripts in BullMQ's layout
 //!

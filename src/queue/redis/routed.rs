@@ -45,6 +45,8 @@ struct RoutedJob {
     data: String,
     opts: String,
     lock: Option<(String, u64)>,
+    /// `Event::key_sharer`: its botId and own record.
+    sharer: Option<(String, String)>,
     /// Each destination's queue key prefix and name, and the job's key if
     /// the destination is ordered.
     targets: Vec<(String, Recipient)>,
@@ -263,6 +265,8 @@ async fn add_routed(
             .arg(&j.opts)
             .arg(j.lock.as_ref().map_or("", |(t, _)| t.as_str()))
             .arg(j.lock.as_ref().map_or(0, |(_, ms)| *ms))
+            .arg(j.sharer.as_ref().map_or("", |(bot, _)| bot.as_str()))
+            .arg(j.sharer.as_ref().map_or("", |(_, own)| own.as_str()))
             .arg(j.targets.len());
         for (prefix, to) in &j.targets {
             let order = to.order.as_ref();
@@ -333,6 +337,7 @@ impl Queue for RedisQueues {
                 data,
                 opts,
                 lock,
+                sharer: super::scripts::sharer(&event),
                 targets,
             })
             .await?;

@@ -30,6 +30,9 @@ pub(super) struct NewJob {
     pub(super) opts: String,
     /// Set: store it locked with this token for this long (a handoff).
     pub(super) lock: Option<(String, u64)>,
+    /// An event that may share its key: its botId and own record
+    /// (`Event::key_sharer`).
+    pub(super) sharer: Option<(String, String)>,
 }
 
 /// A finished attempt for the finish script.
@@ -168,7 +171,9 @@ impl BatchedScripts {
                 .arg(&j.data)
                 .arg(&j.opts)
                 .arg(j.lock.as_ref().map_or("", |(token, _)| token.as_str()))
-                .arg(j.lock.as_ref().map_or(0, |(_, ms)| *ms));
+                .arg(j.lock.as_ref().map_or(0, |(_, ms)| *ms))
+                .arg(j.sharer.as_ref().map_or("", |(bot, _)| bot.as_str()))
+                .arg(j.sharer.as_ref().map_or("", |(_, own)| own.as_str()));
         }
         let out: Vec<(String, String)> = self.invoke_on(&self.ingress, &call).await?;
         Ok(out
@@ -212,6 +217,11 @@ impl BatchedScripts {
     }
 }
 
+/// `Event::key_sharer`, owned (for the add scripts' arguments).
+pub(super) fn sharer(event: &Event) -> Option<(String, String)> {
+    event.key_sharer().map(|(bot, own)| (bot.to_string(), own))
+}
+
 impl BullQueue {
     /// The dedup id, `data` and `opts` of a new job for `event`.
     pub(super) fn job_fields(
@@ -220,7 +230,6 @@ impl BullQueue {
         destination: Option<&str>,
     ) -> QueueResult<(String, String, String)> {
         let key = event.key.as_str();
-        let dedup_id = event.dedup_id().into_owned();
         let body = std::str::from_utf8(&event.body)
             .map_err(|_| QueueError::Unavailable("payload is not UTF-8".into()))?;
         let data = serde_json::to_string(&NewJobData {
@@ -238,10 +247,10 @@ impl BullQueue {
         let opts = format!(
             r#"{{"removeOnComplete":{},"removeOnFail":false,"keepLogs":{KEEP_LOGS},"de":{{"id":{},"ttl":{}}}}}"#,
             self.opts.settings.remove_on_complete,
-            serde_json::to_string(&dedup_id).map_err(unavailable)?,
+            serde_json::to_string(key).map_err(unavailable)?,
             self.opts.settings.dedup_ttl.as_millis(),
         );
-        Ok((dedup_id, data, opts))
+        Ok((key.to_string(), data, opts))
     }
 
     /// Adds the job (see [`Added`]).
@@ -258,6 +267,7 @@ impl BullQueue {
                 data,
                 opts,
                 lock,
+                sharer: sharer(event),
             })
             .await
     }
