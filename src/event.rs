@@ -159,28 +159,62 @@ pub struct Event {
 
 impl Event {
     /// For an envelope whose ids hold a `-`, the one kind of event that can
-    /// share its key with another: its botId, and the record it is
-    /// deduplicated under when the key's record is another event's.
+    /// share its key with another: its botId, and ([`KeySharer::own_record`])
+    /// the record it is deduplicated under when the key's record is another
+    /// event's.
     ///
     /// `cognigy-{botId}-{eventId}` (SPEC §3.1) names (`bot-a`, `x`) and
     /// (`bot`, `a-x`) alike: of two events sharing a key, one has a `-` in
     /// its botId and the other in its eventId (a key of ids without `-` has
     /// one split). The queue keeps the key as the record (as before, and as
-    /// relays of an earlier version on the same queue do) with the botId
-    /// beside it. An event that finds its key's record holding another
-    /// botId is a different event: its record is then
+    /// relays of an earlier version on the same queue do), with a botId that
+    /// holds a `-` beside it ([`KeySharer::bot_is_kept`]). An event that
+    /// finds the key's record another event's ([`KeySharer::is_other`]) is
+    /// deduplicated under its own record,
     /// `cognigy:{bytes of botId}:{botId}-{eventId}`, which names one event
     /// and is no event's key (they begin `cognigy-`).
-    pub fn key_sharer(&self) -> Option<(&str, String)> {
+    pub fn key_sharer(&self) -> Option<KeySharer<'_>> {
         let bot = self.bot_id.as_deref()?;
         let shares =
             self.kind == EventKind::Envelope && (bot.contains('-') || self.event_id.contains('-'));
-        shares.then(|| {
-            (
-                bot,
-                format!("cognigy:{}:{bot}-{}", bot.len(), self.event_id),
-            )
+        shares.then_some(KeySharer {
+            bot,
+            event_id: &self.event_id,
         })
+    }
+}
+
+/// An envelope that may share its key with another event (`Event::key_sharer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySharer<'a> {
+    pub bot: &'a str,
+    event_id: &'a str,
+}
+
+impl KeySharer<'_> {
+    /// Whether its botId holds a `-`, and so is kept beside the key's
+    /// record. Of two events sharing a key, the one with the longer botId
+    /// has a `-` in it: when the key's record keeps no botId, it is an
+    /// event's whose botId has none, and so this event's (same key, same
+    /// split) exactly when this botId has none either. (A record of an
+    /// earlier version keeps none: an envelope whose botId holds a `-`,
+    /// recorded by it and sent again within the TTL, is stored again.)
+    pub fn bot_is_kept(&self) -> bool {
+        self.bot.contains('-')
+    }
+
+    /// Whether the key's record, keeping `owner` (`None`: no botId), is
+    /// another event's.
+    pub fn is_other(&self, owner: Option<&str>) -> bool {
+        match owner {
+            Some(o) => o != self.bot,
+            None => self.bot_is_kept(),
+        }
+    }
+
+    /// Its own dedup record, for when the key's is another event's.
+    pub fn own_record(&self) -> String {
+        format!("cognigy:{}:{}-{}", self.bot.len(), self.bot, self.event_id)
     }
 }
 

@@ -348,14 +348,17 @@ mod tests {
         };
         let (a, b) = (envelope("bot-a", "x"), envelope("bot", "a-x"));
         assert_eq!(a.key, b.key, "the key SPEC §3.1 gives both");
-        assert_eq!(
-            a.key_sharer(),
-            Some(("bot-a", "cognigy:5:bot-a-x".to_string()))
+        let own = |e: &Event| e.key_sharer().map(|k| (k.bot.to_string(), k.own_record()));
+        assert_eq!(own(&a), Some(("bot-a".into(), "cognigy:5:bot-a-x".into())));
+        assert_eq!(own(&b), Some(("bot".into(), "cognigy:3:bot-a-x".into())));
+        let (ka, kb) = (a.key_sharer().expect("a"), b.key_sharer().expect("b"));
+        assert!(
+            ka.bot_is_kept() && !kb.bot_is_kept(),
+            "the longer botId is kept"
         );
-        assert_eq!(
-            b.key_sharer(),
-            Some(("bot", "cognigy:3:bot-a-x".to_string()))
-        );
+        assert!(kb.is_other(Some("bot-a")) && !ka.is_other(Some("bot-a")));
+        // No botId kept: the record's event has none with a `-`, as b.
+        assert!(ka.is_other(None) && !kb.is_other(None));
         assert_eq!(
             envelope("b1", "e1").key_sharer(),
             None,

@@ -131,13 +131,13 @@ impl Pools {
         self.running.remove(name).map(Retiring)
     }
 
-    /// Whether an ended pool is one still running here (an unexpected end),
-    /// rather than one retired on purpose.
     /// Wakes every running pool (to claim jobs given back to the store).
     pub fn wake_all(&self) {
         self.board.wake(None);
     }
 
+    /// Whether an ended pool is one still running here (an unexpected end),
+    /// rather than one retired on purpose.
     pub fn is_current(&self, name: &DestinationName, generation: u64) -> bool {
         self.running
             .get(name)

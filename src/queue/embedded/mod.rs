@@ -15,7 +15,8 @@
 //!      destination,               -- whose job it is
 //!      pending,                   -- a bundle's other destinations (below)
 //!      order_key, order_hold)     -- an ordered job's key (`keys.rs`)
-//! dedup(event_key PRIMARY KEY, job_seq, expires_at_ms, jobs)  -- jobs: "crm=17,dw=18"
+//! dedup(event_key PRIMARY KEY, job_seq, expires_at_ms, jobs,  -- jobs: "crm=17,dw=18"
+//!       bot)                      -- a botId with `-` (`Event::key_sharer`)
 //! paused(destination PRIMARY KEY)
 //! changes(what PRIMARY KEY, n)    -- the tools' count of removed ordered jobs
 //! ```

@@ -823,7 +823,15 @@ pub(super) fn insert_event(
     let dedup_id = if ttl_ms > 0 {
         match dedup_record(conn, event, now, now.saturating_add(ttl_ms))? {
             Record::Duplicate(first) => return Ok((first, Vec::new())),
-            Record::New(id) => Some(id),
+            // The key's record, with the botId of an event that may share it.
+            Record::Key => Some((
+                std::borrow::Cow::Borrowed(event.key.as_str()),
+                event
+                    .key_sharer()
+                    .filter(|k| k.bot_is_kept())
+                    .map(|k| k.bot),
+            )),
+            Record::Own(own) => Some((std::borrow::Cow::Owned(own), None)),
         }
     } else {
         None
@@ -885,9 +893,8 @@ pub(super) fn insert_event(
         })
         .collect();
     w.stored_since_maintenance += 1;
-    if let Some(id) = &dedup_id {
-        let bot = event.key_sharer().map(|(bot, _)| bot);
-        remember(conn, id, bot, &jobs, now.saturating_add(ttl_ms))?;
+    if let Some((id, bot)) = &dedup_id {
+        remember(conn, id, *bot, &jobs, now.saturating_add(ttl_ms))?;
     }
     Ok((
         Routed {
@@ -1017,32 +1024,27 @@ const FIRST_JOBS: &str =
     "SELECT job_seq, jobs, bot FROM dedup WHERE event_key=?1 AND expires_at_ms > ?2";
 
 /// An event's dedup record: another's within the TTL (the event is its
-/// duplicate), or the record it is to write.
-enum Record<'e> {
+/// duplicate), or the one it is to write: its key's, or its own.
+enum Record {
     Duplicate(Routed),
-    New(std::borrow::Cow<'e, str>),
+    Key,
+    Own(String),
 }
 
 /// The record `event` is deduplicated under (`Event::key_sharer`): its key,
-/// unless the key's record holds another botId. A record without a botId
-/// (an endpoint output's, an envelope's of ids without `-`, or written by an
-/// earlier version) is this event's.
-fn dedup_record<'e>(
-    conn: &Db<'_>,
-    event: &'e Event,
-    now: i64,
-    expires_at_ms: i64,
-) -> QueueResult<Record<'e>> {
+/// unless the key's record is another event's.
+fn dedup_record(conn: &Db<'_>, event: &Event, now: i64, expires_at_ms: i64) -> QueueResult<Record> {
     let key = event.key.as_str();
     let Some((first, owner)) = first_jobs(conn, key, now)? else {
-        return Ok(Record::New(key.into()));
+        return Ok(Record::Key);
     };
-    let Some((bot, own)) = event.key_sharer() else {
+    let Some(sharer) = event.key_sharer() else {
         return Ok(Record::Duplicate(first));
     };
-    if owner.is_none_or(|o| o == bot) {
+    if !sharer.is_other(owner.as_deref()) {
         return Ok(Record::Duplicate(first));
     }
+    let own = sharer.own_record();
     // Another event's key: this one's own record. The key's lasts as long,
     // so that a resend of this event finds it, and so its own.
     if let Some((first, _)) = first_jobs(conn, &own, now)? {
@@ -1053,7 +1055,7 @@ fn dedup_record<'e>(
     )
     .and_then(|mut s| s.execute(params![key, expires_at_ms]))
     .map_err(sql_err)?;
-    Ok(Record::New(own.into()))
+    Ok(Record::Own(own))
 }
 
 /// The jobs of an event with this dedup record stored within the dedup
@@ -1113,7 +1115,7 @@ const REMEMBER: &str =
 
 /// The event's dedup record (its key, or its own: [`dedup_record`], in the
 /// `event_key` column), its first job, every job's `destination=id` and,
-/// for an envelope that may share its key, its botId; until `expires_at_ms`.
+/// on the key's record, a botId that holds a `-`; until `expires_at_ms`.
 fn remember(
     conn: &Db<'_>,
     dedup_id: &str,

@@ -11,9 +11,8 @@
     lock token or "", lock duration (ms) of a locked job, and for an event
     that may share its key with another (`Event::key_sharer`) its botId and
     its own record, else "" and ""
-  An event whose key's record holds another botId (`cg:deb:<key>`, written
-  beside the key's `de:` record) is another event: it is deduplicated under
-  its own record, and the key's lasts as long.
+  An event whose key's record holds another botId is another event, with a
+  record of its own (`dedup.lua`, put in front of this script).
   Returns per job {kind, jobId}: "a" added to wait, "l" added locked,
   "d" a duplicate of jobId.
 ]]
@@ -57,21 +56,22 @@ for i = 6, #ARGV, perJob do
   local current = false
   -- A TTL of 0 is no deduplication (DEDUP_TTL_SECS=0): every event a new job.
   if ttl ~= "0" then
-    current = rcall("GET", deKey)
-    if current and bot ~= "" then
-      local owner = rcall("GET", prefix .. "cg:deb:" .. deid)
-      if owner and owner ~= bot then
-        rcall("PEXPIRE", deKey, ttl)
-        rcall("PEXPIRE", prefix .. "cg:deb:" .. deid, ttl)
-        deid, bot = own, ""
-        deKey = prefix .. "de:" .. deid
-        current = rcall("GET", deKey)
-      end
-    end
-    if not current then
-      rcall("SET", deKey, jobId, "PX", ttl)
-      if bot ~= "" then
-        rcall("SET", prefix .. "cg:deb:" .. deid, bot, "PX", ttl)
+    if rcall("SET", deKey, jobId, "PX", ttl, "NX") then
+      cgSetOwner(prefix, deid, jobId, bot, ttl)
+    else
+      current = rcall("GET", deKey)
+      if not current then
+        rcall("SET", deKey, jobId, "PX", ttl)
+        cgSetOwner(prefix, deid, jobId, bot, ttl)
+      elseif cgIsOther(prefix, deid, current, bot) then
+        -- The key is another event's too (dedup.lua): this one's own record.
+        local ownKey = prefix .. "de:" .. own
+        current = rcall("GET", ownKey)
+        if not current then
+          rcall("SET", ownKey, jobId, "PX", ttl)
+          cgKeepShared(prefix, deid, ttl)
+          deid = own
+        end
       end
     end
   end

@@ -10,7 +10,7 @@
     then per event: dedup id (the event key), data (JSON object, without
     the destination), opts (JSON), lock token or "", lock duration (ms),
     the botId and own record of an event that may share its key (else ""
-    and "", as in add.lua), number of destinations n, then n times: queue
+    and "": `dedup.lua`, put in front of this script), number of destinations n, then n times: queue
     key prefix, destination name, ordering key ("": unordered), "1" when a
     failure holds the key.
   A job of an ordered key goes behind the key's earlier jobs (`order.lua`, put
@@ -54,15 +54,13 @@ while i <= #ARGV do
   local current = false
   if ttl ~= "0" then
     current = rcall("GET", deKey)
-    -- The key's record holds another event's botId: this one's own (add.lua).
-    if current and bot ~= "" then
-      local owner = rcall("GET", base .. "cg:deb:" .. deid)
-      if owner and owner ~= bot then
-        rcall("PEXPIRE", deKey, ttl)
-        rcall("PEXPIRE", base .. "cg:deb:" .. deid, ttl)
-        deid, bot = own, ""
-        deKey = base .. "de:" .. deid
-        current = rcall("GET", deKey)
+    if current and cgIsOther(base, deid, current, bot) then
+      -- The key is another event's too (dedup.lua): this one's own record.
+      local ownKey = base .. "de:" .. own
+      current = rcall("GET", ownKey)
+      if not current then
+        cgKeepShared(base, deid, ttl)
+        deid, deKey, bot = own, ownKey, ""
       end
     end
   end
@@ -136,10 +134,9 @@ while i <= #ARGV do
       named[#named + 1] = dest .. "=" .. jobId
     end
     if ttl ~= "0" then
-      rcall("SET", deKey, table.concat(named, ","), "PX", ttl)
-      if bot ~= "" then
-        rcall("SET", base .. "cg:deb:" .. deid, bot, "PX", ttl)
-      end
+      local value = table.concat(named, ",")
+      rcall("SET", deKey, value, "PX", ttl)
+      cgSetOwner(base, deid, value, bot, ttl)
     end
     out[#out + 1] = { "a", table.concat(parts, ",") }
   end

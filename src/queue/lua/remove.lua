@@ -35,7 +35,9 @@ if prev == "unknown" then
     end
   end
 end
-if f[1] and rcall("GET", prefix .. "de:" .. f[1]) == jobId then
+-- A record another event shares (dedup.lua) stays: its resends find it.
+if f[1] and rcall("GET", prefix .. "de:" .. f[1]) == jobId
+  and rcall("EXISTS", prefix .. "cg:des:" .. f[1]) == 0 then
   rcall("DEL", prefix .. "de:" .. f[1], prefix .. "cg:deb:" .. f[1])
 end
 rcall("DEL", jobKey, jobKey .. ":logs")

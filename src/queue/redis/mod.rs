@@ -13,8 +13,8 @@
 //! Deduplication uses BullMQ's own deduplication key (`bull:<name>:de:<eventKey>`
 //! with `DEDUP_TTL_SECS`), so the same event sent to two relays is one job;
 //! an envelope that may share its key with another (`Event::key_sharer`)
-//! keeps its botId beside it (`cg:deb:<eventKey>`), and one that finds
-//! another's there is deduplicated under its own record (`add.lua`).
+//! is told apart by the botId kept beside it (`cg:deb:<eventKey>`,
+//! `lua/dedup.lua`).
 //!
 //! # Hot path: batched scripts in BullMQ's layout
 //!
@@ -244,7 +244,10 @@ impl BullQueue {
             clock: opts.clock.clone(),
             token_base: uuid::Uuid::new_v4().to_string(),
             tokens: std::sync::atomic::AtomicU64::new(0),
-            add: redis::Script::new(include_str!("../lua/add.lua")),
+            add: redis::Script::new(concat!(
+                include_str!("../lua/dedup.lua"),
+                include_str!("../lua/add.lua")
+            )),
             claim: redis::Script::new(include_str!("../lua/claim.lua")),
             finish: redis::Script::new(concat!(
                 include_str!("../lua/order.lua"),

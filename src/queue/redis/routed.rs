@@ -107,6 +107,7 @@ impl RedisQueues {
         let hot = base.hot.clone();
         let script = Arc::new(redis::Script::new(concat!(
             include_str!("../lua/order.lua"),
+            include_str!("../lua/dedup.lua"),
             include_str!("../lua/add_routed.lua")
         )));
         let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;

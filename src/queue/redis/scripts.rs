@@ -219,7 +219,9 @@ impl BatchedScripts {
 
 /// `Event::key_sharer`, owned (for the add scripts' arguments).
 pub(super) fn sharer(event: &Event) -> Option<(String, String)> {
-    event.key_sharer().map(|(bot, own)| (bot.to_string(), own))
+    event
+        .key_sharer()
+        .map(|k| (k.bot.to_string(), k.own_record()))
 }
 
 impl BullQueue {
