@@ -159,9 +159,11 @@ pub struct Event {
 
 impl Event {
     /// For an envelope whose ids hold a `-`, the one kind of event that can
-    /// share its key with another: its botId, and ([`KeySharer::own_record`])
-    /// the record it is deduplicated under when the key's record is another
-    /// event's.
+    /// share its key with another envelope: its botId, and
+    /// ([`KeySharer::own_record`]) the record it is deduplicated under when
+    /// the key's record is another event's. (An endpoint output's key ends
+    /// with a digest of its body: only an envelope whose eventId were made
+    /// to end with that digest would share it, and is not told apart.)
     ///
     /// `cognigy-{botId}-{eventId}` (SPEC §3.1) names (`bot-a`, `x`) and
     /// (`bot`, `a-x`) alike: of two events sharing a key, one has a `-` in

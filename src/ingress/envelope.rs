@@ -369,7 +369,7 @@ mod tests {
         assert_eq!(
             output.key_sharer(),
             None,
-            "a digest of the body is in its key"
+            "a digest of its body ends its key"
         );
     }
 

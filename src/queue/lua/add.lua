@@ -70,8 +70,8 @@ for i = 6, #ARGV, perJob do
         if not current then
           rcall("SET", ownKey, jobId, "PX", ttl)
           cgKeepShared(prefix, deid, ttl)
-          deid = own
         end
+        deid = own
       end
     end
   end
