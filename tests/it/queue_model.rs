@@ -387,14 +387,25 @@ impl Sut {
     }
 }
 
+/// The model's event `key` ("e{n}"). Each two in a row are different
+/// events sharing one SPEC key (`cognigy-b-x-{n}`, docs/guarantees.md):
+/// (`b`, `x-1`) then (`b-x`, `1`), and (`b-x`, `3`) then (`b`, `x-3`), so
+/// that the store tells them apart whichever comes first.
 fn ev(key: &str, big: bool) -> envelope::Event {
     let payload = if big {
         serde_json::json!({ "n": key, "blob": "x".repeat(3000) })
     } else {
         serde_json::json!({ "n": key })
     };
+    let n: u64 = key.trim_start_matches('e').parse().expect("e{n}");
+    let (bot, id) = match n % 4 {
+        1 => ("b", format!("x-{n}")),
+        2 => ("b-x", format!("{}", n - 1)),
+        3 => ("b-x", format!("{n}")),
+        _ => ("b", format!("x-{}", n - 1)),
+    };
     let body = serde_json::json!({
-        "botId": "bot", "eventId": key, "type": "t",
+        "botId": bot, "eventId": id, "type": "t",
         "timestamp": cogrelay::time::rfc3339(cogrelay::time::now_ms()),
         "payload": payload,
     });
