@@ -312,42 +312,74 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
     drop(delivery_rt);
 }
 
+/// A store on disk and one lane of a single slot (the default
+/// destination's) to hand jobs to, as the ingress has them; the handoff's
+/// receiving end, and the lease taken.
+struct HandoffRig {
+    _sink: Sink,
+    _tmp: tempfile::TempDir,
+    queue: cogrelay::queue::Store,
+    lanes: cogrelay::delivery::handoff::LaneSet,
+    rx: cogrelay::delivery::handoff::HandoffRx,
+    lock: Duration,
+}
+
+impl HandoffRig {
+    async fn start() -> Self {
+        use cogrelay::delivery::handoff::{Handoff, Lane, LaneSet};
+        let sink = Sink::start().await.expect("sink");
+        let tmp = tempfile::tempdir().expect("tmp");
+        let cfg = test_config(&sink, tmp.path().join("data"));
+        let lock = Duration::from_secs(30);
+        let opener = cogrelay::queue::Opener::Relay {
+            lock_duration: lock,
+        };
+        let queue = cogrelay::queue::open(&cfg.store, opener)
+            .await
+            .expect("open");
+        let (handoff, rx) = Handoff::new(1, lock);
+        let lanes = LaneSet::new(vec![Lane {
+            destination: DestinationName::DEFAULT,
+            handoff,
+            wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+        }]);
+        Self {
+            _sink: sink,
+            _tmp: tmp,
+            queue,
+            lanes,
+            rx,
+            lock,
+        }
+    }
+}
+
+/// Stores event `id` for the default destination through `lanes`.
+fn store_through<'a>(
+    lanes: &'a cogrelay::delivery::handoff::LaneSet,
+    queue: &'a cogrelay::queue::Store,
+    id: &str,
+) -> impl std::future::Future<Output = cogrelay::queue::QueueResult<cogrelay::queue::Routed>> + 'a {
+    let raw = serde_json::to_vec(&event("bot", id)).expect("json");
+    let parsed = cogrelay::ingress::envelope::parse(&raw).expect("event");
+    lanes.store(
+        queue,
+        parsed,
+        vec![cogrelay::queue::Recipient::from(DestinationName::DEFAULT)],
+    )
+}
+
 /// A request whose sender hangs up while its event is being stored gives
 /// back the handoff room it took: on 788cf99 the room stayed taken for good,
 /// and a pool with one slot took no handoff again (its next event was
 /// stored waiting, for a claim) until a reload.
 #[tokio::test]
 async fn a_store_dropped_midway_gives_its_handoff_room_back() {
-    use cogrelay::delivery::handoff::{Handoff, Lane, LaneSet};
-    use cogrelay::queue::Recipient;
-    use std::sync::Arc;
-
-    let sink = Sink::start().await.expect("sink");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = test_config(&sink, tmp.path().join("data"));
-    let lock = Duration::from_secs(30);
-    let opener = cogrelay::queue::Opener::Relay {
-        lock_duration: lock,
-    };
-    let queue = cogrelay::queue::open(&cfg.store, opener)
-        .await
-        .expect("open");
-    let (handoff, mut rx) = Handoff::new(1, lock);
-    let lanes = LaneSet::new(vec![Lane {
-        destination: DestinationName::DEFAULT,
-        handoff,
-        wake: Arc::new(tokio::sync::Notify::new()),
-    }]);
-    let parsed = |id: &str| {
-        let raw = serde_json::to_vec(&event("bot", id)).expect("json");
-        cogrelay::ingress::envelope::parse(&raw).expect("event")
-    };
-    let routes = || vec![Recipient::from(DestinationName::DEFAULT)];
-
+    let mut rig = HandoffRig::start().await;
     // Polled once (the room taken, the write queued to the store's
     // writer thread, which cannot have committed yet), then dropped, as
     // axum drops a request's handler when its sender hangs up.
-    let mut gone = Box::pin(lanes.store(&queue, parsed("gone"), routes()));
+    let mut gone = Box::pin(store_through(&rig.lanes, &rig.queue, "gone"));
     tokio::select! {
         biased;
         _ = &mut gone => panic!("stored before its first poll returned"),
@@ -355,11 +387,10 @@ async fn a_store_dropped_midway_gives_its_handoff_room_back() {
     }
     drop(gone);
 
-    let routed = lanes
-        .store(&queue, parsed("next"), routes())
+    let routed = store_through(&rig.lanes, &rig.queue, "next")
         .await
         .expect("stored");
-    let handed = rx.try_recv().map(|l| l.job.id);
+    let handed = rig.rx.try_recv().map(|l| l.job.id);
     assert_eq!(
         handed.as_deref(),
         Some(routed.jobs[0].id.as_str()),
@@ -373,45 +404,19 @@ async fn a_store_dropped_midway_gives_its_handoff_room_back() {
 /// default; an ordered key's later events with it).
 #[tokio::test]
 async fn a_handoff_its_pool_no_longer_takes_goes_back_to_the_store() {
-    use cogrelay::delivery::handoff::{Handoff, Lane, LaneSet};
-    use cogrelay::queue::Recipient;
-    use std::sync::Arc;
-
-    let sink = Sink::start().await.expect("sink");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = test_config(&sink, tmp.path().join("data"));
-    let lock = Duration::from_secs(30);
-    let opener = cogrelay::queue::Opener::Relay {
-        lock_duration: lock,
-    };
-    let queue = cogrelay::queue::open(&cfg.store, opener)
-        .await
-        .expect("open");
-    let (handoff, mut rx) = Handoff::new(1, lock);
-    let lanes = LaneSet::new(vec![Lane {
-        destination: DestinationName::DEFAULT,
-        handoff,
-        wake: Arc::new(tokio::sync::Notify::new()),
-    }]);
-    let raw = serde_json::to_vec(&event("bot", "late")).expect("json");
-    let parsed = cogrelay::ingress::envelope::parse(&raw).expect("event");
-
+    let mut rig = HandoffRig::start().await;
     // Polled once (the room taken, the write queued), then the pool stops
     // before the store answers.
-    let mut store = Box::pin(lanes.store(
-        &queue,
-        parsed,
-        vec![Recipient::from(DestinationName::DEFAULT)],
-    ));
+    let mut store = Box::pin(store_through(&rig.lanes, &rig.queue, "late"));
     tokio::select! {
         biased;
         _ = &mut store => panic!("stored before its first poll returned"),
         _ = std::future::ready(()) => {}
     }
-    assert!(rx.close().is_empty(), "nothing handed over yet");
+    assert!(rig.rx.close().is_empty(), "nothing handed over yet");
     let routed = store.await.expect("stored");
 
-    let taken = queue.claim(10, lock).await.expect("claim").jobs;
+    let taken = rig.queue.claim(10, rig.lock).await.expect("claim").jobs;
     assert_eq!(
         taken.iter().map(|l| l.job.id.as_str()).collect::<Vec<_>>(),
         [routed.jobs[0].id.as_str()],
