@@ -820,18 +820,10 @@ pub(super) fn insert_event(
     }
     let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
     // DEDUP_TTL_SECS=0: every event a new job.
-    let dedup_id = if ttl_ms > 0 {
-        match dedup_record(conn, event, now, now.saturating_add(ttl_ms))? {
+    let record = if ttl_ms > 0 {
+        match dedup_record(conn, event, now)? {
             Record::Duplicate(first) => return Ok((first, Vec::new())),
-            // The key's record, with the botId of an event that may share it.
-            Record::Key => Some((
-                std::borrow::Cow::Borrowed(event.key.as_str()),
-                event
-                    .key_sharer()
-                    .filter(|k| k.bot_is_kept())
-                    .map(|k| k.bot),
-            )),
-            Record::Own(own) => Some((std::borrow::Cow::Owned(own), None)),
+            record => Some(record),
         }
     } else {
         None
@@ -893,8 +885,8 @@ pub(super) fn insert_event(
         })
         .collect();
     w.stored_since_maintenance += 1;
-    if let Some((id, bot)) = &dedup_id {
-        remember(conn, id, *bot, &jobs, now.saturating_add(ttl_ms))?;
+    if let Some(record) = &record {
+        write_record(conn, event, record, &jobs, now.saturating_add(ttl_ms))?;
     }
     Ok((
         Routed {
@@ -1033,7 +1025,7 @@ enum Record {
 
 /// The record `event` is deduplicated under (`Event::key_sharer`): its key,
 /// unless the key's record is another event's.
-fn dedup_record(conn: &Db<'_>, event: &Event, now: i64, expires_at_ms: i64) -> QueueResult<Record> {
+fn dedup_record(conn: &Db<'_>, event: &Event, now: i64) -> QueueResult<Record> {
     let key = event.key.as_str();
     let Some((first, owner)) = first_jobs(conn, key, now)? else {
         return Ok(Record::Key);
@@ -1044,18 +1036,43 @@ fn dedup_record(conn: &Db<'_>, event: &Event, now: i64, expires_at_ms: i64) -> Q
     if !sharer.is_other(owner.as_deref()) {
         return Ok(Record::Duplicate(first));
     }
+    // Another event's key: this one's own record.
     let own = sharer.own_record();
-    // Another event's key: this one's own record. The key's lasts as long,
-    // so that a resend of this event finds it, and so its own.
     if let Some((first, _)) = first_jobs(conn, &own, now)? {
         return Ok(Record::Duplicate(first));
     }
-    conn.prepare_cached(
-        "UPDATE dedup SET expires_at_ms = max(expires_at_ms, ?2) WHERE event_key = ?1",
-    )
-    .and_then(|mut s| s.execute(params![key, expires_at_ms]))
-    .map_err(sql_err)?;
     Ok(Record::Own(own))
+}
+
+/// Writes the dedup record of an event stored as `jobs`.
+fn write_record(
+    conn: &Db<'_>,
+    event: &Event,
+    record: &Record,
+    jobs: &[JobRef],
+    expires_at_ms: i64,
+) -> QueueResult<()> {
+    match record {
+        // The key's, with the botId of an event that may share it.
+        Record::Key => {
+            let bot = event
+                .key_sharer()
+                .filter(|k| k.bot_is_kept())
+                .map(|k| k.bot);
+            remember(conn, event.key.as_str(), bot, jobs, expires_at_ms)
+        }
+        // Its own, the key being another event's: the key's lasts as long,
+        // so that a resend of this event finds it, and so its own.
+        Record::Own(own) => {
+            conn.prepare_cached(
+                "UPDATE dedup SET expires_at_ms = max(expires_at_ms, ?2) WHERE event_key = ?1",
+            )
+            .and_then(|mut s| s.execute(params![event.key.as_str(), expires_at_ms]))
+            .map_err(sql_err)?;
+            remember(conn, own, None, jobs, expires_at_ms)
+        }
+        Record::Duplicate(_) => Ok(()),
+    }
 }
 
 /// The jobs of an event with this dedup record stored within the dedup
