@@ -7,6 +7,10 @@ use crate::queue::{DestinationName, JobState, Page};
 
 /// Jobs in one page at the most.
 pub const MAX_LIMIT: u64 = 500;
+/// The largest `offset`: 2^53, an integer JSON readers take exactly (the
+/// answer echoes it), and far within the stores' signed 64 bits, where a
+/// larger one wrapped to a negative offset: the first page.
+pub const MAX_OFFSET: u64 = 1 << 53;
 
 /// A validated listing query.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,9 +40,9 @@ impl ListingError {
             Self::State(raw) => format!(
                 "{prefix}state {raw:?} is not valid: use waiting, active, delayed, completed or failed"
             ),
-            Self::Offset(raw) => {
-                format!("{prefix}offset {raw:?} is not valid: use a whole number from 0")
-            }
+            Self::Offset(raw) => format!(
+                "{prefix}offset {raw:?} is not valid: use a whole number from 0 to {MAX_OFFSET}"
+            ),
             Self::Limit(raw) => format!(
                 "{prefix}limit {raw:?} is not valid: use a whole number from 1 to {MAX_LIMIT}"
             ),
@@ -67,6 +71,7 @@ impl Listing {
             Some(s) => s.parse::<u64>().ok(),
         };
         let offset = number(offset, 0)
+            .filter(|n| *n <= MAX_OFFSET)
             .ok_or_else(|| ListingError::Offset(offset.unwrap_or_default().into()))?;
         let limit = number(limit, default_limit)
             .filter(|n| (1..=MAX_LIMIT).contains(n))
@@ -133,9 +138,16 @@ mod tests {
             Listing::parse(Some("dead"), None, None, 20),
             Err(ListingError::State("dead".into()))
         );
+        for bad in ["-1", "9007199254740993", "18446744073709551615"] {
+            assert_eq!(
+                Listing::parse(None, Some(bad), None, 20),
+                Err(ListingError::Offset(bad.into())),
+                "beyond what the stores take (SQLite's i64) and JSON reads exactly"
+            );
+        }
         assert_eq!(
-            Listing::parse(None, Some("-1"), None, 20),
-            Err(ListingError::Offset("-1".into()))
+            Listing::parse(None, Some("9007199254740992"), None, 20).map(|l| l.offset),
+            Ok(MAX_OFFSET)
         );
         for bad in ["0", "501", "x"] {
             assert_eq!(

@@ -9,13 +9,32 @@ use crate::cognigy::{Api, RateLimit};
 use crate::register::{default_idempotency_key, RegisterConfig};
 use crate::secret::Secret;
 
+/// The largest value of each number of `register` (docs/configuration.md):
+/// an hour for the target's pre-flight and between two health checks, and
+/// a thousand health checks.
+pub const REGISTER_LIMITS: &[(&str, u64)] = &[
+    ("--timeout-ms", 3_600_000),
+    ("--health-attempts", 1_000),
+    ("--health-delay-ms", 3_600_000),
+];
+
 /// The registration's settings, or the one line naming what is wrong.
 pub fn register_config(a: &RegisterArgs) -> Result<RegisterConfig, ConfigError> {
     let bad = |m: String| ConfigError(m);
     let num = |name: &str, raw: &str| -> Result<u64, ConfigError> {
+        let max = REGISTER_LIMITS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(u64::MAX, |(_, max)| *max);
         raw.trim()
             .parse()
-            .map_err(|_| bad(format!("{name}={raw:?} is not valid: use a whole number")))
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or_else(|| {
+                bad(format!(
+                    "{name}={raw:?} is not valid: use a whole number, at most {max}"
+                ))
+            })
     };
     let timeout = Duration::from_millis(num("--timeout-ms", &a.timeout_ms)?);
     let cognigy = cognigy_config(
@@ -81,4 +100,50 @@ pub fn register_config(a: &RegisterArgs) -> Result<RegisterConfig, ConfigError> 
         health_attempts,
         health_delay: Duration::from_millis(num("--health-delay-ms", &a.health_delay_ms)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{register_config, REGISTER_LIMITS};
+    use crate::cli::{Cli, Command};
+
+    /// Each number of `register` takes its largest value, and one more is
+    /// one line naming it (a delay of 2^64-1 ms waited for ever).
+    #[test]
+    fn every_register_number_has_a_maximum() {
+        for (flag, max) in REGISTER_LIMITS {
+            let run = |value: u64| {
+                let value = value.to_string();
+                let cli = Cli::try_parse_from([
+                    "cogrelay",
+                    "register",
+                    "--cognigy-base-url",
+                    "https://api.example.com",
+                    "--cognigy-client-id",
+                    "id",
+                    "--cognigy-client-secret",
+                    "s",
+                    "--target-url",
+                    "https://relay.example.com/api/webhook/cognigy",
+                    flag,
+                    &value,
+                ])
+                .expect("flags");
+                let Command::Register(args) = cli.command else {
+                    unreachable!("register")
+                };
+                register_config(&args)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            };
+            assert_eq!(run(*max), Ok(()), "{flag}={max}");
+            let err = run(max + 1).expect_err("over the maximum");
+            assert!(
+                err.contains(flag) && err.contains(&format!("at most {max}")),
+                "{err}"
+            );
+        }
+    }
 }

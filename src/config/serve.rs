@@ -574,6 +574,14 @@ impl ServeConfig {
                 self.admin.listen
             )));
         }
+        if self.admin.listen.port() == self.ingress.port {
+            // The ingress takes the port on every address: serve would
+            // stop at start with "address already in use".
+            return Err(bad(format!(
+                "ADMIN_LISTEN={} uses the ingress's PORT={}: give the admin API another port, e.g. 127.0.0.1:3001",
+                self.admin.listen, self.ingress.port
+            )));
+        }
         Ok(())
     }
 }
@@ -668,6 +676,19 @@ mod tests {
                 "{name}: {err}"
             );
         }
+    }
+
+    /// `config check` and `serve` refuse an admin port that is the
+    /// ingress's (serve stopped at start with "address already in use").
+    #[test]
+    fn the_admin_api_needs_a_port_of_its_own() {
+        let mut args = OK.to_vec();
+        args.extend(["--port", "3001", "--admin-listen", "127.0.0.1:3001"]);
+        let err = parse(&args).expect_err("one port for both").to_string();
+        assert!(
+            err.contains("ADMIN_LISTEN=127.0.0.1:3001 uses the ingress's PORT=3001"),
+            "{err}"
+        );
     }
 
     /// A store cap too small to hold an empty store is refused at start,
