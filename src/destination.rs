@@ -139,8 +139,8 @@ impl DestinationSet {
         self.list.iter().find(|d| &d.name == name)
     }
 
-    /// What `cogrelay config check` prints: every resolved setting, the URL
-    /// without credentials, header values and the signing secret as `***`.
+    /// What `cogrelay config check` prints: every resolved setting, the URL's
+    /// credentials and query, header values and the signing secret as `***`.
     pub fn resolved(&self) -> Value {
         let list: Vec<Value> = self
             .list
@@ -154,7 +154,7 @@ impl DestinationSet {
                     .collect();
                 serde_json::json!({
                     "name": d.name,
-                    "url": crate::secret::redact_url(&d.delivery.target),
+                    "url": crate::secret::mask_url(&d.delivery.target),
                     "events": d.filter.events,
                     "bots": d.filter.bots,
                     "where": d.filter.conditions.iter().cloned().collect::<serde_json::Map<_, _>>(),

@@ -41,6 +41,13 @@ pub fn redact_url(url: &reqwest::Url) -> String {
     u.to_string()
 }
 
+/// The URL with its credentials and query shown as `***` (config check,
+/// the admin's destinations, the start log): the operator sees that they
+/// are there, not what they are.
+pub fn mask_url(url: &reqwest::Url) -> String {
+    redact_url_text(url.as_str())
+}
+
 /// `raw` with what may be a credential hidden, for error lines about a URL
 /// that may not even parse: the userinfo of its authority (`user:password@`)
 /// as `***@`, and its query and fragment (`?token=...`) as `?***`. Text

@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -82,11 +83,23 @@ pub fn router(state: Arc<Admin>) -> Router {
         .route("/metrics", get(prometheus))
         .merge(admin)
         .fallback(|| async { err(StatusCode::NOT_FOUND, "Not found") })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            err(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("Method {method} is not allowed here (see the Allow header)"),
+            )
+        })
         .with_state(state)
 }
 
 fn err(status: StatusCode, msg: &str) -> Response {
     (status, Json(json!({ "error": msg }))).into_response()
+}
+
+/// A query string serde cannot read (a parameter given twice, say) answered
+/// in JSON like every other 400, not in axum's plain text.
+fn bad_query(r: QueryRejection) -> Response {
+    err(StatusCode::BAD_REQUEST, &r.body_text())
 }
 
 fn queue_error(e: QueueError) -> Response {
@@ -247,7 +260,14 @@ struct ListQuery {
     limit: Option<String>,
 }
 
-async fn list_jobs(State(s): State<Arc<Admin>>, Query(q): Query<ListQuery>) -> Response {
+async fn list_jobs(
+    State(s): State<Arc<Admin>>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(r) => return bad_query(r),
+    };
     let listing = match Listing::parse(
         q.state.as_deref(),
         q.offset.as_deref(),
@@ -303,7 +323,14 @@ struct RetryAllQuery {
     destination: Option<String>,
 }
 
-async fn retry_all(State(s): State<Arc<Admin>>, Query(q): Query<RetryAllQuery>) -> Response {
+async fn retry_all(
+    State(s): State<Arc<Admin>>,
+    q: Result<Query<RetryAllQuery>, QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(r) => return bad_query(r),
+    };
     if q.state.as_deref().is_some_and(|st| st != "failed") {
         return err(StatusCode::BAD_REQUEST, "only state=failed can be retried");
     }
@@ -390,7 +417,7 @@ async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
             "name": d.name,
             "ordering": d.delivery.ordering.as_ref().map_or("none", |_| "session"),
             "held_keys": held_keys,
-            "url": crate::secret::redact_url(&d.delivery.target),
+            "url": crate::secret::mask_url(&d.delivery.target),
             "circuit": s.metrics.circuit_state(&d.name),
             "paused": paused,
             "counts": counts,

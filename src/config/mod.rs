@@ -81,15 +81,29 @@ pub fn parse_http_url(name: &str, raw: &str) -> Result<reqwest::Url, ConfigError
     // The error lines show the URL without its userinfo or query (they may
     // hold a password or a token).
     let shown = crate::secret::redact_url_text(raw);
+    let example = example_url(name);
     let url = reqwest::Url::parse(raw.trim()).map_err(|e| {
         bad(format!(
-            "{name}={shown:?} is not a valid URL ({e}): use e.g. http://127.0.0.1:8080/events"
+            "{name}={shown:?} is not a valid URL ({e}): use e.g. {example}"
         ))
     })?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(bad(format!("{name}={shown:?} is not an http(s) URL with a host: use e.g. https://internal.example.com/events")));
+        return Err(bad(format!(
+            "{name}={shown:?} is not an http(s) URL with a host: use e.g. {example}"
+        )));
     }
     Ok(url)
+}
+
+/// What a URL setting looks like, for its error line.
+fn example_url(name: &str) -> &'static str {
+    match name {
+        "WEBHOOK_TARGET_URL" => "https://relay.example.com/api/webhook/cognigy",
+        "GATEWAY_CALLBACK_URL" => "https://gateway.example.com/hooks/cognigy",
+        "COGNIGY_BASE_URL" | "COGNIGY_DOMAIN" => "https://api-trial.cognigy.ai",
+        "COGNIGY_TOKEN_URL" => "https://api-trial.cognigy.ai/auth/oauth2/token",
+        _ => "https://internal.example.com/events",
+    }
 }
 
 /// `COGNIGY_API`.

@@ -94,12 +94,30 @@ pub fn register_config(a: &RegisterArgs) -> Result<RegisterConfig, ConfigError> 
             .ca_file
             .as_deref()
             .filter(|s| !s.is_empty())
-            .map(PathBuf::from),
+            .map(ca_file)
+            .transpose()?,
         allow_http: a.allow_http,
         timeout,
         health_attempts,
         health_delay: Duration::from_millis(num("--health-delay-ms", &a.health_delay_ms)?),
     })
+}
+
+/// `--ca-file`, read once here so that a missing or unreadable file, or one
+/// with no PEM certificate, is a configuration error (exit 2) before any
+/// request; the pre-flight reads it again to build its client.
+fn ca_file(raw: &str) -> Result<PathBuf, ConfigError> {
+    let bad = |why: String| {
+        ConfigError(format!(
+            "--ca-file={raw:?} {why}: give the PEM file of the CA that signed the target's certificate"
+        ))
+    };
+    let pem = std::fs::read(raw).map_err(|e| bad(format!("cannot be read ({e})")))?;
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(PathBuf::from(raw)),
+        Ok(_) => Err(bad("holds no certificate".into())),
+        Err(e) => Err(bad(format!("is not a PEM certificate bundle ({e})"))),
+    }
 }
 
 #[cfg(test)]
@@ -109,41 +127,82 @@ mod tests {
     use super::{register_config, REGISTER_LIMITS};
     use crate::cli::{Cli, Command};
 
+    /// `register_config` of the base flags and `extra` (with a target URL
+    /// unless `extra` gives one), its error as text.
+    fn run(extra: &[&str]) -> Result<(), String> {
+        let mut argv = vec![
+            "cogrelay",
+            "register",
+            "--cognigy-base-url",
+            "https://api.example.com",
+            "--cognigy-client-id",
+            "id",
+            "--cognigy-client-secret",
+            "s",
+        ];
+        if !extra.contains(&"--target-url") {
+            argv.extend([
+                "--target-url",
+                "https://relay.example.com/api/webhook/cognigy",
+            ]);
+        }
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).expect("flags");
+        let Command::Register(args) = cli.command else {
+            unreachable!("register")
+        };
+        register_config(&args)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Each number of `register` takes its largest value, and one more is
     /// one line naming it (a delay of 2^64-1 ms waited for ever).
     #[test]
     fn every_register_number_has_a_maximum() {
         for (flag, max) in REGISTER_LIMITS {
-            let run = |value: u64| {
-                let value = value.to_string();
-                let cli = Cli::try_parse_from([
-                    "cogrelay",
-                    "register",
-                    "--cognigy-base-url",
-                    "https://api.example.com",
-                    "--cognigy-client-id",
-                    "id",
-                    "--cognigy-client-secret",
-                    "s",
-                    "--target-url",
-                    "https://relay.example.com/api/webhook/cognigy",
-                    flag,
-                    &value,
-                ])
-                .expect("flags");
-                let Command::Register(args) = cli.command else {
-                    unreachable!("register")
-                };
-                register_config(&args)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            };
-            assert_eq!(run(*max), Ok(()), "{flag}={max}");
-            let err = run(max + 1).expect_err("over the maximum");
+            assert_eq!(run(&[flag, &max.to_string()]), Ok(()), "{flag}={max}");
+            let err = run(&[flag, &(max + 1).to_string()]).expect_err("over the maximum");
             assert!(
                 err.contains(flag) && err.contains(&format!("at most {max}")),
                 "{err}"
             );
         }
+    }
+
+    /// A `--ca-file` that is missing, empty of certificates or not PEM is a
+    /// configuration error naming the flag (it was exit 3, a target failure,
+    /// found only at the pre-flight).
+    #[test]
+    fn a_ca_file_that_cannot_serve_is_a_configuration_error() {
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = dir.path().join("missing.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").expect("write");
+        for (path, why) in [
+            (&missing, "cannot be read"),
+            (&empty, "holds no certificate"),
+        ] {
+            let flag = format!("--ca-file={}", path.display());
+            let err = run(&[&flag]).expect_err("refused");
+            assert!(err.contains("--ca-file") && err.contains(why), "{err}");
+        }
+        assert_eq!(run(&["--ca-file="]), Ok(()), "empty: no CA file");
+    }
+
+    /// A bad URL's line shows what that setting looks like (the target's
+    /// said `.../events`, a destination's example).
+    #[test]
+    fn a_bad_url_is_shown_what_its_setting_looks_like() {
+        let err = run(&["--target-url", "relay.example.com"]).expect_err("no scheme");
+        assert!(
+            err.contains("e.g. https://relay.example.com/api/webhook/cognigy"),
+            "{err}"
+        );
+        let err = run(&["--gateway-callback-url", "ftp://g"]).expect_err("not http");
+        assert!(
+            err.contains("GATEWAY_CALLBACK_URL") && err.contains("e.g. https://gateway."),
+            "{err}"
+        );
     }
 }

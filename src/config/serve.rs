@@ -148,10 +148,7 @@ impl ServeConfig {
     pub fn check(a: &ServeArgs) -> (Result<Self, Vec<ConfigError>>, Vec<String>) {
         let mut notes = Vec::new();
         let mut relaxed = a.clone();
-        let no_auth = a
-            .webhook_signing_secret
-            .as_deref()
-            .is_none_or(|s| s.trim().is_empty())
+        let no_auth = a.webhook_signing_secret.is_none()
             && a.ingress_basic_user.as_deref().is_none_or(|s| s.is_empty())
             && !a.allow_unauthenticated;
         if no_auth {
@@ -676,6 +673,32 @@ mod tests {
                 "{name}: {err}"
             );
         }
+    }
+
+    /// A signing secret that is set but blank is one line, the error: not
+    /// also the note that no ingress authentication is set.
+    #[test]
+    fn a_blank_signing_secret_is_one_line_in_config_check() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "cogrelay",
+            "serve",
+            "--target-endpoint",
+            "http://127.0.0.1:9/x",
+            "--webhook-signing-secret",
+            " , ",
+        ])
+        .expect("flags");
+        let crate::cli::Command::Serve(a) = cli.command else {
+            panic!("serve")
+        };
+        let (result, notes) = ServeConfig::check(&a);
+        let errors = result.expect_err("refused");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].to_string().contains("set but empty"),
+            "{errors:?}"
+        );
+        assert!(notes.is_empty(), "{notes:?}");
     }
 
     /// `config check` and `serve` refuse an admin port that is the

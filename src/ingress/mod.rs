@@ -159,6 +159,12 @@ pub fn router(state: Arc<Ingress>) -> Router {
                 "Not found: events go to POST /api/webhook/cognigy",
             )
         })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("Method {method} is not allowed: events go to POST /api/webhook/cognigy"),
+            )
+        })
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(metrics, track))
 }
@@ -357,8 +363,7 @@ async fn receive(
         Ok(routed) => {
             // Reloaded while the event was stored: the pools it was stored
             // for were replaced, and the new ones are told.
-            let now = s.routing.get();
-            if !Arc::ptr_eq(&now, &routing) {
+            if let Some(now) = s.routing.replaced(&routing) {
                 now.lanes.wake(routed.jobs.iter().map(|j| &j.destination));
             }
             s.refusals.accepted();

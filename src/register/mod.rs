@@ -183,7 +183,7 @@ impl Flow<'_> {
             Api::Connectors => self.register_connector().await,
             Api::Rest => self.register_rest_endpoint().await,
         }
-        .inspect_err(|e| (self.progress)(&format!("FAIL registration: {}", e.1)))?;
+        .inspect_err(|e| self.registration_failed(e))?;
         let id = connector_id(&connector, self.cfg.cognigy.api).ok_or_else(|| {
             (
                 EXIT_REGISTER,
@@ -222,6 +222,19 @@ impl Flow<'_> {
             (self.progress)("skip gateway sync (GATEWAY_CALLBACK_URL is not set)");
         }
         Ok(())
+    }
+
+    /// The progress line of a failed registration. An API key is first used
+    /// there: its refusal is labelled authentication's.
+    fn registration_failed(&self, e: &(u8, String)) {
+        (self.progress)(&if e.0 == EXIT_AUTH {
+            format!(
+                "FAIL authentication: {}: check COGNIGY_API_KEY (or COGNIGY_CLIENT_ID/COGNIGY_CLIENT_SECRET)",
+                e.1
+            )
+        } else {
+            format!("FAIL registration: {}", e.1)
+        })
     }
 
     fn connector_payload(&self) -> Value {

@@ -348,7 +348,7 @@ async fn apply_rate_limits(queue: &Store, destinations: &DestinationSet) {
 fn log_destinations(destinations: &DestinationSet) {
     for d in &destinations.list {
         tracing::info!(
-            destination = %d.name, url = %crate::secret::redact_url(&d.delivery.target),
+            destination = %d.name, url = %crate::secret::mask_url(&d.delivery.target),
             concurrency = d.delivery.concurrency, attempts = d.delivery.attempts,
             "delivering to {}", d.name
         );

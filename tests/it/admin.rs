@@ -72,6 +72,24 @@ async fn limit_and_state_are_validated(b: Backend) {
         assert!(r.json["error"].is_string());
     }
     assert_eq!(app.admin_get("/admin/jobs?limit=500").await.status, 200);
+    // A parameter given twice: a JSON 400 that names it, as every other 400.
+    for path in [
+        "/admin/jobs?state=failed&state=completed",
+        "/admin/jobs?limit=1&limit=2",
+    ] {
+        let r = app.admin_get(path).await;
+        assert_eq!(r.status, 400, "{path}");
+        let msg = r.json["error"].as_str().unwrap_or_default();
+        assert!(msg.contains("duplicate field"), "{path}: {:?}", r.json);
+    }
+    let r = app.admin_post("/admin/jobs/retry?state=failed&state=failed").await;
+    assert_eq!(r.status, 400);
+    assert!(r.json["error"].is_string(), "{:?}", r.json);
+    // A wrong method: a JSON 405 with the methods the route takes.
+    let r = app.admin_delete("/admin/queue").await;
+    assert_eq!(r.status, 405);
+    assert!(r.json["error"].as_str().unwrap_or_default().contains("DELETE"));
+    assert_eq!(r.headers["allow"], "GET,HEAD");
     assert_eq!(app.admin_get("/admin/jobs/999").await.status, 404);
     assert_eq!(app.admin_get("/admin/jobs/not-a-number").await.status, 404);
 }

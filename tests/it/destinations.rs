@@ -169,9 +169,11 @@ fn config_check_names_every_problem_without_the_serve_secrets_and_hides_query_to
         "{stderr}"
     );
 
+    // A URL's credentials and query are shown masked, so the operator sees
+    // that they are there (they were dropped: the URL looked bare).
     std::fs::write(
         &path,
-        "[[destination]]\nname = \"ok\"\nurl = \"http://ok.internal/\"\n",
+        "[[destination]]\nname = \"ok\"\nurl = \"http://relay:${CRM_API_KEY}@ok.internal/in?token=${CRM_API_KEY}\"\n",
     )
     .expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_cogrelay"))
@@ -179,9 +181,13 @@ fn config_check_names_every_problem_without_the_serve_secrets_and_hides_query_to
         .current_dir(dir.path())
         .env_remove("TARGET_ENDPOINT")
         .env_remove("WEBHOOK_SIGNING_SECRET")
+        .env("CRM_API_KEY", CRM_KEY)
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains(CRM_KEY), "the key printed: {stdout}");
+    assert!(stdout.contains("http://***@ok.internal/in?***"), "{stdout}");
 }
 
 #[test]

@@ -381,7 +381,7 @@ async fn duplicate_event_returns_the_first_job_and_is_delivered_once(b: Backend)
     assert_eq!(total_jobs(&app).await, 1);
 }
 
-async fn unknown_routes_are_404_json(b: Backend) {
+async fn unknown_routes_and_methods_answer_json(b: Backend) {
     let app = spawn_app_on(b, |_| {}).await;
     let r = app
         .http
@@ -390,6 +390,12 @@ async fn unknown_routes_are_404_json(b: Backend) {
         .await
         .expect("send");
     assert_eq!(r.status(), 404);
+    let r = app.http.get(app.url()).send().await.expect("send");
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST,HEAD");
+    let body: serde_json::Value = r.json().await.expect("a JSON body");
+    let msg = body["error"].as_str().unwrap_or_default();
+    assert!(msg.contains("POST /api/webhook/cognigy"), "{body}");
 }
 
 async fn head_on_the_ingress_answers_200_for_pre_flight_checks(b: Backend) {

@@ -480,6 +480,38 @@ async fn rest_api_with_api_key_and_with_oauth_finds_or_creates_by_name() {
     assert_eq!(stats["tokenRequests"], 1);
 }
 
+/// A wrong API key is first used by the registration step: exit 4, and the
+/// failure is labelled authentication with the setting to check (it said
+/// "FAIL registration").
+#[tokio::test]
+async fn a_wrong_api_key_fails_as_authentication() {
+    let (sim_addr, sim) = sim::spawn(SimOptions {
+        api_key: Some(Secret::new("the-right-key")),
+        ..Default::default()
+    })
+    .await
+    .expect("sim");
+    let target = http_target().await;
+    let env = vec![
+        ("COGNIGY_API", "rest".to_string()),
+        ("COGNIGY_BASE_URL", format!("http://{sim_addr}")),
+        ("COGNIGY_API_KEY", API_KEY.to_string()),
+        ("COGNIGY_FLOW_ID", "flow-1".to_string()),
+        ("WEBHOOK_TARGET_URL", target.url()),
+    ];
+    let run = register(&env, &FAST).await;
+    assert_eq!(run.code, 4, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("FAIL authentication") && run.stderr.contains("COGNIGY_API_KEY"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("FAIL registration"), "{}", run.stderr);
+    assert!(sim.stats()["endpoints"]
+        .as_array()
+        .is_none_or(|e| e.is_empty()));
+}
+
 /// HTTPS ingress, full loop: the relay serves a test CA's certificate,
 /// `register --ca-file` passes the TLS pre-flight of the relay itself, and
 /// signed events sent over HTTPS are delivered.
