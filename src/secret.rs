@@ -41,34 +41,53 @@ pub fn redact_url(url: &reqwest::Url) -> String {
     u.to_string()
 }
 
-/// The URL with its credentials and query shown as `***` (config check,
-/// the admin's destinations, the start log): the operator sees that they
-/// are there, not what they are.
+/// The URL with its credentials, query and fragment shown as `***`
+/// (config check, the admin's destinations, the start log): the operator
+/// sees that they are there, not what they are.
 pub fn mask_url(url: &reqwest::Url) -> String {
-    redact_url_text(url.as_str())
+    let creds = !url.username().is_empty() || url.password().is_some();
+    let mut shown = redact_url(url);
+    if creds {
+        shown.insert_str(url.scheme().len() + 3, "***@");
+    }
+    if let Some(f) = shown.find('#') {
+        shown.truncate(f);
+    }
+    if url.query().is_some() {
+        shown.push_str("?***");
+    }
+    if url.fragment().is_some() {
+        shown.push_str("#***");
+    }
+    shown
 }
 
 /// `raw` with what may be a credential hidden, for error lines about a URL
-/// that may not even parse: the userinfo of its authority (`user:password@`)
-/// as `***@`, and its query and fragment (`?token=...`) as `?***`. Text
-/// that is not URL-shaped is returned as it is.
+/// that may not even parse: everything between `://` and the last `@` (a
+/// password may hold `/`, `?` or `#`) as `***@`, and the query and fragment
+/// as `?***` / `#***`. Text that is not URL-shaped is returned as it is.
 pub fn redact_url_text(raw: &str) -> String {
     let Some(start) = raw.find("://").map(|i| i + 3) else {
         return raw.to_string();
     };
-    let authority_end = raw[start..]
-        .find(['/', '?', '#'])
-        .map_or(raw.len(), |i| start + i);
-    let authority = match raw[start..authority_end].rfind('@') {
-        Some(at) => format!("***{}", &raw[start + at..authority_end]),
-        None => raw[start..authority_end].to_string(),
+    // After the userinfo, if any: an `@` anywhere may end one.
+    let (masked, host_at) = match raw[start..].rfind('@') {
+        Some(at) => ("***@", start + at + 1),
+        None => ("", start),
     };
+    let authority_end = raw[host_at..]
+        .find(['/', '?', '#'])
+        .map_or(raw.len(), |i| host_at + i);
     let rest = &raw[authority_end..];
     let rest = match rest.find(['?', '#']) {
-        Some(q) => format!("{}?***", &rest[..q]),
+        Some(q) => format!("{}{}***", &rest[..q], &rest[q..q + 1]),
         None => rest.to_string(),
     };
-    format!("{}{authority}{rest}", &raw[..start])
+    format!(
+        "{}{masked}{}{rest}",
+        &raw[..start],
+        &raw[host_at..authority_end]
+    )
 }
 
 #[cfg(test)]
@@ -85,6 +104,28 @@ mod tests {
         assert_eq!(redact_url_text("https://h?t=1"), "https://h?***");
         assert_eq!(redact_url_text("https://h/p"), "https://h/p");
         assert_eq!(redact_url_text("not a url"), "not a url");
+        // A password with `/`, `?` or `#` (base64 has `/`): the URL does not
+        // parse, and nothing of it is shown.
+        assert_eq!(
+            redact_url_text("https://svc:ab/cd@crm.internal/hook"),
+            "https://***@crm.internal/hook"
+        );
+        assert_eq!(redact_url_text("https://u:ab?cd@h/x"), "https://***@h/x");
+        assert_eq!(redact_url_text("https://u:a#b@h"), "https://***@h");
+        assert_eq!(redact_url_text("https://h/p#x"), "https://h/p#***");
+    }
+
+    #[test]
+    fn a_masked_url_shows_where_credentials_query_and_fragment_are() {
+        let masked = |u: &str| mask_url(&reqwest::Url::parse(u).expect("url"));
+        assert_eq!(
+            masked("http://relay:s%2Fx@crm.internal:8080/in?token=t#f"),
+            "http://***@crm.internal:8080/in?***#***"
+        );
+        assert_eq!(masked("https://u@[::1]:9/p"), "https://***@[::1]:9/p");
+        assert_eq!(masked("https://h/p?e=a@b"), "https://h/p?***");
+        assert_eq!(masked("https://h/p#x"), "https://h/p#***");
+        assert_eq!(masked("https://h/p"), "https://h/p");
     }
 
     #[test]

@@ -13,7 +13,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -83,12 +82,7 @@ pub fn router(state: Arc<Admin>) -> Router {
         .route("/metrics", get(prometheus))
         .merge(admin)
         .fallback(|| async { err(StatusCode::NOT_FOUND, "Not found") })
-        .method_not_allowed_fallback(|method: axum::http::Method| async move {
-            err(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &format!("Method {method} is not allowed here (see the Allow header)"),
-            )
-        })
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
 }
 
@@ -96,10 +90,38 @@ fn err(status: StatusCode, msg: &str) -> Response {
     (status, Json(json!({ "error": msg }))).into_response()
 }
 
-/// A query string serde cannot read (a parameter given twice, say) answered
-/// in JSON like every other 400, not in axum's plain text.
-fn bad_query(r: QueryRejection) -> Response {
-    err(StatusCode::BAD_REQUEST, &r.body_text())
+/// Every error of the admin API is JSON, `{"error": ...}`: axum's own
+/// answers (a query or a path it cannot read, a wrong method), plain text or
+/// empty, are rewritten here, their other headers (`Allow`) kept. Outside
+/// the routes' token and origin checks, which answer first.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !resp.status().is_client_error() || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let msg = match String::from_utf8_lossy(&text).trim() {
+        "" if parts.status == StatusCode::METHOD_NOT_ALLOWED => {
+            format!("Method {method} is not allowed here (see the Allow header)")
+        }
+        "" => parts
+            .status
+            .canonical_reason()
+            .unwrap_or("Bad request")
+            .to_string(),
+        t => t.to_string(),
+    };
+    parts.headers.remove(header::CONTENT_TYPE);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut r = err(parts.status, &msg);
+    r.headers_mut().extend(parts.headers);
+    r
 }
 
 fn queue_error(e: QueueError) -> Response {
@@ -260,14 +282,7 @@ struct ListQuery {
     limit: Option<String>,
 }
 
-async fn list_jobs(
-    State(s): State<Arc<Admin>>,
-    q: Result<Query<ListQuery>, QueryRejection>,
-) -> Response {
-    let q = match q {
-        Ok(Query(q)) => q,
-        Err(r) => return bad_query(r),
-    };
+async fn list_jobs(State(s): State<Arc<Admin>>, Query(q): Query<ListQuery>) -> Response {
     let listing = match Listing::parse(
         q.state.as_deref(),
         q.offset.as_deref(),
@@ -323,14 +338,7 @@ struct RetryAllQuery {
     destination: Option<String>,
 }
 
-async fn retry_all(
-    State(s): State<Arc<Admin>>,
-    q: Result<Query<RetryAllQuery>, QueryRejection>,
-) -> Response {
-    let q = match q {
-        Ok(Query(q)) => q,
-        Err(r) => return bad_query(r),
-    };
+async fn retry_all(State(s): State<Arc<Admin>>, Query(q): Query<RetryAllQuery>) -> Response {
     if q.state.as_deref().is_some_and(|st| st != "failed") {
         return err(StatusCode::BAD_REQUEST, "only state=failed can be retried");
     }

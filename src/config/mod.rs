@@ -100,7 +100,8 @@ fn example_url(name: &str) -> &'static str {
     match name {
         "WEBHOOK_TARGET_URL" => "https://relay.example.com/api/webhook/cognigy",
         "GATEWAY_CALLBACK_URL" => "https://gateway.example.com/hooks/cognigy",
-        "COGNIGY_BASE_URL" | "COGNIGY_DOMAIN" => "https://api-trial.cognigy.ai",
+        "COGNIGY_BASE_URL" => "https://api-trial.cognigy.ai",
+        "COGNIGY_DOMAIN" => "acme.cognigy.com (a host name: https is implied)",
         "COGNIGY_TOKEN_URL" => "https://api-trial.cognigy.ai/auth/oauth2/token",
         _ => "https://internal.example.com/events",
     }

@@ -93,6 +93,7 @@ pub fn register_config(a: &RegisterArgs) -> Result<RegisterConfig, ConfigError> 
         ca_file: a
             .ca_file
             .as_deref()
+            .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(ca_file)
             .transpose()?,
@@ -109,7 +110,7 @@ pub fn register_config(a: &RegisterArgs) -> Result<RegisterConfig, ConfigError> 
 fn ca_file(raw: &str) -> Result<PathBuf, ConfigError> {
     let bad = |why: String| {
         ConfigError(format!(
-            "--ca-file={raw:?} {why}: give the PEM file of the CA that signed the target's certificate"
+            "--ca-file (CA_FILE) {raw:?} {why}: give the PEM file of the CA that signed the target's certificate"
         ))
     };
     let pem = std::fs::read(raw).map_err(|e| bad(format!("cannot be read ({e})")))?;

@@ -149,7 +149,7 @@ impl ServeConfig {
         let mut notes = Vec::new();
         let mut relaxed = a.clone();
         let no_auth = a.webhook_signing_secret.is_none()
-            && a.ingress_basic_user.as_deref().is_none_or(|s| s.is_empty())
+            && a.ingress_basic_user.is_none()
             && !a.allow_unauthenticated;
         if no_auth {
             relaxed.allow_unauthenticated = true;

@@ -276,9 +276,11 @@ async fn record(pool: &Pool, leased: Leased, attempt: Attempt, disposition: Disp
     }
     let lease = leased.lease.clone();
     // A retry may now be the earliest due job; an ordered job's end lets
-    // its key's next one be claimed.
+    // its key's next one be claimed (also one stored ordered before a reload
+    // turned ordering off: its key's jobs still go one at a time).
     let wake = matches!(disposition, Disposition::RetryAt { .. })
-        || pool.cfg.destination.ordering.is_some();
+        || pool.cfg.destination.ordering.is_some()
+        || leased.job.ordered;
     let deadline = Instant::now() + pool.cfg.pool.lock_duration / 2;
     let mut leased = leased;
     let mut tries = 0u32;

@@ -203,6 +203,7 @@ impl Leased {
                 attempts_made: j.attempts_made,
                 created_at_ms: j.created_at_ms,
                 probe: j.probe,
+                ordered: j.ordered,
             },
         }
     }
@@ -235,6 +236,10 @@ pub struct DeliveryJob {
     /// the cool-down in force: its result closes the circuit or opens it
     /// again for twice that.
     pub probe: Option<Duration>,
+    /// Claimed with an ordered key: its end may make the key's next job
+    /// due, so the pool claims again at once, even when its destination is
+    /// no longer ordered (a reload turned ordering off).
+    pub ordered: bool,
 }
 
 impl DeliveryJob {
@@ -250,6 +255,7 @@ impl DeliveryJob {
             attempts_made: 0,
             created_at_ms: Some(now_ms()),
             probe: None,
+            ordered: false,
         }
     }
 }

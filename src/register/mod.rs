@@ -16,7 +16,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::cognigy::{Api, CognigyClient, CognigyConfig, CognigyError};
+use crate::cognigy::{Api, CognigyClient, CognigyConfig, CognigyError, Credentials};
 use crate::secret::Secret;
 
 pub const EXIT_OK: u8 = 0;
@@ -225,16 +225,20 @@ impl Flow<'_> {
     }
 
     /// The progress line of a failed registration. An API key is first used
-    /// there: its refusal is labelled authentication's.
+    /// there: its refusal is labelled authentication's. A token refused
+    /// there (401/403: a scope or role missing) names what to check.
     fn registration_failed(&self, e: &(u8, String)) {
-        (self.progress)(&if e.0 == EXIT_AUTH {
-            format!(
-                "FAIL authentication: {}: check COGNIGY_API_KEY (or COGNIGY_CLIENT_ID/COGNIGY_CLIENT_SECRET)",
+        let line = match (&self.cfg.cognigy.credentials, e.0) {
+            (Credentials::ApiKey(_), EXIT_AUTH) => {
+                format!("FAIL authentication: {}: check COGNIGY_API_KEY", e.1)
+            }
+            (Credentials::OAuth { .. }, EXIT_AUTH) => format!(
+                "FAIL registration: the token was refused: {}: check that the client of COGNIGY_CLIENT_ID may create endpoints (its scopes and role)",
                 e.1
-            )
-        } else {
-            format!("FAIL registration: {}", e.1)
-        })
+            ),
+            _ => format!("FAIL registration: {}", e.1),
+        };
+        (self.progress)(&line);
     }
 
     fn connector_payload(&self) -> Value {

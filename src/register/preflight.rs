@@ -27,7 +27,7 @@ pub async fn check(
         "http" if allow_http => false,
         "http" => {
             return Err(PreflightError(format!(
-                "target {target} is http://: Cognigy only calls https endpoints; use an https URL, or pass --allow-http for local testing"
+                "target {} is http://: Cognigy only calls https endpoints; use an https URL, or pass --allow-http for local testing", crate::secret::mask_url(target)
             )))
         }
         other => return Err(PreflightError(format!("target scheme {other}:// is not supported: use https"))),

@@ -90,6 +90,10 @@ async fn limit_and_state_are_validated(b: Backend) {
     assert_eq!(r.status, 405);
     assert!(r.json["error"].as_str().unwrap_or_default().contains("DELETE"));
     assert_eq!(r.headers["allow"], "GET,HEAD");
+    // A path that is not UTF-8: a JSON 400 too.
+    let r = app.admin_get("/admin/jobs/%FF").await;
+    assert_eq!(r.status, 400);
+    assert!(r.json["error"].as_str().unwrap_or_default().contains("UTF-8"), "{:?}", r.json);
     assert_eq!(app.admin_get("/admin/jobs/999").await.status, 404);
     assert_eq!(app.admin_get("/admin/jobs/not-a-number").await.status, 404);
 }
@@ -243,6 +247,9 @@ async fn admin_token_is_required_when_set(b: Backend) {
         "the scheme in any case"
     );
     assert_eq!(with("BEARER adm-tok").await.expect("send").status(), 200);
+    // A wrong method or a path it cannot read asks for the token first.
+    assert_eq!(app.admin_delete("/admin/queue").await.status, 401);
+    assert_eq!(app.admin_get("/admin/jobs/%FF").await.status, 401);
 }
 
 /// Without ADMIN_TOKEN, no web page may drive or read the admin API: every

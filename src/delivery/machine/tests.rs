@@ -44,6 +44,7 @@ fn job(id: u64, attempts_made: u32) -> Leased {
             attempts_made,
             created_at_ms: Some(0),
             probe: None,
+            ordered: false,
         },
         lease: LeaseRef {
             job_id: id.to_string(),

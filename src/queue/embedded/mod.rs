@@ -403,7 +403,7 @@ where
 /// claim statement is one literal (no string built per claim).
 macro_rules! claimed {
     () => {
-        "seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms"
+        "seq, event_key, event_id, bot_id, kind, body, attempts_made, created_at_ms, order_key IS NOT NULL"
     };
 }
 
@@ -419,6 +419,7 @@ fn claimed_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryJob> {
         attempts_made: r.get(6)?,
         created_at_ms: r.get(7)?,
         probe: None,
+        ordered: r.get(8)?,
     })
 }
 

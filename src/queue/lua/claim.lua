@@ -12,8 +12,8 @@
     room for two or more, the job with the most attempts made, then never
     attempted first, newest first; of the newest hundred in wait),
     ARGV[8] trials of a shared circuit's round
-  Returns {jobs, next, probe, paused, circuit}: jobs is flat, 4 per job (id,
-  token, data, atm); next is the earliest due time of a delayed job (ms)
+  Returns {jobs, next, probe, paused, circuit}: jobs is flat, 5 per job (id,
+  token, data, atm, and "1" when it has an ordered key (`cg:ok`), else "0"); next is the earliest due time of a delayed job (ms)
   when no job was taken, or when the global rate limit held some back, when
   its window frees; else nil; probe is the cool-down in force (ms) when the
   jobs taken are the shared circuit's trials, else 0; paused is 1 when the
@@ -169,7 +169,7 @@ if not paused then
       break
     end
     local jobKey = prefix .. jobId
-    local f = rcall("HMGET", jobKey, "data", "atm", "ats")
+    local f = rcall("HMGET", jobKey, "data", "atm", "ats", "cg:ok")
     if f[1] then
       if maxJobs and limitMs and rcall("INCR", KEYS[5]) == 1 then
         rcall("PEXPIRE", KEYS[5], math.floor(math.abs(limitMs)))
@@ -183,6 +183,7 @@ if not paused then
       jobs[#jobs + 1] = token
       jobs[#jobs + 1] = f[1]
       jobs[#jobs + 1] = f[2] or "0"
+      jobs[#jobs + 1] = f[4] and "1" or "0"
     else
       -- An id whose job was removed: drop it rather than deliver nothing.
       rcall("LREM", KEYS[2], -1, jobId)

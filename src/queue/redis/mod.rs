@@ -417,12 +417,12 @@ impl BullQueue {
         let probe: i64 = redis::from_redis_value(at(2)).unwrap_or(0);
         let paused: i64 = redis::from_redis_value(at(3)).unwrap_or(0);
         let circuit: Option<i64> = redis::from_redis_value(at(4)).unwrap_or(None);
-        let mut jobs = Vec::with_capacity(flat.len() / 4);
+        let mut jobs = Vec::with_capacity(flat.len() / 5);
         let mut it = flat.into_iter();
-        while let (Some(id), Some(token), Some(data), Some(atm)) =
-            (it.next(), it.next(), it.next(), it.next())
+        while let (Some(id), Some(token), Some(data), Some(atm), Some(ordered)) =
+            (it.next(), it.next(), it.next(), it.next(), it.next())
         {
-            let mut job = delivery_job(id.clone(), &data, &atm);
+            let mut job = delivery_job(id.clone(), &data, &atm, ordered == "1");
             job.probe = (probe > 0).then(|| Duration::from_millis(probe as u64));
             jobs.push(Leased {
                 job,

@@ -297,7 +297,9 @@ impl BullQueue {
     }
 }
 
-pub(super) fn delivery_job(id: String, data: &str, atm: &str) -> DeliveryJob {
+/// A claimed job from its hash's `data` and `atm`, and whether it has an
+/// ordered key (`cg:ok`).
+pub(super) fn delivery_job(id: String, data: &str, atm: &str, ordered: bool) -> DeliveryJob {
     let d: JobData = serde_json::from_str(data).unwrap_or_default();
     let body = match d.body {
         Some(Value::String(b)) => b.into_bytes(),
@@ -313,6 +315,7 @@ pub(super) fn delivery_job(id: String, data: &str, atm: &str) -> DeliveryJob {
         attempts_made: atm.parse().unwrap_or(0),
         created_at_ms: d.created_at_ms,
         probe: None,
+        ordered,
     }
 }
 
