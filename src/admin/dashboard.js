@@ -81,12 +81,13 @@ function drawDestinations(list, pts) {
     const tr = document.createElement('tr');
     tr.dataset.name = d.name;
     cell(tr, d.name);
-    cell(tr, d.url, 'url');
+    // A destination a reload removed is shown while it has jobs or held keys.
+    cell(tr, d.configured === false ? '(removed from the file)' : d.url, 'url');
     // While open, when the next trial is due (local time).
     const circuit = d.next_probe_at
       ? d.circuit + ', next trial ' + new Date(d.next_probe_at).toLocaleTimeString()
-      : d.circuit;
-    cell(tr, circuit, 'circuit circuit-' + d.circuit);
+      : d.circuit || '-';
+    cell(tr, circuit, 'circuit circuit-' + (d.circuit || 'none'));
     cell(tr, d.paused ? 'yes' : 'no', 'paused');
     // An ordered destination's held keys (on_failure = "hold"): how many,
     // and each key with its blocking job and since when, on hover.
@@ -100,9 +101,11 @@ function drawDestinations(list, pts) {
     cell(tr, String(pts.reduce((n, p) => n + (p.byDestination[d.name] || 0), 0)));
     const actions = cell(tr, '', 'actions');
     const path = '/admin/destinations/' + encodeURIComponent(d.name);
-    actions.appendChild(d.paused
-      ? button('Resume', 'resume', () => act(path + '/resume', 'POST'))
-      : button('Pause', 'pause', () => act(path + '/pause', 'POST')));
+    if (d.configured !== false) {
+      actions.appendChild(d.paused
+        ? button('Resume', 'resume', () => act(path + '/resume', 'POST'))
+        : button('Pause', 'pause', () => act(path + '/pause', 'POST')));
+    }
     actions.appendChild(button('Retry failed', 'retry-destination',
       () => act('/admin/jobs/retry?state=failed&destination=' + encodeURIComponent(d.name), 'POST')));
     tbody.appendChild(tr);

@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -57,6 +57,32 @@ pub struct Admin {
     pub destinations: Arc<crate::current::Current<crate::destination::DestinationSet>>,
     /// The running pools' lines: a pause told here, a wake for jobs made ready.
     pub board: crate::delivery::PoolBoard,
+    /// Every destination the file has given in this process, as the admin
+    /// has seen them (`names_shown`).
+    pub known: std::sync::Mutex<std::collections::BTreeSet<DestinationName>>,
+}
+
+impl Admin {
+    /// The destinations in force, and those a reload removed in this
+    /// process: a removed destination keeps its jobs and its held keys in
+    /// the store (SPEC §7: listed until an operator acts), so it is shown
+    /// while it has any.
+    fn names_shown(
+        &self,
+    ) -> (
+        Arc<crate::destination::DestinationSet>,
+        Vec<DestinationName>,
+    ) {
+        let current = self.destinations.get();
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.extend(current.list.iter().map(|d| d.name.clone()));
+        let gone = known
+            .iter()
+            .filter(|n| current.get(n).is_none())
+            .cloned()
+            .collect();
+        (current, gone)
+    }
 }
 
 pub fn router(state: Arc<Admin>) -> Router {
@@ -243,14 +269,11 @@ async fn prometheus(State(s): State<Arc<Admin>>) -> Response {
     // Queue gauges are read at scrape time; counters still render when the queue is down.
     let counts = s.queue.counts_for(None).await.ok();
     // Every destination's: a key held while it was stored with "hold"
-    // stays held after a reload changed the setting.
-    for d in s.destinations.get().list.iter() {
-        if let Ok(held) = s
-            .queue
-            .held_keys(&d.name, crate::queue::HELD_KEYS_SHOWN)
-            .await
-        {
-            s.metrics.held_keys(&d.name, held.len());
+    // stays held after a reload changed the setting or removed it.
+    let (current, gone) = s.names_shown();
+    for name in current.list.iter().map(|d| &d.name).chain(&gone) {
+        if let Ok(held) = s.queue.held_keys(name, crate::queue::HELD_KEYS_SHOWN).await {
+            s.metrics.held_keys(name, held.len());
         }
     }
     (
@@ -401,7 +424,7 @@ async fn known_destination(s: &Admin, name: &DestinationName) -> Result<(), Resp
 /// credentials), circuit, pause, job counts and limits, its ordering and the
 /// keys it holds (`{key, jobId, sinceMs}`, oldest first).
 async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
-    let destinations = s.destinations.get();
+    let (destinations, gone) = s.names_shown();
     let mut out = Vec::with_capacity(destinations.list.len());
     for d in &destinations.list {
         let counts = match s.queue.counts_for(Some(&d.name)).await {
@@ -423,6 +446,7 @@ async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
         };
         let mut entry = json!({
             "name": d.name,
+            "configured": true,
             "ordering": d.delivery.ordering.as_ref().map_or("none", |_| "session"),
             "held_keys": held_keys,
             "url": crate::secret::mask_url(&d.delivery.target),
@@ -438,7 +462,42 @@ async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
         }
         out.push(entry);
     }
+    for name in gone {
+        match removed_destination(&s, &name).await {
+            Ok(Some(entry)) => out.push(entry),
+            Ok(None) => {}
+            Err(e) => return queue_error(e),
+        }
+    }
     Json(out).into_response()
+}
+
+/// A destination a reload removed, while the store has jobs of it, a held
+/// key or a pause: no URL, circuit or limits (no pool delivers it).
+async fn removed_destination(
+    s: &Admin,
+    name: &DestinationName,
+) -> Result<Option<Value>, QueueError> {
+    let counts = s.queue.counts_for(Some(name)).await?;
+    let paused = s.queue.is_paused(name).await?;
+    let held_keys = s
+        .queue
+        .held_keys(name, crate::queue::HELD_KEYS_SHOWN)
+        .await?;
+    let unfinished = counts.waiting + counts.active + counts.delayed + counts.failed;
+    if unfinished == 0 && held_keys.is_empty() && !paused {
+        return Ok(None);
+    }
+    Ok(Some(json!({
+        "name": name,
+        "configured": false,
+        "ordering": "none",
+        "held_keys": held_keys,
+        "url": null,
+        "circuit": null,
+        "paused": paused,
+        "counts": counts,
+    })))
 }
 
 async fn pause(State(s): State<Arc<Admin>>, Path(name): Path<String>) -> Response {

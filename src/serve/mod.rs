@@ -222,6 +222,7 @@ fn admin_state(
         listen: admin_addr,
         destinations: current_destinations.clone(),
         board,
+        known: Default::default(),
     })
 }
 

@@ -799,6 +799,45 @@ async fn a_key_stored_ordered_goes_on_at_once_after_ordering_is_turned_off(b: Ba
 }
 }
 
+both_backends! {
+/// SPEC §7: held keys are listed until an operator acts, also when a reload
+/// removed their destination from the file: the admin API shows it as
+/// removed, with its keys, and `/metrics` still counts them (it was gone
+/// from both; only the command line showed it).
+async fn a_destination_removed_by_a_reload_still_shows_its_held_keys(b: Backend) {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("cogrelay.toml");
+    let app = relay_of_file(
+        b,
+        &file,
+        "attempts = 1\nordering = \"session\"\non_failure = \"hold\"\n",
+        |_| {},
+    )
+    .await;
+    let blocking = hold_a_key(&app).await;
+    let other = format!("[[destination]]\nname = \"other\"\nurl = \"{}\"\n", app.sink.url());
+    std::fs::write(&file, other).expect("write");
+    app.reload.send(()).await.expect("reload");
+    let crm = std::sync::Mutex::new(serde_json::Value::Null);
+    wait_until("crm shown as removed", Duration::from_secs(30), || async {
+        let list = app.admin_get("/admin/destinations").await.json;
+        let found = list.as_array().into_iter().flatten().find(|d| d["name"] == "crm");
+        *crm.lock().expect("lock") = found.cloned().unwrap_or_default();
+        list[0]["name"] == "other" && found.is_some_and(|d| d["configured"] == false)
+    })
+    .await;
+    let crm = crm.into_inner().expect("lock");
+    assert_eq!(crm["held_keys"][0]["jobId"], blocking.as_str(), "{crm}");
+    assert_eq!(crm["counts"]["failed"], 1, "{crm}");
+    assert!(
+        app.metrics_text()
+            .await
+            .contains("cogrelay_held_keys{destination=\"crm\"} 1"),
+        "the held key counted"
+    );
+}
+}
+
 /// A relay whose one destination, `crm` (its sink), comes from the file
 /// `file`: its url, then `table`. [`reload_crm`] rewrites it.
 async fn relay_of_file(
