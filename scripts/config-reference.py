@@ -50,7 +50,9 @@ TAIL = """
 acknowledged event: `redis_no_aof`, `redis_evicting`, `embedded_no_fsync`),
 `cogrelay_delivery_up` (1 while a delivery pool runs; `/readyz` needs it),
 `cogrelay_delivery_pools` (pools running, one a destination: a reload runs the
-new ones before the old ones end) and `cogrelay_destination_circuit{destination,state}`.
+new ones before the old ones end), `cogrelay_destination_circuit{destination,state}`
+and `cogrelay_held_keys{destination}` (keys an ordered destination with
+`on_failure = "hold"` holds; docs/destinations.md).
 Each relay has its own registry (`prometheus-client`); the exposition is
 OpenMetrics text (`application/openmetrics-text`, ending in `# EOF`), which
 Prometheus asks for first.
@@ -82,6 +84,8 @@ limit holds within 5%).
 | `MAX_AGE_SECS` | 31,536,000 (a year) |
 | `COGRELAY_MAX_DB_BYTES` | 2^50 |
 | `DELIVERY_NICE` | 19 |
+| `register`: `TARGET_TIMEOUT_MS`, `HEALTH_DELAY_MS` | 3,600,000 (an hour) |
+| `register`: `HEALTH_ATTEMPTS` | 1,000 |
 
 ## Notes on some settings
 

@@ -95,6 +95,12 @@ pub enum Command {
     /// show, retry, remove. Works on the queue directly, whether or not a relay
     /// is running (embedded: the same COGRELAY_DATA_DIR; redis: the same Redis
     /// and QUEUE_NAME). Tables by default, --json for scripts.
+    ///
+    /// The queue's options go before the subcommand (`cogrelay jobs
+    /// --data-dir /var/lib/cogrelay list`), or in the environment. Exit codes
+    /// (also of `queue` and `destinations`): 0 done; 1 the queue cannot be
+    /// reached, or the output cannot be written; 2 a bad argument, an unknown
+    /// job or destination, or a job whose state does not allow the change.
     Jobs(JobsArgs),
 
     /// Queue statistics (counts by state).
@@ -264,7 +270,8 @@ pub struct StoreArgs {
     #[arg(long, env = "QUEUE_NAME", default_value = defaults::QUEUE_NAME)]
     pub queue_name: String,
 
-    /// Directory of the embedded store (created if missing).
+    /// Directory of the embedded store (`serve` creates it if missing; the
+    /// other commands need it to exist).
     #[arg(long, env = "COGRELAY_DATA_DIR", default_value = defaults::DATA_DIR)]
     pub data_dir: String,
 
@@ -584,7 +591,7 @@ pub struct ServeArgs {
     #[command(flatten, next_help_heading = "Queue")]
     pub store: StoreArgs,
 
-    /// Cap on the embedded store's size in bytes (0 = none; else at least 1 MiB). When reached, ingress
+    /// Cap on the embedded store's size in bytes (0 = none; else at least 1 MiB, 1048576). When reached, ingress
     /// answers 503 instead of accepting what it could not keep.
     #[arg(help_heading = "Queue", long, env = "COGRELAY_MAX_DB_BYTES", default_value = defaults::MAX_DB_BYTES)]
     pub max_db_bytes: String,
@@ -597,7 +604,8 @@ pub struct ServeArgs {
     #[arg(help_heading = "Queue", long, env = "REMOVE_ON_COMPLETE", default_value = defaults::REMOVE_ON_COMPLETE)]
     pub remove_on_complete: String,
 
-    /// An event key seen again within this many seconds is a duplicate.
+    /// An event seen again within this many seconds (its key; two envelopes
+    /// sharing a key are told apart: docs/guarantees.md) is a duplicate.
     #[arg(help_heading = "Queue", long, env = "DEDUP_TTL_SECS", default_value = defaults::DEDUP_TTL_SECS)]
     pub dedup_ttl_secs: String,
 

@@ -263,6 +263,14 @@ async fn destinations(
                 let counts = q.counts_for(Some(&name)).await?;
                 let paused = q.is_paused(&name).await?;
                 let held = q.held_keys(&name, crate::queue::HELD_KEYS_SHOWN).await?;
+                // One the queue names with nothing in it (Redis's `default`
+                // beside a file without it) is not listed, unless the file
+                // gives it.
+                let c = &counts;
+                let empty = c.waiting + c.active + c.delayed + c.completed + c.failed == 0;
+                if empty && !paused && held.is_empty() && !configured.contains(&name) {
+                    continue;
+                }
                 rows.push((name, counts, paused, held));
             }
             if json {

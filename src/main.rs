@@ -35,7 +35,20 @@ fn main() -> ExitCode {
         }
         say!("warning: {e}");
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version or a usage error: clap's text, and its exit
+        // code, unless the text cannot be written (a full disk): then 1.
+        Err(e) => {
+            return match e.print() {
+                Err(io) if io.kind() != std::io::ErrorKind::BrokenPipe => {
+                    say!("error: cannot write the output: {io}");
+                    ExitCode::from(1)
+                }
+                _ => ExitCode::from(e.exit_code().clamp(0, 255) as u8),
+            };
+        }
+    };
     let format = match cogrelay::config::log_format(cli.log_format.as_deref()) {
         Ok(f) => f,
         Err(e) => return config_error(&e),
@@ -102,13 +115,13 @@ fn config_check(args: &cogrelay::cli::ServeArgs) -> ExitCode {
     };
     let resolved = cfg.destinations().resolved();
     match serde_json::to_string_pretty(&resolved) {
-        Ok(text) => print_line(&text),
+        Ok(text) if print_line(&text) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
         Err(e) => {
             say!("error: {e}");
-            return ExitCode::from(1);
+            ExitCode::from(1)
         }
     }
-    ExitCode::SUCCESS
 }
 
 fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
@@ -139,11 +152,15 @@ fn register(args: Box<RegisterArgs>, format: LogFormat) -> ExitCode {
         return ExitCode::from(1);
     };
     let outcome = rt.block_on(register::run(&cfg, progress));
-    print_line(&outcome.audit.to_string());
+    let written = print_line(&outcome.audit.to_string());
     if outcome.exit_code != 0 {
         if let Some(err) = outcome.audit["details"]["error"].as_str() {
             say!("error: {err}");
         }
+    }
+    // Registered, but its audit line lost: not a success a script can trust.
+    if outcome.exit_code == 0 && !written {
+        return ExitCode::from(1);
     }
     ExitCode::from(outcome.exit_code)
 }
@@ -160,10 +177,8 @@ fn jobs(store: &cogrelay::cli::StoreArgs, op: cogrelay::jobs_cli::Op, json: bool
         std::env::var("COGRELAY_CONFIG").ok().as_deref(),
     );
     match rt.block_on(cogrelay::jobs_cli::run(&store, op, json, &configured)) {
-        Ok(out) => {
-            print_line(&out);
-            ExitCode::SUCCESS
-        }
+        Ok(out) if print_line(&out) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
         Err(e) => {
             say!("error: {e}");
             ExitCode::from(e.exit_code())
@@ -171,14 +186,19 @@ fn jobs(store: &cogrelay::cli::StoreArgs, op: cogrelay::jobs_cli::Op, json: bool
     }
 }
 
-/// A line on stdout. A reader that went away (`cogrelay jobs list | head`)
-/// ends the output quietly: the process exits as it would have.
-fn print_line(text: &str) {
+/// A line on stdout; whether it could be written. A reader that went away
+/// (`cogrelay jobs list | head`) ends the output quietly, as written: the
+/// process exits as it would have. Any other failure (a full disk) is said,
+/// and the command exits 1.
+fn print_line(text: &str) -> bool {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
-    if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+        Err(e) => {
             say!("error: cannot write the output: {e}");
+            false
         }
     }
 }

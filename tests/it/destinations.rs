@@ -727,13 +727,20 @@ async fn relay_from_file(path: &Path) -> TestApp {
     .await
 }
 
+/// Until the admin API lists exactly `names` as the file's destinations
+/// (a removed one with jobs left is listed after them, `configured: false`).
 async fn wait_for_names(app: &TestApp, names: &[&str]) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let listed = admin_json(app, "/admin/destinations").await;
         let got: Vec<&str> = listed
             .as_array()
-            .map(|a| a.iter().filter_map(|d| d["name"].as_str()).collect())
+            .map(|a| {
+                a.iter()
+                    .filter(|d| d["configured"] == true)
+                    .filter_map(|d| d["name"].as_str())
+                    .collect()
+            })
             .unwrap_or_default();
         if got == names {
             return;
@@ -846,6 +853,13 @@ async fn a_reload_adds_changes_and_removes_destinations_losing_nothing() {
     .expect("write");
     app.reload.send(()).await.expect("reload");
     wait_for_names(&app, &["warehouse"]).await;
+    let listed = admin_json(&app, "/admin/destinations").await;
+    assert_eq!(
+        listed[1]["name"], "crm",
+        "removed, with failed jobs: {listed}"
+    );
+    assert_eq!(listed[1]["configured"], false, "{listed}");
+    assert_eq!(listed[1]["counts"]["failed"], 2, "{listed}");
     ready_with_pools(&app, 1).await;
     // A removed destination's circuit is no one's: it leaves /metrics.
     let deadline = std::time::Instant::now() + WAIT;

@@ -213,5 +213,23 @@ both_backends! {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(stderr.trim().is_empty(), "quiet: {stderr}");
+
+        // Output that cannot be written (a full disk) is an error, exit 1,
+        // not a success a script would trust (it exited 0).
+        for args in ["jobs list --json", "queue stats", "destinations list", "--help"] {
+            let mut cmd = std::process::Command::new("sh");
+            cmd.arg("-c").arg(format!(
+                "{} {args} >/dev/full",
+                env!("CARGO_BIN_EXE_cogrelay")
+            ));
+            match &app.redis {
+                Some(r) => cmd.env("COGRELAY_QUEUE", "redis").env("REDIS_URL", r.url()),
+                None => cmd.env("COGRELAY_DATA_DIR", &app.data_dir),
+            };
+            let out = cmd.output().expect("sh");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args}: {stderr}");
+            assert!(stderr.contains("cannot write the output"), "{args}: {stderr}");
+        }
     }
 }
