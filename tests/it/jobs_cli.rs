@@ -199,17 +199,7 @@ both_backends! {
         assert_eq!(listed.as_array().expect("list").len(), 1, "no phantom row: {listed}");
 
         // 500 jobs listed into a pipe its reader closes after one byte.
-        let mut cmd = std::process::Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!(
-                "{} jobs list --state waiting --limit 500 | head -c 1 >/dev/null",
-                env!("CARGO_BIN_EXE_cogrelay")
-            ));
-        match &app.redis {
-            Some(r) => cmd.env("COGRELAY_QUEUE", "redis").env("REDIS_URL", r.url()),
-            None => cmd.env("COGRELAY_DATA_DIR", &app.data_dir),
-        };
-        let out = cmd.output().expect("sh");
+        let out = in_shell(&app, "jobs list --state waiting --limit 500 | head -c 1 >/dev/null");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(stderr.trim().is_empty(), "quiet: {stderr}");
@@ -217,19 +207,23 @@ both_backends! {
         // Output that cannot be written (a full disk) is an error, exit 1,
         // not a success a script would trust (it exited 0).
         for args in ["jobs list --json", "queue stats", "destinations list", "--help"] {
-            let mut cmd = std::process::Command::new("sh");
-            cmd.arg("-c").arg(format!(
-                "{} {args} >/dev/full",
-                env!("CARGO_BIN_EXE_cogrelay")
-            ));
-            match &app.redis {
-                Some(r) => cmd.env("COGRELAY_QUEUE", "redis").env("REDIS_URL", r.url()),
-                None => cmd.env("COGRELAY_DATA_DIR", &app.data_dir),
-            };
-            let out = cmd.output().expect("sh");
+            let out = in_shell(&app, &format!("{args} >/dev/full"));
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{args}: {stderr}");
             assert!(stderr.contains("cannot write the output"), "{args}: {stderr}");
         }
     }
+}
+
+/// `cogrelay <line>` run by `sh -c` (for its pipes and redirections) on
+/// `app`'s queue.
+fn in_shell(app: &TestApp, line: &str) -> std::process::Output {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("{} {line}", env!("CARGO_BIN_EXE_cogrelay")));
+    match &app.redis {
+        Some(r) => cmd.env("COGRELAY_QUEUE", "redis").env("REDIS_URL", r.url()),
+        None => cmd.env("COGRELAY_DATA_DIR", &app.data_dir),
+    };
+    cmd.output().expect("sh")
 }

@@ -771,16 +771,8 @@ both_backends! {
 /// claimed, not at the pool's next idle look at the store (10 minutes here;
 /// it was one job a second per key).
 async fn a_key_stored_ordered_goes_on_at_once_after_ordering_is_turned_off(b: Backend) {
-    let dir = tempfile::tempdir().expect("dir");
+    let (app, dir, blocking) = holding_relay(b, Duration::from_secs(600)).await;
     let file = dir.path().join("cogrelay.toml");
-    let app = relay_of_file(
-        b,
-        &file,
-        "attempts = 1\nordering = \"session\"\non_failure = \"hold\"\n",
-        |c| c.pool.idle_poll = Duration::from_secs(600),
-    )
-    .await;
-    let blocking = hold_a_key(&app).await;
     // More behind it: with two, a claim the wake-up repeats could find the
     // third by luck.
     let ids: Vec<String> = (1..=8).map(|i| format!("bad-{i}")).collect();
@@ -805,16 +797,8 @@ both_backends! {
 /// removed, with its keys, and `/metrics` still counts them (it was gone
 /// from both; only the command line showed it).
 async fn a_destination_removed_by_a_reload_still_shows_its_held_keys(b: Backend) {
-    let dir = tempfile::tempdir().expect("dir");
+    let (app, dir, blocking) = holding_relay(b, Duration::from_secs(1)).await;
     let file = dir.path().join("cogrelay.toml");
-    let app = relay_of_file(
-        b,
-        &file,
-        "attempts = 1\nordering = \"session\"\non_failure = \"hold\"\n",
-        |_| {},
-    )
-    .await;
-    let blocking = hold_a_key(&app).await;
     let other = format!("[[destination]]\nname = \"other\"\nurl = \"{}\"\n", app.sink.url());
     std::fs::write(&file, other).expect("write");
     app.reload.send(()).await.expect("reload");
@@ -836,6 +820,23 @@ async fn a_destination_removed_by_a_reload_still_shows_its_held_keys(b: Backend)
         "the held key counted"
     );
 }
+}
+
+/// A relay whose destination `crm`, from the file `cogrelay.toml` in the
+/// directory given back, is ordered under `hold`, with a key held
+/// ([`hold_a_key`]: the blocking job's id given back); its pool's idle look
+/// at the store is `idle_poll` away.
+async fn holding_relay(b: Backend, idle_poll: Duration) -> (TestApp, tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = relay_of_file(
+        b,
+        &dir.path().join("cogrelay.toml"),
+        "attempts = 1\nordering = \"session\"\non_failure = \"hold\"\n",
+        |c| c.pool.idle_poll = idle_poll,
+    )
+    .await;
+    let blocking = hold_a_key(&app).await;
+    (app, dir, blocking)
 }
 
 /// A relay whose one destination, `crm` (its sink), comes from the file
