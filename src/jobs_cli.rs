@@ -249,6 +249,40 @@ fn checked_name(raw: &str) -> Result<DestinationName, CliError> {
     })
 }
 
+/// A destination's row: its name, counts, whether paused, its held keys.
+type DestinationRow = (
+    DestinationName,
+    crate::queue::Counts,
+    bool,
+    Vec<crate::queue::HeldKey>,
+);
+
+/// Each destination the queue has, but one with nothing in it that the
+/// file does not give.
+async fn destination_rows(
+    q: &Store,
+    configured: &[DestinationName],
+) -> Result<Vec<DestinationRow>, CliError> {
+    let mut rows = Vec::new();
+    for name in q.destination_names().await? {
+        let counts = q.counts_for(Some(&name)).await?;
+        let paused = q.is_paused(&name).await?;
+        let held = q.held_keys(&name, crate::queue::HELD_KEYS_SHOWN).await?;
+        // One the queue names with nothing in it (Redis's `default`
+        // beside a file without it) is not listed, unless the file
+        // gives it (without a file, `default` is the destination).
+        let c = &counts;
+        let empty = c.waiting + c.active + c.delayed + c.completed + c.failed == 0;
+        let given = configured.contains(&name)
+            || (configured.is_empty() && name == DestinationName::DEFAULT);
+        if empty && !paused && held.is_empty() && !given {
+            continue;
+        }
+        rows.push((name, counts, paused, held));
+    }
+    Ok(rows)
+}
+
 /// `cogrelay destinations ...`.
 async fn destinations(
     q: &Store,
@@ -258,21 +292,7 @@ async fn destinations(
 ) -> Result<String, CliError> {
     let (name, paused) = match command {
         DestinationsCommand::List => {
-            let mut rows = Vec::new();
-            for name in q.destination_names().await? {
-                let counts = q.counts_for(Some(&name)).await?;
-                let paused = q.is_paused(&name).await?;
-                let held = q.held_keys(&name, crate::queue::HELD_KEYS_SHOWN).await?;
-                // One the queue names with nothing in it (Redis's `default`
-                // beside a file without it) is not listed, unless the file
-                // gives it.
-                let c = &counts;
-                let empty = c.waiting + c.active + c.delayed + c.completed + c.failed == 0;
-                if empty && !paused && held.is_empty() && !configured.contains(&name) {
-                    continue;
-                }
-                rows.push((name, counts, paused, held));
-            }
+            let rows = destination_rows(q, configured).await?;
             if json {
                 let list: Vec<Value> = rows
                     .iter()

@@ -38,10 +38,10 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help, --version or a usage error: clap's text, and its exit
-        // code, unless the text cannot be written (a full disk): then 1.
+        // code; help that cannot be written (a full disk) is exit 1.
         Err(e) => {
             return match e.print() {
-                Err(io) if io.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(io) if io.kind() != std::io::ErrorKind::BrokenPipe && e.exit_code() == 0 => {
                     say!("error: cannot write the output: {io}");
                     ExitCode::from(1)
                 }

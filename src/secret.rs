@@ -64,30 +64,24 @@ pub fn mask_url(url: &reqwest::Url) -> String {
 
 /// `raw` with what may be a credential hidden, for error lines about a URL
 /// that may not even parse: everything between `://` and the last `@` (a
-/// password may hold `/`, `?` or `#`) as `***@`, and the query and fragment
-/// as `?***` / `#***`. Text that is not URL-shaped is returned as it is.
+/// password may hold `/`, `?` or `#`; an `@` in a query then hides the host
+/// too, which is the safe side) as `***@`, and the query and fragment as
+/// `?***` / `#***`; text with no `://` the same from its start.
 pub fn redact_url_text(raw: &str) -> String {
-    let Some(start) = raw.find("://").map(|i| i + 3) else {
-        return raw.to_string();
-    };
+    // After `scheme://`, or from the start of text that is not URL-shaped
+    // (`relay:pw@host/x`, `http//u:pw@h`).
+    let start = raw.find("://").map_or(0, |i| i + 3);
     // After the userinfo, if any: an `@` anywhere may end one.
     let (masked, host_at) = match raw[start..].rfind('@') {
         Some(at) => ("***@", start + at + 1),
         None => ("", start),
     };
-    let authority_end = raw[host_at..]
-        .find(['/', '?', '#'])
-        .map_or(raw.len(), |i| host_at + i);
-    let rest = &raw[authority_end..];
+    let rest = &raw[host_at..];
     let rest = match rest.find(['?', '#']) {
         Some(q) => format!("{}{}***", &rest[..q], &rest[q..q + 1]),
         None => rest.to_string(),
     };
-    format!(
-        "{}{masked}{}{rest}",
-        &raw[..start],
-        &raw[host_at..authority_end]
-    )
+    format!("{}{masked}{rest}", &raw[..start])
 }
 
 #[cfg(test)]
@@ -113,6 +107,9 @@ mod tests {
         assert_eq!(redact_url_text("https://u:ab?cd@h/x"), "https://***@h/x");
         assert_eq!(redact_url_text("https://u:a#b@h"), "https://***@h");
         assert_eq!(redact_url_text("https://h/p#x"), "https://h/p#***");
+        assert_eq!(redact_url_text("relay:p4ss@crm/hook"), "***@crm/hook");
+        assert_eq!(redact_url_text("http//u:p4ss@h/x"), "***@h/x");
+        assert_eq!(redact_url_text("crm/hook?token=t"), "crm/hook?***");
     }
 
     #[test]

@@ -57,16 +57,23 @@ pub struct Admin {
     pub destinations: Arc<crate::current::Current<crate::destination::DestinationSet>>,
     /// The running pools' lines: a pause told here, a wake for jobs made ready.
     pub board: crate::delivery::PoolBoard,
-    /// Every destination the file has given in this process, as the admin
-    /// has seen them (`names_shown`).
+    /// Every destination the store had at start, and every one the file
+    /// has given since (as the admin saw them: `names_shown`).
     pub known: std::sync::Mutex<std::collections::BTreeSet<DestinationName>>,
 }
 
 impl Admin {
-    /// The destinations in force, and those a reload removed in this
-    /// process: a removed destination keeps its jobs and its held keys in
-    /// the store (SPEC §7: listed until an operator acts), so it is shown
-    /// while it has any.
+    /// Destinations the store has (at start): one the file lacks is shown
+    /// while it holds jobs or keys, as after a reload that removed it.
+    pub fn remember(&self, names: Vec<DestinationName>) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.extend(names);
+    }
+
+    /// The destinations in force, and those the file no longer gives (a
+    /// reload removed them, or the store had them at start): such a
+    /// destination keeps its jobs and its held keys in the store (SPEC §7:
+    /// listed until an operator acts), so it is shown while it has any.
     fn names_shown(
         &self,
     ) -> (
@@ -472,8 +479,9 @@ async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
     Json(out).into_response()
 }
 
-/// A destination a reload removed, while the store has jobs of it, a held
-/// key or a pause: no URL, circuit or limits (no pool delivers it).
+/// A destination the file no longer gives, while the store has unfinished
+/// jobs of it or a key it holds: no URL, circuit or limits (no pool
+/// delivers it).
 async fn removed_destination(
     s: &Admin,
     name: &DestinationName,
@@ -485,7 +493,7 @@ async fn removed_destination(
         .held_keys(name, crate::queue::HELD_KEYS_SHOWN)
         .await?;
     let unfinished = counts.waiting + counts.active + counts.delayed + counts.failed;
-    if unfinished == 0 && held_keys.is_empty() && !paused {
+    if unfinished == 0 && held_keys.is_empty() {
         return Ok(None);
     }
     Ok(Some(json!({

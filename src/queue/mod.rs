@@ -238,7 +238,9 @@ pub struct DeliveryJob {
     pub probe: Option<Duration>,
     /// Claimed with an ordered key: its end may make the key's next job
     /// due, so the pool claims again at once, even when its destination is
-    /// no longer ordered (a reload turned ordering off).
+    /// no longer ordered (a reload turned ordering off). A job handed over
+    /// at ingest says `false`: its pool's own ordering covers it (in a
+    /// reload's race, the key's next job waits for the idle look, 1 s).
     pub ordered: bool,
 }
 

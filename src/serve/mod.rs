@@ -119,7 +119,7 @@ pub async fn run_with_queue(
     ));
     let admin_server = tokio::spawn(serve_http(
         admin_listener,
-        admin::router(admin_state),
+        admin::router(admin_state.clone()),
         stop_http_rx,
     ));
     let sampler = tokio::spawn(sample_history(metrics.clone()));
@@ -127,7 +127,7 @@ pub async fn run_with_queue(
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
     log_destinations(&destinations);
-    warn_of_orphans(&queue, &destinations).await;
+    admin_state.remember(warn_of_orphans(&queue, &destinations).await);
     tracing::info!(
         ingress = %ingress_addr, admin = %admin_addr, destinations = destinations.list.len(),
         "cogrelay relay ready: POST events to {}://{ingress_addr}{}", if tls.is_some() { "https" } else { "http" }, ingress::PATH
@@ -222,7 +222,14 @@ fn admin_state(
         listen: admin_addr,
         destinations: current_destinations.clone(),
         board,
-        known: Default::default(),
+        known: std::sync::Mutex::new(
+            current_destinations
+                .get()
+                .list
+                .iter()
+                .map(|d| d.name.clone())
+                .collect(),
+        ),
     })
 }
 
@@ -313,14 +320,16 @@ async fn close_down(
 }
 
 /// Jobs waiting for a destination that no longer exists wait until one of
-/// that name does: say so once, with how to reach them.
-async fn warn_of_orphans(queue: &Store, destinations: &DestinationSet) {
-    if queue.shared_by_relays() {
-        return;
-    }
+/// that name does: say so once, with how to reach them (embedded; on a
+/// queue shared by relays, others may deliver them). Gives back every
+/// destination the store has.
+async fn warn_of_orphans(queue: &Store, destinations: &DestinationSet) -> Vec<DestinationName> {
     let Ok(names) = queue.destination_names().await else {
-        return;
+        return Vec::new();
     };
+    if queue.shared_by_relays() {
+        return names;
+    }
     for name in names.iter().filter(|n| destinations.get(n).is_none()) {
         let Ok(c) = queue.counts_for(Some(name)).await else {
             continue;
@@ -333,6 +342,7 @@ async fn warn_of_orphans(queue: &Store, destinations: &DestinationSet) {
             );
         }
     }
+    names
 }
 
 /// Each destination's rate limit where the store keeps it for every relay

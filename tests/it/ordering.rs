@@ -796,22 +796,42 @@ both_backends! {
 /// removed their destination from the file: the admin API shows it as
 /// removed, with its keys, and `/metrics` still counts them (it was gone
 /// from both; only the command line showed it).
-async fn a_destination_removed_by_a_reload_still_shows_its_held_keys(b: Backend) {
-    let (app, dir, blocking) = holding_relay(b, Duration::from_secs(1)).await;
+async fn a_destination_the_file_no_longer_gives_still_shows_its_held_keys(b: Backend) {
+    let (mut app, dir, blocking) = holding_relay(b, Duration::from_secs(1)).await;
     let file = dir.path().join("cogrelay.toml");
     let other = format!("[[destination]]\nname = \"other\"\nurl = \"{}\"\n", app.sink.url());
     std::fs::write(&file, other).expect("write");
     app.reload.send(()).await.expect("reload");
+    assert_shown_removed(&app, &blocking).await;
+    // Started again without it: the store still has its key.
+    let globals = cogrelay::config::destinations::Globals {
+        delivery: app.config.delivery.clone(),
+        lock_duration: app.config.pool.lock_duration,
+    };
+    app.config.destinations_file =
+        Some(cogrelay::config::destinations::load(&file, &globals, &|_| None).expect("valid"));
+    let app = app.restart().await;
+    assert_shown_removed(&app, &blocking).await;
+}
+}
+
+/// Until the admin API lists `crm` as removed (after the file's `other`),
+/// held by `blocking`, and `/metrics` counts its key.
+async fn assert_shown_removed(app: &TestApp, blocking: &str) {
     let crm = std::sync::Mutex::new(serde_json::Value::Null);
     wait_until("crm shown as removed", Duration::from_secs(30), || async {
         let list = app.admin_get("/admin/destinations").await.json;
-        let found = list.as_array().into_iter().flatten().find(|d| d["name"] == "crm");
+        let found = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["name"] == "crm");
         *crm.lock().expect("lock") = found.cloned().unwrap_or_default();
         list[0]["name"] == "other" && found.is_some_and(|d| d["configured"] == false)
     })
     .await;
     let crm = crm.into_inner().expect("lock");
-    assert_eq!(crm["held_keys"][0]["jobId"], blocking.as_str(), "{crm}");
+    assert_eq!(crm["held_keys"][0]["jobId"], blocking, "{crm}");
     assert_eq!(crm["counts"]["failed"], 1, "{crm}");
     assert!(
         app.metrics_text()
@@ -820,8 +840,6 @@ async fn a_destination_removed_by_a_reload_still_shows_its_held_keys(b: Backend)
         "the held key counted"
     );
 }
-}
-
 /// A relay whose destination `crm`, from the file `cogrelay.toml` in the
 /// directory given back, is ordered under `hold`, with a key held
 /// ([`hold_a_key`]: the blocking job's id given back); its pool's idle look
