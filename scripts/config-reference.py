@@ -43,7 +43,9 @@ TAIL = """
 ## Metrics (`GET /metrics` on `ADMIN_LISTEN`)
 
 `cogrelay_ingress_requests_total{status}`, `cogrelay_ingress_ack_seconds`
-(histogram of 2xx answers), `cogrelay_deliveries_total{outcome="delivered|retry|failed"}`
+(histogram of 2xx answers), `cogrelay_events_duplicate_total` (answered
+`duplicate`: stored already), `cogrelay_events_unrouted_total` (no
+destination wanted them), `cogrelay_deliveries_total{outcome="delivered|retry|failed"}`
 (failed = dead-lettered), `cogrelay_delivery_seconds` (histogram per attempt),
 `cogrelay_queue_jobs{state}`, `cogrelay_queue_oldest_waiting_seconds`,
 `cogrelay_queue_durability_risk{risk}` (1 where the store can lose an

@@ -12,6 +12,7 @@
 //! | `cogrelay_delivery_pools` | gauge | delivery pools running (one a destination) |
 //! | `cogrelay_destination_deliveries_total` | counter | `destination`, `outcome` |
 //! | `cogrelay_events_unrouted_total` | counter | (events no destination wanted) |
+//! | `cogrelay_events_duplicate_total` | counter | (events answered `duplicate`: already stored within `DEDUP_TTL_SECS`, nothing stored again) |
 //! | `cogrelay_destination_circuit` | gauge | `destination`, `state` (1 for the state it is in) |
 //! | `cogrelay_held_keys` | gauge | `destination`: keys an ordered destination holds (`on_failure = "hold"`), read at scrape time, at most 1,000 counted |
 //! | `cogrelay_queue_jobs` | gauge | `state` (read at scrape time) |
@@ -65,6 +66,7 @@ pub struct Metrics {
     next_trials: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
     by_destination: Family<Vec<(&'static str, String)>, Counter>,
     unrouted: Counter,
+    duplicates: Counter,
     circuits: Family<Vec<(&'static str, String)>, Gauge>,
     held_keys: Family<Vec<(&'static str, String)>, Gauge>,
     /// The last hour, for the dashboard's charts.
@@ -132,6 +134,7 @@ impl Default for Metrics {
             next_trials: Default::default(),
             by_destination: Family::default(),
             unrouted: Counter::default(),
+            duplicates: Counter::default(),
             circuits: Family::default(),
             held_keys: Family::default(),
             history: Default::default(),
@@ -301,6 +304,11 @@ impl Metrics {
         self.unrouted.inc();
     }
 
+    /// An event answered `duplicate` (SPEC §3.1: stored already).
+    pub fn duplicate(&self) {
+        self.duplicates.inc();
+    }
+
     pub fn attempt(&self, outcome: AttemptOutcome, elapsed: Duration) {
         self.outcomes[outcome_index(outcome)].inc();
         self.delivery.observe(elapsed.as_secs_f64());
@@ -356,6 +364,11 @@ impl Metrics {
             "cogrelay_events_unrouted",
             "Events accepted that no destination wanted (nothing stored)",
             self.unrouted.clone(),
+        );
+        r.register(
+            "cogrelay_events_duplicate",
+            "Events answered duplicate: stored already within DEDUP_TTL_SECS (nothing stored again)",
+            self.duplicates.clone(),
         );
         let up = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         up.set(i64::from(self.delivery_up()));

@@ -180,10 +180,16 @@ async fn require_token(State(s): State<Arc<Admin>>, req: Request, next: Next) ->
                 .ct_eq(&Sha256::digest(token.expose().as_bytes()))
                 .into();
             if !ok {
-                return err(
+                let mut r = err(
                     StatusCode::UNAUTHORIZED,
                     "Missing or wrong bearer token (ADMIN_TOKEN)",
                 );
+                // RFC 9110: a 401 names the scheme it asks for.
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer realm=\"cogrelay admin\""),
+                );
+                return r;
             }
         }
         None => {

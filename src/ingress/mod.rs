@@ -366,6 +366,9 @@ async fn receive(
             if let Some(now) = s.routing.replaced(&routing) {
                 now.lanes.wake(routed.jobs.iter().map(|j| &j.destination));
             }
+            if routed.duplicate {
+                s.metrics.duplicate();
+            }
             s.refusals.accepted();
             Json(answer(&routed, routing.destinations.file.is_some())).into_response()
         }

@@ -216,7 +216,12 @@ async fn retry_all_resets_every_job_and_counts_what_moved(b: Backend) {
 
 async fn admin_token_is_required_when_set(b: Backend) {
     let app = spawn_app_on(b, |c| c.admin.token = Some(Secret::new("adm-tok"))).await;
-    assert_eq!(app.admin_get("/admin/queue").await.status, 401);
+    let refused = app.admin_get("/admin/queue").await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(
+        refused.headers["www-authenticate"],
+        "Bearer realm=\"cogrelay admin\""
+    );
     assert_eq!(
         app.admin_get("/healthz").await.status,
         200,

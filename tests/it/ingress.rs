@@ -379,6 +379,12 @@ async fn duplicate_event_returns_the_first_job_and_is_delivered_once(b: Backend)
     );
     assert_eq!(app.sink.count(), 1, "delivered once");
     assert_eq!(total_jobs(&app).await, 1);
+    // Counted apart (they were only 200s in the ingress's count).
+    let metrics = app.metrics_text().await;
+    assert!(
+        metrics.contains("cogrelay_events_duplicate_total 2"),
+        "{metrics}"
+    );
 }
 
 async fn unknown_routes_and_methods_answer_json(b: Backend) {
