@@ -265,9 +265,7 @@ async fn destination_rows(
 ) -> Result<Vec<DestinationRow>, CliError> {
     let mut rows = Vec::new();
     for name in q.destination_names().await? {
-        let counts = q.counts_for(Some(&name)).await?;
-        let paused = q.is_paused(&name).await?;
-        let held = q.held_keys(&name, crate::queue::HELD_KEYS_SHOWN).await?;
+        let (counts, paused, held) = q.destination_state(&name).await?;
         // One the queue names with nothing in it (Redis's `default`
         // beside a file without it) is not listed, unless the file
         // gives it (without a file, `default` is the destination).

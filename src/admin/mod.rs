@@ -440,21 +440,8 @@ async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
     let (destinations, gone) = s.names_shown();
     let mut out = Vec::with_capacity(destinations.list.len());
     for d in &destinations.list {
-        let counts = match s.queue.counts_for(Some(&d.name)).await {
-            Ok(c) => c,
-            Err(e) => return queue_error(e),
-        };
-        let paused = match s.queue.is_paused(&d.name).await {
-            Ok(p) => p,
-            Err(e) => return queue_error(e),
-        };
-        // Whatever the file says now: a job keeps the hold it was stored with.
-        let held_keys = match s
-            .queue
-            .held_keys(&d.name, crate::queue::HELD_KEYS_SHOWN)
-            .await
-        {
-            Ok(h) => h,
+        let (counts, paused, held_keys) = match s.queue.destination_state(&d.name).await {
+            Ok(state) => state,
             Err(e) => return queue_error(e),
         };
         let mut entry = json!({
@@ -492,12 +479,7 @@ async fn removed_destination(
     s: &Admin,
     name: &DestinationName,
 ) -> Result<Option<Value>, QueueError> {
-    let counts = s.queue.counts_for(Some(name)).await?;
-    let paused = s.queue.is_paused(name).await?;
-    let held_keys = s
-        .queue
-        .held_keys(name, crate::queue::HELD_KEYS_SHOWN)
-        .await?;
+    let (counts, paused, held_keys) = s.queue.destination_state(name).await?;
     let unfinished = counts.waiting + counts.active + counts.delayed + counts.failed;
     if unfinished == 0 && held_keys.is_empty() {
         return Ok(None);

@@ -169,6 +169,19 @@ impl Store {
         on_backend!(self, q => q.check_stalled().await)
     }
 
+    /// A destination as operators see it (the admin API, the command line):
+    /// its jobs by state, whether paused, and the keys it holds (whatever
+    /// the file says now: a job keeps the hold it was stored with).
+    pub async fn destination_state(
+        &self,
+        name: &DestinationName,
+    ) -> QueueResult<(Counts, bool, Vec<HeldKey>)> {
+        let counts = self.counts_for(Some(name)).await?;
+        let paused = self.is_paused(name).await?;
+        let held = self.held_keys(name, super::HELD_KEYS_SHOWN).await?;
+        Ok((counts, paused, held))
+    }
+
     /// Where the store is, for a log line: the file, or Redis's host and queue.
     pub fn describe(&self, settings: &StoreSettings) -> String {
         match self {
