@@ -70,7 +70,10 @@ pub fn mask_url(url: &reqwest::Url) -> String {
 pub fn redact_url_text(raw: &str) -> String {
     // After `scheme://`, or from the start of text that is not URL-shaped
     // (`relay:pw@host/x`, `http//u:pw@h`).
-    let start = raw.find("://").map_or(0, |i| i + 3);
+    let start = raw
+        .find("://")
+        .filter(|&i| is_scheme(&raw[..i]))
+        .map_or(0, |i| i + 3);
     // After the userinfo, if any: an `@` anywhere may end one.
     let (masked, host_at) = match raw[start..].rfind('@') {
         Some(at) => ("***@", start + at + 1),
@@ -82,6 +85,13 @@ pub fn redact_url_text(raw: &str) -> String {
         None => rest.to_string(),
     };
     format!("{}{masked}{rest}", &raw[..start])
+}
+
+/// RFC 3986's scheme: a letter, then letters, digits, `+`, `-` or `.`.
+fn is_scheme(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 #[cfg(test)]
@@ -110,6 +120,11 @@ mod tests {
         assert_eq!(redact_url_text("relay:p4ss@crm/hook"), "***@crm/hook");
         assert_eq!(redact_url_text("http//u:p4ss@h/x"), "***@h/x");
         assert_eq!(redact_url_text("crm/hook?token=t"), "crm/hook?***");
+        // `://` only in the query is not a scheme's.
+        assert_eq!(
+            redact_url_text("relay:pw@crm/hook?next=https://x"),
+            "***@crm/hook?***"
+        );
     }
 
     #[test]

@@ -320,16 +320,17 @@ async fn close_down(
 }
 
 /// Jobs waiting for a destination that no longer exists wait until one of
-/// that name does: say so once, with how to reach them (embedded; on a
-/// queue shared by relays, others may deliver them). Gives back every
-/// destination the store has.
+/// that name does: say so once, with how to reach them. Gives back every
+/// destination the embedded store has. Not on a queue shared by relays
+/// (others may deliver them), where each name would open its queue here,
+/// with its upkeep, for every name the registry ever held.
 async fn warn_of_orphans(queue: &Store, destinations: &DestinationSet) -> Vec<DestinationName> {
+    if queue.shared_by_relays() {
+        return Vec::new();
+    }
     let Ok(names) = queue.destination_names().await else {
         return Vec::new();
     };
-    if queue.shared_by_relays() {
-        return names;
-    }
     for name in names.iter().filter(|n| destinations.get(n).is_none()) {
         let Ok(c) = queue.counts_for(Some(name)).await else {
             continue;

@@ -803,7 +803,12 @@ async fn a_destination_the_file_no_longer_gives_still_shows_its_held_keys(b: Bac
     std::fs::write(&file, other).expect("write");
     app.reload.send(()).await.expect("reload");
     assert_shown_removed(&app, &blocking).await;
-    // Started again without it: the store still has its key.
+    // Started again without it: the embedded store still has its key. (Not
+    // on Redis, where a relay does not open the queue of every name the
+    // registry ever held; `cogrelay destinations` lists it.)
+    if matches!(b, Backend::Redis) {
+        return;
+    }
     let globals = cogrelay::config::destinations::Globals {
         delivery: app.config.delivery.clone(),
         lock_duration: app.config.pool.lock_duration,
