@@ -126,6 +126,10 @@ def options(command):
     ).stdout
     blocks, cur = [], None
     for line in out.splitlines():
+        # A heading ("Delivery:") ends the option before it.
+        if re.match(r"^\S.*:$", line):
+            cur = None
+            continue
         m = re.match(r"^\s{2,6}(-\w, )?(--[\w-]+)", line)
         if m:
             cur = {"flag": m.group(2), "text": [], "env": None, "default": ""}

@@ -568,7 +568,9 @@ pub struct ServeArgs {
     #[arg(help_heading = "Delivery", long, env = "DELIVERY_NICE", default_value = defaults::DELIVERY_NICE)]
     pub delivery_nice: String,
 
-    /// How long SIGTERM waits for in-flight deliveries.
+    /// How long a stop (SIGTERM), or a reload for the pools it replaces,
+    /// waits for in-flight deliveries; one still out then goes back to the
+    /// queue and is sent again.
     #[arg(help_heading = "Delivery", long, env = "SHUTDOWN_GRACE_MS", default_value = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: String,
 

@@ -57,14 +57,16 @@ pub struct Admin {
     pub destinations: Arc<crate::current::Current<crate::destination::DestinationSet>>,
     /// The running pools' lines: a pause told here, a wake for jobs made ready.
     pub board: crate::delivery::PoolBoard,
-    /// Every destination the embedded store had at start, and every one the
-    /// file has given since (as the admin saw them: `names_shown`).
+    /// Every destination the embedded store had at start, every one the
+    /// file has given since (as the admin saw them: `names_shown`), and
+    /// every one a reload removed.
     pub known: std::sync::Mutex<std::collections::BTreeSet<DestinationName>>,
 }
 
 impl Admin {
-    /// Destinations the embedded store has (at start): one the file lacks is
-    /// shown while it holds jobs or keys, as after a reload that removed it.
+    /// Destinations the embedded store has (at start and at each reload),
+    /// and those a reload removed: one the file lacks is shown while it
+    /// holds jobs or keys.
     pub fn remember(&self, names: Vec<DestinationName>) {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         known.extend(names);

@@ -239,8 +239,9 @@ pub struct DeliveryJob {
     /// Claimed with an ordered key: its end may make the key's next job
     /// due, so the pool claims again at once, even when its destination is
     /// no longer ordered (a reload turned ordering off). A job handed over
-    /// at ingest says `false`: its pool's own ordering covers it (in a
-    /// reload's race, the key's next job waits for the idle look, 1 s).
+    /// at ingest says `false`: the lane it came by is its pool's, whose own
+    /// ordering covers it (a reload swaps the routing and the lanes in one
+    /// step, and wakes the new pools once the old ones' last job is done).
     pub ordered: bool,
 }
 

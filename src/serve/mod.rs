@@ -143,7 +143,7 @@ pub async fn run_with_queue(
         &mut pools,
         &cfg,
         &ingress_state,
-        &current_destinations,
+        &admin_state,
         &accepting,
     )
     .await;
@@ -172,7 +172,7 @@ async fn until_stopped(
     pools: &mut Pools,
     cfg: &ServeConfig,
     ingress_state: &Ingress,
-    current_destinations: &Current<DestinationSet>,
+    admin: &Admin,
     accepting: &AtomicBool,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
@@ -184,7 +184,7 @@ async fn until_stopped(
                 break pools.stop_all().await.context("the delivery pool failed");
             }
             Some(()) = reload.recv() => {
-                reload_destinations(cfg, pools, ingress_state, current_destinations).await;
+                reload_destinations(cfg, pools, ingress_state, admin).await;
             }
             Some((name, generation, result)) = ended.recv() => {
                 if !pools.is_current(&name, generation) {
@@ -371,14 +371,16 @@ fn log_destinations(destinations: &DestinationSet) {
 /// every destination of the new file, the ingress routes to them, then the
 /// old pools drain (their unstarted jobs go back to the store, where the new
 /// pools take them): nothing lost, nothing sent twice. A destination that is
-/// gone keeps its jobs in the store (listed, retryable, removable). A bad
-/// file changes nothing, in one error line.
+/// gone keeps its jobs in the store (listed, retryable, removable; the
+/// admin is told its name, and shows it while it has any). A bad file
+/// changes nothing, in one error line.
 async fn reload_destinations(
     cfg: &ServeConfig,
     pools: &mut Pools,
     ingress: &Ingress,
-    current: &Current<DestinationSet>,
+    admin: &Admin,
 ) {
+    let current = &admin.destinations;
     let Some(path) = cfg.destinations_file.as_ref().and_then(|d| d.file.clone()) else {
         tracing::warn!("reload asked (SIGHUP), but the relay runs without a destinations file: nothing to reload");
         return;
@@ -442,7 +444,9 @@ async fn reload_destinations(
         "destinations reloaded: added {added:?}, removed {removed:?}, the others restarted with their new settings"
     );
     log_destinations(&new);
-    warn_of_orphans(&ingress.queue, &new).await;
+    let mut gone: Vec<DestinationName> = removed.into_iter().cloned().collect();
+    gone.extend(warn_of_orphans(&ingress.queue, &new).await);
+    admin.remember(gone);
 }
 
 /// Where the delivery pool runs: its own runtime whose threads run at a lower

@@ -792,6 +792,47 @@ async fn a_key_stored_ordered_goes_on_at_once_after_ordering_is_turned_off(b: Ba
 }
 
 both_backends! {
+/// The same when the key's first job was handed over at ingest and is still
+/// out when the reload turns ordering off: the reload wakes the new pool
+/// once the old one's last delivery is done, and the key's parked events go
+/// on at once (the idle look is 10 minutes away).
+async fn a_key_handed_over_ordered_goes_on_at_once_after_ordering_is_turned_off(b: Backend) {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("cogrelay.toml");
+    let table = "ordering = \"session\"\ntimeout_ms = 20000\n";
+    let app = relay_of_file(b, &file, table, |c| {
+        c.pool.idle_poll = Duration::from_secs(600);
+        c.pool.lock_duration = Duration::from_secs(30);
+        // The old pool waits for slow-1 rather than cutting it off.
+        c.pool.shutdown_grace = Duration::from_secs(30);
+    })
+    .await;
+    let out_for = Duration::from_secs(4);
+    app.sink.set_rule(Some(std::sync::Arc::new(move |id: &str, _| {
+        (id == "slow-1").then_some(Behaviour::Delay(out_for, 200))
+    })));
+    let ids: Vec<String> = (1..=8).map(|i| format!("slow-{i}")).collect();
+    assert_eq!(app.post_event(&in_session("s", &ids[0])).await.status, 200);
+    assert!(app.sink.wait_for(1, Duration::from_secs(30)).await, "slow-1 out");
+    for id in &ids[1..] {
+        assert_eq!(app.post_event(&in_session("s", id)).await.status, 200);
+    }
+    reload_crm(&app, &file, "timeout_ms = 20000\n".into(), "none").await;
+    let first = app.sink.received()[0].clone();
+    assert!(
+        first.at.elapsed() < out_for && app.sink.count() == 1,
+        "slow-1 still out at the reload, the rest parked"
+    );
+    assert!(
+        app.sink.wait_for(ids.len(), Duration::from_secs(60)).await,
+        "the key's parked events once slow-1 is done: {:?}",
+        received_ids(&app.sink)
+    );
+    assert_eq!(received_ids(&app.sink), ids);
+}
+}
+
+both_backends! {
 /// SPEC §7: held keys are listed until an operator acts, also when a reload
 /// removed their destination from the file: the admin API shows it as
 /// removed, with its keys, and `/metrics` still counts them (it was gone
@@ -818,6 +859,63 @@ async fn a_destination_the_file_no_longer_gives_still_shows_its_held_keys(b: Bac
     let app = app.restart().await;
     assert_shown_removed(&app, &blocking).await;
 }
+}
+
+both_backends! {
+/// The same for a destination a reload added and the next removed, with no
+/// admin call or scrape between them: the reload tells the admin the names
+/// it removed (it learnt them only from a call while they were in the file).
+async fn a_destination_added_and_removed_between_two_looks_still_shows_its_held_keys(b: Backend) {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("cogrelay.toml");
+    let other_sink = Sink::start().await.expect("sink");
+    let other = format!("[[destination]]\nname = \"other\"\nurl = \"{}\"\n", other_sink.url());
+    let (path, text) = (file.clone(), other.clone());
+    let app = spawn_app_on(b, move |c| {
+        std::fs::write(&path, text).expect("write");
+        let globals = cogrelay::config::destinations::Globals {
+            delivery: c.delivery.clone(),
+            lock_duration: c.pool.lock_duration,
+        };
+        c.destinations_file =
+            Some(cogrelay::config::destinations::load(&path, &globals, &|_| None).expect("valid"));
+    })
+    .await;
+    let crm = format!(
+        "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nattempts = 1\nordering = \"session\"\non_failure = \"hold\"\n",
+        app.sink.url()
+    );
+    app.sink.set_rule(Some(std::sync::Arc::new(|id: &str, _| {
+        (id == "bad-1").then(|| Behaviour::status(500))
+    })));
+    std::fs::write(&file, format!("{other}{crm}")).expect("write");
+    app.reload.send(()).await.expect("reload");
+    // Told by the ingress's answers, not the admin, when each reload applied.
+    routed_to_crm(&app, true).await;
+    let blocking = app.post_event(&in_session("bad", "bad-1")).await;
+    let blocking = blocking.json["jobs"]["crm"].as_str().expect("crm's job").to_string();
+    assert_eq!(app.post_event(&in_session("bad", "bad-2")).await.status, 200);
+    // bad-1 tried, and failed: the key held.
+    let tried = std::collections::HashSet::from(["bad-1".to_string()]);
+    crate::helpers::wait_all_delivered(&app.sink, &tried, Duration::from_secs(30)).await;
+    std::fs::write(&file, &other).expect("write");
+    app.reload.send(()).await.expect("reload");
+    routed_to_crm(&app, false).await;
+    assert_shown_removed(&app, &blocking).await;
+}
+}
+
+/// Posts events until one's answer does (`yes`) or does not name `crm`.
+async fn routed_to_crm(app: &TestApp, yes: bool) {
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    wait_until("the reload applied", Duration::from_secs(30), || async {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let reply = app
+            .post_event(&event("bot", &format!("probe-{yes}-{i}")))
+            .await;
+        reply.json["jobs"].get("crm").is_some() == yes
+    })
+    .await;
 }
 
 /// Until the admin API lists `crm` as removed (after the file's `other`),
@@ -872,6 +970,7 @@ async fn relay_of_file(
 ) -> TestApp {
     let (path, table) = (file.to_path_buf(), table.to_string());
     spawn_app_on(b, move |c| {
+        tune(c);
         let text = format!(
             "[[destination]]\nname = \"crm\"\nurl = \"{}\"\n{table}",
             c.delivery.target
@@ -883,7 +982,6 @@ async fn relay_of_file(
         };
         c.destinations_file =
             Some(cogrelay::config::destinations::load(&path, &globals, &|_| None).expect("valid"));
-        tune(c);
     })
     .await
 }
