@@ -412,6 +412,8 @@ async fn reload_destinations(
     for &name in &removed {
         retiring.extend(pools.remove(name));
     }
+    // Before the admin stops finding them in the file.
+    admin.remember(removed.iter().map(|&n| n.clone()).collect());
     let lanes = LaneSet::new(pools.lanes(new.list.iter().map(|d| &d.name)));
     ingress.routing.set(Routing {
         destinations: new.clone(),
@@ -444,9 +446,7 @@ async fn reload_destinations(
         "destinations reloaded: added {added:?}, removed {removed:?}, the others restarted with their new settings"
     );
     log_destinations(&new);
-    let mut gone: Vec<DestinationName> = removed.into_iter().cloned().collect();
-    gone.extend(warn_of_orphans(&ingress.queue, &new).await);
-    admin.remember(gone);
+    admin.remember(warn_of_orphans(&ingress.queue, &new).await);
 }
 
 /// Where the delivery pool runs: its own runtime whose threads run at a lower

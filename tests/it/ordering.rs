@@ -807,7 +807,7 @@ async fn a_key_handed_over_ordered_goes_on_at_once_after_ordering_is_turned_off(
         c.pool.shutdown_grace = Duration::from_secs(30);
     })
     .await;
-    let out_for = Duration::from_secs(4);
+    let out_for = Duration::from_secs(10);
     app.sink.set_rule(Some(std::sync::Arc::new(move |id: &str, _| {
         (id == "slow-1").then_some(Behaviour::Delay(out_for, 200))
     })));

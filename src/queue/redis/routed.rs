@@ -674,18 +674,19 @@ pub const MAX_RATE_LIMIT: u32 = 5_000;
 /// `duration` apart: `⌈1000 / duration⌉`), and a destination kept busy gets
 /// `1000 × max / duration` a second. The shape is the one that gives the
 /// most of `per_second` without any second over 2.5% above it, where that
-/// gives at least 95% of it; else over 5%. The other 2.5% is for the
-/// attempts' starts, which follow their claims a moment later and bunch
-/// when the machine is busy (the 5% a test measures at the starts was
-/// passed under load when the limit itself took all of it). `None`: no
-/// limit (0).
+/// gives at least 95% of it even with each window opening 1 ms late (a
+/// claim's round trip, the timer's millisecond: shorter windows lose more
+/// to it); else over 5%, as before. The other 2.5% is for the attempts'
+/// starts, which follow their claims a moment later and bunch when the
+/// machine is busy (the 5% a test measures at the starts was passed under
+/// load when the limit itself took all of it). `None`: no limit (0).
 pub fn limit_shape(per_second: u32) -> Option<(u32, u64)> {
     if per_second == 0 {
         return None;
     }
     let r = u64::from(per_second);
     shape_within(r, 1025)
-        .filter(|&(m, d)| 1000 * u64::from(m) * 100 / d >= r * 95)
+        .filter(|&(m, d)| 1000 * u64::from(m) * 100 / (d + 1) >= r * 95)
         .or_else(|| shape_within(r, 1050))
 }
 
@@ -732,8 +733,9 @@ mod tests {
     #[test]
     fn the_shared_limit_holds_every_rate_within_five_percent() {
         assert_eq!(limit_shape(0), None);
-        // Half the margin left for the starts' jitter, at all but a few rates.
-        let mut loose = Vec::new();
+        // Half the margin left for the starts' jitter where that keeps 95%
+        // with windows opening 1 ms late: most rates.
+        let mut tight = 0;
         for r in 1..=MAX_RATE_LIMIT {
             let (m, d) = limit_shape(r).unwrap_or_else(|| panic!("no shape for {r}"));
             let (m, d, r) = (u64::from(m), d, u64::from(r));
@@ -746,8 +748,8 @@ mod tests {
                 worst * 100 <= r * 105,
                 "{r}/s: {worst} in a second ({m} per {d} ms)"
             );
-            if worst * 1000 > r * 1025 {
-                loose.push(r);
+            if worst * 1000 <= r * 1025 && 1000 * m * 100 / (d + 1) >= r * 95 {
+                tight += 1;
             }
             let busy = 1000 * m * 100 / d;
             assert!(
@@ -756,7 +758,7 @@ mod tests {
                 busy / 100
             );
         }
-        assert!(loose.len() <= 10, "over 2.5% at {loose:?}");
+        assert!(tight >= 3_500, "{tight} rates within 2.5%");
         assert_eq!(limit_shape(1000), Some((25, 25)));
     }
 }
