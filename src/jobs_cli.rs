@@ -138,6 +138,13 @@ async fn known(
     if configured.contains(&name) || q.destination_names().await?.contains(&name) {
         return Ok(name);
     }
+    if configured.is_empty() {
+        // A destination with no jobs yet is known from the file alone.
+        return Err(CliError::Usage(format!(
+            "{}; no destinations file was read: one that has no jobs yet is known from the relay's file (--config or COGRELAY_CONFIG)",
+            QueueError::UnknownDestination(name.to_string())
+        )));
+    }
     Err(CliError::Job(QueueError::UnknownDestination(
         name.to_string(),
     )))

@@ -511,13 +511,17 @@ async fn resume(State(s): State<Arc<Admin>>, Path(name): Path<String>) -> Respon
 }
 
 async fn set_paused(s: &Admin, name: &str, paused: bool) -> Response {
-    let Some(name) = DestinationName::parse(name).filter(|n| s.destinations.get().get(n).is_some())
-    else {
+    let Some(name) = DestinationName::parse(name) else {
         return err(
             StatusCode::NOT_FOUND,
             &format!("no destination {name:?}: GET /admin/destinations lists them"),
         );
     };
+    // The file's, or the queue's: on Redis one only another relay's file
+    // gives is paused for every relay, as the command line does.
+    if let Err(r) = known_destination(s, &name).await {
+        return r;
+    }
     let name = &name;
     if let Err(e) = s.queue.set_paused(name, paused).await {
         return queue_error(e);

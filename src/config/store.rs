@@ -38,6 +38,18 @@ pub fn store_settings(a: &crate::cli::StoreArgs) -> Result<StoreSettings, Config
         }
         _ => format!("redis://127.0.0.1:{redis_port}"),
     });
+    // Checked here (exit 2), not at the first connection (exit 1, which a
+    // service manager restarts). Its text is not shown: it may hold a password.
+    if kind == QueueKind::Redis
+        && redis::IntoConnectionInfo::into_connection_info(redis_url.expose()).is_err()
+    {
+        let from = if a.redis_url.as_deref().is_some_and(|u| !u.trim().is_empty()) {
+            "REDIS_URL"
+        } else {
+            "REDIS_HOST"
+        };
+        return Err(bad(format!("{from} does not give a valid Redis address: use redis://[user:password@]host:port[/db] (a port number, a database number) or rediss://...")));
+    }
     let queue_name = a.queue_name.trim().to_string();
     if queue_name.is_empty() || queue_name.contains(':') {
         return Err(bad(format!(

@@ -42,7 +42,7 @@ pub enum EnvelopeError {
     NotObject,
     #[error("Missing required Cognigy webhook fields")]
     Missing(Vec<&'static str>),
-    #[error("Invalid Cognigy webhook fields: {0} must be a non-empty string of printable ASCII, at most 256 bytes, other than . and ..")]
+    #[error("Invalid Cognigy webhook fields: {0} must be a non-empty string of printable ASCII, at most 256 bytes{dots}", dots = dots_refused(.0))]
     Invalid(&'static str),
     #[error("Invalid Cognigy webhook fields: eventId must not begin or end with a space (it is sent as the X-Event-Id header, which drops them)")]
     SpacedEventId,
@@ -324,6 +324,16 @@ fn is_dot_segment(s: &str) -> bool {
     s == "." || s == ".."
 }
 
+/// What the error of an invalid `field` adds: the ids that become path
+/// segments may not be `.` or `..` (an output's `sessionId` may).
+fn dots_refused(field: &str) -> &'static str {
+    if ENVELOPE_FIELDS[..2].contains(&field) {
+        ", other than . and .."
+    } else {
+        ""
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,6 +486,19 @@ mod tests {
                 "{spaced:?}: a header would not keep its spaces"
             );
         }
+        // An output's ids are no path segments: dots are ids like others,
+        // and its error does not name them.
+        assert!(parse(br#"{"userId":"..","sessionId":".","text":"t"}"#).is_ok());
+        let long = format!(
+            r#"{{"userId":"u","sessionId":"{}","text":"t"}}"#,
+            "s".repeat(257)
+        );
+        let err = parse(long.as_bytes()).unwrap_err();
+        assert_eq!(err, EnvelopeError::Invalid("sessionId"));
+        assert!(!err.to_string().contains(".."), "{err}");
+        assert!(EnvelopeError::Invalid("botId")
+            .to_string()
+            .ends_with("other than . and .."));
         // Inside a key or a body, spaces stay: these are ids as before.
         assert!(parse(br#"{"botId":" b ","eventId":"e f","type":"t "}"#).is_ok());
         assert!(parse(br#"{"userId":"u ","sessionId":" s","AIOutput":{"traceId":" t"}}"#).is_ok());

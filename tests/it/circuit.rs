@@ -445,7 +445,7 @@ both_backends! {
             assert_eq!(app.post_event(&event("bot", &format!("held-{i}"))).await.status, 200);
         }
         let q = app
-            .wait_counts(WAIT, |c| c["active"] == 0 && c["waiting"].as_u64().unwrap_or(0) + c["delayed"].as_u64().unwrap_or(0) == 20)
+            .wait_counts(WAIT, |c| c["active"] == 0 && c["waiting"] == 20 && c["delayed"] == 0)
             .await;
         assert_eq!(q["failed"], 0, "{q}");
         let list = app.admin_get("/admin/destinations").await.json;

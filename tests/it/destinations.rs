@@ -1160,6 +1160,53 @@ async fn two_relays_on_one_redis_fan_out_once_per_destination() {
     }
 }
 
+/// Two relays on one Redis whose files differ: `extra` only in the file of
+/// the relay started second. The first relay's admin shows the whole queue
+/// (docs/scaling-out.md): `extra`'s dead letter in its counts, its failed
+/// list and `/metrics`, and it can pause `extra` for both. (It showed none
+/// until a call filtered by `extra` opened that queue.)
+#[tokio::test]
+async fn a_relay_shows_a_destination_only_another_relays_file_gives() {
+    let Some(redis) = crate::redis_server::RedisServer::start(true) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    let gone = Sink::start().await.expect("sink");
+    gone.set_default(Behaviour::status(422));
+    let crm = format!(
+        "[[destination]]\nname = \"crm\"\nurl = \"{}\"\n",
+        sink.url()
+    );
+    let mut apps = relays_on_redis(1, &redis, &sink, &crm).await;
+    let extra = format!(
+        "{crm}[[destination]]\nname = \"extra\"\nurl = \"{}\"\nattempts = 1\n",
+        gone.url()
+    );
+    apps.extend(relays_on_redis(1, &redis, &sink, &extra).await);
+    let reply = apps[1].0.post_event(&event("bot", "only-b")).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    assert!(gone.wait_for(1, WAIT).await, "extra tried");
+    let first = &apps[0].0;
+    first
+        .wait_counts(WAIT, |c| c["failed"] == 1 && c["completed"] == 1)
+        .await;
+    let failed = admin_json(first, "/admin/jobs?state=failed").await;
+    assert_eq!(failed["total"], 1, "{failed}");
+    assert_eq!(failed["items"][0]["destination"], "extra", "{failed}");
+    assert!(
+        first
+            .metrics_text()
+            .await
+            .contains("cogrelay_queue_jobs{state=\"failed\"} 1"),
+        "the dead letter in /metrics"
+    );
+    let (status, paused) = admin_post(first, "/admin/destinations/extra/pause").await;
+    assert_eq!(status, 200, "{paused}");
+    for (mut app, _tmp) in apps {
+        app.stop().await.expect("clean stop");
+    }
+}
+
 /// `n` relays in this process on `redis`, with the destinations `file`.
 async fn relays_on_redis(
     n: usize,

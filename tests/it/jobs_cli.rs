@@ -194,6 +194,8 @@ both_backends! {
         }
         let nosuch = cli(&app, &["destinations", "pause", "nosuch"]).await;
         assert_eq!(nosuch.code, 2, "{}", nosuch.stderr);
+        // No file read: where a destination without jobs would be known from.
+        assert!(nosuch.stderr.contains("COGRELAY_CONFIG"), "{}", nosuch.stderr);
         assert_eq!(store_writes(&app), before, "a reading command wrote to the store");
         let listed = cli(&app, &["destinations", "list", "--json"]).await.json();
         assert_eq!(listed.as_array().expect("list").len(), 1, "no phantom row: {listed}");

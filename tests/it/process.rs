@@ -446,6 +446,20 @@ async fn bad_configuration_exits_2_with_one_line_naming_the_setting() {
             ],
             "TLS_CERT_FILE=\"/nonexistent.pem\" is not a readable file",
         ),
+        // It was exit 1 at the first connection (a service manager restarts
+        // that), its text `Redis URL did not parse`.
+        (
+            vec![
+                ok_target,
+                secret,
+                ("REDIS_URL", "redis://:s3cr3t-value@127.0.0.1:notaport"),
+            ],
+            "REDIS_URL does not give a valid Redis address",
+        ),
+        (
+            vec![ok_target, secret, ("REDIS_HOST", "a host")],
+            "REDIS_HOST does not give a valid Redis address",
+        ),
     ];
     for (envs, expected) in cases {
         let (code, stderr) = refused(&envs).await;

@@ -359,7 +359,8 @@ async fn the_ingress_listens_on_ipv6_and_ipv4() {
 }
 
 /// A Redis that can lose what the relay acknowledged is named at start-up,
-/// one WARN line per risk, and in `/metrics`; a safe one is not.
+/// one WARN line per risk (also with several destinations, each its own
+/// queue: it was one a queue), and in `/metrics`; a safe one is not.
 #[tokio::test]
 async fn a_redis_that_can_lose_data_is_named() {
     if !crate::redis_server::available() {
@@ -372,12 +373,19 @@ async fn a_redis_that_can_lose_data_is_named() {
         }
         let dir = tempfile::tempdir().expect("tmp");
         let sink = Sink::start().await.expect("sink");
+        let file = dir.path().join("cogrelay.toml");
+        let two = format!(
+            "[[destination]]\nname = \"crm\"\nurl = \"{u}\"\n[[destination]]\nname = \"erp\"\nurl = \"{u}\"\n",
+            u = sink.url()
+        );
+        std::fs::write(&file, two).expect("write");
         let (relay, logs) = crate::process::start_relay_logged(
             dir.path(),
             &sink,
             &[
                 ("COGRELAY_QUEUE", "redis".into()),
                 ("REDIS_URL", server.url()),
+                ("COGRELAY_CONFIG", file.display().to_string()),
             ],
         )
         .await;
@@ -396,9 +404,17 @@ async fn a_redis_that_can_lose_data_is_named() {
         assert!(metrics.contains(&risk("redis_no_aof")), "{metrics}");
         assert!(metrics.contains(&risk("redis_evicting")), "{metrics}");
         let logs = logs.lock().expect("logs").clone();
-        let warned = |what: &str| logs.lines().any(|l| l.contains("WARN") && l.contains(what));
-        assert_eq!(warned("appendonly yes"), !safe, "{logs}");
-        assert_eq!(warned("maxmemory-policy noeviction"), !safe, "{logs}");
+        let warned = |what: &str| {
+            logs.lines()
+                .filter(|l| l.contains("WARN") && l.contains(what))
+                .count()
+        };
+        assert_eq!(warned("appendonly yes"), usize::from(!safe), "{logs}");
+        assert_eq!(
+            warned("maxmemory-policy noeviction"),
+            usize::from(!safe),
+            "{logs}"
+        );
     }
 }
 

@@ -332,13 +332,18 @@ impl Queue for EmbeddedQueue {
         let destination = destination.map(|d| d.to_string());
         self.read(move |conn, now| {
             let mut c = Counts::default();
+            // A delayed job whose time has come waits (SPEC §7: also one an
+            // open circuit holds back), as on Redis, whose claims move it.
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT state, count(*) FROM jobs WHERE ?1 IS NULL OR destination = ?1 GROUP BY state",
+                    "SELECT CASE WHEN state = 'delayed' AND due_at_ms <= ?2 THEN 'waiting' ELSE state END AS s,
+                            count(*) FROM jobs WHERE ?1 IS NULL OR destination = ?1 GROUP BY s",
                 )
                 .map_err(sql_err)?;
             let rows = stmt
-                .query_map([&destination], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+                .query_map(params![destination, now], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?))
+                })
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
                 .map_err(sql_err)?;
             for (state, n) in rows {

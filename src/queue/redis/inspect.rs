@@ -50,7 +50,16 @@ impl BullQueue {
             pipe.cmd(if zset { "ZCARD" } else { "LLEN" })
                 .arg(self.hot.key(key));
         }
-        let n: Vec<u64> = self.pipe(&pipe).await?;
+        // Delayed jobs whose time has come wait (SPEC §7: also those an open
+        // circuit holds back, which no claim moves meanwhile). BullMQ's
+        // score: the due time in ms × 4096, plus a counter below 4096.
+        let due = (self.hot.clock.now_ms().max(0) as u64 + 1) * 4096;
+        pipe.cmd("ZCOUNT")
+            .arg(self.hot.key("delayed"))
+            .arg("-inf")
+            .arg(format!("({due}"));
+        let mut n: Vec<u64> = self.pipe(&pipe).await?;
+        let due = n.pop().unwrap_or(0);
         let mut c = Counts::default();
         for ((_, _, state), n) in TYPES.iter().zip(n) {
             match state {
@@ -61,6 +70,9 @@ impl BullQueue {
                 JobState::Failed => c.failed += n,
             }
         }
+        let due = due.min(c.delayed);
+        c.delayed -= due;
+        c.waiting += due;
         Ok(c)
     }
 

@@ -281,7 +281,12 @@ impl BullQueue {
             .then(|| tokio::spawn(upkeep(hot.clone(), keep_completed, lock_ms)));
         Ok(Self {
             maintenance,
-            risks: durability(&conn).await,
+            // Once a relay: its `QUEUE_NAME` queue's (the others' share its Redis).
+            risks: if opts.destination.is_default() {
+                durability(&conn).await
+            } else {
+                Vec::new()
+            },
             conn,
             port: tokio::sync::OnceCell::new(),
             hot,

@@ -226,6 +226,22 @@ impl RedisQueues {
             .cloned()
     }
 
+    /// Every queue the registry names (`default`'s first), those registered
+    /// since this relay started opened now: an operator's look at the whole
+    /// queue takes in the destinations only other relays' files give.
+    async fn every(&self) -> QueueResult<Vec<Arc<BullQueue>>> {
+        let registered: Vec<String> = self
+            .base
+            .raw(redis::cmd("SMEMBERS").arg(self.registry()))
+            .await?;
+        for name in registered.iter().filter_map(|d| DestinationName::parse(d)) {
+            if !name.is_default() && self.opened(&name).is_none() {
+                self.open(&name, false).await?;
+            }
+        }
+        Ok(self.all().await)
+    }
+
     /// Every queue opened: `default`'s first.
     async fn all(&self) -> Vec<Arc<BullQueue>> {
         let mut all = vec![self.base.clone()];
@@ -236,7 +252,7 @@ impl RedisQueues {
 
     /// The queue holding job `id`, if any.
     async fn holding(&self, id: &str) -> QueueResult<Arc<BullQueue>> {
-        for q in self.all().await {
+        for q in self.every().await? {
             match q.get(id).await {
                 Ok(_) => return Ok(q),
                 Err(QueueError::NotFound(_)) => continue,
@@ -472,7 +488,7 @@ impl Queue for RedisQueues {
             return self.existing(d).await?.counts().await;
         }
         let mut sum = Counts::default();
-        for q in self.all().await {
+        for q in self.every().await? {
             let c = q.counts().await?;
             sum.waiting += c.waiting;
             sum.active += c.active;
@@ -497,7 +513,7 @@ impl Queue for RedisQueues {
         if let Some(d) = destination {
             return self.existing(d).await?.list(state, offset, limit).await;
         }
-        let all = self.all().await;
+        let all = self.every().await?;
         if all.len() == 1 {
             return self.base.list(state, offset, limit).await;
         }
@@ -535,7 +551,7 @@ impl Queue for RedisQueues {
             return self.existing(d).await?.retry_all_failed().await;
         }
         let mut n = 0;
-        for q in self.all().await {
+        for q in self.every().await? {
             n += q.retry_all_failed().await?;
         }
         Ok(n)
