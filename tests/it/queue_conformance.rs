@@ -299,7 +299,8 @@ async fn a_lease_lasts_what_was_asked<Q: Queue>(q: &Q) {
     }
 }
 
-/// Delayed jobs are claimable only once due; counts follow the states.
+/// Delayed jobs are claimable only once due; counts follow the states (a
+/// delayed job due counts as waiting).
 async fn retries_wait_until_due<Q: Queue>(q: &Q) {
     q.enqueue(ev("due")).await.expect("enqueue");
     let job = q
@@ -329,6 +330,13 @@ async fn retries_wait_until_due<Q: Queue>(q: &Q) {
         "tells when to look again"
     );
     tokio::time::sleep(Duration::from_millis(350)).await;
+    // Due and not claimed (as when an open circuit holds it): it waits, and
+    // has since it fell due (the oldest-waiting gauge's alert sees it).
+    let c = q.counts_for(None).await.expect("counts");
+    assert_eq!(
+        (c.delayed, c.waiting, c.oldest_waiting_ms),
+        (0, 1, Some(due))
+    );
     let again = q
         .claim(1, Duration::from_secs(30))
         .await

@@ -195,9 +195,12 @@ impl BullQueue {
         })
     }
 
-    /// Creation time of the oldest waiting job: the one in wait BullMQ takes
-    /// next (the list's tail), or one of an ordered key parked behind its
-    /// key's first (`waiting-children`, scored by creation time).
+    /// Since when the longest-waiting job waits: the creation time of the one
+    /// in wait BullMQ takes next (the list's tail), or of one of an ordered
+    /// key parked behind its key's first (`waiting-children`, scored by
+    /// creation time); or the due time of a delayed job whose time has come
+    /// (which an open circuit leaves there: counted as waiting, see
+    /// `count_states`).
     pub(super) async fn oldest_waiting_ms(&self) -> QueueResult<Option<i64>> {
         let mut pipe = redis::pipe();
         pipe.cmd("LINDEX").arg(self.hot.key("wait")).arg(-1);
@@ -206,7 +209,19 @@ impl BullQueue {
             .arg(0)
             .arg(0)
             .arg("WITHSCORES");
-        let (id, parked): (Option<String>, Vec<(String, f64)>) = self.pipe(&pipe).await?;
+        pipe.cmd("ZRANGE")
+            .arg(self.hot.key("delayed"))
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES");
+        // Each sorted set's first member, with its score.
+        type First = Vec<(String, f64)>;
+        let (id, parked, delayed): (Option<String>, First, First) = self.pipe(&pipe).await?;
+        let now = self.hot.clock.now_ms();
+        let due = delayed
+            .first()
+            .map(|(_, score)| (*score / 4096.0).floor() as i64)
+            .filter(|&due| due <= now);
         let waiting = match id {
             Some(id) => {
                 self.raw::<Option<i64>>(redis::cmd("HGET").arg(self.hot.key(&id)).arg("timestamp"))
@@ -215,7 +230,7 @@ impl BullQueue {
             None => None,
         };
         let parked = parked.first().map(|(_, ts)| *ts as i64);
-        Ok(waiting.into_iter().chain(parked).min())
+        Ok(waiting.into_iter().chain(parked).chain(due).min())
     }
 }
 

@@ -229,14 +229,26 @@ impl RedisQueues {
     /// Every queue the registry names (`default`'s first), those registered
     /// since this relay started opened now: an operator's look at the whole
     /// queue takes in the destinations only other relays' files give.
+    /// One that cannot be read or opened now is left out (as before it was
+    /// registered), said in a WARN line: the others are still shown.
     async fn every(&self) -> QueueResult<Vec<Arc<BullQueue>>> {
-        let registered: Vec<String> = self
+        let registered: Vec<String> = match self
             .base
             .raw(redis::cmd("SMEMBERS").arg(self.registry()))
-            .await?;
+            .await
+        {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the registry of destinations: only the queues opened are shown");
+                Vec::new()
+            }
+        };
         for name in registered.iter().filter_map(|d| DestinationName::parse(d)) {
-            if !name.is_default() && self.opened(&name).is_none() {
-                self.open(&name, false).await?;
+            if name.is_default() || self.opened(&name).is_some() {
+                continue;
+            }
+            if let Err(e) = self.open(&name, false).await {
+                tracing::warn!(destination = %name, error = %e, "cannot open a destination's queue that another relay registered: left out of this look at the whole queue");
             }
         }
         Ok(self.all().await)
