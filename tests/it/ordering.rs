@@ -871,16 +871,7 @@ async fn a_destination_added_and_removed_between_two_looks_still_shows_its_held_
     let other_sink = Sink::start().await.expect("sink");
     let other = format!("[[destination]]\nname = \"other\"\nurl = \"{}\"\n", other_sink.url());
     let (path, text) = (file.clone(), other.clone());
-    let app = spawn_app_on(b, move |c| {
-        std::fs::write(&path, text).expect("write");
-        let globals = cogrelay::config::destinations::Globals {
-            delivery: c.delivery.clone(),
-            lock_duration: c.pool.lock_duration,
-        };
-        c.destinations_file =
-            Some(cogrelay::config::destinations::load(&path, &globals, &|_| None).expect("valid"));
-    })
-    .await;
+    let app = spawn_app_on(b, move |c| use_file(c, &path, &text)).await;
     let crm = format!(
         "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nattempts = 1\nordering = \"session\"\non_failure = \"hold\"\n",
         app.sink.url()
@@ -975,15 +966,20 @@ async fn relay_of_file(
             "[[destination]]\nname = \"crm\"\nurl = \"{}\"\n{table}",
             c.delivery.target
         );
-        std::fs::write(&path, text).expect("write");
-        let globals = cogrelay::config::destinations::Globals {
-            delivery: c.delivery.clone(),
-            lock_duration: c.pool.lock_duration,
-        };
-        c.destinations_file =
-            Some(cogrelay::config::destinations::load(&path, &globals, &|_| None).expect("valid"));
+        use_file(c, &path, &text);
     })
     .await
+}
+
+/// Writes `text` to `path` and gives it to `c` as its destinations file.
+fn use_file(c: &mut cogrelay::config::ServeConfig, path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).expect("write");
+    let globals = cogrelay::config::destinations::Globals {
+        delivery: c.delivery.clone(),
+        lock_duration: c.pool.lock_duration,
+    };
+    c.destinations_file =
+        Some(cogrelay::config::destinations::load(path, &globals, &|_| None).expect("valid"));
 }
 
 /// Rewrites `crm`'s table in `file` and reloads the relay, until the admin
