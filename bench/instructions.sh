@@ -19,7 +19,8 @@
 # On the embedded store the count depends on it: under valgrind the relay
 # runs one thread at a time and commits fewer events together than at full
 # speed, and a commit's cost (its WAL frames, their checksums) is shared by
-# the events in it. The table shows the events per commit beside the count.
+# the events in it. The table shows the events per commit beside the count
+# (every commit counted: the ingest's, the claims' and the finishes').
 #
 # The relay delivers to TARGET_ENDPOINT (the `default` destination), or with
 # --named to one destination `bench` of a destinations file; --ordered gives
@@ -45,7 +46,7 @@ while [ $# -gt 0 ]; do
     --named) named=yes; shift ;;
     --ordered) named=yes ordered=yes; shift ;;
     --ingest) ingest=yes; shift ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) bins+=("$1"); shift ;;
   esac
 done

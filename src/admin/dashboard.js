@@ -101,7 +101,8 @@ function drawDestinations(list, pts) {
     cell(tr, String(pts.reduce((n, p) => n + (p.byDestination[d.name] || 0), 0)));
     const actions = cell(tr, '', 'actions');
     const path = '/admin/destinations/' + encodeURIComponent(d.name);
-    if (d.configured !== false) {
+    // A destination the file no longer gives: Resume only, when paused.
+    if (d.configured !== false || d.paused) {
       actions.appendChild(d.paused
         ? button('Resume', 'resume', () => act(path + '/resume', 'POST'))
         : button('Pause', 'pause', () => act(path + '/pause', 'POST')));

@@ -1166,11 +1166,13 @@ async fn two_relays_on_one_redis_fan_out_once_per_destination() {
     }
 }
 
-/// Two relays on one Redis whose files differ: `extra` only in the file of
-/// the relay started second. The first relay's admin shows the whole queue
-/// (docs/scaling-out.md): `extra`'s dead letter in its counts, its failed
-/// list and `/metrics`, and it can pause `extra` for both. (It showed none
-/// until a call filtered by `extra` opened that queue.)
+/// Relays on one Redis whose files differ: `extra` only in the file of the
+/// relay started last. Each of the others shows the whole queue
+/// (docs/scaling-out.md), each through another route as its first look, so
+/// that no route finds the queue another one opened: the counts and
+/// `/metrics`, the failed list, a job by id, retry-all. And one of them
+/// pauses `extra` for every relay. (They showed none of it until a call
+/// filtered by `extra` opened that queue.)
 #[tokio::test]
 async fn a_relay_shows_a_destination_only_another_relays_file_gives() {
     let Some(redis) = crate::redis_server::RedisServer::start(true) else {
@@ -1183,31 +1185,59 @@ async fn a_relay_shows_a_destination_only_another_relays_file_gives() {
         "[[destination]]\nname = \"crm\"\nurl = \"{}\"\n",
         sink.url()
     );
-    let mut apps = relays_on_redis(1, &redis, &sink, &crm).await;
+    let mut apps = relays_on_redis(4, &redis, &sink, &crm).await;
     let extra = format!(
         "{crm}[[destination]]\nname = \"extra\"\nurl = \"{}\"\nattempts = 1\n",
         gone.url()
     );
     apps.extend(relays_on_redis(1, &redis, &sink, &extra).await);
-    let reply = apps[1].0.post_event(&event("bot", "only-b")).await;
+    let reply = apps[4].0.post_event(&event("bot", "only-b")).await;
     assert_eq!(reply.status, 200, "{}", reply.json);
-    assert!(gone.wait_for(1, WAIT).await, "extra tried");
-    let first = &apps[0].0;
-    first
+    let id = reply.json["jobs"]["extra"]
+        .as_str()
+        .expect("extra's job")
+        .to_string();
+    apps[4]
+        .0
         .wait_counts(WAIT, |c| c["failed"] == 1 && c["completed"] == 1)
         .await;
-    let failed = admin_json(first, "/admin/jobs?state=failed").await;
-    assert_eq!(failed["total"], 1, "{failed}");
-    assert_eq!(failed["items"][0]["destination"], "extra", "{failed}");
+    let [counts, list, by_id, retry] = [0, 1, 2, 3].map(|i| &apps[i].0);
+    counts
+        .wait_counts(WAIT, |c| c["failed"] == 1 && c["completed"] == 1)
+        .await;
     assert!(
-        first
+        counts
             .metrics_text()
             .await
             .contains("cogrelay_queue_jobs{state=\"failed\"} 1"),
         "the dead letter in /metrics"
     );
-    let (status, paused) = admin_post(first, "/admin/destinations/extra/pause").await;
+    let failed = admin_json(list, "/admin/jobs?state=failed").await;
+    assert_eq!(failed["total"], 1, "{failed}");
+    assert_eq!(failed["items"][0]["destination"], "extra", "{failed}");
+    let job = by_id.admin_get(&format!("/admin/jobs/{id}")).await;
+    assert_eq!(job.status, 200, "{}", job.json);
+    assert_eq!(job.json["destination"], "extra", "{}", job.json);
+    let (status, retried) = admin_post(retry, "/admin/jobs/retry?state=failed").await;
+    assert_eq!(
+        (status, retried["retried"].clone()),
+        (200, 1.into()),
+        "{retried}"
+    );
+    let (status, paused) = admin_post(counts, "/admin/destinations/extra/pause").await;
     assert_eq!(status, 200, "{paused}");
+    let shown = admin_json(&apps[4].0, "/admin/destinations").await;
+    let extra = shown
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["name"] == "extra")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        extra["paused"], true,
+        "paused for the relay whose file gives it: {shown}"
+    );
     for (mut app, _tmp) in apps {
         app.stop().await.expect("clean stop");
     }
