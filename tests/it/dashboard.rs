@@ -217,6 +217,65 @@ async fn dashboard_shows_a_held_key() {
     );
 }
 
+/// A destination the file no longer gives, paused and holding a key: its
+/// row offers Resume (it offered nothing, and the API had paused it).
+#[tokio::test]
+async fn a_paused_destination_the_file_no_longer_gives_offers_resume() {
+    if !browser_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("cogrelay.toml");
+    let other = Sink::start().await.expect("sink");
+    let other_table = format!(
+        "[[destination]]\nname = \"other\"\nurl = \"{}\"\n",
+        other.url()
+    );
+    let path = file.clone();
+    let both = other_table.clone();
+    let app = spawn_app_with(move |c| {
+        c.admin.token = Some(Secret::new("dash-token"));
+        let crm = format!(
+            "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nattempts = 1\nordering = \"session\"\non_failure = \"hold\"\n",
+            c.delivery.target
+        );
+        use_file(c, &path, &format!("{crm}{both}"));
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(500));
+    let mut e = event("bot", "held-1");
+    e["payload"]["sessionId"] = "conversation-7".into();
+    assert_eq!(app.post_event(&e).await.status, 200);
+    wait_until("the key held", Duration::from_secs(15), || async {
+        destinations(&app).await[0]["held_keys"]
+            .as_array()
+            .is_some_and(|h| h.len() == 1)
+    })
+    .await;
+    let paused = app
+        .http
+        .post(format!("http://{}/admin/destinations/crm/pause", app.admin))
+        .bearer_auth("dash-token")
+        .send()
+        .await
+        .expect("pause");
+    assert_eq!(paused.status(), 200);
+    std::fs::write(&file, other_table).expect("write");
+    app.reload.send(()).await.expect("reload");
+    wait_until("crm shown as removed", Duration::from_secs(15), || async {
+        destinations(&app)
+            .await
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|d| d["name"] == "crm" && d["configured"] == false && d["paused"] == true)
+    })
+    .await;
+    let admin = format!("http://{}", app.admin);
+    let v = run_node("dashboard-held.mjs", &[&admin, "dash-token", "crm"]).await;
+    assert_eq!(v["actions"], json!(["Resume", "Retry failed"]), "{v}");
+}
+
 /// `GET /admin/destinations` with the dashboard tests' token.
 async fn destinations(app: &TestApp) -> Value {
     app.http

@@ -454,6 +454,18 @@ pub fn ordered_crm(c: &mut ServeConfig, extra: &str) {
     c.destinations_file = Some(destinations_of(c, &text));
 }
 
+/// Writes `text` to `path` and gives it to `c` as its destinations file
+/// (which a reload, `TestApp::reload`, reads again).
+pub fn use_file(c: &mut ServeConfig, path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).expect("write");
+    let globals = cogrelay::config::destinations::Globals {
+        delivery: c.delivery.clone(),
+        lock_duration: c.pool.lock_duration,
+    };
+    c.destinations_file =
+        Some(cogrelay::config::destinations::load(path, &globals, &|_| None).expect("valid"));
+}
+
 pub fn destinations_of(c: &ServeConfig, text: &str) -> cogrelay::destination::DestinationSet {
     let globals = cogrelay::config::destinations::Globals {
         delivery: c.delivery.clone(),

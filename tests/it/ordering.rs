@@ -13,7 +13,7 @@ use cogrelay::queue::{
 use cogrelay::sink::{Behaviour, Sink};
 
 use crate::helpers::{
-    dn, event, ordered_crm, received_ids, spawn_app_on, wait_until, Backend, TestApp,
+    dn, event, ordered_crm, received_ids, spawn_app_on, use_file, wait_until, Backend, TestApp,
 };
 use crate::queue_conformance::{ev, on_both_backends, open, open_redis};
 
@@ -969,17 +969,6 @@ async fn relay_of_file(
         use_file(c, &path, &text);
     })
     .await
-}
-
-/// Writes `text` to `path` and gives it to `c` as its destinations file.
-fn use_file(c: &mut cogrelay::config::ServeConfig, path: &std::path::Path, text: &str) {
-    std::fs::write(path, text).expect("write");
-    let globals = cogrelay::config::destinations::Globals {
-        delivery: c.delivery.clone(),
-        lock_duration: c.pool.lock_duration,
-    };
-    c.destinations_file =
-        Some(cogrelay::config::destinations::load(path, &globals, &|_| None).expect("valid"));
 }
 
 /// Rewrites `crm`'s table in `file` and reloads the relay, until the admin

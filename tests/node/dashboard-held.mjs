@@ -1,6 +1,7 @@
 // Reads one destination's "held" cell on the dashboard in headless Chromium.
 //   node dashboard-held.mjs <admin base url> <admin token> <destination>
-// Prints {held, title}: the cell's text and its hover text.
+// Prints {held, title, actions}: the cell's text, its hover text and the
+// row's buttons.
 import { chromium } from 'playwright-core';
 
 const [, , base, token, name] = process.argv;
@@ -22,5 +23,8 @@ await page.waitForFunction((n) => {
 }, name, { timeout: 10000 });
 const held = (await cell.textContent()).trim();
 const title = await cell.getAttribute('title');
-console.log(JSON.stringify({ held, title }));
+const actions = await page
+  .locator(`#destinations-table tbody tr[data-name="${name}"] td.actions button`)
+  .allTextContents();
+console.log(JSON.stringify({ held, title, actions }));
 await browser.close();

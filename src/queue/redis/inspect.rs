@@ -195,13 +195,12 @@ impl BullQueue {
         })
     }
 
-    /// Since when the longest-waiting job waits, by creation time: the one
-    /// in wait BullMQ takes next (the list's tail), one of an ordered key
-    /// parked behind its key's first (`waiting-children`, scored by creation
-    /// time), or the delayed job due first once its time has come (which an
-    /// open circuit leaves there: counted as waiting, see `count_states`; by
-    /// its creation too, so that its age does not jump when a claim moves it
-    /// to wait).
+    /// Since when the longest-waiting job waits: the creation time of the one
+    /// in wait BullMQ takes next (the list's tail), or of one of an ordered
+    /// key parked behind its key's first (`waiting-children`, scored by
+    /// creation time); or the due time of a delayed job whose time has come
+    /// (which an open circuit leaves there: counted as waiting, see
+    /// `count_states`).
     pub(super) async fn oldest_waiting_ms(&self) -> QueueResult<Option<i64>> {
         let mut pipe = redis::pipe();
         pipe.cmd("LINDEX").arg(self.hot.key("wait")).arg(-1);
@@ -220,18 +219,18 @@ impl BullQueue {
         let (id, parked, delayed): (Option<String>, First, First) = self.pipe(&pipe).await?;
         let now = self.hot.clock.now_ms();
         let due = delayed
-            .into_iter()
-            .next()
-            .filter(|(_, score)| (*score / 4096.0).floor() as i64 <= now)
-            .map(|(id, _)| id);
-        let mut oldest = parked.first().map(|(_, ts)| *ts as i64);
-        for id in id.into_iter().chain(due) {
-            let created = self
-                .raw::<Option<i64>>(redis::cmd("HGET").arg(self.hot.key(&id)).arg("timestamp"))
-                .await?;
-            oldest = oldest.into_iter().chain(created).min();
-        }
-        Ok(oldest)
+            .first()
+            .map(|(_, score)| (*score / 4096.0).floor() as i64)
+            .filter(|&due| due <= now);
+        let waiting = match id {
+            Some(id) => {
+                self.raw::<Option<i64>>(redis::cmd("HGET").arg(self.hot.key(&id)).arg("timestamp"))
+                    .await?
+            }
+            None => None,
+        };
+        let parked = parked.first().map(|(_, ts)| *ts as i64);
+        Ok(waiting.into_iter().chain(parked).chain(due).min())
     }
 }
 

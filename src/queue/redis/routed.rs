@@ -237,8 +237,9 @@ impl RedisQueues {
     /// Every queue the registry names (`default`'s first), those registered
     /// since this relay started opened now: an operator's look at the whole
     /// queue takes in the destinations only other relays' files give.
-    /// One that cannot be read or opened now is left out (as before it was
-    /// registered), said in a WARN line: the others are still shown.
+    /// One that cannot be opened is left out (as before it was registered),
+    /// said in a WARN line, and tried again after [`OPEN_AGAIN_AFTER`]: the
+    /// others are still shown.
     async fn every(&self) -> QueueResult<Vec<Arc<BullQueue>>> {
         let registered: Vec<String> = match self
             .base
