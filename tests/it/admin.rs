@@ -228,12 +228,8 @@ async fn admin_token_is_required_when_set(b: Backend) {
         "probes stay open"
     );
     let ok = app
-        .http
-        .get(format!("http://{}/admin/queue", app.admin))
-        .bearer_auth("adm-tok")
-        .send()
-        .await
-        .expect("send");
+        .admin_as(reqwest::Method::GET, "/admin/queue", "adm-tok")
+        .await;
     assert_eq!(ok.status(), 200);
     let v: Value = serde_json::from_slice(&ok.bytes().await.expect("body")).expect("json");
     assert_eq!(v["failed"], 0);

@@ -44,12 +44,8 @@ async fn dashboard_shows_failed_jobs_escapes_payloads_and_retries() {
     xss["payload"] = json!({ "html": "<script>window.__pwned=true</script><img src=x onerror=\"window.__pwned=true\">" });
     app.post_event(&xss).await;
     let ok = app
-        .http
-        .get(format!("http://{}/admin/queue", app.admin))
-        .bearer_auth("dash-token")
-        .send()
-        .await
-        .expect("queue");
+        .admin_as(reqwest::Method::GET, "/admin/queue", "dash-token")
+        .await;
     assert_eq!(ok.status(), 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
@@ -253,12 +249,12 @@ async fn a_paused_destination_the_file_no_longer_gives_offers_resume() {
     })
     .await;
     let paused = app
-        .http
-        .post(format!("http://{}/admin/destinations/crm/pause", app.admin))
-        .bearer_auth("dash-token")
-        .send()
-        .await
-        .expect("pause");
+        .admin_as(
+            reqwest::Method::POST,
+            "/admin/destinations/crm/pause",
+            "dash-token",
+        )
+        .await;
     assert_eq!(paused.status(), 200);
     std::fs::write(&file, other_table).expect("write");
     app.reload.send(()).await.expect("reload");
@@ -278,12 +274,8 @@ async fn a_paused_destination_the_file_no_longer_gives_offers_resume() {
 
 /// `GET /admin/destinations` with the dashboard tests' token.
 async fn destinations(app: &TestApp) -> Value {
-    app.http
-        .get(format!("http://{}/admin/destinations", app.admin))
-        .bearer_auth("dash-token")
-        .send()
+    app.admin_as(reqwest::Method::GET, "/admin/destinations", "dash-token")
         .await
-        .expect("destinations")
         .json()
         .await
         .expect("json")

@@ -285,6 +285,21 @@ impl TestApp {
             .expect("text")
     }
 
+    /// `method` on the admin API's `path` with the bearer `token`.
+    pub async fn admin_as(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+    ) -> reqwest::Response {
+        self.http
+            .request(method, format!("http://{}{path}", self.admin))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("admin")
+    }
+
     pub async fn admin_post(&self, path: &str) -> Reply {
         reply(
             self.http

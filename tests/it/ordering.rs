@@ -782,12 +782,7 @@ async fn a_key_stored_ordered_goes_on_at_once_after_ordering_is_turned_off(b: Ba
     reload_crm(&app, &file, "attempts = 1\n".into(), "none").await;
     let removed = app.admin_delete(&format!("/admin/jobs/{blocking}")).await;
     assert_eq!(removed.status, 200, "{}", removed.json);
-    assert!(
-        app.sink.wait_for(ids.len(), Duration::from_secs(30)).await,
-        "the key's later events, one after another: {:?}",
-        received_ids(&app.sink)
-    );
-    assert_eq!(received_ids(&app.sink), ids);
+    arrive_in_order(&app, &ids, Duration::from_secs(30)).await;
 }
 }
 
@@ -823,12 +818,7 @@ async fn a_key_handed_over_ordered_goes_on_at_once_after_ordering_is_turned_off(
         first.at.elapsed() < out_for && app.sink.count() == 1,
         "slow-1 still out at the reload, the rest parked"
     );
-    assert!(
-        app.sink.wait_for(ids.len(), Duration::from_secs(60)).await,
-        "the key's parked events once slow-1 is done: {:?}",
-        received_ids(&app.sink)
-    );
-    assert_eq!(received_ids(&app.sink), ids);
+    arrive_in_order(&app, &ids, Duration::from_secs(60)).await;
 }
 }
 
@@ -969,6 +959,16 @@ async fn relay_of_file(
         use_file(c, &path, &text);
     })
     .await
+}
+
+/// Until the target has `ids` (within `timeout`), in that order and no other.
+async fn arrive_in_order(app: &TestApp, ids: &[String], timeout: Duration) {
+    assert!(
+        app.sink.wait_for(ids.len(), timeout).await,
+        "the key's events, one after another: {:?}",
+        received_ids(&app.sink)
+    );
+    assert_eq!(received_ids(&app.sink), ids);
 }
 
 /// Rewrites `crm`'s table in `file` and reloads the relay, until the admin

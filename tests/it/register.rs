@@ -427,6 +427,18 @@ async fn tls_preflight_passes_with_ca_file_and_names_each_failure() {
     );
 }
 
+/// The REST API (`rest`) with an API key, for the simulator at `sim_addr`,
+/// registering `target`.
+fn rest_api_key_env(sim_addr: std::net::SocketAddr, target: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("COGNIGY_API", "rest".to_string()),
+        ("COGNIGY_BASE_URL", format!("http://{sim_addr}")),
+        ("COGNIGY_API_KEY", API_KEY.to_string()),
+        ("COGNIGY_FLOW_ID", "flow-1".to_string()),
+        ("WEBHOOK_TARGET_URL", target.to_string()),
+    ]
+}
+
 #[tokio::test]
 async fn rest_api_with_api_key_and_with_oauth_finds_or_creates_by_name() {
     let (sim_addr, sim) = sim::spawn(SimOptions {
@@ -436,13 +448,7 @@ async fn rest_api_with_api_key_and_with_oauth_finds_or_creates_by_name() {
     .await
     .expect("sim");
     let target = http_target().await;
-    let key_env = vec![
-        ("COGNIGY_API", "rest".to_string()),
-        ("COGNIGY_BASE_URL", format!("http://{sim_addr}")),
-        ("COGNIGY_API_KEY", API_KEY.to_string()),
-        ("COGNIGY_FLOW_ID", "flow-1".to_string()),
-        ("WEBHOOK_TARGET_URL", target.url()),
-    ];
+    let key_env = rest_api_key_env(sim_addr, &target.url());
     let first = register(&key_env, &FAST).await;
     assert_eq!(first.code, 0, "{}", first.stderr);
     assert_eq!(
@@ -492,13 +498,7 @@ async fn a_wrong_api_key_fails_as_authentication() {
     .await
     .expect("sim");
     let target = http_target().await;
-    let env = vec![
-        ("COGNIGY_API", "rest".to_string()),
-        ("COGNIGY_BASE_URL", format!("http://{sim_addr}")),
-        ("COGNIGY_API_KEY", API_KEY.to_string()),
-        ("COGNIGY_FLOW_ID", "flow-1".to_string()),
-        ("WEBHOOK_TARGET_URL", target.url()),
-    ];
+    let env = rest_api_key_env(sim_addr, &target.url());
     let run = register(&env, &FAST).await;
     assert_eq!(run.code, 4, "{}", run.stderr);
     assert!(
