@@ -266,7 +266,8 @@ pub struct StoreArgs {
     #[arg(long, env = "REDIS_PORT", default_value = defaults::REDIS_PORT)]
     pub redis_port: String,
 
-    /// Queue name (part of the Redis keys: bull:<QUEUE_NAME>:...).
+    /// Queue name (part of the Redis keys: bull:<QUEUE_NAME>:...; a
+    /// destination's queue is QUEUE_NAME.<destination>, so no ':' or '.').
     #[arg(long, env = "QUEUE_NAME", default_value = defaults::QUEUE_NAME)]
     pub queue_name: String,
 

@@ -51,9 +51,12 @@ pub fn store_settings(a: &crate::cli::StoreArgs) -> Result<StoreSettings, Config
         return Err(bad(format!("{from} does not give a valid Redis address: use redis://[user:password@]host:port[/db] (a port number, a database number) or rediss://...")));
     }
     let queue_name = a.queue_name.trim().to_string();
-    if queue_name.is_empty() || queue_name.contains(':') {
+    // A destination's queue is `QUEUE_NAME.<name>`: with a dot, one relay's
+    // queue could be another's destination queue (`cog.staging` is `cog`'s
+    // `staging`), whose jobs it would count, retry and prune as its own.
+    if queue_name.is_empty() || queue_name.contains([':', '.']) {
         return Err(bad(format!(
-            "QUEUE_NAME={:?} is not valid: use a non-empty name without ':'",
+            "QUEUE_NAME={:?} is not valid: use a non-empty name without ':' or '.' (a destination's queue is QUEUE_NAME.<destination>)",
             a.queue_name
         )));
     }

@@ -460,6 +460,12 @@ async fn bad_configuration_exits_2_with_one_line_naming_the_setting() {
             vec![ok_target, secret, ("REDIS_HOST", "a host")],
             "REDIS_HOST does not give a valid Redis address",
         ),
+        // `cog.staging` would be the queue of `cog`'s destination `staging`:
+        // another fleet's relay counted, retried and pruned its jobs.
+        (
+            vec![ok_target, secret, ("QUEUE_NAME", "cog.staging")],
+            "QUEUE_NAME=\"cog.staging\" is not valid",
+        ),
     ];
     for (envs, expected) in cases {
         let (code, stderr) = refused(&envs).await;

@@ -51,9 +51,9 @@ impl BullQueue {
                 .arg(self.hot.key(key));
         }
         // Delayed jobs whose time has come wait (SPEC §7: also those an open
-        // circuit holds back, which no claim moves meanwhile). BullMQ's
-        // score: the due time in ms × 4096, plus a counter below 4096.
-        let due = (self.hot.clock.now_ms().max(0) as u64 + 1) * 4096;
+        // circuit holds back, which no claim moves meanwhile): scores below
+        // the next millisecond's (see `due_of`).
+        let due = (self.hot.clock.now_ms().max(0) as u64 + 1) << 12;
         pipe.cmd("ZCOUNT")
             .arg(self.hot.key("delayed"))
             .arg("-inf")
@@ -220,7 +220,7 @@ impl BullQueue {
         let now = self.hot.clock.now_ms();
         let due = delayed
             .first()
-            .map(|(_, score)| (*score / 4096.0).floor() as i64)
+            .map(|(_, score)| due_of(*score))
             .filter(|&due| due <= now);
         let waiting = match id {
             Some(id) => {
@@ -232,6 +232,12 @@ impl BullQueue {
         let parked = parked.first().map(|(_, ts)| *ts as i64);
         Ok(waiting.into_iter().chain(parked).chain(due).min())
     }
+}
+
+/// When a delayed job is due, from its score in BullMQ's delayed set (`due
+/// << 12 | n`, n a counter below 4096).
+fn due_of(score: f64) -> i64 {
+    (score as i64) >> 12
 }
 
 /// A job as the admin API shows it, from its hash and what [`BullQueue::views`] read.
@@ -256,11 +262,8 @@ fn view_of(
     let timestamp = number("timestamp").unwrap_or(0);
     // A delayed job is due at its score in the delayed set (`due << 12 | n`);
     // the hash's `timestamp + delay` is creation time plus the last delay.
-    let due_at_ms = (state == JobState::Delayed).then(|| {
-        delayed_score.map_or(timestamp + number("delay").unwrap_or(0), |s| {
-            (s as i64) >> 12
-        })
-    });
+    let due_at_ms = (state == JobState::Delayed)
+        .then(|| delayed_score.map_or(timestamp + number("delay").unwrap_or(0), due_of));
     let stored = StoredJob {
         id: id.to_string(),
         destination: s("destination").unwrap_or_default(),

@@ -240,7 +240,7 @@ impl RedisQueues {
     /// One that cannot be opened is left out (as before it was registered),
     /// said in a WARN line, and tried again after [`OPEN_AGAIN_AFTER`]: the
     /// others are still shown.
-    async fn every(&self) -> QueueResult<Vec<Arc<BullQueue>>> {
+    async fn every(&self) -> Vec<Arc<BullQueue>> {
         let registered: Vec<String> = match self
             .base
             .raw(redis::cmd("SMEMBERS").arg(self.registry()))
@@ -264,7 +264,7 @@ impl RedisQueues {
                     .insert(name, std::time::Instant::now());
             }
         }
-        Ok(self.all().await)
+        self.all().await
     }
 
     /// Whether `name` could not be opened within [`OPEN_AGAIN_AFTER`].
@@ -286,7 +286,7 @@ impl RedisQueues {
 
     /// The queue holding job `id`, if any.
     async fn holding(&self, id: &str) -> QueueResult<Arc<BullQueue>> {
-        for q in self.every().await? {
+        for q in self.every().await {
             match q.get(id).await {
                 Ok(_) => return Ok(q),
                 Err(QueueError::NotFound(_)) => continue,
@@ -522,7 +522,7 @@ impl Queue for RedisQueues {
             return self.existing(d).await?.counts().await;
         }
         let mut sum = Counts::default();
-        for q in self.every().await? {
+        for q in self.every().await {
             let c = q.counts().await?;
             sum.waiting += c.waiting;
             sum.active += c.active;
@@ -547,7 +547,7 @@ impl Queue for RedisQueues {
         if let Some(d) = destination {
             return self.existing(d).await?.list(state, offset, limit).await;
         }
-        let all = self.every().await?;
+        let all = self.every().await;
         if all.len() == 1 {
             return self.base.list(state, offset, limit).await;
         }
@@ -585,7 +585,7 @@ impl Queue for RedisQueues {
             return self.existing(d).await?.retry_all_failed().await;
         }
         let mut n = 0;
-        for q in self.every().await? {
+        for q in self.every().await {
             n += q.retry_all_failed().await?;
         }
         Ok(n)
