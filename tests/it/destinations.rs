@@ -1243,6 +1243,134 @@ async fn a_relay_shows_a_destination_only_another_relays_file_gives() {
     }
 }
 
+/// On shared Redis, a relay that cannot open the queue of a destination only
+/// another relay's file gives (here Redis takes no new connection) says so:
+/// that queue's job by id, and retry-all, answer 503 naming the queue. (They
+/// answered 404, and 200 with what the other queues held: the job looked
+/// gone, the replay looked whole.)
+#[tokio::test]
+async fn a_queue_a_relay_cannot_open_is_named_not_taken_for_empty() {
+    let Some(redis) = crate::redis_server::RedisServer::start(true) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    let gone = Sink::start().await.expect("sink");
+    gone.set_default(Behaviour::status(422));
+    let crm = format!(
+        "[[destination]]\nname = \"crm\"\nurl = \"{}\"\n",
+        sink.url()
+    );
+    let mut apps = relays_on_redis(1, &redis, &sink, &crm).await;
+    let extra = format!(
+        "{crm}[[destination]]\nname = \"extra\"\nurl = \"{}\"\nattempts = 1\n",
+        gone.url()
+    );
+    apps.extend(relays_on_redis(1, &redis, &sink, &extra).await);
+    let reply = apps[1].0.post_event(&event("bot", "unopened")).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    let id = reply.json["jobs"]["extra"].as_str().expect("extra's job");
+    apps[1].0.wait_counts(WAIT, |c| c["failed"] == 1).await;
+    // From now on Redis refuses every new connection.
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut conn)
+        .await
+        .expect("info");
+    let clients = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .expect("connected_clients")
+        .trim()
+        .to_string();
+    let set = |n: &str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxclients")
+            .arg(n)
+            .clone()
+    };
+    let _: () = set(&clients)
+        .query_async(&mut conn)
+        .await
+        .expect("maxclients");
+    let a = &apps[0].0;
+    let job = a.admin_get(&format!("/admin/jobs/{id}")).await;
+    let (status, retried) = admin_post(a, "/admin/jobs/retry?state=failed").await;
+    let _: () = set("10000")
+        .query_async(&mut conn)
+        .await
+        .expect("maxclients");
+    assert_eq!(job.status, 503, "{}", job.json);
+    assert!(
+        job.json
+            .to_string()
+            .contains("the queue of extra could not be opened"),
+        "{}",
+        job.json
+    );
+    assert_eq!(status, 503, "{retried}");
+    assert!(
+        retried
+            .to_string()
+            .contains("0 failed jobs went back to waiting; the queue of extra"),
+        "{retried}"
+    );
+    for (mut app, _tmp) in apps {
+        app.stop().await.expect("clean stop");
+    }
+}
+
+/// A relay with a destinations file (its adds go through the routed script)
+/// answers a hung Redis as one with only `default` does: one ingest waits
+/// out the 2 s bound, and for half a second after it the next ones get their
+/// 503 at once (they each waited 2 s: a Cognigy flow's outputs stalled for
+/// the whole outage, one after the other). The bound checked is the
+/// timeout's half, not a speed.
+#[tokio::test]
+async fn a_hung_redis_gets_a_fast_503_with_a_destinations_file_too() {
+    let Some(redis) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    let file = format!(
+        "[[destination]]\nname = \"crm\"\nurl = \"{0}\"\n[[destination]]\nname = \"ops\"\nurl = \"{0}\"\n",
+        sink.url()
+    );
+    let mut apps = relays_on_redis(1, &redis, &sink, &file).await;
+    let app = &apps[0].0;
+    let reply = app.post_event(&event("bot", "before")).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    redis.hang(true);
+    let mut at_once = 0;
+    for i in 0..6 {
+        let asked = std::time::Instant::now();
+        let reply = app.post_event(&event("bot", &format!("hung-{i}"))).await;
+        assert_eq!(reply.status, 503, "{}", reply.json);
+        if asked.elapsed() < Duration::from_secs(1) {
+            at_once += 1;
+        }
+    }
+    redis.hang(false);
+    assert!(at_once >= 4, "{at_once} of 6 answered before the 2 s bound");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let reply = app.post_event(&event("bot", "after")).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", reply.json);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (mut app, _tmp) in apps.drain(..) {
+        app.stop().await.expect("clean stop");
+    }
+}
+
 /// How late a thread that asks to wake every 5 ms is woken, at most, while
 /// it is watched: what a busy machine makes every thread of the relays wait.
 struct Lag {

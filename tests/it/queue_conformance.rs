@@ -356,6 +356,79 @@ async fn retries_wait_until_due<Q: Queue>(q: &Q) {
     assert_eq!(again.job.attempts_made, 1);
 }
 
+/// A job back in wait (a retry fallen due, a dead letter retried) is aged
+/// from when it came back, not from its creation, on both backends (Redis
+/// aged its wait list by creation: a retry after a long backoff, or last
+/// night's dead letter replayed, raised the oldest-waiting page at once).
+async fn a_job_back_in_wait_is_aged_from_when_it_came_back<Q: Queue>(q: &Q) {
+    let created = now_ms();
+    q.enqueue(ev("retried")).await.expect("enqueue");
+    let job = claim(q, 1).await.pop().expect("job");
+    let due = now_ms() + 300;
+    q.finish(
+        job,
+        attempt(1, AttemptOutcome::Retry),
+        Disposition::RetryAt {
+            due_at_ms: due,
+            reason: "503".into(),
+        },
+    )
+    .await
+    .expect("finish");
+    until_clock_passes(due).await;
+    // A claim for one with two due: the retry goes back to wait beside a
+    // new event, and one of them is taken (Redis takes the new one).
+    q.enqueue(ev("fresh")).await.expect("enqueue");
+    let mut taken = claim(q, 1).await;
+    let c = q.counts_for(None).await.expect("counts");
+    assert_eq!(c.waiting, 1, "{c:?}");
+    let since = c.oldest_waiting_ms.expect("one waits");
+    assert!(
+        since >= due,
+        "aged from {since}: created at {created}, due at {due}"
+    );
+    taken.append(&mut claim(q, 1).await);
+    let mut ids = Vec::new();
+    for job in taken {
+        ids.push(job.job.id.clone());
+        let failed = Disposition::Failed { reason: "x".into() };
+        let finished = q.finish(job, attempt(2, AttemptOutcome::Failed), failed);
+        assert!(finished.await.expect("finish"));
+    }
+    let failed_at = now_ms();
+    until_clock_passes(failed_at + 50).await;
+    let replayed = now_ms();
+    q.retry(&ids[0]).await.expect("retry");
+    let c = q.counts_for(None).await.expect("counts");
+    assert_eq!(c.waiting, 1, "{c:?}");
+    assert!(
+        c.oldest_waiting_ms >= Some(replayed),
+        "one retried: {c:?}, replayed at {replayed}"
+    );
+    assert_eq!(q.retry_all_failed_for(None).await.expect("retry all"), 1);
+    let c = q.counts_for(None).await.expect("counts");
+    assert_eq!(c.waiting, 2, "{c:?}");
+    assert!(
+        c.oldest_waiting_ms >= Some(replayed),
+        "all retried: {c:?}, replayed at {replayed}"
+    );
+}
+
+/// The jobs a claim for `n` takes.
+async fn claim<Q: Queue>(q: &Q, n: usize) -> Vec<cogrelay::queue::Leased> {
+    q.claim(n, Duration::from_secs(30))
+        .await
+        .expect("claim")
+        .jobs
+}
+
+/// Waits until the wall clock (the queues' clock here) is past `t_ms`.
+async fn until_clock_passes(t_ms: i64) {
+    while now_ms() <= t_ms {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A round of trials with room for one takes the only job due even when it
 /// was attempted before (found by the model's hardening run on Redis: the
 /// most retried job was kept for a round with room for two, and a round with
@@ -557,6 +630,7 @@ on_both_backends!(
     a_lease_lasts_what_was_asked,
     release_returns_a_job_without_counting,
     retries_wait_until_due,
+    a_job_back_in_wait_is_aged_from_when_it_came_back,
     a_trial_round_for_one_takes_a_retried_job,
     completed_jobs_are_pruned,
     state_rules_of_retry_and_remove,

@@ -131,6 +131,20 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server without closing its connections (SIGSTOP), or lets
+    /// it go on (`false`, SIGCONT): a Redis that hangs.
+    pub fn hang(&self, hung: bool) {
+        if let Some(c) = &self.child {
+            let signal = if hung { "-STOP" } else { "-CONT" };
+            let status = Command::new("kill")
+                .arg(signal)
+                .arg(c.id().to_string())
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {signal}");
+        }
+    }
+
     /// Starts it again on the same port and directory.
     pub fn restart(&mut self) {
         self.kill();

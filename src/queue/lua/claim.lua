@@ -33,10 +33,18 @@ if meta[2] then
   room = math.min(room, tonumber(meta[2]) - rcall("LLEN", KEYS[2]))
 end
 
-local due = rcall("ZRANGEBYSCORE", delayedKey, 0, (ts + 1) * 0x1000 - 1, "LIMIT", 0, 1000)
+-- A promoted job keeps when it fell due ("cg:due", from its score: due <<
+-- 12 | n): in wait it is aged from then, not from its creation.
+local due = rcall("ZRANGEBYSCORE", delayedKey, 0, (ts + 1) * 0x1000 - 1, "WITHSCORES",
+  "LIMIT", 0, 1000)
 if #due > 0 then
-  rcall("ZREM", delayedKey, unpack(due))
-  for _, jobId in ipairs(due) do
+  local ids = {}
+  for i = 1, #due, 2 do
+    ids[#ids + 1] = due[i]
+  end
+  rcall("ZREM", delayedKey, unpack(ids))
+  for i = 1, #due, 2 do
+    local jobId = due[i]
     local jobKey = prefix .. jobId
     local priority = tonumber(rcall("HGET", jobKey, "priority")) or 0
     if priority == 0 then
@@ -46,7 +54,7 @@ if #due > 0 then
       rcall("ZADD", KEYS[3], priority * 0x100000000 + c % 0x100000000, jobId)
     end
     rcall("XADD", eventsKey, "*", "event", "waiting", "jobId", jobId, "prev", "delayed")
-    rcall("HSET", jobKey, "delay", 0)
+    rcall("HSET", jobKey, "delay", 0, "cg:due", math.floor(tonumber(due[i + 1]) / 0x1000))
   end
   if not paused and room > 0 then
     rcall("ZADD", markerKey, "0", "0")

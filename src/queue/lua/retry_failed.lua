@@ -2,14 +2,21 @@
   cogrelay: moves up to ARGV[2] failed jobs back to wait with their attempt
   counters reset, in one step per job: what a single retry does (BullMQ's
   reprocessJob with resetAttemptsMade/Started), for a batch, in the keys and
-  with the events of BullMQ's moveJobsToWait.
+  with the events of BullMQ's moveJobsToWait. A job moved keeps when
+  ("cg:due"): in wait it is aged from then, not from its creation.
     KEYS[1] failed, KEYS[2] wait, KEYS[3] meta, KEYS[4] active,
     KEYS[5] marker, KEYS[6] events
-    ARGV[1] key prefix, ARGV[2] batch size
+    ARGV[1] key prefix, ARGV[2] batch size, ARGV[3] timestamp (ms),
+    ARGV[4] (optional) the one job to move, if it is failed
   Returns how many jobs were moved (fewer than the batch size: none left).
 ]]
 local rcall = redis.call
-local jobs = rcall("ZRANGE", KEYS[1], 0, tonumber(ARGV[2]) - 1)
+local jobs
+if ARGV[4] then
+  jobs = rcall("ZSCORE", KEYS[1], ARGV[4]) and { ARGV[4] } or {}
+else
+  jobs = rcall("ZRANGE", KEYS[1], 0, tonumber(ARGV[2]) - 1)
+end
 if #jobs == 0 then
   return 0
 end
@@ -17,7 +24,7 @@ local maxEvents = rcall("HGET", KEYS[3], "opts.maxLenEvents") or 10000
 for _, jobId in ipairs(jobs) do
   local jobKey = ARGV[1] .. jobId
   rcall("HDEL", jobKey, "finishedOn", "processedOn", "failedReason")
-  rcall("HSET", jobKey, "atm", 0, "ats", 0)
+  rcall("HSET", jobKey, "atm", 0, "ats", 0, "cg:due", ARGV[3])
   rcall("XADD", KEYS[6], "MAXLEN", "~", maxEvents, "*", "event", "waiting",
     "jobId", jobId, "prev", "failed")
 end

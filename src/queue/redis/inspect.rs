@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use super::{
-    bounded, bull, Attempt, BullQueue, Counts, JobState, JobView, Page, QueueError, QueueResult,
-    Value, RETRY_BATCH,
+    bounded, Attempt, BullQueue, Counts, JobState, JobView, Page, QueueError, QueueResult, Value,
+    RETRY_BATCH,
 };
 use crate::queue::StoredJob;
 
@@ -195,8 +195,10 @@ impl BullQueue {
         })
     }
 
-    /// Since when the longest-waiting job waits: the creation time of the one
-    /// in wait BullMQ takes next (the list's tail), or of one of an ordered
+    /// Since when the longest-waiting job waits: for the one in wait BullMQ
+    /// takes next (the list's tail), its creation or, if later, when it came
+    /// back to wait (`cg:due`: a retry fell due, a dead letter was
+    /// retried), as the embedded store ages it; or the creation of one of an ordered
     /// key parked behind its key's first (`waiting-children`, scored by
     /// creation time); or the due time of a delayed job whose time has come
     /// (which an open circuit leaves there: counted as waiting, see
@@ -224,8 +226,15 @@ impl BullQueue {
             .filter(|&due| due <= now);
         let waiting = match id {
             Some(id) => {
-                self.raw::<Option<i64>>(redis::cmd("HGET").arg(self.hot.key(&id)).arg("timestamp"))
-                    .await?
+                let (created, due): (Option<i64>, Option<i64>) = self
+                    .raw(
+                        redis::cmd("HMGET")
+                            .arg(self.hot.key(&id))
+                            .arg("timestamp")
+                            .arg("cg:due"),
+                    )
+                    .await?;
+                created.max(due)
             }
             None => None,
         };
@@ -313,16 +322,17 @@ impl BullQueue {
             .ok_or_else(|| QueueError::NotFound(id.to_string()))
     }
 
+    /// What BullMQ's retry of a failed job does (reprocessJob, attempts
+    /// reset), by `lua/retry_failed.lua`, which also keeps when the job went
+    /// back to wait (its age there).
     pub(super) async fn retry(&self, id: &str) -> QueueResult<()> {
         self.state_of(id).await?.check_retry(id)?;
-        let mut job = bounded(self.port().await?.get_job(id))
-            .await?
-            .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
-        let opts = bull::RetryOptions {
-            reset_attempts_made: true,
-            reset_attempts_started: true,
-        };
-        bounded(job.retry("failed", Some(opts))).await
+        if self.move_failed(Some(id)).await? == 1 {
+            return Ok(());
+        }
+        // No longer failed since the state was read: why not.
+        self.state_of(id).await?.check_retry(id)?;
+        Err(QueueError::NotFound(id.to_string()))
     }
 
     pub(super) async fn retry_all_failed(&self) -> QueueResult<u64> {
@@ -330,17 +340,26 @@ impl BullQueue {
         // job moved has its attempts reset and the count is what moved.
         let mut moved = 0;
         loop {
-            let mut call = self.hot.prepare(
-                &self.hot.retry_failed,
-                &["failed", "wait", "meta", "active", "marker", "events"],
-            );
-            call.arg(RETRY_BATCH);
-            let n: u64 = self.hot.invoke(&call).await?;
+            let n = self.move_failed(None).await?;
             moved += n;
             if n < RETRY_BATCH {
                 return Ok(moved);
             }
         }
+    }
+
+    /// Moves failed jobs back to wait: `only` that one, else a batch of
+    /// [`RETRY_BATCH`]; how many moved.
+    async fn move_failed(&self, only: Option<&str>) -> QueueResult<u64> {
+        let mut call = self.hot.prepare(
+            &self.hot.retry_failed,
+            &["failed", "wait", "meta", "active", "marker", "events"],
+        );
+        call.arg(RETRY_BATCH).arg(self.hot.clock.now_ms());
+        if let Some(id) = only {
+            call.arg(id);
+        }
+        self.hot.invoke(&call).await
     }
 
     /// BullMQ's remove, done by `lua/remove.lua`, which also lets an

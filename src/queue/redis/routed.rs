@@ -267,6 +267,32 @@ impl RedisQueues {
         self.all().await
     }
 
+    /// The registered queues [`Self::every`] leaves out now: not opened, and
+    /// could not be within [`OPEN_AGAIN_AFTER`].
+    fn left_out(&self) -> Vec<DestinationName> {
+        let failed = self.failed_opens.lock().unwrap_or_else(|p| p.into_inner());
+        failed
+            .iter()
+            .filter(|(name, at)| at.elapsed() < OPEN_AGAIN_AFTER && self.opened(name).is_none())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Why an operator's look at every queue is not whole: the queues
+    /// [`Self::left_out`] (`what` is what was done without them), if any.
+    fn unless_whole(&self, what: impl FnOnce() -> String) -> QueueResult<()> {
+        let left_out = self.left_out();
+        if left_out.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = left_out.iter().map(DestinationName::as_str).collect();
+        Err(QueueError::Unavailable(format!(
+            "{}; the queue of {} could not be opened (the relay's WARN lines say why) and is tried again within a minute",
+            what(),
+            names.join(", ")
+        )))
+    }
+
     /// Whether `name` could not be opened within [`OPEN_AGAIN_AFTER`].
     fn failed_lately(&self, name: &DestinationName) -> bool {
         self.failed_opens
@@ -293,6 +319,8 @@ impl RedisQueues {
                 Err(e) => return Err(e),
             }
         }
+        // Not found where it looked: a 404 only if it looked everywhere.
+        self.unless_whole(|| format!("job {id} is in none of the queues this relay has open"))?;
         Err(QueueError::NotFound(id.to_string()))
     }
 }
@@ -356,23 +384,14 @@ async fn add_routed(
         .collect())
 }
 
-impl Queue for RedisQueues {
-    async fn store(
+impl RedisQueues {
+    /// `store` through the routed script (see [`Queue::store`]).
+    async fn store_routed(
         &self,
         event: Event,
         routes: Vec<Recipient>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
-        // One relay, one unordered `default` destination: its own queue's
-        // add, as before destinations.
-        if let [only] = routes.as_slice() {
-            if only.destination.is_default()
-                && only.order.is_none()
-                && !self.has_others.load(std::sync::atomic::Ordering::Acquire)
-            {
-                return self.base.store(event, lease).await;
-            }
-        }
         let mut targets = Vec::with_capacity(routes.len());
         for to in routes {
             let q = self.queue(&to.destination).await?;
@@ -431,7 +450,30 @@ impl Queue for RedisQueues {
             }
         })
     }
+}
 
+impl Queue for RedisQueues {
+    async fn store(
+        &self,
+        event: Event,
+        routes: Vec<Recipient>,
+        lease: Option<Duration>,
+    ) -> QueueResult<(Routed, Vec<Leased>)> {
+        // One relay, one unordered `default` destination: its own queue's
+        // add, as before destinations.
+        if let [only] = routes.as_slice() {
+            if only.destination.is_default()
+                && only.order.is_none()
+                && !self.has_others.load(std::sync::atomic::Ordering::Acquire)
+            {
+                return self.base.store(event, lease).await;
+            }
+        }
+        // Behind the same breaker as `default`'s own add: one Redis.
+        self.base
+            .guarded(self.store_routed(event, routes, lease))
+            .await
+    }
     async fn claim_for(
         &self,
         destination: &DestinationName,
@@ -588,6 +630,7 @@ impl Queue for RedisQueues {
         for q in self.every().await {
             n += q.retry_all_failed().await?;
         }
+        self.unless_whole(|| format!("{n} failed jobs went back to waiting"))?;
         Ok(n)
     }
 

@@ -281,13 +281,23 @@ impl BullQueue {
         destination: &str,
         lock: Option<(String, u64)>,
     ) -> QueueResult<Added> {
+        self.guarded(self.enqueue_now(event, destination, lock))
+            .await
+    }
+
+    /// An ingest's write `op` behind the circuit breaker (see `down_until`):
+    /// while it is open, Unavailable at once.
+    pub(super) async fn guarded<T>(
+        &self,
+        op: impl std::future::Future<Output = QueueResult<T>>,
+    ) -> QueueResult<T> {
         {
             let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
             if down.is_some_and(|t| std::time::Instant::now() < t) {
                 return Err(unavailable("unreachable (will retry shortly)"));
             }
         }
-        let res = self.enqueue_now(event, destination, lock).await;
+        let res = op.await;
         let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
         *down = match &res {
             Err(QueueError::Unavailable(_)) => Some(std::time::Instant::now() + BREAKER_OPEN),
