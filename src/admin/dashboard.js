@@ -88,16 +88,16 @@ function drawDestinations(list, pts) {
       ? d.circuit + ', next trial ' + new Date(d.next_probe_at).toLocaleTimeString()
       : d.circuit || '-';
     cell(tr, circuit, 'circuit circuit-' + (d.circuit || 'none'));
-    cell(tr, d.paused ? 'yes' : 'no', 'paused');
+    cell(tr, d.paused == null ? '?' : d.paused ? 'yes' : 'no', 'paused');
     // An ordered destination's held keys (on_failure = "hold"): how many,
     // and each key with its blocking job and since when, on hover.
     const held = d.held_keys || [];
     const heldCell = cell(tr, d.ordering === 'session' || held.length ? String(held.length) : '-', 'held');
     heldCell.title = held.map((h) => h.key + ': job ' + h.jobId + ' since '
       + new Date(h.sinceMs).toLocaleTimeString()).join('\n');
-    cell(tr, String(d.counts.waiting));
-    cell(tr, String(d.counts.delayed));
-    cell(tr, String(d.counts.failed));
+    // A destination whose queue cannot be read now: why, on hover.
+    if (d.error) tr.title = d.error;
+    for (const k of ['waiting', 'delayed', 'failed']) cell(tr, d.counts ? String(d.counts[k]) : '?');
     cell(tr, String(pts.reduce((n, p) => n + (p.byDestination[d.name] || 0), 0)));
     const actions = cell(tr, '', 'actions');
     const path = '/admin/destinations/' + encodeURIComponent(d.name);

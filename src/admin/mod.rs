@@ -397,7 +397,11 @@ async fn retry_all(State(s): State<Arc<Admin>>, Query(q): Query<RetryAllQuery>) 
             s.board.wake(destination.as_ref());
             Json(json!({ "retried": n })).into_response()
         }
-        Err(e) => queue_error(e),
+        Err(e) => {
+            // Some may have moved (a queue left out, a store error midway).
+            s.board.wake(destination.as_ref());
+            queue_error(e)
+        }
     }
 }
 
@@ -441,10 +445,17 @@ async fn known_destination(s: &Admin, name: &DestinationName) -> Result<(), Resp
 async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
     let (destinations, gone) = s.names_shown();
     let mut out = Vec::with_capacity(destinations.list.len());
+    // One whose queue cannot be read now (on Redis, a queue that cannot be
+    // opened) is shown with why; the list fails only if none can be read.
+    let mut unread = None;
     for d in &destinations.list {
-        let (counts, paused, held_keys) = match s.queue.destination_state(&d.name).await {
-            Ok(state) => state,
-            Err(e) => return queue_error(e),
+        let (counts, paused, held_keys, error) = match s.queue.destination_state(&d.name).await {
+            Ok((counts, paused, held)) => (json!(counts), json!(paused), json!(held), None),
+            Err(e) => {
+                let why = e.to_string();
+                unread.get_or_insert(e);
+                (Value::Null, Value::Null, json!([]), Some(why))
+            }
         };
         let mut entry = json!({
             "name": d.name,
@@ -462,7 +473,13 @@ async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
         if let Some(at) = s.metrics.next_trial_at(&d.name) {
             entry["next_probe_at"] = json!(crate::time::rfc3339(at));
         }
+        if let Some(why) = error {
+            entry["error"] = json!(why);
+        }
         out.push(entry);
+    }
+    if let Some(e) = unread.filter(|_| out.iter().all(|d| d.get("error").is_some())) {
+        return queue_error(e);
     }
     // One that cannot be read (unknown to a Redis registry, a blip) is left
     // out, not the whole list.

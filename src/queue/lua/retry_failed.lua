@@ -8,7 +8,9 @@
     KEYS[5] marker, KEYS[6] events
     ARGV[1] key prefix, ARGV[2] batch size, ARGV[3] timestamp (ms),
     ARGV[4] (optional) the one job to move, if it is failed
-  Returns how many jobs were moved (fewer than the batch size: none left).
+  An id whose hash is gone (a tool deleted it) leaves the set, not moved.
+  Returns {taken, moved}: the ids taken off the set (fewer than the batch
+  size: none left) and how many of them went back to wait.
 ]]
 local rcall = redis.call
 local jobs
@@ -18,21 +20,28 @@ else
   jobs = rcall("ZRANGE", KEYS[1], 0, tonumber(ARGV[2]) - 1)
 end
 if #jobs == 0 then
-  return 0
+  return { 0, 0 }
 end
 local maxEvents = rcall("HGET", KEYS[3], "opts.maxLenEvents") or 10000
+local moved = {}
 for _, jobId in ipairs(jobs) do
   local jobKey = ARGV[1] .. jobId
-  rcall("HDEL", jobKey, "finishedOn", "processedOn", "failedReason")
-  rcall("HSET", jobKey, "atm", 0, "ats", 0, "cg:due", ARGV[3])
-  rcall("XADD", KEYS[6], "MAXLEN", "~", maxEvents, "*", "event", "waiting",
-    "jobId", jobId, "prev", "failed")
+  if rcall("EXISTS", jobKey) == 1 then
+    rcall("HDEL", jobKey, "finishedOn", "processedOn", "failedReason")
+    rcall("HSET", jobKey, "atm", 0, "ats", 0, "cg:due", ARGV[3])
+    rcall("XADD", KEYS[6], "MAXLEN", "~", maxEvents, "*", "event", "waiting",
+      "jobId", jobId, "prev", "failed")
+    moved[#moved + 1] = jobId
+  end
 end
 rcall("ZREM", KEYS[1], unpack(jobs))
-rcall("LPUSH", KEYS[2], unpack(jobs))
+if #moved == 0 then
+  return { #jobs, 0 }
+end
+rcall("LPUSH", KEYS[2], unpack(moved))
 local meta = rcall("HMGET", KEYS[3], "paused", "concurrency")
 local maxed = meta[2] and rcall("LLEN", KEYS[4]) >= tonumber(meta[2])
 if not meta[1] and not maxed then
   rcall("ZADD", KEYS[5], 0, "0")
 end
-return #jobs
+return { #jobs, #moved }

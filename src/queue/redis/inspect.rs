@@ -327,7 +327,7 @@ impl BullQueue {
     /// back to wait (its age there).
     pub(super) async fn retry(&self, id: &str) -> QueueResult<()> {
         self.state_of(id).await?.check_retry(id)?;
-        if self.move_failed(Some(id)).await? == 1 {
+        if self.move_failed(Some(id)).await?.1 == 1 {
             return Ok(());
         }
         // No longer failed since the state was read: why not.
@@ -340,17 +340,18 @@ impl BullQueue {
         // job moved has its attempts reset and the count is what moved.
         let mut moved = 0;
         loop {
-            let n = self.move_failed(None).await?;
+            let (taken, n) = self.move_failed(None).await?;
             moved += n;
-            if n < RETRY_BATCH {
+            if taken < RETRY_BATCH {
                 return Ok(moved);
             }
         }
     }
 
     /// Moves failed jobs back to wait: `only` that one, else a batch of
-    /// [`RETRY_BATCH`]; how many moved.
-    async fn move_failed(&self, only: Option<&str>) -> QueueResult<u64> {
+    /// [`RETRY_BATCH`]; how many were taken off the failed set, and how
+    /// many of them moved (not those whose hash a tool deleted).
+    async fn move_failed(&self, only: Option<&str>) -> QueueResult<(u64, u64)> {
         let mut call = self.hot.prepare(
             &self.hot.retry_failed,
             &["failed", "wait", "meta", "active", "marker", "events"],

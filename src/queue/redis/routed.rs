@@ -400,16 +400,18 @@ impl RedisQueues {
         let (dedup_id, data, opts) = self.base.job_fields(&event, None)?;
         let token = lease.map(|_| self.base.hot.token());
         let lock = token.clone().zip(lease.map(|l| l.as_millis() as u64));
+        // Behind the breaker of `default`'s own add (one Redis); a queue that
+        // could not be opened above is that destination's trouble alone.
         let added = self
-            .adds
-            .call(RoutedJob {
+            .base
+            .guarded(self.adds.call(RoutedJob {
                 dedup_id,
                 data,
                 opts,
                 lock,
                 sharer: super::scripts::sharer(&event),
                 targets,
-            })
+            }))
             .await?;
         Ok(match added {
             RoutedAdded::Duplicate(jobs) => (
@@ -469,10 +471,7 @@ impl Queue for RedisQueues {
                 return self.base.store(event, lease).await;
             }
         }
-        // Behind the same breaker as `default`'s own add: one Redis.
-        self.base
-            .guarded(self.store_routed(event, routes, lease))
-            .await
+        self.store_routed(event, routes, lease).await
     }
     async fn claim_for(
         &self,
