@@ -92,7 +92,8 @@ function drawDestinations(list, pts) {
     // An ordered destination's held keys (on_failure = "hold"): how many,
     // and each key with its blocking job and since when, on hover.
     const held = d.held_keys || [];
-    const heldCell = cell(tr, d.ordering === 'session' || held.length ? String(held.length) : '-', 'held');
+    const heldText = d.error ? '?' : d.ordering === 'session' || held.length ? String(held.length) : '-';
+    const heldCell = cell(tr, heldText, 'held');
     heldCell.title = held.map((h) => h.key + ': job ' + h.jobId + ' since '
       + new Date(h.sinceMs).toLocaleTimeString()).join('\n');
     // A destination whose queue cannot be read now: why, on hover.
@@ -102,7 +103,8 @@ function drawDestinations(list, pts) {
     const actions = cell(tr, '', 'actions');
     const path = '/admin/destinations/' + encodeURIComponent(d.name);
     // A destination the file no longer gives: Resume only, when paused.
-    if (d.configured !== false || d.paused) {
+    // One whose state cannot be read now (d.error): neither, paused or not.
+    if ((d.configured !== false || d.paused) && d.paused != null) {
       actions.appendChild(d.paused
         ? button('Resume', 'resume', () => act(path + '/resume', 'POST'))
         : button('Pause', 'pause', () => act(path + '/pause', 'POST')));

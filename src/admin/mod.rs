@@ -444,17 +444,32 @@ async fn known_destination(s: &Admin, name: &DestinationName) -> Result<(), Resp
 /// keys it holds (`{key, jobId, sinceMs}`, oldest first).
 async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
     let (destinations, gone) = s.names_shown();
+    // Every destination's state read at once: a Redis that does not answer
+    // costs the list one bound (2 s), not one per destination.
+    let mut reads = tokio::task::JoinSet::new();
+    for (i, d) in destinations.list.iter().enumerate() {
+        let (queue, name) = (s.queue.clone(), d.name.clone());
+        reads.spawn(async move { (i, queue.destination_state(&name).await) });
+    }
+    let mut states: Vec<Option<crate::queue::QueueResult<_>>> =
+        destinations.list.iter().map(|_| None).collect();
+    while let Some(read) = reads.join_next().await {
+        if let Ok((i, state)) = read {
+            states[i] = Some(state);
+        }
+    }
     let mut out = Vec::with_capacity(destinations.list.len());
     // One whose queue cannot be read now (on Redis, a queue that cannot be
     // opened) is shown with why; the list fails only if none can be read.
-    let mut unread = None;
-    for d in &destinations.list {
-        let (counts, paused, held_keys, error) = match s.queue.destination_state(&d.name).await {
+    let mut unread: Option<String> = None;
+    for (d, state) in destinations.list.iter().zip(states) {
+        let state = state.unwrap_or_else(|| Err(QueueError::Unavailable("not read".into())));
+        let (counts, paused, held_keys, error) = match state {
             Ok((counts, paused, held)) => (json!(counts), json!(paused), json!(held), None),
             Err(e) => {
                 let why = e.to_string();
-                unread.get_or_insert(e);
-                (Value::Null, Value::Null, json!([]), Some(why))
+                unread.get_or_insert_with(|| why.clone());
+                (Value::Null, Value::Null, Value::Null, Some(why))
             }
         };
         let mut entry = json!({
@@ -478,8 +493,8 @@ async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
         }
         out.push(entry);
     }
-    if let Some(e) = unread.filter(|_| out.iter().all(|d| d.get("error").is_some())) {
-        return queue_error(e);
+    if let Some(why) = unread.filter(|_| out.iter().all(|d| d.get("error").is_some())) {
+        return err(StatusCode::SERVICE_UNAVAILABLE, &why);
     }
     // One that cannot be read (unknown to a Redis registry, a blip) is left
     // out, not the whole list.

@@ -1302,49 +1302,114 @@ async fn a_queue_a_relay_cannot_open_is_named_not_taken_for_empty() {
 }
 
 /// A relay with a destinations file (its adds go through the routed script)
-/// answers a hung Redis as one with only `default` does: an ingest waits
-/// out the 2 s bound, and for half a second after it the next ones get their
-/// 503 at once (they each waited 2 s). Posted one after another, at least
-/// every other one is answered at once (none were); the bound checked is
-/// the timeout's half, not a speed.
+/// answers a hung Redis as one with only `default` does (they each waited
+/// the 2 s bound, one after another):
+/// * an add queued behind the hung one fails with it, not a bound later;
+/// * after that, for half a second, the next get their 503 at once: posted
+///   one after another, at least every other one;
+/// * so do the events of a destination a reload adds meanwhile, whose queue
+///   cannot be opened (they waited on each try to open it).
+///
+/// The bounds checked are the timeout's half or more, not a speed.
 #[tokio::test]
 async fn a_hung_redis_gets_a_fast_503_with_a_destinations_file_too() {
     let Some(redis) = crate::redis_server::RedisServer::start(false) else {
         return;
     };
     let sink = Sink::start().await.expect("sink");
-    let file = format!(
-        "[[destination]]\nname = \"crm\"\nurl = \"{0}\"\n[[destination]]\nname = \"ops\"\nurl = \"{0}\"\n",
-        sink.url()
-    );
-    let mut apps = relays_on_redis(1, &redis, &sink, &file).await;
-    let app = &apps[0].0;
-    let reply = app.post_event(&event("bot", "before")).await;
+    let crm = bot_destination("crm", "bot-a", &sink);
+    let (mut app, file, _tmp) = redis_relay_with_file(&redis, &sink, &crm).await;
+    let reply = app.post_event(&event("bot-a", "before")).await;
     assert_eq!(reply.status, 200, "{}", reply.json);
     redis.hang(true);
-    let mut at_once = 0;
-    for i in 0..6 {
-        let asked = std::time::Instant::now();
-        let reply = app.post_event(&event("bot", &format!("hung-{i}"))).await;
-        assert_eq!(reply.status, 503, "{}", reply.json);
-        if asked.elapsed() < Duration::from_secs(1) {
-            at_once += 1;
+    let first = {
+        let poster = app.poster();
+        tokio::spawn(async move { poster.post(&event("bot-a", "hung-first")).await })
+    };
+    // Until the first add is on the wire (it takes the 2 s bound), then one
+    // more, which waits behind it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = std::time::Instant::now();
+    let queued = app.post_event(&event("bot-a", "hung-queued")).await;
+    let queued_took = asked.elapsed();
+    assert_eq!((queued.status, first.await.expect("first")), (503, 503));
+    assert!(
+        queued_took < Duration::from_millis(2900),
+        "the queued add waited {queued_took:?}: a bound after the first"
+    );
+    let at_once = |label: &'static str, bot: &'static str| {
+        let app = &app;
+        async move {
+            let mut fast = 0;
+            for i in 0..6 {
+                let asked = std::time::Instant::now();
+                let reply = app.post_event(&event(bot, &format!("{label}-{i}"))).await;
+                assert_eq!(reply.status, 503, "{}", reply.json);
+                if asked.elapsed() < Duration::from_secs(1) {
+                    fast += 1;
+                }
+            }
+            fast
         }
+    };
+    let fast = at_once("hung", "bot-a").await;
+    assert!(fast >= 2, "{fast} of 6 answered before the 2 s bound");
+    let ops = format!("{crm}{}", bot_destination("ops", "bot-b", &sink));
+    std::fs::write(&file, ops).expect("write");
+    app.reload.send(()).await.expect("reload");
+    // Unrouted until the reload applies, then refused.
+    let deadline = std::time::Instant::now() + WAIT;
+    for i in 0.. {
+        let reply = app
+            .post_event(&event("bot-b", &format!("routed-{i}")))
+            .await;
+        if reply.status == 503 {
+            break;
+        }
+        assert_eq!(reply.json["status"], "unrouted", "{}", reply.json);
+        assert!(std::time::Instant::now() < deadline, "never routed to ops");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let fast = at_once("new", "bot-b").await;
+    // No destination's state can be read: the list says so as a whole.
+    let shown = app.admin_get("/admin/destinations").await;
     redis.hang(false);
-    assert!(at_once >= 2, "{at_once} of 6 answered before the 2 s bound");
+    assert_eq!(shown.status, 503, "{}", shown.json);
+    assert!(fast >= 2, "{fast} of 6 for the new destination at once");
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let reply = app.post_event(&event("bot", "after")).await;
+        let reply = app.post_event(&event("bot-b", "after")).await;
         if reply.status == 200 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{}", reply.json);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for (mut app, _tmp) in apps.drain(..) {
-        app.stop().await.expect("clean stop");
-    }
+    app.stop().await.expect("clean stop");
+}
+
+/// A destination `name` at the sink for the events of `bot`.
+fn bot_destination(name: &str, bot: &str, sink: &Sink) -> String {
+    format!(
+        "[[destination]]\nname = \"{name}\"\nurl = \"{}\"\nbots = [\"{bot}\"]\n",
+        sink.url()
+    )
+}
+
+/// A relay on `redis` with the destinations file `text`, written where a
+/// reload reads it again: the relay, the file's path, and the directory.
+async fn redis_relay_with_file(
+    redis: &crate::redis_server::RedisServer,
+    sink: &Sink,
+    text: &str,
+) -> (TestApp, std::path::PathBuf, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut cfg = test_config(sink, tmp.path().join("data"));
+    cfg.store.kind = cogrelay::config::QueueKind::Redis;
+    cfg.store.redis_url = cogrelay::secret::Secret::new(redis.url());
+    let file = tmp.path().join("destinations.toml");
+    use_file(&mut cfg, &file, text);
+    (start(cfg, sink.clone()).await, file, tmp)
 }
 
 /// On Redis, a destination whose queue cannot be opened (the file gained it
@@ -1356,27 +1421,15 @@ async fn a_destination_whose_queue_cannot_open_refuses_only_its_own_events() {
         return;
     };
     let sink = Sink::start().await.expect("sink");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let mut cfg = test_config(&sink, tmp.path().join("data"));
-    cfg.store.kind = cogrelay::config::QueueKind::Redis;
-    cfg.store.redis_url = cogrelay::secret::Secret::new(redis.url());
-    let file = tmp.path().join("destinations.toml");
-    let crm = format!(
-        "[[destination]]\nname = \"crm\"\nurl = \"{}\"\nbots = [\"bot-a\"]\n",
-        sink.url()
-    );
-    use_file(&mut cfg, &file, &crm);
-    let mut app = start(cfg, sink.clone()).await;
+    let crm = bot_destination("crm", "bot-a", &sink);
+    let (mut app, file, _tmp) = redis_relay_with_file(&redis, &sink, &crm).await;
     let mut conn = redis::Client::open(redis.url())
         .expect("client")
         .get_multiplexed_async_connection()
         .await
         .expect("conn");
     max_clients(&mut conn, None).await;
-    let ops = format!(
-        "{crm}[[destination]]\nname = \"ops\"\nurl = \"{}\"\nbots = [\"bot-b\"]\n",
-        sink.url()
-    );
+    let ops = format!("{crm}{}", bot_destination("ops", "bot-b", &sink));
     std::fs::write(&file, ops).expect("write");
     app.reload.send(()).await.expect("reload");
     // Unrouted until the reload applies, then refused: ops's queue.
@@ -1415,6 +1468,11 @@ async fn a_destination_whose_queue_cannot_open_refuses_only_its_own_events() {
             .as_str()
             .is_some_and(|e| e.contains("queue unavailable")),
         "{}",
+        shown.json
+    );
+    assert!(
+        row("ops")["counts"].is_null() && row("ops")["held_keys"].is_null(),
+        "unknown, not zero: {}",
         shown.json
     );
     assert!(sink.wait_for(1, WAIT).await, "crm delivered");

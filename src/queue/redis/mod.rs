@@ -52,7 +52,7 @@
 //! Redis is back (the connection manager reconnects).
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bullmq as bull;
@@ -111,10 +111,6 @@ pub(crate) struct BullQueue {
     opts: RedisOptions,
     /// The relay's upkeep of the queue (see `upkeep`): none for a tool.
     maintenance: Option<tokio::task::JoinHandle<()>>,
-    /// Circuit breaker of the ingress path: after a Redis failure, `store`
-    /// answers Unavailable at once until then (a fast 503 rather than one
-    /// timeout per request), and then tries Redis again.
-    down_until: Mutex<Option<std::time::Instant>>,
     /// What `INFO` said at start-up (see [`durability`]).
     risks: Vec<(&'static str, bool)>,
 }
@@ -264,12 +260,18 @@ impl BullQueue {
                 include_str!("../lua/order.lua"),
                 include_str!("../lua/remove.lua")
             )),
+            breaker: Breaker::default(),
         });
         let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
         let h = hot.clone();
         let adds = Batcher::spawn(MAX_BATCH, move |jobs| {
             let h = h.clone();
-            async move { h.add(jobs, ttl_ms).await }
+            async move {
+                h.breaker.check()?;
+                let added = h.add(jobs, ttl_ms).await;
+                h.breaker.record(&added);
+                added
+            }
         });
         let h = hot.clone();
         let finishes = Batcher::spawn(MAX_BATCH, move |jobs| {
@@ -293,7 +295,6 @@ impl BullQueue {
             adds,
             finishes,
             opts,
-            down_until: Mutex::new(None),
         })
     }
 

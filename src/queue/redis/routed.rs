@@ -73,8 +73,10 @@ pub struct RedisQueues {
     has_others: std::sync::atomic::AtomicBool,
     /// Held while a queue is being opened, so that it is opened once.
     opening: tokio::sync::Mutex<()>,
-    /// Registered queues [`RedisQueues::every`] could not open, and when: not
-    /// tried again for [`OPEN_AGAIN_AFTER`] (each try holds `opening`).
+    /// Queues that could not be opened, and when: a registered one is not
+    /// tried again by [`RedisQueues::every`] for [`OPEN_AGAIN_AFTER`] (each
+    /// try holds `opening`), a destination of this relay's file not for
+    /// [`REFUSE_AFTER_FAILED_OPEN`].
     failed_opens: std::sync::Mutex<BTreeMap<DestinationName, std::time::Instant>>,
     adds: Batcher<RoutedJob, RoutedAdded>,
 }
@@ -82,6 +84,12 @@ pub struct RedisQueues {
 /// How long a registered queue that could not be opened is left out of a
 /// look at the whole queue before it is tried again.
 const OPEN_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
+/// How long a relay's own destination whose queue could not be opened is
+/// refused at once (its events 503, its pool's claims): the 2 s bound of a
+/// try and the second a pool waits between two, so that while Redis hangs
+/// no event waits on a try.
+const REFUSE_AFTER_FAILED_OPEN: Duration = Duration::from_secs(3);
 
 impl std::fmt::Debug for RedisQueues {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -120,7 +128,12 @@ impl RedisQueues {
         let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
         let adds = Batcher::spawn(MAX_BATCH, move |jobs: Vec<RoutedJob>| {
             let (hot, script) = (hot.clone(), script.clone());
-            async move { add_routed(&hot, &script, jobs, ttl_ms).await }
+            async move {
+                hot.breaker.check()?;
+                let added = add_routed(&hot, &script, jobs, ttl_ms).await;
+                hot.breaker.record(&added);
+                added
+            }
         });
         let queues = Self {
             opts,
@@ -163,7 +176,24 @@ impl RedisQueues {
         if let Some(q) = self.opened(destination) {
             return Ok(q);
         }
+        self.refuse_if_failed(destination)?;
         self.open(destination, true).await
+    }
+
+    /// Unavailable at once while `destination`'s queue could not be opened
+    /// within [`REFUSE_AFTER_FAILED_OPEN`]: its events, and its pool's claims,
+    /// do not each wait on another try (the others' go on).
+    fn refuse_if_failed(&self, destination: &DestinationName) -> QueueResult<()> {
+        let failed = self.failed_opens.lock().unwrap_or_else(|p| p.into_inner());
+        if failed
+            .get(destination)
+            .is_some_and(|at| at.elapsed() < REFUSE_AFTER_FAILED_OPEN)
+        {
+            return Err(QueueError::Unavailable(format!(
+                "the queue of destination {destination} could not be opened just now; it is tried again shortly"
+            )));
+        }
+        Ok(())
     }
 
     /// `destination`'s queue for an operator: one the registry holds, else
@@ -199,6 +229,27 @@ impl RedisQueues {
         if let Some(q) = self.opened(destination) {
             return Ok(q);
         }
+        if register {
+            // Waited behind a try that failed.
+            self.refuse_if_failed(destination)?;
+        }
+        let opened = self.connect_queue(destination, register).await;
+        if opened.is_err() {
+            // Noted before the lock is let go, for those waiting on it.
+            self.failed_opens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(destination.clone(), std::time::Instant::now());
+        }
+        opened
+    }
+
+    /// What [`Self::open`] does under its lock.
+    async fn connect_queue(
+        &self,
+        destination: &DestinationName,
+        register: bool,
+    ) -> QueueResult<Arc<BullQueue>> {
         if register {
             let _: i64 = self
                 .base
@@ -258,10 +309,6 @@ impl RedisQueues {
             }
             if let Err(e) = self.open(&name, false).await {
                 tracing::warn!(destination = %name, error = %e, "cannot open a destination's queue that another relay registered: left out of the looks at the whole queue for a minute");
-                self.failed_opens
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name, std::time::Instant::now());
             }
         }
         self.all().await
@@ -392,6 +439,8 @@ impl RedisQueues {
         routes: Vec<Recipient>,
         lease: Option<Duration>,
     ) -> QueueResult<(Routed, Vec<Leased>)> {
+        // Redis failing: at once, before a queue is looked for or opened.
+        self.base.hot.breaker.check()?;
         let mut targets = Vec::with_capacity(routes.len());
         for to in routes {
             let q = self.queue(&to.destination).await?;
@@ -404,6 +453,8 @@ impl RedisQueues {
         // could not be opened above is that destination's trouble alone.
         let added = self
             .base
+            .hot
+            .breaker
             .guarded(self.adds.call(RoutedJob {
                 dedup_id,
                 data,

@@ -107,6 +107,8 @@ pub(super) struct BatchedScripts {
     pub(super) retry_failed: redis::Script,
     pub(super) stalled: redis::Script,
     pub(super) remove: redis::Script,
+    /// The adds' circuit breaker.
+    pub(super) breaker: Breaker,
 }
 
 impl BatchedScripts {
@@ -274,35 +276,65 @@ impl BullQueue {
             .await
     }
 
-    /// `enqueue_now` behind the circuit breaker (see `down_until`).
+    /// `enqueue_now` behind the circuit breaker ([`Breaker`]).
     pub(super) async fn enqueue_guarded(
         &self,
         event: &Event,
         destination: &str,
         lock: Option<(String, u64)>,
     ) -> QueueResult<Added> {
-        self.guarded(self.enqueue_now(event, destination, lock))
+        self.hot
+            .breaker
+            .guarded(self.enqueue_now(event, destination, lock))
             .await
     }
+}
 
-    /// An ingest's write `op` behind the circuit breaker (see `down_until`):
-    /// while it is open, Unavailable at once.
+/// The ingress's circuit breaker over one Redis: after an add fails for
+/// want of Redis, adds are refused at once for [`BREAKER_OPEN`] (a fast 503
+/// rather than one timeout per request), then Redis is tried again. The
+/// batches of adds look at it, and a batch's outcome sets it before the next
+/// batch goes: those queued behind a hung one fail with it, rather than
+/// each waiting out the bound in turn.
+#[derive(Default)]
+pub(super) struct Breaker(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl Breaker {
+    /// Unavailable while open.
+    pub(super) fn check(&self) -> QueueResult<()> {
+        let open = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| std::time::Instant::now() < until);
+        if open {
+            return Err(unavailable("unreachable (will retry shortly)"));
+        }
+        Ok(())
+    }
+
+    /// An add's outcome: a failure for want of Redis opens it (one open
+    /// keeps its end: refusals do not hold it open), an answer closes it.
+    pub(super) fn record<T>(&self, res: &QueueResult<T>) {
+        let mut down = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        *down = match res {
+            Err(QueueError::Unavailable(_)) => Some(
+                down.filter(|&until| now < until)
+                    .unwrap_or(now + BREAKER_OPEN),
+            ),
+            _ => None,
+        };
+    }
+
+    /// An ingest's write `op` behind it: while it is open, Unavailable at once.
     pub(super) async fn guarded<T>(
         &self,
         op: impl std::future::Future<Output = QueueResult<T>>,
     ) -> QueueResult<T> {
-        {
-            let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
-            if down.is_some_and(|t| std::time::Instant::now() < t) {
-                return Err(unavailable("unreachable (will retry shortly)"));
-            }
-        }
+        self.check()?;
         let res = op.await;
-        let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
-        *down = match &res {
-            Err(QueueError::Unavailable(_)) => Some(std::time::Instant::now() + BREAKER_OPEN),
-            _ => None,
-        };
+        self.record(&res);
         res
     }
 }
