@@ -85,10 +85,11 @@ pub struct RedisQueues {
 /// look at the whole queue before it is tried again.
 const OPEN_AGAIN_AFTER: Duration = Duration::from_secs(60);
 
-/// How long a relay's own destination whose queue could not be opened is
-/// refused at once (its events 503, its pool's claims): the 2 s bound of a
-/// try and the second a pool waits between two, so that while Redis hangs
-/// no event waits on a try.
+/// How long the events of a destination whose queue could not be opened are
+/// refused at once (503): the 2 s bound of a try and the second its pool
+/// waits between two, so that while Redis hangs its events do not each wait
+/// on a try of their own (they may still wait on a try of another queue:
+/// one opens at a time).
 const REFUSE_AFTER_FAILED_OPEN: Duration = Duration::from_secs(3);
 
 impl std::fmt::Debug for RedisQueues {
@@ -176,22 +177,22 @@ impl RedisQueues {
         if let Some(q) = self.opened(destination) {
             return Ok(q);
         }
-        self.refuse_if_failed(destination)?;
         self.open(destination, true).await
     }
 
-    /// Unavailable at once while `destination`'s queue could not be opened
-    /// within [`REFUSE_AFTER_FAILED_OPEN`]: its events, and its pool's claims,
-    /// do not each wait on another try (the others' go on).
+    /// For an event: Unavailable at once while `destination`'s queue is not
+    /// open and could not be opened within [`REFUSE_AFTER_FAILED_OPEN`], so
+    /// that its events do not each wait on another try (the others' go on).
     fn refuse_if_failed(&self, destination: &DestinationName) -> QueueResult<()> {
+        if self.opened(destination).is_some() {
+            return Ok(());
+        }
         let failed = self.failed_opens.lock().unwrap_or_else(|p| p.into_inner());
         if failed
             .get(destination)
             .is_some_and(|at| at.elapsed() < REFUSE_AFTER_FAILED_OPEN)
         {
-            return Err(QueueError::Unavailable(format!(
-                "the queue of destination {destination} could not be opened just now; it is tried again shortly"
-            )));
+            return Err(could_not_open(destination));
         }
         Ok(())
     }
@@ -225,13 +226,20 @@ impl RedisQueues {
         destination: &DestinationName,
         register: bool,
     ) -> QueueResult<Arc<BullQueue>> {
+        let asked = std::time::Instant::now();
         let _opening = self.opening.lock().await;
         if let Some(q) = self.opened(destination) {
             return Ok(q);
         }
-        if register {
-            // Waited behind a try that failed.
-            self.refuse_if_failed(destination)?;
+        // Waited behind a try of the same queue that failed: its outcome.
+        let failed_meanwhile = self
+            .failed_opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(destination)
+            .is_some_and(|&at| at >= asked);
+        if failed_meanwhile {
+            return Err(could_not_open(destination));
         }
         let opened = self.connect_queue(destination, register).await;
         if opened.is_err() {
@@ -289,9 +297,17 @@ impl RedisQueues {
     /// since this relay started opened now: an operator's look at the whole
     /// queue takes in the destinations only other relays' files give.
     /// One that cannot be opened is left out (as before it was registered),
-    /// said in a WARN line, and tried again after [`OPEN_AGAIN_AFTER`]: the
-    /// others are still shown.
+    /// said in a WARN line, and, for counts and lists, tried again after
+    /// [`OPEN_AGAIN_AFTER`]: the others are still shown.
     async fn every(&self) -> Vec<Arc<BullQueue>> {
+        self.every_but(false).await.0
+    }
+
+    /// [`Self::every`], and the registered queues it left out; `again`: those
+    /// that failed lately are tried again now (an operator's lookup by id or
+    /// retry-all, which answer 503 naming what they could not look in, and
+    /// so must not go on doing so once Redis is back).
+    async fn every_but(&self, again: bool) -> (Vec<Arc<BullQueue>>, Vec<DestinationName>) {
         let registered: Vec<String> = match self
             .base
             .raw(redis::cmd("SMEMBERS").arg(self.registry()))
@@ -303,38 +319,35 @@ impl RedisQueues {
                 Vec::new()
             }
         };
+        let mut left_out = Vec::new();
         for name in registered.iter().filter_map(|d| DestinationName::parse(d)) {
-            if name.is_default() || self.opened(&name).is_some() || self.failed_lately(&name) {
+            if name.is_default() || self.opened(&name).is_some() {
+                continue;
+            }
+            if !again && self.failed_lately(&name) {
+                left_out.push(name);
                 continue;
             }
             if let Err(e) = self.open(&name, false).await {
-                tracing::warn!(destination = %name, error = %e, "cannot open a destination's queue that another relay registered: left out of the looks at the whole queue for a minute");
+                tracing::warn!(destination = %name, error = %e, "cannot open a destination's queue that another relay registered: left out of the counts and lists for a minute");
+                left_out.push(name);
             }
         }
-        self.all().await
-    }
-
-    /// The registered queues [`Self::every`] leaves out now: not opened, and
-    /// could not be within [`OPEN_AGAIN_AFTER`].
-    fn left_out(&self) -> Vec<DestinationName> {
-        let failed = self.failed_opens.lock().unwrap_or_else(|p| p.into_inner());
-        failed
-            .iter()
-            .filter(|(name, at)| at.elapsed() < OPEN_AGAIN_AFTER && self.opened(name).is_none())
-            .map(|(name, _)| name.clone())
-            .collect()
+        (self.all().await, left_out)
     }
 
     /// Why an operator's look at every queue is not whole: the queues
-    /// [`Self::left_out`] (`what` is what was done without them), if any.
-    fn unless_whole(&self, what: impl FnOnce() -> String) -> QueueResult<()> {
-        let left_out = self.left_out();
+    /// `left_out` (`what` is what was done without them), if any.
+    fn unless_whole(
+        left_out: &[DestinationName],
+        what: impl FnOnce() -> String,
+    ) -> QueueResult<()> {
         if left_out.is_empty() {
             return Ok(());
         }
         let names: Vec<&str> = left_out.iter().map(DestinationName::as_str).collect();
         Err(QueueError::Unavailable(format!(
-            "{}; the queue of {} could not be opened (the relay's WARN lines say why) and is tried again within a minute",
+            "{}; the queue of {} could not be opened (see the relay's log) and is tried again at the next such call",
             what(),
             names.join(", ")
         )))
@@ -359,7 +372,8 @@ impl RedisQueues {
 
     /// The queue holding job `id`, if any.
     async fn holding(&self, id: &str) -> QueueResult<Arc<BullQueue>> {
-        for q in self.every().await {
+        let (queues, left_out) = self.every_but(true).await;
+        for q in queues {
             match q.get(id).await {
                 Ok(_) => return Ok(q),
                 Err(QueueError::NotFound(_)) => continue,
@@ -367,7 +381,9 @@ impl RedisQueues {
             }
         }
         // Not found where it looked: a 404 only if it looked everywhere.
-        self.unless_whole(|| format!("job {id} is in none of the queues this relay has open"))?;
+        Self::unless_whole(&left_out, || {
+            format!("job {id} is in none of the queues this relay could open")
+        })?;
         Err(QueueError::NotFound(id.to_string()))
     }
 }
@@ -442,6 +458,9 @@ impl RedisQueues {
         // Redis failing: at once, before a queue is looked for or opened.
         self.base.hot.breaker.check()?;
         let mut targets = Vec::with_capacity(routes.len());
+        for to in &routes {
+            self.refuse_if_failed(&to.destination)?;
+        }
         for to in routes {
             let q = self.queue(&to.destination).await?;
             targets.push((q.hot.prefix.clone(), to));
@@ -677,10 +696,13 @@ impl Queue for RedisQueues {
             return self.existing(d).await?.retry_all_failed().await;
         }
         let mut n = 0;
-        for q in self.every().await {
+        let (queues, left_out) = self.every_but(true).await;
+        for q in queues {
             n += q.retry_all_failed().await?;
         }
-        self.unless_whole(|| format!("{n} failed jobs went back to waiting"))?;
+        Self::unless_whole(&left_out, || {
+            format!("{n} failed jobs went back to waiting")
+        })?;
         Ok(n)
     }
 
@@ -852,6 +874,14 @@ fn by_destination(leases: Vec<LeaseRef>) -> BTreeMap<DestinationName, Vec<LeaseR
         out.entry(l.destination.clone()).or_default().push(l);
     }
     out
+}
+
+/// A queue that could not be opened, just now, for an event or a caller
+/// that waited behind that try.
+fn could_not_open(destination: &DestinationName) -> QueueError {
+    QueueError::Unavailable(format!(
+        "the queue of destination {destination} could not be opened just now; it is tried again shortly"
+    ))
 }
 
 #[cfg(test)]

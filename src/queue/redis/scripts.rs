@@ -327,15 +327,16 @@ impl Breaker {
         };
     }
 
-    /// An ingest's write `op` behind it: while it is open, Unavailable at once.
+    /// An ingest's add `op` behind it: while it is open, Unavailable at once.
+    /// Its batch records the outcome (once, in the order batches end; a
+    /// request's own late record could open it after a later batch closed
+    /// it).
     pub(super) async fn guarded<T>(
         &self,
         op: impl std::future::Future<Output = QueueResult<T>>,
     ) -> QueueResult<T> {
         self.check()?;
-        let res = op.await;
-        self.record(&res);
-        res
+        op.await
     }
 }
 
