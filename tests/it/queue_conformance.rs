@@ -312,16 +312,7 @@ async fn retries_wait_until_due<Q: Queue>(q: &Q) {
         .expect("job");
     // A second away: the reads before it fall due have time on a busy machine.
     let due = now_ms() + 1000;
-    q.finish(
-        job,
-        attempt(1, AttemptOutcome::Retry),
-        Disposition::RetryAt {
-            due_at_ms: due,
-            reason: "503".into(),
-        },
-    )
-    .await
-    .expect("finish");
+    retry_at(q, job, due).await;
     let c = q.counts_for(None).await.expect("counts");
     assert_eq!((c.delayed, c.active, c.waiting), (1, 0, 0));
     let early = q.claim(1, Duration::from_secs(30)).await.expect("claim");
@@ -365,16 +356,7 @@ async fn a_job_back_in_wait_is_aged_from_when_it_came_back<Q: Queue>(q: &Q) {
     q.enqueue(ev("retried")).await.expect("enqueue");
     let job = claim(q, 1).await.pop().expect("job");
     let due = now_ms() + 300;
-    q.finish(
-        job,
-        attempt(1, AttemptOutcome::Retry),
-        Disposition::RetryAt {
-            due_at_ms: due,
-            reason: "503".into(),
-        },
-    )
-    .await
-    .expect("finish");
+    retry_at(q, job, due).await;
     until_clock_passes(due).await;
     // A claim for one with two due: the retry goes back to wait beside a
     // new event, and one of them is taken (Redis takes the new one).
@@ -414,6 +396,16 @@ async fn a_job_back_in_wait_is_aged_from_when_it_came_back<Q: Queue>(q: &Q) {
     );
 }
 
+/// `job`'s first attempt failed (a 503): it is retried at `due_at_ms`.
+async fn retry_at<Q: Queue>(q: &Q, job: cogrelay::queue::Leased, due_at_ms: i64) {
+    let retry = Disposition::RetryAt {
+        due_at_ms,
+        reason: "503".into(),
+    };
+    let finished = q.finish(job, attempt(1, AttemptOutcome::Retry), retry);
+    assert!(finished.await.expect("finish"), "finished");
+}
+
 /// The jobs a claim for `n` takes.
 async fn claim<Q: Queue>(q: &Q, n: usize) -> Vec<cogrelay::queue::Leased> {
     q.claim(n, Duration::from_secs(30))
@@ -442,16 +434,7 @@ async fn a_trial_round_for_one_takes_a_retried_job<Q: Queue>(q: &Q) {
         .jobs
         .pop()
         .expect("job");
-    q.finish(
-        job,
-        attempt(1, AttemptOutcome::Retry),
-        Disposition::RetryAt {
-            due_at_ms: now_ms(),
-            reason: "503".into(),
-        },
-    )
-    .await
-    .expect("finish");
+    retry_at(q, job, now_ms()).await;
     let round = q
         .claim_for(
             &cogrelay::queue::DestinationName::DEFAULT,
