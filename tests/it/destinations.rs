@@ -1178,29 +1178,7 @@ async fn a_relay_shows_a_destination_only_another_relays_file_gives() {
     let Some(redis) = crate::redis_server::RedisServer::start(true) else {
         return;
     };
-    let sink = Sink::start().await.expect("sink");
-    let gone = Sink::start().await.expect("sink");
-    gone.set_default(Behaviour::status(422));
-    let crm = format!(
-        "[[destination]]\nname = \"crm\"\nurl = \"{}\"\n",
-        sink.url()
-    );
-    let mut apps = relays_on_redis(4, &redis, &sink, &crm).await;
-    let extra = format!(
-        "{crm}[[destination]]\nname = \"extra\"\nurl = \"{}\"\nattempts = 1\n",
-        gone.url()
-    );
-    apps.extend(relays_on_redis(1, &redis, &sink, &extra).await);
-    let reply = apps[4].0.post_event(&event("bot", "only-b")).await;
-    assert_eq!(reply.status, 200, "{}", reply.json);
-    let id = reply.json["jobs"]["extra"]
-        .as_str()
-        .expect("extra's job")
-        .to_string();
-    apps[4]
-        .0
-        .wait_counts(WAIT, |c| c["failed"] == 1 && c["completed"] == 1)
-        .await;
+    let (apps, id, _sinks) = dead_letter_of_extra(&redis, 4).await;
     let [counts, list, by_id, retry] = [0, 1, 2, 3].map(|i| &apps[i].0);
     counts
         .wait_counts(WAIT, |c| c["failed"] == 1 && c["completed"] == 1)
@@ -1253,23 +1231,7 @@ async fn a_queue_a_relay_cannot_open_is_named_not_taken_for_empty() {
     let Some(redis) = crate::redis_server::RedisServer::start(true) else {
         return;
     };
-    let sink = Sink::start().await.expect("sink");
-    let gone = Sink::start().await.expect("sink");
-    gone.set_default(Behaviour::status(422));
-    let crm = format!(
-        "[[destination]]\nname = \"crm\"\nurl = \"{}\"\n",
-        sink.url()
-    );
-    let mut apps = relays_on_redis(1, &redis, &sink, &crm).await;
-    let extra = format!(
-        "{crm}[[destination]]\nname = \"extra\"\nurl = \"{}\"\nattempts = 1\n",
-        gone.url()
-    );
-    apps.extend(relays_on_redis(1, &redis, &sink, &extra).await);
-    let reply = apps[1].0.post_event(&event("bot", "unopened")).await;
-    assert_eq!(reply.status, 200, "{}", reply.json);
-    let id = reply.json["jobs"]["extra"].as_str().expect("extra's job");
-    apps[1].0.wait_counts(WAIT, |c| c["failed"] == 1).await;
+    let (apps, id, _sinks) = dead_letter_of_extra(&redis, 1).await;
     // From now on Redis refuses every new connection.
     let mut conn = redis::Client::open(redis.url())
         .expect("client")
@@ -1552,6 +1514,38 @@ impl Lag {
 /// `late_ms` late (what [`Lag`] saw): one every `1000 / per_second` ms.
 fn late_starts(late_ms: u64, per_second: u64) -> usize {
     (late_ms * per_second).div_ceil(1000) as usize
+}
+
+/// `n` relays on `redis` whose file gives `crm`, then one whose file gives
+/// `extra` too, started last, and one event's job at `extra` failed (a 422):
+/// the relays (that one last), the failed job's id, and the two sinks.
+async fn dead_letter_of_extra(
+    redis: &crate::redis_server::RedisServer,
+    n: usize,
+) -> (Vec<(TestApp, tempfile::TempDir)>, String, (Sink, Sink)) {
+    let sink = Sink::start().await.expect("sink");
+    let gone = Sink::start().await.expect("sink");
+    gone.set_default(Behaviour::status(422));
+    let crm = format!(
+        "[[destination]]\nname = \"crm\"\nurl = \"{}\"\n",
+        sink.url()
+    );
+    let mut apps = relays_on_redis(n, redis, &sink, &crm).await;
+    let extra = format!(
+        "{crm}[[destination]]\nname = \"extra\"\nurl = \"{}\"\nattempts = 1\n",
+        gone.url()
+    );
+    apps.extend(relays_on_redis(1, redis, &sink, &extra).await);
+    let last = &apps[n].0;
+    let reply = last.post_event(&event("bot", "only-extra-fails")).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    let id = reply.json["jobs"]["extra"]
+        .as_str()
+        .expect("extra's job")
+        .to_string();
+    last.wait_counts(WAIT, |c| c["failed"] == 1 && c["completed"] == 1)
+        .await;
+    (apps, id, (sink, gone))
 }
 
 /// `n` relays in this process on `redis`, with the destinations `file`.
