@@ -74,8 +74,8 @@ pub struct RedisQueues {
     /// Held while a queue is being opened, so that it is opened once.
     opening: tokio::sync::Mutex<()>,
     /// Queues that could not be opened, and when: a registered one is not
-    /// tried again by [`RedisQueues::every`] for [`OPEN_AGAIN_AFTER`] (each
-    /// try holds `opening`), a destination of this relay's file not for
+    /// tried again by counts and lists for [`OPEN_AGAIN_AFTER`] (each try
+    /// holds `opening`), and a destination's events are refused at once for
     /// [`REFUSE_AFTER_FAILED_OPEN`].
     failed_opens: std::sync::Mutex<BTreeMap<DestinationName, std::time::Instant>>,
     adds: Batcher<RoutedJob, RoutedAdded>,
