@@ -1347,19 +1347,7 @@ async fn a_hung_redis_gets_a_fast_503_with_a_destinations_file_too() {
     let ops = format!("{crm}{}", bot_destination("ops", "bot-b", &sink));
     std::fs::write(&file, ops).expect("write");
     app.reload.send(()).await.expect("reload");
-    // Unrouted until the reload applies, then refused.
-    let deadline = std::time::Instant::now() + WAIT;
-    for i in 0.. {
-        let reply = app
-            .post_event(&event("bot-b", &format!("routed-{i}")))
-            .await;
-        if reply.status == 503 {
-            break;
-        }
-        assert_eq!(reply.json["status"], "unrouted", "{}", reply.json);
-        assert!(std::time::Instant::now() < deadline, "never routed to ops");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_refused_once_routed(&app, "bot-b").await;
     let fast = at_once("new", "bot-b").await;
     // No destination's state can be read: the list says so as a whole.
     let shown = app.admin_get("/admin/destinations").await;
@@ -1376,6 +1364,21 @@ async fn a_hung_redis_gets_a_fast_503_with_a_destinations_file_too() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     app.stop().await.expect("clean stop");
+}
+
+/// Posts events of `bot` until one is refused (503): they are unrouted
+/// until a reload gives `bot` a destination, whose queue cannot be opened.
+async fn until_refused_once_routed(app: &TestApp, bot: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    for i in 0.. {
+        let reply = app.post_event(&event(bot, &format!("routed-{i}"))).await;
+        if reply.status == 503 {
+            return;
+        }
+        assert_eq!(reply.json["status"], "unrouted", "{}", reply.json);
+        assert!(std::time::Instant::now() < deadline, "never routed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A destination `name` at the sink for the events of `bot`.
@@ -1422,19 +1425,7 @@ async fn a_destination_whose_queue_cannot_open_refuses_only_its_own_events() {
     let ops = format!("{crm}{}", bot_destination("ops", "bot-b", &sink));
     std::fs::write(&file, ops).expect("write");
     app.reload.send(()).await.expect("reload");
-    // Unrouted until the reload applies, then refused: ops's queue.
-    let deadline = std::time::Instant::now() + WAIT;
-    for i in 0.. {
-        let refused = app
-            .post_event(&event("bot-b", &format!("for-ops-{i}")))
-            .await;
-        if refused.status == 503 {
-            break;
-        }
-        assert_eq!(refused.json["status"], "unrouted", "{}", refused.json);
-        assert!(std::time::Instant::now() < deadline, "never routed to ops");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_refused_once_routed(&app, "bot-b").await;
     let taken = app.post_event(&event("bot-a", "for-crm")).await;
     // The operator sees crm, and why ops cannot be shown (was a 503 for all).
     let shown = app.admin_get("/admin/destinations").await;
