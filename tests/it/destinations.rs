@@ -1460,6 +1460,102 @@ async fn a_destination_whose_queue_cannot_open_refuses_only_its_own_events() {
     app.stop().await.expect("clean stop");
 }
 
+/// On Redis, an event one of whose queues a tool broke (a `concurrency` in
+/// its meta that is not a number) is refused whole, before any write: none
+/// of its jobs is kept without its dedup record, so its resend, once the
+/// queue is mended, is stored and delivered once per destination. Other
+/// events are not refused with it, nor with a script that fails midway: an
+/// error Redis answered is not "Redis down", which opens the breaker.
+#[tokio::test]
+async fn an_event_for_a_queue_a_tool_broke_is_refused_whole_and_alone() {
+    let Some(redis) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    let file = format!(
+        "[[destination]]\nname = \"default\"\nurl = \"{}\"\n{}",
+        sink.url(),
+        bot_destination("crm", "bot-a", &sink)
+    );
+    let (mut app, _file, _tmp) = redis_relay_with_file(&redis, &sink, &file).await;
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let queue = &app.config.store.queue_name;
+    let crm_meta = format!("bull:{queue}.crm:meta");
+    let counter = format!("bull:{queue}:id");
+    let ids_given = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let counter = counter.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(&counter)
+                .query_async::<Option<u64>>(&mut conn)
+                .await
+                .expect("get")
+                .unwrap_or(0)
+        }
+    };
+    // crm's queue exists once it took an event.
+    let first = app.post_event(&event("bot-a", "before")).await;
+    assert_eq!(first.status, 200, "{}", first.json);
+    let _: () = redis::cmd("HSET")
+        .arg(&crm_meta)
+        .arg("concurrency")
+        .arg("five")
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    let before = ids_given(&mut conn).await;
+    let both = event("bot-a", "both");
+    let refused = app.post_event(&both).await;
+    let given = ids_given(&mut conn).await;
+    // Right after it: an event for `default` alone is taken.
+    let other = app.post_event(&event("bot-b", "default-only")).await;
+    assert_eq!(refused.status, 503, "{}", refused.json);
+    assert_eq!(
+        given, before,
+        "the refused event wrote jobs (ids {before} to {given}): its default job was kept"
+    );
+    assert_eq!(other.status, 200, "{}", other.json);
+    let _: () = redis::cmd("HDEL")
+        .arg(&crm_meta)
+        .arg("concurrency")
+        .query_async(&mut conn)
+        .await
+        .expect("hdel");
+    let again = app.post_event(&both).await;
+    assert_eq!(again.status, 200, "{}", again.json);
+    assert_eq!(again.json["status"], "accepted", "{}", again.json);
+    // before (2 jobs), default-only (1), both (2).
+    assert!(sink.wait_for(5, WAIT).await, "delivered: {}", sink.posts());
+    assert_eq!(
+        ids_given(&mut conn).await,
+        before + 3,
+        "one job per destination"
+    );
+    // A key of crm's a tool made another type fails the script midway (this
+    // one is not checked before the writes): that batch's events are
+    // refused, the next event for `default` alone is not.
+    let _: () = redis::cmd("SET")
+        .arg(format!("bull:{queue}.crm:events"))
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+    let failed = app.post_event(&event("bot-a", "wrong-type")).await;
+    let other = app.post_event(&event("bot-b", "default-only-2")).await;
+    assert_eq!(failed.status, 503, "{}", failed.json);
+    assert_eq!(
+        other.status, 200,
+        "Redis answered: no breaker: {}",
+        other.json
+    );
+    app.stop().await.expect("clean stop");
+}
+
 /// Sets Redis's `maxclients` to `n`, or (None) to the clients connected now:
 /// it then takes no new connection.
 async fn max_clients(conn: &mut redis::aio::MultiplexedConnection, n: Option<u64>) {

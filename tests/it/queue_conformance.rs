@@ -483,6 +483,64 @@ async fn completed_jobs_are_pruned<Q: Queue>(q: &Q) {
     }
 }
 
+/// On Redis, a failed job's id whose hash a tool deleted: a retry of it
+/// answers not found and takes it off the failed set (it was left there,
+/// counted failed and listed for ever, unless a retry-all came). And a
+/// retry under a tool's `concurrency` that is not a number moves the job
+/// and says so (it failed after the move: moved, and answered an error).
+#[tokio::test]
+async fn a_retry_of_a_failed_id_whose_job_a_tool_deleted_drops_it() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = open_redis(&server).await;
+    let id = accepted(&q, "ghost").await;
+    let kept = accepted(&q, "kept").await;
+    for job in claim(&q, 2).await {
+        assert!(q
+            .finish(
+                job,
+                attempt(1, AttemptOutcome::Failed),
+                Disposition::Failed { reason: "x".into() }
+            )
+            .await
+            .expect("finish"));
+    }
+    let mut conn = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let _: () = redis::cmd("DEL")
+        .arg(format!("bull:conformance:{id}"))
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    assert_eq!(
+        q.counts_for(None).await.expect("counts").failed,
+        2,
+        "left by the tool"
+    );
+    assert!(matches!(q.retry(&id).await, Err(QueueError::NotFound(_))));
+    let left: Option<f64> = redis::cmd("ZSCORE")
+        .arg("bull:conformance:failed")
+        .arg(&id)
+        .query_async(&mut conn)
+        .await
+        .expect("zscore");
+    assert_eq!(left, None, "the id stays in the failed set");
+    assert_eq!(q.counts_for(None).await.expect("counts").failed, 1);
+    let _: () = redis::cmd("HSET")
+        .arg("bull:conformance:meta")
+        .arg("concurrency")
+        .arg("five")
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    q.retry(&kept).await.expect("moved, and said so");
+    assert_eq!(q.get(&kept).await.expect("get").state, JobState::Waiting);
+}
+
 /// The Redis store as the relay opens it (`queue::open`: every destination's
 /// BullMQ queue behind one store).
 pub(crate) async fn open_redis(

@@ -19,12 +19,18 @@
 local rcall = redis.call
 local prefix, ts, ttl, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local eventsKey = KEYS[5]
+local meta = rcall("HMGET", KEYS[3], "paused", "concurrency", "max", "cg:openUntil")
+-- A tool's concurrency that is not a number: refused before any write (Redis
+-- does not undo a script's writes when it fails midway).
+if meta[2] and not tonumber(meta[2]) then
+  return redis.error_reply("ERR the queue has a concurrency of \"" .. string.sub(meta[2], 1, 40) ..
+    "\" in its meta, not a number: set a number (or delete the field) to take its events")
+end
 local maxEvents = rcall("HGET", KEYS[3], "opts.maxLenEvents")
 if not maxEvents then
   maxEvents = 10000
   rcall("HSET", KEYS[3], "opts.maxLenEvents", maxEvents)
 end
-local meta = rcall("HMGET", KEYS[3], "paused", "concurrency", "max", "cg:openUntil")
 local pausedOrMaxed = meta[1] and true or false
 -- How many jobs may go straight to active: none while paused or under a
 -- global rate limit (those go through the limiter in claim.lua), at most the

@@ -17,24 +17,36 @@
   in front of this script): it waits in waiting-children unless it is the
   key's first unfinished job, and only then may it be added locked.
   Returns per event {kind, text}: kind "a" with text `destination=id=l|w,...`
-  (l: added locked, w: added waiting), or "d" with the first event's text
-  (`destination=id,...`, or a plain id from a one-queue relay).
+  (l: added locked, w: added waiting), "d" with the first event's text
+  (`destination=id,...`, or a plain id from a one-queue relay), or "e" with
+  why it was refused: one of its queues' meta holds a `concurrency` that is
+  not a number (a tool's). Redis does not undo the writes of a script that
+  fails midway, so an event is checked whole before its first write: a
+  failure midway would have kept some of its jobs without its dedup record,
+  and its resend would have added them again.
 ]]
 local rcall = redis.call
 local base, ts, ttl, name, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out = {}
 -- Per queue: whether it may take jobs locked now (not paused, no global rate
--- limit, room under its global concurrency), read once per call.
+-- limit, room under its global concurrency), read once per call; or the
+-- text of why it takes none ("e").
 local room = {}
-local function lockRoom(prefix)
+local function lockRoom(prefix, dest)
   if room[prefix] == nil then
     local meta = rcall("HMGET", prefix .. "meta", "paused", "concurrency", "max", "cg:openUntil")
-    if not rcall("HGET", prefix .. "meta", "opts.maxLenEvents") then
-      rcall("HSET", prefix .. "meta", "opts.maxLenEvents", 10000)
-    end
     local r = -1
     if meta[2] then
-      r = math.max(tonumber(meta[2]) - rcall("LLEN", prefix .. "active"), 0)
+      local limit = tonumber(meta[2])
+      if not limit then
+        room[prefix] = "the queue of " .. dest .. " has a concurrency of \"" .. string.sub(meta[2], 1, 40) ..
+          "\" in its meta, not a number: set a number (or delete the field) to take its events"
+        return room[prefix]
+      end
+      r = math.max(limit - rcall("LLEN", prefix .. "active"), 0)
+    end
+    if not rcall("HGET", prefix .. "meta", "opts.maxLenEvents") then
+      rcall("HSET", prefix .. "meta", "opts.maxLenEvents", 10000)
     end
     if meta[1] or meta[3] or meta[4] then
       r = 0
@@ -51,7 +63,7 @@ while i <= #ARGV do
   local first = i + 8
   i = first + 4 * n
   local deKey = base .. "de:" .. deid
-  local current = false
+  local current, shared = false, false
   if ttl ~= "0" then
     current = rcall("GET", deKey)
     if current and cgIsOther(base, deid, current, bot) then
@@ -59,22 +71,40 @@ while i <= #ARGV do
       local ownKey = base .. "de:" .. own
       current = rcall("GET", ownKey)
       if not current then
-        cgKeepShared(base, deid, ttl)
+        shared = deid
         deid, deKey, bot = own, ownKey, ""
+      end
+    end
+  end
+  -- Before the event's first write: every queue of it can take it.
+  local refused = false
+  if not current then
+    for k = 0, n - 1 do
+      local q = lockRoom(ARGV[first + 4 * k], ARGV[first + 4 * k + 1])
+      if type(q) == "string" then
+        refused = q
+        break
       end
     end
   end
   if current then
     out[#out + 1] = { "d", current }
+  elseif refused then
+    out[#out + 1] = { "e", refused }
   else
+    if shared then
+      cgKeepShared(base, shared, ttl)
+    end
     local parts, named = {}, {}
+    -- Its ids at once: a counter a tool broke fails before any write.
+    local lastId = rcall("INCRBY", KEYS[1], n)
     for k = 0, n - 1 do
       local at = first + 4 * k
       local prefix, dest, okey, hold = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-      local jobId = string.format("%d", rcall("INCR", KEYS[1]))
+      local jobId = string.format("%d", lastId - n + 1 + k)
       local jobKey = prefix .. jobId
       local jobData = string.sub(data, 1, -2) .. ',"destination":"' .. dest .. '"}'
-      local q = lockRoom(prefix)
+      local q = room[prefix]
       -- Behind an earlier job of its key: parked until that one is done.
       local parked = false
       if okey ~= "" then

@@ -30,7 +30,12 @@ local paused = meta[1] and true or false
 local pausedFlag = paused and 1 or 0
 local room = tonumber(ARGV[4])
 if meta[2] then
-  room = math.min(room, tonumber(meta[2]) - rcall("LLEN", KEYS[2]))
+  local limit = tonumber(meta[2])
+  if not limit then
+    return redis.error_reply("ERR the queue has a concurrency of \"" .. string.sub(meta[2], 1, 40) ..
+      "\" in its meta, not a number: set a number (or delete the field) to deliver its jobs")
+  end
+  room = math.min(room, limit - rcall("LLEN", KEYS[2]))
 end
 
 -- A promoted job keeps when it fell due ("cg:due", from its score: due <<

@@ -40,7 +40,10 @@ if #moved == 0 then
 end
 rcall("LPUSH", KEYS[2], unpack(moved))
 local meta = rcall("HMGET", KEYS[3], "paused", "concurrency")
-local maxed = meta[2] and rcall("LLEN", KEYS[4]) >= tonumber(meta[2])
+-- (a tool's concurrency that is not a number must not fail the script after
+-- its moves: Redis would keep them and answer an error)
+local limit = tonumber(meta[2])
+local maxed = limit and rcall("LLEN", KEYS[4]) >= limit
 if not meta[1] and not maxed then
   rcall("ZADD", KEYS[5], 0, "0")
 end

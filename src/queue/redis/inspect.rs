@@ -326,7 +326,16 @@ impl BullQueue {
     /// reset), by `lua/retry_failed.lua`, which also keeps when the job went
     /// back to wait (its age there).
     pub(super) async fn retry(&self, id: &str) -> QueueResult<()> {
-        self.state_of(id).await?.check_retry(id)?;
+        let state = match self.state_of(id).await {
+            Err(QueueError::NotFound(_)) => {
+                // An id left in the failed set by a tool that deleted its
+                // hash leaves the set (as retry-all drops it): still a 404.
+                self.move_failed(Some(id)).await?;
+                return Err(QueueError::NotFound(id.to_string()));
+            }
+            state => state?,
+        };
+        state.check_retry(id)?;
         if self.move_failed(Some(id)).await?.1 == 1 {
             return Ok(());
         }

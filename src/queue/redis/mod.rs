@@ -268,9 +268,7 @@ impl BullQueue {
             let h = h.clone();
             async move {
                 h.breaker.check()?;
-                let added = h.add(jobs, ttl_ms).await;
-                h.breaker.record(&added);
-                added
+                h.add(jobs, ttl_ms).await
             }
         });
         let h = hot.clone();

@@ -58,6 +58,8 @@ enum RoutedAdded {
     Added(Vec<(DestinationName, String, bool)>),
     /// The first event's dedup record.
     Duplicate(Vec<JobRef>),
+    /// Not added, nothing written: why (a queue of it a tool broke).
+    Refused(String),
 }
 
 pub struct RedisQueues {
@@ -131,9 +133,7 @@ impl RedisQueues {
             let (hot, script) = (hot.clone(), script.clone());
             async move {
                 hot.breaker.check()?;
-                let added = add_routed(&hot, &script, jobs, ttl_ms).await;
-                hot.breaker.record(&added);
-                added
+                add_routed(&hot, &script, jobs, ttl_ms).await
             }
         });
         let queues = Self {
@@ -422,7 +422,7 @@ async fn add_routed(
                 });
         }
     }
-    let out: Vec<(String, String)> = hot.invoke_on(&hot.ingress, &call).await?;
+    let out: Vec<(String, String)> = hot.invoke_add(&call).await?;
     Ok(out
         .into_iter()
         .map(|(kind, text)| match kind.as_str() {
@@ -431,6 +431,7 @@ async fn add_routed(
                 destination: DestinationName::DEFAULT,
                 id: text,
             }]),
+            "e" => RoutedAdded::Refused(text),
             _ => RoutedAdded::Added(
                 text.split(',')
                     .filter_map(|part| {
@@ -491,6 +492,7 @@ impl RedisQueues {
                 },
                 Vec::new(),
             ),
+            RoutedAdded::Refused(why) => return Err(QueueError::Unavailable(why)),
             RoutedAdded::Added(jobs) => {
                 let leased = jobs
                     .iter()
@@ -685,7 +687,20 @@ impl Queue for RedisQueues {
     }
 
     async fn retry(&self, id: &str) -> QueueResult<()> {
-        self.holding(id).await?.retry(id).await
+        match self.holding(id).await {
+            // Its hash is nowhere: each queue's retry drops the id from its
+            // failed set, if a tool that deleted the hash left it there.
+            Err(QueueError::NotFound(_)) => {
+                for q in self.all().await {
+                    match q.retry(id).await {
+                        Err(QueueError::NotFound(_)) => continue,
+                        done => return done,
+                    }
+                }
+                Err(QueueError::NotFound(id.to_string()))
+            }
+            held => held?.retry(id).await,
+        }
     }
 
     async fn retry_all_failed_for(

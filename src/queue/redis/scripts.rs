@@ -155,6 +155,26 @@ impl BatchedScripts {
         bounded(call.invoke_async::<T>(&mut conn)).await
     }
 
+    /// A call of an add script, whose outcome sets the breaker ([`Breaker`])
+    /// before it returns: before the next batch of adds goes.
+    pub(super) async fn invoke_add<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> QueueResult<T> {
+        let mut conn = self.ingress.connection();
+        let res = tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<T>(&mut conn)).await;
+        self.breaker.record(match &res {
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => redis_down(e),
+            Err(_) => true,
+        });
+        match res {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable("no answer within 2 s")),
+        }
+    }
+
     pub(super) async fn add(
         &self,
         jobs: Vec<NewJob>,
@@ -177,7 +197,7 @@ impl BatchedScripts {
                 .arg(j.sharer.as_ref().map_or("", |(bot, _)| bot.as_str()))
                 .arg(j.sharer.as_ref().map_or("", |(_, own)| own.as_str()));
         }
-        let out: Vec<(String, String)> = self.invoke_on(&self.ingress, &call).await?;
+        let out: Vec<(String, String)> = self.invoke_add(&call).await?;
         Ok(out
             .into_iter()
             .map(|(kind, id)| match kind.as_str() {
@@ -290,6 +310,21 @@ impl BullQueue {
     }
 }
 
+/// Whether an add's error means Redis cannot take adds now: no answer, a lost
+/// or refused connection, a Redis loading, read-only (a failover), out of
+/// memory, unable to persist, busy with a script. An error the script met in
+/// its keys (a tool's data: `ERR`, `WRONGTYPE`) is not: Redis answered, and
+/// it is that batch's alone, not every destination's.
+fn redis_down(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match e.kind() {
+        ErrorKind::Server(ServerErrorKind::ResponseError) => false,
+        ErrorKind::Extension => matches!(e.code(), Some("OOM" | "MISCONF" | "BUSY")),
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => false,
+        _ => true,
+    }
+}
+
 /// The ingress's circuit breaker over one Redis: after an add fails for
 /// want of Redis, adds are refused at once for [`BREAKER_OPEN`] (a fast 503
 /// rather than one timeout per request), then Redis is tried again. The
@@ -313,17 +348,19 @@ impl Breaker {
         Ok(())
     }
 
-    /// An add's outcome: a failure for want of Redis opens it (one open
-    /// keeps its end: refusals do not hold it open), an answer closes it.
-    pub(super) fn record<T>(&self, res: &QueueResult<T>) {
+    /// An add's outcome: a failure for want of Redis (`redis_down`) opens
+    /// it (one open keeps its end: refusals do not hold it open), an answer
+    /// closes it, an error in the script's keys too (Redis answered).
+    pub(super) fn record(&self, redis_down: bool) {
         let mut down = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        *down = match res {
-            Err(QueueError::Unavailable(_)) => Some(
+        *down = if redis_down {
+            Some(
                 down.filter(|&until| now < until)
                     .unwrap_or(now + BREAKER_OPEN),
-            ),
-            _ => None,
+            )
+        } else {
+            None
         };
     }
 
