@@ -256,23 +256,29 @@ fn checked_name(raw: &str) -> Result<DestinationName, CliError> {
     })
 }
 
-/// A destination's row: its name, counts, whether paused, its held keys.
-type DestinationRow = (
-    DestinationName,
-    crate::queue::Counts,
-    bool,
-    Vec<crate::queue::HeldKey>,
-);
+/// A destination's state: counts, whether paused, its held keys.
+type DestinationState = (crate::queue::Counts, bool, Vec<crate::queue::HeldKey>);
 
 /// Each destination the queue has, but one with nothing in it that the
-/// file does not give.
+/// file does not give; one whose state cannot be read (on Redis, a key of
+/// its queue a tool broke, or a queue that cannot be opened) with why, as
+/// `GET /admin/destinations` shows it. An error only when none can be read.
 async fn destination_rows(
     q: &Store,
     configured: &[DestinationName],
-) -> Result<Vec<DestinationRow>, CliError> {
+) -> Result<Vec<(DestinationName, Result<DestinationState, String>)>, CliError> {
     let mut rows = Vec::new();
+    let mut unread = None;
     for name in q.destination_names().await? {
-        let (counts, paused, held) = q.destination_state(&name).await?;
+        let (counts, paused, held) = match q.destination_state(&name).await {
+            Ok(state) => state,
+            Err(e) => {
+                let why = e.to_string();
+                unread.get_or_insert(e);
+                rows.push((name, Err(why)));
+                continue;
+            }
+        };
         // One the queue names with nothing in it (Redis's `default`
         // beside a file without it) is not listed, unless the file
         // gives it (without a file, `default` is the destination).
@@ -283,9 +289,12 @@ async fn destination_rows(
         if empty && !paused && held.is_empty() && !given {
             continue;
         }
-        rows.push((name, counts, paused, held));
+        rows.push((name, Ok((counts, paused, held))));
     }
-    Ok(rows)
+    match unread {
+        Some(e) if rows.iter().all(|(_, r)| r.is_err()) => Err(e.into()),
+        _ => Ok(rows),
+    }
 }
 
 /// `cogrelay destinations ...`.
@@ -301,7 +310,10 @@ async fn destinations(
             if json {
                 let list: Vec<Value> = rows
                     .iter()
-                    .map(|(name, counts, paused, held)| json!({ "name": name, "paused": paused, "counts": counts, "held_keys": held }))
+                    .map(|(name, state)| match state {
+                        Ok((counts, paused, held)) => json!({ "name": name, "paused": paused, "counts": counts, "held_keys": held }),
+                        Err(why) => json!({ "name": name, "paused": null, "counts": null, "held_keys": null, "error": why }),
+                    })
                     .collect();
                 return Ok(Value::from(list).to_string());
             }
@@ -316,7 +328,15 @@ async fn destinations(
                 "FAILED",
                 "HELD"
             );
-            for (name, c, paused, held) in &rows {
+            for (name, state) in &rows {
+                let Ok((c, paused, held)) = state else {
+                    let _ = writeln!(
+                        t,
+                        "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}",
+                        "?", "?", "?", "?", "?", "?", "?"
+                    );
+                    continue;
+                };
                 let _ = writeln!(
                     t,
                     "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}",
@@ -329,8 +349,16 @@ async fn destinations(
                     held.len()
                 );
             }
-            // Each held key: what holds it, and what to do.
-            for (name, _, _, held) in &rows {
+            // Each held key: what holds it, and what to do; each row that
+            // could not be read: why.
+            for (name, state) in &rows {
+                let held = match state {
+                    Ok((_, _, held)) => held,
+                    Err(why) => {
+                        let _ = writeln!(t, "unreadable: {name}: {why}");
+                        continue;
+                    }
+                };
                 for h in held {
                     let _ = writeln!(
                         t,

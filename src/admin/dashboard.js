@@ -115,39 +115,57 @@ function drawDestinations(list, pts) {
   }
 }
 
+// Each part of the page on its own: one the API cannot answer now (the
+// counts, while one destination's queue cannot be read) leaves the others
+// drawn, and its error is shown.
 async function refresh() {
-  try {
-    const c = await api('/admin/queue');
-    for (const k of ['waiting', 'active', 'delayed', 'completed', 'failed']) $('#count-' + k).textContent = String(c[k]);
-    const pts = drawHistory(await api('/admin/history'));
-    drawDestinations(await api('/admin/destinations'), pts);
-    const page = await api('/admin/jobs?state=failed&offset=' + offset + '&limit=' + LIMIT);
-    const tbody = $('#failed-table tbody');
-    tbody.replaceChildren();
-    for (const job of page.items) {
-      const tr = document.createElement('tr');
-      tr.dataset.id = job.id;
-      cell(tr, job.id);
-      cell(tr, job.destination);
-      cell(tr, job.eventKey, 'key');
-      cell(tr, String(job.attemptsMade));
-      cell(tr, lastAnswer(job));
-      cell(tr, job.failedReason || '', 'reason');
-      const actions = cell(tr, '', 'actions');
-      actions.appendChild(button('Show', 'show', () => show(job.id)));
-      actions.appendChild(button('Retry', 'retry', () => act('/admin/jobs/' + encodeURIComponent(job.id) + '/retry', 'POST')));
-      actions.appendChild(button('Remove', 'remove', () => act('/admin/jobs/' + encodeURIComponent(job.id), 'DELETE')));
-      tbody.appendChild(tr);
+  const errors = [];
+  const part = async (draw) => {
+    try {
+      await draw();
+    } catch (e) {
+      errors.push(String(e.message || e));
     }
-    const to = Math.min(offset + page.items.length, page.total);
-    $('#page').textContent = page.total ? (offset + 1) + '–' + to + ' of ' + page.total : 'no failed jobs';
-    $('#prev').disabled = offset === 0;
-    $('#next').disabled = to >= page.total;
-    $('#status').textContent = 'updated ' + new Date().toLocaleTimeString();
-    $('#error').textContent = '';
-  } catch (e) {
-    $('#error').textContent = String(e.message || e);
+  };
+  await part(async () => {
+    let c = null;
+    try {
+      c = await api('/admin/queue');
+    } finally {
+      for (const k of ['waiting', 'active', 'delayed', 'completed', 'failed']) $('#count-' + k).textContent = c ? String(c[k]) : '?';
+    }
+  });
+  let pts = [];
+  await part(async () => { pts = drawHistory(await api('/admin/history')); });
+  await part(async () => drawDestinations(await api('/admin/destinations'), pts));
+  await part(drawFailed);
+  if (errors.length === 0) $('#status').textContent = 'updated ' + new Date().toLocaleTimeString();
+  $('#error').textContent = [...new Set(errors)].join('; ');
+}
+
+async function drawFailed() {
+  const page = await api('/admin/jobs?state=failed&offset=' + offset + '&limit=' + LIMIT);
+  const tbody = $('#failed-table tbody');
+  tbody.replaceChildren();
+  for (const job of page.items) {
+    const tr = document.createElement('tr');
+    tr.dataset.id = job.id;
+    cell(tr, job.id);
+    cell(tr, job.destination);
+    cell(tr, job.eventKey, 'key');
+    cell(tr, String(job.attemptsMade));
+    cell(tr, lastAnswer(job));
+    cell(tr, job.failedReason || '', 'reason');
+    const actions = cell(tr, '', 'actions');
+    actions.appendChild(button('Show', 'show', () => show(job.id)));
+    actions.appendChild(button('Retry', 'retry', () => act('/admin/jobs/' + encodeURIComponent(job.id) + '/retry', 'POST')));
+    actions.appendChild(button('Remove', 'remove', () => act('/admin/jobs/' + encodeURIComponent(job.id), 'DELETE')));
+    tbody.appendChild(tr);
   }
+  const to = Math.min(offset + page.items.length, page.total);
+  $('#page').textContent = page.total ? (offset + 1) + '–' + to + ' of ' + page.total : 'no failed jobs';
+  $('#prev').disabled = offset === 0;
+  $('#next').disabled = to >= page.total;
 }
 
 async function act(path, method) {

@@ -272,6 +272,57 @@ async fn a_paused_destination_the_file_no_longer_gives_offers_resume() {
     assert_eq!(v["actions"], json!(["Resume", "Retry failed"]), "{v}");
 }
 
+/// On Redis, a destination whose state cannot be read (a key of its queue a
+/// tool made another type): its row shows `?` with why on hover and offers
+/// no pause, the queue's counts (which cannot be summed) show `?`, and the
+/// rest of the page is still drawn (a failed count stopped it all).
+#[tokio::test]
+async fn a_destination_that_cannot_be_read_shows_why_and_the_rest_is_drawn() {
+    if !browser_ready() || !crate::redis_server::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("cogrelay.toml");
+    let app = spawn_app_on(Backend::Redis, |c| {
+        c.admin.token = Some(Secret::new("dash-token"));
+        let text = format!(
+            "[[destination]]\nname = \"default\"\nurl = \"{0}\"\n[[destination]]\nname = \"crm\"\nurl = \"{0}\"\n",
+            c.delivery.target
+        );
+        use_file(c, &file, &text);
+    })
+    .await;
+    assert_eq!(app.post_event(&event("bot", "one")).await.status, 200);
+    assert!(app.sink.wait_for(2, Duration::from_secs(15)).await);
+    let redis = app.redis.as_ref().expect("redis");
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let _: () = redis::cmd("SET")
+        .arg(format!("bull:{}.crm:wait", app.config.store.queue_name))
+        .arg("not a list")
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+    let admin = format!("http://{}", app.admin);
+    let v = run_node("dashboard-held.mjs", &[&admin, "dash-token", "crm"]).await;
+    assert_eq!(v["held"], "?", "{v}");
+    assert_eq!(v["actions"], json!(["Retry failed"]), "{v}");
+    assert!(
+        v["rowTitle"]
+            .as_str()
+            .is_some_and(|t| t.contains("WRONGTYPE")),
+        "{v}"
+    );
+    assert_eq!(v["waiting"], "?", "{v}");
+    assert!(
+        v["error"].as_str().is_some_and(|t| t.contains("WRONGTYPE")),
+        "{v}"
+    );
+}
+
 /// `GET /admin/destinations` with the dashboard tests' token.
 async fn destinations(app: &TestApp) -> Value {
     app.admin_as(reqwest::Method::GET, "/admin/destinations", "dash-token")

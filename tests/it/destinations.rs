@@ -1556,6 +1556,91 @@ async fn an_event_for_a_queue_a_tool_broke_is_refused_whole_and_alone() {
     app.stop().await.expect("clean stop");
 }
 
+/// On Redis, a destination whose state cannot be read (a key of its queue a
+/// tool made another type) is a row with its error, in `GET
+/// /admin/destinations` and in `cogrelay destinations`: the others are
+/// still shown (the command failed as a whole).
+#[tokio::test]
+async fn a_destination_that_cannot_be_read_is_a_row_with_its_error_in_the_command_too() {
+    let Some(redis) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    let file = format!(
+        "[[destination]]\nname = \"default\"\nurl = \"{}\"\n{}",
+        sink.url(),
+        bot_destination("crm", "bot-a", &sink)
+    );
+    let (mut app, _file, _tmp) = redis_relay_with_file(&redis, &sink, &file).await;
+    let taken = app.post_event(&event("bot-a", "both")).await;
+    assert_eq!(taken.status, 200, "{}", taken.json);
+    assert!(sink.wait_for(2, WAIT).await, "delivered");
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let queue = app.config.store.queue_name.clone();
+    let _: () = redis::cmd("SET")
+        .arg(format!("bull:{queue}.crm:wait"))
+        .arg("not a list")
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+    let shown = app.admin_get("/admin/destinations").await;
+    assert_eq!(shown.status, 200, "{}", shown.json);
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("COGRELAY_QUEUE", "redis")
+            .env("REDIS_URL", redis.url())
+            .env("QUEUE_NAME", &queue)
+            .output()
+            .expect("run")
+    };
+    for out in [cli(&["destinations", "--json"]), cli(&["destinations"])] {
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let Ok(rows) = serde_json::from_str::<serde_json::Value>(&stdout) else {
+            // The table: default's row, crm's with `?`, and why.
+            assert!(
+                stdout.lines().any(|l| l.starts_with("default ")),
+                "{stdout}"
+            );
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.starts_with("crm ") && l.contains('?')),
+                "{stdout}"
+            );
+            assert!(
+                stdout.contains("unreadable: crm: ") && stdout.contains("WRONGTYPE"),
+                "{stdout}"
+            );
+            continue;
+        };
+        let row = |name: &str| {
+            rows.as_array()
+                .into_iter()
+                .flatten()
+                .find(|d| d["name"] == name)
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(row("default")["counts"]["completed"], 1, "{rows}");
+        assert!(row("crm")["counts"].is_null(), "{rows}");
+        assert!(
+            row("crm")["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("WRONGTYPE")),
+            "{rows}"
+        );
+    }
+    app.stop().await.expect("clean stop");
+}
+
 /// Sets Redis's `maxclients` to `n`, or (None) to the clients connected now:
 /// it then takes no new connection.
 async fn max_clients(conn: &mut redis::aio::MultiplexedConnection, n: Option<u64>) {

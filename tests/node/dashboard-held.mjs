@@ -1,7 +1,8 @@
 // Reads one destination's "held" cell on the dashboard in headless Chromium.
 //   node dashboard-held.mjs <admin base url> <admin token> <destination>
-// Prints {held, title, actions}: the cell's text, its hover text and the
-// row's buttons.
+// Prints {held, title, actions, rowTitle, waiting, error}: the cell's text,
+// its hover text, the row's buttons, the row's hover text (why its state
+// cannot be read), the page's waiting count and its error line.
 import { chromium } from 'playwright-core';
 
 const [, , base, token, name] = process.argv;
@@ -26,5 +27,10 @@ const title = await cell.getAttribute('title');
 const actions = await page
   .locator(`#destinations-table tbody tr[data-name="${name}"] td.actions button`)
   .allTextContents();
-console.log(JSON.stringify({ held, title, actions }));
+const rowTitle = await page
+  .locator(`#destinations-table tbody tr[data-name="${name}"]`)
+  .getAttribute('title');
+const waiting = (await page.locator('#count-waiting').textContent()).trim();
+const error = (await page.locator('#error').textContent()).trim();
+console.log(JSON.stringify({ held, title, actions, rowTitle, waiting, error }));
 await browser.close();
