@@ -99,8 +99,9 @@ pub enum Command {
     /// The queue's options go before the subcommand (`cogrelay jobs
     /// --data-dir /var/lib/cogrelay list`), or in the environment. Exit codes
     /// (also of `queue` and `destinations`): 0 done; 1 the queue cannot be
-    /// reached, or the output cannot be written; 2 a bad argument, an unknown
-    /// job or destination, or a job whose state does not allow the change.
+    /// reached, or the output cannot be written; 2 a bad argument; 3 no such
+    /// job or destination; 4 a job whose state does not allow the change
+    /// (retry of a job that is not failed, removal of an active one).
     Jobs(JobsArgs),
 
     /// Queue statistics (counts by state).

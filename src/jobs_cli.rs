@@ -29,13 +29,22 @@ pub enum CliError {
     Job(QueueError),
     #[error("{0}")]
     Unavailable(String),
+    /// A destination neither the queue nor a file names (no file was read).
+    #[error("{0}")]
+    Unknown(String),
 }
 
 impl CliError {
+    /// 1 the queue cannot be reached; 2 a bad argument; 3 no such job or
+    /// destination; 4 the job's state does not allow the change (a script
+    /// can tell "already retried" from "never existed").
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Usage(_) | CliError::Job(_) => 2,
             CliError::Unavailable(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::Unknown(_)
+            | CliError::Job(QueueError::NotFound(_) | QueueError::UnknownDestination(_)) => 3,
+            CliError::Job(_) => 4,
         }
     }
 }
@@ -128,7 +137,7 @@ impl Op {
     }
 }
 
-/// `name`, if the queue or the destinations file knows it; else exit 2.
+/// `name`, if the queue or the destinations file knows it; else exit 3.
 async fn known(
     q: &Store,
     name: &str,
@@ -140,7 +149,7 @@ async fn known(
     }
     if configured.is_empty() {
         // A destination with no jobs yet is known from the file alone.
-        return Err(CliError::Usage(format!(
+        return Err(CliError::Unknown(format!(
             "{}; no destinations file was read: one that has no jobs yet is known from the relay's file (--config or COGRELAY_CONFIG)",
             QueueError::UnknownDestination(name.to_string())
         )));

@@ -95,10 +95,11 @@ both_backends! {
         assert_eq!(all.json()["retried"], 2);
         app.wait_counts(Duration::from_secs(15), |c| c["completed"] == 3 && c["failed"] == 0).await;
 
-        // Bad ids and arguments: one clear line, exit 2.
-        for args in [vec!["jobs", "show", "999999"], vec!["jobs", "list", "--limit", "0"], vec!["jobs", "list", "--state", "lost"], vec!["jobs", "retry", &ids[0]]] {
+        // Bad ids and arguments: one clear line; exit 2 a bad argument, 3 no
+        // such job, 4 a state that does not allow it (delivered: not failed).
+        for (args, code) in [(vec!["jobs", "show", "999999"], 3), (vec!["jobs", "list", "--limit", "0"], 2), (vec!["jobs", "list", "--state", "lost"], 2), (vec!["jobs", "retry", &ids[0]], 4), (vec!["jobs", "retry", "999999"], 3)] {
             let out = cli(&app, &args).await;
-            assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+            assert_eq!(out.code, code, "{args:?}: {}", out.stderr);
             assert_eq!(out.stderr.trim().lines().count(), 1, "{args:?}: {}", out.stderr);
         }
 
@@ -106,7 +107,7 @@ both_backends! {
         app.stop().await.expect("stop");
         let removed = cli(&app, &["jobs", "remove", &ids[1], "--json"]).await;
         assert_eq!(removed.code, 0, "{}", removed.stderr);
-        assert_eq!(cli(&app, &["jobs", "show", &ids[1]]).await.code, 2);
+        assert_eq!(cli(&app, &["jobs", "show", &ids[1]]).await.code, 3);
         let stats = cli(&app, &["queue", "stats", "--json"]).await;
         assert_eq!(stats.json()["completed"], 2);
     }
@@ -193,7 +194,7 @@ both_backends! {
             assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
         }
         let nosuch = cli(&app, &["destinations", "pause", "nosuch"]).await;
-        assert_eq!(nosuch.code, 2, "{}", nosuch.stderr);
+        assert_eq!(nosuch.code, 3, "{}", nosuch.stderr);
         // No file read: where a destination without jobs would be known from.
         assert!(nosuch.stderr.contains("COGRELAY_CONFIG"), "{}", nosuch.stderr);
         assert_eq!(store_writes(&app), before, "a reading command wrote to the store");

@@ -544,7 +544,7 @@ async fn jobs_in_hand_keep_going_out_while_a_take_waits_on_redis() {
 /// Beside 8 M other keys (a day of dedup keys at 100 events/s), a relay with
 /// two destinations starts and delivers, and each command answers: nothing
 /// walks the keyspace (on 27e726d, `KEYS` at start-up and in every command:
-/// "no answer within 2 s"). An unknown destination's name is exit 2 and
+/// "no answer within 2 s"). An unknown destination's name is exit 3 and
 /// opens nothing.
 #[tokio::test]
 async fn a_relay_and_its_commands_work_beside_eight_million_keys() {
@@ -592,8 +592,8 @@ async fn a_relay_and_its_commands_work_beside_eight_million_keys() {
         (&["jobs", "list"][..], 0),
         (&["destinations", "list"][..], 0),
         (&["jobs", "list", "--destination", "wh"][..], 0),
-        (&["jobs", "list", "--destination", "nosuch"][..], 2),
-        (&["destinations", "pause", "nosuch"][..], 2),
+        (&["jobs", "list", "--destination", "nosuch"][..], 3),
+        (&["destinations", "pause", "nosuch"][..], 3),
     ] {
         let t0 = std::time::Instant::now();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"))
