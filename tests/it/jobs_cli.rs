@@ -156,7 +156,7 @@ fn store_writes(app: &TestApp) -> String {
 both_backends! {
     /// Operators' reads never write (SPEC §7): every reading command, run
     /// against the queue (no relay), leaves it as it was; a pause of a name
-    /// nobody has is exit 2 and stores nothing; and a reader that goes away
+    /// nobody has is exit 3 and stores nothing; and a reader that goes away
     /// (`| head`) ends the output quietly (on 27e726d: `queue stats` wrote a
     /// key on Redis, a listing of waiting jobs wrote out every bundle, and a
     /// broken pipe panicked).
