@@ -99,7 +99,7 @@ function drawDestinations(list, pts) {
     // A destination whose queue cannot be read now: why, on hover.
     if (d.error) tr.title = d.error;
     for (const k of ['waiting', 'delayed', 'failed']) cell(tr, d.counts ? String(d.counts[k]) : '?');
-    cell(tr, String(pts.reduce((n, p) => n + (p.byDestination[d.name] || 0), 0)));
+    cell(tr, pts ? String(pts.reduce((n, p) => n + (p.byDestination[d.name] || 0), 0)) : '?');
     const actions = cell(tr, '', 'actions');
     const path = '/admin/destinations/' + encodeURIComponent(d.name);
     // A destination the file no longer gives: Resume only, when paused.
@@ -117,8 +117,28 @@ function drawDestinations(list, pts) {
 
 // Each part of the page on its own: one the API cannot answer now (the
 // counts, while one destination's queue cannot be read) leaves the others
-// drawn, and its error is shown.
+// drawn, and its error is shown. One refresh at a time (a Redis that hangs
+// makes each call wait 2 s): one asked meanwhile runs after it.
+let refreshing = false;
+let refreshAgain = false;
 async function refresh() {
+  if (refreshing) {
+    refreshAgain = true;
+    return;
+  }
+  refreshing = true;
+  try {
+    await refreshParts();
+  } finally {
+    refreshing = false;
+  }
+  if (refreshAgain) {
+    refreshAgain = false;
+    refresh();
+  }
+}
+
+async function refreshParts() {
   const errors = [];
   const part = async (draw) => {
     try {
@@ -135,11 +155,11 @@ async function refresh() {
       for (const k of ['waiting', 'active', 'delayed', 'completed', 'failed']) $('#count-' + k).textContent = c ? String(c[k]) : '?';
     }
   });
-  let pts = [];
+  let pts = null;
   await part(async () => { pts = drawHistory(await api('/admin/history')); });
   await part(async () => drawDestinations(await api('/admin/destinations'), pts));
   await part(drawFailed);
-  if (errors.length === 0) $('#status').textContent = 'updated ' + new Date().toLocaleTimeString();
+  $('#status').textContent = 'updated ' + new Date().toLocaleTimeString() + (errors.length ? ' (in part)' : '');
   $('#error').textContent = [...new Set(errors)].join('; ');
 }
 

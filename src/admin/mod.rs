@@ -445,8 +445,8 @@ async fn known_destination(s: &Admin, name: &DestinationName) -> Result<(), Resp
 async fn list_destinations(State(s): State<Arc<Admin>>) -> Response {
     let (destinations, gone) = s.names_shown();
     // Every destination's state read at once: a Redis that does not answer
-    // costs the list one bound (2 s) for the queues open, not one per
-    // destination (queues still to be opened open one at a time).
+    // costs the list one bound (2 s), not one per destination (queues still
+    // to be opened open side by side).
     let mut reads = tokio::task::JoinSet::new();
     for (i, d) in destinations.list.iter().enumerate() {
         let (queue, name) = (s.queue.clone(), d.name.clone());

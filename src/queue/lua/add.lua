@@ -22,7 +22,8 @@ local eventsKey = KEYS[5]
 local meta = rcall("HMGET", KEYS[3], "paused", "concurrency", "max", "cg:openUntil")
 -- A tool's concurrency that is not a number: refused before any write (Redis
 -- does not undo a script's writes when it fails midway).
-if meta[2] and not tonumber(meta[2]) then
+local limit = tonumber(meta[2])
+if meta[2] and (not limit or limit ~= limit) then
   return redis.error_reply("ERR the queue has a concurrency of \"" .. string.sub(meta[2], 1, 40) ..
     "\" in its meta, not a number: set a number (or delete the field) to take its events")
 end
@@ -37,7 +38,7 @@ local pausedOrMaxed = meta[1] and true or false
 -- room left under the global concurrency, else any (-1).
 local lockRoom = -1
 if meta[2] then
-  local room = tonumber(meta[2]) - rcall("LLEN", KEYS[2])
+  local room = limit - rcall("LLEN", KEYS[2])
   if room <= 0 then
     pausedOrMaxed = true
   end

@@ -38,20 +38,18 @@ local function lockRoom(prefix, dest)
     local r = -1
     if meta[2] then
       local limit = tonumber(meta[2])
-      if not limit then
+      -- (NaN is no number either: it would lift the limit unseen)
+      if not limit or limit ~= limit then
         room[prefix] = "the queue of " .. dest .. " has a concurrency of \"" .. string.sub(meta[2], 1, 40) ..
           "\" in its meta, not a number: set a number (or delete the field) to take its events"
         return room[prefix]
       end
       r = math.max(limit - rcall("LLEN", prefix .. "active"), 0)
     end
-    if not rcall("HGET", prefix .. "meta", "opts.maxLenEvents") then
-      rcall("HSET", prefix .. "meta", "opts.maxLenEvents", 10000)
-    end
     if meta[1] or meta[3] or meta[4] then
       r = 0
     end
-    room[prefix] = { r = r, paused = meta[1] and true or false }
+    room[prefix] = { r = r, paused = meta[1] and true or false, fresh = true }
   end
   return room[prefix]
 end
@@ -92,12 +90,12 @@ while i <= #ARGV do
   elseif refused then
     out[#out + 1] = { "e", refused }
   else
-    if shared then
-      cgKeepShared(base, shared, ttl)
-    end
     local parts, named = {}, {}
     -- Its ids at once: a counter a tool broke fails before any write.
     local lastId = rcall("INCRBY", KEYS[1], n)
+    if shared then
+      cgKeepShared(base, shared, ttl)
+    end
     for k = 0, n - 1 do
       local at = first + 4 * k
       local prefix, dest, okey, hold = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
@@ -105,6 +103,12 @@ while i <= #ARGV do
       local jobKey = prefix .. jobId
       local jobData = string.sub(data, 1, -2) .. ',"destination":"' .. dest .. '"}'
       local q = room[prefix]
+      if q.fresh then
+        q.fresh = false
+        if not rcall("HGET", prefix .. "meta", "opts.maxLenEvents") then
+          rcall("HSET", prefix .. "meta", "opts.maxLenEvents", 10000)
+        end
+      end
       -- Behind an earlier job of its key: parked until that one is done.
       local parked = false
       if okey ~= "" then

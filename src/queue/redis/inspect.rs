@@ -329,8 +329,11 @@ impl BullQueue {
         let state = match self.state_of(id).await {
             Err(QueueError::NotFound(_)) => {
                 // An id left in the failed set by a tool that deleted its
-                // hash leaves the set (as retry-all drops it): still a 404.
-                self.move_failed(Some(id)).await?;
+                // hash leaves the set (as retry-all drops it): still a 404,
+                // unless the job is there after all, and moved.
+                if self.move_failed(Some(id)).await?.1 == 1 {
+                    return Ok(());
+                }
                 return Err(QueueError::NotFound(id.to_string()));
             }
             state => state?,

@@ -73,12 +73,15 @@ pub struct RedisQueues {
     others: std::sync::RwLock<BTreeMap<DestinationName, Arc<BullQueue>>>,
     /// Whether `others` holds any queue (read on every add).
     has_others: std::sync::atomic::AtomicBool,
-    /// Held while a queue is being opened, so that it is opened once.
-    opening: tokio::sync::Mutex<()>,
+    /// Per destination, held while its queue is being opened, so that it is
+    /// opened once; queues of different destinations open side by side (one
+    /// lock for all made each wait behind the others' tries while Redis
+    /// hung: up to 2 s per queue for the destinations list).
+    opening: std::sync::Mutex<BTreeMap<DestinationName, Arc<tokio::sync::Mutex<()>>>>,
     /// Queues that could not be opened, and when: a registered one is not
     /// tried again by counts and lists for [`OPEN_AGAIN_AFTER`] (each try
-    /// holds `opening`), and a destination's events are refused at once for
-    /// [`REFUSE_AFTER_FAILED_OPEN`].
+    /// holds its `opening` lock), and a destination's events are refused at
+    /// once for [`REFUSE_AFTER_FAILED_OPEN`].
     failed_opens: std::sync::Mutex<BTreeMap<DestinationName, std::time::Instant>>,
     adds: Batcher<RoutedJob, RoutedAdded>,
 }
@@ -90,8 +93,7 @@ const OPEN_AGAIN_AFTER: Duration = Duration::from_secs(60);
 /// How long the events of a destination whose queue could not be opened are
 /// refused at once (503): the 2 s bound of a try and the second its pool
 /// waits between two, so that while Redis hangs its events do not each wait
-/// on a try of their own (they may still wait on a try of another queue:
-/// one opens at a time).
+/// on a try of their own.
 const REFUSE_AFTER_FAILED_OPEN: Duration = Duration::from_secs(3);
 
 impl std::fmt::Debug for RedisQueues {
@@ -227,7 +229,14 @@ impl RedisQueues {
         register: bool,
     ) -> QueueResult<Arc<BullQueue>> {
         let asked = std::time::Instant::now();
-        let _opening = self.opening.lock().await;
+        let lock = self
+            .opening
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(destination.clone())
+            .or_default()
+            .clone();
+        let _opening = lock.lock().await;
         if let Some(q) = self.opened(destination) {
             return Ok(q);
         }

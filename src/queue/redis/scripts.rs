@@ -312,14 +312,22 @@ impl BullQueue {
 
 /// Whether an add's error means Redis cannot take adds now: no answer, a lost
 /// or refused connection, a Redis loading, read-only (a failover), out of
-/// memory, unable to persist, busy with a script. An error the script met in
-/// its keys (a tool's data: `ERR`, `WRONGTYPE`) is not: Redis answered, and
-/// it is that batch's alone, not every destination's.
+/// memory, unable to persist, short of replicas, busy with a script, asking
+/// for a password. An error the script met in its keys (a tool's data:
+/// `ERR`, `WRONGTYPE`) is not: Redis answered, and it is that batch's alone,
+/// not every destination's.
 fn redis_down(e: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
+    const DOWN: [&str; 6] = ["OOM", "MISCONF", "BUSY", "NOREPLICAS", "NOAUTH", "READONLY"];
     match e.kind() {
-        ErrorKind::Server(ServerErrorKind::ResponseError) => false,
-        ErrorKind::Extension => matches!(e.code(), Some("OOM" | "MISCONF" | "BUSY")),
+        // Before Redis 7, a command's refusal inside a script came back as
+        // `ERR Error running script ... -OOM command not allowed ...`.
+        ErrorKind::Server(ServerErrorKind::ResponseError) => {
+            let text = e.to_string();
+            text.contains("Error running script")
+                && DOWN.iter().any(|code| text.contains(&format!("-{code} ")))
+        }
+        ErrorKind::Extension => e.code().is_some_and(|code| DOWN.contains(&code)),
         ErrorKind::Parse | ErrorKind::UnexpectedReturnType => false,
         _ => true,
     }
@@ -447,5 +455,44 @@ impl BatchedScripts {
             tracing::warn!(stalled = n, "locks expired; jobs taken over");
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redis_down;
+
+    /// The error Redis answers `reply` with (a RESP error line).
+    fn answered(reply: &str) -> redis::RedisError {
+        match redis::parse_redis_value(format!("-{reply}\r\n").as_bytes()) {
+            Ok(redis::Value::ServerError(e)) => e.into(),
+            other => panic!("not an error reply: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_a_redis_that_cannot_take_adds_is_down() {
+        for reply in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "READONLY You can't write against a read only replica.",
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+            "NOREPLICAS Not enough good replicas to write.",
+            "BUSY Redis is busy running a script.",
+            "LOADING Redis is loading the dataset in memory",
+            "NOAUTH Authentication required.",
+            "ERR Error running script (call to f_1): @user_script:12: @user_script: 12: -OOM command not allowed when used memory > 'maxmemory'. ",
+        ] {
+            assert!(redis_down(&answered(reply)), "{reply}");
+        }
+        for reply in [
+            "ERR user_script:43: attempt to compare nil with number script: 92ad, on @user_script:43.",
+            "WRONGTYPE Operation against a key holding the wrong kind of value script: 92ad, on @user_script:120.",
+            "ERR the queue has a concurrency of \"BOOM -OOM \" in its meta, not a number",
+        ] {
+            assert!(!redis_down(&answered(reply)), "{reply}");
+        }
+        let lost =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(redis_down(&lost));
     }
 }
