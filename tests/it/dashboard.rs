@@ -295,11 +295,7 @@ async fn a_destination_that_cannot_be_read_shows_why_and_the_rest_is_drawn() {
     assert_eq!(app.post_event(&event("bot", "one")).await.status, 200);
     assert!(app.sink.wait_for(2, Duration::from_secs(15)).await);
     let redis = app.redis.as_ref().expect("redis");
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
+    let mut conn = redis.connection().await;
     let _: () = redis::cmd("SET")
         .arg(format!("bull:{}.crm:wait", app.config.store.queue_name))
         .arg("not a list")

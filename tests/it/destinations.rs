@@ -1147,11 +1147,7 @@ async fn two_relays_on_one_redis_fan_out_once_per_destination() {
         assert_eq!((got.len(), unique.len()), (want, want), "each once");
     }
     // Each destination is a BullMQ queue of its own.
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
+    let mut conn = redis.connection().await;
     for name in ["crm", "warehouse", "ticketing"] {
         let key = format!("bull:cognigy-webhook-retries.{name}:meta");
         let exists: bool = redis::cmd("EXISTS")
@@ -1233,11 +1229,7 @@ async fn a_queue_a_relay_cannot_open_is_named_not_taken_for_empty() {
     };
     let (apps, id, _sinks) = dead_letter_of_extra(&redis, 1).await;
     // From now on Redis refuses every new connection.
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
+    let mut conn = redis.connection().await;
     max_clients(&mut conn, None).await;
     let a = &apps[0].0;
     let job = a.admin_get(&format!("/admin/jobs/{id}")).await;
@@ -1445,6 +1437,15 @@ fn bot_destination(name: &str, bot: &str, sink: &Sink) -> String {
     )
 }
 
+/// A file of `default` (every event) and `crm` (bot-a's), both at the sink.
+fn default_and_crm(sink: &Sink) -> String {
+    format!(
+        "[[destination]]\nname = \"default\"\nurl = \"{}\"\n{}",
+        sink.url(),
+        bot_destination("crm", "bot-a", sink)
+    )
+}
+
 /// A relay on `redis` with the destinations file `text`, written where a
 /// reload reads it again: the relay, the file's path, and the directory.
 async fn redis_relay_with_file(
@@ -1472,11 +1473,7 @@ async fn a_destination_whose_queue_cannot_open_refuses_only_its_own_events() {
     let sink = Sink::start().await.expect("sink");
     let crm = bot_destination("crm", "bot-a", &sink);
     let (mut app, file, _tmp) = redis_relay_with_file(&redis, &sink, &crm).await;
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
+    let mut conn = redis.connection().await;
     max_clients(&mut conn, None).await;
     let ops = format!("{crm}{}", bot_destination("ops", "bot-b", &sink));
     std::fs::write(&file, ops).expect("write");
@@ -1528,17 +1525,9 @@ async fn an_event_for_a_queue_a_tool_broke_is_refused_whole_and_alone() {
         return;
     };
     let sink = Sink::start().await.expect("sink");
-    let file = format!(
-        "[[destination]]\nname = \"default\"\nurl = \"{}\"\n{}",
-        sink.url(),
-        bot_destination("crm", "bot-a", &sink)
-    );
-    let (mut app, _file, _tmp) = redis_relay_with_file(&redis, &sink, &file).await;
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
+    let (mut app, _file, _tmp) =
+        redis_relay_with_file(&redis, &sink, &default_and_crm(&sink)).await;
+    let mut conn = redis.connection().await;
     let queue = &app.config.store.queue_name;
     let crm_meta = format!("bull:{queue}.crm:meta");
     let counter = format!("bull:{queue}:id");
@@ -1622,20 +1611,12 @@ async fn a_destination_that_cannot_be_read_is_a_row_with_its_error_in_the_comman
         return;
     };
     let sink = Sink::start().await.expect("sink");
-    let file = format!(
-        "[[destination]]\nname = \"default\"\nurl = \"{}\"\n{}",
-        sink.url(),
-        bot_destination("crm", "bot-a", &sink)
-    );
-    let (mut app, _file, _tmp) = redis_relay_with_file(&redis, &sink, &file).await;
+    let (mut app, _file, _tmp) =
+        redis_relay_with_file(&redis, &sink, &default_and_crm(&sink)).await;
     let taken = app.post_event(&event("bot-a", "both")).await;
     assert_eq!(taken.status, 200, "{}", taken.json);
     assert!(sink.wait_for(2, WAIT).await, "delivered");
-    let mut conn = redis::Client::open(redis.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
+    let mut conn = redis.connection().await;
     let queue = app.config.store.queue_name.clone();
     let _: () = redis::cmd("SET")
         .arg(format!("bull:{queue}.crm:wait"))

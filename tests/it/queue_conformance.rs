@@ -74,6 +74,18 @@ async fn delivered<Q: Queue>(q: &Q, job: cogrelay::queue::Leased) -> bool {
     .expect("finish")
 }
 
+/// Finishes `job` as failed for good (a dead letter); whether its lease
+/// still applied.
+async fn dead_lettered<Q: Queue>(q: &Q, job: cogrelay::queue::Leased) -> bool {
+    q.finish(
+        job,
+        attempt(1, AttemptOutcome::Failed),
+        Disposition::Failed { reason: "x".into() },
+    )
+    .await
+    .expect("finish")
+}
+
 async fn accepted<Q: Queue>(q: &Q, id: &str) -> String {
     match q.enqueue(ev(id)).await.expect("enqueue") {
         Enqueued::Accepted(id) => id,
@@ -148,15 +160,7 @@ async fn state_rules_of_retry_and_remove<Q: Queue>(q: &Q) {
         ),
         "an active job is not removed"
     );
-    let job = claimed.remove(0);
-    assert!(q
-        .finish(
-            job,
-            attempt(1, AttemptOutcome::Failed),
-            Disposition::Failed { reason: "x".into() }
-        )
-        .await
-        .expect("finish"));
+    assert!(dead_lettered(q, claimed.remove(0)).await);
     q.retry(&id).await.expect("a failed job is retried");
     let view = q.get(&id).await.expect("get");
     assert_eq!(
@@ -497,20 +501,9 @@ async fn a_retry_of_a_failed_id_whose_job_a_tool_deleted_drops_it() {
     let id = accepted(&q, "ghost").await;
     let kept = accepted(&q, "kept").await;
     for job in claim(&q, 2).await {
-        assert!(q
-            .finish(
-                job,
-                attempt(1, AttemptOutcome::Failed),
-                Disposition::Failed { reason: "x".into() }
-            )
-            .await
-            .expect("finish"));
+        assert!(dead_lettered(&q, job).await);
     }
-    let mut conn = redis::Client::open(server.url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
+    let mut conn = server.connection().await;
     let _: () = redis::cmd("DEL")
         .arg(format!("bull:conformance:{id}"))
         .query_async(&mut conn)

@@ -123,6 +123,15 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// A connection of the test's own (to look at or break the queue's keys).
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("conn")
+    }
+
     /// Kills the server (SIGKILL); data survives only through the AOF.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
