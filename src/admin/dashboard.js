@@ -10,7 +10,8 @@ let token = sessionStorage.getItem('cogrelay-admin-token') || '';
 
 async function api(path, method = 'GET') {
   const headers = token ? { Authorization: 'Bearer ' + token } : {};
-  const r = await fetch(path, { method, headers });
+  // A call that never ends would hold every later refresh (one at a time).
+  const r = await fetch(path, { method, headers, signal: AbortSignal.timeout(10000) });
   if (r.status === 401) {
     $('#auth').style.display = 'block';
     throw new Error('the admin API wants the token (ADMIN_TOKEN)');
@@ -159,7 +160,11 @@ async function refreshParts() {
   await part(async () => { pts = drawHistory(await api('/admin/history')); });
   await part(async () => drawDestinations(await api('/admin/destinations'), pts));
   await part(drawFailed);
-  $('#status').textContent = 'updated ' + new Date().toLocaleTimeString() + (errors.length ? ' (in part)' : '');
+  const when = new Date().toLocaleTimeString();
+  $('#status').textContent = errors.length === 4 ? 'not updated (' + when + ')'
+    : 'updated ' + when + (errors.length ? ' (in part)' : '');
+  // An action's error stays until the next action, or 10 s.
+  if (actionError && Date.now() - actionError.at < 10000) errors.unshift(actionError.text);
   $('#error').textContent = [...new Set(errors)].join('; ');
 }
 
@@ -188,11 +193,14 @@ async function drawFailed() {
   $('#next').disabled = to >= page.total;
 }
 
+let actionError = null;
 async function act(path, method) {
+  actionError = null;
   try {
     await api(path, method);
   } catch (e) {
-    $('#error').textContent = String(e.message || e);
+    actionError = { text: String(e.message || e), at: Date.now() };
+    $('#error').textContent = actionError.text;
   }
   refresh();
 }

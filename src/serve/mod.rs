@@ -235,7 +235,11 @@ fn admin_state(
 
 /// Each destination's pool started (its shared rate limit set first), and
 /// the ingress's lanes to them.
-async fn start_pools(pools: &mut Pools, queue: &Store, destinations: &DestinationSet) -> LaneSet {
+async fn start_pools(
+    pools: &mut Pools,
+    queue: &Arc<Store>,
+    destinations: &DestinationSet,
+) -> LaneSet {
     apply_rate_limits(queue, destinations).await;
     for d in &destinations.list {
         let started = pools.start(d);
@@ -349,12 +353,19 @@ async fn warn_of_orphans(queue: &Store, destinations: &DestinationSet) -> Vec<De
 /// Each destination's rate limit where the store keeps it for every relay
 /// (Redis: BullMQ's limit on its queue); a failure is a warning, the relay's
 /// own limit still holds.
-async fn apply_rate_limits(queue: &Store, destinations: &DestinationSet) {
+/// Each destination's shared rate limit, set side by side: while Redis hangs
+/// a start or a reload waits one bound (2 s), not one per destination.
+async fn apply_rate_limits(queue: &Arc<Store>, destinations: &DestinationSet) {
+    let mut sets = tokio::task::JoinSet::new();
     for d in &destinations.list {
-        if let Err(e) = queue.set_rate_limit(&d.name, d.delivery.rate_limit).await {
-            tracing::warn!(destination = %d.name, error = %e, "cannot set the rate limit in the store; each relay limits itself");
-        }
+        let (queue, name, limit) = (queue.clone(), d.name.clone(), d.delivery.rate_limit);
+        sets.spawn(async move {
+            if let Err(e) = queue.set_rate_limit(&name, limit).await {
+                tracing::warn!(destination = %name, error = %e, "cannot set the rate limit in the store; each relay limits itself");
+            }
+        });
     }
+    while sets.join_next().await.is_some() {}
 }
 
 fn log_destinations(destinations: &DestinationSet) {

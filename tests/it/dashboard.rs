@@ -98,6 +98,14 @@ async fn dashboard_shows_failed_jobs_escapes_payloads_and_retries() {
         v["pausedShown"], true,
         "Pause shown as paused, then resumed"
     );
+    // A refused action's error outlives the refreshes after it (the next
+    // one wiped it).
+    assert!(
+        v["actionError"]
+            .as_str()
+            .is_some_and(|e| e.contains("999999") && e.contains("not found")),
+        "{v}"
+    );
     assert!(app.sink.wait_for(3, Duration::from_secs(10)).await);
     assert!(app
         .sink

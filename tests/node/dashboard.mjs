@@ -49,6 +49,14 @@ await page.waitForFunction(() => {
   const td = document.querySelector('#destinations-table tbody tr[data-name="default"] td.paused');
   return td && td.textContent === 'no';
 }, null, { timeout: 10000 });
+// An action the relay refuses (what a Retry button does, for a job that is
+// gone): its error is still on the page after the refreshes that follow.
+await page.evaluate(() => act('/admin/jobs/999999/retry', 'POST'));
+for (let i = 0; i < 2; i += 1) {
+  const seen = await page.textContent('#status');
+  await page.waitForFunction((s) => document.querySelector('#status').textContent !== s, seen, { timeout: 10000 });
+}
+const actionError = (await page.textContent('#error')).trim();
 await page.screenshot({ path: shot, fullPage: true });
-console.log(JSON.stringify({ failedBefore, failedAfter, payloadText, pwned, dialogs, sparkline, rate, circuit, pausedShown }));
+console.log(JSON.stringify({ failedBefore, failedAfter, payloadText, pwned, dialogs, sparkline, rate, circuit, pausedShown, actionError }));
 await browser.close();

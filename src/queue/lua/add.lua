@@ -23,7 +23,7 @@ local meta = rcall("HMGET", KEYS[3], "paused", "concurrency", "max", "cg:openUnt
 -- A tool's concurrency that is not a number: refused before any write (Redis
 -- does not undo a script's writes when it fails midway).
 local limit = tonumber(meta[2])
-if meta[2] and (not limit or limit ~= limit) then
+if meta[2] and (not limit or limit ~= limit or limit == math.huge or limit == -math.huge) then
   return redis.error_reply("ERR the queue has a concurrency of \"" .. string.sub(meta[2], 1, 40) ..
     "\" in its meta, not a number: set a number (or delete the field) to take its events")
 end

@@ -38,8 +38,8 @@ local function lockRoom(prefix, dest)
     local r = -1
     if meta[2] then
       local limit = tonumber(meta[2])
-      -- (NaN is no number either: it would lift the limit unseen)
-      if not limit or limit ~= limit then
+      -- (nor are NaN and infinities: they would lift or freeze it unseen)
+      if not limit or limit ~= limit or limit == math.huge or limit == -math.huge then
         room[prefix] = "the queue of " .. dest .. " has a concurrency of \"" .. string.sub(meta[2], 1, 40) ..
           "\" in its meta, not a number: set a number (or delete the field) to take its events"
         return room[prefix]

@@ -159,7 +159,13 @@ impl RedisQueues {
             );
             tokio::spawn(async move { find_destinations(&base, &registry, &prefix).await });
         }
-        for name in registered.iter().filter_map(|d| DestinationName::parse(d)) {
+        // (`default` is the base queue: a registry entry of it, which a
+        // tool's `bull:<queue>.default:` keys could make, opens nothing)
+        for name in registered
+            .iter()
+            .filter_map(|d| DestinationName::parse(d))
+            .filter(|d| !d.is_default())
+        {
             queues.open(&name, false).await?;
         }
         Ok(queues)

@@ -322,11 +322,11 @@ fn redis_down(e: &redis::RedisError) -> bool {
     match e.kind() {
         // Before Redis 7, a command's refusal inside a script came back as
         // `ERR Error running script ... -OOM command not allowed ...`.
-        ErrorKind::Server(ServerErrorKind::ResponseError) => {
-            let text = e.to_string();
-            text.contains("Error running script")
-                && DOWN.iter().any(|code| text.contains(&format!("-{code} ")))
-        }
+        ErrorKind::Server(ServerErrorKind::ResponseError) => e.detail().is_some_and(|d| {
+            d.starts_with("max number of clients reached")
+                || (d.starts_with("Error running script")
+                    && DOWN.iter().any(|code| d.contains(&format!("-{code} "))))
+        }),
         ErrorKind::Extension => e.code().is_some_and(|code| DOWN.contains(&code)),
         ErrorKind::Parse | ErrorKind::UnexpectedReturnType => false,
         _ => true,
@@ -481,13 +481,14 @@ mod tests {
             "LOADING Redis is loading the dataset in memory",
             "NOAUTH Authentication required.",
             "ERR Error running script (call to f_1): @user_script:12: @user_script: 12: -OOM command not allowed when used memory > 'maxmemory'. ",
+            "ERR max number of clients reached",
         ] {
             assert!(redis_down(&answered(reply)), "{reply}");
         }
         for reply in [
             "ERR user_script:43: attempt to compare nil with number script: 92ad, on @user_script:43.",
             "WRONGTYPE Operation against a key holding the wrong kind of value script: 92ad, on @user_script:120.",
-            "ERR the queue has a concurrency of \"BOOM -OOM \" in its meta, not a number",
+            "ERR the queue has a concurrency of \"Error running script -OOM x\" in its meta, not a number",
         ] {
             assert!(!redis_down(&answered(reply)), "{reply}");
         }
