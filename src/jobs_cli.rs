@@ -306,6 +306,75 @@ async fn destination_rows(
     }
 }
 
+/// `cogrelay destinations` (list): JSON rows, or a table with each held key
+/// and each unreadable row's reason under it.
+fn destinations_listed(
+    rows: &[(DestinationName, Result<DestinationState, String>)],
+    json: bool,
+) -> String {
+    if json {
+        let list: Vec<Value> = rows
+            .iter()
+            .map(|(name, state)| match state {
+                Ok((counts, paused, held)) => json!({ "name": name, "paused": paused, "counts": counts, "held_keys": held }),
+                Err(why) => json!({ "name": name, "paused": null, "counts": null, "held_keys": null, "error": why }),
+            })
+            .collect();
+        return Value::from(list).to_string();
+    }
+    let mut t = format!(
+        "{:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}\n",
+        "DESTINATION", "PAUSED", "WAITING", "ACTIVE", "DELAYED", "COMPLETED", "FAILED", "HELD"
+    );
+    for (name, state) in rows {
+        let Ok((c, paused, held)) = state else {
+            let _ = writeln!(
+                t,
+                "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}",
+                "?", "?", "?", "?", "?", "?", "?"
+            );
+            continue;
+        };
+        let _ = writeln!(
+            t,
+            "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}",
+            if *paused { "yes" } else { "no" },
+            c.waiting,
+            c.active,
+            c.delayed,
+            c.completed,
+            c.failed,
+            held.len()
+        );
+    }
+    // Each held key: what holds it, and what to do; each row that
+    // could not be read: why.
+    for (name, state) in rows {
+        let held = match state {
+            Ok((_, _, held)) => held,
+            Err(why) => {
+                let _ = writeln!(t, "unreadable: {name}: {why}");
+                continue;
+            }
+        };
+        for h in held {
+            let _ = writeln!(
+                t,
+                "held: {name} key {:?} by failed job {} since {} (cogrelay jobs retry {} or remove {})",
+                h.key,
+                h.job_id,
+                crate::time::rfc3339(h.since_ms),
+                h.job_id,
+                h.job_id
+            );
+        }
+    }
+    if rows.is_empty() {
+        t.push_str("(no destination has jobs in this queue)\n");
+    }
+    t.trim_end().to_string()
+}
+
 /// `cogrelay destinations ...`.
 async fn destinations(
     q: &Store,
@@ -316,74 +385,7 @@ async fn destinations(
     let (name, paused) = match command {
         DestinationsCommand::List => {
             let rows = destination_rows(q, configured).await?;
-            if json {
-                let list: Vec<Value> = rows
-                    .iter()
-                    .map(|(name, state)| match state {
-                        Ok((counts, paused, held)) => json!({ "name": name, "paused": paused, "counts": counts, "held_keys": held }),
-                        Err(why) => json!({ "name": name, "paused": null, "counts": null, "held_keys": null, "error": why }),
-                    })
-                    .collect();
-                return Ok(Value::from(list).to_string());
-            }
-            let mut t = format!(
-                "{:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}\n",
-                "DESTINATION",
-                "PAUSED",
-                "WAITING",
-                "ACTIVE",
-                "DELAYED",
-                "COMPLETED",
-                "FAILED",
-                "HELD"
-            );
-            for (name, state) in &rows {
-                let Ok((c, paused, held)) = state else {
-                    let _ = writeln!(
-                        t,
-                        "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}",
-                        "?", "?", "?", "?", "?", "?", "?"
-                    );
-                    continue;
-                };
-                let _ = writeln!(
-                    t,
-                    "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}",
-                    if *paused { "yes" } else { "no" },
-                    c.waiting,
-                    c.active,
-                    c.delayed,
-                    c.completed,
-                    c.failed,
-                    held.len()
-                );
-            }
-            // Each held key: what holds it, and what to do; each row that
-            // could not be read: why.
-            for (name, state) in &rows {
-                let held = match state {
-                    Ok((_, _, held)) => held,
-                    Err(why) => {
-                        let _ = writeln!(t, "unreadable: {name}: {why}");
-                        continue;
-                    }
-                };
-                for h in held {
-                    let _ = writeln!(
-                        t,
-                        "held: {name} key {:?} by failed job {} since {} (cogrelay jobs retry {} or remove {})",
-                        h.key,
-                        h.job_id,
-                        crate::time::rfc3339(h.since_ms),
-                        h.job_id,
-                        h.job_id
-                    );
-                }
-            }
-            if rows.is_empty() {
-                t.push_str("(no destination has jobs in this queue)\n");
-            }
-            return Ok(t.trim_end().to_string());
+            return Ok(destinations_listed(&rows, json));
         }
         DestinationsCommand::Pause { name } => (name, true),
         DestinationsCommand::Resume { name } => (name, false),

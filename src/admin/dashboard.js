@@ -6,12 +6,17 @@
 const $ = (sel) => document.querySelector(sel);
 const LIMIT = 20;
 let offset = 0;
+// The last action's (or job view's) error, shown for 10 s over refreshes.
+let actionError = null;
 let token = sessionStorage.getItem('cogrelay-admin-token') || '';
 
 async function api(path, method = 'GET') {
   const headers = token ? { Authorization: 'Bearer ' + token } : {};
-  // A call that never ends would hold every later refresh (one at a time).
-  const r = await fetch(path, { method, headers, signal: AbortSignal.timeout(10000) });
+  // A look that never ends would hold every later refresh (one at a time);
+  // an action (a retry-all of many jobs) may take longer, and is not cut.
+  const opts = { method, headers };
+  if (method === 'GET' && typeof AbortSignal.timeout === 'function') opts.signal = AbortSignal.timeout(10000);
+  const r = await fetch(path, opts);
   if (r.status === 401) {
     $('#auth').style.display = 'block';
     throw new Error('the admin API wants the token (ADMIN_TOKEN)');
@@ -141,7 +146,9 @@ async function refresh() {
 
 async function refreshParts() {
   const errors = [];
+  let parts = 0;
   const part = async (draw) => {
+    parts += 1;
     try {
       await draw();
     } catch (e) {
@@ -161,7 +168,7 @@ async function refreshParts() {
   await part(async () => drawDestinations(await api('/admin/destinations'), pts));
   await part(drawFailed);
   const when = new Date().toLocaleTimeString();
-  $('#status').textContent = errors.length === 4 ? 'not updated (' + when + ')'
+  $('#status').textContent = errors.length === parts ? 'not updated (' + when + ')'
     : 'updated ' + when + (errors.length ? ' (in part)' : '');
   // An action's error stays until the next action, or 10 s.
   if (actionError && Date.now() - actionError.at < 10000) errors.unshift(actionError.text);
@@ -193,7 +200,6 @@ async function drawFailed() {
   $('#next').disabled = to >= page.total;
 }
 
-let actionError = null;
 async function act(path, method) {
   actionError = null;
   try {
@@ -225,7 +231,8 @@ async function show(id) {
     }
     $('#payload').textContent = JSON.stringify(job.payload, null, 2);
   } catch (e) {
-    $('#error').textContent = String(e.message || e);
+    actionError = { text: String(e.message || e), at: Date.now() };
+    $('#error').textContent = actionError.text;
   }
 }
 

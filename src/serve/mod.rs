@@ -352,9 +352,8 @@ async fn warn_of_orphans(queue: &Store, destinations: &DestinationSet) -> Vec<De
 
 /// Each destination's rate limit where the store keeps it for every relay
 /// (Redis: BullMQ's limit on its queue); a failure is a warning, the relay's
-/// own limit still holds.
-/// Each destination's shared rate limit, set side by side: while Redis hangs
-/// a start or a reload waits one bound (2 s), not one per destination.
+/// own limit still holds. Set side by side: while Redis hangs a start or a
+/// reload waits the bound of one try (2 s a step), not one per destination.
 async fn apply_rate_limits(queue: &Arc<Store>, destinations: &DestinationSet) {
     let mut sets = tokio::task::JoinSet::new();
     for d in &destinations.list {
@@ -365,7 +364,11 @@ async fn apply_rate_limits(queue: &Arc<Store>, destinations: &DestinationSet) {
             }
         });
     }
-    while sets.join_next().await.is_some() {}
+    while let Some(set) = sets.join_next().await {
+        if let Err(e) = set {
+            tracing::error!(error = %e, "setting a destination's rate limit failed unexpectedly; each relay limits itself");
+        }
+    }
 }
 
 fn log_destinations(destinations: &DestinationSet) {

@@ -840,6 +840,7 @@ async fn find_destinations(base: &BullQueue, registry: &str, prefix: &str) {
             .iter()
             .filter_map(|k| k.strip_prefix(&dotted)?.strip_suffix(":meta"))
             .filter_map(DestinationName::parse)
+            .filter(|d| !d.is_default())
         {
             let added: QueueResult<i64> = base
                 .raw(redis::cmd("SADD").arg(registry).arg(d.as_str()))
