@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Redis's own cost of the routed add script (`src/queue/lua/add_routed.lua`,
-# with `order.lua` and `dedup.lua` in front of it, as the relay loads it), at
-# each given git revision: `redis-benchmark` calls it with EVALSHA, 4 events
-# of 2 destinations per call (random dedup ids), and `INFO commandstats`
-# gives the microseconds per call, and the Redis commands the script ran per
-# call (a count: the same on any machine). Rounds alternate between the
+# with `order.lua`, `dedup.lua` and `limit.lua` in front of it, as the relay
+# loads it), at each given git revision: `redis-benchmark` calls it with
+# EVALSHA, 4 events of 2 destinations per call (random dedup ids), and `INFO
+# commandstats` gives the microseconds per call, and the Redis commands the
+# script ran per call (a count: the same on any machine). Rounds alternate between the
 # revisions; each round starts from an empty Redis. A private redis-server
 # on a free port, without persistence. The time is a timing: compare
 # revisions in one run, on a quiet machine, over many rounds.
@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --calls) calls=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) revs+=("$1"); shift ;;
   esac
 done
@@ -29,9 +29,17 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 redis-server --port "$port" --save '' --appendonly no --dir "$work" --daemonize yes \
   --pidfile "$work/redis.pid" >/dev/null
 trap 'redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+# Up within 5 s, or say so.
+for i in $(seq 51); do
+  redis-cli -p "$port" ping >/dev/null 2>&1 && break
+  [ "$i" -lt 51 ] || { echo "redis-server did not answer on port $port within 5 s" >&2; exit 1; }
+  sleep 0.1
+done
 for rev in "${revs[@]}"; do
-  for f in order dedup add_routed; do git show "$rev:src/queue/lua/$f.lua"; done > "$work/$(echo "$rev" | tr '/' '_').lua"
+  # (limit.lua: from this pass on)
+  for f in order dedup limit add_routed; do
+    git show "$rev:src/queue/lua/$f.lua" 2>/dev/null || [ "$f" = limit ]
+  done > "$work/$(echo "$rev" | tr '/' '_').lua"
 done
 # Four events, each: dedup id, data, opts, no lock, no key sharer, and 2
 # destinations (prefix, name, no ordering key, no hold).

@@ -327,24 +327,23 @@ fn destinations_listed(
         "DESTINATION", "PAUSED", "WAITING", "ACTIVE", "DELAYED", "COMPLETED", "FAILED", "HELD"
     );
     for (name, state) in rows {
-        let Ok((c, paused, held)) = state else {
-            let _ = writeln!(
-                t,
-                "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}",
-                "?", "?", "?", "?", "?", "?", "?"
-            );
-            continue;
+        // `?` for what cannot be read.
+        let cells = match state {
+            Ok((c, paused, held)) => [
+                (if *paused { "yes" } else { "no" }).to_string(),
+                c.waiting.to_string(),
+                c.active.to_string(),
+                c.delayed.to_string(),
+                c.completed.to_string(),
+                c.failed.to_string(),
+                held.len().to_string(),
+            ],
+            Err(_) => std::array::from_fn(|_| "?".to_string()),
         };
+        let [paused, waiting, active, delayed, completed, failed, held] = cells;
         let _ = writeln!(
             t,
-            "{name:<32} {:<7} {:>8} {:>7} {:>8} {:>10} {:>7} {:>5}",
-            if *paused { "yes" } else { "no" },
-            c.waiting,
-            c.active,
-            c.delayed,
-            c.completed,
-            c.failed,
-            held.len()
+            "{name:<32} {paused:<7} {waiting:>8} {active:>7} {delayed:>8} {completed:>10} {failed:>7} {held:>5}"
         );
     }
     // Each held key: what holds it, and what to do; each row that

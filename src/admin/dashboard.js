@@ -8,6 +8,10 @@ const LIMIT = 20;
 let offset = 0;
 // The last action's (or job view's) error, shown for 10 s over refreshes.
 let actionError = null;
+function shownError(e) {
+  actionError = { text: String(e.message || e), at: Date.now() };
+  $('#error').textContent = actionError.text;
+}
 let token = sessionStorage.getItem('cogrelay-admin-token') || '';
 
 async function api(path, method = 'GET') {
@@ -205,8 +209,7 @@ async function act(path, method) {
   try {
     await api(path, method);
   } catch (e) {
-    actionError = { text: String(e.message || e), at: Date.now() };
-    $('#error').textContent = actionError.text;
+    shownError(e);
   }
   refresh();
 }
@@ -231,8 +234,7 @@ async function show(id) {
     }
     $('#payload').textContent = JSON.stringify(job.payload, null, 2);
   } catch (e) {
-    actionError = { text: String(e.message || e), at: Date.now() };
-    $('#error').textContent = actionError.text;
+    shownError(e);
   }
 }
 

@@ -1276,11 +1276,7 @@ async fn a_hung_redis_gets_a_fast_503_with_a_destinations_file_too() {
         return;
     };
     let sink = Sink::start().await.expect("sink");
-    let crm = bot_destination("crm", "bot-a", &sink);
-    let (mut app, file, _tmp) = redis_relay_with_file(&redis, &sink, &crm).await;
-    let reply = app.post_event(&event("bot-a", "before")).await;
-    assert_eq!(reply.status, 200, "{}", reply.json);
-    redis.hang(true);
+    let (mut app, crm, file, _tmp) = crm_relay_then_hung(&redis, &sink).await;
     // Four senders, each posting every 25 ms for 4.5 s: the adds queued
     // behind a hung one fail with it, so none waits much past the 2 s bound
     // (each queued batch waited a bound of its own: about 4 s).
@@ -1368,11 +1364,7 @@ async fn a_reload_while_redis_hangs_routes_new_destinations_within_one_bound() {
         return;
     };
     let sink = Sink::start().await.expect("sink");
-    let crm = bot_destination("crm", "bot-a", &sink);
-    let (mut app, file, _tmp) = redis_relay_with_file(&redis, &sink, &crm).await;
-    let reply = app.post_event(&event("bot-a", "before")).await;
-    assert_eq!(reply.status, 200, "{}", reply.json);
-    redis.hang(true);
+    let (mut app, crm, file, _tmp) = crm_relay_then_hung(&redis, &sink).await;
     let names = ["x", "y", "z"];
     let mut text = crm.clone();
     for n in names {
@@ -1451,6 +1443,21 @@ async fn queues_of_different_destinations_open_side_by_side() {
         last < Duration::from_millis(3500),
         "the last open failed after {last:?}: behind the others' tries"
     );
+}
+
+/// A relay on `redis` whose file (written where a reload reads it) gives
+/// `crm` (bot-a's events), once it stored an event; then Redis hangs. The
+/// relay, crm's table, the file's path and its directory.
+async fn crm_relay_then_hung(
+    redis: &crate::redis_server::RedisServer,
+    sink: &Sink,
+) -> (TestApp, String, std::path::PathBuf, tempfile::TempDir) {
+    let crm = bot_destination("crm", "bot-a", sink);
+    let (app, file, tmp) = redis_relay_with_file(redis, sink, &crm).await;
+    let reply = app.post_event(&event("bot-a", "before")).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    redis.hang(true);
+    (app, crm, file, tmp)
 }
 
 /// Posts events of `bot` until one is refused (503): they are unrouted

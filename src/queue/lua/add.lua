@@ -22,10 +22,9 @@ local eventsKey = KEYS[5]
 local meta = rcall("HMGET", KEYS[3], "paused", "concurrency", "max", "cg:openUntil")
 -- A tool's concurrency that is not a number: refused before any write (Redis
 -- does not undo a script's writes when it fails midway).
-local limit = tonumber(meta[2])
-if meta[2] and (not limit or limit ~= limit or limit == math.huge or limit == -math.huge) then
-  return redis.error_reply("ERR the queue has a concurrency of \"" .. string.sub(meta[2], 1, 40) ..
-    "\" in its meta, not a number: set a number (or delete the field) to take its events")
+local limit, why = cgLimit(meta[2], "the queue")
+if why then
+  return redis.error_reply("ERR " .. why .. " to take its events")
 end
 local maxEvents = rcall("HGET", KEYS[3], "opts.maxLenEvents")
 if not maxEvents then
@@ -37,7 +36,7 @@ local pausedOrMaxed = meta[1] and true or false
 -- global rate limit (those go through the limiter in claim.lua), at most the
 -- room left under the global concurrency, else any (-1).
 local lockRoom = -1
-if meta[2] then
+if limit then
   local room = limit - rcall("LLEN", KEYS[2])
   if room <= 0 then
     pausedOrMaxed = true

@@ -36,14 +36,12 @@ local function lockRoom(prefix, dest)
   if room[prefix] == nil then
     local meta = rcall("HMGET", prefix .. "meta", "paused", "concurrency", "max", "cg:openUntil")
     local r = -1
-    if meta[2] then
-      local limit = tonumber(meta[2])
-      -- (nor are NaN and infinities: they would lift or freeze it unseen)
-      if not limit or limit ~= limit or limit == math.huge or limit == -math.huge then
-        room[prefix] = "the queue of " .. dest .. " has a concurrency of \"" .. string.sub(meta[2], 1, 40) ..
-          "\" in its meta, not a number: set a number (or delete the field) to take its events"
-        return room[prefix]
-      end
+    local limit, why = cgLimit(meta[2], "the queue of " .. dest)
+    if why then
+      room[prefix] = why .. " to take its events"
+      return room[prefix]
+    end
+    if limit then
       r = math.max(limit - rcall("LLEN", prefix .. "active"), 0)
     end
     if meta[1] or meta[3] or meta[4] then

@@ -29,12 +29,11 @@ local meta = rcall("HMGET", KEYS[7], "paused", "concurrency", "max", "duration",
 local paused = meta[1] and true or false
 local pausedFlag = paused and 1 or 0
 local room = tonumber(ARGV[4])
-if meta[2] then
-  local limit = tonumber(meta[2])
-  if not limit or limit ~= limit or limit == math.huge or limit == -math.huge then
-    return redis.error_reply("ERR the queue has a concurrency of \"" .. string.sub(meta[2], 1, 40) ..
-      "\" in its meta, not a number: set a number (or delete the field) to deliver its jobs")
-  end
+local limit, why = cgLimit(meta[2], "the queue")
+if why then
+  return redis.error_reply("ERR " .. why .. " to deliver its jobs")
+end
+if limit then
   room = math.min(room, limit - rcall("LLEN", KEYS[2]))
 end
 

@@ -130,7 +130,14 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
 async fn bounded<T, E: std::fmt::Display>(
     fut: impl Future<Output = Result<T, E>>,
 ) -> QueueResult<T> {
-    match tokio::time::timeout(REDIS_TIMEOUT, fut).await {
+    settled(tokio::time::timeout(REDIS_TIMEOUT, fut).await)
+}
+
+/// A call's outcome within [`REDIS_TIMEOUT`], as [`bounded`] answers it.
+fn settled<T, E: std::fmt::Display>(
+    res: Result<Result<T, E>, tokio::time::error::Elapsed>,
+) -> QueueResult<T> {
+    match res {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(unavailable(e)),
         Err(_) => Err(unavailable("no answer within 2 s")),
@@ -242,9 +249,13 @@ impl BullQueue {
             tokens: std::sync::atomic::AtomicU64::new(0),
             add: redis::Script::new(concat!(
                 include_str!("../lua/dedup.lua"),
+                include_str!("../lua/limit.lua"),
                 include_str!("../lua/add.lua")
             )),
-            claim: redis::Script::new(include_str!("../lua/claim.lua")),
+            claim: redis::Script::new(concat!(
+                include_str!("../lua/limit.lua"),
+                include_str!("../lua/claim.lua")
+            )),
             finish: redis::Script::new(concat!(
                 include_str!("../lua/order.lua"),
                 include_str!("../lua/finish.lua")

@@ -2,9 +2,9 @@
 //! them, the calls, and the pruning of completed jobs.
 
 use super::{
-    bounded, unavailable, Arc, BullQueue, DeliveryJob, Duration, Event, EventKey, EventKind,
-    JobState, QueueError, QueueResult, RedisConnection, Value, BREAKER_OPEN, JOB_NAME, KEEP_LOGS,
-    REDIS_TIMEOUT,
+    bounded, settled, unavailable, Arc, BullQueue, DeliveryJob, Duration, Event, EventKey,
+    EventKind, JobState, QueueError, QueueResult, RedisConnection, Value, BREAKER_OPEN, JOB_NAME,
+    KEEP_LOGS, REDIS_TIMEOUT,
 };
 
 /// What the add script did with one job.
@@ -168,11 +168,7 @@ impl BatchedScripts {
             Ok(Err(e)) => redis_down(e),
             Err(_) => true,
         });
-        match res {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable("no answer within 2 s")),
-        }
+        settled(res)
     }
 
     pub(super) async fn add(
