@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Redis's own cost of the routed add script (`src/queue/lua/add_routed.lua`,
-# with `order.lua`, `dedup.lua` and `limit.lua` in front of it, as the relay
+# with `order.lua`, `dedup.lua` and `check.lua` in front of it, as the relay
 # loads it), at each given git revision: `redis-benchmark` calls it with
 # EVALSHA, 4 events of 2 destinations per call (random dedup ids), and `INFO
 # commandstats` gives the microseconds per call, and the Redis commands the
@@ -36,9 +36,9 @@ for i in $(seq 51); do
   sleep 0.1
 done
 for rev in "${revs[@]}"; do
-  # (limit.lua: from this pass on)
-  for f in order dedup limit add_routed; do
-    git show "$rev:src/queue/lua/$f.lua" 2>/dev/null || [ "$f" = limit ]
+  # (check.lua: from this pass on)
+  for f in order dedup check add_routed; do
+    git show "$rev:src/queue/lua/$f.lua" 2>/dev/null || [ "$f" = check ]
   done > "$work/$(echo "$rev" | tr '/' '_').lua"
 done
 # Four events, each: dedup id, data, opts, no lock, no key sharer, and 2

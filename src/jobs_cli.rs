@@ -7,8 +7,10 @@
 //! and a running relay picks a retried job up within its 1 s idle poll).
 //! Redis: a plain BullMQ client of the same queue.
 //!
-//! Exit codes: 0 ok, 1 the queue cannot be reached, 2 a bad argument or an
-//! unknown job id.
+//! Exit codes: 0 ok (a destinations list with rows that cannot be read too:
+//! they say so, as the admin API's 200 does), 1 the queue cannot be reached,
+//! 2 a bad argument, 3 no such job or destination, 4 a state that does not
+//! allow the change.
 
 use std::fmt::Write as _;
 

@@ -25,7 +25,9 @@ async function api(path, method = 'GET') {
     $('#auth').style.display = 'block';
     throw new Error('the admin API wants the token (ADMIN_TOKEN)');
   }
-  const body = await r.json().catch(() => ({}));
+  // (an error's body may not be JSON; a good answer's must be, whole: one
+  // cut off by the time bound is an error, not an empty answer)
+  const body = await r.json().catch((e) => { if (r.ok) throw e; return {}; });
   if (!r.ok) throw new Error(body.error || r.status + ' ' + r.statusText);
   return body;
 }

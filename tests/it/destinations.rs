@@ -1562,9 +1562,10 @@ async fn a_destination_whose_queue_cannot_open_refuses_only_its_own_events() {
 /// On Redis, an event one of whose queues a tool broke (a `concurrency` in
 /// its meta that is not a number) is refused whole, before any write: none
 /// of its jobs is kept without its dedup record, so its resend, once the
-/// queue is mended, is stored and delivered once per destination. Other
-/// events are not refused with it, nor with a script that fails midway: an
-/// error Redis answered is not "Redis down", which opens the breaker.
+/// queue is mended, is stored and delivered once per destination; so is one
+/// whose queue has a key of another type. Other events are not refused with
+/// it, nor with a script that fails: an error Redis answered is not "Redis
+/// down", which opens the breaker.
 #[tokio::test]
 async fn an_event_for_a_queue_a_tool_broke_is_refused_whole_and_alone() {
     let Some(redis) = crate::redis_server::RedisServer::start(false) else {
@@ -1627,16 +1628,45 @@ async fn an_event_for_a_queue_a_tool_broke_is_refused_whole_and_alone() {
         before + 3,
         "one job per destination"
     );
-    // A key of crm's a tool made another type fails the script midway (this
-    // one is not checked before the writes): that batch's events are
-    // refused, the next event for `default` alone is not.
+    // A key of crm's queue a tool made another type: refused the same way,
+    // before any write (it failed the script midway, after default's job).
+    let events_key = format!("bull:{queue}.crm:events");
+    let _: () = redis::cmd("RENAME")
+        .arg(&events_key)
+        .arg("kept-events")
+        .query_async(&mut conn)
+        .await
+        .expect("rename");
     let _: () = redis::cmd("SET")
-        .arg(format!("bull:{queue}.crm:events"))
+        .arg(&events_key)
         .arg("not a stream")
         .query_async(&mut conn)
         .await
         .expect("set");
-    let failed = app.post_event(&event("bot-a", "wrong-type")).await;
+    let before = ids_given(&mut conn).await;
+    let wrong_type = event("bot-a", "wrong-type");
+    let refused = app.post_event(&wrong_type).await;
+    assert_eq!(refused.status, 503, "{}", refused.json);
+    assert_eq!(ids_given(&mut conn).await, before, "nothing written");
+    let _: () = redis::cmd("RENAME")
+        .arg("kept-events")
+        .arg(&events_key)
+        .query_async(&mut conn)
+        .await
+        .expect("mend");
+    let again = app.post_event(&wrong_type).await;
+    assert_eq!(again.json["status"], "accepted", "{}", again.json);
+    assert!(sink.wait_for(7, WAIT).await, "delivered: {}", sink.posts());
+    // A dedup record a tool made another type fails the script itself (it
+    // is not checked first): that event is refused, and the next event for
+    // `default` alone is not (Redis answered: no breaker).
+    let _: () = redis::cmd("RPUSH")
+        .arg(format!("bull:{queue}:de:cognigy-bot-a-broken-record"))
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .expect("rpush");
+    let failed = app.post_event(&event("bot-a", "broken-record")).await;
     let other = app.post_event(&event("bot-b", "default-only-2")).await;
     assert_eq!(failed.status, 503, "{}", failed.json);
     assert_eq!(

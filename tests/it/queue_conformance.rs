@@ -534,6 +534,49 @@ async fn a_retry_of_a_failed_id_whose_job_a_tool_deleted_drops_it() {
     assert_eq!(q.get(&kept).await.expect("get").state, JobState::Waiting);
 }
 
+/// On Redis, a fractional global concurrency (a tool's `1.5`) counts up for
+/// the events handed straight to the adding relay, as the claims count it:
+/// of six stored at once with a lease, two are leased (each was: the
+/// handoff's room went below zero, which meant no limit).
+#[tokio::test]
+async fn a_fractional_global_concurrency_counts_up_for_handoffs() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = std::sync::Arc::new(open_redis(&server).await);
+    let mut conn = server.connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg("bull:conformance:meta")
+        .arg("concurrency")
+        .arg("1.5")
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    let stores: Vec<_> = (0..6)
+        .map(|i| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let to =
+                    cogrelay::queue::Recipient::from(cogrelay::queue::DestinationName::DEFAULT);
+                q.store(
+                    ev(&format!("frac-{i}")),
+                    vec![to],
+                    Some(Duration::from_secs(30)),
+                )
+                .await
+                .expect("store")
+                .1
+                .len()
+            })
+        })
+        .collect();
+    let mut leased = 0;
+    for s in stores {
+        leased += s.await.expect("store");
+    }
+    assert_eq!(leased, 2, "handed off under a concurrency of 1.5");
+}
+
 /// The Redis store as the relay opens it (`queue::open`: every destination's
 /// BullMQ queue behind one store).
 pub(crate) async fn open_redis(

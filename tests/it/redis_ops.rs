@@ -440,8 +440,18 @@ async fn a_global_concurrency_set_by_a_bullmq_tool_is_kept() {
     // BullMQ's global concurrency (Queue.setGlobalConcurrency: `concurrency` on
     // the meta hash) bounds the active jobs of all workers together; events
     // handed straight to the local pool count too.
-    if !crate::redis_server::available() {
+    let Some(most) = most_active_under_concurrency("1").await else {
         return;
+    };
+    assert_eq!(most, 1, "at most one active job at a time");
+}
+
+/// The most jobs active at once while 6 events (each delivered in 150 ms)
+/// go through a relay whose queue has the global concurrency `value`
+/// (None: no redis-server to run it on).
+async fn most_active_under_concurrency(value: &str) -> Option<u64> {
+    if !crate::redis_server::available() {
+        return None;
     }
     let app = Arc::new(spawn_app_on(Backend::Redis, |_| {}).await);
     app.sink
@@ -451,7 +461,7 @@ async fn a_global_concurrency_set_by_a_bullmq_tool_is_kept() {
     let _: () = redis::cmd("HSET")
         .arg(format!("bull:{}:meta", app.config.store.queue_name))
         .arg("concurrency")
-        .arg(1)
+        .arg(value)
         .query_async(&mut conn)
         .await
         .expect("set global concurrency");
@@ -476,7 +486,53 @@ async fn a_global_concurrency_set_by_a_bullmq_tool_is_kept() {
     while let Some(status) = sends.join_next().await {
         assert_eq!(status.expect("task"), 200);
     }
-    assert_eq!(most, 1, "at most one active job at a time");
+    Some(most)
+}
+
+/// A key of the queue another program made another type (here `events`, a
+/// string): the add is refused before it writes anything, so once the key is
+/// mended the sender's resend is stored and delivered. (It wrote the job and
+/// its dedup record, then failed: the resend was answered "duplicate" and
+/// the event never delivered.)
+#[tokio::test]
+async fn a_queue_key_of_another_type_refuses_the_event_and_loses_nothing() {
+    if !crate::redis_server::available() {
+        return;
+    }
+    let app = spawn_app_on(Backend::Redis, |_| {}).await;
+    let port = app.redis.as_ref().expect("redis").port;
+    let mut conn = redis_conn(port).await;
+    let events = format!("bull:{}:events", app.config.store.queue_name);
+    let first = app.post_event(&event("kt", "first")).await;
+    assert_eq!(first.status, 200, "{}", first.json);
+    let _: () = redis::cmd("RENAME")
+        .arg(&events)
+        .arg("kept-events")
+        .query_async(&mut conn)
+        .await
+        .expect("rename");
+    let _: () = redis::cmd("SET")
+        .arg(&events)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+    let broken = event("kt", "while-broken");
+    let refused = app.post_event(&broken).await;
+    assert_eq!(refused.status, 503, "{}", refused.json);
+    let _: () = redis::cmd("RENAME")
+        .arg("kept-events")
+        .arg(&events)
+        .query_async(&mut conn)
+        .await
+        .expect("mend");
+    let again = app.post_event(&broken).await;
+    assert_eq!(again.json["status"], "accepted", "{}", again.json);
+    assert!(
+        app.sink.wait_for(2, Duration::from_secs(10)).await,
+        "delivered: {}",
+        app.sink.posts()
+    );
 }
 
 #[tokio::test]

@@ -26,6 +26,10 @@ local limit, why = cgLimit(meta[2], "the queue")
 if why then
   return redis.error_reply("ERR " .. why .. " to take its events")
 end
+local broken = cgBrokenKeys(prefix, "the queue")
+if broken then
+  return redis.error_reply("ERR " .. broken)
+end
 local maxEvents = rcall("HGET", KEYS[3], "opts.maxLenEvents")
 if not maxEvents then
   maxEvents = 10000

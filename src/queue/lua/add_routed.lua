@@ -20,7 +20,8 @@
   (l: added locked, w: added waiting), "d" with the first event's text
   (`destination=id,...`, or a plain id from a one-queue relay), or "e" with
   why it was refused: one of its queues' meta holds a `concurrency` that is
-  not a number (a tool's). Redis does not undo the writes of a script that
+  not a number, or a key it writes holds another type (`check.lua`, put in
+  front of this script). Redis does not undo the writes of a script that
   fails midway, so an event is checked whole before its first write: a
   failure midway would have kept some of its jobs without its dedup record,
   and its resend would have added them again.
@@ -40,6 +41,11 @@ local function lockRoom(prefix, dest)
     if why then
       room[prefix] = why .. " to take its events"
       return room[prefix]
+    end
+    local broken = cgBrokenKeys(prefix, "the queue of " .. dest)
+    if broken then
+      room[prefix] = broken
+      return broken
     end
     if limit then
       r = math.max(limit - rcall("LLEN", prefix .. "active"), 0)
@@ -76,10 +82,20 @@ while i <= #ARGV do
   local refused = false
   if not current then
     for k = 0, n - 1 do
-      local q = lockRoom(ARGV[first + 4 * k], ARGV[first + 4 * k + 1])
+      local at = first + 4 * k
+      local q = lockRoom(ARGV[at], ARGV[at + 1])
       if type(q) == "string" then
         refused = q
         break
+      end
+      if ARGV[at + 2] ~= "" then
+        local chain = ARGV[at] .. "cg:ok:" .. ARGV[at + 2]
+        local t = rcall("TYPE", chain)["ok"]
+        if t ~= "none" and t ~= "list" then
+          refused = "the queue of " .. ARGV[at + 1] .. "'s key " .. chain .. " is a " .. t ..
+            ", not a list (another program on these names?): rename or delete it"
+          break
+        end
       end
     end
   end

@@ -249,11 +249,11 @@ impl BullQueue {
             tokens: std::sync::atomic::AtomicU64::new(0),
             add: redis::Script::new(concat!(
                 include_str!("../lua/dedup.lua"),
-                include_str!("../lua/limit.lua"),
+                include_str!("../lua/check.lua"),
                 include_str!("../lua/add.lua")
             )),
             claim: redis::Script::new(concat!(
-                include_str!("../lua/limit.lua"),
+                include_str!("../lua/check.lua"),
                 include_str!("../lua/claim.lua")
             )),
             finish: redis::Script::new(concat!(

@@ -128,7 +128,7 @@ impl RedisQueues {
         let script = Arc::new(redis::Script::new(concat!(
             include_str!("../lua/order.lua"),
             include_str!("../lua/dedup.lua"),
-            include_str!("../lua/limit.lua"),
+            include_str!("../lua/check.lua"),
             include_str!("../lua/add_routed.lua")
         )));
         let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
