@@ -577,6 +577,67 @@ async fn a_fractional_global_concurrency_counts_up_for_handoffs() {
     assert_eq!(leased, 2, "handed off under a concurrency of 1.5");
 }
 
+/// On Redis, a one-queue add that fails at one event (a tool made its dedup
+/// record a list) leaves the batch's earlier jobs whole, in a list: their
+/// resends, answered as duplicates, name jobs that go out (they were written
+/// with their records and pushed at the end: left in no list, never
+/// delivered). And a tool's stream length the add cannot use is taken as
+/// BullMQ's default (it failed the add after its writes).
+#[tokio::test]
+async fn a_one_queue_add_that_fails_midway_leaves_no_job_out_of_its_lists() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = std::sync::Arc::new(open_redis(&server).await);
+    let mut conn = server.connection().await;
+    let _: () = redis::cmd("RPUSH")
+        .arg("bull:conformance:de:cognigy-b-broken")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .expect("rpush");
+    // The first goes alone; the others wait and go together, the broken
+    // one behind a good one.
+    let stores: Vec<_> = ["alone", "good", "broken", "after"]
+        .into_iter()
+        .map(|id| {
+            let q = q.clone();
+            tokio::spawn(async move { q.enqueue(ev(id)).await.is_ok() })
+        })
+        .collect();
+    for s in stores {
+        s.await.expect("store");
+    }
+    for id in ["alone", "good", "after"] {
+        let job = match q.enqueue(ev(id)).await.expect("resend") {
+            Enqueued::Accepted(job) | Enqueued::Duplicate(job) => job,
+        };
+        let listed: bool = redis::pipe()
+            .cmd("LPOS")
+            .arg("bull:conformance:wait")
+            .arg(&job)
+            .cmd("LPOS")
+            .arg("bull:conformance:active")
+            .arg(&job)
+            .query_async::<(Option<i64>, Option<i64>)>(&mut conn)
+            .await
+            .map(|(w, a)| w.is_some() || a.is_some())
+            .expect("lpos");
+        assert!(listed, "{id}: job {job} is in no list");
+    }
+    let _: () = redis::cmd("HSET")
+        .arg("bull:conformance:meta")
+        .arg("opts.maxLenEvents")
+        .arg("lots")
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    assert!(matches!(
+        q.enqueue(ev("long-stream")).await,
+        Ok(Enqueued::Accepted(_))
+    ));
+}
+
 /// The Redis store as the relay opens it (`queue::open`: every destination's
 /// BullMQ queue behind one store).
 pub(crate) async fn open_redis(

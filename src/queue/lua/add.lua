@@ -35,6 +35,11 @@ if not maxEvents then
   maxEvents = 10000
   rcall("HSET", KEYS[3], "opts.maxLenEvents", maxEvents)
 end
+-- (a tool's length that XADD would refuse midway: BullMQ's default instead)
+local n = tonumber(maxEvents)
+if not n or n < 0 or n ~= math.floor(n) or n == math.huge then
+  maxEvents = 10000
+end
 local pausedOrMaxed = meta[1] and true or false
 -- How many jobs may go straight to active: none while paused or under a
 -- global rate limit (those go through the limiter in claim.lua), at most the
@@ -52,11 +57,15 @@ if pausedOrMaxed or meta[3] or meta[4] then
   lockRoom = 0
 end
 local out = {}
--- Ids for the whole batch at once (as BullMQ, a duplicate uses up an id too);
--- the pushes to wait and active go out once at the end, in the same order.
+-- Ids for the whole batch at once (as BullMQ, a duplicate uses up an id too).
+-- Each job is pushed to wait or active as it is written: should the script
+-- fail at a later job (a tool's dedup record of another type), the jobs
+-- before it are whole, and their resends are duplicates of jobs that go
+-- out (pushed at the end, they stayed in no list, named by their records).
 local perJob = 7
 local nextId = rcall("INCRBY", KEYS[4], (#ARGV - 5) / perJob) - (#ARGV - 5) / perJob
-local toWait, toActive = {}, {}
+-- (whether a job went to wait: the marker wakes BullMQ's workers once)
+local waiting = false
 for i = 6, #ARGV, perJob do
   local deid, data, opts, token, lockMs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local bot, own = ARGV[i + 5], ARGV[i + 6]
@@ -105,23 +114,18 @@ for i = 6, #ARGV, perJob do
     rcall("XADD", eventsKey, "*", "event", "added", "jobId", jobId, "name", name)
     rcall("XADD", eventsKey, "MAXLEN", "~", maxEvents, "*", "event", "waiting", "jobId", jobId)
     if locked then
-      toActive[#toActive + 1] = jobId
+      rcall("LPUSH", KEYS[2], jobId)
       rcall("SET", jobKey .. ":lock", token, "PX", lockMs)
       rcall("XADD", eventsKey, "*", "event", "active", "jobId", jobId, "prev", "waiting")
       out[#out + 1] = {"l", jobId}
     else
-      toWait[#toWait + 1] = jobId
+      rcall("LPUSH", KEYS[1], jobId)
+      if not waiting and not pausedOrMaxed then
+        rcall("ZADD", KEYS[6], "0", "0")
+      end
+      waiting = true
       out[#out + 1] = {"a", jobId}
     end
-  end
-end
-if #toActive > 0 then
-  rcall("LPUSH", KEYS[2], unpack(toActive))
-end
-if #toWait > 0 then
-  rcall("LPUSH", KEYS[1], unpack(toWait))
-  if not pausedOrMaxed then
-    rcall("ZADD", KEYS[6], "0", "0")
   end
 end
 return out
