@@ -1631,29 +1631,13 @@ async fn an_event_for_a_queue_a_tool_broke_is_refused_whole_and_alone() {
     // A key of crm's queue a tool made another type: refused the same way,
     // before any write (it failed the script midway, after default's job).
     let events_key = format!("bull:{queue}.crm:events");
-    let _: () = redis::cmd("RENAME")
-        .arg(&events_key)
-        .arg("kept-events")
-        .query_async(&mut conn)
-        .await
-        .expect("rename");
-    let _: () = redis::cmd("SET")
-        .arg(&events_key)
-        .arg("not a stream")
-        .query_async(&mut conn)
-        .await
-        .expect("set");
+    crate::redis_server::break_key(&mut conn, &events_key).await;
     let before = ids_given(&mut conn).await;
     let wrong_type = event("bot-a", "wrong-type");
     let refused = app.post_event(&wrong_type).await;
     assert_eq!(refused.status, 503, "{}", refused.json);
     assert_eq!(ids_given(&mut conn).await, before, "nothing written");
-    let _: () = redis::cmd("RENAME")
-        .arg("kept-events")
-        .arg(&events_key)
-        .query_async(&mut conn)
-        .await
-        .expect("mend");
+    crate::redis_server::mend_key(&mut conn, &events_key).await;
     let again = app.post_event(&wrong_type).await;
     assert_eq!(again.json["status"], "accepted", "{}", again.json);
     wait_until("the resend delivered to both", WAIT, || async {

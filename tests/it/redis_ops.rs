@@ -508,27 +508,11 @@ async fn a_queue_key_of_another_type_refuses_the_event_and_loses_nothing() {
     // Finished before the key breaks (a finish writes to it too).
     app.wait_counts(Duration::from_secs(10), |c| c["completed"] == 1)
         .await;
-    let _: () = redis::cmd("RENAME")
-        .arg(&events)
-        .arg("kept-events")
-        .query_async(&mut conn)
-        .await
-        .expect("rename");
-    let _: () = redis::cmd("SET")
-        .arg(&events)
-        .arg("not a stream")
-        .query_async(&mut conn)
-        .await
-        .expect("set");
+    crate::redis_server::break_key(&mut conn, &events).await;
     let broken = event("kt", "while-broken");
     let refused = app.post_event(&broken).await;
     assert_eq!(refused.status, 503, "{}", refused.json);
-    let _: () = redis::cmd("RENAME")
-        .arg("kept-events")
-        .arg(&events)
-        .query_async(&mut conn)
-        .await
-        .expect("mend");
+    crate::redis_server::mend_key(&mut conn, &events).await;
     let again = app.post_event(&broken).await;
     assert_eq!(again.json["status"], "accepted", "{}", again.json);
     wait_until("the resend delivered", Duration::from_secs(10), || async {

@@ -170,3 +170,32 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// Puts a string where `key` (a stream, a list) was, kept aside under
+/// `<key>.kept`, as another program on the same names would;
+/// [`mend_key`] puts it back.
+pub async fn break_key(conn: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let _: () = redis::pipe()
+        .atomic()
+        .cmd("RENAME")
+        .arg(key)
+        .arg(format!("{key}.kept"))
+        .ignore()
+        .cmd("SET")
+        .arg(key)
+        .arg("another program's")
+        .ignore()
+        .query_async(conn)
+        .await
+        .expect("break");
+}
+
+/// `key` as it was before [`break_key`].
+pub async fn mend_key(conn: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let _: () = redis::cmd("RENAME")
+        .arg(format!("{key}.kept"))
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("mend");
+}
