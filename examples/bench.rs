@@ -1014,9 +1014,10 @@ fn relays_cpu_s(children: &[(Child, tempfile::TempDir)]) -> f64 {
         .sum()
 }
 
-/// What the scenario cost Redis: redis-server's CPU seconds, and its busiest
-/// commands (calls, µs per call), on stderr.
-async fn redis_report(redis: &Child, port: u16) {
+/// What the scenario cost Redis: redis-server's CPU seconds, the commands it
+/// ran per event sent (those scripts ran counted too: a count, steadier than
+/// its time), and its busiest commands (calls, µs per call), on stderr.
+async fn redis_report(redis: &Child, port: u16, events: usize) {
     let cpu = cpu_s(redis.id().unwrap_or(0));
     let info: String = match redis_conn(port).await {
         Ok(mut conn) => redis::cmd("INFO")
@@ -1046,10 +1047,23 @@ async fn redis_report(redis: &Child, port: u16) {
             ))
         })
         .collect();
+    let calls: f64 = info
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
+        .filter_map(|l| {
+            l.split_once("calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum();
     stats.sort_by(|a, b| b.0.total_cmp(&a.0));
     let top: Vec<String> = stats.into_iter().take(12).map(|(_, s)| s).collect();
     eprintln!(
-        "  redis-server: {cpu:.1} CPU s; busiest: {}",
+        "  redis-server: {cpu:.1} CPU s; {:.1} commands per event; busiest: {}",
+        calls / events.max(1) as f64,
         top.join("; ")
     );
 }
@@ -1238,7 +1252,7 @@ async fn run(
             ingest_cpu_us: None,
             copy_cpu_us: None,
         });
-        redis_report(&redis, redis_port).await;
+        redis_report(&redis, redis_port, events).await;
         for (child, _) in children {
             stop(child).await;
         }
@@ -1272,7 +1286,7 @@ async fn run(
         // The seed also POSTs its token request to the target host: one more post.
         let name = format!("seed Node relay (Bull, CONCURRENCY={concurrency})");
         rows.push(measure(&child, port, &sink, 1, name, events, connections).await?);
-        redis_report(&redis, redis_port).await;
+        redis_report(&redis, redis_port, events).await;
         stop(child).await;
         stop(redis).await;
     }

@@ -537,7 +537,8 @@ async fn a_retry_of_a_failed_id_whose_job_a_tool_deleted_drops_it() {
 /// On Redis, a fractional global concurrency (a tool's `1.5`) counts up for
 /// the events handed straight to the adding relay, as the claims count it:
 /// of six stored at once with a lease, two are leased (each was: the
-/// handoff's room went below zero, which meant no limit).
+/// handoff's room went below zero, which meant no limit). So for the
+/// one-queue add (`default` alone) and the routed one (`crm`).
 #[tokio::test]
 async fn a_fractional_global_concurrency_counts_up_for_handoffs() {
     let Some(server) = crate::redis_server::RedisServer::start(false) else {
@@ -545,21 +546,36 @@ async fn a_fractional_global_concurrency_counts_up_for_handoffs() {
     };
     let q = std::sync::Arc::new(open_redis(&server).await);
     let mut conn = server.connection().await;
-    let _: () = redis::cmd("HSET")
-        .arg("bull:conformance:meta")
-        .arg("concurrency")
-        .arg("1.5")
-        .query_async(&mut conn)
-        .await
-        .expect("hset");
+    for (name, meta) in [
+        ("default", "bull:conformance:meta"),
+        ("crm", "bull:conformance.crm:meta"),
+    ] {
+        let _: () = redis::cmd("HSET")
+            .arg(meta)
+            .arg("concurrency")
+            .arg("1.5")
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+        assert_eq!(
+            leased_of_six(&q, name).await,
+            2,
+            "{name}: handed off under 1.5"
+        );
+    }
+}
+
+/// How many of six events for destination `name`, stored at once with a
+/// lease, were handed straight back leased.
+async fn leased_of_six(q: &std::sync::Arc<cogrelay::queue::Store>, name: &str) -> usize {
     let stores: Vec<_> = (0..6)
         .map(|i| {
             let q = q.clone();
+            let name = cogrelay::queue::DestinationName::parse(name).expect("name");
             tokio::spawn(async move {
-                let to =
-                    cogrelay::queue::Recipient::from(cogrelay::queue::DestinationName::DEFAULT);
+                let to = cogrelay::queue::Recipient::from(name.clone());
                 q.store(
-                    ev(&format!("frac-{i}")),
+                    ev(&format!("frac-{name}-{i}")),
                     vec![to],
                     Some(Duration::from_secs(30)),
                 )
@@ -574,7 +590,7 @@ async fn a_fractional_global_concurrency_counts_up_for_handoffs() {
     for s in stores {
         leased += s.await.expect("store");
     }
-    assert_eq!(leased, 2, "handed off under a concurrency of 1.5");
+    leased
 }
 
 /// On Redis, a one-queue add that fails at one event (a tool made its dedup
@@ -636,6 +652,286 @@ async fn a_one_queue_add_that_fails_midway_leaves_no_job_out_of_its_lists() {
         q.enqueue(ev("long-stream")).await,
         Ok(Enqueued::Accepted(_))
     ));
+}
+
+/// Where job `id` of the conformance queue is listed: BullMQ's list or set
+/// that holds it, or `None` (in no list: never delivered, never listed). A
+/// key a test broke holds nothing.
+async fn listed_in(conn: &mut redis::aio::MultiplexedConnection, id: &str) -> Option<&'static str> {
+    for list in ["wait", "active"] {
+        let at: Option<i64> = redis::cmd("LPOS")
+            .arg(format!("bull:conformance:{list}"))
+            .arg(id)
+            .query_async(conn)
+            .await
+            .unwrap_or_default();
+        if at.is_some() {
+            return Some(list);
+        }
+    }
+    for set in ["delayed", "prioritized", "failed", "completed"] {
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(format!("bull:conformance:{set}"))
+            .arg(id)
+            .query_async(conn)
+            .await
+            .unwrap_or_default();
+        if score.is_some() {
+            return Some(set);
+        }
+    }
+    None
+}
+
+/// Makes `key` of the conformance queue a string, as another program on
+/// these names would; the key must not hold anything yet.
+async fn spoil(conn: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let set: bool = redis::cmd("SET")
+        .arg(format!("bull:conformance:{key}"))
+        .arg("another program's")
+        .arg("NX")
+        .query_async(conn)
+        .await
+        .expect("set");
+    assert!(set, "{key} held something");
+}
+
+async fn unspoil(conn: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let _: () = redis::cmd("DEL")
+        .arg(format!("bull:conformance:{key}"))
+        .query_async(conn)
+        .await
+        .expect("del");
+}
+
+/// Replaces job `id`'s hash with a string, as a tool might.
+async fn replace_hash(conn: &mut redis::aio::MultiplexedConnection, id: &str) {
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(format!("bull:conformance:{id}"))
+        .cmd("SET")
+        .arg(format!("bull:conformance:{id}"))
+        .arg("another program's")
+        .query_async(conn)
+        .await
+        .expect("set");
+}
+
+/// Event `id` stored for `default` in the order of one key; its job.
+async fn stored_in_order(q: &cogrelay::queue::Store, id: &str) -> String {
+    let to = cogrelay::queue::Recipient {
+        destination: cogrelay::queue::DestinationName::DEFAULT,
+        order: Some(cogrelay::queue::OrderKey {
+            key: "conversation".into(),
+            hold: false,
+        }),
+    };
+    let (routed, _) = q.store(ev(id), vec![to], None).await.expect("store");
+    routed.jobs[0].id.clone()
+}
+
+/// On Redis, a finish never takes a job out of active into no list: Redis
+/// keeps a failed script's writes, and the finish took the job out of
+/// active, then failed on a key a tool made a string (its set, its log,
+/// its hash), leaving it in no list (never delivered again, never listed).
+/// A job whose set is broken is refused alone, with its lease kept; the
+/// others of the queue finish (a completion while `failed` is broken).
+#[tokio::test]
+async fn a_finish_never_takes_a_job_out_of_active_into_a_key_a_tool_broke() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = open_redis(&server).await;
+    let mut conn = server.connection().await;
+    let long = Duration::from_secs(30);
+    let dead = accepted(&q, "dead").await;
+    let done = accepted(&q, "done").await;
+    let mut jobs = q.claim(2, long).await.expect("claim").jobs;
+    let job = jobs.pop().expect("done");
+    let dying = jobs.pop().expect("dead");
+    spoil(&mut conn, "failed").await;
+    let refused = q
+        .finish(
+            dying.clone_without_body(),
+            attempt(1, AttemptOutcome::Failed),
+            Disposition::Failed { reason: "x".into() },
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(QueueError::Unavailable(why)) if why.contains("failed is a string")),
+        "{refused:?}"
+    );
+    assert_eq!(listed_in(&mut conn, &dead).await, Some("active"), "failed");
+    assert!(delivered(&q, job).await, "a completion beside it");
+    assert_eq!(listed_in(&mut conn, &done).await, Some("completed"));
+    unspoil(&mut conn, "failed").await;
+    assert!(
+        dead_lettered(&q, dying).await,
+        "the lease is still the relay's"
+    );
+    assert_eq!(listed_in(&mut conn, &dead).await, Some("failed"));
+
+    // The completed set a string: a delivered job is finished all the same
+    // (not delivered again), outside it.
+    let unlisted = accepted(&q, "unlisted").await;
+    let job = q.claim(1, long).await.expect("claim").jobs.remove(0);
+    crate::redis_server::break_key(&mut conn, "bull:conformance:completed").await;
+    assert!(delivered(&q, job).await);
+    let finished: Option<String> = redis::cmd("HGET")
+        .arg(format!("bull:conformance:{unlisted}"))
+        .arg("finishedOn")
+        .query_async(&mut conn)
+        .await
+        .expect("hget");
+    assert!(finished.is_some(), "not finished");
+    assert_eq!(listed_in(&mut conn, &unlisted).await, None);
+    crate::redis_server::mend_key(&mut conn, "bull:conformance:completed").await;
+
+    // Its log, then its hash, a string: the log is left alone; the hash
+    // stops that job's writes once it is in its set (logged).
+    let logged = accepted(&q, "log").await;
+    let hashed = accepted(&q, "hash").await;
+    let mut jobs = q.claim(2, long).await.expect("claim").jobs;
+    spoil(&mut conn, &format!("{logged}:logs")).await;
+    let job = jobs.remove(0);
+    assert!(delivered(&q, job).await);
+    assert_eq!(listed_in(&mut conn, &logged).await, Some("completed"));
+    replace_hash(&mut conn, &hashed).await;
+    assert!(delivered(&q, jobs.remove(0)).await);
+    assert_eq!(listed_in(&mut conn, &hashed).await, Some("completed"));
+
+    // An ordered key's job, the marker a string: the key's next job goes to
+    // wait all the same (the marker is written after).
+    let ids = [
+        stored_in_order(&q, "first").await,
+        stored_in_order(&q, "next").await,
+    ];
+    let job = q.claim(2, long).await.expect("claim").jobs.remove(0);
+    crate::redis_server::break_key(&mut conn, "bull:conformance:marker").await;
+    assert!(delivered(&q, job).await);
+    assert_eq!(listed_in(&mut conn, &ids[0]).await, Some("completed"));
+    assert_eq!(listed_in(&mut conn, &ids[1]).await, Some("wait"), "next");
+    crate::redis_server::mend_key(&mut conn, "bull:conformance:marker").await;
+}
+
+/// On Redis, the other scripts that move a stored job from one list to
+/// another (a claim, a retry, a release, the stalled check) check the keys
+/// they may put it in, and those they write after a move, before they
+/// take any. Each of these, with `wait` (or `events`) a string a tool
+/// left, took the job out and failed to put it in (in no list). Refused,
+/// the job stays where it was, and once the key is deleted it goes on.
+#[tokio::test]
+async fn a_job_is_never_taken_out_of_a_list_into_a_key_a_tool_broke() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = open_redis(&server).await;
+    let mut conn = server.connection().await;
+    let long = Duration::from_secs(30);
+    // A retry falling due (delayed to wait), a failed job retried (failed
+    // to wait), a job given back (active to wait) and one whose relay died
+    // (active to wait, by the stalled check).
+    let due = accepted(&q, "due").await;
+    let failed = accepted(&q, "failed").await;
+    let given = accepted(&q, "given").await;
+    let stalled = accepted(&q, "stalled").await;
+    let mut jobs = q.claim(4, long).await.expect("claim").jobs;
+    assert_eq!(jobs.pop().expect("stalled").job.id, stalled);
+    let given_back = jobs.pop().expect("given").lease;
+    assert!(dead_lettered(&q, jobs.pop().expect("failed")).await);
+    let due_now = Disposition::RetryAt {
+        due_at_ms: now_ms(),
+        reason: "x".into(),
+    };
+    let retried = q.finish(
+        jobs.pop().expect("due"),
+        attempt(1, AttemptOutcome::Failed),
+        due_now,
+    );
+    assert!(retried.await.expect("finish"));
+    crate::redis_server::break_key(&mut conn, "bull:conformance:events").await;
+    assert!(q.claim(3, long).await.is_err(), "claim, events broken");
+    assert_eq!(listed_in(&mut conn, &due).await, Some("delayed"), "claim");
+    crate::redis_server::mend_key(&mut conn, "bull:conformance:events").await;
+    spoil(&mut conn, "wait").await;
+    assert!(q.claim(3, long).await.is_err(), "claim");
+    assert_eq!(listed_in(&mut conn, &due).await, Some("delayed"), "claim");
+    assert!(q.retry(&failed).await.is_err(), "retry");
+    assert_eq!(listed_in(&mut conn, &failed).await, Some("failed"), "retry");
+    // (a release that fails is logged: the lease runs out)
+    q.release(vec![given_back.clone()]).await.expect("release");
+    assert_eq!(
+        listed_in(&mut conn, &given).await,
+        Some("active"),
+        "release"
+    );
+    // The lease of a relay that died runs out. (Its count of stalls a tool
+    // made a text is left alone: the job goes back all the same.)
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(format!("bull:conformance:{stalled}:lock"))
+        .cmd("HSET")
+        .arg(format!("bull:conformance:{stalled}"))
+        .arg("stc")
+        .arg("many")
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    assert!(q.check_stalled().await.is_err(), "stalled check");
+    assert_eq!(
+        listed_in(&mut conn, &stalled).await,
+        Some("active"),
+        "stalled"
+    );
+
+    unspoil(&mut conn, "wait").await;
+    // (here, or by the store's own check in the background meanwhile)
+    q.check_stalled().await.expect("stalled check");
+    assert_eq!(
+        listed_in(&mut conn, &stalled).await,
+        Some("wait"),
+        "stalled"
+    );
+    q.retry(&failed).await.expect("retry");
+    q.release(vec![given_back]).await.expect("release");
+    let mut left = std::collections::BTreeSet::from([due, failed, given, stalled]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !left.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never delivered: {left:?}"
+        );
+        for job in q.claim(3, long).await.expect("claim").jobs {
+            left.remove(&job.job.id);
+            assert!(delivered(&q, job).await);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// On Redis, an ordered key whose first job's hash a tool replaced with
+/// another type moves on, as when the hash is deleted: the key's next event
+/// goes out (it was parked behind the broken head and, when the finish's
+/// look at heads and the add's differed, in no list), and the claim drops
+/// the broken job rather than fail on it.
+#[tokio::test]
+async fn an_ordered_key_whose_first_job_a_tool_replaced_moves_on() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = open_redis(&server).await;
+    let mut conn = server.connection().await;
+    let mut ids = Vec::new();
+    for id in ["first", "second"] {
+        ids.push(stored_in_order(&q, id).await);
+        if id == "first" {
+            replace_hash(&mut conn, &ids[0]).await;
+        }
+    }
+    assert_eq!(listed_in(&mut conn, &ids[1]).await, Some("wait"), "second");
+    let claimed = q.claim(2, Duration::from_secs(30)).await.expect("claim");
+    let claimed: Vec<&str> = claimed.jobs.iter().map(|j| j.job.id.as_str()).collect();
+    assert_eq!(claimed, [ids[1].as_str()]);
 }
 
 /// The Redis store as the relay opens it (`queue::open`: every destination's

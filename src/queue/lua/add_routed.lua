@@ -128,9 +128,10 @@ while i <= #ARGV do
       if okey ~= "" then
         local chain = prefix .. "cg:ok:" .. okey
         if rcall("RPUSH", chain, jobId) > 1 then
-          -- Ids of jobs a BullMQ tool removed are dropped from the front.
+          -- Ids of jobs a BullMQ tool removed (or whose hash it replaced:
+          -- as `cgHead`) are dropped from the front.
           local head = rcall("LINDEX", chain, 0)
-          while head ~= jobId and rcall("EXISTS", prefix .. head) == 0 do
+          while head ~= jobId and rcall("TYPE", prefix .. head)["ok"] ~= "hash" do
             rcall("LPOP", chain)
             head = rcall("LINDEX", chain, 0)
           end

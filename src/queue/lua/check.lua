@@ -1,11 +1,14 @@
 --[[
-  cogrelay: what the add and claim scripts check before their first write
-  (put in front of add.lua, add_routed.lua and claim.lua). Redis does not
-  undo a script's writes when it fails midway: an add that failed after
-  some of its writes kept jobs without their dedup record (a resend
-  delivered them again), or dedup records of jobs in no list (a resend was
-  answered "duplicate" and the event never delivered). A queue whose keys a
-  tool (or another program on the same names) broke is refused first.
+  cogrelay: what the scripts check before their first write (put in front
+  of add.lua, add_routed.lua, claim.lua, finish.lua, release.lua,
+  stalled.lua, retry_failed.lua and remove.lua). Redis does not undo a script's writes
+  when it fails midway: an add that failed after some of its writes kept
+  jobs without their dedup record (a resend delivered them again), or
+  dedup records of jobs in no list (a resend was answered "duplicate" and
+  the event never delivered); a script that took a job out of one list and
+  failed to put it in the next left it in none (never delivered, never
+  listed). A queue whose keys a tool (or another program on the same
+  names) broke is refused first.
 ]]
 
 -- The limit in `value` (the meta's `concurrency`; false when unset: no
@@ -24,18 +27,24 @@ local function cgLimit(value, whose)
     "\" in its meta, not a number: set a number (or delete the field)"
 end
 
--- Why `whose` queue (key prefix `prefix`) cannot take jobs, if a key the
--- adds write holds another type than BullMQ's, else nil.
-local cgKinds = { { "wait", "list" }, { "active", "list" }, { "events", "stream" },
-  { "marker", "zset" }, { "waiting-children", "zset" } }
-local function cgBrokenKeys(prefix, whose)
-  for _, k in ipairs(cgKinds) do
-    local key, kind = k[1], k[2]
-    local t = redis.call("TYPE", prefix .. key)["ok"]
-    if t ~= "none" and t ~= kind then
-      return whose .. "'s key " .. prefix .. key .. " is a " .. t .. ", not a " .. kind ..
+-- Why `whose` queue cannot be written, if one of `keys` ({key, type}
+-- pairs) holds another type than BullMQ's, else nil. A script that moves
+-- jobs checks the lists and sets it may put them in before it takes any.
+local function cgWrongType(keys, whose)
+  for _, k in ipairs(keys) do
+    local t = redis.call("TYPE", k[1])["ok"]
+    if t ~= "none" and t ~= k[2] then
+      return whose .. "'s key " .. k[1] .. " is a " .. t .. ", not a " .. k[2] ..
         " (another program on these names?): rename or delete it"
     end
   end
   return nil
+end
+
+-- Why `whose` queue (key prefix `prefix`) cannot take jobs, if a key the
+-- adds write holds another type than BullMQ's, else nil.
+local function cgBrokenKeys(prefix, whose)
+  return cgWrongType({ { prefix .. "wait", "list" }, { prefix .. "active", "list" },
+    { prefix .. "events", "stream" }, { prefix .. "marker", "zset" },
+    { prefix .. "waiting-children", "zset" } }, whose)
 end

@@ -30,6 +30,11 @@ local paused = meta[1] and true or false
 local pausedFlag = paused and 1 or 0
 local room = tonumber(ARGV[4])
 local limit, why = cgLimit(meta[2], "the queue")
+-- The lists a job is moved into (active, from wait or prioritized; wait or
+-- prioritized, from delayed), and the events and marker written after a
+-- move, before the first move.
+why = why or cgWrongType({ { KEYS[2], "list" }, { KEYS[1], "list" }, { KEYS[3], "zset" },
+  { eventsKey, "stream" }, { markerKey, "zset" }, { delayedKey, "zset" } }, "the queue")
 if why then
   return redis.error_reply("ERR " .. why .. " to deliver its jobs")
 end
@@ -47,18 +52,26 @@ if #due > 0 then
     ids[#ids + 1] = due[i]
   end
   rcall("ZREM", delayedKey, unpack(ids))
+  -- (every one taken off delayed above must reach wait: a job's hash or
+  -- the priority counter a tool made another type is read as none)
   for i = 1, #due, 2 do
     local jobId = due[i]
     local jobKey = prefix .. jobId
-    local priority = tonumber(rcall("HGET", jobKey, "priority")) or 0
+    local priority = tonumber(redis.pcall("HGET", jobKey, "priority")) or 0
+    if priority ~= priority or priority == math.huge or priority == -math.huge then
+      priority = 0
+    end
     if priority == 0 then
       rcall("LPUSH", KEYS[1], jobId)
     else
-      local c = rcall("INCR", KEYS[8])
+      local c = redis.pcall("INCR", KEYS[8])
+      if type(c) ~= "number" then
+        c = 0
+      end
       rcall("ZADD", KEYS[3], priority * 0x100000000 + c % 0x100000000, jobId)
     end
     rcall("XADD", eventsKey, "*", "event", "waiting", "jobId", jobId, "prev", "delayed")
-    rcall("HSET", jobKey, "delay", 0, "cg:due", math.floor(tonumber(due[i + 1]) / 0x1000))
+    redis.pcall("HSET", jobKey, "delay", 0, "cg:due", math.floor(tonumber(due[i + 1]) / 0x1000))
   end
   if not paused and room > 0 then
     rcall("ZADD", markerKey, "0", "0")
@@ -115,7 +128,7 @@ if not paused and room > 0 and fresh then
   local most, mostAtm = nil, 0
   for _, id in ipairs(rcall("LRANGE", KEYS[1], 0, 99)) do
     if string.sub(id, 1, 2) ~= "0:" then
-      local atm = tonumber(rcall("HGET", prefix .. id, "atm")) or 0
+      local atm = tonumber(redis.pcall("HGET", prefix .. id, "atm")) or 0
       if atm == 0 then
         firsts[#firsts + 1] = id
       else
@@ -181,7 +194,11 @@ if not paused then
       break
     end
     local jobKey = prefix .. jobId
-    local f = rcall("HMGET", jobKey, "data", "atm", "ats", "cg:ok")
+    -- (a job's hash a tool made another type is as gone as a removed one)
+    local f = redis.pcall("HMGET", jobKey, "data", "atm", "ats", "cg:ok")
+    if f.err then
+      f = {}
+    end
     if f[1] then
       if maxJobs and limitMs and rcall("INCR", KEYS[5]) == 1 then
         rcall("PEXPIRE", KEYS[5], math.floor(math.abs(limitMs)))
@@ -197,7 +214,8 @@ if not paused then
       jobs[#jobs + 1] = f[2] or "0"
       jobs[#jobs + 1] = f[4] and "1" or "0"
     else
-      -- An id whose job was removed: drop it rather than deliver nothing.
+      -- An id whose job was removed: drop it rather than deliver nothing
+      -- (or hold up every claim after it).
       rcall("LREM", KEYS[2], -1, jobId)
     end
   end

@@ -13,11 +13,12 @@
 ]]
 
 -- The live head of `chain`: ids whose job is gone (removed by a BullMQ tool,
--- not by cogrelay) are dropped from the front.
+-- not by cogrelay, or its hash replaced by another type) are dropped from
+-- the front.
 local function cgHead(prefix, chain)
   while true do
     local head = redis.call("LINDEX", chain, 0)
-    if not head or redis.call("EXISTS", prefix .. head) == 1 then
+    if not head or redis.call("TYPE", prefix .. head)["ok"] == "hash" then
       return head
     end
     redis.call("LPOP", chain)

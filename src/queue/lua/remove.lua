@@ -16,6 +16,11 @@ end
 if rcall("EXISTS", jobKey .. ":lock") == 1 then
   return 0
 end
+-- Where an ordered key's next job goes once this one leaves (`check.lua`).
+local broken = cgWrongType({ { prefix .. "wait", "list" } }, "the queue")
+if broken then
+  return redis.error_reply("ERR " .. broken .. " to remove a job")
+end
 local f = rcall("HMGET", jobKey, "deid", "cg:ok")
 if f[2] then
   cgLeave(prefix, f[2], jobId)

@@ -8,11 +8,17 @@
     KEYS[5] marker, KEYS[6] events
     ARGV[1] key prefix, ARGV[2] batch size, ARGV[3] timestamp (ms),
     ARGV[4] (optional) the one job to move, if it is failed
-  An id whose hash is gone (a tool deleted it) leaves the set, not moved.
+  An id whose hash is gone (a tool deleted it, or replaced it with another
+  type) leaves the set, not moved.
   Returns {taken, moved}: the ids taken off the set (fewer than the batch
   size: none left) and how many of them went back to wait.
 ]]
 local rcall = redis.call
+local broken = cgWrongType({ { KEYS[2], "list" }, { KEYS[5], "zset" }, { KEYS[6], "stream" } },
+  "the queue")
+if broken then
+  return redis.error_reply("ERR " .. broken .. " to retry its failed jobs")
+end
 local jobs
 if ARGV[4] then
   jobs = rcall("ZSCORE", KEYS[1], ARGV[4]) and { ARGV[4] } or {}
@@ -23,10 +29,11 @@ if #jobs == 0 then
   return { 0, 0 }
 end
 local maxEvents = rcall("HGET", KEYS[3], "opts.maxLenEvents") or 10000
+local meta = rcall("HMGET", KEYS[3], "paused", "concurrency")
 local moved = {}
 for _, jobId in ipairs(jobs) do
   local jobKey = ARGV[1] .. jobId
-  if rcall("EXISTS", jobKey) == 1 then
+  if rcall("TYPE", jobKey)["ok"] == "hash" then
     rcall("HDEL", jobKey, "finishedOn", "processedOn", "failedReason")
     rcall("HSET", jobKey, "atm", 0, "ats", 0, "cg:due", ARGV[3])
     rcall("XADD", KEYS[6], "MAXLEN", "~", maxEvents, "*", "event", "waiting",
@@ -39,11 +46,12 @@ if #moved == 0 then
   return { #jobs, 0 }
 end
 rcall("LPUSH", KEYS[2], unpack(moved))
-local meta = rcall("HMGET", KEYS[3], "paused", "concurrency")
--- (a tool's concurrency that is not a number must not fail the script after
--- its moves: Redis would keep them and answer an error)
+-- (a tool's concurrency that is not a number, or an active list of another
+-- type, must not fail the script after its moves: Redis would keep them
+-- and answer an error)
 local limit = tonumber(meta[2])
-local maxed = limit and rcall("LLEN", KEYS[4]) >= limit
+local active = redis.pcall("LLEN", KEYS[4])
+local maxed = limit and type(active) == "number" and active >= limit
 if not meta[1] and not maxed then
   rcall("ZADD", KEYS[5], 0, "0")
 end

@@ -18,14 +18,21 @@
   Returns how many jobs went back.
 ]]
 local rcall = redis.call
+local broken = cgWrongType({ { KEYS[2], "list" }, { KEYS[6], "stream" } }, "the queue")
+if broken then
+  return redis.error_reply("ERR " .. broken .. " to put back the jobs of a relay that died")
+end
 local moved = {}
 for _, jobId in ipairs(rcall("LRANGE", KEYS[1], 0, -1)) do
   local jobKey = ARGV[1] .. jobId
   if rcall("EXISTS", jobKey .. ":lock") == 0 then
     if rcall("LREM", KEYS[1], 1, jobId) > 0 then
-      rcall("SREM", KEYS[3], jobId)
+      -- (BullMQ's stalled set, which cogrelay does not read: one a tool
+      -- made another type is left alone)
+      redis.pcall("SREM", KEYS[3], jobId)
       if rcall("EXISTS", jobKey) == 1 then
-        rcall("HINCRBY", jobKey, "stc", 1)
+        -- (a count a tool made a text is left: the job must reach wait)
+        redis.pcall("HINCRBY", jobKey, "stc", 1)
         rcall("RPUSH", KEYS[2], jobId)
         rcall("XADD", KEYS[6], "*", "event", "stalled", "jobId", jobId)
         rcall("XADD", KEYS[6], "*", "event", "waiting", "jobId", jobId, "prev", "active")

@@ -326,7 +326,7 @@ impl BullQueue {
     /// reset), by `lua/retry_failed.lua`, which also keeps when the job went
     /// back to wait (its age there).
     pub(super) async fn retry(&self, id: &str) -> QueueResult<()> {
-        let state = match self.state_of(id).await {
+        let mut state = match self.state_of(id).await {
             Err(QueueError::NotFound(_)) => {
                 // An id left in the failed set by a tool that deleted its
                 // hash leaves the set (as retry-all drops it): still a 404,
@@ -338,13 +338,22 @@ impl BullQueue {
             }
             state => state?,
         };
-        state.check_retry(id)?;
-        if self.move_failed(Some(id)).await?.1 == 1 {
-            return Ok(());
+        // No longer failed since the state was read: why not, unless it
+        // failed again since (another operator's retry, delivered and
+        // failed in between): then it is moved now.
+        for _ in 0..3 {
+            state.check_retry(id)?;
+            if self.move_failed(Some(id)).await?.1 == 1 {
+                return Ok(());
+            }
+            state = self.state_of(id).await?;
         }
-        // No longer failed since the state was read: why not.
-        self.state_of(id).await?.check_retry(id)?;
-        Err(QueueError::NotFound(id.to_string()))
+        state.check_retry(id)?;
+        Err(QueueError::WrongState {
+            id: id.to_string(),
+            state: state.as_str(),
+            hint: "other retries moved it first, and it failed again each time; try again",
+        })
     }
 
     pub(super) async fn retry_all_failed(&self) -> QueueResult<u64> {

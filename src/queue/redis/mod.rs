@@ -107,7 +107,7 @@ pub(crate) struct BullQueue {
     port: tokio::sync::OnceCell<bull::Queue>,
     hot: Arc<BatchedScripts>,
     adds: Batcher<NewJob, Added>,
-    finishes: Batcher<Finished, bool>,
+    finishes: Batcher<Finished, QueueResult<bool>>,
     opts: RedisOptions,
     /// The relay's upkeep of the queue (see `upkeep`): none for a tool.
     maintenance: Option<tokio::task::JoinHandle<()>>,
@@ -258,17 +258,26 @@ impl BullQueue {
             )),
             finish: redis::Script::new(concat!(
                 include_str!("../lua/order.lua"),
+                include_str!("../lua/check.lua"),
                 include_str!("../lua/finish.lua")
             )),
             extend: redis::Script::new(include_str!("../lua/extend.lua")),
-            release: redis::Script::new(include_str!("../lua/release.lua")),
-            retry_failed: redis::Script::new(include_str!("../lua/retry_failed.lua")),
+            release: redis::Script::new(concat!(
+                include_str!("../lua/check.lua"),
+                include_str!("../lua/release.lua")
+            )),
+            retry_failed: redis::Script::new(concat!(
+                include_str!("../lua/check.lua"),
+                include_str!("../lua/retry_failed.lua")
+            )),
             stalled: redis::Script::new(concat!(
                 include_str!("../lua/order.lua"),
+                include_str!("../lua/check.lua"),
                 include_str!("../lua/stalled.lua")
             )),
             remove: redis::Script::new(concat!(
                 include_str!("../lua/order.lua"),
+                include_str!("../lua/check.lua"),
                 include_str!("../lua/remove.lua")
             )),
             breaker: Breaker::default(),
@@ -497,7 +506,7 @@ impl BullQueue {
                 reason,
                 due_at_ms,
             })
-            .await
+            .await?
     }
 
     pub(super) async fn release(&self, leases: Vec<LeaseRef>) -> QueueResult<()> {

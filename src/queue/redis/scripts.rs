@@ -204,7 +204,11 @@ impl BatchedScripts {
             .collect())
     }
 
-    pub(super) async fn finish(&self, jobs: Vec<Finished>) -> QueueResult<Vec<bool>> {
+    /// Per job: done, or the lock was not the caller's any more (false), or
+    /// refused (the set a failure or a retry goes to is of another type:
+    /// nothing of it written, its lock kept). What could not be written of
+    /// jobs that are done (a key a tool broke) is logged.
+    pub(super) async fn finish(&self, jobs: Vec<Finished>) -> QueueResult<Vec<QueueResult<bool>>> {
         let mut call = self.prepare(
             &self.finish,
             &[
@@ -230,8 +234,38 @@ impl BatchedScripts {
                 .arg(j.due_at_ms)
                 .arg(j.attempts_made + 1);
         }
-        let out: Vec<i64> = self.invoke(&call).await?;
-        Ok(out.into_iter().map(|d| d == 1).collect())
+        let (out, late): (Vec<redis::Value>, Option<String>) = self.invoke(&call).await?;
+        if let Some(late) = late {
+            // A key a tool broke: at each finish until mended, so warned of
+            // once in 10 s (the rest at debug).
+            static WARNED_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+            let now = crate::queue::now_ms();
+            let last = WARNED_MS.load(std::sync::atomic::Ordering::Relaxed);
+            if now - last >= 10_000
+                && WARNED_MS
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                tracing::warn!(queue = %self.prefix, "a finish could not write all it should (logged once in 10 s): {late}");
+            } else {
+                tracing::debug!(queue = %self.prefix, "{late}");
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|d| match d {
+                redis::Value::Int(d) => Ok(d == 1),
+                why => Err(QueueError::Unavailable(
+                    redis::from_redis_value::<String>(why)
+                        .unwrap_or_else(|e| format!("a finish answered {e}")),
+                )),
+            })
+            .collect())
     }
 }
 
@@ -419,6 +453,9 @@ pub(super) async fn upkeep(hot: Arc<BatchedScripts>, keep: i64, lock_ms: u64) {
     let script = redis::Script::new(PRUNE_COMPLETED_LUA);
     let stalled_every = Duration::from_millis((lock_ms / 2).max(1000));
     let mut last_stalled = std::time::Instant::now();
+    // A check refused (a key a tool broke) or failing (Redis down) is
+    // warned of once a minute, not at each look.
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut conn = hot.conn.connection();
@@ -432,7 +469,12 @@ pub(super) async fn upkeep(hot: Arc<BatchedScripts>, keep: i64, lock_ms: u64) {
         if last_stalled.elapsed() >= stalled_every {
             last_stalled = std::time::Instant::now();
             if let Err(e) = hot.put_back_stalled().await {
-                tracing::debug!(error = %e, "checking for stalled jobs");
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    warned = Some(std::time::Instant::now());
+                    tracing::warn!(queue = %prefix, error = %e, "cannot put back the jobs of a relay that died (checked again every half lease; this is logged once a minute)");
+                } else {
+                    tracing::debug!(error = %e, "checking for stalled jobs");
+                }
             }
         }
     }
