@@ -88,7 +88,9 @@
 //!   has copied all of it. So when the WAL passes [`WAL_RESTART_BYTES`] (or a
 //!   quarter of `COGRELAY_MAX_DB_BYTES`, or a 64th of the file system), the
 //!   writer itself runs a RESTART checkpoint between two batches, when
-//!   nothing new is being appended. The WAL stays within a few times that
+//!   nothing new is being appended; the PASSIVE checkpoints wait meanwhile
+//!   (SQLite refuses a RESTART at once, without its busy handler, while
+//!   another checkpoint runs). The WAL stays within a few times that
 //!   size under any load, and a quiet store (nothing stored or completed
 //!   since the last maintenance) truncates it.
 //! * The main file: `auto_vacuum=INCREMENTAL`, and maintenance gives free
