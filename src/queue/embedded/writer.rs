@@ -222,11 +222,14 @@ pub(super) fn open_connection(path: &Path, fsync: Fsync) -> rusqlite::Result<Con
 /// Checkpoints the WAL into the main file off the commit path, until `stop`
 /// (looked at every 50 ms at most, so that a closed store is soon left
 /// alone), as often as [`Cadence`] says from `committed`, the writer's count
-/// of committed operations. Not while the WAL is past `restart_bytes`: the
-/// writer's RESTART between two batches is then due, and a RESTART that
-/// finds this checkpoint running is refused at once (busy), so under a
-/// checkpoint every 10 ms on a loaded machine the WAL grew past its bound
-/// (79 MB for 64 in one run of `disk::a_300k_backlog_…`).
+/// of committed operations. Not while writes go on and the WAL is past
+/// `restart_bytes` (the writer's connection cuts the file back to that size
+/// when the log starts over, `journal_size_limit`): the writer's RESTART
+/// between two batches is then due, and a RESTART that finds this
+/// checkpoint running is refused at once (busy), so under a checkpoint
+/// every 10 ms on a loaded machine the WAL grew past its bound (79 MB for
+/// 64 in one run of `disk::a_300k_backlog_…`). The 500 ms one still runs
+/// (a writer with nothing to do tries no RESTART).
 pub(super) fn spawn_checkpointer(
     path: PathBuf,
     fsync: Fsync,
@@ -246,7 +249,8 @@ pub(super) fn spawn_checkpointer(
                 std::thread::sleep(tick);
                 if !cadence.looked(tick, committed.load(Ordering::Relaxed))
                     || stop.load(Ordering::Acquire)
-                    || std::fs::metadata(&wal_path).is_ok_and(|m| m.len() > restart_bytes)
+                    || (cadence.busy
+                        && std::fs::metadata(&wal_path).is_ok_and(|m| m.len() > restart_bytes))
                 {
                     continue;
                 }
