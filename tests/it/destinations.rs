@@ -1381,17 +1381,21 @@ async fn a_reload_while_redis_hangs_routes_new_destinations_within_one_bound() {
             let poster = app.poster();
             let bot = format!("bot-{n}");
             tokio::spawn(async move {
-                for i in 0.. {
-                    match poster.post(&event(&bot, &format!("new-{i}"))).await {
-                        503 => return reloaded.elapsed(),
-                        // (unrouted: the file is not applied yet)
-                        200 => {}
-                        other => panic!("{bot}: {other}"),
+                let mut i = 0;
+                wait_until(&format!("{bot} routed"), WAIT, || {
+                    i += 1;
+                    let (poster, bot) = (&poster, &bot);
+                    async move {
+                        match poster.post(&event(bot, &format!("new-{i}"))).await {
+                            503 => true,
+                            // (unrouted: the file is not applied yet)
+                            200 => false,
+                            other => panic!("{bot}: {other}"),
+                        }
                     }
-                    assert!(reloaded.elapsed() < WAIT, "{bot} never routed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                unreachable!()
+                })
+                .await;
+                reloaded.elapsed()
             })
         })
         .collect();

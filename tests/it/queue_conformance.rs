@@ -894,19 +894,22 @@ async fn a_job_is_never_taken_out_of_a_list_into_a_key_a_tool_broke() {
     );
     q.retry(&failed).await.expect("retry");
     q.release(vec![given_back]).await.expect("release");
-    let mut left = std::collections::BTreeSet::from([due, failed, given, stalled]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !left.is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never delivered: {left:?}"
-        );
-        for job in q.claim(3, long).await.expect("claim").jobs {
-            left.remove(&job.job.id);
-            assert!(delivered(&q, job).await);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let left = std::sync::Mutex::new(std::collections::BTreeSet::from([
+        due, failed, given, stalled,
+    ]));
+    let (q, left) = (&q, &left);
+    wait_until(
+        "due, failed, given and stalled delivered",
+        Duration::from_secs(10),
+        || async move {
+            for job in q.claim(3, long).await.expect("claim").jobs {
+                left.lock().expect("left").remove(&job.job.id);
+                assert!(delivered(q, job).await);
+            }
+            left.lock().expect("left").is_empty()
+        },
+    )
+    .await;
 }
 
 /// On Redis, an ordered key whose first job's hash a tool replaced with

@@ -60,6 +60,12 @@ pub(super) struct Space {
     pub(super) promised_stale: bool,
     /// The relay's reserve file; `None` for a tool.
     reserve: Option<Reserve>,
+    /// Held by the background checkpoint while it runs, and by the
+    /// writer's RESTART: SQLite refuses a checkpoint at once (busy, without
+    /// its busy handler) while another one runs, so the RESTART waits for
+    /// the running one instead of failing (the WAL grew past its bound, 64
+    /// MB, under load).
+    pub(super) checkpoints: std::sync::Arc<std::sync::Mutex<()>>,
     /// `disk_bytes` as last read, for the `/metrics` gauge.
     pub(super) shown: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -111,6 +117,7 @@ impl Space {
             promised: 0,
             promised_stale: false,
             shown: Default::default(),
+            checkpoints: Default::default(),
             reserve: relay.then(|| Reserve {
                 path: data_dir.join(RESERVE_FILE),
                 file: None,
@@ -144,8 +151,9 @@ impl Space {
         let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let mut wal = size(&self.wal_path);
         if wal > self.wal_restart_bytes {
-            // Busy (1), e.g. while the background checkpoint holds its lock,
-            // or readers outlast the busy timeout: again after the next batch.
+            // Busy (1) when readers outlast the busy timeout (or another
+            // process checkpoints): again after the next batch.
+            let _one = self.checkpoints.lock().unwrap_or_else(|e| e.into_inner());
             match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)) {
                 Ok(0) => wal = size(&self.wal_path),
                 Ok(_) => tracing::debug!("wal restart: busy; again after the next batch"),

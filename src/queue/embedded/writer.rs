@@ -229,12 +229,15 @@ pub(super) fn open_connection(path: &Path, fsync: Fsync) -> rusqlite::Result<Con
 /// checkpoint running is refused at once (busy), so under a checkpoint
 /// every 10 ms on a loaded machine the WAL grew past its bound (79 MB for
 /// 64 in one run of `disk::a_300k_backlog_…`). The 500 ms one still runs
-/// (a writer with nothing to do tries no RESTART).
+/// (a writer with nothing to do tries no RESTART). One that is running when
+/// the RESTART comes is waited for (`one_at_a_time`, `Space::checkpoints`).
 pub(super) fn spawn_checkpointer(
     path: PathBuf,
     fsync: Fsync,
     stop: Arc<AtomicBool>,
-    (committed, restart_bytes): (Arc<AtomicU64>, u64),
+    committed: Arc<AtomicU64>,
+    restart_bytes: u64,
+    one_at_a_time: Arc<std::sync::Mutex<()>>,
 ) -> Option<std::thread::JoinHandle<()>> {
     let wal_path = PathBuf::from(format!("{}-wal", path.display()));
     std::thread::Builder::new()
@@ -254,6 +257,7 @@ pub(super) fn spawn_checkpointer(
                 {
                     continue;
                 }
+                let _one = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::debug!(error = %e, "wal checkpoint");
                 }
@@ -322,7 +326,9 @@ pub(super) fn spawn_writer(
             path.to_path_buf(),
             fsync,
             stop_checkpoints.clone(),
-            (writer.committed.clone(), writer.space.wal_restart_bytes),
+            writer.committed.clone(),
+            writer.space.wal_restart_bytes,
+            writer.space.checkpoints.clone(),
         )
     } else {
         None

@@ -281,6 +281,8 @@ impl BullQueue {
                 include_str!("../lua/remove.lua")
             )),
             breaker: Breaker::default(),
+            finish_warned: scripts::Throttle::every(10_000),
+            stalled_warned: scripts::Throttle::every(60_000),
         });
         let ttl_ms = opts.settings.dedup_ttl.as_millis() as u64;
         let h = hot.clone();

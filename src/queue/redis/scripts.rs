@@ -109,6 +109,37 @@ pub(super) struct BatchedScripts {
     pub(super) remove: redis::Script,
     /// The adds' circuit breaker.
     pub(super) breaker: Breaker,
+    /// Warnings of a key a tool broke, which come at each finish (or each
+    /// stalled check) until it is mended: at most one a period per queue.
+    pub(super) finish_warned: Throttle,
+    pub(super) stalled_warned: Throttle,
+}
+
+/// Lets a repeated warning through at most once per `every_ms` of a clock
+/// that never goes back (`Clock::mono_ms`; the rest go to debug).
+pub(super) struct Throttle {
+    every_ms: i64,
+    last_ms: std::sync::atomic::AtomicI64,
+}
+
+impl Throttle {
+    pub(super) const fn every(every_ms: i64) -> Self {
+        Throttle {
+            every_ms,
+            last_ms: std::sync::atomic::AtomicI64::new(i64::MIN / 2),
+        }
+    }
+
+    /// Whether this one, at `now` (ms), goes out.
+    pub(super) fn due(&self, now: i64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last_ms.load(Relaxed);
+        now - last >= self.every_ms
+            && self
+                .last_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+    }
 }
 
 impl BatchedScripts {
@@ -236,21 +267,7 @@ impl BatchedScripts {
         }
         let (out, late): (Vec<redis::Value>, Option<String>) = self.invoke(&call).await?;
         if let Some(late) = late {
-            // A key a tool broke: at each finish until mended, so warned of
-            // once in 10 s (the rest at debug).
-            static WARNED_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-            let now = crate::queue::now_ms();
-            let last = WARNED_MS.load(std::sync::atomic::Ordering::Relaxed);
-            if now - last >= 10_000
-                && WARNED_MS
-                    .compare_exchange(
-                        last,
-                        now,
-                        std::sync::atomic::Ordering::Relaxed,
-                        std::sync::atomic::Ordering::Relaxed,
-                    )
-                    .is_ok()
-            {
+            if self.finish_warned.due(self.clock.mono_ms()) {
                 tracing::warn!(queue = %self.prefix, "a finish could not write all it should (logged once in 10 s): {late}");
             } else {
                 tracing::debug!(queue = %self.prefix, "{late}");
@@ -453,9 +470,6 @@ pub(super) async fn upkeep(hot: Arc<BatchedScripts>, keep: i64, lock_ms: u64) {
     let script = redis::Script::new(PRUNE_COMPLETED_LUA);
     let stalled_every = Duration::from_millis((lock_ms / 2).max(1000));
     let mut last_stalled = std::time::Instant::now();
-    // A check refused (a key a tool broke) or failing (Redis down) is
-    // warned of once a minute, not at each look.
-    let mut warned: Option<std::time::Instant> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut conn = hot.conn.connection();
@@ -469,8 +483,8 @@ pub(super) async fn upkeep(hot: Arc<BatchedScripts>, keep: i64, lock_ms: u64) {
         if last_stalled.elapsed() >= stalled_every {
             last_stalled = std::time::Instant::now();
             if let Err(e) = hot.put_back_stalled().await {
-                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    warned = Some(std::time::Instant::now());
+                // (a key a tool broke, or Redis down: at each look)
+                if hot.stalled_warned.due(hot.clock.mono_ms()) {
                     tracing::warn!(queue = %prefix, error = %e, "cannot put back the jobs of a relay that died (checked again every half lease; this is logged once a minute)");
                 } else {
                     tracing::debug!(error = %e, "checking for stalled jobs");
@@ -506,6 +520,14 @@ mod tests {
             Ok(redis::Value::ServerError(e)) => e.into(),
             other => panic!("not an error reply: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_throttled_warning_goes_out_once_a_period() {
+        let t = super::Throttle::every(60_000);
+        assert!(t.due(0), "the first");
+        assert!(!t.due(59_999), "the next, within the period");
+        assert!(t.due(60_000), "a period later");
     }
 
     #[test]
