@@ -698,4 +698,46 @@ mod tests {
         // The first look's own operation, and the three.
         assert_eq!(count().await.unwrap() - before, 4);
     }
+
+    /// The WAL whose size restarts it and counts toward the cap is the file
+    /// SQLite writes: in a data dir whose name is not UTF-8, and beside the
+    /// file a store that is a symbolic link points to.
+    #[tokio::test]
+    async fn the_store_finds_its_wal_under_any_name() {
+        use std::os::unix::ffi::OsStrExt;
+        let root = tempfile::tempdir().unwrap();
+        let odd = root.path().join(std::ffi::OsStr::from_bytes(b"data-\xff\xfe"));
+        std::fs::create_dir(&odd).unwrap();
+        let linked = root.path().join("linked");
+        let elsewhere = root.path().join("elsewhere");
+        std::fs::create_dir(&linked).unwrap();
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("store.db"), b"").unwrap();
+        std::os::unix::fs::symlink(elsewhere.join("store.db"), linked.join(super::DB_FILE))
+            .unwrap();
+        for dir in [&odd, &linked] {
+            let q = EmbeddedQueue::open(EmbeddedOptions {
+                data_dir: dir.clone(),
+                fsync: Fsync::Off,
+                max_db_bytes: 0,
+                settings: QueueSettings {
+                    dedup_ttl: Duration::from_secs(60),
+                    remove_on_complete: 100,
+                },
+                access: Access::Relay,
+                clock: Clock::system(),
+            })
+            .unwrap();
+            q.call(|conn, _| {
+                conn.execute_batch("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1);")
+                    .map_err(|e| crate::queue::QueueError::Unavailable(e.to_string()))
+            })
+            .await
+            .unwrap();
+            let wal = super::space::wal_path(&dir.join(super::DB_FILE));
+            let size = std::fs::metadata(&wal).map(|m| m.len());
+            assert!(size.as_ref().is_ok_and(|n| *n > 0), "{wal:?}: {size:?}");
+            drop(q);
+        }
+    }
 }

@@ -110,7 +110,7 @@ impl Space {
         let base = (2 * wal_restart_bytes + STEP).max((total / 64).clamp(STEP, 64 * STEP));
         let mut space = Self {
             db_path: db_path.to_path_buf(),
-            wal_path: PathBuf::from(format!("{}-wal", db_path.display())),
+            wal_path: wal_path(db_path),
             disk_bytes: 0,
             max_bytes,
             wal_restart_bytes,
@@ -309,6 +309,18 @@ impl Reserve {
             self.allocated = to;
         }
     }
+}
+
+/// The store's WAL file, where SQLite puts it: beside the database's file,
+/// symbolic links resolved, its name's bytes as they are (a `display()`
+/// would replace bytes that are not UTF-8, and the WAL's size, read from
+/// a file that does not exist, would never restart it).
+pub(super) fn wal_path(db_path: &Path) -> PathBuf {
+    let mut name = std::fs::canonicalize(db_path)
+        .unwrap_or_else(|_| db_path.to_path_buf())
+        .into_os_string();
+    name.push("-wal");
+    PathBuf::from(name)
 }
 
 /// Allocates by writing, where the file system cannot allocate blocks.

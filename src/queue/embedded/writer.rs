@@ -239,7 +239,7 @@ pub(super) fn spawn_checkpointer(
     restart_bytes: u64,
     one_at_a_time: Arc<std::sync::Mutex<()>>,
 ) -> Option<std::thread::JoinHandle<()>> {
-    let wal_path = PathBuf::from(format!("{}-wal", path.display()));
+    let wal_path = super::space::wal_path(&path);
     std::thread::Builder::new()
         .name("cogrelay-checkpoint".into())
         .spawn(move || {
