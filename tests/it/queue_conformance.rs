@@ -719,10 +719,15 @@ async fn replace_hash(conn: &mut redis::aio::MultiplexedConnection, id: &str) {
 
 /// Event `id` stored for `default` in the order of one key; its job.
 async fn stored_in_order(q: &cogrelay::queue::Store, id: &str) -> String {
+    stored_in_order_of(q, id, "conversation").await
+}
+
+/// Event `id` stored for `default` in the order of `key`; its job.
+async fn stored_in_order_of(q: &cogrelay::queue::Store, id: &str, key: &str) -> String {
     let to = cogrelay::queue::Recipient {
         destination: cogrelay::queue::DestinationName::DEFAULT,
         order: Some(cogrelay::queue::OrderKey {
-            key: "conversation".into(),
+            key: key.into(),
             hold: false,
         }),
     };
@@ -912,6 +917,49 @@ async fn a_job_is_never_taken_out_of_a_list_into_a_key_a_tool_broke() {
     .await;
 }
 
+/// On Redis, the stalled check never fails after its moves: a marker a tool
+/// broke refuses it whole (it put the jobs back, then failed: answered an
+/// error), and the sweep of parked jobs that follows skips a job whose
+/// hash a tool replaced (it failed there at every round, and the keys
+/// behind it were never looked at: a parked job whose key's first job a
+/// tool deleted waited for ever).
+#[tokio::test]
+async fn the_stalled_check_is_refused_whole_or_done_whole() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = open_redis(&server).await;
+    let mut conn = server.connection().await;
+    let mut ordered = Vec::new();
+    for (id, key) in [("h2", "k2"), ("p2", "k2"), ("h1", "k1"), ("p1", "k1")] {
+        ordered.push(stored_in_order_of(&q, id, key).await);
+    }
+    let (p2, h1, p1) = (ordered[1].clone(), ordered[2].clone(), ordered[3].clone());
+    let died = accepted(&q, "died").await;
+    let claimed = q.claim(3, Duration::from_secs(30)).await.expect("claim");
+    assert!(claimed.jobs.iter().any(|j| j.job.id == died), "claimed");
+    let _: () = redis::cmd("DEL")
+        .arg(format!("bull:conformance:{died}:lock"))
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    unspoil(&mut conn, "marker").await;
+    spoil(&mut conn, "marker").await;
+    assert!(q.check_stalled().await.is_err(), "marker broken");
+    assert_eq!(listed_in(&mut conn, &died).await, Some("active"));
+    unspoil(&mut conn, "marker").await;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("bull:conformance:{h1}"))
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    replace_hash(&mut conn, &p2).await;
+    // (here, or by the store's own check in the background meanwhile)
+    q.check_stalled().await.expect("stalled check");
+    assert_eq!(listed_in(&mut conn, &died).await, Some("wait"), "died");
+    assert_eq!(listed_in(&mut conn, &p1).await, Some("wait"), "p1");
+}
+
 /// On Redis, an ordered key whose first job's hash a tool replaced with
 /// another type moves on, as when the hash is deleted: the key's next event
 /// goes out (it was parked behind the broken head and, when the finish's
@@ -935,6 +983,85 @@ async fn an_ordered_key_whose_first_job_a_tool_replaced_moves_on() {
     let claimed = q.claim(2, Duration::from_secs(30)).await.expect("claim");
     let claimed: Vec<&str> = claimed.jobs.iter().map(|j| j.job.id.as_str()).collect();
     assert_eq!(claimed, [ids[1].as_str()]);
+}
+
+/// On Redis, a job id counter a tool set back (or deleted) never gives a
+/// stored job's id to a new one: the add would have written the new event
+/// over the stored job's hash (the first event's body merged away, its
+/// dedup record naming the new one's). Both adds: the one-queue add
+/// (`default` only) and the routed add (a destination's queue).
+#[tokio::test]
+async fn a_counter_a_tool_set_back_never_gives_a_stored_jobs_id_again() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = open_redis(&server).await;
+    let mut conn = server.connection().await;
+    let crm = cogrelay::queue::DestinationName::parse("crm").expect("name");
+    for (to, prefix) in [
+        (None, "bull:conformance:"),
+        (Some(&crm), "bull:conformance.crm:"),
+    ] {
+        let (first_event, second_event) = (format!("first-{prefix}"), format!("second-{prefix}"));
+        let (first, _) = added(&q, to, &first_event).await;
+        let before = job_data(&mut conn, prefix, &first).await;
+        let _: () = redis::cmd("SET")
+            .arg("bull:conformance:id")
+            .arg(first.parse::<i64>().expect("a number") - 1)
+            .query_async(&mut conn)
+            .await
+            .expect("set");
+        let (second, _) = added(&q, to, &second_event).await;
+        assert_ne!(second, first, "{prefix}: a stored job's id given again");
+        assert_eq!(
+            job_data(&mut conn, prefix, &first).await,
+            before,
+            "{prefix}"
+        );
+        assert!(
+            job_data(&mut conn, prefix, &second)
+                .await
+                .contains(&second_event),
+            "{prefix}"
+        );
+        assert_eq!(added(&q, to, &first_event).await, (first, true), "{prefix}");
+        assert_eq!(
+            added(&q, to, &second_event).await,
+            (second, true),
+            "{prefix}"
+        );
+    }
+}
+
+/// Event `id` added for `to` (`None`: the one-queue add), with its job and
+/// whether it was a duplicate.
+async fn added(
+    q: &cogrelay::queue::Store,
+    to: Option<&cogrelay::queue::DestinationName>,
+    id: &str,
+) -> (String, bool) {
+    match to {
+        None => match q.enqueue(ev(id)).await.expect("enqueue") {
+            Enqueued::Accepted(job) => (job, false),
+            Enqueued::Duplicate(job) => (job, true),
+        },
+        Some(d) => {
+            let to = cogrelay::queue::Recipient::from(d.clone());
+            let (routed, _) = q.store(ev(id), vec![to], None).await.expect("store");
+            (routed.jobs[0].id.clone(), routed.duplicate)
+        }
+    }
+}
+
+/// The `data` field of job `id` of the queue at `prefix`.
+async fn job_data(conn: &mut redis::aio::MultiplexedConnection, prefix: &str, id: &str) -> String {
+    let data: Option<String> = redis::cmd("HGET")
+        .arg(format!("{prefix}{id}"))
+        .arg("data")
+        .query_async(conn)
+        .await
+        .expect("hget");
+    data.expect("a job's data")
 }
 
 /// The Redis store as the relay opens it (`queue::open`: every destination's

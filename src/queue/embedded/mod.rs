@@ -706,7 +706,9 @@ mod tests {
     async fn the_store_finds_its_wal_under_any_name() {
         use std::os::unix::ffi::OsStrExt;
         let root = tempfile::tempdir().unwrap();
-        let odd = root.path().join(std::ffi::OsStr::from_bytes(b"data-\xff\xfe"));
+        let odd = root
+            .path()
+            .join(std::ffi::OsStr::from_bytes(b"data-\xff\xfe"));
         std::fs::create_dir(&odd).unwrap();
         let linked = root.path().join("linked");
         let elsewhere = root.path().join("elsewhere");

@@ -48,3 +48,14 @@ local function cgBrokenKeys(prefix, whose)
     { prefix .. "events", "stream" }, { prefix .. "marker", "zset" },
     { prefix .. "waiting-children", "zset" } }, whose)
 end
+
+-- Id `id` for a new job of the queue at `prefix`, or the counter's next ones
+-- while a job already has it: a counter a tool set back (or deleted) would
+-- have an add write over a stored job's hash (its event merged away).
+local function cgFreeId(prefix, counter, id)
+  local jobId = string.format("%d", id)
+  while redis.call("EXISTS", prefix .. jobId) == 1 do
+    jobId = string.format("%d", redis.call("INCR", counter))
+  end
+  return jobId
+end

@@ -15,10 +15,12 @@
   (`cg:held`): one whose failed first job is gone (a tool cleaned the failed
   jobs) or was retried is no longer held (it leaves the set), and its next
   job goes.
-  Returns how many jobs went back.
+  Returns {how many jobs went back, nil or why the sweeps stopped (a key a
+  tool made another type: the jobs put back stay in wait)}.
 ]]
 local rcall = redis.call
-local broken = cgWrongType({ { KEYS[2], "list" }, { KEYS[6], "stream" } }, "the queue")
+local broken = cgWrongType({ { KEYS[2], "list" }, { KEYS[5], "zset" }, { KEYS[6], "stream" } },
+  "the queue")
 if broken then
   return redis.error_reply("ERR " .. broken .. " to put back the jobs of a relay that died")
 end
@@ -41,9 +43,11 @@ for _, jobId in ipairs(rcall("LRANGE", KEYS[1], 0, -1)) do
     end
   end
 end
-if #moved > 0 and not rcall("HGET", KEYS[4], "paused") then
+-- (a meta a tool made another type is not paused: the jobs are in wait)
+if #moved > 0 and redis.pcall("HGET", KEYS[4], "paused") == false then
   rcall("ZADD", KEYS[5], 0, "0")
 end
+local function sweep()
 local from = tonumber(rcall("GET", ARGV[1] .. "cg:sweep")) or 0
 local parked = rcall("ZRANGE", ARGV[1] .. "waiting-children", from, from + 99)
 if #parked < 100 then
@@ -52,8 +56,9 @@ else
   rcall("SET", ARGV[1] .. "cg:sweep", from + 100)
 end
 for _, jobId in ipairs(parked) do
-  local key = rcall("HGET", ARGV[1] .. jobId, "cg:ok")
-  if key then
+  -- (a job whose hash a tool replaced is skipped: gone, for `cgHead`)
+  local key = redis.pcall("HGET", ARGV[1] .. jobId, "cg:ok")
+  if type(key) == "string" then
     cgPromote(ARGV[1], ARGV[1] .. "cg:ok:" .. key)
   end
 end
@@ -65,4 +70,12 @@ for _, key in ipairs(rcall("ZRANGE", ARGV[1] .. "cg:held", 0, 99)) do
     cgPromote(ARGV[1], chain)
   end
 end
-return #moved
+end
+-- (after the moves, a sweep's key of another type must not fail the script:
+-- Redis would keep the moves and answer an error)
+local ok, err = pcall(sweep)
+if not ok then
+  return { #moved, "the ordered keys' sweep stopped: " ..
+    (type(err) == "table" and err.err or tostring(err)) }
+end
+return { #moved, false }

@@ -502,11 +502,14 @@ impl BatchedScripts {
             &self.stalled,
             &["active", "wait", "stalled", "meta", "marker", "events"],
         );
-        let n: u64 = self.invoke(&call).await?;
+        let (n, stopped): (u64, Option<String>) = self.invoke(&call).await?;
         if n > 0 {
             tracing::warn!(stalled = n, "locks expired; jobs taken over");
         }
-        Ok(n)
+        match stopped {
+            Some(why) => Err(QueueError::Unavailable(why)),
+            None => Ok(n),
+        }
     }
 }
 
