@@ -920,9 +920,11 @@ async fn a_job_is_never_taken_out_of_a_list_into_a_key_a_tool_broke() {
 /// On Redis, the stalled check never fails after its moves: a marker a tool
 /// broke refuses it whole (it put the jobs back, then failed: answered an
 /// error), and the sweep of parked jobs that follows skips a job whose
-/// hash a tool replaced (it failed there at every round, and the keys
-/// behind it were never looked at: a parked job whose key's first job a
-/// tool deleted waited for ever).
+/// hash a tool replaced and a key whose list a tool broke (it failed there
+/// at every round, and the keys behind it were never looked at: a parked
+/// job whose key's first job a tool deleted waited for ever). Once that
+/// list is deleted, its parked job goes (it waited for a promotion that
+/// never came).
 #[tokio::test]
 async fn the_stalled_check_is_refused_whole_or_done_whole() {
     let Some(server) = crate::redis_server::RedisServer::start(false) else {
@@ -931,12 +933,19 @@ async fn the_stalled_check_is_refused_whole_or_done_whole() {
     let q = open_redis(&server).await;
     let mut conn = server.connection().await;
     let mut ordered = Vec::new();
-    for (id, key) in [("h2", "k2"), ("p2", "k2"), ("h1", "k1"), ("p1", "k1")] {
+    for (id, key) in [
+        ("h3", "k3"),
+        ("p3", "k3"),
+        ("h2", "k2"),
+        ("p2", "k2"),
+        ("h1", "k1"),
+        ("p1", "k1"),
+    ] {
         ordered.push(stored_in_order_of(&q, id, key).await);
     }
-    let (p2, h1, p1) = (ordered[1].clone(), ordered[2].clone(), ordered[3].clone());
+    let (p3, p2, h1, p1) = (&ordered[1], &ordered[3], &ordered[4], &ordered[5]);
     let died = accepted(&q, "died").await;
-    let claimed = q.claim(3, Duration::from_secs(30)).await.expect("claim");
+    let claimed = q.claim(4, Duration::from_secs(30)).await.expect("claim");
     assert!(claimed.jobs.iter().any(|j| j.job.id == died), "claimed");
     let _: () = redis::cmd("DEL")
         .arg(format!("bull:conformance:{died}:lock"))
@@ -953,11 +962,23 @@ async fn the_stalled_check_is_refused_whole_or_done_whole() {
         .query_async(&mut conn)
         .await
         .expect("del");
-    replace_hash(&mut conn, &p2).await;
+    replace_hash(&mut conn, p2).await;
+    unspoil(&mut conn, "cg:ok:k3").await;
+    spoil(&mut conn, "cg:ok:k3").await;
     // (here, or by the store's own check in the background meanwhile)
-    q.check_stalled().await.expect("stalled check");
+    let swept = q.check_stalled().await;
+    assert!(
+        swept
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("WRONGTYPE")),
+        "{swept:?}"
+    );
     assert_eq!(listed_in(&mut conn, &died).await, Some("wait"), "died");
-    assert_eq!(listed_in(&mut conn, &p1).await, Some("wait"), "p1");
+    assert_eq!(listed_in(&mut conn, p1).await, Some("wait"), "p1");
+    assert_eq!(listed_in(&mut conn, p3).await, None, "p3, its list broken");
+    unspoil(&mut conn, "cg:ok:k3").await;
+    q.check_stalled().await.expect("stalled check");
+    assert_eq!(listed_in(&mut conn, p3).await, Some("wait"), "p3");
 }
 
 /// On Redis, an ordered key whose first job's hash a tool replaced with

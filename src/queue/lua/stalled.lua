@@ -11,11 +11,13 @@
   (`order.lua`, put in front of this script), the next hundred at each call
   (`cg:sweep` keeps the place), are looked at: a key whose first job a tool
   deleted lets its next job go (else the key's last events would wait for
-  an event that may never come). So are the hundred oldest held keys
+  an event that may never come), and a parked job missing from its key's
+  list (a tool deleted the list) goes back at the list's end. So are the
+  hundred oldest held keys
   (`cg:held`): one whose failed first job is gone (a tool cleaned the failed
   jobs) or was retried is no longer held (it leaves the set), and its next
   job goes.
-  Returns {how many jobs went back, nil or why the sweeps stopped (a key a
+  Returns {how many jobs went back, nil or why a look stopped (a key a
   tool made another type: the jobs put back stay in wait)}.
 ]]
 local rcall = redis.call
@@ -47,35 +49,57 @@ end
 if #moved > 0 and redis.pcall("HGET", KEYS[4], "paused") == false then
   rcall("ZADD", KEYS[5], 0, "0")
 end
-local function sweep()
-local from = tonumber(rcall("GET", ARGV[1] .. "cg:sweep")) or 0
-local parked = rcall("ZRANGE", ARGV[1] .. "waiting-children", from, from + 99)
-if #parked < 100 then
-  rcall("DEL", ARGV[1] .. "cg:sweep")
-else
-  rcall("SET", ARGV[1] .. "cg:sweep", from + 100)
+-- The sweeps, after the moves: a key a tool made another type stops the
+-- look at that job or key only (the first such error is answered, and
+-- logged), never the moves before them (Redis would keep them and answer
+-- an error) nor the other keys' looks.
+local stopped = false
+local function try(f, ...)
+  local ok, err = pcall(f, ...)
+  if not ok and not stopped then
+    stopped = "the ordered keys' sweep: " .. (type(err) == "table" and err.err or tostring(err))
+  end
 end
-for _, jobId in ipairs(parked) do
+local function sweepParked(prefix, jobId)
   -- (a job whose hash a tool replaced is skipped: gone, for `cgHead`)
-  local key = redis.pcall("HGET", ARGV[1] .. jobId, "cg:ok")
-  if type(key) == "string" then
-    cgPromote(ARGV[1], ARGV[1] .. "cg:ok:" .. key)
+  local key = redis.pcall("HGET", prefix .. jobId, "cg:ok")
+  if type(key) ~= "string" then
+    return
+  end
+  local chain = prefix .. "cg:ok:" .. key
+  -- Parked outside its key's list (a tool deleted the list, or the list
+  -- was of another type and deleted to mend it): it goes at the list's end,
+  -- else it would wait for a promotion that never comes.
+  if not rcall("LPOS", chain, jobId) then
+    rcall("RPUSH", chain, jobId)
+  end
+  cgPromote(prefix, chain)
+end
+local function sweepHeld(prefix, key)
+  local chain = prefix .. "cg:ok:" .. key
+  local head = cgHead(prefix, chain)
+  if not head or not rcall("ZSCORE", prefix .. "failed", head) then
+    rcall("ZREM", prefix .. "cg:held", key)
+    cgPromote(prefix, chain)
   end
 end
-for _, key in ipairs(rcall("ZRANGE", ARGV[1] .. "cg:held", 0, 99)) do
-  local chain = ARGV[1] .. "cg:ok:" .. key
-  local head = cgHead(ARGV[1], chain)
-  if not head or not rcall("ZSCORE", ARGV[1] .. "failed", head) then
-    rcall("ZREM", ARGV[1] .. "cg:held", key)
-    cgPromote(ARGV[1], chain)
+local parked, held = {}, {}
+try(function()
+  local from = tonumber(rcall("GET", ARGV[1] .. "cg:sweep")) or 0
+  parked = rcall("ZRANGE", ARGV[1] .. "waiting-children", from, from + 99)
+  if #parked < 100 then
+    rcall("DEL", ARGV[1] .. "cg:sweep")
+  else
+    rcall("SET", ARGV[1] .. "cg:sweep", from + 100)
   end
+end)
+for _, jobId in ipairs(parked) do
+  try(sweepParked, ARGV[1], jobId)
 end
+try(function()
+  held = rcall("ZRANGE", ARGV[1] .. "cg:held", 0, 99)
+end)
+for _, key in ipairs(held) do
+  try(sweepHeld, ARGV[1], key)
 end
--- (after the moves, a sweep's key of another type must not fail the script:
--- Redis would keep the moves and answer an error)
-local ok, err = pcall(sweep)
-if not ok then
-  return { #moved, "the ordered keys' sweep stopped: " ..
-    (type(err) == "table" and err.err or tostring(err)) }
-end
-return { #moved, false }
+return { #moved, stopped }
