@@ -53,8 +53,11 @@ acknowledged event: `redis_no_aof`, `redis_evicting`, `embedded_no_fsync`),
 `cogrelay_delivery_up` (1 while a delivery pool runs; `/readyz` needs it),
 `cogrelay_delivery_pools` (pools running, one a destination: a reload runs the
 new ones before the old ones end), `cogrelay_destination_circuit{destination,state}`
-and `cogrelay_held_keys{destination}` (keys an ordered destination with
-`on_failure = "hold"` holds; docs/destinations.md).
+`cogrelay_held_keys{destination}` (keys an ordered destination with
+`on_failure = "hold"` holds; docs/destinations.md), and
+`cogrelay_destination_url_conflicts{destination}` (other relays of a shared
+Redis queue whose destinations file gives the destination another URL, 0 on
+the embedded store; docs/scaling-out.md).
 Each relay has its own registry (`prometheus-client`); the exposition is
 OpenMetrics text (`application/openmetrics-text`, ending in `# EOF`), which
 Prometheus asks for first.

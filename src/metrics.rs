@@ -14,6 +14,7 @@
 //! | `cogrelay_events_unrouted_total` | counter | (events no destination wanted) |
 //! | `cogrelay_events_duplicate_total` | counter | (events answered `duplicate`: already stored within `DEDUP_TTL_SECS`, nothing stored again) |
 //! | `cogrelay_destination_circuit` | gauge | `destination`, `state` (1 for the state it is in) |
+//! | `cogrelay_destination_url_conflicts` | gauge | `destination`: other relays of a shared queue (Redis) that deliver it to another URL |
 //! | `cogrelay_held_keys` | gauge | `destination`: keys an ordered destination holds (`on_failure = "hold"`), read at scrape time, at most 1,000 counted |
 //! | `cogrelay_queue_jobs` | gauge | `state` (read at scrape time) |
 //! | `cogrelay_queue_oldest_waiting_seconds` | gauge | age of the oldest due job |
@@ -69,6 +70,7 @@ pub struct Metrics {
     duplicates: Counter,
     circuits: Family<Vec<(&'static str, String)>, Gauge>,
     held_keys: Family<Vec<(&'static str, String)>, Gauge>,
+    url_conflicts: Family<Vec<(&'static str, String)>, Gauge>,
     /// The last hour, for the dashboard's charts.
     history: std::sync::Mutex<History>,
     /// Each destination's counters, for the history.
@@ -137,6 +139,7 @@ impl Default for Metrics {
             duplicates: Counter::default(),
             circuits: Family::default(),
             held_keys: Family::default(),
+            url_conflicts: Family::default(),
             history: Default::default(),
             destinations: Default::default(),
         }
@@ -258,6 +261,18 @@ impl Metrics {
             .set(n as i64);
     }
 
+    /// For each of the relay's destinations, how many other relays deliver
+    /// it to another URL (see `serve/targets.rs`); the destinations of an
+    /// earlier file leave the metric.
+    pub fn url_conflicts(&self, counts: &[(&str, usize)]) {
+        self.url_conflicts.clear();
+        for (destination, n) in counts {
+            self.url_conflicts
+                .get_or_create(&vec![("destination", destination.to_string())])
+                .set(*n as i64);
+        }
+    }
+
     /// Whether a delivery pool runs (see `pools_up`).
     pub fn delivery_up(&self) -> bool {
         self.pools_up.load(Ordering::Acquire) > 0
@@ -359,6 +374,11 @@ impl Metrics {
             "cogrelay_held_keys",
             "Keys an ordered destination holds after a failure (on_failure = hold), until an operator retries or removes the job (at most 1000 counted)",
             self.held_keys.clone(),
+        );
+        r.register(
+            "cogrelay_destination_url_conflicts",
+            "Other relays of the shared queue (Redis) whose destinations file gives this destination another URL: its events are split between the two",
+            self.url_conflicts.clone(),
         );
         r.register(
             "cogrelay_events_unrouted",

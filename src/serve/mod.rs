@@ -31,6 +31,7 @@ use pools::Pools;
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 mod pools;
+mod targets;
 
 pub use pools::Ended;
 
@@ -123,6 +124,11 @@ pub async fn run_with_queue(
         stop_http_rx,
     ));
     let sampler = tokio::spawn(sample_history(metrics.clone()));
+    let url_watch = tokio::spawn(targets::watch(
+        queue.clone(),
+        current_destinations.clone(),
+        metrics.clone(),
+    ));
     let summary = cfg
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
@@ -147,6 +153,7 @@ pub async fn run_with_queue(
         &accepting,
     )
     .await;
+    url_watch.abort();
     let close_result = close_down(
         &queue,
         summary,

@@ -2163,3 +2163,57 @@ async fn a_reload_stops_every_old_pool_at_once() {
     }
     app.stop().await.expect("clean stop");
 }
+
+/// Two relays of one Redis queue whose files give `crm` two URLs (its
+/// events split between them, unseen) are told: each counts the other in
+/// `cogrelay_destination_url_conflicts` (the second at its start, the
+/// first at its next look, here after a reload), and neither once the
+/// files agree.
+#[tokio::test]
+async fn relays_of_one_queue_that_give_a_destination_two_urls_are_told() {
+    if !crate::redis_server::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first_file = dir.path().join("first.toml");
+    let second_file = dir.path().join("second.toml");
+    let crm =
+        |url: &dyn std::fmt::Display| format!("[[destination]]\nname = \"crm\"\nurl = \"{url}\"\n");
+    let mut first = spawn_app_on(Backend::Redis, |c| {
+        let text = crm(&c.delivery.target);
+        use_file(c, &first_file, &text);
+    })
+    .await;
+    let first_url = first.config.delivery.target.clone();
+    let sink = Sink::start().await.expect("sink");
+    let mut cfg = test_config(&sink, dir.path().join("second-data"));
+    cfg.store.kind = cogrelay::config::QueueKind::Redis;
+    cfg.store.redis_url = first.config.store.redis_url.clone();
+    let text = crm(&cfg.delivery.target);
+    use_file(&mut cfg, &second_file, &text);
+    let mut second = start(cfg, sink).await;
+    for (app, who) in [(&second, "the second, at its start"), (&first, "the first")] {
+        if who == "the first" {
+            first.reload.send(()).await.expect("reload");
+        }
+        wait_until(who, WAIT, || async { url_conflicts(app).await == Some(1) }).await;
+    }
+    std::fs::write(&second_file, crm(&first_url)).expect("write");
+    for app in [&second, &first] {
+        app.reload.send(()).await.expect("reload");
+        wait_until("the files agree", WAIT, || async {
+            url_conflicts(app).await == Some(0)
+        })
+        .await;
+    }
+    second.stop().await.expect("stop");
+    first.stop().await.expect("stop");
+}
+
+/// `crm`'s `cogrelay_destination_url_conflicts`, if shown.
+async fn url_conflicts(app: &TestApp) -> Option<i64> {
+    let text = app.metrics_text().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("cogrelay_destination_url_conflicts{destination=\"crm\"} "))
+        .and_then(|v| v.trim().parse().ok())
+}

@@ -53,7 +53,7 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
         .args(["check", "rules"])
         .arg(deploy("prometheus/cogrelay-alerts.yml")));
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
     let (ok, out) = run(Command::new("promtool")
         .args(["test", "rules"])
         .arg(deploy("prometheus/cogrelay-alerts.test.yml")));

@@ -37,7 +37,10 @@ impl BullQueue {
         bounded(cmd.query_async::<T>(&mut conn)).await
     }
 
-    async fn pipe<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> QueueResult<T> {
+    pub(super) async fn pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> QueueResult<T> {
         let mut conn = self.conn.connection();
         bounded(pipe.query_async::<T>(&mut conn)).await
     }

@@ -219,8 +219,10 @@ async fn first_connection(opts: &RedisOptions) -> QueueResult<()> {
 mod inspect;
 mod routed;
 mod scripts;
+mod targets;
 
 pub use routed::{limit_shape, queue_name, RedisQueues, MAX_RATE_LIMIT};
+pub use targets::{TargetConflict, TARGET_STALE_MS};
 
 use scripts::*;
 

@@ -66,7 +66,7 @@ pub struct RedisQueues {
     opts: RedisOptions,
     /// `QUEUE_NAME`: the `default` destination's queue, the id counter and
     /// the dedup keys.
-    base: Arc<BullQueue>,
+    pub(super) base: Arc<BullQueue>,
     /// The other destinations' queues. A plain lock, never held across an
     /// await: a tokio `RwLock` read on every add cost a quarter of the
     /// relay's CPU on Redis (docs/benchmark.md).

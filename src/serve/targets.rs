@@ -1,0 +1,119 @@
+//! Two relays of a shared queue (Redis) whose destinations files give one
+//! destination two URLs split its events between them, unseen: each
+//! delivers what it claims with its own file. Each relay writes where it
+//! delivers each destination (a digest of the URL) and reads the others'
+//! (`queue/redis/targets.rs`) every [`LOOK_EVERY`] and after a reload; a
+//! destination another relay gives another URL is logged (WARN, naming the
+//! relays; again every [`WARN_AGAIN_AFTER`] while it lasts) and counted in
+//! `cogrelay_destination_url_conflicts`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::current::Current;
+use crate::destination::DestinationSet;
+use crate::metrics::Metrics;
+use crate::queue::{DestinationName, Store};
+
+/// How often the relay writes and reads the targets.
+const LOOK_EVERY: Duration = Duration::from_secs(30);
+/// How often a conflict that lasts is logged again.
+const WARN_AGAIN_AFTER: Duration = Duration::from_secs(600);
+
+/// Runs until the relay stops (aborted). On the embedded store, which one
+/// relay has to itself, each destination's count is 0.
+pub(super) async fn watch(
+    queue: Arc<Store>,
+    destinations: Arc<Current<DestinationSet>>,
+    metrics: Arc<Metrics>,
+) {
+    let relay = relay_name();
+    let mut looked: Option<(Arc<DestinationSet>, Instant)> = None;
+    let mut warned: HashMap<DestinationName, (Vec<String>, Instant)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let current = destinations.get();
+        let due = looked
+            .as_ref()
+            .is_none_or(|(set, at)| !Arc::ptr_eq(set, &current) || at.elapsed() >= LOOK_EVERY);
+        if !due {
+            continue;
+        }
+        looked = Some((current.clone(), Instant::now()));
+        let targets: Vec<(DestinationName, String)> = current
+            .list
+            .iter()
+            .map(|d| (d.name.clone(), fingerprint(d.delivery.target.as_str())))
+            .collect();
+        let compared = match &*queue {
+            Store::Redis(redis) => {
+                redis
+                    .compare_targets(&relay, &targets, crate::time::now_ms())
+                    .await
+            }
+            Store::Embedded(_) => Ok(Vec::new()),
+        };
+        let conflicts = match compared {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot compare the destinations' URLs with the other relays'");
+                continue;
+            }
+        };
+        let counts: Vec<(&str, usize)> = targets
+            .iter()
+            .map(|(name, _)| {
+                let n = conflicts
+                    .iter()
+                    .find(|c| &c.destination == name)
+                    .map_or(0, |c| c.relays.len());
+                (name.as_str(), n)
+            })
+            .collect();
+        metrics.url_conflicts(&counts);
+        for c in &conflicts {
+            let again = warned
+                .get(&c.destination)
+                .is_none_or(|(relays, at)| relays != &c.relays || at.elapsed() >= WARN_AGAIN_AFTER);
+            if again {
+                tracing::warn!(
+                    destination = %c.destination, relay = %relay, others = ?c.relays,
+                    "another relay of this queue delivers {} to another URL: its events are split between the two (give every relay the same destinations file)",
+                    c.destination
+                );
+                warned.insert(c.destination.clone(), (c.relays.clone(), Instant::now()));
+            }
+        }
+        warned.retain(|name, _| {
+            let lasts = conflicts.iter().any(|c| &c.destination == name);
+            if !lasts {
+                tracing::info!(destination = %name, "every relay of this queue now delivers {name} to one URL");
+            }
+            lasts
+        });
+    }
+}
+
+/// A digest of a destination's URL: equal URLs give equal ones, and it
+/// tells nothing of what the URL holds (credentials, tokens).
+fn fingerprint(url: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, url.as_bytes());
+    hex::encode(&digest.as_ref()[..12])
+}
+
+/// This relay's name for the others: its host and process, and which relay
+/// of the process it is when there are several (tests).
+fn relay_name() -> String {
+    static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let host = if host.is_empty() { "host".into() } else { host };
+    match n {
+        0 => format!("{host}:{}", std::process::id()),
+        n => format!("{host}:{}#{}", std::process::id(), n + 1),
+    }
+}
