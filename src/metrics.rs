@@ -264,8 +264,11 @@ impl Metrics {
     /// For each of the relay's destinations, how many other relays deliver
     /// it to another URL (see `serve/targets.rs`); the destinations of an
     /// earlier file leave the metric.
-    pub fn url_conflicts(&self, counts: &[(&str, usize)]) {
-        self.url_conflicts.clear();
+    pub fn url_conflicts(&self, counts: &[(&str, usize)], gone: &[&str]) {
+        for destination in gone {
+            self.url_conflicts
+                .remove(&vec![("destination", destination.to_string())]);
+        }
         for (destination, n) in counts {
             self.url_conflicts
                 .get_or_create(&vec![("destination", destination.to_string())])

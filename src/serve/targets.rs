@@ -31,6 +31,7 @@ pub(super) async fn watch(
     let relay = relay_name();
     let mut looked: Option<(Arc<DestinationSet>, Instant)> = None;
     let mut warned: HashMap<DestinationName, (Vec<String>, Instant)> = HashMap::new();
+    let mut shown: Vec<DestinationName> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -72,7 +73,14 @@ pub(super) async fn watch(
                 (name.as_str(), n)
             })
             .collect();
-        metrics.url_conflicts(&counts);
+        // (the destinations of the last look that this file no longer has)
+        let gone: Vec<&str> = shown
+            .iter()
+            .map(DestinationName::as_str)
+            .filter(|name| !counts.iter().any(|(n, _)| n == name))
+            .collect();
+        metrics.url_conflicts(&counts, &gone);
+        shown = targets.iter().map(|(n, _)| n.clone()).collect();
         for c in &conflicts {
             let again = warned
                 .get(&c.destination)
