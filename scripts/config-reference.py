@@ -52,7 +52,7 @@ destination wanted them), `cogrelay_deliveries_total{outcome="delivered|retry|fa
 acknowledged event: `redis_no_aof`, `redis_evicting`, `embedded_no_fsync`),
 `cogrelay_delivery_up` (1 while a delivery pool runs; `/readyz` needs it),
 `cogrelay_delivery_pools` (pools running, one a destination: a reload runs the
-new ones before the old ones end), `cogrelay_destination_circuit{destination,state}`
+new ones before the old ones end), `cogrelay_destination_circuit{destination,state}`,
 `cogrelay_held_keys{destination}` (keys an ordered destination with
 `on_failure = "hold"` holds; docs/destinations.md), and
 `cogrelay_destination_url_conflicts{destination}` (other relays of a shared

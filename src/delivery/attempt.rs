@@ -270,8 +270,9 @@ async fn record(pool: &Pool, leased: Leased, attempt: Attempt, disposition: Disp
             job = %leased.job.id, attempt = n, reason = %reason,
             retry_in_ms = due_at_ms.saturating_sub(pool.clock.now_ms()), "delivery failed; will retry"
         ),
-        // Said once the store has answered (below): it may refuse.
-        Disposition::Failed { .. } => {}
+        Disposition::Failed { reason } => {
+            tracing::warn!(job = %leased.job.id, attempt = n, reason = %reason, "delivery failed permanently; recording it in the failed list")
+        }
     }
     let lease = leased.lease.clone();
     // A retry may now be the earliest due job; an ordered job's end lets
@@ -291,12 +292,7 @@ async fn record(pool: &Pool, leased: Leased, attempt: Attempt, disposition: Disp
             .finish(leased, attempt.clone(), disposition.clone())
             .await
         {
-            Ok(true) => {
-                if let Disposition::Failed { reason } = &disposition {
-                    tracing::warn!(job = %lease.job_id, attempt = n, reason = %reason, "delivery failed permanently; job is in the failed list");
-                }
-                break;
-            }
+            Ok(true) => break,
             Ok(false) => {
                 tracing::warn!(job = %lease.job_id, "lease was lost before the result was recorded; another worker owns the job");
                 break;
@@ -310,9 +306,6 @@ async fn record(pool: &Pool, leased: Leased, attempt: Attempt, disposition: Disp
                 leased = again;
             }
             Err(e) => {
-                if let Disposition::Failed { reason } = &disposition {
-                    tracing::warn!(job = %lease.job_id, attempt = n, reason = %reason, "delivery failed permanently; not yet in the failed list");
-                }
                 tracing::error!(job = %lease.job_id, error = %e, "cannot record the delivery result; the job will be retried when its lease expires");
                 break;
             }

@@ -124,10 +124,12 @@ pub async fn run_with_queue(
         stop_http_rx,
     ));
     let sampler = tokio::spawn(sample_history(metrics.clone()));
+    let relay_name = targets::relay_name();
     let url_watch = tokio::spawn(targets::watch(
         queue.clone(),
         current_destinations.clone(),
         metrics.clone(),
+        relay_name.clone(),
     ));
     let summary = cfg
         .summary_every
@@ -154,6 +156,8 @@ pub async fn run_with_queue(
     )
     .await;
     url_watch.abort();
+    let _ = url_watch.await;
+    targets::forget(&queue, &relay_name, &current_destinations.get()).await;
     let close_result = close_down(
         &queue,
         summary,

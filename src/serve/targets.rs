@@ -21,14 +21,14 @@ const LOOK_EVERY: Duration = Duration::from_secs(30);
 /// How often a conflict that lasts is logged again.
 const WARN_AGAIN_AFTER: Duration = Duration::from_secs(600);
 
-/// Runs until the relay stops (aborted). On the embedded store, which one
-/// relay has to itself, each destination's count is 0.
+/// Runs until the relay stops (aborted; then [`forget`]). On the embedded
+/// store, which one relay has to itself, each destination's count is 0.
 pub(super) async fn watch(
     queue: Arc<Store>,
     destinations: Arc<Current<DestinationSet>>,
     metrics: Arc<Metrics>,
+    relay: String,
 ) {
-    let relay = relay_name();
     let mut looked: Option<(Arc<DestinationSet>, Instant)> = None;
     let mut warned: HashMap<DestinationName, (Vec<String>, Instant)> = HashMap::new();
     let mut shown: Vec<DestinationName> = Vec::new();
@@ -46,14 +46,10 @@ pub(super) async fn watch(
         let targets: Vec<(DestinationName, String)> = current
             .list
             .iter()
-            .map(|d| (d.name.clone(), fingerprint(d.delivery.target.as_str())))
+            .map(|d| (d.name.clone(), fingerprint(&d.delivery.target)))
             .collect();
         let compared = match &*queue {
-            Store::Redis(redis) => {
-                redis
-                    .compare_targets(&relay, &targets, crate::time::now_ms())
-                    .await
-            }
+            Store::Redis(redis) => redis.compare_targets(&relay, &targets).await,
             Store::Embedded(_) => Ok(Vec::new()),
         };
         let conflicts = match compared {
@@ -80,6 +76,16 @@ pub(super) async fn watch(
             .filter(|name| !counts.iter().any(|(n, _)| n == name))
             .collect();
         metrics.url_conflicts(&counts, &gone);
+        if let (Store::Redis(redis), false) = (&*queue, gone.is_empty()) {
+            let gone: Vec<DestinationName> = shown
+                .iter()
+                .filter(|name| gone.contains(&name.as_str()))
+                .cloned()
+                .collect();
+            if let Err(e) = redis.forget_targets(&relay, &gone).await {
+                tracing::debug!(error = %e, "cannot take a removed destination's URL out of the queue");
+            }
+        }
         shown = targets.iter().map(|(n, _)| n.clone()).collect();
         for c in &conflicts {
             let again = warned
@@ -104,24 +110,40 @@ pub(super) async fn watch(
     }
 }
 
-/// A digest of a destination's URL: equal URLs give equal ones, and it
-/// tells nothing of what the URL holds (credentials, tokens).
-fn fingerprint(url: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, url.as_bytes());
+/// `relay`'s fields deleted as it stops (the other relays would count it
+/// for 90 s more, and the same relay restarted with another URL would count
+/// its earlier self).
+pub(super) async fn forget(queue: &Store, relay: &str, destinations: &DestinationSet) {
+    if let Store::Redis(redis) = queue {
+        let names: Vec<DestinationName> =
+            destinations.list.iter().map(|d| d.name.clone()).collect();
+        if let Err(e) = redis.forget_targets(relay, &names).await {
+            tracing::debug!(error = %e, "cannot take this relay's destinations' URLs out of the queue");
+        }
+    }
+}
+
+/// A digest of where a destination's URL sends: its scheme, host, port and
+/// path (credentials and query left out: what is stored in Redis, which
+/// others may read, must not let them test guesses of a token). Equal
+/// places give equal digests.
+fn fingerprint(url: &reqwest::Url) -> String {
+    let mut place = crate::secret::redact_url(url);
+    if let Some(f) = place.find('#') {
+        place.truncate(f);
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, place.as_bytes());
     hex::encode(&digest.as_ref()[..12])
 }
 
-/// This relay's name for the others: its host and process, and which relay
-/// of the process it is when there are several (tests).
-fn relay_name() -> String {
-    static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+/// This relay's name for the others: its host and process, and a random
+/// part (containers that share a host name all run as process 1).
+pub(super) fn relay_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
     let host = if host.is_empty() { "host".into() } else { host };
-    match n {
-        0 => format!("{host}:{}", std::process::id()),
-        n => format!("{host}:{}#{}", std::process::id(), n + 1),
-    }
+    let mut random = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random);
+    format!("{host}:{}:{}", std::process::id(), hex::encode(random))
 }

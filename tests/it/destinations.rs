@@ -2168,7 +2168,7 @@ async fn a_reload_stops_every_old_pool_at_once() {
 /// events split between them, unseen) are told: each counts the other in
 /// `cogrelay_destination_url_conflicts` (the second at its start, the
 /// first at its next look, here after a reload), and neither once the
-/// files agree.
+/// files agree. A relay that stops takes its word out of Redis.
 #[tokio::test]
 async fn relays_of_one_queue_that_give_a_destination_two_urls_are_told() {
     if !crate::redis_server::available() {
@@ -2206,7 +2206,22 @@ async fn relays_of_one_queue_that_give_a_destination_two_urls_are_told() {
         })
         .await;
     }
+    let key = format!("bull:{}:cg:target:crm", first.config.store.queue_name);
+    let mut conn = first.redis.as_ref().expect("redis").connection().await;
+    let relays = |conn: &mut redis::aio::MultiplexedConnection| {
+        let (key, mut conn) = (key.clone(), conn.clone());
+        async move {
+            let n: usize = redis::cmd("HLEN")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .expect("hlen");
+            n
+        }
+    };
+    assert_eq!(relays(&mut conn).await, 2);
     second.stop().await.expect("stop");
+    assert_eq!(relays(&mut conn).await, 1, "the stopped relay's word");
     first.stop().await.expect("stop");
 }
 

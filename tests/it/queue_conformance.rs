@@ -981,6 +981,45 @@ async fn the_stalled_check_is_refused_whole_or_done_whole() {
     assert_eq!(listed_in(&mut conn, p3).await, Some("wait"), "p3");
 }
 
+/// On Redis, parked jobs put back into their key's list, which a tool
+/// deleted, go back in the order they were accepted: jobs of one add share
+/// a score in `waiting-children`, where Redis orders them by id as text
+/// ("10" before "2"), and the sweep took them so.
+#[tokio::test]
+async fn parked_jobs_go_back_into_a_deleted_list_in_the_order_accepted() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = open_redis(&server).await;
+    let mut conn = server.connection().await;
+    let ids: Vec<String> = (2..=11).map(|i| i.to_string()).collect();
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for id in &ids {
+        pipe.cmd("HSET")
+            .arg(format!("bull:conformance:{id}"))
+            .arg("cg:ok")
+            .arg("lost")
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg("bull:conformance:waiting-children")
+            .arg(5)
+            .arg(id)
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.expect("parked");
+    q.check_stalled().await.expect("stalled check");
+    let list: Vec<String> = redis::cmd("LRANGE")
+        .arg("bull:conformance:cg:ok:lost")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("lrange");
+    assert_eq!(list, ids);
+    assert_eq!(listed_in(&mut conn, "2").await, Some("wait"));
+}
+
 /// On Redis, an ordered key whose first job's hash a tool replaced with
 /// another type moves on, as when the hash is deleted: the key's next event
 /// goes out (it was parked behind the broken head and, when the finish's
@@ -1010,7 +1049,9 @@ async fn an_ordered_key_whose_first_job_a_tool_replaced_moves_on() {
 /// stored job's id to a new one: the add would have written the new event
 /// over the stored job's hash (the first event's body merged away, its
 /// dedup record naming the new one's). Both adds: the one-queue add
-/// (`default` only) and the routed add (a destination's queue).
+/// (`default` only) and the routed add (a destination's queue); with the
+/// mark of the last id given set back too (the add then looks at the job's
+/// key), and across queues (an id names one job over every queue).
 #[tokio::test]
 async fn a_counter_a_tool_set_back_never_gives_a_stored_jobs_id_again() {
     let Some(server) = crate::redis_server::RedisServer::start(false) else {
@@ -1026,12 +1067,8 @@ async fn a_counter_a_tool_set_back_never_gives_a_stored_jobs_id_again() {
         let (first_event, second_event) = (format!("first-{prefix}"), format!("second-{prefix}"));
         let (first, _) = added(&q, to, &first_event).await;
         let before = job_data(&mut conn, prefix, &first).await;
-        let _: () = redis::cmd("SET")
-            .arg("bull:conformance:id")
-            .arg(first.parse::<i64>().expect("a number") - 1)
-            .query_async(&mut conn)
-            .await
-            .expect("set");
+        let back = first.parse::<i64>().expect("a number") - 1;
+        set_counter_back(&mut conn, back, true).await;
         let (second, _) = added(&q, to, &second_event).await;
         assert_ne!(second, first, "{prefix}: a stored job's id given again");
         assert_eq!(
@@ -1052,6 +1089,28 @@ async fn a_counter_a_tool_set_back_never_gives_a_stored_jobs_id_again() {
             "{prefix}"
         );
     }
+    let (in_crm, _) = added(&q, Some(&crm), "across-crm").await;
+    let in_crm: i64 = in_crm.parse().expect("a number");
+    set_counter_back(&mut conn, in_crm - 1, false).await;
+    let (in_default, _) = added(&q, None, "across-default").await;
+    assert!(
+        in_default.parse::<i64>().expect("a number") > in_crm,
+        "{in_default}: an id of crm's queue given again"
+    );
+}
+
+/// Sets the conformance queue's job id counter to `to` and, if `mark`,
+/// the mark of the last id given too.
+async fn set_counter_back(conn: &mut redis::aio::MultiplexedConnection, to: i64, mark: bool) {
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET").arg("bull:conformance:id").arg(to).ignore();
+    if mark {
+        pipe.cmd("SET")
+            .arg("bull:conformance:cg:lastid")
+            .arg(to)
+            .ignore();
+    }
+    let _: () = pipe.query_async(conn).await.expect("set");
 }
 
 /// Event `id` added for `to` (`None`: the one-queue add), with its job and

@@ -63,7 +63,9 @@ local out = {}
 -- before it are whole, and their resends are duplicates of jobs that go
 -- out (pushed at the end, they stayed in no list, named by their records).
 local perJob = 7
-local nextId = rcall("INCRBY", KEYS[4], (#ARGV - 5) / perJob) - (#ARGV - 5) / perJob
+local count = (#ARGV - 5) / perJob
+local nextId = cgPastIds(prefix .. "cg:lastid", KEYS[4], rcall("INCRBY", KEYS[4], count), count) -
+  count
 -- (whether a job went to wait: the marker wakes BullMQ's workers once)
 local waiting = false
 for i = 6, #ARGV, perJob do

@@ -106,7 +106,7 @@ while i <= #ARGV do
   else
     local parts, named = {}, {}
     -- Its ids at once: a counter a tool broke fails before any write.
-    local lastId = rcall("INCRBY", KEYS[1], n)
+    local lastId = cgPastIds(base .. "cg:lastid", KEYS[1], rcall("INCRBY", KEYS[1], n), n)
     if shared then
       cgKeepShared(base, shared, ttl)
     end

@@ -49,9 +49,25 @@ local function cgBrokenKeys(prefix, whose)
     { prefix .. "waiting-children", "zset" } }, whose)
 end
 
+-- The last of `n` new ids, `top` as the counter's INCRBY answered it, past
+-- every id given before: a counter a tool set back or deleted is brought
+-- up to the last id given (kept in `mark`, the base queue's `cg:lastid`),
+-- as ids name one job over every destination's queue. (A mark of another
+-- type is read as none, and replaced.)
+local function cgPastIds(mark, counter, top, n)
+  local last = tonumber(redis.pcall("GET", mark)) or 0
+  if top - n < last then
+    top = last + n
+    redis.call("SET", counter, top)
+  end
+  redis.call("SET", mark, top)
+  return top
+end
+
 -- Id `id` for a new job of the queue at `prefix`, or the counter's next ones
--- while a job already has it: a counter a tool set back (or deleted) would
--- have an add write over a stored job's hash (its event merged away).
+-- while a job already has it (with `cgPastIds`, for a counter and its mark
+-- both set back): an add would have written over a stored job's hash (its
+-- event merged away).
 local function cgFreeId(prefix, counter, id)
   local jobId = string.format("%d", id)
   while redis.call("EXISTS", prefix .. jobId) == 1 do

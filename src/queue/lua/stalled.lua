@@ -54,6 +54,7 @@ end
 -- logged), never the moves before them (Redis would keep them and answer
 -- an error) nor the other keys' looks.
 local stopped = false
+local MAXLOOK = 1000
 local function try(f, ...)
   local ok, err = pcall(f, ...)
   if not ok and not stopped then
@@ -69,8 +70,12 @@ local function sweepParked(prefix, jobId)
   local chain = prefix .. "cg:ok:" .. key
   -- Parked outside its key's list (a tool deleted the list, or the list
   -- was of another type and deleted to mend it): it goes at the list's end,
-  -- else it would wait for a promotion that never comes.
-  if not rcall("LPOS", chain, jobId) then
+  -- else it would wait for a promotion that never comes. Looked for in a
+  -- list of at most MAXLOOK ids only: a held key's list grows with its
+  -- backlog, and LPOS reads it from the start at each parked job (one that
+  -- a tool deleted holds at first only the jobs put back since).
+  local n = rcall("LLEN", chain)
+  if n == 0 or (n <= MAXLOOK and not rcall("LPOS", chain, jobId)) then
     rcall("RPUSH", chain, jobId)
   end
   cgPromote(prefix, chain)
@@ -86,7 +91,28 @@ end
 local parked, held = {}, {}
 try(function()
   local from = tonumber(rcall("GET", ARGV[1] .. "cg:sweep")) or 0
-  parked = rcall("ZRANGE", ARGV[1] .. "waiting-children", from, from + 99)
+  local page = rcall("ZRANGE", ARGV[1] .. "waiting-children", from, from + 99, "WITHSCORES")
+  -- In the order they were accepted: by score (when), then by id as a
+  -- number (the jobs of one add share a score, and Redis orders them by id
+  -- as text: "10" before "2"), as jobs missing from their key's list go
+  -- back into it.
+  local byScore = {}
+  for i = 1, #page, 2 do
+    byScore[#byScore + 1] = { page[i], tonumber(page[i + 1]) or 0 }
+  end
+  table.sort(byScore, function(a, b)
+    if a[2] ~= b[2] then
+      return a[2] < b[2]
+    end
+    local x, y = tonumber(a[1]), tonumber(b[1])
+    if x and y and x ~= y then
+      return x < y
+    end
+    return a[1] < b[1]
+  end)
+  for i, p in ipairs(byScore) do
+    parked[i] = p[1]
+  end
   if #parked < 100 then
     rcall("DEL", ARGV[1] .. "cg:sweep")
   else

@@ -485,7 +485,7 @@ pub(super) async fn upkeep(hot: Arc<BatchedScripts>, keep: i64, lock_ms: u64) {
             if let Err(e) = hot.put_back_stalled().await {
                 // (a key a tool broke, or Redis down: at each look)
                 if hot.stalled_warned.due(hot.clock.mono_ms()) {
-                    tracing::warn!(queue = %prefix, error = %e, "cannot put back the jobs of a relay that died (checked again every half lease; this is logged once a minute)");
+                    tracing::warn!(queue = %prefix, error = %e, "the check for stalled jobs failed: it puts back the jobs of a relay that died and lets parked ordered jobs go (the error says which; checked again every half lease, logged once a minute)");
                 } else {
                     tracing::debug!(error = %e, "checking for stalled jobs");
                 }

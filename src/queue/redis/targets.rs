@@ -3,11 +3,13 @@
 //! it claims with its own file: the destination's events are split between
 //! the two URLs, unseen). Per destination, the hash
 //! `bull:QUEUE_NAME:cg:target:<destination>`: a field per relay (its name),
-//! valued `<fingerprint> <unix ms>`, the fingerprint a digest of the URL,
-//! never the URL (it may hold credentials). Each relay writes its fields
-//! and reads the others' (`serve/targets.rs`, every 30 s and after a
-//! reload); a field not written for [`TARGET_STALE_MS`] is a relay that
-//! is gone, and is deleted by the next relay that reads it.
+//! valued `<fingerprint> <ms>`, the fingerprint a digest of the URL
+//! without its credentials and query (`serve/targets.rs`), the time
+//! Redis's own (`TIME`: the hosts' clocks may disagree). Each relay writes
+//! its fields and reads the others' (every 30 s and after a reload), and
+//! deletes its own when it stops; a field not written for
+//! [`TARGET_STALE_MS`] is a relay that is gone (killed), deleted by the
+//! next relay that reads it.
 
 use std::collections::HashMap;
 
@@ -43,8 +45,9 @@ impl RedisQueues {
         &self,
         relay: &str,
         targets: &[(DestinationName, String)],
-        now_ms: i64,
     ) -> QueueResult<Vec<TargetConflict>> {
+        let (secs, micros): (i64, i64) = self.base.raw(&redis::cmd("TIME")).await?;
+        let now_ms = secs * 1000 + micros / 1000;
         let mut pipe = redis::pipe();
         for (destination, fingerprint) in targets {
             let key = self.target_key(destination);
@@ -90,6 +93,22 @@ impl RedisQueues {
             }
         }
         Ok(conflicts)
+    }
+
+    /// Deletes `relay`'s fields (it stops): the others no longer count it.
+    pub async fn forget_targets(
+        &self,
+        relay: &str,
+        destinations: &[DestinationName],
+    ) -> QueueResult<()> {
+        let mut pipe = redis::pipe();
+        for destination in destinations {
+            pipe.cmd("HDEL")
+                .arg(self.target_key(destination))
+                .arg(relay)
+                .ignore();
+        }
+        self.base.pipe(&pipe).await
     }
 
     fn target_key(&self, destination: &DestinationName) -> String {
