@@ -1097,6 +1097,17 @@ async fn a_counter_a_tool_set_back_never_gives_a_stored_jobs_id_again() {
         in_default.parse::<i64>().expect("a number") > in_crm,
         "{in_default}: an id of crm's queue given again"
     );
+    // A mark a tool made a number no counter holds is none: the adds go on.
+    let _: () = redis::cmd("SET")
+        .arg("bull:conformance:cg:lastid")
+        .arg("1e300")
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+    for id in ["odd-mark-1", "odd-mark-2"] {
+        let (job, _) = added(&q, None, id).await;
+        assert!(job.parse::<u64>().is_ok_and(|n| n > 0), "{id}: {job}");
+    }
 }
 
 /// Sets the conformance queue's job id counter to `to` and, if `mark`,

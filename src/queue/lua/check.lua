@@ -52,15 +52,19 @@ end
 -- The last of `n` new ids, `top` as the counter's INCRBY answered it, past
 -- every id given before: a counter a tool set back or deleted is brought
 -- up to the last id given (kept in `mark`, the base queue's `cg:lastid`),
--- as ids name one job over every destination's queue. (A mark of another
--- type is read as none, and replaced.)
+-- as ids name one job over every destination's queue. (A mark that is not
+-- a whole number a counter can hold, or of another type, is read as none,
+-- and replaced.)
 local function cgPastIds(mark, counter, top, n)
-  local last = tonumber(redis.pcall("GET", mark)) or 0
+  local last = tonumber(redis.pcall("GET", mark))
+  if not last or last ~= math.floor(last) or last < 0 or last >= 2 ^ 53 then
+    last = 0
+  end
   if top - n < last then
     top = last + n
-    redis.call("SET", counter, top)
+    redis.call("SET", counter, string.format("%d", top))
   end
-  redis.call("SET", mark, top)
+  redis.call("SET", mark, string.format("%d", top))
   return top
 end
 

@@ -92,21 +92,32 @@ local parked, held = {}, {}
 try(function()
   local from = tonumber(rcall("GET", ARGV[1] .. "cg:sweep")) or 0
   local page = rcall("ZRANGE", ARGV[1] .. "waiting-children", from, from + 99, "WITHSCORES")
-  -- In the order they were accepted: by score (when), then by id as a
-  -- number (the jobs of one add share a score, and Redis orders them by id
-  -- as text: "10" before "2"), as jobs missing from their key's list go
-  -- back into it.
+  -- In the order they were accepted, as jobs missing from their key's list
+  -- go back into it: by id as a number (ids come from one counter; the
+  -- score is the adding relay's clock, and the jobs of one add share it,
+  -- which Redis orders by id as text: "10" before "2"), then by score.
   local byScore = {}
   for i = 1, #page, 2 do
     byScore[#byScore + 1] = { page[i], tonumber(page[i + 1]) or 0 }
   end
-  table.sort(byScore, function(a, b)
-    if a[2] ~= b[2] then
-      return a[2] < b[2]
+  -- (an id that is not a finite number, a tool's, goes after the others)
+  local function num(id)
+    local v = tonumber(id)
+    if v and v == v and v ~= math.huge and v ~= -math.huge then
+      return v
     end
-    local x, y = tonumber(a[1]), tonumber(b[1])
+    return nil
+  end
+  table.sort(byScore, function(a, b)
+    local x, y = num(a[1]), num(b[1])
     if x and y and x ~= y then
       return x < y
+    end
+    if (x ~= nil) ~= (y ~= nil) then
+      return x ~= nil
+    end
+    if a[2] ~= b[2] then
+      return a[2] < b[2]
     end
     return a[1] < b[1]
   end)
