@@ -675,11 +675,10 @@ mod tests {
     /// The writer counts each operation it commits: the checkpointer's
     /// cadence reads that count (`writer.rs` `Cadence`), and without it a
     /// busy relay would checkpoint only every 500 ms.
-    #[tokio::test]
-    async fn the_writer_counts_what_it_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let q = EmbeddedQueue::open(EmbeddedOptions {
-            data_dir: dir.path().to_path_buf(),
+    /// A relay's store in `dir`, without fsync.
+    fn relay_store(dir: &std::path::Path) -> EmbeddedQueue {
+        EmbeddedQueue::open(EmbeddedOptions {
+            data_dir: dir.to_path_buf(),
             fsync: Fsync::Off,
             max_db_bytes: 0,
             settings: QueueSettings {
@@ -689,7 +688,13 @@ mod tests {
             access: Access::Relay,
             clock: Clock::system(),
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_writer_counts_what_it_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = relay_store(dir.path());
         let count = || q.call(|_, w| Ok(w.committed.load(Ordering::Relaxed)));
         let before = count().await.unwrap();
         for _ in 0..3 {
@@ -718,18 +723,7 @@ mod tests {
         std::os::unix::fs::symlink(elsewhere.join("store.db"), linked.join(super::DB_FILE))
             .unwrap();
         for dir in [&odd, &linked] {
-            let q = EmbeddedQueue::open(EmbeddedOptions {
-                data_dir: dir.clone(),
-                fsync: Fsync::Off,
-                max_db_bytes: 0,
-                settings: QueueSettings {
-                    dedup_ttl: Duration::from_secs(60),
-                    remove_on_complete: 100,
-                },
-                access: Access::Relay,
-                clock: Clock::system(),
-            })
-            .unwrap();
+            let q = relay_store(dir);
             q.call(|conn, _| {
                 conn.execute_batch("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1);")
                     .map_err(|e| crate::queue::QueueError::Unavailable(e.to_string()))
