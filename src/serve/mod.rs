@@ -124,13 +124,7 @@ pub async fn run_with_queue(
         stop_http_rx,
     ));
     let sampler = tokio::spawn(sample_history(metrics.clone()));
-    let relay_name = targets::relay_name();
-    let url_watch = tokio::spawn(targets::watch(
-        queue.clone(),
-        current_destinations.clone(),
-        metrics.clone(),
-        relay_name.clone(),
-    ));
+    let url_watch = targets::Watch::start(&queue, &current_destinations, &metrics);
     let summary = cfg
         .summary_every
         .map(|every| tokio::spawn(summary_lines(queue.clone(), metrics.clone(), every)));
@@ -155,9 +149,7 @@ pub async fn run_with_queue(
         &accepting,
     )
     .await;
-    url_watch.abort();
-    let _ = url_watch.await;
-    targets::forget(&queue, &relay_name, &current_destinations.get()).await;
+    url_watch.stop(&queue, &current_destinations.get()).await;
     let close_result = close_down(
         &queue,
         summary,

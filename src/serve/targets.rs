@@ -21,9 +21,39 @@ const LOOK_EVERY: Duration = Duration::from_secs(30);
 /// How often a conflict that lasts is logged again.
 const WARN_AGAIN_AFTER: Duration = Duration::from_secs(600);
 
+/// The relay's look at the others' targets, running.
+pub(super) struct Watch {
+    task: tokio::task::JoinHandle<()>,
+    relay: String,
+}
+
+impl Watch {
+    pub(super) fn start(
+        queue: &Arc<Store>,
+        destinations: &Arc<Current<DestinationSet>>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let relay = relay_name();
+        let task = tokio::spawn(watch(
+            queue.clone(),
+            destinations.clone(),
+            metrics.clone(),
+            relay.clone(),
+        ));
+        Self { task, relay }
+    }
+
+    /// Stops the looks, then takes the relay's word out of the queue.
+    pub(super) async fn stop(self, queue: &Store, destinations: &DestinationSet) {
+        self.task.abort();
+        let _ = self.task.await;
+        forget(queue, &self.relay, destinations).await;
+    }
+}
+
 /// Runs until the relay stops (aborted; then [`forget`]). On the embedded
 /// store, which one relay has to itself, each destination's count is 0.
-pub(super) async fn watch(
+async fn watch(
     queue: Arc<Store>,
     destinations: Arc<Current<DestinationSet>>,
     metrics: Arc<Metrics>,
@@ -113,7 +143,7 @@ pub(super) async fn watch(
 /// `relay`'s fields deleted as it stops (the other relays would count it
 /// for 90 s more, and the same relay restarted with another URL would count
 /// its earlier self).
-pub(super) async fn forget(queue: &Store, relay: &str, destinations: &DestinationSet) {
+async fn forget(queue: &Store, relay: &str, destinations: &DestinationSet) {
     if let Store::Redis(redis) = queue {
         let names: Vec<DestinationName> =
             destinations.list.iter().map(|d| d.name.clone()).collect();
@@ -138,7 +168,7 @@ fn fingerprint(url: &reqwest::Url) -> String {
 
 /// This relay's name for the others: its host and process, and a random
 /// part (containers that share a host name all run as process 1).
-pub(super) fn relay_name() -> String {
+fn relay_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
