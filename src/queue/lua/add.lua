@@ -64,8 +64,8 @@ local out = {}
 -- out (pushed at the end, they stayed in no list, named by their records).
 local perJob = 7
 local count = (#ARGV - 5) / perJob
-local nextId = cgPastIds(prefix .. "cg:lastid", KEYS[4], rcall("INCRBY", KEYS[4], count), count) -
-  count
+local top = cgPastIds(prefix .. "cg:lastid", KEYS[4], rcall("INCRBY", KEYS[4], count), count)
+local nextId = top - count
 -- (whether a job went to wait: the marker wakes BullMQ's workers once)
 local waiting = false
 for i = 6, #ARGV, perJob do
@@ -73,6 +73,7 @@ for i = 6, #ARGV, perJob do
   local bot, own = ARGV[i + 5], ARGV[i + 6]
   nextId = nextId + 1
   local jobId = cgFreeId(prefix, KEYS[4], nextId)
+  top = math.max(top, tonumber(jobId))
   local deKey = prefix .. "de:" .. deid
   local current = false
   -- A TTL of 0 is no deduplication (DEDUP_TTL_SECS=0): every event a new job.
@@ -130,4 +131,5 @@ for i = 6, #ARGV, perJob do
     end
   end
 end
+cgMarkIds(prefix .. "cg:lastid", top)
 return out

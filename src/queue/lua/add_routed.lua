@@ -29,6 +29,8 @@
 local rcall = redis.call
 local base, ts, ttl, name, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out = {}
+-- The last id this call gave (`cgPastIds`, `cgMarkIds`).
+local top = nil
 -- Per queue: whether it may take jobs locked now (not paused, no global rate
 -- limit, room under its global concurrency), read once per call; or the
 -- text of why it takes none ("e").
@@ -106,7 +108,11 @@ while i <= #ARGV do
   else
     local parts, named = {}, {}
     -- Its ids at once: a counter a tool broke fails before any write.
-    local lastId = cgPastIds(base .. "cg:lastid", KEYS[1], rcall("INCRBY", KEYS[1], n), n)
+    local lastId = rcall("INCRBY", KEYS[1], n)
+    if not top then
+      lastId = cgPastIds(base .. "cg:lastid", KEYS[1], lastId, n)
+    end
+    top = lastId
     if shared then
       cgKeepShared(base, shared, ttl)
     end
@@ -114,6 +120,7 @@ while i <= #ARGV do
       local at = first + 4 * k
       local prefix, dest, okey, hold = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
       local jobId = cgFreeId(prefix, KEYS[1], lastId - n + 1 + k)
+      top = math.max(top, tonumber(jobId))
       local jobKey = prefix .. jobId
       local jobData = string.sub(data, 1, -2) .. ',"destination":"' .. dest .. '"}'
       local q = room[prefix]
@@ -190,4 +197,5 @@ while i <= #ARGV do
     out[#out + 1] = { "a", table.concat(parts, ",") }
   end
 end
+cgMarkIds(base .. "cg:lastid", top)
 return out

@@ -52,9 +52,11 @@ end
 -- The last of `n` new ids, `top` as the counter's INCRBY answered it, past
 -- every id given before: a counter a tool set back or deleted is brought
 -- up to the last id given (kept in `mark`, the base queue's `cg:lastid`),
--- as ids name one job over every destination's queue. (A mark that is not
--- a whole number a counter can hold, or of another type, is read as none,
--- and replaced.)
+-- as ids name one job over every destination's queue. Called at a script's
+-- first INCRBY (the later ones are past it), which then sets the mark to
+-- its last id with `cgMarkIds` as it ends. (A mark that is not a whole
+-- number a counter can hold, or of another type, is read as none, and
+-- replaced.)
 local function cgPastIds(mark, counter, top, n)
   local last = tonumber(redis.pcall("GET", mark))
   if not last or last ~= math.floor(last) or last < 0 or last >= 2 ^ 53 then
@@ -64,8 +66,13 @@ local function cgPastIds(mark, counter, top, n)
     top = last + n
     redis.call("SET", counter, string.format("%d", top))
   end
-  redis.call("SET", mark, string.format("%d", top))
   return top
+end
+
+local function cgMarkIds(mark, top)
+  if top then
+    redis.call("SET", mark, string.format("%d", top))
+  end
 end
 
 -- Id `id` for a new job of the queue at `prefix`, or the counter's next ones
