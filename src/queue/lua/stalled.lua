@@ -96,9 +96,9 @@ try(function()
   -- go back into it: by id as a number (ids come from one counter; the
   -- score is the adding relay's clock, and the jobs of one add share it,
   -- which Redis orders by id as text: "10" before "2"), then by score.
-  local byScore = {}
+  local found = {}
   for i = 1, #page, 2 do
-    byScore[#byScore + 1] = { page[i], tonumber(page[i + 1]) or 0 }
+    found[#found + 1] = { page[i], tonumber(page[i + 1]) or 0 }
   end
   -- (an id that is not a finite number, a tool's, goes after the others)
   local function num(id)
@@ -108,7 +108,7 @@ try(function()
     end
     return nil
   end
-  table.sort(byScore, function(a, b)
+  table.sort(found, function(a, b)
     local x, y = num(a[1]), num(b[1])
     if x and y and x ~= y then
       return x < y
@@ -121,7 +121,7 @@ try(function()
     end
     return a[1] < b[1]
   end)
-  for i, p in ipairs(byScore) do
+  for i, p in ipairs(found) do
     parked[i] = p[1]
   end
   if #parked < 100 then
