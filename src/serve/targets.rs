@@ -155,8 +155,9 @@ async fn forget(queue: &Store, relay: &str, destinations: &DestinationSet) {
 
 /// A digest of where a destination's URL sends: its scheme, host, port and
 /// path (credentials and query left out: what is stored in Redis, which
-/// others may read, must not let them test guesses of a token). Equal
-/// places give equal digests.
+/// others may read, must not let them test guesses of a token there; a
+/// guess of the whole place, a token in the path included, can be
+/// confirmed). Equal places give equal digests.
 fn fingerprint(url: &reqwest::Url) -> String {
     let mut place = crate::secret::redact_url(url);
     if let Some(f) = place.find('#') {

@@ -65,7 +65,7 @@ local out = {}
 local perJob = 7
 local count = (#ARGV - 5) / perJob
 local top = cgPastIds(prefix .. "cg:lastid", KEYS[4], rcall("INCRBY", KEYS[4], count), count)
-local nextId = top - count
+local marked, nextId = top, top - count
 -- (whether a job went to wait: the marker wakes BullMQ's workers once)
 local waiting = false
 for i = 6, #ARGV, perJob do
@@ -131,5 +131,5 @@ for i = 6, #ARGV, perJob do
     end
   end
 end
-cgMarkIds(prefix .. "cg:lastid", top)
+cgMarkIds(prefix .. "cg:lastid", top, marked)
 return out

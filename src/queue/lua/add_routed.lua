@@ -29,8 +29,9 @@
 local rcall = redis.call
 local base, ts, ttl, name, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local out = {}
--- The last id this call gave (`cgPastIds`, `cgMarkIds`).
-local top = nil
+-- The last id this call gave, and the mark its first INCRBY set
+-- (`cgPastIds`, `cgMarkIds`).
+local top, marked = nil, 0
 -- Per queue: whether it may take jobs locked now (not paused, no global rate
 -- limit, room under its global concurrency), read once per call; or the
 -- text of why it takes none ("e").
@@ -111,6 +112,7 @@ while i <= #ARGV do
     local lastId = rcall("INCRBY", KEYS[1], n)
     if not top then
       lastId = cgPastIds(base .. "cg:lastid", KEYS[1], lastId, n)
+      marked = lastId
     end
     top = lastId
     if shared then
@@ -197,5 +199,5 @@ while i <= #ARGV do
     out[#out + 1] = { "a", table.concat(parts, ",") }
   end
 end
-cgMarkIds(base .. "cg:lastid", top)
+cgMarkIds(base .. "cg:lastid", top, marked)
 return out

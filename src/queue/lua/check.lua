@@ -53,10 +53,12 @@ end
 -- every id given before: a counter a tool set back or deleted is brought
 -- up to the last id given (kept in `mark`, the base queue's `cg:lastid`),
 -- as ids name one job over every destination's queue. Called at a script's
--- first INCRBY (the later ones are past it), which then sets the mark to
--- its last id with `cgMarkIds` as it ends. (A mark that is not a whole
--- number a counter can hold, or of another type, is read as none, and
--- replaced.)
+-- first INCRBY (the later ones are past it), before its first job is
+-- written, it sets the mark to that INCRBY's top; `cgMarkIds` raises it to
+-- the script's last id as it ends (ids a script that fails midway gave
+-- after its first INCRBY are past the counter's value, not the mark's).
+-- (A mark that is not a whole number a counter can hold, or of another
+-- type, is read as none, and replaced.)
 local function cgPastIds(mark, counter, top, n)
   local last = tonumber(redis.pcall("GET", mark))
   if not last or last ~= math.floor(last) or last < 0 or last >= 2 ^ 53 then
@@ -66,11 +68,14 @@ local function cgPastIds(mark, counter, top, n)
     top = last + n
     redis.call("SET", counter, string.format("%d", top))
   end
+  redis.call("SET", mark, string.format("%d", top))
   return top
 end
 
-local function cgMarkIds(mark, top)
-  if top then
+-- The mark raised to `top`, the script's last id, if it gave ids past
+-- `marked` (the mark `cgPastIds` set).
+local function cgMarkIds(mark, top, marked)
+  if top and top > marked then
     redis.call("SET", mark, string.format("%d", top))
   end
 end
