@@ -222,7 +222,7 @@ mod scripts;
 mod targets;
 
 pub use routed::{limit_shape, queue_name, RedisQueues, MAX_RATE_LIMIT};
-pub use targets::{TargetConflict, TARGET_STALE_MS};
+pub use targets::TargetConflict;
 
 use scripts::*;
 

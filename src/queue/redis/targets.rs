@@ -17,7 +17,7 @@ use super::{bounded, QueueResult, RedisQueues};
 use crate::queue::DestinationName;
 
 /// A relay's field not written for this long (three looks) is a relay gone.
-pub const TARGET_STALE_MS: i64 = 90_000;
+const TARGET_STALE_MS: i64 = 90_000;
 
 /// A hash no relay wrote for a day (its destination is in no file) goes.
 const TARGET_KEEP_MS: i64 = 86_400_000;
