@@ -9,7 +9,9 @@
     ARGV[1] key prefix
   Then a hundred of the jobs parked behind their ordered key's first
   (`order.lua`, put in front of this script), the next hundred at each call
-  (`cg:sweep` keeps the place), are looked at: a key whose first job a tool
+  (`cg:sweep` keeps the place: the score and id of the last one looked at,
+  so that jobs leaving the set before it do not make the next call skip
+  any), are looked at: a key whose first job a tool
   deleted lets its next job go (else the key's last events would wait for
   an event that may never come), and a parked job missing from its key's
   list (a tool deleted the list) goes back at the list's end. So are the
@@ -88,10 +90,50 @@ local function sweepHeld(prefix, key)
     cgPromote(prefix, chain)
   end
 end
+-- Whether id a sorts before id b as Redis orders the members of equal
+-- score: byte by byte (Lua's `<` follows the server's locale).
+local function bytesBefore(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then
+      return x < y
+    end
+  end
+  return #a < #b
+end
+-- The rank the sweep goes on from: just after the last job it looked at,
+-- or, that job gone, where it would be (a cursor, not a rank kept: the
+-- set shrinks as parked jobs are promoted). None, an earlier version's
+-- rank, or a place a tool broke: from the start.
+local function resume(set, cursor)
+  local space = type(cursor) == "string" and string.find(cursor, " ", 1, true)
+  local score = space and tonumber(string.sub(cursor, 1, space - 1))
+  if not score then
+    return 0
+  end
+  local id = string.sub(cursor, space + 1)
+  local rank = rcall("ZRANK", set, id)
+  if rank then
+    return rank + 1
+  end
+  local from = string.sub(cursor, 1, space - 1)
+  local before = redis.pcall("ZCOUNT", set, "-inf", "(" .. from)
+  local same = redis.pcall("ZRANGEBYSCORE", set, from, from, "LIMIT", 0, MAXLOOK)
+  if type(before) ~= "number" or type(same) ~= "table" or same.err then
+    return 0
+  end
+  for _, other in ipairs(same) do
+    if bytesBefore(other, id) then
+      before = before + 1
+    end
+  end
+  return before
+end
 local parked, held = {}, {}
 try(function()
-  local from = tonumber(rcall("GET", ARGV[1] .. "cg:sweep")) or 0
-  local page = rcall("ZRANGE", ARGV[1] .. "waiting-children", from, from + 99, "WITHSCORES")
+  local set = ARGV[1] .. "waiting-children"
+  local from = resume(set, redis.pcall("GET", ARGV[1] .. "cg:sweep"))
+  local page = rcall("ZRANGE", set, from, from + 99, "WITHSCORES")
   -- In the order they were accepted, as jobs missing from their key's list
   -- go back into it: by id as a number (ids come from one counter; the
   -- score is the adding relay's clock, and the jobs of one add share it,
@@ -127,7 +169,7 @@ try(function()
   if #parked < 100 then
     rcall("DEL", ARGV[1] .. "cg:sweep")
   else
-    rcall("SET", ARGV[1] .. "cg:sweep", from + 100)
+    rcall("SET", ARGV[1] .. "cg:sweep", page[#page] .. " " .. page[#page - 1])
   end
 end)
 for _, jobId in ipairs(parked) do
