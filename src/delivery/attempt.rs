@@ -42,7 +42,10 @@ impl Policy {
 /// circuit is always tried again first. A circuit's `trial` that fails
 /// retryably is not failed for its attempt count: the round judges the
 /// destination, and a job held by an open circuit keeps its remaining
-/// attempts (its next ordinary attempt is its last).
+/// attempts (its next ordinary attempt is its last). Its delay is then its
+/// last ordinary attempt's: one doubled at each round of a long outage (the
+/// most retried job is a round's trial) held it for hours after the
+/// destination was back.
 pub(super) fn decide(
     p: &Policy,
     n: u32,
@@ -77,6 +80,11 @@ pub(super) fn decide(
             reason,
             retry_after,
         } => {
+            let n = if trial {
+                n.min(p.attempts.saturating_sub(1).max(1))
+            } else {
+                n
+            };
             let delay = p.backoff.delay(n, retry_after, unit);
             let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             Disposition::RetryAt {
@@ -453,6 +461,12 @@ mod tests {
             due(2_000),
             "a failed trial keeps the job's last attempt"
         );
+        // A trial of a long outage: the job's 14th attempt waits as after
+        // its 4th (the last ordinary attempt is the 5th), not 4.5 hours.
+        for (n, want) in [(3, 8_000), (4, 16_000), (5, 16_000), (14, 16_000)] {
+            let got = decide(&p, n, retry(None), now, 0.0, Some(now - 1000), true);
+            assert_eq!(got, due(want), "trial attempt {n}");
+        }
     }
 
     /// The age limit is checked after a failed attempt, never instead of

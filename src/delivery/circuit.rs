@@ -157,6 +157,11 @@ impl Breaker {
         Duration::from_millis(self.cooldown_ms.max(0) as u64)
     }
 
+    /// Whether a target's `Retry-After` holds the destination at `now`.
+    pub fn held(&self, now: i64) -> bool {
+        self.held_until.is_some_and(|t| now < t)
+    }
+
     /// Whether a delivery may start at `now` (an open circuit whose
     /// cool-down is over becomes half-open here).
     pub fn gate(&mut self, now: i64) -> Gate {

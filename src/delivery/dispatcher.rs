@@ -143,7 +143,8 @@ pub async fn run(
             Some(note) = pause_notes.recv() => d.pause_told(note),
             job = handoff.recv() => {
                 if let Some(job) = job {
-                    d.handed(job);
+                    let now = d.clock.mono_ms();
+                    d.handed(job, now);
                 }
             }
             _ = wake.notified() => d.machine.woken(),
@@ -261,7 +262,7 @@ impl Dispatch {
     /// machine's next time.
     async fn step(&mut self, handoff: &mut handoff::HandoffRx, now: i64) -> Option<i64> {
         while let Some(job) = handoff.try_recv() {
-            self.handed(job);
+            self.handed(job, now);
         }
         for command in self.machine.poll(now) {
             // A circuit shared with the other relays is told before this
@@ -282,7 +283,7 @@ impl Dispatch {
         }
         self.pool.gate.set(self.machine.lease_until());
         handoff.set_ready(self.machine.ready_len() + self.machine.running());
-        handoff.set_open(self.machine.takes_handoffs());
+        handoff.set_open(self.machine.takes_handoffs(now));
         for ack in self.pause_acks.drain(..) {
             let _ = ack.send(());
         }
@@ -333,9 +334,9 @@ impl Dispatch {
     }
 
     /// A job the ingress handed over, already leased.
-    fn handed(&mut self, job: Leased) {
+    fn handed(&mut self, job: Leased, now: i64) {
         self.pool.in_flight.hold(&job.lease);
-        self.machine.handed(job);
+        self.machine.handed(job, now);
     }
 
     /// A delivery's HTTP part is over (or it gave its job back unsent).

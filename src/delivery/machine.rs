@@ -177,20 +177,26 @@ impl Machine {
     }
 
     /// A job the ingress stored leased to this pool: held while the circuit
-    /// is closed; else back to the store, where it waits (a half-open
-    /// circuit's trials are claimed, freshest first).
-    pub fn handed(&mut self, job: Leased) {
-        if self.stopping || self.paused || self.breaker.phase() != Phase::Closed {
-            self.out.push(Action::Release(vec![job]));
-        } else {
+    /// is closed and no `Retry-After` holds the destination; else back to
+    /// the store, where it waits (a half-open circuit's trials are claimed,
+    /// freshest first).
+    pub fn handed(&mut self, job: Leased, now: i64) {
+        if self.takes_handoffs(now) {
             self.ready.push_back(Ready { job, trial: false });
+        } else {
+            self.out.push(Action::Release(vec![job]));
         }
     }
 
     /// Whether the ingress may hand jobs to this pool (it would give them
-    /// back at once otherwise).
-    pub fn takes_handoffs(&self) -> bool {
-        !self.stopping && !self.paused && self.breaker.phase() == Phase::Closed
+    /// back at once otherwise). Not while a `Retry-After` holds the
+    /// destination: jobs held here would wait out the hold leased, shown
+    /// active, and an operator could not remove them.
+    pub fn takes_handoffs(&self, now: i64) -> bool {
+        !self.stopping
+            && !self.paused
+            && self.breaker.phase() == Phase::Closed
+            && !self.breaker.held(now)
     }
 
     /// A claim's answer; it was asked at `asked_at`; `wait_ms` is how long
@@ -231,7 +237,7 @@ impl Machine {
         let trial = self.breaker.phase() == Phase::HalfOpen;
         let short = claimed.jobs.len() < asked;
         for job in claimed.jobs {
-            self.take(job, trial);
+            self.take(job, trial, now);
         }
         if short && !woken {
             let wait = wait_ms
@@ -241,8 +247,12 @@ impl Machine {
         }
     }
 
-    fn take(&mut self, job: Leased, trial: bool) {
-        if self.stopping || self.paused || matches!(self.breaker.phase(), Phase::Open) {
+    fn take(&mut self, job: Leased, trial: bool, now: i64) {
+        if self.stopping
+            || self.paused
+            || matches!(self.breaker.phase(), Phase::Open)
+            || self.breaker.held(now)
+        {
             self.out.push(Action::Release(vec![job]));
         } else {
             self.ready.push_back(Ready { job, trial });
@@ -290,6 +300,10 @@ impl Machine {
     pub fn finished(&mut self, trial: bool, signal: Signal, hold: Option<Duration>, now: i64) {
         self.running = self.running.saturating_sub(1);
         let phase = self.breaker.record(signal, trial, hold, now);
+        if self.breaker.held(now) {
+            // Held by a `Retry-After`: waiting in the store, not leased here.
+            self.release_ready();
+        }
         self.circuit_changed(phase, true, now);
     }
 

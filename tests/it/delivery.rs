@@ -134,6 +134,26 @@ async fn retry_after_on_429_delays_the_next_attempt(b: Backend) {
     );
 }
 
+/// A target's `Retry-After` of an hour holds the destination: the events
+/// that arrive meanwhile wait in the store, where an operator sees them
+/// waiting and can remove them (they were handed to the pool and held
+/// there leased: active for the hour, and refused removal).
+async fn events_held_by_a_long_retry_after_wait_and_can_be_removed(b: Backend) {
+    let app = spawn_app_on(b, |_| {}).await;
+    app.sink.push(Behaviour::retry_after(429, "3600"));
+    let first = accepted_id(&app, "e-held-first").await;
+    app.wait_job(&first, "delayed", WAIT).await;
+    let mut later = Vec::new();
+    for i in 0..4 {
+        later.push(accepted_id(&app, &format!("e-held-{i}")).await);
+    }
+    app.wait_counts(WAIT, |c| c["waiting"] == 4 && c["active"] == 0)
+        .await;
+    let r = app.admin_delete(&format!("/admin/jobs/{}", later[0])).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(app.sink.received().len(), 1, "nothing sent during the hold");
+}
+
 async fn reset_connection_and_timeout_are_retried(b: Backend) {
     let app = spawn_app_on(b, |c| c.delivery.delivery_timeout = Duration::from_millis(300)).await;
     app.sink.push(Behaviour::Reset);

@@ -170,7 +170,7 @@ fn a_wake_while_a_claim_is_out_is_not_lost() {
 #[test]
 fn nothing_starts_without_a_fresh_word_that_the_destination_is_not_paused() {
     let mut m = Machine::new(settings(4));
-    m.handed(job(1, 0));
+    m.handed(job(1, 0), 0);
     assert_eq!(
         kinds(&m.poll(0)),
         ["claim 7 Due"],
@@ -178,7 +178,7 @@ fn nothing_starts_without_a_fresh_word_that_the_destination_is_not_paused() {
     );
     m.claimed(Ok(claimed(2..2)), 7, 0, None, 10);
     assert_eq!(kinds(&m.poll(10)), ["start 1"]);
-    m.handed(job(3, 0));
+    m.handed(job(3, 0), 10);
     assert_eq!(
         kinds(&m.poll(1000)),
         ["check pause"],
@@ -188,11 +188,11 @@ fn nothing_starts_without_a_fresh_word_that_the_destination_is_not_paused() {
     m.pause_seen(Ok(false), 1000, 1002);
     assert_eq!(kinds(&m.poll(1002)), ["start 3"]);
     // A pause told: what is held goes back, nothing starts, claims only ask.
-    m.handed(job(4, 0));
+    m.handed(job(4, 0), 1100);
     m.pause_seen(Ok(true), 1100, 1100);
     assert!(!m.may_send(1100));
     assert_eq!(kinds(&m.poll(1100)), ["release 4"]);
-    m.handed(job(5, 0));
+    m.handed(job(5, 0), 1100);
     assert_eq!(
         kinds(&m.poll(1100)),
         ["release 5"],
@@ -280,7 +280,7 @@ fn an_older_word_on_the_pause_never_undoes_a_newer_one() {
     let mut m = Machine::new(settings(1));
     m.poll(0);
     m.claimed(Ok(claimed(1..3)), 2, 0, None, 0);
-    m.handed(job(9, 0));
+    m.handed(job(9, 0), 0);
     assert_eq!(kinds(&m.poll(0)), ["start 1"]);
     m.finished(false, Signal::Success, None, 50);
     assert_eq!(kinds(&m.poll(700)), ["start 2", "check pause"]);
@@ -370,6 +370,42 @@ fn the_rate_limit_counts_starts_in_any_window() {
     );
 }
 
+/// A target's `Retry-After` holds the destination: what the pool holds and
+/// has not started goes back to the store (it waited out an hour's hold
+/// leased, shown active, and an operator could not remove it), the ingress
+/// hands nothing over meanwhile, and what a claim brings back goes back;
+/// once the hold is over, handoffs and claims go on.
+#[test]
+fn a_retry_after_hold_gives_back_what_it_holds_and_takes_no_handoffs() {
+    let mut m = Machine::new(settings(2));
+    m.poll(0);
+    m.claimed(Ok(claimed(1..4)), 3, 0, None, 0);
+    assert_eq!(kinds(&m.poll(0)), ["start 1", "start 2", "claim 3 Due"]);
+    assert!(m.takes_handoffs(0));
+    let hour = Duration::from_secs(3600);
+    m.finished(false, Signal::Answered, Some(hour), 10);
+    assert_eq!(kinds(&m.poll(10)), ["release 3"], "held: back to the store");
+    assert!(!m.takes_handoffs(10), "no handoffs during the hold");
+    m.handed(job(7, 0), 20);
+    assert_eq!(kinds(&m.poll(20)), ["release 7"], "handed during the hold");
+    m.claimed(Ok(claimed(4..7)), 3, 0, None, 30);
+    assert_eq!(
+        kinds(&m.poll(30)),
+        ["release 4", "release 5", "release 6"],
+        "a claim that was out when the hold began"
+    );
+    m.finished(false, Signal::Success, None, 40);
+    m.pause_seen(Ok(false), 3_599_900, 3_599_900);
+    assert_eq!(
+        m.next_wake(3_599_900),
+        Some(3_600_010),
+        "woken at the hold's end"
+    );
+    assert!(m.takes_handoffs(3_600_010), "the hold is over");
+    m.handed(job(8, 0), 3_600_010);
+    assert_eq!(kinds(&m.poll(3_600_010)), ["start 8", "claim 4 Due"]);
+}
+
 #[test]
 fn shutdown_gives_back_what_is_held_and_starts_nothing() {
     let mut m = Machine::new(settings(1));
@@ -378,7 +414,7 @@ fn shutdown_gives_back_what_is_held_and_starts_nothing() {
     assert_eq!(kinds(&m.poll(0)), ["start 1"]);
     m.stop();
     assert_eq!(kinds(&m.poll(1)), ["release 2"]);
-    m.handed(job(3, 0));
+    m.handed(job(3, 0), 2);
     assert_eq!(kinds(&m.poll(2)), ["release 3"]);
     assert_eq!(m.next_wake(2), None);
     assert!(!m.may_send(2));
@@ -783,6 +819,57 @@ fn an_outage_opens_the_circuit_and_everything_arrives_after_it() {
     assert!(
         last <= to + cooldown + 1_000,
         "the last event of the outage arrived {} s after it ended (cool-down {} s)",
+        (last - to) / 1000,
+        cooldown / 1000
+    );
+}
+
+/// A three-hour outage (the defaults: five attempts, 2 s backoff): a round
+/// of trials takes the most retried job, which fails again at each round,
+/// and everything still arrives within a cool-down and its last ordinary
+/// backoff of the outage's end (its delay doubled at each failed trial:
+/// 4.5 hours by its 14th attempt, and later rounds took other jobs).
+#[test]
+fn a_long_outage_holds_no_job_for_hours_after_it() {
+    let to = 3 * 3_600_000;
+    let arrivals: Vec<(i64, u64)> = (0..20).map(|i| (i as i64 * 1000, i)).collect();
+    let target = move |_id: u64, _n: u32, now: i64| {
+        if now < to {
+            Answer::Status503
+        } else {
+            Answer::Ok
+        }
+    };
+    let policy = defaults(5, 2000);
+    let last_backoff = policy.backoff.delay(4, None, 0.0).as_millis() as i64;
+    let seen = simulate(settings(16), policy, arrivals, target, 20, to + 86_400_000);
+    let most = seen
+        .attempts
+        .iter()
+        .fold(BTreeMap::<u64, usize>::new(), |mut n, a| {
+            *n.entry(a.1).or_default() += 1;
+            n
+        });
+    eprintln!(
+        "long outage: {} attempts, at most {:?} of one job, {} openings",
+        seen.attempts.len(),
+        most.values().max(),
+        seen.opened.len()
+    );
+    assert!(seen.failed.is_empty(), "dead letters: {:?}", seen.failed);
+    assert_eq!(seen.delivered.len(), 20, "delivered by the end");
+    let last_open = seen.opened.iter().max().copied().unwrap_or(0);
+    let cooldown = seen
+        .attempts
+        .iter()
+        .map(|a| a.0)
+        .find(|t| *t > last_open)
+        .unwrap_or(to)
+        - last_open;
+    let last = seen.delivered.values().max().copied().unwrap_or(0);
+    assert!(
+        last <= to + cooldown + last_backoff + 1_000,
+        "the last event arrived {} s after the outage (cool-down {} s)",
         (last - to) / 1000,
         cooldown / 1000
     );
