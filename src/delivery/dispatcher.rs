@@ -415,7 +415,7 @@ impl Dispatch {
 
     fn pause_told(&mut self, note: PauseNote) {
         let now = self.clock.mono_ms();
-        self.machine.pause_seen(Ok(note.paused), now, now);
+        self.machine.pause_told(note.paused, now);
         self.pause_acks.push(note.ack);
     }
 

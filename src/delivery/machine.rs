@@ -259,8 +259,13 @@ impl Machine {
         }
     }
 
-    /// The answer of a [`Action::CheckPause`] asked at `asked_at`, or this
-    /// relay's admin telling of a pause or resume (`asked_at`: now).
+    /// This relay's admin told of a pause or resume, now. (A look at the
+    /// pause that is out stays out: its answer is still to come.)
+    pub fn pause_told(&mut self, paused: bool, now: i64) {
+        self.pause_word(paused, now, now);
+    }
+
+    /// The answer of a [`Action::CheckPause`] asked at `asked_at`.
     pub fn pause_seen(&mut self, result: Result<bool, String>, asked_at: i64, now: i64) {
         self.check_out = false;
         match result {
@@ -474,5 +479,7 @@ impl Machine {
     }
 }
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;

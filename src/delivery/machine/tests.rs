@@ -32,7 +32,7 @@ fn settings(concurrency: usize) -> Settings {
     }
 }
 
-fn job(id: u64, attempts_made: u32) -> Leased {
+pub(super) fn job(id: u64, attempts_made: u32) -> Leased {
     Leased {
         job: DeliveryJob {
             id: id.to_string(),
@@ -62,7 +62,7 @@ fn claimed(ids: std::ops::Range<u64>) -> Claimed {
 }
 
 /// What a command list holds, in short.
-fn kinds(commands: &[Action]) -> Vec<String> {
+pub(super) fn kinds(commands: &[Action]) -> Vec<String> {
     commands
         .iter()
         .map(|c| match c {
@@ -226,7 +226,7 @@ fn nothing_starts_without_a_fresh_word_that_the_destination_is_not_paused() {
 fn an_older_word_on_the_pause_never_undoes_a_newer_one() {
     let mut m = Machine::new(settings(2));
     assert_eq!(kinds(&m.poll(0)), ["claim 4 Due"]);
-    m.pause_seen(Ok(true), 5, 5); // the admin's note
+    m.pause_told(true, 5); // the admin's note
     m.claimed(Ok(claimed(1..3)), 4, 0, None, 10); // asked at 0, before the note
     assert!(!m.may_send(10), "the stale 'not paused' was ignored");
     assert_eq!(kinds(&m.poll(10)), ["release 1", "release 2"]);
