@@ -94,6 +94,21 @@ impl Authenticator {
         if self.standard.is_empty() || !headers.contains_key(STANDARD_SIGNATURE_HEADER) {
             return None;
         }
+        // The crate counts `now - timestamp` unchecked: a timestamp far in
+        // the past overflowed it (a panic in a debug build; a signature that
+        // never expires in a release build). Such a timestamp is stale here.
+        let timestamp = headers
+            .get("webhook-timestamp")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok());
+        if let Some(ts) = timestamp {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            if now.checked_sub(ts).is_none_or(|late| late > 300) {
+                return Some(Err(AuthError::StaleTimestamp));
+            }
+        }
         let mut failure = AuthError::BadSignature;
         for webhook in &self.standard {
             match webhook.verify(body, headers) {
@@ -299,6 +314,24 @@ mod tests {
             Err(AuthError::BadSignature)
         );
         assert_eq!(a.check(&HeaderMap::new(), body), Err(AuthError::Missing));
+    }
+
+    /// A `webhook-timestamp` as far in the past as a number goes is stale,
+    /// not an overflow (it panicked the request's task in a debug build).
+    #[test]
+    fn the_oldest_standard_webhooks_timestamp_is_stale() {
+        let a = Authenticator::new(
+            &[Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")],
+            None,
+        );
+        for ts in [i64::MIN.to_string(), "-1".into(), i64::MAX.to_string()] {
+            let h = headers(&[
+                ("webhook-id", "msg_1".into()),
+                ("webhook-timestamp", ts.clone()),
+                ("webhook-signature", "v1,AAAA".into()),
+            ]);
+            assert_eq!(a.check(&h, b"{}"), Err(AuthError::StaleTimestamp), "{ts}");
+        }
     }
 
     #[test]

@@ -193,7 +193,7 @@ fn parse_envelope(fields: &Fields<'_>) -> Result<Event, EnvelopeError> {
 fn timestamp_ms(raw: &str) -> Option<Option<i64>> {
     const MS_FROM: i64 = 100_000_000_000;
     let unix = |n: i64| {
-        Some(if n.abs() >= MS_FROM {
+        Some(if n.unsigned_abs() >= MS_FROM.unsigned_abs() {
             n
         } else {
             n.saturating_mul(1000)
@@ -436,6 +436,9 @@ mod tests {
         assert_eq!(at("1795356423000"), Ok(Some(ms)));
         assert_eq!(at(r#""1795356423""#), Ok(Some(ms)));
         assert_eq!(at("null"), Ok(None));
+        // As far as a number goes, either way: a date, not an overflow.
+        assert_eq!(at("-9223372036854775808"), Ok(Some(i64::MIN)));
+        assert_eq!(at("9223372036854775807"), Ok(Some(i64::MAX)));
         assert_eq!(at(r#""yesterday""#), Err(EnvelopeError::BadTimestamp));
         assert_eq!(at("{}"), Err(EnvelopeError::BadTimestamp));
         assert_eq!(

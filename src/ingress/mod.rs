@@ -208,6 +208,25 @@ fn is_json(headers: &HeaderMap) -> bool {
             && essence.contains('/'))
 }
 
+/// A `Content-Encoding` other than `identity` (its first 80 characters):
+/// the body is not the JSON it was signed as, and the relay does not
+/// decompress (a bomb would be read before the signature is checked).
+fn content_coding(headers: &HeaderMap) -> Option<String> {
+    let coded = headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+        v.as_bytes().split(|b| *b == b',').any(|c| {
+            !c.trim_ascii().is_empty() && !c.trim_ascii().eq_ignore_ascii_case(b"identity")
+        })
+    });
+    coded.then(|| {
+        let all: Vec<_> = headers
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        all.join(", ").chars().take(80).collect()
+    })
+}
+
 impl Ingress {
     /// Answers `status` with `msg`, and logs the refusal (bounded per kind).
     fn refuse(
@@ -278,6 +297,14 @@ async fn receive(
             Kind::MediaType,
             "Content-Type must be application/json",
             Some(&hint),
+        );
+    }
+    if let Some(coding) = content_coding(&headers) {
+        return s.refuse(
+            peer,
+            Kind::MediaType,
+            "Content-Encoding is not supported: send the JSON body uncompressed",
+            Some(&format!("the request's Content-Encoding was {coding:?}")),
         );
     }
     let read = tokio::time::timeout(

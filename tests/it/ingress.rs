@@ -349,6 +349,43 @@ async fn non_json_content_type_is_415(b: Backend) {
         .post_raw(body.clone(), &[("x-webhook-signature", &sig)])
         .await;
     assert_eq!(r.status, 415, "missing content type");
+    // A body sent compressed is not the JSON the signature covers as sent:
+    // refused, not read as text (400 "not UTF-8") nor taken as it is (a
+    // `br` label on a plain body was accepted).
+    for encoding in ["gzip", "br", "identity, gzip"] {
+        let r = app
+            .post_raw(
+                body.clone(),
+                &[
+                    ("content-type", "application/json"),
+                    ("content-encoding", encoding),
+                    ("x-webhook-signature", &sig),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 415, "{encoding}: {}", r.json);
+        assert!(
+            r.json["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("Content-Encoding")),
+            "{}",
+            r.json
+        );
+    }
+    let r = app
+        .post_raw(
+            body.clone(),
+            &[
+                ("content-type", "application/json"),
+                ("content-encoding", "identity"),
+                ("x-webhook-signature", &sig),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "identity is no encoding");
+    assert_eq!(total_jobs(&app).await, 1, "refused ones are not stored");
+    let body = serde_json::to_vec(&event("b", "ct-2")).expect("json");
+    let sig = sign_hex(SECRET, &body);
     let r = app
         .post_raw(
             body,
