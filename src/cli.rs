@@ -482,7 +482,8 @@ pub struct ServeArgs {
     pub max_body_bytes: String,
 
     /// Longest a client may take to send a request's headers, and its body
-    /// (slow clients are cut off: headers by closing, a body with 408).
+    /// (slow clients are cut off: headers by closing, a body with 408). The
+    /// admin port cuts off slow headers alike.
     #[arg(help_heading = "Ingress and authentication", long, env = "REQUEST_READ_TIMEOUT_MS", default_value = defaults::REQUEST_READ_TIMEOUT_MS)]
     pub request_read_timeout_ms: String,
 

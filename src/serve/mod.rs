@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -118,9 +117,13 @@ pub async fn run_with_queue(
         cfg.ingress.request_read_timeout,
         stop_http_rx.clone(),
     ));
-    let admin_server = tokio::spawn(serve_http(
+    // (as the ingress: headers that never finish are cut off, and at stop
+    // every connection finishes its request and closes)
+    let admin_server = tokio::spawn(crate::tls::serve(
         admin_listener,
+        None,
         admin::router(admin_state.clone()),
+        cfg.ingress.request_read_timeout,
         stop_http_rx,
     ));
     let sampler = tokio::spawn(sample_history(metrics.clone()));
@@ -567,20 +570,6 @@ async fn summary_lines(queue: Arc<Store>, metrics: Arc<Metrics>, every: Duration
             now.failed - last.failed,
         );
         last = now;
-    }
-}
-
-async fn serve_http(listener: TcpListener, app: axum::Router, mut stop: watch::Receiver<bool>) {
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "http server stopped");
     }
 }
 

@@ -521,6 +521,32 @@ async fn slow_headers_and_slow_bodies_are_cut_off_without_starving_others() {
         1,
         "nothing stored from the slow clients"
     );
+
+    // The admin port too: headers that never finish, and a connection that
+    // says nothing, are cut off (they stayed open for ever: anyone who can
+    // reach a non-loopback ADMIN_LISTEN could hold the relay's files).
+    let mut slow_admin = tokio::net::TcpStream::connect(app.admin)
+        .await
+        .expect("connect");
+    slow_admin
+        .write_all(b"GET /admin/queue HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .expect("write");
+    let mut idle_admin = tokio::net::TcpStream::connect(app.admin)
+        .await
+        .expect("connect");
+    assert_eq!(app.admin_get("/admin/queue").await.status, 200, "others");
+    for (what, tcp) in [("slow", &mut slow_admin), ("idle", &mut idle_admin)] {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what} admin connection cut off in time"))
+            .unwrap_or(0);
+        let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(
+            n == 0 || answer.starts_with("HTTP/1.1 408"),
+            "{what}: closed or 408: {answer}"
+        );
+    }
 }
 
 /// Per-source rate limit (off by default): a noisy client gets 429 with
