@@ -272,8 +272,8 @@ pub struct StoreArgs {
     #[arg(long, env = "QUEUE_NAME", default_value = defaults::QUEUE_NAME)]
     pub queue_name: String,
 
-    /// Directory of the embedded store (`serve` creates it if missing; the
-    /// other commands need it to exist).
+    /// Directory of the embedded store (`serve` creates it if missing, readable
+    /// by its owner only; the other commands need it to exist).
     #[arg(long, env = "COGRELAY_DATA_DIR", default_value = defaults::DATA_DIR)]
     pub data_dir: String,
 

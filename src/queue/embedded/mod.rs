@@ -268,7 +268,13 @@ impl EmbeddedQueue {
     pub fn open(opts: EmbeddedOptions) -> Result<Self, EmbeddedOpenError> {
         let relay = opts.access == Access::Relay;
         if relay {
-            std::fs::create_dir_all(&opts.data_dir)
+            // Only its owner may read the events it holds (the dirs it
+            // creates; one that exists keeps its mode).
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&opts.data_dir)
                 .map_err(|e| EmbeddedOpenError::CreateDir(opts.data_dir.clone(), e))?;
         }
         let lock = if relay {
@@ -689,6 +695,21 @@ mod tests {
             clock: Clock::system(),
         })
         .unwrap()
+    }
+
+    /// A data dir the relay creates is its owner's only: the events in it
+    /// are the contact centre's conversations (it was created 0755, and the
+    /// store 0644, readable by every local user).
+    #[tokio::test]
+    async fn a_data_dir_the_relay_creates_is_its_owners_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("new").join("data");
+        let _q = relay_store(&dir);
+        for d in [root.path().join("new"), dir] {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
     }
 
     #[tokio::test]
