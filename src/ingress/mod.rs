@@ -344,7 +344,8 @@ async fn receive(
             });
         return error(StatusCode::UNAUTHORIZED, &reason);
     }
-    let event = match envelope::parse(&bytes) {
+    let webhook_id = headers.get("webhook-id").map(|v| v.as_bytes());
+    let event = match envelope::parse_request(&bytes, webhook_id) {
         Ok(ev) => ev,
         Err(EnvelopeError::Missing(missing)) => {
             let hint = format!("missing: {}", missing.join(", "));
