@@ -122,15 +122,6 @@ impl<'de> Deserialize<'de> for Name<'de> {
 }
 
 pub fn parse(body: &[u8]) -> Result<Event, EnvelopeError> {
-    parse_request(body, None)
-}
-
-/// [`parse`], for a request that carried a Standard Webhooks `webhook-id`
-/// (the sender's id of the message, the same when it sends it again): an
-/// endpoint output without a traceId is keyed by it, so a resend or a
-/// replay within `DEDUP_TTL_SECS` is its duplicate (with a random id it was
-/// a new job each time).
-pub fn parse_request(body: &[u8], webhook_id: Option<&[u8]>) -> Result<Event, EnvelopeError> {
     if nesting_exceeds(body, MAX_DEPTH) {
         return Err(EnvelopeError::NotJson(format!(
             "nested deeper than {MAX_DEPTH} levels"
@@ -159,7 +150,7 @@ pub fn parse_request(body: &[u8], webhook_id: Option<&[u8]>) -> Result<Event, En
     if !ENVELOPE_FIELDS.iter().any(|f| has(f))
         && (OUTPUT_FIELDS.iter().any(|f| has(f)) || has("AIOutput"))
     {
-        parse_output(&fields, body, webhook_id)
+        parse_output(&fields, body)
     } else {
         parse_envelope(&fields)
     }
@@ -225,11 +216,7 @@ fn timestamp_ms(raw: &str) -> Option<Option<i64>> {
     }
 }
 
-fn parse_output(
-    fields: &Fields<'_>,
-    body: &[u8],
-    webhook_id: Option<&[u8]>,
-) -> Result<Event, EnvelopeError> {
+fn parse_output(fields: &Fields<'_>, body: &[u8]) -> Result<Event, EnvelopeError> {
     let [_user, session] = required(fields, OUTPUT_FIELDS)?;
     #[derive(serde::Deserialize)]
     struct AiOutput<'a> {
@@ -241,15 +228,12 @@ fn parse_output(
         .and_then(|raw| serde_json::from_str::<AiOutput<'_>>(raw.get()).ok())
         .and_then(|o| o.trace_id)
         .filter(|t| valid_id(t));
-    let derived = match (trace, webhook_id) {
-        (Some(t), _) => {
+    let derived = match trace {
+        Some(t) => {
             let sum = digest(&SHA256, body);
             format!("{t}-{}", hex::encode(&sum.as_ref()[..8]))
         }
-        // (a digest: the id is the sender's text, any length; `wh-` keeps
-        // it apart from a random id)
-        (None, Some(id)) => format!("wh-{}", hex::encode(&digest(&SHA256, id).as_ref()[..16])),
-        (None, None) => uuid::Uuid::new_v4().simple().to_string(),
+        None => uuid::Uuid::new_v4().simple().to_string(),
     };
     Ok(Event {
         key: EventKey::new(format!("cognigy-{session}-{derived}")),
@@ -434,19 +418,6 @@ mod tests {
         assert_ne!(
             a.key, b.key,
             "without a traceId every request is its own event"
-        );
-        // Unless it carried a Standard Webhooks webhook-id: keyed by it.
-        let with = |id: &[u8]| parse_request(body, Some(id)).expect("valid").key;
-        let digest32 = &hex::encode(Sha256::digest(b"msg_1"))[..32];
-        assert_eq!(with(b"msg_1").as_str(), format!("cognigy-s1-wh-{digest32}"));
-        assert_eq!(with(b"msg_1"), with(b"msg_1"), "a resend is its duplicate");
-        assert_ne!(with(b"msg_1"), with(b"msg_2"));
-        let traced =
-            br#"{"userId":"u","sessionId":"s1","AIOutput":{"traceId":"tr-9","text":"hi"}}"#;
-        assert_eq!(
-            parse_request(traced, Some(b"msg_1")).expect("valid").key,
-            e.key,
-            "a traceId keys it whatever the webhook-id"
         );
     }
 

@@ -344,8 +344,7 @@ async fn receive(
             });
         return error(StatusCode::UNAUTHORIZED, &reason);
     }
-    let webhook_id = headers.get("webhook-id").map(|v| v.as_bytes());
-    let event = match envelope::parse_request(&bytes, webhook_id) {
+    let event = match envelope::parse(&bytes) {
         Ok(ev) => ev,
         Err(EnvelopeError::Missing(missing)) => {
             let hint = format!("missing: {}", missing.join(", "));
