@@ -273,7 +273,8 @@ pub struct StoreArgs {
     pub queue_name: String,
 
     /// Directory of the embedded store (`serve` creates it if missing, readable
-    /// by its owner only; the other commands need it to exist).
+    /// by its owner only, as are the parents it creates; one that exists keeps
+    /// its mode; the other commands need it to exist).
     #[arg(long, env = "COGRELAY_DATA_DIR", default_value = defaults::DATA_DIR)]
     pub data_dir: String,
 
