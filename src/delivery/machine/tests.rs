@@ -580,6 +580,19 @@ struct Seen {
     end: i64,
 }
 
+impl Seen {
+    /// The cool-down in force when the circuit opened at `last_open`: the
+    /// gap to the first attempt after it (the trial), or to `to`.
+    fn cooldown_after(&self, last_open: i64, to: i64) -> i64 {
+        self.attempts
+            .iter()
+            .map(|a| a.0)
+            .find(|t| *t > last_open)
+            .unwrap_or(to)
+            - last_open
+    }
+}
+
 /// Runs a pool with `s` against `target` (a job's answer to attempt n at a
 /// time), the `policy`'s decisions, and events arriving at the given times,
 /// until everything is delivered or failed, or `limit` ms.
@@ -837,13 +850,7 @@ fn an_outage_opens_the_circuit_and_everything_arrives_after_it() {
         .max()
         .copied()
         .unwrap_or(from);
-    let cooldown = seen
-        .attempts
-        .iter()
-        .map(|a| a.0)
-        .find(|t| *t > last_open)
-        .unwrap_or(to)
-        - last_open;
+    let cooldown = seen.cooldown_after(last_open, to);
     let last = seen
         .delivered
         .iter()
@@ -894,13 +901,7 @@ fn a_long_outage_holds_no_job_for_hours_after_it() {
     assert!(seen.failed.is_empty(), "dead letters: {:?}", seen.failed);
     assert_eq!(seen.delivered.len(), 20, "delivered by the end");
     let last_open = seen.opened.iter().max().copied().unwrap_or(0);
-    let cooldown = seen
-        .attempts
-        .iter()
-        .map(|a| a.0)
-        .find(|t| *t > last_open)
-        .unwrap_or(to)
-        - last_open;
+    let cooldown = seen.cooldown_after(last_open, to);
     let last = seen.delivered.values().max().copied().unwrap_or(0);
     assert!(
         last <= to + cooldown + last_backoff + 1_000,
