@@ -117,15 +117,7 @@ pub async fn run_with_queue(
         cfg.ingress.request_read_timeout,
         stop_http_rx.clone(),
     ));
-    // (as the ingress: headers that never finish are cut off, and at stop
-    // every connection finishes its request and closes)
-    let admin_server = tokio::spawn(crate::tls::serve(
-        admin_listener,
-        None,
-        admin::router(admin_state.clone()),
-        cfg.ingress.request_read_timeout,
-        stop_http_rx,
-    ));
+    let admin_server = serve_admin(admin_listener, &admin_state, &cfg, stop_http_rx);
     let sampler = tokio::spawn(sample_history(metrics.clone()));
     let url_watch = targets::Watch::start(&queue, &current_destinations, &metrics);
     let summary = cfg
@@ -571,6 +563,20 @@ async fn summary_lines(queue: Arc<Store>, metrics: Arc<Metrics>, every: Duration
         );
         last = now;
     }
+}
+
+/// The admin port, served as the ingress is (without TLS): headers that
+/// never finish are cut off after `REQUEST_READ_TIMEOUT_MS`, and at stop
+/// every connection finishes its request and closes.
+fn serve_admin(
+    listener: TcpListener,
+    state: &Arc<Admin>,
+    cfg: &ServeConfig,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let app = admin::router(state.clone());
+    let timeout = cfg.ingress.request_read_timeout;
+    tokio::spawn(crate::tls::serve(listener, None, app, timeout, stop))
 }
 
 /// A listener on `port` of every interface, IPv6 and IPv4 (one dual-stack

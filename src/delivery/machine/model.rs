@@ -263,27 +263,7 @@ impl Pool {
                 }
                 self.m.woken();
             }
-            Op::Finish { pick, signal, hold } => {
-                let Some((&id, &trial)) = self
-                    .running
-                    .iter()
-                    .nth(usize::from(pick) % self.running.len().max(1))
-                else {
-                    return Ok(());
-                };
-                self.running.remove(&id);
-                let signal = [
-                    Signal::Success,
-                    Signal::Failure,
-                    Signal::Answered,
-                    Signal::None,
-                ][usize::from(signal)];
-                let hold = hold.map(|ms| Duration::from_millis(u64::from(ms)));
-                if let Some(h) = hold {
-                    self.hold_until = self.hold_until.max(now + h.as_millis() as i64);
-                }
-                self.m.finished(trial, signal, hold, now);
-            }
+            Op::Finish { pick, signal, hold } => self.finish(pick, signal, hold),
             Op::Pause { on, told } => {
                 if on {
                     self.paused_since.get_or_insert(now);
@@ -306,6 +286,30 @@ impl Pool {
             }
         }
         self.poll()
+    }
+
+    /// The `pick`th running delivery ends, with a signal and a hold.
+    fn finish(&mut self, pick: u8, signal: u8, hold: Option<u16>) {
+        let now = self.now;
+        let Some((&id, &trial)) = self
+            .running
+            .iter()
+            .nth(usize::from(pick) % self.running.len().max(1))
+        else {
+            return;
+        };
+        self.running.remove(&id);
+        let signal = [
+            Signal::Success,
+            Signal::Failure,
+            Signal::Answered,
+            Signal::None,
+        ][usize::from(signal)];
+        let hold = hold.map(|ms| Duration::from_millis(u64::from(ms)));
+        if let Some(h) = hold {
+            self.hold_until = self.hold_until.max(now + h.as_millis() as i64);
+        }
+        self.m.finished(trial, signal, hold, now);
     }
 
     /// Whether the store was paused at time `t` (a read then).
