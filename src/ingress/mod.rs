@@ -333,7 +333,14 @@ async fn receive(
             )
         }
         Err(body::ReadError::NoRoom) => {
-            return unavailable("Too many large request bodies at once: retry shortly")
+            let msg = "Too many large request bodies at once: retry shortly";
+            let hint = format!(
+                "bodies over {} KiB share {} MiB, held by other requests (before their signature is checked) for the last second",
+                body::FREE_BYTES / 1024,
+                s.body_budget.total_bytes() >> 20
+            );
+            s.rejections.refused(Kind::NoRoom, peer, msg, Some(&hint));
+            return unavailable(msg);
         }
     };
     if let Err(e) = s.auth.check(&headers, &bytes) {

@@ -1,4 +1,5 @@
-//! Requests the ingress refuses (401, 413, 415, 400, 408, 429), logged at a
+//! Requests the ingress refuses (401, 413, 415, 400, 408, 429, and 503 for
+//! a large body that got no room in the shared budget), logged at a
 //! bounded rate so that a misconfigured sender is visible without a flood.
 //!
 //! The first refusal of each [`Kind`] is logged at once, with the reason, the
@@ -34,10 +35,13 @@ pub enum Kind {
     Timeout,
     /// 429: the sender's address is over `INGRESS_RATE_LIMIT`.
     RateLimited,
+    /// 503: a large body got no room in the shared budget within a second
+    /// (a flood, or connections that claim large bodies and hold them).
+    NoRoom,
 }
 
 impl Kind {
-    const ALL: usize = 7;
+    const ALL: usize = 8;
 
     fn index(self) -> usize {
         self as usize
@@ -51,6 +55,7 @@ impl Kind {
             Self::BadRequest => 400,
             Self::Timeout => 408,
             Self::RateLimited => 429,
+            Self::NoRoom => 503,
         }
     }
 
@@ -63,6 +68,7 @@ impl Kind {
             Self::BadRequest => "bad_request",
             Self::Timeout => "timeout",
             Self::RateLimited => "rate_limited",
+            Self::NoRoom => "body_budget",
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 use crate::helpers::*;
-use crate::process::{post, start_relay, start_relay_limited};
+use crate::process::{post, start_relay_limited, start_relay_logged};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -52,7 +52,7 @@ async fn a_flood_of_unsigned_bodies_keeps_memory_bounded_and_signed_events_get_i
     const MAX_BODY: usize = 1024 * 1024;
     let dir = tempfile::tempdir().expect("tmp");
     let sink = Sink::start().await.expect("sink");
-    let relay = start_relay(dir.path(), &sink, &[]).await;
+    let (relay, logs) = start_relay_logged(dir.path(), &sink, &[]).await;
     let pid = relay.child.id().expect("pid");
     let http = reqwest::Client::new();
     assert_eq!(post(&http, relay.port, "warm-up").await, Some(200));
@@ -138,6 +138,19 @@ async fn a_flood_of_unsigned_bodies_keeps_memory_bounded_and_signed_events_get_i
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(post(&http, relay.port, "after-flood").await, Some(200));
+    // The bodies refused for want of room are logged, with the budget.
+    let refused = logs.lock().expect("logs").lines().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v["kind"] == "body_budget").then_some(v)
+    });
+    let refused = refused.expect("a body_budget refusal logged");
+    assert_eq!(refused["status"], 503, "{refused}");
+    assert!(
+        refused["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("share 64 MiB")),
+        "{refused}"
+    );
     assert!(
         sink.wait_for(12, Duration::from_secs(20)).await,
         "every signed event delivered"
