@@ -251,7 +251,7 @@ impl Machine {
         if self.stopping
             || self.paused
             || matches!(self.breaker.phase(), Phase::Open)
-            || (self.breaker.held(now) && job.job.probe.is_none())
+            || self.breaker.held(now)
         {
             self.out.push(Action::Release(vec![job]));
         } else {
@@ -307,7 +307,7 @@ impl Machine {
         let phase = self.breaker.record(signal, trial, hold, now);
         if self.breaker.held(now) {
             // Held by a `Retry-After`: waiting in the store, not leased here.
-            self.release_all_but_probes();
+            self.release_ready();
         }
         self.circuit_changed(phase, true, now);
     }
@@ -334,22 +334,6 @@ impl Machine {
             cooldown,
             share,
         });
-    }
-
-    /// What is held and not started goes back, but a shared circuit's
-    /// probes (Redis): given back, they would leave the round's mark
-    /// (`cg:probeUntil`) refusing every relay's claim until it lapses. They
-    /// start when the hold is over.
-    fn release_all_but_probes(&mut self) {
-        let (probes, back): (VecDeque<Ready>, VecDeque<Ready>) = self
-            .ready
-            .drain(..)
-            .partition(|r| r.job.job.probe.is_some());
-        self.ready = probes;
-        if !back.is_empty() {
-            self.out
-                .push(Action::Release(back.into_iter().map(|r| r.job).collect()));
-        }
     }
 
     fn release_ready(&mut self) {

@@ -308,8 +308,9 @@ async fn close_down(
     let close_result = queue.close().await;
     let _ = stop_http_tx.send(true);
     for mut server in servers {
-        // A connection that outlives the grace is cut: the server's state
-        // holds the queue, which must be closed and gone when this returns.
+        // A server that outlives the grace is stopped. (Its connections run
+        // as tasks of their own: one reading a slow body keeps the state,
+        // and the closed queue, until `REQUEST_READ_TIMEOUT_MS` ends it.)
         if tokio::time::timeout(HTTP_CLOSE_GRACE, &mut server)
             .await
             .is_err()

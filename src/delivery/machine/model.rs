@@ -17,9 +17,8 @@
 //!   asked), nor while a `Retry-After` holds the destination, nor after
 //!   shutdown;
 //! * nothing is held leased and unstarted while the pool is paused, the
-//!   circuit open, a `Retry-After` holding (but a shared circuit's probes,
-//!   which wait it out), or the pool stopping: those jobs wait in the
-//!   store, where an operator sees and can remove them;
+//!   circuit open, a `Retry-After` holding, or the pool stopping: those
+//!   jobs wait in the store, where an operator sees and can remove them;
 //! * at the end, with the store resumed and the target up, every job given
 //!   is started and ended: none is stranded in the pool.
 //!
@@ -149,8 +148,6 @@ struct Pool {
     next_id: u64,
     /// Given to the pool (claimed or handed), not started nor given back.
     held: BTreeSet<u64>,
-    /// Of those ever given, a shared circuit's probes.
-    probes: BTreeSet<u64>,
     /// Started, not ended: whether as a trial.
     running: BTreeMap<u64, bool>,
     /// Started (and maybe ended) or given back: never again.
@@ -180,7 +177,6 @@ impl Pool {
             now: 0,
             next_id: 1,
             held: BTreeSet::new(),
-            probes: BTreeSet::new(),
             running: BTreeMap::new(),
             gone: BTreeSet::new(),
             claim_out: None,
@@ -198,9 +194,6 @@ impl Pool {
         let id = self.next_id;
         self.next_id += 1;
         self.held.insert(id);
-        if probe.is_some() {
-            self.probes.insert(id);
-        }
         let mut l = super::tests::job(id, 0);
         l.job.probe = probe;
         l
@@ -397,15 +390,10 @@ impl Pool {
         prop_assert_eq!(self.m.running(), self.running.len(), "jobs running");
         let trials = self.running.values().filter(|t| **t).count();
         prop_assert!(trials <= TRIALS as usize, "{} trials at once", trials);
-        // (a shared circuit's probes wait out a hold: their round's mark
-        // would otherwise refuse every relay's claims)
-        let unprobed = self.held.difference(&self.probes).count();
-        prop_assert!(
-            self.now >= self.hold_until || unprobed == 0,
-            "jobs held leased while held by a Retry-After"
-        );
         let why = if self.stopped {
             Some("stopping")
+        } else if self.now < self.hold_until {
+            Some("held by a Retry-After")
         } else if self.m.phase() == Phase::Open {
             Some("the circuit open")
         } else if self.m.is_paused() {

@@ -406,41 +406,6 @@ fn a_retry_after_hold_gives_back_what_it_holds_and_takes_no_handoffs() {
     assert_eq!(kinds(&m.poll(3_600_010)), ["start 8", "claim 4 Due"]);
 }
 
-/// A shared circuit's probes (Redis) wait out a `Retry-After` hold: given
-/// back, they left the round's mark refusing every relay's claim until it
-/// lapsed. What else is held goes back.
-#[test]
-fn a_retry_after_hold_keeps_a_shared_rounds_probes() {
-    let mut m = Machine::new(settings(2));
-    m.poll(0);
-    m.claimed(Ok(claimed(1..2)), 1, 0, None, 0);
-    assert_eq!(kinds(&m.poll(0)), ["start 1", "claim 4 Due"]);
-    let probe = |id| {
-        let mut j = job(id, 3);
-        j.job.probe = Some(Duration::from_secs(10));
-        j
-    };
-    m.finished(false, Signal::Answered, Some(Duration::from_secs(5)), 10);
-    let round = Claimed {
-        jobs: vec![probe(7), job(8, 0)],
-        ..Claimed::default()
-    };
-    m.claimed(Ok(round), 4, 0, None, 20);
-    assert_eq!(
-        kinds(&m.poll(20)),
-        ["circuit half-open", "release 8"],
-        "the probe is kept"
-    );
-    assert_eq!(m.ready_len(), 1);
-    assert!(!m.takes_handoffs(20));
-    m.pause_seen(Ok(false), 5_000, 5_000);
-    assert_eq!(
-        kinds(&m.poll(5_010)),
-        ["start 7 trial", "claim 1 Trials"],
-        "after the hold"
-    );
-}
-
 #[test]
 fn shutdown_gives_back_what_is_held_and_starts_nothing() {
     let mut m = Machine::new(settings(1));
