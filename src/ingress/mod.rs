@@ -115,7 +115,7 @@ pub struct Ingress {
     pub rate_limit: Option<ratelimit::RateLimiter>,
     /// Refusals while the queue is unavailable, logged without a flood.
     pub refusals: refusals::Refusals,
-    /// Requests refused (401, 413, 415, 400, 408, 429), logged without a flood.
+    /// Requests refused (401, 413, 415, 400, 408, 429; 503 for want of body room), logged without a flood.
     pub rejections: rejections::Rejections,
     /// How far an envelope's `timestamp` may lie from now.
     pub replay_window: ReplayWindow,
