@@ -49,6 +49,9 @@ pub enum AuthError {
     StaleTimestamp,
 }
 
+/// The Standard Webhooks timestamp tolerance, either way (the crate's).
+const STANDARD_TOLERANCE_SECS: i64 = 5 * 60;
+
 pub struct Authenticator {
     macs: Vec<hmac::Key>,
     /// One verifier per `whsec_` secret of the list.
@@ -101,13 +104,12 @@ impl Authenticator {
             .get("webhook-timestamp")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<i64>().ok());
-        if let Some(ts) = timestamp {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-            if now.checked_sub(ts).is_none_or(|late| late > 300) {
-                return Some(Err(AuthError::StaleTimestamp));
-            }
+        let now = crate::time::now_ms() / 1000;
+        if timestamp.is_some_and(|ts| {
+            now.checked_sub(ts)
+                .is_none_or(|late| late > STANDARD_TOLERANCE_SECS)
+        }) {
+            return Some(Err(AuthError::StaleTimestamp));
         }
         let mut failure = AuthError::BadSignature;
         for webhook in &self.standard {

@@ -208,23 +208,31 @@ fn is_json(headers: &HeaderMap) -> bool {
             && essence.contains('/'))
 }
 
-/// A `Content-Encoding` other than `identity` (its first 80 characters):
-/// the body is not the JSON it was signed as, and the relay does not
-/// decompress (a bomb would be read before the signature is checked).
+/// A `Content-Encoding` other than `identity` (as [`shown`]): the body is
+/// not the JSON it was signed as, and the relay does not decompress (a
+/// bomb would be read before the signature is checked).
 fn content_coding(headers: &HeaderMap) -> Option<String> {
-    let coded = headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
-        v.as_bytes().split(|b| *b == b',').any(|c| {
-            !c.trim_ascii().is_empty() && !c.trim_ascii().eq_ignore_ascii_case(b"identity")
-        })
-    });
-    coded.then(|| {
-        let all: Vec<_> = headers
-            .get_all(header::CONTENT_ENCODING)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect();
-        all.join(", ").chars().take(80).collect()
-    })
+    let codings = headers.get_all(header::CONTENT_ENCODING);
+    let coded = codings
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+    if coded {
+        shown(codings)
+    } else {
+        None
+    }
+}
+
+/// A header's values as a sender's hint shows them: joined, lossy, the
+/// first 80 characters; `None` when it has none.
+fn shown(values: header::GetAll<'_, HeaderValue>) -> Option<String> {
+    let all: Vec<_> = values
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        .collect();
+    (!all.is_empty()).then(|| all.join(", ").chars().take(80).collect())
 }
 
 impl Ingress {
@@ -282,13 +290,7 @@ async fn receive(
         return too_large();
     }
     if !is_json(&headers) {
-        let sent = headers.get(header::CONTENT_TYPE).map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .chars()
-                .take(80)
-                .collect::<String>()
-        });
-        let hint = match sent {
+        let hint = match shown(headers.get_all(header::CONTENT_TYPE)) {
             Some(ct) => format!("the request's Content-Type was {ct:?}"),
             None => "the request had no Content-Type".to_string(),
         };

@@ -107,8 +107,8 @@ end
 -- rank, or a place a tool broke: from the start.
 local function resume(set, cursor)
   local space = type(cursor) == "string" and string.find(cursor, " ", 1, true)
-  local score = space and tonumber(string.sub(cursor, 1, space - 1))
-  if not score then
+  local from = space and string.sub(cursor, 1, space - 1)
+  if not (from and tonumber(from)) then
     return 0
   end
   local id = string.sub(cursor, space + 1)
@@ -116,7 +116,6 @@ local function resume(set, cursor)
   if rank then
     return rank + 1
   end
-  local from = string.sub(cursor, 1, space - 1)
   local before = redis.pcall("ZCOUNT", set, "-inf", "(" .. from)
   local same = redis.pcall("ZRANGEBYSCORE", set, from, from, "LIMIT", 0, MAXLOOK)
   if type(before) ~= "number" or type(same) ~= "table" or same.err then
