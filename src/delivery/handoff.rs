@@ -27,7 +27,8 @@ pub struct Handoff {
     /// The dispatcher's ready buffer, as it last reported it.
     ready: AtomicUsize,
     /// Whether the pool takes handoffs now (not while its circuit is open
-    /// or half-open, or it is paused: it would give them back at once).
+    /// or half-open, a target's `Retry-After` holds it, or it is paused: it
+    /// would give them back at once).
     open: std::sync::atomic::AtomicBool,
     capacity: usize,
     pub lease: Duration,

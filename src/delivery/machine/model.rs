@@ -20,7 +20,8 @@
 //!   circuit open, a `Retry-After` holding, or the pool stopping: those
 //!   jobs wait in the store, where an operator sees and can remove them;
 //! * at the end, with the store resumed and the target up, every job given
-//!   is started and ended: none is stranded in the pool.
+//!   is started and ended (none is stranded in the pool), and the pool
+//!   claims again.
 //!
 //! A failure prints the seed and the shrunk sequence:
 //!
@@ -153,6 +154,8 @@ struct Pool {
     /// Started (and maybe ended) or given back: never again.
     gone: BTreeSet<u64>,
     claim_out: Option<(usize, Order, i64)>,
+    /// Claims asked in all.
+    claims: u64,
     check_out: Option<i64>,
     /// Since when the store says paused.
     paused_since: Option<i64>,
@@ -180,6 +183,7 @@ impl Pool {
             running: BTreeMap::new(),
             gone: BTreeSet::new(),
             claim_out: None,
+            claims: 0,
             check_out: None,
             paused_since: None,
             pause_log: Vec::new(),
@@ -324,6 +328,7 @@ impl Pool {
                     prop_assert!(!self.stopped, "a claim after shutdown");
                     prop_assert!(max > 0, "a claim of nothing");
                     self.claim_out = Some((max, order, now));
+                    self.claims += 1;
                 }
                 Action::CheckPause => {
                     prop_assert!(self.check_out.is_none(), "a second look out");
@@ -415,8 +420,16 @@ impl Pool {
             self.pause_log.push((self.now, false));
             self.m.pause_told(false, self.now);
         }
+        // (and, not stopped, it claims again: a pool that never did after a
+        // hold, a pause or an opening would hold nothing and look drained)
+        let claims = self.claims;
         for _ in 0..10_000 {
-            if self.held.is_empty() && self.running.is_empty() && self.claim_out.is_none() {
+            let claimed_again = self.stopped || self.claims > claims;
+            if self.held.is_empty()
+                && self.running.is_empty()
+                && self.claim_out.is_none()
+                && claimed_again
+            {
                 return Ok(());
             }
             for (_, trial) in std::mem::take(&mut self.running) {
@@ -439,9 +452,10 @@ impl Pool {
         }
         prop_assert!(
             false,
-            "not drained: held {:?}, running {:?}",
+            "not drained: held {:?}, running {:?}, claimed again: {}",
             self.held,
-            self.running
+            self.running,
+            self.claims > claims
         );
         Ok(())
     }
