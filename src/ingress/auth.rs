@@ -16,7 +16,10 @@
 //!   time with SHA-256 of the configured one (hashing first hides the length).
 //!
 //! Any configured method suffices. With none configured the ingress is open
-//! (only reachable with `--allow-unauthenticated`, see `config`).
+//! (only reachable with `--allow-unauthenticated`, see `config`). The Basic
+//! credentials, and whether a signature was sent at all, are looked at
+//! before the body is read ([`Authenticator::by_headers`]): a request that
+//! no configured method could accept takes no memory for its body.
 
 use axum::http::HeaderMap;
 use base64::Engine as _;
@@ -126,10 +129,46 @@ impl Authenticator {
     }
 
     pub fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), AuthError> {
+        self.by_headers(headers)
+            .unwrap_or_else(|| self.by_body(headers, body))
+    }
+
+    /// What the headers alone decide, before the body is read: accepted
+    /// (the ingress is open, or the Basic credentials match), or refused
+    /// when the request carries no signature a configured scheme could
+    /// check. `None`: a signature is to be checked against the body
+    /// ([`Self::by_body`]). So a sender without credentials is refused
+    /// before its body takes any memory (a Cognigy Webhook Endpoint sends
+    /// Basic credentials only).
+    pub fn by_headers(&self, headers: &HeaderMap) -> Option<Result<(), AuthError>> {
         if self.is_open() {
-            return Ok(());
+            return Some(Ok(()));
         }
-        let mut failure = AuthError::Missing;
+        let basic = self.basic_digest.as_ref().and_then(|expected| {
+            let presented = basic_credentials(headers)?;
+            Some(bool::from(
+                digest(&SHA256, &presented).as_ref().ct_eq(expected),
+            ))
+        });
+        if basic == Some(true) {
+            return Some(Ok(()));
+        }
+        let signed = (!self.standard.is_empty() && headers.contains_key(STANDARD_SIGNATURE_HEADER))
+            || (!self.macs.is_empty() && headers.contains_key(SIGNATURE_HEADER));
+        if signed {
+            return None;
+        }
+        Some(Err(match basic {
+            Some(_) => AuthError::BadCredentials,
+            None => AuthError::Missing,
+        }))
+    }
+
+    /// The signatures of a request [`Self::by_headers`] left undecided.
+    /// When they fail, the Basic credentials (if any) failed too, and the
+    /// signature's failure is the one reported.
+    pub fn by_body(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), AuthError> {
+        let mut failure = AuthError::BadSignature;
         if let Some(result) = self.standard_webhooks(headers, body) {
             match result {
                 Ok(()) => return Ok(()),
@@ -140,19 +179,6 @@ impl Authenticator {
             if let Some(sig) = headers.get(SIGNATURE_HEADER) {
                 if self.signature_matches(sig.as_bytes(), body) {
                     return Ok(());
-                }
-                if failure == AuthError::Missing {
-                    failure = AuthError::BadSignature;
-                }
-            }
-        }
-        if let Some(expected) = &self.basic_digest {
-            if let Some(presented) = basic_credentials(headers) {
-                if bool::from(digest(&SHA256, &presented).as_ref().ct_eq(expected)) {
-                    return Ok(());
-                }
-                if failure == AuthError::Missing {
-                    failure = AuthError::BadCredentials;
                 }
             }
         }
@@ -352,6 +378,56 @@ mod tests {
             a.check(&headers(&[("authorization", bad)]), b"x"),
             Err(AuthError::BadCredentials)
         );
+    }
+
+    /// The headers decide what they can: Basic credentials that match are
+    /// accepted and wrong ones refused, and a request with no signature a
+    /// configured scheme checks is refused, all before its body is read; a
+    /// signature is left to the body, whatever the Basic credentials.
+    #[test]
+    fn the_headers_decide_all_but_the_signatures() {
+        let a = auth();
+        let basic = |pw: &str| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(format!("cognigy:{pw}"));
+            ("authorization", format!("Basic {b64}"))
+        };
+        let sig = (SIGNATURE_HEADER, sign_hex("old", b"{}"));
+        let standard = (STANDARD_SIGNATURE_HEADER, "v1,AAAA".to_string());
+        assert_eq!(a.by_headers(&headers(&[basic("pw")])), Some(Ok(())));
+        assert_eq!(
+            a.by_headers(&headers(&[basic("px")])),
+            Some(Err(AuthError::BadCredentials))
+        );
+        assert_eq!(
+            a.by_headers(&HeaderMap::new()),
+            Some(Err(AuthError::Missing))
+        );
+        // No whsec_ secret: the Standard Webhooks header checks nothing.
+        assert_eq!(
+            a.by_headers(&headers(&[standard.clone()])),
+            Some(Err(AuthError::Missing))
+        );
+        assert_eq!(a.by_headers(&headers(&[sig.clone()])), None);
+        assert_eq!(a.by_headers(&headers(&[basic("px"), sig.clone()])), None);
+        assert_eq!(
+            a.check(&headers(&[basic("px"), sig]), b"{}"),
+            Ok(()),
+            "the signature passes where the credentials fail"
+        );
+        let basic_only = Authenticator::new(
+            &[],
+            Some(&BasicCredentials {
+                user: "cognigy".into(),
+                password: Secret::new("pw"),
+            }),
+        );
+        let signed = headers(&[(SIGNATURE_HEADER, sign_hex("old", b"{}"))]);
+        assert_eq!(
+            basic_only.by_headers(&signed),
+            Some(Err(AuthError::Missing))
+        );
+        let open = Authenticator::new(&[], None);
+        assert_eq!(open.by_headers(&HeaderMap::new()), Some(Ok(())));
     }
 
     proptest::proptest! {

@@ -309,6 +309,20 @@ async fn receive(
             Some(&format!("the request's Content-Encoding was {coding:?}")),
         );
     }
+    let unauthorized = |e: auth::AuthError, body: &[u8]| {
+        let reason = e.to_string();
+        s.rejections
+            .refused_with(Kind::Unauthorized, peer, &reason, || {
+                s.auth.hint(&headers, body, e).map(str::to_owned)
+            });
+        error(StatusCode::UNAUTHORIZED, &reason)
+    };
+    // Refused here, a sender without credentials takes no share of the
+    // body budget and no wait for its body.
+    let by_headers = s.auth.by_headers(&headers);
+    if let Some(Err(e)) = by_headers {
+        return unauthorized(e, &[]);
+    }
     let read = tokio::time::timeout(
         s.body_timeout,
         body::read(body, s.max_body_bytes, declared, &s.body_budget),
@@ -345,13 +359,10 @@ async fn receive(
             return unavailable(msg);
         }
     };
-    if let Err(e) = s.auth.check(&headers, &bytes) {
-        let reason = e.to_string();
-        s.rejections
-            .refused_with(Kind::Unauthorized, peer, &reason, || {
-                s.auth.hint(&headers, &bytes, e).map(str::to_owned)
-            });
-        return error(StatusCode::UNAUTHORIZED, &reason);
+    if by_headers.is_none() {
+        if let Err(e) = s.auth.by_body(&headers, &bytes) {
+            return unauthorized(e, &bytes);
+        }
     }
     let event = match envelope::parse(&bytes) {
         Ok(ev) => ev,

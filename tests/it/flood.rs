@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use tokio::io::AsyncWriteExt;
 
 use crate::helpers::*;
@@ -155,6 +156,90 @@ async fn a_flood_of_unsigned_bodies_keeps_memory_bounded_and_signed_events_get_i
         sink.wait_for(12, Duration::from_secs(20)).await,
         "every signed event delivered"
     );
+}
+
+/// A connection that claims a 1 MiB body and sends its first byte, with
+/// `auth` headers; the relay's answer (its first bytes), once it comes.
+async fn claim_a_body(port: u16, auth: &str, sent: Arc<AtomicUsize>) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/webhook/cognigy HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n{auth}Content-Length: {MIB}\r\n\r\n "
+    );
+    tcp.write_all(head.as_bytes()).await.expect("write");
+    sent.fetch_add(1, Ordering::Relaxed);
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 256];
+    while answer.len() < 12 {
+        match tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await {
+            Ok(n @ 1..) => answer.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Senders without credentials are refused at their headers, before their
+/// bodies: a hundred connections that claim 1 MiB bodies (the budget is 64
+/// MiB) with no credentials or wrong Basic ones and send one byte hold none
+/// of the budget, so a 100 KB event with the right credentials sent
+/// meanwhile is accepted (503 when each held its share until its body
+/// timed out), and each of them is answered 401 at once (408 then).
+#[tokio::test]
+async fn senders_without_credentials_are_refused_before_their_bodies() {
+    const CONNECTIONS: usize = 100;
+    let dir = tempfile::tempdir().expect("tmp");
+    let sink = Sink::start().await.expect("sink");
+    let basic = ("cognigy", "endpoint-pw");
+    let envs = [
+        ("INGRESS_BASIC_USER", basic.0.to_string()),
+        ("INGRESS_BASIC_PASSWORD", basic.1.to_string()),
+        ("REQUEST_READ_TIMEOUT_MS", "60000".to_string()),
+    ];
+    let relay = crate::process::start_relay(dir.path(), &sink, &envs).await;
+    let wrong = base64::engine::general_purpose::STANDARD.encode("cognigy:guess");
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut claims = tokio::task::JoinSet::new();
+    for i in 0..CONNECTIONS {
+        let auth = if i % 2 == 0 {
+            String::new()
+        } else {
+            format!("Authorization: Basic {wrong}\r\n")
+        };
+        let (port, sent) = (relay.port, sent.clone());
+        claims.spawn(async move { claim_a_body(port, &auth, sent).await });
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sent.load(Ordering::Relaxed) < CONNECTIONS {
+        assert!(Instant::now() < deadline, "connections not opened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut big = event("bot", "large-with-credentials");
+    big["payload"]["padding"] = serde_json::json!("x".repeat(100_000));
+    let status = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/api/webhook/cognigy",
+            relay.port
+        ))
+        .basic_auth(basic.0, Some(basic.1))
+        .json(&big)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("answered")
+        .status();
+    assert_eq!(
+        status, 200,
+        "a large event with credentials during the claims"
+    );
+    let answers = tokio::time::timeout(Duration::from_secs(30), claims.join_all())
+        .await
+        .expect("every claim answered");
+    for answer in answers {
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
+    }
+    assert!(sink.wait_for(1, Duration::from_secs(20)).await, "delivered");
 }
 
 /// Out of file descriptors, `accept` fails at once while connections wait in

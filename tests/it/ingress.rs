@@ -487,7 +487,7 @@ async fn slow_headers_and_slow_bodies_are_cut_off_without_starving_others() {
         .await
         .expect("connect");
     slow_body
-        .write_all(b"POST /api/webhook/cognigy HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"botId\":")
+        .write_all(b"POST /api/webhook/cognigy HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nX-Webhook-Signature: 00\r\nContent-Length: 100\r\n\r\n{\"botId\":")
         .await
         .expect("write");
 

@@ -9,9 +9,10 @@
     ARGV[1] key prefix
   Then a hundred of the jobs parked behind their ordered key's first
   (`order.lua`, put in front of this script), the next hundred at each call
-  (`cg:sweep` keeps the place: the score and id of the last one looked at,
-  so that jobs leaving the set before it do not make the next call skip
-  any), are looked at: a key whose first job a tool
+  (`cg:sweepAt` keeps the place: the score and id of the last one looked
+  at, so that jobs leaving the set before it do not make the next call skip
+  any; an earlier version kept a rank in `cg:sweep`, and while both run
+  each goes on from its own), are looked at: a key whose first job a tool
   deleted lets its next job go (else the key's last events would wait for
   an event that may never come), and a parked job missing from its key's
   list (a tool deleted the list) goes back at the list's end. So are the
@@ -103,8 +104,8 @@ local function bytesBefore(a, b)
 end
 -- The rank the sweep goes on from: just after the last job it looked at,
 -- or, that job gone, where it would be (a cursor, not a rank kept: the
--- set shrinks as parked jobs are promoted). None, an earlier version's
--- rank, or a place a tool broke: from the start.
+-- set shrinks as parked jobs are promoted). None, or a place a tool broke:
+-- from the start.
 local function resume(set, cursor)
   local space = type(cursor) == "string" and string.find(cursor, " ", 1, true)
   local from = space and string.sub(cursor, 1, space - 1)
@@ -131,7 +132,7 @@ end
 local parked, held = {}, {}
 try(function()
   local set = ARGV[1] .. "waiting-children"
-  local from = resume(set, redis.pcall("GET", ARGV[1] .. "cg:sweep"))
+  local from = resume(set, redis.pcall("GET", ARGV[1] .. "cg:sweepAt"))
   local page = rcall("ZRANGE", set, from, from + 99, "WITHSCORES")
   -- In the order they were accepted, as jobs missing from their key's list
   -- go back into it: by id as a number (ids come from one counter; the
@@ -166,9 +167,9 @@ try(function()
     parked[i] = p[1]
   end
   if #parked < 100 then
-    rcall("DEL", ARGV[1] .. "cg:sweep")
+    rcall("DEL", ARGV[1] .. "cg:sweepAt")
   else
-    rcall("SET", ARGV[1] .. "cg:sweep", page[#page] .. " " .. page[#page - 1])
+    rcall("SET", ARGV[1] .. "cg:sweepAt", page[#page] .. " " .. page[#page - 1])
   end
 end)
 for _, jobId in ipairs(parked) do
