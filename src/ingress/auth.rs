@@ -404,10 +404,10 @@ mod tests {
         );
         // No whsec_ secret: the Standard Webhooks header checks nothing.
         assert_eq!(
-            a.by_headers(&headers(&[standard.clone()])),
+            a.by_headers(&headers(&[standard])),
             Some(Err(AuthError::Missing))
         );
-        assert_eq!(a.by_headers(&headers(&[sig.clone()])), None);
+        assert_eq!(a.by_headers(&headers(std::slice::from_ref(&sig))), None);
         assert_eq!(a.by_headers(&headers(&[basic("px"), sig.clone()])), None);
         assert_eq!(
             a.check(&headers(&[basic("px"), sig]), b"{}"),
