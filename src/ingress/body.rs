@@ -25,6 +25,9 @@ pub const FREE_BYTES: usize = 16 * 1024;
 pub const MIN_BUDGET_BYTES: usize = 64 * 1024 * 1024;
 /// How long a body waits for its share of the budget before a 503.
 pub const BUDGET_WAIT: Duration = Duration::from_secs(1);
+/// How long the body of a request refused at its headers is read and
+/// thrown away ([`discard`]) before the answer, at most.
+pub const DISCARD_WAIT: Duration = Duration::from_secs(1);
 /// The budget is counted in these units (a semaphore permit each).
 const UNIT: usize = 1024;
 
@@ -128,6 +131,21 @@ pub async fn read(
         bytes.extend_from_slice(&chunk);
     }
     Ok(Read { bytes, held })
+}
+
+/// Reads `body` and throws it away, until its end, an error or more than
+/// `max` bytes: a request refused at its headers, so that a sender that
+/// writes its whole body before it reads hears the answer (hyper closes a
+/// connection whose body is left unread, and such a sender's writes fail).
+/// Holds no memory; the caller bounds the time ([`DISCARD_WAIT`]).
+pub async fn discard(mut body: Body, max: usize) {
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen += frame.data_ref().map_or(0, |chunk| chunk.len());
+        if seen > max {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -318,9 +318,11 @@ async fn receive(
         error(StatusCode::UNAUTHORIZED, &reason)
     };
     // Refused here, a sender without credentials takes no share of the
-    // body budget and no wait for its body.
+    // body budget: its body is read for a moment and thrown away.
     let by_headers = s.auth.by_headers(&headers);
     if let Some(Err(e)) = by_headers {
+        let wait = s.body_timeout.min(body::DISCARD_WAIT);
+        let _ = tokio::time::timeout(wait, body::discard(body, s.max_body_bytes)).await;
         return unauthorized(e, &[]);
     }
     let read = tokio::time::timeout(

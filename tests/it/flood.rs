@@ -169,10 +169,16 @@ async fn claim_a_body(port: u16, auth: &str, sent: Arc<AtomicUsize>) -> String {
     );
     tcp.write_all(head.as_bytes()).await.expect("write");
     sent.fetch_add(1, Ordering::Relaxed);
+    status_line(&mut tcp).await
+}
+
+/// The first bytes of the answer on `tcp` (its status line), once they
+/// come; what came before the connection closed.
+async fn status_line(tcp: &mut tokio::net::TcpStream) -> String {
     let mut answer = Vec::new();
     let mut buf = [0u8; 256];
     while answer.len() < 12 {
-        match tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await {
+        match tokio::io::AsyncReadExt::read(tcp, &mut buf).await {
             Ok(n @ 1..) => answer.extend_from_slice(&buf[..n]),
             _ => break,
         }
@@ -185,7 +191,10 @@ async fn claim_a_body(port: u16, auth: &str, sent: Arc<AtomicUsize>) -> String {
 /// MiB) with no credentials or wrong Basic ones and send one byte hold none
 /// of the budget, so a 100 KB event with the right credentials sent
 /// meanwhile is accepted (503 when each held its share until its body
-/// timed out), and each of them is answered 401 at once (408 then).
+/// timed out), and each of them is answered 401 once the relay gave up
+/// waiting for the body it throws away (408 then). A sender that writes its
+/// whole body before it reads hears the 401 too (its writes failed when
+/// the relay answered at the headers and closed the connection).
 #[tokio::test]
 async fn senders_without_credentials_are_refused_before_their_bodies() {
     const CONNECTIONS: usize = 100;
@@ -239,6 +248,25 @@ async fn senders_without_credentials_are_refused_before_their_bodies() {
     for answer in answers {
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
     }
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", relay.port))
+        .await
+        .expect("connect");
+    let (piece, pieces) = (16 * 1024, 10);
+    let head = format!(
+        "POST /api/webhook/cognigy HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nAuthorization: Basic {wrong}\r\nContent-Length: {}\r\n\r\n",
+        piece * pieces
+    );
+    tcp.write_all(head.as_bytes()).await.expect("headers");
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    for i in 0..pieces {
+        pace.tick().await;
+        let written = tcp.write_all(&vec![b' '; piece]).await;
+        assert!(written.is_ok(), "piece {i} of the body: {written:?}");
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(10), status_line(&mut tcp))
+        .await
+        .expect("answered");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
     assert!(sink.wait_for(1, Duration::from_secs(20)).await, "delivered");
 }
 

@@ -11,7 +11,7 @@
   (`order.lua`, put in front of this script), the next hundred at each call
   (`cg:sweepAt` keeps the place: the score and id of the last one looked
   at, so that jobs leaving the set before it do not make the next call skip
-  any; an earlier version kept a rank in `cg:sweep`, and while both run
+  any; earlier versions kept theirs in `cg:sweep`, and while both run
   each goes on from its own), are looked at: a key whose first job a tool
   deleted lets its next job go (else the key's last events would wait for
   an event that may never come), and a parked job missing from its key's
