@@ -21,7 +21,7 @@
 //! before the body is read ([`Authenticator::by_headers`]): a request that
 //! no configured method could accept takes no memory for its body.
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName};
 use base64::Engine as _;
 use ring::digest::{digest, SHA256};
 use ring::hmac;
@@ -39,6 +39,10 @@ pub struct BasicCredentials {
 pub const SIGNATURE_HEADER: &str = "x-webhook-signature";
 /// The Standard Webhooks signature header; its presence selects that scheme.
 pub const STANDARD_SIGNATURE_HEADER: &str = "webhook-signature";
+/// The two as header names, for the lookups of every request (a `&str` is
+/// checked and lowered at each lookup).
+static SIGNATURE: HeaderName = HeaderName::from_static(SIGNATURE_HEADER);
+static STANDARD_SIGNATURE: HeaderName = HeaderName::from_static(STANDARD_SIGNATURE_HEADER);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -97,7 +101,7 @@ impl Authenticator {
     /// Standard Webhooks headers checked with each `whsec_` secret; `None`
     /// when the request does not use that scheme (or no such secret is set).
     fn standard_webhooks(&self, headers: &HeaderMap, body: &[u8]) -> Option<Result<(), AuthError>> {
-        if self.standard.is_empty() || !headers.contains_key(STANDARD_SIGNATURE_HEADER) {
+        if self.standard.is_empty() || !headers.contains_key(&STANDARD_SIGNATURE) {
             return None;
         }
         // The crate counts `now - timestamp` unchecked: a timestamp far in
@@ -153,8 +157,8 @@ impl Authenticator {
         if basic == Some(true) {
             return Some(Ok(()));
         }
-        let signed = (!self.standard.is_empty() && headers.contains_key(STANDARD_SIGNATURE_HEADER))
-            || (!self.macs.is_empty() && headers.contains_key(SIGNATURE_HEADER));
+        let signed = (!self.standard.is_empty() && headers.contains_key(&STANDARD_SIGNATURE))
+            || (!self.macs.is_empty() && headers.contains_key(&SIGNATURE));
         if signed {
             return None;
         }
@@ -176,7 +180,7 @@ impl Authenticator {
             }
         }
         if !self.macs.is_empty() {
-            if let Some(sig) = headers.get(SIGNATURE_HEADER) {
+            if let Some(sig) = headers.get(&SIGNATURE) {
                 if self.signature_matches(sig.as_bytes(), body) {
                     return Ok(());
                 }

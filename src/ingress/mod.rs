@@ -248,6 +248,36 @@ impl Ingress {
         let status = StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::BAD_REQUEST);
         error(status, msg)
     }
+
+    /// A request [`auth::Authenticator::by_headers`] refused: its body read
+    /// for a moment and thrown away (`body::discard`), then 401.
+    async fn refused_at_headers(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        headers: &HeaderMap,
+        body: Body,
+        e: auth::AuthError,
+    ) -> Response {
+        let wait = self.body_timeout.min(body::DISCARD_WAIT);
+        let _ = tokio::time::timeout(wait, body::discard(body, self.max_body_bytes)).await;
+        self.unauthorized(peer, headers, e, &[])
+    }
+
+    /// Answers 401 for `e`, logged with a hint (computed only if logged).
+    fn unauthorized(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        headers: &HeaderMap,
+        e: auth::AuthError,
+        body: &[u8],
+    ) -> Response {
+        let reason = e.to_string();
+        self.rejections
+            .refused_with(rejections::Kind::Unauthorized, peer, &reason, || {
+                self.auth.hint(headers, body, e).map(str::to_owned)
+            });
+        error(StatusCode::UNAUTHORIZED, &reason)
+    }
 }
 
 async fn receive(
@@ -309,21 +339,12 @@ async fn receive(
             Some(&format!("the request's Content-Encoding was {coding:?}")),
         );
     }
-    let unauthorized = |e: auth::AuthError, body: &[u8]| {
-        let reason = e.to_string();
-        s.rejections
-            .refused_with(Kind::Unauthorized, peer, &reason, || {
-                s.auth.hint(&headers, body, e).map(str::to_owned)
-            });
-        error(StatusCode::UNAUTHORIZED, &reason)
-    };
     // Refused here, a sender without credentials takes no share of the
     // body budget: its body is read for a moment and thrown away.
     let by_headers = s.auth.by_headers(&headers);
     if let Some(Err(e)) = by_headers {
-        let wait = s.body_timeout.min(body::DISCARD_WAIT);
-        let _ = tokio::time::timeout(wait, body::discard(body, s.max_body_bytes)).await;
-        return unauthorized(e, &[]);
+        // (boxed, so that the requests that go on do not carry it)
+        return Box::pin(s.refused_at_headers(peer, &headers, body, e)).await;
     }
     let read = tokio::time::timeout(
         s.body_timeout,
@@ -363,7 +384,7 @@ async fn receive(
     };
     if by_headers.is_none() {
         if let Err(e) = s.auth.by_body(&headers, &bytes) {
-            return unauthorized(e, &bytes);
+            return s.unauthorized(peer, &headers, e, &bytes);
         }
     }
     let event = match envelope::parse(&bytes) {
