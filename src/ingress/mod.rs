@@ -2,7 +2,8 @@
 //!
 //! Checks run cheapest first, and nothing is stored until all pass:
 //! accepting? (503 while shutting down) → declared size (413) → content type
-//! (415) → body read within `MAX_BODY_BYTES` (413) → authentication (401) →
+//! (415) → credentials, when no signature is to be checked (401) → body
+//! read within `MAX_BODY_BYTES` (413) → signature (401) →
 //! JSON shape and fields (400) → envelope timestamp inside the replay window
 //! (401) → durable enqueue (200 `accepted`/`duplicate`,
 //! or 503 `Queue unavailable` with `Retry-After`).
@@ -250,7 +251,9 @@ impl Ingress {
     }
 
     /// A request [`auth::Authenticator::by_headers`] refused: its body read
-    /// for a moment and thrown away (`body::discard`), then 401.
+    /// for a moment and thrown away (`body::discard`), then 401. Not a
+    /// body that waits for `Expect: 100-continue`: reading it would tell the
+    /// sender to send it, and it has sent nothing a close could break.
     async fn refused_at_headers(
         &self,
         peer: Option<std::net::SocketAddr>,
@@ -258,8 +261,13 @@ impl Ingress {
         body: Body,
         e: auth::AuthError,
     ) -> Response {
-        let wait = self.body_timeout.min(body::DISCARD_WAIT);
-        let _ = tokio::time::timeout(wait, body::discard(body, self.max_body_bytes)).await;
+        let waits = headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !waits {
+            let wait = self.body_timeout.min(body::DISCARD_WAIT);
+            let _ = tokio::time::timeout(wait, body::discard(body, self.max_body_bytes)).await;
+        }
         self.unauthorized(peer, headers, e, &[])
     }
 

@@ -194,7 +194,8 @@ async fn status_line(tcp: &mut tokio::net::TcpStream) -> String {
 /// timed out), and each of them is answered 401 once the relay gave up
 /// waiting for the body it throws away (408 then). A sender that writes its
 /// whole body before it reads hears the 401 too (its writes failed when
-/// the relay answered at the headers and closed the connection).
+/// the relay answered at the headers and closed the connection), and one
+/// that waits with `Expect: 100-continue` is not asked for its body.
 #[tokio::test]
 async fn senders_without_credentials_are_refused_before_their_bodies() {
     const CONNECTIONS: usize = 100;
@@ -267,6 +268,20 @@ async fn senders_without_credentials_are_refused_before_their_bodies() {
         .await
         .expect("answered");
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", relay.port))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/webhook/cognigy HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nAuthorization: Basic {wrong}\r\nExpect: 100-continue\r\nContent-Length: {MIB}\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.expect("headers");
+    let answer = tokio::time::timeout(Duration::from_secs(10), status_line(&mut tcp))
+        .await
+        .expect("answered");
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "not asked for the body: {answer:?}"
+    );
     assert!(sink.wait_for(1, Duration::from_secs(20)).await, "delivered");
 }
 
