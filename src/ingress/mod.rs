@@ -250,17 +250,14 @@ impl Ingress {
         error(status, msg)
     }
 
-    /// A request [`auth::Authenticator::by_headers`] refused: its body read
-    /// for a moment and thrown away (`body::discard`), then 401. Not a
-    /// body that waits for `Expect: 100-continue`: reading it would tell the
-    /// sender to send it, and it has sent nothing a close could break.
-    async fn refused_at_headers(
-        &self,
-        peer: Option<std::net::SocketAddr>,
-        headers: &HeaderMap,
-        body: Body,
-        e: auth::AuthError,
-    ) -> Response {
+    /// `answer`, given at the headers (429, 415, or a 401 of
+    /// [`auth::Authenticator::by_headers`]), once the body was read for a
+    /// moment and thrown away (`body::discard`): a sender that writes its
+    /// whole body before it reads then hears it, where hyper would close
+    /// the connection under its writes. Not a body that waits for `Expect:
+    /// 100-continue`: reading it would ask the sender for it, and it has
+    /// sent nothing a close could break.
+    async fn before_the_body(&self, headers: &HeaderMap, body: Body, answer: Response) -> Response {
         let waits = headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
@@ -268,7 +265,7 @@ impl Ingress {
             let wait = self.body_timeout.min(body::DISCARD_WAIT);
             let _ = tokio::time::timeout(wait, body::discard(body, self.max_body_bytes)).await;
         }
-        self.unauthorized(peer, headers, e, &[])
+        answer
     }
 
     /// Answers 401 for `e`, logged with a hint (computed only if logged).
@@ -309,7 +306,9 @@ async fn receive(
             );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(wait));
-            return r;
+            // (each early answer's wait boxed, so that the requests that
+            // go on do not carry it)
+            return Box::pin(s.before_the_body(&headers, body, r)).await;
         }
     }
     let too_large = || {
@@ -332,27 +331,29 @@ async fn receive(
             Some(ct) => format!("the request's Content-Type was {ct:?}"),
             None => "the request had no Content-Type".to_string(),
         };
-        return s.refuse(
+        let r = s.refuse(
             peer,
             Kind::MediaType,
             "Content-Type must be application/json",
             Some(&hint),
         );
+        return Box::pin(s.before_the_body(&headers, body, r)).await;
     }
     if let Some(coding) = content_coding(&headers) {
-        return s.refuse(
+        let r = s.refuse(
             peer,
             Kind::MediaType,
             "Content-Encoding is not supported: send the JSON body uncompressed",
             Some(&format!("the request's Content-Encoding was {coding:?}")),
         );
+        return Box::pin(s.before_the_body(&headers, body, r)).await;
     }
     // Refused here, a sender without credentials takes no share of the
     // body budget: its body is read for a moment and thrown away.
     let by_headers = s.auth.by_headers(&headers);
     if let Some(Err(e)) = by_headers {
-        // (boxed, so that the requests that go on do not carry it)
-        return Box::pin(s.refused_at_headers(peer, &headers, body, e)).await;
+        let r = s.unauthorized(peer, &headers, e, &[]);
+        return Box::pin(s.before_the_body(&headers, body, r)).await;
     }
     let read = tokio::time::timeout(
         s.body_timeout,

@@ -172,20 +172,6 @@ async fn claim_a_body(port: u16, auth: &str, sent: Arc<AtomicUsize>) -> String {
     status_line(&mut tcp).await
 }
 
-/// The first bytes of the answer on `tcp` (its status line), once they
-/// come; what came before the connection closed.
-async fn status_line(tcp: &mut tokio::net::TcpStream) -> String {
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 256];
-    while answer.len() < 12 {
-        match tokio::io::AsyncReadExt::read(tcp, &mut buf).await {
-            Ok(n @ 1..) => answer.extend_from_slice(&buf[..n]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
 /// Senders without credentials are refused at their headers, before their
 /// bodies: a hundred connections that claim 1 MiB bodies (the budget is 64
 /// MiB) with no credentials or wrong Basic ones and send one byte hold none
@@ -249,24 +235,8 @@ async fn senders_without_credentials_are_refused_before_their_bodies() {
     for answer in answers {
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
     }
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", relay.port))
-        .await
-        .expect("connect");
-    let (piece, pieces) = (16 * 1024, 10);
-    let head = format!(
-        "POST /api/webhook/cognigy HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nAuthorization: Basic {wrong}\r\nContent-Length: {}\r\n\r\n",
-        piece * pieces
-    );
-    tcp.write_all(head.as_bytes()).await.expect("headers");
-    let mut pace = tokio::time::interval(Duration::from_millis(10));
-    for i in 0..pieces {
-        pace.tick().await;
-        let written = tcp.write_all(&vec![b' '; piece]).await;
-        assert!(written.is_ok(), "piece {i} of the body: {written:?}");
-    }
-    let answer = tokio::time::timeout(Duration::from_secs(10), status_line(&mut tcp))
-        .await
-        .expect("answered");
+    let head = format!("Content-Type: application/json\r\nAuthorization: Basic {wrong}\r\n");
+    let answer = answer_after_a_whole_body(([127, 0, 0, 1], relay.port).into(), &head).await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", relay.port))
         .await

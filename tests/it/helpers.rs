@@ -643,3 +643,42 @@ pub fn dn(name: &str) -> cogrelay::queue::DestinationName {
 }
 
 impl<Q: cogrelay::queue::Queue> DefaultDestination for Q {}
+
+/// The first bytes of the answer on `tcp` (its status line), once they
+/// come; what came before the connection closed.
+pub async fn status_line(tcp: &mut tokio::net::TcpStream) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 256];
+    while answer.len() < 12 {
+        match tokio::io::AsyncReadExt::read(tcp, &mut buf).await {
+            Ok(n @ 1..) => answer.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// What a sender that writes its whole body before it reads hears: a POST
+/// to the ingress with `headers` (each line ending in CRLF) and a body of
+/// ten 16 KiB pieces, 10 ms apart (each write must succeed: a relay that
+/// answered and closed under them fails it), then the answer's status
+/// line, within 10 s.
+pub async fn answer_after_a_whole_body(addr: SocketAddr, headers: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let (piece, pieces) = (16 * 1024, 10);
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /api/webhook/cognigy HTTP/1.1\r\nHost: relay\r\n{headers}Content-Length: {}\r\n\r\n",
+        piece * pieces
+    );
+    tcp.write_all(head.as_bytes()).await.expect("headers");
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    for i in 0..pieces {
+        pace.tick().await;
+        let written = tcp.write_all(&vec![b' '; piece]).await;
+        assert!(written.is_ok(), "piece {i} of the body: {written:?}");
+    }
+    tokio::time::timeout(Duration::from_secs(10), status_line(&mut tcp))
+        .await
+        .expect("answered")
+}

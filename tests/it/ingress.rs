@@ -572,6 +572,32 @@ async fn a_noisy_source_is_rate_limited() {
     );
 }
 
+/// A sender that writes its whole body before it reads hears a refusal
+/// given at the headers (415 for the type or the coding, 429 over the rate
+/// limit, with its `Retry-After`), not a connection closed under its
+/// writes: the relay reads the body for a moment and throws it away.
+#[tokio::test]
+async fn refusals_at_the_headers_reach_a_sender_that_writes_its_whole_body_first() {
+    // Two requests' worth of burst, refilled once in 100 s.
+    let app = spawn_app_with(|c| c.ingress.rate_limit = Some((0.01, 2))).await;
+    let sig = format!("X-Webhook-Signature: {}\r\n", "0".repeat(64));
+    for (headers, status) in [
+        (format!("Content-Type: text/plain\r\n{sig}"), "415"),
+        (
+            format!("Content-Type: application/json\r\nContent-Encoding: gzip\r\n{sig}"),
+            "415",
+        ),
+        (format!("Content-Type: application/json\r\n{sig}"), "429"),
+    ] {
+        let answer = answer_after_a_whole_body(app.ingress, &headers).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{headers:?}: {answer:?}"
+        );
+    }
+    assert_eq!(total_jobs(&app).await, 0);
+}
+
 /// Hostile bodies within the size limit: deep nesting, a huge id string,
 /// invalid UTF-8: each a 400, nothing stored.
 #[tokio::test]
