@@ -104,7 +104,13 @@ limit holds within 5%).
 - **`INGRESS_RATE_LIMIT`**: per source address. Behind a load balancer every
   event has the balancer's address: limit there instead.
 - **`REQUEST_READ_TIMEOUT_MS`**: a client slower than this with its headers
-  is disconnected, with its body gets 408 (slowloris).
+  is disconnected, with its body gets 408 (slowloris). A request answered at
+  its headers (503 while shutting down, 429, 415, or 401 for no credentials
+  or wrong Basic ones and no signature a configured method checks) has its
+  body read and thrown away, up to `MAX_BODY_BYTES` and for at most a second
+  (or this, if shorter), then gets its answer; a body slower than that is
+  cut off. One sent with `Expect: 100-continue`, or declared longer than
+  `MAX_BODY_BYTES`, gets the answer at once.
 - **`MAX_BODY_BYTES`**: each body may hold 16 KiB of its own; beyond that all
   bodies share 64 MiB (or 4 x `MAX_BODY_BYTES`), and a body that gets no room
   within a second is answered 503 (see the README's "Limits against a flood").

@@ -1,9 +1,10 @@
 //! HTTP receive (SPEC §3.1): `POST /api/webhook/cognigy`.
 //!
 //! Checks run cheapest first, and nothing is stored until all pass:
-//! accepting? (503 while shutting down) → declared size (413) → content type
-//! (415) → credentials, when no signature is to be checked (401) → body
-//! read within `MAX_BODY_BYTES` (413) → signature (401) →
+//! accepting? (503 while shutting down) → the sender's rate (429) →
+//! declared size (413) → content type (415) → credentials, when no
+//! signature is to be checked (401) → body read within `MAX_BODY_BYTES`
+//! (413) → signature (401) →
 //! JSON shape and fields (400) → envelope timestamp inside the replay window
 //! (401) → durable enqueue (200 `accepted`/`duplicate`,
 //! or 503 `Queue unavailable` with `Retry-After`).
@@ -195,6 +196,14 @@ fn unavailable(msg: &str) -> Response {
     r
 }
 
+/// The request's `Content-Length`, if it has a valid one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 fn is_json(headers: &HeaderMap) -> bool {
     let Some(ct) = headers
         .get(header::CONTENT_TYPE)
@@ -250,18 +259,20 @@ impl Ingress {
         error(status, msg)
     }
 
-    /// `answer`, given at the headers (429, 415, or a 401 of
-    /// [`auth::Authenticator::by_headers`]), once the body was read for a
-    /// moment and thrown away (`body::discard`): a sender that writes its
-    /// whole body before it reads then hears it, where hyper would close
+    /// `answer`, given at the headers (503 while shutting down, 429, 415, or
+    /// a 401 of [`auth::Authenticator::by_headers`]), once the body was read
+    /// for a moment and thrown away (`body::discard`): a sender that writes
+    /// its whole body before it reads then hears it, where hyper would close
     /// the connection under its writes. Not a body that waits for `Expect:
-    /// 100-continue`: reading it would ask the sender for it, and it has
-    /// sent nothing a close could break.
+    /// 100-continue` (reading it would ask the sender for it, and it has
+    /// sent nothing a close could break), nor one declared longer than
+    /// `MAX_BODY_BYTES` (the discard would stop before its end, and the
+    /// connection close under it anyway).
     async fn before_the_body(&self, headers: &HeaderMap, body: Body, answer: Response) -> Response {
         let waits = headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if !waits {
+        if !waits && declared_length(headers).is_none_or(|n| n <= self.max_body_bytes as u64) {
             let wait = self.body_timeout.min(body::DISCARD_WAIT);
             let _ = tokio::time::timeout(wait, body::discard(body, self.max_body_bytes)).await;
         }
@@ -293,7 +304,8 @@ async fn receive(
 ) -> Response {
     use rejections::Kind;
     if !s.accepting.load(Ordering::Relaxed) {
-        return unavailable("Queue unavailable: the relay is shutting down");
+        let r = unavailable("Queue unavailable: the relay is shutting down");
+        return Box::pin(s.before_the_body(&headers, body, r)).await;
     }
     let peer = peer.map(|axum::Extension(p)| p.0);
     if let (Some(limiter), Some(peer)) = (&s.rate_limit, peer) {
@@ -319,10 +331,7 @@ async fn receive(
             None,
         )
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(&headers);
     if declared.is_some_and(|n| n > s.max_body_bytes as u64) {
         return too_large();
     }

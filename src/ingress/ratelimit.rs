@@ -2,7 +2,9 @@
 //! `INGRESS_RATE_BURST`; off by default): `governor`'s keyed GCRA limiter (a
 //! token bucket per client IP, `burst` deep, refilled at the rate), checked
 //! before the body is read, so one noisy client cannot fill the queue. Over
-//! the limit: 429 with `Retry-After` (whole seconds until a request may pass).
+//! the limit: 429 with `Retry-After` (whole seconds until a request may pass),
+//! once the body was read for a moment and thrown away (`before_the_body` in
+//! the ingress): the limit bounds what is stored, not the bytes read.
 //!
 //! The address is the TCP peer's. Behind a load balancer every event comes from
 //! the balancer's address: rate-limit there instead, or leave this off.

@@ -644,12 +644,12 @@ pub fn dn(name: &str) -> cogrelay::queue::DestinationName {
 
 impl<Q: cogrelay::queue::Queue> DefaultDestination for Q {}
 
-/// The first bytes of the answer on `tcp` (its status line), once they
-/// come; what came before the connection closed.
+/// The head of the answer on `tcp` (its status line and headers), once it
+/// came; what came before the connection closed.
 pub async fn status_line(tcp: &mut tokio::net::TcpStream) -> String {
     let mut answer = Vec::new();
     let mut buf = [0u8; 256];
-    while answer.len() < 12 {
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
         match tokio::io::AsyncReadExt::read(tcp, &mut buf).await {
             Ok(n @ 1..) => answer.extend_from_slice(&buf[..n]),
             _ => break,
@@ -661,8 +661,8 @@ pub async fn status_line(tcp: &mut tokio::net::TcpStream) -> String {
 /// What a sender that writes its whole body before it reads hears: a POST
 /// to the ingress with `headers` (each line ending in CRLF) and a body of
 /// ten 16 KiB pieces, 10 ms apart (each write must succeed: a relay that
-/// answered and closed under them fails it), then the answer's status
-/// line, within 10 s.
+/// answered and closed under them fails it), then the answer's head,
+/// within 10 s.
 pub async fn answer_after_a_whole_body(addr: SocketAddr, headers: &str) -> String {
     use tokio::io::AsyncWriteExt;
     let (piece, pieces) = (16 * 1024, 10);

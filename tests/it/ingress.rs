@@ -594,6 +594,9 @@ async fn refusals_at_the_headers_reach_a_sender_that_writes_its_whole_body_first
             answer.starts_with(&format!("HTTP/1.1 {status}")),
             "{headers:?}: {answer:?}"
         );
+        if status == "429" {
+            assert!(answer.contains("retry-after: "), "{answer:?}");
+        }
     }
     assert_eq!(total_jobs(&app).await, 0);
 }

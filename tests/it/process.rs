@@ -351,6 +351,14 @@ async fn sigterm_drains(backend: Backend) {
         Some(503),
         "new requests get 503 while draining"
     );
+    // A sender that writes its whole body first hears the 503 too.
+    let head = format!(
+        "Content-Type: application/json\r\nX-Webhook-Signature: {}\r\n",
+        "0".repeat(64)
+    );
+    let answer = answer_after_a_whole_body(([127, 0, 0, 1], relay.port).into(), &head).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(answer.contains("retry-after: 5"), "{answer:?}");
 
     let exit = tokio::time::timeout(Duration::from_secs(15), relay.child.wait())
         .await
