@@ -259,15 +259,87 @@ impl Ingress {
         error(status, msg)
     }
 
-    /// `answer`, given at the headers (503 while shutting down, 429, 415, or
+    /// What the headers alone answer, in the order of the module doc: a
+    /// refusal (given after [`Self::before_the_body`]), or, to go on,
+    /// whether the credentials already let the request in (else its
+    /// signature is checked against the body). Refused here, a sender
+    /// without credentials takes no share of the body budget.
+    fn at_the_headers(
+        &self,
+        peer: Option<std::net::SocketAddr>,
+        headers: &HeaderMap,
+        declared: Option<u64>,
+    ) -> Result<bool, Box<Response>> {
+        use rejections::Kind;
+        if !self.accepting.load(Ordering::Relaxed) {
+            return Err(Box::new(unavailable(
+                "Queue unavailable: the relay is shutting down",
+            )));
+        }
+        if let (Some(limiter), Some(peer)) = (&self.rate_limit, peer) {
+            if let Err(wait) = limiter.check(peer.ip()) {
+                let mut r = self.refuse(
+                    Some(peer),
+                    Kind::RateLimited,
+                    "Too many requests from this address",
+                    Some("INGRESS_RATE_LIMIT is per sender address"),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+                return Err(Box::new(r));
+            }
+        }
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return Err(Box::new(self.too_large(peer)));
+        }
+        if !is_json(headers) {
+            let hint = match shown(headers.get_all(header::CONTENT_TYPE)) {
+                Some(ct) => format!("the request's Content-Type was {ct:?}"),
+                None => "the request had no Content-Type".to_string(),
+            };
+            return Err(Box::new(self.refuse(
+                peer,
+                Kind::MediaType,
+                "Content-Type must be application/json",
+                Some(&hint),
+            )));
+        }
+        if let Some(coding) = content_coding(headers) {
+            return Err(Box::new(self.refuse(
+                peer,
+                Kind::MediaType,
+                "Content-Encoding is not supported: send the JSON body uncompressed",
+                Some(&format!("the request's Content-Encoding was {coding:?}")),
+            )));
+        }
+        match self.auth.by_headers(headers) {
+            Some(Err(e)) => Err(Box::new(self.unauthorized(peer, headers, e, &[]))),
+            decided => Ok(decided.is_some()),
+        }
+    }
+
+    fn too_large(&self, peer: Option<std::net::SocketAddr>) -> Response {
+        self.refuse(
+            peer,
+            rejections::Kind::TooLarge,
+            &format!(
+                "Body exceeds MAX_BODY_BYTES ({} bytes)",
+                self.max_body_bytes
+            ),
+            None,
+        )
+    }
+
+    /// `answer`, given at the headers (503 while shutting down, 429, 413, 415, or
     /// a 401 of [`auth::Authenticator::by_headers`]), once the body was read
     /// for a moment and thrown away (`body::discard`): a sender that writes
     /// its whole body before it reads then hears it, where hyper would close
     /// the connection under its writes. Not a body that waits for `Expect:
     /// 100-continue` (reading it would ask the sender for it, and it has
     /// sent nothing a close could break), nor one declared longer than
-    /// `MAX_BODY_BYTES` (the discard would stop before its end, and the
-    /// connection close under it anyway).
+    /// `MAX_BODY_BYTES` (a 413, or another answer to such a body: the
+    /// discard would stop before its end, and the connection close under
+    /// it anyway).
     async fn before_the_body(&self, headers: &HeaderMap, body: Body, answer: Response) -> Response {
         let waits = headers
             .get(header::EXPECT)
@@ -303,67 +375,13 @@ async fn receive(
     body: Body,
 ) -> Response {
     use rejections::Kind;
-    if !s.accepting.load(Ordering::Relaxed) {
-        let r = unavailable("Queue unavailable: the relay is shutting down");
-        return Box::pin(s.before_the_body(&headers, body, r)).await;
-    }
     let peer = peer.map(|axum::Extension(p)| p.0);
-    if let (Some(limiter), Some(peer)) = (&s.rate_limit, peer) {
-        if let Err(wait) = limiter.check(peer.ip()) {
-            let mut r = s.refuse(
-                Some(peer),
-                Kind::RateLimited,
-                "Too many requests from this address",
-                Some("INGRESS_RATE_LIMIT is per sender address"),
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(wait));
-            // (each early answer's wait boxed, so that the requests that
-            // go on do not carry it)
-            return Box::pin(s.before_the_body(&headers, body, r)).await;
-        }
-    }
-    let too_large = || {
-        s.refuse(
-            peer,
-            Kind::TooLarge,
-            &format!("Body exceeds MAX_BODY_BYTES ({} bytes)", s.max_body_bytes),
-            None,
-        )
-    };
     let declared = declared_length(&headers);
-    if declared.is_some_and(|n| n > s.max_body_bytes as u64) {
-        return too_large();
-    }
-    if !is_json(&headers) {
-        let hint = match shown(headers.get_all(header::CONTENT_TYPE)) {
-            Some(ct) => format!("the request's Content-Type was {ct:?}"),
-            None => "the request had no Content-Type".to_string(),
-        };
-        let r = s.refuse(
-            peer,
-            Kind::MediaType,
-            "Content-Type must be application/json",
-            Some(&hint),
-        );
-        return Box::pin(s.before_the_body(&headers, body, r)).await;
-    }
-    if let Some(coding) = content_coding(&headers) {
-        let r = s.refuse(
-            peer,
-            Kind::MediaType,
-            "Content-Encoding is not supported: send the JSON body uncompressed",
-            Some(&format!("the request's Content-Encoding was {coding:?}")),
-        );
-        return Box::pin(s.before_the_body(&headers, body, r)).await;
-    }
-    // Refused here, a sender without credentials takes no share of the
-    // body budget: its body is read for a moment and thrown away.
-    let by_headers = s.auth.by_headers(&headers);
-    if let Some(Err(e)) = by_headers {
-        let r = s.unauthorized(peer, &headers, e, &[]);
-        return Box::pin(s.before_the_body(&headers, body, r)).await;
-    }
+    let authenticated = match s.at_the_headers(peer, &headers, declared) {
+        Ok(authenticated) => authenticated,
+        // (boxed, so that the requests that go on do not carry its wait)
+        Err(r) => return Box::pin(s.before_the_body(&headers, body, *r)).await,
+    };
     let read = tokio::time::timeout(
         s.body_timeout,
         body::read(body, s.max_body_bytes, declared, &s.body_budget),
@@ -380,7 +398,7 @@ async fn receive(
     // `_budget` holds this body's share of the memory budget until answered.
     let (bytes, _budget) = match read {
         Ok(body::Read { bytes, held }) => (bytes, held),
-        Err(body::ReadError::TooLarge) => return too_large(),
+        Err(body::ReadError::TooLarge) => return s.too_large(peer),
         Err(body::ReadError::Broken) => {
             return s.refuse(
                 peer,
@@ -400,7 +418,7 @@ async fn receive(
             return unavailable(msg);
         }
     };
-    if by_headers.is_none() {
+    if !authenticated {
         if let Err(e) = s.auth.by_body(&headers, &bytes) {
             return s.unauthorized(peer, &headers, e, &bytes);
         }
