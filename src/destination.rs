@@ -33,6 +33,8 @@ pub struct Filter {
     pub bots: Option<Vec<String>>,
     /// JSON pointer into the received document, and the value it must hold.
     pub conditions: Vec<(String, Value)>,
+    /// Each condition's pointer's reference tokens, unescaped.
+    condition_tokens: Vec<Vec<String>>,
 }
 
 /// A glob that does not compile, with the reason.
@@ -67,19 +69,28 @@ impl Filter {
             glob: events.join(","),
             reason: e.to_string(),
         })?;
+        let condition_tokens = conditions
+            .iter()
+            .map(|(pointer, _)| crate::delivery::Ordering::new(pointer, false).tokens)
+            .collect();
         Ok(Self {
             every_type: events.iter().any(|g| g == "*"),
             events,
             events_set,
             bots,
             conditions,
+            condition_tokens,
         })
     }
 
     /// Whether the destination wants an event of `event_type` from `bot`,
     /// whose received document is `doc` (read only when there are
-    /// conditions: `None` is fine otherwise).
-    pub fn wants(&self, event_type: &str, bot: Option<&str>, doc: Option<&Value>) -> bool {
+    /// conditions). Each condition's value is read along its pointer alone
+    /// (`pointer::pointed`), as the ordering key is: the ingress accepts
+    /// documents serde_json cannot build whole (a lone surrogate escape, a
+    /// number beyond `f64`, nesting at its limit), and a condition elsewhere
+    /// in such a document still holds.
+    pub fn wants(&self, event_type: &str, bot: Option<&str>, doc: &[u8]) -> bool {
         if !self.every_type && !self.events_set.is_match(event_type) {
             return false;
         }
@@ -90,12 +101,10 @@ impl Filter {
         }
         self.conditions
             .iter()
-            .all(|(pointer, want)| doc.and_then(|d| d.pointer(pointer)) == Some(want))
-    }
-
-    /// Whether [`Filter::wants`] needs the received document.
-    pub fn needs_document(&self) -> bool {
-        !self.conditions.is_empty()
+            .zip(&self.condition_tokens)
+            .all(|((_, want), tokens)| {
+                crate::ingress::pointer::pointed(doc, tokens).as_ref() == Some(want)
+            })
     }
 }
 
@@ -123,16 +132,11 @@ impl DestinationSet {
         &'a self,
         event_type: &'a str,
         bot: Option<&'a str>,
-        doc: Option<&'a Value>,
+        doc: &'a [u8],
     ) -> impl Iterator<Item = &'a Destination> + 'a {
         self.list
             .iter()
             .filter(move |d| d.filter.wants(event_type, bot, doc))
-    }
-
-    /// Whether any destination's filter reads the received document.
-    pub fn need_document(&self) -> bool {
-        self.list.iter().any(|d| d.filter.needs_document())
     }
 
     pub fn get(&self, name: &DestinationName) -> Option<&Destination> {
@@ -200,28 +204,58 @@ mod tests {
 
     #[test]
     fn globs_bots_and_conditions_must_all_hold() {
-        let doc = json!({"payload": {"channel": "voice"}});
+        let doc = json!({"payload": {"channel": "voice"}}).to_string();
+        let doc = doc.as_bytes();
         let f = filter(
             &["conversation.*"],
             Some(&["bot-sales"]),
             &[("/payload/channel", json!("voice"))],
         );
-        let table: &[(&str, Option<&str>, Option<&Value>, bool)] = &[
-            ("conversation.started", Some("bot-sales"), Some(&doc), true),
-            ("conversation.a.b", Some("bot-sales"), Some(&doc), true),
-            ("handover.requested", Some("bot-sales"), Some(&doc), false),
-            ("conversation.started", Some("bot-other"), Some(&doc), false),
-            ("conversation.started", None, Some(&doc), false),
-            ("conversation.started", Some("bot-sales"), None, false),
+        let table: &[(&str, Option<&str>, &[u8], bool)] = &[
+            ("conversation.started", Some("bot-sales"), doc, true),
+            ("conversation.a.b", Some("bot-sales"), doc, true),
+            ("handover.requested", Some("bot-sales"), doc, false),
+            ("conversation.started", Some("bot-other"), doc, false),
+            ("conversation.started", None, doc, false),
+            ("conversation.started", Some("bot-sales"), b"", false),
+            ("conversation.started", Some("bot-sales"), b"{}", false),
         ];
         for (ty, bot, doc, want) in table {
-            assert_eq!(f.wants(ty, *bot, *doc), *want, "{ty} {bot:?}");
+            assert_eq!(f.wants(ty, *bot, doc), *want, "{ty} {bot:?}");
         }
-        let chat = json!({"payload": {"channel": "chat"}});
-        assert!(!f.wants("conversation.started", Some("bot-sales"), Some(&chat)));
-        assert!(Filter::everything().wants(OUTPUT_TYPE, None, None));
-        assert!(filter(&["cognigy.output"], None, &[]).wants(OUTPUT_TYPE, None, None));
-        assert!(!filter(&["conversation.*"], None, &[]).wants(OUTPUT_TYPE, None, None));
+        let chat = json!({"payload": {"channel": "chat"}}).to_string();
+        assert!(!f.wants("conversation.started", Some("bot-sales"), chat.as_bytes()));
+        assert!(Filter::everything().wants(OUTPUT_TYPE, None, b""));
+        assert!(filter(&["cognigy.output"], None, &[]).wants(OUTPUT_TYPE, None, b""));
+        assert!(!filter(&["conversation.*"], None, &[]).wants(OUTPUT_TYPE, None, b""));
+    }
+
+    /// Documents the ingress accepts but serde_json cannot build whole: a
+    /// lone surrogate escape (what JavaScript writes for half an emoji), a
+    /// number beyond `f64`, nesting at serde_json's limit. A condition on
+    /// another member still holds (these events were answered `unrouted`
+    /// and dropped when the whole document was built for the conditions).
+    #[test]
+    fn conditions_hold_in_documents_serde_json_cannot_build_whole() {
+        let f = filter(&["*"], None, &[("/payload/channel", json!("voice"))]);
+        let deep = format!("{}{}", "[".repeat(126), "]".repeat(126));
+        for odd in [r#""hi \ud83d""#, "1e400", deep.as_str()] {
+            for doc in [
+                format!(r#"{{"payload":{{"channel":"voice","odd":{odd}}}}}"#),
+                format!(r#"{{"payload":{{"odd":{odd},"channel":"voice"}}}}"#),
+            ] {
+                assert!(
+                    serde_json::from_str::<Value>(&doc).is_err(),
+                    "not built whole: {doc:.80}"
+                );
+                assert!(f.wants("t", None, doc.as_bytes()), "{doc:.80}");
+                let chat = doc.replace("voice", "chat");
+                assert!(!f.wants("t", None, chat.as_bytes()), "{chat:.80}");
+            }
+        }
+        let at_the_odd = filter(&["*"], None, &[("/payload/text", json!("hi"))]);
+        let doc = r#"{"payload":{"text":"hi \ud83d"}}"#;
+        assert!(!at_the_odd.wants("t", None, doc.as_bytes()));
     }
 
     #[test]

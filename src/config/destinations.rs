@@ -121,15 +121,16 @@ pub fn parse(
         }
     }
     let entries = match table.get("destination") {
-        Some(Toml::Array(a)) => a,
+        // `destination = []` would route every event nowhere (`unrouted`).
+        Some(Toml::Array(a)) if !a.is_empty() => a,
+        Some(Toml::Array(_)) | None => {
+            return Err(ConfigError(format!(
+                "{file}: no destination: add at least one [[destination]] with a name and a url"
+            )))
+        }
         Some(_) => {
             return Err(ConfigError(format!(
                 "{file}: `destination` must be an array of tables: write [[destination]]"
-            )))
-        }
-        None => {
-            return Err(ConfigError(format!(
-                "{file}: no destination: add at least one [[destination]] with a name and a url"
             )))
         }
     };
@@ -154,7 +155,9 @@ pub fn check(
         Err(_) => return parse(text, file, globals, env).map_err(|e| vec![e]),
     };
     match table.get("destination") {
-        Some(Toml::Array(entries)) if table.keys().all(|k| k == "destination") => {
+        Some(Toml::Array(entries))
+            if !entries.is_empty() && table.keys().all(|k| k == "destination") =>
+        {
             let (out, problems) = entries_of(entries, file, globals, env);
             if problems.is_empty() {
                 Ok(out)
@@ -633,13 +636,13 @@ events = ["handover.*", "cognigy.output"]
         assert_eq!(crm.delivery.headers["x-api-key"], "crm-key-123");
         assert!(crm.delivery.headers["x-api-key"].is_sensitive());
         assert!(crm.delivery.signing_key.is_some());
-        let doc = serde_json::json!({"payload": {"channel": "voice"}});
+        let doc = br#"{"payload": {"channel": "voice"}}"#;
         assert!(crm
             .filter
-            .wants("conversation.started", Some("bot-sales"), Some(&doc)));
+            .wants("conversation.started", Some("bot-sales"), doc));
         assert!(!crm
             .filter
-            .wants("handover.requested", Some("bot-sales"), Some(&doc)));
+            .wants("handover.requested", Some("bot-sales"), doc));
 
         let wh = &list[1];
         assert_eq!(wh.delivery.concurrency, 16, "CONCURRENCY");
@@ -648,10 +651,10 @@ events = ["handover.*", "cognigy.output"]
         assert_eq!(wh.delivery.rate_limit, 0, "no limit");
         assert_eq!(wh.delivery.circuit, globals().delivery.circuit);
         assert_eq!(wh.delivery.max_age, Duration::from_secs(86_400));
-        assert!(wh.filter.wants("anything.at.all", None, None));
+        assert!(wh.filter.wants("anything.at.all", None, b""));
         assert!(list[2]
             .filter
-            .wants(crate::destination::OUTPUT_TYPE, None, None));
+            .wants(crate::destination::OUTPUT_TYPE, None, b""));
     }
 
     #[test]

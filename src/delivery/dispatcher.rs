@@ -114,7 +114,24 @@ fn running(lines: &mut Vec<PoolLine>) -> bool {
     !lines.is_empty()
 }
 
-/// Runs the pool until `shutdown` turns true, then drains (see module doc).
+/// What a pool is told to do (`run`'s `shutdown`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Run,
+    /// Replaced or removed by a reload: start nothing more, give back what
+    /// is held, and let the deliveries in flight end on their own (each
+    /// within its timeout, its lease renewed meanwhile). Cut off after a
+    /// grace, a delivery still at its target was sent again by the new
+    /// pool: a duplicate. A [`Stop::Shutdown`] told later gives them the
+    /// grace from then.
+    Retire,
+    /// The relay stops: the deliveries in flight get `SHUTDOWN_GRACE_MS`,
+    /// then go back to the queue.
+    Shutdown,
+}
+
+/// Runs the pool until `shutdown` leaves [`Stop::Run`], then drains (see
+/// module doc).
 pub async fn run(
     queue: Arc<Store>,
     cfg: DeliveryConfig,
@@ -122,7 +139,7 @@ pub async fn run(
     mut handoff: handoff::HandoffRx,
     metrics: Arc<crate::metrics::Metrics>,
     mut pause_notes: mpsc::UnboundedReceiver<PauseNote>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<Stop>,
 ) -> anyhow::Result<()> {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut d = Dispatch::start(queue, cfg, wake.clone(), metrics, done_tx).await?;
@@ -151,7 +168,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(deadline), if sleep_for.is_some() => {}
         }
     }
-    d.close(handoff, done_rx).await
+    d.close(handoff, done_rx, shutdown).await
 }
 
 /// A claim's answer: what it took, how many were asked, when (pool clock).
@@ -420,11 +437,13 @@ impl Dispatch {
     }
 
     /// Shutdown: nothing more starts, what is held goes back, the
-    /// deliveries in flight finish within the grace period (or go back).
+    /// deliveries in flight finish (see [`Stop`]; after the grace period,
+    /// those left go back).
     async fn close(
         mut self,
         mut handoff: handoff::HandoffRx,
         mut done_rx: mpsc::UnboundedReceiver<Done>,
+        mut stop: watch::Receiver<Stop>,
     ) -> anyhow::Result<()> {
         self.machine.stop();
         let pool = self.pool.clone();
@@ -456,7 +475,7 @@ impl Dispatch {
                 released = Err(e);
             }
         }
-        let drained = self.drain().await;
+        let drained = self.drain(&mut stop).await;
         // Deliveries that were told to give their job back meanwhile.
         while let Ok(done) = done_rx.try_recv() {
             if let Verdict::NotSent(job) = done.verdict {
@@ -481,23 +500,41 @@ impl Dispatch {
         released.map_err(Into::into)
     }
 
-    /// Lets in-flight deliveries finish within the grace period; whether
-    /// they all did.
-    async fn drain(&mut self) -> bool {
+    /// Lets in-flight deliveries finish: a retired pool's until they end
+    /// or a shutdown is told, then (at shutdown) within the grace period;
+    /// whether they all did.
+    async fn drain(&mut self, stop: &mut watch::Receiver<Stop>) -> bool {
         let busy = self.tasks.len();
         let grace = self.pool.cfg.pool.shutdown_grace;
+        let retired = *stop.borrow_and_update() == Stop::Retire;
         if busy > 0 {
             tracing::info!(
                 destination = %self.name,
                 in_flight = busy,
                 grace_ms = grace.as_millis() as u64,
+                retired,
                 "finishing in-flight deliveries"
             );
         }
         let tasks = &mut self.tasks;
-        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-            .await
-            .is_ok()
+        let all_ended = async { while tasks.join_next().await.is_some() {} };
+        tokio::pin!(all_ended);
+        if retired {
+            let shutdown = async {
+                while stop.changed().await.is_ok() {
+                    if *stop.borrow() == Stop::Shutdown {
+                        return;
+                    }
+                }
+                // No one left to tell a shutdown: they end on their own.
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = &mut all_ended => return true,
+                () = shutdown => {}
+            }
+        }
+        tokio::time::timeout(grace, all_ended).await.is_ok()
     }
 }
 

@@ -27,7 +27,7 @@ mod attempt;
 mod dispatcher;
 pub mod machine;
 
-pub use dispatcher::{run, PauseNote, PoolBoard};
+pub use dispatcher::{run, PauseNote, PoolBoard, Stop};
 
 use foldhash::HashSet;
 use std::sync::{Arc, Mutex};
@@ -51,7 +51,7 @@ const ERROR_SNIPPET: usize = 200;
 /// how often and how far apart it is tried, how it is signed, how many at once
 /// (SPEC §3.2). One value per destination; the pool's own settings are
 /// [`PoolSettings`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DeliverySettings {
     pub target: reqwest::Url,
     pub delivery_timeout: Duration,
@@ -72,6 +72,25 @@ pub struct DeliverySettings {
     /// `ordering = "session"`: one key's jobs one at a time, in the order
     /// stored; `None`: unordered.
     pub ordering: Option<Ordering>,
+}
+
+/// Every field, the target's credentials and query masked.
+impl std::fmt::Debug for DeliverySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliverySettings")
+            .field("target", &crate::secret::MaskedUrl(&self.target))
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("attempts", &self.attempts)
+            .field("backoff", &self.backoff)
+            .field("signing_key", &self.signing_key)
+            .field("concurrency", &self.concurrency)
+            .field("headers", &self.headers)
+            .field("rate_limit", &self.rate_limit)
+            .field("max_age", &self.max_age)
+            .field("circuit", &self.circuit)
+            .field("ordering", &self.ordering)
+            .finish()
+    }
 }
 
 /// A destination's `ordering = "session"` (SPEC §7): the events of one key

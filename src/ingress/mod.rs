@@ -12,7 +12,7 @@
 pub mod auth;
 pub(crate) mod body;
 pub mod envelope;
-mod pointer;
+pub(crate) mod pointer;
 pub(crate) mod ratelimit;
 pub(crate) mod refusals;
 pub(crate) mod rejections;
@@ -487,20 +487,16 @@ async fn receive(
 
 /// The destinations that want `event` (SPEC §7), in the file's order, each
 /// with the key it delivers the event in order by (an ordered destination's
-/// `ordering_key`). An endpoint output's type is `cognigy.output`; the
-/// received document is parsed again only when some destination has `where`
-/// conditions (an ordering key is read along its pointer alone).
+/// `ordering_key`). An endpoint output's type is `cognigy.output`; a
+/// `where` condition and an ordering key are read along their pointers
+/// alone, in the received document.
 fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Recipient> {
     let event_type = match event.kind {
         EventKind::EndpointOutput => OUTPUT_TYPE,
         EventKind::Envelope => event.event_type.as_deref().unwrap_or(""),
     };
-    let doc = destinations
-        .need_document()
-        .then(|| serde_json::from_slice::<serde_json::Value>(bytes).ok())
-        .flatten();
     destinations
-        .routes(event_type, event.bot_id.as_deref(), doc.as_ref())
+        .routes(event_type, event.bot_id.as_deref(), bytes)
         .map(|d| Recipient {
             destination: d.name.clone(),
             order: d

@@ -158,6 +158,23 @@ pub struct Routed {
     pub jobs: Vec<JobRef>,
 }
 
+/// How long an event's dedup record lasts, in ms: `ttl` from now, or from
+/// its envelope's `timestamp` when that is ahead of now. The replay window
+/// admits an envelope dated up to 5 minutes ahead for `ttl` after its date
+/// (SPEC §3.1), so a record kept `ttl` from now lapsed while a resend of it
+/// was still admitted, and that resend became a new job. 0 stays 0 (no
+/// deduplication).
+pub(crate) fn dedup_ttl_ms(ttl: Duration, event: &Event, now_ms: i64) -> u64 {
+    let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    if ttl == 0 {
+        return 0;
+    }
+    let ahead = event.timestamp_ms.map_or(0, |ts| {
+        u64::try_from(ts.saturating_sub(now_ms)).unwrap_or(0)
+    });
+    ttl.saturating_add(ahead)
+}
+
 /// The `destination=id,...` form the stores keep a deduplicated event's jobs in.
 pub(crate) fn jobs_text(jobs: &[JobRef]) -> String {
     let parts: Vec<String> = jobs

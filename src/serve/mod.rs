@@ -434,20 +434,20 @@ async fn reload_destinations(
     });
     current.set(new.clone());
     // Every old pool told to stop at once (none starts anything from now
-    // on), then each waited for while its deliveries in flight end.
-    for r in &retiring {
-        r.stop();
-    }
-    for r in retiring {
-        r.retire().await;
-    }
-    // What the old pools gave back as they stopped (jobs handed to them
-    // while they closed) is claimed now, not at the new pools' next look.
-    pools.wake_all();
-    // A removed destination's circuit is no longer anyone's: not in /metrics.
-    for name in &removed {
-        ingress.metrics.forget_circuit(name);
-    }
+    // on); their deliveries in flight end on their own, while the relay
+    // goes on (a shutdown meanwhile gives them its grace).
+    let board = admin.board.clone();
+    let metrics = ingress.metrics.clone();
+    let gone: Vec<String> = removed.iter().map(|n| n.as_str().to_string()).collect();
+    pools.retire(retiring, move || {
+        // What the old pools gave back as they stopped (jobs handed to them
+        // while they closed) is claimed now, not at the new pools' next look.
+        board.wake(None);
+        // A removed destination's circuit is no longer anyone's: not in /metrics.
+        for name in &gone {
+            metrics.forget_circuit(name);
+        }
+    });
     let added: Vec<&str> = new
         .list
         .iter()

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::delivery::handoff::{Handoff, Lane};
-use crate::delivery::{self, DeliveryConfig, PoolBoard, PoolSettings};
+use crate::delivery::{self, DeliveryConfig, PoolBoard, PoolSettings, Stop};
 use crate::destination::Destination;
 use crate::metrics::Metrics;
 use crate::queue::{DestinationName, Store};
@@ -30,7 +30,7 @@ pub type Ended = (DestinationName, u64, Result<(), String>);
 
 struct Running {
     generation: u64,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
     done: JoinHandle<anyhow::Result<()>>,
     handoff: Arc<Handoff>,
     wake: Arc<Notify>,
@@ -46,6 +46,11 @@ pub struct Pools {
     ended: mpsc::UnboundedSender<Ended>,
     running: HashMap<DestinationName, Running>,
     next_generation: u64,
+    /// Pools a reload took out of service whose deliveries in flight may
+    /// not have ended: told of a shutdown, which waits for them.
+    retiring: Vec<watch::Sender<Stop>>,
+    /// The tasks that wait for them ([`Pools::retire`]).
+    retirements: Vec<JoinHandle<()>>,
 }
 
 impl Pools {
@@ -66,6 +71,8 @@ impl Pools {
             ended,
             running: HashMap::new(),
             next_generation: 0,
+            retiring: Vec::new(),
+            retirements: Vec::new(),
         };
         (pools, ended_rx)
     }
@@ -79,7 +86,7 @@ impl Pools {
             self.pool.lock_duration,
         );
         let wake = Arc::new(Notify::new());
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(Stop::Run);
         let (pause_line, pause_notes) = mpsc::unbounded_channel();
         self.board.join(&d.name, pause_line, wake.clone());
         let generation = self.next_generation;
@@ -131,11 +138,6 @@ impl Pools {
         self.running.remove(name).map(Retiring)
     }
 
-    /// Wakes every running pool (to claim jobs given back to the store).
-    pub fn wake_all(&self) {
-        self.board.wake(None);
-    }
-
     /// Whether an ended pool is one still running here (an unexpected end),
     /// rather than one retired on purpose.
     pub fn is_current(&self, name: &DestinationName, generation: u64) -> bool {
@@ -157,12 +159,15 @@ impl Pools {
             .collect()
     }
 
-    /// Stops every pool (in-flight deliveries get their grace), waits, and
-    /// gives the first failure.
+    /// Stops every pool, and the ones still retiring (in-flight deliveries
+    /// get their grace), waits, and gives the first failure.
     pub async fn stop_all(&mut self) -> anyhow::Result<()> {
         let all: Vec<Retiring> = self.running.drain().map(|(_, r)| Retiring(r)).collect();
         for r in &all {
-            let _ = r.0.stop.send(true);
+            let _ = r.0.stop.send(Stop::Shutdown);
+        }
+        for stop in self.retiring.drain(..) {
+            let _ = stop.send(Stop::Shutdown);
         }
         let mut first = Ok(());
         for r in all {
@@ -174,7 +179,36 @@ impl Pools {
                 first = result;
             }
         }
+        for retirement in self.retirements.drain(..) {
+            let _ = retirement.await;
+        }
         first
+    }
+
+    /// Takes `pools` (replaced or removed by a reload) out of service
+    /// without waiting for them: each is told to stop at once (it starts
+    /// nothing more and gives back what it holds), and its deliveries in
+    /// flight end on their own ([`Stop::Retire`]); then `after` runs.
+    pub fn retire(&mut self, pools: Vec<Retiring>, after: impl FnOnce() + Send + 'static) {
+        self.retiring.retain(|stop| !stop.is_closed());
+        self.retirements.retain(|task| !task.is_finished());
+        let mut dones = Vec::with_capacity(pools.len());
+        for Retiring(r) in pools {
+            let _ = r.stop.send(Stop::Retire);
+            self.retiring.push(r.stop);
+            dones.push(r.done);
+        }
+        self.retirements.push(tokio::spawn(async move {
+            for done in dones {
+                if let Ok(Err(e)) = done.await {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "a retired delivery pool failed while draining"
+                    );
+                }
+            }
+            after();
+        }));
     }
 }
 
@@ -184,24 +218,5 @@ pub struct Started {
     running: Running,
 }
 
-/// A pool taken out of service: stop it and wait for its drain.
+/// A pool taken out of service, to be given to [`Pools::retire`].
 pub struct Retiring(Running);
-
-impl Retiring {
-    /// Tells the pool to stop: it starts nothing more, and gives back what
-    /// it holds.
-    pub fn stop(&self) {
-        let _ = self.0.stop.send(true);
-    }
-
-    /// Stops the pool and waits for its drain.
-    pub async fn retire(self) {
-        let _ = self.0.stop.send(true);
-        if let Ok(Err(e)) = self.0.done.await {
-            tracing::error!(
-                error = format!("{e:#}"),
-                "a retired delivery pool failed while draining"
-            );
-        }
-    }
-}

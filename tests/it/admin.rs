@@ -96,6 +96,22 @@ async fn limit_and_state_are_validated(b: Backend) {
     assert!(r.json["error"].as_str().unwrap_or_default().contains("UTF-8"), "{:?}", r.json);
     assert_eq!(app.admin_get("/admin/jobs/999").await.status, 404);
     assert_eq!(app.admin_get("/admin/jobs/not-a-number").await.status, 404);
+    // Names of the queue's own keys are no jobs: on Redis a remove of
+    // `meta` deleted the meta hash (the pause went with it), and `id` (a
+    // counter) or `events` (a stream) answered 503.
+    assert_eq!(
+        app.admin_post("/admin/destinations/default/pause").await.status,
+        200
+    );
+    for id in ["meta", "id", "events", "wait", "completed", "de:x", "cg:lastid", "1:logs"] {
+        let path = format!("/admin/jobs/{}", id.replace(':', "%3A"));
+        assert_eq!(app.admin_get(&path).await.status, 404, "GET {id}");
+        assert_eq!(app.admin_delete(&path).await.status, 404, "DELETE {id}");
+        let retry = app.admin_post(&format!("{path}/retry")).await;
+        assert_eq!(retry.status, 404, "retry {id}");
+    }
+    let listed = app.admin_get("/admin/destinations").await.json;
+    assert_eq!(listed[0]["paused"], true, "{listed}");
 }
 
 async fn retry_one_and_retry_all_deliver_once_the_target_recovers(b: Backend) {

@@ -295,7 +295,7 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
         };
 
         let (_handoff, handoff_rx) = Handoff::new(16, lock);
-        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (stop, stopped) = tokio::sync::watch::channel(delivery::Stop::Run);
         let pool = delivery_rt.spawn(delivery::run(
             queue.clone(),
             DeliveryConfig::new(
@@ -326,7 +326,7 @@ fn leases_are_renewed_while_the_delivery_threads_cannot_run() {
             "the lease lapsed while the delivery threads could not run"
         );
 
-        let _ = stop.send(true);
+        let _ = stop.send(delivery::Stop::Shutdown);
         pool.await.expect("pool task").expect("pool");
     });
     drop(delivery_rt);

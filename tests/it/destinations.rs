@@ -125,6 +125,16 @@ fn a_bad_file_is_one_line_naming_file_destination_and_key_exit_2() {
     let out = cogrelay(dir.path(), &["config", "check", "--config", "nope.toml"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("nope.toml: cannot be read"));
+
+    // An empty list, as `serve` refuses it (the check passed it).
+    std::fs::write(&path, "destination = []\n").expect("write");
+    let out = cogrelay(dir.path(), &["config", "check", "--config", "relay.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("relay.toml: no destination"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// `config check` needs no ingress secret (a note says `serve` does), and
@@ -453,6 +463,66 @@ async fn each_destination_gets_exactly_the_events_it_wants(b: Backend) {
 }
 }
 
+both_backends! {
+/// `where` conditions (SPEC §7) in documents the ingress accepts but
+/// serde_json cannot build whole: a lone surrogate escape (what JavaScript
+/// writes for half an emoji), a number beyond `f64`, nesting at serde_json's
+/// limit. Each is routed by its channel (they were answered `unrouted` and
+/// dropped when the conditions built the whole document).
+async fn where_conditions_hold_in_documents_serde_json_cannot_build_whole(b: Backend) {
+    let (mut app, extra) = relay_on_with_destinations(
+        b,
+        2,
+        |u| {
+            format!(
+                "[[destination]]\nname = \"voice\"\nurl = \"{}\"\nwhere = {{ \"/payload/channel\" = \"voice\" }}\n\
+                 [[destination]]\nname = \"chat\"\nurl = \"{}\"\nwhere = {{ \"/payload/channel\" = \"chat\" }}\n",
+                u[0], u[1]
+            )
+        },
+        |_| {},
+    )
+    .await;
+    let deep = format!("{}{}", "[".repeat(126), "]".repeat(126));
+    let cases = [
+        ("lone", r#""hi \ud83d""#, "voice"),
+        ("huge", "1e400", "voice"),
+        ("deep", deep.as_str(), "chat"),
+        ("none", "1", "sms"),
+    ];
+    for (id, odd, channel) in cases {
+        let body = format!(
+            r#"{{"botId":"bot","eventId":"{id}","type":"message.received","payload":{{"odd":{odd},"channel":"{channel}"}}}}"#
+        );
+        let reply = app.post_signed(body.into_bytes()).await;
+        assert_eq!(reply.status, 200, "{id}: {}", reply.json);
+        let want = if channel == "sms" { "unrouted" } else { "accepted" };
+        assert_eq!(reply.json["status"], want, "{id}: {}", reply.json);
+        if want == "accepted" {
+            let jobs = reply.json["jobs"].as_object().expect("jobs");
+            assert_eq!(jobs.keys().collect::<Vec<_>>(), [channel], "{id}");
+        }
+    }
+    assert!(app.sink.wait_for(2, WAIT).await, "voice delivered");
+    assert!(extra[0].wait_for(1, WAIT).await, "chat delivered");
+    assert_eq!(ids(&app.sink), ["huge", "lone"]);
+    assert_eq!(ids(&extra[0]), ["deep"]);
+    // Delivered byte for byte.
+    let lone = app
+        .sink
+        .received()
+        .into_iter()
+        .find(|r| r.header("x-event-id") == Some("lone"))
+        .expect("lone");
+    assert!(
+        String::from_utf8_lossy(&lone.body).contains(r#""hi \ud83d""#),
+        "{}",
+        String::from_utf8_lossy(&lone.body)
+    );
+    app.stop().await.expect("clean stop");
+}
+}
+
 /// Isolation (SPEC §7): a destination that hangs until its timeout, and one
 /// that answers 503 to everything, hold only their own workers: a healthy
 /// destination's deliveries go on.
@@ -717,6 +787,97 @@ both_backends! {
         assert!(app.sink.wait_for(1, WAIT).await, "delivered after resume");
         app.stop().await.expect("clean stop");
     }
+}
+
+both_backends! {
+/// A reload while a delivery is still at its slow target, past
+/// `SHUTDOWN_GRACE_MS`, lets it end: the job is sent once. (The old pool
+/// cut it off after the grace, and the new pool sent it again to a target
+/// that had it.)
+async fn a_reload_lets_a_slow_delivery_end_and_sends_it_once(b: Backend) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("relay.toml");
+    let file = path.clone();
+    let mut app = spawn_app_on(b, move |c| {
+        c.pool.shutdown_grace = Duration::from_millis(200);
+        let text = format!("[[destination]]\nname = \"slow\"\nurl = \"{}\"\n", c.delivery.target);
+        std::fs::write(&file, text).expect("write");
+        let globals = Globals {
+            delivery: c.delivery.clone(),
+            lock_duration: c.pool.lock_duration,
+        };
+        c.destinations_file =
+            Some(destinations::load(&file, &globals, &|_| None).expect("valid file"));
+    })
+    .await;
+    // Within the delivery timeout (1 s), past the grace.
+    app.sink
+        .set_default(Behaviour::Delay(Duration::from_millis(800), 200));
+    let r = app.post_event(&event("bot", "slow-1")).await;
+    assert_eq!(r.json["status"], "accepted", "{}", r.json);
+    let id = r.json["jobId"].as_str().expect("id").to_string();
+    assert!(app.sink.wait_for(1, WAIT).await, "the delivery started");
+    app.reload.send(()).await.expect("reload");
+    app.wait_job(&id, "completed", WAIT).await;
+    assert_eq!(app.sink.count(), 1, "sent once");
+    // The relay goes on with the new pool.
+    let r = app.post_event(&event("bot", "after")).await;
+    assert_eq!(r.json["status"], "accepted", "{}", r.json);
+    assert!(app.sink.wait_for(2, WAIT).await, "delivered after the reload");
+    drop(path);
+    app.stop().await.expect("clean stop");
+}
+}
+
+/// A stop while a reload's old pool waits for its delivery in flight gives
+/// that delivery `SHUTDOWN_GRACE_MS`, as any stop does: the stop does not
+/// wait out the delivery's 20 s timeout, and the job, back in the store, is
+/// delivered after a restart.
+#[tokio::test]
+async fn a_stop_during_a_reload_gives_the_old_deliveries_the_grace() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("relay.toml");
+    let file = path.clone();
+    let mut app = spawn_app_on(Backend::Embedded, move |c| {
+        c.pool.shutdown_grace = Duration::from_millis(200);
+        c.pool.lock_duration = Duration::from_secs(30);
+        let text = format!(
+            "[[destination]]\nname = \"slow\"\nurl = \"{}\"\ntimeout_ms = 20000\n",
+            c.delivery.target
+        );
+        std::fs::write(&file, text).expect("write");
+        let globals = Globals {
+            delivery: c.delivery.clone(),
+            lock_duration: c.pool.lock_duration,
+        };
+        c.destinations_file =
+            Some(destinations::load(&file, &globals, &|_| None).expect("valid file"));
+    })
+    .await;
+    app.sink.set_default(Behaviour::Hang);
+    let r = app.post_event(&event("bot", "hung")).await;
+    let id = r.json["jobId"].as_str().expect("id").to_string();
+    assert!(app.sink.wait_for(1, WAIT).await, "the delivery started");
+    app.reload.send(()).await.expect("reload");
+    // The old pool still running beside the new one.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !app
+        .metrics_text()
+        .await
+        .lines()
+        .any(|l| l == "cogrelay_delivery_pools 2")
+    {
+        assert!(std::time::Instant::now() < deadline, "never two pools");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(10), app.stop())
+        .await
+        .expect("the stop gave the grace, not the delivery's timeout")
+        .expect("clean stop");
+    app.sink.set_default(Behaviour::status(200));
+    let app = app.restart().await;
+    app.wait_job(&id, "completed", WAIT).await;
+    drop(path);
 }
 
 /// A relay started from the file at `path` (embedded queue).
@@ -1024,6 +1185,31 @@ async fn sighup_reloads_the_file_in_the_running_binary() {
         .find(|l| l.contains("destinations not reloaded"))
         .expect("line");
     assert!(refusal.contains("relay.toml"), "{refusal}");
+
+    // An empty list is refused as at start (it was taken: every later
+    // event answered `unrouted` and dropped).
+    std::fs::write(&file, "destination = []\n").expect("write");
+    hup();
+    let refusals = || {
+        logs.lock()
+            .expect("logs")
+            .matches("destinations not reloaded")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while refusals() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no refusal logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        logs.lock().expect("logs").contains("no destination"),
+        "the reason named"
+    );
+    assert_eq!(
+        crate::process::post(&http, relay.port, "four").await,
+        Some(200)
+    );
+    assert!(second.wait_for(3, WAIT).await, "still d1 and d2");
 }
 
 /// Moving from TARGET_ENDPOINT to a file that names its destination

@@ -151,6 +151,35 @@ async fn an_envelope_outside_the_replay_window_is_401_and_stores_nothing(b: Back
     assert_eq!(app.sink.received().len(), 1);
 }
 
+/// An envelope dated ahead of the relay's clock (up to 5 minutes is let in)
+/// stays inside the window for `DEDUP_TTL_SECS` after its date, so its
+/// dedup record lasts as long: a replay once a record from now would have
+/// lapsed is still the first job (it was a new job and a second delivery).
+/// An envelope without a date, sent at the same time, shows when that was.
+async fn a_replay_of_an_envelope_dated_ahead_is_a_duplicate_while_the_window_admits_it(b: Backend) {
+    let app = spawn_app_on(b, |c| c.store.retention.dedup_ttl = Duration::from_secs(2)).await;
+    let ahead = envelope_at(
+        "ahead",
+        json!(cogrelay::time::rfc3339(cogrelay::queue::now_ms() + 60_000)),
+    );
+    let mut undated = envelope_at("undated", json!(0));
+    undated.as_object_mut().expect("object").remove("timestamp");
+    let first = app.post_event(&ahead).await;
+    assert_eq!(first.json["status"], "accepted", "{}", first.json);
+    let control = app.post_event(&undated).await;
+    assert_eq!(control.json["status"], "accepted", "{}", control.json);
+    // Once the undated event's record has lapsed (its resend a new job),
+    // one kept 2 s from now would have lapsed too.
+    wait_until("the undated event's record lapsed", Duration::from_secs(20), || {
+        let (app, undated) = (&app, &undated);
+        async move { app.post_event(undated).await.json["status"] == "accepted" }
+    })
+    .await;
+    let replay = app.post_event(&ahead).await;
+    assert_eq!(replay.json["status"], "duplicate", "{}", replay.json);
+    assert_eq!(replay.json["jobId"], first.json["jobId"]);
+}
+
 async fn standard_webhooks_signatures_verify_with_their_tolerance(b: Backend) {
     const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let app = spawn_app_on(b, |c| {

@@ -834,7 +834,7 @@ pub(super) fn insert_event(
             "an event for no destination".into(),
         ));
     }
-    let ttl_ms = w.settings.dedup_ttl.as_millis() as i64;
+    let ttl_ms = crate::queue::dedup_ttl_ms(w.settings.dedup_ttl, event, now) as i64;
     // DEDUP_TTL_SECS=0: every event a new job.
     let record = if ttl_ms > 0 {
         match dedup_record(conn, event, now)? {

@@ -7,10 +7,11 @@
     KEYS[6] marker
     ARGV[1] key prefix, ARGV[2] timestamp (ms), ARGV[3] dedup TTL (ms),
     ARGV[4] job name, ARGV[5] worker name,
-    then 7 per job: dedup id (the event key), data (JSON), opts (JSON),
-    lock token or "", lock duration (ms) of a locked job, and for an event
+    then 8 per job: dedup id (the event key), data (JSON), opts (JSON),
+    lock token or "", lock duration (ms) of a locked job, for an event
     that may share its key with another (`Event::key_sharer`) its botId and
-    its own record, else "" and ""
+    its own record, else "" and "", and how long its dedup record lasts
+    (ms: ARGV[3], or more for an envelope dated ahead of now)
   An event whose key's record holds another botId is another event, with a
   record of its own (`dedup.lua`, put in front of this script).
   Returns per job {kind, jobId}: "a" added to wait, "l" added locked,
@@ -62,7 +63,7 @@ local out = {}
 -- fail at a later job (a tool's dedup record of another type), the jobs
 -- before it are whole, and their resends are duplicates of jobs that go
 -- out (pushed at the end, they stayed in no list, named by their records).
-local perJob = 7
+local perJob = 8
 local count = (#ARGV - 5) / perJob
 local top = cgPastIds(prefix .. "cg:lastid", KEYS[4], rcall("INCRBY", KEYS[4], count), count)
 local marked, nextId = top, top - count
@@ -70,7 +71,7 @@ local marked, nextId = top, top - count
 local waiting = false
 for i = 6, #ARGV, perJob do
   local deid, data, opts, token, lockMs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local bot, own = ARGV[i + 5], ARGV[i + 6]
+  local bot, own, jobTtl = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
   nextId = nextId + 1
   local jobId = cgFreeId(prefix, KEYS[4], nextId)
   top = math.max(top, tonumber(jobId))
@@ -78,20 +79,20 @@ for i = 6, #ARGV, perJob do
   local current = false
   -- A TTL of 0 is no deduplication (DEDUP_TTL_SECS=0): every event a new job.
   if ttl ~= "0" then
-    if rcall("SET", deKey, jobId, "PX", ttl, "NX") then
-      cgSetOwner(prefix, deid, jobId, bot, ttl)
+    if rcall("SET", deKey, jobId, "PX", jobTtl, "NX") then
+      cgSetOwner(prefix, deid, jobId, bot, jobTtl)
     else
       current = rcall("GET", deKey)
       if not current then
-        rcall("SET", deKey, jobId, "PX", ttl)
-        cgSetOwner(prefix, deid, jobId, bot, ttl)
+        rcall("SET", deKey, jobId, "PX", jobTtl)
+        cgSetOwner(prefix, deid, jobId, bot, jobTtl)
       elseif cgIsOther(prefix, deid, current, bot) then
         -- The key is another event's too (dedup.lua): this one's own record.
         local ownKey = prefix .. "de:" .. own
         current = rcall("GET", ownKey)
         if not current then
-          rcall("SET", ownKey, jobId, "PX", ttl)
-          cgKeepShared(prefix, deid, ttl)
+          rcall("SET", ownKey, jobId, "PX", jobTtl)
+          cgKeepShared(prefix, deid, jobTtl)
         end
         deid = own
       end

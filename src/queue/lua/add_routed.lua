@@ -10,7 +10,9 @@
     then per event: dedup id (the event key), data (JSON object, without
     the destination), opts (JSON), lock token or "", lock duration (ms),
     the botId and own record of an event that may share its key (else ""
-    and "": `dedup.lua`, put in front of this script), number of destinations n, then n times: queue
+    and "": `dedup.lua`, put in front of this script), how long its dedup
+    record lasts (ms: ARGV[3], or more for an envelope dated ahead of now),
+    number of destinations n, then n times: queue
     key prefix, destination name, ordering key ("": unordered), "1" when a
     failure holds the key.
   A job of an ordered key goes behind the key's earlier jobs (`order.lua`, put
@@ -63,9 +65,10 @@ end
 
 local i = 6
 while i <= #ARGV do
-  local deid, data, opts, token, lockMs, bot, own, n = ARGV[i], ARGV[i + 1], ARGV[i + 2],
-    ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7])
-  local first = i + 8
+  local deid, data, opts, token, lockMs, bot, own, eventTtl, n = ARGV[i], ARGV[i + 1],
+    ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7],
+    tonumber(ARGV[i + 8])
+  local first = i + 9
   i = first + 4 * n
   local deKey = base .. "de:" .. deid
   local current, shared = false, false
@@ -116,7 +119,7 @@ while i <= #ARGV do
     end
     top = lastId
     if shared then
-      cgKeepShared(base, shared, ttl)
+      cgKeepShared(base, shared, eventTtl)
     end
     for k = 0, n - 1 do
       local at = first + 4 * k
@@ -193,8 +196,8 @@ while i <= #ARGV do
     end
     if ttl ~= "0" then
       local value = table.concat(named, ",")
-      rcall("SET", deKey, value, "PX", ttl)
-      cgSetOwner(base, deid, value, bot, ttl)
+      rcall("SET", deKey, value, "PX", eventTtl)
+      cgSetOwner(base, deid, value, bot, eventTtl)
     end
     out[#out + 1] = { "a", table.concat(parts, ",") }
   end

@@ -174,6 +174,7 @@ impl BullQueue {
 
     /// Job `id`'s state, read where BullMQ keeps it.
     pub(super) async fn state_of(&self, id: &str) -> QueueResult<JobState> {
+        names_a_job(id)?;
         let mut pipe = redis::pipe();
         pipe.cmd("EXISTS").arg(self.hot.key(id));
         for key in ["completed", "failed", "delayed"] {
@@ -329,6 +330,7 @@ impl BullQueue {
     /// reset), by `lua/retry_failed.lua`, which also keeps when the job went
     /// back to wait (its age there).
     pub(super) async fn retry(&self, id: &str) -> QueueResult<()> {
+        names_a_job(id)?;
         let mut state = match self.state_of(id).await {
             Err(QueueError::NotFound(_)) => {
                 // An id left in the failed set by a tool that deleted its
@@ -477,4 +479,39 @@ impl BullQueue {
             bounded(self.port().await?.resume()).await
         }
     }
+}
+
+/// The names BullMQ gives the queue's own keys (`bull:<queue>:<name>`).
+const QUEUE_KEYS: &[&str] = &[
+    "wait",
+    "paused",
+    "meta",
+    "id",
+    "delayed",
+    "active",
+    "completed",
+    "failed",
+    "events",
+    "prioritized",
+    "priority",
+    "stalled",
+    "stalled-check",
+    "limiter",
+    "marker",
+    "pc",
+    "repeat",
+    "metrics",
+];
+
+/// `NotFound` unless `id` may name a job: not one of the queue's own keys,
+/// and without a `:` (a key below another: a job's `:logs` or `:lock`, a
+/// dedup record `de:...`, this relay's `cg:...`). Job ids are counted
+/// (`INCRBY`), and BullMQ refuses a `:` in its own. Such an id was looked
+/// up as a job's hash: a remove of `meta` deleted the queue's meta hash
+/// (its pause, its rate limit), and `id` (a counter) answered 503.
+fn names_a_job(id: &str) -> QueueResult<()> {
+    if id.is_empty() || id.contains(':') || QUEUE_KEYS.contains(&id) {
+        return Err(QueueError::NotFound(id.to_string()));
+    }
+    Ok(())
 }

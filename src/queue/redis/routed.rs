@@ -42,6 +42,8 @@ pub fn queue_name(base: &str, destination: &DestinationName) -> String {
 /// An event for the routed add script.
 struct RoutedJob {
     dedup_id: String,
+    /// How long its dedup record lasts (`queue::dedup_ttl_ms`).
+    dedup_ttl_ms: u64,
     data: String,
     opts: String,
     lock: Option<(String, u64)>,
@@ -425,6 +427,7 @@ async fn add_routed(
             .arg(j.lock.as_ref().map_or(0, |(_, ms)| *ms))
             .arg(j.sharer.as_ref().map_or("", |(bot, _)| bot.as_str()))
             .arg(j.sharer.as_ref().map_or("", |(_, own)| own.as_str()))
+            .arg(j.dedup_ttl_ms)
             .arg(j.targets.len());
         for (prefix, to) in &j.targets {
             let order = to.order.as_ref();
@@ -492,6 +495,7 @@ impl RedisQueues {
             .hot
             .breaker
             .guarded(self.adds.call(RoutedJob {
+                dedup_ttl_ms: self.base.dedup_ttl_ms(&event),
                 dedup_id,
                 data,
                 opts,

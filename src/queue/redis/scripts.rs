@@ -26,6 +26,8 @@ pub(super) const RETRY_BATCH: u64 = 500;
 /// A new job for the add script.
 pub(super) struct NewJob {
     pub(super) dedup_id: String,
+    /// How long its dedup record lasts (`queue::dedup_ttl_ms`).
+    pub(super) dedup_ttl_ms: u64,
     pub(super) data: String,
     pub(super) opts: String,
     /// Set: store it locked with this token for this long (a handoff).
@@ -222,7 +224,8 @@ impl BatchedScripts {
                 .arg(j.lock.as_ref().map_or("", |(token, _)| token.as_str()))
                 .arg(j.lock.as_ref().map_or(0, |(_, ms)| *ms))
                 .arg(j.sharer.as_ref().map_or("", |(bot, _)| bot.as_str()))
-                .arg(j.sharer.as_ref().map_or("", |(_, own)| own.as_str()));
+                .arg(j.sharer.as_ref().map_or("", |(_, own)| own.as_str()))
+                .arg(j.dedup_ttl_ms);
         }
         let out: Vec<(String, String)> = self.invoke_add(&call).await?;
         Ok(out
@@ -294,6 +297,11 @@ pub(super) fn sharer(event: &Event) -> Option<(String, String)> {
 }
 
 impl BullQueue {
+    /// How long `event`'s dedup record lasts (`queue::dedup_ttl_ms`).
+    pub(super) fn dedup_ttl_ms(&self, event: &Event) -> u64 {
+        crate::queue::dedup_ttl_ms(self.opts.settings.dedup_ttl, event, self.hot.clock.now_ms())
+    }
+
     /// The dedup id, `data` and `opts` of a new job for `event`.
     pub(super) fn job_fields(
         &self,
@@ -319,7 +327,7 @@ impl BullQueue {
             r#"{{"removeOnComplete":{},"removeOnFail":false,"keepLogs":{KEEP_LOGS},"de":{{"id":{},"ttl":{}}}}}"#,
             self.opts.settings.remove_on_complete,
             serde_json::to_string(key).map_err(unavailable)?,
-            self.opts.settings.dedup_ttl.as_millis(),
+            self.dedup_ttl_ms(event),
         );
         Ok((key.to_string(), data, opts))
     }
@@ -334,6 +342,7 @@ impl BullQueue {
         let (key, data, opts) = self.job_fields(event, Some(destination))?;
         self.adds
             .call(NewJob {
+                dedup_ttl_ms: self.dedup_ttl_ms(event),
                 dedup_id: key,
                 data,
                 opts,
