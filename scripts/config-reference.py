@@ -24,7 +24,11 @@ Every setting is a flag and an environment variable. Precedence: flag >
 environment > a `.env` file in the working directory > the default. A bad
 value stops the command with one line naming the setting and the fix (exit
 code 2). Secrets and URLs are never printed: `--help` hides their values, and
-error lines show a URL without its credentials.
+error lines show a URL without its credentials. In `.env`, a `$` outside
+single quotes reads a variable (`$NAME`, letters and digits, or `${NAME}`);
+one that names no variable set, in the environment or on an earlier line,
+is refused with the line's number (it would read as nothing, and a password
+`Xy$9kQ` would be `Xy`): write such a value in single quotes, or `\\$`.
 
 This page is generated from `--help` by `scripts/config-reference.py`, and
 `tests/it/docs.rs` fails when the two disagree. `cogrelay <command> --help`
@@ -88,6 +92,7 @@ limit holds within 5%).
 | `CIRCUIT_COOLDOWN_MS`, `CIRCUIT_MAX_COOLDOWN_MS` | 86,400,000 |
 | `MAX_AGE_SECS` | 31,536,000 (a year) |
 | `COGRELAY_MAX_DB_BYTES` | 2^50 |
+| `INGRESS_RATE_LIMIT` | 1,000,000 (events a second) |
 | `DELIVERY_NICE` | 19 |
 | `register`: `TARGET_TIMEOUT_MS`, `HEALTH_DELAY_MS` | 3,600,000 (an hour) |
 | `register`: `HEALTH_ATTEMPTS` | 1,000 |
@@ -121,7 +126,8 @@ limit holds within 5%).
   store (docs/guarantees.md, "Bounded disk").
 - **`DEDUP_TTL_SECS`**: also how old an envelope's `timestamp` may be (the
   replay window); 0 turns deduplication off, and the window behind is then
-  5 minutes.
+  5 minutes. An envelope dated ahead of the relay's clock (up to 5 minutes
+  is let in) keeps its dedup record this long from its date.
 - **`VERIFY_EVENTS`**: the Cognigy.AI REST API (`rest`) has no event lookup, so
   `auto` is off with it and `on` is a configuration error.
 - **Redis**: `appendonly yes` and `maxmemory-policy noeviction` matter; the

@@ -345,7 +345,7 @@ pub struct RegisterArgs {
     #[arg(long, env = "WEBHOOK_TARGET_URL", hide_env_values = true)]
     pub target_url: Option<String>,
 
-    /// Secret Cognigy signs requests with (sent in the connector's requestSigning).
+    /// Secret Cognigy signs requests with (sent in the connector's requestSigning); of a comma-separated rotation list (as `serve` takes it), the first.
     #[arg(long, env = "WEBHOOK_SIGNING_SECRET", hide_env_values = true)]
     pub webhook_signing_secret: Option<String>,
 
@@ -572,9 +572,9 @@ pub struct ServeArgs {
     #[arg(help_heading = "Delivery", long, env = "DELIVERY_NICE", default_value = defaults::DELIVERY_NICE)]
     pub delivery_nice: String,
 
-    /// How long a stop (SIGTERM), or a reload for the pools it replaces,
-    /// waits for in-flight deliveries; one still out then goes back to the
-    /// queue and is sent again.
+    /// How long a stop (SIGTERM) waits for in-flight deliveries; one still
+    /// out then goes back to the queue and is sent again. (A reload lets the
+    /// pools it replaces end theirs, each within its timeout.)
     #[arg(help_heading = "Delivery", long, env = "SHUTDOWN_GRACE_MS", default_value = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: String,
 

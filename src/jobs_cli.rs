@@ -152,7 +152,7 @@ async fn known(
     if configured.is_empty() {
         // A destination with no jobs yet is known from the file alone.
         return Err(CliError::Unknown(format!(
-            "{}; no destinations file was read: one that has no jobs yet is known from the relay's file (--config or COGRELAY_CONFIG)",
+            "{}; no destinations file was read: one that has no jobs yet is known from the relay's file: set COGRELAY_CONFIG to it",
             QueueError::UnknownDestination(name.to_string())
         )));
     }
@@ -531,12 +531,17 @@ fn show_text(j: &JobView) -> String {
             answer
         );
     }
-    let payload = j
-        .payload
-        .as_ref()
-        .and_then(|p| serde_json::from_str::<Value>(p.get()).ok())
-        .and_then(|v| serde_json::to_string_pretty(&v).ok())
-        .unwrap_or_else(|| "(none)".into());
+    // Pretty when serde_json can build it; else as received (a lone
+    // surrogate escape, a number beyond `f64`: the ingress accepts those).
+    let payload = j.payload.as_ref().map_or_else(
+        || "(none)".into(),
+        |p| {
+            serde_json::from_str::<Value>(p.get())
+                .ok()
+                .and_then(|v| serde_json::to_string_pretty(&v).ok())
+                .unwrap_or_else(|| p.get().to_string())
+        },
+    );
     let _ = write!(t, "payload\n{payload}");
     t
 }

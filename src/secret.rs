@@ -62,6 +62,25 @@ pub fn mask_url(url: &reqwest::Url) -> String {
     shown
 }
 
+/// A URL in `Debug` output, as [`mask_url`] shows it (a derived `Debug`
+/// of `reqwest::Url` prints its password and query).
+pub struct MaskedUrl<'a>(pub &'a reqwest::Url);
+
+impl std::fmt::Debug for MaskedUrl<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&mask_url(self.0))
+    }
+}
+
+/// A URL's text in `Debug` output, as [`redact_url_text`] shows it.
+pub struct RedactedUrlText<'a>(pub &'a str);
+
+impl std::fmt::Debug for RedactedUrlText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url_text(self.0))
+    }
+}
+
 /// `raw` with what may be a credential hidden, for error lines about a URL
 /// that may not even parse: everything between `://` and the last `@` (a
 /// password may hold `/`, `?` or `#`; an `@` in a query then hides the host

@@ -4,8 +4,9 @@
 //! * **Auth**: OAuth 2.0 client credentials (form body `grant_type=client_credentials`
 //!   [+ `scope` for the connectors API], `Authorization: Basic id:secret`), or an
 //!   `X-API-Key` (`rest` API only). A token is reused until 80% of its
-//!   `expires_in` has passed (at most 60 s before expiry); a 401 on use drops
-//!   it, fetches a new one and retries once.
+//!   `expires_in` has passed (at most 60 s before expiry; an `expires_in`
+//!   over a day counts as a day); a 401 on use drops it, fetches a new one
+//!   and retries once.
 //! * **Retries**: 429, 5xx and network errors are retried `max_retries` times
 //!   with 1 s × 2^n, or the server's `Retry-After` (capped at 60 s).
 //! * **Rate limit**: at most `max` requests in any rolling `per` window (token
@@ -43,7 +44,7 @@ pub enum Credentials {
 }
 
 /// Where and how to talk to Cognigy.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CognigyConfig {
     pub api: Api,
     pub base: Url,
@@ -53,6 +54,24 @@ pub struct CognigyConfig {
     pub rate_limit: RateLimit,
     pub max_retries: u32,
     pub timeout: Duration,
+}
+
+/// Every field, the URLs' credentials and queries masked.
+impl std::fmt::Debug for CognigyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CognigyConfig")
+            .field("api", &self.api)
+            .field("base", &crate::secret::MaskedUrl(&self.base))
+            .field("credentials", &self.credentials)
+            .field(
+                "token_url",
+                &self.token_url.as_ref().map(crate::secret::MaskedUrl),
+            )
+            .field("rate_limit", &self.rate_limit)
+            .field("max_retries", &self.max_retries)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl CognigyConfig {
@@ -98,6 +117,8 @@ struct Token {
 /// The most of one Cognigy answer that is read: its JSON must be whole to be
 /// parsed, and a listing of endpoints can be larger than a target's 64 KiB.
 pub const MAX_ANSWER: usize = 1024 * 1024;
+/// A token is used for at most this long, whatever its `expires_in`.
+const MAX_TOKEN_TTL_SECS: u64 = 86_400;
 
 pub struct CognigyClient {
     http: reqwest::Client,
@@ -293,7 +314,14 @@ impl CognigyClient {
                 what: what.into(),
                 detail: "no access_token in the answer".into(),
             })?;
-        let ttl = Duration::from_secs(answer.json["expires_in"].as_u64().unwrap_or(3600));
+        // At most a day: a larger `expires_in` (u64::MAX was a panic when
+        // added to now) is refreshed daily.
+        let ttl = Duration::from_secs(
+            answer.json["expires_in"]
+                .as_u64()
+                .unwrap_or(3600)
+                .min(MAX_TOKEN_TTL_SECS),
+        );
         let margin = (ttl / 5).min(Duration::from_secs(60));
         let token = Token {
             value: Secret::new(value),

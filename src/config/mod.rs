@@ -154,6 +154,14 @@ pub fn cognigy_config(
         (Some(u), _) => parse_http_url("COGNIGY_BASE_URL", &u)?,
         (None, Some(d)) => {
             let d = d.trim_start_matches("https://").trim_end_matches('/');
+            // `http://host` became `https://http//host`, and a DNS error
+            // once the retries were spent (exit 8).
+            if d.contains("://") {
+                return Err(bad(format!(
+                    "COGNIGY_DOMAIN={:?} is not a host name: give e.g. acme.cognigy.com, or set COGNIGY_BASE_URL for another scheme",
+                    crate::secret::redact_url_text(d)
+                )));
+            }
             parse_http_url("COGNIGY_DOMAIN", &format!("https://{d}"))?
         }
         (None, None) => {

@@ -69,6 +69,16 @@ pub fn register_config(a: &RegisterArgs) -> Result<RegisterConfig, ConfigError> 
     if name.is_empty() {
         return Err(bad("--name is empty: give the connector a name".into()));
     }
+    // Sent as a header: a key that cannot be one failed each request, and
+    // was reported as Cognigy out of reach (exit 8) after the retries.
+    if let Some(k) = a.idempotency_key.as_deref().map(str::trim) {
+        if reqwest::header::HeaderValue::from_str(k).is_err() {
+            return Err(bad(
+                "IDEMPOTENCY_KEY is not valid: it is sent as a header, so use printable ASCII"
+                    .into(),
+            ));
+        }
+    }
     let idempotency_key = match a
         .idempotency_key
         .as_deref()
@@ -81,10 +91,12 @@ pub fn register_config(a: &RegisterArgs) -> Result<RegisterConfig, ConfigError> 
     Ok(RegisterConfig {
         cognigy,
         target,
+        // The first of a rotation list (`serve` accepts any of them): the
+        // whole list was sent, and every event signed with it refused.
         signing_secret: a
             .webhook_signing_secret
             .as_deref()
-            .filter(|s| !s.is_empty())
+            .and_then(|raw| raw.split(',').map(str::trim).find(|s| !s.is_empty()))
             .map(Secret::new),
         gateway,
         name,

@@ -332,6 +332,11 @@ impl ServeConfig {
                             )));
                         }
                     }
+                    // Read now, so that a file that is not a PEM certificate
+                    // or key is a configuration error (exit 2, and `config
+                    // check` says so), not a failure once started (exit 1).
+                    crate::tls::acceptor(Path::new(cert), Path::new(key))
+                        .map_err(|e| bad(format!("{e:#}")))?;
                     Some((PathBuf::from(cert), PathBuf::from(key)))
                 }
                 _ => return Err(bad(
@@ -496,6 +501,12 @@ impl ServeConfig {
             ),
             ("MAX_AGE_SECS", self.delivery.max_age.as_secs()),
             ("COGRELAY_MAX_DB_BYTES", self.store.max_db_bytes),
+            // Events per second, rounded up (1e10 was a period under a
+            // nanosecond: one event a second).
+            (
+                "INGRESS_RATE_LIMIT",
+                self.ingress.rate_limit.map_or(0, |(r, _)| r.ceil() as u64),
+            ),
         ] {
             within(name, value)?;
         }
@@ -607,6 +618,7 @@ pub const LIMITS: &[(&str, u64)] = &[
     ("CIRCUIT_MAX_COOLDOWN_MS", 86_400_000),
     ("MAX_AGE_SECS", 31_536_000),
     ("COGRELAY_MAX_DB_BYTES", 1 << 50),
+    ("INGRESS_RATE_LIMIT", 1_000_000),
 ];
 
 /// `value` of setting `name` at most its [`LIMITS`] maximum.
@@ -763,9 +775,20 @@ mod tests {
             "--ingress-basic-password",
             "pw-456",
         ]);
+        // A target and a Redis URL with credentials and a token in the query.
+        args[1] = "http://relay:tpw-789@127.0.0.1:9/x?token=q-246";
+        args.extend([
+            "--queue",
+            "redis",
+            "--redis-url",
+            "redis://:rpw-135@127.0.0.1:6390",
+        ]);
         let c = parse(&args).expect("valid");
         let dbg = format!("{c:?}");
-        for secret in ["s1", "s2", "c2VjcmV0", "tok-123", "pw-456"] {
+        assert!(dbg.contains("127.0.0.1:9/x"), "the target is shown: {dbg}");
+        for secret in [
+            "s1", "s2", "c2VjcmV0", "tok-123", "pw-456", "tpw-789", "q-246", "rpw-135",
+        ] {
             assert!(!dbg.contains(secret), "{secret} leaked in {dbg}");
         }
     }

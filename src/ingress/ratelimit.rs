@@ -45,7 +45,9 @@ impl std::fmt::Debug for RateLimiter {
 }
 
 fn quota(per_sec: f64, burst: u32) -> Quota {
-    let period = Duration::from_secs_f64(1.0 / per_sec.max(1e-6));
+    // A nanosecond at least: `with_period` refuses a zero one (and its
+    // fallback below is one a second). The configuration caps the rate.
+    let period = Duration::from_secs_f64(1.0 / per_sec.max(1e-6)).max(Duration::from_nanos(1));
     let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
     Quota::with_period(period)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))

@@ -33,7 +33,7 @@ pub const EXIT_UNREACHABLE: u8 = 8;
 /// Retries of the gateway callback after the first attempt.
 const GATEWAY_RETRIES: u32 = 3;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RegisterConfig {
     pub cognigy: CognigyConfig,
     pub target: Url,
@@ -47,6 +47,29 @@ pub struct RegisterConfig {
     pub timeout: Duration,
     pub health_attempts: u32,
     pub health_delay: Duration,
+}
+
+/// Every field, the URLs' credentials and queries masked.
+impl std::fmt::Debug for RegisterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterConfig")
+            .field("cognigy", &self.cognigy)
+            .field("target", &crate::secret::MaskedUrl(&self.target))
+            .field("signing_secret", &self.signing_secret)
+            .field(
+                "gateway",
+                &self.gateway.as_ref().map(crate::secret::MaskedUrl),
+            )
+            .field("name", &self.name)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("flow_id", &self.flow_id)
+            .field("ca_file", &self.ca_file)
+            .field("allow_http", &self.allow_http)
+            .field("timeout", &self.timeout)
+            .field("health_attempts", &self.health_attempts)
+            .field("health_delay", &self.health_delay)
+            .finish()
+    }
 }
 
 /// Deterministic, so that re-running the same registration never creates a

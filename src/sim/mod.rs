@@ -109,6 +109,9 @@ struct Inner {
     event_lookups: u64,
     events_received: Vec<Value>,
     gateway_calls: Vec<Value>,
+    /// The SHA-256 (hex) of each connector's signing secret, as received:
+    /// what a test compares, never the secret itself.
+    signing_secret_digests: Vec<String>,
     /// The path of every request, as sent (still percent-encoded).
     paths: Vec<String>,
     /// Status of every answered API request, per client, in order.
@@ -150,6 +153,7 @@ impl Sim {
             "endpoints": s.endpoints.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
             "eventsReceived": s.events_received.len(),
             "gatewayCalls": s.gateway_calls,
+            "signingSecretSha256": s.signing_secret_digests,
             "statuses": s.statuses,
             "paths": s.paths,
         })
@@ -498,7 +502,12 @@ async fn create_connector(
         .get_mut("requestSigning")
         .and_then(Value::as_object_mut)
     {
-        signing.remove("secret"); // never echoed back
+        // Never echoed back; its digest is kept for the tests.
+        if let Some(Value::String(secret)) = signing.remove("secret") {
+            use sha2::Digest as _;
+            let digest = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
+            s.signing_secret_digests.push(digest);
+        }
     }
     connector["id"] = json!(id);
     connector["status"] = json!("pending");

@@ -319,6 +319,25 @@ async fn a_401_on_use_refreshes_once_and_retries_once() {
     );
 }
 
+/// A token announced for u64::MAX seconds (a server's bug) is used, and
+/// refreshed after a day at most (adding it to now panicked, in `register`
+/// and in each delivery that verified its event).
+#[tokio::test]
+async fn a_token_that_never_expires_is_used_without_a_panic() {
+    let (addr, sim) = sim::spawn(SimOptions {
+        advertised_token_ttl: Some(Duration::from_secs(u64::MAX)),
+        ..Default::default()
+    })
+    .await
+    .expect("sim");
+    let client = CognigyClient::new(client_config(addr, Api::Connectors)).expect("client");
+    for i in 0..3 {
+        let a = lookup(&client, &format!("/api/v2/bots/b/events/e{i}")).await;
+        assert_eq!(a.status, 200);
+    }
+    assert_eq!(sim.stats()["tokenRequests"], 1, "one token for the calls");
+}
+
 #[tokio::test]
 async fn a_burst_is_paced_under_the_limit_and_never_429_twice_in_a_row() {
     let limit = RateLimit {

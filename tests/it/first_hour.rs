@@ -347,6 +347,60 @@ fn a_bad_dotenv_line_is_named() {
     assert!(String::from_utf8_lossy(&help.stderr).starts_with("warning: "));
 }
 
+/// A `$` in a `.env` value that names no variable set is refused, with the
+/// line's number and name and never its value: dotenv replaces it with
+/// nothing, so the password `Xy$9kQ#zz` was `Xy#zz` (and `Xy#zz` got in).
+/// Single quotes, `\$` and a variable that is set still read as written.
+#[test]
+fn a_dollar_that_dotenv_would_drop_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let check = |password_line: &str| {
+        std::fs::write(
+            dir.path().join(".env"),
+            format!(
+                "TARGET_ENDPOINT=http://127.0.0.1:9/e\nINGRESS_BASIC_USER=cog\n{password_line}\n"
+            ),
+        )
+        .expect("write");
+        std::process::Command::new(env!("CARGO_BIN_EXE_cogrelay"))
+            .args(["config", "check"])
+            .env_clear()
+            .env("SETHERE", "x")
+            .env("SET_HERE", "x")
+            .current_dir(dir.path())
+            .output()
+            .expect("run")
+    };
+    for line in [
+        "INGRESS_BASIC_PASSWORD=Xy$9kQ#zz",
+        "INGRESS_BASIC_PASSWORD=\"Xy$9kQ#zz\"",
+        "INGRESS_BASIC_PASSWORD=Xy9kQzz$",
+        "INGRESS_BASIC_PASSWORD=Xy${UNSET}zz",
+        // dotenv's names are letters and digits: this is `$SET`, then `_HERE`.
+        "INGRESS_BASIC_PASSWORD=Xy$SET_HERE",
+    ] {
+        let out = check(line);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{line}: {err}");
+        assert!(
+            err.contains(".env: line 3: a `$` in INGRESS_BASIC_PASSWORD's value"),
+            "{line}: {err}"
+        );
+        assert!(!err.contains("Xy"), "{err}");
+    }
+    for line in [
+        "INGRESS_BASIC_PASSWORD='Xy$9kQ#zz'",
+        "INGRESS_BASIC_PASSWORD=Xy\\$9kQ#zz",
+        "INGRESS_BASIC_PASSWORD=Xy$SETHERE",
+        "INGRESS_BASIC_PASSWORD=Xy${SET_HERE}",
+        "INGRESS_BASIC_PASSWORD=Xy${INGRESS_BASIC_USER}zz # a comment with a $",
+    ] {
+        let out = check(line);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{line}: {err}");
+    }
+}
+
 /// A second relay on the same data directory says so once.
 #[tokio::test]
 async fn a_store_in_use_is_said_once() {

@@ -454,6 +454,17 @@ async fn bad_configuration_exits_2_with_one_line_naming_the_setting() {
             ],
             "TLS_CERT_FILE=\"/nonexistent.pem\" is not a readable file",
         ),
+        // Files that are not PEM: exit 1 once started, and `config check`
+        // passed them.
+        (
+            vec![
+                ok_target,
+                secret,
+                ("TLS_CERT_FILE", "/etc/passwd"),
+                ("TLS_KEY_FILE", "/etc/passwd"),
+            ],
+            "TLS_CERT_FILE=/etc/passwd holds no PEM certificate",
+        ),
         // It was exit 1 at the first connection (a service manager restarts
         // that), its text `Redis URL did not parse`.
         (

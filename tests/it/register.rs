@@ -86,6 +86,26 @@ async fn http_target() -> Sink {
 
 const FAST: [&str; 3] = ["--allow-http", "--health-delay-ms=20", "--timeout-ms=2000"];
 
+/// Of a rotation list (what `serve` takes in the same variable), the
+/// connector gets the first secret, trimmed: the whole list was sent, and
+/// the relay refused every event Cognigy signed with it.
+#[tokio::test]
+async fn a_rotation_list_registers_its_first_secret() {
+    let (sim_addr, sim) = sim::spawn(SimOptions::default()).await.expect("sim");
+    let target = http_target().await;
+    let mut env = base_env(sim_addr, &target.url());
+    env.retain(|(k, _)| *k != "WEBHOOK_SIGNING_SECRET");
+    env.push(("WEBHOOK_SIGNING_SECRET", " new-secret , old-secret".into()));
+    let run = register(&env, &FAST).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    use sha2::Digest as _;
+    let want = hex::encode(sha2::Sha256::digest(b"new-secret"));
+    assert_eq!(
+        sim.stats()["signingSecretSha256"],
+        serde_json::json!([want])
+    );
+}
+
 #[tokio::test]
 async fn registers_verifies_and_notifies_the_gateway_with_one_token() {
     let (sim_addr, sim) = sim::spawn(SimOptions {
@@ -327,6 +347,28 @@ async fn missing_configuration_exits_2() {
         "{}",
         run.stderr
     );
+    // Mistakes that were exit 8 ("cannot reach Cognigy") after 15 s of retries.
+    for (name, value, said) in [
+        (
+            "COGNIGY_DOMAIN",
+            "http://127.0.0.1:9",
+            "COGNIGY_DOMAIN=\"http://127.0.0.1:9\" is not a host name",
+        ),
+        (
+            "IDEMPOTENCY_KEY",
+            "key\u{1}x",
+            "IDEMPOTENCY_KEY is not valid",
+        ),
+    ] {
+        let mut env = base_env(sim_addr, "https://x.example/");
+        if name == "COGNIGY_DOMAIN" {
+            env.retain(|(k, _)| *k != "COGNIGY_BASE_URL");
+        }
+        env.push((name, value.into()));
+        let run = register(&env, &[]).await;
+        assert_eq!(run.code, 2, "{name}: {}", run.stderr);
+        assert!(run.stderr.contains(said), "{name}: {}", run.stderr);
+    }
 }
 
 #[tokio::test]

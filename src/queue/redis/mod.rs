@@ -72,7 +72,7 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Attempt-history lines kept per job.
 const KEEP_LOGS: u32 = 100;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisOptions {
     pub url: String,
     /// PEM of a CA to trust besides the web PKI roots (`rediss://` only).
@@ -90,6 +90,22 @@ pub struct RedisOptions {
     /// back the jobs of a relay that died); a tool's open writes nothing by
     /// itself.
     pub relay: bool,
+}
+
+/// Every field, the URL's password masked.
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("url", &crate::secret::RedactedUrlText(&self.url))
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .field("queue_name", &self.queue_name)
+            .field("lock_duration", &self.lock_duration)
+            .field("settings", &self.settings)
+            .field("destination", &self.destination)
+            .field("clock", &self.clock)
+            .field("relay", &self.relay)
+            .finish()
+    }
 }
 
 /// Most jobs in one batched script call.
