@@ -71,7 +71,7 @@ impl Filter {
         })?;
         let condition_tokens = conditions
             .iter()
-            .map(|(pointer, _)| crate::delivery::Ordering::new(pointer, false).tokens)
+            .map(|(pointer, _)| crate::pointer::tokens(pointer))
             .collect();
         Ok(Self {
             every_type: events.iter().any(|g| g == "*"),
@@ -102,9 +102,7 @@ impl Filter {
         self.conditions
             .iter()
             .zip(&self.condition_tokens)
-            .all(|((_, want), tokens)| {
-                crate::ingress::pointer::pointed(doc, tokens).as_ref() == Some(want)
-            })
+            .all(|((_, want), tokens)| crate::pointer::pointed(doc, tokens).as_ref() == Some(want))
     }
 }
 

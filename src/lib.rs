@@ -17,6 +17,8 @@
 //! * [`secret`]: the `Secret` newtype (`***`), URLs without their credentials.
 //! * `event`: the domain core: event, key, kind, attempt, outcome; the rule
 //!   for a destination's name and the `default` destination.
+//! * `pointer`: the value at a JSON pointer, read along the pointer in a
+//!   document's bytes (`where` conditions, ordering keys).
 //! * [`answer`]: reading a remote answer within a bound; `Retry-After`.
 //! * [`queue`]: the contract (`Queue`: the hot path's operations and the
 //!   operators'), job states and their rules, the one mapping of a stored job
@@ -96,6 +98,7 @@ pub mod ingress;
 pub mod jobs_cli;
 mod listing;
 pub mod metrics;
+mod pointer;
 pub mod queue;
 pub mod register;
 pub mod secret;

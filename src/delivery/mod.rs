@@ -114,15 +114,10 @@ impl Ordering {
     /// Ordered by the value at the JSON `pointer` (RFC 6901, checked by the
     /// caller).
     pub fn new(pointer: &str, hold: bool) -> Self {
-        let tokens = pointer
-            .split('/')
-            .skip(1)
-            .map(|t| t.replace("~1", "/").replace("~0", "~"))
-            .collect();
         Ordering {
             pointer: pointer.to_string(),
             hold,
-            tokens,
+            tokens: crate::pointer::tokens(pointer),
         }
     }
 }

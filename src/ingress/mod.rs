@@ -12,7 +12,6 @@
 pub mod auth;
 pub(crate) mod body;
 pub mod envelope;
-pub(crate) mod pointer;
 pub(crate) mod ratelimit;
 pub(crate) mod refusals;
 pub(crate) mod rejections;
@@ -515,10 +514,10 @@ fn routes(destinations: &DestinationSet, event: &Event, bytes: &[u8]) -> Vec<Rec
 /// already holds (its body), not from the top of the document.
 fn order_key(o: &crate::delivery::Ordering, event: &Event, bytes: &[u8]) -> Option<OrderKey> {
     let found = match event.kind {
-        EventKind::EndpointOutput => pointer::pointed(bytes, &["sessionId"]),
+        EventKind::EndpointOutput => crate::pointer::pointed(bytes, &["sessionId"]),
         EventKind::Envelope => match o.tokens.split_first() {
-            Some((first, rest)) if first == "payload" => pointer::pointed(&event.body, rest),
-            _ => pointer::pointed(bytes, &o.tokens),
+            Some((first, rest)) if first == "payload" => crate::pointer::pointed(&event.body, rest),
+            _ => crate::pointer::pointed(bytes, &o.tokens),
         },
     };
     let key = match found? {

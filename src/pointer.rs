@@ -10,6 +10,16 @@ use std::fmt;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
+/// The reference tokens of a JSON `pointer` (RFC 6901, checked by the
+/// caller), unescaped: `~1` is `/`, `~0` is `~`.
+pub fn tokens(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
 /// The value at the pointer whose reference tokens (unescaped) are `tokens`
 /// in the JSON document `bytes`, as `serde_json::Value::pointer` finds it
 /// (but for a name written twice in one object: the first here); `None`
@@ -110,10 +120,7 @@ mod tests {
     use super::pointed;
 
     fn at(bytes: &[u8], pointer: &str) -> Option<serde_json::Value> {
-        pointed(
-            bytes,
-            &crate::delivery::Ordering::new(pointer, false).tokens,
-        )
+        pointed(bytes, &super::tokens(pointer))
     }
 
     #[test]
