@@ -251,6 +251,14 @@ mod tests {
                 assert!(!f.wants("t", None, chat.as_bytes()), "{chat:.80}");
             }
         }
+        // A member written twice: the last, the one delivered (the envelope's
+        // `payload` is its last).
+        let twice = r#"{"payload":{"channel":"chat"},"payload":{"channel":"voice"}}"#;
+        assert!(f.wants("t", None, twice.as_bytes()));
+        let twice = r#"{"payload":{"channel":"voice","channel":"chat"}}"#;
+        assert!(!f.wants("t", None, twice.as_bytes()));
+        let name = r#"{"payload":{"\ud83d":1,"channel":"voice"}}"#;
+        assert!(f.wants("t", None, name.as_bytes()), "a lone surrogate name");
         let at_the_odd = filter(&["*"], None, &[("/payload/text", json!("hi"))]);
         let doc = r#"{"payload":{"text":"hi \ud83d"}}"#;
         assert!(!at_the_odd.wants("t", None, doc.as_bytes()));

@@ -290,7 +290,8 @@ fn load_dotenv() -> Result<(), String> {
         return Ok(());
     };
     let text = std::fs::read_to_string(&path).unwrap_or_default();
-    if let Some((line, name)) = dropped_dollar(&text) {
+    let in_env = |name: &str| std::env::var_os(name).is_some();
+    if let Some((line, name)) = cogrelay::config::dotenv::dropped_dollar(&text, &in_env) {
         // The line's number and name, never its value (it may be a secret).
         return Err(format!(
             "{}: line {line}: a `$` in {name}'s value names no variable that is set, \
@@ -317,59 +318,6 @@ fn load_dotenv() -> Result<(), String> {
         }
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
-}
-
-/// The first `.env` line (its number, from 1) whose value has a `$` that
-/// dotenvy would replace with nothing, and the name it sets: a `$` outside
-/// single quotes and not escaped, whose name (letters and digits, or
-/// `{...}`) is no variable of the environment or of an earlier line. A
-/// password `Xy$9kQ#zz` would have been `Xy#zz`, silently.
-fn dropped_dollar(text: &str) -> Option<(usize, &str)> {
-    let mut earlier: Vec<&str> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let l = line.trim_start();
-        let l = l.strip_prefix("export ").unwrap_or(l);
-        let Some((name, value)) = l.split_once('=').filter(|_| !l.starts_with('#')) else {
-            continue;
-        };
-        let name = name.trim();
-        let set =
-            |n: &str| !n.is_empty() && (std::env::var_os(n).is_some() || earlier.contains(&n));
-        let (mut single, mut double, mut escaped) = (false, false, false);
-        let mut prev = ' ';
-        for (at, c) in value.char_indices() {
-            let was = std::mem::replace(&mut prev, c);
-            if escaped {
-                escaped = false;
-                continue;
-            }
-            match c {
-                '\'' if !double => single = !single,
-                '"' if !single => double = !double,
-                '\\' if !single => escaped = true,
-                '#' if !single && !double && was.is_whitespace() => break,
-                '$' if !single => {
-                    let rest = &value[at + 1..];
-                    let named = match rest.strip_prefix('{') {
-                        Some(r) => r.split('}').next().unwrap_or(""),
-                        None => {
-                            let end = rest
-                                .char_indices()
-                                .find(|(_, c)| !c.is_alphanumeric())
-                                .map_or(rest.len(), |(k, _)| k);
-                            &rest[..end]
-                        }
-                    };
-                    if !set(named) {
-                        return Some((i + 1, name));
-                    }
-                }
-                _ => {}
-            }
-        }
-        earlier.push(name);
-    }
-    None
 }
 
 /// The `.env` dotenvy would read from `dir`.

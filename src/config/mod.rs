@@ -15,6 +15,7 @@
 //! it; [`ServeConfig::new`] starts from it).
 
 pub mod destinations;
+pub mod dotenv;
 mod register;
 mod serve;
 mod sim;

@@ -475,7 +475,7 @@ impl Dispatch {
                 released = Err(e);
             }
         }
-        let drained = self.drain(&mut stop).await;
+        let drained = self.drain(&mut stop, &mut done_rx).await;
         // Deliveries that were told to give their job back meanwhile.
         while let Ok(done) = done_rx.try_recv() {
             if let Verdict::NotSent(job) = done.verdict {
@@ -501,9 +501,14 @@ impl Dispatch {
     }
 
     /// Lets in-flight deliveries finish: a retired pool's until they end
-    /// or a shutdown is told, then (at shutdown) within the grace period;
-    /// whether they all did.
-    async fn drain(&mut self, stop: &mut watch::Receiver<Stop>) -> bool {
+    /// or a shutdown is told (a job a delivery gave back unsent goes back
+    /// to the store at once meanwhile, for the new pool), then (at
+    /// shutdown) within the grace period; whether they all did.
+    async fn drain(
+        &mut self,
+        stop: &mut watch::Receiver<Stop>,
+        done_rx: &mut mpsc::UnboundedReceiver<Done>,
+    ) -> bool {
         let busy = self.tasks.len();
         let grace = self.pool.cfg.pool.shutdown_grace;
         let retired = *stop.borrow_and_update() == Stop::Retire;
@@ -529,9 +534,18 @@ impl Dispatch {
                 // No one left to tell a shutdown: they end on their own.
                 std::future::pending::<()>().await;
             };
-            tokio::select! {
-                () = &mut all_ended => return true,
-                () = shutdown => {}
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    () = &mut all_ended => return true,
+                    () = &mut shutdown => break,
+                    Some(done) = done_rx.recv() => {
+                        if let Verdict::NotSent(job) = done.verdict {
+                            self.pool.in_flight.ended(&job.lease);
+                            let _ = self.pool.queue.release(vec![job.lease]).await;
+                        }
+                    }
+                }
             }
         }
         tokio::time::timeout(grace, all_ended).await.is_ok()

@@ -182,6 +182,18 @@ async fn until_stopped(
                 break pools.stop_all().await.context("the delivery pool failed");
             }
             Some(()) = reload.recv() => {
+                // The last reload's old pools end their deliveries first, so
+                // that at most two pools of a destination deliver at once
+                // (each reload's would add to them); a stop meanwhile is heard.
+                let stopping = tokio::select! {
+                    () = pools.retired() => false,
+                    () = &mut shutdown => true,
+                };
+                if stopping {
+                    tracing::info!("shutting down: no new events accepted");
+                    accepting.store(false, Ordering::Relaxed);
+                    break pools.stop_all().await.context("the delivery pool failed");
+                }
                 reload_destinations(cfg, pools, ingress_state, admin).await;
             }
             Some((name, generation, result)) = ended.recv() => {

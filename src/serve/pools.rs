@@ -185,6 +185,23 @@ impl Pools {
         first
     }
 
+    /// Once every pool retired so far has ended its deliveries in flight
+    /// (said once, if it must wait).
+    pub async fn retired(&mut self) {
+        self.retirements.retain(|task| !task.is_finished());
+        if !self.retirements.is_empty() {
+            tracing::info!(
+                retirements = self.retirements.len(),
+                "reload waits for the last reload's old pools to end their deliveries in flight"
+            );
+        }
+        while let Some(task) = self.retirements.first_mut() {
+            let _ = task.await;
+            // No await between: a finished task is never polled again.
+            self.retirements.remove(0);
+        }
+    }
+
     /// Takes `pools` (replaced or removed by a reload) out of service
     /// without waiting for them: each is told to stop at once (it starts
     /// nothing more and gives back what it holds), and its deliveries in

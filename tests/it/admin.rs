@@ -103,7 +103,7 @@ async fn limit_and_state_are_validated(b: Backend) {
         app.admin_post("/admin/destinations/default/pause").await.status,
         200
     );
-    for id in ["meta", "id", "events", "wait", "completed", "de:x", "cg:lastid", "1:logs"] {
+    for id in ["meta", "id", "events", "wait", "completed", "waiting-children", "de:x", "cg:lastid", "1:logs"] {
         let path = format!("/admin/jobs/{}", id.replace(':', "%3A"));
         assert_eq!(app.admin_get(&path).await.status, 404, "GET {id}");
         assert_eq!(app.admin_delete(&path).await.status, 404, "DELETE {id}");

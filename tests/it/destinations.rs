@@ -829,6 +829,79 @@ async fn a_reload_lets_a_slow_delivery_end_and_sends_it_once(b: Backend) {
 }
 }
 
+/// Reloads in a row while deliveries are slow: each waits for the last
+/// one's old pool to end its deliveries, so at most two pools of the
+/// destination deliver at once (`concurrency = 1`: at most two requests
+/// at the target; each reload's old pool added its own), and every event
+/// is delivered once.
+#[tokio::test]
+async fn reloads_in_a_row_keep_at_most_two_pools_delivering() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("relay.toml");
+    let file = path.clone();
+    let app = spawn_app_on(Backend::Embedded, move |c| {
+        c.pool.shutdown_grace = Duration::from_millis(200);
+        let text = format!(
+            "[[destination]]\nname = \"slow\"\nurl = \"{}\"\nconcurrency = 1\n",
+            c.delivery.target
+        );
+        std::fs::write(&file, text).expect("write");
+        let globals = Globals {
+            delivery: c.delivery.clone(),
+            lock_duration: c.pool.lock_duration,
+        };
+        c.destinations_file =
+            Some(destinations::load(&file, &globals, &|_| None).expect("valid file"));
+    })
+    .await;
+    let delay = Duration::from_millis(600);
+    app.sink.set_default(Behaviour::Delay(delay, 200));
+    for i in 0..6 {
+        let r = app.post_event(&event("bot", &format!("r{i}"))).await;
+        assert_eq!(r.json["status"], "accepted", "{}", r.json);
+    }
+    assert!(
+        app.sink.wait_for(1, WAIT).await,
+        "the first delivery started"
+    );
+    // Each reload once the pools before it have a delivery out.
+    for k in 1..=4 {
+        app.reload.send(()).await.expect("reload");
+        assert!(
+            app.sink.wait_for(k + 1, WAIT).await,
+            "delivering after reload {k}"
+        );
+    }
+    assert!(
+        app.sink.wait_for(6, Duration::from_secs(30)).await,
+        "all delivered"
+    );
+    app.wait_counts(WAIT, |c| c["completed"] == 6).await;
+    let received = app.sink.received();
+    let mut ids: Vec<&str> = received
+        .iter()
+        .filter_map(|r| r.header("x-event-id"))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!((ids.len(), received.len()), (6, 6), "each once");
+    // Requests at the target at once: those that came while another was
+    // still within its delay (less a margin for the clocks).
+    let window = delay - Duration::from_millis(100);
+    let most = received
+        .iter()
+        .map(|r| {
+            received
+                .iter()
+                .filter(|o| o.at <= r.at && r.at < o.at + window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(most <= 2, "{most} requests at once");
+    drop(path);
+}
+
 /// A stop while a reload's old pool waits for its delivery in flight gives
 /// that delivery `SHUTDOWN_GRACE_MS`, as any stop does: the stop does not
 /// wait out the delivery's 20 s timeout, and the job, back in the store, is

@@ -378,6 +378,8 @@ fn a_dollar_that_dotenv_would_drop_is_refused() {
         "INGRESS_BASIC_PASSWORD=Xy${UNSET}zz",
         // dotenv's names are letters and digits: this is `$SET`, then `_HERE`.
         "INGRESS_BASIC_PASSWORD=Xy$SET_HERE",
+        // The quote after a bare name is taken as it is: `$zz` is read.
+        "INGRESS_BASIC_PASSWORD=Xy$SETHERE'$zz'",
     ] {
         let out = check(line);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -393,6 +395,9 @@ fn a_dollar_that_dotenv_would_drop_is_refused() {
         "INGRESS_BASIC_PASSWORD=Xy\\$9kQ#zz",
         "INGRESS_BASIC_PASSWORD=Xy$SETHERE",
         "INGRESS_BASIC_PASSWORD=Xy${SET_HERE}",
+        "export\tINGRESS_BASIC_PASSWORD='Xy$9kQ'",
+        // A single-quoted value over two lines: literal.
+        "INGRESS_BASIC_PASSWORD='Xy\n$9kQ'",
         "INGRESS_BASIC_PASSWORD=Xy${INGRESS_BASIC_USER}zz # a comment with a $",
     ] {
         let out = check(line);

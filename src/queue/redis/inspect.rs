@@ -494,6 +494,7 @@ const QUEUE_KEYS: &[&str] = &[
     "events",
     "prioritized",
     "priority",
+    "waiting-children",
     "stalled",
     "stalled-check",
     "limiter",
