@@ -290,7 +290,8 @@ fn load_dotenv() -> Result<(), String> {
         return Ok(());
     };
     let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let in_env = |name: &str| std::env::var_os(name).is_some();
+    // As dotenvy looks: a value that is not UTF-8 is overridden.
+    let in_env = |name: &str| std::env::var(name).is_ok();
     if let Some((line, name)) = cogrelay::config::dotenv::dropped_dollar(&text, &in_env) {
         // The line's number and name, never its value (it may be a secret).
         return Err(format!(

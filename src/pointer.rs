@@ -1,22 +1,23 @@
-//! The value at a JSON pointer (RFC 6901) in a document, read in one pass
-//! over its bytes: the members on the way are skipped without being built,
-//! and nothing after the objects and arrays on the pointer's path is read
-//! (the ingress has checked the document already). The ordering key of
-//! every event of an ordered destination, and each `where` condition, is
-//! read this way (docs/destinations.md); building each object on the way as
-//! a map cost about a tenth of the ingest's CPU.
+//! The value at a JSON pointer (RFC 6901) in a document, read from its
+//! bytes one level at a time: at each object or array on the pointer's
+//! path, the member or element wanted is taken as raw text (nothing built)
+//! and the rest skipped; only the value at the end is built. The ordering
+//! key of every event of an ordered destination, and each `where`
+//! condition, is read this way (docs/destinations.md); building each object
+//! on the way as a map cost about a tenth of the ingest's CPU.
 //!
 //! Of a name written twice in one object, the last is read, as
 //! `serde_json::Value` and the envelope's own fields read it: a condition
 //! or a key read from the first routed or ordered an event by a member the
-//! target never saw as its value. Member names and skipped values may hold
-//! what serde_json cannot build (a lone surrogate escape, a number beyond
-//! `f64`, nesting at its limit), as the ingress lets them through.
+//! target never saw as its value. What serde_json cannot build (a lone
+//! surrogate escape, a number beyond `f64`, nesting at its limit) may be
+//! anywhere else, in a member name or an earlier member of the same name,
+//! as the ingress lets it through: it is skipped, never built.
 
-use std::cell::Cell;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// The reference tokens of a JSON `pointer` (RFC 6901, checked by the
@@ -31,94 +32,73 @@ pub fn tokens(pointer: &str) -> Vec<String> {
 
 /// The value at the pointer whose reference tokens (unescaped) are `tokens`
 /// in the JSON document `bytes`, as `serde_json::Value::pointer` finds it;
-/// `None` when there is none, or it (or the object or array it is in) is
-/// not JSON that serde_json can build.
+/// `None` when there is none, or it is not JSON that serde_json can build.
 pub fn pointed<T: AsRef<str>>(bytes: &[u8], tokens: &[T]) -> Option<Value> {
-    let found = Cell::new(None);
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    Seek(tokens, &found).deserialize(&mut de).ok()?;
-    found.into_inner()
-}
-
-/// The value at the rest of the pointer, in the value being read, is put in
-/// the cell (`None` when it has none); the value is read to its end.
-struct Seek<'p, T>(&'p [T], &'p Cell<Option<Value>>);
-
-impl<'de, T: AsRef<str>> DeserializeSeed<'de> for Seek<'_, T> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        self.1.set(None);
-        if self.0.is_empty() {
-            self.1.set(Some(serde::Deserialize::deserialize(d)?));
-            return Ok(());
-        }
-        d.deserialize_any(self)
+    let mut text = std::str::from_utf8(bytes).ok()?;
+    for token in tokens {
+        let token = token.as_ref();
+        let mut de = serde_json::Deserializer::from_str(text);
+        let next = match text.trim_start().as_bytes().first() {
+            Some(b'{') => de.deserialize_map(Member(token)),
+            Some(b'[') => de.deserialize_seq(Element(token)),
+            // A scalar where the pointer goes on: nothing there.
+            _ => return None,
+        };
+        text = next.ok()??.get();
     }
+    serde_json::from_str(text).ok()
 }
 
-impl<'de, T: AsRef<str>> Visitor<'de> for Seek<'_, T> {
-    type Value = ();
+/// The last member named so in an object, as raw text.
+struct Member<'t>(&'t str);
+
+impl<'de> Visitor<'de> for Member<'_> {
+    type Value = Option<&'de RawValue>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
+        f.write_str("an object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let (want, rest) = self.0.split_first().expect("a token left");
-        // Every member of that name is sought in (each one's finding, or
-        // none, replaces the one before): the last is the value.
-        while let Some(is) = map.next_key_seed(NameIs(want.as_ref()))? {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut last = None;
+        while let Some(is) = map.next_key_seed(NameIs(self.0))? {
             if is {
-                map.next_value_seed(Seek(rest, self.1))?;
+                last = Some(map.next_value::<&'de RawValue>()?);
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
         }
-        Ok(())
+        Ok(last)
+    }
+}
+
+/// The element at an index (digits without a leading zero, as RFC 6901
+/// and serde_json say) of an array, as raw text.
+struct Element<'t>(&'t str);
+
+impl<'de> Visitor<'de> for Element<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let (want, rest) = self.0.split_first().expect("a token left");
-        let want = want.as_ref();
-        // RFC 6901: digits without a leading zero (serde_json's rule too).
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let want = self.0;
         let plain =
             want.bytes().all(|b| b.is_ascii_digit()) && !want.starts_with('0') || want == "0";
+        let mut found = None;
         if let Some(index) = plain.then(|| want.parse::<usize>().ok()).flatten() {
-            for _ in 0..index {
-                if seq.next_element::<IgnoredAny>()?.is_none() {
-                    return Ok(());
-                }
+            let mut skipped = 0;
+            while skipped < index && seq.next_element::<IgnoredAny>()?.is_some() {
+                skipped += 1;
             }
-            seq.next_element_seed(Seek(rest, self.1))?;
+            if skipped == index {
+                found = seq.next_element::<&'de RawValue>()?;
+            }
         }
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(())
-    }
-
-    // A scalar where the pointer goes on: nothing there.
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
+        Ok(found)
     }
 }
 
@@ -223,6 +203,21 @@ mod tests {
             Some(json!(2))
         );
         assert_eq!(at(br#"{"a": "\ud83d"}"#, "/a"), None);
+        // An earlier member of the same name that serde_json cannot build
+        // is skipped: the last is read.
+        for first in [
+            r#""\ud83d""#,
+            "1e400",
+            r#"{"c": "\ud83d"}"#,
+            r#"{"c": 1e400}"#,
+        ] {
+            let doc = format!(r#"{{"p": {first}, "p": {{"c": "voice"}}}}"#);
+            assert_eq!(at(doc.as_bytes(), "/p/c"), Some(json!("voice")), "{doc}");
+        }
+        // Nesting at serde_json's limit on the way: each level is read alone.
+        let deep = format!(r#"{{"a": {}"x"{}}}"#, "[".repeat(127), "]".repeat(127));
+        let pointer = format!("/a{}", "/0".repeat(127));
+        assert_eq!(at(deep.as_bytes(), &pointer), Some(json!("x")));
         assert_eq!(at(br#"{"a": "\u00e9t\u00e9"}"#, "/a"), Some(json!("été")));
         assert_eq!(at(br#"{"\u0061": 2}"#, "/a"), Some(json!(2)));
     }

@@ -9,39 +9,122 @@
 /// The first line (its number, from 1, and the name it sets) whose value
 /// has a `$` that would read as nothing: its name is no variable set in the
 /// environment (`in_env`) nor on an earlier line. A line whose name the
-/// environment sets already is not read by dotenvy, and not looked at.
+/// environment or an earlier line sets already is not used by dotenvy (it
+/// keeps the first), and not looked at. `None` too from the first line
+/// dotenvy cannot read (it names that line itself).
 pub fn dropped_dollar(text: &str, in_env: &dyn Fn(&str) -> bool) -> Option<(usize, String)> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut earlier: Vec<String> = Vec::new();
-    let mut lines = text.lines().enumerate();
-    while let Some((at, first)) = lines.next() {
-        let mut entry = first.to_string();
-        while let Some((name, value)) = parse_line(&entry) {
-            let set = |n: &str| in_env(n) || earlier.iter().any(|e| e == n);
-            match scan(value, &set) {
-                // A quoted value goes on on the next line, as dotenvy reads it.
-                Scan::Open => match lines.next() {
-                    Some((_, more)) => {
-                        entry.push('\n');
-                        entry.push_str(more);
-                        continue;
-                    }
-                    None => return None,
-                },
-                Scan::Drops if !in_env(name) => return Some((at + 1, name.to_string())),
-                Scan::Drops | Scan::Fine => {}
-                // dotenvy names the line itself.
-                Scan::Invalid => return None,
-            }
-            earlier.push(name.to_string());
-            break;
+    for entry in entries(text) {
+        let (at, line) = entry?;
+        let Some((name, value)) = parse_line(&line) else {
+            continue;
+        };
+        let set = |n: &str| in_env(n) || earlier.iter().any(|e| e == n);
+        match scan(value, &set) {
+            Scan::Drops if !set(name) => return Some((at, name.to_string())),
+            Scan::Drops | Scan::Fine => {}
+            Scan::Open | Scan::Invalid => return None,
         }
+        earlier.push(name.to_string());
     }
     None
 }
 
-/// A line's name and value, as dotenvy splits it (`export` before the name
-/// allowed); `None` for a blank line, a comment or no `NAME=`.
+/// What dotenvy reads as one line (`iter.rs` `QuotedLines`): a physical
+/// line, and the ones after it while a quote is open at its end (by its
+/// `eval_end_state`), cut at an unquoted ` #` comment; with the number of
+/// its first line. `None` where dotenvy fails (a quote open at the end).
+fn entries(text: &str) -> impl Iterator<Item = Option<(usize, String)>> + '_ {
+    let mut lines = text.split_inclusive('\n').enumerate();
+    std::iter::from_fn(move || loop {
+        let (at, first) = lines.next()?;
+        if first.trim_start().starts_with('#') {
+            continue;
+        }
+        let mut buf = String::new();
+        let mut state = End::Complete;
+        let mut chunk = first;
+        loop {
+            let from = buf.len();
+            buf.push_str(chunk);
+            let (pos, now) = end_state(state, &buf[from..]);
+            state = now;
+            match state {
+                End::Complete => {
+                    let line = buf.trim_end_matches('\n').trim_end_matches('\r');
+                    return Some(Some((at + 1, line.to_string())));
+                }
+                End::Comment => {
+                    buf.truncate(from + pos);
+                    return Some(Some((at + 1, buf)));
+                }
+                _ => match lines.next() {
+                    Some((_, more)) => chunk = more,
+                    None => return Some(None),
+                },
+            }
+        }
+    })
+}
+
+/// dotenvy's `ParseState`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Complete,
+    Escape,
+    StrongOpen,
+    StrongOpenEscape,
+    WeakOpen,
+    WeakOpenEscape,
+    Comment,
+    WhiteSpace,
+}
+
+/// dotenvy's `eval_end_state`: the state at the end of `buf`, from `prev`,
+/// and where a comment starts.
+fn end_state(prev: End, buf: &str) -> (usize, End) {
+    let mut state = prev;
+    let mut at = 0;
+    for (pos, c) in buf.char_indices() {
+        at = pos;
+        state = match state {
+            End::WhiteSpace => match c {
+                '#' => return (at, End::Comment),
+                '\\' => End::Escape,
+                '"' => End::WeakOpen,
+                '\'' => End::StrongOpen,
+                _ => End::Complete,
+            },
+            End::Escape => End::Complete,
+            End::Complete => match c {
+                c if c.is_whitespace() && c != '\n' && c != '\r' => End::WhiteSpace,
+                '\\' => End::Escape,
+                '"' => End::WeakOpen,
+                '\'' => End::StrongOpen,
+                _ => End::Complete,
+            },
+            End::WeakOpen => match c {
+                '\\' => End::WeakOpenEscape,
+                '"' => End::Complete,
+                _ => End::WeakOpen,
+            },
+            End::WeakOpenEscape => End::WeakOpen,
+            End::StrongOpen => match c {
+                '\\' => End::StrongOpenEscape,
+                '\'' => End::Complete,
+                _ => End::StrongOpen,
+            },
+            End::StrongOpenEscape => End::StrongOpen,
+            End::Comment => return (at, End::Comment),
+        };
+    }
+    (at, state)
+}
+
+/// A line's name and value, as dotenvy's `parse_line` splits it (`export`
+/// before the name allowed; a value that is empty or starts with `#` is
+/// empty); `None` for a blank line, a comment or no `NAME=`.
 fn parse_line(line: &str) -> Option<(&str, &str)> {
     let line = line.trim_end().trim_start();
     if line.is_empty() || line.starts_with('#') {
@@ -61,7 +144,7 @@ fn parse_line(line: &str) -> Option<(&str, &str)> {
         (name, rest) = (&rest[..end], rest[end..].trim_start());
     }
     let value = rest.strip_prefix('=')?.trim_start();
-    Some((name, value))
+    Some((name, if value.starts_with('#') { "" } else { value }))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -187,6 +270,8 @@ mod tests {
             "P=\"a\n/$zz/x\"",
             "export\tA=1\nP=$B",
             "\u{feff}P=x$zz",
+            "NOTE= # leave empty\nP=Xy$9kQ#zz",
+            "NOTE= # set $X here\nP=a$zz",
         ] {
             assert!(dropped(text), "{text:?}");
         }
@@ -201,6 +286,9 @@ mod tests {
             "export\tU=1\nP=$U",
             // The environment sets it: dotenvy does not read this line.
             "INGRESS_BASIC_PASSWORD=Xy$9kQ",
+            "NOTE=#$zz",
+            // The first of a name written twice is the one used.
+            "P=ok\nP=Xy$zz",
             // Not a value dotenvy reads: its own error names the line.
             "P=a b",
         ] {

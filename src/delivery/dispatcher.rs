@@ -542,7 +542,9 @@ impl Dispatch {
                     Some(done) = done_rx.recv() => {
                         if let Verdict::NotSent(job) = done.verdict {
                             self.pool.in_flight.ended(&job.lease);
-                            let _ = self.pool.queue.release(vec![job.lease]).await;
+                            if let Err(e) = self.pool.queue.release(vec![job.lease]).await {
+                                tracing::warn!(destination = %self.name, error = %e, "cannot return an unsent job to the queue; it is taken over when its lease expires");
+                            }
                         }
                     }
                 }
