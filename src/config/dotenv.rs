@@ -17,7 +17,8 @@ pub fn dropped_dollar(text: &str, in_env: &dyn Fn(&str) -> bool) -> Option<(usiz
     let mut earlier: Vec<String> = Vec::new();
     for entry in entries(text) {
         let (at, line) = entry?;
-        let Some((name, value)) = parse_line(&line) else {
+        // dotenvy stops at a line that is not `NAME=value`.
+        let Some((name, value)) = parse_line(&line)? else {
             continue;
         };
         let set = |n: &str| in_env(n) || earlier.iter().any(|e| e == n);
@@ -124,11 +125,12 @@ fn end_state(prev: End, buf: &str) -> (usize, End) {
 
 /// A line's name and value, as dotenvy's `parse_line` splits it (`export`
 /// before the name allowed; a value that is empty or starts with `#` is
-/// empty); `None` for a blank line, a comment or no `NAME=`.
-fn parse_line(line: &str) -> Option<(&str, &str)> {
+/// empty); `Some(None)` for a blank line or a comment, `None` for a line
+/// that is not `NAME=value`.
+fn parse_line(line: &str) -> Option<Option<(&str, &str)>> {
     let line = line.trim_end().trim_start();
     if line.is_empty() || line.starts_with('#') {
-        return None;
+        return Some(None);
     }
     let key = |l: &str| -> Option<usize> {
         l.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
@@ -144,7 +146,10 @@ fn parse_line(line: &str) -> Option<(&str, &str)> {
         (name, rest) = (&rest[..end], rest[end..].trim_start());
     }
     let value = rest.strip_prefix('=')?.trim_start();
-    Some((name, if value.starts_with('#') { "" } else { value }))
+    Some(Some((
+        name,
+        if value.starts_with('#') { "" } else { value },
+    )))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -291,6 +296,9 @@ mod tests {
             "P=ok\nP=Xy$zz",
             // Not a value dotenvy reads: its own error names the line.
             "P=a b",
+            // Not NAME=value: dotenvy stops there, and says so.
+            "A=1\nSEG seg\nT=http://h/${SEG}",
+            "export SEG\nT=$SEG",
         ] {
             assert!(!dropped(text), "{text:?}");
         }

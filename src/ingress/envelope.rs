@@ -138,10 +138,14 @@ pub fn parse(body: &[u8]) -> Result<Event, EnvelopeError> {
                     u.valid_up_to()
                 )));
             }
+            // An object whose fields could not be read (a top-level name
+            // that is a lone surrogate escape, which skipping lets through)
+            // is told as serde_json tells it, not as "not an object".
+            let object = body.trim_ascii_start().starts_with(b"{");
             return Err(
                 match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-                    Ok(_) => EnvelopeError::NotObject,
-                    Err(_) => EnvelopeError::NotJson(e.to_string()),
+                    Ok(_) if !object => EnvelopeError::NotObject,
+                    _ => EnvelopeError::NotJson(e.to_string()),
                 },
             );
         }
@@ -544,6 +548,10 @@ mod tests {
         ));
         assert_eq!(parse(b"[1,2]").unwrap_err(), EnvelopeError::NotObject);
         assert_eq!(parse(b"\"str\"").unwrap_err(), EnvelopeError::NotObject);
+        // A top-level name serde_json cannot read: said as it says it (it
+        // was "must be a JSON object").
+        let err = parse(br#"{"botId":"b","eventId":"e","type":"t","\udc00":1}"#).unwrap_err();
+        assert!(err.to_string().contains("surrogate"), "{err}");
     }
 
     #[test]
