@@ -800,21 +800,7 @@ both_backends! {
 /// cut it off after the grace, and the new pool sent it again to a target
 /// that had it.)
 async fn a_reload_lets_a_slow_delivery_end_and_sends_it_once(b: Backend) {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("relay.toml");
-    let file = path.clone();
-    let mut app = spawn_app_on(b, move |c| {
-        c.pool.shutdown_grace = Duration::from_millis(200);
-        let text = format!("[[destination]]\nname = \"slow\"\nurl = \"{}\"\n", c.delivery.target);
-        std::fs::write(&file, text).expect("write");
-        let globals = Globals {
-            delivery: c.delivery.clone(),
-            lock_duration: c.pool.lock_duration,
-        };
-        c.destinations_file =
-            Some(destinations::load(&file, &globals, &|_| None).expect("valid file"));
-    })
-    .await;
+    let (mut app, _dir) = relay_with_slow_file(b, "", None).await;
     // Within the delivery timeout (1 s), past the grace.
     app.sink
         .set_default(Behaviour::Delay(Duration::from_millis(800), 200));
@@ -829,7 +815,6 @@ async fn a_reload_lets_a_slow_delivery_end_and_sends_it_once(b: Backend) {
     let r = app.post_event(&event("bot", "after")).await;
     assert_eq!(r.json["status"], "accepted", "{}", r.json);
     assert!(app.sink.wait_for(2, WAIT).await, "delivered after the reload");
-    drop(path);
     app.stop().await.expect("clean stop");
 }
 }
@@ -841,24 +826,7 @@ async fn a_reload_lets_a_slow_delivery_end_and_sends_it_once(b: Backend) {
 /// is delivered once.
 #[tokio::test]
 async fn reloads_in_a_row_keep_at_most_two_pools_delivering() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("relay.toml");
-    let file = path.clone();
-    let app = spawn_app_on(Backend::Embedded, move |c| {
-        c.pool.shutdown_grace = Duration::from_millis(200);
-        let text = format!(
-            "[[destination]]\nname = \"slow\"\nurl = \"{}\"\nconcurrency = 1\n",
-            c.delivery.target
-        );
-        std::fs::write(&file, text).expect("write");
-        let globals = Globals {
-            delivery: c.delivery.clone(),
-            lock_duration: c.pool.lock_duration,
-        };
-        c.destinations_file =
-            Some(destinations::load(&file, &globals, &|_| None).expect("valid file"));
-    })
-    .await;
+    let (app, _dir) = relay_with_slow_file(Backend::Embedded, "concurrency = 1", None).await;
     let delay = Duration::from_millis(600);
     app.sink.set_default(Behaviour::Delay(delay, 200));
     for i in 0..6 {
@@ -904,7 +872,6 @@ async fn reloads_in_a_row_keep_at_most_two_pools_delivering() {
         .max()
         .unwrap_or(0);
     assert!(most <= 2, "{most} requests at once");
-    drop(path);
 }
 
 /// A stop while a reload's old pool waits for its delivery in flight gives
@@ -913,24 +880,11 @@ async fn reloads_in_a_row_keep_at_most_two_pools_delivering() {
 /// delivered after a restart.
 #[tokio::test]
 async fn a_stop_during_a_reload_gives_the_old_deliveries_the_grace() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("relay.toml");
-    let file = path.clone();
-    let mut app = spawn_app_on(Backend::Embedded, move |c| {
-        c.pool.shutdown_grace = Duration::from_millis(200);
-        c.pool.lock_duration = Duration::from_secs(30);
-        let text = format!(
-            "[[destination]]\nname = \"slow\"\nurl = \"{}\"\ntimeout_ms = 20000\n",
-            c.delivery.target
-        );
-        std::fs::write(&file, text).expect("write");
-        let globals = Globals {
-            delivery: c.delivery.clone(),
-            lock_duration: c.pool.lock_duration,
-        };
-        c.destinations_file =
-            Some(destinations::load(&file, &globals, &|_| None).expect("valid file"));
-    })
+    let (mut app, _dir) = relay_with_slow_file(
+        Backend::Embedded,
+        "timeout_ms = 20000",
+        Some(Duration::from_secs(30)),
+    )
     .await;
     app.sink.set_default(Behaviour::Hang);
     let r = app.post_event(&event("bot", "hung")).await;
@@ -955,7 +909,39 @@ async fn a_stop_during_a_reload_gives_the_old_deliveries_the_grace() {
     app.sink.set_default(Behaviour::status(200));
     let app = app.restart().await;
     app.wait_job(&id, "completed", WAIT).await;
-    drop(path);
+}
+
+/// A relay on `backend` whose one destination `slow` (the app's sink, with
+/// the `extra` lines) is read from a file that a reload reads again, with
+/// a 200 ms `SHUTDOWN_GRACE_MS` and the lease `lock` if given; the file's
+/// directory, to keep while the relay runs.
+async fn relay_with_slow_file(
+    b: Backend,
+    extra: &str,
+    lock: Option<Duration>,
+) -> (TestApp, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("relay.toml");
+    let extra = extra.to_string();
+    let app = spawn_app_on(b, move |c| {
+        c.pool.shutdown_grace = Duration::from_millis(200);
+        if let Some(lock) = lock {
+            c.pool.lock_duration = lock;
+        }
+        let text = format!(
+            "[[destination]]\nname = \"slow\"\nurl = \"{}\"\n{extra}\n",
+            c.delivery.target
+        );
+        std::fs::write(&file, text).expect("write");
+        let globals = Globals {
+            delivery: c.delivery.clone(),
+            lock_duration: c.pool.lock_duration,
+        };
+        c.destinations_file =
+            Some(destinations::load(&file, &globals, &|_| None).expect("valid file"));
+    })
+    .await;
+    (app, dir)
 }
 
 /// A relay started from the file at `path` (embedded queue).
