@@ -3,7 +3,7 @@
 //! and with nothing when no variable of that name is set: silently, so a
 //! password `Xy$9kQ#zz` was read as `Xy#zz` (and `Xy#zz` got in). dotenvy
 //! has no way to see or refuse that substitution, so this follows its
-//! parser (`parse.rs`: `parse_line`, `parse_value`; `iter.rs`: a quoted
+//! parser (its parse module: `parse_line`, `parse_value`; its iterator: a quoted
 //! value over several lines is one) to find such a line before it is read.
 
 /// The first line (its number, from 1, and the name it sets) whose value
@@ -32,7 +32,7 @@ pub fn dropped_dollar(text: &str, in_env: &dyn Fn(&str) -> bool) -> Option<(usiz
     None
 }
 
-/// What dotenvy reads as one line (`iter.rs` `QuotedLines`): a physical
+/// What dotenvy reads as one line (its iterator's `QuotedLines`): a physical
 /// line, and the ones after it while a quote is open at its end (by its
 /// `eval_end_state`), cut at an unquoted ` #` comment; with the number of
 /// its first line. `None` where dotenvy fails (a quote open at the end).
