@@ -278,6 +278,7 @@ async fn json_log_lines_have_unique_keys() {
         .expect("kill");
     assert!(status.success());
     let _ = relay.child.wait().await;
+    wait_for_line(&logs, "\"stopped\"").await;
     let lines = json_lines(&logs.lock().expect("logs"));
     for said in [
         "delivering to default",

@@ -873,6 +873,7 @@ async fn a_failed_release_at_shutdown_does_not_skip_the_drain() {
         .await
         .expect("exits")
         .expect("status");
+    wait_for_line(&logs, "\"stopped\"").await;
     let logs = logs.lock().expect("logs").clone();
     let at = |what: &str| {
         logs.find(what)
