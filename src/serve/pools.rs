@@ -46,11 +46,10 @@ pub struct Pools {
     ended: mpsc::UnboundedSender<Ended>,
     running: HashMap<DestinationName, Running>,
     next_generation: u64,
-    /// Pools a reload took out of service whose deliveries in flight may
-    /// not have ended: told of a shutdown, which waits for them.
-    retiring: Vec<watch::Sender<Stop>>,
-    /// The tasks that wait for them ([`Pools::retire`]).
-    retirements: Vec<JoinHandle<()>>,
+    /// Each reload's pools taken out of service, whose deliveries in
+    /// flight may not have ended, and the task that waits for them
+    /// ([`Pools::retire`]): told of a shutdown, which waits for them.
+    retirements: Vec<(Vec<watch::Sender<Stop>>, JoinHandle<()>)>,
 }
 
 impl Pools {
@@ -71,7 +70,6 @@ impl Pools {
             ended,
             running: HashMap::new(),
             next_generation: 0,
-            retiring: Vec::new(),
             retirements: Vec::new(),
         };
         (pools, ended_rx)
@@ -166,7 +164,7 @@ impl Pools {
         for r in &all {
             let _ = r.0.stop.send(Stop::Shutdown);
         }
-        for stop in self.retiring.drain(..) {
+        for stop in self.retirements.iter().flat_map(|(stops, _)| stops) {
             let _ = stop.send(Stop::Shutdown);
         }
         let mut first = Ok(());
@@ -179,8 +177,8 @@ impl Pools {
                 first = result;
             }
         }
-        for retirement in self.retirements.drain(..) {
-            let _ = retirement.await;
+        for (_, task) in self.retirements.drain(..) {
+            let _ = task.await;
         }
         first
     }
@@ -188,14 +186,14 @@ impl Pools {
     /// Once every pool retired so far has ended its deliveries in flight
     /// (said once, if it must wait).
     pub async fn retired(&mut self) {
-        self.retirements.retain(|task| !task.is_finished());
+        self.retirements.retain(|(_, task)| !task.is_finished());
         if !self.retirements.is_empty() {
             tracing::info!(
                 retirements = self.retirements.len(),
                 "reload waits for the last reload's old pools to end their deliveries in flight"
             );
         }
-        while let Some(task) = self.retirements.first_mut() {
+        while let Some((_, task)) = self.retirements.first_mut() {
             let _ = task.await;
             // No await between: a finished task is never polled again.
             self.retirements.remove(0);
@@ -207,15 +205,15 @@ impl Pools {
     /// nothing more and gives back what it holds), and its deliveries in
     /// flight end on their own ([`Stop::Retire`]); then `after` runs.
     pub fn retire(&mut self, pools: Vec<Retiring>, after: impl FnOnce() + Send + 'static) {
-        self.retiring.retain(|stop| !stop.is_closed());
-        self.retirements.retain(|task| !task.is_finished());
+        self.retirements.retain(|(_, task)| !task.is_finished());
+        let mut stops = Vec::with_capacity(pools.len());
         let mut dones = Vec::with_capacity(pools.len());
         for Retiring(r) in pools {
             let _ = r.stop.send(Stop::Retire);
-            self.retiring.push(r.stop);
+            stops.push(r.stop);
             dones.push(r.done);
         }
-        self.retirements.push(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             for done in dones {
                 if let Ok(Err(e)) = done.await {
                     tracing::error!(
@@ -225,7 +223,8 @@ impl Pools {
                 }
             }
             after();
-        }));
+        });
+        self.retirements.push((stops, task));
     }
 }
 

@@ -892,16 +892,16 @@ async fn a_stop_during_a_reload_gives_the_old_deliveries_the_grace() {
     assert!(app.sink.wait_for(1, WAIT).await, "the delivery started");
     app.reload.send(()).await.expect("reload");
     // The old pool still running beside the new one.
-    let deadline = std::time::Instant::now() + WAIT;
-    while !app
-        .metrics_text()
-        .await
-        .lines()
-        .any(|l| l == "cogrelay_delivery_pools 2")
-    {
-        assert!(std::time::Instant::now() < deadline, "never two pools");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("two pools running", WAIT, || {
+        let app = &app;
+        async move {
+            app.metrics_text()
+                .await
+                .lines()
+                .any(|l| l == "cogrelay_delivery_pools 2")
+        }
+    })
+    .await;
     tokio::time::timeout(Duration::from_secs(10), app.stop())
         .await
         .expect("the stop gave the grace, not the delivery's timeout")
@@ -1254,17 +1254,15 @@ async fn sighup_reloads_the_file_in_the_running_binary() {
     // event answered `unrouted` and dropped).
     std::fs::write(&file, "destination = []\n").expect("write");
     hup();
-    let refusals = || {
-        logs.lock()
+    wait_until("a second refusal logged", WAIT, || {
+        let refusals = logs
+            .lock()
             .expect("logs")
             .matches("destinations not reloaded")
-            .count()
-    };
-    let deadline = std::time::Instant::now() + WAIT;
-    while refusals() < 2 {
-        assert!(std::time::Instant::now() < deadline, "no refusal logged");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .count();
+        async move { refusals >= 2 }
+    })
+    .await;
     assert!(
         logs.lock().expect("logs").contains("no destination"),
         "the reason named"

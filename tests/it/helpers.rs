@@ -683,13 +683,17 @@ pub async fn answer_after_a_whole_body(addr: SocketAddr, headers: &str) -> Strin
         .expect("answered")
 }
 
-/// Until the logs of a relay hold `what`, for at most 10 s (then the
-/// caller's assertion says what is missing): its last lines may still be on
-/// their way through the pipe when the process is reaped, and a test that
-/// read them at once missed the last one under load.
+/// Until the logs of a relay hold `what` (at most 10 s): its last lines may
+/// still be on their way through the pipe when the process is reaped, and a
+/// test that read them at once missed the last one under load.
 pub async fn wait_for_line(logs: &std::sync::Mutex<String>, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !logs.lock().expect("logs").contains(what) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        &format!("{what} in the relay's logs"),
+        Duration::from_secs(10),
+        || {
+            let seen = logs.lock().expect("logs").contains(what);
+            async move { seen }
+        },
+    )
+    .await;
 }

@@ -485,7 +485,7 @@ impl RedisQueues {
             let q = self.queue(&to.destination).await?;
             targets.push((q.hot.prefix.clone(), to));
         }
-        let (dedup_id, data, opts) = self.base.job_fields(&event, None)?;
+        let (dedup_id, data, opts, dedup_ttl_ms) = self.base.job_fields(&event, None)?;
         let token = lease.map(|_| self.base.hot.token());
         let lock = token.clone().zip(lease.map(|l| l.as_millis() as u64));
         // Behind the breaker of `default`'s own add (one Redis); a queue that
@@ -495,7 +495,7 @@ impl RedisQueues {
             .hot
             .breaker
             .guarded(self.adds.call(RoutedJob {
-                dedup_ttl_ms: self.base.dedup_ttl_ms(&event),
+                dedup_ttl_ms,
                 dedup_id,
                 data,
                 opts,

@@ -297,17 +297,16 @@ pub(super) fn sharer(event: &Event) -> Option<(String, String)> {
 }
 
 impl BullQueue {
-    /// How long `event`'s dedup record lasts (`queue::dedup_ttl_ms`).
-    pub(super) fn dedup_ttl_ms(&self, event: &Event) -> u64 {
-        crate::queue::dedup_ttl_ms(self.opts.settings.dedup_ttl, event, self.hot.clock.now_ms())
-    }
-
-    /// The dedup id, `data` and `opts` of a new job for `event`.
+    /// The dedup id, `data` and `opts` of a new job for `event`, and how
+    /// long its dedup record lasts (`queue::dedup_ttl_ms`), from one read of
+    /// the clock.
     pub(super) fn job_fields(
         &self,
         event: &Event,
         destination: Option<&str>,
-    ) -> QueueResult<(String, String, String)> {
+    ) -> QueueResult<(String, String, String, u64)> {
+        let now = self.hot.clock.now_ms();
+        let ttl_ms = crate::queue::dedup_ttl_ms(self.opts.settings.dedup_ttl, event, now);
         let key = event.key.as_str();
         let body = std::str::from_utf8(&event.body)
             .map_err(|_| QueueError::Unavailable("payload is not UTF-8".into()))?;
@@ -319,7 +318,7 @@ impl BullQueue {
             kind: event.kind.as_str(),
             body,
             destination,
-            created_at_ms: self.hot.clock.now_ms(),
+            created_at_ms: now,
         })
         .map_err(unavailable)?;
         // The options BullMQ would store for this job (`opts` field).
@@ -327,9 +326,9 @@ impl BullQueue {
             r#"{{"removeOnComplete":{},"removeOnFail":false,"keepLogs":{KEEP_LOGS},"de":{{"id":{},"ttl":{}}}}}"#,
             self.opts.settings.remove_on_complete,
             serde_json::to_string(key).map_err(unavailable)?,
-            self.dedup_ttl_ms(event),
+            ttl_ms,
         );
-        Ok((key.to_string(), data, opts))
+        Ok((key.to_string(), data, opts, ttl_ms))
     }
 
     /// Adds the job (see [`Added`]).
@@ -339,10 +338,10 @@ impl BullQueue {
         destination: &str,
         lock: Option<(String, u64)>,
     ) -> QueueResult<Added> {
-        let (key, data, opts) = self.job_fields(event, Some(destination))?;
+        let (key, data, opts, dedup_ttl_ms) = self.job_fields(event, Some(destination))?;
         self.adds
             .call(NewJob {
-                dedup_ttl_ms: self.dedup_ttl_ms(event),
+                dedup_ttl_ms,
                 dedup_id: key,
                 data,
                 opts,
