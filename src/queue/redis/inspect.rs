@@ -481,20 +481,13 @@ impl BullQueue {
     }
 }
 
-/// The names BullMQ gives the queue's own keys (`bull:<queue>:<name>`).
-const QUEUE_KEYS: &[&str] = &[
-    "wait",
-    "paused",
+/// The names BullMQ gives the queue's own keys (`bull:<queue>:<name>`)
+/// besides those of [`TYPES`], where the jobs of each state are.
+const OTHER_QUEUE_KEYS: &[&str] = &[
     "meta",
     "id",
-    "delayed",
-    "active",
-    "completed",
-    "failed",
     "events",
-    "prioritized",
     "priority",
-    "waiting-children",
     "stalled",
     "stalled-check",
     "limiter",
@@ -511,7 +504,8 @@ const QUEUE_KEYS: &[&str] = &[
 /// up as a job's hash: a remove of `meta` deleted the queue's meta hash
 /// (its pause, its rate limit), and `id` (a counter) answered 503.
 fn names_a_job(id: &str) -> QueueResult<()> {
-    if id.is_empty() || id.contains(':') || QUEUE_KEYS.contains(&id) {
+    let queue_key = TYPES.iter().any(|(name, ..)| *name == id) || OTHER_QUEUE_KEYS.contains(&id);
+    if id.is_empty() || id.contains(':') || queue_key {
         return Err(QueueError::NotFound(id.to_string()));
     }
     Ok(())
