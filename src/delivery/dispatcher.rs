@@ -478,10 +478,7 @@ impl Dispatch {
         let drained = self.drain(&mut stop, &mut done_rx).await;
         // Deliveries that were told to give their job back meanwhile.
         while let Ok(done) = done_rx.try_recv() {
-            if let Verdict::NotSent(job) = done.verdict {
-                pool.in_flight.ended(&job.lease);
-                let _ = pool.queue.release(vec![job.lease]).await;
-            }
+            give_back_unsent(&pool, &self.name, done).await;
         }
         // Awaited once aborted: the renewer holds the pool, and so the queue
         // (the embedded store's process lock), until it is really gone.
@@ -539,18 +536,22 @@ impl Dispatch {
                 tokio::select! {
                     () = &mut all_ended => return true,
                     () = &mut shutdown => break,
-                    Some(done) = done_rx.recv() => {
-                        if let Verdict::NotSent(job) = done.verdict {
-                            self.pool.in_flight.ended(&job.lease);
-                            if let Err(e) = self.pool.queue.release(vec![job.lease]).await {
-                                tracing::warn!(destination = %self.name, error = %e, "cannot return an unsent job to the queue; it is taken over when its lease expires");
-                            }
-                        }
-                    }
+                    Some(done) = done_rx.recv() => give_back_unsent(&self.pool, &self.name, done).await,
                 }
             }
         }
         tokio::time::timeout(grace, all_ended).await.is_ok()
+    }
+}
+
+/// A delivery that ended without sending its job, while the pool closes:
+/// the job back to the store at once (not kept until its lease lapses).
+async fn give_back_unsent(pool: &Arc<Pool>, name: &str, done: Done) {
+    if let Verdict::NotSent(job) = done.verdict {
+        pool.in_flight.ended(&job.lease);
+        if let Err(e) = pool.queue.release(vec![job.lease]).await {
+            tracing::warn!(destination = %name, error = %e, "cannot return an unsent job to the queue; it is taken over when its lease expires");
+        }
     }
 }
 
