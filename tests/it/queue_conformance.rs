@@ -565,6 +565,44 @@ async fn a_fractional_global_concurrency_counts_up_for_handoffs() {
     }
 }
 
+/// On Redis, three envelopes that share one event key (`x`+`y-z-s`,
+/// `x-y`+`z-s`, `x-y-z`+`s`), the second dated 4 minutes ahead: the key's
+/// "shared" marker keeps the second's longer TTL after the third comes. Cut
+/// back to the plain TTL by the third, it lapsed first, and a remove of the
+/// first job then dropped the key's record while the second's replay was
+/// still admitted: that replay was a new job.
+#[tokio::test]
+async fn a_shared_key_keeps_the_longest_ttl_of_its_events() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = open_redis(&server).await;
+    let ahead = cogrelay::time::rfc3339(cogrelay::queue::now_ms() + 240_000);
+    for (bot, id, ts) in [
+        ("x", "y-z-s", None),
+        ("x-y", "z-s", Some(ahead.as_str())),
+        ("x-y-z", "s", None),
+    ] {
+        let mut body = serde_json::json!({"botId": bot, "eventId": id, "type": "t", "payload": {}});
+        if let Some(ts) = ts {
+            body["timestamp"] = ts.into();
+        }
+        let event = envelope::parse(&serde_json::to_vec(&body).expect("json")).expect("event");
+        assert_eq!(event.key.as_str(), "cognigy-x-y-z-s");
+        let Enqueued::Accepted(_) = q.enqueue(event).await.expect("enqueue") else {
+            panic!("{bot} {id}: a new event, not a duplicate")
+        };
+    }
+    let mut conn = server.connection().await;
+    let marker: i64 = redis::cmd("PTTL")
+        .arg("bull:conformance:cg:des:cognigy-x-y-z-s")
+        .query_async(&mut conn)
+        .await
+        .expect("pttl");
+    // The plain TTL is 60 s; the dated event's about 300 s.
+    assert!(marker > 200_000, "the shared marker lasts {marker} ms");
+}
+
 /// How many of six events for destination `name`, stored at once with a
 /// lease, were handed straight back leased.
 async fn leased_of_six(q: &std::sync::Arc<cogrelay::queue::Store>, name: &str) -> usize {

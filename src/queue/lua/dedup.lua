@@ -42,6 +42,13 @@ local function cgKeepShared(dePrefix, deid, ttl)
       redis.call("PEXPIRE", k, n)
     end
   end
-  redis.call("SET", dePrefix .. "cg:des:" .. deid, "1", "PX", n)
+  -- Never shortened either: the TTLs differ by event (an envelope dated
+  -- ahead keeps its records longer), and a marker cut back by a later
+  -- sharer let a remove drop the key's record while the dated one's
+  -- replay was still admitted.
+  local marker = dePrefix .. "cg:des:" .. deid
+  if redis.call("PTTL", marker) < n then
+    redis.call("SET", marker, "1", "PX", n)
+  end
 end
 
