@@ -14,6 +14,7 @@
 #   bench/instructions.sh [--backend embedded|redis] [--events N] [--rounds R]
 #                         [--connections C] [--named] [--ordered] [--ingest]
 #                         [RELAY_BIN...]
+#   bench/instructions.sh --ceiling [--events N] [--rounds R] [--connections C]
 #
 # The load keeps C requests in flight (8 unless told; `bench run` uses 32).
 # On the embedded store the count depends on it: under valgrind the relay
@@ -33,10 +34,14 @@
 # then the next's), and each binary's median is printed with its ratio to
 # the first. The target is `cogrelay sim` (its POST /events); on Redis a
 # private redis-server on a free port, without persistence.
+# target/release/examples/floor (the least a durable relay does per event;
+# docs/benchmark.md, "The floor") takes a relay's place among the binaries.
+# --ceiling counts the bare hyper server's instructions per request instead
+# (`bench ceiling`, answering 200; the reference of `bench run`).
 # Needs: valgrind, curl, python3 (free ports, JSON); redis-server for redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-backend=embedded events=2000 rounds=3 bins=() named=no ordered=no ingest=no connections=8
+backend=embedded events=2000 rounds=3 bins=() named=no ordered=no ingest=no connections=8 ceiling=no
 while [ $# -gt 0 ]; do
   case "$1" in
     --backend) backend=$2; shift 2 ;;
@@ -46,7 +51,8 @@ while [ $# -gt 0 ]; do
     --named) named=yes; shift ;;
     --ordered) named=yes ordered=yes; shift ;;
     --ingest) ingest=yes; shift ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    --ceiling) ceiling=yes; shift ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     *) bins+=("$1"); shift ;;
   esac
 done
@@ -55,6 +61,12 @@ if [ ${#bins[@]} -eq 0 ]; then
   cargo build --release --quiet --bin cogrelay --example bench
   bins=(target/release/cogrelay)
 fi
+# The target: the first binary that has `cogrelay sim` (the floor has not).
+sim_bin=
+for b in "${bins[@]}" target/release/cogrelay; do
+  if "$b" sim --help >/dev/null 2>&1; then sim_bin=$b; break; fi
+done
+[ -n "$sim_bin" ] || { echo "no binary with 'sim' (build target/release/cogrelay)" >&2; exit 2; }
 # The load generator (built with the relay when no binary is given).
 [ -x target/release/examples/bench ] || cargo build --release --quiet --example bench
 work=$(mktemp -d)
@@ -69,6 +81,27 @@ wait_for() { # wait_for SECONDS CMD...: until CMD succeeds, else fail
     sleep 0.2
   done
 }
+# The bare server's instructions per request: one line per round.
+if [ "$ceiling" = yes ]; then
+  for r in $(seq 1 "$rounds"); do
+    dir="$work/ceiling-$r"; mkdir -p "$dir"
+    port=$(free_port)
+    valgrind --tool=callgrind --fair-sched=yes --instr-atstart=no --callgrind-out-file="$dir/cg.out" \
+      target/release/examples/bench ceiling --port "$port" >/dev/null 2>"$dir/ceiling.err" &
+    pid=$!; pids+=("$pid")
+    wait_for 60 curl -s -o /dev/null "127.0.0.1:$port/"
+    target/release/examples/bench load --port "$port" --events 1000 --connections "$connections" >/dev/null
+    callgrind_control -i on "$pid" >/dev/null
+    target/release/examples/bench load --port "$port" --events "$events" --connections "$connections" >/dev/null
+    callgrind_control -i off "$pid" >/dev/null
+    callgrind_control -d "$pid" >/dev/null
+    wait_for 60 grep -qs '^totals:' "$dir/cg.out.1"
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    echo "round $r: $(awk '/^(summary|totals):/ {s += $2} END {print int(s / '"$events"')}' "$dir"/cg.out*) instructions per request (bare hyper server, $events requests, $connections connections, after 1,000 to warm up)"
+  done
+  exit 0
+fi
 received() { curl -sf "127.0.0.1:$1/sim/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["eventsReceived"])'; }
 all_received() { [ "$(received "$1")" -ge "$2" ]; }
 
@@ -81,7 +114,7 @@ round() {
   trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
   local port admin sim
   port=$(free_port); admin=$(free_port); sim=$(free_port)
-  RUST_LOG=error "${bins[0]}" sim --port "$sim" --rate-limit 100000000 >/dev/null 2>"$dir/sim.err" &
+  RUST_LOG=error "$sim_bin" sim --port "$sim" --rate-limit 100000000 >/dev/null 2>"$dir/sim.err" &
   local sim_pid=$!; pids+=("$sim_pid")
   wait_for 30 curl -sf "127.0.0.1:$sim/sim/stats"
   local queue_env=(COGRELAY_DATA_DIR="$dir/data")
