@@ -84,23 +84,29 @@ impl Listing {
         })
     }
 
-    /// Only the jobs of this destination (absent or empty: every one).
+    /// Only the jobs of this destination (absent: every one).
     pub fn with_destination(self, raw: Option<&str>) -> Result<Self, ListingError> {
-        match raw.map(str::trim).filter(|d| !d.is_empty()) {
-            None => Ok(self),
-            Some(d) => match DestinationName::parse(d) {
-                Some(name) => Ok(Self {
-                    destination: Some(name),
-                    ..self
-                }),
-                None => Err(ListingError::Destination(d.to_string())),
-            },
-        }
+        Ok(Self {
+            destination: destination(raw)?,
+            ..self
+        })
     }
 
     /// The answer: `{"items", "total", "offset", "limit"}`.
     pub fn answer(&self, page: &Page) -> Value {
         json!({ "items": page.items, "total": page.total, "offset": self.offset, "limit": self.limit })
+    }
+}
+
+/// A `destination` parameter: absent is every destination; present, it
+/// must name one (an empty one, such as a script's unset variable, is an
+/// error, not "every destination": a bulk retry must not widen on a typo).
+pub fn destination(raw: Option<&str>) -> Result<Option<DestinationName>, ListingError> {
+    match raw.map(str::trim) {
+        None => Ok(None),
+        Some(d) => DestinationName::parse(d)
+            .map(Some)
+            .ok_or_else(|| ListingError::Destination(d.to_string())),
     }
 }
 
@@ -153,6 +159,20 @@ mod tests {
             assert_eq!(
                 Listing::parse(None, None, Some(bad), 20),
                 Err(ListingError::Limit(bad.into()))
+            );
+        }
+        let any = Listing::parse(None, None, None, 20).expect("defaults");
+        assert_eq!(
+            any.clone()
+                .with_destination(Some(" crm "))
+                .map(|l| l.destination),
+            Ok(DestinationName::parse("crm"))
+        );
+        for bad in ["", " ", "Crm", "a/b"] {
+            assert_eq!(
+                any.clone().with_destination(Some(bad)),
+                Err(ListingError::Destination(bad.trim().into())),
+                "an empty or wrong destination is an error, never every destination"
             );
         }
         assert_eq!(

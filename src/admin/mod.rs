@@ -281,14 +281,25 @@ async fn dashboard_js() -> Response {
 }
 
 async fn prometheus(State(s): State<Arc<Admin>>) -> Response {
+    // Every destination's held keys: a key held while it was stored with
+    // "hold" stays held after a reload changed the setting or removed it.
+    // Read side by side, and beside the counts: a Redis that does not answer
+    // costs the scrape one bound (2 s), not one per destination (a scrape
+    // has 10 s by default).
+    let (current, gone) = s.names_shown();
+    let mut reads = tokio::task::JoinSet::new();
+    for name in current.list.iter().map(|d| d.name.clone()).chain(gone) {
+        let queue = s.queue.clone();
+        reads.spawn(async move {
+            let held = queue.held_keys(&name, crate::queue::HELD_KEYS_SHOWN).await;
+            (name, held)
+        });
+    }
     // Queue gauges are read at scrape time; counters still render when the queue is down.
     let counts = s.queue.counts_for(None).await.ok();
-    // Every destination's: a key held while it was stored with "hold"
-    // stays held after a reload changed the setting or removed it.
-    let (current, gone) = s.names_shown();
-    for name in current.list.iter().map(|d| &d.name).chain(&gone) {
-        if let Ok(held) = s.queue.held_keys(name, crate::queue::HELD_KEYS_SHOWN).await {
-            s.metrics.held_keys(name, held.len());
+    while let Some(read) = reads.join_next().await {
+        if let Ok((name, Ok(held))) = read {
+            s.metrics.held_keys(&name, held.len());
         }
     }
     (
@@ -312,7 +323,10 @@ async fn queue_counts(State(s): State<Arc<Admin>>) -> Response {
     }
 }
 
+/// A parameter the route does not know is refused: a misspelt
+/// `destination` must not widen a bulk retry to every destination.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     state: Option<String>,
     destination: Option<String>,
@@ -364,13 +378,18 @@ async fn retry_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Respo
     match s.queue.retry(&id).await {
         Ok(()) => {
             s.board.wake(destination.as_ref());
-            Json(json!({ "retried": 1, "jobId": id })).into_response()
+            let mut answer = json!({ "retried": 1, "jobId": id });
+            if let Some(w) = unconfigured(&s, destination.as_ref()) {
+                answer["warning"] = w.into();
+            }
+            Json(answer).into_response()
         }
         Err(e) => queue_error(e),
     }
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RetryAllQuery {
     state: Option<String>,
     destination: Option<String>,
@@ -380,12 +399,9 @@ async fn retry_all(State(s): State<Arc<Admin>>, Query(q): Query<RetryAllQuery>) 
     if q.state.as_deref().is_some_and(|st| st != "failed") {
         return err(StatusCode::BAD_REQUEST, "only state=failed can be retried");
     }
-    let destination = match q.destination.as_deref().filter(|d| !d.is_empty()) {
-        None => None,
-        Some(d) => match DestinationName::parse(d) {
-            Some(name) => Some(name),
-            None => return err(StatusCode::BAD_REQUEST, "destination is not a valid name"),
-        },
+    let destination = match crate::listing::destination(q.destination.as_deref()) {
+        Ok(d) => d,
+        Err(e) => return err(StatusCode::BAD_REQUEST, &e.explain("")),
     };
     if let Some(d) = &destination {
         if let Err(r) = known_destination(&s, d).await {
@@ -395,7 +411,11 @@ async fn retry_all(State(s): State<Arc<Admin>>, Query(q): Query<RetryAllQuery>) 
     match s.queue.retry_all_failed_for(destination.as_ref()).await {
         Ok(n) => {
             s.board.wake(destination.as_ref());
-            Json(json!({ "retried": n })).into_response()
+            let mut answer = json!({ "retried": n });
+            if let Some(w) = unconfigured(&s, destination.as_ref()).filter(|_| n > 0) {
+                answer["warning"] = w.into();
+            }
+            Json(answer).into_response()
         }
         Err(e) => {
             // Some may have moved (a queue left out, a store error midway).
@@ -420,6 +440,16 @@ async fn remove_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Resp
 /// The destination of job `id`, whose pools a retry or a removal wakes;
 /// `None` (every pool) when it cannot be read. A job keeps its destination
 /// (a bundle's slot is read as its own job), so the read may come first.
+/// What a retry's answer adds when the jobs' destination is not in the
+/// running configuration (a reload removed or renamed it): they stay
+/// retryable (SPEC §7), but wait until a destination of that name is back.
+fn unconfigured(s: &Admin, destination: Option<&DestinationName>) -> Option<String> {
+    let d = destination?;
+    s.destinations.get().get(d).is_none().then(|| {
+        format!("destination {d} is not in the running configuration: its jobs wait until a destination named {d} is added back (or remove them)")
+    })
+}
+
 async fn destination_of(s: &Admin, id: &str) -> Option<DestinationName> {
     s.queue.get(id).await.ok().map(|job| job.destination)
 }

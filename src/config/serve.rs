@@ -260,11 +260,17 @@ impl ServeConfig {
                 a.admin_listen
             ))
         })?;
-        c.admin.token = a
-            .admin_token
-            .as_deref()
-            .filter(|t| !t.is_empty())
-            .map(Secret::new);
+        c.admin.token = match a.admin_token.as_deref().filter(|t| !t.is_empty()) {
+            // A presented Bearer token is read without them: no call could
+            // match, and the operators would be locked out.
+            Some(t) if t.trim() != t => {
+                return Err(bad(
+                    "ADMIN_TOKEN starts or ends with white space (or is only white space): \
+                     no Bearer token can match it; set it without",
+                ))
+            }
+            t => t.map(Secret::new),
+        };
         c.read_delivery(a)?;
         c.store.retention.remove_on_complete = parse_num(
             "REMOVE_ON_COMPLETE",
@@ -874,6 +880,16 @@ mod tests {
                     "0.0.0.0:3001",
                 ],
                 "ADMIN_TOKEN is not set",
+            ),
+            (
+                &[
+                    "--target-endpoint",
+                    "http://x/",
+                    "--allow-unauthenticated",
+                    "--admin-token",
+                    " ",
+                ],
+                "ADMIN_TOKEN starts or ends with white space",
             ),
             (
                 &[

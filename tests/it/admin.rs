@@ -155,10 +155,32 @@ async fn an_admin_retry_wakes_the_pool(b: Backend) {
         .await;
     assert_eq!(r.status, 200);
     app.wait_job(&ids[0], "completed", WAIT).await;
+    // A misspelt or empty filter is refused and retries nothing (it retried
+    // every destination's dead letters); a listing refuses them too.
+    for path in [
+        "/admin/jobs/retry?state=failed&destinaton=default",
+        "/admin/jobs/retry?state=failed&destination=",
+        "/admin/jobs/retry?state=failed&destination=%20",
+    ] {
+        let r = app.admin_post(path).await;
+        assert_eq!(r.status, 400, "{path}: {:?}", r.json);
+        assert!(r.json["error"].is_string(), "{path}: {:?}", r.json);
+    }
+    for path in ["/admin/jobs?status=failed", "/admin/jobs?destination="] {
+        let r = app.admin_get(path).await;
+        assert_eq!(r.status, 400, "{path}: {:?}", r.json);
+    }
+    assert_eq!(app.admin_get("/admin/queue").await.json["failed"], 2);
+    // An id is written one way on both backends: `01` or `+1` is no job.
+    for id in [format!("0{}", ids[1]), format!("%2B{}", ids[1])] {
+        let r = app.admin_get(&format!("/admin/jobs/{id}")).await;
+        assert_eq!(r.status, 404, "{id}: {:?}", r.json);
+    }
     let r = app
-        .admin_post("/admin/jobs/retry?state=failed&destination=default")
+        .admin_post("/admin/jobs/retry?state=failed&destination=%20default")
         .await;
-    assert_eq!(r.json["retried"], 2);
+    assert_eq!(r.json["retried"], 2, "a name's spaces trimmed, as a listing's");
+    assert!(r.json.get("warning").is_none(), "{:?}", r.json);
     app.wait_counts(WAIT, |c| c["failed"] == 0 && c["completed"] == 3)
         .await;
 }

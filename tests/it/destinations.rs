@@ -1113,8 +1113,15 @@ async fn a_reload_adds_changes_and_removes_destinations_losing_nothing() {
     }
     let listed = admin_json(&app, "/admin/jobs?destination=crm&state=failed").await;
     assert_eq!(listed["total"], 2, "{listed}");
-    let (status, _) = admin_post(&app, &format!("/admin/jobs/{}/retry", failed_ids[0])).await;
+    let (status, retried) = admin_post(&app, &format!("/admin/jobs/{}/retry", failed_ids[0])).await;
     assert_eq!(status, 200);
+    // The answer says the job waits for crm to be back (it said only
+    // "retried", and the job then waited unseen).
+    let warning = retried["warning"].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("crm") && warning.contains("not in the running configuration"),
+        "{retried}"
+    );
     let removed = app
         .http
         .delete(format!("http://{}/admin/jobs/{}", app.admin, failed_ids[1]))
@@ -1695,6 +1702,45 @@ async fn queues_of_different_destinations_open_side_by_side() {
         last < Duration::from_millis(3500),
         "the last open failed after {last:?}: behind the others' tries"
     );
+}
+
+/// While Redis hangs, `/metrics` reads the held keys of every destination
+/// side by side and beside the counts: one bound (2 s), not one per
+/// destination (five destinations took 12 s, past a scrape's default 10 s).
+#[tokio::test]
+async fn metrics_answer_within_one_bound_while_redis_hangs() {
+    let Some(redis) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let sink = Sink::start().await.expect("sink");
+    let file: String = ["a", "b", "c", "d", "e"]
+        .into_iter()
+        .map(|n| {
+            format!(
+                "[[destination]]\nname = \"{n}\"\nurl = \"{}\"\n",
+                sink.url()
+            )
+        })
+        .collect();
+    let (mut app, _file, _tmp) = redis_relay_with_file(&redis, &sink, &file).await;
+    let reply = app.post_event(&event("bot-a", "opens-every-queue")).await;
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    assert!(app.metrics_text().await.contains("cogrelay_held_keys"));
+    redis.hang(true);
+    let started = std::time::Instant::now();
+    let text = app.metrics_text().await;
+    let took = started.elapsed();
+    redis.hang(false);
+    eprintln!("/metrics answered after {took:?} while Redis hung");
+    assert!(
+        text.contains("cogrelay_ingress_requests_total"),
+        "the counters still render"
+    );
+    assert!(
+        took < Duration::from_millis(5000),
+        "/metrics took {took:?}: the destinations' reads one after another"
+    );
+    app.stop().await.expect("clean stop");
 }
 
 /// A relay on `redis` whose file (written where a reload reads it) gives

@@ -351,6 +351,116 @@ async fn retries_wait_until_due<Q: Queue>(q: &Q) {
     assert_eq!(again.job.attempts_made, 1);
 }
 
+/// Embedded: a retry fallen due that no claim took (its destination paused,
+/// or its circuit open) lists and shows as waiting, as it counts (the
+/// listings said delayed, with a due time past, while `/admin/queue` said
+/// waiting: `jobs list --state waiting` showed no job the counts had).
+#[tokio::test]
+async fn a_due_retry_lists_as_waiting_as_it_counts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let q = open(dir.path());
+    let id = accepted(&q, "due-listed").await;
+    let job = claim(&q, 1).await.pop().expect("job");
+    // Two seconds away: the reads before it fall due have time on a busy machine.
+    retry_at(&q, job, now_ms() + 2000).await;
+    let listed = |state| {
+        let q = &q;
+        async move {
+            let page = q.list_for(state, None, 0, 50).await.expect("list");
+            let ids: Vec<_> = page.items.iter().map(|j| (j.id.clone(), j.state)).collect();
+            (page.total, ids)
+        }
+    };
+    assert_eq!(q.get(&id).await.expect("get").state, JobState::Delayed);
+    assert_eq!(
+        listed(Some(JobState::Delayed)).await,
+        (1, vec![(id.clone(), JobState::Delayed)])
+    );
+    assert_eq!(listed(Some(JobState::Waiting)).await, (0, vec![]));
+    let queue = &q;
+    wait_until(
+        "the retry counts as waiting",
+        Duration::from_secs(10),
+        || async move { queue.counts_for(None).await.expect("counts").waiting == 1 },
+    )
+    .await;
+    assert_eq!(q.get(&id).await.expect("get").state, JobState::Waiting);
+    assert_eq!(
+        listed(Some(JobState::Waiting)).await,
+        (1, vec![(id.clone(), JobState::Waiting)])
+    );
+    assert_eq!(listed(Some(JobState::Delayed)).await, (0, vec![]));
+    assert_eq!(
+        listed(None).await,
+        (1, vec![(id.clone(), JobState::Waiting)])
+    );
+    assert_eq!(claim(&q, 1).await.len(), 1, "and a claim takes it");
+}
+
+/// Redis: a bulk retry moves the dead letters there were when it began, each
+/// once. A job one of its batches moved that failed again meanwhile (here a
+/// tool moves jobs from wait back to failed as fast as it can, as a target
+/// refusing them at once would) is not taken by a later batch and sent again.
+#[tokio::test]
+async fn a_bulk_retry_moves_each_dead_letter_once() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = open_redis(&server).await;
+    const N: usize = 1200;
+    for i in 0..N {
+        q.enqueue(ev(&format!("dead-{i}"))).await.expect("enqueue");
+    }
+    let mut conn = server.connection().await;
+    // Every job failed a while ago (a tool's move, scored as a finish is).
+    let failed: usize = redis::Script::new(
+        r#"local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+           redis.call('DEL', KEYS[1])
+           for i, id in ipairs(ids) do redis.call('ZADD', KEYS[2], ARGV[1] + i, id) end
+           return #ids"#,
+    )
+    .key("bull:conformance:wait")
+    .key("bull:conformance:failed")
+    .arg(now_ms() - 60_000)
+    .invoke_async(&mut conn)
+    .await
+    .expect("fail them");
+    assert_eq!(failed, N);
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let refailed = std::sync::Arc::new(AtomicU64::new(0));
+    let failer = {
+        let (done, refailed) = (done.clone(), refailed.clone());
+        let mut conn = server.connection().await;
+        tokio::spawn(async move {
+            let again = redis::Script::new(
+                r#"local id = redis.call('RPOP', KEYS[1])
+                   if id then redis.call('ZADD', KEYS[2], ARGV[1], id) return 1 end
+                   return 0"#,
+            );
+            while !done.load(Ordering::Relaxed) {
+                let n: u64 = again
+                    .key("bull:conformance:wait")
+                    .key("bull:conformance:failed")
+                    .arg(now_ms() + 1)
+                    .invoke_async(&mut conn)
+                    .await
+                    .expect("fail again");
+                refailed.fetch_add(n, Ordering::Relaxed);
+            }
+        })
+    };
+    let retried = q.retry_all_failed_for(None).await.expect("retry all");
+    let meanwhile = refailed.load(Ordering::Relaxed);
+    done.store(true, Ordering::Relaxed);
+    failer.await.expect("failer");
+    eprintln!("{retried} retried; {meanwhile} failed again while the retry ran");
+    assert!(
+        retried <= N as u64,
+        "{retried} moved of {N} dead letters: some twice"
+    );
+}
+
 /// A job back in wait (a retry fallen due, a dead letter retried) is aged
 /// from when it came back, not from its creation, on both backends (Redis
 /// aged its wait list by creation: a retry after a long backoff, or last

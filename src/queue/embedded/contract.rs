@@ -400,9 +400,18 @@ impl Queue for EmbeddedQueue {
         limit: u64,
     ) -> QueueResult<Page> {
         let destination = destination.map(|d| d.to_string());
-        self.read(move |conn, _| {
-            if matches!(state, None | Some(JobState::Waiting)) {
-                return list_with_bundles(conn, state, destination.as_deref(), offset, limit);
+        self.read(move |conn, now| {
+            if matches!(
+                state,
+                None | Some(JobState::Waiting) | Some(JobState::Delayed)
+            ) {
+                return list_with_bundles(
+                    conn,
+                    state,
+                    destination.as_deref(),
+                    (offset, limit),
+                    now,
+                );
             }
             // The state is a literal (from the enum), so the planner can use the
             // partial indexes of failed and completed jobs.
@@ -427,7 +436,7 @@ impl Queue for EmbeddedQueue {
                 .prepare_cached(&sql)
                 .and_then(|mut s| {
                     s.query_map(params![limit as i64, offset as i64, destination], |r| {
-                        row_to_view(r, false)
+                        row_to_view(r, false, now)
                     })?
                     .collect::<Result<Vec<_>, _>>()
                 })
@@ -439,16 +448,17 @@ impl Queue for EmbeddedQueue {
 
     async fn get(&self, id: &str) -> QueueResult<JobView> {
         let id = id.to_string();
-        self.read(move |conn, _| {
+        self.read(move |conn, now| {
             let seq = parse_id(&id)?;
-            if let Some(view) = view_of(conn, seq, true)? {
+            if let Some(view) = view_of(conn, seq, true, now)? {
                 return Ok(view);
             }
             // One of a bundle's jobs: shown from its carrier, nothing written.
             let Some(b) = bundle::holding(conn, seq)? else {
                 return Err(QueueError::NotFound(id.clone()));
             };
-            let carrier = view_of(conn, b.seq, true)?.ok_or(QueueError::NotFound(id.clone()))?;
+            let carrier =
+                view_of(conn, b.seq, true, now)?.ok_or(QueueError::NotFound(id.clone()))?;
             let destination = b.slots[b.slot_of(seq).unwrap_or(0)].clone();
             Ok(bundle::virtual_view(&carrier, seq, &destination))
         })

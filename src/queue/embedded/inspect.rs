@@ -11,9 +11,23 @@ pub(super) const VIEW_COLUMNS: &str =
     "seq, state, event_key, event_id, bot_id, event_type, kind, attempts_made,
     created_at_ms, due_at_ms, finished_at_ms, failed_reason, attempts_log, destination";
 
-pub(super) fn row_to_view(r: &rusqlite::Row<'_>, with_payload: bool) -> rusqlite::Result<JobView> {
+/// A job's state as the operators see it at `now`: a delayed job whose time
+/// has come waits, as the counts say (and as on Redis, whose claims move
+/// it), though its row still says delayed until a claim takes it.
+fn shown_state(state: &str, due_at_ms: Option<i64>, now: i64) -> JobState {
+    match JobState::parse(state).unwrap_or(JobState::Failed) {
+        JobState::Delayed if due_at_ms.is_some_and(|d| d <= now) => JobState::Waiting,
+        other => other,
+    }
+}
+
+pub(super) fn row_to_view(
+    r: &rusqlite::Row<'_>,
+    with_payload: bool,
+    now: i64,
+) -> rusqlite::Result<JobView> {
     let state: String = r.get(1)?;
-    let state = JobState::parse(&state).unwrap_or(JobState::Failed);
+    let state = shown_state(&state, r.get(9)?, now);
     let log: String = r.get(12)?;
     let body = if with_payload {
         String::from_utf8(r.get::<_, Vec<u8>>(14)?).ok()
@@ -47,26 +61,28 @@ pub(super) fn view_of(
     conn: &Connection,
     seq: i64,
     with_payload: bool,
+    now: i64,
 ) -> QueueResult<Option<JobView>> {
     let sql = format!("SELECT {VIEW_COLUMNS}, body FROM jobs WHERE seq=?1");
     conn.prepare_cached(&sql)
         .and_then(|mut s| {
-            s.query_row([seq], |r| row_to_view(r, with_payload))
+            s.query_row([seq], |r| row_to_view(r, with_payload, now))
                 .optional()
         })
         .map_err(sql_err)
 }
 
-/// A listing of waiting jobs, or of every state, newest first: the rows and
-/// the jobs bundles name, where they are (an operator's look writes nothing).
-/// One pass over the ids that match (a count needs it anyway), then the
-/// views of the page's.
+/// A listing of waiting or delayed jobs, or of every state, newest first:
+/// the rows and the jobs bundles name, where they are (an operator's look
+/// writes nothing), each in its state at `now` ([`shown_state`], as the
+/// counts). One pass over the ids that match (a count needs it anyway),
+/// then the views of the page's.
 pub(super) fn list_with_bundles(
     conn: &Connection,
     state: Option<JobState>,
     destination: Option<&str>,
-    offset: u64,
-    limit: u64,
+    (offset, limit): (u64, u64),
+    now: i64,
 ) -> QueueResult<Page> {
     enum Entry {
         Row(i64),
@@ -77,14 +93,17 @@ pub(super) fn list_with_bundles(
         },
     }
     let sql = if state.is_some() {
-        "SELECT seq, state, destination, pending FROM jobs
-         WHERE (state = 'waiting' AND (?1 IS NULL OR destination = ?1)) OR pending IS NOT NULL
+        "SELECT seq, state, destination, pending, due_at_ms FROM jobs
+         WHERE (state IN ('waiting','delayed') AND (?1 IS NULL OR destination = ?1))
+            OR pending IS NOT NULL
          ORDER BY seq DESC"
     } else {
-        "SELECT seq, state, destination, pending FROM jobs
+        "SELECT seq, state, destination, pending, due_at_ms FROM jobs
          WHERE ?1 IS NULL OR destination = ?1 OR pending IS NOT NULL
          ORDER BY seq DESC"
     };
+    // A bundle's jobs wait (they are due since their event came).
+    let slots_wanted = state.is_none_or(|s| s == JobState::Waiting);
     let wanted = |d: &str| destination.is_none_or(|w| w == d);
     let mut total = 0u64;
     let mut page = Vec::new();
@@ -101,10 +120,11 @@ pub(super) fn list_with_bundles(
         let row_state: String = r.get(1).map_err(sql_err)?;
         let row_destination: String = r.get(2).map_err(sql_err)?;
         let pending: Option<String> = r.get(3).map_err(sql_err)?;
-        if wanted(&row_destination) && state.is_none_or(|s| s.as_str() == row_state) {
+        let shown = shown_state(&row_state, r.get(4).map_err(sql_err)?, now);
+        if wanted(&row_destination) && state.is_none_or(|s| s == shown) {
             take(Entry::Row(seq));
         }
-        if let Some(p) = pending {
+        if let Some(p) = pending.filter(|_| slots_wanted) {
             let b = Bundle::parse(seq, &p);
             for (id, d) in b.live().rev().filter(|(_, d)| wanted(d)) {
                 take(Entry::Slot {
@@ -118,12 +138,13 @@ pub(super) fn list_with_bundles(
     let mut items = Vec::with_capacity(page.len());
     for entry in page {
         let view = match entry {
-            Entry::Row(seq) => view_of(conn, seq, false)?,
+            Entry::Row(seq) => view_of(conn, seq, false, now)?,
             Entry::Slot {
                 id,
                 carrier,
                 destination,
-            } => view_of(conn, carrier, false)?.map(|c| bundle::virtual_view(&c, id, &destination)),
+            } => view_of(conn, carrier, false, now)?
+                .map(|c| bundle::virtual_view(&c, id, &destination)),
         };
         items.extend(view);
     }

@@ -811,10 +811,12 @@ pub(super) fn sql_err(e: rusqlite::Error) -> QueueError {
     QueueError::Unavailable(store_error(&e))
 }
 
+/// A job id as the store gives it: digits without a sign or a leading zero
+/// (`01` and `+1` are no job's id, as on Redis, where an id is a key's name).
 pub(super) fn parse_id(id: &str) -> QueueResult<i64> {
-    id.parse::<i64>()
-        .ok()
-        .filter(|n| *n > 0)
+    Some(id)
+        .filter(|id| id.bytes().all(|b| b.is_ascii_digit()) && !id.starts_with('0'))
+        .and_then(|id| id.parse::<i64>().ok())
         .ok_or_else(|| QueueError::NotFound(id.to_string()))
 }
 

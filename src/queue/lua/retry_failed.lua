@@ -7,7 +7,10 @@
     KEYS[1] failed, KEYS[2] wait, KEYS[3] meta, KEYS[4] active,
     KEYS[5] marker, KEYS[6] events
     ARGV[1] key prefix, ARGV[2] batch size, ARGV[3] timestamp (ms),
-    ARGV[4] (optional) the one job to move, if it is failed
+    ARGV[4] (optional) the one job to move, if it is failed; "" for a batch
+    ARGV[5] (a batch, optional) the highest score to take: the failed set's
+      highest when the retry began, so that a job one of its batches moved
+      and that failed again since (scored later) is not moved twice
   An id whose hash is gone (a tool deleted it, or replaced it with another
   type) leaves the set, not moved.
   Returns {taken, moved}: the ids taken off the set (fewer than the batch
@@ -20,8 +23,10 @@ if broken then
   return redis.error_reply("ERR " .. broken .. " to retry its failed jobs")
 end
 local jobs
-if ARGV[4] then
+if ARGV[4] and ARGV[4] ~= "" then
   jobs = rcall("ZSCORE", KEYS[1], ARGV[4]) and { ARGV[4] } or {}
+elseif ARGV[5] then
+  jobs = rcall("ZRANGEBYSCORE", KEYS[1], "-inf", ARGV[5], "LIMIT", 0, tonumber(ARGV[2]))
 else
   jobs = rcall("ZRANGE", KEYS[1], 0, tonumber(ARGV[2]) - 1)
 end
