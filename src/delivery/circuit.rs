@@ -1,12 +1,17 @@
 //! The circuit breaker of one destination (SPEC §7): it judges the
 //! destination, not one event.
 //!
-//! * **Closed.** `failures` consecutive retryable failures (5xx, 408,
-//!   timeouts, connection errors; not a permanent 4xx, not 429) open it. Any
-//!   success or answer in between resets the count. (Counting first
-//!   attempts only would hold nothing for a quiet destination whose retries
-//!   fail: its jobs would use up their attempts. The rounds below are what
-//!   keeps events failing for their own reasons from holding it.)
+//! * **Closed.** Retryable failures (5xx, 408, timeouts, connection errors;
+//!   not a permanent 4xx, not 429) of `failures` *different* events in a
+//!   row open it; any success or answer in between starts the run again.
+//!   An event's own retries count once in a run: one event failing for its
+//!   own reason, however often it is retried, opens nothing (each of its
+//!   attempts counted once made three attempts of one bad event open a
+//!   quiet destination, and a steady share of failing events open it again
+//!   within milliseconds of each close). Counting first attempts only would
+//!   hold nothing for a quiet destination whose retries all fail: its jobs
+//!   would use up their attempts; `failures` different events retrying do
+//!   open it.
 //! * **Open.** Nothing is started for the cool-down; the pool gives back the
 //!   jobs it holds (they wait in the store, unleased, with their attempts).
 //! * **Half-open.** Up to [`TRIALS`] trial deliveries of *different* events
@@ -107,8 +112,9 @@ pub enum Gate {
 pub struct Breaker {
     settings: CircuitSettings,
     phase: Phase,
-    /// Consecutive retryable failures while closed.
-    failures: u32,
+    /// The events (a hash of each job's id) whose retryable failures make
+    /// the run while closed, each once; at most `failures` of them.
+    run: Vec<u64>,
     cooldown_ms: i64,
     open_until: i64,
     held_until: Option<i64>,
@@ -132,7 +138,7 @@ impl Breaker {
         Self {
             settings,
             phase: Phase::Closed,
-            failures: 0,
+            run: Vec::new(),
             cooldown_ms: ms(settings.cooldown),
             open_until: 0,
             held_until: None,
@@ -195,12 +201,14 @@ impl Breaker {
         }
     }
 
-    /// An attempt's result. `trial`: it was started as a trial (its verdict
-    /// is the round's); `hold` is the target's `Retry-After` on a 429 or 503
+    /// An attempt's result, of the job whose id hashes to `event`
+    /// ([`event_of`]). `trial`: it was started as a trial (its verdict is the
+    /// round's); `hold` is the target's `Retry-After` on a 429 or 503
     /// (already capped). Returns the new phase when it changed.
     pub fn record(
         &mut self,
         signal: Signal,
+        event: u64,
         trial: bool,
         hold: Option<Duration>,
         now: i64,
@@ -216,10 +224,12 @@ impl Breaker {
                 self.closed_by_trial_at = Some(now);
             }
             (_, _, Signal::Success) => self.close(),
-            (Phase::Closed, _, Signal::Answered) => self.failures = 0,
-            (Phase::Closed, _, Signal::Failure) => {
-                self.failures += 1;
-                if self.settings.failures > 0 && self.failures >= self.settings.failures {
+            (Phase::Closed, _, Signal::Answered) => self.run.clear(),
+            (Phase::Closed, _, Signal::Failure) if self.settings.failures > 0 => {
+                if !self.run.contains(&event) {
+                    self.run.push(event);
+                }
+                if self.run.len() >= self.settings.failures as usize {
                     let base = ms(self.settings.cooldown);
                     let up_a_moment_ago = self
                         .closed_by_trial_at
@@ -274,14 +284,14 @@ impl Breaker {
         if self.phase != Phase::Open || self.open_until < until {
             self.phase = Phase::Open;
             self.open_until = until;
-            self.failures = 0;
+            self.run.clear();
         }
         (self.phase != before).then_some(self.phase)
     }
 
     fn close(&mut self) {
         self.phase = Phase::Closed;
-        self.failures = 0;
+        self.run.clear();
         self.cooldown_ms = ms(self.settings.cooldown);
         self.trials_out = 0;
         self.trials_failed = 0;
@@ -290,10 +300,16 @@ impl Breaker {
     fn open(&mut self, now: i64) {
         self.phase = Phase::Open;
         self.open_until = now.saturating_add(self.cooldown_ms);
-        self.failures = 0;
+        self.run.clear();
         self.trials_out = 0;
         self.trials_failed = 0;
     }
+}
+
+/// The breaker's name for the job `id`'s event: a hash (the run keeps a
+/// few of them, not the ids).
+pub fn event_of(id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(id.as_bytes())
 }
 
 /// What an attempt's classified result says to the breaker, and how long a
@@ -411,7 +427,11 @@ mod tests {
             let before = b.phase();
             match what {
                 Rec(signal, trial) => {
-                    assert_eq!(b.record(signal, trial, None, now), phase, "row {i}");
+                    assert_eq!(
+                        b.record(signal, i as u64, trial, None, now),
+                        phase,
+                        "row {i}"
+                    );
                 }
                 Start => b.started(),
                 Expect(want) => assert_eq!(b.gate(now), want, "row {i}"),
@@ -427,7 +447,7 @@ mod tests {
     fn retry_after_holds_the_destination_whatever_the_phase() {
         let mut b = Breaker::new(S, 16);
         assert_eq!(
-            b.record(Signal::Answered, false, Some(Duration::from_secs(30)), 0),
+            b.record(Signal::Answered, 1, false, Some(Duration::from_secs(30)), 0),
             None
         );
         assert_eq!(b.gate(0), Gate::Until(30 * SEC));
@@ -435,15 +455,49 @@ mod tests {
         assert_eq!(b.phase(), Phase::Closed, "a 429 is no failure");
         // A hold of u64::MAX seconds and a clock near its end: no overflow.
         let huge = Duration::from_secs(u64::MAX);
-        b.record(Signal::Failure, false, Some(huge), i64::MAX - 5);
+        b.record(Signal::Failure, 1, false, Some(huge), i64::MAX - 5);
         assert_eq!(b.gate(i64::MAX - 1), Gate::Until(i64::MAX));
+    }
+
+    /// One event failing for its own reason, retried any number of times,
+    /// opens nothing; `failures` different events in a row do; a success
+    /// starts the run again.
+    #[test]
+    fn an_events_own_retries_count_once_in_a_run() {
+        let mut b = Breaker::new(S, 16);
+        for _ in 0..10 {
+            assert_eq!(b.record(Signal::Failure, 7, false, None, 0), None);
+        }
+        assert_eq!(b.record(Signal::Failure, 8, false, None, 0), None);
+        assert_eq!(b.record(Signal::Success, 9, false, None, 0), None);
+        assert_eq!(
+            b.record(Signal::Failure, 7, false, None, 0),
+            None,
+            "a new run"
+        );
+        assert_eq!(b.record(Signal::Failure, 8, false, None, 0), None);
+        assert_eq!(
+            b.record(Signal::Failure, 7, false, None, 0),
+            None,
+            "7 again"
+        );
+        assert_eq!(b.record(Signal::Answered, 11, false, None, 0), None);
+        for event in [7, 8, 7, 8] {
+            assert_eq!(b.record(Signal::Failure, event, false, None, 0), None);
+        }
+        assert_eq!(
+            b.record(Signal::Failure, 10, false, None, 0),
+            Some(Phase::Open),
+            "three different events in a row"
+        );
+        assert_ne!(event_of("17"), event_of("18"));
     }
 
     #[test]
     fn zero_failures_is_no_breaker() {
         let mut b = Breaker::new(CircuitSettings { failures: 0, ..S }, 16);
         for _ in 0..100 {
-            assert_eq!(b.record(Signal::Failure, false, None, 0), None);
+            assert_eq!(b.record(Signal::Failure, 1, false, None, 0), None);
         }
         assert_eq!(b.gate(0), Gate::Go { trial: false });
     }
@@ -451,12 +505,12 @@ mod tests {
     #[test]
     fn trials_are_at_most_the_pools_concurrency() {
         let mut b = Breaker::new(CircuitSettings { failures: 1, ..S }, 1);
-        b.record(Signal::Failure, false, None, 0);
+        b.record(Signal::Failure, 1, false, None, 0);
         assert_eq!(b.gate(10 * SEC), Gate::Go { trial: true });
         b.started();
         assert_eq!(b.gate(10 * SEC), Gate::Trials);
         assert_eq!(
-            b.record(Signal::Failure, true, None, 11 * SEC),
+            b.record(Signal::Failure, 1, true, None, 11 * SEC),
             Some(Phase::Open),
             "its one trial failed"
         );
@@ -473,9 +527,9 @@ mod tests {
         );
         b.started();
         b.started();
-        assert_eq!(b.record(Signal::Failure, true, None, 51 * SEC), None);
+        assert_eq!(b.record(Signal::Failure, 1, true, None, 51 * SEC), None);
         assert_eq!(
-            b.record(Signal::Failure, true, None, 51 * SEC),
+            b.record(Signal::Failure, 1, true, None, 51 * SEC),
             Some(Phase::Open)
         );
         assert_eq!(b.cooldown(), Duration::from_secs(25), "doubled, capped");

@@ -360,10 +360,15 @@ impl Dispatch {
     fn delivery_ended(&mut self, done: Done) {
         let now = self.clock.mono_ms();
         self.ended.insert(done.lease.clone());
+        let event = super::circuit::event_of(&done.lease.job_id);
         match done.verdict {
-            Verdict::Sent { signal, hold } => self.machine.finished(done.trial, signal, hold, now),
+            Verdict::Sent { signal, hold } => {
+                self.machine
+                    .finished(done.trial, (signal, event), hold, now)
+            }
             Verdict::NotSent(job) => {
-                self.machine.finished(done.trial, Signal::None, None, now);
+                self.machine
+                    .finished(done.trial, (Signal::None, event), None, now);
                 release(&self.pool, vec![*job]);
             }
         }
@@ -384,7 +389,7 @@ impl Dispatch {
             tracing::error!(destination = %self.name, job = %lease.job_id, error = %e, "a delivery task failed; its job goes back to the queue");
             if !told {
                 self.machine
-                    .finished(trial, Signal::None, None, self.clock.mono_ms());
+                    .finished(trial, (Signal::None, 0), None, self.clock.mono_ms());
             }
             self.pool.in_flight.ended(&lease);
             let queue = self.pool.queue.clone();

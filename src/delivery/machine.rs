@@ -302,9 +302,17 @@ impl Machine {
     }
 
     /// A delivery's HTTP exchange ended (or it never went out: `Signal::None`).
-    pub fn finished(&mut self, trial: bool, signal: Signal, hold: Option<Duration>, now: i64) {
+    /// A delivery of the job whose id hashes to `event`
+    /// ([`super::circuit::event_of`]) ended.
+    pub fn finished(
+        &mut self,
+        trial: bool,
+        (signal, event): (Signal, u64),
+        hold: Option<Duration>,
+        now: i64,
+    ) {
         self.running = self.running.saturating_sub(1);
-        let phase = self.breaker.record(signal, trial, hold, now);
+        let phase = self.breaker.record(signal, event, trial, hold, now);
         if self.breaker.held(now) {
             // Held by a `Retry-After`: waiting in the store, not leased here.
             self.release_ready();

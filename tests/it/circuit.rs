@@ -366,6 +366,51 @@ async fn a_burst_of_events_failing_for_their_own_reasons_holds_no_healthy_destin
     app.stop().await.expect("clean stop");
 }
 
+/// Two events answered 503 on every attempt, on a destination with no other
+/// traffic (`CIRCUIT_FAILURES=3`, 5 attempts, 0.1 s backoff): each runs out
+/// its own attempts within two seconds and is dead-lettered, and an event
+/// posted after them is delivered at once. When every attempt counted,
+/// their third failures opened the circuit, they became its trials (which
+/// keep their last attempt), and the cool-down (here 10 s, doubling) held
+/// them and the good event.
+#[tokio::test]
+async fn events_failing_for_their_own_reasons_open_no_quiet_destination() {
+    let mut app = spawn_app_with(|c| {
+        c.delivery.attempts = 5;
+        c.delivery.backoff.base = Duration::from_millis(100);
+        c.delivery.circuit = CircuitSettings {
+            failures: 3,
+            cooldown: Duration::from_secs(10),
+            max_cooldown: Duration::from_secs(60),
+        };
+    })
+    .await;
+    app.sink
+        .set_rule(Some(std::sync::Arc::new(|id: &str, _n: u32| {
+            id.contains("bad-").then(|| Behaviour::status(503))
+        })));
+    let mut bad = Vec::new();
+    for id in ["bad-1", "bad-2"] {
+        let reply = app.post_event(&event("bot", id)).await;
+        assert_eq!(reply.status, 200);
+        bad.push(reply.json["jobId"].as_str().expect("id").to_string());
+    }
+    for id in &bad {
+        let job = app.wait_job(id, "failed", Duration::from_secs(8)).await;
+        assert_eq!(job["attemptsMade"], 5, "its own attempts: {job}");
+    }
+    let good = app.post_event(&event("bot", "good-1")).await;
+    let good = good.json["jobId"].as_str().expect("id").to_string();
+    app.wait_job(&good, "completed", Duration::from_secs(5))
+        .await;
+    wait_for_metric(
+        &app,
+        r#"cogrelay_destination_circuit{destination="default",state="closed"} 1"#,
+    )
+    .await;
+    app.stop().await.expect("clean stop");
+}
+
 /// `CIRCUIT_FAILURES=1`, a 3 s cool-down, `MAX_AGE_SECS=2`, a 5 s outage,
 /// one event before it and one after: the trial that comes past the first
 /// event's age is an attempt whose verdict the breaker hears, so the

@@ -306,7 +306,7 @@ impl Pool {
         if let Some(h) = hold {
             self.hold_until = self.hold_until.max(now + h.as_millis() as i64);
         }
-        self.m.finished(trial, signal, hold, now);
+        self.m.finished(trial, (signal, id), hold, now);
     }
 
     /// Whether the store was paused at time `t` (a read then).
@@ -432,8 +432,9 @@ impl Pool {
             {
                 return Ok(());
             }
-            for (_, trial) in std::mem::take(&mut self.running) {
-                self.m.finished(trial, Signal::Success, None, self.now);
+            for (id, trial) in std::mem::take(&mut self.running) {
+                self.m
+                    .finished(trial, (Signal::Success, id), None, self.now);
             }
             // The store answers at once (a word as old as the pause lease
             // starts nothing).

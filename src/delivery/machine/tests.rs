@@ -104,7 +104,7 @@ fn claims_ahead_starts_up_to_the_concurrency_and_rests_when_short() {
         Vec::<String>::new(),
         "both workers busy"
     );
-    m.finished(false, Signal::Success, None, 600);
+    m.finished(false, (Signal::Success, 1), None, 600);
     assert_eq!(kinds(&m.poll(600)), ["start 3"]);
     assert_eq!(
         m.next_wake(600),
@@ -282,10 +282,10 @@ fn an_older_word_on_the_pause_never_undoes_a_newer_one() {
     m.claimed(Ok(claimed(1..3)), 2, 0, None, 0);
     m.handed(job(9, 0), 0);
     assert_eq!(kinds(&m.poll(0)), ["start 1"]);
-    m.finished(false, Signal::Success, None, 50);
+    m.finished(false, (Signal::Success, 1), None, 50);
     assert_eq!(kinds(&m.poll(700)), ["start 2", "check pause"]);
     m.pause_seen(Err("redis: broken pipe".into()), 700, 702);
-    m.finished(false, Signal::Success, None, 800);
+    m.finished(false, (Signal::Success, 1), None, 800);
     assert_eq!(
         kinds(&m.poll(1001)),
         Vec::<String>::new(),
@@ -309,17 +309,17 @@ fn an_open_circuit_gives_back_what_it_holds_and_claims_a_round_of_trials() {
     m.poll(0);
     m.claimed(Ok(claimed(1..5)), 4, 0, None, 0);
     assert_eq!(kinds(&m.poll(0)), ["start 1", "start 2"]);
-    m.finished(false, Signal::Failure, None, 10);
+    m.finished(false, (Signal::Failure, 1), None, 10);
     assert_eq!(kinds(&m.poll(10)), ["start 3", "claim 3 Due"]);
     m.claimed(Ok(claimed(5..5)), 3, 10, None, 11);
-    m.finished(false, Signal::Failure, None, 20);
+    m.finished(false, (Signal::Failure, 2), None, 20);
     assert_eq!(
         kinds(&m.poll(20)),
         ["release 4", "circuit open"],
         "held jobs wait in the store, unleased"
     );
     assert_eq!(m.next_trial_at(), Some(10_020));
-    m.finished(false, Signal::Failure, None, 30);
+    m.finished(false, (Signal::Failure, 3), None, 30);
     assert_eq!(
         kinds(&m.poll(5_000)),
         ["check pause"],
@@ -333,8 +333,8 @@ fn an_open_circuit_gives_back_what_it_holds_and_claims_a_round_of_trials() {
     );
     m.claimed(Ok(claimed(7..9)), 2, 10_020, None, 10_021);
     assert_eq!(kinds(&m.poll(10_021)), ["start 7 trial", "start 8 trial"]);
-    m.finished(true, Signal::Failure, None, 10_030);
-    m.finished(true, Signal::Answered, None, 10_040);
+    m.finished(true, (Signal::Failure, 7), None, 10_030);
+    m.finished(true, (Signal::Answered, 8), None, 10_040);
     assert_eq!(
         kinds(&m.poll(10_040)),
         ["circuit closed", "claim 4 Due"],
@@ -383,7 +383,7 @@ fn a_retry_after_hold_gives_back_what_it_holds_and_takes_no_handoffs() {
     assert_eq!(kinds(&m.poll(0)), ["start 1", "start 2", "claim 3 Due"]);
     assert!(m.takes_handoffs(0));
     let hour = Duration::from_secs(3600);
-    m.finished(false, Signal::Answered, Some(hour), 10);
+    m.finished(false, (Signal::Answered, 1), Some(hour), 10);
     assert_eq!(kinds(&m.poll(10)), ["release 3"], "held: back to the store");
     assert!(!m.takes_handoffs(10), "no handoffs during the hold");
     m.handed(job(7, 0), 20);
@@ -394,7 +394,7 @@ fn a_retry_after_hold_gives_back_what_it_holds_and_takes_no_handoffs() {
         ["release 4", "release 5", "release 6"],
         "a claim that was out when the hold began"
     );
-    m.finished(false, Signal::Success, None, 40);
+    m.finished(false, (Signal::Success, 1), None, 40);
     m.pause_seen(Ok(false), 3_599_900, 3_599_900);
     assert_eq!(
         m.next_wake(3_599_900),
@@ -612,7 +612,12 @@ fn simulate(
                     },
                 ),
             };
-            m.finished(trial, signal, hold, now);
+            m.finished(
+                trial,
+                (signal, crate::delivery::circuit::event_of(&l.job.id)),
+                hold,
+                now,
+            );
             let n = l.job.attempts_made + 1;
             let d = decide(&policy, n, outcome, now, 0.0, l.job.created_at_ms, trial);
             match &d {
@@ -876,10 +881,12 @@ fn a_long_outage_holds_no_job_for_hours_after_it() {
     );
 }
 
-/// A quiet destination (one event every 20 s) down for five minutes: its
-/// retries count towards opening the circuit too, so the events wait with
-/// their attempts instead of using them up (found by review: counting first
-/// attempts only would have failed every event after the first).
+/// A quiet destination (one event every 20 s) down for five minutes: the
+/// retries of each event count once, so the circuit opens once five
+/// different events failed in a row, and the later events wait with their
+/// attempts instead of using them up (counting first attempts only would
+/// have failed every event: a review found it). The events before the run
+/// reached five may use up theirs (docs/guarantees.md, "Not guaranteed").
 #[test]
 fn a_quiet_destinations_retries_open_the_circuit() {
     let arrivals: Vec<(i64, u64)> = (0..20).map(|i| (i as i64 * 20_000, i)).collect();
@@ -900,11 +907,49 @@ fn a_quiet_destinations_retries_open_the_circuit() {
     );
     assert!(!seen.opened.is_empty(), "the circuit opened");
     assert!(
-        seen.failed.len() <= 1,
-        "only the first event may use up its attempts before the circuit opens: {:?}",
+        seen.failed.len() < 5 && seen.failed.iter().all(|&id| id < 4),
+        "only the events before the fifth may use up their attempts: {:?}",
         seen.failed
     );
     assert_eq!(seen.delivered.len() + seen.failed.len(), 20);
+}
+
+/// Events failing for their own reasons on a quiet destination (here two,
+/// each answered 503 on every attempt, and `failures` = 5 > 2) open
+/// nothing: each runs out its own attempts on its own backoff, and a good
+/// event after them is delivered at once. When each attempt counted, the
+/// two opened the circuit, became its trials (which keep their last
+/// attempt) for as long as their age allowed, and held the good event for
+/// a cool-down each time.
+#[test]
+fn events_failing_for_their_own_reasons_open_no_quiet_destination() {
+    let arrivals = vec![(0, 1), (0, 2), (2_700, 3), (60_000, 4)];
+    let target = |id: u64, _n: u32, _now: i64| {
+        if id <= 2 {
+            Answer::Status503
+        } else {
+            Answer::Ok
+        }
+    };
+    let seen = simulate(
+        settings(16),
+        defaults(5, 200),
+        arrivals,
+        target,
+        20,
+        600_000,
+    );
+    assert!(seen.opened.is_empty(), "opened at {:?}", seen.opened);
+    assert_eq!(seen.failed, BTreeSet::from([1, 2]));
+    for bad in [1, 2] {
+        let tries = seen.attempts.iter().filter(|a| a.1 == bad).count();
+        assert_eq!(tries, 5, "event {bad}: its own attempts, no more");
+    }
+    assert!(
+        seen.delivered[&3] <= 2_700 + 100 && seen.delivered[&4] <= 60_000 + 100,
+        "{:?}",
+        seen.delivered
+    );
 }
 
 /// The age limit on virtual time: `CIRCUIT_FAILURES=1`, a 3 s cool-down,
