@@ -619,8 +619,8 @@ pub struct ServeArgs {
     #[arg(help_heading = "Admin", long, env = "ADMIN_LISTEN", default_value = defaults::ADMIN_LISTEN)]
     pub admin_listen: String,
 
-    /// Bearer token required on every /admin/* call when set (white space
-    /// at its ends is refused: a presented token is read without it).
+    /// Bearer token required on every /admin/* call when set (read without
+    /// white space at its ends, as a presented token is).
     #[arg(
         help_heading = "Admin",
         long,

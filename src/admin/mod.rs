@@ -379,7 +379,11 @@ async fn retry_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Respo
         Ok(()) => {
             s.board.wake(destination.as_ref());
             let mut answer = json!({ "retried": 1, "jobId": id });
-            if let Some(w) = unconfigured(&s, destination.as_ref()) {
+            let gone: Vec<_> = destination
+                .into_iter()
+                .filter(|d| !configured(&s, d))
+                .collect();
+            if let Some(w) = waiting_for(&gone) {
                 answer["warning"] = w.into();
             }
             Json(answer).into_response()
@@ -408,11 +412,29 @@ async fn retry_all(State(s): State<Arc<Admin>>, Query(q): Query<RetryAllQuery>) 
             return r;
         }
     }
+    // The destinations not in the running configuration whose dead letters
+    // this moves (read before, an operator's command: a few reads more).
+    let gone: Vec<_> = match &destination {
+        Some(d) => Vec::from_iter((!configured(&s, d)).then(|| d.clone())),
+        None => {
+            let mut with_failed = Vec::new();
+            for d in s.names_shown().1 {
+                if s.queue
+                    .counts_for(Some(&d))
+                    .await
+                    .is_ok_and(|c| c.failed > 0)
+                {
+                    with_failed.push(d);
+                }
+            }
+            with_failed
+        }
+    };
     match s.queue.retry_all_failed_for(destination.as_ref()).await {
         Ok(n) => {
             s.board.wake(destination.as_ref());
             let mut answer = json!({ "retried": n });
-            if let Some(w) = unconfigured(&s, destination.as_ref()).filter(|_| n > 0) {
+            if let Some(w) = waiting_for(&gone).filter(|_| n > 0) {
                 answer["warning"] = w.into();
             }
             Json(answer).into_response()
@@ -440,14 +462,20 @@ async fn remove_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Resp
 /// The destination of job `id`, whose pools a retry or a removal wakes;
 /// `None` (every pool) when it cannot be read. A job keeps its destination
 /// (a bundle's slot is read as its own job), so the read may come first.
-/// What a retry's answer adds when the jobs' destination is not in the
-/// running configuration (a reload removed or renamed it): they stay
-/// retryable (SPEC §7), but wait until a destination of that name is back.
-fn unconfigured(s: &Admin, destination: Option<&DestinationName>) -> Option<String> {
-    let d = destination?;
-    s.destinations.get().get(d).is_none().then(|| {
-        format!("destination {d} is not in the running configuration: its jobs wait until a destination named {d} is added back (or remove them)")
-    })
+fn configured(s: &Admin, d: &DestinationName) -> bool {
+    s.destinations.get().get(d).is_some()
+}
+
+/// What a retry's answer adds when its jobs' destinations are not in the
+/// running configuration (a reload removed or renamed them): they stay
+/// retryable (SPEC §7), but wait until destinations of those names are back.
+fn waiting_for(gone: &[DestinationName]) -> Option<String> {
+    let names: Vec<_> = gone.iter().map(|d| d.to_string()).collect();
+    match names.as_slice() {
+        [] => None,
+        [d] => Some(format!("destination {d} is not in the running configuration: its jobs wait until a destination named {d} is added back (or remove them)")),
+        _ => Some(format!("destinations {} are not in the running configuration: their jobs wait until destinations of those names are added back (or remove them)", names.join(", "))),
+    }
 }
 
 async fn destination_of(s: &Admin, id: &str) -> Option<DestinationName> {

@@ -1122,6 +1122,13 @@ async fn a_reload_adds_changes_and_removes_destinations_losing_nothing() {
         warning.contains("crm") && warning.contains("not in the running configuration"),
         "{retried}"
     );
+    // A retry of every destination's dead letters names it too.
+    let (status, all) = admin_post(&app, "/admin/jobs/retry?state=failed").await;
+    assert_eq!(status, 200);
+    assert!(
+        all["warning"].as_str().unwrap_or_default().contains("crm"),
+        "{all}"
+    );
     let removed = app
         .http
         .delete(format!("http://{}/admin/jobs/{}", app.admin, failed_ids[1]))

@@ -1174,3 +1174,59 @@ async fn on_redis_a_first_job_deleted_by_a_tool_does_not_strand_its_key() {
     .await;
     assert_eq!(taken(&claim(&q, "crm").await), [&*d3[0]]);
 }
+
+/// An outage of an ordered destination with fewer conversations than
+/// `failures` (two, `failures = 3`, 3 attempts, `on_failure = "hold"`):
+/// only each key's first event is tried, so the circuit counts each
+/// attempt, opens, and the first events keep their attempts; everything is
+/// delivered in order once the target is back. When it counted each event
+/// once, two first events could never make a run of three: each used up
+/// its attempts and held its key, and the circuit stayed closed.
+#[tokio::test]
+async fn an_ordered_destinations_outage_opens_its_circuit_with_few_keys() {
+    let wait = Duration::from_secs(30);
+    let mut app = spawn_app_on(Backend::Embedded, |c| {
+        c.delivery.backoff.base = Duration::from_millis(100);
+        ordered_crm(
+            c,
+            "on_failure = \"hold\"\nattempts = 3\n[destination.circuit]\nfailures = 3\ncooldown_ms = 500\nmax_cooldown_ms = 1000\n",
+        );
+    })
+    .await;
+    app.sink.set_default(Behaviour::status(503));
+    for s in ["s1", "s2"] {
+        for i in 0..3 {
+            let reply = app.post_event(&in_session(s, &format!("{s}-{i}"))).await;
+            assert_eq!(reply.status, 200, "{}", reply.json);
+        }
+    }
+    let open = r#"cogrelay_destination_circuit{destination="crm",state="open"} 1"#;
+    let app_ref = &app;
+    wait_until("the circuit opens", wait, || async move {
+        app_ref.metrics_text().await.contains(open)
+    })
+    .await;
+    // Past every first event's own retries (0.1 + 0.2 s) by a trial or two:
+    // nothing dead-lettered, no key held.
+    wait_until("attempts over more than 2 s", wait, || async move {
+        let at: Vec<_> = app_ref.sink.received().iter().map(|r| r.at).collect();
+        at.first()
+            .zip(at.last())
+            .is_some_and(|(a, b)| b.duration_since(*a) > Duration::from_secs(2))
+    })
+    .await;
+    let q = app.admin_get("/admin/queue").await.json;
+    assert_eq!(q["failed"], 0, "{q}");
+    app.sink.set_default(Behaviour::status(200));
+    wait_until("all six delivered", wait, || async move {
+        app_ref.admin_get("/admin/queue").await.json["completed"] == 6
+    })
+    .await;
+    assert_eq!(app.admin_get("/admin/queue").await.json["failed"], 0);
+    let order = first_deliveries(&app.sink);
+    for s in ["s1", "s2"] {
+        let want: Vec<String> = (0..3).map(|i| format!("{s}-{i}")).collect();
+        assert_eq!(order.get(s), Some(&want), "{order:?}");
+    }
+    app.stop().await.expect("clean stop");
+}

@@ -401,10 +401,7 @@ impl Queue for EmbeddedQueue {
     ) -> QueueResult<Page> {
         let destination = destination.map(|d| d.to_string());
         self.read(move |conn, now| {
-            if matches!(
-                state,
-                None | Some(JobState::Waiting) | Some(JobState::Delayed)
-            ) {
+            if matches!(state, None | Some(JobState::Waiting)) {
                 return list_with_bundles(
                     conn,
                     state,
@@ -418,15 +415,20 @@ impl Queue for EmbeddedQueue {
             let mut filter = state
                 .map(|st| format!("WHERE state = '{}'", st.as_str()))
                 .unwrap_or_else(|| "WHERE 1".into());
-            filter.push_str(" AND (?3 IS NULL OR destination = ?3)");
+            // A delayed job fallen due is listed as waiting (`shown_state`).
+            filter.push_str(
+                " AND (?3 IS NULL OR destination = ?3)
+                  AND (state <> 'delayed' OR due_at_ms IS NULL OR due_at_ms > ?4)",
+            );
             let total: u64 = conn
                 // ?1 and ?2 (limit, offset) go unused here: SQLite numbers
-                // the parameters up to ?3 all the same.
+                // the parameters up to ?4 all the same.
                 .prepare_cached(&format!("SELECT count(*) FROM jobs {filter}"))
                 .and_then(|mut s| {
-                    s.query_row(params![limit as i64, offset as i64, destination], |r| {
-                        r.get(0)
-                    })
+                    s.query_row(
+                        params![limit as i64, offset as i64, destination, now],
+                        |r| r.get(0),
+                    )
                 })
                 .map_err(sql_err)?;
             let sql = format!(
@@ -435,9 +437,10 @@ impl Queue for EmbeddedQueue {
             let items = conn
                 .prepare_cached(&sql)
                 .and_then(|mut s| {
-                    s.query_map(params![limit as i64, offset as i64, destination], |r| {
-                        row_to_view(r, false, now)
-                    })?
+                    s.query_map(
+                        params![limit as i64, offset as i64, destination, now],
+                        |r| row_to_view(r, false, now),
+                    )?
                     .collect::<Result<Vec<_>, _>>()
                 })
                 .map_err(sql_err)?;

@@ -72,7 +72,7 @@ pub(super) fn view_of(
         .map_err(sql_err)
 }
 
-/// A listing of waiting or delayed jobs, or of every state, newest first:
+/// A listing of waiting jobs, or of every state, newest first:
 /// the rows and the jobs bundles name, where they are (an operator's look
 /// writes nothing), each in its state at `now` ([`shown_state`], as the
 /// counts). One pass over the ids that match (a count needs it anyway),
