@@ -578,9 +578,10 @@ pub struct ServeArgs {
     #[arg(help_heading = "Delivery", long, env = "SHUTDOWN_GRACE_MS", default_value = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: String,
 
-    /// Consecutive retryable failures (5xx, 408, timeouts, connection errors)
-    /// that open a destination's circuit: nothing is sent to it for the
-    /// cool-down and its jobs keep their attempts (0 = no breaker).
+    /// Retryable failures (5xx, 408, timeouts, connection errors) of this
+    /// many different events in a row that open a destination's circuit (an
+    /// event's retries count once): nothing is sent to it for the cool-down
+    /// and its jobs keep their attempts (0 = no breaker).
     /// `[destination.circuit]` overrides it.
     #[arg(help_heading = "Circuit breaker", long, env = "CIRCUIT_FAILURES", default_value = defaults::CIRCUIT_FAILURES)]
     pub circuit_failures: String,

@@ -412,29 +412,16 @@ async fn retry_all(State(s): State<Arc<Admin>>, Query(q): Query<RetryAllQuery>) 
             return r;
         }
     }
-    // The destinations not in the running configuration whose dead letters
-    // this moves (read before, an operator's command: a few reads more).
-    let gone: Vec<_> = match &destination {
-        Some(d) => Vec::from_iter((!configured(&s, d)).then(|| d.clone())),
-        None => {
-            let mut with_failed = Vec::new();
-            for d in s.names_shown().1 {
-                if s.queue
-                    .counts_for(Some(&d))
-                    .await
-                    .is_ok_and(|c| c.failed > 0)
-                {
-                    with_failed.push(d);
-                }
-            }
-            with_failed
-        }
-    };
     match s.queue.retry_all_failed_for(destination.as_ref()).await {
         Ok(n) => {
             s.board.wake(destination.as_ref());
             let mut answer = json!({ "retried": n });
-            if let Some(w) = waiting_for(&gone).filter(|_| n > 0) {
+            let gone = match &destination {
+                _ if n == 0 => Vec::new(),
+                Some(d) => Vec::from_iter((!configured(&s, d)).then(|| d.clone())),
+                None => unconfigured_with_waiting(&s).await,
+            };
+            if let Some(w) = waiting_for(&gone) {
                 answer["warning"] = w.into();
             }
             Json(answer).into_response()
@@ -466,15 +453,45 @@ fn configured(s: &Admin, d: &DestinationName) -> bool {
     s.destinations.get().get(d).is_some()
 }
 
+/// The destinations the queue has jobs of that this relay's configuration
+/// lacks, with jobs waiting (after a retry of every destination's dead
+/// letters): read side by side, a Redis that does not answer costing one
+/// bound; none when they cannot be read.
+async fn unconfigured_with_waiting(s: &Admin) -> Vec<DestinationName> {
+    let Ok(names) = s.queue.destination_names().await else {
+        return Vec::new();
+    };
+    let mut reads = tokio::task::JoinSet::new();
+    for d in names.into_iter().filter(|d| !configured(s, d)) {
+        let queue = s.queue.clone();
+        reads.spawn(async move {
+            let waiting = queue
+                .counts_for(Some(&d))
+                .await
+                .is_ok_and(|c| c.waiting > 0);
+            (d, waiting)
+        });
+    }
+    let mut gone = Vec::new();
+    while let Some(read) = reads.join_next().await {
+        if let Ok((d, true)) = read {
+            gone.push(d);
+        }
+    }
+    gone.sort();
+    gone
+}
+
 /// What a retry's answer adds when its jobs' destinations are not in the
-/// running configuration (a reload removed or renamed them): they stay
-/// retryable (SPEC §7), but wait until destinations of those names are back.
+/// running configuration (a reload removed or renamed them, or the relay
+/// started without them): they stay retryable (SPEC §7), but wait until
+/// destinations of those names are back.
 fn waiting_for(gone: &[DestinationName]) -> Option<String> {
     let names: Vec<_> = gone.iter().map(|d| d.to_string()).collect();
     match names.as_slice() {
         [] => None,
-        [d] => Some(format!("destination {d} is not in the running configuration: its jobs wait until a destination named {d} is added back (or remove them)")),
-        _ => Some(format!("destinations {} are not in the running configuration: their jobs wait until destinations of those names are added back (or remove them)", names.join(", "))),
+        [d] => Some(format!("destination {d} is not in this relay's running configuration: its jobs wait until a destination named {d} is added back, here or on a relay sharing the queue (or remove them)")),
+        _ => Some(format!("destinations {} are not in this relay's running configuration: their jobs wait until destinations of those names are added back, here or on a relay sharing the queue (or remove them)", names.join(", "))),
     }
 }
 

@@ -11,11 +11,11 @@
 //!   within milliseconds of each close). Counting first attempts only would
 //!   hold nothing for a quiet destination whose retries all fail: its jobs
 //!   would use up their attempts; `failures` different events retrying do
-//!   open it. An ordered destination counts each attempt
-//!   ([`Breaker::counting_each_attempt`]): it tries only its keys' first
-//!   events, so with fewer keys than `failures` an outage would never open
-//!   it, and each key's first event would use up its attempts (and, with
-//!   `on_failure = "hold"`, hold its key).
+//!   open it. So does an ordered destination's run, which has one event per
+//!   key at most (it tries each key's first): with fewer keys than
+//!   `failures` an outage does not open it, and each first event uses up its
+//!   attempts (counting each attempt there made one bad event on a quiet
+//!   ordered destination its circuit's only trial, retried for a day).
 //! * **Open.** Nothing is started for the cool-down; the pool gives back the
 //!   jobs it holds (they wait in the store, unleased, with their attempts).
 //! * **Half-open.** Up to [`TRIALS`] trial deliveries of *different* events
@@ -119,8 +119,7 @@ pub struct Breaker {
     /// The events (a hash of each job's id) whose retryable failures make
     /// the run while closed, each once; at most `failures` of them.
     run: Vec<u64>,
-    /// Each attempt counts, an event's retries too (an ordered destination).
-    each_attempt: bool,
+
     cooldown_ms: i64,
     open_until: i64,
     held_until: Option<i64>,
@@ -145,7 +144,6 @@ impl Breaker {
             settings,
             phase: Phase::Closed,
             run: Vec::new(),
-            each_attempt: false,
             cooldown_ms: ms(settings.cooldown),
             open_until: 0,
             held_until: None,
@@ -153,15 +151,6 @@ impl Breaker {
             trials_failed: 0,
             trials: trials.clamp(1, TRIALS),
             closed_by_trial_at: None,
-        }
-    }
-
-    /// A breaker whose run counts every attempt, an event's retries too:
-    /// an ordered destination's (see the module doc).
-    pub fn counting_each_attempt(self, each_attempt: bool) -> Self {
-        Self {
-            each_attempt,
-            ..self
         }
     }
 
@@ -242,7 +231,7 @@ impl Breaker {
             (_, _, Signal::Success) => self.close(),
             (Phase::Closed, _, Signal::Answered) => self.run.clear(),
             (Phase::Closed, _, Signal::Failure) if self.settings.failures > 0 => {
-                if self.each_attempt || !self.run.contains(&event) {
+                if !self.run.contains(&event) {
                     self.run.push(event);
                 }
                 if self.run.len() >= self.settings.failures as usize {
@@ -507,14 +496,6 @@ mod tests {
             "three different events in a row"
         );
         assert_ne!(event_of("17"), event_of("18"));
-        // An ordered destination's: each attempt.
-        let mut b = Breaker::new(S, 16).counting_each_attempt(true);
-        assert_eq!(b.record(Signal::Failure, 7, false, None, 0), None);
-        assert_eq!(b.record(Signal::Failure, 7, false, None, 0), None);
-        assert_eq!(
-            b.record(Signal::Failure, 7, false, None, 0),
-            Some(Phase::Open)
-        );
     }
 
     #[test]

@@ -237,7 +237,6 @@ impl Dispatch {
             prefetch: (concurrency * 2).min(MAX_CLAIM),
             rate_limit: cfg.destination.rate_limit,
             circuit: cfg.destination.circuit,
-            ordered: cfg.destination.ordering.is_some(),
             idle_poll_ms: i64::try_from(cfg.pool.idle_poll.as_millis()).unwrap_or(i64::MAX),
             pause_lease_ms: queue.pause_lease().as_millis() as i64,
         });

@@ -43,9 +43,6 @@ pub struct Settings {
     /// Starts in any 1.05 s; 0 = none.
     pub rate_limit: u32,
     pub circuit: CircuitSettings,
-    /// `ordering` is set: only each key's first job is tried, and the
-    /// circuit counts each attempt (`circuit::Breaker::counting_each_attempt`).
-    pub ordered: bool,
     /// The longest rest between two claims.
     pub idle_poll_ms: i64,
     pub pause_lease_ms: i64,
@@ -124,8 +121,7 @@ const ERROR_REST_MS: i64 = 1000;
 impl Machine {
     pub fn new(s: Settings) -> Self {
         Self {
-            breaker: Breaker::new(s.circuit, s.concurrency.min(u32::MAX as usize) as u32)
-                .counting_each_attempt(s.ordered),
+            breaker: Breaker::new(s.circuit, s.concurrency.min(u32::MAX as usize) as u32),
             s,
             ready: VecDeque::new(),
             running: 0,

@@ -1119,7 +1119,7 @@ async fn a_reload_adds_changes_and_removes_destinations_losing_nothing() {
     // "retried", and the job then waited unseen).
     let warning = retried["warning"].as_str().unwrap_or_default();
     assert!(
-        warning.contains("crm") && warning.contains("not in the running configuration"),
+        warning.contains("crm") && warning.contains("not in this relay's running configuration"),
         "{retried}"
     );
     // A retry of every destination's dead letters names it too.

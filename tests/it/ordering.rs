@@ -1176,14 +1176,16 @@ async fn on_redis_a_first_job_deleted_by_a_tool_does_not_strand_its_key() {
 }
 
 /// An outage of an ordered destination with fewer conversations than
-/// `failures` (two, `failures = 3`, 3 attempts, `on_failure = "hold"`):
-/// only each key's first event is tried, so the circuit counts each
-/// attempt, opens, and the first events keep their attempts; everything is
-/// delivered in order once the target is back. When it counted each event
-/// once, two first events could never make a run of three: each used up
-/// its attempts and held its key, and the circuit stayed closed.
+/// `failures` (two, `failures = 3`, 3 attempts, `on_failure = "hold"`): it
+/// tries only each key's first event, and an event's retries count once,
+/// so the run never reaches three and the circuit stays closed
+/// (docs/guarantees.md, "Not guaranteed"). Each first event uses up its
+/// attempts and holds its key; nothing else is attempted or lost, and once
+/// the target is back a retry of the dead letters delivers every event in
+/// order. (Counting each attempt here opened the circuit, but made one bad
+/// event on a quiet ordered destination its only trial, retried for a day.)
 #[tokio::test]
-async fn an_ordered_destinations_outage_opens_its_circuit_with_few_keys() {
+async fn an_ordered_destinations_outage_with_few_keys_holds_them_until_retried() {
     let wait = Duration::from_secs(30);
     let mut app = spawn_app_on(Backend::Embedded, |c| {
         c.delivery.backoff.base = Duration::from_millis(100);
@@ -1200,29 +1202,32 @@ async fn an_ordered_destinations_outage_opens_its_circuit_with_few_keys() {
             assert_eq!(reply.status, 200, "{}", reply.json);
         }
     }
-    let open = r#"cogrelay_destination_circuit{destination="crm",state="open"} 1"#;
     let app_ref = &app;
-    wait_until("the circuit opens", wait, || async move {
-        app_ref.metrics_text().await.contains(open)
-    })
-    .await;
-    // Past every first event's own retries (0.1 + 0.2 s) by a trial or two:
-    // nothing dead-lettered, no key held.
-    wait_until("attempts over more than 2 s", wait, || async move {
-        let at: Vec<_> = app_ref.sink.received().iter().map(|r| r.at).collect();
-        at.first()
-            .zip(at.last())
-            .is_some_and(|(a, b)| b.duration_since(*a) > Duration::from_secs(2))
+    wait_until("both keys held", wait, || async move {
+        let d = app_ref.admin_get("/admin/destinations").await.json;
+        d[0]["held_keys"].as_array().is_some_and(|h| h.len() == 2)
     })
     .await;
     let q = app.admin_get("/admin/queue").await.json;
-    assert_eq!(q["failed"], 0, "{q}");
+    assert_eq!(
+        (q["failed"].clone(), q["waiting"].clone()),
+        (2.into(), 4.into()),
+        "{q}"
+    );
+    assert_eq!(
+        app.sink.posts(),
+        6,
+        "three attempts of each first event, no more"
+    );
+    let d = app.admin_get("/admin/destinations").await.json;
+    assert_eq!(d[0]["circuit"], "closed", "{d}");
     app.sink.set_default(Behaviour::status(200));
+    let retried = app.admin_post("/admin/jobs/retry?state=failed").await;
+    assert_eq!(retried.json["retried"], 2, "{:?}", retried.json);
     wait_until("all six delivered", wait, || async move {
         app_ref.admin_get("/admin/queue").await.json["completed"] == 6
     })
     .await;
-    assert_eq!(app.admin_get("/admin/queue").await.json["failed"], 0);
     let order = first_deliveries(&app.sink);
     for s in ["s1", "s2"] {
         let want: Vec<String> = (0..3).map(|i| format!("{s}-{i}")).collect();

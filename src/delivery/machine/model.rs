@@ -124,10 +124,9 @@ fn settings() -> impl Strategy<Value = Settings> {
         100u64..2000,
         50i64..1000,
         200i64..1000,
-        any::<bool>(),
     )
         .prop_map(
-            |(concurrency, extra, rate_limit, failures, cooldown, idle, lease, ordered)| Settings {
+            |(concurrency, extra, rate_limit, failures, cooldown, idle, lease)| Settings {
                 concurrency,
                 prefetch: concurrency + extra,
                 rate_limit,
@@ -136,7 +135,6 @@ fn settings() -> impl Strategy<Value = Settings> {
                     cooldown: Duration::from_millis(cooldown),
                     max_cooldown: Duration::from_millis(cooldown * 4),
                 },
-                ordered,
                 idle_poll_ms: idle,
                 pause_lease_ms: lease,
             },

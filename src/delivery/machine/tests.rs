@@ -27,7 +27,6 @@ fn settings(concurrency: usize) -> Settings {
         prefetch: concurrency * 2,
         rate_limit: 0,
         circuit: DEFAULT_CIRCUIT,
-        ordered: false,
         idle_poll_ms: 1000,
         pause_lease_ms: 1000,
     }
