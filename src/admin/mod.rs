@@ -446,9 +446,6 @@ async fn remove_job(State(s): State<Arc<Admin>>, Path(id): Path<String>) -> Resp
     }
 }
 
-/// The destination of job `id`, whose pools a retry or a removal wakes;
-/// `None` (every pool) when it cannot be read. A job keeps its destination
-/// (a bundle's slot is read as its own job), so the read may come first.
 fn configured(s: &Admin, d: &DestinationName) -> bool {
     s.destinations.get().get(d).is_some()
 }
@@ -495,6 +492,9 @@ fn waiting_for(gone: &[DestinationName]) -> Option<String> {
     }
 }
 
+/// The destination of job `id`, whose pools a retry or a removal wakes;
+/// `None` (every pool) when it cannot be read. A job keeps its destination
+/// (a bundle's slot is read as its own job), so the read may come first.
 async fn destination_of(s: &Admin, id: &str) -> Option<DestinationName> {
     s.queue.get(id).await.ok().map(|job| job.destination)
 }

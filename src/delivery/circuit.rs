@@ -119,7 +119,6 @@ pub struct Breaker {
     /// The events (a hash of each job's id) whose retryable failures make
     /// the run while closed, each once; at most `failures` of them.
     run: Vec<u64>,
-
     cooldown_ms: i64,
     open_until: i64,
     held_until: Option<i64>,

@@ -301,9 +301,8 @@ impl Machine {
         }
     }
 
-    /// A delivery's HTTP exchange ended (or it never went out: `Signal::None`).
-    /// A delivery of the job whose id hashes to `event`
-    /// ([`super::circuit::event_of`]) ended.
+    /// A delivery's HTTP exchange ended (or it never went out: `Signal::None`),
+    /// of the job whose id hashes to `event` ([`super::circuit::event_of`]).
     pub fn finished(
         &mut self,
         trial: bool,
