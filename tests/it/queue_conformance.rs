@@ -413,7 +413,10 @@ async fn a_due_retry_lists_as_waiting_as_it_counts() {
 /// Redis: a bulk retry moves the dead letters there were when it began, each
 /// once. A job one of its batches moved that failed again meanwhile (here a
 /// tool moves jobs from wait back to failed as fast as it can, as a target
-/// refusing them at once would) is not taken by a later batch and sent again.
+/// refusing them at once would) is not taken by a later batch and sent
+/// again: neither scored later than every dead letter (a batch took the
+/// set's oldest, so it took them again) nor earlier (scored by a relay whose
+/// clock is behind: a bound on the scores took them again).
 #[tokio::test]
 async fn a_bulk_retry_moves_each_dead_letter_once() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -451,11 +454,15 @@ async fn a_bulk_retry_moves_each_dead_letter_once() {
                    if id then redis.call('ZADD', KEYS[2], ARGV[1], id) return 1 end
                    return 0"#,
             );
+            let mut behind = false;
             while !done.load(Ordering::Relaxed) {
+                // Scored now, or by a relay whose clock is two minutes behind.
+                behind = !behind;
+                let score = now_ms() + if behind { -120_000 } else { 1 };
                 let n: u64 = again
                     .key("bull:conformance:wait")
                     .key("bull:conformance:failed")
-                    .arg(now_ms() + 1)
+                    .arg(score)
                     .invoke_async(&mut conn)
                     .await
                     .expect("fail again");

@@ -24,14 +24,6 @@ const TYPES: [(&str, bool, JobState); 8] = [
     ("failed", true, JobState::Failed),
 ];
 
-/// Which failed jobs a retry moves.
-enum Batch<'a> {
-    /// This one, if it is failed.
-    One(&'a str),
-    /// The first [`RETRY_BATCH`] scored up to this.
-    Upto(f64),
-}
-
 /// The structures that hold `state`'s jobs (every state's for `None`).
 fn types_of(state: Option<JobState>) -> impl Iterator<Item = (&'static str, bool, JobState)> {
     TYPES
@@ -344,7 +336,7 @@ impl BullQueue {
                 // An id left in the failed set by a tool that deleted its
                 // hash leaves the set (as retry-all drops it): still a 404,
                 // unless the job is there after all, and moved.
-                if self.move_failed(Batch::One(id)).await?.1 == 1 {
+                if self.move_failed(&[id]).await?.1 == 1 {
                     return Ok(());
                 }
                 return Err(QueueError::NotFound(id.to_string()));
@@ -356,7 +348,7 @@ impl BullQueue {
         // failed in between): then it is moved now.
         for _ in 0..3 {
             state.check_retry(id)?;
-            if self.move_failed(Batch::One(id)).await?.1 == 1 {
+            if self.move_failed(&[id]).await?.1 == 1 {
                 return Ok(());
             }
             state = self.state_of(id).await?;
@@ -370,46 +362,39 @@ impl BullQueue {
     }
 
     pub(super) async fn retry_all_failed(&self) -> QueueResult<u64> {
-        // Batches of RETRY_BATCH, each reset and moved in one script, so every
-        // job moved has its attempts reset and the count is what moved. Only
-        // the jobs failed when it began (scored up to the set's highest
-        // then): one an earlier batch moved, that failed again meanwhile (a
-        // target refusing it at once), is not moved and sent a second time.
-        let top: Vec<(String, f64)> = self
+        // The ids the failed set has when it begins, read at once, then
+        // moved in batches of RETRY_BATCH (each reset and moved in one
+        // script, so every job moved has its attempts reset and the count is
+        // what moved), each id once: a job an earlier batch moved that failed
+        // again meanwhile (a target refusing it at once) is not moved and
+        // sent a second time, whatever the clock of the relay that scored it.
+        let ids: Vec<String> = self
             .raw(
-                redis::cmd("ZREVRANGE")
+                redis::cmd("ZRANGE")
                     .arg(self.hot.key("failed"))
                     .arg(0)
-                    .arg(0)
-                    .arg("WITHSCORES"),
+                    .arg(-1),
             )
             .await?;
-        let Some(&(_, highest)) = top.first() else {
-            return Ok(0);
-        };
         let mut moved = 0;
-        loop {
-            let (taken, n) = self.move_failed(Batch::Upto(highest)).await?;
-            moved += n;
-            if taken < RETRY_BATCH {
-                return Ok(moved);
-            }
+        for batch in ids.chunks(RETRY_BATCH as usize) {
+            moved += self.move_failed(batch).await?.1;
         }
+        Ok(moved)
     }
 
-    /// Moves failed jobs back to wait: one, or a batch of [`RETRY_BATCH`];
-    /// how many were taken off the failed set, and how many of them moved
-    /// (not those whose hash a tool deleted).
-    async fn move_failed(&self, which: Batch<'_>) -> QueueResult<(u64, u64)> {
+    /// Moves these jobs back to wait, each if it is failed: how many were
+    /// taken off the failed set, and how many of them moved (not those whose
+    /// hash a tool deleted).
+    async fn move_failed(&self, ids: &[impl AsRef<str>]) -> QueueResult<(u64, u64)> {
         let mut call = self.hot.prepare(
             &self.hot.retry_failed,
             &["failed", "wait", "meta", "active", "marker", "events"],
         );
-        call.arg(RETRY_BATCH).arg(self.hot.clock.now_ms());
-        match which {
-            Batch::One(id) => call.arg(id),
-            Batch::Upto(score) => call.arg("").arg(score),
-        };
+        call.arg(self.hot.clock.now_ms());
+        for id in ids {
+            call.arg(id.as_ref());
+        }
         self.hot.invoke(&call).await
     }
 
