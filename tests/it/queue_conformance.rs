@@ -424,7 +424,8 @@ async fn a_bulk_retry_moves_each_dead_letter_once() {
         return;
     };
     let q = open_redis(&server).await;
-    const N: usize = 1200;
+    // Over one page of the retry's reads (5,000).
+    const N: usize = 5200;
     for i in 0..N {
         q.enqueue(ev(&format!("dead-{i}"))).await.expect("enqueue");
     }

@@ -7,9 +7,11 @@
     KEYS[1] failed, KEYS[2] wait, KEYS[3] meta, KEYS[4] active,
     KEYS[5] marker, KEYS[6] events
     ARGV[1] key prefix, ARGV[2] timestamp (ms),
-    ARGV[3..] the jobs to move, each if it is in the failed set (a bulk
-      retry gives the ids the set had when it began, each once: a job moved
-      that failed again meanwhile waits for the next retry)
+    ARGV[3..] pairs: a job to move, and its score in the failed set when
+      the retry read it ("" for any score). A bulk retry gives the jobs the
+      set had when it began: one moved meanwhile (by this retry or another)
+      that failed again has another score, and waits for the next retry.
+      An id given twice is moved once.
   An id whose hash is gone (a tool deleted it, or replaced it with another
   type) leaves the set, not moved.
   Returns {taken, moved}: the ids taken off the set and how many of them
@@ -21,10 +23,15 @@ local broken = cgWrongType({ { KEYS[2], "list" }, { KEYS[5], "zset" }, { KEYS[6]
 if broken then
   return redis.error_reply("ERR " .. broken .. " to retry its failed jobs")
 end
-local jobs = {}
-for i = 3, #ARGV do
-  if rcall("ZSCORE", KEYS[1], ARGV[i]) then
-    jobs[#jobs + 1] = ARGV[i]
+local jobs, seen = {}, {}
+for i = 3, #ARGV - 1, 2 do
+  local jobId, read = ARGV[i], ARGV[i + 1]
+  if not seen[jobId] then
+    seen[jobId] = true
+    local score = rcall("ZSCORE", KEYS[1], jobId)
+    if score and (read == "" or score == read) then
+      jobs[#jobs + 1] = jobId
+    end
   end
 end
 if #jobs == 0 then

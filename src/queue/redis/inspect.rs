@@ -24,6 +24,10 @@ const TYPES: [(&str, bool, JobState); 8] = [
     ("failed", true, JobState::Failed),
 ];
 
+/// Failed jobs read per page by a bulk retry (each page's read is bounded
+/// on its own: one read of a million took longer than the bound).
+const RETRY_PAGE: usize = 5000;
+
 /// The structures that hold `state`'s jobs (every state's for `None`).
 fn types_of(state: Option<JobState>) -> impl Iterator<Item = (&'static str, bool, JobState)> {
     TYPES
@@ -336,7 +340,7 @@ impl BullQueue {
                 // An id left in the failed set by a tool that deleted its
                 // hash leaves the set (as retry-all drops it): still a 404,
                 // unless the job is there after all, and moved.
-                if self.move_failed(&[id]).await?.1 == 1 {
+                if self.move_failed(&[(id, "")]).await?.1 == 1 {
                     return Ok(());
                 }
                 return Err(QueueError::NotFound(id.to_string()));
@@ -348,7 +352,7 @@ impl BullQueue {
         // failed in between): then it is moved now.
         for _ in 0..3 {
             state.check_retry(id)?;
-            if self.move_failed(&[id]).await?.1 == 1 {
+            if self.move_failed(&[(id, "")]).await?.1 == 1 {
                 return Ok(());
             }
             state = self.state_of(id).await?;
@@ -362,38 +366,51 @@ impl BullQueue {
     }
 
     pub(super) async fn retry_all_failed(&self) -> QueueResult<u64> {
-        // The ids the failed set has when it begins, read at once, then
-        // moved in batches of RETRY_BATCH (each reset and moved in one
-        // script, so every job moved has its attempts reset and the count is
-        // what moved), each id once: a job an earlier batch moved that failed
-        // again meanwhile (a target refusing it at once) is not moved and
-        // sent a second time, whatever the clock of the relay that scored it.
-        let ids: Vec<String> = self
-            .raw(
-                redis::cmd("ZRANGE")
-                    .arg(self.hot.key("failed"))
-                    .arg(0)
-                    .arg(-1),
-            )
-            .await?;
+        // The failed set's jobs and scores when it begins, read in pages
+        // (each read bounded on its own), then moved in batches of
+        // RETRY_BATCH (each reset and moved in one script, so every job moved
+        // has its attempts reset and the count is what moved), each only if
+        // its score is still the one read: a job moved meanwhile, by this
+        // retry or another, that failed again (a target refusing it at once)
+        // has another score, whatever the clock of the relay that scored it,
+        // and is not moved and sent a second time.
+        let mut read: Vec<(String, String)> = Vec::new();
+        loop {
+            let from = read.len();
+            let page: Vec<(String, String)> = self
+                .raw(
+                    redis::cmd("ZRANGE")
+                        .arg(self.hot.key("failed"))
+                        .arg(from)
+                        .arg(from + RETRY_PAGE - 1)
+                        .arg("WITHSCORES"),
+                )
+                .await?;
+            let last = page.len() < RETRY_PAGE;
+            read.extend(page);
+            if last {
+                break;
+            }
+        }
         let mut moved = 0;
-        for batch in ids.chunks(RETRY_BATCH as usize) {
-            moved += self.move_failed(batch).await?.1;
+        for batch in read.chunks(RETRY_BATCH as usize) {
+            let batch: Vec<(&str, &str)> = batch.iter().map(|(id, s)| (&**id, &**s)).collect();
+            moved += self.move_failed(&batch).await?.1;
         }
         Ok(moved)
     }
 
-    /// Moves these jobs back to wait, each if it is failed: how many were
-    /// taken off the failed set, and how many of them moved (not those whose
-    /// hash a tool deleted).
-    async fn move_failed(&self, ids: &[impl AsRef<str>]) -> QueueResult<(u64, u64)> {
+    /// Moves these jobs back to wait, each if it is failed with the score
+    /// given ("" for any): how many were taken off the failed set, and how
+    /// many of them moved (not those whose hash a tool deleted).
+    async fn move_failed(&self, jobs: &[(&str, &str)]) -> QueueResult<(u64, u64)> {
         let mut call = self.hot.prepare(
             &self.hot.retry_failed,
             &["failed", "wait", "meta", "active", "marker", "events"],
         );
         call.arg(self.hot.clock.now_ms());
-        for id in ids {
-            call.arg(id.as_ref());
+        for (id, score) in jobs {
+            call.arg(*id).arg(*score);
         }
         self.hot.invoke(&call).await
     }
