@@ -483,6 +483,112 @@ async fn a_bulk_retry_moves_each_dead_letter_once() {
     );
 }
 
+/// Redis: a bulk retry's step skips a job another retry moved after the
+/// bulk retry began (on Redis's clock), which failed again since: the step
+/// is given the retry's start, as `retry_all_failed` gives it. A job moved
+/// before it began, that failed again, is moved. (With a check of the score
+/// read, a job another retry moved and that failed again while the bulk
+/// retry still read its pages was read with its new score, and moved a
+/// second time.)
+#[tokio::test]
+async fn a_bulk_retry_skips_a_job_another_retry_moved_since_it_began() {
+    let Some(server) = crate::redis_server::RedisServer::start(false) else {
+        return;
+    };
+    let q = open_redis(&server).await;
+    let mut conn = server.connection().await;
+    let mut ids = Vec::new();
+    for id in ["before", "meanwhile", "untouched"] {
+        ids.push(accepted(&q, id).await);
+    }
+    let fail_all = redis::Script::new(
+        r#"local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+           redis.call('DEL', KEYS[1])
+           for i, id in ipairs(ids) do redis.call('ZADD', KEYS[2], ARGV[1] + i, id) end
+           return #ids"#,
+    );
+    let fail_again = |id: &str| {
+        redis::cmd("LREM")
+            .arg("bull:conformance:wait")
+            .arg(0)
+            .arg(id)
+            .to_owned()
+    };
+    let fail = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let script = fail_all.clone();
+        async move {
+            let _: usize = script
+                .key("bull:conformance:wait")
+                .key("bull:conformance:failed")
+                .arg(now_ms())
+                .invoke_async(&mut conn)
+                .await
+                .expect("fail");
+        }
+    };
+    fail(&mut conn).await;
+    // "before" is retried and fails again before the bulk retry begins.
+    q.retry(&ids[0]).await.expect("retry before");
+    let _: () = fail_again(&ids[0])
+        .query_async(&mut conn)
+        .await
+        .expect("lrem");
+    let _: () = redis::cmd("ZADD")
+        .arg("bull:conformance:failed")
+        .arg(now_ms())
+        .arg(&ids[0])
+        .query_async(&mut conn)
+        .await
+        .expect("zadd");
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut conn)
+        .await
+        .expect("time");
+    let began = secs * 1000 + micros / 1000;
+    until_clock_passes(now_ms() + 2).await;
+    // "meanwhile" is retried by another operator after it began, and fails again.
+    q.retry(&ids[1]).await.expect("retry meanwhile");
+    let _: () = fail_again(&ids[1])
+        .query_async(&mut conn)
+        .await
+        .expect("lrem");
+    let _: () = redis::cmd("ZADD")
+        .arg("bull:conformance:failed")
+        .arg(now_ms())
+        .arg(&ids[1])
+        .query_async(&mut conn)
+        .await
+        .expect("zadd");
+    // The bulk retry's step, as `retry_all_failed` calls it.
+    let step = redis::Script::new(concat!(
+        include_str!("../../src/queue/lua/check.lua"),
+        include_str!("../../src/queue/lua/retry_failed.lua")
+    ));
+    let mut call = step.prepare_invoke();
+    for k in ["failed", "wait", "meta", "active", "marker", "events"] {
+        call.key(format!("bull:conformance:{k}"));
+    }
+    call.arg("bull:conformance:").arg(now_ms()).arg(began);
+    for id in &ids {
+        call.arg(id);
+    }
+    let (taken, moved): (u64, u64) = call.invoke_async(&mut conn).await.expect("step");
+    assert_eq!((taken, moved), (2, 2), "before and untouched");
+    let failed: Vec<String> = redis::cmd("ZRANGE")
+        .arg("bull:conformance:failed")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("zrange");
+    assert_eq!(
+        failed,
+        [ids[1].clone()],
+        "meanwhile waits for the next retry"
+    );
+}
+
 /// A job back in wait (a retry fallen due, a dead letter retried) is aged
 /// from when it came back, not from its creation, on both backends (Redis
 /// aged its wait list by creation: a retry after a long backoff, or last

@@ -7,11 +7,13 @@
     KEYS[1] failed, KEYS[2] wait, KEYS[3] meta, KEYS[4] active,
     KEYS[5] marker, KEYS[6] events
     ARGV[1] key prefix, ARGV[2] timestamp (ms),
-    ARGV[3..] pairs: a job to move, and its score in the failed set when
-      the retry read it ("" for any score). A bulk retry gives the jobs the
-      set had when it began: one moved meanwhile (by this retry or another)
-      that failed again has another score, and waits for the next retry.
-      An id given twice is moved once.
+    ARGV[3] a bulk retry's start on Redis's clock (ms, from TIME), or ""
+      (one job's retry),
+    ARGV[4..] the jobs to move, each if it is in the failed set and, for a
+      bulk retry, no retry moved it since that began ("cg:retried", written
+      here on Redis's clock): a job moved meanwhile, by this retry or
+      another, that failed again waits for the next retry, whatever the
+      relays' clocks. An id given twice is moved once.
   An id whose hash is gone (a tool deleted it, or replaced it with another
   type) leaves the set, not moved.
   Returns {taken, moved}: the ids taken off the set and how many of them
@@ -23,13 +25,18 @@ local broken = cgWrongType({ { KEYS[2], "list" }, { KEYS[5], "zset" }, { KEYS[6]
 if broken then
   return redis.error_reply("ERR " .. broken .. " to retry its failed jobs")
 end
+local t = rcall("TIME")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local since = tonumber(ARGV[3])
 local jobs, seen = {}, {}
-for i = 3, #ARGV - 1, 2 do
-  local jobId, read = ARGV[i], ARGV[i + 1]
-  if not seen[jobId] then
+for i = 4, #ARGV do
+  local jobId = ARGV[i]
+  if not seen[jobId] and rcall("ZSCORE", KEYS[1], jobId) then
     seen[jobId] = true
-    local score = rcall("ZSCORE", KEYS[1], jobId)
-    if score and (read == "" or score == read) then
+    local jobKey = ARGV[1] .. jobId
+    local at = since and rcall("TYPE", jobKey)["ok"] == "hash" and
+      tonumber(rcall("HGET", jobKey, "cg:retried"))
+    if not (at and at >= since) then
       jobs[#jobs + 1] = jobId
     end
   end
@@ -44,7 +51,7 @@ for _, jobId in ipairs(jobs) do
   local jobKey = ARGV[1] .. jobId
   if rcall("TYPE", jobKey)["ok"] == "hash" then
     rcall("HDEL", jobKey, "finishedOn", "processedOn", "failedReason")
-    rcall("HSET", jobKey, "atm", 0, "ats", 0, "cg:due", ARGV[2])
+    rcall("HSET", jobKey, "atm", 0, "ats", 0, "cg:due", ARGV[2], "cg:retried", now)
     rcall("XADD", KEYS[6], "MAXLEN", "~", maxEvents, "*", "event", "waiting",
       "jobId", jobId, "prev", "failed")
     moved[#moved + 1] = jobId

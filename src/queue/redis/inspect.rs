@@ -340,7 +340,7 @@ impl BullQueue {
                 // An id left in the failed set by a tool that deleted its
                 // hash leaves the set (as retry-all drops it): still a 404,
                 // unless the job is there after all, and moved.
-                if self.move_failed(&[(id, "")]).await?.1 == 1 {
+                if self.move_failed(None, &[id]).await?.1 == 1 {
                     return Ok(());
                 }
                 return Err(QueueError::NotFound(id.to_string()));
@@ -352,7 +352,7 @@ impl BullQueue {
         // failed in between): then it is moved now.
         for _ in 0..3 {
             state.check_retry(id)?;
-            if self.move_failed(&[(id, "")]).await?.1 == 1 {
+            if self.move_failed(None, &[id]).await?.1 == 1 {
                 return Ok(());
             }
             state = self.state_of(id).await?;
@@ -366,51 +366,57 @@ impl BullQueue {
     }
 
     pub(super) async fn retry_all_failed(&self) -> QueueResult<u64> {
-        // The failed set's jobs and scores when it begins, read in pages
-        // (each read bounded on its own), then moved in batches of
-        // RETRY_BATCH (each reset and moved in one script, so every job moved
-        // has its attempts reset and the count is what moved), each only if
-        // its score is still the one read: a job moved meanwhile, by this
-        // retry or another, that failed again (a target refusing it at once)
-        // has another score, whatever the clock of the relay that scored it,
-        // and is not moved and sent a second time.
-        let mut read: Vec<(String, String)> = Vec::new();
+        // The failed set's jobs when it begins, read in pages (each read
+        // bounded on its own), then moved in batches of RETRY_BATCH (each
+        // reset and moved in one script, so every job moved has its attempts
+        // reset and the count is what moved), each only if no retry moved it
+        // since this one began (on Redis's clock): a job moved meanwhile, by
+        // this retry or another, that failed again (a target refusing it at
+        // once) is not moved and sent a second time, whatever the relays'
+        // clocks.
+        let (secs, micros): (u64, u64) = self.raw(&redis::cmd("TIME")).await?;
+        let began = secs * 1000 + micros / 1000;
+        let mut ids: Vec<String> = Vec::new();
         loop {
-            let from = read.len();
-            let page: Vec<(String, String)> = self
+            let from = ids.len();
+            let page: Vec<String> = self
                 .raw(
                     redis::cmd("ZRANGE")
                         .arg(self.hot.key("failed"))
                         .arg(from)
-                        .arg(from + RETRY_PAGE - 1)
-                        .arg("WITHSCORES"),
+                        .arg(from + RETRY_PAGE - 1),
                 )
                 .await?;
             let last = page.len() < RETRY_PAGE;
-            read.extend(page);
+            ids.extend(page);
             if last {
                 break;
             }
         }
         let mut moved = 0;
-        for batch in read.chunks(RETRY_BATCH as usize) {
-            let batch: Vec<(&str, &str)> = batch.iter().map(|(id, s)| (&**id, &**s)).collect();
-            moved += self.move_failed(&batch).await?.1;
+        for batch in ids.chunks(RETRY_BATCH as usize) {
+            moved += self.move_failed(Some(began), batch).await?.1;
         }
         Ok(moved)
     }
 
-    /// Moves these jobs back to wait, each if it is failed with the score
-    /// given ("" for any): how many were taken off the failed set, and how
-    /// many of them moved (not those whose hash a tool deleted).
-    async fn move_failed(&self, jobs: &[(&str, &str)]) -> QueueResult<(u64, u64)> {
+    /// Moves these jobs back to wait, each if it is failed and, for a bulk
+    /// retry that `began` then (Redis's clock, ms), no retry moved it since:
+    /// how many were taken off the failed set, and how many of them moved
+    /// (not those whose hash a tool deleted).
+    async fn move_failed(
+        &self,
+        began: Option<u64>,
+        ids: &[impl AsRef<str>],
+    ) -> QueueResult<(u64, u64)> {
         let mut call = self.hot.prepare(
             &self.hot.retry_failed,
             &["failed", "wait", "meta", "active", "marker", "events"],
         );
-        call.arg(self.hot.clock.now_ms());
-        for (id, score) in jobs {
-            call.arg(*id).arg(*score);
+        call.arg(self.hot.clock.now_ms())
+            .arg(began.map_or(String::new(), |b| b.to_string()));
+        for id in ids {
+            call.arg(id.as_ref());
         }
         self.hot.invoke(&call).await
     }
