@@ -287,21 +287,18 @@ async fn prometheus(State(s): State<Arc<Admin>>) -> Response {
     // costs the scrape one bound (2 s), not one per destination (a scrape
     // has 10 s by default).
     let (current, gone) = s.names_shown();
-    let mut reads = tokio::task::JoinSet::new();
-    for name in current.list.iter().map(|d| d.name.clone()).chain(gone) {
-        let queue = s.queue.clone();
-        reads.spawn(async move {
-            let held = queue.held_keys(&name, crate::queue::HELD_KEYS_SHOWN).await;
-            (name, held)
-        });
-    }
+    let names = current.list.iter().map(|d| d.name.clone()).chain(gone);
+    let held = each_destination(s.queue.clone(), names, |queue, name| async move {
+        queue.held_keys(&name, crate::queue::HELD_KEYS_SHOWN).await
+    });
     // Queue gauges are read at scrape time; counters still render when the queue is down.
-    let counts = s.queue.counts_for(None).await.ok();
-    while let Some(read) = reads.join_next().await {
-        if let Ok((name, Ok(held))) = read {
+    let (held, counts) = tokio::join!(held, s.queue.counts_for(None));
+    for (name, held) in held {
+        if let Ok(held) = held {
             s.metrics.held_keys(&name, held.len());
         }
     }
+    let counts = counts.ok();
     (
         [(
             header::CONTENT_TYPE,
@@ -458,25 +455,46 @@ async fn unconfigured_with_waiting(s: &Admin) -> Vec<DestinationName> {
     let Ok(names) = s.queue.destination_names().await else {
         return Vec::new();
     };
-    let mut reads = tokio::task::JoinSet::new();
-    for d in names.into_iter().filter(|d| !configured(s, d)) {
-        let queue = s.queue.clone();
-        reads.spawn(async move {
-            let waiting = queue
-                .counts_for(Some(&d))
-                .await
-                .is_ok_and(|c| c.waiting > 0);
-            (d, waiting)
-        });
-    }
-    let mut gone = Vec::new();
-    while let Some(read) = reads.join_next().await {
-        if let Ok((d, true)) = read {
-            gone.push(d);
-        }
-    }
+    let names = names.into_iter().filter(|d| !configured(s, d));
+    let waiting = each_destination(s.queue.clone(), names, |queue, d| async move {
+        queue
+            .counts_for(Some(&d))
+            .await
+            .is_ok_and(|c| c.waiting > 0)
+    });
+    let mut gone: Vec<_> = waiting
+        .await
+        .into_iter()
+        .filter(|(_, w)| *w)
+        .map(|(d, _)| d)
+        .collect();
     gone.sort();
     gone
+}
+
+/// `read` of each destination, side by side (a Redis that does not answer
+/// costs the caller one bound, not one per destination); in no order, and
+/// without a read that panicked.
+async fn each_destination<T, F, Fut>(
+    queue: Arc<Store>,
+    names: impl IntoIterator<Item = DestinationName>,
+    read: F,
+) -> Vec<(DestinationName, T)>
+where
+    F: Fn(Arc<Store>, DestinationName) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut reads = tokio::task::JoinSet::new();
+    for name in names {
+        let answer = read(queue.clone(), name.clone());
+        reads.spawn(async move { (name, answer.await) });
+    }
+    let mut out = Vec::new();
+    while let Some(read) = reads.join_next().await {
+        out.extend(read.ok());
+    }
+    out
 }
 
 /// What a retry's answer adds when its jobs' destinations are not in the

@@ -360,7 +360,14 @@ impl Dispatch {
     fn delivery_ended(&mut self, done: Done) {
         let now = self.clock.mono_ms();
         self.ended.insert(done.lease.clone());
-        let event = super::circuit::event_of(&done.lease.job_id);
+        // The breaker names an event only when it failed (its run).
+        let event = match &done.verdict {
+            Verdict::Sent {
+                signal: Signal::Failure,
+                ..
+            } => super::circuit::event_of(&done.lease.job_id),
+            _ => 0,
+        };
         match done.verdict {
             Verdict::Sent { signal, hold } => {
                 self.machine

@@ -302,7 +302,8 @@ impl Machine {
     }
 
     /// A delivery's HTTP exchange ended (or it never went out: `Signal::None`),
-    /// of the job whose id hashes to `event` ([`super::circuit::event_of`]).
+    /// of the job whose id hashes to `event` ([`super::circuit::event_of`];
+    /// only a failure's is read).
     pub fn finished(
         &mut self,
         trial: bool,

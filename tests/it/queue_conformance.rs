@@ -430,43 +430,20 @@ async fn a_bulk_retry_moves_each_dead_letter_once() {
         q.enqueue(ev(&format!("dead-{i}"))).await.expect("enqueue");
     }
     let mut conn = server.connection().await;
-    // Every job failed a while ago (a tool's move, scored as a finish is).
-    let failed: usize = redis::Script::new(
-        r#"local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-           redis.call('DEL', KEYS[1])
-           for i, id in ipairs(ids) do redis.call('ZADD', KEYS[2], ARGV[1] + i, id) end
-           return #ids"#,
-    )
-    .key("bull:conformance:wait")
-    .key("bull:conformance:failed")
-    .arg(now_ms() - 60_000)
-    .invoke_async(&mut conn)
-    .await
-    .expect("fail them");
-    assert_eq!(failed, N);
+    // Every job failed a while ago.
+    assert_eq!(fail_every_waiting(&mut conn, now_ms() - 60_000).await, N);
     let done = std::sync::Arc::new(AtomicBool::new(false));
     let refailed = std::sync::Arc::new(AtomicU64::new(0));
     let failer = {
         let (done, refailed) = (done.clone(), refailed.clone());
         let mut conn = server.connection().await;
         tokio::spawn(async move {
-            let again = redis::Script::new(
-                r#"local id = redis.call('RPOP', KEYS[1])
-                   if id then redis.call('ZADD', KEYS[2], ARGV[1], id) return 1 end
-                   return 0"#,
-            );
             let mut behind = false;
             while !done.load(Ordering::Relaxed) {
                 // Scored now, or by a relay whose clock is two minutes behind.
                 behind = !behind;
                 let score = now_ms() + if behind { -120_000 } else { 1 };
-                let n: u64 = again
-                    .key("bull:conformance:wait")
-                    .key("bull:conformance:failed")
-                    .arg(score)
-                    .invoke_async(&mut conn)
-                    .await
-                    .expect("fail again");
+                let n = fail_again(&mut conn, None, score).await;
                 refailed.fetch_add(n, Ordering::Relaxed);
             }
         })
@@ -501,46 +478,10 @@ async fn a_bulk_retry_skips_a_job_another_retry_moved_since_it_began() {
     for id in ["before", "meanwhile", "untouched"] {
         ids.push(accepted(&q, id).await);
     }
-    let fail_all = redis::Script::new(
-        r#"local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-           redis.call('DEL', KEYS[1])
-           for i, id in ipairs(ids) do redis.call('ZADD', KEYS[2], ARGV[1] + i, id) end
-           return #ids"#,
-    );
-    let fail_again = |id: &str| {
-        redis::cmd("LREM")
-            .arg("bull:conformance:wait")
-            .arg(0)
-            .arg(id)
-            .to_owned()
-    };
-    let fail = |conn: &mut redis::aio::MultiplexedConnection| {
-        let mut conn = conn.clone();
-        let script = fail_all.clone();
-        async move {
-            let _: usize = script
-                .key("bull:conformance:wait")
-                .key("bull:conformance:failed")
-                .arg(now_ms())
-                .invoke_async(&mut conn)
-                .await
-                .expect("fail");
-        }
-    };
-    fail(&mut conn).await;
+    assert_eq!(fail_every_waiting(&mut conn, now_ms()).await, 3);
     // "before" is retried and fails again before the bulk retry begins.
     q.retry(&ids[0]).await.expect("retry before");
-    let _: () = fail_again(&ids[0])
-        .query_async(&mut conn)
-        .await
-        .expect("lrem");
-    let _: () = redis::cmd("ZADD")
-        .arg("bull:conformance:failed")
-        .arg(now_ms())
-        .arg(&ids[0])
-        .query_async(&mut conn)
-        .await
-        .expect("zadd");
+    assert_eq!(fail_again(&mut conn, Some(&ids[0]), now_ms()).await, 1);
     let (secs, micros): (u64, u64) = redis::cmd("TIME")
         .query_async(&mut conn)
         .await
@@ -549,17 +490,7 @@ async fn a_bulk_retry_skips_a_job_another_retry_moved_since_it_began() {
     until_clock_passes(now_ms() + 2).await;
     // "meanwhile" is retried by another operator after it began, and fails again.
     q.retry(&ids[1]).await.expect("retry meanwhile");
-    let _: () = fail_again(&ids[1])
-        .query_async(&mut conn)
-        .await
-        .expect("lrem");
-    let _: () = redis::cmd("ZADD")
-        .arg("bull:conformance:failed")
-        .arg(now_ms())
-        .arg(&ids[1])
-        .query_async(&mut conn)
-        .await
-        .expect("zadd");
+    assert_eq!(fail_again(&mut conn, Some(&ids[1]), now_ms()).await, 1);
     // The bulk retry's step, as `retry_all_failed` calls it.
     let step = redis::Script::new(concat!(
         include_str!("../../src/queue/lua/check.lua"),
@@ -587,6 +518,46 @@ async fn a_bulk_retry_skips_a_job_another_retry_moved_since_it_began() {
         [ids[1].clone()],
         "meanwhile waits for the next retry"
     );
+}
+
+/// Redis, as a tool would: every job waiting in the `conformance` queue is
+/// failed, scored from `base` on (one apart, as finishes are); how many.
+async fn fail_every_waiting(conn: &mut redis::aio::MultiplexedConnection, base: i64) -> usize {
+    redis::Script::new(
+        r#"local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+           redis.call('DEL', KEYS[1])
+           for i, id in ipairs(ids) do redis.call('ZADD', KEYS[2], ARGV[1] + i, id) end
+           return #ids"#,
+    )
+    .key("bull:conformance:wait")
+    .key("bull:conformance:failed")
+    .arg(base)
+    .invoke_async(conn)
+    .await
+    .expect("fail them")
+}
+
+/// Redis: a job waiting again (retried) fails again, scored `score`: `id`,
+/// or the oldest waiting; 1 if one did.
+async fn fail_again(
+    conn: &mut redis::aio::MultiplexedConnection,
+    id: Option<&str>,
+    score: i64,
+) -> u64 {
+    redis::Script::new(
+        r#"local id = ARGV[2]
+           if id == '' then id = redis.call('RPOP', KEYS[1])
+           elseif redis.call('LREM', KEYS[1], 0, id) == 0 then id = false end
+           if id then redis.call('ZADD', KEYS[2], ARGV[1], id) return 1 end
+           return 0"#,
+    )
+    .key("bull:conformance:wait")
+    .key("bull:conformance:failed")
+    .arg(score)
+    .arg(id.unwrap_or(""))
+    .invoke_async(conn)
+    .await
+    .expect("fail again")
 }
 
 /// A job back in wait (a retry fallen due, a dead letter retried) is aged
